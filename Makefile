@@ -1,0 +1,73 @@
+# shadowplex developer entry points. Every target is idempotent.
+#   make demo    run the main job (installs what it needs first)
+#   make test    run the test suite (installs what it needs first); PYTEST_ARGS="-k foo -x"
+#   make setup   apt packages (only if missing) + .venv (only if pyproject.toml changed)
+
+SHELL := /bin/bash
+.NOTPARALLEL:
+.DEFAULT_GOAL := test
+
+PYTHON      ?= python3
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+STAMP       := $(VENV)/.shadowplex-installed
+PYTEST_ARGS ?=
+PACKAGES    := blockstore provider fuse_mount tools
+# The editable install maps top-level packages found at install time, so a package that
+# appears later (its __init__.py is newer than the stamp) triggers one re-install.
+PKG_INITS   := $(wildcard $(addsuffix /__init__.py,$(PACKAGES)))
+
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs fio \
+                qemu-system-common qemu-utils sqlite3 gcc python3-dev python3-venv
+
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: setup setup-system venv test demo lint typecheck clean
+
+setup: setup-system venv
+
+# Installs only the packages dpkg does not report as installed; apt-get update only if needed.
+setup-system:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do \
+	  dpkg -s "$$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup-system: installing:$$missing"; \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null; then sudo="sudo -n"; \
+	  else echo "setup-system: need root (or sudo) to install:$$missing" >&2; exit 1; fi; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: $(STAMP)
+
+# Re-runs only when pyproject.toml (or a top-level __init__.py) is newer than the stamp.
+$(STAMP): pyproject.toml $(PKG_INITS)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "venv: '$(PYTHON)' is $$($(PYTHON) -V 2>&1 || echo missing); shadowplex needs Python >= 3.11." \
+	       "Put one first on PATH or run: make PYTHON=/path/to/python3.11 setup" >&2; exit 1; }
+	@if ! $(VPY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+	  echo "venv: creating $(VENV) with $$($(PYTHON) -V 2>&1)"; \
+	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); \
+	fi
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+test: setup
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/shadowplex demo
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,273 @@
+"""The diff area of one origin volume: preserved chunks shared by all its snapshots.
+
+A chunk preserved while epoch E was the newest snapshot epoch serves every snapshot
+with epoch e such that no earlier preservation of that chunk has an epoch >= e:
+snapshot e reads chunk c from the entry with the SMALLEST epoch >= e, else from the
+origin. So one copy per chunk write serves any number of snapshots (invariant 3).
+
+Durability order of a preservation batch (invariant 2): slot data -> fdatasync(data) ->
+map records -> fdatasync(map); only then may the caller overwrite the origin. A durable
+record therefore always describes durable data; a crash before the map sync leaves free
+(zero or torn) records and an origin chunk not yet overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from bisect import bisect_left
+
+import xxhash
+
+from .chunkmap import Bitmap, EpochTable
+from .errors import CorruptData
+from .fileio import DataFile, Faults
+from .format import MAP_FLAG_ZERO, MAP_RECORD_SIZE, pack_map_record, unpack_map_record
+
+FREE, DATA, ZERO = 0, 1, 2
+_FREE_RECORD = bytes(MAP_RECORD_SIZE)
+
+
+class DiffArea:
+    def __init__(self, directory: str, file_id: int, chunk_size: int, nchunks: int,
+                 faults: Faults, origin_epoch: int) -> None:
+        self.chunk_size = chunk_size
+        self.zero_chunk = bytes(chunk_size)
+        self.data_path = os.path.join(directory, f"{file_id}.data")
+        self.map_path = os.path.join(directory, f"{file_id}.map")
+        exists = os.path.exists(self.map_path)
+        self.data = DataFile(self.data_path, "diff", faults, create=not os.path.exists(self.data_path))
+        self.map = DataFile(self.map_path, "map", faults, create=not exists)
+        self.faults = faults
+        self.nchunks = nchunks
+        # per slot: state, epoch, chunk, digest (the map file's content, in memory)
+        self.state = bytearray()
+        self.epoch = array("I")
+        self.chunk = array("Q")
+        self.digest = array("Q")
+        self.free_hint = 0
+        self.data_slots = 0
+        self.tables: dict[int, EpochTable] = {}
+        self.epochs: list[int] = []
+        self.any_entry = Bitmap(nchunks)
+        self.cowed_latest = Bitmap(nchunks)
+        self.origin_epoch = origin_epoch
+        self.torn_records = 0
+        if exists:
+            self._load()
+
+    # -- loading -----------------------------------------------------------------------
+    def _load(self) -> None:
+        raw = self.map.pread(self.map.size(), 0)
+        n = len(raw) // MAP_RECORD_SIZE
+        self.state = bytearray(n)
+        self.epoch = array("I", bytes(4 * n))
+        self.chunk = array("Q", bytes(8 * n))
+        self.digest = array("Q", bytes(8 * n))
+        for slot in range(n):
+            rec = raw[slot * MAP_RECORD_SIZE:(slot + 1) * MAP_RECORD_SIZE]
+            fields = unpack_map_record(rec)
+            if fields is None:
+                if rec != _FREE_RECORD:
+                    self.torn_records += 1
+                continue
+            flags, epoch, chunk, digest = fields
+            self._set_slot(slot, ZERO if flags & MAP_FLAG_ZERO else DATA, epoch, chunk, digest)
+        self._rebuild_tables()
+
+    def _set_slot(self, slot: int, state: int, epoch: int, chunk: int, digest: int) -> None:
+        if slot >= len(self.state):
+            grow = slot + 1 - len(self.state)
+            self.state.extend(bytes(grow))
+            self.epoch.extend(array("I", bytes(4 * grow)))
+            self.chunk.extend(array("Q", bytes(8 * grow)))
+            self.digest.extend(array("Q", bytes(8 * grow)))
+        self.state[slot] = state
+        self.epoch[slot] = epoch
+        self.chunk[slot] = chunk
+        self.digest[slot] = digest
+        if state == DATA:
+            self.data_slots += 1
+
+    def _rebuild_tables(self) -> None:
+        by_epoch: dict[int, list[tuple[int, int]]] = {}
+        for slot, st in enumerate(self.state):
+            if st != FREE:
+                by_epoch.setdefault(self.epoch[slot], []).append((self.chunk[slot], slot))
+        self.tables = {}
+        self.any_entry.close()
+        self.any_entry = Bitmap(self.nchunks)
+        self.cowed_latest.close()
+        self.cowed_latest = Bitmap(self.nchunks)
+        for epoch, items in by_epoch.items():
+            items.sort()
+            t = EpochTable()
+            t.keys = array("Q", [c for c, _ in items])
+            t.vals = array("I", [s for _, s in items])
+            self.tables[epoch] = t
+            for c, _ in items:
+                if c < self.nchunks:
+                    self.any_entry.set(c)
+                    if epoch == self.origin_epoch:
+                        self.cowed_latest.set(c)
+        self.epochs = sorted(self.tables)
+
+    # -- lookups -------------------------------------------------------------------------
+    def lookup(self, chunk: int, epoch: int) -> int | None:
+        """Slot that holds chunk `chunk` as snapshot `epoch` saw it, or None (origin)."""
+        if not self.any_entry.test(chunk):
+            return None
+        epochs = self.epochs
+        for i in range(bisect_left(epochs, epoch), len(epochs)):
+            slot = self.tables[epochs[i]].get(chunk)
+            if slot is not None:
+                return slot
+        return None
+
+    def last_epoch(self, chunk: int) -> int:
+        """Epoch of the newest preservation of `chunk` (0: never preserved)."""
+        if self.any_entry.test(chunk):
+            for epoch in reversed(self.epochs):
+                if self.tables[epoch].get(chunk) is not None:
+                    return epoch
+        return 0
+
+    def chunks_since(self, epoch: int) -> set[int]:
+        """Every chunk preserved at or after `epoch`: where snapshot `epoch` differs."""
+        out: set[int] = set()
+        for e in self.epochs[bisect_left(self.epochs, epoch):]:
+            out.update(c for c, _ in self.tables[e].items())
+        return out
+
+    def read_slot(self, slot: int) -> bytes:
+        st = self.state[slot]
+        if st == ZERO:
+            return self.zero_chunk
+        data = self.data.pread(self.chunk_size, slot * self.chunk_size)
+        if len(data) != self.chunk_size or xxhash.xxh3_64_intdigest(data) != self.digest[slot]:
+            raise CorruptData(f"diff area {self.data_path} slot {slot} (chunk "
+                              f"{self.chunk[slot]}) failed its checksum")
+        return data
+
+    # -- preservation ------------------------------------------------------------------
+    def _alloc_slots(self, n: int) -> list[int]:
+        """n free slots, lowest first; nothing is marked until the batch is durable."""
+        slots: list[int] = []
+        pos = self.free_hint
+        while len(slots) < n:
+            s = self.state.find(FREE, pos)
+            if s < 0:
+                break
+            slots.append(s)
+            pos = s + 1
+        end = len(self.state)
+        while len(slots) < n:
+            slots.append(end)
+            end += 1
+        return slots
+
+    def preserve(self, items: list[tuple[int, bytes]], epoch: int) -> None:
+        """Make the old contents of these chunks durable, then map them to `epoch`.
+
+        items: (chunk index, full-chunk old content). Raises OSError (ENOSPC, EIO) with
+        nothing recorded; the caller decides what that means for snapshots.
+        """
+        batch = []
+        for slot, (chunk, old) in zip(self._alloc_slots(len(items)), items, strict=True):
+            zero = old == self.zero_chunk
+            if not zero:
+                self.data.pwrite(old, slot * self.chunk_size)
+            batch.append((slot, chunk, zero, 0 if zero else xxhash.xxh3_64_intdigest(old)))
+        self.faults.point("cow.data_written")
+        self.data.sync()
+        self.faults.point("cow.data_synced")
+        for slot, chunk, zero, digest in batch:
+            rec = pack_map_record(MAP_FLAG_ZERO if zero else 0, epoch, chunk, digest)
+            self.map.pwrite(rec, slot * MAP_RECORD_SIZE)
+        self.faults.point("cow.map_written")
+        self.map.sync()
+        self.faults.point("cow.map_synced")
+        table = self.tables.get(epoch)
+        if table is None:
+            table = self.tables[epoch] = EpochTable()
+            self.epochs = sorted(self.tables)
+        for slot, chunk, zero, digest in batch:
+            self._set_slot(slot, ZERO if zero else DATA, epoch, chunk, digest)
+            table.add(chunk, slot)
+            self.any_entry.set(chunk)
+            if epoch == self.origin_epoch:
+                self.cowed_latest.set(chunk)
+        self.free_hint = batch[-1][0] + 1 if batch else self.free_hint
+
+    # -- epochs, growth, reclaim ----------------------------------------------------------
+    def new_epoch(self, epoch: int) -> None:
+        """A snapshot was committed: nothing is preserved for it yet. O(1) (lazy mmap)."""
+        self.origin_epoch = epoch
+        old = self.cowed_latest
+        self.cowed_latest = Bitmap(self.nchunks)
+        old.close()
+
+    def grow(self, nchunks: int) -> None:
+        self.nchunks = nchunks
+        self.any_entry = self.any_entry.grown(nchunks)
+        self.cowed_latest = self.cowed_latest.grown(nchunks)
+
+    def used_bytes(self) -> int:
+        return self.data_slots * self.chunk_size
+
+    def gc(self, live_epochs: list[int]) -> int:
+        """Free every entry no live differential snapshot can read. Returns slots freed.
+
+        Entry (c, E) serves snapshots with epoch in (previous entry of c, E]; it is needed
+        iff one live epoch lies in that range. Records are cleared and synced BEFORE the
+        data is punched, so a durable record never points at reclaimed data.
+        """
+        live = sorted(live_epochs)
+        used = [s for s, st in enumerate(self.state) if st != FREE]
+        used.sort(key=lambda s: (self.chunk[s], self.epoch[s]))
+        doomed = []
+        prev_chunk, prev_epoch = -1, 0
+        for s in used:
+            c, e = self.chunk[s], self.epoch[s]
+            lo = prev_epoch + 1 if c == prev_chunk else 1
+            i = bisect_left(live, lo)
+            if not (i < len(live) and live[i] <= e):
+                doomed.append(s)
+            prev_chunk, prev_epoch = c, e
+        if not doomed:
+            return 0
+        for s in doomed:
+            self.map.pwrite(_FREE_RECORD, s * MAP_RECORD_SIZE)
+        self.faults.point("gc.map_written")
+        self.map.sync()
+        self.faults.point("gc.map_synced")
+        for s in doomed:
+            if self.state[s] == DATA:
+                self.data.punch(s * self.chunk_size, self.chunk_size)
+                self.data_slots -= 1
+            self.state[s] = FREE
+        self._trim()
+        self.free_hint = 0
+        self._rebuild_tables()
+        return len(doomed)
+
+    def _trim(self) -> None:
+        """Shrink both files past the last used slot (space back to the filesystem)."""
+        last = len(self.state.rstrip(b"\x00"))
+        if last < len(self.state):
+            del self.state[last:]
+            del self.epoch[last:]
+            del self.chunk[last:]
+            del self.digest[last:]
+            self.map.truncate(last * MAP_RECORD_SIZE)
+            self.data.truncate(last * self.chunk_size)
+            self.map.sync()
+
+    def entries(self) -> int:
+        return sum(1 for st in self.state if st != FREE)
+
+    def close(self) -> None:
+        self.data.close()
+        self.map.close()
+        self.any_entry.close()
+        self.cowed_latest.close()

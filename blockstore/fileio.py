@@ -1,0 +1,165 @@
+"""The store's own I/O layer: every byte the engine reads or writes goes through here.
+
+Why a layer: it is where fault injection lives (named crash points raising SimulatedCrash,
+injected EIO/ENOSPC per file role), and where holes are found and punched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Iterator
+
+from .errors import SimulatedCrash
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class Faults:
+    """Fault-injection plan shared by one Pool's files.
+
+    arm_crash(point, after=n): the (n+1)-th time the engine passes `point`, raise
+    SimulatedCrash. arm_error(role, op, err): I/O of that role ('origin', 'diff', 'map',
+    'plex') and op ('read', 'write', 'sync', 'any') fails with OSError(err), `count`
+    times (None: until disarmed).
+    """
+
+    def __init__(self) -> None:
+        self._crash: dict[str, int] = {}
+        self._errors: list[list] = []  # [role, op, errno, remaining or None]
+        self.passed: list[str] = []    # crash points passed, in order (for tests)
+
+    def arm_crash(self, point: str, after: int = 0) -> None:
+        self._crash[point] = after
+
+    def arm_error(self, role: str, op: str = "write", err: int = errno.EIO,
+                  count: int | None = None) -> None:
+        self._errors.append([role, op, err, count])
+
+    def disarm(self) -> None:
+        self._crash.clear()
+        self._errors.clear()
+
+    def point(self, name: str) -> None:
+        self.passed.append(name)
+        if name in self._crash:
+            if self._crash[name] <= 0:
+                del self._crash[name]
+                raise SimulatedCrash(name)
+            self._crash[name] -= 1
+
+    def io(self, role: str, op: str) -> None:
+        for rule in self._errors:
+            r_role, r_op, err, left = rule
+            if r_role == role and r_op in (op, "any") and (left is None or left > 0):
+                if left is not None:
+                    rule[3] = left - 1
+                raise OSError(err, f"injected {os.strerror(err)} on {role} {op}")
+
+
+class DataFile:
+    """An open file of the pool with a role (for fault injection)."""
+
+    __slots__ = ("path", "fd", "role", "faults", "dirty")
+
+    def __init__(self, path: str, role: str, faults: Faults, create: bool = False,
+                 read_only: bool = False) -> None:
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        self.path = path
+        self.role = role
+        self.faults = faults
+        self.fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        self.dirty = False
+
+    def pread(self, length: int, offset: int) -> bytes:
+        self.faults.io(self.role, "read")
+        return os.pread(self.fd, length, offset)
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        self.faults.io(self.role, "write")
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+        self.dirty = True
+
+    def sync(self) -> None:
+        if self.dirty:
+            self.faults.io(self.role, "sync")
+            os.fdatasync(self.fd)
+            self.dirty = False
+
+    def punch(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        self.faults.io(self.role, "write")
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           offset, length) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"punch hole in {self.path}: {os.strerror(e)}")
+        self.dirty = True
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, size: int) -> None:
+        self.faults.io(self.role, "write")
+        os.ftruncate(self.fd, size)
+        self.dirty = True
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        return data_extents(self.fd, start, self.size() if end is None else end)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the allocated ranges of fd within [start, end): holes stay holes."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole - data
+        pos = hole
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """tmp + fsync + rename + fsync(dir): the file is either old or new after a crash."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")

@@ -1,0 +1,45 @@
+"""Validation of user-supplied names, sizes and ids (one place, clear messages)."""
+
+import re
+import uuid
+
+from .errors import InvalidName, InvalidSize, NotFound
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SECTOR = 512
+
+
+def check_name(name: str, what: str = "volume") -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.startswith("."):
+        raise InvalidName(
+            f"invalid {what} name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            "not starting with '.'"
+        )
+    return name
+
+
+def check_size(size: int, what: str = "size") -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % SECTOR:
+        raise InvalidSize(f"invalid {what} {size!r}: must be a positive multiple of {SECTOR} bytes")
+    return size
+
+
+def check_guid(text: str, what: str = "snapshot id") -> str:
+    """Canonical lower-case GUID without braces; NotFound for anything else."""
+    if isinstance(text, str):
+        try:
+            return str(uuid.UUID(text.strip("{}")))
+        except ValueError:
+            pass
+    raise NotFound(f"no {what} {text!r}: ids are GUIDs like 8c3e...-....")
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '4096', '1T', '64KiB' -> bytes (binary units, like qemu-img)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise InvalidSize(f"invalid size {text!r}: use a number with an optional K/M/G/T suffix")
+    return int(m.group(1)) * SIZE_UNITS[m.group(2).upper()]

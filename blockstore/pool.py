@@ -1,0 +1,1164 @@
+"""The array engine: a pool of volumes and their snapshots.
+
+Plain synchronous Python, thread-safe through one re-entrant lock per pool (the FUSE
+handlers call it from the trio thread; plex sync, promote, revert and scrub run in
+worker threads and take the lock per step). docs/format.md describes the files.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import xxhash
+
+from . import format as fmt
+from .catalog import Catalog
+from .diffarea import DiffArea
+from .errors import (
+    Busy,
+    Exists,
+    FormatError,
+    InvalidSize,
+    InvalidState,
+    NoSpace,
+    NotFound,
+    OutOfRange,
+    PoolLocked,
+    ReadOnly,
+    SnapshotInvalid,
+    StoreError,
+    Unsupported,
+)
+from .fileio import DataFile, Faults, data_extents, fsync_dir
+from .names import check_guid, check_name, check_size
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None] | None
+
+MAX_SNAPSHOTS_PER_VOLUME = 512   # VSS's limit per volume
+RESERVE_MAX = 256 << 20          # default diff-area limit: free space minus this reserve
+COPY_PIECE = 1 << 20             # unit of plex sync / promote copies
+DIFFERENTIAL, PLEX, FULL = "differential", "plex", "full"
+PREPARING, COMMITTED, INVALID = "preparing", "committed", "invalid"
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    id: int
+    name: str
+    naa: str
+    size: int
+    created: float
+    read_only: bool
+    mtime: float
+    snapshots: int
+    diff_bytes: int
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    set_id: str | None
+    volume: str
+    origin_naa: str
+    naa: str
+    size: int
+    kind: str
+    state: str
+    created: float
+    attributes: int
+    exposed_name: str | None
+    sync_done: int
+    sync_total: int
+    epoch: int | None
+    file_id: int
+
+
+@dataclass(eq=False)
+class _Volume:
+    id: int
+    name: str
+    naa: str
+    size: int
+    created: float
+    flags: int
+    epoch: int
+    diff_limit: int | None
+    file: DataFile
+    mtime: float = 0.0
+    diff: DiffArea | None = None
+    mirrors: list[_Snapshot] = field(default_factory=list)   # plexes being synced
+    snaps: list[_Snapshot] = field(default_factory=list)
+    live_epochs: list[int] = field(default_factory=list)     # committed differential
+
+
+@dataclass(eq=False)
+class _Snapshot:
+    id: int
+    snap_id: str
+    set_id: str | None
+    naa: str
+    origin: _Volume
+    kind: str
+    epoch: int | None
+    state: str
+    size: int
+    created: float
+    attributes: int
+    exposed_name: str | None
+    sealed: bool
+    file: DataFile | None = None
+    sync_cursor: int = 0
+    sync_done: int = 0
+    sync_total: int = 0
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+class Pool:
+    """An open pool. Create with Pool.create(), open with Pool.open(); close() at the end."""
+
+    def __init__(self, path: str, _faults: Faults | None = None) -> None:
+        self.path = os.path.abspath(path)
+        self.faults = _faults or Faults()
+        self._lock = threading.RLock()
+        self._lock_fd = -1
+        self.generation = 0
+        self.problems: list[str] = []   # found while opening; check() reports them
+        self._volumes: dict[str, _Volume] = {}
+        self._snaps: dict[str, _Snapshot] = {}
+        self._closed = True
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, chunk_size: int = fmt.DEFAULT_CHUNK,
+               faults: Faults | None = None) -> Pool:
+        fmt.check_chunk_size(chunk_size)
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise Exists(f"{path} exists and is not a directory")
+            if os.listdir(path):
+                raise Exists(f"{path} is not empty; a pool needs a new or empty directory")
+        else:
+            os.makedirs(path, mode=0o700)
+        for sub in ("luns", "diff"):
+            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        Catalog(os.path.join(path, "catalog.sqlite")).close()
+        # pool.json last: a directory without it is not (yet) a pool.
+        fmt.write_pool_file(path, chunk_size, fmt.new_pool_id())
+        return cls.open(path, faults=faults)
+
+    @classmethod
+    def open(cls, path: str, faults: Faults | None = None) -> Pool:
+        pool = cls(path, faults)
+        if not os.path.isdir(pool.path):
+            raise NotFound(f"no pool at {pool.path} (not a directory); "
+                           "create one with 'shadowplex pool init'")
+        meta = fmt.read_pool_file(pool.path)
+        pool.chunk_size = meta["chunk_size"]
+        pool.pool_id = meta["pool_id"]
+        pool._take_lock()
+        try:
+            pool.catalog = Catalog(os.path.join(pool.path, "catalog.sqlite"))
+            pool._closed = False
+            pool._load()
+        except BaseException:
+            pool._release_files()
+            raise
+        return pool
+
+    def _take_lock(self) -> None:
+        fn = os.path.join(self.path, "lock")
+        fd = os.open(fn, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise PoolLocked(f"pool {self.path} is in use by process {holder}; "
+                             "stop that shadowplex serve first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            for v in self._volumes.values():
+                v.file.sync()
+                for s in v.mirrors:
+                    if s.file:
+                        s.file.sync()
+            self._release_files()
+
+    def _release_files(self) -> None:
+        for v in self._volumes.values():
+            v.file.close()
+            if v.diff:
+                v.diff.close()
+            for s in v.snaps:
+                if s.file:
+                    s.file.close()
+        self._volumes.clear()
+        self._snaps.clear()
+        if not self._closed:
+            self.catalog.close()
+        self._closed = True
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)   # releases the flock
+            self._lock_fd = -1
+
+    def abandon(self) -> None:
+        """Drop every file descriptor WITHOUT flushing: what a kill -9 leaves (tests)."""
+        with self._lock:
+            self._release_files()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths ------------------------------------------------------------------------------
+    def _img(self, file_id: int) -> str:
+        return os.path.join(self.path, "luns", f"{file_id}.img")
+
+    def _hdr(self, file_id: int) -> str:
+        return os.path.join(self.path, "luns", f"{file_id}.hdr")
+
+    def _sum(self, file_id: int) -> str:
+        return os.path.join(self.path, "luns", f"{file_id}.sum")
+
+    def image_path(self, key: str) -> str | None:
+        """Path of the raw image holding a volume's (or full copy's) data, for tools."""
+        with self._lock:
+            lun = self._lun(key)
+            if isinstance(lun, _Volume):
+                return self._img(lun.id)
+            return self._img(lun.id) if lun.file else None
+
+    def _nchunks(self, size: int) -> int:
+        return (size + self.chunk_size - 1) // self.chunk_size
+
+    # -- loading and recovery ---------------------------------------------------------------
+    def _load(self) -> None:
+        """Rebuild the in-memory state from the catalog; finish or undo interrupted work."""
+        known: set[str] = set()
+        for row in self.catalog.volumes():
+            img = self._img(row["id"])
+            try:
+                f = DataFile(img, "origin", self.faults)
+            except FileNotFoundError:
+                self.problems.append(f"volume {row['name']}: image {img} is missing")
+                continue
+            v = _Volume(row["id"], row["name"], row["naa"], row["size"], row["created"],
+                        row["flags"], row["epoch"], row["diff_limit"], f, mtime=row["created"])
+            self._volumes[v.name] = v
+            known.update({f"{v.id}.img", f"{v.id}.hdr"})
+        by_id = {v.id: v for v in self._volumes.values()}
+        for row in self.catalog.snapshots():
+            origin = by_id.get(row["origin_id"])
+            if origin is None:
+                self.problems.append(f"snapshot {row['snap_id']}: origin volume is missing")
+                continue
+            s = _Snapshot(row["id"], row["snap_id"], row["set_id"], row["naa"], origin,
+                          row["kind"], row["epoch"], row["state"], row["size"],
+                          row["created"], row["attributes"], row["exposed_name"],
+                          bool(row["sealed"]))
+            if s.state == PREPARING:
+                log.warning("snapshot %s was being prepared when the pool was last closed; "
+                            "aborting it", s.snap_id)
+                with self.catalog.transaction() as db:
+                    db.execute("DELETE FROM snapshots WHERE id=?", (s.id,))
+                continue
+            if s.kind in (PLEX, FULL):
+                try:
+                    s.file = DataFile(self._img(s.id), "plex", self.faults, read_only=True)
+                except FileNotFoundError:
+                    self.problems.append(f"snapshot {s.snap_id}: image {self._img(s.id)} "
+                                         "is missing; marked invalid")
+                    self._set_state(s, INVALID)
+                known.update({f"{s.id}.img", f"{s.id}.sum"})
+            origin.snaps.append(s)
+            self._snaps[s.snap_id] = s
+            known.add(f"{s.id}.hdr")
+        self._remove_orphans(known)
+        for v in self._volumes.values():
+            self._refresh_live(v)
+            if v.live_epochs or os.path.exists(os.path.join(self.path, "diff", f"{v.id}.map")):
+                self._open_diff(v)
+                if v.diff:
+                    v.diff.gc(v.live_epochs)   # entries of snapshots deleted before a crash
+            self._write_header(v)
+            for s in v.snaps:
+                self._write_header(s)
+
+    def _remove_orphans(self, known: set[str]) -> None:
+        """Files of LUNs whose catalog rows were never committed or already deleted."""
+        ids = {str(v.id) for v in self._volumes.values()}
+        for sub, keep in (("luns", known), ("diff", None)):
+            d = os.path.join(self.path, sub)
+            for fn in os.listdir(d):
+                stem = fn.split(".", 1)[0]
+                orphan = fn not in keep if keep is not None else stem not in ids
+                if orphan or fn.endswith((".tmp", ".partial")):
+                    log.warning("removing leftover %s/%s (interrupted operation)", sub, fn)
+                    os.unlink(os.path.join(d, fn))
+
+    def _open_diff(self, v: _Volume) -> None:
+        if v.diff is None:
+            v.diff = DiffArea(os.path.join(self.path, "diff"), v.id, self.chunk_size,
+                              self._nchunks(v.size), self.faults, v.epoch)
+
+    def _refresh_live(self, v: _Volume) -> None:
+        v.live_epochs = sorted(s.epoch for s in v.snaps if s.kind == DIFFERENTIAL
+                               and s.state == COMMITTED and s.epoch is not None)
+
+    def _header_fields(self, lun: _Volume | _Snapshot) -> dict:
+        if isinstance(lun, _Volume):
+            return dict(kind="volume", naa=lun.naa, name=lun.name, size=lun.size,
+                        created=lun.created, read_only=bool(lun.flags & fmt.FLAG_READ_ONLY),
+                        hidden=False, shadow=False, origin_naa=None)
+        # no creation time: it is the commit instant, and commit writes no header
+        return dict(kind="snapshot", naa=lun.naa, name=None, size=lun.size,
+                    read_only=True, hidden=True, shadow=True,
+                    origin_naa=lun.origin.naa, snapshot_id=lun.snap_id, set_id=lun.set_id,
+                    snapshot_kind=lun.kind, pool_id=self.pool_id)
+
+    def _write_header(self, lun: _Volume | _Snapshot) -> None:
+        """The LUN header carries the identity that travels with the LUN (invariant 7)."""
+        path = self._hdr(lun.id)
+        want = fmt.header_doc(**self._header_fields(lun))
+        try:
+            with open(path, "rb") as f:
+                if f.read() == want:
+                    return
+        except FileNotFoundError:
+            pass
+        fmt.write_header(path, **self._header_fields(lun))
+
+    # -- lookups ------------------------------------------------------------------------------
+    def _vol(self, name: str) -> _Volume:
+        v = self._volumes.get(name)
+        if v is None:
+            if name in self._snaps:
+                raise ReadOnly(f"{name} is a snapshot; snapshots are read-only")
+            raise NotFound(f"no volume named {name!r} in pool {self.path}")
+        return v
+
+    def _snap(self, snap_id: str) -> _Snapshot:
+        s = self._snaps.get(snap_id)
+        if s is None:
+            s = self._snaps.get(check_guid(snap_id))
+            if s is None:
+                raise NotFound(f"no snapshot {snap_id} in pool {self.path}")
+        return s
+
+    def _lun(self, key: str) -> _Volume | _Snapshot:
+        v = self._volumes.get(key)
+        if v is not None:
+            return v
+        s = self._snaps.get(key)
+        if s is not None:
+            return s
+        try:
+            return self._snap(key)
+        except NotFound:
+            raise NotFound(f"no volume or snapshot {key!r} in pool {self.path}") from None
+
+    def _vinfo(self, v: _Volume) -> VolumeInfo:
+        return VolumeInfo(v.id, v.name, v.naa, v.size, v.created,
+                          bool(v.flags & fmt.FLAG_READ_ONLY), v.mtime,
+                          sum(1 for s in v.snaps if s.state != PREPARING),
+                          v.diff.used_bytes() if v.diff else 0)
+
+    def _sinfo(self, s: _Snapshot) -> SnapshotInfo:
+        return SnapshotInfo(s.snap_id, s.set_id, s.origin.name, s.origin.naa, s.naa, s.size,
+                            s.kind, s.state, s.created, s.attributes, s.exposed_name,
+                            s.sync_done, s.sync_total, s.epoch, s.id)
+
+    @_locked
+    def list_volumes(self) -> list[VolumeInfo]:
+        return [self._vinfo(v) for v in sorted(self._volumes.values(), key=lambda v: v.name)]
+
+    @_locked
+    def volume(self, name: str) -> VolumeInfo:
+        return self._vinfo(self._vol(name))
+
+    @_locked
+    def list_snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
+        vols = [self._vol(volume)] if volume is not None else list(self._volumes.values())
+        snaps = [s for v in vols for s in v.snaps]
+        return [self._sinfo(s) for s in sorted(snaps, key=lambda s: (s.created, s.id))]
+
+    @_locked
+    def snapshot(self, snap_id: str) -> SnapshotInfo:
+        return self._sinfo(self._snap(snap_id))
+
+    @_locked
+    def lun_size(self, key: str) -> int:
+        return self._lun(key).size
+
+    def statfs(self) -> tuple[int, int]:
+        st = os.statvfs(self.path)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def _reserve(self) -> int:
+        total, _free = self.statfs()
+        return min(RESERVE_MAX, total // 10)
+
+    # -- volumes ------------------------------------------------------------------------------
+    @_locked
+    def create_volume(self, name: str, size: int) -> VolumeInfo:
+        check_name(name)
+        check_size(size)
+        if name in self._volumes:
+            raise Exists(f"a volume named {name!r} already exists")
+        now = time.time()
+        with self.catalog.transaction() as db:
+            fid = self.catalog.next_file_id(db)
+            naa = self.catalog.issue_naa(db, fmt.new_naa)
+            f = DataFile(self._img(fid), "origin", self.faults, create=True)
+            try:
+                f.truncate(size)
+                f.sync()
+                v = _Volume(fid, name, naa, size, now, 0, 0, None, f, mtime=now)
+                self._write_header(v)
+                fsync_dir(os.path.join(self.path, "luns"))
+                db.execute("INSERT INTO volumes (id, name, naa, size, created) "
+                           "VALUES (?, ?, ?, ?, ?)", (fid, name, naa, size, now))
+            except BaseException:
+                f.close()
+                raise
+        self._volumes[name] = v
+        self.generation += 1
+        return self._vinfo(v)
+
+    @_locked
+    def resize_volume(self, name: str, new_size: int) -> VolumeInfo:
+        v = self._vol(name)
+        check_size(new_size, "new size")
+        if new_size < v.size:
+            raise InvalidSize(f"volume {name} is {v.size} bytes; shrinking to {new_size} "
+                              "is not supported (it would destroy data)")
+        if v.mirrors or any(s.state == PREPARING for s in v.snaps):
+            raise Busy(f"volume {name} has a snapshot being prepared; resize after it")
+        if new_size == v.size:
+            return self._vinfo(v)
+        self._set_volume_size(v, new_size)
+        return self._vinfo(v)
+
+    def _set_volume_size(self, v: _Volume, size: int) -> None:
+        v.file.truncate(size)
+        v.file.sync()
+        with self.catalog.transaction() as db:
+            db.execute("UPDATE volumes SET size=? WHERE id=?", (size, v.id))
+        v.size = size
+        if v.diff and self._nchunks(size) > v.diff.nchunks:
+            v.diff.grow(self._nchunks(size))
+        self._write_header(v)
+        self.generation += 1
+
+    @_locked
+    def set_diff_limit(self, name: str, limit: int | None) -> None:
+        """Per-origin diff-area limit in bytes (None: free space minus a reserve)."""
+        v = self._vol(name)
+        if limit is not None and (not isinstance(limit, int) or limit < self.chunk_size):
+            raise InvalidSize(f"diff-area limit {limit!r} must be at least one chunk "
+                              f"({self.chunk_size} bytes)")
+        with self.catalog.transaction() as db:
+            db.execute("UPDATE volumes SET diff_limit=? WHERE id=?", (limit, v.id))
+        v.diff_limit = limit
+
+    @_locked
+    def delete_volume(self, name: str) -> None:
+        v = self._vol(name)
+        if v.snaps:
+            raise Busy(f"volume {name} has {len(v.snaps)} snapshot(s); delete or split "
+                       "them first")
+        with self.catalog.transaction() as db:
+            db.execute("DELETE FROM volumes WHERE id=?", (v.id,))
+        del self._volumes[name]
+        v.file.close()
+        if v.diff:
+            v.diff.close()
+        for p in (self._img(v.id), self._hdr(v.id),
+                  os.path.join(self.path, "diff", f"{v.id}.data"),
+                  os.path.join(self.path, "diff", f"{v.id}.map")):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        self.generation += 1
+
+    # -- the data path -------------------------------------------------------------------------
+    @_locked
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        lun = self._lun(key)
+        if offset < 0 or length < 0:
+            raise OutOfRange(f"invalid read at offset {offset} length {length}")
+        end = min(offset + length, lun.size)
+        if offset >= end:
+            return b""
+        if isinstance(lun, _Volume):
+            return self._read_origin(lun, offset, end - offset)
+        return self._read_snapshot(lun, offset, end)
+
+    def _read_origin(self, v: _Volume, offset: int, length: int) -> bytes:
+        data = v.file.pread(length, offset)
+        if len(data) < length:   # origin shorter than a snapshot after a shrinking revert
+            data += bytes(length - len(data))
+        return data
+
+    def _read_snapshot(self, s: _Snapshot, offset: int, end: int) -> bytes:
+        if s.state == INVALID:
+            raise SnapshotInvalid(f"snapshot {s.snap_id} is invalid (its preserved data was "
+                                  "lost); delete it")
+        if s.state == PREPARING:
+            raise InvalidState(f"snapshot {s.snap_id} is still being prepared")
+        if s.file is not None:
+            data = s.file.pread(end - offset, offset)
+            return data + bytes(end - offset - len(data))
+        v, cs = s.origin, self.chunk_size
+        da, epoch = v.diff, s.epoch
+        assert da is not None and epoch is not None
+        parts = []
+        pos = offset
+        while pos < end:
+            c = pos // cs
+            slot = da.lookup(c, epoch)
+            if slot is None:
+                run_end = min((c + 1) * cs, end)
+                while run_end < end and da.lookup(run_end // cs, epoch) is None:
+                    run_end = min(run_end + cs, end)
+                parts.append(self._read_origin(v, pos, run_end - pos))
+                pos = run_end
+            else:
+                cend = min((c + 1) * cs, end)
+                parts.append(da.read_slot(slot)[pos - c * cs:cend - c * cs])
+                pos = cend
+        return b"".join(parts)
+
+    def _check_write(self, name: str, offset: int, length: int) -> _Volume:
+        v = self._vol(name)
+        if v.flags & fmt.FLAG_READ_ONLY:
+            raise ReadOnly(f"volume {name} is read-only")
+        if offset < 0 or length < 0 or offset + length > v.size:
+            raise OutOfRange(f"I/O at offset {offset} length {length} is outside volume "
+                             f"{name} (size {v.size})")
+        return v
+
+    @_locked
+    def write(self, name: str, offset: int, data: bytes | memoryview) -> int:
+        n = len(data)
+        v = self._check_write(name, offset, n)
+        if n == 0:
+            return 0
+        if v.live_epochs:
+            self._copy_before_write(v, offset // self.chunk_size,
+                                    (offset + n - 1) // self.chunk_size)
+        v.file.pwrite(data, offset)
+        for s in list(v.mirrors):
+            self._mirror(s, lambda f: f.pwrite(data, offset))
+        v.mtime = time.time()
+        return n
+
+    @_locked
+    def discard(self, name: str, offset: int, length: int) -> None:
+        v = self._check_write(name, offset, length)
+        if length == 0:
+            return
+        if v.live_epochs:
+            self._copy_before_write(v, offset // self.chunk_size,
+                                    (offset + length - 1) // self.chunk_size)
+        v.file.punch(offset, length)
+        for s in list(v.mirrors):
+            self._mirror(s, lambda f: f.punch(offset, length))
+        v.mtime = time.time()
+
+    def _mirror(self, s: _Snapshot, op: Callable[[DataFile], None]) -> None:
+        """A failing plex target fails the plex, never the origin write (invariant 5)."""
+        assert s.file is not None
+        try:
+            op(s.file)
+        except OSError as e:
+            # Out of the mirror list while still PREPARING = failed: sync and commit
+            # refuse it, abort removes it.
+            log.warning("plex %s of %s failed (%s); the plex is invalid", s.snap_id,
+                        s.origin.name, e)
+            s.origin.mirrors.remove(s)
+
+    @_locked
+    def flush(self, name: str) -> None:
+        v = self._vol(name)
+        v.file.sync()
+        for s in list(v.mirrors):
+            self._mirror(s, DataFile.sync)
+
+    def _copy_before_write(self, v: _Volume, first: int, last: int) -> None:
+        """Preserve, durably, the old content of chunks first..last that a live
+        differential snapshot still needs (invariant 2), with one sync pair per call."""
+        da = v.diff
+        assert da is not None
+        while v.live_epochs:
+            need = self._chunks_needing_copy(v, first, last)
+            if not need:
+                return
+            items = self._read_chunks(v, need)
+            new_bytes = sum(1 for _, old in items if old != da.zero_chunk) * self.chunk_size
+            if new_bytes and self._over_limit(v, new_bytes):
+                self._overflow(v, "diff-area limit reached")
+                continue
+            try:
+                da.preserve(items, v.epoch)
+                return
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._overflow(v, f"diff area full ({e.strerror})")
+                    continue
+                self._lose_chunks(v, need, e)
+                return
+
+    def _chunks_needing_copy(self, v: _Volume, first: int, last: int) -> list[int]:
+        da = v.diff
+        assert da is not None
+        newest_live = v.live_epochs[-1]
+        latest = newest_live == v.epoch
+        need = []
+        for c in range(first, last + 1):
+            if da.cowed_latest.test(c):
+                continue
+            if latest or newest_live > da.last_epoch(c):
+                need.append(c)
+            else:
+                da.cowed_latest.set(c)   # no live snapshot needs it until the next commit
+        return need
+
+    def _read_chunks(self, v: _Volume, chunks: list[int]) -> list[tuple[int, bytes]]:
+        """Full-chunk old contents, one pread per run of consecutive chunks."""
+        cs = self.chunk_size
+        out = []
+        i = 0
+        while i < len(chunks):
+            j = i
+            while j + 1 < len(chunks) and chunks[j + 1] == chunks[j] + 1:
+                j += 1
+            n = j - i + 1
+            raw = v.file.pread(n * cs, chunks[i] * cs)
+            raw += bytes(n * cs - len(raw))
+            out.extend((chunks[i + k], raw[k * cs:(k + 1) * cs]) for k in range(n))
+            i = j + 1
+        return out
+
+    def _over_limit(self, v: _Volume, new_bytes: int) -> bool:
+        assert v.diff is not None
+        used = v.diff.used_bytes()
+        if v.diff_limit is not None:
+            return used + new_bytes > v.diff_limit
+        _total, free = self.statfs()
+        return new_bytes > free - self._reserve()
+
+    def _overflow(self, v: _Volume, why: str) -> None:
+        """VSS behaviour: delete the oldest snapshot of this origin; the write goes on."""
+        oldest = min((s for s in v.snaps if s.kind == DIFFERENTIAL and s.state == COMMITTED),
+                     key=lambda s: s.epoch or 0)
+        log.warning("%s for volume %s: deleting its oldest snapshot %s", why, v.name,
+                    oldest.snap_id)
+        self._delete_snapshot(oldest)
+
+    def _lose_chunks(self, v: _Volume, chunks: list[int], err: OSError) -> None:
+        """The diff area failed (EIO): every snapshot that needed these chunks becomes
+        invalid, durably, before the origin is overwritten. Never served wrong."""
+        assert v.diff is not None
+        oldest_needed = min(v.diff.last_epoch(c) for c in chunks)
+        for s in v.snaps:
+            if s.kind == DIFFERENTIAL and s.state == COMMITTED and (s.epoch or 0) > oldest_needed:
+                log.error("diff area of %s failed (%s): snapshot %s is now invalid",
+                          v.name, err, s.snap_id)
+                self._set_state(s, INVALID)
+        self._refresh_live(v)
+
+    def _set_state(self, s: _Snapshot, state: str) -> None:
+        with self.catalog.transaction() as db:
+            db.execute("UPDATE snapshots SET state=? WHERE id=?", (state, s.id))
+        s.state = state
+        self.generation += 1
+
+    # -- snapshots -------------------------------------------------------------------------------
+    @_locked
+    def prepare_snapshot(self, volume: str, kind: str = DIFFERENTIAL,
+                         snapshot_id: str | None = None, set_id: str | None = None,
+                         attributes: int = 0) -> SnapshotInfo:
+        v = self._vol(volume)
+        if kind not in (DIFFERENTIAL, PLEX):
+            raise Unsupported(f"unknown snapshot kind {kind!r}: use differential or plex")
+        snap_id = check_guid(snapshot_id) if snapshot_id else str(uuid.uuid4())
+        if snap_id in self._snaps:
+            raise Exists(f"a snapshot with id {snap_id} already exists")
+        if set_id is not None:
+            set_id = check_guid(set_id, "snapshot set id")
+        if len(v.snaps) >= MAX_SNAPSHOTS_PER_VOLUME:
+            raise NoSpace(f"volume {volume} has {len(v.snaps)} snapshots, the maximum; "
+                          "delete some first")
+        if kind == PLEX:
+            need = sum(n for _, n in v.file.extents())
+            _total, free = self.statfs()
+            if need > free - self._reserve():
+                raise NoSpace(f"a plex of {volume} needs {need} bytes; the pool has "
+                              f"{max(0, free - self._reserve())} available")
+        now = time.time()
+        with self.catalog.transaction() as db:
+            fid = self.catalog.next_file_id(db)
+            naa = self.catalog.issue_naa(db, fmt.new_naa)
+            s = _Snapshot(fid, snap_id, set_id, naa, v, kind, None, PREPARING, v.size, now,
+                          attributes, None, False)
+            if kind == PLEX:
+                s.file = DataFile(self._img(fid), "plex", self.faults, create=True)
+                s.file.truncate(v.size)
+                s.sync_total = sum(n for _, n in v.file.extents())
+            else:
+                self._open_diff(v)
+            self._write_header(s)
+            db.execute("INSERT INTO snapshots (id, snap_id, set_id, naa, origin_id, kind, "
+                       "state, size, created, attributes) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (fid, snap_id, set_id, naa, v.id, kind, PREPARING, v.size, now,
+                        attributes))
+        v.snaps.append(s)
+        self._snaps[snap_id] = s
+        if kind == PLEX:
+            v.mirrors.append(s)   # from now on origin writes go to both
+        return self._sinfo(s)
+
+    def plex_sync_step(self, snap_id: str, max_bytes: int = 8 << 20) -> tuple[int, int]:
+        """Copy up to max_bytes more of the origin's allocated extents into the plex.
+        Returns (done, total); done == total when the plex is in sync."""
+        with self._lock:
+            s = self._snap(snap_id)
+            if s.kind != PLEX or s.state == COMMITTED:
+                return s.sync_total, s.sync_total
+            if s.state != PREPARING or s not in s.origin.mirrors:
+                raise SnapshotInvalid(f"plex {s.snap_id} failed while syncing; abort it")
+            v = s.origin
+            assert s.file is not None
+            budget = max_bytes
+            cursor = s.sync_cursor
+            try:
+                for off, n in data_extents(v.file.fd, cursor, v.size):
+                    take = min(n, budget)
+                    self._copy_range(v.file, s.file, off, take)
+                    s.sync_done += take
+                    budget -= take
+                    cursor = off + take
+                    if budget == 0:
+                        break
+                else:
+                    cursor = v.size
+            except OSError as e:
+                self._mirror(s, lambda f: (_ for _ in ()).throw(e))
+                raise SnapshotInvalid(f"plex {s.snap_id} failed while syncing: {e}") from e
+            s.sync_cursor = cursor
+            if cursor >= v.size:
+                s.sync_total = s.sync_done = max(s.sync_done, s.sync_total)
+            else:
+                s.sync_total = max(s.sync_total, s.sync_done + 1)
+            return s.sync_done, s.sync_total
+
+    def _copy_range(self, src: DataFile, dst: DataFile, off: int, n: int) -> None:
+        dst.faults.io(dst.role, "write")
+        end = off + n
+        while off < end:
+            done = os.copy_file_range(src.fd, dst.fd, min(COPY_PIECE * 8, end - off), off, off)
+            if done == 0:
+                break
+            off += done
+        dst.dirty = True
+
+    @_locked
+    def commit_snapshots(self, snap_ids: Iterable[str]) -> None:
+        """Commit a snapshot set: one durable catalog transaction for all of them; no I/O
+        to origin volumes; in memory, each origin starts a new epoch (O(1))."""
+        snaps = [self._snap(i) for i in snap_ids]
+        origins = [s.origin for s in snaps]
+        if len(set(map(id, origins))) != len(origins):
+            raise InvalidState("a snapshot set holds at most one snapshot per volume")
+        for s in snaps:
+            if s.state != PREPARING:
+                raise InvalidState(f"snapshot {s.snap_id} is {s.state}, not being prepared")
+            if s.kind == PLEX and (s.sync_cursor < s.origin.size or s not in s.origin.mirrors):
+                raise InvalidState(f"plex {s.snap_id} is not in sync yet "
+                                   f"({s.sync_done}/{s.sync_total} bytes)")
+        for s in snaps:
+            if s.kind == PLEX:
+                assert s.file is not None
+                s.file.sync()      # the plex holds everything written before the instant
+        self.faults.point("commit.before_record")
+        now = time.time()
+        with self.catalog.transaction() as db:
+            for s in snaps:
+                epoch = s.origin.epoch + 1 if s.kind == DIFFERENTIAL else None
+                if epoch is not None:
+                    db.execute("UPDATE volumes SET epoch=? WHERE id=?", (epoch, s.origin.id))
+                db.execute("UPDATE snapshots SET state=?, epoch=?, created=? WHERE id=?",
+                           (COMMITTED, epoch, now, s.id))
+        self.faults.point("commit.after_record")
+        for s in snaps:
+            v = s.origin
+            s.state, s.created = COMMITTED, now
+            if s.kind == DIFFERENTIAL:
+                v.epoch += 1
+                s.epoch = v.epoch
+                assert v.diff is not None
+                v.diff.new_epoch(v.epoch)
+                self._refresh_live(v)
+            else:
+                v.mirrors.remove(s)
+                s.file.close()
+                s.file = DataFile(self._img(s.id), "plex", self.faults, read_only=True)
+        self.generation += 1
+
+    @_locked
+    def abort_snapshot(self, snap_id: str) -> None:
+        s = self._snap(snap_id)
+        if s.state != PREPARING:
+            raise InvalidState(f"snapshot {s.snap_id} is already committed; delete it instead")
+        self._delete_snapshot(s)
+
+    @_locked
+    def delete_snapshot(self, snap_id: str) -> None:
+        self._delete_snapshot(self._snap(snap_id))
+
+    def _delete_snapshot(self, s: _Snapshot) -> None:
+        v = s.origin
+        with self.catalog.transaction() as db:
+            db.execute("DELETE FROM snapshots WHERE id=?", (s.id,))
+        self.faults.point("delete.after_record")
+        v.snaps.remove(s)
+        del self._snaps[s.snap_id]
+        if s in v.mirrors:
+            v.mirrors.remove(s)
+        if s.file:
+            s.file.close()
+        for p in (self._img(s.id), self._sum(s.id), self._hdr(s.id)):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        if s.kind == DIFFERENTIAL:
+            self._refresh_live(v)
+            if v.diff:
+                v.diff.gc(v.live_epochs)
+        self.generation += 1
+
+    @_locked
+    def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
+        s = self._snap(snap_id)
+        if name is not None:
+            check_name(name, "exposure")
+            if s.state != COMMITTED:
+                raise InvalidState(f"snapshot {s.snap_id} is {s.state}; only committed "
+                                   "snapshots can be exposed")
+            other = next((o for o in self._snaps.values()
+                          if o.exposed_name == name and o is not s), None)
+            if other:
+                raise Exists(f"exposure name {name!r} is taken by snapshot {other.snap_id}")
+        with self.catalog.transaction() as db:
+            db.execute("UPDATE snapshots SET exposed_name=? WHERE id=?", (name, s.id))
+        s.exposed_name = name
+        self.generation += 1
+        return self._sinfo(s)
+
+    def _readable(self, s: _Snapshot) -> None:
+        if s.state != COMMITTED:
+            raise SnapshotInvalid(f"snapshot {s.snap_id} is {s.state}; it cannot be used")
+
+    def _snapshot_chunks(self, s: _Snapshot) -> list[int]:
+        """Chunks where snapshot `s` may hold data: allocated in its own image or origin,
+        or preserved in the diff area. Everything else reads as zeros."""
+        cs = self.chunk_size
+        limit = self._nchunks(s.size)
+        chunks: set[int] = set()
+        src = s.file if s.file is not None else s.origin.file
+        for off, n in data_extents(src.fd, 0, s.size):
+            chunks.update(range(off // cs, min(limit, (off + n + cs - 1) // cs)))
+        if s.file is None and s.origin.diff is not None and s.epoch is not None:
+            chunks.update(c for c in s.origin.diff.chunks_since(s.epoch) if c < limit)
+        return sorted(chunks)
+
+    def promote(self, snap_id: str, progress: Progress = None) -> SnapshotInfo:
+        """Differential -> full copy. Afterwards independent of the origin and diff area."""
+        with self._lock:
+            s = self._snap(snap_id)
+            self._readable(s)
+            if s.kind != DIFFERENTIAL:
+                raise Unsupported(f"snapshot {s.snap_id} is already a full copy ({s.kind})")
+            chunks = self._snapshot_chunks(s)
+            tmp = self._img(s.id) + ".partial"
+            out = DataFile(tmp, "plex", self.faults, create=True)
+        try:
+            out.truncate(s.size)
+            self._copy_chunks(s, chunks, out, progress)
+            out.sync()
+            self.faults.point("promote.copied")
+            with self._lock:
+                self._readable(s)
+                os.replace(tmp, self._img(s.id))
+                fsync_dir(os.path.join(self.path, "luns"))
+                with self.catalog.transaction() as db:
+                    db.execute("UPDATE snapshots SET kind=? WHERE id=?", (FULL, s.id))
+                s.kind = FULL
+                s.file = DataFile(self._img(s.id), "plex", self.faults, read_only=True)
+                self._write_header(s)
+                v = s.origin
+                self._refresh_live(v)
+                if v.diff:
+                    v.diff.gc(v.live_epochs)
+                self.generation += 1
+                return self._sinfo(s)
+        finally:
+            out.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _copy_chunks(self, s: _Snapshot, chunks: list[int], out: DataFile,
+                     progress: Progress) -> None:
+        cs = self.chunk_size
+        zero = bytes(cs)
+        for i, c in enumerate(chunks):
+            with self._lock:
+                self._readable(s)
+                data = self._read_snapshot(s, c * cs, min((c + 1) * cs, s.size))
+            if data != zero[:len(data)]:
+                out.pwrite(data, c * cs)
+            if progress and (i % 64 == 0 or i == len(chunks) - 1):
+                progress(i + 1, len(chunks))
+
+    def split(self, snap_id: str, new_name: str, progress: Progress = None) -> VolumeInfo:
+        """Break a snapshot off as an independent read-write volume with a new naa id.
+        A plex or full copy is converted in place (O(1)); a differential is promoted."""
+        check_name(new_name)
+        with self._lock:
+            s = self._snap(snap_id)
+            self._readable(s)
+            if new_name in self._volumes:
+                raise Exists(f"a volume named {new_name!r} already exists")
+        if s.kind == DIFFERENTIAL:
+            self.promote(snap_id, progress)
+        with self._lock:
+            self._readable(s)
+            if new_name in self._volumes:
+                raise Exists(f"a volume named {new_name!r} already exists")
+            now = time.time()
+            with self.catalog.transaction() as db:
+                naa = self.catalog.issue_naa(db, fmt.new_naa)
+                db.execute("DELETE FROM snapshots WHERE id=?", (s.id,))
+                db.execute("INSERT INTO volumes (id, name, naa, size, created) "
+                           "VALUES (?, ?, ?, ?, ?)", (s.id, new_name, naa, s.size, now))
+            s.origin.snaps.remove(s)
+            del self._snaps[s.snap_id]
+            assert s.file is not None
+            s.file.close()
+            for p in (self._sum(s.id),):
+                if os.path.exists(p):
+                    os.unlink(p)
+            v = _Volume(s.id, new_name, naa, s.size, now, 0, 0, None,
+                        DataFile(self._img(s.id), "origin", self.faults), mtime=now)
+            self._volumes[new_name] = v
+            self._write_header(v)
+            self.generation += 1
+            if progress:
+                progress(1, 1)
+            return self._vinfo(v)
+
+    def revert(self, volume: str, snap_id: str, progress: Progress = None) -> None:
+        """Make the volume's content (and size) equal to the snapshot's. Reverting writes
+        go through copy-before-write, so every other snapshot stays valid."""
+        with self._lock:
+            v = self._vol(volume)
+            s = self._snap(snap_id)
+            if s.origin is not v:
+                raise InvalidState(f"snapshot {s.snap_id} is of volume {s.origin.name}, "
+                                   f"not {volume}")
+            self._readable(s)
+            if v.mirrors:
+                raise Busy(f"volume {volume} has a plex being synced; revert after it")
+            if v.size < s.size:
+                self._set_volume_size(v, s.size)
+            chunks = self._snapshot_chunks(s)
+            if s.file is not None:   # full copy: also chunks allocated only in the origin
+                cs = self.chunk_size
+                extra = {c for off, n in v.file.extents(0, s.size)
+                         for c in range(off // cs, (off + n + cs - 1) // cs)}
+                chunks = sorted(set(chunks) | extra)
+        cs = self.chunk_size
+        for i, c in enumerate(chunks):
+            with self._lock:
+                self._readable(s)
+                start, end = c * cs, min((c + 1) * cs, s.size)
+                want = self._read_snapshot(s, start, end)
+                if self._read_origin(v, start, end - start) != want:
+                    if want.count(0) == len(want):
+                        self.discard(volume, start, end - start)
+                    else:
+                        self.write(volume, start, want)
+            if progress and (i % 64 == 0 or i == len(chunks) - 1):
+                progress(i + 1, len(chunks))
+        with self._lock:
+            if v.size > s.size:   # the tail goes through copy-before-write, then shrink
+                self.discard(volume, s.size, v.size - s.size)
+                self._set_volume_size(v, s.size)
+            self.flush(volume)
+
+    # -- integrity -----------------------------------------------------------------------------
+    def seal(self, snap_id: str, progress: Progress = None) -> None:
+        """Record an xxh3 per chunk of a full copy (plex or promoted): luns/<id>.sum."""
+        with self._lock:
+            s = self._snap(snap_id)
+            self._readable(s)
+            if s.file is None:
+                raise Unsupported(f"snapshot {s.snap_id} is differential; its preserved "
+                                  "chunks carry their own checksums")
+            if s.sealed:
+                return
+            sums = DataFile(self._sum(s.id) + ".tmp", "plex", self.faults, create=True)
+        try:
+            self._write_sums(s, sums, progress)
+            sums.sync()
+            with self._lock:
+                os.replace(sums.path, self._sum(s.id))
+                with self.catalog.transaction() as db:
+                    db.execute("UPDATE snapshots SET sealed=1 WHERE id=?", (s.id,))
+                s.sealed = True
+        finally:
+            sums.close()
+            if os.path.exists(self._sum(s.id) + ".tmp"):
+                os.unlink(self._sum(s.id) + ".tmp")
+
+    def _chunk_sums(self, s: _Snapshot) -> Iterable[tuple[int, int]]:
+        """(chunk, digest) of every non-zero chunk of a full copy; digest 0 is reserved for
+        an all-zero chunk, so a real digest of 0 is stored as 1."""
+        cs = self.chunk_size
+        assert s.file is not None
+        zero = bytes(cs)
+        for c in self._snapshot_chunks(s):
+            data = s.file.pread(cs, c * cs)
+            if data and data != zero[:len(data)]:
+                yield c, xxhash.xxh3_64_intdigest(data) or 1
+
+    def _write_sums(self, s: _Snapshot, sums: DataFile, progress: Progress) -> None:
+        for c, digest in self._chunk_sums(s):
+            sums.pwrite(digest.to_bytes(8, "little"), c * 8)
+        sums.truncate(self._nchunks(s.size) * 8)
+        if progress:
+            progress(1, 1)
+
+    @_locked
+    def check(self) -> list[str]:
+        """Verify catalog, headers, images, maps and every checksum. [] means clean."""
+        problems = list(self.problems)
+        problems += self.catalog.integrity()
+        try:
+            fmt.read_pool_file(self.path)
+        except StoreError as e:
+            problems.append(str(e))
+        for v in self._volumes.values():
+            problems += self._check_volume(v)
+        return problems
+
+    def _check_volume(self, v: _Volume) -> list[str]:
+        out = []
+        if v.file.size() != v.size:
+            out.append(f"volume {v.name}: image is {v.file.size()} bytes, catalog says {v.size}")
+        out += self._check_header(v, f"volume {v.name}")
+        epochs = [s.epoch for s in v.snaps if s.kind == DIFFERENTIAL and s.state != PREPARING]
+        if len(set(epochs)) != len(epochs):
+            out.append(f"volume {v.name}: two differential snapshots share an epoch")
+        for s in v.snaps:
+            what = f"snapshot {s.snap_id} of {v.name}"
+            out += self._check_header(s, what)
+            if s.kind == DIFFERENTIAL and s.state == COMMITTED:
+                if s.epoch is None or s.epoch > v.epoch:
+                    out.append(f"{what}: epoch {s.epoch} beyond the volume's {v.epoch}")
+                if v.diff is None:
+                    out.append(f"{what}: the volume has no diff area")
+            if s.file is not None and s.state == COMMITTED:
+                if s.file.size() != s.size:
+                    out.append(f"{what}: image is {s.file.size()} bytes, expected {s.size}")
+                if s.sealed:
+                    out += self._check_sums(s, what)
+        if v.diff is not None:
+            da = v.diff
+            for slot, st in enumerate(da.state):
+                if not st:
+                    continue
+                if da.epoch[slot] > v.epoch or da.epoch[slot] < 1:
+                    out.append(f"volume {v.name}: diff slot {slot} has epoch {da.epoch[slot]} "
+                               f"outside 1..{v.epoch}")
+                try:
+                    da.read_slot(slot)
+                except (StoreError, OSError) as e:
+                    out.append(f"volume {v.name}: {e}")
+        return out
+
+    def _check_header(self, lun: _Volume | _Snapshot, what: str) -> list[str]:
+        doc = fmt.read_header(self._hdr(lun.id))
+        if doc is None:
+            return [f"{what}: header {self._hdr(lun.id)} is missing or damaged"]
+        want = dict(self._header_fields(lun))
+        bad = sorted(k for k, val in want.items() if doc.get(k) != val)
+        return [f"{what}: header field(s) {', '.join(bad)} disagree with the catalog"] if bad else []
+
+    def _check_sums(self, s: _Snapshot, what: str) -> list[str]:
+        try:
+            with open(self._sum(s.id), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return [f"{what}: checksum file {self._sum(s.id)} is missing"]
+        want = {c: d for c, d in self._chunk_sums(s)}
+        out = []
+        for c in range(len(raw) // 8):
+            stored = int.from_bytes(raw[c * 8:c * 8 + 8], "little")
+            if stored != want.get(c, 0):
+                out.append(f"{what}: chunk {c} fails its checksum")
+        return out
+
+    def scrub(self, progress: Progress = None) -> list[str]:
+        """check() plus a read of every byte of every LUN; seals unsealed full copies."""
+        problems = self.check()
+        with self._lock:
+            keys = [v.name for v in self._volumes.values()] + [
+                s.snap_id for s in self._snaps.values() if s.state == COMMITTED]
+            total = sum(self._lun(k).size for k in keys)
+        done = 0
+        for key in keys:
+            size = self.lun_size(key)
+            for off in range(0, size, COPY_PIECE):
+                try:
+                    self.read(key, off, COPY_PIECE)
+                except (StoreError, OSError) as e:
+                    problems.append(f"{key} at offset {off}: {e}")
+                    break
+                done += min(COPY_PIECE, size - off)
+                if progress:
+                    progress(done, total)
+            s = self._snaps.get(key)
+            if s is not None and s.file is not None and not s.sealed:
+                self.seal(key)
+        return problems

@@ -1,0 +1,332 @@
+"""Session-wide guards for the shadowplex test suite.
+
+1. ``no_leftovers`` (session, autouse): records FUSE mounts, loop-device mounts, attached
+   loop devices and ``shadowplex serve`` processes at session start. At session end any new
+   one is cleaned up (umount / fusermount3 -u, -z / losetup -d / SIGTERM, SIGKILL) and the
+   session FAILS listing what leaked.
+
+   Scope: on CI (``CI`` true) or with ``SHADOWPLEX_LEAK_STRICT=1`` every new object counts.
+   Otherwise (developer machines, where other test runs may be going on concurrently) only
+   objects attributable to this session count: mounts and loop back-files under this
+   session's pytest basetemp, loop devices mounted there, and processes that descend from
+   this pytest or carry ``SHADOWPLEX_TEST_SESSION=<token>`` in their environment (set here,
+   so every subprocess a test starts inherits it). Other new objects are reported, not touched.
+
+2. Tests marked ``kernel`` need root, /dev/fuse, /dev/loop-control, losetup and fusermount3.
+   Missing any of them skips the test with the reason, unless ``SHADOWPLEX_REQUIRE_KERNEL=1``
+   (CI), in which case the test fails instead. Fixtures may call ``require_kernel()`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REQUIRE_KERNEL_ENV = "SHADOWPLEX_REQUIRE_KERNEL"
+SESSION_TOKEN_ENV = "SHADOWPLEX_TEST_SESSION"
+LEAK_STRICT_ENV = "SHADOWPLEX_LEAK_STRICT"
+CMD_TIMEOUT = 15  # seconds, for every cleanup command
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# --------------------------------------------------------------------------- kernel guard
+
+
+def kernel_missing() -> list[str]:
+    """Reasons why kernel tests cannot run here (empty list: they can)."""
+    reasons = []
+    if os.geteuid() != 0:
+        reasons.append("not running as root")
+    for dev in ("/dev/fuse", "/dev/loop-control"):
+        if not os.path.exists(dev):
+            reasons.append(f"{dev} is missing")
+    for tool in ("losetup", "fusermount3"):
+        if shutil.which(tool) is None:
+            reasons.append(f"{tool} not found on PATH")
+    return reasons
+
+
+def require_kernel() -> None:
+    """Skip (or, with SHADOWPLEX_REQUIRE_KERNEL=1, fail) unless kernel tests can run."""
+    reasons = kernel_missing()
+    if not reasons:
+        return
+    msg = "kernel test needs root, /dev/fuse and loop devices: " + "; ".join(reasons)
+    if _truthy(os.environ.get(REQUIRE_KERNEL_ENV)):
+        pytest.fail(f"{msg} ({REQUIRE_KERNEL_ENV}=1, so this is a failure)", pytrace=False)
+    pytest.skip(msg)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kernel") is not None:
+        require_kernel()
+
+
+# --------------------------------------------------------------------------- system state
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    fstype: str
+
+    def __str__(self) -> str:
+        return f"mount {self.target} ({self.fstype} from {self.source})"
+
+
+@dataclass(frozen=True)
+class Loop:
+    name: str
+    back_file: str
+
+    def __str__(self) -> str:
+        return f"loop device {self.name} -> {self.back_file}"
+
+
+@dataclass(frozen=True)
+class Daemon:
+    pid: int
+    starttime: str  # /proc/PID/stat field 22: tells a reused pid apart
+    cmdline: str
+
+    def __str__(self) -> str:
+        return f"process {self.pid}: {self.cmdline}"
+
+
+@dataclass(frozen=True)
+class State:
+    fuse_mounts: frozenset[Mount]
+    loop_mounts: frozenset[Mount]
+    loops: frozenset[Loop]
+    daemons: frozenset[Daemon]
+
+    def minus(self, other: State) -> State:
+        return State(
+            self.fuse_mounts - other.fuse_mounts,
+            self.loop_mounts - other.loop_mounts,
+            self.loops - other.loops,
+            self.daemons - other.daemons,
+        )
+
+    def items(self) -> list[object]:
+        return [*self.fuse_mounts, *self.loop_mounts, *self.loops, *self.daemons]
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts() -> list[Mount]:
+    out = []
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                out.append(Mount(_unescape(parts[0]), _unescape(parts[1]), parts[2]))
+    return out
+
+
+def _loops() -> set[Loop]:
+    if shutil.which("losetup") is None:
+        return set()
+    try:
+        res = subprocess.run(
+            ["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"],
+            capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    if res.returncode != 0 or not res.stdout.strip():
+        return set()
+    devices = json.loads(res.stdout).get("loopdevices", [])
+    return {Loop(d.get("name") or "", d.get("back-file") or "") for d in devices}
+
+
+def _is_serve_cmdline(argv: list[str]) -> bool:
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg) == "shadowplex" or arg == "tools.cli":
+            return "serve" in argv[i + 1:]
+    return False
+
+
+def _daemons() -> set[Daemon]:
+    found = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            raw = Path(entry.path, "cmdline").read_bytes()
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        if _is_serve_cmdline(argv):
+            starttime = stat.rsplit(")", 1)[-1].split()[19]
+            found.add(Daemon(int(entry.name), starttime, " ".join(argv)))
+    return found
+
+
+def snapshot_state() -> State:
+    mounts = _mounts()
+    return State(
+        frozenset(m for m in mounts if m.fstype.startswith("fuse") and m.fstype != "fusectl"),
+        frozenset(m for m in mounts if m.source.startswith("/dev/loop")),
+        frozenset(_loops()),
+        frozenset(_daemons()),
+    )
+
+
+# --------------------------------------------------------------------------- attribution
+
+
+def _under(path: str, root: str) -> bool:
+    path = path.removesuffix(" (deleted)")
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _process_is_ours(pid: int, token: str) -> bool:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"{SESSION_TOKEN_ENV}={token}".encode() in env:
+            return True
+    except OSError:
+        pass
+    me, p = os.getpid(), pid
+    for _ in range(64):
+        p = _ppid(p)
+        if p <= 1:
+            return False
+        if p == me:
+            return True
+    return False
+
+
+def _split_ours(new: State, roots: list[str], token: str, strict: bool) -> tuple[State, State]:
+    """(ours, foreign). Strict: everything new is ours."""
+    if strict:
+        return new, State(frozenset(), frozenset(), frozenset(), frozenset())
+
+    def under_roots(path: str) -> bool:
+        return any(_under(path, r) for r in roots)
+
+    loops = {lp for lp in new.loops if under_roots(lp.back_file)}
+    loop_mounts = {m for m in new.loop_mounts if under_roots(m.target)}
+    loops |= {lp for lp in new.loops if any(m.source == lp.name for m in loop_mounts)}
+    loop_mounts |= {m for m in new.loop_mounts if any(m.source == lp.name for lp in loops)}
+    ours = State(
+        frozenset(m for m in new.fuse_mounts if under_roots(m.target)),
+        frozenset(loop_mounts),
+        frozenset(loops),
+        frozenset(d for d in new.daemons if _process_is_ours(d.pid, token)),
+    )
+    return ours, new.minus(ours)
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def _run(*cmd: str) -> bool:
+    if shutil.which(cmd[0]) is None:
+        return False
+    try:
+        return subprocess.run(
+            list(cmd), capture_output=True, timeout=CMD_TIMEOUT, check=False
+        ).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _is_mounted(target: str) -> bool:
+    return any(m.target == target for m in _mounts())
+
+
+def _cleanup(leaked: State) -> None:
+    # Innermost first: filesystems on loop devices, the loop devices (whose back-files may
+    # live inside a FUSE mount), the FUSE mounts, and finally the daemons serving them.
+    for m in sorted(leaked.loop_mounts, key=lambda m: -len(m.target)):
+        _run("umount", m.target) or _run("umount", "-l", m.target)
+    for lp in leaked.loops:
+        _run("losetup", "-d", lp.name)
+    for m in sorted(leaked.fuse_mounts, key=lambda m: -len(m.target)):
+        for cmd in (("fusermount3", "-u"), ("fusermount3", "-u", "-z"), ("umount", "-l")):
+            if not _is_mounted(m.target):
+                break
+            _run(*cmd, m.target)
+    for d in leaked.daemons:
+        _signal(d, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(d) for d in leaked.daemons):
+        time.sleep(0.1)
+    for d in leaked.daemons:
+        if _alive(d):
+            _signal(d, signal.SIGKILL)
+
+
+def _alive(d: Daemon) -> bool:
+    return d in _daemons()
+
+
+def _signal(d: Daemon, sig: int) -> None:
+    if _alive(d):
+        try:
+            os.kill(d.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+# --------------------------------------------------------------------------- the fixture
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    token = os.environ.setdefault(SESSION_TOKEN_ENV, uuid.uuid4().hex)
+    strict = _truthy(os.environ.get("CI")) or _truthy(os.environ.get(LEAK_STRICT_ENV))
+    basetemp = tmp_path_factory.getbasetemp()
+    roots = sorted({str(basetemp), os.path.realpath(basetemp)})
+    before = snapshot_state()
+
+    yield
+
+    new = snapshot_state().minus(before)
+    ours, foreign = _split_ours(new, roots, token, strict)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if foreign.items() and reporter is not None:
+        reporter.write_line(
+            "no_leftovers: new objects not attributable to this session (left alone): "
+            + "; ".join(map(str, foreign.items())),
+            yellow=True,
+        )
+    if not ours.items():
+        return
+    _cleanup(ours)
+    remaining = snapshot_state().minus(before)
+    still = [str(x) for x in ours.items() if x in set(remaining.items())]
+    lines = [f"  - {x}" for x in ours.items()]
+    msg = "tests leaked mounts / loop devices / daemons (cleaned up now):\n" + "\n".join(lines)
+    if still:
+        msg += "\nSTILL PRESENT after cleanup:\n" + "\n".join(f"  - {x}" for x in still)
+    pytest.fail(msg, pytrace=False)
