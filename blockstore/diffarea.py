@@ -36,7 +36,8 @@ class DiffArea:
         self.data_path = os.path.join(directory, f"{file_id}.data")
         self.map_path = os.path.join(directory, f"{file_id}.map")
         exists = os.path.exists(self.map_path)
-        self.data = DataFile(self.data_path, "diff", faults, create=not os.path.exists(self.data_path))
+        self.data = DataFile(self.data_path, "diff", faults,
+                             create=not os.path.exists(self.data_path))
         self.map = DataFile(self.map_path, "map", faults, create=not exists)
         self.faults = faults
         self.nchunks = nchunks
@@ -53,6 +54,7 @@ class DiffArea:
         self.cowed_latest = Bitmap(nchunks)
         self.origin_epoch = origin_epoch
         self.torn_records = 0
+        self.unsynced: list[int] = []   # slots whose map records are not yet written
         if exists:
             self._load()
 
@@ -167,10 +169,11 @@ class DiffArea:
         return slots
 
     def preserve(self, items: list[tuple[int, bytes]], epoch: int) -> None:
-        """Make the old contents of these chunks durable, then map them to `epoch`.
+        """Copy the old contents of these chunks into slots and map them to `epoch`.
 
-        items: (chunk index, full-chunk old content). Raises OSError (ENOSPC, EIO) with
-        nothing recorded; the caller decides what that means for snapshots.
+        items: (chunk index, full-chunk old content). The slot data is written now; the
+        map records wait for harden(), which the caller must run before it overwrites
+        those chunks in the origin. Raises OSError (ENOSPC, EIO) with nothing recorded.
         """
         batch = []
         for slot, (chunk, old) in zip(self._alloc_slots(len(items)), items, strict=True):
@@ -178,15 +181,6 @@ class DiffArea:
             if not zero:
                 self.data.pwrite(old, slot * self.chunk_size)
             batch.append((slot, chunk, zero, 0 if zero else xxhash.xxh3_64_intdigest(old)))
-        self.faults.point("cow.data_written")
-        self.data.sync()
-        self.faults.point("cow.data_synced")
-        for slot, chunk, zero, digest in batch:
-            rec = pack_map_record(MAP_FLAG_ZERO if zero else 0, epoch, chunk, digest)
-            self.map.pwrite(rec, slot * MAP_RECORD_SIZE)
-        self.faults.point("cow.map_written")
-        self.map.sync()
-        self.faults.point("cow.map_synced")
         table = self.tables.get(epoch)
         if table is None:
             table = self.tables[epoch] = EpochTable()
@@ -197,7 +191,40 @@ class DiffArea:
             self.any_entry.set(chunk)
             if epoch == self.origin_epoch:
                 self.cowed_latest.set(chunk)
-        self.free_hint = batch[-1][0] + 1 if batch else self.free_hint
+            self.unsynced.append(slot)
+        if batch:
+            self.free_hint = batch[-1][0] + 1
+
+    def harden(self) -> None:
+        """Make every preserved-but-unsynced chunk durable: data -> fdatasync -> records ->
+        fdatasync(map). One sync pair for the whole group (invariant 2, grouped)."""
+        if not self.unsynced:
+            return
+        self.faults.point("cow.data_written")
+        self.data.sync()
+        self.faults.point("cow.data_synced")
+        for slot in self.unsynced:
+            zero = self.state[slot] == ZERO
+            rec = pack_map_record(MAP_FLAG_ZERO if zero else 0, self.epoch[slot],
+                                  self.chunk[slot], self.digest[slot])
+            self.map.pwrite(rec, slot * MAP_RECORD_SIZE)
+        self.faults.point("cow.map_written")
+        self.map.sync()
+        self.faults.point("cow.map_synced")
+        self.unsynced.clear()
+
+    def drop_unsynced(self) -> list[tuple[int, int]]:
+        """harden() failed: forget the entries it could not make durable. Returns their
+        (chunk, epoch) so the caller can invalidate the snapshots that needed them."""
+        lost = [(self.chunk[s], self.epoch[s]) for s in self.unsynced]
+        for s in self.unsynced:
+            if self.state[s] == DATA:
+                self.data_slots -= 1
+            self.state[s] = FREE
+        self.unsynced.clear()
+        self.free_hint = 0
+        self._rebuild_tables()
+        return lost
 
     # -- epochs, growth, reclaim ----------------------------------------------------------
     def new_epoch(self, epoch: int) -> None:
@@ -222,6 +249,7 @@ class DiffArea:
         iff one live epoch lies in that range. Records are cleared and synced BEFORE the
         data is punched, so a durable record never points at reclaimed data.
         """
+        assert not self.unsynced, "harden() before reclaiming"
         live = sorted(live_epochs)
         used = [s for s, st in enumerate(self.state) if st != FREE]
         used.sort(key=lambda s: (self.chunk[s], self.epoch[s]))

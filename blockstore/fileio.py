@@ -91,6 +91,15 @@ class DataFile:
             offset += n
         self.dirty = True
 
+    def pwritev(self, buffers: list[memoryview], offset: int) -> None:
+        """Consecutive buffers in one system call (no joining copy)."""
+        self.faults.io(self.role, "write")
+        total = sum(len(b) for b in buffers)
+        done = os.pwritev(self.fd, buffers, offset)
+        if done < total:   # rare short write: finish the rest piecewise
+            self.pwrite(b"".join(bytes(b) for b in buffers)[done:], offset + done)
+        self.dirty = True
+
     def sync(self) -> None:
         if self.dirty:
             self.faults.io(self.role, "sync")

@@ -26,7 +26,6 @@ from .diffarea import DiffArea
 from .errors import (
     Busy,
     Exists,
-    FormatError,
     InvalidSize,
     InvalidState,
     NoSpace,
@@ -48,6 +47,10 @@ Progress = Callable[[int, int], None] | None
 MAX_SNAPSHOTS_PER_VOLUME = 512   # VSS's limit per volume
 RESERVE_MAX = 256 << 20          # default diff-area limit: free space minus this reserve
 COPY_PIECE = 1 << 20             # unit of plex sync / promote copies
+# Grouped syncs: origin writes to freshly preserved chunks wait in memory (at most this
+# many bytes per volume, this many seconds) until one data+map sync pair covers them all.
+WRITEBACK_BYTES = 32 << 20
+WRITEBACK_AGE = 0.1
 DIFFERENTIAL, PLEX, FULL = "differential", "plex", "full"
 PREPARING, COMMITTED, INVALID = "preparing", "committed", "invalid"
 
@@ -100,6 +103,10 @@ class _Volume:
     mirrors: list[_Snapshot] = field(default_factory=list)   # plexes being synced
     snaps: list[_Snapshot] = field(default_factory=list)
     live_epochs: list[int] = field(default_factory=list)     # committed differential
+    # chunk -> its new full content, for chunks whose preservation is not durable yet:
+    # they may not reach the origin file before DiffArea.harden() (invariant 2)
+    pending: dict[int, bytearray] = field(default_factory=dict)
+    pending_since: float = 0.0
 
 
 @dataclass(eq=False)
@@ -203,6 +210,7 @@ class Pool:
             if self._closed:
                 return
             for v in self._volumes.values():
+                self._writeback(v)
                 v.file.sync()
                 for s in v.mirrors:
                     if s.file:
@@ -467,6 +475,7 @@ class Pool:
         return self._vinfo(v)
 
     def _set_volume_size(self, v: _Volume, size: int) -> None:
+        self._writeback(v)
         v.file.truncate(size)
         v.file.sync()
         with self.catalog.transaction() as db:
@@ -526,7 +535,17 @@ class Pool:
         data = v.file.pread(length, offset)
         if len(data) < length:   # origin shorter than a snapshot after a shrinking revert
             data += bytes(length - len(data))
-        return data
+        if not v.pending:
+            return data
+        cs, end = self.chunk_size, offset + length
+        held = [c for c in range(offset // cs, (end - 1) // cs + 1) if c in v.pending]
+        if not held:
+            return data
+        out = bytearray(data)
+        for c in held:
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            out[lo - offset:hi - offset] = v.pending[c][lo - c * cs:hi - c * cs]
+        return bytes(out)
 
     def _read_snapshot(self, s: _Snapshot, offset: int, end: int) -> bytes:
         if s.state == INVALID:
@@ -575,10 +594,19 @@ class Pool:
         if v.live_epochs:
             self._copy_before_write(v, offset // self.chunk_size,
                                     (offset + n - 1) // self.chunk_size)
-        v.file.pwrite(data, offset)
+        if v.pending:
+            view = memoryview(data)
+            for lo, hi, buf, base in self._pieces(v, offset, n):
+                if buf is None:
+                    v.file.pwrite(view[lo - offset:hi - offset], lo)
+                else:
+                    buf[lo - base:hi - base] = view[lo - offset:hi - offset]
+        else:
+            v.file.pwrite(data, offset)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.pwrite(data, offset))
         v.mtime = time.time()
+        self._maybe_writeback(v)
         return n
 
     @_locked
@@ -589,10 +617,80 @@ class Pool:
         if v.live_epochs:
             self._copy_before_write(v, offset // self.chunk_size,
                                     (offset + length - 1) // self.chunk_size)
-        v.file.punch(offset, length)
+        for lo, hi, buf, base in self._pieces(v, offset, length):
+            if buf is None:
+                v.file.punch(lo, hi - lo)
+            else:
+                buf[lo - base:hi - base] = bytes(hi - lo)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.punch(offset, length))
         v.mtime = time.time()
+        self._maybe_writeback(v)
+
+    def _pieces(self, v: _Volume, offset: int, length: int):
+        """Split [offset, offset+length) into (lo, hi, pending buffer or None, chunk start):
+        runs of chunks with no pending buffer come out merged."""
+        cs, end = self.chunk_size, offset + length
+        run = offset
+        pos = offset
+        while pos < end:
+            c = pos // cs
+            cend = min((c + 1) * cs, end)
+            buf = v.pending.get(c)
+            if buf is not None:
+                if run < pos:
+                    yield run, pos, None, 0
+                yield pos, cend, buf, c * cs
+                run = cend
+            pos = cend
+        if run < end:
+            yield run, end, None, 0
+
+    def _maybe_writeback(self, v: _Volume) -> None:
+        if v.pending and (len(v.pending) * self.chunk_size >= WRITEBACK_BYTES
+                          or time.monotonic() - v.pending_since >= WRITEBACK_AGE):
+            self._writeback(v)
+
+    def _writeback(self, v: _Volume) -> None:
+        """Harden the diff area (one sync pair), then let the held chunks reach the origin.
+        If the diff area cannot be made durable, the snapshots that needed those chunks
+        become invalid first; the origin write itself never fails (invariant 5)."""
+        if v.diff is not None and v.diff.unsynced:
+            try:
+                v.diff.harden()
+            except OSError as e:
+                self._invalidate_needing(v, v.diff.drop_unsynced(), e)
+        if not v.pending:
+            return
+        cs = self.chunk_size
+        zero = bytes(cs)
+        run: list[memoryview] = []
+        run_start = -1
+        for c in sorted(v.pending):
+            buf = memoryview(v.pending[c])[:min(cs, v.size - c * cs)]
+            if run and c * cs != run_start + len(run) * cs:
+                v.file.pwritev(run, run_start)
+                run = []
+            if buf == zero[:len(buf)]:     # a discard landed here: keep the hole
+                if run:
+                    v.file.pwritev(run, run_start)
+                    run = []
+                v.file.punch(c * cs, len(buf))
+                continue
+            if not run:
+                run_start = c * cs
+            run.append(buf)
+        if run:
+            v.file.pwritev(run, run_start)
+        v.pending.clear()
+
+    @_locked
+    def writeback(self, max_age: float = WRITEBACK_AGE) -> None:
+        """Push held writes older than max_age to the origins (the daemon's timer)."""
+        now = time.monotonic()
+        for v in self._volumes.values():
+            if v.pending and now - v.pending_since >= max_age:
+                self._writeback(v)
 
     def _mirror(self, s: _Snapshot, op: Callable[[DataFile], None]) -> None:
         """A failing plex target fails the plex, never the origin write (invariant 5)."""
@@ -600,15 +698,20 @@ class Pool:
         try:
             op(s.file)
         except OSError as e:
-            # Out of the mirror list while still PREPARING = failed: sync and commit
-            # refuse it, abort removes it.
-            log.warning("plex %s of %s failed (%s); the plex is invalid", s.snap_id,
-                        s.origin.name, e)
+            self._fail_plex(s, e)
+
+    def _fail_plex(self, s: _Snapshot, err: OSError) -> None:
+        # Out of the mirror list while still PREPARING = failed: sync and commit refuse
+        # it, abort removes it.
+        log.warning("plex %s of %s failed (%s); the plex is invalid", s.snap_id,
+                    s.origin.name, err)
+        if s in s.origin.mirrors:
             s.origin.mirrors.remove(s)
 
     @_locked
     def flush(self, name: str) -> None:
         v = self._vol(name)
+        self._writeback(v)
         v.file.sync()
         for s in list(v.mirrors):
             self._mirror(s, DataFile.sync)
@@ -629,13 +732,17 @@ class Pool:
                 continue
             try:
                 da.preserve(items, v.epoch)
-                return
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     self._overflow(v, f"diff area full ({e.strerror})")
                     continue
-                self._lose_chunks(v, need, e)
+                self._invalidate_needing(v, [(c, v.epoch) for c in need], e)
                 return
+            if not v.pending:
+                v.pending_since = time.monotonic()
+            for c, old in items:
+                v.pending[c] = bytearray(old)
+            return
 
     def _chunks_needing_copy(self, v: _Volume, first: int, last: int) -> list[int]:
         da = v.diff
@@ -662,8 +769,7 @@ class Pool:
             while j + 1 < len(chunks) and chunks[j + 1] == chunks[j] + 1:
                 j += 1
             n = j - i + 1
-            raw = v.file.pread(n * cs, chunks[i] * cs)
-            raw += bytes(n * cs - len(raw))
+            raw = self._read_origin(v, chunks[i] * cs, n * cs)
             out.extend((chunks[i + k], raw[k * cs:(k + 1) * cs]) for k in range(n))
             i = j + 1
         return out
@@ -684,13 +790,16 @@ class Pool:
                     oldest.snap_id)
         self._delete_snapshot(oldest)
 
-    def _lose_chunks(self, v: _Volume, chunks: list[int], err: OSError) -> None:
-        """The diff area failed (EIO): every snapshot that needed these chunks becomes
+    def _invalidate_needing(self, v: _Volume, lost: list[tuple[int, int]],
+                            err: OSError) -> None:
+        """The diff area failed (EIO): every snapshot that needed a lost (chunk, epoch)
+        preservation -- epochs in (chunk's last durable preservation, epoch] -- becomes
         invalid, durably, before the origin is overwritten. Never served wrong."""
         assert v.diff is not None
-        oldest_needed = min(v.diff.last_epoch(c) for c in chunks)
+        ranges = [(v.diff.last_epoch(c), upto) for c, upto in lost]
         for s in v.snaps:
-            if s.kind == DIFFERENTIAL and s.state == COMMITTED and (s.epoch or 0) > oldest_needed:
+            if (s.kind == DIFFERENTIAL and s.state == COMMITTED
+                    and any(lo < (s.epoch or 0) <= hi for lo, hi in ranges)):
                 log.error("diff area of %s failed (%s): snapshot %s is now invalid",
                           v.name, err, s.snap_id)
                 self._set_state(s, INVALID)
@@ -758,6 +867,7 @@ class Pool:
                 raise SnapshotInvalid(f"plex {s.snap_id} failed while syncing; abort it")
             v = s.origin
             assert s.file is not None
+            self._writeback(v)   # the copy reads the origin file
             budget = max_bytes
             cursor = s.sync_cursor
             try:
@@ -772,7 +882,7 @@ class Pool:
                 else:
                     cursor = v.size
             except OSError as e:
-                self._mirror(s, lambda f: (_ for _ in ()).throw(e))
+                self._fail_plex(s, e)
                 raise SnapshotInvalid(f"plex {s.snap_id} failed while syncing: {e}") from e
             s.sync_cursor = cursor
             if cursor >= v.size:
@@ -806,6 +916,8 @@ class Pool:
                 raise InvalidState(f"plex {s.snap_id} is not in sync yet "
                                    f"({s.sync_done}/{s.sync_total} bytes)")
         for s in snaps:
+            # Normally a no-op: the coordinator's flush & hold already flushed the origin.
+            self._writeback(s.origin)
             if s.kind == PLEX:
                 assert s.file is not None
                 s.file.sync()      # the plex holds everything written before the instant
@@ -847,6 +959,7 @@ class Pool:
 
     def _delete_snapshot(self, s: _Snapshot) -> None:
         v = s.origin
+        self._writeback(v)   # GC needs every map record on disk
         with self.catalog.transaction() as db:
             db.execute("DELETE FROM snapshots WHERE id=?", (s.id,))
         self.faults.point("delete.after_record")
@@ -894,6 +1007,7 @@ class Pool:
         or preserved in the diff area. Everything else reads as zeros."""
         cs = self.chunk_size
         limit = self._nchunks(s.size)
+        self._writeback(s.origin)   # extents are read from the files
         chunks: set[int] = set()
         src = s.file if s.file is not None else s.origin.file
         for off, n in data_extents(src.fd, 0, s.size):
@@ -927,6 +1041,7 @@ class Pool:
                 s.file = DataFile(self._img(s.id), "plex", self.faults, read_only=True)
                 self._write_header(s)
                 v = s.origin
+                self._writeback(v)
                 self._refresh_live(v)
                 if v.diff:
                     v.diff.gc(v.live_epochs)
@@ -1072,6 +1187,8 @@ class Pool:
     @_locked
     def check(self) -> list[str]:
         """Verify catalog, headers, images, maps and every checksum. [] means clean."""
+        for v in self._volumes.values():
+            self._writeback(v)
         problems = list(self.problems)
         problems += self.catalog.integrity()
         try:
@@ -1123,7 +1240,9 @@ class Pool:
             return [f"{what}: header {self._hdr(lun.id)} is missing or damaged"]
         want = dict(self._header_fields(lun))
         bad = sorted(k for k, val in want.items() if doc.get(k) != val)
-        return [f"{what}: header field(s) {', '.join(bad)} disagree with the catalog"] if bad else []
+        if not bad:
+            return []
+        return [f"{what}: header field(s) {', '.join(bad)} disagree with the catalog"]
 
     def _check_sums(self, s: _Snapshot, what: str) -> list[str]:
         try:

@@ -70,8 +70,10 @@ def test_loop_ext4_roundtrip(tmp_path: Path) -> None:
         _run("mount", "-t", "ext4", dev, str(mnt))
         mounted = True
         payload = os.urandom(100_000)
-        (mnt / "hello.bin").write_bytes(payload)
-        os.sync()
+        with open(mnt / "hello.bin", "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())  # never os.sync(): it waits on every fs, incl. others' FUSE
         assert (mnt / "hello.bin").read_bytes() == payload
         _run("umount", str(mnt))
         mounted = False

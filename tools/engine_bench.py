@@ -1,0 +1,151 @@
+"""Engine figures for the block-store issue (no FUSE): python -m tools.engine_bench [--quick]
+
+Reports medians of repeated runs as ratios against side-by-side comparators:
+snapshot commit on 1 GiB vs 1 TiB sparse volumes, sequential overwrite with 0/1/8
+snapshots, chunk-metadata memory for 1 TiB + 16 snapshots, plex sync vs cp --sparse=always.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+from blockstore import Pool
+
+MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
+
+
+def _commit_ms(pool: Pool, vol: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        s = pool.prepare_snapshot(vol)
+        t = time.perf_counter()
+        pool.commit_snapshots([s.id])
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def commit_latency(base: str, n: int) -> dict:
+    pool = Pool.create(os.path.join(base, "commit"))
+    pool.create_volume("small", GiB)
+    pool.create_volume("huge", TiB)
+    small, huge = _commit_ms(pool, "small", n), _commit_ms(pool, "huge", n)
+    pool.close()
+    return {"commit_1GiB_ms": statistics.median(small), "commit_1TiB_ms": statistics.median(huge),
+            "commit_p99_1TiB_ms": sorted(huge)[int(0.99 * (len(huge) - 1))],
+            "ratio_1TiB_vs_1GiB": statistics.median(huge) / statistics.median(small)}
+
+
+def overwrite_throughput(base: str, size: int, runs: int) -> dict:
+    block = os.urandom(MiB)
+    res: dict[str, list[float]] = {"0": [], "1": [], "8": []}
+    for r in range(runs):
+        for nsnap in (0, 1, 8):
+            d = os.path.join(base, f"ow{r}-{nsnap}")
+            pool = Pool.create(d)
+            pool.create_volume("v", size)
+            for off in range(0, size, MiB):
+                pool.write("v", off, block)
+            pool.flush("v")
+            for _ in range(nsnap):
+                pool.commit_snapshots([pool.prepare_snapshot("v").id])
+            t = time.perf_counter()
+            for off in range(0, size, MiB):
+                pool.write("v", off, block)
+            pool.flush("v")
+            res[str(nsnap)].append(size / MiB / (time.perf_counter() - t))
+            pool.close()
+            shutil.rmtree(d)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    return {"overwrite_MiBps_0snap": med["0"], "overwrite_MiBps_1snap": med["1"],
+            "overwrite_MiBps_8snap": med["8"], "ratio_1snap_vs_0": med["1"] / med["0"],
+            "ratio_8snap_vs_1": med["8"] / med["1"]}
+
+
+def metadata_memory(base: str, written: int) -> dict:
+    """1 TiB volume, 16 snapshots, `written` bytes of first writes spread over them."""
+    d = os.path.join(base, "mem")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pool = Pool.create(d)
+    pool.create_volume("v", TiB)
+    block = b"\x5a" * MiB
+    per = written // 16
+    stride = TiB // 16
+    for i in range(16):
+        pool.commit_snapshots([pool.prepare_snapshot("v").id])
+        for off in range(0, per, MiB):
+            pool.write("v", i * stride + off, block)
+    da = pool._volumes["v"].diff
+    entries = da.entries()
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pool.close()
+    shutil.rmtree(d)
+    return {"mem_written_GiB": written / GiB, "mem_diff_entries": entries,
+            "mem_peak_rss_growth_MiB": (rss1 - rss0) / 1024}
+
+
+def plex_sync(base: str, data: int, runs: int) -> dict:
+    ours, cps = [], []
+    for r in range(runs):
+        d = os.path.join(base, f"plex{r}")
+        pool = Pool.create(d)
+        pool.create_volume("v", TiB)
+        block = os.urandom(MiB)
+        for off in range(0, data, MiB):   # data spread over the first 1/8 of the volume
+            pool.write("v", off * 64, block)
+        pool.flush("v")
+        img = pool.image_path("v")
+        t = time.perf_counter()
+        subprocess.run(["cp", "--sparse=always", img, os.path.join(base, "cp.img")], check=True)
+        fd = os.open(os.path.join(base, "cp.img"), os.O_RDONLY)
+        os.fdatasync(fd)   # the plex is fdatasync'ed at commit: same durability for cp
+        os.close(fd)
+        cps.append(time.perf_counter() - t)
+        os.unlink(os.path.join(base, "cp.img"))
+        t = time.perf_counter()
+        s = pool.prepare_snapshot("v", "plex")
+        while True:
+            done, total = pool.plex_sync_step(s.id, 64 * MiB)
+            if done >= total:
+                break
+        pool.commit_snapshots([s.id])
+        ours.append(time.perf_counter() - t)
+        pool.close()
+        shutil.rmtree(d)
+    return {"plex_sync_s": statistics.median(ours), "cp_sparse_s": statistics.median(cps),
+            "plex_speed_ratio_vs_cp": statistics.median(cps) / statistics.median(ours),
+            "plex_data_GiB": data / GiB}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    base = tempfile.mkdtemp(prefix="spx-engine-bench-", dir=a.dir)
+    try:
+        out = {}
+        out.update(commit_latency(base, 10 if a.quick else 50))
+        out.update(overwrite_throughput(base, (16 if a.quick else 512) * MiB, 3))
+        out.update(plex_sync(base, (32 if a.quick else 1024) * MiB, 3))
+        out.update(metadata_memory(base, (256 * MiB) if a.quick else 10 * GiB))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    if a.json:
+        print(json.dumps(out, indent=1))
+    else:
+        for k, v in out.items():
+            print(f"{k:28} {v:10.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
