@@ -40,10 +40,17 @@ def test_usage_error_is_one_line_exit_2(argv: list[str]) -> None:
     assert "Traceback" not in res.stderr
 
 
-def test_demo_placeholder_fails_honestly() -> None:
-    res = shadowplex("demo")
-    assert res.returncode == 1
-    assert "not built yet" in res.stdout
+@pytest.mark.kernel
+def test_demo_runs_end_to_end() -> None:
+    """The README's first command: the whole product, verified, cleaned up."""
+    res = subprocess.run([str(BIN / "shadowplex"), "demo"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.endswith("-> PASS") and " 0 mismatches" in last, last
+    m = re.search(r"database: (\d+) rows \(expected (\d+)\)", last)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0, last
+    assert "integrity_check ok" in last
 
 
 def _run(*cmd: str) -> str:

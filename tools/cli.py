@@ -1,13 +1,25 @@
-"""The `shadowplex` command line (the requester side). Skeleton: only `demo` and `--version`."""
+"""The `shadowplex` command line: the requester side.
+
+Every command except `serve`, `pool init` and `demo` talks to the daemon through
+provider.client (socket: --socket, else $SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
+Exit codes: 0 success, 1 the operation failed, 2 usage error. User mistakes print one
+line; a traceback only with --debug.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from .output import Progress, human_size, human_time, print_fields, print_json, print_table
 
 PROG = "shadowplex"
+DEFAULT_SOCKET = "/run/shadowplex/shadowplex.sock"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _version() -> str:
@@ -17,30 +29,412 @@ def _version() -> str:
         return "0+unknown"
 
 
+class UsageError(Exception):
+    """A mistake in the command line found after parsing (exit 2)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors: exit 2 with exactly one line on stderr, no usage dump, no traceback."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (try '{PROG} --help')\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (try '{PROG} --help')\n")
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    print("demo: not built yet")
-    return 1
+def socket_path(args: argparse.Namespace) -> str:
+    return args.socket or os.environ.get("SHADOWPLEX_SOCKET") or DEFAULT_SOCKET
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from provider.client import Client
+    return Client(socket_path(args), host=getattr(args, "host", None), client="shadowplex-cli")
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return Progress(not args.quiet and not args.json)
+
+
+# ------------------------------------------------------------------------ presentation
+SNAPSHOT_COLUMNS = [("id", "ID"), ("set_id", "SET"), ("volume", "VOLUME"), ("kind", "KIND"),
+                    ("context", "CONTEXT"), ("state", "STATE"), ("created_at", "CREATED"),
+                    ("exposed", "EXPOSED")]
+VOLUME_COLUMNS = [("name", "NAME"), ("size_h", "SIZE"), ("naa", "NAA"),
+                  ("snapshots", "SNAPSHOTS"), ("diff_h", "DIFF AREA"), ("path", "PATH")]
+
+
+def snapshot_view(d: dict[str, Any]) -> dict[str, Any]:
+    """The wire's VSS_SNAPSHOT_PROP form plus the CLI's stable short names."""
+    out = dict(d)
+    out.setdefault("id", d.get("snapshot_id"))
+    out.setdefault("set_id", d.get("snapshot_set_id"))
+    out.setdefault("state", d.get("status"))
+    out.setdefault("device_path", d.get("device_object"))
+    out.setdefault("created", d.get("creation_timestamp"))
+    out["created_at"] = human_time(out.get("created"))
+    out["exposed"] = d.get("mounted_at") or d.get("exposed_path") or d.get("exposed_name")
+    return out
+
+
+def volume_view(d: dict[str, Any]) -> dict[str, Any]:
+    out = dict(d)
+    out["size_h"] = human_size(d.get("size"))
+    out["diff_h"] = human_size(d.get("diff_bytes"))
+    return out
+
+
+def _emit(args: argparse.Namespace, obj: Any, table: Callable[[Any], None] | None = None) -> None:
+    if args.json:
+        print_json(obj)
+    elif table is not None:
+        table(obj)
+    elif isinstance(obj, dict):
+        print_fields(obj)
+    elif obj is not None:
+        print(obj)
+
+
+def _snap_table(rows: list[dict[str, Any]]) -> None:
+    if rows:
+        print_table(rows, SNAPSHOT_COLUMNS)
+    else:
+        print("no snapshots")
+
+
+# ------------------------------------------------------------------------ commands
+def cmd_serve(args: argparse.Namespace) -> int:
+    from provider.daemon import serve
+    from provider.service import make_service
+    sock = socket_path(args)
+    os.makedirs(os.path.dirname(sock) or ".", mode=0o755, exist_ok=True)
+    config = {"default_kind": args.default_kind}
+    if args.hooks_dir:
+        config["hooks_dir"] = args.hooks_dir
+    if args.sqlite_db:
+        config["sqlite_databases"] = [os.path.abspath(p) for p in args.sqlite_db]
+    # resolved now, before the mount exists: later lookups stay lexical (see fsfreeze.py)
+    mount = os.path.realpath(args.mount)
+    svc = make_service(sock, mount, config)
+    return serve(args.pool, mount, sock, True, services=[svc], debug=args.debug,
+                 allow_other=args.allow_other)
+
+
+def cmd_pool_init(args: argparse.Namespace) -> int:
+    from blockstore import Pool, parse_size
+    pool = Pool.create(args.dir, chunk_size=parse_size(args.chunk_size))
+    info = {"path": pool.path, "pool_id": pool.pool_id, "chunk_size": pool.chunk_size}
+    pool.close()
+    _emit(args, info)
+    return EXIT_OK
+
+
+def cmd_volume(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.vcmd == "create":
+            _emit(args, volume_view(c.volume_create(args.name, args.size)))
+        elif args.vcmd == "list":
+            rows = [volume_view(v) for v in c.volume_list()]
+            _emit(args, rows, lambda r: print_table(r, VOLUME_COLUMNS) if r
+                  else print("no volumes"))
+        elif args.vcmd == "resize":
+            _emit(args, volume_view(c.volume_resize(args.name, args.size)))
+        elif args.vcmd == "delete":
+            c.volume_delete(args.name)
+            _emit(args, {"deleted": args.name})
+    return EXIT_OK
+
+
+def _attributes(args: argparse.Namespace) -> list[str]:
+    attrs = []
+    if args.transportable:
+        attrs.append("TRANSPORTABLE")
+    if args.kind == "differential":
+        attrs.append("DIFFERENTIAL")
+    elif args.kind == "plex":
+        attrs.append("PLEX")
+    return attrs
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    if args.scmd == "show" and not args.id and not args.set:
+        raise UsageError("snapshot show needs an ID or --set ID")
+    if args.scmd == "delete" and len(
+            [x for x in (args.id, args.set, args.oldest, args.all or None) if x]) != 1:
+        raise UsageError("snapshot delete needs exactly one of ID, --set ID, --oldest VOLUME, "
+                         "--all")
+    with _client(args) as c:
+        if args.scmd == "create":
+            prog = _progress(args)
+            try:
+                res = c.snapshot_create(args.volumes, context=args.context,
+                                        attributes=_attributes(args) or None,
+                                        progress=prog)
+            finally:
+                prog.close()
+            snaps = [snapshot_view(s) for s in res.get("snapshots", [])]
+            if args.json:
+                print_json({**res, "snapshots": snaps})
+            else:
+                print(f"snapshot set {res.get('set_id') or res.get('snapshot_set_id')} created")
+                _snap_table(snaps)
+                if args.context in ("backup", "file-share-backup", "0", "0x0", "16", "0x10"):
+                    print("note: backup contexts are auto-release: this set was deleted when "
+                          "the command's session ended; use --context nas-rollback or "
+                          "app-rollback (persistent) or a script", file=sys.stderr)
+        elif args.scmd == "list":
+            rows = [snapshot_view(s) for s in c.snapshot_list(set_id=args.set,
+                                                               volume=args.volume)]
+            _emit(args, rows, _snap_table)
+        elif args.scmd == "show":
+            res = c.snapshot_show(snapshot_id=args.id, set_id=args.set)
+            if isinstance(res, list):
+                _emit(args, [snapshot_view(s) for s in res], _snap_table)
+            else:
+                _emit(args, snapshot_view(res))
+        elif args.scmd == "delete":
+            res = c.snapshot_delete(snapshot_id=args.id, set_id=args.set, oldest=args.oldest,
+                                    all=args.all, unexpose=args.unexpose)
+            _emit(args, res)
+    return EXIT_OK
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _emit(args, snapshot_view(c.expose(args.snapshot, name=args.name, mount=args.mount)))
+    return EXIT_OK
+
+
+def cmd_unexpose(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _emit(args, snapshot_view(c.unexpose(args.snapshot)))
+    return EXIT_OK
+
+
+def _long_op(args: argparse.Namespace, call: Callable[[Progress], Any]) -> int:
+    prog = _progress(args)
+    try:
+        res = call(prog)
+    finally:
+        prog.close()
+    _emit(args, res)
+    return EXIT_OK
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        return _long_op(args, lambda p: c.revert(args.snapshot, force=args.force, progress=p))
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        return _long_op(args, lambda p: c.promote(args.snapshot, progress=p))
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        return _long_op(args, lambda p: c.split(args.snapshot, args.name, progress=p))
+
+
+def cmd_end_backup(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _emit(args, c.end_backup(args.set))
+    return EXIT_OK
+
+
+def cmd_writers(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        rows = c.writers_list()
+        _emit(args, rows, lambda r: print_table(r, [("name", "WRITER"), ("writer_id", "ID"),
+                                                    ("state", "STATE"), ("last_error", "ERROR")])
+              if r else print("no writers"))
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.command == "scrub":
+            prog = _progress(args)
+            try:
+                res = c.scrub(progress=prog)
+            finally:
+                prog.close()
+        else:
+            res = c.check()
+    problems = res.get("problems", [])
+    if args.json:
+        print_json(res)
+    elif problems:
+        for p in problems:
+            print(p)
+    else:
+        print("clean")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _emit(args, c.status())
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(keep=args.keep, quiet=args.quiet)
+
+
+def cmd_script(args: argparse.Namespace) -> int:
+    from .script import run_script_file
+    return run_script_file(args.file, socket=socket_path(args), quiet=args.quiet,
+                           host=args.host)
+
+
+# ------------------------------------------------------------------------ parser
+def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The global options, accepted before or after the command. Below the top level
+    their default is SUPPRESS, so a subcommand does not reset what the top level set."""
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--socket", metavar="PATH", **kw,
+                        help=f"control socket (default $SHADOWPLEX_SOCKET or {DEFAULT_SOCKET})")
+    parser.add_argument("--host", metavar="NAME", **kw,
+                        help="requester host name (default: hostname)")
+    parser.add_argument("--json", action="store_true", **kw, help="machine-readable output")
+    parser.add_argument("-q", "--quiet", action="store_true", **kw, help="no progress output")
+    parser.add_argument("--debug", action="store_true", **kw,
+                        help="tracebacks for every error")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Linux user-space snapshot provider (VSS-like).")
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = sub.add_parser("demo", help="run the end-to-end demonstration")
-    demo.set_defaults(func=_cmd_demo)
-    return parser
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, top=False)
+    p = _Parser(prog=PROG, description="Linux user-space shadow-copy provider (VSS-like).")
+    _common_options(p, top=True)
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           parser_class=_Parser)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
+            parent: Any = sub) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help, description=help, parents=[common])
+        sp.set_defaults(func=func)
+        return sp
+
+    s = add("serve", cmd_serve, "run the array daemon: FUSE mount + control socket")
+    s.add_argument("--pool", required=True, metavar="DIR")
+    s.add_argument("--mount", required=True, metavar="DIR")
+    s.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground (the only mode; for systemd Type=simple)")
+    s.add_argument("--allow-other", action="store_true", help="FUSE allow_other")
+    s.add_argument("--default-kind", choices=("differential", "plex"), default="differential",
+                   help="kind chosen when a request names neither (automagic)")
+    s.add_argument("--hooks-dir", metavar="DIR", help="hook-script writers' directory")
+    s.add_argument("--sqlite-db", metavar="PATH", action="append",
+                   help="a SQLite database the SQLite writer quiesces (repeatable)")
+
+    pool = sub.add_parser("pool", help="pool administration", parents=[common])
+    psub = pool.add_subparsers(dest="pcmd", metavar="ACTION", required=True,
+                               parser_class=_Parser)
+    pi = add("init", cmd_pool_init, "create a new pool directory", psub)
+    pi.add_argument("dir", metavar="DIR")
+    pi.add_argument("--chunk-size", default="64K", help="power of two, 4K..1M (default 64K)")
+
+    vol = sub.add_parser("volume", help="volumes (LUNs)", parents=[common])
+    vsub = vol.add_subparsers(dest="vcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    vc = add("create", cmd_volume, "create a sparse volume", vsub)
+    vc.add_argument("name")
+    vc.add_argument("size", help="bytes or with K/M/G/T suffix, multiple of 512")
+    add("list", cmd_volume, "list volumes", vsub)
+    vr = add("resize", cmd_volume, "grow a volume", vsub)
+    vr.add_argument("name")
+    vr.add_argument("size")
+    vd = add("delete", cmd_volume, "delete a volume without snapshots", vsub)
+    vd.add_argument("name")
+
+    snap = sub.add_parser("snapshot", help="shadow copies", parents=[common])
+    ssub = snap.add_subparsers(dest="scmd", metavar="ACTION", required=True, parser_class=_Parser)
+    sc = add("create", cmd_snapshot, "create a snapshot set of one or more volumes", ssub)
+    sc.add_argument("volumes", nargs="+", metavar="VOLUME")
+    sc.add_argument("--context", default="backup",
+                    help="backup | file-share-backup | nas-rollback | app-rollback (or VSS value)")
+    kind = sc.add_mutually_exclusive_group()
+    kind.add_argument("--differential", dest="kind", action="store_const", const="differential")
+    kind.add_argument("--plex", dest="kind", action="store_const", const="plex")
+    sc.add_argument("--transportable", action="store_true")
+    sl = add("list", cmd_snapshot, "list snapshots", ssub)
+    sl.add_argument("--set", metavar="SET_ID")
+    sl.add_argument("--volume", metavar="VOLUME")
+    ss = add("show", cmd_snapshot, "show one snapshot or a set", ssub)
+    ss.add_argument("id", nargs="?", metavar="ID")
+    ss.add_argument("--set", metavar="SET_ID")
+    sd = add("delete", cmd_snapshot, "delete snapshots", ssub)
+    sd.add_argument("id", nargs="?", metavar="ID")
+    sd.add_argument("--set", metavar="SET_ID")
+    sd.add_argument("--oldest", metavar="VOLUME")
+    sd.add_argument("--all", action="store_true")
+    sd.add_argument("--unexpose", action="store_true", help="unmount/unexpose first")
+
+    e = add("expose", cmd_expose, "make a snapshot visible (exposed/NAME.img, or mounted)")
+    e.add_argument("snapshot", metavar="SNAPSHOT")
+    e.add_argument("--name", metavar="NAME")
+    e.add_argument("--mount", metavar="PATH", help="loop-attach read-only and mount here")
+    u = add("unexpose", cmd_unexpose, "undo expose (unmount, detach, hide)")
+    u.add_argument("snapshot", metavar="SNAPSHOT")
+    r = add("revert", cmd_revert, "revert a volume to a snapshot (ResyncLuns)")
+    r.add_argument("snapshot", metavar="SNAPSHOT")
+    r.add_argument("--force", action="store_true", help="even if the volume is in use")
+    pr = add("promote", cmd_promote, "turn a differential snapshot into a full copy")
+    pr.add_argument("snapshot", metavar="SNAPSHOT")
+    sp = add("split", cmd_split, "break a snapshot off as a new read-write volume")
+    sp.add_argument("snapshot", metavar="SNAPSHOT")
+    sp.add_argument("name", metavar="NEWNAME")
+    eb = add("end-backup", cmd_end_backup, "BackupComplete: tell the writers the backup is done")
+    eb.add_argument("set", metavar="SET_ID")
+    w = sub.add_parser("writers", help="writers", parents=[common])
+    wsub = w.add_subparsers(dest="wcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    add("list", cmd_writers, "list writers and their state", wsub)
+    add("check", cmd_check, "verify catalog, maps and checksums")
+    add("scrub", cmd_check, "read every byte and verify it")
+    add("status", cmd_status, "daemon and pool status")
+    d = add("demo", cmd_demo, "run the end-to-end demonstration in a temporary directory")
+    d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    sf = add("script", cmd_script, "run a diskshadow-style script")
+    sf.add_argument("file", metavar="FILE")
+    return p
+
+
+def _is_usage(e: Exception) -> bool:
+    """Invalid arguments (names, sizes, ids, chunk sizes) are usage errors: exit 2."""
+    from blockstore import errors
+    if isinstance(e, errors.InvalidName | errors.InvalidSize):
+        return True
+    if isinstance(e, errors.FormatError) and "chunk size" in str(e):
+        return True
+    return getattr(e, "name", None) == "E_INVALIDARG"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from blockstore.errors import StoreError
+    try:
+        from provider.client import ControlError
+    except ImportError:  # pragma: no cover - provider is part of the distribution
+        ControlError = RuntimeError  # type: ignore[misc,assignment]
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ControlError, StoreError) as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_USAGE if _is_usage(e) else EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

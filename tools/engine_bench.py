@@ -47,7 +47,7 @@ def overwrite_throughput(base: str, size: int, runs: int) -> dict:
     block = os.urandom(MiB)
     res: dict[str, list[float]] = {"0": [], "1": [], "8": []}
     for r in range(runs):
-        for nsnap in (0, 1, 8):
+        for nsnap in [(0, 1, 8), (1, 8, 0), (8, 0, 1)][r % 3]:   # rotate: disk state drifts
             d = os.path.join(base, f"ow{r}-{nsnap}")
             pool = Pool.create(d)
             pool.create_volume("v", size)

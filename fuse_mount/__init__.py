@@ -1,0 +1,10 @@
+"""The data path: pyfuse3 Operations over the block store, the FUSE mount lifecycle, the
+per-volume write barrier, and loop-device / read-only-mount helpers for exposing.
+
+Submodules (import what you need; only operations/session/errors import pyfuse3):
+    loopdev     losetup/blkid/mount helpers, expose_mount()/unexpose_mount()
+    errors      blockstore exception -> errno (the one place)
+    barrier     WriteBarrier: flush & hold per volume, for the coordinator
+    operations  ShadowOperations (pyfuse3.Operations)
+    session     run_mount(), mount_state(), wait_mounted(), force_unmount()
+"""

@@ -1,0 +1,299 @@
+"""Loop devices and read-only mounts: the host-side half of "expose".
+
+Everything here shells out to util-linux (losetup, blkid, mount, umount), the tools admins
+already know, and turns their failures into one-line exceptions:
+
+    LoopError            base: a command failed (message names the command and its stderr)
+    MountTargetError     the target directory is missing / not a directory / not empty /
+                         already a mountpoint; raised BEFORE anything is changed
+    NoFilesystemError    blkid found no filesystem on the device
+
+`expose_mount()` attaches an image read-only, detects its filesystem and mounts it with
+the options a snapshot needs (ext4: ro,noload; xfs: ro,norecovery,nouuid; else ro). On any
+failure it detaches the loop device again: it never leaves one behind. Nothing here is
+assigned automatically (no drive letters, no automount): the caller names every path.
+
+Synchronous by design (runs in a worker thread when called from the trio loop).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import stat as _stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CMD_TIMEOUT = 60.0  # seconds for any single util-linux command
+
+# Mount options a frozen, read-only image needs. ext4/ext3: `noload` skips journal replay
+# (a snapshot of a live fs has a dirty journal and cannot be written). xfs: `norecovery`
+# likewise, `nouuid` because the origin with the same UUID may be mounted too.
+RO_MOUNT_OPTIONS: dict[str, str] = {
+    "ext4": "ro,noload",
+    "ext3": "ro,noload",
+    "ext2": "ro",
+    "xfs": "ro,norecovery,nouuid",
+}
+DEFAULT_RO_OPTIONS = "ro"
+
+
+class LoopError(Exception):
+    """A loop/mount operation failed. The message is one line."""
+
+
+class MountTargetError(LoopError):
+    """The mount target is unusable (missing, not a directory, not empty, a mountpoint)."""
+
+
+class NoFilesystemError(LoopError):
+    """No recognisable filesystem on the device."""
+
+
+@dataclass(frozen=True)
+class ExposeRecord:
+    dev: str          # /dev/loopN, attached read-only
+    mountpoint: str   # absolute path
+    fstype: str       # as blkid reported it
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _run(cmd: list[str], *, what: str) -> str:
+    """Run a command; return stdout. Raise LoopError with a one-line message on failure."""
+    log.debug("running %s", " ".join(cmd))
+    try:
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False
+        )
+    except FileNotFoundError as e:
+        raise LoopError(f"{what}: {cmd[0]} not found; install util-linux") from e
+    except subprocess.TimeoutExpired as e:
+        raise LoopError(f"{what}: {' '.join(cmd)} timed out after {CMD_TIMEOUT:.0f}s") from e
+    if res.returncode != 0:
+        err = " ".join((res.stderr or res.stdout or "").split()) or f"exit {res.returncode}"
+        raise LoopError(f"{what}: {err}")
+    return res.stdout
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mountinfo() -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, source) for every mount in this namespace (/proc/self/mountinfo).
+
+    Unlike os.path.ismount() this also sees dead FUSE mounts (stat -> ENOTCONN).
+    """
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            lf, rf = left.split(), right.split()
+            if len(lf) >= 5 and len(rf) >= 2:
+                out.append((_unescape_mountinfo(lf[4]), rf[0], _unescape_mountinfo(rf[1])))
+    return out
+
+
+def is_mountpoint(path: str | os.PathLike[str]) -> bool:
+    """True if something (alive or dead) is mounted exactly at path."""
+    p = os.path.abspath(os.fspath(path))
+    real = os.path.realpath(p) if os.path.lexists(p) else p
+    if any(mp in (p, real) for mp, _, _ in mountinfo()):
+        return True
+    try:
+        return os.path.ismount(p)
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- loop devices
+
+
+def attach(path: str | os.PathLike[str], read_only: bool, direct_io: bool = False) -> str:
+    """Attach a loop device to a file; return "/dev/loopN".
+
+    direct_io=True asks for `--direct-io=on` (no double caching; the backing file then sees
+    the device's I/O sizes). The kernel silently falls back to buffered I/O when the backing
+    file does not support O_DIRECT at the device's block size.
+    """
+    p = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(p):
+        raise LoopError(f"cannot attach {p}: not a regular file")
+    cmd = ["losetup", "--find", "--show"]
+    if read_only:
+        cmd.append("--read-only")
+    if direct_io:
+        cmd.append("--direct-io=on")
+    cmd.append(p)
+    dev = _run(cmd, what=f"losetup {p}").strip().splitlines()
+    if not dev or not dev[-1].startswith("/dev/loop"):
+        raise LoopError(f"losetup {p}: unexpected output {dev!r}")
+    log.info("attached %s -> %s%s", dev[-1], p, " (read-only)" if read_only else "")
+    return dev[-1]
+
+
+def detach(dev: str) -> None:
+    """Detach a loop device (`losetup -d`). If it is still mounted the kernel defers it."""
+    _run(["losetup", "-d", dev], what=f"losetup -d {dev}")
+    log.info("detached %s", dev)
+
+
+def backing_file(dev: str) -> str | None:
+    """The file behind /dev/loopN (None if the device is not attached)."""
+    name = os.path.basename(dev)
+    try:
+        return Path(f"/sys/block/{name}/loop/backing_file").read_text().rstrip("\n")
+    except OSError:
+        return None
+
+
+def loops_backed_by(path: str | os.PathLike[str]) -> list[str]:
+    """Every attached /dev/loopN whose backing file is path (by real path), sorted."""
+    target = os.path.realpath(os.fspath(path))
+    found = []
+    for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            back = Path(bf).read_text().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if back == target or back == os.path.abspath(os.fspath(path)):
+            found.append("/dev/" + bf.split("/")[3])
+    return sorted(found, key=lambda d: int(re.sub(r"\D", "", d) or 0))
+
+
+def loops_under(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(dev, backing file) for every loop device backed by a file under directory."""
+    root = os.path.realpath(os.fspath(directory)).rstrip("/") + "/"
+    found = []
+    for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            back = Path(bf).read_text().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if back.startswith(root):
+            found.append(("/dev/" + bf.split("/")[3], back))
+    return sorted(found)
+
+
+def fs_type(dev: str) -> str | None:
+    """Filesystem type on a device as blkid probes it (low-level, no cache); None if none."""
+    try:
+        res = subprocess.run(
+            ["blkid", "-p", "-o", "value", "-s", "TYPE", dev],
+            capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False,
+        )
+    except FileNotFoundError as e:
+        raise LoopError("blkid not found; install util-linux") from e
+    except subprocess.TimeoutExpired as e:
+        raise LoopError(f"blkid {dev} timed out") from e
+    if res.returncode == 2:  # nothing found
+        return None
+    if res.returncode != 0:
+        err = " ".join((res.stderr or "").split()) or f"exit {res.returncode}"
+        raise LoopError(f"blkid {dev}: {err}")
+    value = res.stdout.strip()
+    return value or None
+
+
+# --------------------------------------------------------------------------- mounts
+
+
+def check_mount_target(path: str | os.PathLike[str]) -> str:
+    """Return the absolute target if it is an existing, empty directory that is not a
+    mountpoint; raise MountTargetError (changing nothing) otherwise."""
+    p = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise MountTargetError(
+            f"mount target {p} does not exist; create the directory first"
+        ) from None
+    except OSError as e:
+        raise MountTargetError(f"mount target {p} is unusable: {e.strerror}") from None
+    if not _stat.S_ISDIR(st.st_mode):
+        raise MountTargetError(f"mount target {p} is not a directory")
+    if is_mountpoint(p):
+        raise MountTargetError(f"mount target {p} is already a mountpoint; unmount it first")
+    try:
+        with os.scandir(p) as it:
+            if next(it, None) is not None:
+                raise MountTargetError(
+                    f"mount target {p} is not empty; use an empty directory"
+                )
+    except OSError as e:
+        raise MountTargetError(f"mount target {p} is unreadable: {e.strerror}") from None
+    return p
+
+
+def mount_options(fstype: str) -> str:
+    return RO_MOUNT_OPTIONS.get(fstype, DEFAULT_RO_OPTIONS)
+
+
+def mount_readonly(dev: str, path: str | os.PathLike[str], fstype: str | None = None) -> str:
+    """Mount dev read-only at path with the options its filesystem needs; return fstype.
+
+    Refuses a missing / non-directory / non-empty / already-mounted target with
+    MountTargetError before doing anything.
+    """
+    target = check_mount_target(path)
+    if fstype is None:
+        fstype = fs_type(dev)
+        if fstype is None:
+            raise NoFilesystemError(f"no filesystem found on {dev}")
+    opts = mount_options(fstype)
+    _run(["mount", "-t", fstype, "-o", opts, dev, target], what=f"mount {dev} on {target}")
+    log.info("mounted %s (%s, %s) on %s", dev, fstype, opts, target)
+    return fstype
+
+
+def unmount(path: str | os.PathLike[str]) -> None:
+    """Unmount a filesystem (`umount PATH`; not lazy: a busy mount raises LoopError)."""
+    p = os.path.abspath(os.fspath(path))
+    _run(["umount", p], what=f"umount {p}")
+    log.info("unmounted %s", p)
+
+
+# --------------------------------------------------------------------------- expose
+
+
+def expose_mount(
+    image_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
+) -> ExposeRecord:
+    """Attach image read-only, detect its filesystem, mount it read-only at mountpoint.
+
+    On any failure (bad target, no filesystem, mount error, even KeyboardInterrupt) the loop
+    device is detached again and the exception propagates; the target is checked before the
+    loop device is attached, so a bad target changes nothing at all.
+    """
+    target = check_mount_target(mountpoint)
+    dev = attach(image_path, read_only=True)
+    try:
+        fstype = fs_type(dev)
+        if fstype is None:
+            raise NoFilesystemError(
+                f"no filesystem found on {os.fspath(image_path)} (attached as {dev})"
+            )
+        mount_readonly(dev, target, fstype)
+    except BaseException:
+        try:
+            detach(dev)
+        except LoopError as e:  # pragma: no cover - logged, the original error wins
+            log.error("could not detach %s after a failed expose: %s", dev, e)
+        raise
+    return ExposeRecord(dev=dev, mountpoint=target, fstype=fstype)
+
+
+def unexpose_mount(record: ExposeRecord) -> None:
+    """Unmount and detach what expose_mount() set up. A busy mount raises LoopError and
+    leaves the loop device attached (still mounted)."""
+    if is_mountpoint(record.mountpoint):
+        unmount(record.mountpoint)
+    if backing_file(record.dev) is not None:
+        detach(record.dev)

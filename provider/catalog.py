@@ -1,0 +1,138 @@
+"""The coordinator's own state on disk: POOL/provider.sqlite (sqlite3, WAL).
+
+The block store knows LUNs (volumes, snapshots, their set id and attributes); what only
+the coordinator knows lives here, so that `list` and `show` answer the same after a
+restart:
+
+    sets    one row per snapshot set that reached DoSnapshotSet: context, requested
+            attributes, VSS state, requester host/client, number of volumes, lifetime
+    mounts  snapshots exposed with --mount: mountpoint, loop device, filesystem type
+
+A set row is written when DoSnapshotSet starts (state PROCESSING_PREPARE) and updated at
+CREATED, so a daemon killed mid-creation finds the unfinished set at the next start and
+removes it (no trace). Auto-release sets found at start are deleted too: the session that
+owned them is gone.
+
+Synchronous, small writes; called from the trio thread (WAL + synchronous=NORMAL keeps a
+commit well under a millisecond on this kind of disk).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sets (
+    set_id TEXT PRIMARY KEY,
+    context INTEGER NOT NULL,          -- VSS_CTX_* value
+    attributes INTEGER NOT NULL,       -- requested attribute mask (context | options)
+    state INTEGER NOT NULL,            -- VSS_SS_* value
+    created REAL NOT NULL,
+    originating_machine TEXT NOT NULL,
+    client TEXT NOT NULL,
+    snapshots_count INTEGER NOT NULL,
+    auto_release INTEGER NOT NULL,
+    backup_complete INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS mounts (
+    snapshot_id TEXT PRIMARY KEY,
+    mountpoint TEXT NOT NULL UNIQUE,
+    dev TEXT NOT NULL,
+    fstype TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class SetRecord:
+    set_id: str
+    context: int
+    attributes: int
+    state: int
+    created: float
+    originating_machine: str
+    client: str
+    snapshots_count: int
+    auto_release: bool
+    backup_complete: bool = False
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    snapshot_id: str
+    mountpoint: str
+    dev: str
+    fstype: str
+
+
+class ProviderCatalog:
+    FILENAME = "provider.sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ sets
+    def put_set(self, r: SetRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO sets (set_id, context, attributes, state, created, "
+                "originating_machine, client, snapshots_count, auto_release, backup_complete)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (r.set_id, r.context, r.attributes, r.state, r.created,
+                 r.originating_machine, r.client, r.snapshots_count, int(r.auto_release),
+                 int(r.backup_complete)))
+
+    def set_state(self, set_id: str, state: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE sets SET state=? WHERE set_id=?", (state, set_id))
+
+    def set_backup_complete(self, set_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE sets SET backup_complete=1 WHERE set_id=?", (set_id,))
+
+    def delete_set(self, set_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM sets WHERE set_id=?", (set_id,))
+
+    def sets(self) -> dict[str, SetRecord]:
+        rows = self.db.execute("SELECT * FROM sets ORDER BY created").fetchall()
+        return {r["set_id"]: SetRecord(
+            r["set_id"], r["context"], r["attributes"], r["state"], r["created"],
+            r["originating_machine"], r["client"], r["snapshots_count"],
+            bool(r["auto_release"]), bool(r["backup_complete"])) for r in rows}
+
+    # ------------------------------------------------------------------ mounts
+    def put_mount(self, m: MountRecord) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO mounts VALUES (?,?,?,?)",
+                       (m.snapshot_id, m.mountpoint, m.dev, m.fstype))
+
+    def delete_mount(self, snapshot_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM mounts WHERE snapshot_id=?", (snapshot_id,))
+
+    def mounts(self) -> dict[str, MountRecord]:
+        rows = self.db.execute("SELECT * FROM mounts").fetchall()
+        return {r["snapshot_id"]: MountRecord(r["snapshot_id"], r["mountpoint"], r["dev"],
+                                              r["fstype"]) for r in rows}

@@ -1,0 +1,259 @@
+"""Synchronous client of the control socket (what tools/ and scripts use).
+
+    from provider.client import Client, ControlError
+
+    with Client("/run/shadowplex/ab12.sock", client="backup-job") as c:
+        res = c.snapshot_create(["db", "logs"], context="app-rollback",
+                                progress=lambda done, total, what: ...)
+        for snap in res["snapshots"]:
+            print(snap["snapshot_id"], snap["device_object"])
+
+One Client is one requester session: snapshot sets in auto-release contexts (backup,
+file-share-backup) it creates are deleted by the daemon when the client closes or its
+process dies. Every failure the daemon reports raises ControlError(name, message) with a
+stable name (``VSS_E_*``, ``E_INVALIDARG``...); a daemon that cannot be reached raises
+ControlError("VSS_E_PROVIDER_NOT_REGISTERED", ...) with a line saying what to do.
+Not thread-safe: one request at a time per Client.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import protocol
+
+ProgressCallback = Callable[[int, int, str], None] | None
+
+
+class ControlError(Exception):
+    """An error reply from the daemon, or a failure to talk to it."""
+
+    def __init__(self, name: str, message: str, hresult: int | None = None) -> None:
+        super().__init__(name, message)
+        self.name = name
+        self.message = message
+        self.hresult = hresult
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.message}"
+
+
+class Client:
+    def __init__(self, socket_path: str | None = None, host: str | None = None,
+                 client: str = "shadowplex", timeout: float | None = None,
+                 pool: str | None = None) -> None:
+        """Connect and say hello. ``socket_path`` None: $SHADOWPLEX_SOCKET, else the
+        default path of ``pool``. ``timeout`` bounds connecting and each wait for data
+        (None: wait as long as operations take)."""
+        try:
+            path = socket_path or protocol.default_socket_path(pool)
+        except ValueError as e:
+            raise ControlError("E_INVALIDARG", f"{e} (or pass the socket path)") from None
+        self.socket_path = path
+        self._ids = itertools.count(1)
+        self._buf = b""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            self._sock.close()
+            raise ControlError("VSS_E_PROVIDER_NOT_REGISTERED",
+                               f"no shadowplex daemon listens on {path} ({e.strerror}); start "
+                               "it with 'shadowplex serve'") from None
+        except PermissionError:
+            self._sock.close()
+            raise ControlError("E_ACCESSDENIED", f"no permission to connect to {path} "
+                               "(the socket is mode 0600 for its owner, usually root)") from None
+        except OSError as e:
+            self._sock.close()
+            raise ControlError("VSS_E_PROVIDER_NOT_REGISTERED",
+                               f"cannot connect to {path}: {e.strerror or e}") from None
+        try:
+            self.server = self.call("hello", {"host": host or socket.gethostname(),
+                                              "client": client,
+                                              "protocol": protocol.PROTOCOL_VERSION})
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        """End the session (the daemon deletes its auto-release snapshot sets)."""
+        if self._sock.fileno() >= 0:
+            self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _readline(self) -> bytes:
+        while b"\n" not in self._buf:
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
+                                   "the daemon did not answer in time") from None
+            except OSError as e:
+                raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
+                                   f"connection to the daemon failed: {e.strerror or e}") from None
+            if not data:
+                raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
+                                   "the daemon closed the connection (did it stop?)")
+            self._buf += data
+            if len(self._buf) > protocol.MAX_LINE and b"\n" not in self._buf:
+                raise ControlError("VSS_E_UNEXPECTED", "the daemon sent an oversized message")
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def call(self, op: str, args: dict[str, Any] | None = None,
+             progress: ProgressCallback = None) -> Any:
+        """Send one request and wait for its reply; progress events go to ``progress``."""
+        rid = next(self._ids)
+        req = {"id": rid, "op": op, "args": {k: v for k, v in (args or {}).items()
+                                             if v is not None}}
+        try:
+            data = protocol.encode(req)
+        except ValueError as e:
+            raise ControlError("E_INVALIDARG", str(e)) from None
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
+                               f"cannot send to the daemon: {e.strerror or e}") from None
+        while True:
+            try:
+                msg = protocol.decode(self._readline())
+            except protocol.ProtocolError as e:
+                raise ControlError("VSS_E_UNEXPECTED", f"bad message from the daemon: "
+                                   f"{e.message}") from None
+            if msg.get("id") != rid:
+                continue   # a late progress event of an earlier request
+            if "progress" in msg:
+                if progress is not None:
+                    p = msg["progress"]
+                    progress(int(p.get("done", 0)), int(p.get("total", 0)),
+                             str(p.get("what", "")))
+                continue
+            if msg.get("ok"):
+                return msg.get("result")
+            err = msg.get("error") or {}
+            raise ControlError(str(err.get("name", "VSS_E_UNEXPECTED")),
+                               str(err.get("message", "unknown error")), err.get("hresult"))
+
+    def _obj(self, op: str, args: dict[str, Any] | None = None,
+             progress: ProgressCallback = None) -> dict[str, Any]:
+        res = self.call(op, args, progress)
+        if not isinstance(res, dict):
+            raise ControlError("VSS_E_UNEXPECTED", f"{op}: the daemon answered "
+                               f"{type(res).__name__}, expected an object")
+        return res
+
+    def _list(self, op: str, args: dict[str, Any] | None = None,
+              progress: ProgressCallback = None) -> list[dict[str, Any]]:
+        res = self.call(op, args, progress)
+        if not isinstance(res, list):
+            raise ControlError("VSS_E_UNEXPECTED", f"{op}: the daemon answered "
+                               f"{type(res).__name__}, expected a list")
+        return res
+
+    # ------------------------------------------------------------------ ops
+    def status(self) -> dict[str, Any]:
+        return self._obj("status")
+
+    def volume_create(self, name: str, size: int | str) -> dict[str, Any]:
+        return self._obj("volume.create", {"name": name, "size": size})
+
+    def volume_list(self) -> list[dict[str, Any]]:
+        return self._list("volume.list")
+
+    def volume_resize(self, name: str, size: int | str) -> dict[str, Any]:
+        return self._obj("volume.resize", {"name": name, "size": size})
+
+    def volume_delete(self, name: str) -> None:
+        self.call("volume.delete", {"name": name})
+
+    def snapshot_create(self, volumes: Sequence[str], context: str | int = "backup",
+                        attributes: int | str | Sequence[str] | None = None,
+                        kind: str | None = None,
+                        progress: ProgressCallback = None) -> dict[str, Any]:
+        args = {"volumes": list(volumes), "context": context, "kind": kind,
+                "attributes": list(attributes) if isinstance(attributes, list | tuple)
+                else attributes}
+        return self._obj("snapshot.create", args, progress)
+
+    def set_start(self, context: str | int = "backup",
+                  attributes: int | str | Sequence[str] | None = None) -> str:
+        args = {"context": context, "attributes": list(attributes)
+                if isinstance(attributes, list | tuple) else attributes}
+        return str(self.call("set.start", args)["set_id"])
+
+    def set_add(self, volume: str, set_id: str | None = None) -> str:
+        return str(self.call("set.add", {"volume": volume, "set_id": set_id})["snapshot_id"])
+
+    def set_do(self, set_id: str | None = None,
+               progress: ProgressCallback = None) -> dict[str, Any]:
+        return self._obj("set.do", {"set_id": set_id}, progress)
+
+    def set_abort(self, set_id: str | None = None) -> None:
+        self.call("set.abort", {"set_id": set_id})
+
+    def set_list(self) -> list[dict[str, Any]]:
+        return self._list("set.list")
+
+    def snapshot_list(self, set_id: str | None = None, volume: str | None = None,
+                      context: str | int | None = None) -> list[dict[str, Any]]:
+        return self._list("snapshot.list",
+                         {"set_id": set_id, "volume": volume, "context": context})
+
+    def snapshot_show(self, snapshot_id: str | None = None, set_id: str | None = None) -> Any:
+        return self.call("snapshot.show", {"snapshot_id": snapshot_id, "set_id": set_id})
+
+    def snapshot_delete(self, snapshot_id: str | None = None, set_id: str | None = None,
+                        oldest: str | None = None, all: bool = False,
+                        context: str | int | None = None,
+                        unexpose: bool = False) -> dict[str, Any]:
+        return self._obj("snapshot.delete", {
+            "snapshot_id": snapshot_id, "set_id": set_id, "oldest": oldest,
+            "all": all or None, "context": context, "unexpose": unexpose or None})
+
+    def expose(self, snapshot_id: str, name: str | None = None,
+               mount: str | None = None) -> dict[str, Any]:
+        if mount is not None:
+            mount = os.path.abspath(mount)
+        return self._obj("expose", {"snapshot_id": snapshot_id, "name": name,
+                                    "mount": mount})
+
+    def unexpose(self, snapshot_id: str) -> dict[str, Any]:
+        return self._obj("unexpose", {"snapshot_id": snapshot_id})
+
+    def revert(self, snapshot_id: str, force: bool = False,
+               progress: ProgressCallback = None) -> dict[str, Any]:
+        return self._obj("revert", {"snapshot_id": snapshot_id,
+                                    "force": force or None}, progress)
+
+    def promote(self, snapshot_id: str, progress: ProgressCallback = None) -> dict[str, Any]:
+        return self._obj("promote", {"snapshot_id": snapshot_id}, progress)
+
+    def split(self, snapshot_id: str, name: str,
+              progress: ProgressCallback = None) -> dict[str, Any]:
+        return self._obj("split", {"snapshot_id": snapshot_id, "name": name},
+                         progress)
+
+    def end_backup(self, set_id: str | None = None) -> dict[str, Any]:
+        return self._obj("end_backup", {"set_id": set_id})
+
+    def writers_list(self) -> list[dict[str, Any]]:
+        return self._list("writers.list")
+
+    def check(self) -> dict[str, Any]:
+        return self._obj("check")
+
+    def scrub(self, progress: ProgressCallback = None) -> dict[str, Any]:
+        return self._obj("scrub", None, progress)

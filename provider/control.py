@@ -1,0 +1,516 @@
+"""The control socket server: the coordinator's API over a Unix socket (trio).
+
+Wire format and error names: provider/protocol.py; ops: docs/provider.md.
+
+Per connection (= one requester session) two tasks run: a reader that splits the byte
+stream into lines and queues requests, and a worker that runs them one after the other.
+The reader keeps reading while a request runs, so a client that disconnects in the
+middle of set.do / snapshot.create is noticed at once: the request is cancelled (the
+coordinator aborts the set: hold released, writers thawed, snapshots removed) and then the
+session ends (its auto-release sets are deleted).
+
+Bad input never ends the server: a line that is not JSON, not an object, too long (more
+than protocol.MAX_LINE bytes; the rest of it is skipped), an unknown op or wrong arguments
+each get one error reply (id null when the id is unknown) and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket as stdsocket
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from . import protocol
+from .coordinator import Coordinator, ProgressFn, Session
+from .protocol import ProtocolError
+from .vss import VssError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Connection", dict[str, Any], ProgressFn], Awaitable[Any]]
+PROGRESS_INTERVAL = 0.1   # seconds between two progress events of one request
+QUEUE = 16                # requests read ahead per connection
+
+_ANY = object()
+
+
+def _bad(msg: str) -> VssError:
+    return VssError("E_INVALIDARG", msg)
+
+
+class Args:
+    """Typed access to a request's args; unknown keys are refused (they are typos)."""
+
+    def __init__(self, op: str, args: dict[str, Any], allowed: tuple[str, ...]) -> None:
+        unknown = sorted(set(args) - set(allowed))
+        if unknown:
+            known = ", ".join(allowed) or "none"
+            raise _bad(f"{op}: unknown argument(s) {', '.join(unknown)} (known: {known})")
+        self.op, self.args = op, args
+
+    def get(self, key: str, types: type | tuple[type, ...], default: Any = None,
+            required: bool = False) -> Any:
+        if key not in self.args or self.args[key] is None:
+            if required:
+                raise _bad(f"{self.op}: missing argument {key!r}")
+            return default
+        value = self.args[key]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple)
+                                                    else (types,)):
+            raise _bad(f"{self.op}: argument {key!r} must not be a boolean")
+        if not isinstance(value, types):
+            raise _bad(f"{self.op}: argument {key!r} has the wrong type "
+                       f"({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _bad(f"{self.op}: argument {key!r} is not a finite number")
+        return value
+
+
+def _str_list(op: str, value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise _bad(f"{op}: argument {key!r} must be a list of strings")
+    return value
+
+
+# --------------------------------------------------------------------------- ops
+CTX = (str, int)
+ATTRS = (int, str, list)
+
+
+async def _hello(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    raise _bad("hello: already said hello on this connection")
+
+
+async def _status(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    Args("status", a, ())
+    return c.coord.status()
+
+
+async def _volume_create(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("volume.create", a, ("name", "size"))
+    return await c.coord.volume_create(x.get("name", str, required=True),
+                                       x.get("size", (int, str), required=True))
+
+
+async def _volume_list(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    Args("volume.list", a, ())
+    return c.coord.volume_list()
+
+
+async def _volume_resize(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("volume.resize", a, ("name", "size"))
+    return await c.coord.volume_resize(x.get("name", str, required=True),
+                                       x.get("size", (int, str), required=True))
+
+
+async def _volume_delete(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("volume.delete", a, ("name",))
+    await c.coord.volume_delete(x.get("name", str, required=True))
+    return None
+
+
+async def _snapshot_create(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("snapshot.create", a, ("volumes", "context", "attributes", "kind"))
+    vols = _str_list("snapshot.create", x.get("volumes", list, required=True), "volumes")
+    return await c.coord.create(c.session, vols, x.get("context", CTX, "backup"),
+                                x.get("attributes", ATTRS), x.get("kind", str), p)
+
+
+async def _set_start(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("set.start", a, ("context", "attributes"))
+    sid = c.coord.start_snapshot_set(c.session, x.get("context", CTX, "backup"),
+                                     x.get("attributes", ATTRS))
+    return {"set_id": sid}
+
+
+async def _set_add(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("set.add", a, ("volume", "set_id"))
+    s = c.coord.own_set(c.session, x.get("set_id", str), "add a volume")
+    sid = c.coord.add_to_snapshot_set(c.session, x.get("volume", str, required=True),
+                                      s.set_id)
+    return {"set_id": s.set_id, "snapshot_id": sid}
+
+
+async def _set_do(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("set.do", a, ("set_id",))
+    s = c.coord.own_set(c.session, x.get("set_id", str), "do the snapshot set")
+    snaps = await c.coord.do_snapshot_set(c.session, s.set_id, p)
+    return {"set_id": s.set_id, "snapshots": snaps}
+
+
+async def _set_abort(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("set.abort", a, ("set_id",))
+    await c.coord.abort_snapshot_set(c.session, x.get("set_id", str))
+    return None
+
+
+async def _set_list(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    Args("set.list", a, ())
+    return c.coord.set_list()
+
+
+async def _snapshot_list(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("snapshot.list", a, ("set_id", "volume", "context"))
+    return c.coord.snapshot_list(x.get("set_id", str), x.get("volume", str),
+                                 x.get("context", CTX))
+
+
+async def _snapshot_show(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("snapshot.show", a, ("snapshot_id", "set_id"))
+    return c.coord.snapshot_show(x.get("snapshot_id", str), x.get("set_id", str))
+
+
+async def _snapshot_delete(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("snapshot.delete", a,
+             ("snapshot_id", "set_id", "oldest", "all", "context", "unexpose"))
+    return await c.coord.snapshot_delete(
+        x.get("snapshot_id", str), x.get("set_id", str), x.get("oldest", str),
+        bool(x.get("all", bool, False)), x.get("context", CTX),
+        bool(x.get("unexpose", bool, False)))
+
+
+async def _expose(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("expose", a, ("snapshot_id", "name", "mount"))
+    return await c.coord.expose(x.get("snapshot_id", str, required=True),
+                                x.get("name", str), x.get("mount", str))
+
+
+async def _unexpose(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("unexpose", a, ("snapshot_id",))
+    return await c.coord.unexpose(x.get("snapshot_id", str, required=True))
+
+
+async def _revert(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("revert", a, ("snapshot_id", "force"))
+    return await c.coord.revert(x.get("snapshot_id", str, required=True),
+                                bool(x.get("force", bool, False)), p)
+
+
+async def _promote(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("promote", a, ("snapshot_id",))
+    return await c.coord.promote(x.get("snapshot_id", str, required=True), p)
+
+
+async def _split(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("split", a, ("snapshot_id", "name"))
+    return await c.coord.split(x.get("snapshot_id", str, required=True),
+                               x.get("name", str, required=True), p)
+
+
+async def _end_backup(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("end_backup", a, ("set_id",))
+    return await c.coord.end_backup(c.session, x.get("set_id", str))
+
+
+async def _writers_list(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    Args("writers.list", a, ())
+    return await c.coord.writers_list()
+
+
+async def _check(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    Args("check", a, ())
+    return await c.coord.check()
+
+
+async def _scrub(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    Args("scrub", a, ())
+    return await c.coord.scrub(p)
+
+
+HANDLERS: dict[str, Handler] = {
+    "hello": _hello,
+    "status": _status,
+    "volume.create": _volume_create,
+    "volume.list": _volume_list,
+    "volume.resize": _volume_resize,
+    "volume.delete": _volume_delete,
+    "snapshot.create": _snapshot_create,
+    "snapshot.list": _snapshot_list,
+    "snapshot.show": _snapshot_show,
+    "snapshot.delete": _snapshot_delete,
+    "set.start": _set_start,
+    "set.add": _set_add,
+    "set.do": _set_do,
+    "set.abort": _set_abort,
+    "set.list": _set_list,
+    "expose": _expose,
+    "unexpose": _unexpose,
+    "revert": _revert,
+    "promote": _promote,
+    "split": _split,
+    "end_backup": _end_backup,
+    "writers.list": _writers_list,
+    "check": _check,
+    "scrub": _scrub,
+}
+assert tuple(HANDLERS) == protocol.OPS
+
+
+# --------------------------------------------------------------------------- connection
+class _Progress:
+    """Collects progress reports of one request; a pump task sends the latest one at most
+    every PROGRESS_INTERVAL seconds."""
+
+    def __init__(self) -> None:
+        self.latest: tuple[int, int, str] | None = None
+        self.changed = trio.Event()
+
+    def report(self, done: int, total: int, what: str) -> None:
+        self.latest = (done, total, what)
+        self.changed.set()
+
+    async def pump(self, conn: Connection, rid: Any) -> None:
+        while True:
+            await self.changed.wait()
+            self.changed = trio.Event()
+            if self.latest is not None:
+                done, total, what = self.latest
+                await conn.send(protocol.progress_event(rid, done, total, what))
+            await trio.sleep(PROGRESS_INTERVAL)
+
+
+class Connection:
+    def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.coord = server.coord
+        self.stream = stream
+        self._session: Session | None = None
+        self._send_lock = trio.Lock()
+        self._current: trio.CancelScope | None = None
+        self.gone = False
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        try:
+            data = protocol.encode(msg)
+        except ValueError as e:   # a result too big for one line, or not JSON-able
+            log.error("cannot send the reply to request %r: %s", msg.get("id"), e)
+            data = protocol.encode(protocol.reply_error(
+                msg.get("id"), VssError("VSS_E_UNEXPECTED", f"the reply cannot be sent: {e}")))
+        async with self._send_lock:
+            if self.gone:
+                return
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._lost()
+
+    @property
+    def session(self) -> Session:
+        """The requester session (handlers run only after hello)."""
+        assert self._session is not None
+        return self._session
+
+    def _lost(self) -> None:
+        if not self.gone:
+            self.gone = True
+            if self._current is not None:
+                self._current.cancel()
+
+    async def run(self) -> None:
+        send_q, recv_q = trio.open_memory_channel[tuple[Any, str, dict[str, Any]]](QUEUE)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, send_q)
+                async with recv_q:
+                    async for rid, op, args in recv_q:
+                        if self.gone:
+                            break
+                        await self._dispatch(rid, op, args)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._session is not None:
+                with trio.CancelScope(shield=True):
+                    await self.coord.close_session(self._session)
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _reader(self, send_q: trio.MemorySendChannel[Any]) -> None:
+        buf = bytearray()
+        skipping = False
+        async with send_q:
+            while True:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = b""
+                if not data:
+                    self._lost()
+                    return
+                buf += data
+                while True:
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        if len(buf) > protocol.MAX_LINE and not skipping:
+                            skipping = True
+                            await self.send(protocol.reply_error(None, ProtocolError(
+                                f"message longer than {protocol.MAX_LINE} bytes: ignored")))
+                        if skipping:
+                            buf.clear()
+                        break
+                    line = bytes(buf[:nl])
+                    del buf[:nl + 1]
+                    if skipping:
+                        skipping = False
+                        continue
+                    if not line.strip():
+                        continue
+                    req = await self._parse(line)
+                    if req is not None:
+                        await send_q.send(req)
+
+    async def _parse(self, line: bytes) -> tuple[Any, str, dict[str, Any]] | None:
+        rid = None
+        try:
+            obj = protocol.decode(line)
+            rid = obj.get("id") if isinstance(obj.get("id"), int | str) else None
+            return protocol.parse_request(obj)
+        except VssError as e:
+            await self.send(protocol.reply_error(rid, e))
+            return None
+
+    async def _dispatch(self, rid: Any, op: str, args: dict[str, Any]) -> None:
+        if self._session is None:
+            if op != "hello":
+                await self.send(protocol.reply_error(rid, VssError(
+                    "VSS_E_BAD_STATE", f"{op}: say hello first (op \"hello\" with host and "
+                    "client)")))
+                return
+            try:
+                x = Args("hello", args, ("host", "client", "protocol"))
+                host = x.get("host", str)
+                client = x.get("client", str)
+                x.get("protocol", int)
+            except VssError as e:
+                await self.send(protocol.reply_error(rid, e))
+                return
+            self._session = self.coord.open_session(host, client)
+            st = self.coord.status()
+            await self.send(protocol.reply_ok(rid, {
+                "server": "shadowplex", "protocol": protocol.PROTOCOL_VERSION,
+                "session": self.session.id, "pool": st["pool"], "pool_id": st["pool_id"],
+                "mount": st["mount"], "service_machine": st["service_machine"],
+                "provider_id": st["provider_id"], "ops": list(protocol.OPS)}))
+            return
+        handler = HANDLERS.get(op)
+        if handler is None:
+            await self.send(protocol.reply_error(rid, _bad(
+                f"unknown op {op!r}; known: {', '.join(protocol.OPS)}")))
+            return
+        progress = _Progress()
+        reply: dict[str, Any] | None = None
+        with trio.CancelScope() as scope:
+            self._current = scope
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(progress.pump, self, rid)
+                    try:
+                        result = await handler(self, args, progress.report)
+                        reply = protocol.reply_ok(rid, result)
+                    except Exception as e:
+                        reply = protocol.reply_error(rid, protocol.to_vss_error(e))
+                    n.cancel_scope.cancel()
+            finally:
+                self._current = None
+        if scope.cancelled_caught:
+            log.warning("session %s: %s cancelled (the requester disconnected)",
+                        self.session.id, op)
+            return
+        if reply is not None:
+            await self.send(reply)
+
+
+# --------------------------------------------------------------------------- server
+def _listening(path: str) -> bool:
+    """True if something accepts connections on the Unix socket at path."""
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+class ControlServer:
+    def __init__(self, coord: Coordinator, socket_path: str, mode: int = 0o600) -> None:
+        self.coord = coord
+        self.socket_path = os.path.abspath(socket_path)
+        self.mode = mode
+        self._ino: int | None = None
+        self._sock: trio.socket.SocketType | None = None
+
+    async def _bind(self) -> trio.socket.SocketType:
+        """Bind the socket in a private directory with its final mode, then rename it
+        into place: it never exists with looser permissions."""
+        path = self.socket_path
+        parent = os.path.dirname(path)
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise VssError("E_INVALIDARG", f"control socket path {path} exists and is "
+                               "not a socket; remove it or choose another --socket")
+            if await trio.to_thread.run_sync(_listening, path):
+                raise VssError("VSS_E_PROVIDER_IN_USE", f"another daemon listens on {path}")
+            log.info("removing stale control socket %s", path)
+            os.unlink(path)
+        tmpdir = tempfile.mkdtemp(prefix=".sock-", dir=parent)
+        tmp = os.path.join(tmpdir, "s")
+        sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        try:
+            await sock.bind(tmp)
+            os.chmod(tmp, self.mode)
+            os.rename(tmp, path)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            os.rmdir(tmpdir)
+        self._ino = os.lstat(path).st_ino
+        return sock
+
+    def _unlink(self) -> None:
+        try:
+            if self._ino is not None and os.lstat(self.socket_path).st_ino == self._ino:
+                os.unlink(self.socket_path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("removing %s: %s", self.socket_path, e)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await Connection(self, stream).run()
+        except Exception:
+            log.exception("control connection failed")
+
+    async def open(self) -> None:
+        """Create the socket (serve() does it if not done): errors surface here, plainly
+        (VssError: path not a socket, another daemon listening; OSError)."""
+        if self._sock is None:
+            self._sock = await self._bind()
+            log.info("control socket listening at %s (mode %o)", self.socket_path, self.mode)
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await self.open()
+        assert self._sock is not None
+        try:
+            listener = trio.SocketListener(self._sock)
+            await trio.serve_listeners(self._handle, [listener], task_status=task_status)
+        finally:
+            self._unlink()

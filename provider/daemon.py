@@ -1,0 +1,308 @@
+"""`shadowplex serve`: the array daemon. One process per pool, one trio loop.
+
+    python -m provider.daemon --pool DIR --mount DIR [--socket PATH] [--debug]
+
+What it does, in order:
+  1. checks the mount directory (exists, is a directory, not already mounted; a dead
+     FUSE mount left by a killed shadowplex daemon is accepted and cleaned in step 3);
+  2. opens the pool (exclusive lock: errors.PoolLocked names the holder);
+  3. mounts the FUSE view (fuse_mount.session.run_mount) and starts the extra services
+     (control socket, coordinator, background jobs) in the same nursery;
+  4. on SIGTERM / SIGINT: flushes every volume, unmounts, stops the services, closes the
+     pool and exits 0.
+Any user error (missing pool, pool in use, bad mount directory) is ONE line on stderr,
+exit status 1, and nothing is mounted or changed.
+
+Stopping while the mount is in use: the unmount is attempted NON-lazily first. If the
+mount is busy (a loop device or a process still has an image open) the daemon refuses to
+stop, logs who uses it, and keeps serving -- detaching the mount under an attached loop
+device would turn the filesystem above it into I/O errors. A second signal while busy
+forces the stop (lazy unmount: the users then get errors). A daemon killed with -9 leaves
+a dead mount (ENOTCONN on every access, never an empty-looking directory); the next
+`serve` on the same directory cleans it.
+
+`--foreground` is the default and the only mode: the daemon never forks (run it under
+systemd Type=simple, or with `&`/nohup). `--background` is accepted for compatibility and
+only logs that it runs in the foreground.
+
+Threads: everything runs on the trio thread except pool.flush (fsync) and the non-lazy
+umount(2), which run in trio worker threads so the FUSE session keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from blockstore import Pool
+from blockstore import errors as bse
+from fuse_mount import loopdev
+from fuse_mount.barrier import WriteBarrier
+from fuse_mount.operations import ShadowOperations
+from fuse_mount.session import (
+    MountError,
+    MountState,
+    force_unmount,
+    mount_state,
+    run_mount,
+    umount_nonlazy,
+)
+
+log = logging.getLogger(__name__)
+
+PROG = "shadowplex serve"
+
+# An extra service started in the daemon's nursery once the mount is up:
+#   async def control_socket(pool, barrier, nursery) -> None
+# barrier.ops is the live ShadowOperations (ops.refresh(), ops.invalidate_lun(key)).
+Service = Callable[[Pool, WriteBarrier, trio.Nursery], Awaitable[Any]]
+
+
+class ServeError(Exception):
+    """A user error: reported as one line, exit status 1."""
+
+
+def _error_line(msg: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {msg}\n")
+    sys.stderr.flush()
+
+
+def _check_mountpoint(path: str) -> bool:
+    """Validate the mount directory. Returns True if a stale mount of ours must be cleaned."""
+    info = mount_state(path)
+    if info.state is MountState.STALE:
+        if info.ours:
+            return True
+        raise ServeError(f"{path} is a dead {info.fstype} mount; unmount it first "
+                         f"(fusermount3 -u -z {path})")
+    if info.state is MountState.MOUNTED:
+        raise ServeError(f"{path} is already a mountpoint ({info.fstype} from {info.source});"
+                         " unmount it or choose another directory")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ServeError(f"mount directory {path} does not exist; create it first "
+                         f"(mkdir -p {path})") from None
+    except OSError as e:
+        raise ServeError(f"mount directory {path} is unusable: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ServeError(f"mount directory {path} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ServeError(f"mount directory {path} is not accessible")
+    return False
+
+
+def _busy_report(mountpoint: str) -> str:
+    users = [f"{dev} -> {back}" for dev, back in loopdev.loops_under(mountpoint)]
+    return "loop devices: " + ", ".join(users) if users else "open files"
+
+
+async def _flush_all(pool: Pool) -> None:
+    for v in pool.list_volumes():
+        try:
+            await trio.to_thread.run_sync(pool.flush, v.name)
+        except bse.StoreError as e:
+            log.error("flushing volume %s: %s", v.name, e)
+
+
+async def _serve_async(
+    pool: Pool,
+    mountpoint: str,
+    services: Sequence[Service],
+    debug: bool,
+    allow_other: bool,
+) -> int:
+    barrier = WriteBarrier(pool)
+    ops = ShadowOperations(pool, barrier)
+    barrier.ops = ops  # for services: ops.refresh(), await ops.invalidate_lun(key)
+    session_ended = trio.Event()
+    stop_requested = trio.Event()
+    unmounting = False  # True while our own umount(2) runs: the session ending is expected
+
+    async def mount_task(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await run_mount(pool, mountpoint, ops=ops, debug=debug, allow_other=allow_other,
+                            task_status=task_status)
+        finally:
+            session_ended.set()
+
+    async def stop_on_signals(sigs: Any) -> None:
+        nonlocal unmounting
+        refused = False
+        async for signum in sigs:
+            name = signal.Signals(signum).name
+            log.info("%s received: flushing volumes and unmounting %s", name, mountpoint)
+            await _flush_all(pool)
+            unmounting = True
+            try:
+                await trio.to_thread.run_sync(umount_nonlazy, mountpoint)
+            except OSError as e:
+                if e.errno == errno.EBUSY and not refused:
+                    refused = True
+                    unmounting = False
+                    log.error(
+                        "%s is busy (%s): NOT stopping, the array keeps serving. Unmount "
+                        "filesystems and detach loop devices on it, then signal again; a "
+                        "second signal while busy forces a lazy unmount.",
+                        mountpoint, _busy_report(mountpoint),
+                    )
+                    continue
+                if e.errno == errno.EBUSY:
+                    log.warning("%s still busy: forcing a lazy unmount; its users will get "
+                                "I/O errors", mountpoint)
+                elif e.errno not in (errno.EINVAL, errno.ENOENT):
+                    log.warning("unmounting %s: %s; detaching lazily", mountpoint, e.strerror)
+            stop_requested.set()
+            return
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mount_task)
+            nursery.start_soon(stop_on_signals, sigs)
+            # ---------------------------------------------------------------------------
+            # Other services (control socket, coordinator, background jobs) start HERE, on
+            # the same trio loop, after the mount exists. Each gets (pool, barrier, nursery).
+            for svc in services:
+                nursery.start_soon(svc, pool, barrier, nursery)
+            # ---------------------------------------------------------------------------
+            async with trio.open_nursery() as waiter:
+                async def wait_for(ev: trio.Event) -> None:
+                    await ev.wait()
+                    waiter.cancel_scope.cancel()
+
+                waiter.start_soon(wait_for, stop_requested)
+                waiter.start_soon(wait_for, session_ended)
+            if not session_ended.is_set():
+                # Signalled: the non-lazy unmount normally ended the session already; if
+                # not (forced / error), cancelling makes run_mount close it (lazily).
+                with trio.move_on_after(5):
+                    await session_ended.wait()
+            elif not (stop_requested.is_set() or unmounting):
+                log.warning("%s was unmounted from outside: stopping", mountpoint)
+            nursery.cancel_scope.cancel()
+    await _flush_all(pool)
+    return 0
+
+
+def serve(
+    pool_dir: str,
+    mountpoint: str,
+    socket_path: str | None = None,
+    foreground: bool = True,
+    *,
+    services: Sequence[Service] = (),
+    debug: bool = False,
+    allow_other: bool = False,
+) -> int:
+    """Run the array daemon until SIGTERM/SIGINT; return the exit status (0 or 1).
+
+    socket_path is for the control-socket service (passed to it by the caller, e.g. with
+    functools.partial); serve itself only validates nothing about it.
+    """
+    _configure_logging(debug)
+    pool_dir = os.path.abspath(pool_dir)
+    mountpoint = os.path.realpath(mountpoint)   # before mounting: safe to stat
+    if not foreground:
+        log.info("daemonizing is not supported: running in the foreground")
+    try:
+        stale = _check_mountpoint(mountpoint)
+    except ServeError as e:
+        _error_line(str(e))
+        return 1
+    try:
+        pool = Pool.open(pool_dir)
+    except bse.StoreError as e:
+        _error_line(str(e))
+        return 1
+    except OSError as e:
+        _error_line(f"cannot open pool {pool_dir}: {e.strerror or e}")
+        return 1
+    try:
+        if stale:
+            log.warning("cleaning the dead mount a killed daemon left at %s", mountpoint)
+            if not force_unmount(mountpoint):
+                _error_line(f"cannot remove the dead mount at {mountpoint}; run "
+                            f"fusermount3 -u -z {mountpoint}")
+                return 1
+            try:
+                _check_mountpoint(mountpoint)
+            except ServeError as e:
+                _error_line(str(e))
+                return 1
+        log.info("serving pool %s at %s (pid %d)%s", pool_dir, mountpoint, os.getpid(),
+                 f", control socket {socket_path}" if socket_path else "")
+        try:
+            rc = trio.run(_serve_async, pool, mountpoint, list(services), debug, allow_other)
+        except Exception as e:
+            mount_err = _find(e, MountError)
+            if mount_err is not None:
+                _error_line(str(mount_err))
+            else:
+                log.exception("the daemon failed")
+            rc = 1
+        return rc
+    finally:
+        pool.close()
+        log.info("pool %s closed", pool_dir)
+
+
+def _find(exc: BaseException, cls: type[BaseException]) -> BaseException | None:
+    """exc itself or the first exception of type cls inside (nested) exception groups."""
+    if isinstance(exc, cls):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _find(sub, cls)
+            if found is not None:
+                return found
+    return None
+
+
+def _configure_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=logging.DEBUG if debug else logging.INFO,
+            format="%(asctime)s shadowplex[%(process)d] %(levelname)s %(name)s: %(message)s",
+        )
+    elif debug:
+        root.setLevel(logging.DEBUG)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m provider.daemon",
+        description="Serve a shadowplex pool: FUSE mount + control socket, until SIGTERM.",
+    )
+    p.add_argument("--pool", required=True, metavar="DIR", help="pool directory")
+    p.add_argument("--mount", required=True, metavar="DIR", help="mount directory")
+    p.add_argument("--socket", metavar="PATH", help="control socket path")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--foreground", dest="foreground", action="store_true", default=True,
+                   help="stay in the foreground (the default and only mode)")
+    g.add_argument("--background", dest="foreground", action="store_false",
+                   help="accepted; the daemon still runs in the foreground")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let users other than root use the mount (FUSE allow_other)")
+    p.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return serve(args.pool, args.mount, args.socket, args.foreground, debug=args.debug,
+                 allow_other=args.allow_other)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

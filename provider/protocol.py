@@ -1,0 +1,189 @@
+"""The control API's wire format and its error names (shared by server and client).
+
+Transport: a Unix stream socket, newline-delimited JSON, UTF-8, one object per line, at
+most MAX_LINE bytes per line (newline included).
+
+    request   {"id": 7, "op": "snapshot.create", "args": {...}}
+    reply     {"id": 7, "ok": true, "result": ...}
+              {"id": 7, "ok": false, "error": {"name": "VSS_E_BAD_STATE",
+                                               "hresult": 2147754753, "message": "..."}}
+    progress  {"id": 7, "progress": {"done": 3, "total": 10, "what": "plex sync"}}
+
+The first request of a connection must be ``hello`` (``{"host": ..., "client": ...}``). One
+connection is one requester session: snapshot sets in auto-release contexts (backup,
+file-share-backup) created through it are deleted when it ends or drops.
+
+Errors on the wire always carry a name from provider.vss.HRESULTS (``VSS_E_*`` or one of
+the generic COM names ``E_INVALIDARG``, ``E_ACCESSDENIED``). ``to_vss_error()`` is the ONE
+place where exceptions of the lower layers become those names; docs/provider.md lists the
+mapping and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+from blockstore import errors as bse
+from fuse_mount import loopdev
+
+from .vss import VssError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 1 << 20          # bytes per message, newline included
+SOCKET_ENV = "SHADOWPLEX_SOCKET"
+SOCKET_DIR = "/run/shadowplex"
+
+# The ops the server understands (names are stable; docs/provider.md describes each).
+OPS: tuple[str, ...] = (
+    "hello",
+    "status",
+    "volume.create", "volume.list", "volume.resize", "volume.delete",
+    "snapshot.create", "snapshot.list", "snapshot.show", "snapshot.delete",
+    "set.start", "set.add", "set.do", "set.abort", "set.list",
+    "expose", "unexpose",
+    "revert", "promote", "split",
+    "end_backup",
+    "writers.list",
+    "check", "scrub",
+)
+
+
+class ProtocolError(VssError):
+    """A malformed message (not JSON, not an object, missing fields, too long)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("E_INVALIDARG", message)
+
+
+def default_socket_path(pool_dir: str | None = None) -> str:
+    """$SHADOWPLEX_SOCKET, else /run/shadowplex/<hash of the pool's real path>.sock.
+
+    Without a pool directory and without the variable there is no way to choose one:
+    ValueError (the caller tells the user to pass --socket or --pool).
+    """
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return env
+    if pool_dir is None:
+        raise ValueError(f"no control socket given: set {SOCKET_ENV} or name the pool")
+    digest = hashlib.sha256(os.path.realpath(pool_dir).encode()).hexdigest()[:16]
+    return os.path.join(SOCKET_DIR, f"{digest}.sock")
+
+
+# --------------------------------------------------------------------------- encoding
+def encode(msg: dict[str, Any]) -> bytes:
+    """One message as a line. ValueError if it would exceed MAX_LINE."""
+    line = json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    data = line.encode() + b"\n"
+    if len(data) > MAX_LINE:
+        raise ValueError(f"message of {len(data)} bytes exceeds the {MAX_LINE}-byte limit")
+    return data
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """Parse one line (without or with its newline) into an object; ProtocolError if bad."""
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"message longer than {MAX_LINE} bytes")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError("message is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"message is not JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:   # huge numbers, absurd nesting
+        raise ProtocolError(f"message is not usable JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"message must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def parse_request(obj: dict[str, Any]) -> tuple[int | str | None, str, dict[str, Any]]:
+    """(id, op, args) of a request object; ProtocolError if a field is wrong."""
+    rid = obj.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, int | str)):
+        raise ProtocolError("'id' must be an integer or a string")
+    op = obj.get("op")
+    if not isinstance(op, str) or not op:
+        raise ProtocolError("request has no 'op' (a string such as \"status\")")
+    args = obj.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ProtocolError(f"'args' of {op} must be a JSON object")
+    return rid, op, args
+
+
+def reply_ok(rid: int | str | None, result: Any) -> dict[str, Any]:
+    return {"id": rid, "ok": True, "result": result}
+
+
+def reply_error(rid: int | str | None, err: VssError) -> dict[str, Any]:
+    return {"id": rid, "ok": False,
+            "error": {"name": err.name, "hresult": err.hresult, "message": err.message}}
+
+
+def progress_event(rid: int | str | None, done: int, total: int, what: str) -> dict[str, Any]:
+    return {"id": rid, "progress": {"done": int(done), "total": int(total), "what": what}}
+
+
+# --------------------------------------------------------------------------- error names
+# Lower-layer exception type -> stable wire name. Order matters only for subclasses (the
+# first match wins), so subclasses come before their bases.
+_ERROR_NAMES: tuple[tuple[type[BaseException], str], ...] = (
+    (bse.NotFound, "VSS_E_OBJECT_NOT_FOUND"),
+    (bse.Exists, "VSS_E_OBJECT_ALREADY_EXISTS"),
+    (bse.InvalidName, "E_INVALIDARG"),
+    (bse.InvalidSize, "E_INVALIDARG"),
+    (bse.OutOfRange, "E_INVALIDARG"),
+    # A snapshot named where a volume is needed: snapshots are read-only LUNs.
+    (bse.ReadOnly, "E_ACCESSDENIED"),
+    (bse.Busy, "VSS_E_VOLUME_IN_USE"),
+    (bse.PoolLocked, "VSS_E_PROVIDER_IN_USE"),
+    (bse.NoSpace, "VSS_E_INSUFFICIENT_STORAGE"),
+    (bse.InvalidState, "VSS_E_BAD_STATE"),
+    (bse.Unsupported, "VSS_E_NOT_SUPPORTED"),
+    # Lost or corrupt data, a damaged pool: the provider failed, the caller did nothing
+    # wrong and retrying the same call will not help. VSS has exactly this name for
+    # "the provider returned an unexpected error"; the message says what was lost.
+    (bse.SnapshotInvalid, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
+    (bse.CorruptData, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
+    (bse.FormatError, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
+    # expose --mount: a bad target directory is the caller's argument; an image without
+    # a filesystem cannot be mounted (not supported); any other losetup/mount failure is
+    # the provider's.
+    (loopdev.MountTargetError, "E_INVALIDARG"),
+    (loopdev.NoFilesystemError, "VSS_E_NOT_SUPPORTED"),
+    (loopdev.LoopError, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
+)
+
+
+def error_name(exc: BaseException) -> str | None:
+    """The wire name of a known exception type, None for anything unexpected."""
+    if isinstance(exc, VssError):
+        return exc.name
+    for cls, name in _ERROR_NAMES:
+        if isinstance(exc, cls):
+            return name
+    return None
+
+
+def to_vss_error(exc: BaseException) -> VssError:
+    """Any exception -> VssError with a stable name and a one-line message.
+
+    Unknown exception types are bugs: logged with their traceback, sent as VSS_E_UNEXPECTED.
+    """
+    if isinstance(exc, VssError):
+        return exc
+    name = error_name(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if name is None:
+        log.error("unexpected error: %s", message, exc_info=exc)
+        return VssError("VSS_E_UNEXPECTED", f"internal error ({type(exc).__name__}: "
+                        f"{message}); see the daemon's log")
+    return VssError(name, message)

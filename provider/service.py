@@ -1,0 +1,108 @@
+"""The control-socket service of `shadowplex serve`: coordinator + control server.
+
+provider/daemon.py starts extra services in its nursery as ``svc(pool, barrier, nursery)``
+once the FUSE mount is up; bind the rest with functools.partial:
+
+    from provider.service import control_service
+    svc = functools.partial(control_service, socket_path=path, mountpoint=mount,
+                            config={"default_kind": "differential"})
+    serve(pool_dir, mount, path, services=[svc])
+
+or use ``make_service(socket_path, mountpoint, config)`` which does exactly that.
+
+`python -m provider.service --pool DIR --mount DIR [--socket PATH]` runs the daemon with
+this service (what `shadowplex serve` does once tools/cli.py wires it).
+
+config keys (all optional): default_kind ("differential" | "plex"), freeze_timeout (s),
+hold_deadline (s), writer_timeout (s), revert_hold (s), socket_mode (int, default 0o600),
+writers (a list of writer objects; default: provider.writers.default_writers(config),
+which reads fsfreeze, hooks_dir, hook_timeout, sqlite_databases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from blockstore import Pool
+
+from .control import ControlServer
+from .coordinator import Coordinator
+from .protocol import default_socket_path
+from .writers import default_writers
+
+log = logging.getLogger(__name__)
+
+
+async def control_service(pool: Pool, barrier: Any, nursery: trio.Nursery,
+                          socket_path: str | None = None, mountpoint: str | None = None,
+                          config: dict[str, Any] | None = None,
+                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the coordinator and the control socket until cancelled.
+
+    On the way out every requester session ends (auto-release sets are deleted) and the
+    socket file is removed. ``nursery`` is the daemon's (unused: everything here lives in
+    this task's own nursery, so it stops as one piece).
+    """
+    cfg = dict(config or {})
+    writers = cfg.pop("writers", None)
+    if writers is None:
+        writers = default_writers({**cfg, "mount": mountpoint})
+    mode = int(cfg.pop("socket_mode", 0o600))
+    path = socket_path or default_socket_path(pool.path)
+    coord = Coordinator(pool, barrier, mountpoint, writers, cfg)
+    await coord.start()
+    server = ControlServer(coord, path, mode)
+    try:
+        await server.open()
+        async with trio.open_nursery() as n:
+            await n.start(server.serve)
+            task_status.started(coord)
+    finally:
+        with trio.CancelScope(shield=True):
+            await coord.stop()
+
+
+Service = Callable[[Pool, Any, trio.Nursery], Awaitable[Any]]
+
+
+def make_service(socket_path: str | None, mountpoint: str | None,
+                 config: dict[str, Any] | None = None) -> Service:
+    return functools.partial(control_service, socket_path=socket_path,
+                             mountpoint=mountpoint, config=config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .daemon import build_parser, serve
+
+    p: argparse.ArgumentParser = build_parser()
+    p.prog = "python -m provider.service"
+    p.add_argument("--default-kind", choices=("differential", "plex"),
+                   default="differential", help="automagic snapshot kind")
+    p.add_argument("--config", metavar="JSON", default="{}",
+                   help="more config keys as a JSON object (see provider/service.py), e.g. "
+                        "'{\"hooks_dir\": \"/etc/shadowplex/hooks.d\", \"hold_deadline\": 10}'")
+    args = p.parse_args(argv)
+    try:
+        config = json.loads(args.config)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        p.error(f"--config: {e}")
+    config.setdefault("default_kind", args.default_kind)
+    sock = args.socket or default_socket_path(args.pool)
+    svc = make_service(sock, os.path.abspath(args.mount), config)
+    return serve(args.pool, args.mount, sock, args.foreground, services=[svc],
+                 debug=args.debug, allow_other=args.allow_other)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

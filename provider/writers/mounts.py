@@ -1,0 +1,238 @@
+"""Which filesystems live on our volumes: loop devices -> block devices -> mounts.
+
+A volume is an image file (``MOUNT/volumes/<name>.img``). A user attaches it with
+``losetup``, maybe partitions it or stacks device-mapper on it, makes a filesystem and
+mounts it. Starting from the image paths we find:
+
+1. the loop devices whose ``/sys/block/loopN/loop/backing_file`` (after realpath) is one
+   of the images (several loop devices may share one image);
+2. every block device stacked on each: the loop device itself, its partitions
+   (``loopNp1``...) and, transitively, their holders (dm/LVM/crypt);
+3. the mounts of those devices in ``/proc/self/mountinfo``, matched by major:minor (and,
+   for filesystems such as btrfs that report an anonymous device number, by source path).
+
+Only this process's mount namespace is seen: mounts made inside other namespaces (e.g.
+containers) are not found. Plain synchronous code, no root needed to discover.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+SYS_BLOCK = "/sys/block"
+SYS_CLASS_BLOCK = "/sys/class/block"
+MOUNTINFO = "/proc/self/mountinfo"
+
+Dev = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    name: str            # loop0
+    path: str            # /dev/loop0
+    dev: Dev
+    backing_file: str    # as the kernel reports it (realpath of the image)
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    dev: Dev
+    root: str
+    mount_point: str
+    mount_options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.mount_options or "ro" in self.super_options
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """A mount of a filesystem that lives on a volume image."""
+
+    volume: str          # the image path (as given by the caller, else the backing file)
+    loop: LoopDevice
+    device: str          # kernel name of the mounted block device: loop0, loop0p1, dm-0
+    mount: MountEntry
+
+    @property
+    def mount_point(self) -> str:
+        return self.mount.mount_point
+
+    @property
+    def dev(self) -> Dev:
+        return self.mount.dev
+
+    @property
+    def read_only(self) -> bool:
+        return self.mount.read_only
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _parse_dev(text: str) -> Dev:
+    major, minor = text.strip().split(":")
+    return int(major), int(minor)
+
+
+def parse_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
+    text = _read(path) or ""
+    out = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+            out.append(MountEntry(
+                mount_id=int(fields[0]), dev=_parse_dev(fields[2]), root=_unescape(fields[3]),
+                mount_point=_unescape(fields[4]), mount_options=tuple(fields[5].split(",")),
+                fstype=fields[sep + 1], source=_unescape(fields[sep + 2]),
+                super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3
+                else ()))
+        except (ValueError, IndexError):
+            log.debug("unparsable mountinfo line: %r", line)
+    return out
+
+
+def list_loop_devices(sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
+    """Every attached loop device (one with a backing file)."""
+    out = []
+    try:
+        names = sorted(n for n in os.listdir(sys_block) if n.startswith("loop"))
+    except OSError:
+        return []
+    for name in names:
+        backing = _read(os.path.join(sys_block, name, "loop", "backing_file"))
+        dev = _read(os.path.join(sys_block, name, "dev"))
+        if not backing or not dev:
+            continue  # not attached (or detached meanwhile)
+        ro = (_read(os.path.join(sys_block, name, "ro")) or "0").strip() == "1"
+        out.append(LoopDevice(name, f"/dev/{name}", _parse_dev(dev),
+                              backing.rstrip("\n"), ro))
+    return out
+
+
+def stacked_devices(name: str, sys_class_block: str = SYS_CLASS_BLOCK) -> dict[Dev, str]:
+    """The block device ``name`` and everything on it: partitions and, transitively,
+    holders (device-mapper). Maps major:minor -> kernel name."""
+    out: dict[Dev, str] = {}
+    todo = [name]
+    while todo:
+        n = todo.pop()
+        base = os.path.join(sys_class_block, n)
+        dev = _read(os.path.join(base, "dev"))
+        if dev is None:
+            continue
+        d = _parse_dev(dev)
+        if d in out:
+            continue
+        out[d] = n
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            entries = []
+        # partitions are subdirectories with a "partition" file (loop0/loop0p1)
+        todo += [e for e in entries if os.path.exists(os.path.join(base, e, "partition"))]
+        try:
+            todo += os.listdir(os.path.join(base, "holders"))
+        except OSError:
+            pass
+    return out
+
+
+def _same_device_path(source: str, kernel_name: str) -> bool:
+    if not source.startswith("/dev/"):
+        return False
+    return os.path.realpath(source) == f"/dev/{kernel_name}"
+
+
+def _realpath(p: str) -> str:
+    return os.path.realpath(os.fspath(p))
+
+
+def find_volume_mounts(volumes: Iterable[str] | None = None, *,
+                       loops: Sequence[LoopDevice] | None = None,
+                       mounts: Sequence[MountEntry] | None = None) -> list[VolumeMount]:
+    """Mounts of filesystems on loop devices backed by ``volumes`` (image paths), or by
+    any file if ``volumes`` is None. In mountinfo order; read-only ones included."""
+    wanted: dict[str, str] | None = None
+    if volumes is not None:
+        wanted = {}
+        for v in volumes:
+            wanted.setdefault(_realpath(v), os.fspath(v))
+    loops = list_loop_devices() if loops is None else loops
+    mounts = parse_mountinfo() if mounts is None else mounts
+    out = []
+    for lp in loops:
+        if wanted is not None:
+            volume = wanted.get(_realpath(lp.backing_file))
+            if volume is None:
+                continue
+        else:
+            volume = lp.backing_file
+        devices = stacked_devices(lp.name)
+        for m in mounts:
+            kname = devices.get(m.dev)
+            if kname is None:
+                kname = next((k for k in devices.values() if _same_device_path(m.source, k)),
+                             None)
+            if kname is not None:
+                out.append(VolumeMount(volume, lp, kname, m))
+    return out
+
+
+def writable_filesystems(mounts: Iterable[VolumeMount]) -> list[VolumeMount]:
+    """One mount per filesystem (device) that can be written: its superblock is
+    read-write and at least one of its mounts is. Read-only ones have nothing to freeze."""
+    by_dev: dict[Dev, list[VolumeMount]] = {}
+    for vm in mounts:
+        by_dev.setdefault(vm.dev, []).append(vm)
+    out = []
+    for group in by_dev.values():
+        if "ro" in group[0].mount.super_options:
+            continue
+        rw = [vm for vm in group if not vm.read_only]
+        if rw:
+            # prefer the mount of the filesystem root: the shortest bind path
+            out.append(min(rw, key=lambda vm: (vm.mount.root != "/", vm.mount.mount_id)))
+    return out
+
+
+def mount_of_path(path: str, volume_mounts: Iterable[VolumeMount],
+                  mounts: Sequence[MountEntry] | None = None) -> VolumeMount | None:
+    """The volume mount holding ``path`` (which need not exist), if any: the mount with
+    the longest mount point containing realpath(path), the last one when stacked."""
+    real = _realpath(path)
+    mounts = parse_mountinfo() if mounts is None else mounts
+    best: MountEntry | None = None
+    for m in mounts:
+        mp = m.mount_point
+        if real == mp or real.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) >= len(best.mount_point):
+                best = m
+    if best is None:
+        return None
+    return next((vm for vm in volume_mounts if vm.mount.mount_id == best.mount_id), None)

@@ -1,0 +1,627 @@
+"""The data path for real: `python -m provider.daemon` as a subprocess over a real pool,
+the kernel's FUSE and loop drivers, mkfs/mount/e2fsck on top.
+
+Snapshots and volumes are created BEFORE the daemon starts by opening the pool directly
+(the daemon owns the pool lock while it runs). Changes while mounted are tested with an
+in-process mount (run_mount on a trio thread of this process) whose Pool object the test
+also holds.
+
+Every daemon, mount and loop device is cleaned up in `finally`, even on failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from blockstore import Pool
+from fuse_mount import loopdev
+from fuse_mount.operations import VOLUME_INO_BASE, snapshot_inode
+from fuse_mount.session import (
+    FSTYPE,
+    MountState,
+    force_unmount,
+    mount_state,
+    run_mount,
+    wait_mounted,
+)
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+MOUNT_TIMEOUT = 20.0
+STOP_TIMEOUT = 30.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def daemon_cmd(pool: Path, mnt: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "provider.daemon", "--pool", str(pool), "--mount", str(mnt),
+            *extra]
+
+
+class Daemon:
+    def __init__(self, pool: Path, mnt: Path, log: Path) -> None:
+        self.pool, self.mnt, self.log_path = pool, mnt, log
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            daemon_cmd(pool, mnt), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait; returns the exit status (None if it had to be killed)."""
+        rc: int | None = self.proc.poll()
+        if rc is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                rc = None
+        self._log.close()
+        return rc
+
+
+@contextmanager
+def daemon(pool: Path, mnt: Path, log: Path) -> Iterator[Daemon]:
+    """Start the daemon, wait for the mount, yield; SIGTERM in finally and check exit 0."""
+    d = Daemon(pool, mnt, log)
+    body_ok = False
+    rc: int | None = None
+    try:
+        try:
+            wait_mounted(mnt, d.proc, MOUNT_TIMEOUT)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n--- daemon log ---\n{d.log()}") from None
+        yield d
+        body_ok = True
+    finally:
+        detach_loops_under(mnt)
+        rc = d.stop()
+        if mount_state(mnt).state is not MountState.NOT_MOUNTED:
+            force_unmount(mnt)
+    if body_ok:
+        assert rc == 0, f"daemon exit status {rc}\n--- daemon log ---\n{d.log()}"
+        assert mount_state(mnt).state is MountState.NOT_MOUNTED
+
+
+def detach_loops_under(mnt: Path) -> None:
+    for dev, _ in loopdev.loops_under(mnt):
+        for mp, _fs, source in loopdev.mountinfo():
+            if source == dev:
+                subprocess.run(["umount", mp], capture_output=True, check=False)
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+
+
+@contextmanager
+def loop(path: Path, read_only: bool = False) -> Iterator[str]:
+    dev = loopdev.attach(path, read_only=read_only)
+    try:
+        yield dev
+    finally:
+        for mp, _fs, source in loopdev.mountinfo():
+            if source == dev:
+                subprocess.run(["umount", mp], capture_output=True, check=False)
+        with suppress(loopdev.LoopError):
+            loopdev.detach(dev)
+
+
+@contextmanager
+def mounted(dev: str, target: Path, opts: str = "") -> Iterator[Path]:
+    target.mkdir(exist_ok=True)
+    cmd = ["mount", *(["-o", opts] if opts else []), dev, str(target)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    try:
+        yield target
+    finally:
+        res = subprocess.run(["umount", str(target)], capture_output=True, check=False)
+        if res.returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+def run_ok(*cmd: str) -> str:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, check=False, timeout=300)
+    assert res.returncode == 0, f"{' '.join(cmd)} -> {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_pool(tmp: Path, volumes: dict[str, int]) -> Path:
+    p = tmp / "pool"
+    pool = Pool.create(str(p))
+    try:
+        for name, size in volumes.items():
+            pool.create_volume(name, size)
+    finally:
+        pool.close()
+    return p
+
+
+def take_snapshot(pool_dir: Path, volume: str, exposed: str | None = None) -> str:
+    pool = Pool.open(str(pool_dir))
+    try:
+        s = pool.prepare_snapshot(volume)
+        pool.commit_snapshots([s.id])
+        if exposed:
+            pool.set_exposed(s.id, exposed)
+        return s.id
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    m = tmp_path / "mnt"
+    m.mkdir()
+    return m
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_volumes_listed_with_sizes_and_stable_inodes(tmp_path: Path, mnt: Path) -> None:
+    pool_dir = make_pool(tmp_path, {"alpha": 64 * MiB, "beta": 8 * MiB})
+    with Pool.open(str(pool_dir)) as pool:
+        ids = {v.name: v.id for v in pool.list_volumes()}
+    with daemon(pool_dir, mnt, tmp_path / "d.log"):
+        info = mount_state(mnt)
+        assert info.state is MountState.MOUNTED and info.fstype == FSTYPE
+        assert {"volumes", "exposed"} <= set(os.listdir(mnt))
+        assert sorted(os.listdir(mnt / "volumes")) == ["alpha.img", "beta.img"]
+        st = os.stat(mnt / "volumes" / "alpha.img")
+        assert st.st_size == 64 * MiB and stat.S_IMODE(st.st_mode) == 0o644
+        assert st.st_ino == VOLUME_INO_BASE + ids["alpha"]
+        assert os.stat(mnt / "volumes" / "beta.img").st_size == 8 * MiB
+        assert os.listdir(mnt / "exposed") == []
+        sv = os.statvfs(mnt)
+        assert sv.f_blocks > 0 and sv.f_bavail <= sv.f_blocks
+        # plain file I/O through the mount
+        fd = os.open(mnt / "volumes" / "beta.img", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"hello shadowplex", 4096)
+            os.fsync(fd)
+            assert os.pread(fd, 16, 4096) == b"hello shadowplex"
+            with pytest.raises(OSError) as ei:
+                os.pwrite(fd, b"x", 8 * MiB)           # past the end of the LUN
+            assert ei.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        # volume sizes and names change only through the API
+        with pytest.raises(PermissionError):
+            os.truncate(mnt / "volumes" / "beta.img", 0)
+        with pytest.raises(PermissionError):
+            (mnt / "volumes" / "new.img").write_bytes(b"")
+    with Pool.open(str(pool_dir)) as pool:
+        assert pool.read("beta", 4096, 16) == b"hello shadowplex"
+
+
+def test_mkfs_ext4_through_loop_then_fsck_clean(tmp_path: Path, mnt: Path) -> None:
+    pool_dir = make_pool(tmp_path, {"v": 256 * MiB})
+    with daemon(pool_dir, mnt, tmp_path / "d.log"):
+        img = mnt / "volumes" / "v.img"
+        with loop(img) as dev:
+            run_ok("mkfs.ext4", "-q", dev)
+            with mounted(dev, tmp_path / "fs") as fs:
+                data = os.urandom(3 * MiB)
+                with open(fs / "file1", "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                (fs / "dir").mkdir()
+                (fs / "dir" / "small").write_text("small file\n")
+                os.sync()
+            out = run_ok("e2fsck", "-fn", dev)
+            assert "clean" in out or "files" in out
+            with mounted(dev, tmp_path / "fs", "ro") as fs:
+                assert (fs / "file1").read_bytes() == data
+                assert (fs / "dir" / "small").read_text() == "small file\n"
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def test_snapshot_is_read_only_and_hidden(tmp_path: Path, mnt: Path) -> None:
+    pool_dir = make_pool(tmp_path, {"v": 16 * MiB})
+    with Pool.open(str(pool_dir)) as pool:
+        pool.write("v", 0, b"OLD!" * 1024)
+    sid = take_snapshot(pool_dir, "v")
+    with daemon(pool_dir, mnt, tmp_path / "d.log"):
+        shadow = mnt / ".shadow" / f"{sid}.img"
+        assert os.listdir(mnt / ".shadow") == []          # hidden
+        assert os.listdir(mnt / "exposed") == []
+        st = os.stat(shadow)                               # exact name works
+        assert st.st_size == 16 * MiB and stat.S_IMODE(st.st_mode) == 0o444
+        assert st.st_ino == snapshot_inode(sid)
+        with pytest.raises(FileNotFoundError):
+            os.stat(mnt / ".shadow" / "00000000-0000-0000-0000-000000000000.img")
+        for flags in (os.O_RDWR, os.O_WRONLY):
+            with pytest.raises(OSError) as ei:
+                os.open(shadow, flags)
+            assert ei.value.errno == errno.EROFS
+        with pytest.raises(OSError) as ei:
+            os.truncate(shadow, 0)
+        assert ei.value.errno == errno.EROFS
+        with pytest.raises(OSError) as ei:
+            os.chmod(shadow, 0o644)
+        assert ei.value.errno == errno.EROFS
+        fd = os.open(shadow, os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as ei:    # a read-only fd: the VFS says EBADF
+                os.posix_fallocate(fd, 0, 4096)
+            assert ei.value.errno in (errno.EBADF, errno.EROFS, errno.EOPNOTSUPP)
+            with pytest.raises(OSError):
+                fcntl_punch(fd)
+            # new writes to the origin do not change the snapshot
+            vfd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
+            try:
+                os.pwrite(vfd, b"NEW!" * 1024, 0)
+                os.fsync(vfd)
+                assert os.pread(vfd, 4, 0) == b"NEW!"
+                # pyfuse3 3.5.0 forwards no fallocate: the kernel answers EOPNOTSUPP
+                with pytest.raises(OSError) as ei:
+                    fcntl_punch(vfd)
+                assert ei.value.errno == errno.EOPNOTSUPP
+            finally:
+                os.close(vfd)
+            assert os.pread(fd, 8, 0) == b"OLD!OLD!"
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as ei:
+            (mnt / "exposed" / "x.img").write_bytes(b"")
+        assert ei.value.errno == errno.EROFS
+
+
+def fcntl_punch(fd: int) -> None:
+    """fallocate(fd, PUNCH_HOLE|KEEP_SIZE, 0, 4096) via libc."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, 0x02 | 0x01, 0, 4096) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def test_exposed_listing(tmp_path: Path, mnt: Path) -> None:
+    pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
+    sid = take_snapshot(pool_dir, "v", exposed="monday")
+    take_snapshot(pool_dir, "v")  # a second, not exposed
+    with daemon(pool_dir, mnt, tmp_path / "d.log"):
+        assert os.listdir(mnt / "exposed") == ["monday.img"]
+        a, b = os.stat(mnt / "exposed" / "monday.img"), os.stat(mnt / ".shadow" / f"{sid}.img")
+        assert a.st_ino == b.st_ino and stat.S_IMODE(a.st_mode) == 0o444
+        with pytest.raises(OSError) as ei:
+            os.open(mnt / "exposed" / "monday.img", os.O_RDWR)
+        assert ei.value.errno == errno.EROFS
+
+
+def test_differential_snapshot_keeps_old_filesystem(tmp_path: Path, mnt: Path) -> None:
+    pool_dir = make_pool(tmp_path, {"v": 128 * MiB})
+    log = tmp_path / "d.log"
+    old = os.urandom(2 * MiB)
+    with daemon(pool_dir, mnt, log), loop(mnt / "volumes" / "v.img") as dev:
+        run_ok("mkfs.ext4", "-q", dev)
+        with mounted(dev, tmp_path / "fs") as fs:
+            (fs / "keep").write_bytes(old)
+            (fs / "doomed").write_text("to be deleted\n")
+        run_ok("e2fsck", "-fn", dev)
+    sid = take_snapshot(pool_dir, "v")                         # daemon stopped
+    new = os.urandom(2 * MiB)
+    with daemon(pool_dir, mnt, log):
+        with loop(mnt / "volumes" / "v.img") as dev:
+            with mounted(dev, tmp_path / "fs") as fs:
+                (fs / "keep").write_bytes(new)
+                (fs / "doomed").unlink()
+                (fs / "added").write_bytes(os.urandom(5 * MiB))
+                os.sync()
+        # the snapshot, through its hidden device path, read-only loop + ro,noload
+        shadow = mnt / ".shadow" / f"{sid}.img"
+        target = tmp_path / "snapfs"
+        target.mkdir()
+        rec = loopdev.expose_mount(shadow, target)
+        try:
+            assert rec.fstype == "ext4"
+            assert md5(target / "keep") == hashlib.md5(old).hexdigest()
+            assert (target / "doomed").read_text() == "to be deleted\n"
+            assert not (target / "added").exists()
+        finally:
+            loopdev.unexpose_mount(rec)
+        with loop(shadow, read_only=True) as sdev:
+            run_ok("e2fsck", "-fn", sdev)
+        with loop(mnt / "volumes" / "v.img", read_only=True) as vdev:
+            run_ok("e2fsck", "-fn", vdev)
+            with mounted(vdev, tmp_path / "fs", "ro,noload") as fs:
+                assert md5(fs / "keep") == hashlib.md5(new).hexdigest()
+    with Pool.open(str(pool_dir)) as pool:
+        assert pool.check() == []
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_kill9_leaves_dead_mount_then_restart_works(tmp_path: Path, mnt: Path) -> None:
+    pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
+    d = Daemon(pool_dir, mnt, tmp_path / "d1.log")
+    try:
+        wait_mounted(mnt, d.proc, MOUNT_TIMEOUT)
+        fd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"survives kill -9", 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        d.proc.kill()
+        d.proc.wait(10)
+        assert mount_state(mnt).state is MountState.STALE     # never an empty dir
+        with pytest.raises(OSError) as ei:
+            os.listdir(mnt)
+        assert ei.value.errno == errno.ENOTCONN
+    finally:
+        d.stop()
+    try:
+        with daemon(pool_dir, mnt, tmp_path / "d2.log") as d2:
+            with open(mnt / "volumes" / "v.img", "rb") as f:
+                assert f.read(16) == b"survives kill -9"
+            assert "dead mount" in d2.log()
+    finally:
+        if mount_state(mnt).state is not MountState.NOT_MOUNTED:
+            force_unmount(mnt)
+
+
+def _serve_fails(pool_dir: Path, mnt: Path) -> str:
+    res = subprocess.run(daemon_cmd(pool_dir, mnt), cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+def test_serve_user_errors_exit_1_one_line_nothing_mounted(tmp_path: Path, mnt: Path) -> None:
+    pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
+    # missing pool
+    line = _serve_fails(tmp_path / "nopool", mnt)
+    assert "nopool" in line
+    assert mount_state(mnt).state is MountState.NOT_MOUNTED
+    # mountpoint is a file
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "not a directory" in _serve_fails(pool_dir, f)
+    # missing mountpoint
+    assert "does not exist" in _serve_fails(pool_dir, tmp_path / "nodir")
+    # busy mountpoint (something else mounted there)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(busy)], check=True)
+    try:
+        assert "already a mountpoint" in _serve_fails(pool_dir, busy)
+        assert mount_state(busy).fstype == "tmpfs"
+    finally:
+        subprocess.run(["umount", str(busy)], check=False)
+    # pool in use by a running daemon
+    with daemon(pool_dir, mnt, tmp_path / "d.log"):
+        other = tmp_path / "other"
+        other.mkdir()
+        line = _serve_fails(pool_dir, other)
+        assert "in use" in line
+        assert mount_state(other).state is MountState.NOT_MOUNTED
+        # and the same mountpoint, already served
+        assert "already a mountpoint" in _serve_fails(pool_dir, mnt)
+
+
+def test_sigterm_refuses_while_loop_attached(tmp_path: Path, mnt: Path) -> None:
+    pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
+    with daemon(pool_dir, mnt, tmp_path / "d.log") as d:
+        dev = loopdev.attach(mnt / "volumes" / "v.img", read_only=False)
+        try:
+            d.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while "is busy" not in d.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "is busy" in d.log() and dev in d.log()
+            assert d.proc.poll() is None
+            assert mount_state(mnt).state is MountState.MOUNTED
+            assert os.listdir(mnt / "volumes") == ["v.img"]
+        finally:
+            loopdev.detach(dev)
+    # the context manager's SIGTERM then stopped it with status 0
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+class InProcMount:
+    """run_mount on a trio loop in a thread of this process, so the test can use the Pool
+    (and the write barrier) while the mount is live."""
+
+    def __init__(self, pool: Pool, mnt: Path) -> None:
+        self.pool, self.mnt = pool, mnt
+        self.ops: Any = None
+        self.token: Any = None
+        self._cancel: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                self.ops = await n.start(run_mount, self.pool, str(self.mnt))
+                self.token = trio.lowlevel.current_trio_token()
+                self._cancel = n.cancel_scope
+                self._ready.set()
+
+        try:
+            trio.run(main)
+        except BaseException as e:  # noqa: BLE001 - reported by start()
+            self._error = e
+        finally:
+            self._ready.set()
+
+    def __enter__(self) -> InProcMount:
+        self._thread.start()
+        self._ready.wait(MOUNT_TIMEOUT)
+        if self._error is not None:
+            raise self._error
+        wait_mounted(self.mnt, None, MOUNT_TIMEOUT)
+        return self
+
+    def call(self, afn: Any, *args: Any) -> Any:
+        return trio.from_thread.run(afn, *args, trio_token=self.token)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cancel is not None and self._thread.is_alive():
+            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self.token)
+        self._thread.join(STOP_TIMEOUT)
+        if mount_state(self.mnt).state is not MountState.NOT_MOUNTED:
+            force_unmount(self.mnt)
+        assert not self._thread.is_alive()
+
+
+def test_tree_follows_pool_changes_while_mounted(tmp_path: Path, mnt: Path) -> None:
+    pool = Pool.create(str(tmp_path / "pool"))
+    try:
+        pool.create_volume("v", 8 * MiB)
+        with InProcMount(pool, mnt):
+            assert os.listdir(mnt / "volumes") == ["v.img"]
+            pool.create_volume("w", 4 * MiB)
+            assert sorted(os.listdir(mnt / "volumes")) == ["v.img", "w.img"]
+            assert os.stat(mnt / "volumes" / "w.img").st_size == 4 * MiB
+            s = pool.prepare_snapshot("v")
+            assert not (mnt / ".shadow" / f"{s.id}.img").exists()   # preparing: invisible
+            pool.commit_snapshots([s.id])
+            assert (mnt / ".shadow" / f"{s.id}.img").exists()
+            pool.set_exposed(s.id, "tuesday")
+            assert os.listdir(mnt / "exposed") == ["tuesday.img"]
+            pool.set_exposed(s.id, None)
+            assert os.listdir(mnt / "exposed") == []
+            assert not (mnt / "exposed" / "tuesday.img").exists()
+            pool.delete_volume("w")
+            assert os.listdir(mnt / "volumes") == ["v.img"]
+            pool.resize_volume("v", 16 * MiB)
+            time.sleep(1.2)                                          # attr_timeout
+            assert os.stat(mnt / "volumes" / "v.img").st_size == 16 * MiB
+    finally:
+        pool.close()
+
+
+def test_write_barrier_holds_kernel_writes(tmp_path: Path, mnt: Path) -> None:
+    pool = Pool.create(str(tmp_path / "pool"))
+    try:
+        pool.create_volume("v", 8 * MiB)
+        pool.create_volume("other", 8 * MiB)
+        with InProcMount(pool, mnt) as m:
+            barrier = m.ops.barrier
+            hold = m.call(barrier.hold, ["v"], 10.0)
+            assert hold.flushed
+            done = threading.Event()
+
+            def writer() -> None:
+                fd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
+                try:
+                    os.pwrite(fd, b"held write", 0)
+                finally:
+                    os.close(fd)
+                done.set()
+
+            t = threading.Thread(target=writer, daemon=True)
+            t.start()
+            assert not done.wait(0.5)                 # held: the write waits...
+            assert pool.read("v", 0, 10) == bytes(10)  # ...the store has not seen it...
+            with open(mnt / "volumes" / "v.img", "rb") as f:   # ...reads are not held
+                f.seek(1 * MiB)
+                assert f.read(4) == bytes(4)
+            fd = os.open(mnt / "volumes" / "other.img", os.O_RDWR)
+            try:
+                os.pwrite(fd, b"not held", 0)          # other volumes are not held
+            finally:
+                os.close(fd)
+            assert m.call(_release, barrier, hold) is True
+            assert done.wait(10)                       # ...and completes, never fails
+            t.join(10)
+            assert pool.read("v", 0, 10) == b"held write"
+            # a hold that outlives its deadline auto-releases and says so
+            h2 = m.call(barrier.hold, ["v"], 0.3)
+            time.sleep(0.6)
+            fd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
+            try:
+                os.pwrite(fd, b"after expiry", 0)
+            finally:
+                os.close(fd)
+            assert m.call(_release, barrier, h2) is False
+    finally:
+        pool.close()
+
+
+async def _release(barrier: Any, hold: Any) -> bool:
+    return bool(barrier.release(hold))
+
+
+def test_serve_starts_services_and_stops_on_sigterm(tmp_path: Path, mnt: Path) -> None:
+    """serve() in this process (main thread: trio's signal handling works) with an extra
+    service, as the control socket / coordinator will be started."""
+    from provider.daemon import serve
+
+    pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
+    seen: dict[str, Any] = {}
+
+    async def service(pool: Pool, barrier: Any, nursery: trio.Nursery) -> None:
+        seen["volumes"] = await trio.to_thread.run_sync(os.listdir, mnt / "volumes")
+        seen["ops"] = barrier.ops is not None
+        hold = await barrier.hold(["v"], 5.0)
+        seen["released"] = barrier.release(hold)
+        os.kill(os.getpid(), signal.SIGTERM)   # caught by the daemon's signal receiver
+
+    try:
+        assert serve(str(pool_dir), str(mnt), services=[service]) == 0
+    finally:
+        if mount_state(mnt).state is not MountState.NOT_MOUNTED:
+            force_unmount(mnt)
+    assert seen == {"volumes": ["v.img"], "ops": True, "released": True}
+    assert mount_state(mnt).state is MountState.NOT_MOUNTED
+    Pool.open(str(pool_dir)).close()   # the lock was released
+
+
+def test_invalidate_lun_drops_stale_page_cache(tmp_path: Path, mnt: Path) -> None:
+    pool = Pool.create(str(tmp_path / "pool"))
+    try:
+        pool.create_volume("v", 4 * MiB)
+        pool.write("v", 0, b"before" * 100)
+        with InProcMount(pool, mnt) as m:
+            path = mnt / "volumes" / "v.img"
+            with open(path, "rb") as f:
+                assert f.read(6) == b"before"          # now in the kernel's page cache
+            pool.write("v", 0, b"after!" * 100)         # behind the data path (like revert)
+            with open(path, "rb") as f:
+                assert f.read(6) == b"before"          # keep_cache: still the cached page
+            m.call(m.ops.invalidate_lun, "v")
+            with open(path, "rb") as f:
+                assert f.read(6) == b"after!"
+    finally:
+        pool.close()
