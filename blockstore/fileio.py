@@ -16,6 +16,7 @@ from .errors import SimulatedCrash
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -92,12 +93,15 @@ class DataFile:
         self.dirty = True
 
     def pwritev(self, buffers: list[memoryview], offset: int) -> None:
-        """Consecutive buffers in one system call (no joining copy)."""
+        """Consecutive buffers, IOV_MAX per system call (no joining copy)."""
         self.faults.io(self.role, "write")
-        total = sum(len(b) for b in buffers)
-        done = os.pwritev(self.fd, buffers, offset)
-        if done < total:   # rare short write: finish the rest piecewise
-            self.pwrite(b"".join(bytes(b) for b in buffers)[done:], offset + done)
+        for i in range(0, len(buffers), IOV_MAX):
+            group = buffers[i:i + IOV_MAX]
+            total = sum(len(b) for b in group)
+            done = os.pwritev(self.fd, group, offset)
+            if done < total:   # rare short write: finish the rest piecewise
+                self.pwrite(b"".join(bytes(b) for b in group)[done:], offset + done)
+            offset += total
         self.dirty = True
 
     def sync(self) -> None:

@@ -494,3 +494,17 @@ def test_crash_during_promote(tmp_path):
     assert pool.snapshot(a).kind == "differential"
     assert pool.read(a, 0, 4 * CS) == b"1" * (4 * CS)
     pool.close()
+
+
+def test_group_sync_larger_than_iov_max(pool):
+    """More held chunks than one pwritev can take (IOV_MAX) still reach the origin."""
+    pool.create_volume("v", 8 * MiB)
+    pool.write("v", 0, b"a" * (8 * MiB))
+    a = snap(pool, "v")
+    for off in range(0, 8 * MiB, 64 * 1024):        # 2048 held 4 KiB chunks
+        pool.write("v", off, b"b" * (64 * 1024))
+    pool.flush("v")
+    pool = reopen(pool)
+    assert pool.read("v", 0, 8 * MiB) == b"b" * (8 * MiB)
+    assert pool.read(a, 0, 8 * MiB) == b"a" * (8 * MiB)
+    pool.close()
