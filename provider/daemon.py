@@ -114,6 +114,18 @@ async def _flush_all(pool: Pool) -> None:
             log.error("flushing volume %s: %s", v.name, e)
 
 
+WRITEBACK_PERIOD = 0.05
+
+
+async def writeback_timer(pool: Pool) -> None:
+    """The store holds origin writes to freshly preserved chunks until one grouped sync
+    covers them (blockstore WRITEBACK_*); this timer bounds how long they wait when the
+    writes stop. Runs in a worker thread: it fsyncs."""
+    while True:
+        await trio.sleep(WRITEBACK_PERIOD)
+        await trio.to_thread.run_sync(pool.writeback)
+
+
 async def _serve_async(
     pool: Pool,
     mountpoint: str,
@@ -168,6 +180,7 @@ async def _serve_async(
         async with trio.open_nursery() as nursery:
             await nursery.start(mount_task)
             nursery.start_soon(stop_on_signals, sigs)
+            nursery.start_soon(writeback_timer, pool)
             # ---------------------------------------------------------------------------
             # Other services (control socket, coordinator, background jobs) start HERE, on
             # the same trio loop, after the mount exists. Each gets (pool, barrier, nursery).
