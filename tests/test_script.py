@@ -1,0 +1,465 @@
+"""diskshadow-style scripts (tools/script.py, `shadowplex script FILE`).
+
+Parse-level tests need nothing. The kernel tests run a real daemon (`python -m
+provider.service`: FUSE mount + control socket) as a subprocess and the scripts through
+the real CLI (`python -m tools.cli script`); every one cleans up in `finally` (mounts,
+loop devices, snapshots, volumes it made, the daemon); conftest's session guard fails the
+run if anything is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tools.script import ScriptError, parse_script, run_script_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- parsing
+def test_parse_every_verb_and_the_context_mapping() -> None:
+    text = """
+        # a comment, then blank lines
+
+        SET CONTEXT volatile
+        set context volatile nowriters
+        set context Persistent
+        set context persistent NOWRITERS
+        set context VSS_CTX_APP_ROLLBACK
+        set context 0x19
+        set option plex transportable
+        set metadata /tmp/meta.json
+        set verbose on
+        begin backup
+        add volume data alias DATA
+        add volume /dev/loop7
+        create
+        expose %data% /mnt/snap
+        expose %VSS_SHADOW_2% snapname
+        exec echo %DATA% "$DATA" $(date +%Y%m%d) # the shell's comment
+        unexpose /mnt/snap
+        end backup
+        list shadows
+        list shadows set %VSS_SHADOW_SET%
+        list shadows id {6a3f3b8e-0f62-4c43-9d0a-6c5e1c2b9a11}
+        list writers status
+        list providers
+        revert %DATA%
+        resync %DATA%
+        break writable %VSS_SHADOW_SET%
+        break %DATA%
+        delete shadows all
+        delete shadows volume data
+        delete shadows oldest data
+        delete shadows set %VSS_SHADOW_SET%
+        delete shadows id %DATA%
+        delete shadows exposed snapname
+        exit
+        delete shadows all
+    """
+    stmts = parse_script(text)
+    contexts = [s.args["context"] for s in stmts if s.verb == "set context"]
+    assert contexts == ["backup", "file-share-backup", "app-rollback", "nas-rollback",
+                        "app-rollback", "nas-rollback"]
+    verbs = {s.verb for s in stmts}
+    assert verbs >= {"set option", "set metadata", "set verbose", "begin backup", "add volume",
+                     "create", "expose", "exec", "unexpose", "end backup", "list shadows",
+                     "list writers", "list providers", "revert", "resync", "break",
+                     "delete shadows", "exit"}
+    ex = next(s for s in stmts if s.verb == "exec")
+    assert ex.args["cmd"] == 'echo %DATA% "$DATA" $(date +%Y%m%d) # the shell\'s comment'
+    opt = next(s for s in stmts if s.verb == "set option")
+    assert opt.args["options"] == ["PLEX", "TRANSPORTABLE"]
+
+
+BAD = [
+    ("set context backup\nbegin backup\nfrobnicate volume x\n", 3, "unknown verb 'frobnicate'"),
+    ("create\n", 1, "nothing to create"),
+    ("begin backup\nadd volume data\nadd volume logs alias\ncreate\n", 3, "usage: add volume"),
+    ("add volume a alias A\nexpose %A% /x\ncreate\n", 2, "only after its 'create'"),
+    ("add volume a\ncreate\nexpose %B% /x\n", 3, "alias %B% is not defined"),
+    ("exec echo %A%\nadd volume a alias A\ncreate\n", 1, "used before it is defined (line 2)"),
+    ("add volume a alias A\ncreate\ndelete shadows set %A%\n", 3, "a set id is expected"),
+    ("revert %VSS_SHADOW_SET%\n", 1, "defined by 'create'"),
+    ("add volume a alias A\nadd volume b alias a\ncreate\n", 2, "already defined on line 1"),
+    ("add volume a\nadd volume a\ncreate\n", 2, "already in this set"),
+    ("add volume a\nset context backup\ncreate\n", 2, "cannot change while a set is being"),
+    ("add volume a\n", 1, "never created"),
+    ("end backup\n", 1, "without 'begin backup'"),
+    ("begin backup\nend backup\n", 2, "no set was created since"),
+    ("set context clientaccessible\n", 1, "system provider"),
+    ("set context sometimes\n", 1, "unknown snapshot context"),
+    ("set option differential plex\n", 1, "exclude each other"),
+    ("set option rollbackrecover\n", 1, "not supported"),
+    ("set verbose maybe\n", 1, "set verbose on|off"),
+    ("add volume a\ncreate\nload metadata backup.cab\nimport\n", 3, "not supported yet"),
+    ("import\n", 1, "not supported yet"),
+    ("begin restore\n", 1, "not supported"),
+    ("expose 1234 /x\n", 1, "expected %ALIAS% or an id"),
+    ("add volume ../etc\n", 1, "not a volume name"),
+    ("exec\n", 1, "exec needs a command"),
+    ("unexpose 'unterminated\n", 1, "cannot split the line"),
+    ("list shadows sometimes\n", 1, "usage: list shadows"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "fragment"), BAD)
+def test_parse_errors_name_the_line(text: str, line: int, fragment: str) -> None:
+    with pytest.raises(ScriptError) as ei:
+        parse_script(text)
+    assert ei.value.line == line
+    assert fragment in ei.value.message
+
+
+def test_parse_error_exits_2_before_connecting(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    script = tmp_path / "bad.dsh"
+    script.write_text("set context backup\n\nset option sparkly\n")
+    # no daemon at this socket: the parse error comes first, nothing is contacted
+    assert run_script_file(str(script), socket=str(tmp_path / "none.sock")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{script}:3: set option: unknown option 'sparkly'")
+    assert len(err.splitlines()) == 1
+
+
+def test_unreadable_script_and_missing_daemon(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_script_file(str(tmp_path / "missing.dsh")) == 2
+    assert "cannot read script" in capsys.readouterr().err
+    ok = tmp_path / "ok.dsh"
+    ok.write_text("list providers\n")
+    assert run_script_file(str(ok), socket=str(tmp_path / "none.sock")) == 1
+    assert "VSS_E_PROVIDER_NOT_REGISTERED" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- kernel
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    base: Path
+    mount: str
+    socket: str
+    log: str
+
+    def client(self) -> object:
+        from provider.client import Client
+        return Client(self.socket, client="test-script")
+
+    def log_text(self) -> str:
+        return Path(self.log).read_text(errors="replace")
+
+    def image(self, vol: str) -> str:
+        return os.path.join(self.mount, "volumes", f"{vol}.img")
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60, check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
+    return res
+
+
+def _stop(d: Daemon) -> None:
+    from fuse_mount import loopdev
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            d.proc.wait(20)
+    if d.proc.poll() is None:
+        _run("fusermount3", "-u", "-z", d.mount, check=False)
+        d.proc.kill()
+        d.proc.wait(10)
+    if loopdev.is_mountpoint(d.mount):
+        _run("fusermount3", "-u", "-z", d.mount, check=False)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    try:
+        from conftest import require_kernel
+    except ImportError:  # pragma: no cover - conftest is always there under pytest
+        pass
+    else:
+        require_kernel()
+    for tool in ("mkfs.ext4", "dd"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed")
+    from blockstore import Pool
+    from fuse_mount import loopdev
+    base = tmp_path_factory.mktemp("script")
+    pool = str(base / "pool")
+    mount = str(base / "mnt")
+    os.makedirs(mount)
+    p = Pool.create(pool)
+    for name, size in (("data", 64 << 20), ("logs", 8 << 20), ("nas", 8 << 20)):
+        p.create_volume(name, size)
+    p.close()
+    sockdir = tempfile.mkdtemp(prefix="spx-script-")   # short: sun_path is 108 bytes
+    sock = os.path.join(sockdir, "ctl.sock")
+    log = str(base / "daemon.log")
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "provider.service", "--pool", pool, "--mount", mount,
+             "--socket", sock, "--config", json.dumps({"hooks_dir": None})],
+            cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=logf, stderr=subprocess.STDOUT)
+    d = Daemon(proc, base, mount, sock, log)
+    try:
+        deadline = time.monotonic() + 30
+        while not (os.path.ismount(mount) and os.path.exists(sock)):
+            assert proc.poll() is None, f"daemon exited:\n{d.log_text()}"
+            assert time.monotonic() < deadline, f"daemon did not come up:\n{d.log_text()}"
+            time.sleep(0.05)
+        dev = loopdev.attach(d.image("data"), read_only=False)
+        try:
+            _run("mkfs.ext4", "-q", "-F", dev)
+        finally:
+            loopdev.detach(dev)
+        yield d
+    finally:
+        _stop(d)
+        shutil.rmtree(sockdir, ignore_errors=True)
+    assert "Traceback" not in d.log_text()
+
+
+def script(d: Daemon, name: str, text: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    path = d.base / name
+    path.write_text(text)
+    res = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "--socket", d.socket, "script", str(path)],
+        cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+        text=True, timeout=120, check=False)
+    return res, str(path)
+
+
+def _nothing_left(d: Daemon, c: object, *mounts: Path) -> None:
+    """No snapshot, no set in creation, no exposure mount, no loop device but the
+    origins' own."""
+    from fuse_mount import loopdev
+    assert c.snapshot_list() == []          # type: ignore[attr-defined]
+    assert c.set_list() == []               # type: ignore[attr-defined]
+    assert c.status()["creating"] is None   # type: ignore[attr-defined]
+    for m in mounts:
+        assert not loopdev.is_mountpoint(m), m
+    backing = [b for _, b in loopdev.loops_under(d.mount)]
+    assert all("/volumes/" in b for b in backing), backing
+
+
+@pytest.mark.kernel
+def test_backup_script_uses_every_backup_verb(daemon: Daemon) -> None:
+    from fuse_mount import loopdev
+    d = daemon
+    fs, snap, out = d.base / "fs1", d.base / "snap1", d.base / "out1"
+    for p in (fs, snap, out):
+        p.mkdir()
+    meta = out / "meta.json"
+    dev = loopdev.attach(d.image("data"), read_only=False)
+    try:
+        _run("mount", dev, str(fs))
+        try:
+            (fs / "hello.txt").write_text("consistent\n")    # dirty: fsfreeze flushes it
+            res, path = script(d, "backup.dsh", f"""\
+# nightly backup of data and logs, diskshadow style
+set context volatile
+set option differential
+set metadata {meta}
+set verbose off
+begin backup
+add volume data alias DATA
+add volume logs alias LOGS
+create
+expose %DATA% {snap}
+exec echo changed > {fs}/hello.txt && sync && test "$(cat {snap}/hello.txt)" = consistent
+exec test "$DATA" = "%DATA%" && test "$LOGS" = "$VSS_SHADOW_2" && echo $VSS_SHADOW_SET >{out}/s
+list shadows all
+list shadows set %VSS_SHADOW_SET%
+list shadows id %LOGS%
+list writers
+list providers
+unexpose {snap}
+expose %LOGS% logsnap
+exec test -f {d.mount}/exposed/logsnap.img
+unexpose logsnap
+expose %DATA% {snap}
+delete shadows exposed {snap}
+end backup
+delete shadows set %VSS_SHADOW_SET%
+exit
+delete shadows all
+""")
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert res.stderr == ""
+            o = res.stdout
+            assert "set context backup (VSS_CTX_BACKUP 0x0, auto-release" in o
+            assert "create: snapshot set" in o and "%DATA%" in o and "[differential]" in o
+            assert f"mounted read-only at {snap}" in o
+            assert "PROVIDER ID" in o and "fsfreeze" in o and "WRITER" in o
+            assert "end backup: BackupComplete for set" in o and "notified: fsfreeze" in o
+            assert "delete shadows exposed" in o and "1 snapshot(s) deleted" in o
+            assert "delete shadows all" not in o        # after exit: never run
+            doc = json.loads(meta.read_text())
+            (s,) = doc["sets"]
+            assert s["context"] == "backup" and set(s["aliases"]) == {"DATA", "LOGS"}
+            assert len(s["snapshots"]) == 2
+            assert (out / "s").read_text().strip() == s["set_id"]
+            assert (fs / "hello.txt").read_text() == "changed\n"
+            with d.client() as c:                  # type: ignore[attr-defined]
+                _nothing_left(d, c, snap)
+        finally:
+            _run("umount", str(fs), check=False)
+    finally:
+        loopdev.detach(dev)
+
+
+@pytest.mark.kernel
+def test_nas_rollback_revert_resync_break(daemon: Daemon) -> None:
+    d = daemon
+    img = d.image("nas")
+    with open(img, "r+b") as f:
+        f.write(b"v1v1")
+    made = ["nas-break-1", "nas-break-2"]
+    try:
+        dd = f"dd of={img} bs=4 count=1 conv=notrunc,fsync status=none"
+        res, path = script(d, "rollback.dsh", f"""\
+set context persistent nowriters
+set option plex
+add volume nas alias N1
+create
+exec printf v2v2 | {dd} && test "$(head -c 4 {img})" = v2v2
+revert %N1%
+exec test "$(head -c 4 {img})" = v1v1
+exec printf v3v3 | {dd}
+resync %N1%
+exec test "$(head -c 4 {img})" = v1v1
+set option differential
+add volume nas alias N2
+create
+break writable %VSS_SHADOW_SET%
+break %N1%
+add volume nas alias KEEP1
+create
+add volume nas alias KEEP2
+create
+list shadows
+""")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "set context nas-rollback (VSS_CTX_NAS_ROLLBACK 0x19, persistent)" in res.stdout
+        assert "now volume nas-break-1 (read-write)" in res.stdout
+        assert "now volume nas-break-2 (read-write)" in res.stdout
+        assert f"{path}:15: note: 'break' without 'writable'" in res.stderr
+        assert "released" not in res.stdout            # persistent: nothing released
+        with d.client() as c:                           # type: ignore[attr-defined]
+            vols = {v["name"]: v for v in c.volume_list()}
+            for name in made:
+                assert name in vols and vols[name]["naa"] != vols["nas"]["naa"]
+                with open(d.image(name), "rb") as f:
+                    assert f.read(4) == b"v1v1"
+            left = c.snapshot_list()
+            assert [s["volume"] for s in left] == ["nas", "nas"]   # outlived the script
+            assert {s["context"] for s in left} == {"nas-rollback"}
+            oldest = min(left, key=lambda s: s["creation_timestamp"])["snapshot_id"]
+        res, _ = script(d, "cleanup.dsh", "delete shadows oldest nas\nlist shadows\n"
+                        "delete shadows volume nas\ndelete shadows all\n")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.count("1 snapshot(s) deleted") == 2
+        assert "delete shadows all: 0 snapshot(s) deleted" in res.stdout
+        assert oldest not in res.stdout.split("delete shadows oldest nas")[1]
+        with d.client() as c:                           # type: ignore[attr-defined]
+            _nothing_left(d, c)
+    finally:
+        with d.client() as c:                           # type: ignore[attr-defined]
+            for s in c.snapshot_list(volume="nas"):
+                c.snapshot_delete(snapshot_id=s["snapshot_id"], unexpose=True)
+            names = {v["name"] for v in c.volume_list()}
+            for name in made:
+                if name in names:
+                    c.volume_delete(name)
+
+
+@pytest.mark.kernel
+def test_syntax_error_on_line_3_changes_nothing(daemon: Daemon) -> None:
+    d = daemon
+    log_before = len(d.log_text())
+    res, path = script(d, "typo.dsh", "begin backup\nadd volume data alias D\n"
+                       "add volume logs alias\ncreate\nend backup\n")
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"{path}:3: usage: add volume NAME [alias ALIAS]")
+    assert res.stdout == ""
+    new_log = d.log_text()[log_before:]
+    # the daemon was not even contacted (earlier sessions may still log their close)
+    assert not re.search(r"requester session \d+ opened", new_log), new_log
+    with d.client() as c:                               # type: ignore[attr-defined]
+        _nothing_left(d, c)
+
+
+@pytest.mark.kernel
+def test_failure_while_running_cleans_up(daemon: Daemon) -> None:
+    d = daemon
+    snap = d.base / "snap4"
+    snap.mkdir()
+    try:
+        res, path = script(d, "fails.dsh", f"""\
+set context backup
+begin backup
+add volume data alias D
+create
+expose %D% {snap}
+exec test -d {snap}/lost+found
+exec exit 3
+end backup
+""")
+        assert res.returncode == 1, res.stdout + res.stderr
+        lines = res.stderr.splitlines()
+        assert lines[0] == f"{path}:7: exec: the command exited with status 3"
+        assert any(x.startswith("cleanup: unexposed snapshot") for x in lines)
+        assert any(x.startswith("cleanup: released auto-release snapshot set") for x in lines)
+        with d.client() as c:                           # type: ignore[attr-defined]
+            _nothing_left(d, c, snap)
+
+        # a set still being composed is aborted; a daemon error names its line
+        res, path = script(d, "fails2.dsh", "add volume data\nexec false\ncreate\n")
+        assert res.returncode == 1
+        assert res.stderr.startswith(f"{path}:2: exec: the command exited with status 1")
+        assert "cleanup: aborted snapshot set" in res.stderr
+        res, path = script(d, "fails3.dsh", "add volume data\nadd volume nosuch\ncreate\n")
+        assert res.returncode == 1
+        assert res.stderr.startswith(f"{path}:2: add volume: VSS_E_OBJECT_NOT_FOUND")
+        with d.client() as c:                           # type: ignore[attr-defined]
+            _nothing_left(d, c, snap)
+    finally:
+        from fuse_mount import loopdev
+        if loopdev.is_mountpoint(snap):
+            _run("umount", str(snap), check=False)
+
+
+@pytest.mark.kernel
+def test_quiet_prints_only_what_was_listed(daemon: Daemon) -> None:
+    d = daemon
+    path = d.base / "quiet.dsh"
+    path.write_text("set context nas-rollback\nadd volume logs alias L\ncreate\n"
+                    "list shadows id %L%\ndelete shadows id %L%\nlist providers\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "-q", "--socket", d.socket, "script", str(path)],
+        cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+        text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    lines = res.stdout.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("ID ") and lines[2].startswith("PROVIDER ID")
+    assert " logs " in lines[1] and "nas-rollback" in lines[1]
+    with d.client() as c:                               # type: ignore[attr-defined]
+        _nothing_left(d, c)
