@@ -338,13 +338,12 @@ class Coordinator:
                 name = path[len(vdir):-len(".img")]
                 if name in names:
                     return name
-        # Never stat a path under our own mount here: this runs on the trio thread that
-        # serves the FUSE requests such a stat would wait for.
-        ours = bool(self.mountpoint) and path.startswith(self.mountpoint.rstrip("/") + "/")
-        if ours or os.path.exists(spec) or os.path.exists(path):
-            raise _vss("VSS_E_VOLUME_NOT_SUPPORTED", f"{spec} is not a volume of pool "
-                       f"{self.pool.path}; shadowplex snapshots only its own volumes")
-        raise _vss("VSS_E_OBJECT_NOT_FOUND", f"no volume {spec!r} in pool {self.pool.path}")
+        # No stat here, of any path: this runs on the trio thread that serves the FUSE
+        # requests a stat under our mount -- or on a filesystem stacked on one of our
+        # volumes -- would wait for. A path is a device name: ours, or not supported.
+        raise _vss("VSS_E_VOLUME_NOT_SUPPORTED", f"{spec} is not a volume of pool "
+                   f"{self.pool.path}; shadowplex snapshots only its own volumes (by name, "
+                   "MOUNT/volumes/<name>.img, or a loop device on one)")
 
     def _is_snapshot(self, key: str) -> bool:
         try:
@@ -807,6 +806,7 @@ class Coordinator:
         return snaps
 
     def set_list(self) -> list[dict[str, Any]]:
+        self._prune_records()
         out = [s.to_json() for s in self._sets.values()]
         for rec in self._records.values():
             if rec.set_id in self._sets:
@@ -1025,12 +1025,18 @@ class Coordinator:
         problems = list(problems) + self._check_catalog()
         return {"ok": not problems, "problems": problems}
 
+    def _prune_records(self) -> None:
+        """Forget sets whose snapshots are all gone behind our back (the store deletes the
+        oldest snapshot of an origin whose diff area overflows, as VSS does)."""
+        live = {s.set_id or s.id for s in self.pool.list_snapshots()}
+        for sid in [x for x in self._records if x not in live and x not in self._sets]:
+            log.warning("snapshot set %s has no snapshots left (deleted by the store): "
+                        "forgetting it", sid)
+            self._drop_record(sid)
+
     def _check_catalog(self) -> list[str]:
+        self._prune_records()
         out = []
-        for sid in self._records:
-            if not self._set_members(sid):
-                out.append(f"snapshot set {sid}: recorded by the coordinator but has no "
-                           "snapshots in the pool")
         for sid, m in self._mounts.items():
             if not self._is_snapshot(sid):
                 out.append(f"mount record for missing snapshot {sid} at {m.mountpoint}")

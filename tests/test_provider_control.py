@@ -278,10 +278,7 @@ def test_disconnect_mid_creation_aborts_and_thaws(tmp_path: Path, sockdir: str,
         async def hook(s: SnapshotSet, st: SnapshotState) -> None:
             if st == state:
                 entered.set()
-                if st == SS.PROCESSING_COMMIT:
-                    # hold writes first, like a commit that takes its time
-                    await trio.sleep(0.2)
-                await trio.sleep_forever()
+                await trio.sleep_forever()     # until the disconnect cancels set.do
 
         srv.call(lambda: setattr(srv.coord, "state_hook", hook))
         c = Client(srv.socket_path)

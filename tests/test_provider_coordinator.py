@@ -732,3 +732,15 @@ def test_multi_volume_set_is_one_instant(env: Env) -> None:
         ahead = "a" if va > vb else "b"
         assert ahead == first, (va, vb)
     assert len({p for p in pairs}) == len(pairs)   # the counter moved between sets
+
+
+def test_sets_deleted_by_the_store_are_forgotten(env: Env) -> None:
+    """Diff-area overflow deletes snapshots behind the coordinator's back (VSS
+    behaviour): the set record goes, check stays clean."""
+    async def fn(c: Coordinator) -> None:
+        r = await c.create(c.open_session(), ["a"], "nas-rollback")
+        env.pool.delete_snapshot(r["snapshots"][0]["snapshot_id"])   # as _overflow does
+        assert c.set_list() == []
+        assert (await c.check()) == {"ok": True, "problems": []}
+        assert c.catalog.sets() == {}
+    env.run(fn)
