@@ -508,3 +508,47 @@ def test_group_sync_larger_than_iov_max(pool):
     assert pool.read("v", 0, 8 * MiB) == b"b" * (8 * MiB)
     assert pool.read(a, 0, 8 * MiB) == b"a" * (8 * MiB)
     pool.close()
+
+
+def test_scrub_seals_full_copies_and_finds_rot(pool):
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, os.urandom(8 * CS))
+    p = snap(pool, "v", "plex")
+    assert pool.scrub() == []
+    assert pool.snapshot(p).file_id and pool._snaps[p].sealed
+    img = pool._img(pool.snapshot(p).file_id)
+    with open(img, "r+b") as f:          # bit rot in chunk 3 of the plex
+        f.seek(3 * CS + 7)
+        f.write(b"\xff")
+    problems = pool.scrub()
+    assert any("chunk 3 fails its checksum" in x for x in problems), problems
+    pool.delete_snapshot(p)
+
+
+def test_check_reports_damaged_header_and_open_repairs_it(pool):
+    pool.create_volume("v", MiB)
+    hdr = pool.image_path("v")[:-4] + ".hdr"
+    with open(hdr, "w") as f:
+        f.write('{"format": "shadowplex-lun", "naa": "6000", "size": 1}')
+    assert any("header field(s)" in x and "naa" in x for x in pool.check())
+    pool = reopen(pool)
+    assert pool.check() == []
+    pool.close()
+
+
+def test_revert_to_invalid_snapshot_refused(tmp_path):
+    faults = Faults()
+    pool = Pool.create(str(tmp_path / "p"), chunk_size=CS, faults=faults)
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"o" * CS)
+    a = snap(pool, "v")
+    faults.arm_error("diff", "sync", errno.EIO, count=1)
+    pool.write("v", 0, b"n" * CS)
+    pool.flush("v")
+    with pytest.raises(errors.SnapshotInvalid):
+        pool.revert("v", a)
+    with pytest.raises(errors.SnapshotInvalid):
+        pool.promote(a)
+    assert pool.read("v", 0, CS) == b"n" * CS       # nothing changed
+    pool.delete_snapshot(a)
+    pool.close()
