@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml $(PKG_INITS)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "venv: '$(PYTHON)' is $$($(PYTHON) -V 2>&1 || echo missing); shadowplex needs Python >= 3.11." \
 	       "Put one first on PATH or run: make PYTHON=/path/to/python3.11 setup" >&2; exit 1; }
-	@if ! $(VPY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+	@if ! $(VPY) -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
 	  echo "venv: creating $(VENV) with $$($(PYTHON) -V 2>&1)"; \
 	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); \
 	fi
