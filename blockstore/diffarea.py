@@ -168,19 +168,32 @@ class DiffArea:
             end += 1
         return slots
 
-    def preserve(self, items: list[tuple[int, bytes]], epoch: int) -> None:
+    def preserve(self, items: list[tuple[int, bytes | bytearray]], epoch: int) -> None:
         """Copy the old contents of these chunks into slots and map them to `epoch`.
 
-        items: (chunk index, full-chunk old content). The slot data is written now; the
-        map records wait for harden(), which the caller must run before it overwrites
-        those chunks in the origin. Raises OSError (ENOSPC, EIO) with nothing recorded.
+        items: (chunk index, full-chunk old content). The slot data is written now (one
+        pwritev per run of consecutive slots); the map records wait for harden(), which
+        the caller must run before it overwrites those chunks in the origin. Raises
+        OSError (ENOSPC, EIO) with nothing recorded.
         """
+        cs = self.chunk_size
+        zero_chunk = self.zero_chunk
+        digest = xxhash.xxh3_64_intdigest
         batch = []
+        run: list[bytes | bytearray] = []
+        run_slot = 0
         for slot, (chunk, old) in zip(self._alloc_slots(len(items)), items, strict=True):
-            zero = old == self.zero_chunk
+            zero = old == zero_chunk
             if not zero:
-                self.data.pwrite(old, slot * self.chunk_size)
-            batch.append((slot, chunk, zero, 0 if zero else xxhash.xxh3_64_intdigest(old)))
+                if run and slot != run_slot + len(run):
+                    self.data.pwritev(run, run_slot * cs)  # type: ignore[arg-type]
+                    run = []
+                if not run:
+                    run_slot = slot
+                run.append(old)
+            batch.append((slot, chunk, zero, 0 if zero else digest(old)))
+        if run:
+            self.data.pwritev(run, run_slot * cs)  # type: ignore[arg-type]
         table = self.tables.get(epoch)
         if table is None:
             table = self.tables[epoch] = EpochTable()

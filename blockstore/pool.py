@@ -519,24 +519,24 @@ class Pool:
         self.generation += 1
 
     # -- the data path -------------------------------------------------------------------------
-    @_locked
     def read(self, key: str, offset: int, length: int) -> bytes:
-        lun = self._lun(key)
-        if offset < 0 or length < 0:
-            raise OutOfRange(f"invalid read at offset {offset} length {length}")
-        end = min(offset + length, lun.size)
-        if offset >= end:
-            return b""
-        if isinstance(lun, _Volume):
-            return self._read_origin(lun, offset, end - offset)
-        return self._read_snapshot(lun, offset, end)
+        with self._lock:   # (inline rather than @_locked: this is the hot path)
+            lun = self._volumes.get(key) or self._lun(key)
+            if offset < 0 or length < 0:
+                raise OutOfRange(f"invalid read at offset {offset} length {length}")
+            end = min(offset + length, lun.size)
+            if offset >= end:
+                return b""
+            if isinstance(lun, _Volume):
+                return self._read_origin(lun, offset, end - offset)
+            return self._read_snapshot(lun, offset, end)
 
     def _read_origin(self, v: _Volume, offset: int, length: int) -> bytes:
         data = v.file.pread(length, offset)
         if len(data) < length:   # origin shorter than a snapshot after a shrinking revert
             data += bytes(length - len(data))
         if not v.pending:
-            return data
+            return data   # the bytes os.pread made: no copy
         cs, end = self.chunk_size, offset + length
         held = [c for c in range(offset // cs, (end - 1) // cs + 1) if c in v.pending]
         if not held:
@@ -741,7 +741,7 @@ class Pool:
             if not v.pending:
                 v.pending_since = time.monotonic()
             for c, old in items:
-                v.pending[c] = bytearray(old)
+                v.pending[c] = old   # a fresh bytearray from _read_chunks: no copy
             return
 
     def _chunks_needing_copy(self, v: _Volume, first: int, last: int) -> list[int]:
@@ -759,8 +759,10 @@ class Pool:
                 da.cowed_latest.set(c)   # no live snapshot needs it until the next commit
         return need
 
-    def _read_chunks(self, v: _Volume, chunks: list[int]) -> list[tuple[int, bytes]]:
-        """Full-chunk old contents, one pread per run of consecutive chunks."""
+    def _read_chunks(self, v: _Volume, chunks: list[int]) -> list[tuple[int, bytearray]]:
+        """Full-chunk old contents, one pread per run of consecutive chunks. Each content
+        is a fresh bytearray that nothing else references: once preserved it becomes the
+        chunk's pending buffer as is (one copy per chunk, not two)."""
         cs = self.chunk_size
         out = []
         i = 0
@@ -769,8 +771,8 @@ class Pool:
             while j + 1 < len(chunks) and chunks[j + 1] == chunks[j] + 1:
                 j += 1
             n = j - i + 1
-            raw = self._read_origin(v, chunks[i] * cs, n * cs)
-            out.extend((chunks[i + k], raw[k * cs:(k + 1) * cs]) for k in range(n))
+            raw = memoryview(self._read_origin(v, chunks[i] * cs, n * cs))
+            out.extend((chunks[i + k], bytearray(raw[k * cs:(k + 1) * cs])) for k in range(n))
             i = j + 1
         return out
 

@@ -6,6 +6,9 @@
     MOUNT/exposed/<name>.img    snapshots with an exposure name, read-only (0444)
     MOUNT/.shadow/              (0711) readdir returns NOTHING; lookup of the exact name
     MOUNT/.shadow/<id>.img      works for every committed snapshot (its device path), 0444
+    MOUNT/hosts/<host>/         another host's view, same layout (volumes/, exposed/,
+                                .shadow/): LUN masking, see `presented` / `_mask()`; the
+                                root shows only the LUNs presented to `local_host`
 
 Inode numbers are stable across daemon restarts: 1 root, 2 volumes/, 3 exposed/,
 4 .shadow/, volumes 1000 + VolumeInfo.id, snapshots (1 << 62) | xxh64(snapshot id) in a
@@ -57,6 +60,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat
 import time
 from dataclasses import dataclass, field
@@ -67,7 +71,7 @@ import trio
 import xxhash
 
 from .barrier import WriteBarrier
-from .errors import fuse_errors
+from .errors import fuse_errors, to_fuse_error
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,9 @@ ROOT_INO = pyfuse3.ROOT_INODE  # 1
 VOLUMES_INO = 2
 EXPOSED_INO = 3
 SHADOW_INO = 4
+HOSTS_INO = 5          # MOUNT/hosts/: one directory per other host (LUN masking)
 VOLUME_INO_BASE = 1000
+HOST_INO_BASE = 1 << 61  # host views: base + 4 * n + (0 root, 1 volumes, 2 exposed, 3 .shadow)
 SNAP_INO_BIT = 1 << 62
 SNAP_INO_MASK = SNAP_INO_BIT - 1
 
@@ -83,12 +89,15 @@ IMG = ".img"
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-DIR_NAMES = {VOLUMES_INO: b"volumes", EXPOSED_INO: b"exposed", SHADOW_INO: b".shadow"}
+DIR_NAMES = {VOLUMES_INO: b"volumes", EXPOSED_INO: b"exposed", SHADOW_INO: b".shadow",
+             HOSTS_INO: b"hosts"}
+VIEW_KINDS = (VOLUMES_INO, EXPOSED_INO, SHADOW_INO)  # a host view's subdirectories
 DIR_MODES = {
     ROOT_INO: stat.S_IFDIR | 0o755,
     VOLUMES_INO: stat.S_IFDIR | 0o755,
     EXPOSED_INO: stat.S_IFDIR | 0o755,
     SHADOW_INO: stat.S_IFDIR | 0o711,  # traversable, not listable
+    HOSTS_INO: stat.S_IFDIR | 0o755,
 }
 LUN_TIMEOUT = 1.0     # entry/attr cache for LUNs (sizes and names may change via the API)
 DIR_TIMEOUT = 300.0   # the fixed directories never change
@@ -119,8 +128,21 @@ class Tree:
     shadow: dict[bytes, Lun] = field(default_factory=dict)     # b"<id>.img" -> Lun
     by_ino: dict[int, Lun] = field(default_factory=dict)
     dir_mtime_ns: dict[int, int] = field(default_factory=dict)
+    # other hosts' views (LUN masking): MOUNT/hosts/<host>/{volumes,exposed,.shadow}
+    hosts: dict[bytes, int] = field(default_factory=dict)          # host -> its root ino
+    host_dirs: dict[int, int] = field(default_factory=dict)        # view dir ino -> kind
+    views: dict[int, dict[bytes, Lun]] = field(default_factory=dict)  # view dir -> LUNs
+
+    def is_dir(self, ino: int) -> bool:
+        return ino in DIR_MODES or ino in self.host_dirs
+
+    def kind(self, ino: int) -> int:
+        """ROOT/VOLUMES/EXPOSED/SHADOW_INO (or HOSTS_INO) for any directory inode."""
+        return self.host_dirs.get(ino, ino)
 
     def children(self, ino: int) -> dict[bytes, Lun] | None:
+        if ino in self.views:
+            return self.views[ino]
         if ino == VOLUMES_INO:
             return self.volumes
         if ino == EXPOSED_INO:
@@ -158,6 +180,14 @@ class ShadowOperations(pyfuse3.Operations):
         self._write_mtime_ns: dict[int, int] = {}  # volume inode -> last write time
         self._started_ns = time.time_ns()
         self.mounted = False                    # set by init() once the kernel connects
+        # LUN masking (the coordinator sets these, then calls refresh()): the hosts each
+        # LUN (volume name / snapshot id) is presented to; a LUN not in ``presented`` is
+        # presented to ``local_host`` only. The root shows local_host's view; every other
+        # host in ``known_hosts`` or ``presented`` gets MOUNT/hosts/<host>/.
+        self.local_host = socket.gethostname()
+        self.presented: dict[str, frozenset[str]] = {}
+        self.known_hosts: set[str] = set()
+        self._host_ino: dict[str, int] = {}     # host -> its view's base inode (this run)
         self._tree = self._build(self.pool.generation)
 
     # ------------------------------------------------------------------ tree
@@ -194,6 +224,7 @@ class ShadowOperations(pyfuse3.Operations):
             if s.exposed_name:
                 t.exposed[os.fsencode(s.exposed_name) + b".img"] = lun
             t.by_ino[lun.ino] = lun
+        self._mask(t)
         try:
             pool_mtime = int(os.stat(self.pool.path).st_mtime_ns)
         except (OSError, AttributeError, TypeError):
@@ -203,6 +234,33 @@ class ShadowOperations(pyfuse3.Operations):
             t.dir_mtime_ns[ino] = max((lun.created_ns for lun in kids.values()), default=pool_mtime)
         t.dir_mtime_ns[ROOT_INO] = max(t.dir_mtime_ns.values())
         return t
+
+    def hosts_of(self, key: str) -> frozenset[str]:
+        """The hosts a LUN is presented to."""
+        return self.presented.get(key) or frozenset((self.local_host,))
+
+    def _mask(self, t: Tree) -> None:
+        """Split the full tree into the local view (the root) and the other hosts' views."""
+        full = {VOLUMES_INO: t.volumes, EXPOSED_INO: t.exposed, SHADOW_INO: t.shadow}
+        others = set(self.known_hosts)
+        for hs in self.presented.values():
+            others |= hs
+        others.discard(self.local_host)
+        for host in sorted(others):
+            base = self._host_ino.get(host)
+            if base is None:
+                base = self._host_ino[host] = HOST_INO_BASE + 4 * len(self._host_ino)
+            t.hosts[os.fsencode(host)] = base
+            t.host_dirs[base] = ROOT_INO
+            for i, kind in enumerate(VIEW_KINDS, 1):
+                t.host_dirs[base + i] = kind
+                t.views[base + i] = {n: lun for n, lun in full[kind].items()
+                                     if host in self.hosts_of(lun.key)}
+        if self.presented:
+            local = self.local_host
+            t.volumes, t.exposed, t.shadow = ({n: lun for n, lun in d.items()
+                                               if local in self.hosts_of(lun.key)}
+                                              for d in (t.volumes, t.exposed, t.shadow))
 
     def tree(self) -> Tree:
         """The current tree, rebuilt if the pool's generation moved."""
@@ -226,7 +284,7 @@ class ShadowOperations(pyfuse3.Operations):
             if lun is not None:
                 h.lun = lun
         if self.mounted:
-            for dino in (VOLUMES_INO, EXPOSED_INO, SHADOW_INO):
+            for dino in (VOLUMES_INO, EXPOSED_INO, SHADOW_INO, *old.views):
                 before, after = old.children(dino) or {}, new.children(dino) or {}
                 for name, lun in before.items():
                     if name not in after or after[name].ino != lun.ino:
@@ -252,8 +310,8 @@ class ShadowOperations(pyfuse3.Operations):
     def _dir_attr(self, ino: int, t: Tree) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
-        a.st_mode = DIR_MODES[ino]
-        a.st_nlink = 5 if ino == ROOT_INO else 2
+        a.st_mode = DIR_MODES[t.kind(ino)]
+        a.st_nlink = 6 if ino == ROOT_INO else 2
         a.st_uid, a.st_gid = self.uid, self.gid
         a.st_size = 0
         a.st_blksize = 4096
@@ -280,7 +338,7 @@ class ShadowOperations(pyfuse3.Operations):
         return a
 
     def _attr(self, ino: int, t: Tree, fresh_size: bool = False) -> pyfuse3.EntryAttributes:
-        if ino in DIR_MODES:
+        if t.is_dir(ino):
             return self._dir_attr(ino, t)
         lun = t.by_ino.get(ino)
         if lun is None:
@@ -312,6 +370,16 @@ class ShadowOperations(pyfuse3.Operations):
                 if n == name:
                     return self._dir_attr(ino, t)
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if parent_inode == HOSTS_INO:
+            base = t.hosts.get(name)
+            if base is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._dir_attr(base, t)
+        if t.host_dirs.get(parent_inode) == ROOT_INO:   # MOUNT/hosts/<host>/
+            for i, kind in enumerate(VIEW_KINDS, 1):
+                if DIR_NAMES[kind] == name:
+                    return self._dir_attr(parent_inode + i, t)
+            raise pyfuse3.FUSEError(errno.ENOENT)
         kids = t.children(parent_inode)
         if kids is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR if parent_inode in t.by_ino else errno.ENOENT)
@@ -327,7 +395,7 @@ class ShadowOperations(pyfuse3.Operations):
     @fuse_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         t = self.tree()
-        if inode in DIR_MODES:
+        if t.is_dir(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
         lun = t.by_ino.get(inode)
         if lun is None:
@@ -352,7 +420,7 @@ class ShadowOperations(pyfuse3.Operations):
         return self._attr(inode, t, fresh_size=True)
 
     def _refuse_namespace(self, parent_inode: int) -> None:
-        if parent_inode in (EXPOSED_INO, SHADOW_INO):
+        if self._tree.kind(parent_inode) in (EXPOSED_INO, SHADOW_INO):
             raise pyfuse3.FUSEError(errno.EROFS)
         raise pyfuse3.FUSEError(errno.EPERM)  # LUNs are created/removed through the API
 
@@ -387,8 +455,8 @@ class ShadowOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any = None) -> int:
-        if inode not in DIR_MODES:
-            t = self.tree()
+        t = self.tree()
+        if not t.is_dir(inode):
             raise pyfuse3.FUSEError(errno.ENOTDIR if inode in t.by_ino else errno.ENOENT)
         return inode
 
@@ -399,7 +467,13 @@ class ShadowOperations(pyfuse3.Operations):
         t = self.tree()
         if fh == ROOT_INO:
             entries = [(ino, n, self._dir_attr(ino, t)) for ino, n in sorted(DIR_NAMES.items())]
-        elif fh == SHADOW_INO:
+        elif fh == HOSTS_INO:
+            entries = [(b, n, self._dir_attr(b, t)) for n, b in sorted(t.hosts.items(),
+                                                                       key=lambda kv: kv[1])]
+        elif t.host_dirs.get(fh) == ROOT_INO:
+            entries = [(fh + i, DIR_NAMES[k], self._dir_attr(fh + i, t))
+                       for i, k in enumerate(VIEW_KINDS, 1)]
+        elif t.kind(fh) == SHADOW_INO:
             entries = []  # hidden: device paths are found by exact name only
         else:
             kids = t.children(fh) or {}
@@ -440,7 +514,7 @@ class ShadowOperations(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
         t = self.tree()
-        if inode in DIR_MODES:
+        if t.is_dir(inode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         lun = t.by_ino.get(inode)
         if lun is None:
@@ -461,38 +535,58 @@ class ShadowOperations(pyfuse3.Operations):
             self.tree()  # re-points h.lun after a rename
         return h
 
-    @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        h = self._handle(fh)
-        data: bytes = self.pool.read(h.lun.key, off, size)
-        return data
+    # read and write are the hot path: no decorator layer (the same mapping as
+    # @fuse_errors, inline), the handle lookup inlined, and the pool's data is returned
+    # as is (pyfuse3 replies straight from the bytes object os.pread made).
 
-    @fuse_errors(writing=True)
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        h = self._handle(fh)
-        lun = h.lun
-        if lun.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if not h.writable:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        end = off + len(buf)
-        if end > lun.size:
-            lun.size = int(self.pool.lun_size(lun.key))  # grown since?
-            if off >= lun.size:
-                raise pyfuse3.FUSEError(errno.ENOSPC)
-            if end > lun.size:  # a block device writes up to its end: short write
-                buf = buf[: lun.size - off]
-        name = lun.key
-        barrier = self.barrier
-        if barrier.holding(name) is not None:
-            await barrier.wait_writable(name)
-        barrier.begin_write(name)
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
-            n = self.pool.write(name, off, buf)
-        finally:
-            barrier.end_write(name)
-        self._write_mtime_ns[h.ino] = time.time_ns()
-        return len(buf) if n is None else int(n)
+            h = self._handles.get(fh)
+            if h is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            if self.pool.generation != self._tree.generation:
+                self.tree()  # re-points h.lun after a rename
+            data: bytes = self.pool.read(h.lun.key, off, size)
+            return data
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the errno mapping point (errors.py)
+            raise to_fuse_error(e, "read") from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        try:
+            h = self._handles.get(fh)
+            if h is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            if self.pool.generation != self._tree.generation:
+                self.tree()  # re-points h.lun after a rename
+            lun = h.lun
+            if lun.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            if not h.writable:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            end = off + len(buf)
+            if end > lun.size:
+                lun.size = int(self.pool.lun_size(lun.key))  # grown since?
+                if off >= lun.size:
+                    raise pyfuse3.FUSEError(errno.ENOSPC)
+                if end > lun.size:  # a block device writes up to its end: short write
+                    buf = buf[: lun.size - off]
+            name = lun.key
+            barrier = self.barrier
+            if barrier.holding(name) is not None:
+                await barrier.wait_writable(name)
+            barrier.begin_write(name)
+            try:
+                n = self.pool.write(name, off, buf)
+            finally:
+                barrier.end_write(name)
+            self._write_mtime_ns[h.ino] = time.time_ns()
+            return len(buf) if n is None else int(n)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the errno mapping point (errors.py)
+            raise to_fuse_error(e, "write", writing=True) from None
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

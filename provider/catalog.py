@@ -7,6 +7,9 @@ restart:
     sets    one row per snapshot set that reached DoSnapshotSet: context, requested
             attributes, VSS state, requester host/client, number of volumes, lifetime
     mounts  snapshots exposed with --mount: mountpoint, loop device, filesystem type
+    presentation  LUN masking: the hosts each LUN is presented to (no row: the daemon's
+            own host, i.e. the root of the mount)
+    imports transportable sets imported on another host (which host, from which origin)
 
 A set row is written when DoSnapshotSet starts (state PROCESSING_PREPARE) and updated at
 CREATED, so a daemon killed mid-creation finds the unfinished set at the next start and
@@ -20,7 +23,7 @@ commit well under a millisecond on this kind of disk).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -42,6 +45,17 @@ CREATE TABLE IF NOT EXISTS mounts (
     mountpoint TEXT NOT NULL UNIQUE,
     dev TEXT NOT NULL,
     fstype TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS presentation (
+    lun TEXT NOT NULL,                 -- volume name or snapshot id
+    host TEXT NOT NULL,                -- a host the LUN is presented to
+    PRIMARY KEY (lun, host)
+);
+CREATE TABLE IF NOT EXISTS imports (
+    set_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,                -- the importing host
+    origin TEXT NOT NULL,              -- the host that created (and exported) the set
+    imported REAL NOT NULL
 );
 """
 
@@ -136,3 +150,32 @@ class ProviderCatalog:
         rows = self.db.execute("SELECT * FROM mounts").fetchall()
         return {r["snapshot_id"]: MountRecord(r["snapshot_id"], r["mountpoint"], r["dev"],
                                               r["fstype"]) for r in rows}
+
+    # ------------------------------------------------------------------ LUN masking
+    def set_presentation(self, lun: str, hosts: Iterable[str] | None) -> None:
+        """Present ``lun`` to exactly ``hosts`` (None: back to the default, local host)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM presentation WHERE lun=?", (lun,))
+            for h in sorted(set(hosts or ())):
+                db.execute("INSERT INTO presentation VALUES (?,?)", (lun, h))
+
+    def presentations(self) -> dict[str, frozenset[str]]:
+        out: dict[str, set[str]] = {}
+        for r in self.db.execute("SELECT lun, host FROM presentation").fetchall():
+            out.setdefault(r["lun"], set()).add(r["host"])
+        return {k: frozenset(v) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ imports
+    def put_import(self, set_id: str, host: str, origin: str, when: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO imports VALUES (?,?,?,?)",
+                       (set_id, host, origin, when))
+
+    def delete_import(self, set_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM imports WHERE set_id=?", (set_id,))
+
+    def imports(self) -> dict[str, tuple[str, str]]:
+        """set id -> (importing host, origin host)."""
+        rows = self.db.execute("SELECT * FROM imports").fetchall()
+        return {r["set_id"]: (r["host"], r["origin"]) for r in rows}

@@ -249,6 +249,18 @@ class Client:
     def end_backup(self, set_id: str | None = None) -> dict[str, Any]:
         return self._obj("end_backup", {"set_id": set_id})
 
+    def export(self, set_id: str) -> dict[str, Any]:
+        """The Backup Components Document of a TRANSPORTABLE set: {set_id, document,
+        writers: [{name, document}]} (documents as XML text)."""
+        return self._obj("export", {"set_id": set_id})
+
+    def import_set(self, document: str | bytes) -> dict[str, Any]:
+        """Import a Backup Components Document on this session's host: {set_id, host,
+        origin, snapshots: [snapshot, device_object as this host sees it]}."""
+        if isinstance(document, bytes):
+            document = document.decode("utf-8")
+        return self._obj("import", {"document": document})
+
     def writers_list(self) -> list[dict[str, Any]]:
         return self._list("writers.list")
 

@@ -210,6 +210,16 @@ async def _end_backup(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     return await c.coord.end_backup(c.session, x.get("set_id", str))
 
 
+async def _export(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("export", a, ("set_id",))
+    return await c.coord.export_set(x.get("set_id", str, required=True))
+
+
+async def _import(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("import", a, ("document",))
+    return await c.coord.import_set(c.session, x.get("document", str, required=True))
+
+
 async def _writers_list(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     Args("writers.list", a, ())
     return await c.coord.writers_list()
@@ -247,6 +257,8 @@ HANDLERS: dict[str, Handler] = {
     "promote": _promote,
     "split": _split,
     "end_backup": _end_backup,
+    "export": _export,
+    "import": _import,
     "writers.list": _writers_list,
     "check": _check,
     "scrub": _scrub,
@@ -388,10 +400,10 @@ class Connection:
                 host = x.get("host", str)
                 client = x.get("client", str)
                 x.get("protocol", int)
+                self._session = self.coord.open_session(host, client)
             except VssError as e:
                 await self.send(protocol.reply_error(rid, e))
                 return
-            self._session = self.coord.open_session(host, client)
             st = self.coord.status()
             await self.send(protocol.reply_ok(rid, {
                 "server": "shadowplex", "protocol": protocol.PROTOCOL_VERSION,

@@ -53,7 +53,7 @@ from blockstore import Pool, SnapshotInfo, VolumeInfo
 from blockstore import errors as bse
 from fuse_mount import loopdev
 
-from . import vss
+from . import documents, vss
 from .catalog import MountRecord, ProviderCatalog, SetRecord
 from .hardware import DIFFERENTIAL, PLEX, HardwareProvider
 from .vss import Attr, Context, SnapshotProp, SnapshotState, VssError
@@ -215,12 +215,73 @@ class Coordinator:
         self._session_ids = itertools.count(1)
         self._records: dict[str, SetRecord] = {}
         self._mounts: dict[str, MountRecord] = {}
+        self._presented: dict[str, frozenset[str]] = {}   # LUN masking (catalog copy)
+        self._imports: dict[str, tuple[str, str]] = {}     # set id -> (host, origin)
+        # exported sets: what end_backup needs once the importing host deleted them
+        self._exported: dict[str, tuple[SetRecord, tuple[str, ...], tuple[str, ...]]] = {}
+
+    # ------------------------------------------------------------------ LUN masking
+    def _ops(self) -> Any:
+        return getattr(self.barrier, "ops", None)
+
+    def _push_masking(self) -> None:
+        """Tell the FUSE operations which host sees which LUN, and rebuild its tree."""
+        ops = self._ops()
+        if ops is None or not hasattr(ops, "presented"):
+            return
+        ops.local_host = self.service_machine
+        ops.presented = dict(self._presented)
+        ops.known_hosts = {x.host for x in self._sessions.values()}
+        ops.refresh()
+
+    def hosts_of(self, lun: str) -> frozenset[str]:
+        """The hosts a LUN (volume name or snapshot id) is presented to."""
+        return self._presented.get(lun) or frozenset((self.service_machine,))
+
+    def _present(self, luns: Iterable[str], hosts: Iterable[str] | None) -> None:
+        """Present LUNs to exactly ``hosts`` (None: the default, the daemon's host)."""
+        hs = frozenset(hosts or ())
+        if hs == frozenset((self.service_machine,)):
+            hs = frozenset()
+        changed = False
+        for lun in luns:
+            if hs:
+                if self._presented.get(lun) == hs:
+                    continue
+                self._presented[lun] = hs
+            elif lun in self._presented:
+                del self._presented[lun]
+            else:
+                continue
+            self.catalog.set_presentation(lun, hs or None)
+            changed = True
+        if changed:
+            self._push_masking()
+
+    def _view_root(self, host: str | None, lun: str) -> str | None:
+        """MOUNT (the local host) or MOUNT/hosts/<host>: where ``host`` sees ``lun``."""
+        if self.mountpoint is None:
+            return None
+        hosts = self.hosts_of(lun)
+        if host is None:
+            host = self.service_machine if self.service_machine in hosts else min(hosts)
+        if host == self.service_machine:
+            return self.mountpoint
+        return os.path.join(self.mountpoint, "hosts", host)
+
+    def device_path(self, snapshot_id: str, host: str | None = None) -> str | None:
+        """The snapshot's device object as ``host`` sees it (default: a host it is
+        presented to, the local one first)."""
+        root = self._view_root(host, snapshot_id)
+        return None if root is None else os.path.join(root, ".shadow", f"{snapshot_id}.img")
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Load the catalog and reconcile it with the pool (see catalog.py)."""
         self._records = self.catalog.sets()
         self._mounts = self.catalog.mounts()
+        self._presented = self.catalog.presentations()
+        self._imports = self.catalog.imports()
         for sid, m in list(self._mounts.items()):
             alive = (await _in_thread(loopdev.is_mountpoint, m.mountpoint)
                      and loopdev.backing_file(m.dev) is not None)
@@ -265,6 +326,15 @@ class Coordinator:
                             max(1, min(len(members), vss.MAX_VOLUMES_PER_SET)), False)
             self.catalog.put_set(rec)
             self._records[set_id] = rec
+        luns = {v.name for v in self.pool.list_volumes()}
+        luns |= {s.id for s in await _in_thread(self.pool.list_snapshots)}
+        for lun in [x for x in self._presented if x not in luns]:
+            self._presented.pop(lun)
+            self.catalog.set_presentation(lun, None)
+        for sid in [x for x in self._imports if x not in self._records]:
+            self._imports.pop(sid)
+            self.catalog.delete_import(sid)
+        self._push_masking()
 
     async def stop(self) -> None:
         """End every session (auto-release sets go) and close the catalog."""
@@ -275,8 +345,13 @@ class Coordinator:
 
     # ------------------------------------------------------------------ sessions
     def open_session(self, host: str | None = None, client: str | None = None) -> Session:
+        if host is not None and not documents.valid_host(host):
+            raise _vss("E_INVALIDARG", f"host name {host!r} is not valid (letters, digits, "
+                       "'-', '_' in dot-separated labels, at most 253 characters)")
         s = Session(next(self._session_ids), host or socket.gethostname(), client or "")
         self._sessions[s.id] = s
+        if s.host != self.service_machine:
+            self._push_masking()
         log.info("requester session %d opened (host %s, client %s)", s.id, s.host,
                  s.client or "-")
         return s
@@ -387,6 +462,7 @@ class Coordinator:
         self._check_unmarked(name, "delete")
         await _in_thread(self._check_not_attached, name, "delete")
         await _in_thread(self.pool.delete_volume, name)
+        self._present([name], None)
 
     # ------------------------------------------------------------------ set creation
     def start_snapshot_set(self, session: Session, context: str | int = "backup",
@@ -535,6 +611,9 @@ class Coordinator:
 
     async def _prepare(self, s: SnapshotSet, progress: ProgressFn) -> None:
         await self._enter(s, SS.PROCESSING_PREPARE)
+        if s.session is not None and s.session.host != self.service_machine:
+            # snapshot LUNs are presented to the host that created the set
+            self._present(s.volumes.values(), {s.session.host})
         s.prepared = True
         for vol, sid in s.volumes.items():
             await _in_thread(self.hardware.BeginPrepareSnapshot, s.set_id, sid, vol,
@@ -639,6 +718,10 @@ class Coordinator:
             await _in_thread(self.hardware.AbortSnapshots, s.set_id)
             s.prepared = False
         try:
+            self._present(s.volumes.values(), None)
+        except Exception as e:
+            log.error("removing the presentation of set %s: %s", s.set_id, e)
+        try:
             self.catalog.delete_set(s.set_id)
         except Exception as e:
             log.error("removing set %s from the catalog: %s", s.set_id, e)
@@ -698,6 +781,9 @@ class Coordinator:
         except ValueError:
             raise _vss("E_INVALIDARG", f"{sid!r} is not a snapshot set id") from None
         rec = self._records.get(sid)
+        exported = self._exported.get(sid)
+        if rec is None and exported is not None:   # deleted by the importing host
+            rec = exported[0]
         if rec is None:
             if sid in self._sets:
                 raise _vss("VSS_E_BAD_STATE", f"snapshot set {sid} is still being created")
@@ -706,8 +792,11 @@ class Coordinator:
         notified: list[str] = []
         if self.writers and vss.uses_writers(ctx):
             vols = tuple(sorted({i.volume for i in self._members_info(sid)}))
+            if not vols and exported is not None:
+                vols = exported[1]
             paths = tuple(p for p in (self.volume_path(v) for v in vols) if p)
-            ev = WriterEvent(sid, ctx, vols, paths, tuple(self._set_members(sid)))
+            ev = WriterEvent(sid, ctx, vols, paths, tuple(self._set_members(sid))
+                             or (exported[2] if exported else ()))
             failures = await self._writers_call(self.writers, "backup_complete", ev,
                                                 self.config["writer_timeout"],
                                                 "complete the backup")
@@ -718,6 +807,124 @@ class Coordinator:
         rec.backup_complete = True
         self.catalog.set_backup_complete(sid)
         return {"set_id": sid, "writers_notified": notified}
+
+    # ------------------------------------------------------------------ transport
+    def _writer_metadata(self) -> list[Any]:
+        """WriterMetadata of every writer (for the export); runs in a worker thread."""
+        from .writers.base import WriterMetadata
+        out: list[Any] = []
+        for w in self.writers:
+            try:
+                if isinstance(w, WriterSet):
+                    out.extend(w.identify_all())
+                else:
+                    meta = w.identify()
+                    if isinstance(meta, WriterMetadata):
+                        out.append(meta)
+            except Exception as e:
+                log.warning("writer %s did not identify itself: %s", _wname(w), e)
+        return out
+
+    async def export_set(self, set_id: str) -> dict[str, Any]:
+        """The Backup Components Document of a TRANSPORTABLE set (+ each writer's
+        Writer Metadata Document), as XML text."""
+        sid = _guid(set_id, "snapshot set id")
+        rec = self._records.get(sid)
+        if rec is None:
+            if sid in self._sets:
+                raise _vss("VSS_E_BAD_STATE", f"snapshot set {sid} is still being created")
+            raise _vss("VSS_E_OBJECT_NOT_FOUND", f"no snapshot set {sid}")
+        if not rec.attributes & int(Attr.TRANSPORTABLE):
+            raise _vss("VSS_E_NONTRANSPORTABLE_BCD", f"snapshot set {sid} was not created "
+                       "transportable: create it with the TRANSPORTABLE attribute to export it")
+        if sid in self._imports:
+            raise _vss("VSS_E_BAD_STATE", f"snapshot set {sid} is imported on host "
+                       f"{self._imports[sid][0]}; export it before importing")
+        members = [m for m in self._members_info(sid) if m.state == "committed"]
+        if not members:
+            raise _vss("VSS_E_OBJECT_NOT_FOUND", f"snapshot set {sid} has no usable snapshot")
+        metas = (await _in_thread(self._writer_metadata)
+                 if self.writers and vss.uses_writers(Context(rec.context)) else [])
+        origin = rec.originating_machine or self.service_machine
+        doc = await _in_thread(lambda: documents.write_backup_components(
+            rec, members, metas, pool_id=str(getattr(self.pool, "pool_id", "")), host=origin,
+            service_machine=self.service_machine))
+        wmds = []
+        for m in metas:
+            wmds.append({"name": str(getattr(m, "writer_name", "") or ""),
+                         "document": documents.write_writer_metadata(m).decode("utf-8")})
+        self._exported[sid] = (rec, tuple(sorted({m.volume for m in members})),
+                               tuple(m.id for m in members))
+        log.info("exported snapshot set %s (%d snapshot(s), %d writer(s))", sid,
+                 len(members), len(wmds))
+        return {"set_id": sid, "originating_machine": origin,
+                "document": doc.decode("utf-8"), "writers": wmds}
+
+    async def import_set(self, session: Session, document: str) -> dict[str, Any]:
+        """Import a Backup Components Document on the session's host: check it against
+        the pool, then LocateLuns -- present the snapshot LUNs to that host only (hidden,
+        read-only) and mark the set IMPORTED. Nothing changes when anything is wrong."""
+        if not isinstance(document, str):
+            raise _vss("E_INVALIDARG", "import: the document must be XML text")
+        try:
+            data = document.encode("utf-8")
+        except UnicodeError:
+            raise _vss("VSS_E_INVALID_XML_DOCUMENT", "import: the document is not valid "
+                       "UTF-8 text") from None
+        parsed = await _in_thread(lambda: documents.parse_backup_components(
+            data, pool_id=str(getattr(self.pool, "pool_id", ""))))
+        sid, host = parsed.set_id, session.host
+        if sid in self._imports:
+            raise _vss("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {sid} is already "
+                       f"imported on host {self._imports[sid][0]}; delete it there first")
+        rec = self._records.get(sid)
+        if rec is None:
+            raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot set {sid} does not exist "
+                       f"in pool {self.pool.path} (deleted, or never created here)")
+        origin = rec.originating_machine or parsed.originating_machine
+        if host == origin:
+            raise _vss("VSS_E_BAD_STATE", f"snapshot set {sid} was created on host {host}: "
+                       "import it on another host (its LUNs are already presented here)")
+        members = {m.id: m for m in self._members_info(sid)}
+        for ps in parsed.snapshots:
+            info = members.get(ps.snapshot_id)
+            if info is None:
+                raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {ps.snapshot_id} of "
+                           f"set {sid} does not exist in pool {self.pool.path}")
+            if info.state != "committed":
+                raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {info.id} is "
+                           f"{info.state}, not a committed shadow copy")
+            if (info.naa.lower() != ps.snapshot_naa.lower()
+                    or info.origin_naa.lower() != ps.origin_naa.lower()):
+                raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {info.id}: the "
+                           "document's LUN ids (naa) do not match the pool's")
+        located = await _in_thread(self.hardware.LocateLuns, parsed.snapshot_naas)
+        ids = [lun.snapshot_id for lun in located if lun.snapshot_id]
+        before = {i: self._presented.get(i) for i in ids}
+        try:
+            self.catalog.put_import(sid, host, origin, time.time())
+            self._imports[sid] = (host, origin)
+            self._present(ids, {host})
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                self._imports.pop(sid, None)
+                self.catalog.delete_import(sid)
+                for i, hs in before.items():
+                    self._present([i], hs)
+            raise
+        if rec.auto_release:   # the importing session owns its lifetime now
+            for other in self._sessions.values():
+                if sid in other.sets:
+                    other.sets.remove(sid)
+            session.sets.append(sid)
+        log.info("snapshot set %s (from %s) imported on host %s: %s", sid, origin, host,
+                 ", ".join(ids))
+        snaps = []
+        for i in ids:
+            d = self._prop_json(self.pool.snapshot(i))
+            d["device_object"] = self.device_path(i, host)
+            snaps.append(d)
+        return {"set_id": sid, "host": host, "origin": origin, "snapshots": snaps}
 
     # ------------------------------------------------------------------ queries
     def _members_info(self, set_id: str) -> list[SnapshotInfo]:
@@ -744,13 +951,16 @@ class Coordinator:
         if mount is not None:
             exposed_path = mount.mountpoint
         elif s.exposed_name and self.mountpoint:
-            exposed_path = os.path.join(self.mountpoint, "exposed", f"{s.exposed_name}.img")
+            exposed_path = os.path.join(self._view_root(None, s.id) or self.mountpoint,
+                                        "exposed", f"{s.exposed_name}.img")
         if s.exposed_name or mount is not None:
             attrs |= int(Attr.EXPOSED_LOCALLY)
+        if set_id in self._imports:
+            attrs |= int(Attr.IMPORTED)
         return SnapshotProp(
             snapshot_id=s.id, snapshot_set_id=set_id,
             snapshots_count=min(max(1, count), vss.MAX_VOLUMES_PER_SET),
-            device_object=self.hardware.device_path(s.id) or f".shadow/{s.id}.img",
+            device_object=self.device_path(s.id) or f".shadow/{s.id}.img",
             original_volume_name=self.volume_path(s.volume) or s.volume,
             originating_machine=rec.originating_machine if rec and rec.originating_machine
             else (live.session.host if live and live.session else ""),
@@ -774,6 +984,8 @@ class Coordinator:
             "mounted_at": mount.mountpoint if mount else None,
             "loop_device": mount.dev if mount else None,
             "backup_complete": bool(rec.backup_complete) if rec else False,
+            "presented_to": sorted(self.hosts_of(s.id)),
+            "imported_by": (self._imports.get(s.set_id or NIL_GUID) or (None,))[0],
         })
         return d
 
@@ -825,6 +1037,8 @@ class Coordinator:
     def _drop_record(self, set_id: str) -> None:
         self._records.pop(set_id, None)
         self.catalog.delete_set(set_id)
+        if self._imports.pop(set_id, None) is not None:
+            self.catalog.delete_import(set_id)
         for sess in self._sessions.values():
             if set_id in sess.sets:
                 sess.sets.remove(set_id)
@@ -871,6 +1085,7 @@ class Coordinator:
             else:
                 await _in_thread(self.hardware.OnLunEmpty, sid)
             done.append(sid)
+            self._present([sid], None)
             log.info("deleted snapshot %s of %s", sid, info.volume)
         for set_id in sets:
             if set_id in self._records and not self._set_members(set_id):
@@ -944,7 +1159,7 @@ class Coordinator:
             if s.id in self._mounts:
                 raise _vss("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot {s.id} is already mounted "
                            f"at {self._mounts[s.id].mountpoint}")
-            if self.hardware.device_path(s.id) is None:
+            if self.device_path(s.id) is None:
                 raise _vss("VSS_E_NOT_SUPPORTED", "the pool is not mounted: cannot attach a "
                            "loop device to the snapshot")
         old_name = s.exposed_name
@@ -952,7 +1167,7 @@ class Coordinator:
             s = await _in_thread(self.pool.set_exposed, s.id, name)
         if mount is not None:
             try:
-                dev_path = self.hardware.device_path(s.id)
+                dev_path = self.device_path(s.id)
                 assert dev_path is not None
                 rec = await _in_thread(loopdev.expose_mount, dev_path, mount)
             except BaseException:

@@ -301,6 +301,11 @@ def _naa_or_none(text: object) -> str | None:
     return text.lower()
 
 
+def valid_host(name: object) -> bool:
+    """Whether ``name`` is a host name these documents (and LUN masking) accept."""
+    return isinstance(name, str) and _HOST_RE.fullmatch(name) is not None
+
+
 def _normalise_pool_id(pool_id: str) -> str:
     if not isinstance(pool_id, str) or not _POOL_ID_RE.fullmatch(pool_id):
         raise ValueError(f"pool_id {pool_id!r} is not 32 hex digits")

@@ -49,6 +49,7 @@ OPS: tuple[str, ...] = (
     "expose", "unexpose",
     "revert", "promote", "split",
     "end_backup",
+    "export", "import",
     "writers.list",
     "check", "scrub",
 )

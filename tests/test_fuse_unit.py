@@ -309,3 +309,53 @@ def test_renamed_or_deleted_lun_keeps_handles_sane(pool: Pool) -> None:
     pool.delete_volume("v")
     assert fuse_errno(ops.getattr, ino, None) == errno.ENOENT
     assert fuse_errno(ops.read, fi.fh, 0, 1) == errno.EBADF
+
+
+def test_lun_masking_host_views(pool: Pool) -> None:
+    """The root is the local host's view; MOUNT/hosts/<host>/ the others' (same inodes)."""
+    from fuse_mount.operations import HOSTS_INO
+
+    async def names(ops: ShadowOperations, ino: int) -> list[bytes]:
+        got: list[bytes] = []
+        orig = pyfuse3.readdir_reply
+        pyfuse3.readdir_reply = lambda tok, name, attr, nxt: got.append(name) or True
+        try:
+            await ops.readdir(ino, 0, None)
+        finally:
+            pyfuse3.readdir_reply = orig
+        return got
+
+    pool.create_volume("v", MiB)
+    sid = _snapshot(pool, "v")
+    pool.set_exposed(sid, "monday")
+    ops = ShadowOperations(pool)
+    ops.local_host = "here"
+    ops.presented = {sid: frozenset({"hostB"})}
+    ops.known_hosts = {"hostA"}
+    ops.refresh()
+    img = f"{sid}.img".encode()
+    assert run(names, ops, ROOT_INO) == [b"volumes", b"exposed", b".shadow", b"hosts"]
+    assert run(names, ops, HOSTS_INO) == [b"hostA", b"hostB"]
+    assert fuse_errno(ops.lookup, SHADOW_INO, img, None) == errno.ENOENT
+    assert fuse_errno(ops.lookup, EXPOSED_INO, b"monday.img", None) == errno.ENOENT
+    hb = run(ops.lookup, HOSTS_INO, b"hostB", None).st_ino
+    assert stat.S_ISDIR(run(ops.getattr, hb, None).st_mode)
+    assert run(names, ops, hb) == [b"volumes", b"exposed", b".shadow"]
+    shadow_b = run(ops.lookup, hb, b".shadow", None).st_ino
+    assert stat.S_IMODE(run(ops.getattr, shadow_b, None).st_mode) == 0o711
+    assert run(names, ops, shadow_b) == []                       # hidden
+    assert run(ops.lookup, shadow_b, img, None).st_ino == snapshot_inode(sid)
+    exposed_b = run(ops.lookup, hb, b"exposed", None).st_ino
+    assert run(names, ops, exposed_b) == [b"monday.img"]
+    volumes_b = run(ops.lookup, hb, b"volumes", None).st_ino
+    assert run(names, ops, volumes_b) == []                      # volumes: local only
+    assert run(names, ops, VOLUMES_INO) == [b"v.img"]
+    ha = run(ops.lookup, HOSTS_INO, b"hostA", None).st_ino
+    assert fuse_errno(ops.lookup, ha + 3, img, None) == errno.ENOENT
+    assert fuse_errno(ops.mknod, shadow_b, b"x", 0, 0, None) == errno.EROFS
+    assert fuse_errno(ops.open, hb, os.O_RDONLY, None) == errno.EISDIR
+    # back to the default: the local view again, host dirs keep their inodes
+    ops.presented = {}
+    ops.refresh()
+    assert run(ops.lookup, SHADOW_INO, img, None).st_ino == snapshot_inode(sid)
+    assert run(ops.lookup, HOSTS_INO, b"hostA", None).st_ino == ha

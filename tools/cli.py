@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -239,6 +240,57 @@ def cmd_end_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the Backup Components Document of a TRANSPORTABLE set to FILE (and each
+    writer's Writer Metadata Document next to it, FILE.<writer>.wmd.xml)."""
+    out = os.path.abspath(args.output)
+    if os.path.lexists(out) and not args.force:
+        raise UsageError(f"{out} exists; choose another file or use --force to overwrite it")
+    with _client(args) as c:
+        res = c.export(args.set)
+    written = [out]
+    _write_text(out, res["document"])
+    for i, w in enumerate(res.get("writers", []), 1):
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", w.get("name") or f"writer{i}")
+        path = f"{out}.{name}.wmd.xml"
+        _write_text(path, w["document"])
+        written.append(path)
+    _emit(args, {"set_id": res["set_id"], "originating_machine": res.get("originating_machine"),
+                 "files": written})
+    return EXIT_OK
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read(16 * 1024 * 1024 + 1)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{args.file} is not UTF-8 XML (a document from "
+                         f"'{PROG} export')") from None
+    with _client(args) as c:
+        res = c.import_set(text)
+        snaps = res.get("snapshots", [])
+        _emit(args, res, lambda r: (print(f"snapshot set {r['set_id']} (from {r['origin']}) "
+                                          f"imported on {r['host']}"),
+                                    _snap_table([snapshot_view(x) for x in snaps])))
+        if snaps and snaps[0].get("context") in ("backup", "file-share-backup") \
+                and not args.json:
+            print(f"note: an auto-release ({snaps[0].get('context')}) set is deleted when "
+                  "this command's session ends; import it from a script or program that "
+                  "keeps its session", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_writers(args: argparse.Namespace) -> int:
     with _client(args) as c:
         rows = c.writers_list()
@@ -278,6 +330,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(keep=args.keep, quiet=args.quiet)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+    return run(args)
 
 
 def cmd_script(args: argparse.Namespace) -> int:
@@ -386,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NEWNAME")
     eb = add("end-backup", cmd_end_backup, "BackupComplete: tell the writers the backup is done")
     eb.add_argument("set", metavar="SET_ID")
+    ex = add("export", cmd_export, "write the Backup Components Document of a transportable "
+             "set")
+    ex.add_argument("set", metavar="SET_ID")
+    ex.add_argument("-o", "--output", metavar="FILE", required=True)
+    ex.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    im = add("import", cmd_import, "import a transportable set on this host (--host)")
+    im.add_argument("file", metavar="FILE")
     w = sub.add_parser("writers", help="writers", parents=[common])
     wsub = w.add_subparsers(dest="wcmd", metavar="ACTION", required=True, parser_class=_Parser)
     add("list", cmd_writers, "list writers and their state", wsub)
@@ -394,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "daemon and pool status")
     d = add("demo", cmd_demo, "run the end-to-end demonstration in a temporary directory")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    bn = add("bench", cmd_bench, "storage benchmark: fio through the mount vs the raw file and "
+             "qemu-storage-daemon, plus snapshot commit, plex sync, memory and restart figures")
+    from .bench import add_arguments as _bench_arguments
+    _bench_arguments(bn)
     sf = add("script", cmd_script, "run a diskshadow-style script")
     sf.add_argument("file", metavar="FILE")
     return p

@@ -65,7 +65,10 @@ Verbs and what they map to (provider/client.py):
                               a differential snapshot is promoted (copied) first. Without
                               `writable` the volumes are read-write too (with a note): no
                               read-only volume flag can be set over the control API yet
-  load metadata FILE, import  transportable import: not supported yet (exit 2 at parse)
+  load metadata FILE          read a Backup Components Document (`shadowplex export`)
+  import                      import it on this host (the session's --host): its snapshots
+                              are presented to this host only; defines %VSS_SHADOW_SET%
+                              and %VSS_SHADOW_n% as `create` does
   exit                        stop here, successfully
 
 ID is %ALIAS%, %VSS_SHADOW_n%, %VSS_SHADOW_SET% (where a set id is wanted) or a GUID.
@@ -509,16 +512,26 @@ class _Checker:
         if s.args["arg"] is not None:
             self._ref(s, s.args["arg"], "set" if s.args["form"] == "set" else "snapshot")
 
-    # Transportable import: refused before anything runs. When provider/client.py gets an
-    # import operation, check the order here (load metadata before import) and add
-    # _Runner.do_load_metadata / do_import.
+    # Transportable import: `load metadata FILE` (a Backup Components Document written by
+    # `shadowplex export`) before `import`, which defines %VSS_SHADOW_SET% and
+    # %VSS_SHADOW_n% like `create` does.
     def _load_metadata(self, s: Stmt) -> None:
-        raise ScriptError(s.line, "load metadata: transportable import is not supported "
-                          "yet (the daemon has no import operation)")
+        self._ref(s, s.args["path"])
+        self.loaded = s.line
 
     def _import(self, s: Stmt) -> None:
-        raise ScriptError(s.line, "import: transportable import is not supported yet "
-                          "(the daemon has no import operation)")
+        if getattr(self, "loaded", None) is None:
+            raise ScriptError(s.line, "import: no Backup Components Document loaded; put "
+                              "'load metadata FILE' before it")
+        if self.pending:
+            raise ScriptError(s.line, "import cannot run while a set is being composed "
+                              f"(add volume on line {self.pending[0].line})")
+        self.loaded = None
+        for k in [k for k in self.usable if _SHADOW_N_RE.fullmatch(k)]:
+            del self.usable[k]
+        for i in range(1, 65):
+            self.usable[f"vss_shadow_{i}"] = _Alias("snapshot", s.line)
+        self.usable[SET_ALIAS.lower()] = _Alias("set", s.line)
 
     def _revert(self, s: Stmt) -> None:
         self._ref(s, s.args["id"], "snapshot")
@@ -573,6 +586,7 @@ class _Runner:
         self.exposed: dict[str, _Exposure] = {}
         self.in_call = False
         self.break_note = False
+        self.bcd = ""                              # the document `load metadata` read
 
     # -- output
     def say(self, msg: str) -> None:
@@ -761,6 +775,40 @@ class _Runner:
         self.pending.append((vol, st.args["alias"], snap))
         self.say(f"add volume {vol}" + (f" alias {st.args['alias']}" if st.args["alias"]
                                           else "") + f": snapshot {snap}")
+
+    def do_load_metadata(self, st: Stmt) -> None:
+        path = os.path.abspath(self.expand(st.args["path"]))
+        try:
+            with open(path, "rb") as f:
+                data = f.read(16 * 1024 * 1024 + 1)
+        except OSError as e:
+            raise ScriptError(st.line, f"load metadata: cannot read {path}: "
+                              f"{e.strerror or e}") from None
+        try:
+            self.bcd = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ScriptError(st.line, f"load metadata: {path} is not UTF-8 XML (a Backup "
+                              "Components Document from 'shadowplex export')") from None
+        self.say(f"load metadata {path}")
+
+    def do_import(self, st: Stmt) -> None:
+        res = self.call(self.c.import_set, self.bcd)
+        set_id = res.get("set_id", "")
+        snaps = res.get("snapshots", [])
+        for k in [k for k in self.values if _SHADOW_N_RE.fullmatch(k)]:
+            del self.values[k]
+            self.env.pop(k.upper(), None)
+        for i, snap in enumerate(snaps, 1):
+            self.values[f"vss_shadow_{i}"] = snap["snapshot_id"]
+            self.env[f"VSS_SHADOW_{i}"] = snap["snapshot_id"]
+        self.values[SET_ALIAS.lower()] = set_id
+        self.env[SET_ALIAS] = set_id
+        if snaps and snaps[0].get("context") in AUTO_RELEASE:
+            self.auto_sets.append(set_id)
+        self.say(f"import: snapshot set {set_id} (from {res.get('origin')}) imported on "
+                 f"{res.get('host')}: " + ", ".join(
+                     f"{x.get('volume')}={x['snapshot_id']} {x.get('device_object')}"
+                     for x in snaps))
 
     def do_create(self, st: Stmt) -> None:
         from .cli import SNAPSHOT_COLUMNS, snapshot_view
