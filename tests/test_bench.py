@@ -1,0 +1,260 @@
+"""`shadowplex bench`: the report's structure, never its speeds.
+
+The kernel test runs the real thing (`bench --quick --json --tiny`: tiny sizes, 0.2 s jobs,
+one run) and checks that every figure of the report is a positive number, that every
+workload x target cell is there, and that nothing is left behind. The other tests cover
+the pieces that need no kernel: the built-in I/O generator, the first-write pattern, the
+fio job files, the table and the SVG chart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools import bench
+
+REPO = Path(__file__).resolve().parent.parent
+TOP_KEYS = {"version", "profile", "date", "elapsed_s", "runs", "generator", "machine", "tools",
+            "code", "skipped", "labels", "sizes", "results", "control", "targets"}
+CONTROL_KEYS = {
+    "commit": {"snapshots", "client_1GiB_median_ms", "client_1GiB_p99_ms",
+               "client_1TiB_median_ms", "client_1TiB_p99_ms", "client_ratio_1TiB_vs_1GiB",
+               "hold_1GiB_median_ms", "hold_1GiB_p99_ms", "hold_1TiB_median_ms",
+               "hold_1TiB_p99_ms", "hold_ratio_1TiB_vs_1GiB", "write_latency_ms",
+               "engine_1GiB_median_ms", "engine_1TiB_median_ms", "engine_1TiB_p99_ms",
+               "engine_ratio_1TiB_vs_1GiB"},
+    "plex_sync": {"data_MiB", "daemon_plex_s", "cp_sparse_s", "daemon_plex_MiBps",
+                  "cp_sparse_MiBps", "daemon_ratio_vs_cp", "engine_data_MiB", "engine_plex_s",
+                  "engine_cp_sparse_s", "engine_ratio_vs_cp"},
+    "memory": {"volume_GiB", "snapshots", "written_MiB", "daemon_rss_MiB", "daemon_hwm_MiB",
+               "daemon_idle_rss_MiB", "engine_written_MiB", "engine_diff_entries",
+               "engine_process_peak_before_MiB", "engine_process_peak_MiB"},
+    "restart": {"restarts", "ready_s", "ready_max_s"},
+}
+
+
+def _numbers(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf that is a number (bools excluded), with its JSON path."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        yield path, obj
+
+
+def _expected_cells() -> set[tuple[str, str, str]]:
+    cells = set()
+    for w, (_label, _unit, _job, _bs, writes) in bench.WORKLOADS.items():
+        for t in ("raw", "qsd_raw", "spx", "spx_plex"):
+            cells.add((t, w, "steady"))
+        for t in ("qsd_qcow2", "spx_1snap", "spx_8snap"):
+            if writes:
+                cells |= {(t, w, "first"), (t, w, "rewrite")}
+            else:
+                cells.add((t, w, "steady"))
+    return cells
+
+
+def check_report(report: dict[str, Any], runs: int) -> None:
+    assert set(report) == TOP_KEYS
+    assert report["version"] == bench.REPORT_VERSION
+    assert report["generator"] in ("fio", "python")
+    assert report["runs"] == runs
+    skipped = {s["column"] for s in report["skipped"]}
+    for s in report["skipped"]:
+        assert s["reason"]
+    cells = {(r["target"], r["workload"], r["phase"]) for r in report["results"]}
+    expected = {c for c in _expected_cells() if c[0] not in skipped}
+    assert cells == expected
+    for r in report["results"]:
+        assert r["unit"] == bench.WORKLOADS[r["workload"]][1]
+        assert len(r["samples"]) == runs
+        assert set(r["ratios"]) == set(bench.COMPARATORS)
+        for comp, v in r["ratios"].items():
+            assert (v is None) == (comp in skipped), (r, comp)
+    assert set(report["control"]) >= set(CONTROL_KEYS)
+    for section, keys in CONTROL_KEYS.items():
+        assert set(report["control"][section]) == keys, section
+    assert report["control"]["memory"]["snapshots"] == 16
+    assert report["control"]["memory"]["volume_GiB"] == 1024
+    assert [t["id"] for t in report["targets"]] == [t[0] for t in bench.TARGET_SPECS]
+    for t in report["targets"]:
+        if t["value"] is None:
+            assert t["met"] is None
+        else:
+            assert isinstance(t["met"], bool)
+    # every figure is a positive number (the only place a null may appear is a ratio
+    # against, or a target needing, a skipped comparator)
+    numbers = list(_numbers({k: report[k] for k in ("results", "control", "targets",
+                                                    "sizes", "elapsed_s", "runs")}))
+    assert len(numbers) > 100
+    bad = [(p, v) for p, v in numbers if not (v > 0 and v == v and v != float("inf"))]
+    assert not bad, bad
+
+
+def _mounts_under(root: str) -> list[str]:
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            target = line.split()[1]
+            if target == root or target.startswith(root.rstrip("/") + "/"):
+                out.append(target)
+    return out
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(300)
+def test_bench_quick_json(tmp_path: Path) -> None:
+    chart = tmp_path / "bench.svg"
+    work = tmp_path / "work"
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json", "--dir",
+         str(work), "--chart", str(chart)],
+        capture_output=True, text=True, timeout=280, cwd=REPO, check=False)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    check_report(report, runs=1)
+    assert report["profile"] == "tiny"
+    # progress went to stderr, the JSON alone to stdout
+    assert "bench [" in res.stderr
+    ET.parse(chart)   # well-formed SVG
+    assert chart.read_text().startswith("<svg")
+    # everything was cleaned up: no mounts, no work directory left behind
+    assert not _mounts_under(str(tmp_path))
+    assert os.listdir(work) == []
+    assert elapsed < 120, f"bench --tiny took {elapsed:.0f} s"
+
+
+# ------------------------------------------------------------------ no kernel needed
+def test_first_write_offsets_hit_each_chunk_once() -> None:
+    size = 8 << 20
+    offs = bench.first_write_offsets(size, seed=7)
+    chunks = [o // bench.CHUNK for o in offs]
+    assert sorted(chunks) == list(range(size // bench.CHUNK))
+    assert all(o % 4096 == 0 and o + 4096 <= size for o in offs)
+    assert chunks != sorted(chunks)   # random order
+    assert offs == bench.first_write_offsets(size, seed=7)
+
+
+@pytest.mark.parametrize("workload", list(bench.WORKLOADS))
+def test_python_generator(tmp_path: Path, workload: str) -> None:
+    f = tmp_path / "img"
+    with open(f, "wb") as fh:
+        fh.truncate(4 << 20)
+    r = bench.run_python(bench.Job(workload, str(f), 4 << 20, 0.05))
+    assert r.value > 0 and r.ios > 0 and r.io_bytes > 0 and r.seconds > 0
+
+
+def test_python_generator_replay_and_single_pass(tmp_path: Path) -> None:
+    f = tmp_path / "img"
+    with open(f, "wb") as fh:
+        fh.truncate(2 << 20)
+    offs = bench.first_write_offsets(2 << 20, seed=1)
+    r = bench.run_python(bench.Job("rand_write", str(f), 2 << 20, 10, time_based=False,
+                                   replay=offs))
+    assert r.ios == len(offs) and r.io_bytes == 4096 * len(offs)
+    r = bench.run_python(bench.Job("seq_write", str(f), 2 << 20, 10, time_based=False))
+    assert r.io_bytes == 2 << 20
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+@pytest.mark.parametrize("workload", list(bench.WORKLOADS))
+def test_fio_job_files(tmp_path: Path, workload: str) -> None:
+    f = tmp_path / "img"
+    with open(f, "wb") as fh:
+        fh.truncate(4 << 20)
+    r = bench.run_fio(bench.Job(workload, str(f), 4 << 20, 0.1), str(tmp_path))
+    assert r.value > 0 and r.ios > 0
+    if workload == "rand_write":
+        offs = bench.first_write_offsets(4 << 20, seed=3)
+        r = bench.run_fio(bench.Job(workload, str(f), 4 << 20, 10, time_based=False,
+                                    replay=offs), str(tmp_path))
+        assert r.ios == len(offs)
+
+
+def test_job_files_shipped() -> None:
+    for _label, _unit, job, _bs, _w in bench.WORKLOADS.values():
+        assert (Path(bench.FIO_DIR) / job).is_file()
+    assert (Path(bench.FIO_DIR) / bench.REPLAY_JOB).is_file()
+
+
+def _synthetic_report(skip_qsd: bool = False) -> dict[str, Any]:
+    """A report as build_report makes it, from made-up samples (3 runs)."""
+    samples = {}
+    for i, (t, w, ph) in enumerate(sorted(_expected_cells())):
+        if skip_qsd and t.startswith("qsd"):
+            continue
+        samples[(t, w, ph)] = [100.0 + i, 110.0 + i, 90.0 + i]
+    control = {
+        "daemon_start_s": 0.5, "rss_idle_MiB": 30.0, "plex_loop_syncs": 4,
+        "commit": {k: 1.0 for k in CONTROL_KEYS["commit"]},
+        "plex_sync": {k: 1.0 for k in CONTROL_KEYS["plex_sync"]},
+        "memory": {**{k: 1.0 for k in CONTROL_KEYS["memory"]}, "snapshots": 16,
+                   "volume_GiB": 1024.0},
+        "restart": {"restarts": 3, "ready_s": 0.5, "ready_max_s": 0.6},
+    }
+
+    class FakeBench:
+        profile = bench.PROFILES["quick"]
+        runs = 3
+        generator = "fio"
+        base = str(REPO)
+        loadavg_start = 0.5
+
+    fb = FakeBench()
+    fb.samples = samples  # type: ignore[attr-defined]
+    fb.control = control  # type: ignore[attr-defined]
+    skipped = ([{"column": "qsd_raw", "reason": "x"}, {"column": "qsd_qcow2", "reason": "x"}]
+               if skip_qsd else [])
+    return bench.build_report(fb, {"fio": "fio-3"}, skipped, 12.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("skip_qsd", [False, True])
+def test_report_table_and_chart(skip_qsd: bool) -> None:
+    report = _synthetic_report(skip_qsd)
+    check_report(json.loads(json.dumps(report)), runs=3)
+    table = bench.format_table(report)
+    assert "PASS" in table or "FAIL" in table
+    labels = tuple(v[0] for v in bench.WORKLOADS.values())
+    assert len([ln for ln in table.splitlines() if ln.startswith(labels)]) == len(
+        report["results"])
+    if skip_qsd:
+        assert "note: column qsd_raw skipped" in table
+        assert all(t["met"] is None for t in report["targets"]
+                   if t["id"].endswith(("_qsd", "_qcow2")))
+    svg = bench.render_svg(report)
+    root = ET.fromstring(svg)
+    assert root.tag.endswith("svg")
+    assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= len(report["results"])
+
+
+def test_targets_evaluation() -> None:
+    med = {("spx", "seq_read", "steady"): 300.0, ("qsd_raw", "seq_read", "steady"): 100.0,
+           ("spx_8snap", "rand_write", "first"): 95.0,
+           ("spx_1snap", "rand_write", "first"): 100.0}
+    control = {"commit": {"hold_1GiB_median_ms": 2.0, "hold_1TiB_median_ms": 6.0,
+                          "hold_ratio_1TiB_vs_1GiB": 3.0},
+               "plex_sync": {"daemon_ratio_vs_cp": 0.9}}
+    got = {t["id"]: t for t in bench.evaluate_targets(med, control)}
+    assert got["seq_read_vs_qsd"]["met"] is True and got["seq_read_vs_qsd"]["value"] == 3.0
+    assert got["seq_write_vs_qsd"]["met"] is None
+    assert got["snap8_vs_snap1_4k_first"]["met"] is True
+    assert got["commit_median_ms"]["value"] == 6.0 and got["commit_median_ms"]["met"] is False
+    assert got["commit_flat"]["met"] is False
+    assert got["plex_vs_cp"]["met"] is True
