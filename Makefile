@@ -16,9 +16,14 @@ PACKAGES    := blockstore provider fuse_mount tools
 # The editable install maps top-level packages found at install time, so a package that
 # appears later (its __init__.py is newer than the stamp) triggers one re-install.
 PKG_INITS   := $(wildcard $(addsuffix /__init__.py,$(PACKAGES)))
+# pyfuse3 3.5.0 is built from its sdist with our fallocate patch (fuse_mount/patches/):
+# a changed patch, build script or build pin re-runs the venv recipe, which rebuilds it.
+PYFUSE3_BUILD := fuse_mount/patches/build-pyfuse3.sh
+PYFUSE3_DEPS  := $(PYFUSE3_BUILD) fuse_mount/patches/pyfuse3-3.5.0-fallocate.patch \
+                 fuse_mount/patches/pyfuse3-build-constraints.txt
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs fio \
-                qemu-system-common qemu-utils sqlite3 gcc python3-dev python3-venv
+                qemu-system-common qemu-utils sqlite3 gcc python3-dev python3-venv patch
 
 export DEBIAN_FRONTEND := noninteractive
 
@@ -43,8 +48,12 @@ setup-system:
 
 venv: $(STAMP)
 
-# Re-runs only when pyproject.toml (or a top-level __init__.py) is newer than the stamp.
-$(STAMP): pyproject.toml $(PKG_INITS)
+# Re-runs only when pyproject.toml, a top-level __init__.py or the pyfuse3 patch/build
+# files are newer than the stamp. The patched pyfuse3 goes in first (its version,
+# 3.5.0+shadowplex.<patch hash>, satisfies pyproject's pyfuse3==3.5.0, so the editable
+# install keeps it), and is checked again after: a failed build or a pip that swapped it
+# for the unpatched release fails here, never silently.
+$(STAMP): pyproject.toml $(PKG_INITS) $(PYFUSE3_DEPS)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "venv: '$(PYTHON)' is $$($(PYTHON) -V 2>&1 || echo missing); shadowplex needs Python >= 3.11." \
 	       "Put one first on PATH or run: make PYTHON=/path/to/python3.11 setup" >&2; exit 1; }
@@ -53,7 +62,9 @@ $(STAMP): pyproject.toml $(PKG_INITS)
 	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); \
 	fi
 	$(VPY) -m pip install -q --upgrade pip
+	bash $(PYFUSE3_BUILD) $(VPY) build/pyfuse3
 	$(VPY) -m pip install -q -e '.[dev]'
+	bash $(PYFUSE3_BUILD) --check $(VPY)
 	@touch $@
 
 test: setup

@@ -8,7 +8,7 @@ commit, a split) is one transaction, so it is atomic and durable when it returns
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 SCHEMA_VERSION = 1
@@ -75,11 +75,17 @@ class Catalog:
         db.execute("UPDATE meta SET value=? WHERE key='next_file_id'", (str(value + 1),))
         return value
 
-    def issue_naa(self, db: sqlite3.Connection, make) -> str:
+    def issue_naa(self, db: sqlite3.Connection, make: Callable[[], str]) -> str:
         while True:
-            naa = make()
+            naa: str = make()
             if db.execute("INSERT OR IGNORE INTO naa_issued VALUES (?)", (naa,)).rowcount:
                 return naa
+
+    def meta_items(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, value) of the meta rows whose key starts with prefix (e.g. 'revert.')."""
+        rows = self.db.execute("SELECT key, value FROM meta WHERE substr(key, 1, ?) = ? "
+                               "ORDER BY key", (len(prefix), prefix)).fetchall()
+        return [(r[0], r[1]) for r in rows]
 
     def volumes(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM volumes ORDER BY id").fetchall()

@@ -10,6 +10,19 @@ from __future__ import annotations
 import mmap
 from array import array
 from bisect import bisect_left
+from collections.abc import Iterator
+
+
+def consecutive_runs(items: list[int]) -> Iterator[tuple[int, int]]:
+    """(i, j): index ranges items[i:j] of consecutive integers, in order (one system call
+    per run instead of per chunk or slot)."""
+    i, n = 0, len(items)
+    while i < n:
+        j = i + 1
+        while j < n and items[j] == items[j - 1] + 1:
+            j += 1
+        yield i, j
+        i = j
 
 
 class Bitmap:

@@ -83,6 +83,33 @@ class DataFile:
         self.faults.io(self.role, "read")
         return os.pread(self.fd, length, offset)
 
+    def preadv(self, buffers: list[bytearray], offset: int) -> None:
+        """Fill consecutive buffers from offset (IOV_MAX per system call, no joining copy);
+        past the end of the file they keep what they held (zeros when fresh)."""
+        self.faults.io(self.role, "read")
+        for i in range(0, len(buffers), IOV_MAX):
+            group = buffers[i:i + IOV_MAX]
+            total = sum(len(b) for b in group)
+            done = os.preadv(self.fd, group, offset)
+            if 0 < done < total:   # rare short read before EOF: the rest piecewise
+                self._fill_from(group, done, offset + done)
+            offset += total
+
+    def _fill_from(self, group: list[bytearray], skip: int, offset: int) -> None:
+        """Read into the buffers of `group` from byte `skip` of their concatenation on."""
+        for b in group:
+            if skip >= len(b):
+                skip -= len(b)
+                continue
+            while skip < len(b):
+                more = os.pread(self.fd, len(b) - skip, offset)
+                if not more:
+                    return   # end of file
+                b[skip:skip + len(more)] = more
+                skip += len(more)
+                offset += len(more)
+            skip = 0
+
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         self.faults.io(self.role, "write")
         view = memoryview(data)
@@ -107,8 +134,14 @@ class DataFile:
     def sync(self) -> None:
         if self.dirty:
             self.faults.io(self.role, "sync")
-            os.fdatasync(self.fd)
+            # cleared BEFORE the sync: a write landing while fdatasync runs (from another
+            # thread: Pool.writeback syncs without the pool lock) sets it again
             self.dirty = False
+            try:
+                os.fdatasync(self.fd)
+            except BaseException:
+                self.dirty = True
+                raise
 
     def punch(self, offset: int, length: int) -> None:
         if length <= 0:

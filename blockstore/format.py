@@ -65,7 +65,8 @@ def unpack_map_record(rec: bytes) -> tuple[int, int, int, int] | None:
     return flags, epoch, chunk, digest
 
 
-def check_chunk_size(chunk_size: int) -> int:
+def check_chunk_size(chunk_size: object) -> int:
+    """The chunk size if valid (any type is accepted: it may come from pool.json)."""
     if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
             or chunk_size < MIN_CHUNK or chunk_size > MAX_CHUNK
             or chunk_size & (chunk_size - 1)):

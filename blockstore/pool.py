@@ -11,18 +11,21 @@ import errno
 import fcntl
 import functools
 import logging
+import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Concatenate, ParamSpec, TypeVar
 
 import xxhash
 
 from . import format as fmt
 from .catalog import Catalog
-from .diffarea import DiffArea
+from .chunkmap import consecutive_runs
+from .diffarea import DiffArea, SyncBatch
 from .errors import (
     Busy,
     Exists,
@@ -51,6 +54,8 @@ COPY_PIECE = 1 << 20             # unit of plex sync / promote copies
 # many bytes per volume, this many seconds) until one data+map sync pair covers them all.
 WRITEBACK_BYTES = 32 << 20
 WRITEBACK_AGE = 0.1
+SPACE_RECHECK = 0.5              # seconds a free-space reading is trusted (default limit)...
+SPACE_MARGIN = 64 << 20          # ...unless less than this much room is left
 DIFFERENTIAL, PLEX, FULL = "differential", "plex", "full"
 PREPARING, COMMITTED, INVALID = "preparing", "committed", "invalid"
 
@@ -106,7 +111,11 @@ class _Volume:
     # chunk -> its new full content, for chunks whose preservation is not durable yet:
     # they may not reach the origin file before DiffArea.harden() (invariant 2)
     pending: dict[int, bytearray] = field(default_factory=dict)
+    # chunk -> (lo, hi): the part of its pending buffer that differs from the origin file
+    # (the rest is the old content it was read from): only that part is written back
+    pending_dirty: dict[int, tuple[int, int]] = field(default_factory=dict)
     pending_since: float = 0.0
+    hardening: bool = False    # a background batch of its diff area is syncing
 
 
 @dataclass(eq=False)
@@ -130,9 +139,19 @@ class _Snapshot:
     sync_total: int = 0
 
 
-def _locked(method):
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _mark_dirty(v: _Volume, chunk: int, lo: int, hi: int) -> None:
+    """Widen the dirty part of a pending chunk to cover [lo, hi) (chunk-relative)."""
+    old = v.pending_dirty.get(chunk)
+    v.pending_dirty[chunk] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+
+
+def _locked(method: Callable[Concatenate[Pool, _P], _R]) -> Callable[Concatenate[Pool, _P], _R]:
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: Pool, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self._lock:
             return method(self, *args, **kwargs)
     return wrapper
@@ -141,13 +160,25 @@ def _locked(method):
 class Pool:
     """An open pool. Create with Pool.create(), open with Pool.open(); close() at the end."""
 
+    # set by open(), from pool.json and the catalog file
+    chunk_size: int
+    pool_id: str
+    catalog: Catalog
+
     def __init__(self, path: str, _faults: Faults | None = None) -> None:
         self.path = os.path.abspath(path)
         self.faults = _faults or Faults()
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)   # signalled when a batch is done
+        # True once a thread calls writeback() periodically (the daemon): the data path
+        # then leaves the age bound of held writes to it and never syncs for it inline
+        self.background_writeback = False
         self._lock_fd = -1
         self.generation = 0
         self.problems: list[str] = []   # found while opening; check() reports them
+        self._reverting: dict[int, _Snapshot] = {}   # volume id -> revert target
+        self._space: tuple[float, int] = (-math.inf, 0)  # (when, free - reserve) read
+        self._space_taken = 0             # diff-area bytes preserved since that reading
         self._volumes: dict[str, _Volume] = {}
         self._snaps: dict[str, _Snapshot] = {}
         self._closed = True
@@ -237,6 +268,8 @@ class Pool:
     def abandon(self) -> None:
         """Drop every file descriptor WITHOUT flushing: what a kill -9 leaves (tests)."""
         with self._lock:
+            for v in self._volumes.values():
+                self._settle(v)
             self._release_files()
 
     def __enter__(self) -> Pool:
@@ -277,6 +310,22 @@ class Pool:
             except FileNotFoundError:
                 self.problems.append(f"volume {row['name']}: image {img} is missing")
                 continue
+            if f.size() != row["size"]:
+                # A crash inside _set_volume_size (a grow, or revert's final shrink) between
+                # sizing the image and recording the size. The catalog is the authority and
+                # sizing the image to it is safe in both directions:
+                # * image longer (a grow not recorded): nothing was ever written past the
+                #   recorded size (writes past it are refused, and the grow had not
+                #   returned), so the cut drops only a hole.
+                # * image shorter (a shrink not recorded): revert discards the tail through
+                #   copy-before-write and hardens the diff area before it cuts the image, so
+                #   the tail held zeros and every snapshot that needs its old content reads
+                #   it from the diff area. Extending again makes a hole: the same zeros.
+                log.warning("volume %s: image is %d bytes, catalog says %d (interrupted "
+                            "resize); sizing the image to the catalog", row["name"],
+                            f.size(), row["size"])
+                f.truncate(row["size"])
+                f.sync()
             v = _Volume(row["id"], row["name"], row["naa"], row["size"], row["created"],
                         row["flags"], row["epoch"], row["diff_limit"], f, mtime=row["created"])
             self._volumes[v.name] = v
@@ -318,6 +367,7 @@ class Pool:
             self._write_header(v)
             for s in v.snaps:
                 self._write_header(s)
+        self._resume_reverts()   # last: it needs every volume, snapshot and diff area
 
     def _remove_orphans(self, known: set[str]) -> None:
         """Files of LUNs whose catalog rows were never committed or already deleted."""
@@ -333,8 +383,11 @@ class Pool:
 
     def _open_diff(self, v: _Volume) -> None:
         if v.diff is None:
+            # Sized for the largest LUN reading through it: after a shrinking revert a
+            # snapshot may be larger than its origin, and its tail chunks are preserved.
+            size = max([v.size, *(s.size for s in v.snaps)])
             v.diff = DiffArea(os.path.join(self.path, "diff"), v.id, self.chunk_size,
-                              self._nchunks(v.size), self.faults, v.epoch)
+                              self._nchunks(size), self.faults, v.epoch)
 
     def _refresh_live(self, v: _Volume) -> None:
         v.live_epochs = sorted(s.epoch for s in v.snaps if s.kind == DIFFERENTIAL
@@ -469,17 +522,23 @@ class Pool:
                               "is not supported (it would destroy data)")
         if v.mirrors or any(s.state == PREPARING for s in v.snaps):
             raise Busy(f"volume {name} has a snapshot being prepared; resize after it")
+        if v.id in self._reverting:
+            raise Busy(f"volume {name} is being reverted; resize after it")
         if new_size == v.size:
             return self._vinfo(v)
         self._set_volume_size(v, new_size)
         return self._vinfo(v)
 
     def _set_volume_size(self, v: _Volume, size: int) -> None:
+        """Image first, then the catalog. A crash between the two leaves them disagreeing;
+        _load sizes the image to the catalog (the comment there says why that is safe)."""
         self._writeback(v)
         v.file.truncate(size)
         v.file.sync()
+        self.faults.point("resize.image_sized")
         with self.catalog.transaction() as db:
             db.execute("UPDATE volumes SET size=? WHERE id=?", (size, v.id))
+        self.faults.point("resize.recorded")
         v.size = size
         if v.diff and self._nchunks(size) > v.diff.nchunks:
             v.diff.grow(self._nchunks(size))
@@ -505,6 +564,7 @@ class Pool:
                        "them first")
         with self.catalog.transaction() as db:
             db.execute("DELETE FROM volumes WHERE id=?", (v.id,))
+        self._settle(v)
         del self._volumes[name]
         v.file.close()
         if v.diff:
@@ -601,6 +661,7 @@ class Pool:
                     v.file.pwrite(view[lo - offset:hi - offset], lo)
                 else:
                     buf[lo - base:hi - base] = view[lo - offset:hi - offset]
+                    _mark_dirty(v, base // self.chunk_size, lo - base, hi - base)
         else:
             v.file.pwrite(data, offset)
         for s in list(v.mirrors):
@@ -622,12 +683,14 @@ class Pool:
                 v.file.punch(lo, hi - lo)
             else:
                 buf[lo - base:hi - base] = bytes(hi - lo)
+                _mark_dirty(v, base // self.chunk_size, lo - base, hi - base)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.punch(offset, length))
         v.mtime = time.time()
         self._maybe_writeback(v)
 
-    def _pieces(self, v: _Volume, offset: int, length: int):
+    def _pieces(self, v: _Volume, offset: int, length: int
+                ) -> Iterator[tuple[int, int, bytearray | None, int]]:
         """Split [offset, offset+length) into (lo, hi, pending buffer or None, chunk start):
         runs of chunks with no pending buffer come out merged."""
         cs, end = self.chunk_size, offset + length
@@ -647,50 +710,116 @@ class Pool:
             yield run, end, None, 0
 
     def _maybe_writeback(self, v: _Volume) -> None:
-        if v.pending and (len(v.pending) * self.chunk_size >= WRITEBACK_BYTES
-                          or time.monotonic() - v.pending_since >= WRITEBACK_AGE):
+        if not v.pending:
+            return
+        held = len(v.pending) * self.chunk_size
+        if v.hardening:   # a background batch is syncing: wait for it only when the
+            if held >= 2 * WRITEBACK_BYTES:   # memory bound is reached (back-pressure)
+                self._writeback(v)
+        elif held >= WRITEBACK_BYTES or (not self.background_writeback
+                                         and time.monotonic() - v.pending_since
+                                         >= WRITEBACK_AGE):
             self._writeback(v)
+
+    def _settle(self, v: _Volume) -> None:
+        """Wait (the pool lock released meanwhile) until no background batch of v's diff
+        area is being synced: before anything that syncs, reclaims or closes its files."""
+        while v.hardening:
+            self._cond.wait()
 
     def _writeback(self, v: _Volume) -> None:
         """Harden the diff area (one sync pair), then let the held chunks reach the origin.
         If the diff area cannot be made durable, the snapshots that needed those chunks
         become invalid first; the origin write itself never fails (invariant 5)."""
+        self._settle(v)
         if v.diff is not None and v.diff.unsynced:
             try:
                 v.diff.harden()
             except OSError as e:
                 self._invalidate_needing(v, v.diff.drop_unsynced(), e)
-        if not v.pending:
-            return
+        if v.pending:
+            self._write_out(v, sorted(v.pending))
+
+    def _write_out(self, v: _Volume, chunks: list[int]) -> None:
+        """Write these held chunks (sorted; their preservations durable) to the origin
+        file -- only the part of each that changed -- and stop holding them."""
         cs = self.chunk_size
         zero = bytes(cs)
-        run: list[memoryview] = []
+        run: list[memoryview] = []     # whole dirty chunks, consecutive: one pwritev
         run_start = -1
-        for c in sorted(v.pending):
-            buf = memoryview(v.pending[c])[:min(cs, v.size - c * cs)]
-            if run and c * cs != run_start + len(run) * cs:
+        pending, dirty = v.pending, v.pending_dirty
+        for c in chunks:
+            buf = memoryview(pending.pop(c))[:min(cs, v.size - c * cs)]
+            lo, hi = dirty.pop(c, (0, 0))
+            hi = min(hi, len(buf))
+            whole = lo == 0 and hi == len(buf)
+            if run and (not whole or c * cs != run_start + len(run) * cs):
                 v.file.pwritev(run, run_start)
                 run = []
-            if buf == zero[:len(buf)]:     # a discard landed here: keep the hole
-                if run:
-                    v.file.pwritev(run, run_start)
-                    run = []
-                v.file.punch(c * cs, len(buf))
+            if lo >= hi:                   # preserved, never changed: the origin is right
                 continue
-            if not run:
-                run_start = c * cs
-            run.append(buf)
+            if buf == zero[:len(buf)]:     # a discard landed here: keep the hole
+                v.file.punch(c * cs, len(buf))
+            elif whole:
+                if not run:
+                    run_start = c * cs
+                run.append(buf)
+            else:                          # e.g. one 4 KiB write: write 4 KiB, not 64
+                v.file.pwrite(buf[lo:hi], c * cs + lo)
         if run:
             v.file.pwritev(run, run_start)
-        v.pending.clear()
 
-    @_locked
     def writeback(self, max_age: float = WRITEBACK_AGE) -> None:
-        """Push held writes older than max_age to the origins (the daemon's timer)."""
+        """Push held writes older than max_age (or, of a volume, more than half the
+        WRITEBACK_BYTES bound) to the origins: the daemon's timer, from a worker thread
+        (then set background_writeback, so that the data path leaves the age bound to it
+        and syncs inline only at the memory bound).
+
+        The pool lock is held only to cut a batch (DiffArea.cut) and, after the two
+        syncs, to write the chunks it covers out; the syncs themselves run WITHOUT the
+        lock, so reads, writes into held chunks and new preservations (for the next
+        batch) go on while the disk syncs. One batch per volume at a time (v.hardening);
+        everything else that needs the diff area's files settled waits (_settle)."""
         now = time.monotonic()
-        for v in self._volumes.values():
-            if v.pending and now - v.pending_since >= max_age:
-                self._writeback(v)
+        jobs = []
+        with self._lock:
+            if self._closed:
+                return
+            for v in self._volumes.values():
+                if v.pending and not v.hardening and (
+                        now - v.pending_since >= max_age
+                        or len(v.pending) * self.chunk_size >= WRITEBACK_BYTES // 2):
+                    v.hardening = True
+                    batch = v.diff.cut() if v.diff is not None else None
+                    jobs.append((v, batch, sorted(v.pending)))
+        for v, batch, held in jobs:
+            self._sync_and_write_out(v, batch, held, now)
+
+    def _sync_and_write_out(self, v: _Volume, batch: SyncBatch | None, held: list[int],
+                            cut_at: float) -> None:
+        err: OSError | None = None
+        try:
+            if batch is not None:
+                assert v.diff is not None
+                try:
+                    v.diff.sync_batch(batch)
+                except OSError as e:
+                    err = e
+        except BaseException:   # SimulatedCrash (tests): nothing more happens
+            with self._lock:
+                v.hardening = False
+                self._cond.notify_all()
+            raise
+        with self._lock:
+            try:
+                if err is not None and batch is not None and v.diff is not None:
+                    self._invalidate_needing(v, v.diff.drop_batch(batch), err)
+                self._write_out(v, held)
+                if v.pending:   # preserved while the batch synced: the next batch's
+                    v.pending_since = cut_at
+            finally:
+                v.hardening = False
+                self._cond.notify_all()
 
     def _mirror(self, s: _Snapshot, op: Callable[[DataFile], None]) -> None:
         """A failing plex target fails the plex, never the origin write (invariant 5)."""
@@ -765,15 +894,14 @@ class Pool:
         chunk's pending buffer as is (one copy per chunk, not two)."""
         cs = self.chunk_size
         out = []
-        i = 0
-        while i < len(chunks):
-            j = i
-            while j + 1 < len(chunks) and chunks[j + 1] == chunks[j] + 1:
-                j += 1
-            n = j - i + 1
-            raw = memoryview(self._read_origin(v, chunks[i] * cs, n * cs))
-            out.extend((chunks[i + k], bytearray(raw[k * cs:(k + 1) * cs])) for k in range(n))
-            i = j + 1
+        for i, j in consecutive_runs(chunks):
+            bufs = [bytearray(cs) for _ in range(j - i)]
+            v.file.preadv(bufs, chunks[i] * cs)   # straight into them: no bytes in between
+            for c, buf in zip(chunks[i:j], bufs):
+                held = v.pending.get(c)
+                if held is not None:   # its newest content is held, not in the file yet
+                    buf[:] = held
+                out.append((c, buf))
         return out
 
     def _over_limit(self, v: _Volume, new_bytes: int) -> bool:
@@ -781,13 +909,29 @@ class Pool:
         used = v.diff.used_bytes()
         if v.diff_limit is not None:
             return used + new_bytes > v.diff_limit
-        _total, free = self.statfs()
-        return new_bytes > free - self._reserve()
+        # statvfs per preservation batch was 7% of a 4 KiB first-write workload: trust a
+        # reading for SPACE_RECHECK s, minus what we took since (other writers may take
+        # more: then the write fails ENOSPC and _copy_before_write overflows as well);
+        # near the limit, read it every time.
+        now = time.monotonic()
+        when, room = self._space
+        room -= self._space_taken
+        if now - when > SPACE_RECHECK or room - new_bytes < SPACE_MARGIN:
+            total, free = self.statfs()
+            room = free - min(RESERVE_MAX, total // 10)
+            self._space, self._space_taken = (now, room), 0
+        if new_bytes > room:
+            return True
+        self._space_taken += new_bytes
+        return False
 
     def _overflow(self, v: _Volume, why: str) -> None:
         """VSS behaviour: delete the oldest snapshot of this origin; the write goes on."""
-        oldest = min((s for s in v.snaps if s.kind == DIFFERENTIAL and s.state == COMMITTED),
-                     key=lambda s: s.epoch or 0)
+        candidates = [s for s in v.snaps if s.kind == DIFFERENTIAL and s.state == COMMITTED]
+        target = self._reverting.get(v.id)
+        if target in candidates and len(candidates) > 1:
+            candidates.remove(target)   # spare a revert's source while others can go
+        oldest = min(candidates, key=lambda s: s.epoch or 0)
         log.warning("%s for volume %s: deleting its oldest snapshot %s", why, v.name,
                     oldest.snap_id)
         self._delete_snapshot(oldest)
@@ -876,6 +1020,8 @@ class Pool:
                 for off, n in data_extents(v.file.fd, cursor, v.size):
                     take = min(n, budget)
                     self._copy_range(v.file, s.file, off, take)
+                    # a crash while syncing: open aborts the preparing plex, drops its image
+                    self.faults.point("plex.copied")
                     s.sync_done += take
                     budget -= take
                     cursor = off + take
@@ -944,6 +1090,7 @@ class Pool:
                 self._refresh_live(v)
             else:
                 v.mirrors.remove(s)
+                assert s.file is not None
                 s.file.close()
                 s.file = DataFile(self._img(s.id), "plex", self.faults, read_only=True)
         self.generation += 1
@@ -957,7 +1104,14 @@ class Pool:
 
     @_locked
     def delete_snapshot(self, snap_id: str) -> None:
-        self._delete_snapshot(self._snap(snap_id))
+        s = self._snap(snap_id)
+        self._not_reverting_to(s)
+        self._delete_snapshot(s)
+
+    def _not_reverting_to(self, s: _Snapshot) -> None:
+        if self._reverting.get(s.origin.id) is s:
+            raise Busy(f"volume {s.origin.name} is being reverted to snapshot {s.snap_id}; "
+                       "wait for the revert to finish")
 
     def _delete_snapshot(self, s: _Snapshot) -> None:
         v = s.origin
@@ -1001,6 +1155,10 @@ class Pool:
         return self._sinfo(s)
 
     def _readable(self, s: _Snapshot) -> None:
+        # Long operations (revert, promote, seal) re-check between steps: another thread
+        # (or a diff-area overflow) may have deleted the snapshot meanwhile.
+        if self._snaps.get(s.snap_id) is not s:
+            raise NotFound(f"snapshot {s.snap_id} was deleted")
         if s.state != COMMITTED:
             raise SnapshotInvalid(f"snapshot {s.snap_id} is {s.state}; it cannot be used")
 
@@ -1027,19 +1185,29 @@ class Pool:
                 raise Unsupported(f"snapshot {s.snap_id} is already a full copy ({s.kind})")
             chunks = self._snapshot_chunks(s)
             tmp = self._img(s.id) + ".partial"
+            sums_tmp = self._sum(s.id) + ".partial"
             out = DataFile(tmp, "plex", self.faults, create=True)
+            sums = DataFile(sums_tmp, "plex", self.faults, create=True)
         try:
             out.truncate(s.size)
-            self._copy_chunks(s, chunks, out, progress)
+            # Sealed as it is copied: every chunk passes through memory anyway, so the
+            # checksums cost no extra read (a plex, copied in the kernel, is sealed later).
+            self._copy_chunks(s, chunks, out, progress, sums)
+            sums.truncate(self._nchunks(s.size) * 8)
             out.sync()
+            sums.sync()
             self.faults.point("promote.copied")
             with self._lock:
                 self._readable(s)
+                # Until the catalog says full these two are orphans of a differential
+                # snapshot: a crash before the transaction leaves them to _remove_orphans.
+                os.replace(sums_tmp, self._sum(s.id))
                 os.replace(tmp, self._img(s.id))
                 fsync_dir(os.path.join(self.path, "luns"))
                 with self.catalog.transaction() as db:
-                    db.execute("UPDATE snapshots SET kind=? WHERE id=?", (FULL, s.id))
-                s.kind = FULL
+                    db.execute("UPDATE snapshots SET kind=?, sealed=1 WHERE id=?",
+                               (FULL, s.id))
+                s.kind, s.sealed = FULL, True
                 s.file = DataFile(self._img(s.id), "plex", self.faults, read_only=True)
                 self._write_header(s)
                 v = s.origin
@@ -1051,11 +1219,15 @@ class Pool:
                 return self._sinfo(s)
         finally:
             out.close()
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            sums.close()
+            for p in (tmp, sums_tmp):
+                if os.path.exists(p):
+                    os.unlink(p)
 
     def _copy_chunks(self, s: _Snapshot, chunks: list[int], out: DataFile,
-                     progress: Progress) -> None:
+                     progress: Progress, sums: DataFile | None = None) -> None:
+        """Copy these chunks of snapshot s into out (holes stay holes); with sums, also
+        write each chunk's checksum in the .sum layout (see _chunk_sums)."""
         cs = self.chunk_size
         zero = bytes(cs)
         for i, c in enumerate(chunks):
@@ -1064,6 +1236,9 @@ class Pool:
                 data = self._read_snapshot(s, c * cs, min((c + 1) * cs, s.size))
             if data != zero[:len(data)]:
                 out.pwrite(data, c * cs)
+                if sums is not None:
+                    digest = xxhash.xxh3_64_intdigest(data) or 1
+                    sums.pwrite(digest.to_bytes(8, "little"), c * 8)
             if progress and (i % 64 == 0 or i == len(chunks) - 1):
                 progress(i + 1, len(chunks))
 
@@ -1074,20 +1249,28 @@ class Pool:
         with self._lock:
             s = self._snap(snap_id)
             self._readable(s)
+            self._not_reverting_to(s)
             if new_name in self._volumes:
                 raise Exists(f"a volume named {new_name!r} already exists")
         if s.kind == DIFFERENTIAL:
+            # A crash after this leaves a full snapshot, not split: the same content.
             self.promote(snap_id, progress)
+            self.faults.point("split.promoted")
         with self._lock:
             self._readable(s)
+            self._not_reverting_to(s)
             if new_name in self._volumes:
                 raise Exists(f"a volume named {new_name!r} already exists")
             now = time.time()
+            # One transaction turns the snapshot row into a volume row with the same file
+            # id: after a crash the split either happened or not. The files need no
+            # change (_load rewrites the header and removes the stale .sum).
             with self.catalog.transaction() as db:
                 naa = self.catalog.issue_naa(db, fmt.new_naa)
                 db.execute("DELETE FROM snapshots WHERE id=?", (s.id,))
                 db.execute("INSERT INTO volumes (id, name, naa, size, created) "
                            "VALUES (?, ?, ?, ?, ?)", (s.id, new_name, naa, s.size, now))
+            self.faults.point("split.recorded")
             s.origin.snaps.remove(s)
             del self._snaps[s.snap_id]
             assert s.file is not None
@@ -1106,7 +1289,12 @@ class Pool:
 
     def revert(self, volume: str, snap_id: str, progress: Progress = None) -> None:
         """Make the volume's content (and size) equal to the snapshot's. Reverting writes
-        go through copy-before-write, so every other snapshot stays valid."""
+        go through copy-before-write, so every other snapshot stays valid.
+
+        Crash-safe by rolling forward: a catalog record (meta key 'revert.<volume id>')
+        is written before the volume changes and removed once the result is flushed; a
+        pool opened with the record present finishes the revert first (_load). So after
+        a crash the revert has either not started or completed."""
         with self._lock:
             v = self._vol(volume)
             s = self._snap(snap_id)
@@ -1116,6 +1304,25 @@ class Pool:
             self._readable(s)
             if v.mirrors:
                 raise Busy(f"volume {volume} has a plex being synced; revert after it")
+            if v.id in self._reverting:
+                raise Busy(f"volume {volume} is already being reverted to snapshot "
+                           f"{self._reverting[v.id].snap_id}")
+            with self.catalog.transaction() as db:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           (f"revert.{v.id}", str(s.id)))
+            self._reverting[v.id] = s
+        try:
+            self.faults.point("revert.recorded")
+            self._revert(v, s, progress)
+        except Exception:
+            # An ordinary failure is reported to the caller, who may write to the volume
+            # again: a later open must not resume this revert over those writes.
+            self._end_revert(v)
+            raise
+
+    def _revert(self, v: _Volume, s: _Snapshot, progress: Progress) -> None:
+        """The revert proper; idempotent, so an interrupted one can simply run again."""
+        with self._lock:
             if v.size < s.size:
                 self._set_volume_size(v, s.size)
             chunks = self._snapshot_chunks(s)
@@ -1132,16 +1339,56 @@ class Pool:
                 want = self._read_snapshot(s, start, end)
                 if self._read_origin(v, start, end - start) != want:
                     if want.count(0) == len(want):
-                        self.discard(volume, start, end - start)
+                        self.discard(v.name, start, end - start)
                     else:
-                        self.write(volume, start, want)
+                        self.write(v.name, start, want)
             if progress and (i % 64 == 0 or i == len(chunks) - 1):
                 progress(i + 1, len(chunks))
         with self._lock:
+            self.faults.point("revert.copied")
             if v.size > s.size:   # the tail goes through copy-before-write, then shrink
-                self.discard(volume, s.size, v.size - s.size)
+                self.discard(v.name, s.size, v.size - s.size)
                 self._set_volume_size(v, s.size)
-            self.flush(volume)
+            self.flush(v.name)
+            # the record goes only once the reverted content is durable
+            self.faults.point("revert.flushed")
+            self._end_revert(v)
+
+    @_locked
+    def _end_revert(self, v: _Volume) -> None:
+        with self.catalog.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key=?", (f"revert.{v.id}",))
+        self._reverting.pop(v.id, None)
+
+    def _resume_reverts(self) -> None:
+        """Finish the reverts a crash interrupted (their catalog records are still there).
+
+        One that cannot finish (its snapshot gone or invalid) ends as a revert failing in
+        a live pool does: logged as an error, the record dropped, the volume keeping what
+        was reverted so far. The pool itself is consistent, so check() does not report
+        it; whoever started the revert (the coordinator) sees it did not complete."""
+        for key, value in self.catalog.meta_items("revert."):
+            vid, fid = int(key.split(".", 1)[1]), int(value)
+            v = next((x for x in self._volumes.values() if x.id == vid), None)
+            s = next((x for x in self._snaps.values() if x.id == fid), None)
+            if v is None or s is None or s.origin is not v or s.state != COMMITTED:
+                log.error("volume %s: its revert to snapshot %s was interrupted and cannot "
+                          "be finished (the snapshot is gone or invalid); the volume may "
+                          "hold a partly reverted content", v.name if v else vid,
+                          s.snap_id if s else fid)
+                with self.catalog.transaction() as db:
+                    db.execute("DELETE FROM meta WHERE key=?", (key,))
+                continue
+            log.warning("volume %s: finishing its revert to snapshot %s, interrupted when "
+                        "the pool was last open", v.name, s.snap_id)
+            self._reverting[v.id] = s
+            try:
+                self._revert(v, s, None)
+            except (StoreError, OSError) as e:
+                log.error("volume %s: finishing its interrupted revert to snapshot %s "
+                          "failed (%s); the volume may hold a partly reverted content",
+                          v.name, s.snap_id, e)
+                self._end_revert(v)
 
     # -- integrity -----------------------------------------------------------------------------
     def seal(self, snap_id: str, progress: Progress = None) -> None:

@@ -7,4 +7,7 @@ Submodules (import what you need; only operations/session/errors import pyfuse3)
     barrier     WriteBarrier: flush & hold per volume, for the coordinator
     operations  ShadowOperations (pyfuse3.Operations)
     session     run_mount(), mount_state(), wait_mounted(), force_unmount()
+
+patches/ is not a module: the pyfuse3 3.5.0 fallocate patch and build-pyfuse3.sh, which
+`make venv` uses to build the pyfuse3 this package needs (see operations' docstring).
 """

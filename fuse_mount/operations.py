@@ -48,11 +48,20 @@ Kernel cache options chosen:
   * xattrs are not implemented: the kernel then stops asking (no per-write
     security.capability round trip).
 
-fallocate: pyfuse3 3.5.0 does not register a fallocate handler with libfuse, so the kernel
-answers every fallocate(2) on the mount with EOPNOTSUPP (loop devices on a volume image
-therefore report discard as unsupported). `fallocate()` below implements the intended
-semantics (PUNCH_HOLE|KEEP_SIZE -> pool.discard, anything else EOPNOTSUPP, snapshots
-EROFS) so it works the day pyfuse3 forwards it.
+fallocate (discard): released pyfuse3 3.5.0 registers no fallocate handler with libfuse,
+so the kernel would answer every fallocate(2) on the mount with EOPNOTSUPP. `make venv`
+therefore installs pyfuse3 3.5.0 built with fuse_mount/patches/pyfuse3-3.5.0-fallocate.patch
+(version 3.5.0+shadowplex.<hash>), which forwards it to `fallocate()` below:
+  * volumes: PUNCH_HOLE|KEEP_SIZE -> pool.discard (the range reads as zeros; snapshots
+    taken before keep their data: discard preserves chunks like a write). A loop device
+    on a volume image therefore supports discard: blkdiscard, fstrim, mount -o discard.
+  * any other mode (0 = allocate, ZERO_RANGE, COLLAPSE...) -> EOPNOTSUPP: a volume is a
+    fixed-size LUN and space is thin-provisioned, there is nothing to preallocate.
+  * snapshots -> EROFS here; in practice the VFS refuses first: a snapshot can only be
+    opened O_RDONLY and fallocate(2) on a read-only fd fails EBADF before reaching us.
+  * held like a write by the write barrier (flush & hold for a commit).
+With an unpatched pyfuse3 the kernel answers EOPNOTSUPP and this handler never runs
+(`fuse_mount/patches/build-pyfuse3.sh --check .venv/bin/python` tells which one is in).
 """
 
 from __future__ import annotations
@@ -605,13 +614,23 @@ class ShadowOperations(pyfuse3.Operations):
 
     @fuse_errors(writing=True)
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
-        """Not reachable with pyfuse3 3.5.0 (no fallocate op registered); see docstring."""
+        """fallocate(2) on an open LUN (needs the patched pyfuse3; see the module docstring).
+
+        Only PUNCH_HOLE|KEEP_SIZE is supported, on volumes: pool.discard after the write
+        barrier, like a write (the kernel has already written back and dropped the
+        range's cached pages before forwarding a punch).
+        """
         h = self._handle(fh)
         if h.lun.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         if mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         name = h.lun.key
+        # KEEP_SIZE: a punch past the end is legal and does nothing there (as on a file)
+        size = int(self.pool.lun_size(name))
+        length = min(length, size - off)
+        if length <= 0:
+            return
         if self.barrier.holding(name) is not None:
             await self.barrier.wait_writable(name)
         self.barrier.begin_write(name)

@@ -10,6 +10,9 @@ restart:
     presentation  LUN masking: the hosts each LUN is presented to (no row: the daemon's
             own host, i.e. the root of the mount)
     imports transportable sets imported on another host (which host, from which origin)
+    exports transportable sets exported, with what end_backup needs once the importing
+            host deleted the set (its record, volumes, snapshot ids); kept until the
+            origin host's end_backup, at most MAX_EXPORTS (the oldest go first)
 
 A set row is written when DoSnapshotSet starts (state PROCESSING_PREPARE) and updated at
 CREATED, so a daemon killed mid-creation finds the unfinished set at the next start and
@@ -22,10 +25,11 @@ commit well under a millisecond on this kind of disk).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sets (
@@ -57,7 +61,15 @@ CREATE TABLE IF NOT EXISTS imports (
     origin TEXT NOT NULL,              -- the host that created (and exported) the set
     imported REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS exports (
+    set_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,              -- the set's row of `sets`, as a JSON object
+    volumes TEXT NOT NULL,             -- JSON list of origin volume names
+    snapshots TEXT NOT NULL,           -- JSON list of snapshot ids
+    exported REAL NOT NULL
+);
 """
+MAX_EXPORTS = 1024
 
 
 @dataclass
@@ -72,6 +84,16 @@ class SetRecord:
     snapshots_count: int
     auto_release: bool
     backup_complete: bool = False
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """An exported set: what end_backup on the origin host needs after the set is gone."""
+
+    record: SetRecord
+    volumes: tuple[str, ...]
+    snapshots: tuple[str, ...]
+    exported: float
 
 
 @dataclass(frozen=True)
@@ -166,10 +188,27 @@ class ProviderCatalog:
         return {k: frozenset(v) for k, v in out.items()}
 
     # ------------------------------------------------------------------ imports
-    def put_import(self, set_id: str, host: str, origin: str, when: float) -> None:
+    def record_import(self, set_id: str, host: str, origin: str, when: float,
+                      luns: Iterable[str], present_to: Iterable[str] | None) -> None:
+        """One transaction: the set is imported by ``host`` and its LUNs are presented
+        to exactly ``present_to`` (None: no row, the daemon's own host)."""
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO imports VALUES (?,?,?,?)",
                        (set_id, host, origin, when))
+            for lun in luns:
+                db.execute("DELETE FROM presentation WHERE lun=?", (lun,))
+                for h in sorted(set(present_to or ())):
+                    db.execute("INSERT INTO presentation VALUES (?,?)", (lun, h))
+
+    def undo_import(self, set_id: str, previous: dict[str, frozenset[str] | None]) -> None:
+        """One transaction: forget the import of ``set_id`` and give each LUN back the
+        hosts it had (None: no row, the daemon's host)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM imports WHERE set_id=?", (set_id,))
+            for lun, hosts in previous.items():
+                db.execute("DELETE FROM presentation WHERE lun=?", (lun,))
+                for h in sorted(hosts or ()):
+                    db.execute("INSERT INTO presentation VALUES (?,?)", (lun, h))
 
     def delete_import(self, set_id: str) -> None:
         with self._tx() as db:
@@ -179,3 +218,31 @@ class ProviderCatalog:
         """set id -> (importing host, origin host)."""
         rows = self.db.execute("SELECT * FROM imports").fetchall()
         return {r["set_id"]: (r["host"], r["origin"]) for r in rows}
+
+    # ------------------------------------------------------------------ exports
+    def put_export(self, e: ExportRecord) -> None:
+        """Remember an exported set (replacing an earlier export of it); only the newest
+        MAX_EXPORTS are kept."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO exports VALUES (?,?,?,?,?)",
+                       (e.record.set_id, json.dumps(asdict(e.record)),
+                        json.dumps(list(e.volumes)), json.dumps(list(e.snapshots)),
+                        e.exported))
+            db.execute("DELETE FROM exports WHERE set_id NOT IN (SELECT set_id FROM exports "
+                       "ORDER BY exported DESC, set_id LIMIT ?)", (MAX_EXPORTS,))
+
+    def delete_export(self, set_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM exports WHERE set_id=?", (set_id,))
+
+    def exports(self) -> dict[str, ExportRecord]:
+        out = {}
+        for r in self.db.execute("SELECT * FROM exports ORDER BY exported").fetchall():
+            try:
+                rec = SetRecord(**json.loads(r["record"]))
+                vols = tuple(str(v) for v in json.loads(r["volumes"]))
+                snaps = tuple(str(x) for x in json.loads(r["snapshots"]))
+            except (ValueError, TypeError):   # a damaged row: what it served is lost
+                continue
+            out[r["set_id"]] = ExportRecord(rec, vols, snaps, r["exported"])
+        return out

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import protocol
+from .documents import MAX_DOCUMENT_BYTES
 
 ProgressCallback = Callable[[int, int, str], None] | None
 
@@ -55,7 +56,7 @@ class Client:
             raise ControlError("E_INVALIDARG", f"{e} (or pass the socket path)") from None
         self.socket_path = path
         self._ids = itertools.count(1)
-        self._buf = b""
+        self._buf = bytearray()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -94,9 +95,18 @@ class Client:
         self.close()
 
     def _readline(self) -> bytes:
-        while b"\n" not in self._buf:
+        scanned = 0   # how much of _buf holds no newline: a long line is scanned once
+        while True:
+            nl = self._buf.find(b"\n", scanned)
+            if nl >= 0:
+                line = bytes(self._buf[:nl])
+                del self._buf[:nl + 1]
+                return line
+            if len(self._buf) > protocol.MAX_DOCUMENT_LINE:
+                raise ControlError("VSS_E_UNEXPECTED", "the daemon sent an oversized message")
+            scanned = len(self._buf)
             try:
-                data = self._sock.recv(65536)
+                data = self._sock.recv(1 << 20)
             except TimeoutError:
                 raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
                                    "the daemon did not answer in time") from None
@@ -107,10 +117,6 @@ class Client:
                 raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
                                    "the daemon closed the connection (did it stop?)")
             self._buf += data
-            if len(self._buf) > protocol.MAX_LINE and b"\n" not in self._buf:
-                raise ControlError("VSS_E_UNEXPECTED", "the daemon sent an oversized message")
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line
 
     def call(self, op: str, args: dict[str, Any] | None = None,
              progress: ProgressCallback = None) -> Any:
@@ -119,9 +125,9 @@ class Client:
         req = {"id": rid, "op": op, "args": {k: v for k, v in (args or {}).items()
                                              if v is not None}}
         try:
-            data = protocol.encode(req)
+            data = protocol.encode(req, protocol.line_limit(op))
         except ValueError as e:
-            raise ControlError("E_INVALIDARG", str(e)) from None
+            raise ControlError("E_INVALIDARG", f"{op}: {e}") from None
         try:
             self._sock.sendall(data)
         except OSError as e:
@@ -178,6 +184,11 @@ class Client:
 
     def volume_delete(self, name: str) -> None:
         self.call("volume.delete", {"name": name})
+
+    def volume_present(self, name: str, hosts: Sequence[str]) -> dict[str, Any]:
+        """LUN masking: present the volume to exactly ``hosts`` (the daemon's own host
+        is the mount's root; others see MOUNT/hosts/<host>/volumes/<name>.img)."""
+        return self._obj("volume.present", {"name": name, "hosts": list(hosts)})
 
     def snapshot_create(self, volumes: Sequence[str], context: str | int = "backup",
                         attributes: int | str | Sequence[str] | None = None,
@@ -257,8 +268,21 @@ class Client:
     def import_set(self, document: str | bytes) -> dict[str, Any]:
         """Import a Backup Components Document on this session's host: {set_id, host,
         origin, snapshots: [snapshot, device_object as this host sees it]}."""
+        if isinstance(document, str):
+            size = len(document.encode("utf-8", "surrogatepass"))
+        else:
+            size = len(document)
+        if size > MAX_DOCUMENT_BYTES:   # the daemon says the same; do not send it
+            raise ControlError("VSS_E_INVALID_XML_DOCUMENT", f"the document is {size} "
+                               f"bytes, more than the {MAX_DOCUMENT_BYTES >> 20} MiB limit: "
+                               "this is not a document shadowplex wrote")
         if isinstance(document, bytes):
-            document = document.decode("utf-8")
+            try:
+                document = document.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ControlError("VSS_E_INVALID_XML_DOCUMENT", "the document is not "
+                                   f"UTF-8 text (byte {e.start}); convert a Windows BCD "
+                                   "with iconv -f UTF-16 -t UTF-8") from None
         return self._obj("import", {"document": document})
 
     def writers_list(self) -> list[dict[str, Any]]:

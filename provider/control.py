@@ -10,8 +10,9 @@ coordinator aborts the set: hold released, writers thawed, snapshots removed) an
 session ends (its auto-release sets are deleted).
 
 Bad input never ends the server: a line that is not JSON, not an object, too long (more
-than protocol.MAX_LINE bytes; the rest of it is skipped), an unknown op or wrong arguments
-each get one error reply (id null when the id is unknown) and the connection goes on.
+than protocol.MAX_LINE bytes, or MAX_DOCUMENT_LINE for import; beyond MAX_DOCUMENT_LINE
+the rest of it is skipped unread), an unknown op or wrong arguments each get one error
+reply (id null when the id is unknown) and the connection goes on.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ async def _volume_delete(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any
     x = Args("volume.delete", a, ("name",))
     await c.coord.volume_delete(x.get("name", str, required=True))
     return None
+
+
+async def _volume_present(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("volume.present", a, ("name", "hosts"))
+    hosts = _str_list("volume.present", x.get("hosts", list, required=True), "hosts")
+    return c.coord.volume_present(x.get("name", str, required=True), hosts)
 
 
 async def _snapshot_create(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
@@ -242,6 +249,7 @@ HANDLERS: dict[str, Handler] = {
     "volume.list": _volume_list,
     "volume.resize": _volume_resize,
     "volume.delete": _volume_delete,
+    "volume.present": _volume_present,
     "snapshot.create": _snapshot_create,
     "snapshot.list": _snapshot_list,
     "snapshot.show": _snapshot_show,
@@ -301,7 +309,7 @@ class Connection:
 
     async def send(self, msg: dict[str, Any]) -> None:
         try:
-            data = protocol.encode(msg)
+            data = protocol.encode(msg, protocol.MAX_DOCUMENT_LINE)
         except ValueError as e:   # a result too big for one line, or not JSON-able
             log.error("cannot send the reply to request %r: %s", msg.get("id"), e)
             data = protocol.encode(protocol.reply_error(
@@ -345,7 +353,12 @@ class Connection:
                 await self.stream.aclose()
 
     async def _reader(self, send_q: trio.MemorySendChannel[Any]) -> None:
+        # Lines up to MAX_DOCUMENT_LINE are read whole (import carries a document); which
+        # ops may use more than MAX_LINE is checked once the line is parsed. ``scanned``:
+        # how much of buf is known to hold no newline (no rescans of a long line).
+        limit = protocol.MAX_DOCUMENT_LINE
         buf = bytearray()
+        scanned = 0
         skipping = False
         async with send_q:
             while True:
@@ -358,17 +371,20 @@ class Connection:
                     return
                 buf += data
                 while True:
-                    nl = buf.find(b"\n")
+                    nl = buf.find(b"\n", scanned)
                     if nl < 0:
-                        if len(buf) > protocol.MAX_LINE and not skipping:
+                        scanned = len(buf)
+                        if len(buf) > limit and not skipping:
                             skipping = True
                             await self.send(protocol.reply_error(None, ProtocolError(
-                                f"message longer than {protocol.MAX_LINE} bytes: ignored")))
+                                f"message longer than {limit} bytes: ignored")))
                         if skipping:
                             buf.clear()
+                            scanned = 0
                         break
                     line = bytes(buf[:nl])
                     del buf[:nl + 1]
+                    scanned = 0
                     if skipping:
                         skipping = False
                         continue
@@ -381,9 +397,14 @@ class Connection:
     async def _parse(self, line: bytes) -> tuple[Any, str, dict[str, Any]] | None:
         rid = None
         try:
-            obj = protocol.decode(line)
+            if len(line) > protocol.MAX_LINE:   # megabytes of JSON: not on the FUSE thread
+                obj = await trio.to_thread.run_sync(protocol.decode, line)
+            else:
+                obj = protocol.decode(line)
             rid = obj.get("id") if isinstance(obj.get("id"), int | str) else None
-            return protocol.parse_request(obj)
+            req = protocol.parse_request(obj)
+            protocol.check_line_length(req[1], len(line) + 1)
+            return req
         except VssError as e:
             await self.send(protocol.reply_error(rid, e))
             return None
@@ -513,9 +534,18 @@ class ControlServer:
 
     async def open(self) -> None:
         """Create the socket (serve() does it if not done): errors surface here, plainly
-        (VssError: path not a socket, another daemon listening; OSError)."""
+        (VssError: path not a socket, another daemon listening, and an OSError from
+        creating it as E_ACCESSDENIED / E_INVALIDARG, which serve() prints as one line)."""
         if self._sock is None:
-            self._sock = await self._bind()
+            try:
+                self._sock = await self._bind()
+            except OSError as e:
+                # a user mistake (directory not writable, path too long for sun_path):
+                # one line from serve, not a traceback
+                name = ("E_ACCESSDENIED" if e.errno in (errno.EACCES, errno.EPERM)
+                        else "E_INVALIDARG")
+                raise VssError(name, f"cannot create the control socket {self.socket_path}"
+                               f": {e.strerror or e}; choose another --socket") from e
             log.info("control socket listening at %s (mode %o)", self.socket_path, self.mode)
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -54,7 +54,7 @@ from blockstore import errors as bse
 from fuse_mount import loopdev
 
 from . import documents, vss
-from .catalog import MountRecord, ProviderCatalog, SetRecord
+from .catalog import ExportRecord, MountRecord, ProviderCatalog, SetRecord
 from .hardware import DIFFERENTIAL, PLEX, HardwareProvider
 from .vss import Attr, Context, SnapshotProp, SnapshotState, VssError
 from .writers import Writer, WriterSet
@@ -208,6 +208,8 @@ class Coordinator:
         self.catalog = ProviderCatalog(os.path.join(pool.path, ProviderCatalog.FILENAME))
         self.service_machine = socket.gethostname()
         self.state_hook: StateHook | None = None    # tests: called at every state change
+        # tests: called at named steps (fault injection), see _fault()
+        self.fault_hook: Callable[[str], None] | None = None
         self._creating: SnapshotSet | None = None   # THE set in creation (one at a time)
         self._sets: dict[str, SnapshotSet] = {}     # sets not yet finished, by id
         self._marks: dict[str, str] = {}             # volume -> what uses it
@@ -218,7 +220,12 @@ class Coordinator:
         self._presented: dict[str, frozenset[str]] = {}   # LUN masking (catalog copy)
         self._imports: dict[str, tuple[str, str]] = {}     # set id -> (host, origin)
         # exported sets: what end_backup needs once the importing host deleted them
-        self._exported: dict[str, tuple[SetRecord, tuple[str, ...], tuple[str, ...]]] = {}
+        self._exported: dict[str, ExportRecord] = {}
+
+    def _fault(self, step: str) -> None:
+        """A named step of a multi-step change; tests make it raise (fault injection)."""
+        if self.fault_hook is not None:
+            self.fault_hook(step)
 
     # ------------------------------------------------------------------ LUN masking
     def _ops(self) -> Any:
@@ -244,19 +251,19 @@ class Coordinator:
         if hs == frozenset((self.service_machine,)):
             hs = frozenset()
         changed = False
-        for lun in luns:
-            if hs:
-                if self._presented.get(lun) == hs:
+        try:
+            for lun in luns:   # the catalog first: memory never holds what it lacks
+                if self._presented.get(lun, frozenset()) == hs:
                     continue
-                self._presented[lun] = hs
-            elif lun in self._presented:
-                del self._presented[lun]
-            else:
-                continue
-            self.catalog.set_presentation(lun, hs or None)
-            changed = True
-        if changed:
-            self._push_masking()
+                self.catalog.set_presentation(lun, hs or None)
+                if hs:
+                    self._presented[lun] = hs
+                else:
+                    del self._presented[lun]
+                changed = True
+        finally:
+            if changed:
+                self._push_masking()
 
     def _view_root(self, host: str | None, lun: str) -> str | None:
         """MOUNT (the local host) or MOUNT/hosts/<host>: where ``host`` sees ``lun``."""
@@ -282,6 +289,7 @@ class Coordinator:
         self._mounts = self.catalog.mounts()
         self._presented = self.catalog.presentations()
         self._imports = self.catalog.imports()
+        self._exported = self.catalog.exports()
         for sid, m in list(self._mounts.items()):
             alive = (await _in_thread(loopdev.is_mountpoint, m.mountpoint)
                      and loopdev.backing_file(m.dev) is not None)
@@ -379,12 +387,34 @@ class Coordinator:
         log.info("requester session %d closed", session.id)
 
     # ------------------------------------------------------------------ volumes
-    def volume_path(self, name: str) -> str | None:
-        return self.hardware.volume_path(name)
+    def volume_path(self, name: str, host: str | None = None) -> str | None:
+        """MOUNT/volumes/<name>.img as ``host`` sees it (None: the root, the daemon's
+        host's view)."""
+        if host is None or host == self.service_machine:
+            return self.hardware.volume_path(name)
+        if self.mountpoint is None:
+            return None
+        return os.path.join(self.mountpoint, "hosts", host, "volumes", f"{name}.img")
+
+    def volume_paths(self, name: str) -> list[str]:
+        """Every path of a volume a loop device may be attached to: the root's (first;
+        also where a loop attached before the volume was presented elsewhere points)
+        and each other host's view it is presented to. Writers and the in-use checks
+        look at all of them: one LUN, one inode, in every view."""
+        out = [self.hardware.volume_path(name)]
+        out += [self.volume_path(name, h) for h in sorted(self.hosts_of(name))
+                if h != self.service_machine]
+        return [p for p in out if p]
+
+    def _shown_path(self, name: str) -> str | None:
+        """The volume's path in a view it is presented to (the local one first)."""
+        hosts = self.hosts_of(name)
+        return self.volume_path(name, None if self.service_machine in hosts else min(hosts))
 
     def _volume_json(self, v: VolumeInfo) -> dict[str, Any]:
         d = asdict(v)
-        d["path"] = self.volume_path(v.name)
+        d["path"] = self._shown_path(v.name)
+        d["presented_to"] = sorted(self.hosts_of(v.name))
         d["in_use_by"] = self._marks.get(v.name)
         return d
 
@@ -407,10 +437,14 @@ class Coordinator:
             if back is None:
                 raise _vss("VSS_E_OBJECT_NOT_FOUND", f"{spec} is not an attached loop device")
             path = back.removesuffix(" (deleted)")
-        if self.mountpoint:
-            vdir = os.path.join(self.mountpoint, "volumes") + "/"
-            if path.startswith(vdir) and path.endswith(".img"):
-                name = path[len(vdir):-len(".img")]
+        if self.mountpoint and path.endswith(".img"):
+            # MOUNT/volumes/<name>.img or MOUNT/hosts/<host>/volumes/<name>.img
+            rel = path[len(self.mountpoint):].split("/") if path.startswith(
+                self.mountpoint + "/") else []
+            if len(rel) == 5 and rel[1] == "hosts" and rel[3] == "volumes":
+                rel = ["", rel[3], rel[4]]
+            if len(rel) == 3 and rel[1] == "volumes":
+                name = rel[2][:-len(".img")]
                 if name in names:
                     return name
         # No stat here, of any path: this runs on the trio thread that serves the FUSE
@@ -437,8 +471,7 @@ class Coordinator:
     def _check_not_attached(self, volume: str, what: str) -> None:
         path = self.pool.image_path(volume)
         users = loopdev.loops_backed_by(path) if path else []
-        vpath = self.volume_path(volume)
-        if vpath:
+        for vpath in self.volume_paths(volume):
             users += loopdev.loops_backed_by(vpath)
         if users:
             raise _vss("VSS_E_VOLUME_IN_USE", f"cannot {what} volume {volume}: loop "
@@ -456,6 +489,29 @@ class Coordinator:
         self._check_unmarked(name, "resize")
         v = await _in_thread(self.pool.resize_volume, name, parse_size(size))
         return self._volume_json(v)
+
+    def volume_present(self, name: str, hosts: Sequence[str]) -> dict[str, Any]:
+        """LUN masking of a volume: present it to exactly ``hosts``. The daemon's own
+        host is the root of the mount (MOUNT/volumes/); another host sees it at
+        MOUNT/hosts/<host>/volumes/<name>.img. Open files and loop devices keep working
+        (one LUN, one inode); only the names change."""
+        vol = self.resolve_volume(name)
+        if isinstance(hosts, str) or not isinstance(hosts, list | tuple) or not hosts:
+            raise _vss("E_INVALIDARG", f"volume {vol}: name at least one host to present "
+                       f"it to (the daemon's own host, {self.service_machine}, is the "
+                       "mount's root)")
+        for h in hosts:
+            if not isinstance(h, str) or not documents.valid_host(h):
+                raise _vss("E_INVALIDARG", f"host name {h!r} is not valid (letters, "
+                           "digits, '-', '_' in dot-separated labels, at most 253 "
+                           "characters)")
+        before = self.hosts_of(vol)
+        self._present([vol], hosts)
+        after = self.hosts_of(vol)
+        if after != before:
+            log.info("volume %s presented to %s (was %s)", vol, ", ".join(sorted(after)),
+                     ", ".join(sorted(before)))
+        return self._volume_json(self.pool.volume(vol))
 
     async def volume_delete(self, name: str) -> None:
         self.pool.volume(name)
@@ -550,7 +606,7 @@ class Coordinator:
 
     def _writer_event(self, s: SnapshotSet) -> WriterEvent:
         vols = tuple(s.volumes)
-        paths = tuple(p for p in (self.volume_path(v) for v in vols) if p)
+        paths = tuple(p for v in vols for p in self.volume_paths(v))
         return WriterEvent(s.set_id, s.context, vols, paths, tuple(s.volumes.values()))
 
     async def do_snapshot_set(self, session: Session, set_id: str | None = None,
@@ -783,7 +839,7 @@ class Coordinator:
         rec = self._records.get(sid)
         exported = self._exported.get(sid)
         if rec is None and exported is not None:   # deleted by the importing host
-            rec = exported[0]
+            rec = exported.record
         if rec is None:
             if sid in self._sets:
                 raise _vss("VSS_E_BAD_STATE", f"snapshot set {sid} is still being created")
@@ -793,10 +849,10 @@ class Coordinator:
         if self.writers and vss.uses_writers(ctx):
             vols = tuple(sorted({i.volume for i in self._members_info(sid)}))
             if not vols and exported is not None:
-                vols = exported[1]
-            paths = tuple(p for p in (self.volume_path(v) for v in vols) if p)
+                vols = exported.volumes
+            paths = tuple(p for v in vols for p in self.volume_paths(v))
             ev = WriterEvent(sid, ctx, vols, paths, tuple(self._set_members(sid))
-                             or (exported[2] if exported else ()))
+                             or (exported.snapshots if exported else ()))
             failures = await self._writers_call(self.writers, "backup_complete", ev,
                                                 self.config["writer_timeout"],
                                                 "complete the backup")
@@ -806,6 +862,9 @@ class Coordinator:
                 log.error("writer %s failed in backup-complete: %s", _wname(w), e)
         rec.backup_complete = True
         self.catalog.set_backup_complete(sid)
+        if exported is not None:   # BackupComplete went out: the export is done with
+            self._exported.pop(sid, None)
+            self.catalog.delete_export(sid)
         return {"set_id": sid, "writers_notified": notified}
 
     # ------------------------------------------------------------------ transport
@@ -853,8 +912,10 @@ class Coordinator:
         for m in metas:
             wmds.append({"name": str(getattr(m, "writer_name", "") or ""),
                          "document": documents.write_writer_metadata(m).decode("utf-8")})
-        self._exported[sid] = (rec, tuple(sorted({m.volume for m in members})),
-                               tuple(m.id for m in members))
+        exp = ExportRecord(rec, tuple(sorted({m.volume for m in members})),
+                           tuple(m.id for m in members), time.time())
+        self.catalog.put_export(exp)
+        self._exported = self.catalog.exports()   # the newest MAX_EXPORTS
         log.info("exported snapshot set %s (%d snapshot(s), %d writer(s))", sid,
                  len(members), len(wmds))
         return {"set_id": sid, "originating_machine": origin,
@@ -894,23 +955,68 @@ class Coordinator:
             if info.state != "committed":
                 raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {info.id} is "
                            f"{info.state}, not a committed shadow copy")
-            if (info.naa.lower() != ps.snapshot_naa.lower()
-                    or info.origin_naa.lower() != ps.origin_naa.lower()):
-                raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {info.id}: the "
-                           "document's LUN ids (naa) do not match the pool's")
-        located = await _in_thread(self.hardware.LocateLuns, parsed.snapshot_naas)
-        ids = [lun.snapshot_id for lun in located if lun.snapshot_id]
-        before = {i: self._presented.get(i) for i in ids}
+            for side, doc_naa, ours in (("snapshot", ps.snapshot_naa, info.naa),
+                                        ("source", ps.origin_naa, info.origin_naa)):
+                if doc_naa.lower() != ours.lower():
+                    raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {info.id}: the "
+                               f"document's {side} LUN is naa.{doc_naa.lower()}, but this "
+                               f"array's is naa.{ours.lower()} (a foreign or edited "
+                               "document); nothing imported")
         try:
-            self.catalog.put_import(sid, host, origin, time.time())
+            located = await _in_thread(self.hardware.LocateLuns, parsed.snapshot_naas)
+        except VssError as e:
+            raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot set {sid}: {e.message}; "
+                       "nothing imported") from None
+        ids = [lun.snapshot_id for lun in located if lun.snapshot_id]
+        # Other requests ran while LocateLuns did: check again, then change everything
+        # without awaiting (no other request can interleave from here on).
+        if sid in self._imports:
+            raise _vss("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {sid} is already "
+                       f"imported on host {self._imports[sid][0]}; delete it there first")
+        if (sid not in self._records
+                or sorted(ids) != sorted(ps.snapshot_id for ps in parsed.snapshots)
+                or not all(self._is_snapshot(i) for i in ids)):
+            raise _vss("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot set {sid} changed while "
+                       "it was being imported (deleted?); nothing imported")
+        present_to = None if host == self.service_machine else frozenset((host,))
+        before = {i: self._presented.get(i) for i in ids}
+        recorded = False
+        try:
+            self.catalog.record_import(sid, host, origin, time.time(), ids, present_to)
+            recorded = True
+            self._fault("import.recorded")
             self._imports[sid] = (host, origin)
-            self._present(ids, {host})
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                self._imports.pop(sid, None)
-                self.catalog.delete_import(sid)
-                for i, hs in before.items():
-                    self._present([i], hs)
+            for i in ids:   # LocateLuns: the importing host only
+                if present_to:
+                    self._presented[i] = present_to
+                else:
+                    self._presented.pop(i, None)
+                self._fault("import.presented")
+            self._push_masking()
+            self._fault("import.surfaced")
+            snaps = []
+            for i in ids:
+                d = self._prop_json(self.pool.snapshot(i))
+                d["device_object"] = self.device_path(i, host)
+                snaps.append(d)
+        except BaseException as e:
+            log.error("importing snapshot set %s on host %s failed (%s): undoing it", sid,
+                      host, _msg(e))
+            self._imports.pop(sid, None)
+            for i, hs in before.items():
+                if hs:
+                    self._presented[i] = hs
+                else:
+                    self._presented.pop(i, None)
+            if recorded:
+                try:
+                    self.catalog.undo_import(sid, before)
+                except Exception as e2:
+                    log.error("undoing the import of %s in the catalog: %s", sid, e2)
+            try:
+                self._push_masking()
+            except Exception as e2:
+                log.error("restoring the LUN masking after a failed import: %s", e2)
             raise
         if rec.auto_release:   # the importing session owns its lifetime now
             for other in self._sessions.values():
@@ -919,11 +1025,6 @@ class Coordinator:
             session.sets.append(sid)
         log.info("snapshot set %s (from %s) imported on host %s: %s", sid, origin, host,
                  ", ".join(ids))
-        snaps = []
-        for i in ids:
-            d = self._prop_json(self.pool.snapshot(i))
-            d["device_object"] = self.device_path(i, host)
-            snaps.append(d)
         return {"set_id": sid, "host": host, "origin": origin, "snapshots": snaps}
 
     # ------------------------------------------------------------------ queries
@@ -961,7 +1062,7 @@ class Coordinator:
             snapshot_id=s.id, snapshot_set_id=set_id,
             snapshots_count=min(max(1, count), vss.MAX_VOLUMES_PER_SET),
             device_object=self.device_path(s.id) or f".shadow/{s.id}.img",
-            original_volume_name=self.volume_path(s.volume) or s.volume,
+            original_volume_name=self._shown_path(s.volume) or s.volume,
             originating_machine=rec.originating_machine if rec and rec.originating_machine
             else (live.session.host if live and live.session else ""),
             service_machine=self.service_machine,

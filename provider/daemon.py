@@ -49,6 +49,7 @@ from fuse_mount import loopdev
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.operations import ShadowOperations
 from fuse_mount.session import (
+    DEFAULT_POLL_US,
     MountError,
     MountState,
     force_unmount,
@@ -56,6 +57,8 @@ from fuse_mount.session import (
     run_mount,
     umount_nonlazy,
 )
+
+from .vss import VssError
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +123,15 @@ WRITEBACK_PERIOD = 0.05
 async def writeback_timer(pool: Pool) -> None:
     """The store holds origin writes to freshly preserved chunks until one grouped sync
     covers them (blockstore WRITEBACK_*); this timer bounds how long they wait when the
-    writes stop. Runs in a worker thread: it fsyncs."""
-    while True:
-        await trio.sleep(WRITEBACK_PERIOD)
-        await trio.to_thread.run_sync(pool.writeback)
+    writes stop. Runs in a worker thread: it fsyncs (without the pool lock, see
+    Pool.writeback, so the FUSE handlers go on meanwhile)."""
+    pool.background_writeback = True
+    try:
+        while True:
+            await trio.sleep(WRITEBACK_PERIOD)
+            await trio.to_thread.run_sync(pool.writeback)   # not abandoned on cancel
+    finally:
+        pool.background_writeback = False   # the data path bounds the age again
 
 
 async def _serve_async(
@@ -132,6 +140,7 @@ async def _serve_async(
     services: Sequence[Service],
     debug: bool,
     allow_other: bool,
+    poll_us: float = DEFAULT_POLL_US,
 ) -> int:
     barrier = WriteBarrier(pool)
     ops = ShadowOperations(pool, barrier)
@@ -143,7 +152,7 @@ async def _serve_async(
     async def mount_task(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await run_mount(pool, mountpoint, ops=ops, debug=debug, allow_other=allow_other,
-                            task_status=task_status)
+                            poll_us=poll_us, task_status=task_status)
         finally:
             session_ended.set()
 
@@ -215,6 +224,7 @@ def serve(
     services: Sequence[Service] = (),
     debug: bool = False,
     allow_other: bool = False,
+    poll_us: float = DEFAULT_POLL_US,
 ) -> int:
     """Run the array daemon until SIGTERM/SIGINT; return the exit status (0 or 1).
 
@@ -254,11 +264,14 @@ def serve(
         log.info("serving pool %s at %s (pid %d)%s", pool_dir, mountpoint, os.getpid(),
                  f", control socket {socket_path}" if socket_path else "")
         try:
-            rc = trio.run(_serve_async, pool, mountpoint, list(services), debug, allow_other)
+            rc = trio.run(_serve_async, pool, mountpoint, list(services), debug, allow_other,
+                          poll_us)
         except Exception as e:
-            mount_err = _find(e, MountError)
-            if mount_err is not None:
-                _error_line(str(mount_err))
+            # MountError, and VssError from a service (the control socket cannot be
+            # created, another daemon listens there): user errors, one line
+            user_err = _find(e, MountError) or _find(e, VssError)
+            if user_err is not None:
+                _error_line(getattr(user_err, "message", None) or str(user_err))
             else:
                 log.exception("the daemon failed")
             rc = 1
@@ -292,13 +305,14 @@ def _configure_logging(debug: bool) -> None:
         root.setLevel(logging.DEBUG)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(paths_required: bool = True) -> argparse.ArgumentParser:
+    """paths_required=False: --pool/--mount may come from elsewhere (a --config file)."""
     p = argparse.ArgumentParser(
         prog="python -m provider.daemon",
         description="Serve a shadowplex pool: FUSE mount + control socket, until SIGTERM.",
     )
-    p.add_argument("--pool", required=True, metavar="DIR", help="pool directory")
-    p.add_argument("--mount", required=True, metavar="DIR", help="mount directory")
+    p.add_argument("--pool", required=paths_required, metavar="DIR", help="pool directory")
+    p.add_argument("--mount", required=paths_required, metavar="DIR", help="mount directory")
     p.add_argument("--socket", metavar="PATH", help="control socket path")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--foreground", dest="foreground", action="store_true", default=True,

@@ -1,7 +1,12 @@
 """The control API's wire format and its error names (shared by server and client).
 
 Transport: a Unix stream socket, newline-delimited JSON, UTF-8, one object per line, at
-most MAX_LINE bytes per line (newline included).
+most MAX_LINE bytes (1 MiB) per request line (newline included). Two exceptions carry
+documents: requests of the ops in DOCUMENT_OPS (``import``) and every reply (an export
+carries the Backup Components and Writer Metadata Documents) may be up to
+MAX_DOCUMENT_LINE bytes: enough for a document of documents.MAX_DOCUMENT_BYTES (16 MiB)
+even if JSON escapes every character of it as two bytes. The server reads at most that
+much of any line; a longer one is skipped with one error.
 
     request   {"id": 7, "op": "snapshot.create", "args": {...}}
     reply     {"id": 7, "ok": true, "result": ...}
@@ -30,12 +35,17 @@ from typing import Any
 from blockstore import errors as bse
 from fuse_mount import loopdev
 
+from .documents import MAX_DOCUMENT_BYTES
 from .vss import VssError
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-MAX_LINE = 1 << 20          # bytes per message, newline included
+MAX_LINE = 1 << 20          # bytes per request line, newline included
+# import requests and replies: a 16 MiB document, JSON-escaped (<= 2 bytes per character
+# of a well-formed XML document: quotes, backslashes, tab/CR/LF), plus the envelope
+MAX_DOCUMENT_LINE = 2 * MAX_DOCUMENT_BYTES + (1 << 20)
+DOCUMENT_OPS = frozenset({"import"})
 SOCKET_ENV = "SHADOWPLEX_SOCKET"
 SOCKET_DIR = "/run/shadowplex"
 
@@ -43,7 +53,7 @@ SOCKET_DIR = "/run/shadowplex"
 OPS: tuple[str, ...] = (
     "hello",
     "status",
-    "volume.create", "volume.list", "volume.resize", "volume.delete",
+    "volume.create", "volume.list", "volume.resize", "volume.delete", "volume.present",
     "snapshot.create", "snapshot.list", "snapshot.show", "snapshot.delete",
     "set.start", "set.add", "set.do", "set.abort", "set.list",
     "expose", "unexpose",
@@ -78,19 +88,30 @@ def default_socket_path(pool_dir: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- encoding
-def encode(msg: dict[str, Any]) -> bytes:
-    """One message as a line. ValueError if it would exceed MAX_LINE."""
+def line_limit(op: str | None) -> int:
+    """The longest request line ``op`` may send (replies: MAX_DOCUMENT_LINE)."""
+    return MAX_DOCUMENT_LINE if op in DOCUMENT_OPS else MAX_LINE
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.3g} MiB"
+
+
+def encode(msg: dict[str, Any], limit: int = MAX_LINE) -> bytes:
+    """One message as a line. ValueError if it would exceed ``limit`` bytes."""
     line = json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     data = line.encode() + b"\n"
-    if len(data) > MAX_LINE:
-        raise ValueError(f"message of {len(data)} bytes exceeds the {MAX_LINE}-byte limit")
+    if len(data) > limit:
+        raise ValueError(f"message of {len(data)} bytes exceeds the {limit}-byte "
+                         f"({_mib(limit)}) limit")
     return data
 
 
-def decode(line: bytes) -> dict[str, Any]:
-    """Parse one line (without or with its newline) into an object; ProtocolError if bad."""
-    if len(line) > MAX_LINE:
-        raise ProtocolError(f"message longer than {MAX_LINE} bytes")
+def decode(line: bytes, limit: int = MAX_DOCUMENT_LINE) -> dict[str, Any]:
+    """Parse one line (without or with its newline) into an object; ProtocolError if bad.
+    Which ops may send lines longer than MAX_LINE is checked by check_line_length()."""
+    if len(line) > limit:
+        raise ProtocolError(f"message longer than {limit} bytes ({_mib(limit)})")
     try:
         obj = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
@@ -118,6 +139,16 @@ def parse_request(obj: dict[str, Any]) -> tuple[int | str | None, str, dict[str,
     if not isinstance(args, dict):
         raise ProtocolError(f"'args' of {op} must be a JSON object")
     return rid, op, args
+
+
+def check_line_length(op: str, length: int) -> None:
+    """ProtocolError if a request line of ``length`` bytes is too long for ``op``."""
+    limit = line_limit(op)
+    if length > limit:
+        only = (f" (only {', '.join(sorted(DOCUMENT_OPS))} may carry up to "
+                f"{_mib(MAX_DOCUMENT_LINE)})" if limit == MAX_LINE else "")
+        raise ProtocolError(f"{op}: message of {length} bytes is longer than the {limit}-byte "
+                            f"({_mib(limit)}) limit{only}")
 
 
 def reply_ok(rid: int | str | None, result: Any) -> dict[str, Any]:

@@ -10,8 +10,9 @@ once the FUSE mount is up; bind the rest with functools.partial:
 
 or use ``make_service(socket_path, mountpoint, config)`` which does exactly that.
 
-`python -m provider.service --pool DIR --mount DIR [--socket PATH]` runs the daemon with
-this service (what `shadowplex serve` does once tools/cli.py wires it).
+`python -m provider.service --pool DIR --mount DIR [--socket PATH] [--config FILE|JSON]`
+runs the daemon with this service (what `shadowplex serve` does); --config takes the keys
+checked by provider/config.py, from a TOML file or a JSON object.
 
 config keys (all optional): default_kind ("differential" | "plex"), freeze_timeout (s),
 hold_deadline (s), writer_timeout (s), revert_hold (s), socket_mode (int, default 0o600),
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
 import sys
@@ -81,27 +81,32 @@ def make_service(socket_path: str | None, mountpoint: str | None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .config import ConfigError, load, split
     from .daemon import build_parser, serve
 
-    p: argparse.ArgumentParser = build_parser()
+    p: argparse.ArgumentParser = build_parser(paths_required=False)
     p.prog = "python -m provider.service"
     p.add_argument("--default-kind", choices=("differential", "plex"),
-                   default="differential", help="automagic snapshot kind")
-    p.add_argument("--config", metavar="JSON", default="{}",
-                   help="more config keys as a JSON object (see provider/service.py), e.g. "
-                        "'{\"hooks_dir\": \"/etc/shadowplex/hooks.d\", \"hold_deadline\": 10}'")
+                   help="automagic snapshot kind (default differential)")
+    p.add_argument("--config", metavar="FILE|JSON",
+                   help="a TOML file (contrib/shadowplex.toml) or a JSON object of the same "
+                        "keys (provider/config.py), e.g. '{\"hooks_dir\": null}'; "
+                        "command-line flags win")
     args = p.parse_args(argv)
     try:
-        config = json.loads(args.config)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        p.error(f"--config: {e}")
-    config.setdefault("default_kind", args.default_kind)
-    sock = args.socket or default_socket_path(args.pool)
-    svc = make_service(sock, os.path.abspath(args.mount), config)
-    return serve(args.pool, args.mount, sock, args.foreground, services=[svc],
-                 debug=args.debug, allow_other=args.allow_other)
+        serve_opts, config = split(load(args.config)) if args.config else ({}, {})
+    except ConfigError as e:
+        p.error(str(e))
+    pool = args.pool or serve_opts.get("pool")
+    mount = args.mount or serve_opts.get("mount")
+    if not pool or not mount:
+        p.error("--pool and --mount are required (as options or in the --config file)")
+    if args.default_kind:
+        config["default_kind"] = args.default_kind
+    sock = args.socket or serve_opts.get("socket") or default_socket_path(pool)
+    svc = make_service(sock, os.path.abspath(mount), config)
+    return serve(pool, mount, sock, args.foreground, services=[svc], debug=args.debug,
+                 allow_other=args.allow_other or bool(serve_opts.get("allow_other")))
 
 
 if __name__ == "__main__":

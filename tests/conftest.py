@@ -1,9 +1,17 @@
 """Session-wide guards for the shadowplex test suite.
 
 1. ``no_leftovers`` (session, autouse): records FUSE mounts, loop-device mounts, attached
-   loop devices and ``shadowplex serve`` processes at session start. At session end any new
-   one is cleaned up (umount / fusermount3 -u, -z / losetup -d / SIGTERM, SIGKILL) and the
+   loop devices and daemon processes at session start. At session end any new one is
+   cleaned up (umount / fusermount3 -u, -z / losetup -d / SIGTERM, SIGKILL) and the
    session FAILS listing what leaked.
+
+   Processes counted (`_is_test_process`): every process whose environment carries this
+   session's ``SHADOWPLEX_TEST_SESSION=<token>`` (read from /proc/PID/environ; the token
+   is put in os.environ here, so whatever a test starts inherits it unless the test builds
+   an environment from scratch) -- daemons however they are started, writer loads, hooks;
+   and, marker or not, any command line that runs the daemon: ``shadowplex ... serve``,
+   ``-m tools.cli serve``, ``-m provider.daemon`` / ``-m provider.service``, and
+   ``python -c`` boot strings naming provider.daemon / provider.service (runpy).
 
    Scope: on CI (``CI`` true) or with ``SHADOWPLEX_LEAK_STRICT=1`` every new object counts.
    Otherwise (developer machines, where other test runs may be going on concurrently) only
@@ -157,27 +165,57 @@ def _loops() -> set[Loop]:
     return {Loop(d.get("name") or "", d.get("back-file") or "") for d in devices}
 
 
+DAEMON_MODULES = ("provider.daemon", "provider.service")
+
+
 def _is_serve_cmdline(argv: list[str]) -> bool:
+    """Does this command line run a shadowplex daemon (whatever its environment)?"""
     for i, arg in enumerate(argv):
+        rest = argv[i + 1:]
         if os.path.basename(arg) == "shadowplex" or arg == "tools.cli":
-            return "serve" in argv[i + 1:]
+            return "serve" in rest
+        if arg == "-m" and rest and rest[0] in DAEMON_MODULES:
+            return True
+        if arg.startswith("-m") and arg[2:] in DAEMON_MODULES:     # python -mprovider.daemon
+            return True
+        if arg == "-c" and rest:       # a boot string: runpy.run_module('provider.service')
+            return any(re.search(rf"""['"]{re.escape(m)}['"]""", rest[0])
+                       for m in DAEMON_MODULES)
     return False
 
 
+def _carries_token(environ: bytes, token: str | None) -> bool:
+    return bool(token) and f"{SESSION_TOKEN_ENV}={token}".encode() in environ.split(b"\0")
+
+
+def _is_test_process(argv: list[str], environ: bytes, token: str | None) -> bool:
+    """A process the leak guard tracks: a daemon by its command line, or anything that
+    carries this session's marker in its environment."""
+    return _is_serve_cmdline(argv) or _carries_token(environ, token)
+
+
 def _daemons() -> set[Daemon]:
+    token = os.environ.get(SESSION_TOKEN_ENV)
+    me = os.getpid()
     found = set()
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
             raw = Path(entry.path, "cmdline").read_bytes()
             stat = Path(entry.path, "stat").read_text()
         except OSError:
             continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes()
+        except OSError:     # another user's process (not root) or gone: no marker
+            environ = b""
+        fields = stat.rsplit(")", 1)[-1].split()
+        if fields[0] == "Z":  # exited, not yet reaped: nothing left to stop
+            continue
         argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-        if _is_serve_cmdline(argv):
-            starttime = stat.rsplit(")", 1)[-1].split()[19]
-            found.add(Daemon(int(entry.name), starttime, " ".join(argv)))
+        if _is_test_process(argv, environ, token):
+            found.add(Daemon(int(entry.name), fields[19], " ".join(argv)))
     return found
 
 

@@ -1,7 +1,11 @@
 """The block store engine: pure logic on real files (no kernel parts needed)."""
 
 import errno
+import json
+import logging
 import os
+import shutil
+import subprocess
 
 import pytest
 import xxhash
@@ -126,7 +130,6 @@ def test_naa_never_reused_and_header_travels(pool):
     assert b.naa != a
     issued = {r[0] for r in pool.catalog.db.execute("SELECT naa FROM naa_issued")}
     assert {a, b.naa} <= issued
-    import json
     hdr = json.load(open(pool.image_path("a")[:-4] + ".hdr"))
     assert hdr["naa"] == b.naa and hdr["size"] == MiB and hdr["shadow"] is False
 
@@ -519,7 +522,9 @@ def test_scrub_seals_full_copies_and_finds_rot(pool):
     img = pool._img(pool.snapshot(p).file_id)
     with open(img, "r+b") as f:          # bit rot in chunk 3 of the plex
         f.seek(3 * CS + 7)
-        f.write(b"\xff")
+        old = f.read(1)
+        f.seek(3 * CS + 7)
+        f.write(bytes([old[0] ^ 0x01]))  # flip a bit (writing 0xff failed 1 run in 256)
     problems = pool.scrub()
     assert any("chunk 3 fails its checksum" in x for x in problems), problems
     pool.delete_snapshot(p)
@@ -550,5 +555,325 @@ def test_revert_to_invalid_snapshot_refused(tmp_path):
     with pytest.raises(errors.SnapshotInvalid):
         pool.promote(a)
     assert pool.read("v", 0, CS) == b"n" * CS       # nothing changed
+    pool.delete_snapshot(a)
+    pool.close()
+
+
+# -- crashes during resize, revert, split and plex sync ---------------------------------------
+def crashing_pool(tmp_path):
+    faults = Faults()
+    return Pool.create(str(tmp_path / "p"), chunk_size=CS, faults=faults), faults
+
+
+def luns(pool):
+    return sorted(os.listdir(os.path.join(pool.path, "luns")))
+
+
+@pytest.mark.parametrize("point,grown", [("resize.image_sized", False),
+                                         ("resize.recorded", True)])
+def test_crash_during_grow(tmp_path, point, grown):
+    """Image sized, catalog not (or both): open sizes the image to the catalog."""
+    pool, faults = crashing_pool(tmp_path)
+    pool.create_volume("v", MiB)
+    pool.write("v", MiB - CS, b"e" * CS)
+    s = snap(pool, "v")
+    pool.write("v", MiB - CS, b"f" * CS)   # held; the grow writes it back and syncs first
+    faults.arm_crash(point)
+    with pytest.raises(errors.SimulatedCrash):
+        pool.resize_volume("v", 2 * MiB)
+    pool = reopen(pool)
+    assert pool.check() == []
+    size = 2 * MiB if grown else MiB
+    assert pool.volume("v").size == size == os.path.getsize(pool.image_path("v"))
+    assert pool.read("v", MiB - CS, 2 * CS) == b"f" * CS + (bytes(CS) if grown else b"")
+    assert pool.read(s, MiB - CS, CS) == b"e" * CS
+    pool.write("v", size - CS, b"t" * CS)   # the volume works at its recovered size
+    with pytest.raises(errors.OutOfRange):
+        pool.write("v", size, b"x")
+    assert pool.check() == []
+    pool.close()
+
+
+def revert_setup(tmp_path):
+    """v: a at 1 MiB, grown to 2 MiB with data in the tail, b, more writes, all flushed."""
+    pool, faults = crashing_pool(tmp_path)
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"1" * (4 * CS))
+    a = snap(pool, "v")
+    pool.resize_volume("v", 2 * MiB)
+    pool.write("v", CS, b"2" * (2 * CS))
+    pool.write("v", MiB, b"t" * CS)        # in the tail the revert to a cuts off
+    b = snap(pool, "v")
+    pool.write("v", 0, b"3" * CS)
+    pool.flush("v")
+    return pool, faults, a, b
+
+
+A_CONTENT = b"1" * (4 * CS) + bytes(MiB - 4 * CS)
+B_HEAD = b"1" * CS + b"2" * (2 * CS) + b"1" * CS
+
+
+@pytest.mark.parametrize("point", ["revert.recorded", "cow.map_written", "revert.copied",
+                                   "resize.image_sized", "resize.recorded", "revert.flushed"])
+def test_crash_during_revert_is_finished_at_open(tmp_path, point):
+    pool, faults, a, b = revert_setup(tmp_path)
+    faults.arm_crash(point)
+    with pytest.raises(errors.SimulatedCrash):
+        pool.revert("v", a)
+    pool = reopen(pool)                   # rolls the revert forward
+    assert pool.check() == []
+    assert pool.volume("v").size == MiB == os.path.getsize(pool.image_path("v"))
+    assert pool.read("v", 0, 2 * MiB) == pool.read(a, 0, MiB) == A_CONTENT
+    assert pool.read(b, 0, 4 * CS) == B_HEAD and pool.read(b, MiB, CS) == b"t" * CS
+    assert pool.catalog.meta_items("revert.") == []
+    pool.delete_snapshot(a)               # no longer a revert's source
+    assert pool.check() == []
+    pool.close()
+
+
+def test_crash_while_finishing_a_revert(tmp_path):
+    """Recovery itself crashes (inside the resumed revert): the next open finishes it."""
+    pool, faults, a, b = revert_setup(tmp_path)
+    faults.arm_crash("revert.copied")
+    with pytest.raises(errors.SimulatedCrash):
+        pool.revert("v", a)
+    pool.abandon()
+    again = Faults()
+    again.arm_crash("resize.image_sized")
+    with pytest.raises(errors.SimulatedCrash):
+        Pool.open(pool.path, faults=again)
+    assert "revert.copied" in again.passed      # it really was inside the resumed revert
+    pool = Pool.open(pool.path)
+    assert pool.check() == []
+    assert pool.read("v", 0, 2 * MiB) == A_CONTENT
+    assert pool.read(b, 0, 4 * CS) == B_HEAD and pool.read(b, MiB, CS) == b"t" * CS
+    pool.close()
+
+
+def test_interrupted_shrink_alone_is_safe(tmp_path):
+    """The image-shorter direction of open's size reconciliation, without the revert's
+    roll-forward: the catalog keeps the old size, the tail reads zeros (what the revert
+    had discarded) and the snapshot that needs the old tail reads it from the diff area."""
+    pool, faults, a, b = revert_setup(tmp_path)
+    faults.arm_crash("resize.image_sized")
+    with pytest.raises(errors.SimulatedCrash):
+        pool.revert("v", a)
+    assert os.path.getsize(pool.image_path("v")) == MiB
+    pool.catalog.db.execute("DELETE FROM meta WHERE key LIKE 'revert.%'")   # no roll-forward
+    pool = reopen(pool)
+    assert pool.check() == []
+    assert pool.volume("v").size == 2 * MiB == os.path.getsize(pool.image_path("v"))
+    assert pool.read("v", 0, 2 * MiB) == A_CONTENT + bytes(MiB)
+    assert pool.read(b, 0, 4 * CS) == B_HEAD and pool.read(b, MiB, CS) == b"t" * CS
+    pool.close()
+
+
+def test_snapshot_larger_than_its_shrunk_origin_after_reopen(tmp_path):
+    """After a shrinking revert b is larger than v; its tail is in the diff area, which
+    open must size for b, not for v (it used to fail with an IndexError)."""
+    pool, _faults, a, b = revert_setup(tmp_path)
+    pool.revert("v", a)
+    pool = reopen(pool)
+    assert pool.check() == []
+    assert pool.read(b, MiB, CS) == b"t" * CS and pool.read(b, 0, 4 * CS) == B_HEAD
+    pool.write("v", 0, b"4" * CS)
+    assert pool.read(b, 0, 4 * CS) == B_HEAD
+    pool.close()
+
+
+def test_revert_source_is_protected_while_reverting(pool):
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"1" * (8 * CS))
+    a = snap(pool, "v")
+    pool.write("v", 0, b"2" * (8 * CS))
+    steps = []
+
+    def progress(done, total):   # runs between the revert's steps, without the pool lock
+        for call in (lambda: pool.delete_snapshot(a), lambda: pool.split(a, "x"),
+                     lambda: pool.resize_volume("v", 2 * MiB), lambda: pool.revert("v", a)):
+            with pytest.raises(errors.Busy):
+                call()
+        steps.append(done)
+
+    pool.revert("v", a, progress)
+    assert steps and pool.read("v", 0, 8 * CS) == b"1" * (8 * CS)
+    pool.delete_snapshot(a)      # afterwards it can go
+
+
+def test_overflow_during_revert_spares_its_source(pool, caplog):
+    """The revert's writes need room for the newer snapshot b; the oldest is a, the
+    source: b goes instead (deleting a would fail the revert half-way)."""
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"1" * (4 * CS))
+    a = snap(pool, "v")
+    pool.write("v", 0, b"2" * (4 * CS))
+    b = snap(pool, "v")
+    pool.set_diff_limit("v", 5 * CS)          # 4 used: no room for 4 more
+    with caplog.at_level(logging.WARNING, logger="blockstore.pool"):
+        pool.revert("v", a)
+    assert [s.id for s in pool.list_snapshots()] == [a]
+    assert pool.read("v", 0, 4 * CS) == b"1" * (4 * CS)
+    assert any(b in r.getMessage() and "diff-area limit" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_failed_revert_is_not_resumed(tmp_path):
+    """An ordinary error ends the revert (the caller hears of it and may write again):
+    its record goes, so a later open does not revert over the newer writes."""
+    pool, faults = crashing_pool(tmp_path)
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"1" * CS)
+    a = snap(pool, "v")
+    pool.write("v", 0, b"2" * CS)
+    pool.flush("v")
+    faults.arm_error("origin", "write", errno.EIO, count=1)
+    with pytest.raises(OSError):
+        pool.revert("v", a)
+    assert pool.catalog.meta_items("revert.") == []
+    pool.write("v", 0, b"3" * CS)
+    pool.flush("v")
+    pool = reopen(pool)
+    assert pool.check() == []
+    assert pool.read("v", 0, 1) == b"3" and pool.read(a, 0, 1) == b"1"
+    pool.close()
+
+
+def test_crash_during_plex_sync_drops_the_plex(tmp_path):
+    pool, faults = crashing_pool(tmp_path)
+    pool.create_volume("v", 4 * MiB)
+    pool.write("v", 0, b"a" * MiB)
+    pool.write("v", 3 * MiB, b"b" * CS)
+    pool.flush("v")
+    before = luns(pool)
+    s = pool.prepare_snapshot("v", "plex")
+    faults.arm_crash("plex.copied", after=1)
+    with pytest.raises(errors.SimulatedCrash):
+        while True:
+            done, total = pool.plex_sync_step(s.id, max_bytes=256 * 1024)
+            if done >= total:
+                break
+    pool = reopen(pool)
+    assert pool.check() == []
+    assert pool.list_snapshots() == [] and luns(pool) == before
+    assert pool.read("v", 0, MiB) == b"a" * MiB and pool.read("v", 3 * MiB, CS) == b"b" * CS
+    pool.close()
+
+
+@pytest.mark.parametrize("kind,point,happened", [
+    ("differential", "promote.copied", False),
+    ("differential", "split.promoted", False),
+    ("differential", "split.recorded", True),
+    ("plex", "split.recorded", True)])
+def test_crash_during_split_happened_or_not(tmp_path, kind, point, happened):
+    pool, faults = crashing_pool(tmp_path)
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"s" * (4 * CS))
+    s = snap(pool, "v", kind)
+    old_naa = pool.snapshot(s).naa
+    pool.write("v", 0, b"o" * CS)
+    pool.flush("v")
+    faults.arm_crash(point)
+    with pytest.raises(errors.SimulatedCrash):
+        pool.split(s, "w")
+    pool = reopen(pool)
+    assert pool.check() == []
+    names = [v.name for v in pool.list_volumes()]
+    if happened:
+        w = pool.volume("w")
+        assert names == ["v", "w"] and pool.list_snapshots() == []
+        assert w.naa not in (old_naa, pool.volume("v").naa)
+        assert pool.read("w", 0, 4 * CS) == b"s" * (4 * CS)
+        assert luns(pool) == sorted(f"{i}.{e}" for i in (1, w.id) for e in ("hdr", "img"))
+        pool.write("w", 0, b"x")             # an independent read-write volume now
+        assert pool.read("v", 0, CS) == b"o" * CS
+    else:
+        assert names == ["v"]
+        assert pool.snapshot(s).kind == ("full" if point == "split.promoted" else kind)
+        assert pool.read(s, 0, 4 * CS) == b"s" * (4 * CS)
+        assert not [f for f in luns(pool) if f.endswith((".partial", ".tmp"))]
+    assert pool.check() == []
+    pool.close()
+
+
+# -- plex and full-copy checksums ------------------------------------------------------------
+def test_check_finds_rot_in_sealed_copies(pool):
+    """A promoted snapshot is sealed as it is copied; a plex once seal() (or scrub) ran.
+    check() then verifies every chunk of both."""
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, os.urandom(8 * CS))
+    p = snap(pool, "v", "plex")
+    d = snap(pool, "v")
+    pool.write("v", 0, os.urandom(8 * CS))
+    pool.promote(d)
+    assert pool._snaps[d].sealed and not pool._snaps[p].sealed
+    pool.seal(p)
+    assert pool.check() == []
+    for sid, chunk in ((p, 2), (d, 5)):
+        with open(pool._img(pool.snapshot(sid).file_id), "r+b") as f:
+            f.seek(chunk * CS + 100)
+            f.write(b"\x00rot")
+    problems = pool.check()
+    assert f"snapshot {p} of v: chunk 2 fails its checksum" in problems, problems
+    assert f"snapshot {d} of v: chunk 5 fails its checksum" in problems, problems
+    pool.delete_snapshot(p)
+    pool.delete_snapshot(d)
+
+
+# -- the default diff-area limit, images for other tools ----------------------------------------
+def test_default_diff_limit_is_free_space_minus_reserve(pool, monkeypatch, caplog):
+    # A 100 MiB filesystem, so the reserve is min(256 MiB, 10 %) = 10 MiB, with room for
+    # 4 chunks above it less what the diff area holds.
+    def statfs():
+        return 100 * MiB, 10 * MiB + 4 * CS - pool.volume("v").diff_bytes
+
+    monkeypatch.setattr(pool, "statfs", statfs)
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"o" * (8 * CS))
+    a = snap(pool, "v")
+    pool.write("v", 0, b"n" * (2 * CS))         # fits: a stays
+    b = snap(pool, "v")
+    assert [s.id for s in pool.list_snapshots()] == [a, b]
+    with caplog.at_level(logging.WARNING, logger="blockstore.pool"):
+        pool.write("v", 2 * CS, b"m" * (3 * CS))    # 3 do not: a goes, its 2 come back
+    assert [s.id for s in pool.list_snapshots()] == [b]
+    assert pool.read("v", 2 * CS, 3 * CS) == b"m" * (3 * CS)
+    assert pool.read(b, 0, 8 * CS) == b"n" * (2 * CS) + b"o" * (6 * CS)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and a in r.getMessage()]
+    assert warned and "deleting its oldest snapshot" in warned[0].getMessage()
+
+
+def test_qemu_img_sees_raw_images(tmp_path):
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        pytest.skip("qemu-img is not installed (make setup installs qemu-utils)")
+    pool = Pool.create(str(tmp_path / "p"), chunk_size=CS)
+    pool.create_volume("v", 3 * MiB)
+    pool.write("v", MiB, b"q" * CS)
+    p = snap(pool, "v", "plex")
+    images = [pool.image_path("v"), pool.image_path(p)]
+    assert pool.check() == []
+    pool.close()
+    for img in images:
+        out = subprocess.run([qemu_img, "info", "--output=json", img], check=True,
+                             capture_output=True, text=True, timeout=30).stdout
+        info = json.loads(out)
+        assert info["format"] == "raw" and info["virtual-size"] == 3 * MiB, info
+
+
+def test_interrupted_revert_to_a_lost_snapshot_is_dropped(tmp_path, caplog):
+    """The revert's source became invalid (its diff area failed) before the roll-forward:
+    open logs it, drops the record and leaves the volume as it was; the pool is clean."""
+    pool, faults, a, b = revert_setup(tmp_path)
+    faults.arm_crash("revert.copied")
+    with pytest.raises(errors.SimulatedCrash):
+        pool.revert("v", a)
+    pool.catalog.db.execute("UPDATE snapshots SET state='invalid' WHERE snap_id=?", (a,))
+    with caplog.at_level(logging.ERROR, logger="blockstore.pool"):
+        pool = reopen(pool)
+    assert any("cannot be finished" in r.getMessage() for r in caplog.records)
+    assert pool.check() == []
+    assert pool.catalog.meta_items("revert.") == []
+    assert pool.volume("v").size == 2 * MiB          # the shrink never ran
+    assert pool.read(b, 0, 4 * CS) == B_HEAD
     pool.delete_snapshot(a)
     pool.close()

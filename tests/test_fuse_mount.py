@@ -2,9 +2,14 @@
 the kernel's FUSE and loop drivers, mkfs/mount/e2fsck on top.
 
 Snapshots and volumes are created BEFORE the daemon starts by opening the pool directly
-(the daemon owns the pool lock while it runs). Changes while mounted are tested with an
-in-process mount (run_mount on a trio thread of this process) whose Pool object the test
-also holds.
+(the daemon owns the pool lock while it runs), except where the moment matters (kill -9
+after a snapshot and writes): there the daemon runs with its control socket
+(test_provider_e2e.start_daemon) and the snapshot is taken through it. Changes while
+mounted are also tested with an in-process mount (run_mount on a trio thread of this
+process) whose Pool object the test also holds.
+
+fallocate/discard tests need the patched pyfuse3 that `make venv` builds
+(fuse_mount/patches/); test_fuse_unit.py says so plainly when it is missing.
 
 Every daemon, mount and loop device is cleaned up in `finally`, even on failure.
 """
@@ -27,6 +32,7 @@ from typing import Any
 
 import pytest
 import trio
+from test_provider_e2e import _stop, sockdir, start_daemon  # noqa: F401 - sockdir: fixture
 
 from blockstore import Pool
 from fuse_mount import loopdev
@@ -270,21 +276,17 @@ def test_snapshot_is_read_only_and_hidden(tmp_path: Path, mnt: Path) -> None:
         assert ei.value.errno == errno.EROFS
         fd = os.open(shadow, os.O_RDONLY)
         try:
-            with pytest.raises(OSError) as ei:    # a read-only fd: the VFS says EBADF
-                os.posix_fallocate(fd, 0, 4096)
-            assert ei.value.errno in (errno.EBADF, errno.EROFS, errno.EOPNOTSUPP)
-            with pytest.raises(OSError):
-                fcntl_punch(fd)
+            # O_RDWR is refused above, so a read-only fd is all one can get: the VFS
+            # refuses fallocate on it (EBADF) before the request reaches the daemon
+            with pytest.raises(OSError) as ei:
+                fallocate(fd, PUNCH, 0, 4096)
+            assert ei.value.errno == errno.EBADF
             # new writes to the origin do not change the snapshot
             vfd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
             try:
                 os.pwrite(vfd, b"NEW!" * 1024, 0)
                 os.fsync(vfd)
                 assert os.pread(vfd, 4, 0) == b"NEW!"
-                # pyfuse3 3.5.0 forwards no fallocate: the kernel answers EOPNOTSUPP
-                with pytest.raises(OSError) as ei:
-                    fcntl_punch(vfd)
-                assert ei.value.errno == errno.EOPNOTSUPP
             finally:
                 os.close(vfd)
             assert os.pread(fd, 8, 0) == b"OLD!OLD!"
@@ -295,16 +297,132 @@ def test_snapshot_is_read_only_and_hidden(tmp_path: Path, mnt: Path) -> None:
         assert ei.value.errno == errno.EROFS
 
 
-def fcntl_punch(fd: int) -> None:
-    """fallocate(fd, PUNCH_HOLE|KEEP_SIZE, 0, 4096) via libc."""
+PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) via libc (os.posix_fallocate is mode 0 only, and glibc emulates it by
+    writing when the file system says EOPNOTSUPP, which would hide the answer)."""
     import ctypes
     import ctypes.util
 
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, 0x02 | 0x01, 0, 4096) != 0:
+    if libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def volume_image_blocks(pool_dir: Path) -> int:
+    """st_blocks of the pool's only LUN image (the volume; differential snapshots have
+    none): how much of the volume is really allocated on the pool's disk."""
+    (img,) = (pool_dir / "luns").glob("*.img")
+    return os.stat(img).st_blocks
+
+
+def test_punch_hole_through_the_mount(tmp_path: Path, mnt: Path) -> None:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE) on MOUNT/volumes/v.img reaches pool.discard (needs
+    the patched pyfuse3): the range reads zeros, exactly (unaligned edges keep their
+    bytes), space comes back, a snapshot taken before keeps the old data; other modes are
+    EOPNOTSUPP; a snapshot cannot be punched."""
+    pool_dir = make_pool(tmp_path, {"v": 16 * MiB})
+    old = os.urandom(4 * MiB)
+    with Pool.open(str(pool_dir)) as pool:
+        pool.write("v", 0, old)
+        pool.flush("v")
+    sid = take_snapshot(pool_dir, "v")
+    # unaligned on both ends (chunks are 64 KiB): partial chunks must be zeroed in place
+    off, length = MiB + 4096 + 512, 3 * 65536 + 1000
+    with daemon(pool_dir, mnt, tmp_path / "d.log"):
+        fd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
+        try:
+            fallocate(fd, PUNCH, off, length)
+            os.fsync(fd)
+            assert os.pread(fd, length, off) == bytes(length)
+            assert os.pread(fd, 4096, off - 4096) == old[off - 4096:off]
+            assert os.pread(fd, 4096, off + length) == old[off + length:off + length + 4096]
+            # KEEP_SIZE past the end: clipped, the size is unchanged
+            fallocate(fd, PUNCH, 16 * MiB - 4096, 1 * MiB)
+            assert os.fstat(fd).st_size == 16 * MiB
+            # mode 0 (preallocate) and ZERO_RANGE: a thin LUN has nothing to allocate
+            for mode in (0, 0x10 | 0x01):
+                with pytest.raises(OSError) as ei:
+                    fallocate(fd, mode, 0, 4096)
+                assert ei.value.errno == errno.EOPNOTSUPP, mode
+            # the kernel dropped its cached pages of the punched range: a fresh open reads
+            # what the store has, zeros
+            with open(mnt / "volumes" / "v.img", "rb") as f:
+                f.seek(off)
+                assert f.read(length) == bytes(length)
+        finally:
+            os.close(fd)
+        with open(mnt / ".shadow" / f"{sid}.img", "rb") as f:
+            assert f.read(4 * MiB) == old                     # the snapshot kept it all
+            # a snapshot opens read-only only (O_RDWR: EROFS), and the VFS refuses
+            # fallocate on a read-only fd with EBADF before the daemon is asked
+            with pytest.raises(OSError) as ei:
+                fallocate(f.fileno(), PUNCH, 0, 4096)
+            assert ei.value.errno == errno.EBADF
+    with Pool.open(str(pool_dir)) as pool:
+        expect = bytearray(old)
+        expect[off:off + length] = bytes(length)
+        assert pool.read("v", 0, 4 * MiB) == bytes(expect)
+        assert pool.read(sid, 0, 4 * MiB) == old
+        assert pool.check() == []
+        # with no snapshot left, a punch of whole chunks frees the pool's disk space
+        pool.delete_snapshot(sid)
+        before = volume_image_blocks(pool_dir)
+    with daemon(pool_dir, mnt, tmp_path / "d2.log"):
+        fd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
+        try:
+            fallocate(fd, PUNCH, 2 * MiB, 2 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    assert before - volume_image_blocks(pool_dir) >= (2 * MiB) // 512
+    with Pool.open(str(pool_dir)) as pool:
+        assert pool.read("v", 2 * MiB, 2 * MiB) == bytes(2 * MiB)
+        assert pool.check() == []
+
+
+def test_discard_through_a_loop_device(tmp_path: Path, mnt: Path) -> None:
+    """A loop device on a volume image advertises discard (the kernel sees a fallocate
+    that works): blkdiscard zeroes the range and frees it, fstrim on a mounted ext4
+    returns deleted files' blocks to the pool. This is what VMs and filesystems on the
+    volumes use to thin-provision."""
+    pool_dir = make_pool(tmp_path, {"v": 64 * MiB})
+    with daemon(pool_dir, mnt, tmp_path / "d.log"):
+        img = mnt / "volumes" / "v.img"
+        with loop(img) as dev:
+            name = os.path.basename(dev)
+            granularity = int(Path(f"/sys/block/{name}/queue/discard_granularity").read_text())
+            assert int(Path(f"/sys/block/{name}/queue/discard_max_bytes").read_text()) > 0
+            assert granularity > 0
+            data = os.urandom(8 * MiB)
+            with open(dev, "r+b", buffering=0) as f:
+                f.write(data)
+                os.fsync(f.fileno())
+            allocated = volume_image_blocks(pool_dir)
+            run_ok("blkdiscard", "--offset", str(2 * MiB), "--length", str(4 * MiB), dev)
+            assert allocated - volume_image_blocks(pool_dir) >= (4 * MiB) // 512
+            with open(img, "rb") as f:                 # through the mount, not the loop
+                got = f.read(8 * MiB)
+            assert got[2 * MiB:6 * MiB] == bytes(4 * MiB)
+            assert got[:2 * MiB] == data[:2 * MiB] and got[6 * MiB:] == data[6 * MiB:]
+            # ext4: nodiscard so mkfs leaves the blocks, then fstrim after deleting a file
+            run_ok("mkfs.ext4", "-q", "-E", "nodiscard", dev)
+            with mounted(dev, tmp_path / "fs") as fs:
+                (fs / "big").write_bytes(os.urandom(16 * MiB))
+                os.sync()
+                full = volume_image_blocks(pool_dir)
+                (fs / "big").unlink()
+                os.sync()
+                out = run_ok("fstrim", "-v", str(fs))
+                assert "trimmed" in out
+                assert full - volume_image_blocks(pool_dir) >= (16 * MiB) // 512, out
+            run_ok("e2fsck", "-fn", dev)
+    with Pool.open(str(pool_dir)) as pool:
+        assert pool.check() == []
 
 
 def test_exposed_listing(tmp_path: Path, mnt: Path) -> None:
@@ -364,33 +482,66 @@ def test_differential_snapshot_keeps_old_filesystem(tmp_path: Path, mnt: Path) -
 # --------------------------------------------------------------------------- lifecycle
 
 
-def test_kill9_leaves_dead_mount_then_restart_works(tmp_path: Path, mnt: Path) -> None:
+def test_kill9_leaves_dead_mount_then_restart_works(tmp_path: Path, mnt: Path,
+                                                     sockdir: str) -> None:  # noqa: F811
+    """kill -9 of serve (with its control socket) after a snapshot and writes after it:
+    the mount is left dead (ENOTCONN, never an empty directory), and the restarted daemon
+    serves the snapshot's point-in-time content, every fsync'ed write, and a pool whose
+    check() is clean. Invariant 1 (a snapshot never changes, whatever happens to the
+    daemon) and the durability promise of fsync."""
     pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
-    d = Daemon(pool_dir, mnt, tmp_path / "d1.log")
+    old = os.urandom(1 * MiB)
+    with Pool.open(str(pool_dir)) as pool:
+        pool.write("v", 0, old)
+        pool.flush("v")
+    synced_a, synced_b = os.urandom(200_000), os.urandom(64 * 1024)
+    unsynced = os.urandom(64 * 1024)
+    # no writers: nothing is loop-mounted, and no hook directory of the host is read
+    d = start_daemon(tmp_path, sockdir, {}, {"fsfreeze": False, "hooks_dir": None})
+    killed = False
     try:
-        wait_mounted(mnt, d.proc, MOUNT_TIMEOUT)
-        fd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
         try:
-            os.pwrite(fd, b"survives kill -9", 0)
-            os.fsync(fd)
+            with d.client() as c:    # persistent: survives the daemon, unlike "backup"
+                sid = c.snapshot_create(["v"], context="app-rollback")[
+                    "snapshots"][0]["snapshot_id"]
+            fd = os.open(mnt / "volumes" / "v.img", os.O_RDWR)
+            try:
+                os.pwrite(fd, synced_a, 4096)        # over old data: copy-before-write
+                os.pwrite(fd, synced_b, 5 * MiB)     # over a hole
+                os.fsync(fd)
+                # held in memory (or not) when the kill comes: must never tear anything
+                os.pwrite(fd, unsynced, 2 * MiB)
+            finally:
+                os.close(fd)
+            d.proc.kill()
+            d.proc.wait(10)
+            killed = True
         finally:
-            os.close(fd)
-        d.proc.kill()
-        d.proc.wait(10)
+            if not killed:
+                _stop(d)
         assert mount_state(mnt).state is MountState.STALE     # never an empty dir
         with pytest.raises(OSError) as ei:
             os.listdir(mnt)
         assert ei.value.errno == errno.ENOTCONN
-    finally:
-        d.stop()
-    try:
+        expect = bytearray(old + bytes(7 * MiB))
+        expect[4096:4096 + len(synced_a)] = synced_a
+        expect[5 * MiB:5 * MiB + len(synced_b)] = synced_b
         with daemon(pool_dir, mnt, tmp_path / "d2.log") as d2:
+            assert "dead mount" in d2.log()                   # the restart cleaned it
+            with open(mnt / ".shadow" / f"{sid}.img", "rb") as f:
+                assert f.read() == old + bytes(7 * MiB)
             with open(mnt / "volumes" / "v.img", "rb") as f:
-                assert f.read(16) == b"survives kill -9"
-            assert "dead mount" in d2.log()
+                got = f.read()
+            assert got[2 * MiB:2 * MiB + len(unsynced)] in (bytes(len(unsynced)), unsynced)
+            got = got[:2 * MiB] + bytes(len(unsynced)) + got[2 * MiB + len(unsynced):]
+            assert got == bytes(expect)
     finally:
         if mount_state(mnt).state is not MountState.NOT_MOUNTED:
             force_unmount(mnt)
+    with Pool.open(str(pool_dir)) as pool:
+        assert pool.check() == []
+        assert [s.id for s in pool.list_snapshots()] == [sid]
+        assert pool.read(sid, 0, 1 * MiB) == old
 
 
 def _serve_fails(pool_dir: Path, mnt: Path) -> str:
@@ -433,6 +584,45 @@ def test_serve_user_errors_exit_1_one_line_nothing_mounted(tmp_path: Path, mnt: 
         assert mount_state(other).state is MountState.NOT_MOUNTED
         # and the same mountpoint, already served
         assert "already a mountpoint" in _serve_fails(pool_dir, mnt)
+
+
+def test_serve_refuses_a_foreign_directory_and_changes_nothing(tmp_path: Path,
+                                                                mnt: Path) -> None:
+    """--pool pointing at a directory that is not a pool (someone's data, or another
+    tool's pool.json): one line naming it, exit 1, nothing written there, nothing
+    mounted (no lock file, no catalog: serve never creates a pool)."""
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "report.txt").write_text("not a pool\n")
+    cases = [None, '{"format": "zfs-pool", "version": 1}', "garbage{"]
+    for pool_json in cases:
+        if pool_json is not None:
+            (foreign / "pool.json").write_text(pool_json)
+        before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in foreign.iterdir()}
+        line = _serve_fails(foreign, mnt)
+        assert str(foreign) in line, line
+        assert "pool" in line, line
+        after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in foreign.iterdir()}
+        assert after == before, pool_json
+        assert mount_state(mnt).state is MountState.NOT_MOUNTED
+        assert os.listdir(mnt) == []
+
+
+def test_statfs_reports_the_pool_filesystem(tmp_path: Path, mnt: Path) -> None:
+    """statfs on the mount is the pool directory's filesystem (the space volumes and diff
+    areas really draw on), so df on the mount tells an admin what is left."""
+    pool_dir = make_pool(tmp_path, {"v": 64 * MiB})
+    with daemon(pool_dir, mnt, tmp_path / "d.log"):
+        for _ in range(3):   # free space may move between the two calls: retry
+            ours, pools = os.statvfs(mnt), os.statvfs(pool_dir)
+            if abs(ours.f_bavail * ours.f_frsize - pools.f_bavail * pools.f_frsize) < MiB:
+                break
+        assert ours.f_blocks * ours.f_frsize == pools.f_blocks * pools.f_frsize // 4096 * 4096
+        assert abs(ours.f_bavail * ours.f_frsize - pools.f_bavail * pools.f_frsize) < MiB
+        assert abs(ours.f_bfree * ours.f_frsize - pools.f_bavail * pools.f_frsize) < MiB
+        assert ours.f_namemax == 255
+        st = os.statvfs(mnt / "volumes" / "v.img")      # any path under the mount
+        assert st.f_blocks == ours.f_blocks
 
 
 def test_sigterm_refuses_while_loop_attached(tmp_path: Path, mnt: Path) -> None:

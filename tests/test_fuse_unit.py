@@ -285,10 +285,16 @@ def test_read_write_and_snapshot_refusals(pool: Pool) -> None:
     mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
     assert fuse_errno(ops.fallocate, sfi.fh, mode, 0, 4096) == errno.EROFS
 
-    # fallocate on the volume (not reachable through pyfuse3 3.5.0, semantics kept)
+    # fallocate on the volume (the kernel path is in test_fuse_mount.py's punch-hole test)
     run(ops.fallocate, fi.fh, mode, 0, 65536)
     assert run(ops.read, fi.fh, 0, 8) == bytes(8)
     assert fuse_errno(ops.fallocate, fi.fh, 0, 0, 4096) == errno.EOPNOTSUPP
+    # KEEP_SIZE past the end: clipped to the LUN (legal on a file), never OutOfRange
+    size = pool.lun_size("v")
+    pool.write("v", size - 8, b"E" * 8)
+    run(ops.fallocate, fi.fh, mode, size - 4, 1 << 30)
+    assert pool.read("v", size - 8, 8) == b"EEEE" + bytes(4)
+    run(ops.fallocate, fi.fh, mode, size + 4096, 4096)        # wholly past: a no-op
     assert run(ops.read, sfi.fh, 0, 8) == b"A" * 8            # snapshot unchanged
 
     # namespace changes are refused
@@ -359,3 +365,28 @@ def test_lun_masking_host_views(pool: Pool) -> None:
     ops.refresh()
     assert run(ops.lookup, SHADOW_INO, img, None).st_ino == snapshot_inode(sid)
     assert run(ops.lookup, HOSTS_INO, b"hostA", None).st_ino == ha
+
+
+def test_pyfuse3_is_the_patched_build() -> None:
+    """`make venv` installs pyfuse3 3.5.0 built with fuse_mount/patches/pyfuse3-3.5.0-
+    fallocate.patch. Checked here without the kernel so an unpatched pyfuse3 (a plain
+    `pip install`) fails with this message, not with an EOPNOTSUPP deep in a kernel test."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    version = importlib.metadata.version("pyfuse3")
+    assert version.startswith("3.5.0+shadowplex."), (
+        f"pyfuse3 {version} is not the patched build; run `make venv`")
+    # the default handler says ENOSYS (the kernel then falls back to EOPNOTSUPP)...
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        trio.run(pyfuse3.Operations().fallocate, 1, 0, 0, 4096)
+    assert ei.value.errno == errno.ENOSYS
+    # ...and the build script's own check (version = hash of the patch in this tree, the
+    # C handler compiled in) agrees: a patch edited without `make venv` fails here
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(["bash", str(root / "fuse_mount/patches/build-pyfuse3.sh"),
+                          "--check", sys.executable], capture_output=True, text=True,
+                         check=False, timeout=60)
+    assert res.returncode == 0, res.stderr

@@ -142,9 +142,16 @@ def test_hello_first_and_garbage(served: tuple[Env, ServerThread]) -> None:
             rep = r.recv()
             assert rep["ok"] is False and rep["error"]["name"] == "E_INVALIDARG", (line, rep)
             assert "\n" not in rep["error"]["message"]
-        # an oversized line: one error, the rest of the line is skipped, then it goes on
+        # a line over 1 MiB for an op that carries no document: one error (naming the
+        # request: the line was read whole), then it goes on
         r.send(b'{"id": 9, "op": "status", "pad": "' + b"x" * (protocol.MAX_LINE + 10)
                + b'"}\n')
+        rep = r.recv()
+        assert rep["error"]["name"] == "E_INVALIDARG" and rep["id"] == 9
+        assert "longer" in rep["error"]["message"] and "import" in rep["error"]["message"]
+        # beyond the document limit: one error, the rest of the line is skipped unread
+        r.send(b'{"id": 99, "op": "import", "args": {"document": "'
+               + b"x" * (protocol.MAX_DOCUMENT_LINE + 10) + b'"}}\n')
         rep = r.recv()
         assert rep["error"]["name"] == "E_INVALIDARG" and rep["id"] is None
         assert "longer" in rep["error"]["message"]

@@ -114,6 +114,7 @@ BAD = [
     ("exec\n", 1, "exec needs a command"),
     ("unexpose 'unterminated\n", 1, "cannot split the line"),
     ("list shadows sometimes\n", 1, "usage: list shadows"),
+    ("mask %VSS_SHADOW_SET%\n", 1, "delete shadows set %VSS_SHADOW_SET%"),
 ]
 
 
@@ -463,3 +464,49 @@ def test_quiet_prints_only_what_was_listed(daemon: Daemon) -> None:
     assert " logs " in lines[1] and "nas-rollback" in lines[1]
     with d.client() as c:                               # type: ignore[attr-defined]
         _nothing_left(d, c)
+
+
+@pytest.mark.kernel
+def test_verbose_output_and_load_metadata_failing_at_run_time(daemon: Daemon) -> None:
+    """`set verbose on` adds the provider line, the set's start, the snapshot table and
+    exec's expanded command; a `load metadata` whose file is missing fails AT RUN TIME
+    (the file is read when the line runs): exit 1 naming the line, then the cleanup
+    releases the auto-release set made before it -- not a traceback that skips cleanup."""
+    d = daemon
+    missing = d.base / "no-such-bcd.xml"
+    res, path = script(d, "verbose.dsh", f"""\
+set context backup
+set verbose on
+add volume logs alias L
+create
+exec test "$L" = "%L%"
+load metadata {missing}
+list providers
+""")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert lines[0] == (f"{path}:6: load metadata: cannot read {missing}: "
+                        "No such file or directory")
+    assert any(x.startswith("cleanup: released auto-release snapshot set") for x in lines)
+    out = res.stdout
+    assert re.search(r"^provider \S+ on \S+, pool \S+, mount \S+, session \d+$", out, re.M), out
+    assert re.search(r"^snapshot set \S+ started \(backup\)$", out, re.M), out
+    assert re.search(r"^ID\s+SET\s+VOLUME\s+KIND", out, re.M), out     # the set's table
+    m = re.search(r"add volume logs alias L: snapshot (\S+)", out)
+    assert m, out
+    sid = m.group(1)
+    assert f'exec test "$L" = "{sid}"' in out            # verbose: %L% shown expanded
+    assert "PROVIDER ID" not in out                       # stopped at line 6
+    with d.client() as c:                                 # type: ignore[attr-defined]
+        _nothing_left(d, c)
+
+    # a file that is there but is not a document: the same kind of failure
+    binary = d.base / "binary.xml"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    res, path = script(d, "notxml.dsh", f"set verbose off\nload metadata {binary}\n")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines()[0] == (f"{path}:2: load metadata: {binary} is not UTF-8 "
+                                          "XML (a Backup Components Document from "
+                                          "'shadowplex export')")
+    assert "provider " not in res.stdout                  # verbose off: no detail lines

@@ -101,21 +101,62 @@ def _snap_table(rows: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------ commands
+def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict[str, Any]]:
+    """(pool, mount, socket, allow_other, service config): command-line flags over the
+    --config file over the defaults. The socket: --socket, the file's `socket`,
+    $SHADOWPLEX_SOCKET, DEFAULT_SOCKET (the file was named on this command line; the
+    environment variable is ambient)."""
+    from provider.config import ConfigError, load_file, split
+    try:
+        opts, config = split(load_file(args.config)) if args.config else ({}, {})
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    pool = args.pool or opts.get("pool")
+    mount = args.mount or opts.get("mount")
+    for value, flag in ((pool, "pool"), (mount, "mount")):
+        if not value:
+            raise UsageError(f"serve needs --{flag} DIR (or '{flag} = \"DIR\"' in the "
+                             "--config file)")
+    sock = (args.socket or opts.get("socket") or os.environ.get("SHADOWPLEX_SOCKET")
+            or DEFAULT_SOCKET)
+    allow_other = bool(opts.get("allow_other", False) if args.allow_other is None
+                       else args.allow_other)
+    if args.default_kind:
+        config["default_kind"] = args.default_kind
+    if args.hooks_dir is not None:
+        config["hooks_dir"] = os.path.abspath(args.hooks_dir) if args.hooks_dir else None
+    if args.sqlite_db:   # the flags replace the file's list (as for every other key)
+        config["sqlite_databases"] = [os.path.abspath(p) for p in args.sqlite_db]
+    poll = args.poll_us if args.poll_us is not None else opts.get("poll_us")
+    if poll is not None:
+        config["poll_us"] = poll   # popped again by cmd_serve: not a service key
+    return pool, mount, sock, allow_other, config
+
+
+def _poll_us(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds "
+                                         "from 0 to 1000")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from provider.daemon import serve
     from provider.service import make_service
-    sock = socket_path(args)
-    os.makedirs(os.path.dirname(sock) or ".", mode=0o755, exist_ok=True)
-    config = {"default_kind": args.default_kind}
-    if args.hooks_dir:
-        config["hooks_dir"] = args.hooks_dir
-    if args.sqlite_db:
-        config["sqlite_databases"] = [os.path.abspath(p) for p in args.sqlite_db]
+    pool, mount, sock, allow_other, config = _serve_settings(args)
+    # No directory is made here: the control service creates the socket's directory
+    # (/run/shadowplex by default) when it binds, i.e. only after serve() has checked the
+    # mount directory and opened the pool, so a mistyped command leaves nothing behind.
     # resolved now, before the mount exists: later lookups stay lexical (see fsfreeze.py)
-    mount = os.path.realpath(args.mount)
+    mount = os.path.realpath(mount)
+    poll = config.pop("poll_us", None)
     svc = make_service(sock, mount, config)
-    return serve(args.pool, mount, sock, True, services=[svc], debug=args.debug,
-                 allow_other=args.allow_other)
+    return serve(pool, mount, sock, True, services=[svc], debug=args.debug,
+                 allow_other=allow_other, **({} if poll is None else {"poll_us": poll}))
 
 
 def cmd_pool_init(args: argparse.Namespace) -> int:
@@ -140,6 +181,8 @@ def cmd_volume(args: argparse.Namespace) -> int:
         elif args.vcmd == "delete":
             c.volume_delete(args.name)
             _emit(args, {"deleted": args.name})
+        elif args.vcmd == "present":
+            _emit(args, volume_view(c.volume_present(args.name, args.to)))
     return EXIT_OK
 
 
@@ -154,7 +197,18 @@ def _attributes(args: argparse.Namespace) -> list[str]:
     return attrs
 
 
+def _context(text: str) -> Any:
+    """--context, checked here so that a wrong one is a usage error (exit 2) and nothing
+    is sent to the daemon."""
+    from provider import vss
+    try:
+        return vss.parse_context(text)
+    except vss.VssError as e:
+        raise UsageError(f"--context {text}: {e.message}") from None
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    ctx = _context(args.context) if args.scmd == "create" else None
     if args.scmd == "show" and not args.id and not args.set:
         raise UsageError("snapshot show needs an ID or --set ID")
     if args.scmd == "delete" and len(
@@ -165,7 +219,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         if args.scmd == "create":
             prog = _progress(args)
             try:
-                res = c.snapshot_create(args.volumes, context=args.context,
+                res = c.snapshot_create(args.volumes, context=ctx.cli_name,
                                         attributes=_attributes(args) or None,
                                         progress=prog)
             finally:
@@ -176,7 +230,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             else:
                 print(f"snapshot set {res.get('set_id') or res.get('snapshot_set_id')} created")
                 _snap_table(snaps)
-                if args.context in ("backup", "file-share-backup", "0", "0x0", "16", "0x10"):
+                from provider.vss import is_auto_release
+                if is_auto_release(ctx):
                     print("note: backup contexts are auto-release: this set was deleted when "
                           "the command's session ended; use --context nas-rollback or "
                           "app-rollback (persistent) or a script", file=sys.stderr)
@@ -209,13 +264,14 @@ def cmd_unexpose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _long_op(args: argparse.Namespace, call: Callable[[Progress], Any]) -> int:
+def _long_op(args: argparse.Namespace, call: Callable[[Progress], Any],
+             view: Callable[[Any], Any] = lambda r: r) -> int:
     prog = _progress(args)
     try:
         res = call(prog)
     finally:
         prog.close()
-    _emit(args, res)
+    _emit(args, view(res))
     return EXIT_OK
 
 
@@ -226,7 +282,8 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        return _long_op(args, lambda p: c.promote(args.snapshot, progress=p))
+        # promote answers with the (now full) snapshot: the same view as `snapshot show`
+        return _long_op(args, lambda p: c.promote(args.snapshot, progress=p), snapshot_view)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -279,10 +336,11 @@ def cmd_import(args: argparse.Namespace) -> int:
                          f"'{PROG} export')") from None
     with _client(args) as c:
         res = c.import_set(text)
-        snaps = res.get("snapshots", [])
+        snaps = [snapshot_view(x) for x in res.get("snapshots", [])]
+        res = {**res, "snapshots": snaps}
         _emit(args, res, lambda r: (print(f"snapshot set {r['set_id']} (from {r['origin']}) "
                                           f"imported on {r['host']}"),
-                                    _snap_table([snapshot_view(x) for x in snaps])))
+                                    _snap_table(snaps)))
         if snaps and snaps[0].get("context") in ("backup", "file-share-backup") \
                 and not args.json:
             print(f"note: an auto-release ({snaps[0].get('context')}) set is deleted when "
@@ -373,15 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
+    # serve's flags default to None: "not given", so that --config FILE fills them in
     s = add("serve", cmd_serve, "run the array daemon: FUSE mount + control socket")
-    s.add_argument("--pool", required=True, metavar="DIR")
-    s.add_argument("--mount", required=True, metavar="DIR")
+    s.add_argument("--config", metavar="FILE",
+                   help="TOML settings (contrib/shadowplex.toml); flags override them")
+    s.add_argument("--pool", metavar="DIR", help="pool directory (or 'pool' in --config)")
+    s.add_argument("--mount", metavar="DIR", help="mount directory (or 'mount' in --config)")
     s.add_argument("--foreground", action="store_true",
                    help="stay in the foreground (the only mode; for systemd Type=simple)")
-    s.add_argument("--allow-other", action="store_true", help="FUSE allow_other")
-    s.add_argument("--default-kind", choices=("differential", "plex"), default="differential",
-                   help="kind chosen when a request names neither (automagic)")
-    s.add_argument("--hooks-dir", metavar="DIR", help="hook-script writers' directory")
+    s.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
+                   help="FUSE allow_other (default: off)")
+    s.add_argument("--poll-us", type=_poll_us, default=None, metavar="US",
+                   help="how long the FUSE loop polls for the next request before it "
+                        "sleeps while requests stream (0..1000, default 50; 0: never)")
+    s.add_argument("--default-kind", choices=("differential", "plex"), default=None,
+                   help="kind chosen when a request names neither (default differential)")
+    s.add_argument("--hooks-dir", metavar="DIR", default=None,
+                   help="hook-script writers' directory (default /etc/shadowplex/hooks.d; "
+                        "'' for none)")
     s.add_argument("--sqlite-db", metavar="PATH", action="append",
                    help="a SQLite database the SQLite writer quiesces (repeatable)")
 
@@ -403,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("size")
     vd = add("delete", cmd_volume, "delete a volume without snapshots", vsub)
     vd.add_argument("name")
+    vp = add("present", cmd_volume, "LUN masking: present a volume to exactly these hosts",
+             vsub)
+    vp.add_argument("name")
+    vp.add_argument("--to", metavar="HOST", action="append", required=True,
+                    help="a host to present it to (repeatable; the daemon's own host is "
+                         "the mount's root, others see MOUNT/hosts/HOST/volumes/)")
 
     snap = sub.add_parser("snapshot", help="shadow copies", parents=[common])
     ssub = snap.add_subparsers(dest="scmd", metavar="ACTION", required=True, parser_class=_Parser)
@@ -457,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("scrub", cmd_check, "read every byte and verify it")
     add("status", cmd_status, "daemon and pool status")
     d = add("demo", cmd_demo, "run the end-to-end demonstration in a temporary directory")
-    d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    d.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory (pool, serve.log), also after a "
+                        "failure or Ctrl-C; without it the directory is always removed")
     bn = add("bench", cmd_bench, "storage benchmark: fio through the mount vs the raw file and "
              "qemu-storage-daemon, plus snapshot commit, plex sync, memory and restart figures")
     from .bench import add_arguments as _bench_arguments
@@ -502,6 +577,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"{PROG}: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:
+        # Anything else is a bug or an unforeseen failure: still one line, not a traceback
+        # (the user asked for an operation, not for our stack); --debug shows it.
+        if args.debug:
+            raise
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {what} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
 
 

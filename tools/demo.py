@@ -3,8 +3,14 @@
 pool -> serve -> volume -> loop + mkfs.ext4 + mount -> files and a SQLite database under a
 write load -> application-consistent snapshot (backup context, writers frozen) -> keep
 writing -> expose the snapshot read-only -> tar it -> verify every file against its
-point-in-time checksum and the database's integrity -> BackupComplete -> clean up
-(also on Ctrl-C or failure).
+point-in-time checksum and the database's integrity -> BackupComplete -> clean up.
+
+Cleanup happens on success, failure, Ctrl-C (SIGINT) and SIGTERM alike: the snapshot is
+unexposed, the filesystem unmounted, the loop device detached, the daemon stopped (its
+FUSE mount gone) and the temporary directory removed -- unless `--keep`, which keeps the
+directory (pool, serve.log, backup.tar) for a look afterwards. Exit status: 0 PASS,
+1 failed, 130 interrupted. On a failure without --keep the end of the daemon's log is
+printed, since the directory holding it is removed.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -20,7 +28,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import xxhash
 
@@ -116,21 +124,53 @@ class Workload:
             yield self.rows
 
 
+class _Cleanup(contextlib.ExitStack):
+    """The demo's undo steps, run last-in first-out. Each step is registered BEFORE the
+    action it undoes and tolerates that the action never happened, so a Ctrl-C at any
+    moment (even inside `mount` or `losetup`) leaves nothing behind. A step that fails
+    is reported and recorded; the others still run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[str] = []
+
+    def step(self, what: str, fn: Callable[..., object], *args: object) -> None:
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception as e:
+                self.errors.append(f"{what}: {e}")
+                print(f"demo: cleanup: {what}: {e}", file=sys.stderr)
+        self.callback(run)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C: the same cleanup, the same exit status 130
+    raise KeyboardInterrupt
+
+
 def run_demo(keep: bool = False, quiet: bool = False) -> int:
+    """Exit status: 0 PASS, 1 failed (or FAIL), 130 interrupted (SIGINT/SIGTERM). The
+    temporary directory is removed in every case unless ``keep`` (then its path is
+    printed: pool, daemon log serve.log, backup.tar)."""
     from provider.client import Client
 
     t0 = time.monotonic()
-    base = tempfile.mkdtemp(prefix="shadowplex-demo-")
-    pool, mnt = os.path.join(base, "pool"), os.path.join(base, "mnt")
-    fs, snapfs = os.path.join(base, "fs"), os.path.join(base, "snapshot")
-    sock = os.path.join(base, "control.sock")
-    for d in (mnt, fs, snapfs):
-        os.makedirs(d)
-    cleanup = contextlib.ExitStack()
-    # Ctrl-C and SIGTERM unwind through the ExitStack like any failure.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    base: str | None = None
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     report: dict[str, object] = {}
+    bad: list[str] = []
+    cleanup = _Cleanup()
+    rc = 1
     try:
+        # canonical: mount targets are compared with /proc/self/mounts (which has no
+        # symlinks) when cleaning up
+        base = os.path.realpath(tempfile.mkdtemp(prefix="shadowplex-demo-"))
+        pool, mnt = os.path.join(base, "pool"), os.path.join(base, "mnt")
+        fs, snapfs = os.path.join(base, "fs"), os.path.join(base, "snapshot")
+        sock = os.path.join(base, "control.sock")
+        for d in (mnt, fs, snapfs):
+            os.makedirs(d)
         with cleanup:
             env = dict(os.environ, SHADOWPLEX_SOCKET=sock)
             cli = [sys.executable, "-m", "tools.cli"]
@@ -139,10 +179,14 @@ def run_demo(keep: bool = False, quiet: bool = False) -> int:
             db_path = os.path.join(fs, "app.sqlite")
             log = open(os.path.join(base, "serve.log"), "w")
             cleanup.callback(log.close)
-            daemon = subprocess.Popen([*cli, "serve", "--pool", pool, "--mount", mnt,
-                                       "--sqlite-db", db_path], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-            cleanup.callback(_stop_daemon, daemon, mnt)
+            daemons: list[subprocess.Popen[bytes]] = []
+            cleanup.step("stopping the daemon", _stop_daemons, daemons, mnt)
+            # its own session: a Ctrl-C on the terminal reaches the demo, which then
+            # stops the daemon in order (after unmounting what uses the mount)
+            daemons.append(subprocess.Popen(
+                [*cli, "serve", "--pool", pool, "--mount", mnt, "--sqlite-db", db_path],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            daemon = daemons[0]
             _wait(lambda: os.path.ismount(mnt) and os.path.exists(sock), 30,
                   "waiting for the daemon", daemon)
             _say(quiet, f"serve is up (pid {daemon.pid}), volumes under {mnt}")
@@ -150,17 +194,16 @@ def run_demo(keep: bool = False, quiet: bool = False) -> int:
             cleanup.callback(c.close)
             c.volume_create("demo", VOLUME_SIZE)
             img = os.path.join(mnt, "volumes", "demo.img")
+            cleanup.step("detaching the loop device", _detach_loops, img)
             loop = _run("losetup", "--find", "--show", img)
-            cleanup.callback(_run, "losetup", "-d", loop)
             _run("mkfs.ext4", "-q", "-L", "demo", loop)
+            cleanup.step(f"unmounting {fs}", _umount, fs)
             _run("mount", loop, fs)
-            cleanup.callback(_run, "umount", fs)
             _say(quiet, f"volume demo ({VOLUME_SIZE}) is ext4 on {loop}, mounted at {fs}")
             work = Workload(fs)
             work.populate()
+            cleanup.step("stopping the workload", _stop_workload, work)
             work.thread.start()
-            cleanup.callback(work.thread.join, 10)
-            cleanup.callback(work.stop.set)
             time.sleep(0.5)
             with work.quiesced() as rows_at_snapshot:
                 expected = manifest(fs)
@@ -174,8 +217,8 @@ def run_demo(keep: bool = False, quiet: bool = False) -> int:
             time.sleep(1.0)   # the application keeps writing
             changed = sum(1 for k, v in manifest(fs).items() if expected.get(k) != v)
             _say(quiet, f"the live volume moved on: {changed} files differ now")
+            cleanup.step(f"unexposing snapshot {sid}", _unexpose, c, sid, snapfs)
             c.expose(sid, mount=snapfs)
-            cleanup.callback(c.unexpose, sid)
             tar_path = os.path.join(base, "backup.tar")
             with tarfile.open(tar_path, "w") as tar:
                 tar.add(snapfs, arcname=".")
@@ -189,15 +232,27 @@ def run_demo(keep: bool = False, quiet: bool = False) -> int:
                       "snapshot_ms": round(snap_ms, 1), "changed_after": changed}
             if work.error:
                 raise RuntimeError(f"the workload failed: {work.error}")
+        if cleanup.errors:
+            raise RuntimeError("cleanup incomplete: " + "; ".join(cleanup.errors))
+        rc = _report(report, bad, quiet, t0)
     except KeyboardInterrupt:
-        print("demo: interrupted; everything was cleaned up", file=sys.stderr)
-        return 130
+        print("demo: interrupted" + ("; everything was cleaned up" if not cleanup.errors
+                                     else "; cleanup incomplete (see above)"),
+              file=sys.stderr)
+        rc = 130
     except Exception as e:
         print(f"demo: failed: {e}", file=sys.stderr)
-        print(f"demo: daemon log: {os.path.join(base, 'serve.log')}", file=sys.stderr)
-        return 1
+        if base is not None and not keep:
+            _print_tail(os.path.join(base, "serve.log"))
+        rc = 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous)
+        if base is not None:
+            _remove_base(base, keep, rc)
+    return rc
+
+
+def _report(report: dict[str, object], bad: list[str], quiet: bool, t0: float) -> int:
     ok = (report["files_bad"] == 0 and report["integrity"] == "ok"
           and report["rows"] == report["rows_expected"])
     if report["files_bad"]:
@@ -208,12 +263,34 @@ def run_demo(keep: bool = False, quiet: bool = False) -> int:
               f"(expected {report['rows_expected']}), integrity_check {report['integrity']}; "
               f"snapshot took {report['snapshot_ms']} ms; total {time.monotonic() - t0:.1f} s"
               f" -> {'PASS' if ok else 'FAIL'}")
-    if not keep:
-        import shutil
-        shutil.rmtree(base, ignore_errors=True)
-    else:
-        print(f"demo: kept {base}")
     return 0 if ok else 1
+
+
+def _remove_base(base: str, keep: bool, rc: int) -> None:
+    if keep:
+        print(f"demo: kept {base} (the pool, serve.log, backup.tar once made)", file=sys.stderr)
+        return
+    # Never remove through a mount that is still there: rm -r inside the FUSE mount would
+    # delete the volumes' images through the daemon, inside the ext4 one the live data.
+    left = [t for t in _mount_targets() if t == base or t.startswith(base + "/")]
+    if left:
+        print(f"demo: NOT removing {base}: still mounted: {', '.join(left)}", file=sys.stderr)
+        return
+    shutil.rmtree(base, ignore_errors=True)
+    if rc != 0:
+        print(f"demo: removed {base}; run 'shadowplex demo --keep' to keep it",
+              file=sys.stderr)
+
+
+def _print_tail(path: str, lines: int = 15) -> None:
+    """The end of the daemon's log, since the directory holding it is about to go."""
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.read().splitlines()[-lines:]
+    except OSError:
+        return
+    for line in tail:
+        print(f"demo: serve.log: {line}", file=sys.stderr)
 
 
 def verify_tar(tar_path: str, expected: dict[str, str]) -> list[str]:
@@ -234,7 +311,6 @@ def verify_tar(tar_path: str, expected: dict[str, str]) -> list[str]:
 
 def check_sqlite(path: str, scratch: str) -> tuple[int, str]:
     """Row count and integrity_check of a copy (the snapshot mount is read-only)."""
-    import shutil
     copy = os.path.join(scratch, "verify.sqlite")
     for suffix in ("", "-wal"):
         if os.path.exists(path + suffix):
@@ -248,16 +324,56 @@ def check_sqlite(path: str, scratch: str) -> tuple[int, str]:
     return rows, integrity
 
 
-def _stop_daemon(proc: subprocess.Popen, mnt: str) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _stop_daemons(procs: list[subprocess.Popen[bytes]], mnt: str) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     if os.path.ismount(mnt) or _is_dead_mount(mnt):
         subprocess.run(["fusermount3", "-u", "-z", mnt], check=False, capture_output=True)
+
+
+def _stop_workload(work: Workload) -> None:
+    work.stop.set()
+    if work.thread.ident is not None:   # started (join() of an unstarted one raises)
+        work.thread.join(10)
+
+
+def _mount_targets() -> list[str]:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+        return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
+                for line in f if len(line.split()) >= 2]
+
+
+def _umount(path: str) -> None:
+    if path in _mount_targets():
+        _run("umount", path)
+
+
+def _detach_loops(image: str) -> None:
+    """Detach every loop device on image: also one attached by a `losetup --find --show`
+    that was interrupted before it printed its name. By the recorded back-file name, not
+    `losetup -j` (which stats the image: no use on a dead mount)."""
+    out = _run("losetup", "--list", "--noheadings", "--raw", "--output", "NAME,BACK-FILE")
+    for line in out.splitlines():
+        dev, _, back = line.partition(" ")
+        if back.removesuffix(" (deleted)") == image:
+            _run("losetup", "-d", dev)
+
+
+def _unexpose(c: object, sid: str, where: str) -> None:
+    from provider.client import ControlError
+    try:
+        c.unexpose(sid)   # type: ignore[attr-defined]
+    except ControlError as e:
+        # never exposed (interrupted before), or the daemon already ended the set
+        if e.name not in ("VSS_E_OBJECT_NOT_FOUND", "VSS_E_BAD_STATE") and \
+                where in _mount_targets():
+            raise
 
 
 def _is_dead_mount(path: str) -> bool:

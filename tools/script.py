@@ -139,7 +139,8 @@ _NOT_BUILT = {
     "reset": "not supported: one script is one session; split the script instead",
     "writer": "writer selection is not supported: every writer takes part in contexts "
               "with writers (use a 'nowriters' context to exclude all)",
-    "mask": "not supported: imported snapshots do not exist yet",
+    "mask": "not supported: to remove an imported set from this host, delete it "
+            "('delete shadows set %VSS_SHADOW_SET%' after 'import')",
     "simulate": "restore simulation is not supported",
     "add shadow": "not supported: 'resync ID' resyncs a snapshot onto its own volume",
     "add alias": "not supported: aliases come from 'add volume NAME alias A'",
@@ -669,6 +670,10 @@ class _Runner:
         except Exception as e:
             from provider.client import ControlError
             if not isinstance(e, ControlError | ScriptFailure | OSError):
+                # a bug: still undo what the script made, then let the CLI report it
+                # (one line, or the traceback with --debug)
+                self.warn(f"{self.filename}:{where}: unexpected {type(e).__name__}")
+                self.cleanup()
                 raise
             if isinstance(e, OSError):
                 reason = (f"{e.strerror or e}: {e.filename}" if e.filename
@@ -782,13 +787,14 @@ class _Runner:
             with open(path, "rb") as f:
                 data = f.read(16 * 1024 * 1024 + 1)
         except OSError as e:
-            raise ScriptError(st.line, f"load metadata: cannot read {path}: "
-                              f"{e.strerror or e}") from None
+            # a run-time failure (the file is read when the line runs): ScriptFailure, so
+            # that run() reports it with its line and cleans up like any other failure
+            raise ScriptFailure(f"cannot read {path}: {e.strerror or e}") from None
         try:
             self.bcd = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise ScriptError(st.line, f"load metadata: {path} is not UTF-8 XML (a Backup "
-                              "Components Document from 'shadowplex export')") from None
+            raise ScriptFailure(f"{path} is not UTF-8 XML (a Backup Components Document "
+                                "from 'shadowplex export')") from None
         self.say(f"load metadata {path}")
 
     def do_import(self, st: Stmt) -> None:

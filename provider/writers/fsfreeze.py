@@ -147,8 +147,9 @@ class FsFreezeWriter(Writer):
     """Freezes every writable filesystem mounted from the volumes being snapshotted.
 
     ``volume_dir`` (e.g. ``MOUNT/volumes``) only limits what ``identify()`` reports (the
-    filesystems on loop devices backed by images in that directory; all loop-backed ones
-    if None). ``freeze`` uses exactly the volumes it is given.
+    filesystems on loop devices backed by images in that directory -- or in another
+    host's view of it, ``MOUNT/hosts/<host>/volumes``; all loop-backed ones if None).
+    ``freeze`` uses exactly the volumes it is given.
     """
 
     usage_type = UsageType.VSS_UT_SYSTEMSERVICE
@@ -183,14 +184,25 @@ class FsFreezeWriter(Writer):
     def identify(self) -> WriterMetadata:
         comps = []
         for vm in find_volume_mounts(None):
-            if self.volume_dir is not None and not os.path.normpath(
-                    vm.loop.backing_file).startswith(self.volume_dir.rstrip("/") + "/"):
+            if self.volume_dir is not None and not self._ours(vm.loop.backing_file):
                 continue
             logical = os.path.splitext(os.path.basename(vm.volume))[0]
             comps.append(Component(
                 name=vm.mount_point, logical_path=logical, component_type="filegroup",
                 files=[FileSpec(vm.mount_point, "*", True)], volumes=[vm.volume]))
         return self._metadata(comps)
+
+    def _ours(self, backing_file: str) -> bool:
+        """In volume_dir, or in MOUNT/hosts/<host>/volumes (LUN masking: the same
+        volumes as another host sees them)."""
+        assert self.volume_dir is not None
+        path = os.path.normpath(backing_file)
+        vdir = self.volume_dir.rstrip("/")
+        if path.startswith(vdir + "/"):
+            return True
+        mount, leaf = os.path.split(vdir)
+        rel = path[len(mount) + 1:].split("/") if path.startswith(mount + "/") else []
+        return len(rel) == 4 and rel[0] == "hosts" and rel[2] == leaf
 
     # ------------------------------------------------------------------ events
     def freeze(self, volumes: Sequence[str], timeout: float) -> None:

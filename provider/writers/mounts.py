@@ -188,7 +188,11 @@ def find_volume_mounts(volumes: Iterable[str] | None = None, *,
     out = []
     for lp in loops:
         if wanted is not None:
-            volume = wanted.get(_realpath(lp.backing_file))
+            # " (deleted)": the kernel's name for a backing file whose name went away
+            # while attached -- e.g. a volume presented to another host's view only
+            # (its loop devices go on working on the same LUN)
+            volume = (wanted.get(_realpath(lp.backing_file)) or wanted.get(
+                _realpath(lp.backing_file.removesuffix(" (deleted)"))))
             if volume is None:
                 continue
         else:

@@ -1,0 +1,279 @@
+"""Held writes (blockstore/pool.py `_Volume.pending`): origin writes to freshly preserved
+chunks wait in memory until one grouped sync makes their preservation durable; then only
+the part of each chunk that changed is written back to the origin file."""
+
+import errno
+import os
+import threading
+
+import pytest
+
+from blockstore import Faults, Pool
+from blockstore.errors import SimulatedCrash, SnapshotInvalid
+from blockstore.fileio import DataFile
+
+CS = 64 * 1024
+
+
+@pytest.fixture
+def pool(tmp_path):
+    p = Pool.create(str(tmp_path / "pool"), chunk_size=CS)
+    yield p
+    assert p.check() == []
+    p.close()
+
+
+def _snap(pool, vol):
+    s = pool.prepare_snapshot(vol, "differential")
+    pool.commit_snapshots([s.id])
+    return s.id
+
+
+def reopen(pool):
+    pool.abandon()
+    return Pool.open(pool.path)
+
+
+def _image(pool, vol):
+    with open(pool.image_path(vol), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def origin_writes(pool, monkeypatch):
+    """Bytes written to volume images (not diff areas) by pwrite/pwritev."""
+    counted = {"bytes": 0}
+    real_pwrite, real_pwritev = DataFile.pwrite, DataFile.pwritev
+
+    def pwrite(self, data, offset):
+        if self.role == "origin":
+            counted["bytes"] += len(data)
+        return real_pwrite(self, data, offset)
+
+    def pwritev(self, buffers, offset):
+        if self.role == "origin":
+            counted["bytes"] += sum(len(b) for b in buffers)
+        return real_pwritev(self, buffers, offset)
+
+    monkeypatch.setattr(DataFile, "pwrite", pwrite)
+    monkeypatch.setattr(DataFile, "pwritev", pwritev)
+    return counted
+
+
+def test_small_write_after_snapshot_writes_back_only_what_changed(pool, origin_writes):
+    counted = origin_writes
+    pool.create_volume("v", 4 * CS)
+    old = os.urandom(4 * CS)
+    pool.write("v", 0, old)
+    pool.flush("v")
+    sid = _snap(pool, "v")
+    counted["bytes"] = 0
+    pool.write("v", CS + 8192, b"N" * 4096)            # one 4 KiB write, chunk 1
+    pool.write("v", 3 * CS + 100, b"M" * 10)           # 10 bytes, chunk 3
+    pool.write("v", 3 * CS + 60000, b"K" * 20)         # same chunk, further on
+    assert counted["bytes"] == 0                       # held until the grouped sync
+    expect = bytearray(old)
+    expect[CS + 8192:CS + 12288] = b"N" * 4096
+    expect[3 * CS + 100:3 * CS + 110] = b"M" * 10
+    expect[3 * CS + 60000:3 * CS + 60020] = b"K" * 20
+    assert pool.read("v", 0, 4 * CS) == expect         # reads see held writes
+    pool.flush("v")
+    # chunk 1: 4 KiB; chunk 3: the hull of its two writes, not 2 x 64 KiB
+    assert counted["bytes"] == 4096 + (60020 - 100)
+    assert _image(pool, "v") == expect                 # the file itself, no overlay
+    assert pool.read(sid, 0, 4 * CS) == old
+
+
+def test_whole_chunk_writes_still_go_out_in_one_run(pool, origin_writes):
+    counted = origin_writes
+    pool.create_volume("v", 8 * CS)
+    pool.write("v", 0, os.urandom(8 * CS))
+    pool.flush("v")
+    sid = _snap(pool, "v")
+    before = pool.read("v", 0, 8 * CS)
+    new = os.urandom(4 * CS)
+    counted["bytes"] = 0
+    pool.write("v", 2 * CS, new)
+    pool.flush("v")
+    assert counted["bytes"] == 4 * CS
+    assert _image(pool, "v") == before[:2 * CS] + new + before[6 * CS:]
+    assert pool.read(sid, 0, 8 * CS) == before
+
+
+def test_discard_inside_a_held_chunk(pool):
+    pool.create_volume("v", 2 * CS)
+    data = os.urandom(2 * CS)
+    pool.write("v", 0, data)
+    pool.flush("v")
+    sid = _snap(pool, "v")
+    pool.write("v", 4096, b"x" * 4096)                 # held
+    pool.discard("v", 0, CS)                           # the whole chunk, while held
+    pool.discard("v", CS + 4096, 4096)                 # part of chunk 1 (also preserved)
+    pool.flush("v")
+    img = _image(pool, "v")
+    assert img[:CS] == bytes(CS)
+    assert img[CS:] == data[CS:CS + 4096] + bytes(4096) + data[CS + 8192:]
+    assert pool.read(sid, 0, 2 * CS) == data
+    # a chunk discarded whole while held becomes a hole again
+    st = os.stat(pool.image_path("v"))
+    assert st.st_blocks * 512 <= CS + 4096
+
+
+def test_held_writes_survive_a_second_snapshot(pool):
+    """A chunk held for snapshot 1 and written again after snapshot 2: both snapshots
+    keep their contents, the origin ends with every write."""
+    pool.create_volume("v", 2 * CS)
+    base = os.urandom(2 * CS)
+    pool.write("v", 0, base)
+    pool.flush("v")
+    s1 = _snap(pool, "v")
+    pool.write("v", 0, b"a" * 100)
+    s2 = _snap(pool, "v")
+    pool.write("v", 50000, b"b" * 100)
+    pool.flush("v")
+    after1 = bytearray(base)
+    after1[:100] = b"a" * 100
+    final = bytearray(after1)
+    final[50000:50100] = b"b" * 100
+    assert pool.read(s1, 0, 2 * CS) == base
+    assert pool.read(s2, 0, 2 * CS) == after1
+    assert _image(pool, "v") == final
+
+
+# -- the background batch (Pool.writeback from the daemon's timer thread) ---------------------
+class PausingFaults(Faults):
+    """Stops the background thread at one crash point until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pause_at: str | None = None
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def point(self, name: str) -> None:
+        if name == self.pause_at and threading.current_thread().name == "writeback":
+            self.reached.set()
+            assert self.go.wait(20)
+        super().point(name)
+
+
+def _background(pool, errors):
+    def run():
+        try:
+            pool.writeback(0)
+        except BaseException as e:   # noqa: BLE001 - handed to the test
+            errors.append(e)
+    t = threading.Thread(target=run, name="writeback", daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture
+def paused(tmp_path):
+    path = str(tmp_path / "pool")
+    Pool.create(path, chunk_size=CS).close()
+    faults = PausingFaults()
+    p = Pool.open(path, faults=faults)
+    p.background_writeback = True
+    p.create_volume("v", 4 * CS)
+    old = os.urandom(4 * CS)
+    p.write("v", 0, old)
+    p.flush("v")
+    sid = _snap(p, "v")
+    yield p, faults, sid, old
+    faults.go.set()
+    if not p._closed:
+        assert p.check() == []
+        p.close()
+
+
+def test_background_batch_syncs_without_the_pool_lock(paused):
+    p, faults, sid, old = paused
+    p.write("v", 0, b"A" * 4096)                       # chunk 0: preserved, held
+    faults.pause_at = "cow.data_synced"
+    errors: list[BaseException] = []
+    t = _background(p, errors)
+    assert faults.reached.wait(20)
+    # the batch is stuck between its two syncs; the data path does not wait for it
+    p.write("v", CS, b"B" * 4096)                      # chunk 1: the NEXT batch
+    p.write("v", 100, b"C" * 10)                       # into held chunk 0
+    now = bytearray(old)
+    now[:4096] = b"A" * 4096
+    now[100:110] = b"C" * 10
+    now[CS:CS + 4096] = b"B" * 4096
+    assert p.read("v", 0, 4 * CS) == now
+    assert p.read(sid, 0, 4 * CS) == old
+    # invariant 2: nothing held reached the origin file while its batch is not durable
+    assert _image(p, "v") == old
+    faults.go.set()
+    t.join(20)
+    assert not t.is_alive() and errors == []
+    img = _image(p, "v")
+    assert img[:CS] == now[:CS]                        # the batch's chunk, with the late C
+    assert img[CS:2 * CS] == old[CS:2 * CS]            # chunk 1 waits for its own batch
+    p.flush("v")
+    assert _image(p, "v") == now
+    assert p.read(sid, 0, 4 * CS) == old
+
+
+def test_flush_waits_for_the_batch_in_flight(paused):
+    p, faults, sid, old = paused
+    p.write("v", 2 * CS, b"D" * 512)
+    faults.pause_at = "cow.map_written"
+    errors: list[BaseException] = []
+    t = _background(p, errors)
+    assert faults.reached.wait(20)
+    done = threading.Event()
+    flusher = threading.Thread(target=lambda: (p.flush("v"), done.set()), daemon=True)
+    flusher.start()
+    assert not done.wait(0.3)          # flush must not harden around the batch in flight
+    faults.go.set()
+    assert done.wait(20)
+    t.join(20)
+    assert errors == []
+    assert _image(p, "v")[2 * CS:2 * CS + 512] == b"D" * 512
+
+
+def test_crash_in_a_background_batch(paused, tmp_path):
+    p, faults, sid, old = paused
+    p.write("v", 3 * CS, b"E" * 4096)
+    faults.arm_crash("cow.map_written")
+    errors: list[BaseException] = []
+    _background(p, errors).join(20)
+    assert len(errors) == 1 and isinstance(errors[0], SimulatedCrash)
+    p2 = reopen(p)
+    try:
+        assert p2.read(sid, 0, 4 * CS) == old          # the snapshot never saw E
+        assert _image(p2, "v") == old                  # and neither did the origin file
+        assert p2.check() == []
+    finally:
+        p2.close()
+
+
+def test_eio_in_a_background_batch_invalidates_the_snapshot(paused):
+    p, faults, sid, old = paused
+    p.write("v", 0, b"F" * 4096)
+    faults.arm_error("map", "sync", errno.EIO, count=1)
+    errors: list[BaseException] = []
+    _background(p, errors).join(20)
+    assert errors == []                                # the origin write never fails
+    assert p.snapshot(sid).state == "invalid"          # loudly, never served wrong
+    with pytest.raises(SnapshotInvalid):
+        p.read(sid, 0, CS)
+    assert _image(p, "v")[:4096] == b"F" * 4096
+
+
+def test_preadv_fills_buffers_and_leaves_zeros_past_the_end(tmp_path):
+    path = tmp_path / "f"
+    data = os.urandom(100 * 1024)
+    path.write_bytes(data)
+    f = DataFile(str(path), "origin", Faults())
+    try:
+        bufs = [bytearray(CS), bytearray(CS)]
+        f.preadv(bufs, 0)
+        assert bytes(bufs[0]) + bytes(bufs[1]) == data + bytes(2 * CS - len(data))
+        bufs = [bytearray(CS)]
+        f.preadv(bufs, 200 * 1024)                     # wholly past the end
+        assert bufs[0] == bytes(CS)
+    finally:
+        f.close()
