@@ -170,6 +170,9 @@ class Pool:
         self.faults = _faults or Faults()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)   # signalled when a batch is done
+        # batches the data path cut for the writeback thread, and its wake-up call
+        self._queued: list[tuple[_Volume, SyncBatch | None, list[int], float]] = []
+        self._wake = threading.Event()
         # True once a thread calls writeback() periodically (the daemon): the data path
         # then leaves the age bound of held writes to it and never syncs for it inline
         self.background_writeback = False
@@ -268,6 +271,9 @@ class Pool:
     def abandon(self) -> None:
         """Drop every file descriptor WITHOUT flushing: what a kill -9 leaves (tests)."""
         with self._lock:
+            for job in self._queued:    # a kill -9 loses the batches not synced yet
+                job[0].hardening = False
+            self._queued.clear()
             for v in self._volumes.values():
                 self._settle(v)
             self._release_files()
@@ -716,16 +722,34 @@ class Pool:
         if v.hardening:   # a background batch is syncing: wait for it only when the
             if held >= 2 * WRITEBACK_BYTES:   # memory bound is reached (back-pressure)
                 self._writeback(v)
-        elif held >= WRITEBACK_BYTES or (not self.background_writeback
-                                         and time.monotonic() - v.pending_since
-                                         >= WRITEBACK_AGE):
+        elif self.background_writeback:
+            # cut the batch here (no I/O) and hand it to the writeback thread: waiting for
+            # that thread to get the lock between two back-to-back writes could take long
+            if (held >= WRITEBACK_BYTES // 2
+                    or time.monotonic() - v.pending_since >= WRITEBACK_AGE):
+                self._queue_batch(v)
+        elif held >= WRITEBACK_BYTES or time.monotonic() - v.pending_since >= WRITEBACK_AGE:
             self._writeback(v)
+
+    def _queue_batch(self, v: _Volume) -> None:
+        v.hardening = True
+        batch = v.diff.cut() if v.diff is not None else None
+        self._queued.append((v, batch, sorted(v.pending), time.monotonic()))
+        self._wake.set()
 
     def _settle(self, v: _Volume) -> None:
         """Wait (the pool lock released meanwhile) until no background batch of v's diff
-        area is being synced: before anything that syncs, reclaims or closes its files."""
+        area is being synced: before anything that syncs, reclaims or closes its files.
+        A batch still queued (no writeback thread took it yet, or none runs any more) is
+        run here, synchronously."""
         while v.hardening:
-            self._cond.wait()
+            for i, job in enumerate(self._queued):
+                if job[0] is v:
+                    del self._queued[i]
+                    self._sync_and_write_out(*job)
+                    break
+            else:
+                self._cond.wait()
 
     def _writeback(self, v: _Volume) -> None:
         """Harden the diff area (one sync pair), then let the held chunks reach the origin.
@@ -781,19 +805,26 @@ class Pool:
         batch) go on while the disk syncs. One batch per volume at a time (v.hardening);
         everything else that needs the diff area's files settled waits (_settle)."""
         now = time.monotonic()
-        jobs = []
         with self._lock:
             if self._closed:
                 return
+            jobs, self._queued = self._queued, []   # cut by the data path
             for v in self._volumes.values():
                 if v.pending and not v.hardening and (
                         now - v.pending_since >= max_age
                         or len(v.pending) * self.chunk_size >= WRITEBACK_BYTES // 2):
                     v.hardening = True
                     batch = v.diff.cut() if v.diff is not None else None
-                    jobs.append((v, batch, sorted(v.pending)))
-        for v, batch, held in jobs:
-            self._sync_and_write_out(v, batch, held, now)
+                    jobs.append((v, batch, sorted(v.pending), now))
+        for job in jobs:
+            self._sync_and_write_out(*job)
+
+    def wait_and_writeback(self, timeout: float) -> None:
+        """The writeback thread's step: sleep until the data path queues a batch or
+        `timeout` passes, then writeback()."""
+        self._wake.wait(timeout)
+        self._wake.clear()
+        self.writeback()
 
     def _sync_and_write_out(self, v: _Volume, batch: SyncBatch | None, held: list[int],
                             cut_at: float) -> None:

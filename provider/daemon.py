@@ -128,8 +128,9 @@ async def writeback_timer(pool: Pool) -> None:
     pool.background_writeback = True
     try:
         while True:
-            await trio.sleep(WRITEBACK_PERIOD)
-            await trio.to_thread.run_sync(pool.writeback)   # not abandoned on cancel
+            # back to trio after each step (a cancellation point): a step waits at most
+            # WRITEBACK_PERIOD for the data path to queue a batch, then syncs what is due
+            await trio.to_thread.run_sync(pool.wait_and_writeback, WRITEBACK_PERIOD)
     finally:
         pool.background_writeback = False   # the data path bounds the age again
 

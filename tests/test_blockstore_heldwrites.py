@@ -277,3 +277,46 @@ def test_preadv_fills_buffers_and_leaves_zeros_past_the_end(tmp_path):
         assert bufs[0] == bytes(CS)
     finally:
         f.close()
+
+
+@pytest.fixture
+def queued(paused, monkeypatch):
+    """The data path cuts a batch itself once a volume holds half the bound (with a
+    writeback thread declared): here at 2 chunks."""
+    import blockstore.pool as pool_module
+    monkeypatch.setattr(pool_module, "WRITEBACK_BYTES", 4 * CS)
+    p, faults, sid, old = paused
+    p.write("v", 0, b"G" * 4096)
+    assert p._queued == []
+    p.write("v", CS, b"H" * 4096)                       # 2 chunks held: cut and queued
+    assert len(p._queued) == 1 and p._volumes["v"].hardening
+    assert _image(p, "v") == old                       # queued is not durable yet
+    now = bytearray(old)
+    now[:4096] = b"G" * 4096
+    now[CS:CS + 4096] = b"H" * 4096
+    return p, sid, old, now
+
+
+def test_a_queued_batch_goes_to_the_writeback_thread(queued):
+    p, sid, old, now = queued
+    p.wait_and_writeback(5)                            # returns at once: a batch waits
+    assert p._queued == [] and not p._volumes["v"].hardening
+    assert _image(p, "v") == now
+    assert p.read(sid, 0, 4 * CS) == old
+
+
+def test_a_queued_batch_runs_inline_when_no_thread_takes_it(queued):
+    p, sid, old, now = queued
+    p.flush("v")                                       # must not wait for a thread
+    assert p._queued == [] and _image(p, "v") == now
+
+
+def test_a_queued_batch_is_lost_in_a_crash(queued):
+    p, sid, old, now = queued
+    p2 = reopen(p)
+    try:
+        assert _image(p2, "v") == old                  # held, never written: lost
+        assert p2.read(sid, 0, 4 * CS) == old
+        assert p2.check() == []
+    finally:
+        p2.close()
