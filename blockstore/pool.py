@@ -115,7 +115,22 @@ class _Volume:
     # (the rest is the old content it was read from): only that part is written back
     pending_dirty: dict[int, tuple[int, int]] = field(default_factory=dict)
     pending_since: float = 0.0
-    hardening: bool = False    # a background batch of its diff area is syncing
+    batch: _Batch | None = None   # the batch of its held chunks queued or syncing
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Held chunks of one volume and the diff-area entries that must be durable before
+    they may reach the origin file (Pool.writeback)."""
+
+    volume: _Volume
+    sync: SyncBatch | None
+    held: list[tuple[int, bytearray]]    # (chunk, its buffer at the cut)
+    cut_at: float
+    synced: threading.Event = field(default_factory=threading.Event)
+    error: OSError | None = None
+    crashed: BaseException | None = None
+    done: bool = False
 
 
 @dataclass(eq=False)
@@ -169,9 +184,8 @@ class Pool:
         self.path = os.path.abspath(path)
         self.faults = _faults or Faults()
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)   # signalled when a batch is done
         # batches the data path cut for the writeback thread, and its wake-up call
-        self._queued: list[tuple[_Volume, SyncBatch | None, list[int], float]] = []
+        self._queued: list[_Batch] = []
         self._wake = threading.Event()
         # True once a thread calls writeback() periodically (the daemon): the data path
         # then leaves the age bound of held writes to it and never syncs for it inline
@@ -271,11 +285,14 @@ class Pool:
     def abandon(self) -> None:
         """Drop every file descriptor WITHOUT flushing: what a kill -9 leaves (tests)."""
         with self._lock:
-            for job in self._queued:    # a kill -9 loses the batches not synced yet
-                job[0].hardening = False
+            for v in self._volumes.values():   # a kill -9 loses what is not synced yet
+                b = v.batch
+                if b is not None:
+                    if b not in self._queued:
+                        b.synced.wait()   # the writeback thread is using the files
+                    b.done = True
+                    v.batch = None
             self._queued.clear()
-            for v in self._volumes.values():
-                self._settle(v)
             self._release_files()
 
     def __enter__(self) -> Pool:
@@ -719,37 +736,40 @@ class Pool:
         if not v.pending:
             return
         held = len(v.pending) * self.chunk_size
-        if v.hardening:   # a background batch is syncing: wait for it only when the
-            if held >= 2 * WRITEBACK_BYTES:   # memory bound is reached (back-pressure)
+        if v.batch is not None:   # a batch is queued or syncing: wait for it only when
+            if held >= 2 * WRITEBACK_BYTES:   # the memory bound is reached (back-pressure)
                 self._writeback(v)
         elif self.background_writeback:
             # cut the batch here (no I/O) and hand it to the writeback thread: waiting for
             # that thread to get the lock between two back-to-back writes could take long
             if (held >= WRITEBACK_BYTES // 2
                     or time.monotonic() - v.pending_since >= WRITEBACK_AGE):
-                self._queue_batch(v)
+                self._queued.append(self._cut(v))
+                self._wake.set()
         elif held >= WRITEBACK_BYTES or time.monotonic() - v.pending_since >= WRITEBACK_AGE:
             self._writeback(v)
 
-    def _queue_batch(self, v: _Volume) -> None:
-        v.hardening = True
-        batch = v.diff.cut() if v.diff is not None else None
-        self._queued.append((v, batch, sorted(v.pending), time.monotonic()))
-        self._wake.set()
+    def _cut(self, v: _Volume) -> _Batch:
+        """A batch of everything v holds now (lock held; no I/O)."""
+        b = _Batch(v, v.diff.cut() if v.diff is not None else None,
+                   [(c, v.pending[c]) for c in sorted(v.pending)], time.monotonic())
+        v.batch = b
+        return b
 
     def _settle(self, v: _Volume) -> None:
-        """Wait (the pool lock released meanwhile) until no background batch of v's diff
-        area is being synced: before anything that syncs, reclaims or closes its files.
-        A batch still queued (no writeback thread took it yet, or none runs any more) is
-        run here, synchronously."""
-        while v.hardening:
-            for i, job in enumerate(self._queued):
-                if job[0] is v:
-                    del self._queued[i]
-                    self._sync_and_write_out(*job)
-                    break
-            else:
-                self._cond.wait()
+        """Finish v's batch, if it has one, before anything that syncs, reclaims or closes
+        its files. The pool lock is NOT released meanwhile (so every locked operation
+        stays atomic): a batch still queued is synced here; one the writeback thread is
+        syncing is waited for -- that sync needs no lock -- and then finished here."""
+        b = v.batch
+        if b is None:
+            return
+        if b in self._queued:
+            self._queued.remove(b)
+            self._sync(b)
+        else:
+            b.synced.wait()
+        self._finish(b)
 
     def _writeback(self, v: _Volume) -> None:
         """Harden the diff area (one sync pair), then let the held chunks reach the origin.
@@ -762,62 +782,90 @@ class Pool:
             except OSError as e:
                 self._invalidate_needing(v, v.diff.drop_unsynced(), e)
         if v.pending:
-            self._write_out(v, sorted(v.pending))
+            self._write_out(v, [(c, v.pending[c]) for c in sorted(v.pending)])
 
-    def _write_out(self, v: _Volume, chunks: list[int]) -> None:
+    def _write_out(self, v: _Volume, held: list[tuple[int, bytearray]]) -> None:
         """Write these held chunks (sorted; their preservations durable) to the origin
-        file -- only the part of each that changed -- and stop holding them."""
+        file -- only the part of each that changed -- and stop holding them. A chunk
+        whose buffer is no longer the one given was preserved again since (its new
+        preservation is not durable yet): it stays held. A chunk stops being held only
+        once its write succeeded (an EIO leaves the rest held, for the next flush)."""
         cs = self.chunk_size
         zero = bytes(cs)
         run: list[memoryview] = []     # whole dirty chunks, consecutive: one pwritev
+        run_chunks: list[int] = []
         run_start = -1
+        done: list[int] = []
         pending, dirty = v.pending, v.pending_dirty
-        for c in chunks:
-            buf = memoryview(pending.pop(c))[:min(cs, v.size - c * cs)]
-            lo, hi = dirty.pop(c, (0, 0))
-            hi = min(hi, len(buf))
-            whole = lo == 0 and hi == len(buf)
-            if run and (not whole or c * cs != run_start + len(run) * cs):
+        try:
+            for c, buf0 in held:
+                if pending.get(c) is not buf0:
+                    continue
+                buf = memoryview(buf0)[:min(cs, v.size - c * cs)]
+                lo, hi = dirty.get(c, (0, 0))
+                hi = min(hi, len(buf))
+                whole = lo == 0 and hi == len(buf)
+                if run and (not whole or c * cs != run_start + len(run) * cs):
+                    v.file.pwritev(run, run_start)
+                    done += run_chunks
+                    run, run_chunks = [], []
+                if lo >= hi:                   # preserved, never changed: origin is right
+                    done.append(c)
+                elif buf == zero[:len(buf)]:   # a discard landed here: keep the hole
+                    v.file.punch(c * cs, len(buf))
+                    done.append(c)
+                elif whole:
+                    if not run:
+                        run_start = c * cs
+                    run.append(buf)
+                    run_chunks.append(c)
+                else:                          # e.g. one 4 KiB write: write 4 KiB, not 64
+                    v.file.pwrite(buf[lo:hi], c * cs + lo)
+                    done.append(c)
+            if run:
                 v.file.pwritev(run, run_start)
-                run = []
-            if lo >= hi:                   # preserved, never changed: the origin is right
-                continue
-            if buf == zero[:len(buf)]:     # a discard landed here: keep the hole
-                v.file.punch(c * cs, len(buf))
-            elif whole:
-                if not run:
-                    run_start = c * cs
-                run.append(buf)
-            else:                          # e.g. one 4 KiB write: write 4 KiB, not 64
-                v.file.pwrite(buf[lo:hi], c * cs + lo)
-        if run:
-            v.file.pwritev(run, run_start)
+                done += run_chunks
+        finally:
+            for c in done:
+                del pending[c]
+                dirty.pop(c, None)
 
     def writeback(self, max_age: float = WRITEBACK_AGE) -> None:
         """Push held writes older than max_age (or, of a volume, more than half the
-        WRITEBACK_BYTES bound) to the origins: the daemon's timer, from a worker thread
-        (then set background_writeback, so that the data path leaves the age bound to it
-        and syncs inline only at the memory bound).
+        WRITEBACK_BYTES bound) to the origins: the daemon's writeback thread (then set
+        background_writeback, so that the data path leaves the age bound to it, cuts
+        batches for it and syncs inline only at the memory bound).
 
-        The pool lock is held only to cut a batch (DiffArea.cut) and, after the two
-        syncs, to write the chunks it covers out; the syncs themselves run WITHOUT the
-        lock, so reads, writes into held chunks and new preservations (for the next
-        batch) go on while the disk syncs. One batch per volume at a time (v.hardening);
-        everything else that needs the diff area's files settled waits (_settle)."""
+        The pool lock is held to cut the batches (DiffArea.cut) and, after ALL their syncs,
+        to write out the chunks each covers; the syncs themselves (sync_batch) run WITHOUT
+        the lock, so reads, writes into held chunks and new preservations (for the next
+        batch) go on while the disk syncs, and whoever needs a batch finished can wait
+        for its sync holding the lock (_settle). One batch per volume at a time (v.batch).
+        An origin write that fails here leaves its chunks held (logged); the next flush
+        reports it."""
         now = time.monotonic()
         with self._lock:
             if self._closed:
                 return
             jobs, self._queued = self._queued, []   # cut by the data path
             for v in self._volumes.values():
-                if v.pending and not v.hardening and (
+                if v.pending and v.batch is None and (
                         now - v.pending_since >= max_age
                         or len(v.pending) * self.chunk_size >= WRITEBACK_BYTES // 2):
-                    v.hardening = True
-                    batch = v.diff.cut() if v.diff is not None else None
-                    jobs.append((v, batch, sorted(v.pending), now))
-        for job in jobs:
-            self._sync_and_write_out(*job)
+                    jobs.append(self._cut(v))
+        for b in jobs:          # every sync first: a waiter may hold the lock meanwhile
+            self._sync(b)
+        crash: BaseException | None = None
+        with self._lock:
+            for b in jobs:
+                try:
+                    self._finish(b)
+                except OSError as e:
+                    log.error("writing held chunks back to volume %s: %s (they stay held)",
+                              b.volume.name, e)
+                crash = crash or b.crashed
+        if crash is not None:
+            raise crash
 
     def wait_and_writeback(self, timeout: float) -> None:
         """The writeback thread's step: sleep until the data path queues a batch or
@@ -826,31 +874,41 @@ class Pool:
         self._wake.clear()
         self.writeback()
 
-    def _sync_and_write_out(self, v: _Volume, batch: SyncBatch | None, held: list[int],
-                            cut_at: float) -> None:
-        err: OSError | None = None
+    def _sync(self, b: _Batch) -> None:
+        """A batch's durable part; needs no pool lock. Never raises: the outcome is
+        recorded in the batch for _finish."""
         try:
-            if batch is not None:
-                assert v.diff is not None
-                try:
-                    v.diff.sync_batch(batch)
-                except OSError as e:
-                    err = e
-        except BaseException:   # SimulatedCrash (tests): nothing more happens
-            with self._lock:
-                v.hardening = False
-                self._cond.notify_all()
-            raise
-        with self._lock:
-            try:
-                if err is not None and batch is not None and v.diff is not None:
-                    self._invalidate_needing(v, v.diff.drop_batch(batch), err)
-                self._write_out(v, held)
-                if v.pending:   # preserved while the batch synced: the next batch's
-                    v.pending_since = cut_at
-            finally:
-                v.hardening = False
-                self._cond.notify_all()
+            if b.sync is not None:
+                assert b.volume.diff is not None
+                b.volume.diff.sync_batch(b.sync)
+        except OSError as e:
+            b.error = e
+        except BaseException as e:   # SimulatedCrash (tests): nothing more happens
+            b.crashed = e
+        finally:
+            b.synced.set()
+
+    def _finish(self, b: _Batch) -> None:
+        """(Lock held, the batch synced.) Once per batch, by whoever comes first."""
+        if b.done:
+            return
+        b.done = True
+        v, da = b.volume, b.volume.diff
+        try:
+            if b.crashed is not None:
+                if b.sync is not None and da is not None:
+                    da.unsynced[:0] = b.sync.slots   # not durable: for drop or a retry
+                return
+            if b.error is not None and b.sync is not None and da is not None:
+                # Linux reports a failed writeback once: what was preserved while that
+                # sync ran may be lost too, so those entries go with the batch
+                lost = da.drop_batch(b.sync) + da.drop_unsynced()
+                self._invalidate_needing(v, lost, b.error)
+            self._write_out(v, b.held)
+            if v.pending:   # preserved while the batch synced: the next batch's
+                v.pending_since = b.cut_at
+        finally:
+            v.batch = None
 
     def _mirror(self, s: _Snapshot, op: Callable[[DataFile], None]) -> None:
         """A failing plex target fails the plex, never the origin write (invariant 5)."""

@@ -130,7 +130,11 @@ async def writeback_timer(pool: Pool) -> None:
         while True:
             # back to trio after each step (a cancellation point): a step waits at most
             # WRITEBACK_PERIOD for the data path to queue a batch, then syncs what is due
-            await trio.to_thread.run_sync(pool.wait_and_writeback, WRITEBACK_PERIOD)
+            try:
+                await trio.to_thread.run_sync(pool.wait_and_writeback, WRITEBACK_PERIOD)
+            except Exception:   # noqa: BLE001 - e.g. the catalog failing: keep serving
+                log.exception("background writeback failed; retrying")
+                await trio.sleep(1)
     finally:
         pool.background_writeback = False   # the data path bounds the age again
 

@@ -117,6 +117,14 @@ def _mounts_under(root: str) -> list[str]:
 
 
 @pytest.mark.kernel
+def test_progress_only_on_a_terminal_or_asked_for() -> None:
+    from tools.bench import progress_wanted
+    assert progress_wanted(quiet=False, forced=False, tty=True)
+    assert not progress_wanted(quiet=False, forced=False, tty=False)   # piped: silent
+    assert progress_wanted(quiet=False, forced=True, tty=False)
+    assert not progress_wanted(quiet=True, forced=True, tty=True)
+
+
 @pytest.mark.timeout(300)
 def test_bench_quick_json(tmp_path: Path) -> None:
     chart = tmp_path / "bench.svg"
@@ -124,7 +132,7 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     t0 = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json", "--dir",
-         str(work), "--chart", str(chart)],
+         str(work), "--chart", str(chart), "--progress"],
         capture_output=True, text=True, timeout=280, cwd=REPO, check=False)
     elapsed = time.monotonic() - t0
     assert res.returncode == 0, res.stderr[-3000:]

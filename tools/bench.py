@@ -1236,6 +1236,8 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = False) -> None:
     p.add_argument("--dir", metavar="DIR",
                    help="where to create the temporary work directory (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--progress", action="store_true",
+                   help="progress lines on stderr even when it is not a terminal")
     # hidden: tiny sizes for the CI test; force the generator
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--generator", choices=("auto", "fio", "python"), default="auto",
@@ -1245,8 +1247,14 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = False) -> None:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
 
+def progress_wanted(quiet: bool, forced: bool, tty: bool) -> bool:
+    """Progress lines: on a terminal unless --quiet; elsewhere only with --progress."""
+    return not quiet and (tty or forced)
+
+
 def run(args: argparse.Namespace) -> int:
-    quiet = bool(getattr(args, "quiet", False))
+    quiet = not progress_wanted(bool(getattr(args, "quiet", False)),
+                                bool(getattr(args, "progress", False)), sys.stderr.isatty())
     log = Log(quiet)
     tiny = getattr(args, "tiny", False) or os.environ.get("SHADOWPLEX_BENCH_TINY") == "1"
     profile = PROFILES["tiny" if tiny else "quick" if args.quick else "full"]
