@@ -116,6 +116,8 @@ class _Volume:
     pending_dirty: dict[int, tuple[int, int]] = field(default_factory=dict)
     pending_since: float = 0.0
     batch: _Batch | None = None   # the batch of its held chunks queued or syncing
+    # preservations a failed sync lost, whose snapshots are not marked invalid yet
+    lost: list[tuple[list[tuple[int, int]], OSError]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -770,6 +772,8 @@ class Pool:
         else:
             b.synced.wait()
         self._finish(b)
+        if b.crashed is not None:   # SimulatedCrash (tests): the caller's step crashed
+            raise b.crashed
 
     def _writeback(self, v: _Volume) -> None:
         """Harden the diff area (one sync pair), then let the held chunks reach the origin.
@@ -780,9 +784,19 @@ class Pool:
             try:
                 v.diff.harden()
             except OSError as e:
-                self._invalidate_needing(v, v.diff.drop_unsynced(), e)
+                v.lost.append((v.diff.drop_unsynced(), e))
+        self._resolve_lost(v)
         if v.pending:
             self._write_out(v, [(c, v.pending[c]) for c in sorted(v.pending)])
+
+    def _resolve_lost(self, v: _Volume) -> None:
+        """Invalidate (durably) the snapshots that needed preservations a failed sync
+        lost, BEFORE any held chunk may reach the origin. If the catalog fails too, the
+        losses stay recorded and the chunks held: the next writeback tries again."""
+        while v.lost:
+            lost, err = v.lost[0]
+            self._invalidate_needing(v, lost, err)
+            v.lost.pop(0)
 
     def _write_out(self, v: _Volume, held: list[tuple[int, bytearray]]) -> None:
         """Write these held chunks (sorted; their preservations durable) to the origin
@@ -847,12 +861,12 @@ class Pool:
         with self._lock:
             if self._closed:
                 return
-            jobs, self._queued = self._queued, []   # cut by the data path
             for v in self._volumes.values():
                 if v.pending and v.batch is None and (
                         now - v.pending_since >= max_age
                         or len(v.pending) * self.chunk_size >= WRITEBACK_BYTES // 2):
-                    jobs.append(self._cut(v))
+                    self._queued.append(self._cut(v))   # queued at once: never orphaned
+            jobs, self._queued = self._queued, []   # with those the data path cut
         for b in jobs:          # every sync first: a waiter may hold the lock meanwhile
             self._sync(b)
         crash: BaseException | None = None
@@ -860,7 +874,7 @@ class Pool:
             for b in jobs:
                 try:
                     self._finish(b)
-                except OSError as e:
+                except Exception as e:   # noqa: BLE001 - one volume's trouble, not all
                     log.error("writing held chunks back to volume %s: %s (they stay held)",
                               b.volume.name, e)
                 crash = crash or b.crashed
@@ -902,8 +916,8 @@ class Pool:
             if b.error is not None and b.sync is not None and da is not None:
                 # Linux reports a failed writeback once: what was preserved while that
                 # sync ran may be lost too, so those entries go with the batch
-                lost = da.drop_batch(b.sync) + da.drop_unsynced()
-                self._invalidate_needing(v, lost, b.error)
+                v.lost.append((da.drop_batch(b.sync) + da.drop_unsynced(), b.error))
+            self._resolve_lost(v)
             self._write_out(v, b.held)
             if v.pending:   # preserved while the batch synced: the next batch's
                 v.pending_since = b.cut_at
@@ -1032,13 +1046,18 @@ class Pool:
         invalid, durably, before the origin is overwritten. Never served wrong."""
         assert v.diff is not None
         ranges = [(v.diff.last_epoch(c), upto) for c, upto in lost]
-        for s in v.snaps:
-            if (s.kind == DIFFERENTIAL and s.state == COMMITTED
-                    and any(lo < (s.epoch or 0) <= hi for lo, hi in ranges)):
+        victims = [s for s in v.snaps
+                   if s.kind == DIFFERENTIAL and s.state in (COMMITTED, INVALID)
+                   and any(lo < (s.epoch or 0) <= hi for lo, hi in ranges)]
+        for s in victims:   # in memory first: reads refuse at once, even if the catalog
+            if s.state == COMMITTED:   # write below fails (then it is retried)
                 log.error("diff area of %s failed (%s): snapshot %s is now invalid",
                           v.name, err, s.snap_id)
-                self._set_state(s, INVALID)
+                s.state = INVALID
+                self.generation += 1
         self._refresh_live(v)
+        for s in victims:   # idempotent: a retry rewrites the ones already invalid
+            self._set_state(s, INVALID)
 
     def _set_state(self, s: _Snapshot, state: str) -> None:
         with self.catalog.transaction() as db:

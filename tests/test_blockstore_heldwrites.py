@@ -344,3 +344,30 @@ def test_origin_eio_in_a_batch_keeps_the_chunks_held_and_spares_the_others(pause
     assert _image(p, "v")[:4096] == b"V" * 4096
     assert _image(p, "w")[:4096] == b"W" * 4096
     assert p.read(sid, 0, 4 * CS) == old and p.read(wsid, 0, CS) == b"w" * CS
+
+
+def test_catalog_failure_while_invalidating_keeps_the_chunks_held(paused, monkeypatch):
+    """A batch's sync fails and then the catalog write that invalidates the snapshot
+    fails too: the chunk must not reach the origin (the snapshot would read the new data
+    as its own); the next writeback invalidates first, then writes it out."""
+    import sqlite3
+    p, faults, sid, old = paused
+    p.write("v", 0, b"I" * 4096)
+    faults.arm_error("map", "sync", errno.EIO, count=1)
+    real = p._set_state
+
+    def broken(s, state):
+        raise sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(p, "_set_state", broken)
+    errors: list[BaseException] = []
+    _background(p, errors).join(20)
+    assert errors == []                                 # logged
+    assert _image(p, "v") == old                        # still held
+    with pytest.raises(SnapshotInvalid):                # never served wrong: refused
+        p.read(sid, 0, 4 * CS)
+    assert p.read("v", 0, 4096) == b"I" * 4096
+    monkeypatch.setattr(p, "_set_state", real)
+    p.flush("v")                                        # invalidates durably, then writes
+    assert p.snapshot(sid).state == "invalid"
+    assert p.catalog.db.execute("SELECT state FROM snapshots").fetchone()[0] == "invalid"
+    assert _image(p, "v")[:4096] == b"I" * 4096
