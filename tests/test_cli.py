@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import mounted as _mounted
+from support import run_cmd as _run
+from support import stop_daemon as _stop
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,31 +124,6 @@ class Daemon:
 
     def image(self, vol: str) -> str:
         return os.path.join(self.mount, "volumes", f"{vol}.img")
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
-    return res
-
-
-def _mounted(path: str) -> bool:
-    from fuse_mount import loopdev
-    return any(mp == path for mp, _, _ in loopdev.mountinfo())
-
-
-def _stop(d: Daemon) -> None:
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            d.proc.wait(20)
-    if d.proc.poll() is None:
-        _run("fusermount3", "-u", "-z", d.mount, check=False)
-        d.proc.kill()
-        d.proc.wait(10)
-    if _mounted(d.mount):
-        _run("fusermount3", "-u", "-z", d.mount, check=False)
 
 
 @pytest.fixture(scope="module")

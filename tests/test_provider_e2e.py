@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import run_cmd as _run
+from support import stop_daemon as _stop
 
 from blockstore import Pool
 from fuse_mount import loopdev
@@ -45,29 +46,6 @@ class Daemon:
 
     def log_text(self) -> str:
         return Path(self.log).read_text(errors="replace")
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=120, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
-    return res
-
-
-def _stop(d: Daemon) -> None:
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-    if d.proc.poll() is None:
-        for cmd in (("fusermount3", "-u", "-z", d.mount),):
-            _run(*cmd, check=False)
-        d.proc.kill()
-        d.proc.wait(10)
-    if any(mp == d.mount for mp, _, _ in loopdev.mountinfo()):
-        _run("fusermount3", "-u", "-z", d.mount, check=False)
 
 
 def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],

@@ -9,12 +9,10 @@ run if anything is left.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import run_cmd as _run
+from support import stop_daemon as _stop
 
 from tools.script import ScriptError, parse_script, run_script_file
 
@@ -165,27 +165,6 @@ class Daemon:
 
     def image(self, vol: str) -> str:
         return os.path.join(self.mount, "volumes", f"{vol}.img")
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60, check=False)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
-    return res
-
-
-def _stop(d: Daemon) -> None:
-    from fuse_mount import loopdev
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            d.proc.wait(20)
-    if d.proc.poll() is None:
-        _run("fusermount3", "-u", "-z", d.mount, check=False)
-        d.proc.kill()
-        d.proc.wait(10)
-    if loopdev.is_mountpoint(d.mount):
-        _run("fusermount3", "-u", "-z", d.mount, check=False)
 
 
 @pytest.fixture(scope="module")

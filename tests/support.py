@@ -1,0 +1,41 @@
+"""Helpers shared by the kernel tests that run `shadowplex serve` as a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+from typing import Any
+
+from fuse_mount import loopdev
+
+
+def run_cmd(*cmd: str, check: bool = True, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
+    """Run a command (text output captured); with check, a failure names its stderr."""
+    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                         check=False)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
+    return res
+
+
+def mounted(path: str) -> bool:
+    """From mountinfo, not os.path.ismount: a stat on a FUSE mount whose INIT is not
+    answered yet would block this process."""
+    return any(mp == path for mp, _, _ in loopdev.mountinfo())
+
+
+def stop_daemon(d: Any) -> None:
+    """Stop a test daemon (anything with .proc and .mount): SIGTERM, then the hard way;
+    never leaves its mount behind."""
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            d.proc.wait(20)
+    if d.proc.poll() is None:
+        run_cmd("fusermount3", "-u", "-z", d.mount, check=False)
+        d.proc.kill()
+        d.proc.wait(10)
+    if mounted(d.mount):
+        run_cmd("fusermount3", "-u", "-z", d.mount, check=False)
