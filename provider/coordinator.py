@@ -519,6 +519,9 @@ class Coordinator:
         await _in_thread(self._check_not_attached, name, "delete")
         await _in_thread(self.pool.delete_volume, name)
         self._present([name], None)
+        ops = self._ops()
+        if ops is not None:   # drop the name from the kernel's cache now, not in 1 s
+            ops.refresh()
 
     # ------------------------------------------------------------------ set creation
     def start_snapshot_set(self, session: Session, context: str | int = "backup",

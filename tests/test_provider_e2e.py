@@ -363,3 +363,19 @@ def test_sqlite_under_load_is_consistent_in_every_snapshot(tmp_path: Path,
     finally:
         _stop(d)
     assert "Traceback" not in d.log_text()
+
+
+def test_deleted_volume_vanishes_from_the_mount_at_once(tmp_path: Path, sockdir: str) -> None:
+    """The kernel caches names for a second (entry_timeout); a delete through the API
+    invalidates the name right away, so a script that deletes and re-checks sees it gone."""
+    d = start_daemon(tmp_path, sockdir, {"v": 1 << 20})
+    try:
+        image = os.path.join(d.mount, "volumes", "gone.img")
+        with d.client() as c:
+            c.volume_create("gone", 1 << 20)
+            assert os.path.exists(image)          # the kernel now caches the name
+            c.volume_delete("gone")
+        assert not os.path.exists(image)
+        assert "gone.img" not in os.listdir(os.path.join(d.mount, "volumes"))
+    finally:
+        _stop(d)
