@@ -198,6 +198,7 @@ class Pool:
         self._reverting: dict[int, _Snapshot] = {}   # volume id -> revert target
         self._space: tuple[float, int] = (-math.inf, 0)  # (when, free - reserve) read
         self._space_taken = 0             # diff-area bytes preserved since that reading
+        self.last_io = 0.0                # time.monotonic() of the last read or write
         self._volumes: dict[str, _Volume] = {}
         self._snaps: dict[str, _Snapshot] = {}
         self._closed = True
@@ -605,6 +606,7 @@ class Pool:
 
     # -- the data path -------------------------------------------------------------------------
     def read(self, key: str, offset: int, length: int) -> bytes:
+        self.last_io = time.monotonic()
         with self._lock:   # (inline rather than @_locked: this is the hot path)
             lun = self._volumes.get(key) or self._lun(key)
             if offset < 0 or length < 0:
@@ -672,6 +674,7 @@ class Pool:
 
     @_locked
     def write(self, name: str, offset: int, data: bytes | memoryview) -> int:
+        self.last_io = time.monotonic()
         n = len(data)
         v = self._check_write(name, offset, n)
         if n == 0:

@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
 
 DIFFERENTIAL, PLEX = "differential", "plex"
+# Plex sync yields to foreground I/O: a step holds the pool lock for a few ms, and the
+# sync thread would take it right back; while the volumes saw I/O in the last
+# SYNC_YIELD_AFTER_IO s it pauses SYNC_YIELD s after each step (measured: 4K randread
+# during a sync x1.55, sync throughput -12 %; without foreground I/O it never pauses).
+SYNC_YIELD = 0.001
+SYNC_YIELD_AFTER_IO = 0.01
 SYNC_STEP = 4 << 20          # bytes per plex_sync_step: bounds how long a step holds the pool
 VENDOR, PRODUCT = "SHADOWPX", "shadowplex LUN"
 
@@ -239,6 +245,8 @@ class HardwareProvider:
                     self._changed.notify_all()
                 if done >= total:
                     break
+                if time.monotonic() - self.pool.last_io < SYNC_YIELD_AFTER_IO:
+                    time.sleep(SYNC_YIELD)   # the lock free for the data path a moment
         except BaseException as e:  # reported by EndPrepareSnapshots
             sync.error = e
         finally:
