@@ -97,3 +97,15 @@ def test_loop_ext4_roundtrip(tmp_path: Path) -> None:
     listed = _run("losetup", "--list", "--noheadings", "--output", "BACK-FILE")
     assert str(image) not in listed.splitlines()
     assert 0 < image.stat().st_blocks * 512 < 16 * 1024 * 1024, "image should still be sparse"
+
+
+def test_broken_pipe_is_quiet() -> None:
+    """`shadowplex snapshot list | head`: the reader leaving is not an error to print."""
+    code = ("import sys, tools.cli as c\n"
+            "def boom(args):\n"
+            "    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "c.cmd_status = boom\n"
+            "sys.exit(c.main(['status']))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False, cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 141 and res.stderr == "", res.stderr

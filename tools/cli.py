@@ -573,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `shadowplex snapshot list | head`: the reader is gone, nothing to report; point
+        # stdout at /dev/null so the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13   # as if killed by SIGPIPE, like other command-line tools
     except OSError as e:
         if args.debug:
             raise
