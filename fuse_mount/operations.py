@@ -198,6 +198,9 @@ class ShadowOperations(pyfuse3.Operations):
         self.known_hosts: set[str] = set()
         self._host_ino: dict[str, int] = {}     # host -> its view's base inode (this run)
         self._tree = self._build(self.pool.generation)
+        # called after queuing kernel notifications: the session loop stops polling a
+        # moment so that pyfuse3's notification thread gets the GIL (see session.py)
+        self.notifying: Any = lambda: None
 
     # ------------------------------------------------------------------ tree
 
@@ -293,11 +296,15 @@ class ShadowOperations(pyfuse3.Operations):
             if lun is not None:
                 h.lun = lun
         if self.mounted:
+            queued = False
             for dino in (VOLUMES_INO, EXPOSED_INO, SHADOW_INO, *old.views):
                 before, after = old.children(dino) or {}, new.children(dino) or {}
                 for name, lun in before.items():
                     if name not in after or after[name].ino != lun.ino:
                         pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
+                        queued = True
+            if queued:
+                self.notifying()
         log.debug("tree rebuilt at generation %s: %d volumes, %d snapshots, %d exposed",
                   gen, len(new.volumes), len(new.shadow), len(new.exposed))
         return new

@@ -92,6 +92,7 @@ def mount_options(debug: bool = False, allow_other: bool = False) -> set[str]:
 # polls the device for up to poll_us before it sleeps in epoll; when idle it never spins.
 DEFAULT_POLL_US = 50.0
 POLL_RECENT_NS = 2_000_000
+POLL_HOLD_OFF_NS = 20_000_000   # after kernel notifications are queued (hold_off)
 
 
 async def run_mount(
@@ -137,6 +138,7 @@ async def run_mount(
         task_status.started(ops)
         if fast_loop:
             fast = _FastTrio(poll_us)
+            ops.notifying = fast.lowlevel.hold_off
             saved = pyfuse3.trio  # type: ignore[attr-defined]
             pyfuse3.trio = fast  # type: ignore[attr-defined]
             try:
@@ -271,6 +273,7 @@ class _FastLowlevel:
         self._poll = self._poller.poll
         self._fd = -1
         self._last = 0
+        self._quiet_until = 0
         self.current_task = trio.lowlevel.current_task
         self.current_trio_token = trio.lowlevel.current_trio_token
         self.notify_closing = trio.lowlevel.notify_closing
@@ -292,13 +295,20 @@ class _FastLowlevel:
             return _READY
         if self.poll_ns:
             now = time.perf_counter_ns()
-            if now - self._last < POLL_RECENT_NS:
+            if now - self._last < POLL_RECENT_NS and now >= self._quiet_until:
                 deadline = now + self.poll_ns
                 while time.perf_counter_ns() < deadline:
                     if self._poll(0):
                         self._last = time.perf_counter_ns()
                         return _READY
         return self._slow(fd)
+
+    def hold_off(self) -> None:
+        """No polling for POLL_HOLD_OFF_NS: a Python spin loop keeps the GIL between
+        its poll(0) calls, so pyfuse3's notification thread (kernel cache invalidations
+        queued by ShadowOperations) would wait for the interpreter's 5 ms switch
+        interval, per step; sleeping in epoll releases the GIL."""
+        self._quiet_until = time.perf_counter_ns() + POLL_HOLD_OFF_NS
 
     async def _slow(self, fd: int) -> None:
         await trio.lowlevel.wait_readable(fd)

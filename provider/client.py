@@ -142,16 +142,26 @@ class Client:
             if msg.get("id") != rid:
                 continue   # a late progress event of an earlier request
             if "progress" in msg:
-                if progress is not None:
-                    p = msg["progress"]
-                    progress(int(p.get("done", 0)), int(p.get("total", 0)),
-                             str(p.get("what", "")))
+                p = msg["progress"]
+                if progress is not None and isinstance(p, dict):
+                    try:
+                        done, total = int(p.get("done", 0)), int(p.get("total", 0))
+                    except (TypeError, ValueError, OverflowError):
+                        continue   # a malformed progress event is not worth failing for
+                    progress(done, total, str(p.get("what", "")))
                 continue
             if msg.get("ok"):
                 return msg.get("result")
-            err = msg.get("error") or {}
-            raise ControlError(str(err.get("name", "VSS_E_UNEXPECTED")),
-                               str(err.get("message", "unknown error")), err.get("hresult"))
+            # an error reply; whatever its shape, the caller gets a ControlError with a
+            # name and a non-empty one-line message
+            err = msg.get("error")
+            err = err if isinstance(err, dict) else {}
+            name, message, hresult = err.get("name"), err.get("message"), err.get("hresult")
+            raise ControlError(
+                name if isinstance(name, str) and name.isidentifier() else "VSS_E_UNEXPECTED",
+                " ".join(str(message).split()) if message is not None and str(message).strip()
+                else "unknown error",
+                hresult if isinstance(hresult, int) and not isinstance(hresult, bool) else None)
 
     def _obj(self, op: str, args: dict[str, Any] | None = None,
              progress: ProgressCallback = None) -> dict[str, Any]:

@@ -16,7 +16,15 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
-from .output import Progress, human_size, human_time, print_fields, print_json, print_table
+from .output import (
+    Progress,
+    human_size,
+    human_time,
+    one_line,
+    print_fields,
+    print_json,
+    print_table,
+)
 
 PROG = "shadowplex"
 DEFAULT_SOCKET = "/run/shadowplex/shadowplex.sock"
@@ -38,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors: exit 2 with exactly one line on stderr, no usage dump, no traceback."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (try '{PROG} --help')\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (try '{PROG} --help')\n")
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -563,12 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except (ControlError, StoreError) as e:
         if args.debug:
             raise
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE if _is_usage(e) else EXIT_FAILED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -581,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if args.debug:
             raise
-        print(f"{PROG}: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(one_line(f"{PROG}: {e.strerror or e}: {e.filename or ''}".rstrip(": ")),
+              file=sys.stderr)
         return EXIT_FAILED
     except Exception as e:
         # Anything else is a bug or an unforeseen failure: still one line, not a traceback
@@ -589,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         what = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {what} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(what)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return EXIT_FAILED
 
 

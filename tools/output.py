@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+# what str.splitlines() breaks at, and the other C0 controls: never raw in a message line
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` made safe for a one-line message: line breaks and control characters
+    escaped as repr() writes them (``\\n``, ``\\x0b``, ``\\u2028``), the rest as given."""
+    return _LINE_BREAKING.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def print_json(obj: Any) -> None:

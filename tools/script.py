@@ -4,7 +4,8 @@ One verb per line, case-insensitive; `#` starts a comment (a whole line, or the 
 line except in `exec`, whose command goes to /bin/sh as written); blank lines are ignored.
 Arguments may be quoted as in sh (`expose %A% "/mnt/my snap"`).
 
-The whole script is parsed and checked FIRST (syntax, arguments, verb order, aliases): a
+The whole script is parsed and checked FIRST (syntax, arguments, verb order, aliases,
+lines of at most 65536 characters): a
 mistake there prints ``FILE:LINE: reason`` and exits 2 before anything is done. Then the
 script runs over ONE control connection, i.e. one requester session, so snapshots in the
 auto-release contexts (backup, file-share-backup) live until the script ends, as in
@@ -101,10 +102,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .output import one_line
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "shadowplex"
 CLIENT_NAME = "shadowplex-script"
 RELEASE_WAIT = 30.0      # seconds to wait for the daemon to delete auto-release sets
+# longest line accepted (characters); Linux refuses longer single arguments anyway
+# (MAX_ARG_STRLEN 128 KiB), and shlex takes quadratic time on megabyte-long words
+MAX_LINE_CHARS = 65536
 
 _GUID_RE = re.compile(r"\{?([0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12})\}?")
 _ALIAS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -549,6 +555,9 @@ def parse_script(text: str) -> list[Stmt]:
     for n, raw in enumerate(text.splitlines(), 1):
         if "\0" in raw:
             raise ScriptError(n, "the line contains a NUL byte (is this a text file?)")
+        if len(raw) > MAX_LINE_CHARS:
+            raise ScriptError(n, f"the line is {len(raw)} characters long, more than "
+                              f"{MAX_LINE_CHARS} (is this a script?)")
         st = _parse_line(n, raw)
         if st is not None:
             stmts.append(st)
@@ -680,7 +689,7 @@ class _Runner:
                           else str(e.strerror or e))
             else:
                 reason = str(e)
-            print(f"{self.filename}:{where}: {reason}", file=sys.stderr, flush=True)
+            print(one_line(f"{self.filename}:{where}: {reason}"), file=sys.stderr, flush=True)
             self.cleanup()
             return EXIT_FAILED
         return EXIT_OK
@@ -1069,13 +1078,13 @@ def run_script(text: str, filename: str = "<script>", socket: str | None = None,
     try:
         stmts = parse_script(text)
     except ScriptError as e:
-        print(f"{filename}:{e.line}: {e.message}", file=sys.stderr)
+        print(one_line(f"{filename}:{e.line}: {e.message}"), file=sys.stderr)
         return EXIT_USAGE
     from provider.client import Client, ControlError
     try:
         client = Client(socket, host=host, client=CLIENT_NAME)
     except ControlError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(one_line(f"{PROG}: {e}"), file=sys.stderr)
         return EXIT_USAGE if e.name == "E_INVALIDARG" else EXIT_FAILED
     runner = _Runner(stmts, filename, client, quiet, socket or client.socket_path)
     live: list[str] = []
@@ -1108,10 +1117,11 @@ def run_script_file(path: str, socket: str | None = None, quiet: bool = False,
             with open(path, encoding="utf-8") as f:
                 text = f.read()
     except UnicodeDecodeError as e:
-        print(f"{PROG}: error: {path} is not UTF-8 text ({e.reason} at byte {e.start})",
-              file=sys.stderr)
+        print(one_line(f"{PROG}: error: {path} is not UTF-8 text ({e.reason} at byte "
+                       f"{e.start})"), file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
-        print(f"{PROG}: error: cannot read script {path}: {e.strerror or e}", file=sys.stderr)
+        print(one_line(f"{PROG}: error: cannot read script {path}: {e.strerror or e}"),
+              file=sys.stderr)
         return EXIT_USAGE
     return run_script(text, "<stdin>" if path == "-" else path, socket, quiet, host)

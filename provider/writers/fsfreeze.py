@@ -7,11 +7,16 @@ and blocks every new write until thawed. Read-only filesystems are skipped.
 
 Details:
 
-* FIFREEZE is issued on an O_RDONLY fd of the mount point directory, in a helper thread:
-  it can block for long (it writes back all dirty data, through the loop device and our
-  FUSE mount). If it does not return within the timeout, the writer raises
-  ``WriterError(timed_out=True)``; the helper thread thaws the filesystem itself as soon
-  as the ioctl returns (the kernel cannot be interrupted earlier).
+* FIFREEZE (and FITHAW) is issued on an O_RDONLY fd of the mount point directory, by a
+  helper PROCESS that inherits only that fd (a helper thread waits for it): it can block for
+  long (it writes back all dirty data, through the loop device and our FUSE mount). In
+  a thread of the daemon, a kill -9 during that wait left the daemon a zombie for good:
+  the frozen thread never exits, so /dev/fuse is never closed and the kernel never aborts
+  the connection the freeze waits on. A child that does not hold /dev/fuse lets the
+  daemon die, the connection abort and the freeze fail. If it does not return within the
+  timeout, the writer raises ``WriterError(timed_out=True)``; the helper thread thaws
+  the filesystem itself as soon as the ioctl returns (the kernel cannot be interrupted
+  earlier).
 * The fd is checked to be on the expected mount (``mnt_id`` in /proc/self/fdinfo), so a
   mount point covered by another mount is never frozen by mistake.
 * Nested volumes (an image on a filesystem of another volume of the set) are frozen
@@ -28,9 +33,10 @@ Needs CAP_SYS_ADMIN (root).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -62,7 +68,7 @@ def thaw_mount_point(path: str) -> bool:
     For cleanup (tests, rescue): the writer itself thaws through the fds it keeps."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, FITHAW, 0)
+        _ioctl_in_child(fd, FITHAW)
         return True
     except OSError as e:
         if e.errno == errno.EINVAL:
@@ -85,7 +91,7 @@ class _Freeze:
 
     def run(self) -> None:
         try:
-            fcntl.ioctl(self.fd, FIFREEZE, 0)
+            _ioctl_in_child(self.fd, FIFREEZE)
         except OSError as e:
             self.error = e
         with self.lock:
@@ -95,13 +101,35 @@ class _Freeze:
         # The writer timed out and is gone: undo what the kernel finally did.
         try:
             if self.error is None:
-                fcntl.ioctl(self.fd, FITHAW, 0)
+                _ioctl_in_child(self.fd, FITHAW)
                 log.warning("late freeze of %s finished after the timeout: thawed it",
                             self.vm.mount_point)
         except OSError as e:
             log.error("thawing %s after a late freeze: %s", self.vm.mount_point, e)
         finally:
             os.close(self.fd)
+
+
+# The child: one ioctl on the fd it inherited; its exit status is the errno (0: done).
+_CHILD = ("import fcntl, sys\n"
+          "try:\n"
+          "    fcntl.ioctl(int(sys.argv[1]), int(sys.argv[2]), 0)\n"
+          "except OSError as e:\n"
+          "    sys.exit(e.errno or 1)\n")
+
+
+def _ioctl_in_child(fd: int, request: int) -> None:
+    """FIFREEZE / FITHAW on ``fd`` in a child process holding nothing else of ours (see
+    the module docstring: never /dev/fuse; a thaw may write the superblock through our
+    mount too). Raises OSError as the ioctl would."""
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", _CHILD, str(fd), str(request)],
+                         pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    if res.returncode > 0:
+        raise OSError(res.returncode, os.strerror(res.returncode))
+    if res.returncode < 0:   # killed (by a signal): say so, not a made-up errno
+        raise OSError(errno.EINTR, f"the freeze helper was killed by signal "
+                      f"{-res.returncode}")
 
 
 def _freeze_error(vm: VolumeMount, e: OSError) -> WriterError:
@@ -256,7 +284,7 @@ class FsFreezeWriter(Writer):
         for job in reversed(held):
             mp = job.vm.mount_point
             try:
-                fcntl.ioctl(job.fd, FITHAW, 0)
+                _ioctl_in_child(job.fd, FITHAW)
                 log.info("thawed %s", mp)
             except OSError as e:
                 if e.errno == errno.EINVAL:
