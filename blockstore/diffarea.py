@@ -27,6 +27,7 @@ from .fileio import DataFile, Faults
 from .format import MAP_FLAG_ZERO, MAP_RECORD_SIZE, pack_map_record, unpack_map_record
 
 FREE, DATA, ZERO = 0, 1, 2
+_FREE_RECORD = bytes(MAP_RECORD_SIZE)
 
 
 @dataclass
@@ -36,8 +37,6 @@ class SyncBatch:
 
     slots: list[int]
     runs: list[tuple[int, bytes]]
-
-_FREE_RECORD = bytes(MAP_RECORD_SIZE)
 
 
 class DiffArea:

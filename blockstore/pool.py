@@ -508,9 +508,11 @@ class Pool:
         st = os.statvfs(self.path)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
-    def _reserve(self) -> int:
-        total, _free = self.statfs()
-        return min(RESERVE_MAX, total // 10)
+    def _room(self) -> int:
+        """Free space the diff areas and plexes may take: free minus the reserve
+        (min(RESERVE_MAX, 10 % of the file system)); one statvfs."""
+        total, free = self.statfs()
+        return free - min(RESERVE_MAX, total // 10)
 
     # -- volumes ------------------------------------------------------------------------------
     @_locked
@@ -747,17 +749,27 @@ class Pool:
         elif self.background_writeback:
             # cut the batch here (no I/O) and hand it to the writeback thread: waiting for
             # that thread to get the lock between two back-to-back writes could take long
-            if (held >= WRITEBACK_BYTES // 2
-                    or time.monotonic() - v.pending_since >= WRITEBACK_AGE):
+            if self._batch_due(v, time.monotonic(), WRITEBACK_AGE):
                 self._queued.append(self._cut(v))
                 self._wake.set()
         elif held >= WRITEBACK_BYTES or time.monotonic() - v.pending_since >= WRITEBACK_AGE:
             self._writeback(v)
 
+    def _batch_due(self, v: _Volume, now: float, max_age: float) -> bool:
+        """Whether a background batch of v should be cut: it holds half the memory
+        bound, or its oldest held write is max_age old."""
+        return (len(v.pending) * self.chunk_size >= WRITEBACK_BYTES // 2
+                or now - v.pending_since >= max_age)
+
+    @staticmethod
+    def _held(v: _Volume) -> list[tuple[int, bytearray]]:
+        """(chunk, buffer) of everything v holds, in chunk order (for _write_out)."""
+        return [(c, v.pending[c]) for c in sorted(v.pending)]
+
     def _cut(self, v: _Volume) -> _Batch:
         """A batch of everything v holds now (lock held; no I/O)."""
-        b = _Batch(v, v.diff.cut() if v.diff is not None else None,
-                   [(c, v.pending[c]) for c in sorted(v.pending)], time.monotonic())
+        b = _Batch(v, v.diff.cut() if v.diff is not None else None, self._held(v),
+                   time.monotonic())
         v.batch = b
         return b
 
@@ -790,7 +802,7 @@ class Pool:
                 v.lost.append((v.diff.drop_unsynced(), e))
         self._resolve_lost(v)
         if v.pending:
-            self._write_out(v, [(c, v.pending[c]) for c in sorted(v.pending)])
+            self._write_out(v, self._held(v))
 
     def _resolve_lost(self, v: _Volume) -> None:
         """Invalidate (durably) the snapshots that needed preservations a failed sync
@@ -865,9 +877,7 @@ class Pool:
             if self._closed:
                 return
             for v in self._volumes.values():
-                if v.pending and v.batch is None and (
-                        now - v.pending_since >= max_age
-                        or len(v.pending) * self.chunk_size >= WRITEBACK_BYTES // 2):
+                if v.pending and v.batch is None and self._batch_due(v, now, max_age):
                     self._queued.append(self._cut(v))   # queued at once: never orphaned
             jobs, self._queued = self._queued, []   # with those the data path cut
         for b in jobs:          # every sync first: a waiter may hold the lock meanwhile
@@ -1023,8 +1033,7 @@ class Pool:
         when, room = self._space
         room -= self._space_taken
         if now - when > SPACE_RECHECK or room - new_bytes < SPACE_MARGIN:
-            total, free = self.statfs()
-            room = free - min(RESERVE_MAX, total // 10)
+            room = self._room()
             self._space, self._space_taken = (now, room), 0
         if new_bytes > room:
             return True
@@ -1086,10 +1095,10 @@ class Pool:
                           "delete some first")
         if kind == PLEX:
             need = sum(n for _, n in v.file.extents())
-            _total, free = self.statfs()
-            if need > free - self._reserve():
+            room = self._room()
+            if need > room:
                 raise NoSpace(f"a plex of {volume} needs {need} bytes; the pool has "
-                              f"{max(0, free - self._reserve())} available")
+                              f"{max(0, room)} available")
         now = time.time()
         with self.catalog.transaction() as db:
             fid = self.catalog.next_file_id(db)
