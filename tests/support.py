@@ -20,6 +20,16 @@ def run_cmd(*cmd: str, check: bool = True, timeout: float = 120
     return res
 
 
+def mkfs_ext4(image: str) -> None:
+    """Put an empty ext4 filesystem on a volume image (through a loop device, detached
+    again)."""
+    dev = loopdev.attach(image, read_only=False)
+    try:
+        run_cmd("mkfs.ext4", "-q", "-F", dev)
+    finally:
+        loopdev.detach(dev)
+
+
 def mounted(path: str) -> bool:
     """From mountinfo, not os.path.ismount: a stat on a FUSE mount whose INIT is not
     answered yet would block this process."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import mkfs_ext4
 from support import mounted as _mounted
 from support import run_cmd as _run
 from support import stop_daemon as _stop
@@ -173,12 +174,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 @contextlib.contextmanager
 def loop_ext4(image: str) -> Iterator[None]:
     """Put an ext4 filesystem on a volume (through a loop device, detached again)."""
-    from fuse_mount import loopdev
-    dev = loopdev.attach(image, read_only=False)
-    try:
-        _run("mkfs.ext4", "-q", "-F", dev)
-    finally:
-        loopdev.detach(dev)
+    mkfs_ext4(image)
     yield
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import mkfs_ext4
 from support import run_cmd as _run
 from support import stop_daemon as _stop
 
@@ -166,11 +167,7 @@ def test_expose_survives_restart_and_auto_release(tmp_path: Path, sockdir: str) 
     d = start_daemon(tmp_path, sockdir, {"v": 32 << 20, "w": 32 << 20})
     try:
         image = os.path.join(d.mount, "volumes", "v.img")
-        dev = loopdev.attach(image, read_only=False)
-        try:
-            _run("mkfs.ext4", "-q", "-F", dev)
-        finally:
-            loopdev.detach(dev)
+        mkfs_ext4(image)
         with d.client() as c:
             keep = c.snapshot_create(["v", "w"], context="app-rollback", kind="plex")
             gone = c.snapshot_create(["v"], context="backup")

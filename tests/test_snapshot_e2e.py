@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
+from support import mkfs_ext4
 from test_provider_e2e import (  # noqa: F401 - sockdir is a fixture
     _run,
     _stop,
@@ -242,11 +243,7 @@ def test_expose_to_bad_directory_leaves_nothing(tmp_path: Path,
     d = start_daemon(tmp_path, sockdir, {"v": 32 * MiB})
     try:
         image = os.path.join(d.mount, "volumes", "v.img")
-        dev = loopdev.attach(image, read_only=False)
-        try:
-            _run("mkfs.ext4", "-q", "-F", dev)
-        finally:
-            loopdev.detach(dev)
+        mkfs_ext4(image)
         full = tmp_path / "full"
         full.mkdir()
         (full / "keep.txt").write_text("mine\n")
