@@ -28,6 +28,10 @@ from .format import MAP_FLAG_ZERO, MAP_RECORD_SIZE, pack_map_record, unpack_map_
 
 FREE, DATA, ZERO = 0, 1, 2
 _FREE_RECORD = bytes(MAP_RECORD_SIZE)
+# Drop a batch's slot pages from the page cache once synced: a preserved chunk is read
+# only by snapshot reads, and recycling those pages at once (instead of taking fresh
+# ones) made a sequential copy-before-write stream x1.8 faster here (docs/performance.md)
+DROP_SYNCED_PAGES = True
 
 
 @dataclass
@@ -245,6 +249,10 @@ class DiffArea:
         self.faults.point("cow.data_written")
         self.data.sync()
         self.faults.point("cow.data_synced")
+        if DROP_SYNCED_PAGES:
+            cs = self.chunk_size
+            for i, j in consecutive_runs(batch.slots):
+                self.data.drop_cache(batch.slots[i] * cs, (j - i) * cs)
         for offset, records in batch.runs:
             self.map.pwrite(records, offset)
         self.faults.point("cow.map_written")

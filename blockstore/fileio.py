@@ -153,6 +153,10 @@ class DataFile:
             raise OSError(e, f"punch hole in {self.path}: {os.strerror(e)}")
         self.dirty = True
 
+    def drop_cache(self, offset: int, length: int) -> None:
+        """Let the kernel drop these (clean) pages from its cache now."""
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 

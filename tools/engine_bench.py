@@ -2,7 +2,8 @@
 
 Reports medians of repeated runs as ratios against side-by-side comparators:
 snapshot commit on 1 GiB vs 1 TiB sparse volumes, sequential overwrite with 0/1/8
-snapshots, chunk-metadata memory for 1 TiB + 16 snapshots, plex sync vs cp --sparse=always.
+snapshots (syncs inline, and with the daemon's background writeback thread),
+chunk-metadata memory for 1 TiB + 16 snapshots, plex sync vs cp --sparse=always.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 
 from blockstore import Pool
@@ -43,7 +45,30 @@ def commit_latency(base: str, n: int) -> dict:
             "ratio_1TiB_vs_1GiB": statistics.median(huge) / statistics.median(small)}
 
 
-def overwrite_throughput(base: str, size: int, runs: int) -> dict:
+class _WritebackThread:
+    """The daemon's writeback loop (provider.daemon.writeback_timer) in a plain thread:
+    grouped syncs run beside the writes instead of inline."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool, self.stop = pool, False
+        pool.background_writeback = True
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop:
+            self.pool.wait_and_writeback(0.05)
+
+    def close(self) -> None:
+        self.stop = True
+        self.pool._wake.set()
+        self.thread.join()
+        self.pool.background_writeback = False
+
+
+def overwrite_throughput(base: str, size: int, runs: int, background: bool) -> dict:
+    """Sequential 1 MiB overwrites of a written volume, then a flush, with 0, 1 and 8
+    snapshots; `background`: with the daemon's writeback thread."""
     block = os.urandom(MiB)
     res: dict[str, list[float]] = {"0": [], "1": [], "8": []}
     for r in range(runs):
@@ -56,17 +81,22 @@ def overwrite_throughput(base: str, size: int, runs: int) -> dict:
             pool.flush("v")
             for _ in range(nsnap):
                 pool.commit_snapshots([pool.prepare_snapshot("v").id])
+            wb = _WritebackThread(pool) if background else None
             t = time.perf_counter()
             for off in range(0, size, MiB):
                 pool.write("v", off, block)
             pool.flush("v")
             res[str(nsnap)].append(size / MiB / (time.perf_counter() - t))
+            if wb is not None:
+                wb.close()
             pool.close()
             shutil.rmtree(d)
     med = {k: statistics.median(v) for k, v in res.items()}
-    return {"overwrite_MiBps_0snap": med["0"], "overwrite_MiBps_1snap": med["1"],
-            "overwrite_MiBps_8snap": med["8"], "ratio_1snap_vs_0": med["1"] / med["0"],
-            "ratio_8snap_vs_1": med["8"] / med["1"]}
+    tag = "_bg" if background else ""
+    return {f"overwrite{tag}_MiBps_0snap": med["0"], f"overwrite{tag}_MiBps_1snap": med["1"],
+            f"overwrite{tag}_MiBps_8snap": med["8"],
+            f"overwrite{tag}_ratio_1snap_vs_0": med["1"] / med["0"],
+            f"overwrite{tag}_ratio_8snap_vs_1": med["8"] / med["1"]}
 
 
 def metadata_memory(base: str, written: int) -> dict:
@@ -129,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--runs", type=int, default=5, help="repetitions of the overwrite "
+                    "figures (medians; default 5)")
     a = ap.parse_args(argv)
     base = tempfile.mkdtemp(prefix="spx-engine-bench-", dir=a.dir)
     try:
         out = {}
         out.update(commit_latency(base, 10 if a.quick else 50))
-        out.update(overwrite_throughput(base, (16 if a.quick else 512) * MiB, 3))
+        for background in (False, True):
+            out.update(overwrite_throughput(base, (16 if a.quick else 512) * MiB,
+                                            a.runs, background))
         out.update(plex_sync(base, (32 if a.quick else 1024) * MiB, 3))
         out.update(metadata_memory(base, (256 * MiB) if a.quick else 10 * GiB))
     finally:
