@@ -274,6 +274,7 @@ def test_snapshot_create_list_show_delete(daemon: Daemon) -> None:
         d.ok("snapshot", "create", "sv", "--context", "nas-rollback", "-q")
         assert d.json("snapshot", "delete", "--all")["count"] == 2
         assert d.json("snapshot", "list") == []
+        assert d.ok("snapshot", "delete", "--all").stdout == "no snapshots deleted\n"
 
         # a backup context ends with the command's session: said on stderr, and true
         res = d.ok("snapshot", "create", "sv")

@@ -108,6 +108,13 @@ def _snap_table(rows: list[dict[str, Any]]) -> None:
         print("no snapshots")
 
 
+def _deleted_report(res: dict[str, Any]) -> None:
+    if res.get("deleted"):
+        print_fields(res)
+    else:
+        print("no snapshots deleted")
+
+
 # ------------------------------------------------------------------------ commands
 def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict[str, Any]]:
     """(pool, mount, socket, allow_other, service config): command-line flags over the
@@ -256,7 +263,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         elif args.scmd == "delete":
             res = c.snapshot_delete(snapshot_id=args.id, set_id=args.set, oldest=args.oldest,
                                     all=args.all, unexpose=args.unexpose)
-            _emit(args, res)
+            _emit(args, res, _deleted_report)
     return EXIT_OK
 
 
