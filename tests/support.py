@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
+import time
 from typing import Any
 
 from fuse_mount import loopdev
@@ -34,6 +36,20 @@ def mounted(path: str) -> bool:
     """From mountinfo, not os.path.ismount: a stat on a FUSE mount whose INIT is not
     answered yet would block this process."""
     return any(mp == path for mp, _, _ in loopdev.mountinfo())
+
+
+def wait_until_up(d: Any, timeout: float = 30) -> None:
+    """Wait for a test daemon (anything with .proc, .mount, .socket, .log_text()) to
+    have its FUSE mount (in mountinfo) and its control socket; a daemon that exits or
+    is not up within `timeout` fails with its log (it is then stopped)."""
+    deadline = time.monotonic() + timeout
+    while not (mounted(d.mount) and os.path.exists(d.socket)):
+        if d.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {d.proc.returncode}:\n{d.log_text()}")
+        if time.monotonic() > deadline:
+            stop_daemon(d)
+            raise AssertionError(f"daemon did not come up:\n{d.log_text()}")
+        time.sleep(0.05)
 
 
 def stop_daemon(d: Any) -> None:

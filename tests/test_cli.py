@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import mkfs_ext4
+from support import mkfs_ext4, wait_until_up
 from support import mounted as _mounted
 from support import run_cmd as _run
 from support import stop_daemon as _stop
@@ -157,13 +157,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
                                 stderr=subprocess.STDOUT)
     d = Daemon(proc, base, pool, mount, sock, log)
     try:
-        deadline = time.monotonic() + 30
-        # mountinfo, not os.path.ismount: a stat on a FUSE mount whose INIT is not
-        # answered yet would block this process
-        while not (_mounted(mount) and os.path.exists(sock)):
-            assert proc.poll() is None, f"daemon exited:\n{d.log_text()}"
-            assert time.monotonic() < deadline, f"daemon did not come up:\n{d.log_text()}"
-            time.sleep(0.05)
+        wait_until_up(d)
         yield d
     finally:
         _stop(d)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import mkfs_ext4
+from support import mkfs_ext4, wait_until_up
 from support import run_cmd as _run
 from support import stop_daemon as _stop
 
@@ -50,7 +50,10 @@ class Daemon:
 
 
 def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],
-                 config: dict[str, Any] | None = None) -> Daemon:
+                 config: dict[str, Any] | None = None,
+                 self_guard: float | None = None) -> Daemon:
+    """self_guard: not None = the daemon logs every FUSE request made by one of its own
+    threads, and stalls it that many seconds (tests/fuse_self_guard.py)."""
     pool = str(base / "pool")
     mount = str(base / "mnt")
     os.makedirs(mount, exist_ok=True)
@@ -66,23 +69,17 @@ def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],
     boot = ("import faulthandler, runpy, sys; faulthandler.dump_traceback_later(30, "
             "repeat=True); sys.argv[0] = 'provider.service'; "
             "runpy.run_module('provider.service', run_name='__main__', alter_sys=True)")
+    if self_guard is not None:
+        boot = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+                f"import fuse_self_guard; del sys.path[0]; {boot}")
+        env["SHADOWPLEX_TEST_SELF_STALL"] = str(self_guard)
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-c", boot, "--pool", pool, "--mount", mount,
              "--socket", sock, "--config", json.dumps(config or {})],
             cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
     d = Daemon(proc, pool, mount, sock, log)
-    deadline = time.monotonic() + 30
-    # mountinfo, not os.path.ismount: a stat on a FUSE mount whose INIT is not answered
-    # yet would block this process
-    while not (any(mp == mount for mp, _, _ in loopdev.mountinfo())
-               and os.path.exists(sock)):
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {proc.returncode}:\n{d.log_text()}")
-        if time.monotonic() > deadline:
-            _stop(d)
-            raise AssertionError(f"daemon did not come up:\n{d.log_text()}")
-        time.sleep(0.05)
+    wait_until_up(d)
     return d
 
 

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 from support import run_cmd as _run
 from support import stop_daemon as _stop
+from support import wait_until_up
 
 from tools.script import ScriptError, parse_script, run_script_file
 
@@ -199,11 +199,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             stdout=logf, stderr=subprocess.STDOUT)
     d = Daemon(proc, base, mount, sock, log)
     try:
-        deadline = time.monotonic() + 30
-        while not (os.path.ismount(mount) and os.path.exists(sock)):
-            assert proc.poll() is None, f"daemon exited:\n{d.log_text()}"
-            assert time.monotonic() < deadline, f"daemon did not come up:\n{d.log_text()}"
-            time.sleep(0.05)
+        wait_until_up(d)
         dev = loopdev.attach(d.image("data"), read_only=False)
         try:
             _run("mkfs.ext4", "-q", "-F", dev)
