@@ -27,6 +27,7 @@ from .fileio import DataFile, Faults
 from .format import MAP_FLAG_ZERO, MAP_RECORD_SIZE, pack_map_record, unpack_map_record
 
 FREE, DATA, ZERO = 0, 1, 2
+MAP_AHEAD = 64 * 1024   # map-file bytes allocated ahead of use (2048 records)
 _FREE_RECORD = bytes(MAP_RECORD_SIZE)
 # Drop a batch's slot pages from the page cache once synced: a preserved chunk is read
 # only by snapshot reads, and recycling those pages at once (instead of taking fresh
@@ -70,6 +71,7 @@ class DiffArea:
         self.origin_epoch = origin_epoch
         self.torn_records = 0
         self.unsynced: list[int] = []   # slots whose map records are not yet written
+        self.map_allocated = 0          # map-file bytes known to have blocks (_reserve_map)
         if exists:
             self._load()
 
@@ -197,7 +199,10 @@ class DiffArea:
         batch = []
         run: list[bytes | bytearray] = []
         run_slot = 0
-        for slot, (chunk, old) in zip(self._alloc_slots(len(items)), items, strict=True):
+        slots = self._alloc_slots(len(items))
+        if slots:
+            self._reserve_map(slots[-1] + 1)
+        for slot, (chunk, old) in zip(slots, items, strict=True):
             zero = old == zero_chunk
             if not zero:
                 if run and slot != run_slot + len(run):
@@ -222,6 +227,19 @@ class DiffArea:
             self.unsynced.append(slot)
         if batch:
             self.free_hint = batch[-1][0] + 1
+
+    def _reserve_map(self, nslots: int) -> None:
+        """Make sure the map file has blocks for the records of nslots slots BEFORE any
+        data is written: a full filesystem then fails preserve() with ENOSPC (the
+        overflow: the oldest snapshot goes), never the record writes at sync time, where
+        an error means the preservations are lost and every snapshot needing them
+        becomes invalid."""
+        need = nslots * MAP_RECORD_SIZE
+        if need <= self.map_allocated:
+            return
+        target = -(-need // MAP_AHEAD) * MAP_AHEAD
+        self.map.allocate(self.map_allocated, target - self.map_allocated)
+        self.map_allocated = target
 
     def cut(self) -> SyncBatch | None:
         """Take every preserved-but-unsynced entry as one batch for sync_batch(); later
@@ -352,7 +370,8 @@ class DiffArea:
             del self.epoch[last:]
             del self.chunk[last:]
             del self.digest[last:]
-            self.map.truncate(last * MAP_RECORD_SIZE)
+            self.map.truncate(last * MAP_RECORD_SIZE)   # frees what was allocated ahead
+            self.map_allocated = last * MAP_RECORD_SIZE
             self.data.truncate(last * self.chunk_size)
             self.map.sync()
 

@@ -157,6 +157,19 @@ class DataFile:
         """Let the kernel drop these (clean) pages from its cache now."""
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
+    def allocate(self, offset: int, length: int) -> None:
+        """Allocate blocks for [offset, offset+length) without changing the size
+        (fallocate KEEP_SIZE): a later write there needs no new space. A filesystem that
+        cannot (EOPNOTSUPP) is left as it is; ENOSPC is raised."""
+        if length <= 0:
+            return
+        self.faults.io(self.role, "write")
+        if _libc.fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            e = ctypes.get_errno()
+            if e in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return
+            raise OSError(e, f"allocate in {self.path}: {os.strerror(e)}")
+
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 

@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -56,6 +57,7 @@ WRITEBACK_BYTES = 32 << 20
 WRITEBACK_AGE = 0.1
 SPACE_RECHECK = 0.5              # seconds a free-space reading is trusted (default limit)...
 SPACE_MARGIN = 64 << 20          # ...unless less than this much room is left
+META_RESERVE = 1 << 20           # POOL/reserve: room kept for metadata on a full fs
 DIFFERENTIAL, PLEX, FULL = "differential", "plex", "full"
 PREPARING, COMMITTED, INVALID = "preparing", "committed", "invalid"
 
@@ -188,6 +190,7 @@ class Pool:
         self._lock = threading.RLock()
         # batches the data path cut for the writeback thread, and its wake-up call
         self._queued: list[_Batch] = []
+        self._promoting: set[str] = set()   # snapshot ids a promote is copying now
         self._wake = threading.Event()
         # True once a thread calls writeback() periodically (the daemon): the data path
         # then leaves the age bound of held writes to it and never syncs for it inline
@@ -237,6 +240,7 @@ class Pool:
             pool.catalog = Catalog(os.path.join(pool.path, "catalog.sqlite"))
             pool._closed = False
             pool._load()
+            pool._keep_reserve()
         except BaseException:
             pool._release_files()
             raise
@@ -804,6 +808,60 @@ class Pool:
         if v.pending:
             self._write_out(v, self._held(v))
 
+    def _reserve_path(self) -> str:
+        return os.path.join(self.path, "reserve")
+
+    def _keep_reserve(self) -> None:
+        """(Re)fill POOL/reserve: META_RESERVE bytes fallocated, given back when the
+        filesystem is full so that a delete (catalog row, map records) can still be
+        recorded. Best effort: no room now means try again after the next delete."""
+        try:
+            fd = os.open(self._reserve_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, META_RESERVE)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _when_full(self, fn: Callable[[], _R]) -> _R:
+        """fn(); if it fails because the filesystem is full (ENOSPC, SQLITE_FULL), give
+        back the reserve and run it once more (fn must be all or nothing: a catalog
+        transaction, rolled back on failure)."""
+        try:
+            return fn()
+        except (OSError, sqlite3.OperationalError) as e:
+            full = (getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                    or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT))
+            try:
+                had = full and os.stat(self._reserve_path()).st_blocks > 0
+            except OSError:
+                had = False
+            if not had:
+                raise
+            log.warning("pool filesystem full (%s): using its metadata reserve", e)
+            os.truncate(self._reserve_path(), 0)
+            return fn()
+
+    def _harden(self, v: _Volume) -> None:
+        """What a delete (and its GC) needs: every preservation of v durable, or the
+        snapshots that needed a lost one invalid. Held chunks are written out if they can
+        be; one that cannot (ENOSPC on a full pool) stays held for the next flush to
+        retry and report: it must not stop the delete, which gives the space back."""
+        try:
+            self._settle(v)
+        except OSError as e:
+            log.warning("volume %s: held writes not written back (%s); they stay held",
+                        v.name, e)
+        if v.diff is not None and v.diff.unsynced:
+            try:
+                v.diff.harden()
+            except OSError as e:
+                v.lost.append((v.diff.drop_unsynced(), e))
+        self._resolve_lost(v)
+
     def _resolve_lost(self, v: _Volume) -> None:
         """Invalidate (durably) the snapshots that needed preservations a failed sync
         lost, BEFORE any held chunk may reach the origin. If the catalog fails too, the
@@ -1072,8 +1130,11 @@ class Pool:
             self._set_state(s, INVALID)
 
     def _set_state(self, s: _Snapshot, state: str) -> None:
-        with self.catalog.transaction() as db:
-            db.execute("UPDATE snapshots SET state=? WHERE id=?", (state, s.id))
+        def record() -> None:
+            with self.catalog.transaction() as db:
+                db.execute("UPDATE snapshots SET state=? WHERE id=?", (state, s.id))
+
+        self._when_full(record)
         s.state = state
         self.generation += 1
 
@@ -1235,9 +1296,13 @@ class Pool:
 
     def _delete_snapshot(self, s: _Snapshot) -> None:
         v = s.origin
-        self._writeback(v)   # GC needs every map record on disk
-        with self.catalog.transaction() as db:
-            db.execute("DELETE FROM snapshots WHERE id=?", (s.id,))
+        self._harden(v)   # GC needs every map record on disk (not the origin written)
+
+        def record() -> None:
+            with self.catalog.transaction() as db:
+                db.execute("DELETE FROM snapshots WHERE id=?", (s.id,))
+
+        self._when_full(record)
         self.faults.point("delete.after_record")
         v.snaps.remove(s)
         del self._snaps[s.snap_id]
@@ -1254,6 +1319,7 @@ class Pool:
             self._refresh_live(v)
             if v.diff:
                 v.diff.gc(v.live_epochs)
+        self._keep_reserve()   # space came back: hold the reserve again
         self.generation += 1
 
     @_locked
@@ -1303,11 +1369,19 @@ class Pool:
             self._readable(s)
             if s.kind != DIFFERENTIAL:
                 raise Unsupported(f"snapshot {s.snap_id} is already a full copy ({s.kind})")
+            if s.snap_id in self._promoting:
+                raise Busy(f"snapshot {s.snap_id} is being promoted already")
             chunks = self._snapshot_chunks(s)
             tmp = self._img(s.id) + ".partial"
             sums_tmp = self._sum(s.id) + ".partial"
             out = DataFile(tmp, "plex", self.faults, create=True)
-            sums = DataFile(sums_tmp, "plex", self.faults, create=True)
+            try:
+                sums = DataFile(sums_tmp, "plex", self.faults, create=True)
+            except BaseException:
+                out.close()
+                os.unlink(tmp)
+                raise
+            self._promoting.add(s.snap_id)
         try:
             out.truncate(s.size)
             # Sealed as it is copied: every chunk passes through memory anyway, so the
@@ -1338,6 +1412,7 @@ class Pool:
                 self.generation += 1
                 return self._sinfo(s)
         finally:
+            self._promoting.discard(s.snap_id)
             out.close()
             sums.close()
             for p in (tmp, sums_tmp):

@@ -499,6 +499,31 @@ def test_crash_during_promote(tmp_path):
     pool.close()
 
 
+def test_second_promote_of_a_snapshot_is_busy(pool):
+    """A promote while another one copies the same snapshot is refused (Busy), changes
+    nothing and leaks nothing; the first one completes."""
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"1" * (4 * CS))
+    a = snap(pool, "v")
+    pool.write("v", 0, b"2" * CS)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    seen: list[BaseException] = []
+
+    def progress(done: int, total: int) -> None:
+        if not seen:   # inside the first promote's copy: try a second one
+            try:
+                pool.promote(a)
+            except errors.Busy as e:
+                seen.append(e)
+    info = pool.promote(a, progress)
+    assert seen and "being promoted" in str(seen[0])
+    assert info.kind == "full" and pool.read(a, 0, 4 * CS) == b"1" * (4 * CS)
+    assert len(os.listdir("/proc/self/fd")) == fds_before + 1   # the full copy's file
+    assert not [f for f in os.listdir(os.path.join(pool.path, "luns"))
+                if f.endswith(".partial")]
+    assert pool.check() == []
+
+
 def test_group_sync_larger_than_iov_max(pool):
     """More held chunks than one pwritev can take (IOV_MAX) still reach the origin."""
     pool.create_volume("v", 8 * MiB)
