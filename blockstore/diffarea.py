@@ -23,7 +23,7 @@ import xxhash
 
 from .chunkmap import Bitmap, EpochTable, consecutive_runs
 from .errors import CorruptData
-from .fileio import DataFile, Faults
+from .fileio import DataFile, Faults, fsync_dir
 from .format import MAP_FLAG_ZERO, MAP_RECORD_SIZE, pack_map_record, unpack_map_record
 
 FREE, DATA, ZERO = 0, 1, 2
@@ -55,6 +55,8 @@ class DiffArea:
         self.data = DataFile(self.data_path, "diff", faults,
                              create=not os.path.exists(self.data_path))
         self.map = DataFile(self.map_path, "map", faults, create=not exists)
+        if not exists:
+            fsync_dir(directory)   # the new names durable before any record is written
         self.faults = faults
         self.nchunks = nchunks
         # per slot: state, epoch, chunk, digest (the map file's content, in memory)

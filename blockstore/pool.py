@@ -7,6 +7,7 @@ worker threads and take the lock per step). docs/format.md describes the files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -531,7 +532,7 @@ class Pool:
             naa = self.catalog.issue_naa(db, fmt.new_naa)
             f = DataFile(self._img(fid), "origin", self.faults, create=True)
             try:
-                f.truncate(size)
+                self._size_image(f, size)
                 f.sync()
                 v = _Volume(fid, name, naa, size, now, 0, 0, None, f, mtime=now)
                 self._write_header(v)
@@ -539,7 +540,12 @@ class Pool:
                 db.execute("INSERT INTO volumes (id, name, naa, size, created) "
                            "VALUES (?, ?, ?, ?, ?)", (fid, name, naa, size, now))
             except BaseException:
+                # the transaction rolls back and the file id is issued again: nothing of
+                # this attempt may stay behind (else every later create fails)
                 f.close()
+                for p in (self._img(fid), self._hdr(fid)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
                 raise
         self._volumes[name] = v
         self.generation += 1
@@ -565,7 +571,7 @@ class Pool:
         """Image first, then the catalog. A crash between the two leaves them disagreeing;
         _load sizes the image to the catalog (the comment there says why that is safe)."""
         self._writeback(v)
-        v.file.truncate(size)
+        self._size_image(v.file, size)
         v.file.sync()
         self.faults.point("resize.image_sized")
         with self.catalog.transaction() as db:
@@ -576,6 +582,16 @@ class Pool:
             v.diff.grow(self._nchunks(size))
         self._write_header(v)
         self.generation += 1
+
+    @staticmethod
+    def _size_image(f: DataFile, size: int) -> None:
+        try:
+            f.truncate(size)
+        except OSError as e:
+            if e.errno == errno.EFBIG:   # e.g. ext4: 16 TiB per file at 4 KiB blocks
+                raise InvalidSize(f"size {size} is larger than a file of the pool's file "
+                                  "system can be") from None
+            raise
 
     @_locked
     def set_diff_limit(self, name: str, limit: int | None) -> None:
@@ -1602,6 +1618,7 @@ class Pool:
             sums.sync()
             with self._lock:
                 os.replace(sums.path, self._sum(s.id))
+                fsync_dir(os.path.join(self.path, "luns"))
                 with self.catalog.transaction() as db:
                     db.execute("UPDATE snapshots SET sealed=1 WHERE id=?", (s.id,))
                 s.sealed = True
@@ -1641,7 +1658,19 @@ class Pool:
             problems.append(str(e))
         for v in self._volumes.values():
             problems += self._check_volume(v)
-        return problems
+        return problems + self._stray_files()
+
+    def _stray_files(self) -> list[str]:
+        """luns/ and diff/ files of no LUN (opening the pool removes them); the unfinished
+        .tmp/.partial files of an operation in progress are not strays."""
+        vols = {str(v.id) for v in self._volumes.values()}
+        luns = vols | {str(s.id) for s in self._snaps.values()}
+        out = []
+        for sub, ids in (("luns", luns), ("diff", vols)):
+            for fn in sorted(os.listdir(os.path.join(self.path, sub))):
+                if fn.split(".", 1)[0] not in ids and not fn.endswith((".tmp", ".partial")):
+                    out.append(f"{sub}/{fn} belongs to no volume or snapshot")
+        return out
 
     def _check_volume(self, v: _Volume) -> list[str]:
         out = []

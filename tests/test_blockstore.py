@@ -499,6 +499,24 @@ def test_crash_during_promote(tmp_path):
     pool.close()
 
 
+def test_failed_create_leaves_nothing_and_strays_are_reported(tmp_path):
+    faults = Faults()
+    pool = Pool.create(str(tmp_path / "p"), chunk_size=CS, faults=faults)
+    luns = os.path.join(pool.path, "luns")
+    faults.arm_error("origin", "write", errno.EFBIG, count=1)   # sizing the image fails
+    with pytest.raises(errors.InvalidSize, match="larger than a file"):
+        pool.create_volume("big", MiB)
+    assert os.listdir(luns) == [] and pool.list_volumes() == []
+    pool.create_volume("v", MiB)    # the same file id again: no leftover in its way
+    assert pool.check() == []
+    with open(os.path.join(luns, "999.img"), "wb"):
+        pass
+    assert pool.check() == ["luns/999.img belongs to no volume or snapshot"]
+    pool = reopen(pool)             # opening removes it
+    assert pool.check() == []
+    pool.close()
+
+
 def test_second_promote_of_a_snapshot_is_busy(pool):
     """A promote while another one copies the same snapshot is refused (Busy), changes
     nothing and leaks nothing; the first one completes."""
