@@ -7,13 +7,20 @@ from .errors import InvalidName, InvalidSize, NotFound
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SECTOR = 512
+# the largest size a file can have on Linux (off_t is 64-bit signed), in whole sectors;
+# a filesystem may allow less (ext4 with 4 KiB blocks: 16 TiB)
+MAX_SIZE = (1 << 63) - SECTOR
 
 
 def check_name(name: str, what: str = "volume") -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.startswith("."):
+    """A new name (volume, exposure, split target). Not starting with '.' (hidden, and
+    '.'/'..') nor with '-' (every command line, ours and losetup's, would take it for an
+    option; lvm and zfs refuse such names too). Names made before that rule still open."""
+    if (not isinstance(name, str) or not NAME_RE.fullmatch(name)
+            or name.startswith((".", "-"))):
         raise InvalidName(
             f"invalid {what} name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
-            "not starting with '.'"
+            "not starting with '.' or '-'"
         )
     return name
 
@@ -21,6 +28,9 @@ def check_name(name: str, what: str = "volume") -> str:
 def check_size(size: int, what: str = "size") -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % SECTOR:
         raise InvalidSize(f"invalid {what} {size!r}: must be a positive multiple of {SECTOR} bytes")
+    if size > MAX_SIZE:
+        raise InvalidSize(f"invalid {what} {size}: more than {MAX_SIZE} bytes (8 EiB), the "
+                          "largest file Linux allows")
     return size
 
 

@@ -5,7 +5,8 @@ already know, and turns their failures into one-line exceptions:
 
     LoopError            base: a command failed (message names the command and its stderr)
     MountTargetError     the target directory is missing / not a directory / not empty /
-                         already a mountpoint; raised BEFORE anything is changed
+                         already a mountpoint / inside the pool or its mount; raised
+                         BEFORE anything is changed (symlinks in it are resolved first)
     NoFilesystemError    blkid found no filesystem on the device
 
 `expose_mount()` attaches an image read-only, detects its filesystem and mounts it with
@@ -24,6 +25,7 @@ import os
 import re
 import stat as _stat
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,9 +156,12 @@ def backing_file(dev: str) -> str | None:
         return None
 
 
-def loops_backed_by(path: str | os.PathLike[str]) -> list[str]:
-    """Every attached /dev/loopN whose backing file is path (by real path), sorted."""
-    target = os.path.realpath(os.fspath(path))
+def loops_backed_by(path: str | os.PathLike[str], lexical: bool = False) -> list[str]:
+    """Every attached /dev/loopN whose backing file is path (by real path), sorted.
+    lexical: compare the text only, no realpath -- for a path under the daemon's own
+    FUSE mount, where resolving it is a request the calling daemon thread would wait for
+    (a kill -9 meanwhile leaves a zombie daemon and a hung mount)."""
+    target = os.path.abspath(os.fspath(path)) if lexical else os.path.realpath(os.fspath(path))
     found = []
     for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
@@ -205,31 +210,51 @@ def fs_type(dev: str) -> str | None:
 # --------------------------------------------------------------------------- mounts
 
 
-def check_mount_target(path: str | os.PathLike[str]) -> str:
-    """Return the absolute target if it is an existing, empty directory that is not a
-    mountpoint; raise MountTargetError (changing nothing) otherwise."""
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def check_mount_target(path: str | os.PathLike[str],
+                       refuse_under: Sequence[str | os.PathLike[str]] = ()) -> str:
+    """Return the target, symlinks resolved (what mount(8) would mount on), if it is an
+    existing, empty directory that is not a mountpoint and not inside any of
+    ``refuse_under`` (the pool directory and its FUSE mount); raise MountTargetError
+    (changing nothing) otherwise. The message names the path as given, and the resolved
+    one when they differ."""
     p = os.path.abspath(os.fspath(path))
     try:
-        st = os.stat(p)
+        real = os.path.realpath(p, strict=True)
     except FileNotFoundError:
         raise MountTargetError(
             f"mount target {p} does not exist; create the directory first"
         ) from None
-    except OSError as e:
-        raise MountTargetError(f"mount target {p} is unusable: {e.strerror}") from None
-    if not _stat.S_ISDIR(st.st_mode):
-        raise MountTargetError(f"mount target {p} is not a directory")
-    if is_mountpoint(p):
-        raise MountTargetError(f"mount target {p} is already a mountpoint; unmount it first")
+    except (OSError, ValueError) as e:   # ELOOP, ENOTCONN, EACCES; a NUL byte
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        raise MountTargetError(f"mount target {p} is unusable: {why}") from None
+    shown = p if real == p else f"{p} (-> {real})"
+    for root in refuse_under:
+        r = os.path.realpath(os.fspath(root))
+        if _inside(real, r):
+            raise MountTargetError(f"mount target {shown} is inside {r}, the pool or its "
+                                   "mount; use a directory outside them")
     try:
-        with os.scandir(p) as it:
+        st = os.stat(real)
+    except OSError as e:
+        raise MountTargetError(f"mount target {shown} is unusable: {e.strerror}") from None
+    if not _stat.S_ISDIR(st.st_mode):
+        raise MountTargetError(f"mount target {shown} is not a directory")
+    if is_mountpoint(real):
+        raise MountTargetError(f"mount target {shown} is already a mountpoint; unmount it "
+                               "first")
+    try:
+        with os.scandir(real) as it:
             if next(it, None) is not None:
                 raise MountTargetError(
-                    f"mount target {p} is not empty; use an empty directory"
+                    f"mount target {shown} is not empty; use an empty directory"
                 )
     except OSError as e:
-        raise MountTargetError(f"mount target {p} is unreadable: {e.strerror}") from None
-    return p
+        raise MountTargetError(f"mount target {shown} is unreadable: {e.strerror}") from None
+    return real
 
 
 def mount_options(fstype: str) -> str:
@@ -264,15 +289,20 @@ def unmount(path: str | os.PathLike[str]) -> None:
 
 
 def expose_mount(
-    image_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str]
+    image_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
+    refuse_under: Sequence[str | os.PathLike[str]] = (),
 ) -> ExposeRecord:
     """Attach image read-only, detect its filesystem, mount it read-only at mountpoint.
+
+    A symlink as (part of) mountpoint is resolved, as mount(8) does; the record, and so
+    every later unmount, uses the resolved path. Targets inside ``refuse_under`` are
+    refused (see check_mount_target).
 
     On any failure (bad target, no filesystem, mount error, even KeyboardInterrupt) the loop
     device is detached again and the exception propagates; the target is checked before the
     loop device is attached, so a bad target changes nothing at all.
     """
-    target = check_mount_target(mountpoint)
+    target = check_mount_target(mountpoint, refuse_under)
     dev = attach(image_path, read_only=True)
     try:
         fstype = fs_type(dev)

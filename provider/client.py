@@ -246,8 +246,8 @@ class Client:
 
     def expose(self, snapshot_id: str, name: str | None = None,
                mount: str | None = None) -> dict[str, Any]:
-        if mount is not None:
-            mount = os.path.abspath(mount)
+        if mount:   # relative to the caller's directory, as mount(8) does; "" stays
+            mount = os.path.abspath(mount)  # "" (the daemon refuses it, not the cwd)
         return self._obj("expose", {"snapshot_id": snapshot_id, "name": name,
                                     "mount": mount})
 

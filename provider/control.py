@@ -53,8 +53,12 @@ class Args:
     def __init__(self, op: str, args: dict[str, Any], allowed: tuple[str, ...]) -> None:
         unknown = sorted(set(args) - set(allowed))
         if unknown:
+            # keys are shown as sent only when printable and short (a hostile key may
+            # hold line breaks or megabytes): the message stays one line
             known = ", ".join(allowed) or "none"
-            raise _bad(f"{op}: unknown argument(s) {', '.join(unknown)} (known: {known})")
+            shown = ", ".join(protocol.shown(k) for k in unknown[:8])
+            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+            raise _bad(f"{op}: unknown argument(s) {shown}{more} (known: {known})")
         self.op, self.args = op, args
 
     def get(self, key: str, types: type | tuple[type, ...], default: Any = None,

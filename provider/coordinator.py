@@ -36,6 +36,7 @@ persistent ones (NAS_ROLLBACK, APP_ROLLBACK) live until deleted and survive rest
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -43,7 +44,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -221,6 +222,9 @@ class Coordinator:
         self._imports: dict[str, tuple[str, str]] = {}     # set id -> (host, origin)
         # exported sets: what end_backup needs once the importing host deleted them
         self._exported: dict[str, ExportRecord] = {}
+        # snapshot id -> the long operation running on it (promote, split, expose --mount)
+        self._claims: dict[str, str] = {}
+        self._unmounting = trio.Lock()   # see _unmount
 
     def _fault(self, step: str) -> None:
         """A named step of a multi-step change; tests make it raise (fault injection)."""
@@ -435,7 +439,8 @@ class Coordinator:
         if path.startswith("/dev/loop"):
             back = loopdev.backing_file(path)
             if back is None:
-                raise _vss("VSS_E_OBJECT_NOT_FOUND", f"{spec} is not an attached loop device")
+                raise _vss("VSS_E_OBJECT_NOT_FOUND", f"{spec!r} is not an attached loop "
+                           "device")
             path = back.removesuffix(" (deleted)")
         if self.mountpoint and path.endswith(".img"):
             # MOUNT/volumes/<name>.img or MOUNT/hosts/<host>/volumes/<name>.img
@@ -450,7 +455,7 @@ class Coordinator:
         # No stat here, of any path: this runs on the trio thread that serves the FUSE
         # requests a stat under our mount -- or on a filesystem stacked on one of our
         # volumes -- would wait for. A path is a device name: ours, or not supported.
-        raise _vss("VSS_E_VOLUME_NOT_SUPPORTED", f"{spec} is not a volume of pool "
+        raise _vss("VSS_E_VOLUME_NOT_SUPPORTED", f"{spec!r} is not a volume of pool "
                    f"{self.pool.path}; shadowplex snapshots only its own volumes (by name, "
                    "MOUNT/volumes/<name>.img, or a loop device on one)")
 
@@ -471,8 +476,8 @@ class Coordinator:
     def _check_not_attached(self, volume: str, what: str) -> None:
         path = self.pool.image_path(volume)
         users = loopdev.loops_backed_by(path) if path else []
-        for vpath in self.volume_paths(volume):
-            users += loopdev.loops_backed_by(vpath)
+        for vpath in self.volume_paths(volume):   # under our own mount: no stat
+            users += loopdev.loops_backed_by(vpath, lexical=True)
         if users:
             raise _vss("VSS_E_VOLUME_IN_USE", f"cannot {what} volume {volume}: loop "
                        f"device(s) {', '.join(sorted(set(users)))} use it; unmount and "
@@ -1152,19 +1157,23 @@ class Coordinator:
         self.catalog.delete_mount(snapshot_id)
 
     async def _unmount(self, snapshot_id: str) -> None:
-        m = self._mounts.get(snapshot_id)
-        if m is None:
-            return
-        try:
-            await _in_thread(loopdev.unexpose_mount,
-                             loopdev.ExposeRecord(m.dev, m.mountpoint, m.fstype))
-        except loopdev.LoopError as e:
-            if await _in_thread(loopdev.is_mountpoint, m.mountpoint):
-                raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {snapshot_id} is mounted at "
-                           f"{m.mountpoint} and could not be unmounted ({e}); stop using "
-                           "it first") from None
-            raise
-        self._forget_mount(snapshot_id)
+        # One unmount at a time: two requests unmounting one snapshot (two deletes with
+        # unexpose, an unexpose and a delete) would both find its record, and the second
+        # umount fail with "not mounted"; the second now finds no record and is done.
+        async with self._unmounting:
+            m = self._mounts.get(snapshot_id)
+            if m is None:
+                return
+            try:
+                await _in_thread(loopdev.unexpose_mount,
+                                 loopdev.ExposeRecord(m.dev, m.mountpoint, m.fstype))
+            except loopdev.LoopError as e:
+                if await _in_thread(loopdev.is_mountpoint, m.mountpoint):
+                    raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {snapshot_id} is mounted "
+                               f"at {m.mountpoint} and could not be unmounted ({e}); stop "
+                               "using it first") from None
+                raise
+            self._forget_mount(snapshot_id)
 
     async def _remove_snapshots(self, ids: Iterable[str], force: bool = False) -> list[str]:
         """Delete committed snapshots (unmounting them first); updates set records."""
@@ -1184,10 +1193,13 @@ class Coordinator:
                         raise
                     log.error("could not unmount snapshot %s; deleting it anyway", sid)
                     self._forget_mount(sid)
-            if info.state == "preparing":
-                await _in_thread(self.pool.abort_snapshot, sid)
-            else:
-                await _in_thread(self.hardware.OnLunEmpty, sid)
+            try:
+                if info.state == "preparing":
+                    await _in_thread(self.pool.abort_snapshot, sid)
+                else:
+                    await _in_thread(self.hardware.OnLunEmpty, sid)
+            except bse.NotFound:   # another request deleted it meanwhile: go on
+                continue
             done.append(sid)
             self._present([sid], None)
             log.info("deleted snapshot %s of %s", sid, info.volume)
@@ -1222,17 +1234,21 @@ class Coordinator:
         elif oldest is not None:
             vol = self.resolve_volume(oldest)
             cands = [s for s in self.pool.list_snapshots(vol)
-                     if s.state != "preparing" and vss.context_matches(ctx, s.attributes)]
+                     if not self._in_creation(s) and vss.context_matches(ctx, s.attributes)]
             if not cands:
                 raise _vss("VSS_E_OBJECT_NOT_FOUND", f"volume {vol} has no snapshot to delete")
             targets = [min(cands, key=lambda s: (s.created, s.id))]
         else:
             targets = [s for s in self.pool.list_snapshots()
                        if vss.context_matches(ctx, s.attributes)]
-        busy = [s for s in targets if s.state == "preparing"]
+        busy = [s for s in targets if self._in_creation(s)]
         if busy:
             raise _vss("VSS_E_SNAPSHOT_SET_IN_PROGRESS", f"snapshot {busy[0].id} belongs to "
                        "a set being created; abort that set instead")
+        claimed = [s for s in targets if s.id in self._claims]
+        if claimed:
+            raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {claimed[0].id} is being "
+                       f"{self._claims[claimed[0].id]}; retry when that is done")
         mounted = [s for s in targets if s.id in self._mounts]
         if mounted and not unexpose:
             m = self._mounts[mounted[0].id]
@@ -1244,14 +1260,45 @@ class Coordinator:
     # ------------------------------------------------------------------ expose
     def _committed(self, snapshot_id: str) -> SnapshotInfo:
         s: SnapshotInfo = self.pool.snapshot(_guid(snapshot_id, "snapshot id"))
-        if s.state == "preparing":
+        if self._in_creation(s):
             raise _vss("VSS_E_BAD_STATE", f"snapshot {s.id} is still being created")
         return s
+
+    @contextlib.contextmanager
+    def _claim(self, snapshot_id: str, what: str) -> Iterator[None]:
+        """One long operation at a time per snapshot (promote, split, expose --mount;
+        deletion waits for none of them and is refused meanwhile): they run in worker
+        threads, and two on one snapshot collide (the promote's temporary files, a mount
+        recorded for a snapshot split or deleted meanwhile, two mounts of one snapshot)."""
+        other = self._claims.get(snapshot_id)
+        if other is not None:
+            raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {snapshot_id} is being {other}; "
+                       "retry when that is done")
+        self._claims[snapshot_id] = what
+        try:
+            yield
+        finally:
+            self._claims.pop(snapshot_id, None)
+
+    def _in_creation(self, s: SnapshotInfo) -> bool:
+        """Prepared, or committed in the store while its set is not CREATED yet: until
+        DoSnapshotSet ends the set may still be aborted (a writer that fails to thaw),
+        which deletes its snapshots. Nothing else may delete, split, expose, revert to
+        or promote them meanwhile."""
+        return s.state == "preparing" or (s.set_id or s.id) in self._sets
 
     async def expose(self, snapshot_id: str, name: str | None = None,
                      mount: str | None = None) -> dict[str, Any]:
         """Make a snapshot visible: as MOUNT/exposed/<name>.img, and/or mounted read-only
         (loop device + filesystem) at ``mount``."""
+        if mount is None:
+            return await self._expose(snapshot_id, name, mount)
+        sid = self._committed(snapshot_id).id
+        with self._claim(sid, "mounted"):
+            return await self._expose(sid, name, mount)
+
+    async def _expose(self, snapshot_id: str, name: str | None,
+                      mount: str | None) -> dict[str, Any]:
         s = self._committed(snapshot_id)
         if name is None and mount is None:
             raise _vss("E_INVALIDARG", "expose needs a name (MOUNT/exposed/<name>.img) or a "
@@ -1260,6 +1307,9 @@ class Coordinator:
             if not isinstance(mount, str) or not os.path.isabs(mount):
                 raise _vss("E_INVALIDARG", f"mount directory {mount!r} must be an absolute "
                            "path")
+            if not mount.isprintable():   # NUL, line breaks, control characters
+                raise _vss("E_INVALIDARG", f"mount directory {mount!r} holds control "
+                           "characters; use a directory name without them")
             if s.id in self._mounts:
                 raise _vss("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot {s.id} is already mounted "
                            f"at {self._mounts[s.id].mountpoint}")
@@ -1273,12 +1323,19 @@ class Coordinator:
             try:
                 dev_path = self.device_path(s.id)
                 assert dev_path is not None
-                rec = await _in_thread(loopdev.expose_mount, dev_path, mount)
+                # in a worker thread: resolving the target may stat under our own mount
+                rec = await _in_thread(loopdev.expose_mount, dev_path, mount,
+                                       [r for r in (self.pool.path, self.mountpoint) if r])
             except BaseException:
                 if name is not None and name != old_name:
                     with trio.CancelScope(shield=True):
                         await _in_thread(self.pool.set_exposed, s.id, old_name)
                 raise
+            if not self._is_snapshot(s.id):   # deleted meanwhile (its session ended)
+                with trio.CancelScope(shield=True):
+                    await _in_thread(loopdev.unexpose_mount, rec)
+                raise _vss("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was deleted while "
+                           "it was being mounted")
             m = MountRecord(s.id, rec.mountpoint, rec.dev, rec.fstype)
             self.catalog.put_mount(m)
             self._mounts[s.id] = m
@@ -1324,7 +1381,9 @@ class Coordinator:
 
     async def promote(self, snapshot_id: str, progress: ProgressFn = None) -> dict[str, Any]:
         s = self._committed(snapshot_id)
-        info = await _in_thread(self.pool.promote, s.id, _thread_progress(progress, "promote"))
+        with self._claim(s.id, "promoted"):
+            info = await _in_thread(self.pool.promote, s.id,
+                                    _thread_progress(progress, "promote"))
         return self._prop_json(info)
 
     async def split(self, snapshot_id: str, name: str,
@@ -1333,7 +1392,9 @@ class Coordinator:
         if s.id in self._mounts:
             raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {s.id} is mounted at "
                        f"{self._mounts[s.id].mountpoint}; unexpose it first")
-        v = await _in_thread(self.pool.split, s.id, name, _thread_progress(progress, "split"))
+        with self._claim(s.id, "split"):
+            v = await _in_thread(self.pool.split, s.id, name,
+                                 _thread_progress(progress, "split"))
         set_id = s.set_id or s.id
         if set_id in self._records and not self._set_members(set_id):
             self._drop_record(set_id)

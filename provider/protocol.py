@@ -125,13 +125,14 @@ def decode(line: bytes, limit: int = MAX_DOCUMENT_LINE) -> dict[str, Any]:
     return obj
 
 
-def _shown(op: str) -> str:
-    """An op name for a one-line message: as sent if printable and short, else its
-    shortened repr (a hostile op may hold newlines or megabytes)."""
-    if op.isprintable() and len(op) <= 64:
-        return op
-    text = repr(op)
-    return text if len(text) <= 64 else text[:60] + "...'"
+def shown(text: str) -> str:
+    """A name sent by a requester (an op, an argument key), for a one-line message: as
+    sent if printable and short, else its shortened repr (a hostile name may hold
+    newlines or megabytes)."""
+    if text.isprintable() and len(text) <= 64:
+        return text
+    r = repr(text)
+    return r if len(r) <= 64 else r[:60] + "...'"
 
 
 def parse_request(obj: dict[str, Any]) -> tuple[int | str | None, str, dict[str, Any]]:
@@ -146,7 +147,7 @@ def parse_request(obj: dict[str, Any]) -> tuple[int | str | None, str, dict[str,
     if args is None:
         args = {}
     if not isinstance(args, dict):
-        raise ProtocolError(f"'args' of {_shown(op)} must be a JSON object")
+        raise ProtocolError(f"'args' of {shown(op)} must be a JSON object")
     return rid, op, args
 
 
@@ -156,7 +157,7 @@ def check_line_length(op: str, length: int) -> None:
     if length > limit:
         only = (f" (only {', '.join(sorted(DOCUMENT_OPS))} may carry up to "
                 f"{_mib(MAX_DOCUMENT_LINE)})" if limit == MAX_LINE else "")
-        raise ProtocolError(f"{_shown(op)}: message of {length} bytes is longer than the "
+        raise ProtocolError(f"{shown(op)}: message of {length} bytes is longer than the "
                             f"{limit}-byte ({_mib(limit)}) limit{only}")
 
 

@@ -104,7 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.default_kind:
         config["default_kind"] = args.default_kind
     sock = args.socket or serve_opts.get("socket") or default_socket_path(pool)
-    svc = make_service(sock, os.path.abspath(mount), config)
+    # realpath now, before anything is mounted there (serve() does the same): the
+    # writers compare the loop devices' backing files (resolved by the kernel) with
+    # MOUNT/volumes/<name>.img lexically -- a stat below MOUNT is a request to ourselves
+    svc = make_service(sock, os.path.realpath(mount), config)
     return serve(pool, mount, sock, args.foreground, services=[svc], debug=args.debug,
                  allow_other=args.allow_other or bool(serve_opts.get("allow_other")))
 

@@ -747,3 +747,238 @@ def test_cli_subprocess_has_no_traceback() -> None:
         assert res.returncode in (1, 2), res
         assert "Traceback" not in res.stderr
         one_line(res.stderr.rstrip("\n"), "stderr")
+
+
+# ======================================================= (e) the server's per-op arguments
+# Every op the server accepts, through Connection._dispatch (the handler, its Args checks,
+# the coordinator and protocol.to_vss_error), in process: a real Pool and Coordinator in a
+# temporary directory, no mountpoint (so expose --mount, loop devices and mounts are out
+# of reach: nothing here touches the kernel), and a fake stream that collects the replies.
+# The state every example starts from: volumes a and b, a committed app-rollback snapshot
+# of a (exposed as "keep"; SNAP and SET in the vocabulary stand for its ids). A reply is
+# a result or an error with a known name (never VSS_E_UNEXPECTED, i.e. no internal
+# error), a one-line message, and when it is an error nothing changed (volumes,
+# snapshots, sets, exposures, masking, the pool's files); nothing is logged as an error.
+_ARG_GUID = "6a3f3b8e-0f62-4c43-9d0a-6c5e1c2b9a11"
+# the pools of these examples: on tmpfs if there is one (fsync is free there), else TMP
+_FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else str(TMP)
+
+
+def _allowed_args() -> dict[str, tuple[str, ...]]:
+    """Each op's argument names, as the server itself states them: the "(known: ...)"
+    of its reply to an unknown argument (so a new argument is fuzzed without edits)."""
+    from provider.control import HANDLERS
+
+    out: dict[str, tuple[str, ...]] = {}
+    for op, handler in HANDLERS.items():
+        if op == "hello":     # checked in _dispatch before the session exists
+            out[op] = ("host", "client", "protocol")
+            continue
+        try:
+            trio.run(handler, None, {"\x00probe": 1}, lambda *a: None)  # type: ignore[arg-type]
+        except VssError as e:
+            known = e.message.rsplit("(known: ", 1)[1].rstrip(")")
+            out[op] = () if known == "none" else tuple(known.split(", "))
+        else:
+            raise AssertionError(f"{op} accepted an unknown argument")
+    return out
+
+
+ALLOWED_ARGS = _allowed_args()
+
+_HUGE = [2**63, 2**64 + 1, -(2**63) - 1, 10**40, -1, 0, 1, 511, 512, 2**31]
+_ARG_VALUE = st.one_of(
+    _JSON,
+    JUNK,
+    st.sampled_from(_HUGE),
+    st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e308, -0.0, 0.5]),
+    st.sampled_from(["a", "b", "keep", "nosuch", "SNAP", "SET", _ARG_GUID, "{SNAP}",
+                     "backup", "app-rollback", "nas-rollback", "plex", "differential",
+                     "transportable", "1M", "4096", "-1", "0x19", "1e3", "../a", "a/../b",
+                     "..", ".", "", "/", "/etc/passwd", "/dev/loop0", "/dev/loop0\nx",
+                     "a/\nb", "a\nb", "\u2028", "-rf", ".hidden", "x" * 65, "a\x00b",
+                     "<?xml version='1.0'?><x/>", "hostA", "host\nB"]),
+    st.lists(st.sampled_from(["a", "b", "a\nb", "", "/", "SNAP", "x" * 300]), max_size=4),
+    st.dictionaries(st.sampled_from(["a", "\n", "name"]), _JSON, max_size=2),
+)
+_ARG_KEY_JUNK = st.sampled_from(["", " ", "\n", "name\n", "x\u2028y", "\x00", "é",
+                                 "__proto__", "a" * 200, "Name", "args", "id"])
+
+
+@st.composite
+def op_request(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    op = draw(st.sampled_from(list(protocol.OPS)))
+    known = ALLOWED_ARGS[op]
+    keys = draw(st.lists(st.sampled_from(known), unique=True)) if known else []
+    args: dict[str, Any] = {k: draw(_ARG_VALUE) for k in keys}
+    if draw(st.integers(0, 4)) == 0:     # an unknown key now and then
+        args[draw(_ARG_KEY_JUNK | JUNK)] = draw(_ARG_VALUE)
+    return op, args
+
+
+def _subst(v: Any, names: dict[str, str]) -> Any:
+    """Put the example's real ids in place of the SNAP / SET placeholders."""
+    if isinstance(v, str):
+        for k, real in names.items():
+            v = v.replace(k, real)
+        return v
+    if isinstance(v, list):
+        return [_subst(x, names) for x in v]
+    if isinstance(v, dict):
+        return {_subst(k, names): _subst(x, names) for k, x in v.items()}
+    return v
+
+
+def _server_state(coord: Any) -> Any:
+    pool = coord.pool
+    return (repr(pool.list_volumes()), repr(pool.list_snapshots()),
+            json.dumps(coord.set_list(), sort_keys=True, default=str),
+            repr(sorted(coord.catalog.sets())), repr(coord.catalog.mounts()),
+            repr({v.name: sorted(coord.hosts_of(v.name)) for v in pool.list_volumes()}),
+            repr(coord._creating), repr(coord._marks),
+            sorted(os.listdir(os.path.join(pool.path, "luns"))))
+
+
+def run_ops(requests: list[tuple[str, dict[str, Any]]], first_hello: bool = False,
+            where: str = _FAST_TMP) -> list[dict[str, Any]]:
+    """Run ``requests`` on a fresh pool + coordinator; check every reply; return them."""
+    import logging
+
+    from blockstore import Pool
+    from fuse_mount.barrier import WriteBarrier
+    from provider.control import Connection
+    from provider.coordinator import Coordinator
+
+    base = Path(tempfile.mkdtemp(prefix="spx-args-", dir=where))
+    pool = Pool.create(str(base / "pool"), chunk_size=65536)
+    replies: list[dict[str, Any]] = []
+    errors: list[logging.LogRecord] = []
+
+    class _Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.ERROR:
+                errors.append(record)
+    catcher = _Catch()
+    logging.getLogger("provider").addHandler(catcher)
+    try:
+        for v in ("a", "b"):
+            pool.create_volume(v, 1 << 20)
+            pool.write(v, 0, v.encode() * 4096)
+
+        async def main() -> None:
+            coord = Coordinator(pool, WriteBarrier(pool), None, [], {})
+            await coord.start()
+            try:
+                stream = _FakeStream([])
+                server = type("Server", (), {"coord": coord})()
+                conn = Connection(server, stream)  # type: ignore[arg-type]
+                names: dict[str, str] = {}
+                if not first_hello:
+                    await conn._dispatch(0, "hello", {"host": "host-a", "client": "fuzz"})
+                    keep = await coord.create(conn.session, ["a"], "app-rollback")
+                    names["SNAP"] = keep["snapshots"][0]["snapshot_id"]
+                    await coord.expose(names["SNAP"], "keep")
+                    names["SET"] = keep["snapshots"][0]["snapshot_set_id"]
+                for i, (op, args) in enumerate(requests, 1):
+                    args = _subst(args, names)
+                    before = _server_state(coord)
+                    stream.sent.clear()
+                    await conn._dispatch(i, op, args)
+                    lines = [json.loads(x) for x in bytes(stream.sent).split(b"\n") if x]
+                    lines = [r for r in lines if "progress" not in r]
+                    assert len(lines) == 1, (op, args, lines)
+                    r = lines[0]
+                    assert r["id"] == i
+                    if r["ok"] is False:
+                        err = r["error"]
+                        assert err["name"] in HRESULTS, (op, args, err)
+                        assert err["name"] != "VSS_E_UNEXPECTED", (op, args, err)
+                        one_line(err["message"], f"{op} error message")
+                        assert _server_state(coord) == before, (op, args, err)
+                    replies.append(r)
+            finally:
+                await coord.stop()
+        trio.run(main)
+        assert not errors, [e.getMessage() for e in errors]
+        assert pool.check() == []
+    finally:
+        logging.getLogger("provider").removeHandler(catcher)
+        pool.close()
+        shutil.rmtree(base, ignore_errors=True)
+    return replies
+
+
+@fuzz(150, deadline_ms=10000)
+@given(st.lists(op_request(), min_size=1, max_size=5))
+def test_server_args_of_every_op(requests: list[tuple[str, dict[str, Any]]]) -> None:
+    run_ops(requests)
+
+
+@fuzz(60, deadline_ms=10000)
+@given(st.dictionaries(st.sampled_from(["host", "client", "protocol"]) | _ARG_KEY_JUNK,
+                       _ARG_VALUE, max_size=4), st.lists(op_request(), max_size=2))
+def test_server_hello_args(args: dict[str, Any],
+                           then: list[tuple[str, dict[str, Any]]]) -> None:
+    """The first request of a connection: hello with hostile arguments, then anything
+    (refused with "say hello first" unless the hello was accepted)."""
+    run_ops([("hello", args), *then], first_hello=True)
+
+
+def test_server_args_fixed_hostile_cases() -> None:
+    """Every op with each argument of a wrong type, an unknown key holding line breaks,
+    every key missing, and NaN / huge numbers where numbers are expected."""
+    reqs: list[tuple[str, dict[str, Any]]] = []
+    for op, known in ALLOWED_ARGS.items():
+        reqs.append((op, {}))
+        for bad_key in ("a\nb", "x\u2028y", "k\r", "\x1c", "é" * 100):
+            reqs.append((op, {bad_key: 1}))
+        for k in known:
+            values: list[Any] = [True, 1.5, float("nan"), 2**64, -1, [], {}, {"a": [1]},
+                                 "\n", "x" * 100_000]
+            for v in values:
+                reqs.append((op, {k: v}))
+    # line breaks inside values that end up in messages (names, paths, contexts, ids)
+    reqs += [("snapshot.create", {"volumes": ["a/\nb"]}),
+             ("snapshot.create", {"volumes": ["/dev/loop\nx"]}),
+             ("set.add", {"volume": "x/\u2028y"}),
+             ("volume.present", {"name": "a/\nb", "hosts": ["h"]}),
+             ("volume.present", {"name": "a", "hosts": ["h\nx"]}),
+             ("volume.delete", {"name": "/a\nb"}), ("volume.create", {"name": "z\nz", "size": 512}),
+             ("volume.create", {"name": "q", "size": "99999999999999999999999T"}),
+             ("volume.create", {"name": "q", "size": 2**64}),
+             ("volume.resize", {"name": "b", "size": "9999999T"}),
+             ("snapshot.create", {"volumes": ["a"], "context": "x\ny"}),
+             ("snapshot.create", {"volumes": ["a"], "attributes": ["x\ny"]}),
+             ("snapshot.create", {"volumes": ["a"], "kind": "x\ny"}),
+             ("expose", {"snapshot_id": "SNAP", "name": "a\nb"}),
+             ("expose", {"snapshot_id": "SNAP", "mount": "/\n"}),
+             ("expose", {"snapshot_id": "x\ny"}),
+             ("split", {"snapshot_id": "SNAP", "name": "a\nb"}),
+             ("snapshot.delete", {"oldest": "a/\nb"}), ("snapshot.list", {"volume": "a/\nb"}),
+             ("snapshot.list", {"context": "\n"}), ("import", {"document": "\n"}),
+             ("export", {"set_id": "\n"}), ("revert", {"snapshot_id": "{\nSNAP}"})]
+    for i in range(0, len(reqs), 40):
+        replies = run_ops(reqs[i:i + 40])
+        for (op, args), r in zip(reqs[i:i + 40], replies):
+            if op != "hello" and any(k not in ALLOWED_ARGS[op] for k in args):
+                assert r["ok"] is False and "unknown argument" in r["error"]["message"]
+
+
+def test_server_volume_too_large_for_the_filesystem() -> None:
+    """A size Linux allows but the pool's filesystem does not (ext4: 16 TiB per file):
+    one clean error, and the pool can still create volumes afterwards (it used to leave
+    luns/N.img behind, and every later create failed with FileExistsError)."""
+    with tempfile.TemporaryFile(dir=TMP) as f:
+        try:
+            os.ftruncate(f.fileno(), 64 << 40)
+        except OSError:
+            pass
+        else:
+            pytest.skip(f"the filesystem of {TMP} allows 64 TiB files")
+    replies = run_ops([("volume.create", {"name": "big", "size": "64T"}),
+                       ("volume.create", {"name": "small", "size": "1M"}),
+                       ("volume.resize", {"name": "b", "size": "64T"})], where=str(TMP))
+    assert replies[1]["ok"], replies[1]
+    for r in (replies[0], replies[2]):
+        assert r["ok"] is False and r["error"]["name"] == "E_INVALIDARG", r
+        assert "larger than a file of the pool's file system" in r["error"]["message"]

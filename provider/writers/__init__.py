@@ -102,6 +102,7 @@ def default_writers(config: Mapping[str, Any]) -> list[WriterSet]:
         writers.append(SQLiteWriter(list(dbs)))
     if config.get("fsfreeze", True):
         mount = config.get("mount")
-        writers.append(FsFreezeWriter(os.path.join(mount, "volumes") if mount else None))
+        writers.append(FsFreezeWriter(os.path.join(mount, "volumes") if mount else None,
+                                      own_mount=mount))
     timeout = float(config.get("freeze_timeout", DEFAULT_FREEZE_TIMEOUT))
     return [WriterSet(writers, freeze_timeout=max(1.0, timeout - 2.0))]

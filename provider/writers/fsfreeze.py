@@ -17,6 +17,12 @@ Details:
   timeout, the writer raises ``WriterError(timed_out=True)``; the helper thread thaws
   the filesystem itself as soon as the ioctl returns (the kernel cannot be interrupted
   earlier).
+* Discovery makes no system call on the images (MOUNT/volumes/<name>.img): their paths
+  are compared lexically and the nesting is read from mountinfo. A stat there is a FUSE
+  request that our own trio thread must answer; a kill -9 between the daemon reading it
+  and answering it left the stat'ing worker thread in uninterruptible sleep
+  (request_wait_answer) for good, so the daemon could not finish dying either (the
+  residual "hung daemon during a plex create" of tests/test_crash_trials.py).
 * The fd is checked to be on the expected mount (``mnt_id`` in /proc/self/fdinfo), so a
   mount point covered by another mount is never frozen by mistake.
 * Nested volumes (an image on a filesystem of another volume of the set) are frozen
@@ -43,7 +49,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .base import Component, FileSpec, UsageType, Writer, WriterError, WriterMetadata
-from .mounts import VolumeMount, find_volume_mounts, writable_filesystems
+from .mounts import (
+    MountEntry,
+    VolumeMount,
+    find_volume_mounts,
+    mount_holding,
+    parse_mountinfo,
+    writable_filesystems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +159,25 @@ def _freeze_error(vm: VolumeMount, e: OSError) -> WriterError:
                        retryable=e.errno in (errno.EAGAIN, errno.EINTR, errno.ENOMEM))
 
 
-def nesting_order(targets: Sequence[VolumeMount]) -> list[VolumeMount]:
+def nesting_order(targets: Sequence[VolumeMount],
+                  mounts: Sequence[MountEntry] | None = None) -> list[VolumeMount]:
     """``targets`` with nested filesystems first: a filesystem whose loop image lives on
     another target must be frozen before it (freezing flushes through the image, which
     would wait forever on a frozen host) and thawed after it (thaw writes the superblock).
-    Otherwise the given order is kept."""
+    Otherwise the given order is kept.
+
+    Which filesystem holds an image is read from mountinfo (the mount whose mount point
+    is the longest prefix of the kernel's resolved backing-file path), never by a stat of
+    the image: that would be a FUSE request to our own daemon (see mounts.py)."""
     by_dev = {t.dev: t for t in targets}
+    if len(by_dev) < 2:
+        return list(targets)
+    mounts = parse_mountinfo() if mounts is None else mounts
 
     def host(t: VolumeMount) -> VolumeMount | None:
-        try:
-            st = os.stat(t.loop.backing_file)
-        except OSError:
-            return None
-        return by_dev.get((os.major(st.st_dev), os.minor(st.st_dev)))
+        path = os.path.normpath(t.loop.backing_file.removesuffix(" (deleted)"))
+        m = mount_holding(path, mounts)
+        return None if m is None else by_dev.get(m.dev)
 
     def depth(t: VolumeMount) -> int:
         n, seen = 0, {t.dev}
@@ -177,20 +196,27 @@ class FsFreezeWriter(Writer):
     ``volume_dir`` (e.g. ``MOUNT/volumes``) only limits what ``identify()`` reports (the
     filesystems on loop devices backed by images in that directory -- or in another
     host's view of it, ``MOUNT/hosts/<host>/volumes``; all loop-backed ones if None).
-    ``freeze`` uses exactly the volumes it is given.
+    ``freeze`` uses exactly the volumes it is given. ``own_mount``: the FUSE mount of the
+    daemon this writer runs in (resolved, no symlinks below it); volume paths below it are
+    compared lexically, never stat'ed (see the module docstring).
     """
 
     usage_type = UsageType.VSS_UT_SYSTEMSERVICE
     freeze_order = 90
 
     def __init__(self, volume_dir: str | os.PathLike[str] | None = None, *,
-                 name: str = "fsfreeze") -> None:
+                 name: str = "fsfreeze",
+                 own_mount: str | os.PathLike[str] | None = None) -> None:
         # Lexical on purpose: volume_dir is usually MOUNT/volumes, and a stat on our own
         # FUSE mount from the daemon's trio thread would deadlock it (the daemon passes a
-        # realpath'ed mount point).
+        # realpath'ed mount point). Image paths below own_mount (the daemon's MOUNT) are
+        # never stat'ed at all, not even from worker threads (lexical_under, see
+        # mounts.py): a kill -9 while such a stat waited for our own answer left the
+        # daemon a zombie with a hung mount.
         vdir = os.path.abspath(volume_dir) if volume_dir is not None else None
         super().__init__(name, vdir or "")
         self.volume_dir = vdir
+        self.own_mount = os.path.abspath(own_mount) if own_mount is not None else None
         self._lock = threading.Lock()
         self._held: list[_Freeze] = []
 
@@ -198,7 +224,8 @@ class FsFreezeWriter(Writer):
     def targets(self, volumes: Sequence[str]) -> list[VolumeMount]:
         """The filesystems freeze would freeze: one mount per writable filesystem, in
         freeze order (see :func:`nesting_order`)."""
-        return nesting_order(writable_filesystems(find_volume_mounts(volumes)))
+        return nesting_order(writable_filesystems(
+            find_volume_mounts(volumes, lexical_under=self.own_mount)))
 
     def involved(self, volumes: Sequence[str]) -> bool:
         return bool(self.targets(volumes))
@@ -211,7 +238,7 @@ class FsFreezeWriter(Writer):
 
     def identify(self) -> WriterMetadata:
         comps = []
-        for vm in find_volume_mounts(None):
+        for vm in find_volume_mounts(None, lexical_under=self.own_mount):
             if self.volume_dir is not None and not self._ours(vm.loop.backing_file):
                 continue
             logical = os.path.splitext(os.path.basename(vm.volume))[0]

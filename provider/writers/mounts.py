@@ -4,7 +4,7 @@ A volume is an image file (``MOUNT/volumes/<name>.img``). A user attaches it wit
 ``losetup``, maybe partitions it or stacks device-mapper on it, makes a filesystem and
 mounts it. Starting from the image paths we find:
 
-1. the loop devices whose ``/sys/block/loopN/loop/backing_file`` (after realpath) is one
+1. the loop devices whose ``/sys/block/loopN/loop/backing_file`` (resolved) is one
    of the images (several loop devices may share one image);
 2. every block device stacked on each: the loop device itself, its partitions
    (``loopNp1``...) and, transitively, their holders (dm/LVM/crypt);
@@ -13,6 +13,14 @@ mounts it. Starting from the image paths we find:
 
 Only this process's mount namespace is seen: mounts made inside other namespaces (e.g.
 containers) are not found. Plain synchronous code, no root needed to discover.
+
+No system call here touches a volume image or a path below one: backing files (which
+the kernel reports as absolute, resolved paths) are compared lexically, and caller paths
+below ``lexical_under`` (the daemon's own FUSE mount, where there are no symlinks) are
+only normalised, never realpath'ed. Inside ``shadowplex serve`` a stat of
+``MOUNT/volumes/v.img`` is a FUSE request to the daemon itself: a kill -9 while it is
+in flight leaves that thread waiting for an answer forever (the kernel waits
+uninterruptibly once the request was read) and the daemon a zombie with a hung mount.
 """
 
 from __future__ import annotations
@@ -173,16 +181,32 @@ def _realpath(p: str) -> str:
     return os.path.realpath(os.fspath(p))
 
 
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return path == root or path.startswith(root + "/")
+
+
+def canonical(path: str, lexical_under: str | None = None) -> str:
+    """realpath(path); only normalised (no system call) if it lies below
+    ``lexical_under`` (see the module docstring)."""
+    p = os.path.abspath(os.fspath(path))
+    if lexical_under is not None and _under(p, os.path.normpath(lexical_under)):
+        return p
+    return _realpath(p)
+
+
 def find_volume_mounts(volumes: Iterable[str] | None = None, *,
                        loops: Sequence[LoopDevice] | None = None,
-                       mounts: Sequence[MountEntry] | None = None) -> list[VolumeMount]:
+                       mounts: Sequence[MountEntry] | None = None,
+                       lexical_under: str | None = None) -> list[VolumeMount]:
     """Mounts of filesystems on loop devices backed by ``volumes`` (image paths), or by
-    any file if ``volumes`` is None. In mountinfo order; read-only ones included."""
+    any file if ``volumes`` is None. In mountinfo order; read-only ones included.
+    ``volumes`` below ``lexical_under`` are not realpath'ed (see the module docstring)."""
     wanted: dict[str, str] | None = None
     if volumes is not None:
         wanted = {}
         for v in volumes:
-            wanted.setdefault(_realpath(v), os.fspath(v))
+            wanted.setdefault(canonical(v, lexical_under), os.fspath(v))
     loops = list_loop_devices() if loops is None else loops
     mounts = parse_mountinfo() if mounts is None else mounts
     out = []
@@ -190,9 +214,11 @@ def find_volume_mounts(volumes: Iterable[str] | None = None, *,
         if wanted is not None:
             # " (deleted)": the kernel's name for a backing file whose name went away
             # while attached -- e.g. a volume presented to another host's view only
-            # (its loop devices go on working on the same LUN)
-            volume = (wanted.get(_realpath(lp.backing_file)) or wanted.get(
-                _realpath(lp.backing_file.removesuffix(" (deleted)"))))
+            # (its loop devices go on working on the same LUN). The kernel's name is
+            # resolved already: compared as is, never stat'ed.
+            back = os.path.normpath(lp.backing_file)
+            volume = (wanted.get(back) or wanted.get(
+                os.path.normpath(lp.backing_file.removesuffix(" (deleted)"))))
             if volume is None:
                 continue
         else:
@@ -225,18 +251,25 @@ def writable_filesystems(mounts: Iterable[VolumeMount]) -> list[VolumeMount]:
     return out
 
 
-def mount_of_path(path: str, volume_mounts: Iterable[VolumeMount],
-                  mounts: Sequence[MountEntry] | None = None) -> VolumeMount | None:
-    """The volume mount holding ``path`` (which need not exist), if any: the mount with
-    the longest mount point containing realpath(path), the last one when stacked."""
-    real = _realpath(path)
-    mounts = parse_mountinfo() if mounts is None else mounts
+def mount_holding(real: str, mounts: Sequence[MountEntry]) -> MountEntry | None:
+    """The mount whose mount point is the longest prefix of the resolved path ``real``
+    (the last one listed when stacked). Lexical: no system call."""
     best: MountEntry | None = None
     for m in mounts:
         mp = m.mount_point
         if real == mp or real.startswith(mp.rstrip("/") + "/"):
             if best is None or len(mp) >= len(best.mount_point):
                 best = m
+    return best
+
+
+def mount_of_path(path: str, volume_mounts: Iterable[VolumeMount],
+                  mounts: Sequence[MountEntry] | None = None) -> VolumeMount | None:
+    """The volume mount holding ``path`` (which need not exist), if any: the mount with
+    the longest mount point containing realpath(path), the last one when stacked."""
+    real = _realpath(path)
+    mounts = parse_mountinfo() if mounts is None else mounts
+    best = mount_holding(real, mounts)
     if best is None:
         return None
     return next((vm for vm in volume_mounts if vm.mount.mount_id == best.mount_id), None)
