@@ -54,7 +54,20 @@ class DiffArea:
         exists = os.path.exists(self.map_path)
         self.data = DataFile(self.data_path, "diff", faults,
                              create=not os.path.exists(self.data_path))
-        self.map = DataFile(self.map_path, "map", faults, create=not exists)
+        try:
+            self.map = DataFile(self.map_path, "map", faults, create=not exists)
+        except BaseException:
+            self.data.close()
+            raise
+        try:
+            self._setup(directory, exists, faults, nchunks, origin_epoch)
+        except BaseException:
+            self.data.close()
+            self.map.close()
+            raise
+
+    def _setup(self, directory: str, exists: bool, faults: Faults, nchunks: int,
+               origin_epoch: int) -> None:
         if not exists:
             fsync_dir(directory)   # the new names durable before any record is written
         self.faults = faults

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
 
 MAX_SNAPSHOTS_PER_VOLUME = 512   # VSS's limit per volume
+MAX_CHUNKS = 1 << 32             # per volume (see _check_chunks)
 RESERVE_MAX = 256 << 20          # default diff-area limit: free space minus this reserve
 COPY_PIECE = 1 << 20             # unit of plex sync / promote copies
 # Grouped syncs: origin writes to freshly preserved chunks wait in memory (at most this
@@ -524,6 +525,7 @@ class Pool:
     def create_volume(self, name: str, size: int) -> VolumeInfo:
         check_name(name)
         check_size(size)
+        self._check_chunks(size)
         if name in self._volumes:
             raise Exists(f"a volume named {name!r} already exists")
         now = time.time()
@@ -540,12 +542,7 @@ class Pool:
                 db.execute("INSERT INTO volumes (id, name, naa, size, created) "
                            "VALUES (?, ?, ?, ?, ?)", (fid, name, naa, size, now))
             except BaseException:
-                # the transaction rolls back and the file id is issued again: nothing of
-                # this attempt may stay behind (else every later create fails)
-                f.close()
-                for p in (self._img(fid), self._hdr(fid)):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(p)
+                self._discard_new_lun(fid, f)
                 raise
         self._volumes[name] = v
         self.generation += 1
@@ -555,6 +552,7 @@ class Pool:
     def resize_volume(self, name: str, new_size: int) -> VolumeInfo:
         v = self._vol(name)
         check_size(new_size, "new size")
+        self._check_chunks(new_size)
         if new_size < v.size:
             raise InvalidSize(f"volume {name} is {v.size} bytes; shrinking to {new_size} "
                               "is not supported (it would destroy data)")
@@ -582,6 +580,25 @@ class Pool:
             v.diff.grow(self._nchunks(size))
         self._write_header(v)
         self.generation += 1
+
+    def _check_chunks(self, size: int) -> None:
+        """A volume has at most MAX_CHUNKS chunks (256 TiB at 64 KiB): its diff area keeps
+        two bitmaps of one bit per chunk in memory (512 MiB each at the limit) and numbers
+        its slots in 32 bits. Larger sizes failed later, in a snapshot's prepare."""
+        if self._nchunks(size) > MAX_CHUNKS:
+            raise InvalidSize(f"size {size} is more than {MAX_CHUNKS} chunks of "
+                              f"{self.chunk_size} bytes, the largest volume of this pool "
+                              f"({MAX_CHUNKS * self.chunk_size} bytes)")
+
+    def _discard_new_lun(self, fid: int, f: DataFile | None) -> None:
+        """A LUN's creation failed inside its catalog transaction, which rolls back, so
+        its file id is issued again: none of its files may stay behind (else the next
+        create fails on them)."""
+        if f is not None:
+            f.close()
+        for p in (self._img(fid), self._hdr(fid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
 
     @staticmethod
     def _size_image(f: DataFile, size: int) -> None:
@@ -814,13 +831,7 @@ class Pool:
         """Harden the diff area (one sync pair), then let the held chunks reach the origin.
         If the diff area cannot be made durable, the snapshots that needed those chunks
         become invalid first; the origin write itself never fails (invariant 5)."""
-        self._settle(v)
-        if v.diff is not None and v.diff.unsynced:
-            try:
-                v.diff.harden()
-            except OSError as e:
-                v.lost.append((v.diff.drop_unsynced(), e))
-        self._resolve_lost(v)
+        self._harden(v)
         if v.pending:
             self._write_out(v, self._held(v))
 
@@ -861,14 +872,18 @@ class Pool:
             os.truncate(self._reserve_path(), 0)
             return fn()
 
-    def _harden(self, v: _Volume) -> None:
-        """What a delete (and its GC) needs: every preservation of v durable, or the
-        snapshots that needed a lost one invalid. Held chunks are written out if they can
-        be; one that cannot (ENOSPC on a full pool) stays held for the next flush to
-        retry and report: it must not stop the delete, which gives the space back."""
+    def _harden(self, v: _Volume, keep_going: bool = False) -> None:
+        """Every preservation of v durable, or the snapshots that needed a lost one
+        invalid (what a delete and its GC need; the first half of _writeback). The batch
+        in flight is finished, held chunks are NOT written out here. keep_going (a
+        delete): a chunk of that batch that cannot be written out (ENOSPC on a full pool)
+        stays held, logged, for the next flush to retry and report -- it must not stop
+        the delete, which gives the space back."""
         try:
             self._settle(v)
         except OSError as e:
+            if not keep_going:
+                raise
             log.warning("volume %s: held writes not written back (%s); they stay held",
                         v.name, e)
         if v.diff is not None and v.diff.unsynced:
@@ -1182,17 +1197,22 @@ class Pool:
             naa = self.catalog.issue_naa(db, fmt.new_naa)
             s = _Snapshot(fid, snap_id, set_id, naa, v, kind, None, PREPARING, v.size, now,
                           attributes, None, False)
-            if kind == PLEX:
-                s.file = DataFile(self._img(fid), "plex", self.faults, create=True)
-                s.file.truncate(v.size)
-                s.sync_total = sum(n for _, n in v.file.extents())
-            else:
-                self._open_diff(v)
-            self._write_header(s)
-            db.execute("INSERT INTO snapshots (id, snap_id, set_id, naa, origin_id, kind, "
-                       "state, size, created, attributes) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                       (fid, snap_id, set_id, naa, v.id, kind, PREPARING, v.size, now,
-                        attributes))
+            try:
+                if kind == PLEX:
+                    s.file = DataFile(self._img(fid), "plex", self.faults, create=True)
+                    self._size_image(s.file, v.size)
+                    s.sync_total = sum(n for _, n in v.file.extents())
+                else:
+                    self._open_diff(v)
+                self._write_header(s)
+                db.execute("INSERT INTO snapshots (id, snap_id, set_id, naa, origin_id, "
+                           "kind, state, size, created, attributes) "
+                           "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           (fid, snap_id, set_id, naa, v.id, kind, PREPARING, v.size, now,
+                            attributes))
+            except BaseException:
+                self._discard_new_lun(fid, s.file)
+                raise
         v.snaps.append(s)
         self._snaps[snap_id] = s
         if kind == PLEX:
@@ -1312,7 +1332,7 @@ class Pool:
 
     def _delete_snapshot(self, s: _Snapshot) -> None:
         v = s.origin
-        self._harden(v)   # GC needs every map record on disk (not the origin written)
+        self._harden(v, keep_going=True)   # GC needs every map record on disk
 
         def record() -> None:
             with self.catalog.transaction() as db:

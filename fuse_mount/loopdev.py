@@ -25,6 +25,7 @@ import os
 import re
 import stat as _stat
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,15 +119,17 @@ def is_mountpoint(path: str | os.PathLike[str]) -> bool:
 # --------------------------------------------------------------------------- loop devices
 
 
-def attach(path: str | os.PathLike[str], read_only: bool, direct_io: bool = False) -> str:
+def attach(path: str | os.PathLike[str], read_only: bool, direct_io: bool = False,
+           check: bool = True) -> str:
     """Attach a loop device to a file; return "/dev/loopN".
 
     direct_io=True asks for `--direct-io=on` (no double caching; the backing file then sees
     the device's I/O sizes). The kernel silently falls back to buffered I/O when the backing
-    file does not support O_DIRECT at the device's block size.
+    file does not support O_DIRECT at the device's block size. check=False: no stat of
+    the path here (the daemon, for its own images: see expose_mount), losetup reports.
     """
     p = os.path.abspath(os.fspath(path))
-    if not os.path.isfile(p):
+    if check and not os.path.isfile(p):
         raise LoopError(f"cannot attach {p}: not a regular file")
     cmd = ["losetup", "--find", "--show"]
     if read_only:
@@ -288,22 +291,59 @@ def unmount(path: str | os.PathLike[str]) -> None:
 # --------------------------------------------------------------------------- expose
 
 
+# check_mount_target in a child process: prints the resolved target, or exits 3 with
+# the one-line refusal on stderr
+_CHECK_CHILD = ("import sys\n"
+                "from fuse_mount.loopdev import MountTargetError, check_mount_target\n"
+                "try:\n"
+                "    print(check_mount_target(sys.argv[1], sys.argv[2:]))\n"
+                "except MountTargetError as e:\n"
+                "    print(e, file=sys.stderr)\n"
+                "    sys.exit(3)\n")
+
+
+def check_mount_target_in_child(path: str | os.PathLike[str],
+                                refuse_under: Sequence[str | os.PathLike[str]] = ()) -> str:
+    """check_mount_target run by a child process. For the daemon: resolving the target
+    (a symlink into the daemon's own mount, a directory on a filesystem stacked on one
+    of its volumes) may be a FUSE request that only the daemon can answer; a daemon
+    thread waiting for it in the kernel would never exit on a kill -9 (zombie daemon,
+    hung mount), a child does not keep the daemon alive."""
+    p = os.fspath(path)
+    if "\0" in p:
+        raise MountTargetError(f"mount target {p!r} is unusable: embedded null byte")
+    res = subprocess.run([sys.executable, "-I", "-c", _CHECK_CHILD, p,
+                          *(os.fspath(r) for r in refuse_under)],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         check=False, timeout=60)
+    if res.returncode == 0:
+        return res.stdout.rstrip("\n")
+    if res.returncode == 3:
+        raise MountTargetError(res.stderr.strip())
+    raise MountTargetError(f"mount target {p}: checking it failed ({res.stderr.strip()})")
+
+
 def expose_mount(
     image_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
-    refuse_under: Sequence[str | os.PathLike[str]] = (),
+    refuse_under: Sequence[str | os.PathLike[str]] = (), isolated: bool = False,
 ) -> ExposeRecord:
     """Attach image read-only, detect its filesystem, mount it read-only at mountpoint.
 
     A symlink as (part of) mountpoint is resolved, as mount(8) does; the record, and so
     every later unmount, uses the resolved path. Targets inside ``refuse_under`` are
-    refused (see check_mount_target).
+    refused (see check_mount_target). isolated=True (the daemon, image_path under its own
+    mount): no system call of this process touches the target or the image --
+    check_mount_target_in_child, and losetup/blkid/mount are child processes anyway.
 
     On any failure (bad target, no filesystem, mount error, even KeyboardInterrupt) the loop
     device is detached again and the exception propagates; the target is checked before the
     loop device is attached, so a bad target changes nothing at all.
     """
-    target = check_mount_target(mountpoint, refuse_under)
-    dev = attach(image_path, read_only=True)
+    if isolated:
+        target = check_mount_target_in_child(mountpoint, refuse_under)
+    else:
+        target = check_mount_target(mountpoint, refuse_under)
+    dev = attach(image_path, read_only=True, check=not isolated)
     try:
         fstype = fs_type(dev)
         if fstype is None:

@@ -27,6 +27,8 @@ from typing import Any
 from . import protocol
 from .documents import MAX_DOCUMENT_BYTES
 
+CLOSE_WAIT = 30.0   # seconds close() waits for the daemon to end the session
+
 ProgressCallback = Callable[[int, int, str], None] | None
 
 
@@ -84,8 +86,19 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
     def close(self) -> None:
-        """End the session (the daemon deletes its auto-release snapshot sets)."""
-        if self._sock.fileno() >= 0:
+        """End the session and wait (at most CLOSE_WAIT s) until the daemon has ended it:
+        the daemon closes its side only after deleting the session's auto-release
+        snapshot sets, so a command run after this one never still sees them."""
+        if self._sock.fileno() < 0:
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            self._sock.settimeout(CLOSE_WAIT)
+            while self._sock.recv(65536):   # replies nobody reads any more
+                pass
+        except OSError:   # the daemon is gone, or slow: the session ends without us
+            pass
+        finally:
             self._sock.close()
 
     def __enter__(self) -> Client:

@@ -1323,9 +1323,11 @@ class Coordinator:
             try:
                 dev_path = self.device_path(s.id)
                 assert dev_path is not None
-                # in a worker thread: resolving the target may stat under our own mount
+                # isolated: the target is checked by a child process (resolving it may
+                # be a request to our own mount), the image never stat'ed here
                 rec = await _in_thread(loopdev.expose_mount, dev_path, mount,
-                                       [r for r in (self.pool.path, self.mountpoint) if r])
+                                       [r for r in (self.pool.path, self.mountpoint) if r],
+                                       True)
             except BaseException:
                 if name is not None and name != old_name:
                     with trio.CancelScope(shield=True):

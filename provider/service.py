@@ -76,8 +76,12 @@ Service = Callable[[Pool, Any, trio.Nursery], Awaitable[Any]]
 
 def make_service(socket_path: str | None, mountpoint: str | None,
                  config: dict[str, Any] | None = None) -> Service:
+    """Call it before the mount is up: the mount point is realpath'ed here, once, because
+    the writers and in-use checks compare paths below it as text (a stat there would be
+    a request to the daemon itself; an unresolved path would silently match nothing)."""
+    real = os.path.realpath(mountpoint) if mountpoint else None
     return functools.partial(control_service, socket_path=socket_path,
-                             mountpoint=mountpoint, config=config)
+                             mountpoint=real, config=config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,10 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.default_kind:
         config["default_kind"] = args.default_kind
     sock = args.socket or serve_opts.get("socket") or default_socket_path(pool)
-    # realpath now, before anything is mounted there (serve() does the same): the
-    # writers compare the loop devices' backing files (resolved by the kernel) with
-    # MOUNT/volumes/<name>.img lexically -- a stat below MOUNT is a request to ourselves
-    svc = make_service(sock, os.path.realpath(mount), config)
+    svc = make_service(sock, mount, config)   # realpath'ed there, before the mount is up
     return serve(pool, mount, sock, args.foreground, services=[svc], debug=args.debug,
                  allow_other=args.allow_other or bool(serve_opts.get("allow_other")))
 

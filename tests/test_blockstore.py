@@ -509,6 +509,18 @@ def test_failed_create_leaves_nothing_and_strays_are_reported(tmp_path):
     assert os.listdir(luns) == [] and pool.list_volumes() == []
     pool.create_volume("v", MiB)    # the same file id again: no leftover in its way
     assert pool.check() == []
+    with pytest.raises(errors.InvalidSize, match="chunks"):   # 2^32 chunks of 4 KiB + 1
+        pool.create_volume("huge", ((1 << 32) + 1) * CS)
+    files = sorted(os.listdir(luns))
+    faults.arm_error("plex", "write", errno.ENOSPC, count=1)   # sizing the plex fails
+    with pytest.raises(OSError):
+        pool.prepare_snapshot("v", "plex")
+    assert sorted(os.listdir(luns)) == files and pool.list_snapshots() == []
+    pool.create_volume("w", MiB)    # the plex's file id again
+    plex = pool.prepare_snapshot("v", "plex")
+    pool.plex_sync_step(plex.id)
+    pool.commit_snapshots([plex.id])
+    assert pool.check() == []
     with open(os.path.join(luns, "999.img"), "wb"):
         pass
     assert pool.check() == ["luns/999.img belongs to no volume or snapshot"]

@@ -614,7 +614,8 @@ def test_no_fuse_request_from_the_daemons_own_threads(tmp_path: Path,
     from one of its own threads and holds it in flight for a second; the test kills -9 the
     daemon as soon as one shows up (so a regression hangs the daemon deterministically,
     and the failure carries its kernel stacks). Creates of both kinds with the fsfreeze
-    writer on a loop-mounted ext4 under load, a promote and a delete must make none."""
+    writer on a loop-mounted ext4 under load, a promote, a delete and an expose --mount
+    must make none."""
     for tool in ("mkfs.ext4", "fsfreeze"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
@@ -629,6 +630,8 @@ def test_no_fuse_request_from_the_daemons_own_threads(tmp_path: Path,
              str(tmp_path / "w.log"), "1", str(FILES_PER_TRIAL)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         errors: list[BaseException] = []
+        expose_dir = tmp_path / "exposed"
+        expose_dir.mkdir()
 
         def ops() -> None:
             try:
@@ -639,6 +642,10 @@ def test_no_fuse_request_from_the_daemons_own_threads(tmp_path: Path,
                         made.append(res["snapshots"][0]["snapshot_id"])
                     c.promote(made[0])
                     c.snapshot_delete(snapshot_id=made[1])
+                    # expose --mount: its target check and attach used to stat under
+                    # MOUNT (the check now runs in a child process)
+                    c.expose(made[2], mount=str(expose_dir))
+                    c.unexpose(made[2])
             except BaseException as e:   # the kill, if one was needed
                 errors.append(e)
 

@@ -166,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # No directory is made here: the control service creates the socket's directory
     # (/run/shadowplex by default) when it binds, i.e. only after serve() has checked the
     # mount directory and opened the pool, so a mistyped command leaves nothing behind.
-    # resolved now, before the mount exists: later lookups stay lexical (see fsfreeze.py)
+    # resolved now, before the mount exists: later lookups stay lexical (make_service)
     mount = os.path.realpath(mount)
     poll = config.pop("poll_us", None)
     svc = make_service(sock, mount, config)

@@ -97,11 +97,11 @@ def default_writers(config: Mapping[str, Any]) -> list[WriterSet]:
     if hooks_dir and os.path.isdir(hooks_dir):
         writers.append(HookScriptWriter(
             hooks_dir, timeout=float(config.get("hook_timeout", DEFAULT_HOOK_TIMEOUT))))
+    mount = config.get("mount")   # realpath'ed by the service: compared as text
     dbs = config.get("sqlite_databases") or []
     if dbs:
-        writers.append(SQLiteWriter(list(dbs)))
+        writers.append(SQLiteWriter(list(dbs), own_mount=mount))
     if config.get("fsfreeze", True):
-        mount = config.get("mount")
         writers.append(FsFreezeWriter(os.path.join(mount, "volumes") if mount else None,
                                       own_mount=mount))
     timeout = float(config.get("freeze_timeout", DEFAULT_FREEZE_TIMEOUT))

@@ -94,8 +94,13 @@ class SQLiteWriter(Writer):
     freeze_order = 50
 
     def __init__(self, db_paths: Iterable[str | os.PathLike[str]], *,
-                 name: str = "sqlite") -> None:
+                 name: str = "sqlite", own_mount: str | os.PathLike[str] | None = None
+                 ) -> None:
         self.db_paths = [os.path.abspath(p) for p in db_paths]
+        # the daemon's (realpath'ed) FUSE mount: volume paths below it are compared as
+        # text, never resolved -- a stat there is a request to the daemon itself
+        # (provider/writers/mounts.py)
+        self.own_mount = os.path.abspath(own_mount) if own_mount is not None else None
         super().__init__(name, ",".join(self.db_paths))
         self._lock = threading.Lock()
         self._held: list[_Held] = []
@@ -103,7 +108,7 @@ class SQLiteWriter(Writer):
     # ------------------------------------------------------------------ discovery
     def databases_on(self, volumes: Sequence[str]) -> list[tuple[str, VolumeMount]]:
         """The existing databases on a writable filesystem of these volume images."""
-        vms = find_volume_mounts(volumes)
+        vms = find_volume_mounts(volumes, lexical_under=self.own_mount)
         out = []
         for p in self.db_paths:
             if not os.path.isfile(p):
@@ -122,7 +127,7 @@ class SQLiteWriter(Writer):
             return [h.path for h in self._held]
 
     def identify(self) -> WriterMetadata:
-        vms = find_volume_mounts(None)
+        vms = find_volume_mounts(None, lexical_under=self.own_mount)
         comps = []
         for p in self.db_paths:
             d, base = os.path.split(p)
