@@ -64,7 +64,10 @@ if __name__ == "__main__":   # run as a requester worker: make our packages impo
 
 import pytest  # noqa: E402
 import trio  # noqa: E402
-from support import mkfs_ext4, mounted  # noqa: E402
+from support import (  # noqa: E402
+    mkfs_ext4,
+    wait_until_up,  # noqa: E402
+)
 from support import run_cmd as _run  # noqa: E402
 from support import stop_daemon as _stop  # noqa: E402
 from test_provider_support import Env  # noqa: E402
@@ -627,14 +630,7 @@ def start_daemon(base: Path, sockdir: str) -> Daemon:
              "--socket", sock, "--config", json.dumps({"hooks_dir": None})],
             cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
     d = Daemon(proc, pool, mount, sock, log)
-    deadline = time.monotonic() + 30
-    while not (mounted(mount) and os.path.exists(sock)):
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {proc.returncode}:\n{d.log_text()}")
-        if time.monotonic() > deadline:
-            _stop(d)
-            raise AssertionError(f"daemon did not come up:\n{d.log_text()}")
-        time.sleep(0.05)
+    wait_until_up(d)
     return d
 
 
