@@ -1,5 +1,5 @@
 """Power cut (issue 8, item 2): every write the engine did not sync is dropped at the
-crash point, as a disk's volatile cache would lose it (blockstore.fileio.PowerCut).
+crash point, as a disk's volatile cache would lose it (blockstore.powercut.PowerCut).
 
 The bound is CrashMonkey's: every sequence of up to three operations from OPS (those
 that apply: a delete or a revert needs a snapshot), from two starting states (FRESH: a
@@ -60,7 +60,8 @@ from test_blockstore_model import CS, MAX_SIZE, EngineModel, _pad
 
 from blockstore import Faults, Pool
 from blockstore.errors import SimulatedCrash
-from blockstore.fileio import DataFile, PowerCut, PowerCutError, fsync_dir, write_file_atomic
+from blockstore.fileio import DataFile, fsync_dir, write_file_atomic
+from blockstore.powercut import PowerCut, PowerCutError
 
 LONG = os.environ.get("SHADOWPLEX_POWERCUT_LONG") == "1"
 SEEDS = int(os.environ.get("SHADOWPLEX_POWERCUT_SEEDS", "2"))
