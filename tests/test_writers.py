@@ -39,6 +39,7 @@ from provider.writers import (
     find_volume_mounts,
     thaw_mount_point,
 )
+from provider.writers import sqlite as _sqlite
 
 MiB = 1 << 20
 CMD_TIMEOUT = 30
@@ -625,7 +626,8 @@ def test_sqlite_writer_rollback_journal_mode(scratch: Scratch, tmp_path: Path) -
 
 
 def test_sqlite_writer_times_out_on_a_held_lock(tmp_path: Path) -> None:
-    """Not on a volume: the freeze of one database is driven directly."""
+    """Not on a volume: the freeze of one database is driven directly (by its helper
+    process: the holder here is another process to it, as an application is)."""
     db = tmp_path / "x.db"
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("CREATE TABLE t(v)")
@@ -634,7 +636,44 @@ def test_sqlite_writer_times_out_on_a_held_lock(tmp_path: Path) -> None:
     assert not w.involved([str(tmp_path / "v.img")])
     t0 = time.monotonic()
     with pytest.raises(WriterError) as ei:
-        w._freeze_db(str(db), time.monotonic() + 0.5, 0.5)
-    assert ei.value.timed_out and time.monotonic() - t0 < 3
+        w._freeze_in_helper(str(db), time.monotonic() + 0.5, 0.5)
+    assert ei.value.timed_out and "stayed locked" in str(ei.value)
+    assert time.monotonic() - t0 < 3
     holder.execute("ROLLBACK")
     holder.close()
+
+
+def test_sqlite_freeze_is_held_by_a_helper_process(tmp_path: Path) -> None:
+    """The freeze (connection, lock, checkpoint, fsync) lives in a helper process: this
+    process -- the daemon -- holds no file of the database, so no daemon thread can be
+    left waiting on I/O through its own mount when it is killed; and a helper that dies
+    takes the lock with it."""
+    db = tmp_path / "h.db"
+    c = sqlite3.connect(db, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE t(v)")
+    c.execute("INSERT INTO t VALUES (1)")
+    w = SQLiteWriter([db])
+
+    def our_fds() -> list[str]:
+        return sorted(os.path.realpath(f"/proc/self/fd/{fd}")
+                      for fd in os.listdir("/proc/self/fd"))
+    before = [f for f in our_fds() if f.startswith(str(db))]   # c's own
+    held = w._freeze_in_helper(str(db), time.monotonic() + 5, 5)
+    try:
+        assert held.helper is not None and held.helper.poll() is None
+        assert [f for f in our_fds() if f.startswith(str(db))] == before
+        helper_fds = {os.path.realpath(f"/proc/{held.helper.pid}/fd/{fd}")
+                      for fd in os.listdir(f"/proc/{held.helper.pid}/fd")}
+        assert str(db) in helper_fds
+        c.execute("PRAGMA busy_timeout=200")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            c.execute("INSERT INTO t VALUES (2)")
+        held.helper.kill()   # as if it died: its lock goes with it
+        held.helper.wait(10)
+        c.execute("INSERT INTO t VALUES (3)")
+        assert [r[0] for r in c.execute("SELECT v FROM t")] == [1, 3]
+    finally:
+        errors = _sqlite._release_held(held)
+        c.close()
+    assert errors and "did not answer" in errors[0]   # the thaw says what happened

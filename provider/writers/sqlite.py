@@ -14,9 +14,20 @@ For each database that lives on a filesystem mounted from one of the set's volum
    (e.g. a long reader pins it), the snapshot is still consistent, since the WAL is
    on the same volume and no transaction can be half-written while we hold the lock;
 4. fsyncs the database file, its ``-wal`` if present and the directory, so everything
-   committed is on the volume before the filesystem freeze and the snapshot.
+   committed is on the volume before the filesystem freeze and the snapshot. The database
+   file is fsync'ed through an fd opened before the connection and closed after it:
+   closing any fd of a file drops every POSIX lock the process holds on it, and with it
+   the write lock of a rollback-journal database.
 
 ``thaw`` = ROLLBACK (nothing was changed) and close.
+
+Where: each database is frozen by a helper process of its own (``freeze_database`` run
+by ``python -m``-style child), which holds the connection and the lock until thaw. The
+databases live on filesystems stacked on the daemon's own volumes: a checkpoint or an
+fsync there is I/O through the daemon's FUSE mount, and a daemon thread waiting for it in
+the kernel when the daemon is killed -9 would never exit (zombie daemon, hung mount; the
+same as FIFREEZE, see fsfreeze.py). A helper stuck so does not keep the daemon alive, and
+its lock goes with it when it dies (SQLite locks are the process's fcntl locks).
 
 Why BEGIN IMMEDIATE, in rollback-journal modes too (DELETE, TRUNCATE, PERSIST), and not
 BEGIN EXCLUSIVE: IMMEDIATE takes the RESERVED lock. Only one connection can hold RESERVED,
@@ -36,9 +47,13 @@ the freeze times out (VSS_E_WRITERERROR_TIMEOUT).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import selectors
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -53,14 +68,18 @@ log = logging.getLogger(__name__)
 #: Suffixes of the files that belong to a database.
 SIDE_FILES = ("-wal", "-shm", "-journal")
 WAL_ATTEMPTS = 5
+HELPER_MARGIN = 5.0   # s a freeze helper may take beyond the freeze's own deadline
+THAW_WAIT = 10.0      # s a thaw waits for a helper to roll back and exit
 
 
 @dataclass
 class _Held:
     path: str
-    conn: sqlite3.Connection
+    conn: sqlite3.Connection | None   # in the process holding the freeze
     journal_mode: str
     wal_empty: bool
+    helper: subprocess.Popen[str] | None = None   # the daemon's side: the helper holds it
+    db_fd: int = -1   # with conn: closed only after it (see _freeze_db)
 
 
 def _fsync(path: str, directory: bool = False) -> None:
@@ -147,7 +166,7 @@ class SQLiteWriter(Writer):
                     h.path for h in self._held) + "): thaw first")
             try:
                 for path, _vm in self.databases_on(volumes):
-                    self._held.append(self._freeze_db(path, deadline, timeout))
+                    self._held.append(self._freeze_in_helper(path, deadline, timeout))
             except BaseException:
                 for e in self._release():
                     log.error("rolling back the freeze: %s", e)
@@ -157,15 +176,49 @@ class SQLiteWriter(Writer):
     def _busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
         conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
 
+    def _freeze_in_helper(self, path: str, deadline: float, timeout: float) -> _Held:
+        """_freeze_db in a helper process that holds the freeze until _release (see the
+        module docstring). Waiting for its answer is an interruptible pipe read."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WriterError(f"no time left to freeze database {path}", timed_out=True)
+        helper = subprocess.Popen(
+            [sys.executable, "-I", "-c", _HELPER, path, repr(remaining), repr(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)   # stderr: our log
+        line = _answer(helper, remaining + HELPER_MARGIN)
+        try:
+            msg = json.loads(line) if line else None
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or "error" in msg or "mode" not in msg:
+            _end(helper)
+            if isinstance(msg, dict) and "error" in msg:
+                raise WriterError(str(msg["error"]), timed_out=bool(msg.get("timed_out")))
+            raise WriterError(f"database {path}: the freeze helper gave no answer within "
+                              f"{remaining + HELPER_MARGIN:.3g} s", timed_out=line is None)
+        log.info("froze database %s (journal_mode=%s, helper pid %d)", path, msg["mode"],
+                 helper.pid)
+        return _Held(path, None, str(msg["mode"]), bool(msg["wal_empty"]), helper)
+
     def _freeze_db(self, path: str, deadline: float, timeout: float) -> _Held:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise WriterError(f"no time left to freeze database {path}", timed_out=True)
         uri = Path(path).as_uri() + "?mode=rw"
+        # The fd the database file is fsync'ed through is opened now and closed only
+        # after the connection: closing ANY fd of a file drops every POSIX lock this
+        # process holds on it -- an open+fsync+close after BEGIN IMMEDIATE silently
+        # released the write lock of a rollback-journal database (other processes then
+        # wrote during the freeze; found when the freeze moved to a helper process).
+        try:
+            db_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise WriterError(f"cannot open database {path}: {e.strerror}") from e
         try:
             conn = sqlite3.connect(uri, uri=True, timeout=remaining, isolation_level=None,
                                    check_same_thread=False)
         except sqlite3.Error as e:
+            os.close(db_fd)
             raise WriterError(f"cannot open database {path}: {e}") from e
         step = "reading its journal mode"
         try:
@@ -193,8 +246,8 @@ class SQLiteWriter(Writer):
                 log.warning("%s: frozen with a non-empty WAL (%d bytes); the snapshot is "
                             "consistent but needs the -wal file", path, _size(path + "-wal"))
             step = "syncing it to disk"
-            _fsync(path)
-            if os.path.exists(path + "-wal"):
+            os.fsync(db_fd)
+            if os.path.exists(path + "-wal"):   # WAL locks live in -shm, not here
                 _fsync(path + "-wal")
             _fsync(os.path.dirname(path), directory=True)
         except (sqlite3.Error, OSError) as e:
@@ -202,13 +255,14 @@ class SQLiteWriter(Writer):
                 conn.close()
             except sqlite3.Error:
                 pass
+            os.close(db_fd)
             if isinstance(e, sqlite3.Error) and _is_busy(e):
                 raise WriterError(f"database {path} stayed locked by another connection "
                                   f"while {step} (within {timeout:.3g} s)",
                                   timed_out=True) from e
             raise WriterError(f"database {path}: {step} failed: {e}") from e
         log.info("froze database %s (journal_mode=%s)", path, mode)
-        return _Held(path, conn, mode, wal_empty)
+        return _Held(path, conn, mode, wal_empty, db_fd=db_fd)
 
     def _release(self) -> list[str]:
         """ROLLBACK and close every held connection (reverse order); returns the errors.
@@ -216,17 +270,7 @@ class SQLiteWriter(Writer):
         held, self._held = self._held, []
         errors = []
         for h in reversed(held):
-            try:
-                if h.conn.in_transaction:
-                    h.conn.execute("ROLLBACK")
-                log.info("thawed database %s", h.path)
-            except sqlite3.Error as e:
-                errors.append(f"releasing database {h.path}: {e}")
-            finally:
-                try:
-                    h.conn.close()
-                except sqlite3.Error as e:
-                    errors.append(f"closing database {h.path}: {e}")
+            errors += _release_held(h)
         return errors
 
     def thaw(self) -> None:
@@ -237,3 +281,99 @@ class SQLiteWriter(Writer):
 
     def abort(self) -> None:
         self.thaw()
+
+
+def _release_held(h: _Held) -> list[str]:
+    """ROLLBACK and close one frozen database (in the process holding it), or tell its
+    helper to; returns the errors."""
+    if h.helper is not None:
+        return _thaw_helper(h)
+    assert h.conn is not None
+    errors = []
+    try:
+        if h.conn.in_transaction:
+            h.conn.execute("ROLLBACK")
+        log.info("thawed database %s", h.path)
+    except sqlite3.Error as e:
+        errors.append(f"releasing database {h.path}: {e}")
+    finally:
+        try:
+            h.conn.close()
+        except sqlite3.Error as e:
+            errors.append(f"closing database {h.path}: {e}")
+        if h.db_fd >= 0:
+            os.close(h.db_fd)
+            h.db_fd = -1
+    return errors
+
+
+def _thaw_helper(h: _Held) -> list[str]:
+    helper = h.helper
+    assert helper is not None and helper.stdin is not None
+    try:
+        helper.stdin.write("thaw\n")
+        helper.stdin.flush()
+    except OSError:   # it is gone already: its lock went with it
+        pass
+    line = _answer(helper, THAW_WAIT)
+    errors: list[str] = []
+    try:
+        errors = [str(e) for e in json.loads(line)["errors"]] if line else [
+            f"releasing database {h.path}: its freeze helper did not answer (killed)"]
+    except (ValueError, KeyError, TypeError):
+        errors = [f"releasing database {h.path}: its freeze helper answered {line!r}"]
+    _end(helper)
+    if not errors:
+        log.info("thawed database %s", h.path)
+    return errors
+
+
+def _answer(helper: subprocess.Popen[str], timeout: float) -> str | None:
+    """The helper's next line within timeout (None: none came, or it exited)."""
+    assert helper.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(helper.stdout, selectors.EVENT_READ)
+        if not sel.select(max(0.0, timeout)):
+            return None
+    return helper.stdout.readline() or None
+
+
+def _end(helper: subprocess.Popen[str]) -> None:
+    """Close the pipes and reap the helper; kill it if it does not exit at once. (Killed
+    in the middle of a freeze, it leaves no lock behind: it was the process's.)"""
+    for f in (helper.stdin, helper.stdout):
+        try:
+            if f is not None:
+                f.close()
+        except OSError:
+            pass
+    try:
+        helper.wait(2)
+    except subprocess.TimeoutExpired:
+        helper.kill()
+        helper.wait()
+
+
+def helper_main(argv: Sequence[str]) -> int:
+    """The freeze helper (a child of the daemon): freeze one database, answer one JSON
+    line, hold the freeze until a line (or EOF: the daemon went away) comes on stdin, then
+    roll back, answer the errors and exit."""
+    path, remaining, timeout = argv[0], float(argv[1]), float(argv[2])
+    try:
+        h = SQLiteWriter([path])._freeze_db(path, time.monotonic() + remaining, timeout)
+    except WriterError as e:
+        print(json.dumps({"error": str(e), "timed_out": e.timed_out}), flush=True)
+        return 1
+    print(json.dumps({"mode": h.journal_mode, "wal_empty": h.wal_empty}), flush=True)
+    sys.stdin.readline()
+    errors = _release_held(h)
+    try:
+        print(json.dumps({"errors": errors}), flush=True)
+    except OSError:   # the daemon is gone: nobody to tell
+        pass
+    return 0
+
+
+_HELPER = ("import sys\n"
+           "from provider.writers.sqlite import helper_main\n"
+           "sys.exit(helper_main(sys.argv[1:]))\n")
