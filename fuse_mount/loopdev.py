@@ -360,10 +360,29 @@ def expose_mount(
     return ExposeRecord(dev=dev, mountpoint=target, fstype=fstype)
 
 
-def unexpose_mount(record: ExposeRecord) -> None:
-    """Unmount and detach what expose_mount() set up. A busy mount raises LoopError and
-    leaves the loop device attached (still mounted)."""
-    if is_mountpoint(record.mountpoint):
+def unexpose_mount(record: ExposeRecord, backing_suffix: str | None = None) -> None:
+    """Unmount and detach what expose_mount() set up -- only what is still ours. A busy
+    mount raises LoopError and leaves the loop device attached (still mounted).
+
+    Someone may have unmounted it by hand and mounted something else there, or detached
+    our loop device and attached another file to it: the mount is unmounted only if its
+    top-most source is record.dev (a filesystem mounted over ours: LoopError, nothing
+    touched; ours gone: nothing to unmount), the device detached only if its backing file
+    ends with ``backing_suffix`` (when given: the daemon's "/.shadow/<id>.img", in any
+    host's view; the kernel's path, compared as text)."""
+    sources = [src for mp, _, src in mountinfo() if mp == record.mountpoint]
+    if record.dev in sources:
+        if sources[-1] != record.dev:
+            raise LoopError(f"{record.mountpoint}: {sources[-1]} is mounted over the "
+                            f"snapshot's {record.dev}; unmount it first")
         unmount(record.mountpoint)
-    if backing_file(record.dev) is not None:
+    elif sources:
+        log.warning("%s is mounted from %s now, not from %s: left alone",
+                    record.mountpoint, sources[-1], record.dev)
+    back = backing_file(record.dev)
+    if back is not None and (backing_suffix is None
+                             or back.removesuffix(" (deleted)").endswith(backing_suffix)):
         detach(record.dev)
+    elif back is not None:
+        log.warning("%s is attached to %s now, not to a ...%s: left alone", record.dev,
+                    back, backing_suffix)

@@ -1166,7 +1166,8 @@ class Coordinator:
                 return
             try:
                 await _in_thread(loopdev.unexpose_mount,
-                                 loopdev.ExposeRecord(m.dev, m.mountpoint, m.fstype))
+                                 loopdev.ExposeRecord(m.dev, m.mountpoint, m.fstype),
+                                 f"/.shadow/{snapshot_id}.img")
             except loopdev.LoopError as e:
                 if await _in_thread(loopdev.is_mountpoint, m.mountpoint):
                     raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {snapshot_id} is mounted "

@@ -1021,7 +1021,7 @@ def test_no_mount_is_recorded_for_a_snapshot_gone_meanwhile(
         mounted_now.append(target)
         return loopdev.ExposeRecord(dev="/dev/loop-fake", mountpoint=target, fstype="ext4")
 
-    def fake_unexpose_mount(rec: loopdev.ExposeRecord) -> None:
+    def fake_unexpose_mount(rec: loopdev.ExposeRecord, *rest: Any) -> None:
         undone.append(rec.mountpoint)
 
     monkeypatch.setattr(loopdev, "expose_mount", fake_expose_mount)
@@ -1135,7 +1135,7 @@ def test_two_unmounts_of_one_snapshot_at_once(
         mounted.add(target)
         return loopdev.ExposeRecord(dev="/dev/loop-fake", mountpoint=target, fstype="ext4")
 
-    def fake_unexpose_mount(rec: loopdev.ExposeRecord) -> None:
+    def fake_unexpose_mount(rec: loopdev.ExposeRecord, *rest: Any) -> None:
         time.sleep(0.2)   # umount(8) takes a while: the other requests come meanwhile
         if rec.mountpoint not in mounted:
             raise loopdev.LoopError(f"umount {rec.mountpoint}: not mounted.")

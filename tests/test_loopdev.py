@@ -127,6 +127,35 @@ def test_expose_and_unexpose(tmp_path: Path, cleanup: list[str]) -> None:
     assert loopdev.loops_backed_by(img) == []
 
 
+def test_unexpose_leaves_what_is_no_longer_ours(tmp_path: Path, cleanup: list[str]) -> None:
+    """Our mount unmounted by hand and a tmpfs mounted there, our loop device detached and
+    reused for another file: unexpose touches neither; a filesystem mounted over ours is
+    refused, ours stays."""
+    img = _mkfs(_sparse(tmp_path / "fs.img"))
+    other = _sparse(tmp_path / "other.img")
+    target = tmp_path / "exposed"
+    target.mkdir()
+    rec = loopdev.expose_mount(img, target)
+    cleanup += [rec.dev, str(target), str(target)]   # up to two mounts stacked there
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)  # over ours
+    with pytest.raises(loopdev.LoopError, match="mounted over"):
+        loopdev.unexpose_mount(rec, "/fs.img")
+    assert [src for mp, _, src in loopdev.mountinfo() if mp == str(target)] == [rec.dev,
+                                                                                "tmpfs"]
+    subprocess.run(["umount", str(target)], check=True)     # the tmpfs
+    subprocess.run(["umount", str(target)], check=True)     # ours, by hand
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+    loopdev.detach(rec.dev)
+    dev = loopdev.attach(other, read_only=True)
+    cleanup.append(dev)
+    assert dev == rec.dev or loopdev.backing_file(rec.dev) is None
+    loopdev.unexpose_mount(rec, "/fs.img")
+    assert [src for mp, _, src in loopdev.mountinfo() if mp == str(target)] == ["tmpfs"]
+    assert loopdev.backing_file(dev) == str(other)   # not detached: not ours any more
+    subprocess.run(["umount", str(target)], check=True)
+    loopdev.detach(dev)
+
+
 def test_expose_without_filesystem_leaves_no_loop(tmp_path: Path) -> None:
     img = _sparse(tmp_path / "blank.img")
     target = tmp_path / "t"
