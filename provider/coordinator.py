@@ -1321,15 +1321,23 @@ class Coordinator:
         if name is not None and name != old_name:
             s = await _in_thread(self.pool.set_exposed, s.id, name)
         if mount is not None:
+            dev_path = self.device_path(s.id)
+            assert dev_path is not None
             try:
-                dev_path = self.device_path(s.id)
-                assert dev_path is not None
                 # isolated: the target is checked by a child process (resolving it may
                 # be a request to our own mount), the image never stat'ed here
                 rec = await _in_thread(loopdev.expose_mount, dev_path, mount,
                                        [r for r in (self.pool.path, self.mountpoint) if r],
                                        True)
-            except BaseException:
+            except BaseException as e:
+                # deleted meanwhile (its session ended), or presented to another host
+                # only (an import): losetup found no image at dev_path
+                if not self._is_snapshot(s.id):
+                    raise _vss("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was deleted "
+                               "while it was being mounted") from e
+                if isinstance(e, loopdev.LoopError) and self.device_path(s.id) != dev_path:
+                    raise _vss("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was presented "
+                               "to another host while it was being mounted") from e
                 if name is not None and name != old_name:
                     with trio.CancelScope(shield=True):
                         await _in_thread(self.pool.set_exposed, s.id, old_name)
