@@ -54,7 +54,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +64,14 @@ if __name__ == "__main__":   # run as a requester worker: make our packages impo
 import pytest  # noqa: E402
 import trio  # noqa: E402
 from support import (  # noqa: E402
-    mkfs_ext4,
-    wait_until_up,  # noqa: E402
+    mkfs_ext4,  # noqa: E402
 )
 from support import run_cmd as _run  # noqa: E402
 from support import stop_daemon as _stop  # noqa: E402
+from test_provider_e2e import Daemon  # noqa: E402
+from test_provider_e2e import start_daemon as start_e2e_daemon  # noqa: E402
 from test_provider_support import Env  # noqa: E402
 
-from blockstore import Pool  # noqa: E402
 from fuse_mount import loopdev  # noqa: E402
 from provider.client import Client, ControlError  # noqa: E402
 from provider.coordinator import Coordinator, SnapshotSet  # noqa: E402
@@ -592,46 +591,9 @@ def worker_main(cfg: dict[str, Any]) -> int:
 
 
 # --------------------------------------------------------------------------- the soak
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    pool: str
-    mount: str
-    socket: str
-    log: str
-
-    def client(self, **kw: Any) -> Client:
-        return Client(self.socket, timeout=OP_TIMEOUT, **kw)
-
-    def log_text(self) -> str:
-        return Path(self.log).read_text(errors="replace")
-
-
 def start_daemon(base: Path, sockdir: str) -> Daemon:
-    pool = str(base / "pool")
-    mount = str(base / "mnt")
-    os.makedirs(mount, exist_ok=True)
-    p = Pool.create(pool)
-    p.create_volume("live", LIVE_SIZE)
-    p.create_volume("fs", FS_SIZE)
-    p.create_volume("quiet", QUIET_SIZE)
-    p.close()
-    sock = os.path.join(sockdir, "ctl.sock")
-    log = str(base / "daemon.log")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # SIGUSR1 dumps every thread's stack into the log (sent when an op hangs)
-    boot = ("import faulthandler, runpy, signal, sys; "
-            "faulthandler.register(signal.SIGUSR1, all_threads=True); "
-            "sys.argv[0] = 'provider.service'; "
-            "runpy.run_module('provider.service', run_name='__main__', alter_sys=True)")
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", boot, "--pool", pool, "--mount", mount,
-             "--socket", sock, "--config", json.dumps({"hooks_dir": None})],
-            cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
-    d = Daemon(proc, pool, mount, sock, log)
-    wait_until_up(d)
-    return d
+    return start_e2e_daemon(base, sockdir, {"live": LIVE_SIZE, "fs": FS_SIZE,
+                                            "quiet": QUIET_SIZE}, {"hooks_dir": None})
 
 
 def daemon_resources(pid: int) -> tuple[int, int]:
@@ -679,7 +641,7 @@ def _dump_stacks(d: Daemon) -> str:
 def _final_cleanup(d: Daemon, work: Path) -> None:
     """Unexpose and delete every snapshot, delete every volume but the base ones.
     Best effort (the test's own assertions come later)."""
-    with d.client(client="soak-cleanup") as c:
+    with d.client(client="soak-cleanup", timeout=OP_TIMEOUT) as c:
         for s in c.snapshot_list():
             if s.get("exposed_name") or s.get("mounted_at"):
                 with contextlib.suppress(ControlError):
@@ -729,7 +691,7 @@ def test_concurrency_soak(tmp_path: Path) -> None:
                                       stdout=subprocess.PIPE, text=True))
         loads = list(procs)
         # warm up (one of each expensive path), then the baseline
-        with d.client(client="soak-warmup") as c:
+        with d.client(client="soak-warmup", timeout=OP_TIMEOUT) as c:
             for kind in ("differential", "plex"):
                 res = c.snapshot_create(list(BASE_VOLUMES), context="app-rollback", kind=kind)
                 sid = res["snapshots"][1]["snapshot_id"]
@@ -809,7 +771,7 @@ def test_concurrency_soak(tmp_path: Path) -> None:
 
         # ---------------------------------------------------------- the end state
         _final_cleanup(d, work)
-        with d.client(client="soak-final") as c:
+        with d.client(client="soak-final", timeout=OP_TIMEOUT) as c:
             assert c.snapshot_list() == []
             assert sorted(v["name"] for v in c.volume_list()) == sorted(BASE_VOLUMES)
             st = c.status()
@@ -866,7 +828,7 @@ def test_concurrency_soak(tmp_path: Path) -> None:
             assert hashlib.sha256((fsdir / name).read_bytes()).hexdigest() == digest, name
         print(f"live data: {len(expect_live)} fsync'ed blocks and {len(expect_fs)} fsync'ed "
               f"files verify; reader checked {int(outs[2])} blocks")
-        with d.client() as c:
+        with d.client(timeout=OP_TIMEOUT) as c:
             assert c.status()["snapshots"] == 0
         log = d.log_text()
         assert "unexpected error" not in log and "Traceback" not in log, log[-5000:]

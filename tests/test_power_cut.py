@@ -46,6 +46,7 @@ its counts (pytest -s shows them).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
@@ -53,7 +54,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from test_blockstore_model import CS, MAX_SIZE, EngineModel, _pad
@@ -509,60 +511,71 @@ def _cut_and_reopen(pool: Pool, pc: PowerCut, path: str, faults: Faults) -> Pool
     return Pool.open(path, faults=faults)
 
 
-def test_a_new_diff_area_survives_a_power_cut(tmp_path):
-    """BUG (blockstore/diffarea.py DiffArea.__init__): diff/<id>.data and .map are
-    created without an fsync of diff/, so after a power cut their names may be gone
-    although their content was synced, and the first snapshot of a volume silently
-    reads the origin's new content. Fix: fsync_dir(directory) once after creating them
-    (before the snapshot's catalog transaction commits)."""
-    path = str(tmp_path / "pool")
-    pc = PowerCut()
-    faults = Faults(powercut=pc)
-    Pool.create(path, chunk_size=CS).close()
-    pc.start(path)
-    pool = Pool.open(path, faults=faults)
+class _Recorded:
+    """A pool whose files a started PowerCut records; volume v holds b"1" in its first
+    four chunks, flushed."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = str(tmp_path / "pool")
+        self.pc = PowerCut()
+        self.faults = Faults(powercut=self.pc)
+        Pool.create(self.path, chunk_size=CS).close()
+        self.pc.start(self.path)
+        self.pool = Pool.open(self.path, faults=self.faults)
+        self.pool.create_volume("v", 8 * CS)
+        self.pool.write("v", 0, b"1" * (4 * CS))
+        self.pool.flush("v")
+
+    def cut_and_reopen(self) -> Pool:
+        self.pool = _cut_and_reopen(self.pool, self.pc, self.path, self.faults)
+        return self.pool
+
+    def close(self) -> None:
+        self.pool.abandon()
+        self.pc.stop()
+
+
+@contextlib.contextmanager
+def _recorded(tmp_path: Path) -> Iterator[_Recorded]:
+    r = _Recorded(tmp_path)
     try:
-        pool.create_volume("v", 8 * CS)
-        pool.write("v", 0, b"1" * (4 * CS))
-        pool.flush("v")
+        yield r
+    finally:
+        r.close()
+
+
+def test_a_new_diff_area_survives_a_power_cut(tmp_path):
+    """Regression (was a bug in DiffArea.__init__): diff/<id>.data and .map were created
+    without an fsync of diff/, so after a power cut their names could be gone although
+    their content was synced, and the first snapshot of a volume silently read the
+    origin's new content. Now diff/ is fsync'ed once after creating them (before the
+    snapshot's catalog transaction commits)."""
+    with _recorded(tmp_path) as r:
+        pool = r.pool
         s = pool.prepare_snapshot("v", "differential")
         pool.commit_snapshots([s.id])
         pool.write("v", 0, b"2" * CS)     # preserves "1...": synced in the diff area
         pool.flush("v")                   # the new content is durable in the origin
-        pool = _cut_and_reopen(pool, pc, path, faults)
+        pool = r.cut_and_reopen()
         assert pool.check() == []
         assert pool.read(s.id, 0, CS) == b"1" * CS, "the snapshot changed"
-    finally:
-        pool.abandon()
-        pc.stop()
 
 
 def test_a_seal_survives_a_power_cut(tmp_path):
-    """BUG (blockstore/pool.py Pool.seal): luns/<id>.sum.tmp is renamed to <id>.sum and
-    the catalog then says sealed = 1 without an fsync of luns/ in between, so after a
-    power cut the catalog may promise a checksum file whose name is gone (check():
-    "checksum file ... is missing"). Fix: fsync_dir(luns) after the os.replace, as
-    promote does."""
-    path = str(tmp_path / "pool")
-    pc = PowerCut()
-    faults = Faults(powercut=pc)
-    Pool.create(path, chunk_size=CS).close()
-    pc.start(path)
-    pool = Pool.open(path, faults=faults)
-    try:
-        pool.create_volume("v", 8 * CS)
-        pool.write("v", 0, b"1" * (4 * CS))
-        pool.flush("v")
+    """Regression (was a bug in Pool.seal): luns/<id>.sum.tmp was renamed to <id>.sum and
+    the catalog then said sealed = 1 without an fsync of luns/ in between, so after a
+    power cut the catalog could promise a checksum file whose name is gone (check():
+    "checksum file ... is missing"). Now luns/ is fsync'ed after the rename, as promote
+    does."""
+    with _recorded(tmp_path) as r:
+        pool = r.pool
         s = pool.prepare_snapshot("v", "plex")
         while pool.plex_sync_step(s.id)[0] < pool.snapshot(s.id).sync_total:
             pass
         pool.commit_snapshots([s.id])
         pool.seal(s.id)
-        pool = _cut_and_reopen(pool, pc, path, faults)
+        pool = r.cut_and_reopen()
         assert pool.check() == []
-    finally:
-        pool.abandon()
-        pc.stop()
 
 
 def test_commit_of_an_unflushed_origin_is_the_documented_limit(tmp_path):

@@ -65,9 +65,11 @@ def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],
     sock = os.path.join(sockdir, "ctl.sock")
     log = str(base / "daemon.log")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # faulthandler: a daemon that hangs dumps its threads' stacks into its log
-    boot = ("import faulthandler, runpy, sys; faulthandler.dump_traceback_later(30, "
-            "repeat=True); sys.argv[0] = 'provider.service'; "
+    # faulthandler: a daemon that hangs dumps its threads' stacks into its log (every
+    # 30 s, and on SIGUSR1)
+    boot = ("import faulthandler, runpy, signal, sys; faulthandler.dump_traceback_later(30, "
+            "repeat=True); faulthandler.register(signal.SIGUSR1, all_threads=True); "
+            "sys.argv[0] = 'provider.service'; "
             "runpy.run_module('provider.service', run_name='__main__', alter_sys=True)")
     if self_guard is not None:
         boot = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
