@@ -1335,12 +1335,12 @@ class Coordinator:
                 if not self._is_snapshot(s.id):
                     raise _vss("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was deleted "
                                "while it was being mounted") from e
-                if isinstance(e, loopdev.LoopError) and self.device_path(s.id) != dev_path:
-                    raise _vss("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was presented "
-                               "to another host while it was being mounted") from e
                 if name is not None and name != old_name:
                     with trio.CancelScope(shield=True):
                         await _in_thread(self.pool.set_exposed, s.id, old_name)
+                if isinstance(e, loopdev.LoopError) and self.device_path(s.id) != dev_path:
+                    raise _vss("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was presented "
+                               "to another host while it was being mounted") from e
                 raise
             if not self._is_snapshot(s.id):   # deleted meanwhile (its session ended)
                 with trio.CancelScope(shield=True):
