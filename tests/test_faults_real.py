@@ -73,15 +73,9 @@ def free_bytes(path: Path) -> int:
 
 def set_free(fs: Path, target: int, name: str = "filler") -> Path:
     """Fallocate a file next to the pool so that exactly `target` bytes stay free."""
-    filler = fs / name
     excess = free_bytes(fs) - target
     assert excess > 0, f"{fs} has only {free_bytes(fs)} bytes free, wanted {target}"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, excess)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    filler = ballast(fs, name, excess)
     assert abs(free_bytes(fs) - target) < 64 * 1024, (free_bytes(fs), target)
     return filler
 
