@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require_kernel
 from support import mkfs_ext4, wait_until_up
 from support import mounted as _mounted
 from support import run_cmd as _run
@@ -129,12 +130,7 @@ class Daemon:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    try:
-        from conftest import require_kernel
-    except ImportError:  # pragma: no cover - conftest is always there under pytest
-        pass
-    else:
-        require_kernel()
+    require_kernel()
     base = tmp_path_factory.mktemp("cli")
     pool, mount = str(base / "pool"), str(base / "mnt")
     os.makedirs(mount)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import require_kernel
 from support import run_cmd as _run
 from support import stop_daemon as _stop
 from support import wait_until_up
@@ -169,12 +170,7 @@ class Daemon:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    try:
-        from conftest import require_kernel
-    except ImportError:  # pragma: no cover - conftest is always there under pytest
-        pass
-    else:
-        require_kernel()
+    require_kernel()
     for tool in ("mkfs.ext4", "dd"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
