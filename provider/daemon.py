@@ -8,8 +8,8 @@ What it does, in order:
   2. opens the pool (exclusive lock: errors.PoolLocked names the holder);
   3. mounts the FUSE view (fuse_mount.session.run_mount) and starts the extra services
      (control socket, coordinator, background jobs) in the same nursery;
-  4. on SIGTERM / SIGINT: flushes every volume, unmounts, stops the services, closes the
-     pool and exits 0.
+  4. on SIGTERM / SIGINT / SIGHUP (unless started ignoring SIGHUP, as nohup does):
+     flushes every volume, unmounts, stops the services, closes the pool and exits 0.
 Any user error (missing pool, pool in use, bad mount directory) is ONE line on stderr,
 exit status 1, and nothing is mounted or changed.
 
@@ -25,8 +25,10 @@ a dead mount (ENOTCONN on every access, never an empty-looking directory); the n
 systemd Type=simple, or with `&`/nohup). `--background` is accepted for compatibility and
 only logs that it runs in the foreground.
 
-Threads: everything runs on the trio thread except pool.flush (fsync) and the non-lazy
-umount(2), which run in trio worker threads so the FUSE session keeps serving meanwhile.
+Threads: everything runs on the trio thread except pool.flush (fsync), the non-lazy
+umount(2) and the busy report, which run in trio worker threads so the FUSE session keeps
+serving meanwhile. No thread of the daemon looks at a path below its own mount (a FUSE
+request to itself): the busy report reads /proc and /sys as text (mount_users.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import trio
 
 from blockstore import Pool
 from blockstore import errors as bse
-from fuse_mount import loopdev
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.operations import ShadowOperations
 from fuse_mount.session import (
@@ -58,6 +59,7 @@ from fuse_mount.session import (
     umount_nonlazy,
 )
 
+from . import mount_users
 from .vss import VssError
 
 log = logging.getLogger(__name__)
@@ -104,9 +106,24 @@ def _check_mountpoint(path: str) -> bool:
     return False
 
 
-def _busy_report(mountpoint: str) -> str:
-    users = [f"{dev} -> {back}" for dev, back in loopdev.loops_under(mountpoint)]
-    return "loop devices: " + ", ".join(users) if users else "open files"
+async def _busy_report(mountpoint: str, ops: ShadowOperations) -> str:
+    """Who uses the mount, for the refusal's log line. Read as text from /proc and /sys
+    in a worker thread (provider/mount_users.py): never a stat or realpath of a path
+    below the mount, which from the trio thread is a FUSE request to itself that it
+    never answers (issue 12: SIGTERM with an image open hung the daemon)."""
+    users = await trio.to_thread.run_sync(mount_users.find, mountpoint)
+    return f"{users}; {ops.open_handles()} open file handle(s) on the mount"
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop the daemon (each as SIGTERM: refused while the mount is in
+    use). SIGHUP too -- the terminal of a `serve` in the foreground went away; its
+    default action would kill the daemon at once and leave a dead mount under every
+    loop device -- unless it is ignored already (nohup)."""
+    sigs = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        sigs.append(signal.SIGHUP)
+    return sigs
 
 
 async def _flush_all(pool: Pool) -> None:
@@ -176,21 +193,23 @@ async def _serve_async(
                     refused = True
                     unmounting = False
                     log.error(
-                        "%s is busy (%s): NOT stopping, the array keeps serving. Unmount "
-                        "filesystems and detach loop devices on it, then signal again; a "
-                        "second signal while busy forces a lazy unmount.",
-                        mountpoint, _busy_report(mountpoint),
+                        "%s is busy (%s): NOT stopping, the array keeps serving. Close "
+                        "the files, unmount the filesystems and detach the loop devices on "
+                        "it, then signal again; a second signal while busy forces a lazy "
+                        "unmount.",
+                        mountpoint, await _busy_report(mountpoint, ops),
                     )
                     continue
                 if e.errno == errno.EBUSY:
-                    log.warning("%s still busy: forcing a lazy unmount; its users will get "
-                                "I/O errors", mountpoint)
+                    log.warning("%s still busy (%s): forcing a lazy unmount; its users will "
+                                "get I/O errors", mountpoint,
+                                await _busy_report(mountpoint, ops))
                 elif e.errno not in (errno.EINVAL, errno.ENOENT):
                     log.warning("unmounting %s: %s; detaching lazily", mountpoint, e.strerror)
             stop_requested.set()
             return
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+    with trio.open_signal_receiver(*stop_signals()) as sigs:
         async with trio.open_nursery() as nursery:
             await nursery.start(mount_task)
             nursery.start_soon(stop_on_signals, sigs)
