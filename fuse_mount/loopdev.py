@@ -26,7 +26,7 @@ import re
 import stat as _stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +188,91 @@ def loops_under(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
         if back.startswith(root):
             found.append(("/dev/" + bf.split("/")[3], back))
     return sorted(found)
+
+
+def _loop_users(dev: str, mounts: list[tuple[str, str, str]],
+                skip_mountpoint: str | None = None) -> list[str]:
+    """Where a loop device is mounted (itself or a partition) and what holds it (dm)."""
+    part = re.compile(re.escape(dev) + r"p\d+")
+    out = [f"mounted at {mp}" for mp, _, src in mounts
+           if (src == dev or part.fullmatch(src)) and mp != skip_mountpoint]
+    try:
+        holders = sorted(os.listdir(f"/sys/block/{os.path.basename(dev)}/holders"))
+    except OSError:
+        holders = []
+    if holders:
+        out.append(f"held by {', '.join(holders)}")
+    return out
+
+
+def users_by_path(classify: Callable[[str], str | None],
+                  own_loops: Mapping[str, tuple[str, str]] | None = None
+                  ) -> list[tuple[str, str]]:
+    """What uses files whose path, as the kernel reports it, ``classify`` maps to a key
+    (anything else: None). Returns (key, one-line description) for
+
+    - every attached loop device backed by such a path, with where it is mounted;
+    - every process (/proc/PID/fd) with such a path, or one of those loop devices, open;
+    - for ``own_loops`` ({/dev/loopN: (key, mountpoint)}, the loop devices the caller
+      attached and will take down itself): what else uses them -- other mounts, holders
+      (device-mapper), processes with the device open.
+
+    Paths are compared as text (the kernel's d_path: loop backing files, fd links); no
+    system call touches the paths themselves, so a daemon may ask about files under its
+    own FUSE mount (resolving one would be a request to itself). Processes in another
+    mount namespace may report other paths: callers that can count open files some other
+    way (the FUSE handles) should do so too."""
+    own = dict(own_loops or {})
+    mounts = mountinfo()
+    found: list[tuple[str, str]] = []
+    devs: dict[str, str] = {dev: key for dev, (key, _) in own.items()}
+    for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
+        dev = "/dev/" + bf.split("/")[3]
+        if dev in own:
+            continue
+        try:
+            back = Path(bf).read_text().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        key = classify(back)
+        if key is None:
+            continue
+        devs[dev] = key
+        where = ", ".join([back, *_loop_users(dev, mounts)])
+        found.append((key, f"loop device {dev} ({where})"))
+    for dev, (key, mountpoint) in own.items():
+        extra = _loop_users(dev, mounts, skip_mountpoint=mountpoint)
+        if extra:
+            found.append((key, f"loop device {dev} (the exposure's own, also "
+                               f"{', '.join(extra)})"))
+    me = os.getpid()
+    try:
+        pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        pids = []
+    for pid in sorted(pids):
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:   # gone, or a kernel thread
+            continue
+        seen: set[str] = set()
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}").removesuffix(" (deleted)")
+            except OSError:
+                continue
+            key = devs.get(link) or classify(link)
+            if key is None or link in seen:
+                continue
+            seen.add(link)
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                comm = "?"
+            found.append((key, f"pid {pid} ({comm}, {link})"))
+    return found
 
 
 def fs_type(dev: str) -> str | None:

@@ -291,10 +291,20 @@ class ShadowOperations(pyfuse3.Operations):
         new = self._build(gen)
         self._tree = new
         # Re-point open handles (a renamed volume keeps its inode and its open files).
+        orphaned: dict[tuple[bool, str], int] = {}
         for h in self._handles.values():
             lun = new.by_ino.get(h.ino)
             if lun is not None:
                 h.lun = lun
+            elif h.ino in old.by_ino:   # gone in this rebuild, while open
+                k = (h.lun.snapshot, h.lun.key)
+                orphaned[k] = orphaned.get(k, 0) + 1
+        for (snap, key), n in orphaned.items():
+            # The control API refuses to delete a snapshot in use; this is what it cannot
+            # refuse (a diff-area overflow deleting the oldest, an auto-release set ending)
+            log.error("%s %s was deleted while %d file(s) had it open (a loop device, a "
+                      "reader): their reads fail from now on (EIO)",
+                      "snapshot" if snap else "volume", key, n)
         if self.mounted:
             queued = False
             for dino in (VOLUMES_INO, EXPOSED_INO, SHADOW_INO, *old.views):

@@ -1176,8 +1176,105 @@ class Coordinator:
                 raise
             self._forget_mount(snapshot_id)
 
+    async def _snapshot_users(self, snaps: Sequence[SnapshotInfo], exposed_only: bool = False,
+                              own_mounts: bool = False, wait: float = 0.0
+                              ) -> dict[str, list[str]]:
+        """What uses each snapshot, by id (snapshots nothing uses are left out): loop
+        devices attached to, and processes with open, any path it is reachable by --
+        MOUNT/.shadow/<id>.img, MOUNT/exposed/<name>.img and the same under
+        MOUNT/hosts/<host>/ (exposed_only: only the exposed names, what unexpose takes
+        away). own_mounts: our `expose --mount` loop devices are about to be taken down
+        by the caller: only what else uses them counts. The paths are compared as text
+        (loopdev.users_by_path): nothing here makes a request to our own mount.
+
+        Unless exposed_only, the FUSE file handles are counted too: a user the path scan
+        cannot name (another mount namespace, a loop attached under an earlier exposed
+        name, a memory map) still keeps a snapshot in use. A closed file is released
+        asynchronously by the kernel (a loop device just detached, a reader just ended):
+        an unnamed count is waited for up to ``wait`` seconds."""
+        if self.mountpoint is None or not snaps:
+            return {}
+        root = self.mountpoint.rstrip("/") + "/"
+        by_dev = {f"{s.id}.img": s.id for s in snaps}
+        by_name = {f"{s.exposed_name}.img": s.id for s in snaps if s.exposed_name}
+
+        def classify(path: str) -> str | None:
+            if not path.startswith(root):
+                return None
+            rel = path[len(root):].split("/")
+            if len(rel) == 4 and rel[0] == "hosts":   # MOUNT/hosts/<host>/...
+                rel = rel[2:]
+            if len(rel) != 2:
+                return None
+            if rel[0] == "exposed":
+                return by_name.get(rel[1])
+            if rel[0] == ".shadow" and not exposed_only:
+                return by_dev.get(rel[1])
+            return None
+
+        own = {m.dev: (sid, m.mountpoint) for sid, m in self._mounts.items()
+               if sid in by_dev.values()} if own_mounts else {}
+
+        def scan() -> tuple[list[tuple[str, str]], dict[str, int]]:
+            found = loopdev.users_by_path(classify, own)
+            mine: dict[str, int] = {}   # FUSE handles our own loop devices hold
+            for dev, (sid, _) in own.items():
+                back = loopdev.backing_file(dev)
+                if back is not None and classify(back.removesuffix(" (deleted)")) == sid:
+                    mine[sid] = mine.get(sid, 0) + 1
+            return found, mine
+
+        found, mine = await _in_thread(scan)
+        users: dict[str, list[str]] = {}
+        for sid, what in found:
+            users.setdefault(sid, []).append(what)
+        ops = self._ops()
+        if exposed_only or ops is None or not hasattr(ops, "open_handles"):
+            return users
+        deadline = trio.current_time() + wait
+        while True:
+            unnamed = {s.id: n for s in snaps if s.id not in users
+                       and (n := ops.open_handles(s.id) - mine.get(s.id, 0)) > 0}
+            if not unnamed or trio.current_time() >= deadline:
+                break
+            await trio.sleep(0.05)
+        for sid, n in unnamed.items():
+            users[sid] = [f"{n} open file(s) through the mount not found by path (a process "
+                          "in another mount namespace, a loop device attached under an "
+                          "earlier exposed name, a memory map)"]
+        return users
+
+    @staticmethod
+    def _in_use_message(users: dict[str, list[str]], what: str) -> str:
+        """One line: the first snapshot in use, who uses it, what to do."""
+        sid, us = next(iter(users.items()))
+        more = f" (and {len(users) - 1} more snapshot(s) in use)" if len(users) > 1 else ""
+        return (f"cannot {what} snapshot {sid}: in use by {'; '.join(us)}{more}; unmount "
+                "and detach its loop devices (umount, losetup -d) and end the processes "
+                "using it, then retry")
+
     async def _remove_snapshots(self, ids: Iterable[str], force: bool = False) -> list[str]:
-        """Delete committed snapshots (unmounting them first); updates set records."""
+        """Delete committed snapshots (unmounting them first); updates set records.
+        force: the automatic deletions (an auto-release set whose session ended, an
+        unfinished set at start-up): nothing refuses them, what still uses a snapshot is
+        logged as an error (its reads fail with EIO from then on)."""
+        ids = list(ids)
+        if force:
+            infos = []
+            for sid in ids:
+                with contextlib.suppress(bse.NotFound):
+                    infos.append(self.pool.snapshot(sid))
+            try:
+                users = await self._snapshot_users(infos, own_mounts=True, wait=1.0)
+            except Exception as e:   # never stops an automatic deletion
+                log.warning("could not check what uses snapshots %s: %s", ", ".join(ids), e)
+                users = {}
+            for sid, us in users.items():
+                log.error("automatic deletion of snapshot %s although it is in use by %s: "
+                          "reads through it fail (EIO) from now on (an auto-release set ends "
+                          "with its requester's session: use a persistent context, "
+                          "app-rollback or nas-rollback, for snapshots used beyond it)", sid,
+                          "; ".join(us))
         done = []
         sets: set[str] = set()
         for sid in ids:
@@ -1255,6 +1352,11 @@ class Coordinator:
             m = self._mounts[mounted[0].id]
             raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {mounted[0].id} is mounted at "
                        f"{m.mountpoint}; unexpose it first (or delete with unexpose)")
+        # A loop device or a process on any of its paths: refused, whatever unexpose says
+        # (unexpose takes down our own `expose --mount`, never someone else's use).
+        users = await self._snapshot_users(targets, own_mounts=unexpose, wait=2.0)
+        if users:
+            raise _vss("VSS_E_VOLUME_IN_USE", self._in_use_message(users, "delete"))
         deleted = await self._remove_snapshots([s.id for s in targets])
         return {"deleted": deleted, "count": len(deleted)}
 
@@ -1358,6 +1460,13 @@ class Coordinator:
         s = self._committed(snapshot_id)
         if s.exposed_name is None and s.id not in self._mounts:
             raise _vss("VSS_E_BAD_STATE", f"snapshot {s.id} is not exposed")
+        if s.exposed_name is not None:
+            # the name goes away: a loop device or a process on MOUNT/exposed/<name>.img
+            # (in any host's view) refuses it. (One on the device path, .shadow/<id>.img,
+            # does not: unexpose leaves that path and the snapshot as they are.)
+            users = await self._snapshot_users([s], exposed_only=True)
+            if users:
+                raise _vss("VSS_E_VOLUME_IN_USE", self._in_use_message(users, "unexpose"))
         await self._unmount(s.id)
         if s.exposed_name is not None:
             await _in_thread(self.pool.set_exposed, s.id, None)

@@ -1,0 +1,337 @@
+"""A snapshot in use is neither deleted nor unexposed (issue 12, item 6).
+
+Through the real daemon (subprocess, FUSE mount, under tests/fuse_self_guard.py), real
+loop devices (`losetup -r` by hand, as an admin does), ext4 and mount: a loop device or a
+process on any path a snapshot is reachable by -- MOUNT/exposed/<name>.img,
+MOUNT/.shadow/<id>.img, and the same under MOUNT/hosts/<host>/ -- makes `snapshot delete`
+(also with --unexpose) refuse with one line naming the user, exit 1, nothing changed;
+`unexpose` likewise when the user is on the exposed name it takes away. Once the user is
+gone (umount, losetup -d, the process ended) the same commands work at once. What cannot
+be refused (an auto-release set ending with its session, a diff-area overflow) is logged
+as an error naming the user.
+
+Every test undoes its mounts and loop devices in `finally` (the session guard in
+conftest.py fails the run if any remain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import run_cmd
+from test_cli import one_line_error, spx
+from test_provider_e2e import Daemon, _stop, need, start_daemon
+
+from blockstore import Pool
+from fuse_mount import loopdev
+from provider.client import Client
+
+pytestmark = pytest.mark.kernel
+MiB = 1 << 20
+TEXT = "point in time\n"
+CONFIG = {"fsfreeze": False}
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="spx-inuse-")   # short: a socket path is <= 107 bytes
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ro_loop(path: str, mnt: Path | None = None) -> Iterator[dict[str, str]]:
+    """`losetup -r -f --show path` (and `mount -o ro,noload` at mnt): what an admin does
+    with an exposed snapshot. Yields {"dev": /dev/loopN}; the test may take it down
+    itself (detach()); whatever is still up is taken down at the end, also on failure."""
+    dev = run_cmd("losetup", "-r", "-f", "--show", path).stdout.strip()
+    st = {"dev": dev, "mounted": ""}
+    try:
+        if mnt is not None:
+            mnt.mkdir(exist_ok=True)
+            run_cmd("mount", "-o", "ro,noload", dev, str(mnt))
+            st["mounted"] = str(mnt)
+        yield st
+    finally:
+        detach(st)
+
+
+def detach(st: dict[str, str]) -> None:
+    if st["mounted"]:
+        run_cmd("umount", st["mounted"], check=False)
+        st["mounted"] = ""
+    if st["dev"]:
+        run_cmd("losetup", "-d", st["dev"], check=False)
+        st["dev"] = ""
+
+
+def daemon_with_ext4(tmp_path: Path, sockdir: str, host: str | None = None) -> Daemon:
+    """A daemon with volume v (ext4 holding hello.txt); presented to ``host`` only, if
+    given (MOUNT/hosts/<host>/volumes/v.img)."""
+    need("mkfs.ext4")
+    d = start_daemon(tmp_path, sockdir, {"v": 32 * MiB}, CONFIG, self_guard=0.0)
+    try:
+        img = os.path.join(d.mount, "volumes", "v.img")
+        fs = tmp_path / "fs"
+        fs.mkdir()
+        dev = loopdev.attach(img, read_only=False)
+        try:
+            run_cmd("mkfs.ext4", "-q", "-F", dev)
+            run_cmd("mount", dev, str(fs))
+            try:
+                (fs / "hello.txt").write_text(TEXT)
+            finally:
+                run_cmd("umount", str(fs))
+        finally:
+            loopdev.detach(dev)
+        if host is not None:
+            with d.client() as c:
+                c.volume_present("v", [host])
+    except BaseException:
+        _stop(d)
+        raise
+    return d
+
+
+def exists(c: Client, sid: str) -> bool:
+    return any(s["snapshot_id"] == sid for s in c.snapshot_list())
+
+
+def clean_log(d: Daemon) -> None:
+    text = d.log_text()
+    assert "Traceback" not in text
+    assert "SELF-REQUEST" not in text, "a daemon thread made a request to its own mount"
+
+
+VIAS = ["exposed", "shadow", "host-exposed", "host-shadow"]
+
+
+@contextlib.contextmanager
+def exposed_snapshot(tmp_path: Path, sockdir: str, via: str
+                     ) -> Iterator[tuple[Daemon, Client, str, str]]:
+    """A daemon, a client, a persistent snapshot exposed as n2, and the path ``via``
+    names: MOUNT[/hosts/hostA]/exposed/n2.img or .../.shadow/<id>.img (host-*: the
+    volume, so its snapshot, is presented to hostA only)."""
+    host = "hostA" if via.startswith("host-") else None
+    d = daemon_with_ext4(tmp_path, sockdir, host)
+    try:
+        with Client(d.socket, host=host) as c:
+            sid = c.snapshot_create(["v"], context="app-rollback")["snapshots"][0][
+                "snapshot_id"]
+            c.expose(sid, name="n2")
+            view = os.path.join(d.mount, "hosts", host) if host else d.mount
+            path = (os.path.join(view, "exposed", "n2.img") if via.endswith("exposed")
+                    else os.path.join(view, ".shadow", f"{sid}.img"))
+            yield d, c, sid, path
+            assert c.check()["ok"]
+    finally:
+        _stop(d)
+    clean_log(d)
+
+
+@pytest.mark.parametrize("via", VIAS)
+def test_snapshot_under_a_loop_device_is_not_deleted(tmp_path: Path, sockdir: str,
+                                                     via: str) -> None:
+    """`expose ID --name n2`; `losetup -r` on one of its paths; mount it: `snapshot
+    delete` (plain, --unexpose, --all) says which loop device uses it and exits 1,
+    nothing changed. Right after umount + losetup -d, delete works."""
+    with exposed_snapshot(tmp_path, sockdir, via) as (d, c, sid, path):
+        with ro_loop(path, tmp_path / "m") as lp:
+            dev = lp["dev"]
+            assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
+            for args in ([sid], [sid, "--unexpose"], ["--all"]):
+                res = spx("snapshot", "delete", *args, socket=d.socket)
+                line = one_line_error(res, 1, f"cannot delete snapshot {sid}: in use by "
+                                              f"loop device {dev} ({path}, mounted at "
+                                              f"{tmp_path / 'm'})")
+                assert "losetup -d" in line
+            assert exists(c, sid)
+            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
+            assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
+            detach(lp)
+            # at once (the kernel releases the loop's file a moment later)
+            res = spx("snapshot", "delete", sid, socket=d.socket)
+            assert res.returncode == 0, res.stderr
+            assert not exists(c, sid)
+
+
+@pytest.mark.parametrize("via", VIAS)
+def test_exposed_name_under_a_loop_device_is_not_unexposed(tmp_path: Path, sockdir: str,
+                                                           via: str) -> None:
+    """`unexpose` takes the exposed name away: refused while a loop device is attached
+    to MOUNT[/hosts/<host>]/exposed/<name>.img (its backing file would name a path that
+    is gone, or, once the name is reused, another snapshot). One on the device path
+    (.shadow) is not affected by unexpose: it works, the loop device keeps reading."""
+    with exposed_snapshot(tmp_path, sockdir, via) as (d, c, sid, path):
+        with ro_loop(path, tmp_path / "m") as lp:
+            dev = lp["dev"]
+            if via.endswith("exposed"):
+                one_line_error(spx("unexpose", sid, socket=d.socket), 1,
+                               f"cannot unexpose snapshot {sid}: in use by loop device "
+                               f"{dev} ({path}, mounted at {tmp_path / 'm'})")
+                assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
+                assert os.path.exists(path)
+                detach(lp)
+            res = spx("unexpose", sid, socket=d.socket)
+            assert res.returncode == 0, res.stderr
+            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] is None
+            if lp["dev"]:   # on .shadow: still attached, still reading the snapshot
+                assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
+                one_line_error(spx("snapshot", "delete", sid, socket=d.socket), 1,
+                               f"in use by loop device {dev}")
+                detach(lp)
+            assert c.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
+
+
+@pytest.mark.parametrize("op", ["delete", "unexpose"])
+def test_snapshot_open_by_a_process_is_kept(tmp_path: Path, sockdir: str, op: str) -> None:
+    """A process reading the exposed image (dd, a backup tool): delete / unexpose name
+    its pid and command and refuse; once it has ended, they work at once."""
+    with exposed_snapshot(tmp_path, sockdir, "exposed") as (d, c, sid, path):
+        proc = subprocess.Popen(["sh", "-c", f"exec sleep 600 < '{path}'"])
+        try:
+            deadline = time.monotonic() + 10
+            while path not in (os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                               for fd in os.listdir(f"/proc/{proc.pid}/fd")):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            want = f"cannot {op} snapshot {sid}: in use by pid {proc.pid} (sleep, {path})"
+            argv = ["snapshot", "delete", sid] if op == "delete" else ["unexpose", sid]
+            one_line_error(spx(*argv, socket=d.socket), 1, want)
+            if op == "delete":
+                one_line_error(spx(*argv, "--unexpose", socket=d.socket), 1, want)
+            assert exists(c, sid)
+            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
+        finally:
+            proc.kill()
+            proc.wait()
+        res = spx(*argv, socket=d.socket)
+        assert res.returncode == 0, res.stderr
+        assert c.snapshot_delete(all=True)["count"] == (0 if op == "delete" else 1)
+
+
+def test_loop_under_an_earlier_exposed_name_still_counts(tmp_path: Path,
+                                                         sockdir: str) -> None:
+    """A loop device attached under exposed/n1.img, then the exposure renamed to n3: its
+    backing-file text names no current path of the snapshot, the FUSE handle count still
+    keeps the snapshot in use."""
+    d = daemon_with_ext4(tmp_path, sockdir)
+    try:
+        with d.client() as c:
+            sid = c.snapshot_create(["v"], context="app-rollback")["snapshots"][0][
+                "snapshot_id"]
+            c.expose(sid, name="n1")
+            with ro_loop(os.path.join(d.mount, "exposed", "n1.img")) as lp:
+                c.expose(sid, name="n3")
+                one_line_error(spx("snapshot", "delete", sid, socket=d.socket), 1,
+                               "1 open file(s) through the mount not found by path")
+                assert exists(c, sid)
+                detach(lp)
+                assert c.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
+    finally:
+        _stop(d)
+    clean_log(d)
+
+
+def test_delete_right_after_detach_works(tmp_path: Path, sockdir: str) -> None:
+    """The normal cycle -- attach, read, detach, delete at once -- is never refused: the
+    in-use check waits for the kernel's asynchronous release of the loop's file."""
+    d = start_daemon(tmp_path, sockdir, {"v": 4 * MiB}, CONFIG, self_guard=0.0)
+    try:
+        with d.client() as c:
+            made = c.snapshot_create(["v"], context="app-rollback")
+            for i in range(4):
+                sid = c.snapshot_create(["v"], context="app-rollback")["snapshots"][0][
+                    "snapshot_id"]
+                c.expose(sid, name=f"s{i}")
+                path = (os.path.join(d.mount, "exposed", f"s{i}.img") if i % 2
+                        else os.path.join(d.mount, ".shadow", f"{sid}.img"))
+                with ro_loop(path) as lp:
+                    run_cmd("dd", f"if={lp['dev']}", "of=/dev/null", "bs=1M")
+                    detach(lp)
+                    if i == 1:
+                        c.unexpose(sid)
+                    assert c.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
+            with ro_loop(os.path.join(d.mount, ".shadow",
+                                      f"{made['snapshots'][0]['snapshot_id']}.img")) as lp:
+                pass   # detached by the context
+            assert c.snapshot_delete(all=True)["count"] == 1
+    finally:
+        _stop(d)
+    clean_log(d)
+
+
+def _wait_log(d: Daemon, pattern: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(pattern, d.log_text())
+        if m:
+            return m.group(0)
+        assert time.monotonic() < deadline, f"{pattern!r} not in the log:\n{d.log_text()}"
+        time.sleep(0.05)
+
+
+def test_auto_release_set_in_use_is_deleted_loudly(tmp_path: Path, sockdir: str) -> None:
+    """An auto-release (backup) set ends with its requester's session: that deletion is
+    not refused (its lifetime is the contract), but a loop device still on it is named in
+    an error in the daemon's log, and the data path logs the open file it orphaned."""
+    d = start_daemon(tmp_path, sockdir, {"v": 4 * MiB}, CONFIG, self_guard=0.0)
+    loops = contextlib.ExitStack()
+    try:
+        with d.client() as c:
+            sid = c.snapshot_create(["v"], context="backup")["snapshots"][0]["snapshot_id"]
+            c.expose(sid, name="b")
+            path = os.path.join(d.mount, "exposed", "b.img")
+            lp = loops.enter_context(ro_loop(path))
+        # the session ended: its set is deleted, the loop device still on it
+        _wait_log(d, rf"automatic deletion of snapshot {sid} although it is in use by "
+                     rf"loop device {lp['dev']} \({re.escape(path)}")
+        assert "b.img" not in os.listdir(os.path.join(d.mount, "exposed"))
+        _wait_log(d, rf"snapshot {sid} was deleted while 1 file\(s\) had it open")
+        loops.close()
+        with d.client() as c:
+            assert not exists(c, sid)
+    finally:
+        loops.close()
+        _stop(d)
+    clean_log(d)
+
+
+def test_overflow_of_a_snapshot_in_use_is_logged(tmp_path: Path, sockdir: str) -> None:
+    """Origin writes never fail because of a snapshot: a diff-area overflow deletes the
+    oldest even while a loop device reads it -- logged as an error by the data path."""
+    pool = Pool.create(str(tmp_path / "pool"))
+    try:
+        pool.create_volume("v", 4 * MiB)
+        pool.set_diff_limit("v", pool.chunk_size)
+    finally:
+        pool.close()
+    d = start_daemon(tmp_path, sockdir, {}, CONFIG, self_guard=0.0)
+    try:
+        img = os.path.join(d.mount, "volumes", "v.img")
+        with open(img, "r+b") as f:
+            f.write(os.urandom(MiB))
+            os.fsync(f.fileno())
+        with d.client() as c:
+            sid = c.snapshot_create(["v"], context="app-rollback")["snapshots"][0][
+                "snapshot_id"]
+            with ro_loop(os.path.join(d.mount, ".shadow", f"{sid}.img")):
+                with open(img, "r+b") as f:
+                    f.write(os.urandom(MiB))   # needs 16 preserved chunks: overflow
+                    os.fsync(f.fileno())
+                assert not exists(c, sid)
+                _wait_log(d, r"deleting its oldest snapshot")
+                os.listdir(os.path.join(d.mount, ".shadow"))   # any request will do
+                _wait_log(d, rf"snapshot {sid} was deleted while 1 file\(s\) had it open")
+    finally:
+        _stop(d)
+    clean_log(d)
