@@ -66,6 +66,13 @@ class Unsupported(StoreError):
     """The operation is not supported for this kind of object (promote of a plex...)."""
 
 
+class Cancelled(StoreError):
+    """The caller cancelled a long operation: its progress callback raised this between
+    two steps, and the operation passes it on. Each operation's docstring says what a
+    cancellation leaves (promote, split: nothing changed; revert: once started it rolls
+    forward and ignores it, as after a crash)."""
+
+
 class SimulatedCrash(BaseException):
     """Raised by a fault-injection hook at a named step.
 

@@ -74,7 +74,7 @@ class Faults:
 class DataFile:
     """An open file of the pool with a role (for fault injection)."""
 
-    __slots__ = ("path", "fd", "role", "faults", "_dirty", "_log")
+    __slots__ = ("path", "fd", "role", "faults", "_dirty", "_log", "_pins", "_close_pending")
 
     def __init__(self, path: str, role: str, faults: Faults, create: bool = False,
                  read_only: bool = False) -> None:
@@ -89,6 +89,10 @@ class DataFile:
         # undo log of the writes since the last sync (PowerCut; None when it is off)
         pc = faults.powercut
         self._log = None if pc is None else pc.track(self.fd, create)
+        # I/O running without the pool lock (Pool._pin): close() waits for the last unpin,
+        # so that such I/O never lands on a reused descriptor number
+        self._pins = 0
+        self._close_pending = False
 
     @property
     def dirty(self) -> bool:
@@ -220,7 +224,21 @@ class DataFile:
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         return data_extents(self.fd, start, self.size() if end is None else end)
 
+    def pin(self) -> None:
+        """Keep the descriptor open until unpin(), even if close() is called meanwhile.
+        Pin and unpin under the lock that guards close() (the pool lock)."""
+        self._pins += 1
+
+    def unpin(self) -> None:
+        self._pins -= 1
+        if self._pins == 0 and self._close_pending:
+            self._close_pending = False
+            self.close()
+
     def close(self) -> None:
+        if self._pins:
+            self._close_pending = True   # the last unpin closes it
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

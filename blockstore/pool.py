@@ -2,7 +2,10 @@
 
 Plain synchronous Python, thread-safe through one re-entrant lock per pool (the FUSE
 handlers call it from the trio thread; plex sync, promote, revert and scrub run in
-worker threads and take the lock per step). docs/format.md describes the files.
+worker threads and take the lock per step). The lock guards bookkeeping, not the disk:
+syncs and long reads run outside it (cut under the lock, I/O outside, finish under it),
+so that the trio thread never waits behind another thread's I/O. docs/concurrency.md
+says what each lock guards and what runs where; docs/format.md describes the files.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .chunkmap import consecutive_runs
 from .diffarea import DiffArea, SyncBatch
 from .errors import (
     Busy,
+    Cancelled,
     Exists,
     InvalidSize,
     InvalidState,
@@ -179,7 +183,10 @@ def _locked(method: Callable[Concatenate[Pool, _P], _R]) -> Callable[Concatenate
 
 
 class Pool:
-    """An open pool. Create with Pool.create(), open with Pool.open(); close() at the end."""
+    """An open pool. Create with Pool.create(), open with Pool.open(); close() at the end.
+
+    Methods with a leading underscore expect the pool lock held (those that mutate state
+    assert it) unless their docstring says "WITHOUT the lock"."""
 
     # set by open(), from pool.json and the catalog file
     chunk_size: int
@@ -309,6 +316,25 @@ class Pool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the lock ---------------------------------------------------------------------------
+    def _owned(self) -> bool:
+        """Whether this thread holds the pool lock (for assertions in private mutators)."""
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
+
+    def _pin(self, files: Iterable[DataFile | None]) -> list[DataFile]:
+        """(Lock held.) Keep these files open for I/O that runs without the lock: a
+        concurrent delete or close defers its close() to _unpin."""
+        assert self._owned(), "pool lock not held"
+        pinned = [f for f in files if f is not None]
+        for f in pinned:
+            f.pin()
+        return pinned
+
+    def _unpin(self, files: list[DataFile]) -> None:
+        with self._lock:
+            for f in files:
+                f.unpin()
 
     # -- paths ------------------------------------------------------------------------------
     def _img(self, file_id: int) -> str:
@@ -568,6 +594,7 @@ class Pool:
     def _set_volume_size(self, v: _Volume, size: int) -> None:
         """Image first, then the catalog. A crash between the two leaves them disagreeing;
         _load sizes the image to the catalog (the comment there says why that is safe)."""
+        assert self._owned(), "pool lock not held"
         self._writeback(v)
         self._size_image(v.file, size)
         v.file.sync()
@@ -674,6 +701,7 @@ class Pool:
         return bytes(out)
 
     def _read_snapshot(self, s: _Snapshot, offset: int, end: int) -> bytes:
+        assert self._owned(), "pool lock not held"
         if s.state == INVALID:
             raise SnapshotInvalid(f"snapshot {s.snap_id} is invalid (its preserved data was "
                                   "lost); delete it")
@@ -777,6 +805,7 @@ class Pool:
             yield run, end, None, 0
 
     def _maybe_writeback(self, v: _Volume) -> None:
+        assert self._owned(), "pool lock not held"
         if not v.pending:
             return
         held = len(v.pending) * self.chunk_size
@@ -805,6 +834,7 @@ class Pool:
 
     def _cut(self, v: _Volume) -> _Batch:
         """A batch of everything v holds now (lock held; no I/O)."""
+        assert self._owned(), "pool lock not held"
         b = _Batch(v, v.diff.cut() if v.diff is not None else None, self._held(v),
                    time.monotonic())
         v.batch = b
@@ -815,6 +845,7 @@ class Pool:
         its files. The pool lock is NOT released meanwhile (so every locked operation
         stays atomic): a batch still queued is synced here; one the writeback thread is
         syncing is waited for -- that sync needs no lock -- and then finished here."""
+        assert self._owned(), "pool lock not held"
         b = v.batch
         if b is None:
             return
@@ -831,9 +862,44 @@ class Pool:
         """Harden the diff area (one sync pair), then let the held chunks reach the origin.
         If the diff area cannot be made durable, the snapshots that needed those chunks
         become invalid first; the origin write itself never fails (invariant 5)."""
+        assert self._owned(), "pool lock not held"
         self._harden(v)
         if v.pending:
             self._write_out(v, self._held(v))
+
+    def _drain(self, v: _Volume) -> None:
+        """_writeback(v) with its syncs WITHOUT the pool lock (call it without the lock):
+        whatever v held or had preserved when called is durable, and written out to the
+        origin, when it returns. The lock is taken only to cut the batch (DiffArea.cut)
+        and to finish it (_write_out, in memory and the page cache); a batch the
+        writeback thread is syncing is waited for first, then v's own batch is cut. A
+        thread holding the lock (_settle) may finish our batch meanwhile: _finish runs
+        once per batch."""
+        while True:
+            with self._lock:
+                if self._volumes.get(v.name) is not v:
+                    return   # deleted meanwhile: its delete settled every batch
+                b = v.batch
+                cut_here = b is None   # a batch of everything held up to this call
+                if b is None:
+                    if not v.pending and not (v.diff is not None and v.diff.unsynced):
+                        return
+                    b = self._cut(v)
+                    sync_here = True
+                else:   # queued by the data path: ours to sync; else the thread syncs it
+                    sync_here = b in self._queued
+                    if sync_here:
+                        self._queued.remove(b)
+            if sync_here:
+                self._sync(b)
+            else:
+                b.synced.wait()   # the writeback thread's sync: needs no lock
+            with self._lock:
+                self._finish(b)
+                if b.crashed is not None:   # SimulatedCrash (tests)
+                    raise b.crashed
+            if cut_here:
+                return
 
     def _reserve_path(self) -> str:
         return os.path.join(self.path, "reserve")
@@ -879,6 +945,7 @@ class Pool:
         delete): a chunk of that batch that cannot be written out (ENOSPC on a full pool)
         stays held, logged, for the next flush to retry and report -- it must not stop
         the delete, which gives the space back."""
+        assert self._owned(), "pool lock not held"
         try:
             self._settle(v)
         except OSError as e:
@@ -897,6 +964,7 @@ class Pool:
         """Invalidate (durably) the snapshots that needed preservations a failed sync
         lost, BEFORE any held chunk may reach the origin. If the catalog fails too, the
         losses stay recorded and the chunks held: the next writeback tries again."""
+        assert self._owned(), "pool lock not held"
         while v.lost:
             lost, err = v.lost[0]
             self._invalidate_needing(v, lost, err)
@@ -908,6 +976,7 @@ class Pool:
         whose buffer is no longer the one given was preserved again since (its new
         preservation is not durable yet): it stays held. A chunk stops being held only
         once its write succeeded (an EIO leaves the rest held, for the next flush)."""
+        assert self._owned(), "pool lock not held"
         cs = self.chunk_size
         zero = bytes(cs)
         run: list[memoryview] = []     # whole dirty chunks, consecutive: one pwritev
@@ -1006,6 +1075,7 @@ class Pool:
 
     def _finish(self, b: _Batch) -> None:
         """(Lock held, the batch synced.) Once per batch, by whoever comes first."""
+        assert self._owned(), "pool lock not held"
         if b.done:
             return
         b.done = True
@@ -1035,6 +1105,7 @@ class Pool:
             self._fail_plex(s, e)
 
     def _fail_plex(self, s: _Snapshot, err: OSError) -> None:
+        assert self._owned(), "pool lock not held"
         # Out of the mirror list while still PREPARING = failed: sync and commit refuse
         # it, abort removes it.
         log.warning("plex %s of %s failed (%s); the plex is invalid", s.snap_id,
@@ -1042,17 +1113,38 @@ class Pool:
         if s in s.origin.mirrors:
             s.origin.mirrors.remove(s)
 
-    @_locked
     def flush(self, name: str) -> None:
-        v = self._vol(name)
-        self._writeback(v)
-        v.file.sync()
-        for s in list(v.mirrors):
-            self._mirror(s, DataFile.sync)
+        """fsync of a volume: every write to it that returned before this call is durable
+        in the origin and in the plexes being synced. Runs WITHOUT the pool lock around
+        its syncs (only the bookkeeping takes it), so reads and writes of every volume
+        go on meanwhile; writes that land during the flush are not covered by it."""
+        with self._lock:
+            v = self._vol(name)
+        self._drain(v)
+        with self._lock:
+            if self._volumes.get(name) is not v:
+                raise NotFound(f"volume {name} was deleted")
+            mirrors = [(s, s.file) for s in v.mirrors if s.file is not None]
+            files = self._pin([v.file] + [f for _, f in mirrors])
+        failed: list[tuple[_Snapshot, OSError]] = []
+        try:
+            v.file.sync()
+            for plex, f in mirrors:
+                try:
+                    f.sync()
+                except OSError as e:   # fails the plex, never the origin (invariant 5)
+                    failed.append((plex, e))
+        finally:
+            with self._lock:
+                for f in files:
+                    f.unpin()
+                for plex, err in failed:
+                    self._fail_plex(plex, err)
 
     def _copy_before_write(self, v: _Volume, first: int, last: int) -> None:
         """Preserve, durably, the old content of chunks first..last that a live
         differential snapshot still needs (invariant 2), with one sync pair per call."""
+        assert self._owned(), "pool lock not held"
         da = v.diff
         assert da is not None
         while v.live_epochs:
@@ -1161,6 +1253,7 @@ class Pool:
             self._set_state(s, INVALID)
 
     def _set_state(self, s: _Snapshot, state: str) -> None:
+        assert self._owned(), "pool lock not held"
         def record() -> None:
             with self.catalog.transaction() as db:
                 db.execute("UPDATE snapshots SET state=? WHERE id=?", (state, s.id))
@@ -1266,10 +1359,34 @@ class Pool:
             off += done
         dst.dirty = True
 
-    @_locked
     def commit_snapshots(self, snap_ids: Iterable[str]) -> None:
         """Commit a snapshot set: one durable catalog transaction for all of them; no I/O
-        to origin volumes; in memory, each origin starts a new epoch (O(1))."""
+        to origin volumes; in memory, each origin starts a new epoch (O(1)). The syncs
+        that make the instant durable (held writes, plex files) run first WITHOUT the
+        pool lock; under it they are repeated, as no-ops unless written since."""
+        ids = list(snap_ids)
+        self._presync(ids)
+        with self._lock:
+            self._commit(ids)
+
+    def _presync(self, snap_ids: list[str]) -> None:
+        """(WITHOUT the lock.) The bulk of a commit's syncs. Errors are left for the
+        locked commit to meet again and report."""
+        with self._lock:
+            snaps = [s for s in map(self._snaps.get, snap_ids)
+                     if s is not None and s.state == PREPARING]
+        for s in snaps:
+            self._drain(s.origin)
+        with self._lock:
+            plexes = self._pin(s.file for s in snaps if s.kind == PLEX)
+        try:
+            for f in plexes:
+                with contextlib.suppress(OSError):
+                    f.sync()
+        finally:
+            self._unpin(plexes)
+
+    def _commit(self, snap_ids: list[str]) -> None:
         snaps = [self._snap(i) for i in snap_ids]
         origins = [s.origin for s in snaps]
         if len(set(map(id, origins))) != len(origins):
@@ -1319,11 +1436,15 @@ class Pool:
             raise InvalidState(f"snapshot {s.snap_id} is already committed; delete it instead")
         self._delete_snapshot(s)
 
-    @_locked
     def delete_snapshot(self, snap_id: str) -> None:
-        s = self._snap(snap_id)
-        self._not_reverting_to(s)
-        self._delete_snapshot(s)
+        with self._lock:
+            v = self._snap(snap_id).origin
+        with contextlib.suppress(OSError):   # the bulk of _harden's syncs, without the
+            self._drain(v)                    # lock; errors are met again below
+        with self._lock:
+            s = self._snap(snap_id)
+            self._not_reverting_to(s)
+            self._delete_snapshot(s)
 
     def _not_reverting_to(self, s: _Snapshot) -> None:
         if self._reverting.get(s.origin.id) is s:
@@ -1331,6 +1452,7 @@ class Pool:
                        "wait for the revert to finish")
 
     def _delete_snapshot(self, s: _Snapshot) -> None:
+        assert self._owned(), "pool lock not held"
         v = s.origin
         self._harden(v, keep_going=True)   # GC needs every map record on disk
 
@@ -1387,9 +1509,11 @@ class Pool:
     def _snapshot_chunks(self, s: _Snapshot) -> list[int]:
         """Chunks where snapshot `s` may hold data: allocated in its own image or origin,
         or preserved in the diff area. Everything else reads as zeros."""
+        assert self._owned(), "pool lock not held"
         cs = self.chunk_size
         limit = self._nchunks(s.size)
-        self._writeback(s.origin)   # extents are read from the files
+        if s.file is None:
+            self._writeback(s.origin)   # extents are read from the origin file
         chunks: set[int] = set()
         src = s.file if s.file is not None else s.origin.file
         for off, n in data_extents(src.fd, 0, s.size):
@@ -1399,7 +1523,12 @@ class Pool:
         return sorted(chunks)
 
     def promote(self, snap_id: str, progress: Progress = None) -> SnapshotInfo:
-        """Differential -> full copy. Afterwards independent of the origin and diff area."""
+        """Differential -> full copy. Afterwards independent of the origin and diff area.
+
+        progress(done, total) is called after every chunk copied and once more when the
+        copy is durable, before it is committed: a progress that raises (Cancelled) there
+        stops the promote with nothing changed (the partial files are removed). Once
+        the commit has begun it no longer calls progress: the promote completes."""
         with self._lock:
             s = self._snap(snap_id)
             self._readable(s)
@@ -1426,6 +1555,8 @@ class Pool:
             sums.truncate(self._nchunks(s.size) * 8)
             out.sync()
             sums.sync()
+            if progress:   # the last moment a cancellation leaves nothing changed
+                progress(len(chunks), len(chunks))
             self.faults.point("promote.copied")
             with self._lock:
                 self._readable(s)
@@ -1458,7 +1589,8 @@ class Pool:
     def _copy_chunks(self, s: _Snapshot, chunks: list[int], out: DataFile,
                      progress: Progress, sums: DataFile | None = None) -> None:
         """Copy these chunks of snapshot s into out (holes stay holes); with sums, also
-        write each chunk's checksum in the .sum layout (see _chunk_sums)."""
+        write each chunk's checksum in the .sum layout (see _chunk_sums). progress after
+        every chunk: it is where a cancellation stops the copy (at most one chunk late)."""
         cs = self.chunk_size
         zero = bytes(cs)
         for i, c in enumerate(chunks):
@@ -1470,12 +1602,17 @@ class Pool:
                 if sums is not None:
                     digest = xxhash.xxh3_64_intdigest(data) or 1
                     sums.pwrite(digest.to_bytes(8, "little"), c * 8)
-            if progress and (i % 64 == 0 or i == len(chunks) - 1):
+            if progress:
                 progress(i + 1, len(chunks))
 
     def split(self, snap_id: str, new_name: str, progress: Progress = None) -> VolumeInfo:
         """Break a snapshot off as an independent read-write volume with a new naa id.
-        A plex or full copy is converted in place (O(1)); a differential is promoted."""
+        A plex or full copy is converted in place (O(1)); a differential is promoted.
+
+        All or nothing for a cancellation: progress is called only by the promote step,
+        whose cancellation leaves the snapshot as it was (differential, not split); once
+        the promote is committed the split completes without calling progress again
+        (a cancelled split must not leave a promoted-but-not-split snapshot behind)."""
         check_name(new_name)
         with self._lock:
             s = self._snap(snap_id)
@@ -1514,8 +1651,6 @@ class Pool:
             self._volumes[new_name] = v
             self._write_header(v)
             self.generation += 1
-            if progress:
-                progress(1, 1)
             return self._vinfo(v)
 
     def revert(self, volume: str, snap_id: str, progress: Progress = None) -> None:
@@ -1525,7 +1660,12 @@ class Pool:
         Crash-safe by rolling forward: a catalog record (meta key 'revert.<volume id>')
         is written before the volume changes and removed once the result is flushed; a
         pool opened with the record present finishes the revert first (_load). So after
-        a crash the revert has either not started or completed."""
+        a crash the revert has either not started or completed.
+
+        A cancellation is treated the same way: once the record is written the revert
+        rolls forward. A Cancelled raised by progress is ignored (logged once) and the
+        revert completes; a half-reverted volume is of no use to anyone. (To cancel
+        before it starts, check before calling revert.)"""
         with self._lock:
             v = self._vol(volume)
             s = self._snap(snap_id)
@@ -1558,11 +1698,13 @@ class Pool:
                 self._set_volume_size(v, s.size)
             chunks = self._snapshot_chunks(s)
             if s.file is not None:   # full copy: also chunks allocated only in the origin
+                self._writeback(v)   # (held chunks are not in the file's extents yet)
                 cs = self.chunk_size
                 extra = {c for off, n in v.file.extents(0, s.size)
                          for c in range(off // cs, (off + n + cs - 1) // cs)}
                 chunks = sorted(set(chunks) | extra)
         cs = self.chunk_size
+        told = False
         for i, c in enumerate(chunks):
             with self._lock:
                 self._readable(s)
@@ -1574,16 +1716,23 @@ class Pool:
                     else:
                         self.write(v.name, start, want)
             if progress and (i % 64 == 0 or i == len(chunks) - 1):
-                progress(i + 1, len(chunks))
+                try:
+                    progress(i + 1, len(chunks))
+                except Cancelled:   # rolls forward (see revert()): say so once
+                    if not told:
+                        log.info("volume %s: its revert to snapshot %s was cancelled "
+                                 "after it started: it continues (a revert rolls forward)",
+                                 v.name, s.snap_id)
+                    told = True
         with self._lock:
             self.faults.point("revert.copied")
             if v.size > s.size:   # the tail goes through copy-before-write, then shrink
                 self.discard(v.name, s.size, v.size - s.size)
                 self._set_volume_size(v, s.size)
-            self.flush(v.name)
-            # the record goes only once the reverted content is durable
-            self.faults.point("revert.flushed")
-            self._end_revert(v)
+        self.flush(v.name)   # its syncs run without the lock (writes are held anyway)
+        # the record goes only once the reverted content is durable
+        self.faults.point("revert.flushed")
+        self._end_revert(v)
 
     @_locked
     def _end_revert(self, v: _Volume) -> None:
@@ -1621,156 +1770,18 @@ class Pool:
                           v.name, s.snap_id, e)
                 self._end_revert(v)
 
-    # -- integrity -----------------------------------------------------------------------------
+    # -- integrity (blockstore/integrity.py) ----------------------------------------------------
     def seal(self, snap_id: str, progress: Progress = None) -> None:
         """Record an xxh3 per chunk of a full copy (plex or promoted): luns/<id>.sum."""
-        with self._lock:
-            s = self._snap(snap_id)
-            self._readable(s)
-            if s.file is None:
-                raise Unsupported(f"snapshot {s.snap_id} is differential; its preserved "
-                                  "chunks carry their own checksums")
-            if s.sealed:
-                return
-            sums = DataFile(self._sum(s.id) + ".tmp", "plex", self.faults, create=True)
-        try:
-            self._write_sums(s, sums, progress)
-            sums.sync()
-            with self._lock:
-                os.replace(sums.path, self._sum(s.id))
-                fsync_dir(os.path.join(self.path, "luns"))
-                with self.catalog.transaction() as db:
-                    db.execute("UPDATE snapshots SET sealed=1 WHERE id=?", (s.id,))
-                s.sealed = True
-        finally:
-            sums.close()
-            if os.path.exists(self._sum(s.id) + ".tmp"):
-                os.unlink(self._sum(s.id) + ".tmp")
+        from . import integrity
+        integrity.seal(self, snap_id, progress)
 
-    def _chunk_sums(self, s: _Snapshot) -> Iterable[tuple[int, int]]:
-        """(chunk, digest) of every non-zero chunk of a full copy; digest 0 is reserved for
-        an all-zero chunk, so a real digest of 0 is stored as 1."""
-        cs = self.chunk_size
-        assert s.file is not None
-        zero = bytes(cs)
-        for c in self._snapshot_chunks(s):
-            data = s.file.pread(cs, c * cs)
-            if data and data != zero[:len(data)]:
-                yield c, xxhash.xxh3_64_intdigest(data) or 1
-
-    def _write_sums(self, s: _Snapshot, sums: DataFile, progress: Progress) -> None:
-        for c, digest in self._chunk_sums(s):
-            sums.pwrite(digest.to_bytes(8, "little"), c * 8)
-        sums.truncate(self._nchunks(s.size) * 8)
-        if progress:
-            progress(1, 1)
-
-    @_locked
-    def check(self) -> list[str]:
+    def check(self, progress: Progress = None) -> list[str]:
         """Verify catalog, headers, images, maps and every checksum. [] means clean."""
-        for v in self._volumes.values():
-            self._writeback(v)
-        problems = list(self.problems)
-        problems += self.catalog.integrity()
-        try:
-            fmt.read_pool_file(self.path)
-        except StoreError as e:
-            problems.append(str(e))
-        for v in self._volumes.values():
-            problems += self._check_volume(v)
-        return problems + self._stray_files()
-
-    def _stray_files(self) -> list[str]:
-        """luns/ and diff/ files of no LUN (opening the pool removes them); the unfinished
-        .tmp/.partial files of an operation in progress are not strays."""
-        vols = {str(v.id) for v in self._volumes.values()}
-        luns = vols | {str(s.id) for s in self._snaps.values()}
-        out = []
-        for sub, ids in (("luns", luns), ("diff", vols)):
-            for fn in sorted(os.listdir(os.path.join(self.path, sub))):
-                if fn.split(".", 1)[0] not in ids and not fn.endswith((".tmp", ".partial")):
-                    out.append(f"{sub}/{fn} belongs to no volume or snapshot")
-        return out
-
-    def _check_volume(self, v: _Volume) -> list[str]:
-        out = []
-        if v.file.size() != v.size:
-            out.append(f"volume {v.name}: image is {v.file.size()} bytes, catalog says {v.size}")
-        out += self._check_header(v, f"volume {v.name}")
-        epochs = [s.epoch for s in v.snaps if s.kind == DIFFERENTIAL and s.state != PREPARING]
-        if len(set(epochs)) != len(epochs):
-            out.append(f"volume {v.name}: two differential snapshots share an epoch")
-        for s in v.snaps:
-            what = f"snapshot {s.snap_id} of {v.name}"
-            out += self._check_header(s, what)
-            if s.kind == DIFFERENTIAL and s.state == COMMITTED:
-                if s.epoch is None or s.epoch > v.epoch:
-                    out.append(f"{what}: epoch {s.epoch} beyond the volume's {v.epoch}")
-                if v.diff is None:
-                    out.append(f"{what}: the volume has no diff area")
-            if s.file is not None and s.state == COMMITTED:
-                if s.file.size() != s.size:
-                    out.append(f"{what}: image is {s.file.size()} bytes, expected {s.size}")
-                if s.sealed:
-                    out += self._check_sums(s, what)
-        if v.diff is not None:
-            da = v.diff
-            for slot, st in enumerate(da.state):
-                if not st:
-                    continue
-                if da.epoch[slot] > v.epoch or da.epoch[slot] < 1:
-                    out.append(f"volume {v.name}: diff slot {slot} has epoch {da.epoch[slot]} "
-                               f"outside 1..{v.epoch}")
-                try:
-                    da.read_slot(slot)
-                except (StoreError, OSError) as e:
-                    out.append(f"volume {v.name}: {e}")
-        return out
-
-    def _check_header(self, lun: _Volume | _Snapshot, what: str) -> list[str]:
-        doc = fmt.read_header(self._hdr(lun.id))
-        if doc is None:
-            return [f"{what}: header {self._hdr(lun.id)} is missing or damaged"]
-        want = dict(self._header_fields(lun))
-        bad = sorted(k for k, val in want.items() if doc.get(k) != val)
-        if not bad:
-            return []
-        return [f"{what}: header field(s) {', '.join(bad)} disagree with the catalog"]
-
-    def _check_sums(self, s: _Snapshot, what: str) -> list[str]:
-        try:
-            with open(self._sum(s.id), "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return [f"{what}: checksum file {self._sum(s.id)} is missing"]
-        want = {c: d for c, d in self._chunk_sums(s)}
-        out = []
-        for c in range(len(raw) // 8):
-            stored = int.from_bytes(raw[c * 8:c * 8 + 8], "little")
-            if stored != want.get(c, 0):
-                out.append(f"{what}: chunk {c} fails its checksum")
-        return out
+        from . import integrity
+        return integrity.check(self, progress)
 
     def scrub(self, progress: Progress = None) -> list[str]:
         """check() plus a read of every byte of every LUN; seals unsealed full copies."""
-        problems = self.check()
-        with self._lock:
-            keys = [v.name for v in self._volumes.values()] + [
-                s.snap_id for s in self._snaps.values() if s.state == COMMITTED]
-            total = sum(self._lun(k).size for k in keys)
-        done = 0
-        for key in keys:
-            size = self.lun_size(key)
-            for off in range(0, size, COPY_PIECE):
-                try:
-                    self.read(key, off, COPY_PIECE)
-                except (StoreError, OSError) as e:
-                    problems.append(f"{key} at offset {off}: {e}")
-                    break
-                done += min(COPY_PIECE, size - off)
-                if progress:
-                    progress(done, total)
-            s = self._snaps.get(key)
-            if s is not None and s.file is not None and not s.sealed:
-                self.seal(key)
-        return problems
+        from . import integrity
+        return integrity.scrub(self, progress)

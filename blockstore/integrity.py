@@ -1,0 +1,314 @@
+"""A pool's integrity: check() (metadata and every checksum), scrub() (check plus a read of
+every byte of every LUN) and seal() (the checksums of a full copy: luns/<id>.sum).
+
+They run in worker threads beside the data path and reach into the Pool's state as a
+part of the engine. The pool lock is held only for bookkeeping: the lists of what to
+verify are made under it, with the files to read pinned (Pool._pin, so a concurrent
+delete cannot close them), and the reads and hashing run outside it, so a check of a
+large pool never stalls the FUSE thread (docs/concurrency.md). What is read outside the
+lock is either immutable (a committed full copy, its .sum file) or verified again under
+the lock before it is reported (a diff slot may be freed by gc and reused meanwhile).
+A progress callback is called every PROGRESS_EVERY chunks; one that raises (a
+cancelled request) stops the operation there, leaving nothing changed but a seal's
+temporary file, which is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from . import format as fmt
+from .diffarea import DATA
+from .errors import NotFound, SnapshotInvalid, StoreError, Unsupported
+from .fileio import DataFile, fsync_dir
+
+if TYPE_CHECKING:
+    from .diffarea import DiffArea
+    from .pool import Pool, Progress, _Snapshot, _Volume
+
+PROGRESS_EVERY = 64       # chunks between two progress calls
+READ_PIECE = 1 << 20      # unit of scrub's reads
+COMMITTED, PREPARING, DIFFERENTIAL = "committed", "preparing", "differential"
+
+# a data check made under the lock, run outside it: returns the problems it found
+_Job = Callable[[Callable[[int], None]], list[str]]
+
+
+class _Plan:
+    """check()'s data checks, planned under the lock: the jobs with their size in chunks,
+    and what they hold open (pinned files, file descriptors) until close()."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.jobs: list[tuple[_Job, int]] = []
+        self.pinned: list[DataFile] = []
+        self.fds: list[int] = []
+
+    def pin(self, f: DataFile | None) -> DataFile:
+        assert f is not None
+        self.pinned += self.pool._pin([f])
+        return f
+
+    def close(self) -> None:
+        self.pool._unpin(self.pinned)
+        for fd in self.fds:
+            os.close(fd)
+
+
+def _chunk_sums(f: DataFile, chunks: list[int], cs: int,
+                tick: Callable[[int], None]) -> Iterator[tuple[int, int]]:
+    """(chunk, digest) of every non-zero chunk among `chunks` of a full copy's file;
+    digest 0 is reserved for an all-zero chunk, so a real digest of 0 is stored as 1."""
+    zero = bytes(cs)
+    for c in chunks:
+        data = f.pread(cs, c * cs)
+        if data and data != zero[:len(data)]:
+            yield c, xxhash.xxh3_64_intdigest(data) or 1
+        tick(1)
+
+
+def _ticker(progress: Progress, total: int) -> Callable[[int], None]:
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        before, done = done, done + n
+        if progress and (before // PROGRESS_EVERY != done // PROGRESS_EVERY or done == total):
+            progress(done, total)
+    return tick
+
+
+# -- seal -------------------------------------------------------------------------------------
+def seal(pool: Pool, snap_id: str, progress: Progress = None) -> None:
+    """Record an xxh3 per chunk of a full copy (plex or promoted): luns/<id>.sum."""
+    with pool._lock:
+        s = pool._snap(snap_id)
+        pool._readable(s)
+        if s.file is None:
+            raise Unsupported(f"snapshot {s.snap_id} is differential; its preserved "
+                              "chunks carry their own checksums")
+        if s.sealed:
+            return
+        chunks = pool._snapshot_chunks(s)
+        tmp = pool._sum(s.id) + ".tmp"
+        sums = DataFile(tmp, "plex", pool.faults, create=True)
+        pinned = pool._pin([s.file])
+    try:
+        tick = _ticker(progress, len(chunks))
+        for c, digest in _chunk_sums(pinned[0], chunks, pool.chunk_size, tick):
+            sums.pwrite(digest.to_bytes(8, "little"), c * 8)
+        sums.truncate(pool._nchunks(s.size) * 8)
+        sums.sync()
+        with pool._lock:
+            pool._readable(s)   # deleted meanwhile: NotFound, nothing recorded
+            os.replace(tmp, pool._sum(s.id))
+            fsync_dir(os.path.join(pool.path, "luns"))
+            with pool.catalog.transaction() as db:
+                db.execute("UPDATE snapshots SET sealed=1 WHERE id=?", (s.id,))
+            s.sealed = True
+    finally:
+        pool._unpin(pinned)
+        sums.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+# -- check ------------------------------------------------------------------------------------
+def check(pool: Pool, progress: Progress = None) -> list[str]:
+    """Verify catalog, headers, images, maps and every checksum. [] means clean."""
+    with pool._lock:
+        volumes = list(pool._volumes.values())
+    for v in volumes:
+        pool._drain(v)   # held writes out first: sizes and extents are read from files
+    plan = _Plan(pool)
+    try:
+        with pool._lock:
+            problems = list(pool.problems)
+            problems += pool.catalog.integrity()
+            try:
+                fmt.read_pool_file(pool.path)
+            except StoreError as e:
+                problems.append(str(e))
+            for v in pool._volumes.values():
+                problems += _check_volume(pool, v, plan)
+            problems += _stray_files(pool)
+        tick = _ticker(progress, sum(n for _, n in plan.jobs))
+        for job, _ in plan.jobs:
+            problems += job(tick)
+    finally:
+        plan.close()
+    return problems
+
+
+def _stray_files(pool: Pool) -> list[str]:
+    """luns/ and diff/ files of no LUN (opening the pool removes them); the unfinished
+    .tmp/.partial files of an operation in progress are not strays."""
+    vols = {str(v.id) for v in pool._volumes.values()}
+    luns = vols | {str(s.id) for s in pool._snaps.values()}
+    out = []
+    for sub, ids in (("luns", luns), ("diff", vols)):
+        for fn in sorted(os.listdir(os.path.join(pool.path, sub))):
+            if fn.split(".", 1)[0] not in ids and not fn.endswith((".tmp", ".partial")):
+                out.append(f"{sub}/{fn} belongs to no volume or snapshot")
+    return out
+
+
+def _check_volume(pool: Pool, v: _Volume, plan: _Plan) -> list[str]:
+    """(Lock held.) The metadata checks of a volume and its snapshots; the data checks
+    go to the plan."""
+    out = []
+    if v.file.size() != v.size:
+        out.append(f"volume {v.name}: image is {v.file.size()} bytes, catalog says {v.size}")
+    out += _check_header(pool, v, f"volume {v.name}")
+    epochs = [s.epoch for s in v.snaps if s.kind == DIFFERENTIAL and s.state != PREPARING]
+    if len(set(epochs)) != len(epochs):
+        out.append(f"volume {v.name}: two differential snapshots share an epoch")
+    for s in v.snaps:
+        what = f"snapshot {s.snap_id} of {v.name}"
+        out += _check_header(pool, s, what)
+        if s.kind == DIFFERENTIAL and s.state == COMMITTED:
+            if s.epoch is None or s.epoch > v.epoch:
+                out.append(f"{what}: epoch {s.epoch} beyond the volume's {v.epoch}")
+            if v.diff is None:
+                out.append(f"{what}: the volume has no diff area")
+        if s.file is not None and s.state == COMMITTED:
+            if s.file.size() != s.size:
+                out.append(f"{what}: image is {s.file.size()} bytes, expected {s.size}")
+            if s.sealed:
+                out += _plan_sums(pool, s, what, plan)
+    if v.diff is not None:
+        da = v.diff
+        slots = []
+        for slot, st in enumerate(da.state):
+            if not st:
+                continue
+            if da.epoch[slot] > v.epoch or da.epoch[slot] < 1:
+                out.append(f"volume {v.name}: diff slot {slot} has epoch {da.epoch[slot]} "
+                           f"outside 1..{v.epoch}")
+            if st == DATA:
+                slots.append((slot, da.digest[slot]))
+        plan.pin(da.data)
+        plan.jobs.append((lambda tick: _verify_slots(pool, v, da, slots, tick), len(slots)))
+    return out
+
+
+def _check_header(pool: Pool, lun: _Volume | _Snapshot, what: str) -> list[str]:
+    doc = fmt.read_header(pool._hdr(lun.id))
+    if doc is None:
+        return [f"{what}: header {pool._hdr(lun.id)} is missing or damaged"]
+    want = dict(pool._header_fields(lun))
+    bad = sorted(k for k, val in want.items() if doc.get(k) != val)
+    if not bad:
+        return []
+    return [f"{what}: header field(s) {', '.join(bad)} disagree with the catalog"]
+
+
+def _plan_sums(pool: Pool, s: _Snapshot, what: str, plan: _Plan) -> list[str]:
+    """(Lock held.) Queue the check of a sealed copy against its .sum file. Both are
+    immutable once sealed; the .sum file is opened here, so a delete meanwhile leaves
+    the job reading what it planned to read."""
+    try:
+        fd = os.open(pool._sum(s.id), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return [f"{what}: checksum file {pool._sum(s.id)} is missing"]
+    plan.fds.append(fd)
+    chunks = pool._snapshot_chunks(s)
+    f = plan.pin(s.file)
+
+    def job(tick: Callable[[int], None]) -> list[str]:
+        raw = os.pread(fd, os.fstat(fd).st_size, 0)
+        want = dict(_chunk_sums(f, chunks, pool.chunk_size, tick))
+        out = []
+        for c in range(len(raw) // 8):
+            stored = int.from_bytes(raw[c * 8:c * 8 + 8], "little")
+            if stored != want.get(c, 0):
+                out.append(f"{what}: chunk {c} fails its checksum")
+        return out
+    plan.jobs.append((job, len(chunks)))
+    return []
+
+
+def _verify_slots(pool: Pool, v: _Volume, da: DiffArea, slots: list[tuple[int, int]],
+                  tick: Callable[[int], None]) -> list[str]:
+    """Read every planned diff slot outside the lock and compare it with its digest. A
+    mismatch is verified again under the lock, where a slot freed (gc) or reused since
+    the plan is skipped: only a slot that still holds the planned entry is reported."""
+    cs = da.chunk_size
+    out = []
+    for slot, digest in slots:
+        try:
+            data = da.data.pread(cs, slot * cs)
+            good = len(data) == cs and xxhash.xxh3_64_intdigest(data) == digest
+        except OSError:
+            good = False
+        if not good:
+            with pool._lock:
+                if (v.diff is da and slot < len(da.state) and da.state[slot] == DATA
+                        and da.digest[slot] == digest):
+                    try:
+                        da.read_slot(slot)
+                    except (StoreError, OSError) as e:
+                        out.append(f"volume {v.name}: {e}")
+        tick(1)
+    return out
+
+
+# -- scrub ------------------------------------------------------------------------------------
+def scrub(pool: Pool, progress: Progress = None) -> list[str]:
+    """check() plus a read of every byte of every LUN; seals unsealed full copies. LUNs
+    deleted meanwhile are skipped."""
+    with pool._lock:
+        keys = [v.name for v in pool._volumes.values()] + [
+            s.snap_id for s in pool._snaps.values() if s.state == COMMITTED]
+        total = sum(pool._lun(k).size for k in keys)
+    problems = check(pool, (lambda _d, _t: progress(0, total)) if progress else None)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+    for key in keys:
+        problems += _read_lun(pool, key, tick)
+        with contextlib.suppress(NotFound, SnapshotInvalid, Unsupported):
+            with pool._lock:
+                s = pool._snaps.get(key)
+                unsealed = s is not None and s.file is not None and not s.sealed
+            if unsealed:
+                seal(pool, key)
+    return problems
+
+
+def _read_lun(pool: Pool, key: str, tick: Callable[[int], None]) -> list[str]:
+    """Read every byte of one LUN: a volume or full copy from its file, outside the lock;
+    a differential snapshot through Pool.read, which takes the lock per chunk."""
+    with pool._lock:
+        lun = pool._volumes.get(key) or pool._snaps.get(key)
+        if lun is None:
+            return []
+        size = lun.size
+        pinned = pool._pin([lun.file])
+    cs = pool.chunk_size
+    try:
+        for off in range(0, size, READ_PIECE):
+            n = min(READ_PIECE, size - off)
+            try:
+                if pinned:
+                    pinned[0].pread(n, off)
+                else:
+                    for pos in range(off, off + n, cs):
+                        pool.read(key, pos, cs)
+            except NotFound:
+                return []   # deleted meanwhile
+            except (StoreError, OSError) as e:
+                return [f"{key} at offset {off}: {e}"]
+            tick(n)
+    finally:
+        pool._unpin(pinned)
+    return []
