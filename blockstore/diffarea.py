@@ -86,6 +86,7 @@ class DiffArea:
         self.origin_epoch = origin_epoch
         self.torn_records = 0
         self.unsynced: list[int] = []   # slots whose map records are not yet written
+        self.reclaiming: set[int] = set()   # slots a gc is freeing (gc_plan .. gc_finish)
         self.map_allocated = 0          # map-file bytes known to have blocks (_reserve_map)
         if exists:
             self._load()
@@ -342,12 +343,27 @@ class DiffArea:
 
     def gc(self, live_epochs: list[int]) -> int:
         """Free every entry no live differential snapshot can read. Returns slots freed.
+        All three steps in one go: plan, clear the records (synced), finish."""
+        assert not self.unsynced, "harden() before reclaiming"
+        doomed = self.gc_plan(live_epochs)
+        if doomed:
+            try:
+                self.gc_clear(doomed)
+            except BaseException:
+                self.gc_abort(doomed)
+                raise
+            self.gc_finish(doomed)
+        return len(doomed)
+
+    def gc_plan(self, live_epochs: list[int], busy: set[int] | frozenset[int] = frozenset()
+                ) -> list[int]:
+        """The slots to free, now marked as being reclaimed until gc_finish or gc_abort.
 
         Entry (c, E) serves snapshots with epoch in (previous entry of c, E]; it is needed
-        iff one live epoch lies in that range. Records are cleared and synced BEFORE the
-        data is punched, so a durable record never points at reclaimed data.
-        """
-        assert not self.unsynced, "harden() before reclaiming"
+        iff one live epoch lies in that range (new epochs are newer than every entry, so
+        a commit meanwhile changes nothing). Left out: `busy` slots, whose records are
+        not durable yet (a record written later would bring a cleared one back), and
+        slots another gc is reclaiming. (Pool lock held; memory only.)"""
         live = sorted(live_epochs)
         used = [s for s, st in enumerate(self.state) if st != FREE]
         used.sort(key=lambda s: (self.chunk[s], self.epoch[s]))
@@ -357,16 +373,31 @@ class DiffArea:
             c, e = self.chunk[s], self.epoch[s]
             lo = prev_epoch + 1 if c == prev_chunk else 1
             i = bisect_left(live, lo)
-            if not (i < len(live) and live[i] <= e):
+            if not (i < len(live) and live[i] <= e) and s not in busy \
+                    and s not in self.reclaiming:
                 doomed.append(s)
             prev_chunk, prev_epoch = c, e
-        if not doomed:
-            return 0
+        self.reclaiming.update(doomed)
+        return doomed
+
+    def gc_clear(self, doomed: list[int]) -> None:
+        """Clear the doomed slots' records and sync the map, BEFORE their data is punched,
+        so a durable record never points at reclaimed data. Touches only the map file,
+        so the pool may run it without its lock (its in-memory maps still serve the
+        doomed entries, which no live snapshot reads)."""
         for s in doomed:
             self.map.pwrite(_FREE_RECORD, s * MAP_RECORD_SIZE)
         self.faults.point("gc.map_written")
         self.map.sync()
         self.faults.point("gc.map_synced")
+
+    def gc_abort(self, doomed: list[int]) -> None:
+        """gc_clear failed: the slots stay in use (a later gc frees them)."""
+        self.reclaiming.difference_update(doomed)
+
+    def gc_finish(self, doomed: list[int]) -> None:
+        """Punch the doomed slots' data and free them in memory. (Pool lock held.)"""
+        self.reclaiming.difference_update(doomed)
         for s in doomed:
             if self.state[s] == DATA:
                 self.data.punch(s * self.chunk_size, self.chunk_size)
@@ -375,7 +406,6 @@ class DiffArea:
         self._trim()
         self.free_hint = 0
         self._rebuild_tables()
-        return len(doomed)
 
     def _trim(self) -> None:
         """Shrink both files past the last used slot (space back to the filesystem)."""

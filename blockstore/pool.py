@@ -901,6 +901,40 @@ class Pool:
             if cut_here:
                 return
 
+    def _reclaim(self, v: _Volume) -> None:
+        """DiffArea.gc of v with its map writes and sync WITHOUT the pool lock (call it
+        without the lock). Entries whose records are not durable yet are left for a
+        later gc; so are all of them if the map cannot be written (logged: garbage
+        entries cost space, never correctness, and open() reclaims them)."""
+        with contextlib.suppress(OSError):
+            self._drain(v)   # most records durable first: fewer entries left behind
+        with self._lock:
+            da = v.diff
+            if self._volumes.get(v.name) is not v or da is None:
+                return
+            busy = set(da.unsynced)
+            if v.batch is not None and v.batch.sync is not None:
+                busy.update(v.batch.sync.slots)
+            doomed = da.gc_plan(v.live_epochs, busy)
+            if not doomed:
+                return
+            pinned = self._pin([da.map])
+        cleared = False
+        try:
+            da.gc_clear(doomed)
+            cleared = True
+        except OSError as e:
+            log.warning("volume %s: reclaiming %d diff-area entries failed (%s); they are "
+                        "reclaimed later", v.name, len(doomed), e)
+        finally:   # (a SimulatedCrash punches nothing: the records may not be durable)
+            with self._lock:
+                for f in pinned:
+                    f.unpin()
+                if cleared and v.diff is da and self._volumes.get(v.name) is v:
+                    da.gc_finish(doomed)
+                else:
+                    da.gc_abort(doomed)
+
     def _reserve_path(self) -> str:
         return os.path.join(self.path, "reserve")
 
@@ -1444,14 +1478,18 @@ class Pool:
         with self._lock:
             s = self._snap(snap_id)
             self._not_reverting_to(s)
-            self._delete_snapshot(s)
+            self._delete_snapshot(s, reclaim=False)
+        if s.kind == DIFFERENTIAL:
+            self._reclaim(v)
 
     def _not_reverting_to(self, s: _Snapshot) -> None:
         if self._reverting.get(s.origin.id) is s:
             raise Busy(f"volume {s.origin.name} is being reverted to snapshot {s.snap_id}; "
                        "wait for the revert to finish")
 
-    def _delete_snapshot(self, s: _Snapshot) -> None:
+    def _delete_snapshot(self, s: _Snapshot, reclaim: bool = True) -> None:
+        """reclaim=False: the caller reclaims the diff area afterwards, without the lock
+        (_reclaim); a crash before that leaves garbage entries that open() reclaims."""
         assert self._owned(), "pool lock not held"
         v = s.origin
         self._harden(v, keep_going=True)   # GC needs every map record on disk
@@ -1475,7 +1513,7 @@ class Pool:
                 pass
         if s.kind == DIFFERENTIAL:
             self._refresh_live(v)
-            if v.diff:
+            if v.diff and reclaim:
                 v.diff.gc(v.live_epochs)
         self._keep_reserve()   # space came back: hold the reserve again
         self.generation += 1
@@ -1571,13 +1609,11 @@ class Pool:
                 s.kind, s.sealed = FULL, True
                 s.file = DataFile(self._img(s.id), "plex", self.faults, read_only=True)
                 self._write_header(s)
-                v = s.origin
-                self._writeback(v)
-                self._refresh_live(v)
-                if v.diff:
-                    v.diff.gc(v.live_epochs)
+                self._refresh_live(s.origin)
                 self.generation += 1
-                return self._sinfo(s)
+                info = self._sinfo(s)
+            self._reclaim(s.origin)   # what only this snapshot needed
+            return info
         finally:
             self._promoting.discard(s.snap_id)
             out.close()

@@ -1,7 +1,7 @@
 """The pool lock's discipline (docs/concurrency.md), checked with threads.
 
 1. No long I/O under the pool lock: an operation paused in the middle of its disk I/O
-   (flush, check, scrub, seal, the commit of a plex) must not keep a 4 KiB read of
+   (flush, check, scrub, seal, the commit of a plex, a delete's diff-area reclaim) must not keep a 4 KiB read of
    another volume waiting -- that read comes from the FUSE thread, which serves every
    volume and the control socket.
 2. Private mutators run with the lock held (issue 12: seal changed the writeback state
@@ -111,8 +111,17 @@ def _setup_commit(p):
     return ("plex", "sync"), lambda: p.commit_snapshots([sid])
 
 
+def _setup_delete(p):
+    s = p.prepare_snapshot("a", "differential")
+    p.commit_snapshots([s.id])
+    p.write("a", 0, os.urandom(8 * CS))   # 8 entries that only s needs: gc clears them
+    p.flush("a")
+    return ("map", "sync"), lambda: p.delete_snapshot(s.id)
+
+
 @pytest.mark.parametrize("setup", [_setup_flush, _setup_check, _setup_seal, _setup_scrub,
-                                   _setup_commit], ids=lambda f: f.__name__[7:])
+                                   _setup_commit, _setup_delete],
+                         ids=lambda f: f.__name__[7:])
 def test_a_read_of_another_volume_never_waits_for_io_of_an_operation(paused, setup):
     p, faults = paused
     pause_at, op = setup(p)
