@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -481,3 +485,155 @@ list providers
                                           "XML (a Backup Components Document from "
                                           "'shadowplex export')")
     assert "provider " not in res.stdout                  # verbose off: no detail lines
+
+
+# ------------------------------------------------------------- signals during exec (#12)
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _exec_script(d: Daemon, name: str, snap: Path, pidfile: Path, exec_line: str) -> Path:
+    """A backup script that mounts a snapshot at `snap`, then runs `exec_line` (line 5),
+    which starts a long sleep whose working directory is on the snapshot (keeping its
+    mount busy) and writes the sleep's pid to `pidfile`."""
+    path = d.base / name
+    path.write_text("set context backup\nadd volume data alias D\ncreate\n"
+                    f"expose %D% {snap}\n{exec_line}\n")
+    return path
+
+
+def _check_cleaned_up(d: Daemon, snap: Path, sleep_pid: int, log_before: int) -> None:
+    from fuse_mount import loopdev
+    _wait_for(lambda: not _alive(sleep_pid), 10, f"the exec'd sleep {sleep_pid} still runs")
+    assert not loopdev.is_mountpoint(snap)
+    with d.client() as c:                               # type: ignore[attr-defined]
+        _nothing_left(d, c, snap)
+    assert "deleting it anyway" not in d.log_text()[log_before:]
+
+
+def _kill_leftovers(pidfile: Path, snap: Path) -> None:
+    from fuse_mount import loopdev
+    text = pidfile.read_text().strip() if pidfile.exists() else ""
+    if text.isdigit() and _alive(int(text)):
+        os.kill(int(text), signal.SIGKILL)
+    sources = [src for mp, _, src in loopdev.mountinfo() if mp == str(snap)]
+    if sources:
+        _run("umount", "-l", str(snap), check=False)
+    for dev in sources:   # the daemon may have forgotten it (the bug deleted the snapshot)
+        if dev.startswith("/dev/loop"):
+            _run("losetup", "-d", dev, check=False)
+
+
+def _pid_in(pidfile: Path) -> bool:
+    return pidfile.exists() and pidfile.read_text().strip().isdigit()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_signal_during_exec_ends_the_command_and_cleans_up(daemon: Daemon,
+                                                           signame: str) -> None:
+    """SIGTERM / SIGHUP / SIGINT sent to the script process (no terminal) while an exec'd
+    command runs on a mounted snapshot: the command (its whole process group, here a
+    background sleep the shell waits for) is ended, the script unexposes the snapshot,
+    its session's auto-release set is deleted, no loop device is left, and it exits
+    128+N with one line naming the line and the signal. Before: SIGTERM/SIGHUP killed
+    the script at once, the sleep went on (reparented to init) and the daemon deleted
+    the snapshot under its busy mount ("could not unmount ...; deleting it anyway")."""
+    d = daemon
+    sig = signal.Signals[signame]
+    snap, pidfile = d.base / f"snap-{signame}", d.base / f"sleep-{signame}.pid"
+    snap.mkdir()
+    path = _exec_script(d, f"sig-{signame}.dsh", snap, pidfile,
+                        f"exec (cd {snap} && exec sleep 1000) & echo $! > {pidfile}; wait")
+    log_before = len(d.log_text())
+    outf, errf = d.base / f"sig-{signame}.out", d.base / f"sig-{signame}.err"
+    with open(outf, "w") as o, open(errf, "w") as e:   # files: a leftover sleep keeps
+        proc = subprocess.Popen(                         # pipes open, not the script
+            [sys.executable, "-m", "tools.cli", "--socket", d.socket, "script", str(path)],
+            cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdin=subprocess.DEVNULL, stdout=o, stderr=e)
+    try:
+        _wait_for(lambda: _pid_in(pidfile), 60, "the exec'd command did not start")
+        sleep_pid = int(pidfile.read_text())
+        assert _alive(sleep_pid)
+        proc.send_signal(sig)
+        proc.wait(60)
+        out, err = outf.read_text(), errf.read_text()
+        assert proc.returncode == 128 + sig, (proc.returncode, out, err)
+        lines = err.splitlines()
+        word = "interrupted" if sig == signal.SIGINT else f"terminated by {signame}"
+        assert lines[0] == f"shadowplex: {path}:5: exec: {word}", err
+        assert any(x.startswith("cleanup: unexposed snapshot") for x in lines), err
+        assert "Traceback" not in err
+        _check_cleaned_up(d, snap, sleep_pid, log_before)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        _kill_leftovers(pidfile, snap)
+
+
+@pytest.mark.kernel
+def test_ctrl_c_on_a_terminal_during_exec(daemon: Daemon) -> None:
+    """On a terminal the exec'd command is the foreground job (it has the terminal, so
+    it may read it): Ctrl-C reaches the command's process group, and the script cleans
+    up as after its own Ctrl-C -- exit 130, 'interrupted', nothing left."""
+    d = daemon
+    snap, pidfile = d.base / "snap-tty", d.base / "sleep-tty.pid"
+    snap.mkdir()
+    path = _exec_script(d, "tty.dsh", snap, pidfile,
+                        f"exec cd {snap} && echo $$ > {pidfile} && exec sleep 1000")
+    log_before = len(d.log_text())
+    master, slave = pty.openpty()
+    slave_name = os.ttyname(slave)
+
+    def take_terminal() -> None:   # in the child, after setsid: the pty becomes its ctty
+        os.close(os.open(slave_name, os.O_RDWR))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "--socket", d.socket, "script", str(path)],
+        cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=slave,
+        stdout=slave, stderr=slave, start_new_session=True, preexec_fn=take_terminal)
+    os.close(slave)
+    output = bytearray()
+
+    def drain() -> None:
+        while select.select([master], [], [], 0.05)[0]:
+            try:
+                output.extend(os.read(master, 65536))
+            except OSError:
+                return
+
+    try:
+        _wait_for(lambda: (drain(), _pid_in(pidfile))[1], 60,
+                  "the exec'd command did not start")
+        sleep_pid = int(pidfile.read_text())
+        _wait_for(lambda: os.tcgetpgrp(master) == os.getpgid(sleep_pid), 10,
+                  "the command did not get the terminal")
+        os.write(master, b"\x03")                       # Ctrl-C
+        _wait_for(lambda: (drain(), proc.poll())[1] is not None, 60,
+                  f"the script did not end: {output.decode(errors='replace')}")
+        drain()
+        text = output.decode(errors="replace")
+        assert proc.returncode == 130, text
+        assert f"{path}:5: exec: interrupted" in text, text
+        assert "cleanup: unexposed snapshot" in text, text
+        _check_cleaned_up(d, snap, sleep_pid, log_before)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+        _kill_leftovers(pidfile, snap)

@@ -15,7 +15,8 @@ composed is aborted, exposures of auto-release snapshots are undone, and the ses
 end deletes the auto-release sets (the script waits until they are gone). Persistent
 snapshots (and their exposures) stay: they are meant to outlive the script; they are
 listed on stderr. Exit codes: 0 done (also after `exit`), 1 failed while running,
-2 usage/parse error (nothing done), 130 interrupted.
+2 usage/parse error (nothing done), 130 interrupted (Ctrl-C), 143 / 129 terminated by
+SIGTERM / SIGHUP (the same cleanup as Ctrl-C, the first line on stderr says which).
 
 Output: one line per action on stdout (none with --quiet; `list` tables are printed
 anyway: they are what was asked for); cleanup lines and notes on stderr. FILE `-` reads
@@ -45,7 +46,9 @@ Verbs and what they map to (provider/client.py):
   exec CMD                    /bin/sh -c CMD; %A% (defined aliases only) is replaced by its
                               value and every alias is in the environment ($A,
                               $VSS_SHADOW_SET, $VSS_SHADOW_n, $SHADOWPLEX_SOCKET); a non-zero
-                              exit status stops the script (exit 1)
+                              exit status stops the script (exit 1). CMD runs in its own
+                              process group: after a failure or an interrupt the whole
+                              group (pipelines, `cmd &`) gets SIGTERM, SIGKILL 3 s later
   unexpose ID|PATH|NAME       unexpose (a PATH is a mount directory, a NAME an exposed name)
   end backup                  end_backup (BackupComplete) for the sets of this backup
   delete shadows all          snapshot_delete(all)        \\
@@ -94,14 +97,16 @@ import json
 import os
 import re
 import shlex
-import subprocess
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import procgroup
 from .output import one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -164,6 +169,36 @@ class ScriptError(Exception):
 
 class ScriptFailure(Exception):
     """A failure while running a line (exit 1)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while the script runs: the same cleanup as Ctrl-C (exit 128 +
+    the signal's number). Before, either signal killed the script outright: the exec'd
+    command went on running and the daemon deleted a snapshot it still had mounted."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # once: the cleanup that follows is bounded, a second signal must not cut it short
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _noted)
+    raise Terminated(signum)
+
+
+def _noted(_signum: int, _frame: object) -> None:
+    pass
+
+
+def _catch_termination() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise Terminated (main thread only); returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(sig) is not signal.SIG_IGN}
 
 
 @dataclass
@@ -595,6 +630,7 @@ class _Runner:
         self.auto_sets: list[str] = []
         self.exposed: dict[str, _Exposure] = {}
         self.in_call = False
+        self.interrupted = False
         self.break_note = False
         self.bcd = ""                              # the document `load metadata` read
 
@@ -672,10 +708,15 @@ class _Runner:
                 getattr(self, "do_" + st.verb.replace(" ", "_"))(st)
             where = "end of script: unexpose"
             self.finish()
-        except KeyboardInterrupt:
-            self.warn(f"{self.filename}:{where}: interrupted")
+        except KeyboardInterrupt as e:
+            self.interrupted = True
+            if isinstance(e, Terminated):
+                self.warn(f"{self.filename}:{where}: terminated by "
+                          f"{signal.Signals(e.signum).name}")
+            else:
+                self.warn(f"{self.filename}:{where}: interrupted")
             self.cleanup(interrupted=True)
-            return EXIT_INTERRUPTED
+            return e.exit_code if isinstance(e, Terminated) else EXIT_INTERRUPTED
         except Exception as e:
             from provider.client import ControlError
             if not isinstance(e, ControlError | ScriptFailure | OSError):
@@ -918,11 +959,12 @@ class _Runner:
         self.say(f"exec {cmd if self.verbose else st.args['cmd']}")
         sys.stdout.flush()
         sys.stderr.flush()
-        res = subprocess.run(["/bin/sh", "-c", cmd], env=env, check=False)
-        if res.returncode < 0:
-            raise ScriptFailure(f"the command was killed by signal {-res.returncode}")
-        if res.returncode != 0:
-            raise ScriptFailure(f"the command exited with status {res.returncode}")
+        # its own process group, ended as a whole by an interrupt (tools/procgroup.py)
+        rc = procgroup.run(["/bin/sh", "-c", cmd], env)
+        if rc < 0:
+            raise ScriptFailure(f"the command was killed by signal {-rc}")
+        if rc != 0:
+            raise ScriptFailure(f"the command exited with status {rc}")
 
     def do_unexpose(self, st: Stmt) -> None:
         snap = self._find_exposed(st.args["target"])
@@ -1088,23 +1130,29 @@ def run_script(text: str, filename: str = "<script>", socket: str | None = None,
         return EXIT_USAGE if e.name == "E_INVALIDARG" else EXIT_FAILED
     runner = _Runner(stmts, filename, client, quiet, socket or client.socket_path)
     live: list[str] = []
+    old = _catch_termination()
     try:
-        rc = runner.run()
-        if not (rc == EXIT_INTERRUPTED and runner.in_call):
-            live = runner.live_auto_sets()
+        try:
+            rc = runner.run()
+            if not (runner.interrupted and runner.in_call):
+                live = runner.live_auto_sets()
+        finally:
+            client.close()
+        try:
+            if _wait_released(client.socket_path, host, live) and not quiet:
+                for s in live:
+                    msg = (f"released auto-release snapshot set {s} (the script's session "
+                           "ended)")
+                    if rc == EXIT_OK:
+                        print(msg, flush=True)
+                    else:
+                        print(f"cleanup: {msg}", file=sys.stderr, flush=True)
+        except KeyboardInterrupt as e:
+            return e.exit_code if isinstance(e, Terminated) else EXIT_INTERRUPTED
+        return rc
     finally:
-        client.close()
-    try:
-        if _wait_released(client.socket_path, host, live) and not quiet:
-            for s in live:
-                msg = f"released auto-release snapshot set {s} (the script's session ended)"
-                if rc == EXIT_OK:
-                    print(msg, flush=True)
-                else:
-                    print(f"cleanup: {msg}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    return rc
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_script_file(path: str, socket: str | None = None, quiet: bool = False,

@@ -1,0 +1,135 @@
+"""Run a command as a job of its own: one process group, ended as a whole.
+
+`shadowplex script`'s `exec` runs `/bin/sh -c CMD`; the shell may start pipelines and
+background children that read the snapshot. They share one process group, so that a
+cleanup (the script's Ctrl-C, SIGTERM, SIGHUP, a failure) ends all of them -- SIGTERM
+to the group, SIGKILL after a grace period -- instead of leaving them running (reparented
+to init) on a snapshot the cleanup is about to unmount and delete. A job that ends by
+itself may leave background processes (`cmd &`) running; `end()` stops those too.
+
+The terminal: when the caller is the terminal's foreground process group, the job gets
+the terminal while it runs, as a shell's foreground job does (it may read it; Ctrl-C goes
+to the job); a job killed by SIGINT or SIGQUIT is then reported as KeyboardInterrupt, so
+the caller cleans up as after its own Ctrl-C. Ctrl-Z stops the job and the caller's
+group; `fg` resumes both. Without the terminal (a pipe, cron, systemd), the caller gets
+the signals and ends the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+
+GRACE = 3.0   # seconds between SIGTERM and SIGKILL of a job being ended
+
+
+def _foreground_tty() -> int | None:
+    """A standard fd on the terminal whose foreground process group is ours, if any."""
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return fd
+    return None
+
+
+def _give_terminal(fd: int, pgid: int) -> None:
+    """tcsetpgrp from what may be a background group: SIGTTOU would stop us."""
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(fd, pgid)
+    finally:
+        signal.signal(signal.SIGTTOU, old)
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    """False if the group has no member left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # a member changed its credentials; others got it
+        pass
+    return True
+
+
+class Job:
+    """A started command; ``wait()`` for it, ``end()`` it and what it left running."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(list(argv), env=env, process_group=0)
+        self.pgid = self.proc.pid
+        self._tty = _foreground_tty()
+
+    def wait(self) -> int:
+        """The job's exit status as Popen.returncode (negative: killed by that signal).
+        Any exception meanwhile (KeyboardInterrupt, a signal handler's) ends the job."""
+        try:
+            if self._tty is None:
+                return self.proc.wait()
+            return self._wait_in_foreground(self._tty)
+        except BaseException:
+            self.end()
+            raise
+
+    def _wait_in_foreground(self, tty: int) -> int:
+        _give_terminal(tty, self.pgid)
+        try:
+            while True:
+                _, status = os.waitpid(self.pgid, os.WUNTRACED)
+                if not os.WIFSTOPPED(status):
+                    self.proc.returncode = os.waitstatus_to_exitcode(status)
+                    break
+                # Ctrl-Z stopped the job: stop our group too, so the shell takes the
+                # terminal back; on `fg` (SIGCONT to us) the job gets it and goes on
+                _give_terminal(tty, os.getpgrp())
+                os.killpg(os.getpgrp(), signal.SIGTSTP)
+                _give_terminal(tty, self.pgid)
+                _killpg(self.pgid, signal.SIGCONT)
+        finally:
+            _give_terminal(tty, os.getpgrp())
+        rc = self.proc.returncode
+        if rc in (-signal.SIGINT, -signal.SIGQUIT):
+            self.end()
+            raise KeyboardInterrupt
+        return rc
+
+    def end(self, grace: float = GRACE) -> None:
+        """SIGTERM (and SIGCONT, if stopped) to every process of the job, SIGKILL to
+        those left after ``grace`` seconds; returns when none is left (or 10 s after the
+        SIGKILL: a process stuck in D state cannot go sooner)."""
+        blocked = signal.pthread_sigmask(
+            signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+        try:
+            if not (_killpg(self.pgid, signal.SIGTERM) and _killpg(self.pgid, signal.SIGCONT)):
+                self.proc.poll()
+                return
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                self.proc.poll()   # reap the leader: a zombie still counts in its group
+                if not _killpg(self.pgid, 0):
+                    return
+                time.sleep(0.02)
+            _killpg(self.pgid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                self.proc.poll()
+                if not _killpg(self.pgid, 0):
+                    return
+                time.sleep(0.02)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run argv as a job and wait for it (see Job.wait); whatever it left running in its
+    group after a failure (non-zero status) is ended too."""
+    job = Job(argv, env)
+    rc = job.wait()
+    if rc != 0:
+        job.end()
+    return rc
