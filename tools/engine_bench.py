@@ -4,7 +4,9 @@ Reports medians of repeated runs as ratios against side-by-side comparators:
 snapshot commit on 1 GiB vs 1 TiB sparse volumes, sequential overwrite with 0/1/8
 snapshots (syncs inline, and with the daemon's background writeback thread) beside
 the disk's floor for any copy-before-write stream (cow_floor), chunk-metadata memory
-for 1 TiB + 16 snapshots, plex sync vs cp --sparse=always.
+for 1 TiB + 16 snapshots, plex sync vs cp --sparse=always, and the latency of 4 KiB reads
+of one volume while another thread scrubs, checks or flushes another (the pool lock must
+not make them wait for that I/O), beside the same reads with nothing else running.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from blockstore import Pool
 
@@ -226,6 +229,85 @@ def plex_sync(base: str, data: int, runs: int) -> dict:
             "plex_data_GiB": data / GiB}
 
 
+def _pcts(ms: list[float]) -> dict:
+    ms = sorted(ms)
+    return {"p50": ms[len(ms) // 2], "p99": ms[int(0.99 * (len(ms) - 1))], "max": ms[-1]}
+
+
+def read_latency(base: str, plex_size: int, runs: int) -> dict:
+    """4 KiB reads of volume b (from the page cache) in one thread while another runs:
+    nothing (idle, as long as the scrub took), a scrub of a plex of `plex_size` (its
+    pages dropped first), a check() of it, a flush of `plex_size // 4` of fresh writes.
+    Alternated per run; medians over runs of each percentile, in ms."""
+    pool = Pool.create(os.path.join(base, "latency"))
+    pool.create_volume("a", plex_size)
+    pool.create_volume("b", 64 * MiB)
+    block = os.urandom(MiB)
+    for off in range(0, plex_size, MiB):
+        pool.write("a", off, block)
+    for off in range(0, 64 * MiB, MiB):
+        pool.write("b", off, block)
+    pool.flush("a")
+    pool.flush("b")
+    s = pool.prepare_snapshot("a", "plex")
+    while pool.plex_sync_step(s.id, 64 * MiB)[0] < pool.snapshot(s.id).sync_total:
+        pass
+    pool.commit_snapshots([s.id])
+    pool.seal(s.id)   # check() then verifies every chunk of it
+    plex_img = pool.image_path(s.id)
+    assert plex_img is not None
+
+    def drop_plex_pages() -> None:
+        fd = os.open(plex_img, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+    def dirty() -> None:
+        for off in range(0, plex_size // 4, MiB):
+            pool.write("a", off, block)
+
+    ops = {"idle": None, "scrub": pool.scrub, "check": pool.check,
+           "flush": lambda: pool.flush("a")}
+    figures: dict[str, list[dict]] = {k: [] for k in ops}
+    idle_for = 1.0
+    for _ in range(runs):
+        for name, op in ops.items():
+            drop_plex_pages()
+            if name == "flush":
+                dirty()
+            done = threading.Event()
+
+            def background(op: Callable[[], object] | None = op,
+                           done: threading.Event = done, idle_for: float = idle_for) -> None:
+                if op is None:
+                    time.sleep(idle_for)
+                else:
+                    op()
+                done.set()
+            t0 = time.perf_counter()
+            th = threading.Thread(target=background)
+            th.start()
+            lat, i = [], 0
+            while not done.is_set():
+                off = (i * 7919 % (16 * 1024)) * 4096
+                t = time.perf_counter()
+                pool.read("b", off, 4096)
+                lat.append((time.perf_counter() - t) * 1000)
+                i += 1
+                time.sleep(0.0005)   # ~2000 reads/s, as a busy FUSE client would
+            th.join()
+            if name == "scrub":
+                idle_for = time.perf_counter() - t0
+            figures[name].append(_pcts(lat))
+    pool.close()
+    out: dict[str, float] = {}
+    for name, runs_ in figures.items():
+        for pct in ("p50", "p99", "max"):
+            out[f"read4k_{name}_{pct}_ms"] = statistics.median(r[pct] for r in runs_)
+    out["read4k_p99_scrub_vs_idle"] = out["read4k_scrub_p99_ms"] / out["read4k_idle_p99_ms"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
@@ -246,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                                             a.runs, background))
         out.update(cow_floor(base, (16 if a.quick else 512) * MiB, a.runs))
         out.update(plex_sync(base, (32 if a.quick else 1024) * MiB, 3))
+        out.update(read_latency(base, (64 if a.quick else 1024) * MiB, 3))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if a.json:
