@@ -574,8 +574,12 @@ class Pool:
         self.generation += 1
         return self._vinfo(v)
 
-    @_locked
     def resize_volume(self, name: str, new_size: int) -> VolumeInfo:
+        self.flush(name)   # outside the lock: the locked resize's syncs then have little to do
+        with self._lock:
+            return self._resize_volume(name, new_size)
+
+    def _resize_volume(self, name: str, new_size: int) -> VolumeInfo:
         v = self._vol(name)
         check_size(new_size, "new size")
         self._check_chunks(new_size)
@@ -1350,6 +1354,9 @@ class Pool:
         """Copy up to max_bytes more of the origin's allocated extents into the plex.
         Returns (done, total); done == total when the plex is in sync."""
         with self._lock:
+            origin = self._snap(snap_id).origin
+        self._drain(origin)   # the step's writeback (below) then has little to sync
+        with self._lock:
             s = self._snap(snap_id)
             if s.kind != PLEX or s.state == COMMITTED:
                 return s.sync_total, s.sync_total
@@ -1568,6 +1575,9 @@ class Pool:
         stops the promote with nothing changed (the partial files are removed). Once
         the commit has begun it no longer calls progress: the promote completes."""
         with self._lock:
+            origin = self._snap(snap_id).origin
+        self._drain(origin)   # held writes synced outside the lock, before the chunk list
+        with self._lock:
             s = self._snap(snap_id)
             self._readable(s)
             if s.kind != DIFFERENTIAL:
@@ -1729,6 +1739,7 @@ class Pool:
 
     def _revert(self, v: _Volume, s: _Snapshot, progress: Progress) -> None:
         """The revert proper; idempotent, so an interrupted one can simply run again."""
+        self._drain(v)   # held writes synced outside the lock, before the chunk list
         with self._lock:
             if v.size < s.size:
                 self._set_volume_size(v, s.size)
