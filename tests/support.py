@@ -6,7 +6,9 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fuse_mount import loopdev
@@ -65,3 +67,17 @@ def stop_daemon(d: Any) -> None:
         d.proc.wait(10)
     if mounted(d.mount):
         run_cmd("fusermount3", "-u", "-z", d.mount, check=False)
+
+
+def start_thread(fn: Callable[[], object], errors: list[BaseException],
+                 name: str) -> threading.Thread:
+    """fn() in a daemon thread named `name`; what it raises goes to `errors` (for the
+    test to assert on), never lost in the thread."""
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:   # noqa: BLE001 - handed to the test
+            errors.append(e)
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    return t

@@ -7,6 +7,7 @@ import os
 import threading
 
 import pytest
+from support import start_thread
 
 from blockstore import Faults, Pool
 from blockstore.errors import SimulatedCrash, SnapshotInvalid
@@ -158,14 +159,7 @@ class PausingFaults(Faults):
 
 
 def _background(pool, errors):
-    def run():
-        try:
-            pool.writeback(0)
-        except BaseException as e:   # noqa: BLE001 - handed to the test
-            errors.append(e)
-    t = threading.Thread(target=run, name="writeback", daemon=True)
-    t.start()
-    return t
+    return start_thread(lambda: pool.writeback(0), errors, "writeback")
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The pool lock's discipline (docs/concurrency.md), checked with threads.
 
 1. No long I/O under the pool lock: an operation paused in the middle of its disk I/O
-   (flush, check, scrub, seal, the commit of a plex, a delete's diff-area reclaim) must not keep a 4 KiB read of
-   another volume waiting -- that read comes from the FUSE thread, which serves every
-   volume and the control socket.
+   (flush, check, scrub, seal, the commit of a plex, a delete's diff-area reclaim) must
+   not keep a 4 KiB read of another volume waiting -- that read comes from the FUSE
+   thread, which serves every volume and the control socket.
 2. Private mutators run with the lock held (issue 12: seal changed the writeback state
    from a worker thread without it).
 3. A threaded stress: writers, snapshots coming and going, check/scrub/seal/promote/plex
@@ -19,6 +19,7 @@ import random
 import threading
 
 import pytest
+from support import start_thread
 
 from blockstore import Faults, Pool
 from blockstore.errors import Busy, InvalidState, NotFound, SnapshotInvalid, Unsupported
@@ -46,14 +47,7 @@ class PausingIO(Faults):
 
 
 def _thread(fn, errors, name=OP_THREAD):
-    def run():
-        try:
-            fn()
-        except BaseException as e:   # noqa: BLE001 - handed to the test
-            errors.append(e)
-    t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
-    return t
+    return start_thread(fn, errors, name)
 
 
 @pytest.fixture
