@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -22,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tools import bench
+from tools import bench, workdir
 
 REPO = Path(__file__).resolve().parent.parent
 TOP_KEYS = {"version", "profile", "date", "elapsed_s", "runs", "generator", "machine", "tools",
@@ -147,6 +150,78 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     assert not _mounts_under(str(tmp_path))
     assert os.listdir(work) == []
     assert elapsed < 120, f"bench --tiny took {elapsed:.0f} s"
+
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Every process whose command line names `text` (e.g. the bench's work directory)."""
+    out = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if text in args and int(pid) != os.getpid():
+            out.append(int(pid))
+    return out
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("signame,moment", [("SIGINT", "random"), ("SIGTERM", "random"),
+                                            ("SIGTERM", "restart"), ("SIGINT", "twice")])
+def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: str) -> None:
+    """Ctrl-C or SIGTERM at a random moment of a `bench --tiny` run (about 18 s), just
+    after the kill -9 + restart phase begins, or twice in a row: exit 128+N with one
+    line saying the work directory was removed, and it is true -- nothing left in
+    --dir, no mount or loop device below it, no daemon, qemu-storage-daemon or fio.
+    Before: "interrupted; everything was cleaned up" and the whole work directory
+    (images, pool, logs) was left behind. Replay with SHADOWPLEX_BENCH_INTERRUPT_SEED."""
+    seed = int(os.environ.get("SHADOWPLEX_BENCH_INTERRUPT_SEED") or random.randrange(1 << 32))
+    at = random.Random(seed).uniform(0.3, 16.0)
+    sig = signal.Signals[signame]
+    work = Path(tempfile.mkdtemp(prefix="spxb-"))   # short: the control socket's path
+    err_path = tmp_path / "bench.err"
+    with open(err_path, "w") as err, open(tmp_path / "bench.out", "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json",
+             "--dir", str(work), "--progress"], stdout=out, stderr=err, cwd=REPO,
+            stdin=subprocess.DEVNULL)
+    what = f"seed {seed}: {signame} at {at:.1f} s" if moment == "random" else moment
+    try:
+        deadline = time.monotonic() + (at if moment == "random" else 120)
+        while time.monotonic() < deadline and proc.poll() is None:
+            if moment in ("restart", "twice") and "daemon RSS" in err_path.read_text():
+                break   # memory() is done: restart() kills -9 and restarts the daemon
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: bench ended first ({proc.returncode}): "
+                        f"{err_path.read_text()[-2000:]}")
+        proc.send_signal(sig)
+        if moment == "twice":
+            time.sleep(0.3)
+            proc.send_signal(sig)
+        proc.wait(120)
+        text = err_path.read_text()
+        assert os.listdir(work) == [], (what, os.listdir(work), text[-300:])
+        assert not _mounts_under(str(work)), what
+        assert not workdir.loops_under(str(work)), what
+        assert not _processes_naming(str(work)), what
+        assert proc.returncode == 128 + sig, (what, text[-2000:])
+        last = text.splitlines()[-1]
+        word = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"
+        assert last.startswith(f"shadowplex bench: {word}; "), (what, last)
+        assert "removed, daemons stopped, unmounted" in last or "nothing was started" \
+            in last, (what, last)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for pid in _processes_naming(str(work)):
+            os.kill(pid, signal.SIGKILL)
+        for d in work.iterdir():
+            workdir.clean(str(d))
+        work.rmdir()
 
 
 # ------------------------------------------------------------------ no kernel needed

@@ -57,7 +57,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from . import workdir
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 FIO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fio")
@@ -1298,41 +1299,56 @@ def run(args: argparse.Namespace) -> int:
                         "found (apt install qemu-system-common qemu-utils)"})
     for s in skipped:
         log(f"note: {s['reason']}")
-    if args.dir:
-        os.makedirs(args.dir, exist_ok=True)
-    base = tempfile.mkdtemp(prefix="shadowplex-bench-", dir=args.dir)
-    log(f"{profile.name} run: {runs} runs, {profile.volume_size >> 20} MiB volume, "
-        f"{profile.runtime:g} s jobs, generator {gen}; work directory {base}")
+    keep = bool(getattr(args, "keep", False))
+    base: str | None = None
     t0 = time.monotonic()
-    old_term = signal.signal(signal.SIGTERM, _sigterm)
     report: dict[str, Any] | None = None
-    try:
-        with contextlib.ExitStack() as stack:
-            b = Bench(profile, runs, base, log, gen, use_qsd, use_qcow2, stack)
-            b.setup()
-            b.data_path()
-            b.commit_latency()
-            b.plex_vs_cp()
-            b.memory()
-            b.restart()
-            report = build_report(b, versions, skipped, time.monotonic() - t0)
-    except KeyboardInterrupt:
-        print("shadowplex bench: interrupted; everything was cleaned up", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if getattr(args, "debug", False):
-            raise
-        why = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
-        print(f"shadowplex bench: failed: {why}", file=sys.stderr)
-        if not getattr(args, "keep", False):
-            _keep_logs_only(base)
-        print(f"shadowplex bench: logs kept in {base}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-    if not getattr(args, "keep", False):
-        shutil.rmtree(base, ignore_errors=True)
-    else:
+    # Ctrl-C, SIGTERM, SIGHUP: the same cleanup, which a second signal cannot cut short
+    # (tools/workdir.py); the message says what really is left
+    with workdir.stop_signals():
+        try:
+            if args.dir:
+                os.makedirs(args.dir, exist_ok=True)
+            base = tempfile.mkdtemp(prefix="shadowplex-bench-", dir=args.dir)
+            log(f"{profile.name} run: {runs} runs, {profile.volume_size >> 20} MiB volume, "
+                f"{profile.runtime:g} s jobs, generator {gen}; work directory {base}")
+            with contextlib.ExitStack() as stack:
+                b = Bench(profile, runs, base, log, gen, use_qsd, use_qcow2, stack)
+                b.setup()
+                b.data_path()
+                b.commit_latency()
+                b.plex_vs_cp()
+                b.memory()
+                b.restart()
+                report = build_report(b, versions, skipped, time.monotonic() - t0)
+            left = workdir.clean(base, keep)
+            if left:
+                raise BenchError(f"could not clean up: {', '.join(left)}")
+        except KeyboardInterrupt as e:
+            stop = e if isinstance(e, workdir.Interrupted) else workdir.Interrupted()
+            left = workdir.clean(base, keep)
+            if left:
+                said = f"left behind: {', '.join(left)}"
+            elif base is None:
+                said = "nothing was started"
+            else:
+                said = (f"work directory kept in {base}" if keep else
+                        f"work directory {base} removed") + ", daemons stopped, unmounted"
+            print(f"shadowplex bench: {stop.what}; {said}", file=sys.stderr)
+            return stop.exit_code
+        except Exception as e:
+            if getattr(args, "debug", False):
+                raise
+            why = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
+            print(f"shadowplex bench: failed: {why}", file=sys.stderr)
+            if base is not None:
+                left = workdir.clean(base, keep=True)
+                if not keep:
+                    _keep_logs_only(base)
+                print(f"shadowplex bench: logs kept in {base}"
+                      + (f"; left behind: {', '.join(left)}" if left else ""), file=sys.stderr)
+            return 1
+    if keep:
         log(f"kept {base}")
     assert report is not None
     if args.chart:
@@ -1357,10 +1373,6 @@ def _keep_logs_only(base: str) -> None:
         elif entry.is_file(follow_symlinks=False) and not _mounted(entry.path):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
-
-
-def _sigterm(*_: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,172 @@
+"""A tool's temporary work directory, cleaned up for real after Ctrl-C, SIGTERM or SIGHUP.
+
+`shadowplex bench` starts a daemon with its FUSE mount, qemu-storage-daemon exports and
+fio in a directory of its own. Interrupted, it must end those, unmount, detach, remove
+the directory -- and say so only if it is true:
+
+    with workdir.stop_signals():              # SIGINT/SIGTERM/SIGHUP -> Interrupted
+        try:
+            ...
+        except KeyboardInterrupt as e:
+            left = workdir.clean(base, keep=False)   # [] when nothing is left
+
+The first signal raises Interrupted (a KeyboardInterrupt, so code that already cleans up
+after Ctrl-C does the same for SIGTERM); later ones are ignored until the block ends, so
+the cleanup that follows cannot be cut short half-way (before, a second Ctrl-C while the
+daemon stopped left its mount behind). The cleanup steps are bounded (timeouts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal arrived; exit_code is 128 + its number (130 for Ctrl-C)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    @property
+    def what(self) -> str:
+        return ("interrupted" if self.signum == signal.SIGINT
+                else f"terminated by {signal.Signals(self.signum).name}")
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    pass
+
+
+def _raise(signum: int, _frame: object) -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, _ignore)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """See the module docstring. Main thread only (elsewhere a no-op); a signal ignored
+    when the block starts (nohup) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old: dict[int, Any] = {}
+    for sig in SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            old[sig] = signal.signal(sig, _raise)
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(root: str) -> list[str]:
+    """Mount points at or below root, deepest first (from /proc/self/mountinfo)."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _under(_unescape(fields[4]), root):
+                out.append(_unescape(fields[4]))
+    return sorted(set(out), key=len, reverse=True)
+
+
+def loops_under(root: str) -> list[str]:
+    """Loop devices whose backing file is below root (as the kernel names it)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir("/sys/block")):
+            if not name.startswith("loop"):
+                continue
+            with contextlib.suppress(OSError), \
+                    open(f"/sys/block/{name}/loop/backing_file") as f:
+                if _under(f.read().rstrip("\n").removesuffix(" (deleted)"), root):
+                    out.append(f"/dev/{name}")
+    return out
+
+
+def children_using(*roots: str) -> list[int]:
+    """Our own child processes whose command line names something below one of roots."""
+    me, out = os.getpid(), []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="surrogateescape").split("\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(r in a for a in args for r in roots):
+            out.append(int(pid))
+    return out
+
+
+def _end(pids: list[int], timeout: float) -> None:
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            for pid in list(pids):
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                        continue
+                pids.remove(pid)
+            time.sleep(0.05)
+
+
+def _run(*cmd: str) -> None:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+
+
+def clean(root: str | None, keep: bool = False, timeout: float = 30.0) -> list[str]:
+    """End our children still working below root (SIGTERM, SIGKILL after ``timeout``),
+    unmount what is mounted there (a FUSE daemon's mount: fusermount3 -u, then lazily),
+    detach loop devices backed there, and remove root unless ``keep``. Returns what is
+    left, one phrase each (empty: everything is gone). Never removes files through a
+    mount that is still there."""
+    if root is None:
+        return []
+    given, root = root, os.path.realpath(root)
+    _end(children_using(given, root), timeout)
+    for mp in mounts_under(root):
+        for cmd in (("umount", mp), ("fusermount3", "-u", "-z", mp), ("umount", "-l", mp)):
+            if mp not in mounts_under(mp):
+                break
+            _run(*cmd)
+    for dev in loops_under(root):
+        _run("losetup", "-d", dev)
+    left = [f"mount {m}" for m in mounts_under(root)]
+    left += [f"loop device {d}" for d in loops_under(root)]
+    left += [f"process {p}" for p in children_using(given, root)]
+    if not keep and not left:
+        shutil.rmtree(root, ignore_errors=True)
+        if os.path.lexists(root):
+            left.append(f"directory {root}")
+    return left
