@@ -61,6 +61,7 @@ from .vss import Attr, Context, SnapshotProp, SnapshotState, VssError
 from .writers import Writer, WriterSet
 
 log = logging.getLogger(__name__)
+OPEN_RELEASE_WAIT = 0.5   # s: a volume closed just before its delete is not "open"
 
 SS = SnapshotState
 T = TypeVar("T")
@@ -479,9 +480,29 @@ class Coordinator:
         for vpath in self.volume_paths(volume):   # under our own mount: no stat
             users += loopdev.loops_backed_by(vpath, lexical=True)
         if users:
+            # no `volume delete --force`: like lvremove of an open LV, deleting a volume
+            # in use is refused (its users would get I/O errors); revert has --force
+            hint = " (or revert --force)" if what == "revert" else ""
             raise _vss("VSS_E_VOLUME_IN_USE", f"cannot {what} volume {volume}: loop "
-                       f"device(s) {', '.join(sorted(set(users)))} use it; unmount and "
-                       "detach them first (or force)")
+                       f"device(s) {', '.join(sorted(set(users)))} use it; unmount the "
+                       f"filesystems on them and detach them (losetup -d) first{hint}")
+
+    async def _check_not_open(self, volume: str) -> None:
+        """Refuse to delete a volume whose image a process has open, as lvremove refuses
+        an open LV: the daemon's own count of FUSE handles (no look at the path). A
+        close reaches the daemon as an asynchronous release: wait for it a moment."""
+        ops = self._ops()
+        if ops is None or not hasattr(ops, "open_handles"):
+            return
+        with trio.move_on_after(OPEN_RELEASE_WAIT):
+            while ops.open_handles(volume):
+                await trio.sleep(0.02)
+        n = ops.open_handles(volume)
+        if n:
+            path = (self.volume_paths(volume) or [f"MOUNT/volumes/{volume}.img"])[0]
+            raise _vss("VSS_E_VOLUME_IN_USE", f"cannot delete volume {volume}: it is open "
+                       f"({n} file handle(s) on {path}); close it first (fuser -v {path} "
+                       "names the processes)")
 
     async def volume_create(self, name: str, size: int | str) -> dict[str, Any]:
         v = await _in_thread(self.pool.create_volume, name, parse_size(size))
@@ -522,6 +543,7 @@ class Coordinator:
         self.pool.volume(name)
         self._check_unmarked(name, "delete")
         await _in_thread(self._check_not_attached, name, "delete")
+        await self._check_not_open(name)
         await _in_thread(self.pool.delete_volume, name)
         self._present([name], None)
         ops = self._ops()

@@ -214,6 +214,37 @@ def test_volume_commands(daemon: Daemon) -> None:
     assert gone_soon(d.image("cv"))
 
 
+
+def test_volume_delete_refuses_a_volume_in_use(daemon: Daemon) -> None:
+    """`volume delete` of a volume in use is refused, as lvremove refuses an open LV, and
+    the one line says what to do -- there is no --force (the message used to offer one):
+    a loop device on it (detach it), a process with the image open (close it, fuser
+    names it). Once they are gone it is deleted, also right after the close."""
+    from fuse_mount import loopdev
+    d = daemon
+    d.ok("volume", "create", "busy", "4M")
+    image = d.image("busy")
+    dev = loopdev.attach(image, read_only=False)
+    try:
+        line = one_line_error(d.run("volume", "delete", "busy"), 1, "VSS_E_VOLUME_IN_USE")
+        assert f"loop device(s) {dev} use it" in line and "losetup -d" in line, line
+        assert "force" not in line, line
+    finally:
+        loopdev.detach(dev)
+    with open(image, "rb") as f:
+        holder = subprocess.Popen(["sleep", "60"], stdin=f)
+    try:
+        line = one_line_error(d.run("volume", "delete", "busy"), 1, "VSS_E_VOLUME_IN_USE")
+        assert "is open" in line and f"fuser -v {image}" in line, line
+        assert "force" not in line, line
+        assert "busy" in {r["name"] for r in d.json("volume", "list")}
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert d.json("volume", "delete", "busy") == {"deleted": "busy"}
+    assert gone_soon(image)
+
+
 def test_snapshot_create_list_show_delete(daemon: Daemon) -> None:
     d = daemon
     d.ok("volume", "create", "sv", "4M")
