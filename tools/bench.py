@@ -5,7 +5,8 @@ raw image file and qemu-storage-daemon, plus control-plane figures.
     python -m tools.bench ...            (the same, without the CLI wrapper)
 
 What one run does (everything in a temporary directory under --dir, removed at the end,
-also on Ctrl-C / SIGTERM / failure):
+also after Ctrl-C / SIGTERM / SIGHUP -- exit 128+N, a second signal does not cut the
+cleanup short -- and after a failure except its *.log files; --keep keeps it):
 
 1. Starts its own pool and `shadowplex serve` daemon (a subprocess, as tools/demo.py does),
    creates volume `v`, fills it; fills a raw image file of the same size on the same file
