@@ -168,6 +168,15 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+def _no_return(progress: Progress) -> None:
+    """Tell a progress callback that the operation is past its last cancellation point
+    (it completes now, whatever the callback raises later): the optional attribute
+    ``point_of_no_return`` of the callback, called without arguments."""
+    hook = getattr(progress, "point_of_no_return", None)
+    if hook is not None:
+        hook()
+
+
 def _mark_dirty(v: _Volume, chunk: int, lo: int, hi: int) -> None:
     """Widen the dirty part of a pending chunk to cover [lo, hi) (chunk-relative)."""
     old = v.pending_dirty.get(chunk)
@@ -1573,7 +1582,8 @@ class Pool:
         progress(done, total) is called after every chunk copied and once more when the
         copy is durable, before it is committed: a progress that raises (Cancelled) there
         stops the promote with nothing changed (the partial files are removed). Once
-        the commit has begun it no longer calls progress: the promote completes."""
+        the commit has begun it no longer calls progress: the promote completes (and
+        says so first through progress.point_of_no_return(), if the callback has it)."""
         with self._lock:
             origin = self._snap(snap_id).origin
         self._drain(origin)   # held writes synced outside the lock, before the chunk list
@@ -1605,6 +1615,7 @@ class Pool:
             sums.sync()
             if progress:   # the last moment a cancellation leaves nothing changed
                 progress(len(chunks), len(chunks))
+                _no_return(progress)
             self.faults.point("promote.copied")
             with self._lock:
                 self._readable(s)
@@ -1709,9 +1720,10 @@ class Pool:
         a crash the revert has either not started or completed.
 
         A cancellation is treated the same way: once the record is written the revert
-        rolls forward. A Cancelled raised by progress is ignored (logged once) and the
-        revert completes; a half-reverted volume is of no use to anyone. (To cancel
-        before it starts, check before calling revert.)"""
+        rolls forward (progress.point_of_no_return() is called then, if the callback
+        has it). A Cancelled raised by progress is ignored (logged once) and the revert
+        completes; a half-reverted volume is of no use to anyone. (To cancel before it
+        starts, check before calling revert.)"""
         with self._lock:
             v = self._vol(volume)
             s = self._snap(snap_id)
@@ -1728,6 +1740,7 @@ class Pool:
                 db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                            (f"revert.{v.id}", str(s.id)))
             self._reverting[v.id] = s
+        _no_return(progress)   # recorded: it completes, also after a crash
         try:
             self.faults.point("revert.recorded")
             self._revert(v, s, progress)

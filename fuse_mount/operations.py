@@ -201,6 +201,9 @@ class ShadowOperations(pyfuse3.Operations):
         # called after queuing kernel notifications: the session loop stops polling a
         # moment so that pyfuse3's notification thread gets the GIL (see session.py)
         self.notifying: Any = lambda: None
+        # entries whose invalidation was queued (asynchronously) by _refresh: refresh_now
+        # makes sure of them before it returns
+        self._queued_entries: list[tuple[int, bytes]] = []
 
     # ------------------------------------------------------------------ tree
 
@@ -312,21 +315,43 @@ class ShadowOperations(pyfuse3.Operations):
                 for name, lun in before.items():
                     if name not in after or after[name].ino != lun.ino:
                         pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
+                        self._queued_entries.append((dino, name))
                         queued = True
             if queued:
+                del self._queued_entries[:-1024]   # only the latest matter to refresh_now
                 self.notifying()
         log.debug("tree rebuilt at generation %s: %d volumes, %d snapshots, %d exposed",
                   gen, len(new.volumes), len(new.shadow), len(new.exposed))
         return new
 
-    async def invalidate_lun(self, key: str) -> None:
+    async def refresh_now(self) -> None:
+        """refresh(), and by the time this returns the kernel has dropped its cached
+        entries of names that vanished or now name another LUN (refresh() only queues
+        that, and a lookup within the 1 s entry timeout would still find the old LUN).
+        Call it from the trio loop, never from a handler, after a change of names
+        (expose, unexpose, split...) and before reporting it."""
+        self.tree()   # rebuilds if the pool's generation moved, queuing invalidations
+        entries, self._queued_entries = self._queued_entries, []
+        if not self.mounted:
+            return
+        for dino, name in entries:   # again, synchronously: a duplicate is harmless
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, dino, name)
+            except OSError as e:
+                if e.errno != errno.ENOENT:  # the kernel does not know it: fine
+                    log.warning("invalidating the entry %r: %s", name, e)
+
+    async def invalidate_lun(self, key: str, attr_only: bool = False) -> None:
         """Drop the kernel's cached pages and attributes of a LUN whose content changed
-        behind the data path (revert, promote of a volume...). Call from the trio loop."""
+        behind the data path (revert...), or only its attributes (a resize). Returns
+        once the kernel has dropped them. Call from the trio loop, never from a
+        handler (it waits for pages locked by requests in flight)."""
         t = self.tree()
         for lun in t.by_ino.values():
             if lun.key == key and self.mounted:
                 try:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, lun.ino)
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, lun.ino,
+                                                  attr_only)
                 except OSError as e:
                     if e.errno != errno.ENOENT:  # the kernel never looked it up: fine
                         log.warning("invalidating %s: %s", key, e)

@@ -14,6 +14,11 @@ process dies. Every failure the daemon reports raises ControlError(name, message
 stable name (``VSS_E_*``, ``E_INVALIDARG``...); a daemon that cannot be reached raises
 ControlError("VSS_E_PROVIDER_NOT_REGISTERED", ...) with a line saying what to do.
 Not thread-safe: one request at a time per Client.
+
+Interrupting a request (Ctrl-C in the caller while it waits for a reply): call
+``interrupt(wait)``. It asks the daemon to cancel the request and waits at most ``wait``
+seconds for the request's final reply, which tells what really happened (completed,
+cancelled with nothing changed, failed, or still running in the daemon); see Verdict.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
@@ -45,6 +52,24 @@ class ControlError(Exception):
         return f"{self.name}: {self.message}"
 
 
+@dataclass
+class Verdict:
+    """What became of an interrupted request (Client.interrupt).
+
+    state: "completed" (result: its result; the cancellation came too late),
+    "cancelled" (error: E_ABORT, nothing changed), "failed" (error: it failed on its
+    own), "running" (no final reply in time; answer: the daemon's answer to the cancel,
+    e.g. {"state": "rolling-forward", "done": ..., "total": ...} for a revert that
+    completes in the background, "cancelling", "not-cancellable"; None if none came),
+    "none" (no request was waiting for its reply)."""
+
+    state: str
+    op: str | None = None
+    result: Any = None
+    error: ControlError | None = None
+    answer: dict[str, Any] | None = None
+
+
 class Client:
     def __init__(self, socket_path: str | None = None, host: str | None = None,
                  client: str = "shadowplex", timeout: float | None = None,
@@ -59,6 +84,11 @@ class Client:
         self.socket_path = path
         self._ids = itertools.count(1)
         self._buf = bytearray()
+        self._pending: tuple[int, str] | None = None   # (id, op) awaiting its reply
+        # (op, reply) of the last request answered: interrupt() right after call()
+        # received it (before it returned) still reports the truth
+        self._answered: tuple[str, dict[str, Any]] | None = None
+        self._timeout = timeout
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -85,15 +115,18 @@ class Client:
             raise
 
     # ------------------------------------------------------------------ plumbing
-    def close(self) -> None:
-        """End the session and wait (at most CLOSE_WAIT s) until the daemon has ended it:
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """End the session and wait (at most ``wait`` s) until the daemon has ended it:
         the daemon closes its side only after deleting the session's auto-release
-        snapshot sets, so a command run after this one never still sees them."""
+        snapshot sets, so a command run after this one never still sees them. (After
+        an interrupt, pass a short wait: the daemon may still be running the request.)"""
         if self._sock.fileno() < 0:
             return
         try:
             self._sock.shutdown(socket.SHUT_WR)
-            self._sock.settimeout(CLOSE_WAIT)
+            if wait <= 0:
+                return
+            self._sock.settimeout(wait)
             while self._sock.recv(65536):   # replies nobody reads any more
                 pass
         except OSError:   # the daemon is gone, or slow: the session ends without us
@@ -107,7 +140,9 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _readline(self) -> bytes:
+    def _readline(self, deadline: float | None = None) -> bytes | None:
+        """One line from the daemon; with a deadline (time.monotonic()), None if none
+        is complete by then."""
         scanned = 0   # how much of _buf holds no newline: a long line is scanned once
         while True:
             nl = self._buf.find(b"\n", scanned)
@@ -118,9 +153,16 @@ class Client:
             if len(self._buf) > protocol.MAX_DOCUMENT_LINE:
                 raise ControlError("VSS_E_UNEXPECTED", "the daemon sent an oversized message")
             scanned = len(self._buf)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._sock.settimeout(left)
             try:
                 data = self._sock.recv(1 << 20)
             except TimeoutError:
+                if deadline is not None:
+                    return None
                 raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
                                    "the daemon did not answer in time") from None
             except OSError as e:
@@ -141,17 +183,16 @@ class Client:
             data = protocol.encode(req, protocol.line_limit(op))
         except ValueError as e:
             raise ControlError("E_INVALIDARG", f"{op}: {e}") from None
+        self._answered = None
+        self._pending = (rid, op)   # before sending: an interrupt may come at any point
         try:
             self._sock.sendall(data)
         except OSError as e:
+            self._pending = None
             raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
                                f"cannot send to the daemon: {e.strerror or e}") from None
         while True:
-            try:
-                msg = protocol.decode(self._readline())
-            except protocol.ProtocolError as e:
-                raise ControlError("VSS_E_UNEXPECTED", f"bad message from the daemon: "
-                                   f"{e.message}") from None
+            msg = self._message(self._readline())
             if msg.get("id") != rid:
                 continue   # a late progress event of an earlier request
             if "progress" in msg:
@@ -163,18 +204,75 @@ class Client:
                         continue   # a malformed progress event is not worth failing for
                     progress(done, total, str(p.get("what", "")))
                 continue
-            if msg.get("ok"):
-                return msg.get("result")
-            # an error reply; whatever its shape, the caller gets a ControlError with a
-            # name and a non-empty one-line message
-            err = msg.get("error")
-            err = err if isinstance(err, dict) else {}
-            name, message, hresult = err.get("name"), err.get("message"), err.get("hresult")
-            raise ControlError(
-                name if isinstance(name, str) and name.isidentifier() else "VSS_E_UNEXPECTED",
-                " ".join(str(message).split()) if message is not None and str(message).strip()
-                else "unknown error",
-                hresult if isinstance(hresult, int) and not isinstance(hresult, bool) else None)
+            self._answered, self._pending = (op, msg), None
+            return self._outcome(msg)
+
+    @staticmethod
+    def _message(line: bytes | None) -> dict[str, Any]:
+        assert line is not None
+        try:
+            return protocol.decode(line)
+        except protocol.ProtocolError as e:
+            raise ControlError("VSS_E_UNEXPECTED", f"bad message from the daemon: "
+                               f"{e.message}") from None
+
+    @staticmethod
+    def _outcome(msg: dict[str, Any]) -> Any:
+        """A reply's result, or its error raised as a ControlError."""
+        if msg.get("ok"):
+            return msg.get("result")
+        # an error reply; whatever its shape, the caller gets a ControlError with a
+        # name and a non-empty one-line message
+        err = msg.get("error")
+        err = err if isinstance(err, dict) else {}
+        name, message, hresult = err.get("name"), err.get("message"), err.get("hresult")
+        raise ControlError(
+            name if isinstance(name, str) and name.isidentifier() else "VSS_E_UNEXPECTED",
+            " ".join(str(message).split()) if message is not None and str(message).strip()
+            else "unknown error",
+            hresult if isinstance(hresult, int) and not isinstance(hresult, bool) else None)
+
+    def _verdict(self, op: str, msg: dict[str, Any]) -> Verdict:
+        try:
+            return Verdict("completed", op, result=self._outcome(msg))
+        except ControlError as e:
+            return Verdict("cancelled" if e.name == "E_ABORT" else "failed", op, error=e)
+
+    def interrupt(self, wait: float = 0.8) -> Verdict:
+        """The request whose reply call() was waiting for when it was interrupted
+        (KeyboardInterrupt): ask the daemon to cancel it and wait at most ``wait`` s
+        for its final reply. Never raises ControlError: a broken connection is a
+        "running" verdict (the daemon decides alone then; status shows what runs)."""
+        if self._pending is None:
+            if self._answered is None:
+                return Verdict("none")
+            op, msg = self._answered
+            return self._verdict(op, msg)
+        rid, op = self._pending
+        self._pending = None
+        deadline = time.monotonic() + wait
+        cid = next(self._ids)
+        answer: dict[str, Any] | None = None
+        try:
+            self._sock.sendall(protocol.encode({"id": cid, "op": "cancel",
+                                                "args": {"request": rid}}))
+            while True:
+                line = self._readline(deadline)
+                if line is None:
+                    return Verdict("running", op, answer=answer)
+                msg = self._message(line)
+                if msg.get("id") == cid and msg.get("ok") and "progress" not in msg:
+                    res = msg.get("result")
+                    answer = res if isinstance(res, dict) else None
+                if msg.get("id") != rid or "progress" in msg:
+                    continue
+                self._answered = (op, msg)
+                return self._verdict(op, msg)
+        except (ControlError, OSError):
+            return Verdict("running", op, answer=answer)
+        finally:
+            if self._sock.fileno() >= 0:
+                self._sock.settimeout(self._timeout)
 
     def _obj(self, op: str, args: dict[str, Any] | None = None,
              progress: ProgressCallback = None) -> dict[str, Any]:

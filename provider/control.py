@@ -9,6 +9,17 @@ middle of set.do / snapshot.create is noticed at once: the request is cancelled 
 coordinator aborts the set: hold released, writers thawed, snapshots removed) and then the
 session ends (its auto-release sets are deleted).
 
+Cancellation (docs/provider.md, "Cancelling a request"): a ``cancel`` request names a
+request of the same connection; the reader answers it at once, out of order, and the
+cancelled request then gets its true final reply: its result if it completed anyway,
+E_ABORT if it stopped with nothing changed. How a request is cancelled depends on its op:
+the long operations in TOKEN_OPS get a jobs.CancelToken that their worker thread checks
+between chunks (the coordinator decides what a cancellation leaves: promote, split,
+scrub, check stop with nothing changed; a revert once started rolls forward); the set
+creations in SCOPE_OPS are cancelled as trio code (the set is aborted); other requests
+are short and complete. A disconnect, or the daemon stopping, cancels the running
+request the same way.
+
 Bad input never ends the server: a line that is not JSON, not an object, too long (more
 than protocol.MAX_LINE bytes, or MAX_DOCUMENT_LINE for import; beyond MAX_DOCUMENT_LINE
 the rest of it is skipped unread), an unknown op or wrong arguments each get one error
@@ -31,6 +42,7 @@ import trio
 
 from . import protocol
 from .coordinator import Coordinator, ProgressFn, Session
+from .jobs import CancelToken
 from .protocol import ProtocolError
 from .vss import VssError
 
@@ -39,6 +51,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[["Connection", dict[str, Any], ProgressFn], Awaitable[Any]]
 PROGRESS_INTERVAL = 0.1   # seconds between two progress events of one request
 QUEUE = 16                # requests read ahead per connection
+# how each op is cancelled (module docstring); any other op is not cancellable
+TOKEN_OPS = frozenset({"revert", "promote", "split", "scrub", "check"})
+SCOPE_OPS = frozenset({"set.do", "snapshot.create"})
 
 _ANY = object()
 
@@ -202,18 +217,18 @@ async def _unexpose(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
 async def _revert(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     x = Args("revert", a, ("snapshot_id", "force"))
     return await c.coord.revert(x.get("snapshot_id", str, required=True),
-                                bool(x.get("force", bool, False)), p)
+                                bool(x.get("force", bool, False)), p, c.token)
 
 
 async def _promote(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     x = Args("promote", a, ("snapshot_id",))
-    return await c.coord.promote(x.get("snapshot_id", str, required=True), p)
+    return await c.coord.promote(x.get("snapshot_id", str, required=True), p, c.token)
 
 
 async def _split(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     x = Args("split", a, ("snapshot_id", "name"))
     return await c.coord.split(x.get("snapshot_id", str, required=True),
-                               x.get("name", str, required=True), p)
+                               x.get("name", str, required=True), p, c.token)
 
 
 async def _end_backup(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
@@ -238,16 +253,30 @@ async def _writers_list(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
 
 async def _check(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     Args("check", a, ())
-    return await c.coord.check()
+    return await c.coord.check(c.token)
 
 
 async def _scrub(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     Args("scrub", a, ())
-    return await c.coord.scrub(p)
+    return await c.coord.scrub(p, c.token)
+
+
+def _cancel_args(a: dict[str, Any]) -> int | str:
+    x = Args("cancel", a, ("request",))
+    rid: int | str = x.get("request", (int, str), required=True)
+    return rid
+
+
+async def _cancel(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    # The reader answers cancel requests at once (Connection._cancel_now); one reaches
+    # the queue only when sent before hello, and _dispatch refuses it there. Run here
+    # (in order), the request it names is over: there is nothing to cancel.
+    return {"request": _cancel_args(a), "state": "done"}
 
 
 HANDLERS: dict[str, Handler] = {
     "hello": _hello,
+    "cancel": _cancel,
     "status": _status,
     "volume.create": _volume_create,
     "volume.list": _volume_list,
@@ -301,6 +330,28 @@ class _Progress:
             await trio.sleep(PROGRESS_INTERVAL)
 
 
+class _Running:
+    """The request a connection's worker runs now, and how to cancel it."""
+
+    def __init__(self, rid: Any, op: str, scope: trio.CancelScope) -> None:
+        self.rid, self.op, self.scope = rid, op, scope
+        self.token = CancelToken()
+        self.explicit = False   # cancelled by a cancel request (which wants an answer)
+
+    def cancel(self, reason: str, explicit: bool = False) -> str:
+        """Cancel it; the state for the cancel request's reply."""
+        self.token.cancel(reason)   # (also the reason logged for the other ops)
+        if self.op in TOKEN_OPS:
+            self.explicit |= explicit
+            job = self.token.job
+            return job.to_json()["state"] if job is not None else "cancelling"
+        if self.op in SCOPE_OPS or not explicit:   # a disconnect cancels any request
+            self.explicit |= explicit
+            self.scope.cancel()
+            return "cancelling"
+        return "not-cancellable"
+
+
 class Connection:
     def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
         self.server = server
@@ -308,8 +359,16 @@ class Connection:
         self.stream = stream
         self._session: Session | None = None
         self._send_lock = trio.Lock()
-        self._current: trio.CancelScope | None = None
+        self._current: _Running | None = None
+        self._queued: list[Any] = []      # ids of requests queued, not started yet
+        self._doomed: list[Any] = []      # of those, the ones cancelled
         self.gone = False
+
+    @property
+    def token(self) -> CancelToken:
+        """The running request's cancel token (for the TOKEN_OPS handlers)."""
+        assert self._current is not None
+        return self._current.token
 
     async def send(self, msg: dict[str, Any]) -> None:
         try:
@@ -332,11 +391,11 @@ class Connection:
         assert self._session is not None
         return self._session
 
-    def _lost(self) -> None:
+    def _lost(self, reason: str = "the requester disconnected") -> None:
         if not self.gone:
             self.gone = True
             if self._current is not None:
-                self._current.cancel()
+                self._current.cancel(reason)
 
     async def run(self) -> None:
         send_q, recv_q = trio.open_memory_channel[tuple[Any, str, dict[str, Any]]](QUEUE)
@@ -345,8 +404,15 @@ class Connection:
                 nursery.start_soon(self._reader, send_q)
                 async with recv_q:
                     async for rid, op, args in recv_q:
+                        self._queued.remove(rid)
                         if self.gone:
                             break
+                        if rid in self._doomed:
+                            self._doomed.remove(rid)
+                            await self.send(protocol.reply_error(rid, VssError(
+                                "E_ABORT", f"{protocol.shown(op)} cancelled before it "
+                                "started: nothing changed")))
+                            continue
                         await self._dispatch(rid, op, args)
                 nursery.cancel_scope.cancel()
         finally:
@@ -360,6 +426,14 @@ class Connection:
         # Lines up to MAX_DOCUMENT_LINE are read whole (import carries a document); which
         # ops may use more than MAX_LINE is checked once the line is parsed. ``scanned``:
         # how much of buf is known to hold no newline (no rescans of a long line).
+        try:
+            await self._read_lines(send_q)
+        finally:
+            # ended by EOF (_lost already ran) or cancelled: the daemon is stopping (the
+            # running request is cancelled now, not once its worker thread returns)
+            self._lost("the daemon is stopping")
+
+    async def _read_lines(self, send_q: trio.MemorySendChannel[Any]) -> None:
         limit = protocol.MAX_DOCUMENT_LINE
         buf = bytearray()
         scanned = 0
@@ -395,8 +469,33 @@ class Connection:
                     if not line.strip():
                         continue
                     req = await self._parse(line)
-                    if req is not None:
-                        await send_q.send(req)
+                    if req is None:
+                        continue
+                    if req[1] == "cancel" and self._session is not None:
+                        await self._cancel_now(req[0], req[2])
+                        continue
+                    self._queued.append(req[0])
+                    await send_q.send(req)
+
+    async def _cancel_now(self, rid: Any, args: dict[str, Any]) -> None:
+        """Answer a cancel request at once (the request it names runs or waits)."""
+        try:
+            target = _cancel_args(args)
+        except VssError as e:
+            await self.send(protocol.reply_error(rid, e))
+            return
+        cur = self._current
+        if cur is not None and cur.rid == target:
+            state = cur.cancel("the requester cancelled it", explicit=True)
+            log.info("session %s: cancel of request %r (%s): %s", self.session.id, target,
+                     cur.op, state)
+        elif target in self._queued and self._queued.count(target) > \
+                self._doomed.count(target):
+            self._doomed.append(target)
+            state = "cancelled"
+        else:
+            state = "done"   # answered already, or never sent
+        await self.send(protocol.reply_ok(rid, {"request": target, "state": state}))
 
     async def _parse(self, line: bytes) -> tuple[Any, str, dict[str, Any]] | None:
         rid = None
@@ -444,7 +543,7 @@ class Connection:
         progress = _Progress()
         reply: dict[str, Any] | None = None
         with trio.CancelScope() as scope:
-            self._current = scope
+            running = self._current = _Running(rid, op, scope)
             try:
                 async with trio.open_nursery() as n:
                     n.start_soon(progress.pump, self, rid)
@@ -456,10 +555,18 @@ class Connection:
                     n.cancel_scope.cancel()
             finally:
                 self._current = None
-        if scope.cancelled_caught:
-            log.warning("session %s: %s cancelled (the requester disconnected)",
-                        self.session.id, op)
-            return
+        # The truth, whatever cancelled what: a reply the handler produced says what
+        # happened (completed, failed, or E_ABORT from a long operation that stopped);
+        # a handler cancelled as trio code (SCOPE_OPS: the set was aborted) left nothing.
+        if reply is None and scope.cancelled_caught:
+            why = running.token.reason or "the requester disconnected"
+            log.warning("session %s: %s cancelled (%s): nothing changed", self.session.id,
+                        op, why if running.explicit else "the requester disconnected")
+            if not running.explicit:
+                return
+            reply = protocol.reply_error(rid, VssError(
+                "E_ABORT", f"{op} cancelled: nothing changed"
+                + (" (the snapshot set was aborted)" if op in SCOPE_OPS else "")))
         if reply is not None:
             await self.send(reply)
 

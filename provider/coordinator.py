@@ -57,6 +57,7 @@ from fuse_mount import loopdev
 from . import documents, vss
 from .catalog import ExportRecord, MountRecord, ProviderCatalog, SetRecord
 from .hardware import DIFFERENTIAL, PLEX, HardwareProvider
+from .jobs import CancelToken, Job, Jobs
 from .vss import Attr, Context, SnapshotProp, SnapshotState, VssError
 from .writers import Writer, WriterSet
 
@@ -225,6 +226,7 @@ class Coordinator:
         self._exported: dict[str, ExportRecord] = {}
         # snapshot id -> the long operation running on it (promote, split, expose --mount)
         self._claims: dict[str, str] = {}
+        self._jobs = Jobs()   # revert/promote/split/scrub/check running (status shows them)
         self._unmounting = trio.Lock()   # see _unmount
 
     def _fault(self, step: str) -> None:
@@ -295,9 +297,11 @@ class Coordinator:
         self._presented = self.catalog.presentations()
         self._imports = self.catalog.imports()
         self._exported = self.catalog.exports()
+        mounted = {mp for mp, _, _ in loopdev.mountinfo()}
         for sid, m in list(self._mounts.items()):
-            alive = (await _in_thread(loopdev.is_mountpoint, m.mountpoint)
-                     and loopdev.backing_file(m.dev) is not None)
+            # as text (the record holds the resolved path): a stat of a mount point on
+            # a filesystem stacked on one of our volumes is I/O through our own mount
+            alive = m.mountpoint in mounted and loopdev.backing_file(m.dev) is not None
             if not alive:
                 log.info("snapshot %s is no longer mounted at %s: forgetting the mount",
                          sid, m.mountpoint)
@@ -514,6 +518,8 @@ class Coordinator:
     async def volume_resize(self, name: str, size: int | str) -> dict[str, Any]:
         self._check_unmarked(name, "resize")
         v = await _in_thread(self.pool.resize_volume, name, parse_size(size))
+        # the kernel caches the size (1 s): `losetup -c` right after must see the new one
+        await self._invalidate(name, attr_only=True)
         return self._volume_json(v)
 
     def volume_present(self, name: str, hosts: Sequence[str]) -> dict[str, Any]:
@@ -1476,6 +1482,8 @@ class Coordinator:
             self._mounts[s.id] = m
         log.info("exposed snapshot %s%s%s", s.id, f" as {name}" if name else "",
                  f" at {mount}" if mount else "")
+        if name is not None and name != old_name:
+            await self._names_changed()
         return self._prop_json(self.pool.snapshot(s.id))
 
     async def unexpose(self, snapshot_id: str) -> dict[str, Any]:
@@ -1492,14 +1500,26 @@ class Coordinator:
         await self._unmount(s.id)
         if s.exposed_name is not None:
             await _in_thread(self.pool.set_exposed, s.id, None)
+            await self._names_changed()
         log.info("unexposed snapshot %s", s.id)
         return self._prop_json(self.pool.snapshot(s.id))
 
     # ------------------------------------------------------------------ long operations
+    # Each runs as a job (provider/jobs.py): status lists it, and its cancel token stops
+    # it at the next chunk. What a cancellation leaves is decided here and said in the
+    # reply: promote, split, scrub and check stop with nothing changed (E_ABORT); a
+    # revert that has started rolls forward and completes (docs/provider.md).
     async def revert(self, snapshot_id: str, force: bool = False,
-                     progress: ProgressFn = None) -> dict[str, Any]:
+                     progress: ProgressFn = None,
+                     cancel: CancelToken | None = None) -> dict[str, Any]:
         """ResyncLuns: the origin volume becomes equal to the snapshot. Writes to it wait
-        meanwhile; refused while loop devices use the volume unless ``force``."""
+        meanwhile; refused while loop devices use the volume unless ``force``.
+
+        Cancelled before the volume changes: E_ABORT, nothing changed. Once it has begun
+        to change the volume it completes (as after a crash: the store rolls it forward),
+        also when cancelled or when the requester leaves. However it ends, once the
+        volume has begun to change the kernel's cached pages of it are dropped before
+        the reply (they hold pre-revert data: the revert writes behind the page cache)."""
         s = self._committed(snapshot_id)
         vol = s.volume
         self._check_unmarked(vol, "revert")
@@ -1507,43 +1527,133 @@ class Coordinator:
             await _in_thread(self._check_not_attached, vol, "revert")
         self._marks[vol] = "revert"
         hold = None
-        try:
-            hold = await self.barrier.hold([vol], deadline=float(self.config["revert_hold"]))
-            await _in_thread(self.hardware.ResyncLuns, s.id, vol,
-                             _thread_progress(progress, "revert"))
-        finally:
-            if hold is not None:
-                self.barrier.release(hold)
-            self._marks.pop(vol, None)
-        ops = getattr(self.barrier, "ops", None)
-        if ops is not None:
-            await ops.invalidate_lun(vol)
-        log.info("volume %s reverted to snapshot %s", vol, s.id)
+        started = False   # pool.revert called: the volume may have changed from then on
+        with self._jobs.run("revert", s.id, vol, cancel) as job:
+            try:
+                hold = await self.barrier.hold([vol],
+                                               deadline=float(self.config["revert_hold"]))
+
+                def run(report: Callable[[int, int], None]) -> None:
+                    nonlocal started
+                    job.check()   # the last moment a cancellation leaves it unchanged
+                    started = True
+                    self.hardware.ResyncLuns(s.id, vol, report)
+                await _in_thread(run, job.thread_progress(progress, "revert"))
+            except bse.Cancelled:
+                if started:   # the store ignores it once started: a bug
+                    raise
+                raise self._job_cancelled(job, f"revert of volume {vol} to snapshot "
+                                          f"{s.id}", "it had not started") from None
+            finally:
+                if hold is not None:
+                    self.barrier.release(hold)
+                self._marks.pop(vol, None)
+                if started:
+                    # after the release: a write held by the barrier keeps its page
+                    # locked, and the kernel's invalidation waits for that page
+                    with trio.CancelScope(shield=True):
+                        await self._invalidate(vol)
+        log.info("volume %s reverted to snapshot %s%s", vol, s.id,
+                 " (cancelled after it had started: a revert rolls forward)"
+                 if job.cancelled else "")
         return self._volume_json(self.pool.volume(vol))
 
-    async def promote(self, snapshot_id: str, progress: ProgressFn = None) -> dict[str, Any]:
+    async def _invalidate(self, lun: str, attr_only: bool = False) -> None:
+        """Drop the kernel's cache (pages and attributes, or attributes only) of a LUN
+        whose content or size changed without a write through FUSE; returns once the
+        kernel has. Never raises: a failure is logged (the LUN is right; what the kernel
+        serves from its cache may not be)."""
+        ops = self._ops()
+        if ops is None:
+            return
+        try:
+            await ops.invalidate_lun(lun, attr_only)
+        except Exception as e:
+            log.error("could not drop the kernel's cache of %s (%s): buffered reads may "
+                      "return its old content until the file is no longer cached", lun, e)
+
+    async def _names_changed(self) -> None:
+        """A name under the mount vanished or names another LUN now (expose, unexpose,
+        split): the kernel forgets its cached entry before we report success (else a
+        lookup within its 1 s entry timeout still opens the old LUN)."""
+        ops = self._ops()
+        if ops is None or not hasattr(ops, "refresh_now"):
+            return
+        try:
+            await ops.refresh_now()
+        except Exception as e:
+            log.error("could not drop the kernel's cached names (%s): a name may lead to "
+                      "its old LUN for up to a second", e)
+
+    @staticmethod
+    def _job_cancelled(job: Job, what: str, detail: str) -> VssError:
+        return _vss("E_ABORT", f"{what} cancelled ({job.token.reason or 'cancelled'}): "
+                    f"nothing changed ({detail})")
+
+    async def promote(self, snapshot_id: str, progress: ProgressFn = None,
+                      cancel: CancelToken | None = None) -> dict[str, Any]:
+        """Differential -> full copy. Cancelled: E_ABORT, still differential (the copy is
+        thrown away); a cancellation after the copy is committed comes too late."""
         s = self._committed(snapshot_id)
-        with self._claim(s.id, "promoted"):
-            info = await _in_thread(self.pool.promote, s.id,
-                                    _thread_progress(progress, "promote"))
+        with self._claim(s.id, "promoted"), \
+                self._jobs.run("promote", s.id, s.volume, cancel) as job:
+            try:
+                info = await _in_thread(self.pool.promote, s.id,
+                                        job.thread_progress(progress, "promote"))
+            except bse.Cancelled:
+                raise self._job_cancelled(job, f"promote of snapshot {s.id}",
+                                          "it is still differential") from None
         return self._prop_json(info)
 
-    async def split(self, snapshot_id: str, name: str,
-                    progress: ProgressFn = None) -> dict[str, Any]:
+    async def split(self, snapshot_id: str, name: str, progress: ProgressFn = None,
+                    cancel: CancelToken | None = None) -> dict[str, Any]:
+        """Break the snapshot off as volume ``name``. All or nothing: cancelled during
+        its promote step, E_ABORT with the snapshot unchanged and no volume; after it,
+        the split completes."""
         s = self._committed(snapshot_id)
         if s.id in self._mounts:
             raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {s.id} is mounted at "
                        f"{self._mounts[s.id].mountpoint}; unexpose it first")
-        with self._claim(s.id, "split"):
-            v = await _in_thread(self.pool.split, s.id, name,
-                                 _thread_progress(progress, "split"))
+        with self._claim(s.id, "split"), \
+                self._jobs.run("split", s.id, s.volume, cancel) as job:
+            try:
+                v = await _in_thread(self.pool.split, s.id, name,
+                                     job.thread_progress(progress, "split"))
+            except bse.Cancelled:
+                raise self._job_cancelled(job, f"split of snapshot {s.id}", f"no volume "
+                                          f"{name}; the snapshot is still {s.kind}") from None
+            except Exception as e:
+                err = self._split_failed(s, e)
+                if err is e:
+                    raise
+                raise err from e
         set_id = s.set_id or s.id
         if set_id in self._records and not self._set_members(set_id):
             self._drop_record(set_id)
+        await self._names_changed()   # .shadow/<id>.img (and its exposed name) are gone
         return self._volume_json(v)
 
-    async def check(self) -> dict[str, Any]:
-        problems = await _in_thread(self.pool.check)
+    def _split_failed(self, s: SnapshotInfo, e: Exception) -> Exception:
+        """A split that failed after its promote step left the snapshot a full copy:
+        the error says so (same content, but not what the snapshot was)."""
+        try:
+            now = self.pool.snapshot(s.id).kind
+        except bse.StoreError:
+            return e
+        if now == s.kind:
+            return e
+        from .protocol import to_vss_error
+        err = to_vss_error(e)
+        return VssError(err.name, f"{err.message}; snapshot {s.id} was promoted to a full "
+                        "copy before that (same content)")
+
+    async def check(self, cancel: CancelToken | None = None) -> dict[str, Any]:
+        with self._jobs.run("check", "pool", None, cancel) as job:
+            try:
+                problems = await _in_thread(self.pool.check,
+                                            job.thread_progress(None, "check"))
+            except bse.Cancelled:
+                raise self._job_cancelled(job, "check", "it only reads") from None
         problems = list(problems) + self._check_catalog()
         return {"ok": not problems, "problems": problems}
 
@@ -1564,8 +1674,15 @@ class Coordinator:
                 out.append(f"mount record for missing snapshot {sid} at {m.mountpoint}")
         return out
 
-    async def scrub(self, progress: ProgressFn = None) -> dict[str, Any]:
-        problems = await _in_thread(self.pool.scrub, _thread_progress(progress, "scrub"))
+    async def scrub(self, progress: ProgressFn = None,
+                    cancel: CancelToken | None = None) -> dict[str, Any]:
+        with self._jobs.run("scrub", "pool", None, cancel) as job:
+            try:
+                problems = await _in_thread(self.pool.scrub,
+                                            job.thread_progress(progress, "scrub"))
+            except bse.Cancelled:
+                raise self._job_cancelled(job, "scrub", "a scrub changes no data"
+                                          ) from None
         problems = list(problems) + self._check_catalog()
         return {"ok": not problems, "problems": problems}
 
@@ -1601,6 +1718,7 @@ class Coordinator:
             "sets": len(self._records),
             "creating": c.to_json() if c else None,
             "volumes_in_use": dict(self._marks),
+            "operations": self._jobs.list(),
             "sessions": len(self._sessions),
             "writers": [n for w in self.writers for n in _names(w)],
             "service_machine": self.service_machine,

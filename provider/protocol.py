@@ -13,6 +13,9 @@ much of any line; a longer one is skipped with one error.
               {"id": 7, "ok": false, "error": {"name": "VSS_E_BAD_STATE",
                                                "hresult": 2147754753, "message": "..."}}
     progress  {"id": 7, "progress": {"done": 3, "total": 10, "what": "plex sync"}}
+    cancel    {"id": 8, "op": "cancel", "args": {"request": 7}}   answered at once,
+              out of order: {"id": 8, "ok": true, "result": {"request": 7, "state": ...}};
+              request 7 then gets its true final reply (docs/provider.md)
 
 The first request of a connection must be ``hello`` (``{"host": ..., "client": ...}``). One
 connection is one requester session: snapshot sets in auto-release contexts (backup,
@@ -51,7 +54,7 @@ SOCKET_DIR = "/run/shadowplex"
 
 # The ops the server understands (names are stable; docs/provider.md describes each).
 OPS: tuple[str, ...] = (
-    "hello",
+    "hello", "cancel",
     "status",
     "volume.create", "volume.list", "volume.resize", "volume.delete", "volume.present",
     "snapshot.create", "snapshot.list", "snapshot.show", "snapshot.delete",
@@ -190,6 +193,9 @@ _ERROR_NAMES: tuple[tuple[type[BaseException], str], ...] = (
     (bse.NoSpace, "VSS_E_INSUFFICIENT_STORAGE"),
     (bse.InvalidState, "VSS_E_BAD_STATE"),
     (bse.Unsupported, "VSS_E_NOT_SUPPORTED"),
+    # The requester cancelled it and nothing changed (an operation that cannot undo
+    # what it did completes instead: it never raises Cancelled then).
+    (bse.Cancelled, "E_ABORT"),
     # Lost or corrupt data, a damaged pool: the provider failed, the caller did nothing
     # wrong and retrying the same call will not help. VSS has exactly this name for
     # "the provider returned an unexpected error"; the message says what was lost.

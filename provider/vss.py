@@ -282,6 +282,9 @@ HRESULTS: dict[str, int] = {
     "E_ACCESSDENIED": 0x80070005,
     "E_INVALIDARG": 0x80070057,
     "E_OUTOFMEMORY": 0x8007000E,
+    # A request its requester cancelled, nothing changed. Source: winerror.h E_ABORT
+    # 0x80004004L "Operation aborted" (Microsoft Learn, VSConstants.E_ABORT = -2147467260).
+    "E_ABORT": 0x80004004,
 }
 
 # Success codes (severity bit clear): not errors, so VssError refuses them.

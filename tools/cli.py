@@ -4,15 +4,22 @@ Every command except `serve`, `pool init` and `demo` talks to the daemon through
 provider.client (socket: --socket, else $SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
 Exit codes: 0 success, 1 the operation failed, 2 usage error. User mistakes print one
 line; a traceback only with --debug.
+
+Ctrl-C while the daemon runs a request: the CLI asks the daemon to cancel it and waits
+at most INTERRUPT_WAIT s for the request's final reply, then says what happened: it
+completed anyway (its result is printed, exit 0), it was cancelled with nothing changed
+(exit 130), it failed (exit 1), or it still runs in the daemon -- a revert rolls forward
+once started; anything else is being stopped -- and `shadowplex status` shows it (130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
@@ -29,6 +36,8 @@ from .output import (
 PROG = "shadowplex"
 DEFAULT_SOCKET = "/run/shadowplex/shadowplex.sock"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+INTERRUPT_WAIT = 0.6   # s for the daemon's verdict after Ctrl-C (the CLI answers in < 1 s)
 
 
 def _version() -> str:
@@ -42,6 +51,14 @@ class UsageError(Exception):
     """A mistake in the command line found after parsing (exit 2)."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a request, whose outcome has been told: exit with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors: exit 2 with exactly one line on stderr, no usage dump, no traceback."""
 
@@ -53,13 +70,98 @@ def socket_path(args: argparse.Namespace) -> str:
     return args.socket or os.environ.get("SHADOWPLEX_SOCKET") or DEFAULT_SOCKET
 
 
-def _client(args: argparse.Namespace) -> Any:
+@contextlib.contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Any]:
+    """A session with the daemon. Ctrl-C while a request runs: its outcome is told
+    (_after_interrupt) and the session closes without waiting for the daemon."""
     from provider.client import Client
-    return Client(socket_path(args), host=getattr(args, "host", None), client="shadowplex-cli")
+    c = Client(socket_path(args), host=getattr(args, "host", None), client="shadowplex-cli")
+    interrupted = False
+    try:
+        yield c
+    except KeyboardInterrupt:   # not inside _call: the command's own work is cut short
+        interrupted = True
+        _after_interrupt(c, finished=False)   # tells the outcome and raises
+        raise Interrupted(EXIT_INTERRUPTED) from None
+    except Interrupted:
+        interrupted = True
+        raise
+    finally:
+        if interrupted:
+            c.close(wait=0)
+        else:
+            c.close()
 
 
 def _progress(args: argparse.Namespace) -> Progress:
     return Progress(not args.quiet and not args.json)
+
+
+def _say(text: str) -> None:
+    print(f"{PROG}: {one_line(text)}", file=sys.stderr)
+
+
+def _after_interrupt(c: Any, finished: bool = True) -> Any:
+    """Ctrl-C came while ``c`` waited for a reply (or after it): ask the daemon to cancel
+    the request, wait at most INTERRUPT_WAIT s for its final reply and tell the user what
+    became of it. Returns the result if it completed anyway and ``finished`` (the caller
+    prints it); raises Interrupted (the outcome told) or the request's own ControlError
+    if it failed."""
+    try:
+        v = c.interrupt(INTERRUPT_WAIT)
+    except KeyboardInterrupt:
+        _say("interrupted again: not waiting for the daemon's answer; 'shadowplex status' "
+             "shows the operations still running")
+        raise Interrupted(EXIT_INTERRUPTED) from None
+    what = v.op or "request"
+    if v.state == "completed" and finished:
+        _say(f"interrupted, but the {what} had already completed")
+        return v.result
+    if v.state == "completed":
+        _say(f"interrupted: the {what} had completed in the daemon, but this command "
+             "stopped before it finished")
+        raise Interrupted(EXIT_INTERRUPTED)
+    if v.state == "cancelled":
+        _say(f"interrupted: {v.error.message}")
+        raise Interrupted(EXIT_INTERRUPTED)
+    if v.state == "failed":
+        raise v.error
+    if v.state == "none":
+        _say("interrupted")
+        raise Interrupted(EXIT_INTERRUPTED)
+    answer = v.answer or {}
+    state = answer.get("state")
+    total = answer.get("total") or 0
+    done = f" ({100 * answer.get('done', 0) / total:.0f} % done)" if total else ""
+    if state == "rolling-forward":
+        _say(f"interrupted: the {what} cannot be stopped once started (it rolls forward, "
+             f"as after a crash); it continues in the daemon{done}: 'shadowplex status' "
+             "shows it under operations until it has completed")
+    elif state == "completing":
+        _say(f"interrupted too late: the {what} had passed its point of no return and "
+             f"completes in the daemon{done}; 'shadowplex status' shows it under "
+             "operations until it has")
+    elif state == "cancelling":
+        _say(f"interrupted: the {what} is being cancelled in the daemon{done} (it stops "
+             "with nothing changed, unless it completes first); 'shadowplex status' shows "
+             "it under operations until it has ended")
+    else:
+        _say(f"interrupted: the daemon did not answer within {INTERRUPT_WAIT:g} s and may "
+             f"still complete the {what}: check with 'shadowplex status'")
+    raise Interrupted(EXIT_INTERRUPTED)
+
+
+def _call(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any]) -> Any:
+    """call(progress) -> its result; after Ctrl-C, the result if it completed anyway
+    (else the outcome is told and Interrupted raised)."""
+    prog = _progress(args)
+    try:
+        return call(prog)
+    except KeyboardInterrupt:
+        prog.close()
+        return _after_interrupt(c)
+    finally:
+        prog.close()
 
 
 # ------------------------------------------------------------------------ presentation
@@ -232,13 +334,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                          "--all")
     with _client(args) as c:
         if args.scmd == "create":
-            prog = _progress(args)
-            try:
-                res = c.snapshot_create(args.volumes, context=ctx.cli_name,
-                                        attributes=_attributes(args) or None,
-                                        progress=prog)
-            finally:
-                prog.close()
+            res = _call(args, c, lambda p: c.snapshot_create(
+                args.volumes, context=ctx.cli_name, attributes=_attributes(args) or None,
+                progress=p))
             snaps = [snapshot_view(s) for s in res.get("snapshots", [])]
             if args.json:
                 print_json({**res, "snapshots": snaps})
@@ -279,31 +377,28 @@ def cmd_unexpose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _long_op(args: argparse.Namespace, call: Callable[[Progress], Any],
+def _long_op(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any],
              view: Callable[[Any], Any] = lambda r: r) -> int:
-    prog = _progress(args)
-    try:
-        res = call(prog)
-    finally:
-        prog.close()
-    _emit(args, view(res))
+    _emit(args, view(_call(args, c, call)))
     return EXIT_OK
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        return _long_op(args, lambda p: c.revert(args.snapshot, force=args.force, progress=p))
+        return _long_op(args, c, lambda p: c.revert(args.snapshot, force=args.force,
+                                                    progress=p))
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     with _client(args) as c:
         # promote answers with the (now full) snapshot: the same view as `snapshot show`
-        return _long_op(args, lambda p: c.promote(args.snapshot, progress=p), snapshot_view)
+        return _long_op(args, c, lambda p: c.promote(args.snapshot, progress=p),
+                        snapshot_view)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        return _long_op(args, lambda p: c.split(args.snapshot, args.name, progress=p))
+        return _long_op(args, c, lambda p: c.split(args.snapshot, args.name, progress=p))
 
 
 def cmd_end_backup(args: argparse.Namespace) -> int:
@@ -376,13 +471,9 @@ def cmd_writers(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.command == "scrub":
-            prog = _progress(args)
-            try:
-                res = c.scrub(progress=prog)
-            finally:
-                prog.close()
+            res = _call(args, c, lambda p: c.scrub(progress=p))
         else:
-            res = c.check()
+            res = _call(args, c, lambda p: c.check())
     problems = res.get("problems", [])
     if args.json:
         print_json(res)
@@ -568,6 +659,14 @@ def _is_usage(e: Exception) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:   # while starting up (parsing, imports): nothing was asked
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from blockstore.errors import StoreError
@@ -580,14 +679,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:   # Ctrl-C during a request: its outcome was told
+        return e.code
     except (ControlError, StoreError) as e:
         if args.debug:
             raise
         print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE if _is_usage(e) else EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # outside a request: nothing was asked of the daemon
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `shadowplex snapshot list | head`: the reader is gone, nothing to report; point
         # stdout at /dev/null so the interpreter's final flush does not fail again
