@@ -17,9 +17,10 @@ Stopping while the mount is in use: the unmount is attempted NON-lazily first. I
 mount is busy (a loop device or a process still has an image open) the daemon refuses to
 stop, logs who uses it, and keeps serving -- detaching the mount under an attached loop
 device would turn the filesystem above it into I/O errors. A second signal while busy
-forces the stop (lazy unmount: the users then get errors). A daemon killed with -9 leaves
-a dead mount (ENOTCONN on every access, never an empty-looking directory); the next
-`serve` on the same directory cleans it.
+within FORCE_WINDOW (10 s) forces the stop (lazy unmount: the users then get errors); a
+later one is refused again. A daemon killed with -9 leaves a dead mount (ENOTCONN on
+every access, never an empty-looking directory); the next `serve` on the same directory
+cleans it.
 
 `--foreground` is the default and the only mode: the daemon never forks (run it under
 systemd Type=simple, or with `&`/nohup). `--background` is accepted for compatibility and
@@ -135,6 +136,7 @@ async def _flush_all(pool: Pool) -> None:
 
 
 WRITEBACK_PERIOD = 0.05
+FORCE_WINDOW = 10.0   # s after a refused stop in which another stop signal forces it
 
 
 async def writeback_timer(pool: Pool) -> None:
@@ -180,7 +182,7 @@ async def _serve_async(
 
     async def stop_on_signals(sigs: Any) -> None:
         nonlocal unmounting
-        refused = False
+        refused_at: float | None = None   # when a stop was last refused (busy)
         async for signum in sigs:
             name = signal.Signals(signum).name
             log.info("%s received: flushing volumes and unmounting %s", name, mountpoint)
@@ -189,16 +191,20 @@ async def _serve_async(
             try:
                 await trio.to_thread.run_sync(umount_nonlazy, mountpoint)
             except OSError as e:
-                if e.errno == errno.EBUSY and not refused:
-                    refused = True
+                # A second signal soon after a refusal is the admin insisting (a second
+                # Ctrl-C); one much later is a new stop request, refused again: a stop
+                # forgotten hours ago must not turn filesystems into I/O errors.
+                if e.errno == errno.EBUSY and (
+                        refused_at is None or trio.current_time() - refused_at > FORCE_WINDOW):
                     unmounting = False
                     log.error(
                         "%s is busy (%s): NOT stopping, the array keeps serving. Close "
                         "the files, unmount the filesystems and detach the loop devices on "
-                        "it, then signal again; a second signal while busy forces a lazy "
+                        "it, then signal again; a second signal within %g s forces a lazy "
                         "unmount.",
-                        mountpoint, await _busy_report(mountpoint, ops),
+                        mountpoint, await _busy_report(mountpoint, ops), FORCE_WINDOW,
                     )
+                    refused_at = trio.current_time()
                     continue
                 if e.errno == errno.EBUSY:
                     log.warning("%s still busy (%s): forcing a lazy unmount; its users will "

@@ -297,6 +297,31 @@ def test_second_signal_while_busy_forces_a_lazy_unmount(
         _no_self_requests(d)
 
 
+def test_a_signal_long_after_a_refusal_is_refused_again(
+        tmp_path: Path, sockdir: str) -> None:  # noqa: F811
+    """Only a second signal soon after a refusal (FORCE_WINDOW: the admin insisting)
+    forces the stop; one later is a new stop request and is refused again -- a stop
+    forgotten an hour ago must not turn the filesystems on the array into I/O errors."""
+    from provider.daemon import FORCE_WINDOW
+    with busy_daemon(tmp_path, sockdir) as (d, users):
+        _add_users(users, d, "fd+ext4")
+        time.sleep(PAST_CACHE)
+        d.proc.send_signal(signal.SIGTERM)
+        _wait_log(d, "NOT stopping")
+        time.sleep(FORCE_WINDOW + 1)
+        d.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + ANSWER
+        while d.log_text().count("NOT stopping") < 2:
+            assert d.proc.poll() is None, d.log_text()[-2000:]
+            assert time.monotonic() < deadline, _stacks(d.proc.pid)
+            time.sleep(0.1)
+        assert _answers(d)
+        users.wait_writes(3)
+        assert users.writes()[1] == 0
+        assert "forcing a lazy unmount" not in d.log_text()
+        _no_self_requests(d)
+
+
 def test_sighup_stops_an_idle_daemon_cleanly(tmp_path: Path, sockdir: str) -> None:  # noqa: F811
     """SIGHUP (the terminal of a foreground `serve` closed) stops the daemon as SIGTERM
     does: exit 0, mount gone -- not killed with a dead mount left behind."""
