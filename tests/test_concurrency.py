@@ -593,8 +593,57 @@ def worker_main(cfg: dict[str, Any]) -> int:
 
 # --------------------------------------------------------------------------- the soak
 def start_daemon(base: Path, sockdir: str) -> Daemon:
+    # under tests/fuse_self_guard.py: a FUSE request from a daemon thread is logged
     return start_e2e_daemon(base, sockdir, {"live": LIVE_SIZE, "fs": FS_SIZE,
-                                            "quiet": QUIET_SIZE}, {"hooks_dir": None})
+                                            "quiet": QUIET_SIZE}, {"hooks_dir": None},
+                            self_guard=0.0)
+
+
+class Signaller:
+    """Stop signals (SIGTERM, SIGINT, SIGHUP) to the daemon at random moments of the run
+    (issue 12). The mount is always in use here (ext4 on a loop device, writers, a
+    reader, exposures), so each must be refused within REFUSAL_TIME while the daemon
+    keeps serving; they are spaced more than the daemon's FORCE_WINDOW apart, so that
+    none is taken as an insisting second signal (which forces a lazy unmount)."""
+
+    REFUSAL_TIME = 15.0
+
+    def __init__(self, d: Daemon, seed: int) -> None:
+        from provider.daemon import FORCE_WINDOW
+        self.d, self.rng, self.gap = d, random.Random(seed), FORCE_WINDOW + 1.0
+        self.stop = threading.Event()
+        self.sent: list[tuple[float, str]] = []
+        self.failure: str | None = None
+        self.thread = threading.Thread(target=self._run, name="signaller", daemon=True)
+
+    def _refusals(self) -> int:
+        return self.d.log_text().count("NOT stopping")
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        wait = self.rng.uniform(0.5, 5.0)
+        while not self.stop.wait(wait):
+            sig = self.rng.choice((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+            before = self._refusals()
+            self.d.proc.send_signal(sig)
+            self.sent.append((round(time.monotonic() - t0, 1), sig.name))
+            deadline = time.monotonic() + self.REFUSAL_TIME
+            while self._refusals() == before:
+                if self.d.proc.poll() is not None or time.monotonic() > deadline:
+                    self.failure = (f"{sig.name} at {self.sent[-1][0]} s: the daemon "
+                                    + ("exited" if self.d.proc.poll() is not None
+                                       else f"did not refuse within {self.REFUSAL_TIME} s"))
+                    return
+                time.sleep(0.05)
+            wait = self.gap + self.rng.uniform(0.0, 4.0)
+
+    def __enter__(self) -> Signaller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(self.REFUSAL_TIME + 5)
 
 
 def daemon_resources(pid: int) -> tuple[int, int]:
@@ -672,6 +721,7 @@ def test_concurrency_soak(tmp_path: Path) -> None:
     fsdir.mkdir()
     work = tmp_path / "work"
     procs: list[subprocess.Popen[Any]] = []
+    signaller: Signaller | None = None
     d = start_daemon(tmp_path, sockdir)
     fs_dev: str | None = None
     try:
@@ -725,10 +775,13 @@ def test_concurrency_soak(tmp_path: Path) -> None:
             procs.append(p)
             workers.append(p)
         deadline = t0 + max(300.0, OP_TIMEOUT + total_ops * 0.5)
+        signaller = Signaller(d, seed + 3).__enter__()   # until the clean stop at the end
         while any(p.poll() is None for p in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-            if d.proc.poll() is not None:
+            if d.proc.poll() is not None or signaller.failure:
                 break
+        assert signaller.failure is None, (f"seed {seed}: {signaller.failure}\n"
+                                           f"{_dump_stacks(d)}")
         hung = [i for i, p in enumerate(workers) if p.poll() is None]
         elapsed = time.monotonic() - t0
         if hung or d.proc.poll() is not None:
@@ -835,9 +888,24 @@ def test_concurrency_soak(tmp_path: Path) -> None:
               f"files verify; reader checked {int(outs[2])} blocks")
         with d.client(timeout=OP_TIMEOUT) as c:
             assert c.status()["snapshots"] == 0
+        signaller.__exit__()
+        print(f"stop signals (each refused, the daemon serving on): {signaller.sent}")
+        assert signaller.failure is None, (f"seed {seed}: {signaller.failure}\n"
+                                           f"{_dump_stacks(d)}")
+        assert signaller.sent, "no stop signal was sent"
+        # nothing on the mount any more: a stop signal now stops it cleanly
+        _run("umount", str(fsdir))
+        _run("losetup", "-d", fs_dev)
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0, d.log_text()[-3000:]
+        assert d.mount not in our_mounts(roots)
         log = d.log_text()
         assert "unexpected error" not in log and "Traceback" not in log, log[-5000:]
+        selfreq = [ln for ln in log.splitlines() if "SELF-REQUEST" in ln]
+        assert not selfreq, f"FUSE requests from the daemon's own threads: {selfreq[:5]}"
     finally:
+        if signaller is not None:
+            signaller.__exit__()
         stop.touch()
         _kill_all(procs)
         with contextlib.suppress(Exception):
