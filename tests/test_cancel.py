@@ -264,6 +264,27 @@ def test_cancel_request_stops_a_promote_with_nothing_changed(tmp_path: Path,
     pool.close()
 
 
+def test_cancel_request_stops_a_scrub(tmp_path: Path, sockdir: str) -> None:
+    env, srv, _, _, _ = _served(tmp_path, sockdir)
+    try:
+        gate = Gate(env.pool, "scrub")
+        r = _hello(srv)
+        _send(r, 2, "scrub", {})
+        assert gate.entered.wait(20)
+        _send(r, 3, "cancel", {"request": 2})
+        assert _reply(r, 3)["result"]["state"] == "cancelling"
+        gate.open.set()
+        rep = _reply(r, 2)
+        assert rep["error"]["name"] == "E_ABORT", rep
+        assert "nothing changed" in rep["error"]["message"]
+        assert gate.calls == 1
+        assert srv.call(lambda: srv.coord.status()["operations"]) == []  # type: ignore
+        r.close()
+    finally:
+        srv.stop()
+        env.close()
+
+
 def test_cancel_of_a_started_revert_says_it_rolls_forward(tmp_path: Path,
                                                           sockdir: str) -> None:
     env, srv, sid, old, _ = _served(tmp_path, sockdir)
