@@ -140,7 +140,7 @@ async def _volume_delete(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any
 async def _volume_present(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     x = Args("volume.present", a, ("name", "hosts"))
     hosts = _str_list("volume.present", x.get("hosts", list, required=True), "hosts")
-    return c.coord.volume_present(x.get("name", str, required=True), hosts)
+    return await c.coord.volume_present(x.get("name", str, required=True), hosts)
 
 
 async def _snapshot_create(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:

@@ -522,7 +522,7 @@ class Coordinator:
         await self._invalidate(name, attr_only=True)
         return self._volume_json(v)
 
-    def volume_present(self, name: str, hosts: Sequence[str]) -> dict[str, Any]:
+    async def volume_present(self, name: str, hosts: Sequence[str]) -> dict[str, Any]:
         """LUN masking of a volume: present it to exactly ``hosts``. The daemon's own
         host is the root of the mount (MOUNT/volumes/); another host sees it at
         MOUNT/hosts/<host>/volumes/<name>.img. Open files and loop devices keep working
@@ -543,6 +543,7 @@ class Coordinator:
         if after != before:
             log.info("volume %s presented to %s (was %s)", vol, ", ".join(sorted(after)),
                      ", ".join(sorted(before)))
+            await self._names_changed()   # LUN masking: no cached name may still open it
         return self._volume_json(self.pool.volume(vol))
 
     async def volume_delete(self, name: str) -> None:
@@ -1061,6 +1062,7 @@ class Coordinator:
             session.sets.append(sid)
         log.info("snapshot set %s (from %s) imported on host %s: %s", sid, origin, host,
                  ", ".join(ids))
+        await self._names_changed()   # the origin host's names of them are gone
         return {"set_id": sid, "host": host, "origin": origin, "snapshots": snaps}
 
     # ------------------------------------------------------------------ queries

@@ -10,7 +10,7 @@
   hosts/) reads the same buffered (page cache, warmed before the operation) and with
   O_DIRECT (the daemon) after every operation that changes what a path reads without a
   write through FUSE: revert (completed or interrupted), promote, split, an exposure
-  name moved to another snapshot, a resize.
+  name moved to another snapshot, a resize, LUN masking (present, import).
 
 The random moments come from SHADOWPLEX_TEST_SEED (printed on failure); the volume size
 from SHADOWPLEX_CANCEL_MIB (default 512: each operation takes a second or more).
@@ -421,6 +421,39 @@ def test_resize_is_seen_at_once(array: Array) -> None:
         f.seek(SIZE)
         assert f.read(MIB) == bytes(MIB)
     assert_coherent(a, "after resize")
+
+
+def test_lun_masking_hides_names_at_once(array: Array) -> None:
+    """A volume presented to another host only, a set imported by another host: the
+    names this host had are gone when the command returns (LUN masking is a security
+    boundary; the kernel's cached entry must not open them for another second)."""
+    a = array
+    vol = a.path("volumes", "v.img")
+    with a.client() as c:
+        t = c.snapshot_create(["v"], context="app-rollback", attributes="transportable")
+        sid = t["snapshots"][0]["snapshot_id"]
+        shadow = a.path(".shadow", f"{sid}.img")
+        doc = c.export(t["set_id"])["document"]
+        os.stat(shadow)   # cached by the kernel (1 s) ...
+        with Client(a.d.socket, host="hostB") as b:
+            b.import_set(doc)
+            with pytest.raises(FileNotFoundError):   # ... and not used
+                open(shadow, "rb").close()
+            assert next(read_direct(a.path("hosts", "hostB", ".shadow", f"{sid}.img"))) \
+                == next(read_direct(vol))
+        local = c.status()["service_machine"]
+        vol_b = a.path("hosts", "hostB", "volumes", "v.img")
+        for _ in range(30):   # the stale entry lived a few ms to 1 s: try it often
+            os.stat(vol)
+            c.volume_present("v", ["hostB"])
+            with pytest.raises(FileNotFoundError):
+                open(vol, "rb").close()
+            assert next(read_direct(vol_b)) == new_piece(0)
+            c.volume_present("v", [local])
+            with pytest.raises(FileNotFoundError):
+                open(vol_b, "rb").close()
+            assert next(read_direct(vol)) == new_piece(0)
+    assert_coherent(a, "after the masking changed")
 
 
 @pytest.fixture(scope="module", autouse=True)
