@@ -17,8 +17,9 @@ the long operations in TOKEN_OPS get a jobs.CancelToken that their worker thread
 between chunks (the coordinator decides what a cancellation leaves: promote, split,
 scrub, check stop with nothing changed; a revert once started rolls forward); the set
 creations in SCOPE_OPS are cancelled as trio code (the set is aborted); other requests
-are short and complete. A disconnect, or the daemon stopping, cancels the running
-request the same way.
+are short and complete (a deletion of several snapshots stopped half-way by a
+disconnect would leave some deleted and no one told). A disconnect, or the daemon
+stopping, cancels the running request the same way.
 
 Bad input never ends the server: a line that is not JSON, not an object, too long (more
 than protocol.MAX_LINE bytes, or MAX_DOCUMENT_LINE for import; beyond MAX_DOCUMENT_LINE
@@ -345,10 +346,12 @@ class _Running:
             self.explicit |= explicit
             job = self.token.job
             return job.to_json()["state"] if job is not None else "cancelling"
-        if self.op in SCOPE_OPS or not explicit:   # a disconnect cancels any request
+        if self.op in SCOPE_OPS:
             self.explicit |= explicit
             self.scope.cancel()
             return "cancelling"
+        # short, and not undoable half-way (a deletion of several snapshots, a mount):
+        # it completes, also when its requester is gone
         return "not-cancellable"
 
 
