@@ -107,6 +107,25 @@ def _check_mountpoint(path: str) -> bool:
     return False
 
 
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _check_not_inside(mountpoint: str, **paths: str | None) -> None:
+    """The pool and the control socket must not live inside the mount: once it is up,
+    every access to them (the socket's bind and lstat, the pool's new files) would be a
+    FUSE request to the daemon itself, from the thread that serves them -- a daemon
+    hung at start, in D state until kill -9. Lexically first: resolving a path below
+    the mount directory would look into whatever is mounted there now."""
+    for what, path in paths.items():
+        if not path:
+            continue
+        p = os.path.abspath(path)
+        if _inside(p, mountpoint) or _inside(os.path.realpath(p), mountpoint):
+            raise ServeError(f"the {what} {path} is inside the mount directory {mountpoint};"
+                             f" put the {what} elsewhere")
+
+
 async def _busy_report(mountpoint: str, ops: ShadowOperations) -> str:
     """Who uses the mount, for the refusal's log line. Read as text from /proc and /sys
     in a worker thread (provider/mount_users.py): never a stat or realpath of a path
@@ -259,7 +278,7 @@ def serve(
     """Run the array daemon until SIGTERM/SIGINT; return the exit status (0 or 1).
 
     socket_path is for the control-socket service (passed to it by the caller, e.g. with
-    functools.partial); serve itself only validates nothing about it.
+    functools.partial); serve only checks that it is not inside the mount.
     """
     _configure_logging(debug)
     pool_dir = os.path.abspath(pool_dir)
@@ -267,6 +286,7 @@ def serve(
     if not foreground:
         log.info("daemonizing is not supported: running in the foreground")
     try:
+        _check_not_inside(mountpoint, pool=pool_dir, socket=socket_path)
         stale = _check_mountpoint(mountpoint)
     except ServeError as e:
         _error_line(str(e))

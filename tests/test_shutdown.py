@@ -332,3 +332,32 @@ def test_sighup_stops_an_idle_daemon_cleanly(tmp_path: Path, sockdir: str) -> No
         assert d.proc.wait(ANSWER) == 0, d.log_text()[-2000:]
         assert not mounted(d.mount)
         assert "SIGHUP received" in d.log_text()
+
+
+@pytest.mark.parametrize("what", ["socket", "pool"])
+def test_serve_refuses_a_socket_or_pool_inside_its_mount(tmp_path: Path, what: str) -> None:
+    """The same class at start: a control socket (or a pool) inside the mount directory
+    would be reached through the mount once it is up -- the socket's lstat came from the
+    thread that serves FUSE, a request to itself: the daemon hung at start, in D state.
+    Now one line, exit 1, nothing mounted."""
+    from blockstore import Pool
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    pool = mnt / "pool" if what == "pool" else tmp_path / "pool"
+    Pool.create(str(pool)).close()
+    sock = mnt / "ctl.sock" if what == "socket" else tmp_path / "ctl.sock"
+    cmd = [sys.executable, "-m", "provider.service", "--pool", str(pool), "--mount",
+           str(mnt), "--socket", str(sock)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False,
+                             cwd=str(Path(__file__).resolve().parent.parent))
+    except subprocess.TimeoutExpired:   # run() killed it (-9: a D-state wait is killable)
+        raise AssertionError(f"serve with the {what} inside its mount hung") from None
+    finally:
+        if mounted(str(mnt)):
+            run_cmd("fusermount3", "-u", "-z", str(mnt), check=False)
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "inside the mount directory" in lines[0], res.stderr
+    assert not mounted(str(mnt))
+
