@@ -50,8 +50,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("at", ["serve is up", "snapshot "])
-def test_ctrl_c_cleans_everything_up(at: str) -> None:
+@pytest.mark.parametrize("at,signals", [
+    ("serve is up", ["SIGINT"]), ("snapshot ", ["SIGINT"]),
+    # issue 12: SIGHUP is a stop signal too; a second signal while cleaning up used to
+    # cut the cleanup short (a KeyboardInterrupt out of a step) and still print
+    # "everything was cleaned up"
+    ("snapshot ", ["SIGHUP"]), ("snapshot ", ["SIGTERM", "SIGINT", "SIGTERM"])])
+def test_ctrl_c_cleans_everything_up(at: str, signals: list[str]) -> None:
     for tool in ("mkfs.ext4", "losetup", "mount"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
@@ -85,7 +90,9 @@ def test_ctrl_c_cleans_everything_up(at: str) -> None:
             if line.startswith(f"demo: {at}"):
                 break
         assert _mounts_under(tmp), "the demo should have its mounts now"   # a real moment
-        proc.send_signal(signal.SIGINT)
+        for name in signals:
+            proc.send_signal(signal.Signals[name])
+            time.sleep(0.3)
         rc = proc.wait(120)
         reader.join(10)
         err = proc.stderr.read() if proc.stderr else ""

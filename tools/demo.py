@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import xxhash
+
+from . import workdir
 
 VOLUME_SIZE = "256M"
 FILES = 120
@@ -144,20 +145,21 @@ class _Cleanup(contextlib.ExitStack):
         self.callback(run)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    # SIGTERM unwinds like Ctrl-C: the same cleanup, the same exit status 130
-    raise KeyboardInterrupt
-
-
 def run_demo(keep: bool = False, quiet: bool = False) -> int:
-    """Exit status: 0 PASS, 1 failed (or FAIL), 130 interrupted (SIGINT/SIGTERM). The
-    temporary directory is removed in every case unless ``keep`` (then its path is
+    """Exit status: 0 PASS, 1 failed (or FAIL), 130 interrupted (SIGINT/SIGTERM/SIGHUP).
+    The temporary directory is removed in every case unless ``keep`` (then its path is
     printed: pool, daemon log serve.log, backup.tar)."""
+    # SIGTERM and SIGHUP unwind like Ctrl-C, and a second signal cannot cut the cleanup
+    # short (it used to, and "everything was cleaned up" was printed anyway)
+    with workdir.stop_signals():
+        return _run_demo(keep, quiet)
+
+
+def _run_demo(keep: bool, quiet: bool) -> int:
     from provider.client import Client
 
     t0 = time.monotonic()
     base: str | None = None
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     report: dict[str, object] = {}
     bad: list[str] = []
     cleanup = _Cleanup()
@@ -246,7 +248,6 @@ def run_demo(keep: bool = False, quiet: bool = False) -> int:
             _print_tail(os.path.join(base, "serve.log"))
         rc = 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if base is not None:
             _remove_base(base, keep, rc)
     return rc
