@@ -5,7 +5,8 @@ write load -> application-consistent snapshot (backup context, writers frozen) -
 writing -> expose the snapshot read-only -> tar it -> verify every file against its
 point-in-time checksum and the database's integrity -> BackupComplete -> clean up.
 
-Cleanup happens on success, failure, Ctrl-C (SIGINT) and SIGTERM alike: the snapshot is
+Cleanup happens on success, failure, Ctrl-C (SIGINT), SIGTERM and SIGHUP alike (a second
+signal does not cut it short): the snapshot is
 unexposed, the filesystem unmounted, the loop device detached, the daemon stopped (its
 FUSE mount gone) and the temporary directory removed -- unless `--keep`, which keeps the
 directory (pool, serve.log, backup.tar) for a look afterwards. Exit status: 0 PASS,
