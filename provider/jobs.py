@@ -56,24 +56,19 @@ class Job:
     """One running long operation (status shows it: op, target, progress, state)."""
 
     def __init__(self, jid: int, op: str, target: str, volume: str | None,
-                 token: CancelToken | None, session: int | None) -> None:
+                 token: CancelToken | None) -> None:
         self.id = jid
         self.op = op
         self.target = target
         self.volume = volume
         self.token = token if token is not None else CancelToken()
-        self.session = session
         self.started = time.time()
         self.done = 0
         self.total = 0
-        self.state = "running"
         # set (in the worker thread, by the block store) once the operation is past its
         # point of no return: a cancellation from then on lets it complete (a promote
         # commits its copy, a revert rolls forward)
         self.rolls_forward = False
-
-    def cancel(self, reason: str) -> None:
-        self.token.cancel(reason)
 
     @property
     def cancelled(self) -> bool:
@@ -116,13 +111,13 @@ class Job:
         return cb
 
     def to_json(self) -> dict[str, Any]:
-        state = self.state
-        if self.cancelled and state == "running":
+        state = "running"
+        if self.cancelled:
             state = ("cancelling" if not self.rolls_forward else
                      "rolling-forward" if self.op == "revert" else "completing")
         return {"id": self.id, "op": self.op, "target": self.target, "volume": self.volume,
                 "state": state, "done": self.done, "total": self.total,
-                "started": self.started, "session": self.session}
+                "started": self.started}
 
 
 class Jobs:
@@ -134,8 +129,8 @@ class Jobs:
 
     @contextlib.contextmanager
     def run(self, op: str, target: str, volume: str | None = None,
-            token: CancelToken | None = None, session: int | None = None) -> Iterator[Job]:
-        job = Job(next(self._ids), op, target, volume, token, session)
+            token: CancelToken | None = None) -> Iterator[Job]:
+        job = Job(next(self._ids), op, target, volume, token)
         job.token.job = job
         self._jobs[job.id] = job
         try:
@@ -145,7 +140,3 @@ class Jobs:
 
     def list(self) -> list[dict[str, Any]]:
         return [j.to_json() for j in self._jobs.values()]
-
-    def cancel_all(self, reason: str) -> None:
-        for j in self._jobs.values():
-            j.cancel(reason)
