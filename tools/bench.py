@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import workdir
+from . import interrupts, workdir
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 FIO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fio")
@@ -1305,8 +1305,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     report: dict[str, Any] | None = None
     # Ctrl-C, SIGTERM, SIGHUP: the same cleanup, which a second signal cannot cut short
-    # (tools/workdir.py); the message says what really is left
-    with workdir.stop_signals():
+    # (tools/interrupts.py); the message says what really is left (tools/workdir.py)
+    with interrupts.stop_signals():
         try:
             if args.dir:
                 os.makedirs(args.dir, exist_ok=True)
@@ -1326,7 +1326,7 @@ def run(args: argparse.Namespace) -> int:
             if left:
                 raise BenchError(f"could not clean up: {', '.join(left)}")
         except KeyboardInterrupt as e:
-            stop = e if isinstance(e, workdir.Interrupted) else workdir.Interrupted()
+            stop = e if isinstance(e, interrupts.Interrupted) else interrupts.Interrupted()
             left = workdir.clean(base, keep)
             if left:
                 said = f"left behind: {', '.join(left)}"

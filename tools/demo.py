@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 
 import xxhash
 
-from . import workdir
+from . import interrupts
 
 VOLUME_SIZE = "256M"
 FILES = 120
@@ -152,7 +152,7 @@ def run_demo(keep: bool = False, quiet: bool = False) -> int:
     printed: pool, daemon log serve.log, backup.tar)."""
     # SIGTERM and SIGHUP unwind like Ctrl-C, and a second signal cannot cut the cleanup
     # short (it used to, and "everything was cleaned up" was printed anyway)
-    with workdir.stop_signals():
+    with interrupts.stop_signals():
         return _run_demo(keep, quiet)
 
 

@@ -97,16 +97,14 @@ import json
 import os
 import re
 import shlex
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import procgroup
+from . import interrupts, procgroup
 from .output import one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -169,36 +167,6 @@ class ScriptError(Exception):
 
 class ScriptFailure(Exception):
     """A failure while running a line (exit 1)."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP while the script runs: the same cleanup as Ctrl-C (exit 128 +
-    the signal's number). Before, either signal killed the script outright: the exec'd
-    command went on running and the daemon deleted a snapshot it still had mounted."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    # once: the cleanup that follows is bounded, a second signal must not cut it short
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _noted)
-    raise Terminated(signum)
-
-
-def _noted(_signum: int, _frame: object) -> None:
-    pass
-
-
-def _catch_termination() -> dict[int, Any]:
-    """SIGTERM and SIGHUP raise Terminated (main thread only); returns the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)
-            if signal.getsignal(sig) is not signal.SIG_IGN}
 
 
 @dataclass
@@ -709,14 +677,14 @@ class _Runner:
             where = "end of script: unexpose"
             self.finish()
         except KeyboardInterrupt as e:
+            # Ctrl-C, SIGTERM, SIGHUP alike (run_script: interrupts.stop_signals). Before,
+            # SIGTERM/SIGHUP killed the script outright: the exec'd command went on and
+            # the daemon deleted a snapshot it still had mounted
             self.interrupted = True
-            if isinstance(e, Terminated):
-                self.warn(f"{self.filename}:{where}: terminated by "
-                          f"{signal.Signals(e.signum).name}")
-            else:
-                self.warn(f"{self.filename}:{where}: interrupted")
+            stop = e if isinstance(e, interrupts.Interrupted) else interrupts.Interrupted()
+            self.warn(f"{self.filename}:{where}: {stop.what}")
             self.cleanup(interrupted=True)
-            return e.exit_code if isinstance(e, Terminated) else EXIT_INTERRUPTED
+            return stop.exit_code
         except Exception as e:
             from provider.client import ControlError
             if not isinstance(e, ControlError | ScriptFailure | OSError):
@@ -1130,8 +1098,7 @@ def run_script(text: str, filename: str = "<script>", socket: str | None = None,
         return EXIT_USAGE if e.name == "E_INVALIDARG" else EXIT_FAILED
     runner = _Runner(stmts, filename, client, quiet, socket or client.socket_path)
     live: list[str] = []
-    old = _catch_termination()
-    try:
+    with interrupts.stop_signals():   # later signals cannot cut the cleanup short
         try:
             rc = runner.run()
             if not (runner.interrupted and runner.in_call):
@@ -1148,11 +1115,8 @@ def run_script(text: str, filename: str = "<script>", socket: str | None = None,
                     else:
                         print(f"cleanup: {msg}", file=sys.stderr, flush=True)
         except KeyboardInterrupt as e:
-            return e.exit_code if isinstance(e, Terminated) else EXIT_INTERRUPTED
+            return getattr(e, "exit_code", EXIT_INTERRUPTED)
         return rc
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def run_script_file(path: str, socket: str | None = None, quiet: bool = False,

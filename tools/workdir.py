@@ -4,16 +4,14 @@
 fio in a directory of its own. Interrupted, it must end those, unmount, detach, remove
 the directory -- and say so only if it is true:
 
-    with workdir.stop_signals():              # SIGINT/SIGTERM/SIGHUP -> Interrupted
+    with interrupts.stop_signals():           # SIGINT/SIGTERM/SIGHUP -> Interrupted
         try:
             ...
         except KeyboardInterrupt as e:
             left = workdir.clean(base, keep=False)   # [] when nothing is left
 
-The first signal raises Interrupted (a KeyboardInterrupt, so code that already cleans up
-after Ctrl-C does the same for SIGTERM); later ones are ignored until the block ends, so
-the cleanup that follows cannot be cut short half-way (before, a second Ctrl-C while the
-daemon stopped left its mount behind). The cleanup steps are bounded (timeouts).
+Signals: tools/interrupts.py (the first raises Interrupted, later ones are ignored
+until the block ends, so this cleanup cannot be cut short half-way).
 """
 
 from __future__ import annotations
@@ -24,54 +22,7 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from typing import Any
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal arrived; exit_code is 128 + its number (130 for Ctrl-C)."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-    @property
-    def what(self) -> str:
-        return ("interrupted" if self.signum == signal.SIGINT
-                else f"terminated by {signal.Signals(self.signum).name}")
-
-
-def _ignore(_signum: int, _frame: object) -> None:
-    pass
-
-
-def _raise(signum: int, _frame: object) -> None:
-    for sig in SIGNALS:
-        signal.signal(sig, _ignore)
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def stop_signals() -> Iterator[None]:
-    """See the module docstring. Main thread only (elsewhere a no-op); a signal ignored
-    when the block starts (nohup) stays ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old: dict[int, Any] = {}
-    for sig in SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            old[sig] = signal.signal(sig, _raise)
-    try:
-        yield
-    finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
 
 
 def _under(path: str, root: str) -> bool:
