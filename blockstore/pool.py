@@ -542,6 +542,13 @@ class Pool:
         return self._sinfo(self._snap(snap_id))
 
     @_locked
+    def diff_entries(self, name: str) -> int:
+        """Entries in a volume's diff area (preserved chunks, all-zero ones included):
+        what its in-memory chunk maps hold."""
+        da = self._vol(name).diff
+        return da.entries() if da is not None else 0
+
+    @_locked
     def lun_size(self, key: str) -> int:
         return self._lun(key).size
 

@@ -186,7 +186,7 @@ def metadata_memory(base: str, written: int) -> dict:
         pool.commit_snapshots([pool.prepare_snapshot("v").id])
         for off in range(0, per, MiB):
             pool.write("v", i * stride + off, block)
-    entries = pool.volume("v").diff_bytes // pool.chunk_size   # (no all-zero chunks here)
+    entries = pool.diff_entries("v")
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pool.close()
     shutil.rmtree(d)
