@@ -764,7 +764,7 @@ def test_overflow_during_revert_spares_its_source(pool, caplog):
     pool.write("v", 0, b"2" * (4 * CS))
     b = snap(pool, "v")
     pool.set_diff_limit("v", 5 * CS)          # 4 used: no room for 4 more
-    with caplog.at_level(logging.WARNING, logger="blockstore.pool"):
+    with caplog.at_level(logging.WARNING, logger="blockstore"):
         pool.revert("v", a)
     assert [s.id for s in pool.list_snapshots()] == [a]
     assert pool.read("v", 0, 4 * CS) == b"1" * (4 * CS)
@@ -888,7 +888,7 @@ def test_default_diff_limit_is_free_space_minus_reserve(pool, monkeypatch, caplo
     pool.write("v", 0, b"n" * (2 * CS))         # fits: a stays
     b = snap(pool, "v")
     assert [s.id for s in pool.list_snapshots()] == [a, b]
-    with caplog.at_level(logging.WARNING, logger="blockstore.pool"):
+    with caplog.at_level(logging.WARNING, logger="blockstore"):
         pool.write("v", 2 * CS, b"m" * (3 * CS))    # 3 do not: a goes, its 2 come back
     assert [s.id for s in pool.list_snapshots()] == [b]
     assert pool.read("v", 2 * CS, 3 * CS) == b"m" * (3 * CS)
@@ -923,7 +923,7 @@ def test_interrupted_revert_to_a_lost_snapshot_is_dropped(tmp_path, caplog):
     with pytest.raises(errors.SimulatedCrash):
         pool.revert("v", a)
     pool.catalog.db.execute("UPDATE snapshots SET state='invalid' WHERE snap_id=?", (a,))
-    with caplog.at_level(logging.ERROR, logger="blockstore.pool"):
+    with caplog.at_level(logging.ERROR, logger="blockstore"):
         pool = reopen(pool)
     assert any("cannot be finished" in r.getMessage() for r in caplog.records)
     assert pool.check() == []

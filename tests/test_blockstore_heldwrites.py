@@ -1,4 +1,4 @@
-"""Held writes (blockstore/pool.py `_Volume.pending`): origin writes to freshly preserved
+"""Held writes (blockstore/heldwrites.py, `_Volume.pending`): origin writes to freshly preserved
 chunks wait in memory until one grouped sync makes their preservation durable; then only
 the part of each chunk that changed is written back to the origin file."""
 
@@ -277,8 +277,8 @@ def test_preadv_fills_buffers_and_leaves_zeros_past_the_end(tmp_path):
 def queued(paused, monkeypatch):
     """The data path cuts a batch itself once a volume holds half the bound (with a
     writeback thread declared): here at 2 chunks."""
-    import blockstore.pool as pool_module
-    monkeypatch.setattr(pool_module, "WRITEBACK_BYTES", 4 * CS)
+    import blockstore.heldwrites
+    monkeypatch.setattr(blockstore.heldwrites, "WRITEBACK_BYTES", 4 * CS)
     p, faults, sid, old = paused
     p.write("v", 0, b"G" * 4096)
     assert p._queued == []

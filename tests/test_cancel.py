@@ -160,7 +160,7 @@ def test_split_never_calls_progress_after_its_promote_committed(tmp_path: Path) 
 def test_revert_cancelled_after_it_started_rolls_forward(tmp_path: Path, at: int,
                                                          caplog: Any) -> None:
     pool, sid, old, _ = _pool(tmp_path)
-    caplog.set_level("INFO", logger="blockstore.pool")
+    caplog.set_level("INFO", logger="blockstore")
     pool.revert("v", sid, _cancel_at(at))   # no exception: it completed
     assert pool.read("v", 0, CHUNKS * CS) == old
     assert "rolls forward" in caplog.text

@@ -249,7 +249,7 @@ def test_engine_real_enospc_deletes_the_oldest_snapshot(tmp_path: Path, limit: s
             pool.commit_snapshots([b.id])
             at_b = new1 + base[X:]
             new2 = os.urandom(Y)
-            with caplog.at_level(logging.WARNING, logger="blockstore.pool"):
+            with caplog.at_level(logging.WARNING, logger="blockstore"):
                 for i in range(0, Y, MiB):          # every write must succeed
                     assert pool.write("v", X + i, new2[i:i + MiB]) == MiB
                     pool.flush("v")

@@ -1,0 +1,308 @@
+"""The data path: read, write, discard and flush of LUNs, copy-before-write into the diff
+area, plex mirroring, and the space policy (a diff area over its limit, or a full file
+system, deletes the origin's oldest snapshot: VSS's overflow).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from . import format as fmt
+from .chunkmap import consecutive_runs
+from .core import _locked
+from .errors import (
+    InvalidState,
+    NotFound,
+    OutOfRange,
+    ReadOnly,
+    SnapshotInvalid,
+)
+from .fileio import DataFile
+from .heldwrites import HeldWrites
+from .model import (
+    COMMITTED,
+    DIFFERENTIAL,
+    INVALID,
+    PREPARING,
+    SPACE_MARGIN,
+    SPACE_RECHECK,
+    _mark_dirty,
+    _Snapshot,
+    _Volume,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DataPath(HeldWrites):
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        self.last_io = time.monotonic()
+        with self._lock:   # (inline rather than @_locked: this is the hot path)
+            lun = self._volumes.get(key) or self._lun(key)
+            if offset < 0 or length < 0:
+                raise OutOfRange(f"invalid read at offset {offset} length {length}")
+            end = min(offset + length, lun.size)
+            if offset >= end:
+                return b""
+            if isinstance(lun, _Volume):
+                return self._read_origin(lun, offset, end - offset)
+            return self._read_snapshot(lun, offset, end)
+
+    def _read_origin(self, v: _Volume, offset: int, length: int) -> bytes:
+        data = v.file.pread(length, offset)
+        if len(data) < length:   # origin shorter than a snapshot after a shrinking revert
+            data += bytes(length - len(data))
+        if not v.pending:
+            return data   # the bytes os.pread made: no copy
+        cs, end = self.chunk_size, offset + length
+        held = [c for c in range(offset // cs, (end - 1) // cs + 1) if c in v.pending]
+        if not held:
+            return data
+        out = bytearray(data)
+        for c in held:
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            out[lo - offset:hi - offset] = v.pending[c][lo - c * cs:hi - c * cs]
+        return bytes(out)
+
+    def _read_snapshot(self, s: _Snapshot, offset: int, end: int) -> bytes:
+        assert self._owned(), "pool lock not held"
+        if s.state == INVALID:
+            raise SnapshotInvalid(f"snapshot {s.snap_id} is invalid (its preserved data was "
+                                  "lost); delete it")
+        if s.state == PREPARING:
+            raise InvalidState(f"snapshot {s.snap_id} is still being prepared")
+        if s.file is not None:
+            data = s.file.pread(end - offset, offset)
+            return data + bytes(end - offset - len(data))
+        v, cs = s.origin, self.chunk_size
+        da, epoch = v.diff, s.epoch
+        assert da is not None and epoch is not None
+        parts = []
+        pos = offset
+        while pos < end:
+            c = pos // cs
+            slot = da.lookup(c, epoch)
+            if slot is None:
+                run_end = min((c + 1) * cs, end)
+                while run_end < end and da.lookup(run_end // cs, epoch) is None:
+                    run_end = min(run_end + cs, end)
+                parts.append(self._read_origin(v, pos, run_end - pos))
+                pos = run_end
+            else:
+                cend = min((c + 1) * cs, end)
+                parts.append(da.read_slot(slot)[pos - c * cs:cend - c * cs])
+                pos = cend
+        return b"".join(parts)
+
+    def _check_write(self, name: str, offset: int, length: int) -> _Volume:
+        v = self._vol(name)
+        if v.flags & fmt.FLAG_READ_ONLY:
+            raise ReadOnly(f"volume {name} is read-only")
+        if offset < 0 or length < 0 or offset + length > v.size:
+            raise OutOfRange(f"I/O at offset {offset} length {length} is outside volume "
+                             f"{name} (size {v.size})")
+        return v
+
+    @_locked
+    def write(self, name: str, offset: int, data: bytes | memoryview) -> int:
+        self.last_io = time.monotonic()
+        n = len(data)
+        v = self._check_write(name, offset, n)
+        if n == 0:
+            return 0
+        if v.live_epochs:
+            self._copy_before_write(v, offset // self.chunk_size,
+                                    (offset + n - 1) // self.chunk_size)
+        if v.pending:
+            view = memoryview(data)
+            for lo, hi, buf, base in self._pieces(v, offset, n):
+                if buf is None:
+                    v.file.pwrite(view[lo - offset:hi - offset], lo)
+                else:
+                    buf[lo - base:hi - base] = view[lo - offset:hi - offset]
+                    _mark_dirty(v, base // self.chunk_size, lo - base, hi - base)
+        else:
+            v.file.pwrite(data, offset)
+        for s in list(v.mirrors):
+            self._mirror(s, lambda f: f.pwrite(data, offset))
+        v.mtime = time.time()
+        self._maybe_writeback(v)
+        return n
+
+    @_locked
+    def discard(self, name: str, offset: int, length: int) -> None:
+        v = self._check_write(name, offset, length)
+        if length == 0:
+            return
+        if v.live_epochs:
+            self._copy_before_write(v, offset // self.chunk_size,
+                                    (offset + length - 1) // self.chunk_size)
+        for lo, hi, buf, base in self._pieces(v, offset, length):
+            if buf is None:
+                v.file.punch(lo, hi - lo)
+            else:
+                buf[lo - base:hi - base] = bytes(hi - lo)
+                _mark_dirty(v, base // self.chunk_size, lo - base, hi - base)
+        for s in list(v.mirrors):
+            self._mirror(s, lambda f: f.punch(offset, length))
+        v.mtime = time.time()
+        self._maybe_writeback(v)
+
+    def _pieces(self, v: _Volume, offset: int, length: int
+                ) -> Iterator[tuple[int, int, bytearray | None, int]]:
+        """Split [offset, offset+length) into (lo, hi, pending buffer or None, chunk start):
+        runs of chunks with no pending buffer come out merged."""
+        cs, end = self.chunk_size, offset + length
+        run = offset
+        pos = offset
+        while pos < end:
+            c = pos // cs
+            cend = min((c + 1) * cs, end)
+            buf = v.pending.get(c)
+            if buf is not None:
+                if run < pos:
+                    yield run, pos, None, 0
+                yield pos, cend, buf, c * cs
+                run = cend
+            pos = cend
+        if run < end:
+            yield run, end, None, 0
+
+    def _mirror(self, s: _Snapshot, op: Callable[[DataFile], None]) -> None:
+        """A failing plex target fails the plex, never the origin write (invariant 5)."""
+        assert s.file is not None
+        try:
+            op(s.file)
+        except OSError as e:
+            self._fail_plex(s, e)
+
+    def _fail_plex(self, s: _Snapshot, err: OSError) -> None:
+        assert self._owned(), "pool lock not held"
+        # Out of the mirror list while still PREPARING = failed: sync and commit refuse
+        # it, abort removes it.
+        log.warning("plex %s of %s failed (%s); the plex is invalid", s.snap_id,
+                    s.origin.name, err)
+        if s in s.origin.mirrors:
+            s.origin.mirrors.remove(s)
+
+    def flush(self, name: str) -> None:
+        """fsync of a volume: every write to it that returned before this call is durable
+        in the origin and in the plexes being synced. Runs WITHOUT the pool lock around
+        its syncs (only the bookkeeping takes it), so reads and writes of every volume
+        go on meanwhile; writes that land during the flush are not covered by it."""
+        with self._lock:
+            v = self._vol(name)
+        self._drain(v)
+        with self._lock:
+            if self._volumes.get(name) is not v:
+                raise NotFound(f"volume {name} was deleted")
+            mirrors = [(s, s.file) for s in v.mirrors if s.file is not None]
+            files = self._pin([v.file] + [f for _, f in mirrors])
+        failed: list[tuple[_Snapshot, OSError]] = []
+        try:
+            v.file.sync()
+            for plex, f in mirrors:
+                try:
+                    f.sync()
+                except OSError as e:   # fails the plex, never the origin (invariant 5)
+                    failed.append((plex, e))
+        finally:
+            with self._lock:
+                for f in files:
+                    f.unpin()
+                for plex, err in failed:
+                    self._fail_plex(plex, err)
+
+    def _copy_before_write(self, v: _Volume, first: int, last: int) -> None:
+        """Preserve, durably, the old content of chunks first..last that a live
+        differential snapshot still needs (invariant 2), with one sync pair per call."""
+        assert self._owned(), "pool lock not held"
+        da = v.diff
+        assert da is not None
+        while v.live_epochs:
+            need = self._chunks_needing_copy(v, first, last)
+            if not need:
+                return
+            items = self._read_chunks(v, need)
+            new_bytes = sum(1 for _, old in items if old != da.zero_chunk) * self.chunk_size
+            if new_bytes and self._over_limit(v, new_bytes):
+                self._overflow(v, "diff-area limit reached")
+                continue
+            try:
+                da.preserve(items, v.epoch)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._overflow(v, f"diff area full ({e.strerror})")
+                    continue
+                self._invalidate_needing(v, [(c, v.epoch) for c in need], e)
+                return
+            if not v.pending:
+                v.pending_since = time.monotonic()
+            for c, old in items:
+                v.pending[c] = old   # a fresh bytearray from _read_chunks: no copy
+            return
+
+    def _chunks_needing_copy(self, v: _Volume, first: int, last: int) -> list[int]:
+        da = v.diff
+        assert da is not None
+        newest_live = v.live_epochs[-1]
+        latest = newest_live == v.epoch
+        need = []
+        for c in range(first, last + 1):
+            if da.cowed_latest.test(c):
+                continue
+            if latest or newest_live > da.last_epoch(c):
+                need.append(c)
+            else:
+                da.cowed_latest.set(c)   # no live snapshot needs it until the next commit
+        return need
+
+    def _read_chunks(self, v: _Volume, chunks: list[int]) -> list[tuple[int, bytearray]]:
+        """Full-chunk old contents, one pread per run of consecutive chunks. Each content
+        is a fresh bytearray that nothing else references: once preserved it becomes the
+        chunk's pending buffer as is (one copy per chunk, not two)."""
+        cs = self.chunk_size
+        out = []
+        for i, j in consecutive_runs(chunks):
+            bufs = [bytearray(cs) for _ in range(j - i)]
+            v.file.preadv(bufs, chunks[i] * cs)   # straight into them: no bytes in between
+            for c, buf in zip(chunks[i:j], bufs):
+                held = v.pending.get(c)
+                if held is not None:   # its newest content is held, not in the file yet
+                    buf[:] = held
+                out.append((c, buf))
+        return out
+
+    def _over_limit(self, v: _Volume, new_bytes: int) -> bool:
+        assert v.diff is not None
+        used = v.diff.used_bytes()
+        if v.diff_limit is not None:
+            return used + new_bytes > v.diff_limit
+        # statvfs per preservation batch was 7% of a 4 KiB first-write workload: trust a
+        # reading for SPACE_RECHECK s, minus what we took since (other writers may take
+        # more: then the write fails ENOSPC and _copy_before_write overflows as well);
+        # near the limit, read it every time.
+        now = time.monotonic()
+        when, room = self._space
+        room -= self._space_taken
+        if now - when > SPACE_RECHECK or room - new_bytes < SPACE_MARGIN:
+            room = self._room()
+            self._space, self._space_taken = (now, room), 0
+        if new_bytes > room:
+            return True
+        self._space_taken += new_bytes
+        return False
+
+    def _overflow(self, v: _Volume, why: str) -> None:
+        """VSS behaviour: delete the oldest snapshot of this origin; the write goes on."""
+        candidates = [s for s in v.snaps if s.kind == DIFFERENTIAL and s.state == COMMITTED]
+        target = self._reverting.get(v.id)
+        if target in candidates and len(candidates) > 1:
+            candidates.remove(target)   # spare a revert's source while others can go
+        oldest = min(candidates, key=lambda s: s.epoch or 0)
+        log.warning("%s for volume %s: deleting its oldest snapshot %s", why, v.name,
+                    oldest.snap_id)
+        self._delete_snapshot(oldest)

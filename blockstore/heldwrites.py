@@ -1,0 +1,305 @@
+"""Held writes and grouped syncs: the concurrency core of the data path.
+
+An origin write to a chunk freshly preserved for a snapshot may not reach the origin file
+before that preservation is durable (invariant 2). Instead of a sync pair per write, the
+chunk's new content is held in memory (_Volume.pending) and batches of them are made
+durable together: cut under the pool lock (DiffArea.cut), synced WITHOUT it (by the
+writeback thread, or _drain for a flush), finished under it (_write_out). A failed sync
+invalidates the snapshots that needed what it lost before anything held reaches the
+origin; the origin write itself never fails (invariant 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .core import PoolCore
+from .model import (
+    COMMITTED,
+    DIFFERENTIAL,
+    INVALID,
+    WRITEBACK_AGE,
+    WRITEBACK_BYTES,
+    _Batch,
+    _Volume,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HeldWrites(PoolCore):
+    def _maybe_writeback(self, v: _Volume) -> None:
+        assert self._owned(), "pool lock not held"
+        if not v.pending:
+            return
+        held = len(v.pending) * self.chunk_size
+        if v.batch is not None:   # a batch is queued or syncing: wait for it only when
+            if held >= 2 * WRITEBACK_BYTES:   # the memory bound is reached (back-pressure)
+                self._writeback(v)
+        elif self.background_writeback:
+            # cut the batch here (no I/O) and hand it to the writeback thread: waiting for
+            # that thread to get the lock between two back-to-back writes could take long
+            if self._batch_due(v, time.monotonic(), WRITEBACK_AGE):
+                self._queued.append(self._cut(v))
+                self._wake.set()
+        elif held >= WRITEBACK_BYTES or time.monotonic() - v.pending_since >= WRITEBACK_AGE:
+            self._writeback(v)
+
+    def _batch_due(self, v: _Volume, now: float, max_age: float) -> bool:
+        """Whether a background batch of v should be cut: it holds half the memory
+        bound, or its oldest held write is max_age old."""
+        return (len(v.pending) * self.chunk_size >= WRITEBACK_BYTES // 2
+                or now - v.pending_since >= max_age)
+
+    @staticmethod
+    def _held(v: _Volume) -> list[tuple[int, bytearray]]:
+        """(chunk, buffer) of everything v holds, in chunk order (for _write_out)."""
+        return [(c, v.pending[c]) for c in sorted(v.pending)]
+
+    def _cut(self, v: _Volume) -> _Batch:
+        """A batch of everything v holds now (lock held; no I/O)."""
+        assert self._owned(), "pool lock not held"
+        b = _Batch(v, v.diff.cut() if v.diff is not None else None, self._held(v),
+                   time.monotonic())
+        v.batch = b
+        return b
+
+    def _settle(self, v: _Volume) -> None:
+        """Finish v's batch, if it has one, before anything that syncs, reclaims or closes
+        its files. The pool lock is NOT released meanwhile (so every locked operation
+        stays atomic): a batch still queued is synced here; one the writeback thread is
+        syncing is waited for -- that sync needs no lock -- and then finished here."""
+        assert self._owned(), "pool lock not held"
+        b = v.batch
+        if b is None:
+            return
+        if b in self._queued:
+            self._queued.remove(b)
+            self._sync(b)
+        else:
+            b.synced.wait()
+        self._finish(b)
+        if b.crashed is not None:   # SimulatedCrash (tests): the caller's step crashed
+            raise b.crashed
+
+    def _writeback(self, v: _Volume) -> None:
+        """Harden the diff area (one sync pair), then let the held chunks reach the origin.
+        If the diff area cannot be made durable, the snapshots that needed those chunks
+        become invalid first; the origin write itself never fails (invariant 5)."""
+        assert self._owned(), "pool lock not held"
+        self._harden(v)
+        if v.pending:
+            self._write_out(v, self._held(v))
+
+    def _drain(self, v: _Volume) -> None:
+        """_writeback(v) with its syncs WITHOUT the pool lock (call it without the lock):
+        whatever v held or had preserved when called is durable, and written out to the
+        origin, when it returns. The lock is taken only to cut the batch (DiffArea.cut)
+        and to finish it (_write_out, in memory and the page cache); a batch the
+        writeback thread is syncing is waited for first, then v's own batch is cut. A
+        thread holding the lock (_settle) may finish our batch meanwhile: _finish runs
+        once per batch."""
+        while True:
+            with self._lock:
+                if self._volumes.get(v.name) is not v:
+                    return   # deleted meanwhile: its delete settled every batch
+                b = v.batch
+                cut_here = b is None   # a batch of everything held up to this call
+                if b is None:
+                    if not v.pending and not (v.diff is not None and v.diff.unsynced):
+                        return
+                    b = self._cut(v)
+                    sync_here = True
+                else:   # queued by the data path: ours to sync; else the thread syncs it
+                    sync_here = b in self._queued
+                    if sync_here:
+                        self._queued.remove(b)
+            if sync_here:
+                self._sync(b)
+            else:
+                b.synced.wait()   # the writeback thread's sync: needs no lock
+            with self._lock:
+                self._finish(b)
+                if b.crashed is not None:   # SimulatedCrash (tests)
+                    raise b.crashed
+            if cut_here:
+                return
+
+    def _harden(self, v: _Volume, keep_going: bool = False) -> None:
+        """Every preservation of v durable, or the snapshots that needed a lost one
+        invalid (what a delete and its GC need; the first half of _writeback). The batch
+        in flight is finished, held chunks are NOT written out here. keep_going (a
+        delete): a chunk of that batch that cannot be written out (ENOSPC on a full pool)
+        stays held, logged, for the next flush to retry and report -- it must not stop
+        the delete, which gives the space back."""
+        assert self._owned(), "pool lock not held"
+        try:
+            self._settle(v)
+        except OSError as e:
+            if not keep_going:
+                raise
+            log.warning("volume %s: held writes not written back (%s); they stay held",
+                        v.name, e)
+        if v.diff is not None and v.diff.unsynced:
+            try:
+                v.diff.harden()
+            except OSError as e:
+                v.lost.append((v.diff.drop_unsynced(), e))
+        self._resolve_lost(v)
+
+    def _resolve_lost(self, v: _Volume) -> None:
+        """Invalidate (durably) the snapshots that needed preservations a failed sync
+        lost, BEFORE any held chunk may reach the origin. If the catalog fails too, the
+        losses stay recorded and the chunks held: the next writeback tries again."""
+        assert self._owned(), "pool lock not held"
+        while v.lost:
+            lost, err = v.lost[0]
+            self._invalidate_needing(v, lost, err)
+            v.lost.pop(0)
+
+    def _invalidate_needing(self, v: _Volume, lost: list[tuple[int, int]],
+                            err: OSError) -> None:
+        """The diff area failed (EIO): every snapshot that needed a lost (chunk, epoch)
+        preservation -- epochs in (chunk's last durable preservation, epoch] -- becomes
+        invalid, durably, before the origin is overwritten. Never served wrong."""
+        assert v.diff is not None
+        ranges = [(v.diff.last_epoch(c), upto) for c, upto in lost]
+        victims = [s for s in v.snaps
+                   if s.kind == DIFFERENTIAL and s.state in (COMMITTED, INVALID)
+                   and any(lo < (s.epoch or 0) <= hi for lo, hi in ranges)]
+        for s in victims:   # in memory first: reads refuse at once, even if the catalog
+            if s.state == COMMITTED:   # write below fails (then it is retried)
+                log.error("diff area of %s failed (%s): snapshot %s is now invalid",
+                          v.name, err, s.snap_id)
+                s.state = INVALID
+                self._changed()
+        self._refresh_live(v)
+        for s in victims:   # idempotent: a retry rewrites the ones already invalid
+            self._set_state(s, INVALID)
+
+    def _write_out(self, v: _Volume, held: list[tuple[int, bytearray]]) -> None:
+        """Write these held chunks (sorted; their preservations durable) to the origin
+        file -- only the part of each that changed -- and stop holding them. A chunk
+        whose buffer is no longer the one given was preserved again since (its new
+        preservation is not durable yet): it stays held. A chunk stops being held only
+        once its write succeeded (an EIO leaves the rest held, for the next flush)."""
+        assert self._owned(), "pool lock not held"
+        cs = self.chunk_size
+        zero = bytes(cs)
+        run: list[memoryview] = []     # whole dirty chunks, consecutive: one pwritev
+        run_chunks: list[int] = []
+        run_start = -1
+        done: list[int] = []
+        pending, dirty = v.pending, v.pending_dirty
+        try:
+            for c, buf0 in held:
+                if pending.get(c) is not buf0:
+                    continue
+                buf = memoryview(buf0)[:min(cs, v.size - c * cs)]
+                lo, hi = dirty.get(c, (0, 0))
+                hi = min(hi, len(buf))
+                whole = lo == 0 and hi == len(buf)
+                if run and (not whole or c * cs != run_start + len(run) * cs):
+                    v.file.pwritev(run, run_start)
+                    done += run_chunks
+                    run, run_chunks = [], []
+                if lo >= hi:                   # preserved, never changed: origin is right
+                    done.append(c)
+                elif buf == zero[:len(buf)]:   # a discard landed here: keep the hole
+                    v.file.punch(c * cs, len(buf))
+                    done.append(c)
+                elif whole:
+                    if not run:
+                        run_start = c * cs
+                    run.append(buf)
+                    run_chunks.append(c)
+                else:                          # e.g. one 4 KiB write: write 4 KiB, not 64
+                    v.file.pwrite(buf[lo:hi], c * cs + lo)
+                    done.append(c)
+            if run:
+                v.file.pwritev(run, run_start)
+                done += run_chunks
+        finally:
+            for c in done:
+                del pending[c]
+                dirty.pop(c, None)
+
+    def writeback(self, max_age: float = WRITEBACK_AGE) -> None:
+        """Push held writes older than max_age (or, of a volume, more than half the
+        WRITEBACK_BYTES bound) to the origins: the daemon's writeback thread (then set
+        background_writeback, so that the data path leaves the age bound to it, cuts
+        batches for it and syncs inline only at the memory bound).
+
+        The pool lock is held to cut the batches (DiffArea.cut) and, after ALL their syncs,
+        to write out the chunks each covers; the syncs themselves (sync_batch) run WITHOUT
+        the lock, so reads, writes into held chunks and new preservations (for the next
+        batch) go on while the disk syncs, and whoever needs a batch finished can wait
+        for its sync holding the lock (_settle). One batch per volume at a time (v.batch).
+        An origin write that fails here leaves its chunks held (logged); the next flush
+        reports it."""
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return
+            for v in self._volumes.values():
+                if v.pending and v.batch is None and self._batch_due(v, now, max_age):
+                    self._queued.append(self._cut(v))   # queued at once: never orphaned
+            jobs, self._queued = self._queued, []   # with those the data path cut
+        for b in jobs:          # every sync first: a waiter may hold the lock meanwhile
+            self._sync(b)
+        crash: BaseException | None = None
+        with self._lock:
+            for b in jobs:
+                try:
+                    self._finish(b)
+                except Exception as e:   # noqa: BLE001 - one volume's trouble, not all
+                    log.error("writing held chunks back to volume %s: %s (they stay held)",
+                              b.volume.name, e)
+                crash = crash or b.crashed
+        if crash is not None:
+            raise crash
+
+    def wait_and_writeback(self, timeout: float) -> None:
+        """The writeback thread's step: sleep until the data path queues a batch or
+        `timeout` passes, then writeback()."""
+        self._wake.wait(timeout)
+        self._wake.clear()
+        self.writeback()
+
+    def _sync(self, b: _Batch) -> None:
+        """A batch's durable part; needs no pool lock. Never raises: the outcome is
+        recorded in the batch for _finish."""
+        try:
+            if b.sync is not None:
+                assert b.volume.diff is not None
+                b.volume.diff.sync_batch(b.sync)
+        except OSError as e:
+            b.error = e
+        except BaseException as e:   # SimulatedCrash (tests): nothing more happens
+            b.crashed = e
+        finally:
+            b.synced.set()
+
+    def _finish(self, b: _Batch) -> None:
+        """(Lock held, the batch synced.) Once per batch, by whoever comes first."""
+        assert self._owned(), "pool lock not held"
+        if b.done:
+            return
+        b.done = True
+        v, da = b.volume, b.volume.diff
+        try:
+            if b.crashed is not None:
+                if b.sync is not None and da is not None:
+                    da.unsynced[:0] = b.sync.slots   # not durable: for drop or a retry
+                return
+            if b.error is not None and b.sync is not None and da is not None:
+                # Linux reports a failed writeback once: what was preserved while that
+                # sync ran may be lost too, so those entries go with the batch
+                v.lost.append((da.drop_batch(b.sync) + da.drop_unsynced(), b.error))
+            self._resolve_lost(v)
+            self._write_out(v, b.held)
+            if v.pending:   # preserved while the batch synced: the next batch's
+                v.pending_since = b.cut_at
+        finally:
+            v.batch = None

@@ -1,0 +1,160 @@
+"""The engine's model: what a pool holds, in memory. The public records (VolumeInfo,
+SnapshotInfo), their internal twins (_Volume, _Snapshot, with the files and maps), the
+held-write batch, the kinds and states, and the engine's constants."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from .fileio import DataFile
+
+if TYPE_CHECKING:
+    from .diffarea import DiffArea, SyncBatch
+
+Progress = Callable[[int, int], None] | None
+
+MAX_SNAPSHOTS_PER_VOLUME = 512   # VSS's limit per volume
+MAX_CHUNKS = 1 << 32             # per volume (see Volumes._check_chunks)
+RESERVE_MAX = 256 << 20          # default diff-area limit: free space minus this reserve
+COPY_PIECE = 1 << 20             # unit of plex sync / promote copies
+# Grouped syncs: origin writes to freshly preserved chunks wait in memory (at most this
+# many bytes per volume, this many seconds) until one data+map sync pair covers them all.
+WRITEBACK_BYTES = 32 << 20
+WRITEBACK_AGE = 0.1
+SPACE_RECHECK = 0.5              # seconds a free-space reading is trusted (default limit)...
+SPACE_MARGIN = 64 << 20          # ...unless less than this much room is left
+META_RESERVE = 1 << 20           # POOL/reserve: room kept for metadata on a full fs
+
+
+class Kind(StrEnum):
+    """A snapshot's kind (stored in the catalog by value)."""
+    DIFFERENTIAL = "differential"   # copy-before-write into the origin's diff area
+    PLEX = "plex"                   # full copy, synced while preparing
+    FULL = "full"                   # full copy made from a differential (promote)
+
+
+class State(StrEnum):
+    """A snapshot's state (stored in the catalog by value)."""
+    PREPARING = "preparing"
+    COMMITTED = "committed"
+    INVALID = "invalid"             # its preserved data was lost: reads fail
+
+
+DIFFERENTIAL, PLEX, FULL = Kind.DIFFERENTIAL, Kind.PLEX, Kind.FULL
+PREPARING, COMMITTED, INVALID = State.PREPARING, State.COMMITTED, State.INVALID
+
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    id: int
+    name: str
+    naa: str
+    size: int
+    created: float
+    read_only: bool
+    mtime: float
+    snapshots: int
+    diff_bytes: int
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    set_id: str | None
+    volume: str
+    origin_naa: str
+    naa: str
+    size: int
+    kind: Kind
+    state: State
+    created: float
+    attributes: int
+    exposed_name: str | None
+    sync_done: int
+    sync_total: int
+    epoch: int | None
+    file_id: int
+
+
+@dataclass(eq=False)
+class _Volume:
+    id: int
+    name: str
+    naa: str
+    size: int
+    created: float
+    flags: int
+    epoch: int
+    diff_limit: int | None
+    file: DataFile
+    mtime: float = 0.0
+    diff: DiffArea | None = None
+    mirrors: list[_Snapshot] = field(default_factory=list)   # plexes being synced
+    snaps: list[_Snapshot] = field(default_factory=list)
+    live_epochs: list[int] = field(default_factory=list)     # committed differential
+    # chunk -> its new full content, for chunks whose preservation is not durable yet:
+    # they may not reach the origin file before DiffArea.harden() (invariant 2)
+    pending: dict[int, bytearray] = field(default_factory=dict)
+    # chunk -> (lo, hi): the part of its pending buffer that differs from the origin file
+    # (the rest is the old content it was read from): only that part is written back
+    pending_dirty: dict[int, tuple[int, int]] = field(default_factory=dict)
+    pending_since: float = 0.0
+    batch: _Batch | None = None   # the batch of its held chunks queued or syncing
+    # preservations a failed sync lost, whose snapshots are not marked invalid yet
+    lost: list[tuple[list[tuple[int, int]], OSError]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Held chunks of one volume and the diff-area entries that must be durable before
+    they may reach the origin file (Pool.writeback)."""
+
+    volume: _Volume
+    sync: SyncBatch | None
+    held: list[tuple[int, bytearray]]    # (chunk, its buffer at the cut)
+    cut_at: float
+    synced: threading.Event = field(default_factory=threading.Event)
+    error: OSError | None = None
+    crashed: BaseException | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Snapshot:
+    id: int
+    snap_id: str
+    set_id: str | None
+    naa: str
+    origin: _Volume
+    kind: Kind
+    epoch: int | None
+    state: State
+    size: int
+    created: float
+    attributes: int
+    exposed_name: str | None
+    sealed: bool
+    file: DataFile | None = None
+    sync_cursor: int = 0
+    sync_done: int = 0
+    sync_total: int = 0
+
+
+def _no_return(progress: Progress) -> None:
+    """Tell a progress callback that the operation is past its last cancellation point
+    (it completes now, whatever the callback raises later): the optional attribute
+    ``point_of_no_return`` of the callback, called without arguments."""
+    hook = getattr(progress, "point_of_no_return", None)
+    if hook is not None:
+        hook()
+
+
+def _mark_dirty(v: _Volume, chunk: int, lo: int, hi: int) -> None:
+    """Widen the dirty part of a pending chunk to cover [lo, hi) (chunk-relative)."""
+    old = v.pending_dirty.get(chunk)
+    v.pending_dirty[chunk] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
