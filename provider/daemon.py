@@ -191,6 +191,7 @@ async def _serve_async(
     session_ended = trio.Event()
     stop_requested = trio.Event()
     unmounting = False  # True while our own umount(2) runs: the session ending is expected
+    forced = False      # the stop goes on although the mount is busy: no unmount happened
 
     async def mount_task(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -200,7 +201,7 @@ async def _serve_async(
             session_ended.set()
 
     async def stop_on_signals(sigs: Any) -> None:
-        nonlocal unmounting
+        nonlocal unmounting, forced
         refused_at: float | None = None   # when a stop was last refused (busy)
         async for signum in sigs:
             name = signal.Signals(signum).name
@@ -226,6 +227,7 @@ async def _serve_async(
                     refused_at = trio.current_time()
                     continue
                 if e.errno == errno.EBUSY:
+                    forced = True
                     log.warning("%s still busy (%s): forcing a lazy unmount; its users will "
                                 "get I/O errors", mountpoint,
                                 await _busy_report(mountpoint, ops))
@@ -252,9 +254,10 @@ async def _serve_async(
 
                 waiter.start_soon(wait_for, stop_requested)
                 waiter.start_soon(wait_for, session_ended)
-            if not session_ended.is_set():
+            if not session_ended.is_set() and not forced:
                 # Signalled: the non-lazy unmount normally ended the session already; if
-                # not (forced / error), cancelling makes run_mount close it (lazily).
+                # not (an error), cancelling makes run_mount close it (lazily). Forced:
+                # nothing will end it, no use waiting (it cost 5 s).
                 with trio.move_on_after(5):
                     await session_ended.wait()
             elif not (stop_requested.is_set() or unmounting):
