@@ -205,41 +205,71 @@ def _loop_users(dev: str, mounts: list[tuple[str, str, str]],
     return out
 
 
-def users_by_path(classify: Callable[[str], str | None],
+DELETED = " (deleted)"   # the kernel's mark on the path of a file whose name has gone
+
+
+def _keys(key: str | Sequence[str] | None) -> list[str]:
+    return [] if key is None else [key] if isinstance(key, str) else list(key)
+
+
+def _maps(pid: int) -> list[str]:
+    """The files a process maps (/proc/PID/maps, as text), each once."""
+    out: list[str] = []
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/") and parts[5] not in out:
+                    out.append(parts[5])
+    except OSError:
+        pass
+    return out
+
+
+def users_by_path(classify: Callable[[str], str | Sequence[str] | None],
                   own_loops: Mapping[str, tuple[str, str]] | None = None
                   ) -> list[tuple[str, str]]:
     """What uses files whose path, as the kernel reports it, ``classify`` maps to a key
-    (anything else: None). Returns (key, one-line description) for
+    or a list of keys (anything else: None). Returns (key, one-line description) for
 
     - every attached loop device backed by such a path, with where it is mounted;
-    - every process (/proc/PID/fd) with such a path, or one of those loop devices, open;
+    - every process (/proc/PID/fd, /proc/PID/maps) with such a path, or one of those
+      loop devices, open or mapped;
     - for ``own_loops`` ({/dev/loopN: (key, mountpoint)}, the loop devices the caller
       attached and will take down itself): what else uses them -- other mounts, holders
       (device-mapper), processes with the device open.
 
-    Paths are compared as text (the kernel's d_path: loop backing files, fd links); no
-    system call touches the paths themselves, so a daemon may ask about files under its
-    own FUSE mount (resolving one would be a request to itself). Processes in another
-    mount namespace may report other paths: callers that can count open files some other
-    way (the FUSE handles) should do so too."""
+    classify gets the kernel's text as is: a path ending in DELETED was opened by a name
+    that has since gone or now leads to another file (the kernel dropped its entry);
+    the description then says "a former name". Paths are compared as text (the kernel's
+    d_path: loop backing files, fd links, maps); no system call touches the paths
+    themselves, so a daemon may ask about files under its own FUSE mount (resolving one
+    would be a request to itself). Processes in another mount namespace may report
+    other paths: callers that can count open files some other way (the FUSE handles)
+    should do so too."""
     own = dict(own_loops or {})
     mounts = mountinfo()
     found: list[tuple[str, str]] = []
-    devs: dict[str, str] = {dev: key for dev, (key, _) in own.items()}
+    devs: dict[str, list[str]] = {dev: [key] for dev, (key, _) in own.items()}
+
+    def shown(raw: str) -> str:
+        path = raw.removesuffix(DELETED)
+        return path if path == raw else f"{path}, a former name"
+
     for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
         dev = "/dev/" + bf.split("/")[3]
         if dev in own:
             continue
         try:
-            back = Path(bf).read_text().rstrip("\n").removesuffix(" (deleted)")
+            raw = Path(bf).read_text().rstrip("\n")
         except OSError:
             continue
-        key = classify(back)
-        if key is None:
+        keys = _keys(classify(raw))
+        if not keys:
             continue
-        devs[dev] = key
-        where = ", ".join([back, *_loop_users(dev, mounts)])
-        found.append((key, f"loop device {dev} ({where})"))
+        devs[dev] = keys
+        where = ", ".join([shown(raw), *_loop_users(dev, mounts)])
+        found += [(key, f"loop device {dev} ({where})") for key in keys]
     for dev, (key, mountpoint) in own.items():
         extra = _loop_users(dev, mounts, skip_mountpoint=mountpoint)
         if extra:
@@ -257,21 +287,26 @@ def users_by_path(classify: Callable[[str], str | None],
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:   # gone, or a kernel thread
             continue
-        seen: set[str] = set()
+        links: list[tuple[str, str]] = []   # (raw text, "" or "mapped ")
         for fd in fds:
             try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}").removesuffix(" (deleted)")
+                links.append((os.readlink(f"/proc/{pid}/fd/{fd}"), ""))
             except OSError:
                 continue
-            key = devs.get(link) or classify(link)
-            if key is None or link in seen:
+        links += [(m, "mapped ") for m in _maps(pid)]
+        seen: set[str] = set()
+        comm: str | None = None
+        for raw, how in links:
+            keys = devs.get(raw.removesuffix(DELETED)) or _keys(classify(raw))
+            if not keys or raw in seen:
                 continue
-            seen.add(link)
-            try:
-                comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            except OSError:
-                comm = "?"
-            found.append((key, f"pid {pid} ({comm}, {link})"))
+            seen.add(raw)
+            if comm is None:
+                try:
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    comm = "?"
+            found += [(key, f"pid {pid} ({comm}, {how}{shown(raw)})") for key in keys]
     return found
 
 

@@ -226,6 +226,10 @@ class Coordinator:
         self._exported: dict[str, ExportRecord] = {}
         # snapshot id -> the long operation running on it (promote, split, expose --mount)
         self._claims: dict[str, str] = {}
+        # snapshot id -> the exposure names it had before its current one (this run): a
+        # loop device or a process that opened MOUNT/exposed/<old>.img keeps reading the
+        # snapshot after a rename, and the kernel still reports it by that old name
+        self._former_names: dict[str, set[str]] = {}
         self._jobs = Jobs()   # revert/promote/split/scrub/check running (status shows them)
         self._unmounting = trio.Lock()   # see _unmount
 
@@ -1182,6 +1186,12 @@ class Coordinator:
             if set_id in sess.sets:
                 sess.sets.remove(set_id)
 
+    def _renamed(self, snapshot_id: str, old: str | None) -> None:
+        """The snapshot no longer has the exposure name ``old``: remember it for the
+        in-use checks (see _former_names and _snapshot_users)."""
+        if old is not None:
+            self._former_names.setdefault(snapshot_id, set()).add(old)
+
     def _forget_mount(self, snapshot_id: str) -> None:
         self._mounts.pop(snapshot_id, None)
         self.catalog.delete_mount(snapshot_id)
@@ -1210,16 +1220,23 @@ class Coordinator:
                               own_mounts: bool = False, wait: float = 0.0
                               ) -> dict[str, list[str]]:
         """What uses each snapshot, by id (snapshots nothing uses are left out): loop
-        devices attached to, and processes with open, any path it is reachable by --
-        MOUNT/.shadow/<id>.img, MOUNT/exposed/<name>.img and the same under
+        devices attached to, and processes with open or mapped, any path it is reachable
+        by -- MOUNT/.shadow/<id>.img, MOUNT/exposed/<name>.img and the same under
         MOUNT/hosts/<host>/ (exposed_only: only the exposed names, what unexpose takes
         away). own_mounts: our `expose --mount` loop devices are about to be taken down
         by the caller: only what else uses them counts. The paths are compared as text
         (loopdev.users_by_path): nothing here makes a request to our own mount.
 
+        An exposed name is matched as the kernel reports it. Without " (deleted)" it was
+        opened through the name as it is now: the snapshot that has that name. With it,
+        through a name that has since gone or been given to another snapshot (every
+        change of names drops the kernel's entry, see _names_changed): a snapshot that
+        had that name earlier in this run (_former_names) and has files open (several
+        such snapshots: each of them with files open is named).
+
         Unless exposed_only, the FUSE file handles are counted too: a user the path scan
-        cannot name (another mount namespace, a loop attached under an earlier exposed
-        name, a memory map) still keeps a snapshot in use. A closed file is released
+        cannot name (a process in another mount namespace, a path bind-mounted
+        elsewhere) still keeps a snapshot in use. A closed file is released
         asynchronously by the kernel (a loop device just detached, a reader just ended):
         an unnamed count is waited for up to ``wait`` seconds."""
         if self.mountpoint is None or not snaps:
@@ -1227,8 +1244,19 @@ class Coordinator:
         root = self.mountpoint.rstrip("/") + "/"
         by_dev = {f"{s.id}.img": s.id for s in snaps}
         by_name = {f"{s.exposed_name}.img": s.id for s in snaps if s.exposed_name}
+        ops = self._ops()
+        counts = ops is not None and hasattr(ops, "open_handles")
+        former: dict[str, list[str]] = {}   # b"<earlier name>.img" -> snapshot ids
+        if not exposed_only:
+            for s in snaps:
+                if counts and not ops.open_handles(s.id):
+                    continue   # nothing has it open: no earlier name of it is in use
+                for n in self._former_names.get(s.id, ()):
+                    former.setdefault(f"{n}.img", []).append(s.id)
 
-        def classify(path: str) -> str | None:
+        def classify(path: str) -> str | list[str] | None:
+            gone = path.endswith(loopdev.DELETED)   # opened by a name since changed
+            path = path.removesuffix(loopdev.DELETED)
             if not path.startswith(root):
                 return None
             rel = path[len(root):].split("/")
@@ -1237,9 +1265,9 @@ class Coordinator:
             if len(rel) != 2:
                 return None
             if rel[0] == "exposed":
-                return by_name.get(rel[1])
-            if rel[0] == ".shadow" and not exposed_only:
-                return by_dev.get(rel[1])
+                return former.get(rel[1]) if gone else by_name.get(rel[1])
+            if rel[0] == ".shadow" and not exposed_only:   # never renamed (a "deleted"
+                return by_dev.get(rel[1])                 # one: a host view changed)
             return None
 
         own = {m.dev: (sid, m.mountpoint) for sid, m in self._mounts.items()
@@ -1250,7 +1278,7 @@ class Coordinator:
             mine: dict[str, int] = {}   # FUSE handles our own loop devices hold
             for dev, (sid, _) in own.items():
                 back = loopdev.backing_file(dev)
-                if back is not None and classify(back.removesuffix(" (deleted)")) == sid:
+                if back is not None and classify(back) == sid:
                     mine[sid] = mine.get(sid, 0) + 1
             return found, mine
 
@@ -1258,8 +1286,7 @@ class Coordinator:
         users: dict[str, list[str]] = {}
         for sid, what in found:
             users.setdefault(sid, []).append(what)
-        ops = self._ops()
-        if exposed_only or ops is None or not hasattr(ops, "open_handles"):
+        if exposed_only or not counts:
             return users
         deadline = trio.current_time() + wait
         while True:
@@ -1270,8 +1297,7 @@ class Coordinator:
             await trio.sleep(0.05)
         for sid, n in unnamed.items():
             users[sid] = [f"{n} open file(s) through the mount not found by path (a process "
-                          "in another mount namespace, a loop device attached under an "
-                          "earlier exposed name, a memory map)"]
+                          "in another mount namespace, a path bind-mounted elsewhere)"]
         return users
 
     @staticmethod
@@ -1329,6 +1355,7 @@ class Coordinator:
             except bse.NotFound:   # another request deleted it meanwhile: go on
                 continue
             done.append(sid)
+            self._former_names.pop(sid, None)
             self._present([sid], None)
             log.info("deleted snapshot %s of %s", sid, info.volume)
         for set_id in sets:
@@ -1452,6 +1479,7 @@ class Coordinator:
         old_name = s.exposed_name
         if name is not None and name != old_name:
             s = await _in_thread(self.pool.set_exposed, s.id, name)
+            self._renamed(s.id, old_name)
         if mount is not None:
             dev_path = self.device_path(s.id)
             assert dev_path is not None
@@ -1502,6 +1530,7 @@ class Coordinator:
         await self._unmount(s.id)
         if s.exposed_name is not None:
             await _in_thread(self.pool.set_exposed, s.id, None)
+            self._renamed(s.id, s.exposed_name)
             await self._names_changed()
         log.info("unexposed snapshot %s", s.id)
         return self._prop_json(self.pool.snapshot(s.id))

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -219,27 +220,121 @@ def test_snapshot_open_by_a_process_is_kept(tmp_path: Path, sockdir: str, op: st
         assert c.snapshot_delete(all=True)["count"] == (0 if op == "delete" else 1)
 
 
-def test_loop_under_an_earlier_exposed_name_still_counts(tmp_path: Path,
-                                                         sockdir: str) -> None:
-    """A loop device attached under exposed/n1.img, then the exposure renamed to n3: its
-    backing-file text names no current path of the snapshot, the FUSE handle count still
-    keeps the snapshot in use."""
+@contextlib.contextmanager
+def reader(argv: list[str], path: str, ready: str | None = None
+           ) -> Iterator[subprocess.Popen[str]]:
+    """A process using ``path`` (``ready``: the text it prints once it does, else: until
+    /proc shows ``path`` among its open files); killed at the end, also on failure."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if ready is not None:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == ready
+        else:
+            deadline = time.monotonic() + 10
+            while path not in (os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                               for fd in os.listdir(f"/proc/{proc.pid}/fd")):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_users_under_an_earlier_exposed_name_are_named(tmp_path: Path,
+                                                       sockdir: str) -> None:
+    """`expose ID --name n3` renames an exposure under a loop device and a process that
+    opened exposed/n1.img: both keep reading the snapshot, and delete names them (the
+    kernel reports that path with " (deleted)": the earlier name). Once n1 is another
+    snapshot's name, a user of the new n1 counts for that one only, and the old users
+    do not keep it (nor its unexpose) from working."""
     d = daemon_with_ext4(tmp_path, sockdir)
+    n1 = os.path.join(d.mount, "exposed", "n1.img")
     try:
         with d.client() as c:
-            sid = c.snapshot_create(["v"], context="app-rollback")["snapshots"][0][
-                "snapshot_id"]
-            c.expose(sid, name="n1")
-            with ro_loop(os.path.join(d.mount, "exposed", "n1.img")) as lp:
-                c.expose(sid, name="n3")
-                one_line_error(spx("snapshot", "delete", sid, socket=d.socket), 1,
-                               "1 open file(s) through the mount not found by path")
-                assert exists(c, sid)
-                detach(lp)
-                assert c.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
+            s1, s2 = (c.snapshot_create(["v"], context="app-rollback")["snapshots"][0][
+                "snapshot_id"] for _ in range(2))
+            c.expose(s1, name="n1")
+            with ro_loop(n1, tmp_path / "m1") as l1, \
+                    reader(["sh", "-c", f"exec sleep 600 < '{n1}'"], n1) as p1:
+                c.expose(s1, name="n3")
+                assert (tmp_path / "m1" / "hello.txt").read_text() == TEXT
+                line = one_line_error(spx("snapshot", "delete", s1, socket=d.socket), 1,
+                                      f"cannot delete snapshot {s1}: in use by loop device "
+                                      f"{l1['dev']} ({n1}, a former name, mounted at "
+                                      f"{tmp_path / 'm1'})")
+                assert f"pid {p1.pid} (sleep, {n1}, a former name)" in line
+                c.expose(s2, name="n1")   # the old name now leads to another snapshot
+                with ro_loop(n1) as l2:
+                    line = one_line_error(spx("snapshot", "delete", s2, socket=d.socket), 1,
+                                          f"cannot delete snapshot {s2}: in use by loop "
+                                          f"device {l2['dev']} ({n1})")
+                    assert l1["dev"] not in line and f"pid {p1.pid}" not in line
+                    line = one_line_error(spx("snapshot", "delete", s1, socket=d.socket), 1,
+                                          f"in use by loop device {l1['dev']}")
+                    assert l2["dev"] not in line
+                # the users of s1's earlier n1 are not users of s2 (they were before)
+                res = spx("unexpose", s2, socket=d.socket)
+                assert res.returncode == 0, res.stderr
+                assert c.snapshot_delete(snapshot_id=s2)["deleted"] == [s2]
+                assert (tmp_path / "m1" / "hello.txt").read_text() == TEXT
+                assert exists(c, s1)
+            assert c.snapshot_delete(snapshot_id=s1)["deleted"] == [s1]
     finally:
         _stop(d)
     clean_log(d)
+
+
+def test_user_not_found_by_path_still_counts(tmp_path: Path, sockdir: str) -> None:
+    """A process in its own mount namespace reading the exposed image through a bind
+    mount: its path names nothing of ours, the FUSE open-file count still keeps the
+    snapshot."""
+    need("unshare")
+    with exposed_snapshot(tmp_path, sockdir, "exposed") as (d, c, sid, path):
+        bind = tmp_path / "bind"
+        bind.write_text("")
+        script = f"mount --bind '{path}' '{bind}' && echo ready && exec sleep 600 < '{bind}'"
+        with reader(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                    path, ready="ready"):
+            one_line_error(spx("snapshot", "delete", sid, socket=d.socket), 1,
+                           f"cannot delete snapshot {sid}: in use by 1 open file(s) "
+                           "through the mount not found by path")
+            assert exists(c, sid)
+        assert c.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
+
+
+MAP_ONLY = """
+import ctypes, mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+addr = libc.mmap(None, 1 << 20, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+os.close(fd)   # only the mapping is left
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("op", ["delete", "unexpose"])
+def test_snapshot_mapped_by_a_process_is_named(tmp_path: Path, sockdir: str,
+                                               op: str) -> None:
+    """A process that mapped the exposed image and closed the file: named by its maps
+    (pid, command, "mapped PATH"); delete and unexpose refuse; once it ended they work."""
+    with exposed_snapshot(tmp_path, sockdir, "exposed") as (d, c, sid, path):
+        argv = ["snapshot", "delete", sid] if op == "delete" else ["unexpose", sid]
+        with reader([sys.executable, "-c", MAP_ONLY, path], path, ready="ready") as p:
+            assert path not in (os.readlink(f"/proc/{p.pid}/fd/{fd}")
+                                for fd in os.listdir(f"/proc/{p.pid}/fd"))
+            one_line_error(spx(*argv, socket=d.socket), 1, f"cannot {op} snapshot {sid}: "
+                           f"in use by pid {p.pid} (python")
+            one_line_error(spx(*argv, socket=d.socket), 1, f"mapped {path})")
+            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
+        res = spx(*argv, socket=d.socket)
+        assert res.returncode == 0, res.stderr
+        assert c.snapshot_delete(all=True)["count"] == (0 if op == "delete" else 1)
 
 
 def test_delete_right_after_detach_works(tmp_path: Path, sockdir: str) -> None:
