@@ -557,9 +557,10 @@ class Coordinator:
         await self._check_not_open(name)
         await _in_thread(self.pool.delete_volume, name)
         self._present([name], None)
-        ops = self._ops()
-        if ops is not None:   # drop the name from the kernel's cache now, not in 1 s
-            ops.refresh()
+        # the kernel forgets the name before we reply, not in up to 1 s (a stat still
+        # found it; an open, or a loop attach after `volume create` of the same name,
+        # reached the deleted LUN: ENOENT)
+        await self._names_changed()
 
     # ------------------------------------------------------------------ set creation
     def start_snapshot_set(self, session: Session, context: str | int = "backup",
@@ -1415,6 +1416,8 @@ class Coordinator:
         if users:
             raise _vss("VSS_E_VOLUME_IN_USE", self._in_use_message(users, "delete"))
         deleted = await self._remove_snapshots([s.id for s in targets])
+        if deleted:   # their names (.shadow, exposed, host views) leave the kernel now
+            await self._names_changed()
         return {"deleted": deleted, "count": len(deleted)}
 
     # ------------------------------------------------------------------ expose
@@ -1498,6 +1501,8 @@ class Coordinator:
                 if name is not None and name != old_name:
                     with trio.CancelScope(shield=True):
                         await _in_thread(self.pool.set_exposed, s.id, old_name)
+                        self._renamed(s.id, name)
+                        await self._names_changed()   # the name it had for a moment
                 if isinstance(e, loopdev.LoopError) and self.device_path(s.id) != dev_path:
                     raise _vss("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was presented "
                                "to another host while it was being mounted") from e
@@ -1605,8 +1610,9 @@ class Coordinator:
 
     async def _names_changed(self) -> None:
         """A name under the mount vanished or names another LUN now (expose, unexpose,
-        split): the kernel forgets its cached entry before we report success (else a
-        lookup within its 1 s entry timeout still opens the old LUN)."""
+        split, volume and snapshot delete, present, import): the kernel forgets its
+        cached entry before we report success (else, within its 1 s entry timeout, a
+        lookup still finds the old LUN: a stat succeeds, an open reaches it)."""
         ops = self._ops()
         if ops is None or not hasattr(ops, "refresh_now"):
             return

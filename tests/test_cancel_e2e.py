@@ -10,7 +10,9 @@
   hosts/) reads the same buffered (page cache, warmed before the operation) and with
   O_DIRECT (the daemon) after every operation that changes what a path reads without a
   write through FUSE: revert (completed or interrupted), promote, split, an exposure
-  name moved to another snapshot, a resize, LUN masking (present, import).
+  name moved to another snapshot, a resize, LUN masking (present, import); and the
+  names a volume or snapshot delete (or a failed expose) took away are gone from the
+  kernel when the command returns.
 
 The random moments come from SHADOWPLEX_TEST_SEED (printed on failure); the volume size
 from SHADOWPLEX_CANCEL_MIB (default 512: each operation takes a second or more).
@@ -26,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import start_thread
 from test_provider_e2e import ROOT, Daemon, start_daemon
 from test_provider_e2e import _stop as stop_daemon
 
 from blockstore import Pool
-from provider.client import Client
+from provider.client import Client, ControlError
 from provider.vss import Attr, Context
 
 pytestmark = pytest.mark.kernel
@@ -454,6 +458,105 @@ def test_lun_masking_hides_names_at_once(array: Array) -> None:
                 open(vol_b, "rb").close()
             assert next(read_direct(vol)) == new_piece(0)
     assert_coherent(a, "after the masking changed")
+
+
+def test_deleted_names_are_gone_at_once(tmp_path: Path) -> None:
+    """`volume delete` and `snapshot delete` drop their names from the kernel before
+    they reply: right after, a stat of MOUNT/volumes/<name>.img, .shadow/<id>.img,
+    exposed/<name>.img (and the same in a host's view) is ENOENT, not the kernel's
+    cached entry of the deleted LUN (1 s), and a volume created again under the same
+    name opens at once (the cached entry led to the deleted LUN: ENOENT). Many times:
+    the stale entry lived from a few ms to a second."""
+    sockdir = tempfile.mkdtemp(prefix="spx-names-")
+    d = None
+    try:
+        d = start_daemon(tmp_path, sockdir, {"v": 4 * MIB}, {"fsfreeze": False},
+                         self_guard=0.0)
+        w = os.path.join(d.mount, "volumes", "w.img")
+        with d.client() as c, Client(d.socket, host="hostB") as b:
+            for i in range(20):
+                c.volume_create("w", "4M")
+                os.stat(w)   # cached by the kernel (1 s) ...
+                c.volume_delete("w")
+                with pytest.raises(FileNotFoundError):   # ... and not used
+                    os.stat(w)
+                with pytest.raises(FileNotFoundError):
+                    open(w, "rb").close()
+                c.volume_create("w", "4M")   # the same name, another LUN: at once
+                with open(w, "rb") as f:
+                    assert f.read(4096) == bytes(4096)
+                c.volume_delete("w")
+                for who, view in ((c, d.mount), (b, os.path.join(d.mount, "hosts", "hostB"))):
+                    sid = who.snapshot_create(["v"], context="app-rollback")[
+                        "snapshots"][0]["snapshot_id"]
+                    who.expose(sid, name=f"x{i}")
+                    names = [os.path.join(view, ".shadow", f"{sid}.img"),
+                             os.path.join(view, "exposed", f"x{i}.img")]
+                    for n in names:
+                        os.stat(n)
+                    assert who.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
+                    for n in names:
+                        with pytest.raises(FileNotFoundError):
+                            os.stat(n)
+                        with pytest.raises(FileNotFoundError):
+                            open(n, "rb").close()
+    finally:
+        if d is not None:
+            stop_daemon(d)
+            text = d.log_text()
+            assert "Traceback" not in text and "SELF-REQUEST" not in text
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_failed_expose_leaves_no_cached_name(tmp_path: Path) -> None:
+    """`expose ID --name z --mount DIR` names the exposure before it mounts; when the
+    mount fails (DIR not empty) the name goes again before the error is returned: a
+    reader that looked z up meanwhile finds it gone right after, not for another
+    second through the kernel's cached entry."""
+    sockdir = tempfile.mkdtemp(prefix="spx-names-")
+    d = None
+    stop = threading.Event()
+    try:
+        d = start_daemon(tmp_path, sockdir, {"v": 4 * MIB}, {"fsfreeze": False},
+                         self_guard=0.0)
+        busy = tmp_path / "busy"
+        busy.mkdir()
+        (busy / "file").write_text("not empty\n")
+        z = os.path.join(d.mount, "exposed", "z.img")
+        seen = threading.Event()
+
+        def look() -> None:   # the name exists only while the expose runs
+            while not stop.is_set():
+                try:
+                    os.stat(z)
+                    seen.set()
+                except FileNotFoundError:
+                    pass
+        errors: list[BaseException] = []
+        t = start_thread(look, errors, "stat z")
+        with d.client() as c:
+            sid = c.snapshot_create(["v"], context="app-rollback")["snapshots"][0][
+                "snapshot_id"]
+            tries = 0
+            while not seen.is_set():
+                tries += 1
+                assert tries <= 50, "the reader never saw the name during an expose"
+                with pytest.raises(ControlError) as ei:
+                    c.expose(sid, name="z", mount=str(busy))
+                assert ei.value.name == "E_INVALIDARG", ei.value
+            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] is None
+            stop.set()
+            t.join(10)
+            assert not errors, errors
+            with pytest.raises(FileNotFoundError):
+                os.stat(z)
+    finally:
+        stop.set()
+        if d is not None:
+            stop_daemon(d)
+            text = d.log_text()
+            assert "Traceback" not in text and "SELF-REQUEST" not in text
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
