@@ -1646,29 +1646,55 @@ class Coordinator:
                     cancel: CancelToken | None = None) -> dict[str, Any]:
         """Break the snapshot off as volume ``name``. All or nothing: cancelled during
         its promote step, E_ABORT with the snapshot unchanged and no volume; after it,
-        the split completes."""
+        the split completes.
+
+        The snapshot's paths (.shadow/<id>.img, its exposed name, the same in host
+        views) vanish with it: refused (VSS_E_VOLUME_IN_USE, nothing changed) while
+        anything uses one, as a delete is -- checked before it starts and again once
+        the promote step's copy is complete, its last moment to stop with nothing
+        changed (a copy takes long: a loop device attached meanwhile counts too)."""
         s = self._committed(snapshot_id)
-        if s.id in self._mounts:
-            raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {s.id} is mounted at "
-                       f"{self._mounts[s.id].mountpoint}; unexpose it first")
-        with self._claim(s.id, "split"), \
-                self._jobs.run("split", s.id, s.volume, cancel) as job:
-            try:
-                v = await _in_thread(self.pool.split, s.id, name,
-                                     job.thread_progress(progress, "split"))
-            except bse.Cancelled:
-                raise self._job_cancelled(job, f"split of snapshot {s.id}", f"no volume "
-                                          f"{name}; the snapshot is still {s.kind}") from None
-            except Exception as e:
-                err = self._split_failed(s, e)
-                if err is e:
-                    raise
-                raise err from e
+        with self._claim(s.id, "split"):
+            if s.id in self._mounts:
+                raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {s.id} is mounted at "
+                           f"{self._mounts[s.id].mountpoint}; unexpose it first")
+            users = await self._snapshot_users([s], wait=2.0)
+            if users:
+                raise _vss("VSS_E_VOLUME_IN_USE", self._in_use_message(users, "split"))
+            with self._jobs.run("split", s.id, s.volume, cancel) as job:
+                report = job.thread_progress(progress, "split")
+
+                def step(done: int, total: int) -> None:   # in the worker thread
+                    report(done, total)   # raises Cancelled once cancelled
+                    if done >= total:     # the copy is complete (and, last, durable)
+                        users = trio.from_thread.run(self._users_of, s.id)
+                        if users:
+                            raise bse.Busy(self._in_use_message(users, "split") +
+                                           f" (nothing changed: no volume {name}; the "
+                                           f"snapshot is still {s.kind})")
+                step.point_of_no_return = report.point_of_no_return  # type: ignore[attr-defined]
+                try:
+                    v = await _in_thread(self.pool.split, s.id, name, step)
+                except bse.Cancelled:
+                    raise self._job_cancelled(job, f"split of snapshot {s.id}", f"no "
+                                              f"volume {name}; the snapshot is still "
+                                              f"{s.kind}") from None
+                except Exception as e:
+                    err = self._split_failed(s, e)
+                    if err is e:
+                        raise
+                    raise err from e
+        self._former_names.pop(s.id, None)
         set_id = s.set_id or s.id
         if set_id in self._records and not self._set_members(set_id):
             self._drop_record(set_id)
         await self._names_changed()   # .shadow/<id>.img (and its exposed name) are gone
         return self._volume_json(v)
+
+    async def _users_of(self, snapshot_id: str) -> dict[str, list[str]]:
+        """_snapshot_users of one snapshot as it is now (its exposure may have been
+        renamed meanwhile)."""
+        return await self._snapshot_users([self.pool.snapshot(snapshot_id)], wait=1.0)
 
     def _split_failed(self, s: SnapshotInfo, e: Exception) -> Exception:
         """A split that failed after its promote step left the snapshot a full copy:

@@ -1,14 +1,16 @@
-"""A snapshot in use is neither deleted nor unexposed (issue 12, item 6).
+"""A snapshot in use is neither deleted, split nor unexposed (issue 12, item 6).
 
 Through the real daemon (subprocess, FUSE mount, under tests/fuse_self_guard.py), real
 loop devices (`losetup -r` by hand, as an admin does), ext4 and mount: a loop device or a
-process on any path a snapshot is reachable by -- MOUNT/exposed/<name>.img,
-MOUNT/.shadow/<id>.img, and the same under MOUNT/hosts/<host>/ -- makes `snapshot delete`
-(also with --unexpose) refuse with one line naming the user, exit 1, nothing changed;
-`unexpose` likewise when the user is on the exposed name it takes away. Once the user is
-gone (umount, losetup -d, the process ended) the same commands work at once. What cannot
-be refused (an auto-release set ending with its session, a diff-area overflow) is logged
-as an error naming the user.
+process on any path a snapshot is reachable by -- MOUNT/exposed/<name>.img (also a name
+it had before a rename), MOUNT/.shadow/<id>.img, and the same under MOUNT/hosts/<host>/
+-- makes `snapshot delete` (also with --unexpose) and `split` (also the script's `break`,
+and when the user came during the split's copy) refuse with one line naming the user,
+exit 1, nothing changed; `unexpose` likewise when the user is on the exposed name it
+takes away. Once the user is gone (umount, losetup -d, the process ended) the same
+commands work at once. Promote and revert take nothing away: a loop device reads on. What
+cannot be refused (an auto-release set ending with its session, a diff-area overflow) is
+logged as an error naming the user.
 
 Every test undoes its mounts and loop devices in `finally` (the session guard in
 conftest.py fails the run if any remain).
@@ -17,24 +19,27 @@ conftest.py fails the run if any remain).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import run_cmd
+from support import run_cmd, start_thread
 from test_cli import one_line_error, spx
 from test_provider_e2e import Daemon, _stop, need, start_daemon
 
 from blockstore import Pool
 from fuse_mount import loopdev
-from provider.client import Client
+from provider.client import Client, ControlError
+from provider.vss import Attr, Context
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -335,6 +340,170 @@ def test_snapshot_mapped_by_a_process_is_named(tmp_path: Path, sockdir: str,
         res = spx(*argv, socket=d.socket)
         assert res.returncode == 0, res.stderr
         assert c.snapshot_delete(all=True)["count"] == (0 if op == "delete" else 1)
+
+
+@pytest.mark.parametrize("via", VIAS)
+def test_snapshot_in_use_is_not_split(tmp_path: Path, sockdir: str, via: str) -> None:
+    """`split` (and the script's `break`) takes every path of the snapshot away, as a
+    delete does: refused while a loop device (ext4 mounted) uses one of them, one line
+    naming it, nothing changed (the snapshot, its exposure, no new volume; the mount
+    reads on). Right after umount + losetup -d, split works."""
+    with exposed_snapshot(tmp_path, sockdir, via) as (d, c, sid, path):
+        script = tmp_path / "break.dsh"
+        script.write_text(f"break writable {sid}\n")
+        with ro_loop(path, tmp_path / "m") as lp:
+            want = (f"cannot split snapshot {sid}: in use by loop device {lp['dev']} "
+                    f"({path}, mounted at {tmp_path / 'm'})")
+            one_line_error(spx("split", sid, "b", socket=d.socket), 1, want)
+            res = spx("script", str(script), socket=d.socket)
+            assert res.returncode == 1 and want in res.stderr, (res.stdout, res.stderr)
+            assert exists(c, sid)
+            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
+            assert {v["name"] for v in c.volume_list()} == {"v"}
+            assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
+            detach(lp)
+            res = spx("split", sid, "b", socket=d.socket)
+            assert res.returncode == 0, res.stderr
+        assert not exists(c, sid)
+        assert {v["name"] for v in c.volume_list()} == {"v", "b"}
+        assert not os.path.exists(path)
+
+
+def piece(tag: bytes, i: int) -> bytes:
+    """MiB number i of a recognisable content (tag S: the snapshot's, V: the volume's)."""
+    return (tag + b"%07d" % i) * (MiB // 8)
+
+
+def differential_pool(pool_dir: str, mib: int) -> str:
+    """Volume v of ``mib`` MiB and its persistent differential snapshot holding
+    piece(b"S", i); the volume then holds piece(b"V", i). Made in-process (quick)."""
+    pool = Pool.create(pool_dir)
+    try:
+        pool.create_volume("v", mib * MiB)
+        for i in range(mib):
+            pool.write("v", i * MiB, piece(b"S", i))
+        s = pool.prepare_snapshot("v", attributes=int(Context.APP_ROLLBACK)
+                                  | int(Attr.DIFFERENTIAL))
+        pool.commit_snapshots([s.id])
+        for i in range(mib):
+            pool.write("v", i * MiB, piece(b"V", i))
+        pool.flush("v")
+        return s.id
+    finally:
+        pool.close()
+
+
+def read_all(path: str, direct: bool) -> Iterator[bytes]:
+    """Every MiB of path, through the page cache or with O_DIRECT."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    buf = mmap.mmap(-1, MiB)   # page-aligned, as O_DIRECT needs
+    try:
+        while (n := os.readv(fd, [buf])) > 0:
+            yield buf[:n]
+    finally:
+        buf.close()
+        os.close(fd)
+
+
+def holds(path: str, tag: bytes, mib: int) -> None:
+    """path reads piece(tag, i) for every MiB, buffered and with O_DIRECT."""
+    for direct in (False, True):
+        n = 0
+        for i, data in enumerate(read_all(path, direct)):
+            assert data == piece(tag, i), f"{path}: MiB {i} differs (O_DIRECT={direct})"
+            n += 1
+        assert n == mib, (path, n)
+
+
+def test_split_refused_when_used_during_its_copy(tmp_path: Path, sockdir: str) -> None:
+    """A differential snapshot's split copies it first (seconds, hours for a big one):
+    a loop device attached meanwhile is found by the check at the end of that copy,
+    the last moment the split can stop with nothing changed. Refused, naming it; the
+    snapshot is still differential, there is no new volume, the loop reads on."""
+    mib = 512
+    sid = differential_pool(str(tmp_path / "pool"), mib)
+    d = start_daemon(tmp_path, sockdir, {}, CONFIG, self_guard=0.0)
+    shadow = os.path.join(d.mount, ".shadow", f"{sid}.img")
+    errors: list[BaseException] = []
+    try:
+        with d.client() as c:
+            def split() -> None:
+                with d.client() as c2:
+                    c2.split(sid, "b")
+            t = start_thread(split, errors, "split")
+
+            def copying() -> bool:
+                return any(o["op"] == "split" and 0 < o["done"] < o["total"] // 2
+                           for o in c.status()["operations"])
+            deadline = time.monotonic() + 30
+            while not copying():
+                assert t.is_alive() and time.monotonic() < deadline, errors
+                time.sleep(0.01)
+            with ro_loop(shadow) as lp:
+                t.join(60)
+                assert not t.is_alive()
+                assert errors, "split completed under a loop device"
+                e = errors[0]
+                assert isinstance(e, ControlError) and e.name == "VSS_E_VOLUME_IN_USE", e
+                assert (f"cannot split snapshot {sid}: in use by loop device {lp['dev']} "
+                        f"({shadow})") in e.message, e.message
+                assert "nothing changed" in e.message
+                assert c.snapshot_show(snapshot_id=sid)["kind"] == "differential"
+                assert {v["name"] for v in c.volume_list()} == {"v"}
+                holds(lp["dev"], b"S", mib)
+            assert c.split(sid, "b")["name"] == "b"
+            holds(os.path.join(d.mount, "volumes", "b.img"), b"S", mib)
+            assert c.check()["ok"]
+    finally:
+        _stop(d)
+    clean_log(d)
+
+
+def test_promote_and_revert_keep_a_loop_device_reading(tmp_path: Path,
+                                                       sockdir: str) -> None:
+    """Promote and revert do not take a snapshot away: they need no in-use check, and a
+    loop device on it reads the snapshot's content all along -- while the promote
+    copies it, after it (now from its own full copy), after a revert of the volume to
+    it -- through its page cache and with O_DIRECT, as does the device path itself."""
+    mib = 64
+    sid = differential_pool(str(tmp_path / "pool"), mib)
+    d = start_daemon(tmp_path, sockdir, {}, CONFIG, self_guard=0.0)
+    shadow = os.path.join(d.mount, ".shadow", f"{sid}.img")
+    vol = os.path.join(d.mount, "volumes", "v.img")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    try:
+        with d.client() as c, ro_loop(shadow) as lp:
+            holds(lp["dev"], b"S", mib)   # its page cache (and ours) warm
+            holds(shadow, b"S", mib)
+
+            def keep_reading() -> None:
+                while not stop.is_set():
+                    holds(lp["dev"], b"S", mib)
+            t = start_thread(keep_reading, errors, "reader")
+            try:
+                assert c.promote(sid)["kind"] == "full"
+                time.sleep(0.2)   # a read or two from the full copy
+            finally:
+                stop.set()
+                t.join(60)
+            assert not errors, errors
+            holds(lp["dev"], b"S", mib)
+            holds(shadow, b"S", mib)
+            holds(vol, b"V", mib)
+            c.revert(sid)   # the volume's loop devices matter here, not the snapshot's
+            holds(vol, b"S", mib)
+            holds(lp["dev"], b"S", mib)
+            holds(shadow, b"S", mib)
+            one_line_error(spx("snapshot", "delete", sid, socket=d.socket), 1,
+                           f"in use by loop device {lp['dev']} ({shadow})")
+            detach(lp)
+            assert c.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
+            assert c.check()["ok"]
+    finally:
+        stop.set()
+        _stop(d)
+    clean_log(d)
 
 
 def test_delete_right_after_detach_works(tmp_path: Path, sockdir: str) -> None:
