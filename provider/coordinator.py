@@ -496,9 +496,10 @@ class Coordinator:
                        f"filesystems on them and detach them (losetup -d) first{hint}")
 
     async def _check_not_open(self, volume: str) -> None:
-        """Refuse to delete a volume whose image a process has open, as lvremove refuses
-        an open LV: the daemon's own count of FUSE handles (no look at the path). A
-        close reaches the daemon as an asynchronous release: wait for it a moment."""
+        """Refuse to delete a volume whose image a process has open (or mapped), as
+        lvremove refuses an open LV: the daemon's own count of FUSE handles, the
+        processes named from /proc as text (no look at the path). A close reaches the
+        daemon as an asynchronous release: wait for it a moment."""
         ops = self._ops()
         if ops is None or not hasattr(ops, "open_handles"):
             return
@@ -507,10 +508,18 @@ class Coordinator:
                 await trio.sleep(0.02)
         n = ops.open_handles(volume)
         if n:
-            path = (self.volume_paths(volume) or [f"MOUNT/volumes/{volume}.img"])[0]
+            paths = self.volume_paths(volume)
+            path = (paths or [f"MOUNT/volumes/{volume}.img"])[0]
+
+            def classify(p: str) -> str | None:   # as text: no request to our mount
+                return volume if p.removesuffix(loopdev.DELETED) in paths else None
+            who = [w for _, w in await _in_thread(loopdev.users_by_path, classify)]
+            if who:
+                raise _vss("VSS_E_VOLUME_IN_USE", f"cannot delete volume {volume}: it is "
+                           f"open (by {'; '.join(who)}); close it first")
             raise _vss("VSS_E_VOLUME_IN_USE", f"cannot delete volume {volume}: it is open "
-                       f"({n} file handle(s) on {path}); close it first (fuser -v {path} "
-                       "names the processes)")
+                       f"({n} file handle(s) on {path}, not found by path: a process in "
+                       f"another mount namespace?); close it first (fuser -v {path})")
 
     async def volume_create(self, name: str, size: int | str) -> dict[str, Any]:
         v = await _in_thread(self.pool.create_volume, name, parse_size(size))

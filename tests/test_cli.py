@@ -218,7 +218,7 @@ def test_volume_commands(daemon: Daemon) -> None:
 def test_volume_delete_refuses_a_volume_in_use(daemon: Daemon) -> None:
     """`volume delete` of a volume in use is refused, as lvremove refuses an open LV, and
     the one line says what to do -- there is no --force (the message used to offer one):
-    a loop device on it (detach it), a process with the image open (close it, fuser
+    a loop device on it (detach it), a process with the image open (close it: the line
     names it). Once they are gone it is deleted, also right after the close."""
     from fuse_mount import loopdev
     d = daemon
@@ -235,7 +235,7 @@ def test_volume_delete_refuses_a_volume_in_use(daemon: Daemon) -> None:
         holder = subprocess.Popen(["sleep", "60"], stdin=f)
     try:
         line = one_line_error(d.run("volume", "delete", "busy"), 1, "VSS_E_VOLUME_IN_USE")
-        assert "is open" in line and f"fuser -v {image}" in line, line
+        assert f"is open (by pid {holder.pid} (sleep, {image}))" in line, line
         assert "force" not in line, line
         assert "busy" in {r["name"] for r in d.json("volume", "list")}
     finally:
