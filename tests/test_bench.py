@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -154,11 +155,13 @@ def test_bench_quick_json(tmp_path: Path) -> None:
 
 
 def _processes_naming(text: str) -> list[int]:
-    """Every process whose command line names `text` (e.g. the bench's work directory)."""
+    """Every process whose command line or environment names `text` (the bench's work
+    directory: fio gets its target file in BENCH_FILE)."""
     out = []
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            args = b"".join(Path(f"/proc/{pid}/{f}").read_bytes()
+                            for f in ("cmdline", "environ")).decode(errors="replace")
         except OSError:
             continue
         if text in args and int(pid) != os.getpid():
@@ -169,16 +172,19 @@ def _processes_naming(text: str) -> list[int]:
 @pytest.mark.kernel
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signame,moment", [("SIGINT", "random"), ("SIGTERM", "random"),
-                                            ("SIGTERM", "restart"), ("SIGINT", "twice")])
+                                            ("SIGTERM", "fio"), ("SIGTERM", "restart"),
+                                            ("SIGINT", "twice")])
 def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: str) -> None:
-    """Ctrl-C or SIGTERM at a random moment of a `bench --tiny` run (about 18 s), just
-    after the kill -9 + restart phase begins, or twice in a row: exit 128+N with one
-    line saying the work directory was removed, and it is true -- nothing left in
-    --dir, no mount or loop device below it, no daemon, qemu-storage-daemon or fio.
-    Before: "interrupted; everything was cleaned up" and the whole work directory
-    (images, pool, logs) was left behind. Replay with SHADOWPLEX_BENCH_INTERRUPT_SEED."""
+    """Ctrl-C or SIGTERM at a random moment of a `bench --tiny` run (its first 10 s), while
+    fio runs, just after the kill -9 + restart phase begins, or twice in a row: exit
+    128+N within 15 s with one line saying the work directory was removed, and it is
+    true -- nothing left in --dir, no mount or loop device below it, no daemon,
+    qemu-storage-daemon or fio. Before: "interrupted; everything was cleaned up" and the
+    whole work directory (images, pool, logs) was left behind; and a SIGTERM while fio
+    ran took 32 s (fio's forked job outlived it, so the daemon refused to stop). Replay
+    with SHADOWPLEX_BENCH_INTERRUPT_SEED."""
     seed = int(os.environ.get("SHADOWPLEX_BENCH_INTERRUPT_SEED") or random.randrange(1 << 32))
-    at = random.Random(seed).uniform(0.3, 16.0)
+    at = random.Random(seed).uniform(0.3, 10.0)   # a --tiny run takes 12-20 s
     sig = signal.Signals[signame]
     work = Path(tempfile.mkdtemp(prefix="spxb-"))   # short: the control socket's path
     err_path = tmp_path / "bench.err"
@@ -193,20 +199,25 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: 
         while time.monotonic() < deadline and proc.poll() is None:
             if moment in ("restart", "twice") and "daemon RSS" in err_path.read_text():
                 break   # memory() is done: restart() kills -9 and restarts the daemon
+            if moment == "fio" and re.search(r"shadowplex +seq write", err_path.read_text()):
+                break   # fio's next job runs through the mount (MOUNT/volumes/v.img)
             time.sleep(0.02)
         if proc.poll() is not None:
             pytest.fail(f"{what}: bench ended first ({proc.returncode}): "
                         f"{err_path.read_text()[-2000:]}")
         proc.send_signal(sig)
+        t0 = time.monotonic()
         if moment == "twice":
             time.sleep(0.3)
             proc.send_signal(sig)
         proc.wait(120)
+        took = time.monotonic() - t0
         text = err_path.read_text()
         assert os.listdir(work) == [], (what, os.listdir(work), text[-300:])
         assert not _mounts_under(str(work)), what
         assert not workdir.loops_under(str(work)), what
         assert not _processes_naming(str(work)), what
+        assert took < 15, (what, f"{took:.1f} s")
         assert proc.returncode == 128 + sig, (what, text[-2000:])
         last = text.splitlines()[-1]
         word = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"

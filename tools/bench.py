@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import interrupts, workdir
+from . import interrupts, procgroup, workdir
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 FIO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fio")
@@ -323,6 +323,28 @@ def first_write_offsets(size: int, seed: int) -> list[int]:
     return [c * CHUNK + rnd.randrange(CHUNK // (4 * KiB)) * 4 * KiB for c in chunks]
 
 
+def _run_group(cmd: list[str], env: dict[str, str], timeout: float
+               ) -> subprocess.CompletedProcess[str]:
+    """subprocess.run(capture_output, text) in a process group of its own that any
+    exception (the timeout, an interrupt) kills as a whole, with the descendants that
+    left it: fio forks a process per job, which calls setsid(). Killing fio alone --
+    what subprocess.run does -- left that job writing through the mount (the daemon
+    refused to stop: an interrupted bench took 30 s more) and holding our pipes (a
+    second communicate() waited for ever)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, process_group=0)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        procgroup.kill_tree(proc.pid, proc.pid)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_fio(job: Job, scratch: str) -> JobResult:
     label, _unit, jobfile, _bs, writes = WORKLOADS[job.workload]
     env = dict(os.environ, BENCH_FILE=job.path, BENCH_SIZE=str(job.size),
@@ -336,8 +358,7 @@ def run_fio(job: Job, scratch: str) -> JobResult:
         jobfile = REPLAY_JOB
     cmd = ["fio", "--output-format=json", os.path.join(FIO_DIR, jobfile)]
     try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                             timeout=job.runtime + 120)
+        res = _run_group(cmd, env, timeout=job.runtime + 120)
     except subprocess.TimeoutExpired:
         raise BenchError(f"fio {label} on {job.path} did not finish in time") from None
     out = res.stdout

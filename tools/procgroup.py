@@ -5,7 +5,9 @@ background children that read the snapshot. They share one process group, so tha
 cleanup (the script's Ctrl-C, SIGTERM, SIGHUP, a failure) ends all of them -- SIGTERM
 to the group, SIGKILL after a grace period -- instead of leaving them running (reparented
 to init) on a snapshot the cleanup is about to unmount and delete. A job that ends by
-itself may leave background processes (`cmd &`) running; `end()` stops those too.
+itself may leave background processes (`cmd &`) running; `end()` stops those too. So it
+does the job's descendants that left its group while the job runs (fio's job processes
+call setsid(): killing fio's group left them reading the image, holding the pipes).
 
 The terminal: when the caller is the terminal's foreground process group, the job gets
 the terminal while it runs, as a shell's foreground job does (it may read it; Ctrl-C goes
@@ -46,6 +48,35 @@ def _give_terminal(fd: int, pgid: int) -> None:
         signal.signal(signal.SIGTTOU, old)
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, its identity."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _kill_strays(strays: list[tuple[int, str | None]], grace: float) -> None:
+    """SIGKILL to those strays (pid, start time) still there after grace seconds (they
+    got SIGTERM). They are not our children: a pid is killed only while its start time
+    is the recorded one, never a process that got the number meanwhile."""
+    deadline = time.monotonic() + max(0.0, grace)
+    while time.monotonic() < deadline and any(_started(p) == t for p, t in strays):
+        time.sleep(0.02)
+    for p, t in strays:
+        if t is not None and _started(p) == t:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+
+
 def _killpg(pgid: int, sig: int) -> bool:
     """False if the group has no member left."""
     try:
@@ -55,6 +86,38 @@ def _killpg(pgid: int, sig: int) -> bool:
     except PermissionError:   # a member changed its credentials; others got it
         pass
     return True
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid (children first), whatever its process group or
+    session, from /proc/*/stat. Empty once pid is gone (its orphans go to init)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def kill_tree(pid: int, pgid: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """sig to pid's process group (pgid) and to each of pid's descendants outside it."""
+    strays = descendants(pid)
+    if pgid is not None:
+        _killpg(pgid, sig)
+    for p in strays:
+        with contextlib.suppress(OSError):
+            os.kill(p, sig)
 
 
 class Job:
@@ -105,15 +168,24 @@ class Job:
         blocked = signal.pthread_sigmask(
             signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         try:
+            strays = [(p, _started(p)) for p in descendants(self.pgid)
+                      if _pgid(p) != self.pgid]
+            for p, _ in strays:
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGTERM)
+                    os.kill(p, signal.SIGCONT)
             if not (_killpg(self.pgid, signal.SIGTERM) and _killpg(self.pgid, signal.SIGCONT)):
                 self.proc.poll()
+                _kill_strays(strays, grace)
                 return
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline:
                 self.proc.poll()   # reap the leader: a zombie still counts in its group
                 if not _killpg(self.pgid, 0):
+                    _kill_strays(strays, deadline - time.monotonic())
                     return
                 time.sleep(0.02)
+            _kill_strays(strays, 0)
             _killpg(self.pgid, signal.SIGKILL)
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
