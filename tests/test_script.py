@@ -541,24 +541,29 @@ def _pid_in(pidfile: Path) -> bool:
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
-def test_signal_during_exec_ends_the_command_and_cleans_up(daemon: Daemon,
-                                                           signame: str) -> None:
+@pytest.mark.parametrize("signame,setsid", [("SIGTERM", False), ("SIGHUP", False),
+                                            ("SIGINT", False), ("SIGTERM", True)])
+def test_signal_during_exec_ends_the_command_and_cleans_up(daemon: Daemon, signame: str,
+                                                           setsid: bool) -> None:
     """SIGTERM / SIGHUP / SIGINT sent to the script process (no terminal) while an exec'd
     command runs on a mounted snapshot: the command (its whole process group, here a
     background sleep the shell waits for) is ended, the script unexposes the snapshot,
     its session's auto-release set is deleted, no loop device is left, and it exits
     128+N with one line naming the line and the signal. Before: SIGTERM/SIGHUP killed
     the script at once, the sleep went on (reparented to init) and the daemon deleted
-    the snapshot under its busy mount ("could not unmount ...; deleting it anyway")."""
+    the snapshot under its busy mount ("could not unmount ...; deleting it anyway").
+    setsid: the sleep left the command's process group (as fio's job processes do): it
+    is ended all the same."""
     d = daemon
     sig = signal.Signals[signame]
-    snap, pidfile = d.base / f"snap-{signame}", d.base / f"sleep-{signame}.pid"
+    tag = signame + ("-setsid" if setsid else "")
+    snap, pidfile = d.base / f"snap-{tag}", d.base / f"sleep-{tag}.pid"
     snap.mkdir()
-    path = _exec_script(d, f"sig-{signame}.dsh", snap, pidfile,
-                        f"exec (cd {snap} && exec sleep 1000) & echo $! > {pidfile}; wait")
+    path = _exec_script(d, f"sig-{tag}.dsh", snap, pidfile,
+                        f"exec (cd {snap} && exec {'setsid ' if setsid else ''}sleep 1000) & "
+                        f"echo $! > {pidfile}; wait")
     log_before = len(d.log_text())
-    outf, errf = d.base / f"sig-{signame}.out", d.base / f"sig-{signame}.err"
+    outf, errf = d.base / f"sig-{tag}.out", d.base / f"sig-{tag}.err"
     with open(outf, "w") as o, open(errf, "w") as e:   # files: a leftover sleep keeps
         proc = subprocess.Popen(                         # pipes open, not the script
             [sys.executable, "-m", "tools.cli", "--socket", d.socket, "script", str(path)],
