@@ -86,6 +86,10 @@ class PoolCore:
         # batches the data path cut for the writeback thread, and its wake-up call
         self._queued: list[_Batch] = []
         self._promoting: set[str] = set()   # snapshot ids a promote is copying now
+        self._sealing: set[str] = set()     # snapshot ids a seal is hashing now
+        # files pinned for I/O outside the lock (_pin): close() waits for none to be left
+        self._pinned = 0
+        self._unpinned = threading.Condition(self._lock)
         self._wake = threading.Event()
         # True once a thread calls writeback() periodically (the daemon): the data path
         # then leaves the age bound of held writes to it and never syncs for it inline
@@ -112,12 +116,28 @@ class PoolCore:
         pinned = [f for f in files if f is not None]
         for f in pinned:
             f.pin()
+        self._pinned += len(pinned)
         return pinned
 
     def _unpin(self, files: list[DataFile]) -> None:
         with self._lock:
-            for f in files:
-                f.unpin()
+            self._release(files)
+
+    def _release(self, files: list[DataFile]) -> None:
+        """(Lock held.) _unpin's work."""
+        for f in files:
+            f.unpin()
+        self._pinned -= len(files)
+        if not self._pinned:
+            self._unpinned.notify_all()
+
+    def _wait_unpinned(self, timeout: float = 60.0) -> None:
+        """(Lock held; released while waiting.) Until no I/O runs outside the lock on
+        the pool's files: closing or releasing the pool before would let a late write
+        (a reclaim's cleared records) land in a pool that another opener owns."""
+        if not self._unpinned.wait_for(lambda: self._pinned == 0, timeout):
+            log.error("pool %s: %d file(s) still in use by I/O outside the lock after "
+                      "%g s; closing anyway", self.path, self._pinned, timeout)
 
     def _img(self, file_id: int) -> str:
         return os.path.join(self.path, "luns", f"{file_id}.img")

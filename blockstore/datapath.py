@@ -211,8 +211,7 @@ class DataPath(HeldWrites):
                     failed.append((plex, e))
         finally:
             with self._lock:
-                for f in files:
-                    f.unpin()
+                self._release(files)
                 for plex, err in failed:
                     self._fail_plex(plex, err)
 

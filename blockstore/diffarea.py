@@ -418,7 +418,14 @@ class DiffArea:
             self.map.truncate(last * MAP_RECORD_SIZE)   # frees what was allocated ahead
             self.map_allocated = last * MAP_RECORD_SIZE
             self.data.truncate(last * self.chunk_size)
-            self.map.sync()
+            # no sync: the records past `last` are durably free already (gc_clear), so
+            # a crash that undoes the truncation leaves free records, as before it
+
+    def forget_failure(self) -> None:
+        """A failed sync of the data or map file is accounted for: every entry whose
+        data or record it may have lost was dropped (drop_batch, drop_unsynced)."""
+        self.data.clear_failure()
+        self.map.clear_failure()
 
     def entries(self) -> int:
         return sum(1 for st in self.state if st != FREE)

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -33,12 +34,16 @@ class Faults:
     arm_crash(point, after=n): the (n+1)-th time the engine passes `point`, raise
     SimulatedCrash. arm_error(role, op, err): I/O of that role ('origin', 'diff', 'map',
     'plex') and op ('read', 'write', 'sync', 'any') fails with OSError(err), `count`
-    times (None: until disarmed).
+    times (None: until disarmed). Thread-safe: points and I/O are passed from several
+    threads (the writeback thread, flushes and reclaims outside the pool lock), so
+    which thread meets an armed crash or error depends on timing; a crash test that
+    needs one operation to meet it stops the others first.
     """
 
     def __init__(self, powercut: PowerCut | None = None) -> None:
         # power-cut recorder of this pool's files (tests); None: off, nothing recorded
         self.powercut = powercut
+        self._lock = threading.Lock()
         self._crash: dict[str, int] = {}
         self._errors: list[list] = []  # [role, op, errno, remaining or None]
         self.passed: list[str] = []    # crash points passed, in order (for tests)
@@ -57,24 +62,32 @@ class Faults:
     def point(self, name: str) -> None:
         self.passed.append(name)
         if name in self._crash:
-            if self._crash[name] <= 0:
-                del self._crash[name]
-                raise SimulatedCrash(name)
-            self._crash[name] -= 1
+            with self._lock:
+                left = self._crash.get(name)
+                if left is None:
+                    return
+                if left <= 0:
+                    del self._crash[name]
+                    raise SimulatedCrash(name)
+                self._crash[name] = left - 1
 
     def io(self, role: str, op: str) -> None:
-        for rule in self._errors:
-            r_role, r_op, err, left = rule
-            if r_role == role and r_op in (op, "any") and (left is None or left > 0):
-                if left is not None:
-                    rule[3] = left - 1
-                raise OSError(err, f"injected {os.strerror(err)} on {role} {op}")
+        if not self._errors:   # the hot path: nothing armed
+            return
+        with self._lock:
+            for rule in self._errors:
+                r_role, r_op, err, left = rule
+                if r_role == role and r_op in (op, "any") and (left is None or left > 0):
+                    if left is not None:
+                        rule[3] = left - 1
+                    raise OSError(err, f"injected {os.strerror(err)} on {role} {op}")
 
 
 class DataFile:
     """An open file of the pool with a role (for fault injection)."""
 
-    __slots__ = ("path", "fd", "role", "faults", "_dirty", "_log", "_pins", "_close_pending")
+    __slots__ = ("path", "fd", "role", "faults", "_dirty", "_log", "_pins", "_close_pending",
+                 "_sync_lock", "failed")
 
     def __init__(self, path: str, role: str, faults: Faults, create: bool = False,
                  read_only: bool = False) -> None:
@@ -93,6 +106,12 @@ class DataFile:
         # so that such I/O never lands on a reused descriptor number
         self._pins = 0
         self._close_pending = False
+        # one sync at a time, so a second caller waits for the sync in flight instead of
+        # taking its cleared dirty flag for durability; and a failed sync sticks (failed):
+        # Linux reports a writeback error once, and the pages it concerned may be gone,
+        # so no later sync may pass for covering what was written before it
+        self._sync_lock = threading.Lock()
+        self.failed: OSError | None = None
 
     @property
     def dirty(self) -> bool:
@@ -165,19 +184,37 @@ class DataFile:
         self._dirty = True
 
     def sync(self) -> None:
-        if self._dirty:
-            self.faults.io(self.role, "sync")
+        """fdatasync if written since the last sync. Raises the failure of an earlier
+        sync until its owner has accounted for what it lost (clear_failure())."""
+        with self._sync_lock:
+            if self.failed is not None:
+                raise OSError(self.failed.errno, f"{self.path}: an earlier sync failed "
+                              f"({self.failed.strerror}); what was written before it may "
+                              "be lost")
+            if not self._dirty:
+                return
             # cleared BEFORE the sync: a write landing while fdatasync runs (from another
-            # thread: Pool.writeback syncs without the pool lock) sets it again
+            # thread: syncs run without the pool lock) sets it again
             self._dirty = False
             mark = self._log.mark() if self._log is not None else 0
             try:
+                self.faults.io(self.role, "sync")
                 os.fdatasync(self.fd)
+            except OSError as e:
+                self._dirty = True
+                self.failed = e
+                raise
             except BaseException:
                 self._dirty = True
                 raise
             if self._log is not None:
                 self._log.synced(mark)
+
+    def clear_failure(self) -> None:
+        """The owner has given up (dropped, invalidated) everything written before the
+        failed sync: later syncs may count again."""
+        with self._sync_lock:
+            self.failed = None
 
     def punch(self, offset: int, length: int) -> None:
         if length <= 0:

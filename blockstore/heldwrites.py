@@ -123,7 +123,11 @@ class HeldWrites(PoolCore):
                 self._finish(b)
                 if b.crashed is not None:   # SimulatedCrash (tests)
                     raise b.crashed
-            if cut_here:
+                # another thread finished our batch (_settle) and could not write some of
+                # it out (it logs and keeps them held): go again, so that the error is
+                # ours to raise, never a flush that returns with the data in memory
+                left = any(v.pending.get(c) is buf for c, buf in b.held)
+            if cut_here and not left:
                 return
 
     def _harden(self, v: _Volume, keep_going: bool = False) -> None:
@@ -146,6 +150,7 @@ class HeldWrites(PoolCore):
                 v.diff.harden()
             except OSError as e:
                 v.lost.append((v.diff.drop_unsynced(), e))
+                v.diff.forget_failure()   # nothing unsynced is left to pass for durable
         self._resolve_lost(v)
 
     def _resolve_lost(self, v: _Volume) -> None:
@@ -297,6 +302,7 @@ class HeldWrites(PoolCore):
                 # Linux reports a failed writeback once: what was preserved while that
                 # sync ran may be lost too, so those entries go with the batch
                 v.lost.append((da.drop_batch(b.sync) + da.drop_unsynced(), b.error))
+                da.forget_failure()   # nothing unsynced is left to pass for durable
             self._resolve_lost(v)
             self._write_out(v, b.held)
             if v.pending:   # preserved while the batch synced: the next batch's

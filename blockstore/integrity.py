@@ -24,8 +24,9 @@ import xxhash
 
 from . import format as fmt
 from .diffarea import DATA
-from .errors import NotFound, SnapshotInvalid, StoreError, Unsupported
+from .errors import Busy, NotFound, SnapshotInvalid, StoreError, Unsupported
 from .fileio import DataFile, fsync_dir
+from .model import COMMITTED, DIFFERENTIAL, PREPARING
 
 if TYPE_CHECKING:
     from .diffarea import DiffArea
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 PROGRESS_EVERY = 64       # chunks between two progress calls
 READ_PIECE = 1 << 20      # unit of scrub's reads
-COMMITTED, PREPARING, DIFFERENTIAL = "committed", "preparing", "differential"
 
 # a data check made under the lock, run outside it: returns the problems it found
 _Job = Callable[[Callable[[int], None]], list[str]]
@@ -94,10 +94,13 @@ def seal(pool: Pool, snap_id: str, progress: Progress = None) -> None:
                               "chunks carry their own checksums")
         if s.sealed:
             return
+        if s.snap_id in pool._sealing:
+            raise Busy(f"snapshot {s.snap_id} is being sealed already")
         chunks = pool._snapshot_chunks(s)
         tmp = pool._sum(s.id) + ".tmp"
         sums = DataFile(tmp, "plex", pool.faults, create=True)
         pinned = pool._pin([s.file])
+        pool._sealing.add(s.snap_id)
     try:
         tick = _ticker(progress, len(chunks))
         for c, digest in _chunk_sums(pinned[0], chunks, pool.chunk_size, tick):
@@ -112,6 +115,8 @@ def seal(pool: Pool, snap_id: str, progress: Progress = None) -> None:
                 db.execute("UPDATE snapshots SET sealed=1 WHERE id=?", (s.id,))
             s.sealed = True
     finally:
+        with pool._lock:
+            pool._sealing.discard(s.snap_id)
         pool._unpin(pinned)
         sums.close()
         with contextlib.suppress(FileNotFoundError):
@@ -228,6 +233,9 @@ def _plan_sums(pool: Pool, s: _Snapshot, what: str, plan: _Plan) -> list[str]:
             stored = int.from_bytes(raw[c * 8:c * 8 + 8], "little")
             if stored != want.get(c, 0):
                 out.append(f"{what}: chunk {c} fails its checksum")
+        with pool._lock:   # split meanwhile: its image is a writable volume now
+            if out and (pool._snaps.get(s.snap_id) is not s or s.file is not f):
+                return []
         return out
     plan.jobs.append((job, len(chunks)))
     return []
@@ -276,7 +284,7 @@ def scrub(pool: Pool, progress: Progress = None) -> list[str]:
             progress(done, total)
     for key in keys:
         problems += _read_lun(pool, key, tick)
-        with contextlib.suppress(NotFound, SnapshotInvalid, Unsupported):
+        with contextlib.suppress(Busy, NotFound, SnapshotInvalid, Unsupported):
             with pool._lock:
                 s = pool._snaps.get(key)
                 unsealed = s is not None and s.file is not None and not s.sealed

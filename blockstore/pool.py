@@ -20,6 +20,7 @@ from . import format as fmt
 from .catalog import Catalog
 from .errors import (
     Exists,
+    FormatError,
     NotFound,
     PoolLocked,
 )
@@ -107,16 +108,27 @@ class Pool(LongOps):
         self._lock_fd = fd
 
     def close(self) -> None:
+        """Flush everything and release the pool. A volume that cannot be flushed (its
+        file failed a sync: see DataFile.sync) is logged, and the pool released anyway;
+        the error is raised at the end."""
         with self._lock:
             if self._closed:
                 return
+            self._wait_unpinned()
+            failed: OSError | None = None
             for v in self._volumes.values():
-                self._writeback(v)
-                v.file.sync()
-                for s in v.mirrors:
-                    if s.file:
-                        s.file.sync()
+                try:
+                    self._writeback(v)
+                    v.file.sync()
+                    for s in v.mirrors:
+                        if s.file:
+                            s.file.sync()
+                except OSError as e:
+                    log.error("volume %s: not flushed at close: %s", v.name, e)
+                    failed = failed or e
             self._release_files()
+            if failed is not None:
+                raise failed
 
     def _release_files(self) -> None:
         for v in self._volumes.values():
@@ -138,6 +150,7 @@ class Pool(LongOps):
     def abandon(self) -> None:
         """Drop every file descriptor WITHOUT flushing: what a kill -9 leaves (tests)."""
         with self._lock:
+            self._wait_unpinned()
             for v in self._volumes.values():   # a kill -9 loses what is not synced yet
                 b = v.batch
                 if b is not None:
@@ -190,8 +203,14 @@ class Pool(LongOps):
             if origin is None:
                 self.problems.append(f"snapshot {row['snap_id']}: origin volume is missing")
                 continue
+            try:
+                kind, state = Kind(row["kind"]), State(row["state"])
+            except ValueError:
+                raise FormatError(f"snapshot {row['snap_id']}: unknown kind {row['kind']!r} "
+                                  f"or state {row['state']!r} in the catalog (written by a "
+                                  "newer shadowplex?); nothing was changed") from None
             s = _Snapshot(row["id"], row["snap_id"], row["set_id"], row["naa"], origin,
-                          Kind(row["kind"]), row["epoch"], State(row["state"]), row["size"],
+                          kind, row["epoch"], state, row["size"],
                           row["created"], row["attributes"], row["exposed_name"],
                           bool(row["sealed"]))
             if s.state == PREPARING:

@@ -153,21 +153,28 @@ class Snapshots(Volumes):
             self._commit(ids)
 
     def _presync(self, snap_ids: list[str]) -> None:
-        """(WITHOUT the lock.) The bulk of a commit's syncs. Errors are left for the
-        locked commit to meet again and report."""
+        """(WITHOUT the lock.) The bulk of a commit's syncs. A held write that cannot be
+        made durable is met again by the locked commit; a plex whose file fails its sync
+        fails now (the failure sticks to the file: the commit's own sync raises it too)."""
         with self._lock:
             snaps = [s for s in map(self._snaps.get, snap_ids)
                      if s is not None and s.state == PREPARING]
         for s in snaps:
-            self._drain(s.origin)
+            with contextlib.suppress(OSError):
+                self._drain(s.origin)
         with self._lock:
-            plexes = self._pin(s.file for s in snaps if s.kind == PLEX)
+            plexes = [(s, s.file) for s in snaps if s.kind == PLEX and s.file is not None]
+            pinned = self._pin(f for _, f in plexes)
         try:
-            for f in plexes:
-                with contextlib.suppress(OSError):
+            for s, f in plexes:
+                try:
                     f.sync()
+                except OSError as e:
+                    with self._lock:
+                        self._fail_plex(s, e)
+                    raise
         finally:
-            self._unpin(plexes)
+            self._unpin(pinned)
 
     def _commit(self, snap_ids: list[str]) -> None:
         snaps = [self._snap(i) for i in snap_ids]
@@ -294,12 +301,16 @@ class Snapshots(Volumes):
                         "reclaimed later", v.name, len(doomed), e)
         finally:   # (a SimulatedCrash punches nothing: the records may not be durable)
             with self._lock:
-                for f in pinned:
-                    f.unpin()
+                self._release(pinned)
                 if cleared and v.diff is da and self._volumes.get(v.name) is v:
                     da.gc_finish(doomed)
                 else:
                     da.gc_abort(doomed)
+                    if not cleared and v.batch is None:
+                        # records written but not synced exist only in a batch in flight
+                        # (whose sync then meets the failure and drops its entries):
+                        # with none, the failed sync lost only the doomed records
+                        da.map.clear_failure()
 
     @_locked
     def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:

@@ -13,16 +13,25 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
+import sqlite3
 import threading
 
 import pytest
 from support import start_thread
 
 from blockstore import Faults, Pool
-from blockstore.errors import Busy, InvalidState, NotFound, SnapshotInvalid, Unsupported
+from blockstore.errors import (
+    Busy,
+    FormatError,
+    InvalidState,
+    NotFound,
+    SnapshotInvalid,
+    Unsupported,
+)
 from blockstore.powercut import PowerCut
 
 CS = 64 * 1024
@@ -283,3 +292,241 @@ def test_threaded_stress_then_power_cut(tmp_path, seed):
             assert _digest(p, sid) == want, f"snapshot {sid} changed across the power cut"
     finally:
         p.close()
+
+
+# -- syncs outside the lock: what a second thread may conclude (review of issue 12's change) --
+class Hooks(Faults):
+    """Stops a named thread at a crash point or at its first I/O of (role, op)."""
+
+    def __init__(self, powercut: PowerCut | None = None) -> None:
+        super().__init__(powercut)
+        self.pauses: dict[tuple[str, object], tuple[threading.Event, threading.Event]] = {}
+
+    def add(self, thread: str, key: object) -> tuple[threading.Event, threading.Event]:
+        reached, go = threading.Event(), threading.Event()
+        self.pauses[(thread, key)] = (reached, go)
+        return reached, go
+
+    def _hit(self, key: object) -> None:
+        pause = self.pauses.pop((threading.current_thread().name, key), None)
+        if pause is not None:
+            pause[0].set()
+            assert pause[1].wait(30)
+
+    def point(self, name: str) -> None:
+        self._hit(name)
+        super().point(name)
+
+    def io(self, role: str, op: str) -> None:
+        self._hit((role, op))
+        super().io(role, op)
+
+
+@pytest.fixture
+def cut_pool(tmp_path):
+    """(pool, hooks, power cut, reopen): a pool recorded by the power-cut emulator."""
+    path = str(tmp_path / "pool")
+    pc = PowerCut()
+    hooks = Hooks(powercut=pc)
+    Pool.create(path, chunk_size=CS).close()
+    pc.start(path)
+    p = Pool.open(path, faults=hooks)
+    p.create_volume("v", 8 * CS)
+    p.write("v", 0, b"1" * (8 * CS))
+    p.flush("v")
+    opened = [p]
+
+    def power_cut_and_reopen():
+        p.abandon()
+        pc.cut()
+        q = Pool.open(path)
+        opened.append(q)
+        return q
+    yield p, hooks, power_cut_and_reopen
+    for q in opened:
+        q.close() if not q._closed else None
+
+
+def _stall_fdatasync(monkeypatch, thread: str, fd: int | None = None):
+    """os.fdatasync blocks in `thread` (on `fd` only, if given) until `go`."""
+    inside, go = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def fdatasync(f):
+        if threading.current_thread().name == thread and fd in (None, f):
+            inside.set()
+            assert go.wait(30)
+        return real(f)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return inside, go
+
+
+def test_a_second_flush_waits_for_the_sync_in_flight(cut_pool, monkeypatch):
+    """Two flushes of one volume: the second returned while the first was still inside
+    fdatasync (it took the cleared dirty flag for durability); a power cut then lost a
+    write both had acknowledged."""
+    p, _hooks, power_cut = cut_pool
+    p.write("v", 0, b"2" * CS)
+    inside, go = _stall_fdatasync(monkeypatch, "F1")
+    errors: list[BaseException] = []
+    t1 = start_thread(lambda: p.flush("v"), errors, "F1")
+    assert inside.wait(10)
+    t2 = start_thread(lambda: p.flush("v"), errors, "F2")
+    t2.join(0.5)
+    early = not t2.is_alive()
+    go.set()
+    t1.join(10)
+    t2.join(10)
+    assert not early, "the second flush returned while the first one's fdatasync ran"
+    assert errors == []
+    assert power_cut().read("v", 0, CS) == b"2" * CS
+
+
+def test_a_plex_commit_waits_for_a_flush_syncing_it(cut_pool, monkeypatch):
+    """A flush inside the plex's fdatasync; the commit's syncs skipped it (clean flag)
+    and committed: after a power cut the committed plex had lost a mirrored write."""
+    p, _hooks, power_cut = cut_pool
+    s = _plex(p, "v")
+    p.write("v", 0, b"2" * CS)                         # mirrored into the plex
+    inside, go = _stall_fdatasync(monkeypatch, "F", p._snaps[s].file.fd)
+    errors: list[BaseException] = []
+    tf = start_thread(lambda: p.flush("v"), errors, "F")
+    assert inside.wait(10)
+    tc = start_thread(lambda: p.commit_snapshots([s]), errors, "C")
+    tc.join(0.5)
+    early = not tc.is_alive()
+    go.set()
+    tf.join(10)
+    tc.join(10)
+    assert not early, "the commit did not wait for the plex's sync in flight"
+    assert errors == [] and p.snapshot(s).state == "committed"
+    assert power_cut().read(s, 0, CS) == b"2" * CS
+
+
+def test_a_delete_reclaiming_does_not_let_a_flush_skip_the_map_sync(cut_pool, monkeypatch):
+    """A delete's reclaim inside the map's fdatasync; a flush's batch skipped its own map
+    sync and wrote the held chunk out: after a power cut snapshot s2 read the new data
+    (invariant 1) and check() saw nothing."""
+    p, hooks, power_cut = cut_pool
+    s1 = p.prepare_snapshot("v", "differential")
+    p.commit_snapshots([s1.id])
+    p.write("v", 0, b"2" * CS)
+    p.flush("v")                                       # an entry only s1 needs
+    s2 = p.prepare_snapshot("v", "differential")
+    p.commit_snapshots([s2.id])
+    reached, go_g = hooks.add("G", "gc.map_written")
+    inside, go_sync = _stall_fdatasync(monkeypatch, "G")
+    errors: list[BaseException] = []
+    tg = start_thread(lambda: p.delete_snapshot(s1.id), errors, "G")
+    assert reached.wait(10)
+    p.write("v", CS, b"3" * CS)                        # preserved for s2, held
+    reached_w, go_w = hooks.add("W", "cow.map_written")
+    tw = start_thread(lambda: p.flush("v"), errors, "W")
+    assert reached_w.wait(10)
+    go_g.set()
+    assert inside.wait(10)                             # the reclaim is inside fdatasync
+    go_w.set()
+    tw.join(0.5)
+    early = not tw.is_alive()
+    go_sync.set()
+    tg.join(10)
+    tw.join(10)
+    assert not early, "the flush did not wait for the map's sync in flight"
+    assert errors == []
+    q = power_cut()
+    assert q.read(s2.id, CS, CS) == b"1" * CS
+    assert q.check() == []
+
+
+def test_a_flush_never_returns_with_its_writes_still_held(cut_pool):
+    """Another thread (an abort's _settle) finished the flush's batch and could not write
+    a chunk out (EIO, logged, kept held); the flush then returned OK with the data only
+    in memory, and a power cut lost it."""
+    p, hooks, power_cut = cut_pool
+    s1 = p.prepare_snapshot("v", "differential")
+    p.commit_snapshots([s1.id])
+    s2 = p.prepare_snapshot("v", "differential")
+    p.write("v", 0, b"2" * CS)                         # preserved; the new content held
+    reached, go = hooks.add("F", "cow.map_synced")
+    errors: list[BaseException] = []
+    tf = start_thread(lambda: p.flush("v"), errors, "F")
+    assert reached.wait(10)
+    hooks.arm_error("origin", "write", errno.EIO, count=1)
+    ta = start_thread(lambda: p.abort_snapshot(s2.id), errors, "A")
+    ta.join(0.3)
+    go.set()
+    tf.join(10)
+    ta.join(10)
+    assert errors == []                 # the retry wrote it (the EIO came once)
+    assert 0 not in p._volumes["v"].pending
+    assert power_cut().read("v", 0, CS) == b"2" * CS
+
+
+def test_a_failed_plex_sync_fails_the_commit(tmp_path):
+    """Linux reports a writeback error once: the commit's first sync met it, suppressed
+    it, and its second sync succeeded, committing a plex that had lost a write."""
+    faults = Faults()
+    p = Pool.create(str(tmp_path / "pool"), chunk_size=CS, faults=faults)
+    p.create_volume("v", 8 * CS)
+    p.write("v", 0, b"1" * CS)
+    s = _plex(p, "v")
+    p.write("v", 0, b"2" * CS)                         # mirrored: the plex file is dirty
+    faults.arm_error("plex", "sync", errno.EIO, count=1)
+    with pytest.raises(OSError):
+        p.commit_snapshots([s])
+    assert p.snapshot(s).state == "preparing"
+    with pytest.raises((OSError, InvalidState)):       # and it stays failed
+        p.commit_snapshots([s])
+    p.abort_snapshot(s)
+    assert p.check() == []
+    p.close()
+
+
+def test_check_during_a_split_reports_nothing_false(paused):
+    p, faults = paused
+    sid = _plex(p, "a")
+    p.commit_snapshots([sid])
+    p.seal(sid)
+    faults.pause = ("plex", "read")
+    errors: list[BaseException] = []
+    found: list[list[str]] = []
+    t = _thread(lambda: found.append(p.check()), errors)
+    assert faults.reached.wait(10)
+    p.split(sid, "w")
+    p.write("w", 0, b"new" * 1000)                     # the image is a volume now
+    faults.go.set()
+    t.join(30)
+    assert errors == [] and found == [[]]
+
+
+def test_two_seals_at_once(paused):
+    p, faults = paused
+    sid = _plex(p, "a")
+    p.commit_snapshots([sid])
+    faults.pause = ("plex", "read")
+    errors: list[BaseException] = []
+    t = _thread(lambda: p.seal(sid), errors)
+    assert faults.reached.wait(10)
+    with pytest.raises(Busy):
+        p.seal(sid)
+    assert p.scrub() == []                             # skips the seal in progress
+    faults.go.set()
+    t.join(30)
+    assert errors == [] and p._snaps[sid].sealed
+
+
+def test_an_unknown_kind_in_the_catalog_is_one_clear_error(tmp_path):
+    path = str(tmp_path / "pool")
+    p = Pool.create(path, chunk_size=CS)
+    p.create_volume("v", 8 * CS)
+    s = _plex(p, "v")
+    p.commit_snapshots([s])
+    image = p.image_path(s)
+    p.close()
+    db = sqlite3.connect(os.path.join(path, "catalog.sqlite"))
+    db.execute("UPDATE snapshots SET kind='mirror'")
+    db.commit()
+    db.close()
+    with pytest.raises(FormatError, match="unknown kind 'mirror'"):
+        Pool.open(path)
+    assert image is not None and os.path.exists(image)   # nothing removed as an orphan
