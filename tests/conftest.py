@@ -368,3 +368,32 @@ def no_leftovers(
     if still:
         msg += "\nSTILL PRESENT after cleanup:\n" + "\n".join(f"  - {x}" for x in still)
     pytest.fail(msg, pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_self_requests() -> Iterator[None]:
+    """Fails a test if a daemon it started under tests/fuse_self_guard.py (the default of
+    test_provider_e2e.start_daemon) logged a FUSE request from one of its own threads:
+    such a request works until the daemon is killed or stopped at the wrong moment, and
+    then hangs it (docs/concurrency.md, rule 1). Every suite using start_daemon is
+    checked, not only the crash trials."""
+    try:
+        from support import GUARDED_LOGS
+    except ImportError:   # this conftest copied into another session (test_leak_guard)
+        yield
+        return
+    first = len(GUARDED_LOGS)
+    yield
+    logs = GUARDED_LOGS[first:]
+    del GUARDED_LOGS[first:]
+    found = []
+    for path in dict.fromkeys(logs):
+        try:
+            text = Path(path).read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        found += [f"{path}: {ln}" for ln in text.splitlines() if "SELF-REQUEST" in ln]
+    if found:
+        pytest.fail("a daemon made a FUSE request to its own mount from one of its threads "
+                    "(it can hang there; see tests/fuse_self_guard.py):\n"
+                    + "\n".join(found[:10]), pytrace=False)

@@ -13,6 +13,11 @@ from typing import Any
 
 from fuse_mount import loopdev
 
+# daemon logs written under tests/fuse_self_guard.py (test_provider_e2e.start_daemon):
+# conftest's no_self_requests fails a test whose daemon logged a FUSE request from one
+# of its own threads (DESIGN.md's first concurrency rule: such a request can hang it)
+GUARDED_LOGS: list[str] = []
+
 
 def run_cmd(*cmd: str, check: bool = True, timeout: float = 120
             ) -> subprocess.CompletedProcess[str]:

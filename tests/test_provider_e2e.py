@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import mkfs_ext4, wait_until_up
+from support import GUARDED_LOGS, mkfs_ext4, wait_until_up
 from support import run_cmd as _run
 from support import stop_daemon as _stop
 
@@ -51,9 +51,12 @@ class Daemon:
 
 def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],
                  config: dict[str, Any] | None = None,
-                 self_guard: float | None = None) -> Daemon:
+                 self_guard: float | None = 0.0) -> Daemon:
     """self_guard: not None = the daemon logs every FUSE request made by one of its own
-    threads, and stalls it that many seconds (tests/fuse_self_guard.py)."""
+    threads, and stalls it that many seconds (tests/fuse_self_guard.py). By default
+    (0.0) any such request fails the test that started the daemon (conftest's
+    no_self_requests); a test that provokes one on purpose passes a stall > 0, None
+    turns the guard off."""
     pool = str(base / "pool")
     mount = str(base / "mnt")
     os.makedirs(mount, exist_ok=True)
@@ -75,6 +78,8 @@ def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],
         boot = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
                 f"import fuse_self_guard; del sys.path[0]; {boot}")
         env["SHADOWPLEX_TEST_SELF_STALL"] = str(self_guard)
+        if not self_guard:
+            GUARDED_LOGS.append(log)
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-c", boot, "--pool", pool, "--mount", mount,
