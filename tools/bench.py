@@ -585,9 +585,9 @@ class WriteProbe:
             while not self.stop_ev.is_set():
                 t = clock()
                 os.pwrite(fd, buf, 0)
-                e = clock()
-                add((t, e))
-                pause = t + self.interval - e
+                end = clock()
+                add((t, end))
+                pause = t + self.interval - end
                 if pause > 0:
                     time.sleep(pause)
         except BaseException as e:   # re-raised by the main thread

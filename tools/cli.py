@@ -247,7 +247,8 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
     poll = args.poll_us if args.poll_us is not None else opts.get("poll_us")
     if poll is not None:
         config["poll_us"] = poll   # popped again by cmd_serve: not a service key
-    return pool, mount, sock, allow_other, config
+    assert pool and mount   # (checked above)
+    return str(pool), str(mount), str(sock), allow_other, config
 
 
 def _poll_us(text: str) -> float:
@@ -334,6 +335,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                          "--all")
     with _client(args) as c:
         if args.scmd == "create":
+            assert ctx is not None
             res = _call(args, c, lambda p: c.snapshot_create(
                 args.volumes, context=ctx.cli_name, attributes=_attributes(args) or None,
                 progress=p))
@@ -448,9 +450,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         res = c.import_set(text)
         snaps = [snapshot_view(x) for x in res.get("snapshots", [])]
         res = {**res, "snapshots": snaps}
-        _emit(args, res, lambda r: (print(f"snapshot set {r['set_id']} (from {r['origin']}) "
-                                          f"imported on {r['host']}"),
-                                    _snap_table(snaps)))
+        def table(r: dict[str, Any]) -> None:
+            print(f"snapshot set {r['set_id']} (from {r['origin']}) imported on {r['host']}")
+            _snap_table(snaps)
+        _emit(args, res, table)
         if snaps and snaps[0].get("context") in ("backup", "file-share-backup") \
                 and not args.json:
             print(f"note: an auto-release ({snaps[0].get('context')}) set is deleted when "
@@ -523,7 +526,7 @@ def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _common_options(common, top=False)
     p = _Parser(prog=PROG, description="Linux user-space shadow-copy provider (VSS-like).")
     _common_options(p, top=True)
@@ -533,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
             parent: Any = sub) -> argparse.ArgumentParser:
-        sp = parent.add_parser(name, help=help, description=help, parents=[common])
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help,
+                                                        parents=[common])
         sp.set_defaults(func=func)
         return sp
 

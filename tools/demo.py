@@ -50,7 +50,8 @@ def _run(*cmd: str) -> str:
     return res.stdout.strip()
 
 
-def _wait(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def _wait(pred: Callable[[], object], timeout: float, what: str,
+          proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if proc is not None and proc.poll() is not None:

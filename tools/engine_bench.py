@@ -205,6 +205,7 @@ def plex_sync(base: str, data: int, runs: int) -> dict:
             pool.write("v", off * 64, block)
         pool.flush("v")
         img = pool.image_path("v")
+        assert img is not None
         t = time.perf_counter()
         subprocess.run(["cp", "--sparse=always", img, os.path.join(base, "cp.img")], check=True)
         fd = os.open(os.path.join(base, "cp.img"), os.O_RDONLY)

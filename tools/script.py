@@ -393,6 +393,7 @@ class _Checker:
         self.pending: list[Stmt] = []            # add volume lines of the set being composed
         self.begun: int | None = None
         self.created_in_backup = False
+        self.loaded: int | None = None           # line of 'load metadata', until import
 
     def run(self) -> None:
         for s in self.stmts:
@@ -530,7 +531,7 @@ class _Checker:
         self.loaded = s.line
 
     def _import(self, s: Stmt) -> None:
-        if getattr(self, "loaded", None) is None:
+        if self.loaded is None:
             raise ScriptError(s.line, "import: no Backup Components Document loaded; put "
                               "'load metadata FILE' before it")
         if self.pending:
