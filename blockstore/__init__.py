@@ -6,8 +6,7 @@ See docs/blockstore-api.md for the API and docs/format.md for the on-disk format
 from . import errors
 from .fileio import Faults
 from .format import DEFAULT_CHUNK, FORMAT_VERSION
-from .names import parse_size
-from .pool import (
+from .model import (
     COMMITTED,
     DIFFERENTIAL,
     FULL,
@@ -15,10 +14,11 @@ from .pool import (
     MAX_SNAPSHOTS_PER_VOLUME,
     PLEX,
     PREPARING,
-    Pool,
     SnapshotInfo,
     VolumeInfo,
 )
+from .names import parse_size
+from .pool import Pool
 
 __all__ = [
     "COMMITTED", "DEFAULT_CHUNK", "DIFFERENTIAL", "FORMAT_VERSION", "FULL", "INVALID",

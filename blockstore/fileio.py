@@ -200,12 +200,10 @@ class DataFile:
             try:
                 self.faults.io(self.role, "sync")
                 os.fdatasync(self.fd)
-            except OSError as e:
+            except BaseException as e:
                 self._dirty = True
-                self.failed = e
-                raise
-            except BaseException:
-                self._dirty = True
+                if isinstance(e, OSError):   # (not a SimulatedCrash: nothing happened)
+                    self.failed = e
                 raise
             if self._log is not None:
                 self._log.synced(mark)

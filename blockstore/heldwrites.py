@@ -130,6 +130,13 @@ class HeldWrites(PoolCore):
             if cut_here and not left:
                 return
 
+    def _drain_origin(self, snap_id: str) -> None:
+        """(WITHOUT the lock.) _drain of a snapshot's origin: what an operation on the
+        snapshot would otherwise sync under the lock (its _writeback) is synced first."""
+        with self._lock:
+            v = self._snap(snap_id).origin
+        self._drain(v)
+
     def _harden(self, v: _Volume, keep_going: bool = False) -> None:
         """Every preservation of v durable, or the snapshots that needed a lost one
         invalid (what a delete and its GC need; the first half of _writeback). The batch

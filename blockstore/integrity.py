@@ -275,13 +275,7 @@ def scrub(pool: Pool, progress: Progress = None) -> list[str]:
             s.snap_id for s in pool._snaps.values() if s.state == COMMITTED]
         total = sum(pool._lun(k).size for k in keys)
     problems = check(pool, (lambda _d, _t: progress(0, total)) if progress else None)
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
+    tick = _ticker(progress, total)   # (bytes: every READ_PIECE step reports)
     for key in keys:
         problems += _read_lun(pool, key, tick)
         with contextlib.suppress(Busy, NotFound, SnapshotInvalid, Unsupported):

@@ -64,9 +64,7 @@ class LongOps(Snapshots):
         stops the promote with nothing changed (the partial files are removed). Once
         the commit has begun it no longer calls progress: the promote completes (and
         says so first through progress.point_of_no_return(), if the callback has it)."""
-        with self._lock:
-            origin = self._snap(snap_id).origin
-        self._drain(origin)   # held writes synced outside the lock, before the chunk list
+        self._drain_origin(snap_id)   # before the chunk list, held writes out
         with self._lock:
             s = self._snap(snap_id)
             self._readable(s)

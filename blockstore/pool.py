@@ -17,6 +17,7 @@ import logging
 import os
 
 from . import format as fmt
+from . import integrity
 from .catalog import Catalog
 from .errors import (
     Exists,
@@ -27,28 +28,18 @@ from .errors import (
 from .fileio import DataFile, Faults
 from .longops import LongOps
 from .model import (
-    COMMITTED,
-    DIFFERENTIAL,
     FULL,
     INVALID,
-    MAX_SNAPSHOTS_PER_VOLUME,
     PLEX,
     PREPARING,
-    RESERVE_MAX,
     Kind,
     Progress,
-    SnapshotInfo,
     State,
-    VolumeInfo,
     _Snapshot,
     _Volume,
 )
 
 log = logging.getLogger(__name__)
-
-__all__ = ["COMMITTED", "DIFFERENTIAL", "FULL", "INVALID", "MAX_SNAPSHOTS_PER_VOLUME",
-           "PLEX", "PREPARING", "RESERVE_MAX", "Kind", "Pool", "SnapshotInfo", "State",
-           "VolumeInfo"]
 
 
 class Pool(LongOps):
@@ -256,15 +247,12 @@ class Pool(LongOps):
 
     def seal(self, snap_id: str, progress: Progress = None) -> None:
         """Record an xxh3 per chunk of a full copy (plex or promoted): luns/<id>.sum."""
-        from . import integrity
         integrity.seal(self, snap_id, progress)
 
     def check(self, progress: Progress = None) -> list[str]:
         """Verify catalog, headers, images, maps and every checksum. [] means clean."""
-        from . import integrity
         return integrity.check(self, progress)
 
     def scrub(self, progress: Progress = None) -> list[str]:
         """check() plus a read of every byte of every LUN; seals unsealed full copies."""
-        from . import integrity
         return integrity.scrub(self, progress)

@@ -95,9 +95,7 @@ class Snapshots(Volumes):
     def plex_sync_step(self, snap_id: str, max_bytes: int = 8 << 20) -> tuple[int, int]:
         """Copy up to max_bytes more of the origin's allocated extents into the plex.
         Returns (done, total); done == total when the plex is in sync."""
-        with self._lock:
-            origin = self._snap(snap_id).origin
-        self._drain(origin)   # the step's writeback (below) then has little to sync
+        self._drain_origin(snap_id)   # the step's writeback (below) then has little to sync
         with self._lock:
             s = self._snap(snap_id)
             if s.kind != PLEX or s.state == COMMITTED:
@@ -227,16 +225,14 @@ class Snapshots(Volumes):
         self._delete_snapshot(s)
 
     def delete_snapshot(self, snap_id: str) -> None:
-        with self._lock:
-            v = self._snap(snap_id).origin
         with contextlib.suppress(OSError):   # the bulk of _harden's syncs, without the
-            self._drain(v)                    # lock; errors are met again below
+            self._drain_origin(snap_id)       # lock; errors are met again below
         with self._lock:
             s = self._snap(snap_id)
             self._not_reverting_to(s)
             self._delete_snapshot(s, reclaim=False)
         if s.kind == DIFFERENTIAL:
-            self._reclaim(v)
+            self._reclaim(s.origin)
 
     def _not_reverting_to(self, s: _Snapshot) -> None:
         if self._reverting.get(s.origin.id) is s:

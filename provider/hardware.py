@@ -41,7 +41,7 @@ from typing import Any
 
 from blockstore import Pool, SnapshotInfo
 from blockstore import errors as bse
-from blockstore.pool import MAX_SNAPSHOTS_PER_VOLUME, RESERVE_MAX
+from blockstore.model import MAX_SNAPSHOTS_PER_VOLUME, RESERVE_MAX
 
 from . import vss
 from .vss import Attr, VssError

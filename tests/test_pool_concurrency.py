@@ -344,7 +344,8 @@ def cut_pool(tmp_path):
         return q
     yield p, hooks, power_cut_and_reopen
     for q in opened:
-        q.close() if not q._closed else None
+        if not q._closed:
+            q.close()
 
 
 def _stall_fdatasync(monkeypatch, thread: str, fd: int | None = None):
@@ -361,6 +362,18 @@ def _stall_fdatasync(monkeypatch, thread: str, fd: int | None = None):
     return inside, go
 
 
+def _ended_while_held(t: threading.Thread, release: threading.Event,
+                      *others: threading.Thread) -> bool:
+    """Whether thread t ended within 0.5 s while what it must wait for is held; then
+    release that and join every thread."""
+    t.join(0.5)
+    early = not t.is_alive()
+    release.set()
+    for x in (t, *others):
+        x.join(10)
+    return early
+
+
 def test_a_second_flush_waits_for_the_sync_in_flight(cut_pool, monkeypatch):
     """Two flushes of one volume: the second returned while the first was still inside
     fdatasync (it took the cleared dirty flag for durability); a power cut then lost a
@@ -372,12 +385,8 @@ def test_a_second_flush_waits_for_the_sync_in_flight(cut_pool, monkeypatch):
     t1 = start_thread(lambda: p.flush("v"), errors, "F1")
     assert inside.wait(10)
     t2 = start_thread(lambda: p.flush("v"), errors, "F2")
-    t2.join(0.5)
-    early = not t2.is_alive()
-    go.set()
-    t1.join(10)
-    t2.join(10)
-    assert not early, "the second flush returned while the first one's fdatasync ran"
+    assert not _ended_while_held(t2, go, t1), \
+        "the second flush returned while the first one's fdatasync ran"
     assert errors == []
     assert power_cut().read("v", 0, CS) == b"2" * CS
 
@@ -393,12 +402,8 @@ def test_a_plex_commit_waits_for_a_flush_syncing_it(cut_pool, monkeypatch):
     tf = start_thread(lambda: p.flush("v"), errors, "F")
     assert inside.wait(10)
     tc = start_thread(lambda: p.commit_snapshots([s]), errors, "C")
-    tc.join(0.5)
-    early = not tc.is_alive()
-    go.set()
-    tf.join(10)
-    tc.join(10)
-    assert not early, "the commit did not wait for the plex's sync in flight"
+    assert not _ended_while_held(tc, go, tf), \
+        "the commit did not wait for the plex's sync in flight"
     assert errors == [] and p.snapshot(s).state == "committed"
     assert power_cut().read(s, 0, CS) == b"2" * CS
 
@@ -426,12 +431,8 @@ def test_a_delete_reclaiming_does_not_let_a_flush_skip_the_map_sync(cut_pool, mo
     go_g.set()
     assert inside.wait(10)                             # the reclaim is inside fdatasync
     go_w.set()
-    tw.join(0.5)
-    early = not tw.is_alive()
-    go_sync.set()
-    tg.join(10)
-    tw.join(10)
-    assert not early, "the flush did not wait for the map's sync in flight"
+    assert not _ended_while_held(tw, go_sync, tg), \
+        "the flush did not wait for the map's sync in flight"
     assert errors == []
     q = power_cut()
     assert q.read(s2.id, CS, CS) == b"1" * CS
