@@ -33,6 +33,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CMD_TIMEOUT = 60.0  # seconds for any single util-linux command
+# the kernel's mark on a path (a loop backing file, an fd link, a mapping) whose name has
+# gone or now leads to another file
+DELETED = " (deleted)"
 
 # Mount options a frozen, read-only image needs. ext4/ext3: `noload` skips journal replay
 # (a snapshot of a live fs has a dirty journal and cannot be written). xfs: `norecovery`
@@ -168,7 +171,7 @@ def loops_backed_by(path: str | os.PathLike[str], lexical: bool = False) -> list
     found = []
     for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
-            back = Path(bf).read_text().rstrip("\n").removesuffix(" (deleted)")
+            back = Path(bf).read_text().rstrip("\n").removesuffix(DELETED)
         except OSError:
             continue
         if back == target or back == os.path.abspath(os.fspath(path)):
@@ -182,7 +185,7 @@ def loops_under(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
     found = []
     for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
-            back = Path(bf).read_text().rstrip("\n").removesuffix(" (deleted)")
+            back = Path(bf).read_text().rstrip("\n").removesuffix(DELETED)
         except OSError:
             continue
         if back.startswith(root):
@@ -205,14 +208,11 @@ def _loop_users(dev: str, mounts: list[tuple[str, str, str]],
     return out
 
 
-DELETED = " (deleted)"   # the kernel's mark on the path of a file whose name has gone
-
-
 def _keys(key: str | Sequence[str] | None) -> list[str]:
     return [] if key is None else [key] if isinstance(key, str) else list(key)
 
 
-def _maps(pid: int) -> list[str]:
+def mapped_files(pid: int | str) -> list[str]:
     """The files a process maps (/proc/PID/maps, as text), each once."""
     out: list[str] = []
     try:
@@ -224,6 +224,15 @@ def _maps(pid: int) -> list[str]:
     except OSError:
         pass
     return out
+
+
+def process_name(pid: int | str) -> str:
+    """A process's command name (/proc/PID/comm); "?" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def users_by_path(classify: Callable[[str], str | Sequence[str] | None],
@@ -293,7 +302,7 @@ def users_by_path(classify: Callable[[str], str | Sequence[str] | None],
                 links.append((os.readlink(f"/proc/{pid}/fd/{fd}"), ""))
             except OSError:
                 continue
-        links += [(m, "mapped ") for m in _maps(pid)]
+        links += [(m, "mapped ") for m in mapped_files(pid)]
         seen: set[str] = set()
         comm: str | None = None
         for raw, how in links:
@@ -302,10 +311,7 @@ def users_by_path(classify: Callable[[str], str | Sequence[str] | None],
                 continue
             seen.add(raw)
             if comm is None:
-                try:
-                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                except OSError:
-                    comm = "?"
+                comm = process_name(pid)
             found += [(key, f"pid {pid} ({comm}, {how}{shown(raw)})") for key in keys]
     return found
 
@@ -501,7 +507,7 @@ def unexpose_mount(record: ExposeRecord, backing_suffix: str | None = None) -> N
                     record.mountpoint, sources[-1], record.dev)
     back = backing_file(record.dev)
     if back is not None and (backing_suffix is None
-                             or back.removesuffix(" (deleted)").endswith(backing_suffix)):
+                             or back.removesuffix(DELETED).endswith(backing_suffix)):
         detach(record.dev)
     elif back is not None:
         log.warning("%s is attached to %s now, not to a ...%s: left alone", record.dev,

@@ -450,7 +450,7 @@ class Coordinator:
             if back is None:
                 raise _vss("VSS_E_OBJECT_NOT_FOUND", f"{spec!r} is not an attached loop "
                            "device")
-            path = back.removesuffix(" (deleted)")
+            path = back.removesuffix(loopdev.DELETED)
         if self.mountpoint and path.endswith(".img"):
             # MOUNT/volumes/<name>.img or MOUNT/hosts/<host>/volumes/<name>.img
             rel = path[len(self.mountpoint):].split("/") if path.startswith(

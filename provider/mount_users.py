@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .writers.mounts import list_loop_devices, parse_mountinfo, stacked_devices
+from fuse_mount.loopdev import DELETED, mapped_files, process_name
 
-DELETED = " (deleted)"
+from .writers.mounts import list_loop_devices, parse_mountinfo, stacked_devices
 
 
 def _under(path: str, root: str) -> bool:
@@ -90,23 +90,7 @@ def _links(pid: str) -> list[str]:
             out.append(os.readlink(n))
         except OSError:
             continue
-    try:
-        with open(f"{base}/maps", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                parts = line.rstrip("\n").split(None, 5)
-                if len(parts) == 6 and parts[5].startswith("/"):
-                    out.append(parts[5])
-    except OSError:
-        pass
-    return out
-
-
-def _comm(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
+    return out + mapped_files(pid)
 
 
 def _processes(root: str, limit: int) -> list[str]:
@@ -122,7 +106,7 @@ def _processes(root: str, limit: int) -> list[str]:
                 out.append("...")
                 break
             more = f" +{len(hits) - 3}" if len(hits) > 3 else ""
-            out.append(f"pid {pid} ({_comm(pid)}): {' '.join(hits[:3])}{more}")
+            out.append(f"pid {pid} ({process_name(pid)}): {' '.join(hits[:3])}{more}")
     return out
 
 

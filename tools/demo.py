@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 
 import xxhash
 
+from fuse_mount.loopdev import DELETED
+
 from . import interrupts
 
 VOLUME_SIZE = "256M"
@@ -364,7 +366,7 @@ def _detach_loops(image: str) -> None:
     out = _run("losetup", "--list", "--noheadings", "--raw", "--output", "NAME,BACK-FILE")
     for line in out.splitlines():
         dev, _, back = line.partition(" ")
-        if back.removesuffix(" (deleted)") == image:
+        if back.removesuffix(DELETED) == image:
             _run("losetup", "-d", dev)
 
 

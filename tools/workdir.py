@@ -24,6 +24,8 @@ import signal
 import subprocess
 import time
 
+from fuse_mount.loopdev import DELETED
+
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
@@ -53,7 +55,7 @@ def loops_under(root: str) -> list[str]:
                 continue
             with contextlib.suppress(OSError), \
                     open(f"/sys/block/{name}/loop/backing_file") as f:
-                if _under(f.read().rstrip("\n").removesuffix(" (deleted)"), root):
+                if _under(f.read().rstrip("\n").removesuffix(DELETED), root):
                     out.append(f"/dev/{name}")
     return out
 

@@ -48,6 +48,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fuse_mount.loopdev import DELETED
+
 from .base import Component, FileSpec, UsageType, Writer, WriterError, WriterMetadata
 from .mounts import (
     MountEntry,
@@ -175,7 +177,7 @@ def nesting_order(targets: Sequence[VolumeMount],
     mounts = parse_mountinfo() if mounts is None else mounts
 
     def host(t: VolumeMount) -> VolumeMount | None:
-        path = os.path.normpath(t.loop.backing_file.removesuffix(" (deleted)"))
+        path = os.path.normpath(t.loop.backing_file.removesuffix(DELETED))
         m = mount_holding(path, mounts)
         return None if m is None else by_dev.get(m.dev)
 

@@ -31,6 +31,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from fuse_mount.loopdev import DELETED
+
 log = logging.getLogger(__name__)
 
 SYS_BLOCK = "/sys/block"
@@ -218,7 +220,7 @@ def find_volume_mounts(volumes: Iterable[str] | None = None, *,
             # resolved already: compared as is, never stat'ed.
             back = os.path.normpath(lp.backing_file)
             volume = (wanted.get(back) or wanted.get(
-                os.path.normpath(lp.backing_file.removesuffix(" (deleted)"))))
+                os.path.normpath(lp.backing_file.removesuffix(DELETED))))
             if volume is None:
                 continue
         else:
