@@ -9,6 +9,7 @@ revert rolls forward once started, scrub/check change nothing. The kernel-level 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -204,14 +205,22 @@ class Gate:
         setattr(pool, method, wrapped)
 
 
-def _served(tmp_path: Path, sockdir: str) -> tuple[Env, ServerThread, str, bytes, bytes]:
+@contextlib.contextmanager
+def _served(tmp_path: Path, sockdir: str
+            ) -> Iterator[tuple[Env, ServerThread, str, bytes, bytes]]:
+    """A control server over _pool's pool: (env, server, snapshot id, old, new content);
+    stopped and closed at the end."""
     (tmp_path / "env").mkdir()
     env = Env(tmp_path / "env", volumes=())   # its coordinator, over our pool
     env.pool.close()
     env.pool, sid, old, new = _pool(tmp_path)
     env.path = env.pool.path
     srv = ServerThread(env, os.path.join(sockdir, "ctl.sock")).start()
-    return env, srv, sid, old, new
+    try:
+        yield env, srv, sid, old, new
+    finally:
+        srv.stop()
+        env.close()
 
 
 def _hello(srv: ServerThread) -> Raw:
@@ -234,8 +243,7 @@ def _reply(r: Raw, rid: Any) -> dict[str, Any]:
 
 def test_cancel_request_stops_a_promote_with_nothing_changed(tmp_path: Path,
                                                              sockdir: str) -> None:
-    env, srv, sid, old, _ = _served(tmp_path, sockdir)
-    try:
+    with _served(tmp_path, sockdir) as (env, srv, sid, old, _):
         gate = Gate(env.pool, "promote")
         r = _hello(srv)
         _send(r, 2, "promote", {"snapshot_id": sid})
@@ -257,17 +265,13 @@ def test_cancel_request_stops_a_promote_with_nothing_changed(tmp_path: Path,
         # the connection goes on
         assert r.req(4, "snapshot.show", {"snapshot_id": sid})["ok"]
         r.close()
-    finally:
-        srv.stop()
-        env.close()
     pool = Pool.open(env.path)
     assert pool.check() == [] and pool.read(sid, 0, CHUNKS * CS) == old
     pool.close()
 
 
 def test_cancel_request_stops_a_scrub(tmp_path: Path, sockdir: str) -> None:
-    env, srv, _, _, _ = _served(tmp_path, sockdir)
-    try:
+    with _served(tmp_path, sockdir) as (env, srv, _, _, _):
         gate = Gate(env.pool, "scrub")
         r = _hello(srv)
         _send(r, 2, "scrub", {})
@@ -281,15 +285,11 @@ def test_cancel_request_stops_a_scrub(tmp_path: Path, sockdir: str) -> None:
         assert gate.calls == 1
         assert srv.call(lambda: srv.coord.status()["operations"]) == []  # type: ignore
         r.close()
-    finally:
-        srv.stop()
-        env.close()
 
 
 def test_cancel_of_a_started_revert_says_it_rolls_forward(tmp_path: Path,
                                                           sockdir: str) -> None:
-    env, srv, sid, old, _ = _served(tmp_path, sockdir)
-    try:
+    with _served(tmp_path, sockdir) as (env, srv, sid, old, _):
         gate = Gate(env.pool, "revert")
         r = _hello(srv)
         _send(r, 2, "revert", {"snapshot_id": sid})
@@ -303,15 +303,11 @@ def test_cancel_of_a_started_revert_says_it_rolls_forward(tmp_path: Path,
         assert rep["ok"], rep   # the truth: it completed
         assert env.pool.read("v", 0, CHUNKS * CS) == old
         r.close()
-    finally:
-        srv.stop()
-        env.close()
 
 
 def test_cancel_before_a_revert_starts_changes_nothing(tmp_path: Path, sockdir: str) -> None:
     """Cancelled while it waits for the volume's writes to be held: nothing changed."""
-    env, srv, sid, _, new = _served(tmp_path, sockdir)
-    try:
+    with _served(tmp_path, sockdir) as (env, srv, sid, _, new):
         coord = srv.coord
         assert coord is not None
         entered, go = threading.Event(), trio.Event()
@@ -334,14 +330,10 @@ def test_cancel_before_a_revert_starts_changes_nothing(tmp_path: Path, sockdir: 
         assert env.pool.read("v", 0, CHUNKS * CS) == new
         assert srv.call(lambda: (coord.barrier.holds, coord._marks)) == ([], {})
         r.close()
-    finally:
-        srv.stop()
-        env.close()
 
 
 def test_cancel_of_a_queued_request_and_of_one_answered(tmp_path: Path, sockdir: str) -> None:
-    env, srv, sid, _, _ = _served(tmp_path, sockdir)
-    try:
+    with _served(tmp_path, sockdir) as (env, srv, sid, _, _):
         gate = Gate(env.pool, "promote")
         r = _hello(srv)
         _send(r, 2, "promote", {"snapshot_id": sid})
@@ -360,15 +352,11 @@ def test_cancel_of_a_queued_request_and_of_one_answered(tmp_path: Path, sockdir:
         assert "before it started" in rep["error"]["message"]
         assert [v.name for v in env.pool.list_volumes()] == ["v"]
         r.close()
-    finally:
-        srv.stop()
-        env.close()
 
 
 def test_disconnect_stops_a_promote_and_the_server_goes_on(tmp_path: Path,
                                                            sockdir: str) -> None:
-    env, srv, sid, _, _ = _served(tmp_path, sockdir)
-    try:
+    with _served(tmp_path, sockdir) as (env, srv, sid, _, _):
         gate = Gate(env.pool, "promote")
         r = _hello(srv)
         _send(r, 2, "promote", {"snapshot_id": sid})
@@ -385,9 +373,6 @@ def test_disconnect_stops_a_promote_and_the_server_goes_on(tmp_path: Path,
         assert _reply(r, 2)["ok"]
         assert env.pool.snapshot(sid).kind == "full"
         r.close()
-    finally:
-        srv.stop()
-        env.close()
 
 
 def test_cancel_of_a_set_being_created_aborts_it_and_says_so(tmp_path: Path,
@@ -395,8 +380,7 @@ def test_cancel_of_a_set_being_created_aborts_it_and_says_so(tmp_path: Path,
     from provider.coordinator import SnapshotSet
     from provider.vss import SnapshotState
 
-    env, srv, _, _, _ = _served(tmp_path, sockdir)
-    try:
+    with _served(tmp_path, sockdir) as (env, srv, _, _, _):
         entered = threading.Event()
 
         async def hook(s: SnapshotSet, st: SnapshotState) -> None:
@@ -418,9 +402,6 @@ def test_cancel_of_a_set_being_created_aborts_it_and_says_so(tmp_path: Path,
         assert [s.id for s in env.pool.list_snapshots()] == before
         assert srv.call(lambda: coord._creating) is None
         r.close()
-    finally:
-        srv.stop()
-        env.close()
 
 
 @pytest.mark.parametrize("how", ["cancel", "disconnect"])
@@ -429,8 +410,7 @@ def test_a_short_request_is_not_cancelled_and_completes(tmp_path: Path, sockdir:
     """Not cancellable (volume.create, snapshot.delete, expose...): a cancel request
     says so and the reply follows; a requester that disconnects does not stop it
     half-way either (before: a delete of several snapshots stopped between two)."""
-    env, srv, _, _, _ = _served(tmp_path, sockdir)
-    try:
+    with _served(tmp_path, sockdir) as (env, srv, _, _, _):
         coord = srv.coord
         assert coord is not None
         entered, go = threading.Event(), trio.Event()
@@ -456,6 +436,3 @@ def test_a_short_request_is_not_cancelled_and_completes(tmp_path: Path, sockdir:
             wait_until(lambda: srv.call(lambda: not coord._sessions))
         assert "w" in [v.name for v in env.pool.list_volumes()]
         r.close()
-    finally:
-        srv.stop()
-        env.close()
