@@ -14,6 +14,7 @@ from .model import (
     MAX_SNAPSHOTS_PER_VOLUME,
     PLEX,
     PREPARING,
+    Capabilities,
     SnapshotInfo,
     VolumeInfo,
 )
@@ -21,7 +22,7 @@ from .names import parse_size
 from .pool import Pool
 
 __all__ = [
-    "COMMITTED", "DEFAULT_CHUNK", "DIFFERENTIAL", "FORMAT_VERSION", "FULL", "INVALID",
-    "MAX_SNAPSHOTS_PER_VOLUME", "PLEX", "PREPARING", "Faults", "Pool", "SnapshotInfo",
+    "COMMITTED", "Capabilities", "DEFAULT_CHUNK", "DIFFERENTIAL", "FORMAT_VERSION", "FULL",
+    "INVALID", "MAX_SNAPSHOTS_PER_VOLUME", "PLEX", "PREPARING", "Faults", "Pool", "SnapshotInfo",
     "VolumeInfo", "errors", "parse_size",
 ]

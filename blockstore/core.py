@@ -237,6 +237,10 @@ class PoolCore:
         st = os.statvfs(self.path)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
+    def available_bytes(self) -> int:
+        """Free space snapshots may take (what a full copy may use): ``_room()``, >= 0."""
+        return max(0, self._room())
+
     def _room(self) -> int:
         """Free space the diff areas and plexes may take: free minus the reserve
         (min(RESERVE_MAX, 10 % of the file system)); one statvfs."""

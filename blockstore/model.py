@@ -48,6 +48,21 @@ DIFFERENTIAL, PLEX, FULL = Kind.DIFFERENTIAL, Kind.PLEX, Kind.FULL
 PREPARING, COMMITTED, INVALID = State.PREPARING, State.COMMITTED, State.INVALID
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an array can do, for the provider to decide what to offer (AreLunsSupported,
+    the automagic kind) instead of trying and failing. A record of the Array interface
+    (provider/array.py), like VolumeInfo and SnapshotInfo."""
+
+    plex: bool                      # full-copy snapshots synced while preparing
+    promote: bool                   # a differential snapshot made a full copy in place
+    split: bool                     # a snapshot turned into a new, independent volume
+    revert: bool                    # a volume made equal to one of its snapshots
+    discard: bool                   # ranges of a volume punched back to zeros
+    reflink: bool                   # chunks preserved by reference (issue 14)
+    changed_blocks: bool            # changed-block maps between snapshots (issue 17)
+    max_snapshots_per_volume: int
+
 
 @dataclass(frozen=True)
 class VolumeInfo:

@@ -30,8 +30,10 @@ from .longops import LongOps
 from .model import (
     FULL,
     INVALID,
+    MAX_SNAPSHOTS_PER_VOLUME,
     PLEX,
     PREPARING,
+    Capabilities,
     Kind,
     Progress,
     State,
@@ -43,7 +45,14 @@ log = logging.getLogger(__name__)
 
 
 class Pool(LongOps):
-    """An open pool. Create with Pool.create(), open with Pool.open(); close() at the end."""
+    """An open pool. Create with Pool.create(), open with Pool.open(); close() at the end.
+
+    The first implementation of the provider's Array interface (provider/array.py)."""
+
+    capabilities = Capabilities(
+        plex=True, promote=True, split=True, revert=True, discard=True,
+        reflink=False, changed_blocks=False,
+        max_snapshots_per_volume=MAX_SNAPSHOTS_PER_VOLUME)
 
     @classmethod
     def create(cls, path: str, chunk_size: int = fmt.DEFAULT_CHUNK,

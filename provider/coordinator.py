@@ -50,11 +50,12 @@ from typing import Any, TypeVar
 
 import trio
 
-from blockstore import Pool, SnapshotInfo, VolumeInfo
+from blockstore import SnapshotInfo, VolumeInfo
 from blockstore import errors as bse
 from fuse_mount import loopdev
 
 from . import documents, vss
+from .array import Array
 from .catalog import ExportRecord, MountRecord, ProviderCatalog, SetRecord
 from .hardware import DIFFERENTIAL, PLEX, HardwareProvider
 from .jobs import CancelToken, Job, Jobs
@@ -200,7 +201,7 @@ async def _in_thread(fn: Callable[..., T], *args: Any, abandon: bool = False) ->
 class Coordinator:
     """The VSS service over one pool. Create, then ``await start()`` on the trio loop."""
 
-    def __init__(self, pool: Pool, barrier: Any, mountpoint: str | None = None,
+    def __init__(self, pool: Array, barrier: Any, mountpoint: str | None = None,
                  writers: Iterable[Any] = (), config: dict[str, Any] | None = None) -> None:
         self.pool = pool
         self.barrier = barrier

@@ -1,4 +1,5 @@
-"""The hardware provider: VSS's IVssHardwareSnapshotProvider(Ex) over the block store.
+"""The hardware provider: VSS's IVssHardwareSnapshotProvider(Ex) over an Array
+(provider/array.py; the embedded blockstore.Pool by default).
 
 One method per VSS method, with VSS's names, so the coordinator reads like the VSS
 documentation. LUNs are pool volumes (by name); a snapshot's LUN is its own LUN in the
@@ -39,11 +40,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockstore import Pool, SnapshotInfo
+from blockstore import SnapshotInfo
 from blockstore import errors as bse
-from blockstore.model import MAX_SNAPSHOTS_PER_VOLUME, RESERVE_MAX
 
 from . import vss
+from .array import Array
 from .vss import Attr, VssError
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class _HwSet:
 class HardwareProvider:
     """The array's provider interface. ``mountpoint`` only serves to name device paths."""
 
-    def __init__(self, pool: Pool, mountpoint: str | None = None,
+    def __init__(self, pool: Array, mountpoint: str | None = None,
                  default_kind: str = DIFFERENTIAL) -> None:
         if default_kind not in (DIFFERENTIAL, PLEX):
             raise ValueError(f"default_kind must be {DIFFERENTIAL} or {PLEX}, "
@@ -128,16 +129,19 @@ class HardwareProvider:
         return os.path.join(self.mountpoint, "volumes", f"{volume}.img")
 
     def allocated_bytes(self, volume: str) -> int:
-        """Bytes allocated in a volume's image: what a full copy of it needs."""
-        path = self.pool.image_path(volume)
-        if path is None:
-            return 0
-        return os.stat(path).st_blocks * 512
+        """Bytes allocated in a volume: what a full copy of it needs."""
+        return self.pool.allocated_bytes(volume)
 
     def available_bytes(self) -> int:
-        """Free space of the pool's filesystem minus the reserve the store keeps."""
-        total, free = self.pool.statfs()
-        return max(0, free - min(RESERVE_MAX, total // 10))
+        """Free space a full copy may take (the array keeps its own reserve)."""
+        return self.pool.available_bytes()
+
+    def require(self, capability: str, what: str) -> None:
+        """VSS_E_NOT_SUPPORTED unless the array has ``capability`` (a Capabilities
+        field) for ``what`` the caller is about to do."""
+        if not getattr(self.pool.capabilities, capability):
+            raise VssError("VSS_E_NOT_SUPPORTED",
+                           f"the array at {self.pool.path} cannot {what}")
 
     def _set(self, set_id: str) -> _HwSet:
         s = self._sets.get(set_id)
@@ -154,7 +158,7 @@ class HardwareProvider:
             return PLEX
         if attributes & Attr.DIFFERENTIAL:
             return DIFFERENTIAL
-        if self.default_kind == PLEX:
+        if self.default_kind == PLEX and self.pool.capabilities.plex:
             need = sum(self.allocated_bytes(v) for v in volumes)
             if need <= self.available_bytes():
                 return PLEX
@@ -175,13 +179,18 @@ class HardwareProvider:
             return VssError("E_INVALIDARG", "no volumes given")
         if len(set(vols)) != len(vols):
             return VssError("VSS_E_OBJECT_ALREADY_EXISTS", "a volume is named twice")
+        caps = self.pool.capabilities
+        if attrs & Attr.PLEX and not caps.plex:
+            return VssError("VSS_E_VOLUME_NOT_SUPPORTED_BY_PROVIDER",
+                            f"the array at {self.pool.path} has no full-copy (plex) "
+                            "snapshots; ask for a differential one")
         known = {v.name for v in self.pool.list_volumes()}
         for v in vols:
             if v not in known:
                 return VssError("VSS_E_OBJECT_NOT_FOUND",
                                 f"{v!r} is not a volume of pool {self.pool.path}")
             n = len(self.pool.list_snapshots(v))
-            if n >= MAX_SNAPSHOTS_PER_VOLUME:
+            if n >= caps.max_snapshots_per_volume:
                 return VssError("VSS_E_MAXIMUM_NUMBER_OF_SNAPSHOTS_REACHED",
                                 f"volume {v} has {n} snapshots, the maximum; delete some "
                                 "first")
@@ -402,5 +411,6 @@ class HardwareProvider:
     def ResyncLuns(self, snapshot_id: str, volume: str | None = None,
                    progress: Progress = None) -> None:
         """Make the origin volume (or ``volume``) equal to the snapshot (revert)."""
+        self.require("revert", "revert a volume to a snapshot")
         s = self.pool.snapshot(snapshot_id)
         self.pool.revert(volume or s.volume, snapshot_id, progress)

@@ -32,8 +32,7 @@ from typing import Any
 
 import trio
 
-from blockstore import Pool
-
+from .array import Array
 from .control import ControlServer
 from .coordinator import Coordinator
 from .protocol import default_socket_path
@@ -42,7 +41,7 @@ from .writers import default_writers
 log = logging.getLogger(__name__)
 
 
-async def control_service(pool: Pool, barrier: Any, nursery: trio.Nursery,
+async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
                           socket_path: str | None = None, mountpoint: str | None = None,
                           config: dict[str, Any] | None = None,
                           task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -71,7 +70,7 @@ async def control_service(pool: Pool, barrier: Any, nursery: trio.Nursery,
             await coord.stop()
 
 
-Service = Callable[[Pool, Any, trio.Nursery], Awaitable[Any]]
+Service = Callable[[Array, Any, trio.Nursery], Awaitable[Any]]
 
 
 def make_service(socket_path: str | None, mountpoint: str | None,

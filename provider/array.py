@@ -1,0 +1,160 @@
+"""The Array interface: exactly what the provider layer needs from a storage backend.
+
+A SAN array, seen from its VSS hardware provider: LUNs (volumes) with an identity that
+travels with them, point-in-time snapshots committed a set at a time, a data path, space
+figures and self-checks. ``blockstore.Pool`` (the embedded pool: sparse image files) is
+the first implementation, structurally (no adapter: the data path stays one call deep);
+tests/fake_array.py is a second one in memory that runs the provider suite
+(tests/test_array_contract.py) to prove that nothing above this line knows the pool.
+A remote array (issue 16) and Ceph RBD (issue 18) are the next.
+
+Who uses what:
+
+    HardwareProvider (hardware.py)   volumes, snapshots, space, capabilities
+    Coordinator (coordinator.py ...) the same, plus check/scrub and exposure names
+    fuse_mount (operations.py)       only fuse_mount's own LunStore subset: the tree's
+                                     listing and the data path
+    daemon.py                        opens and closes the concrete backend (the
+                                     composition root; nothing else names Pool)
+
+The vocabulary is the engine's public model (it has no engine internals in it):
+records ``VolumeInfo``, ``SnapshotInfo``, ``Capabilities`` (blockstore.model) and the
+errors of ``blockstore.errors`` (NotFound, Exists, InvalidState, Busy, NoSpace,
+ReadOnly, Cancelled, ...), which the provider maps to VSS errors in one place
+(provider/protocol.py) and fuse_mount to errno in one place (fuse_mount/errors.py). A
+backend raises those, never its own exceptions.
+
+Threads: every method is synchronous, may block on I/O, and may be called from any
+thread at the same time (the FUSE handlers on the trio thread, flush/commit and long
+operations from worker threads): an implementation is thread-safe by itself. Long
+operations take ``progress(done, total)``; a callback that raises
+``blockstore.errors.Cancelled`` cancels the operation at its next cancellation point,
+and an optional ``progress.point_of_no_return()`` is called once it can no longer be
+undone (provider/jobs.py).
+
+Keys: a LUN is named by a key: a volume's name or a snapshot's id (a GUID). Snapshot
+ids are chosen by the caller (the coordinator gives VSS's ids).
+
+Not in the interface yet, added with their first users: the allocation map of a LUN
+(NBD BLOCK_STATUS, issue 15) and changed-block maps (issue 17; see
+``Capabilities.changed_blocks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from blockstore.model import Capabilities, SnapshotInfo, VolumeInfo
+
+Progress = Callable[[int, int], None] | None
+
+
+class Array(Protocol):
+    """A storage array as the provider sees it (see the module docstring)."""
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def path(self) -> str:
+        """Where the array is: shown in messages; a local directory the provider keeps
+        its catalog in (provider/catalog.py)."""
+
+    @property
+    def pool_id(self) -> str:
+        """A GUID naming this array; BCD documents carry it (transport)."""
+
+    @property
+    def chunk_size(self) -> int:
+        """Snapshot granularity in bytes (also the FUSE block size)."""
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    @property
+    def generation(self) -> int:
+        """Moves whenever the set of LUNs or their names/flags change (the FUSE view
+        rebuilds its tree when it sees a new value)."""
+
+    @property
+    def last_io(self) -> float:
+        """time.monotonic() of the last read or write (background work yields to I/O)."""
+
+    # ---------------------------------------------------------------- volumes
+    def list_volumes(self) -> list[VolumeInfo]: ...
+    def volume(self, name: str) -> VolumeInfo: ...
+    def create_volume(self, name: str, size: int) -> VolumeInfo: ...
+    def resize_volume(self, name: str, new_size: int) -> VolumeInfo: ...
+    def delete_volume(self, name: str) -> None: ...
+
+    # ---------------------------------------------------------------- snapshots
+    def list_snapshots(self, volume: str | None = None) -> list[SnapshotInfo]: ...
+    def snapshot(self, snap_id: str) -> SnapshotInfo: ...
+
+    def prepare_snapshot(self, volume: str, kind: str = ..., snapshot_id: str | None = None,
+                         set_id: str | None = None, attributes: int = 0) -> SnapshotInfo:
+        """A snapshot in state PREPARING, invisible to readers; kind differential or
+        plex (a plex must then be synced with plex_sync_step)."""
+
+    def plex_sync_step(self, snap_id: str, max_bytes: int = ...) -> tuple[int, int]:
+        """Copy up to max_bytes more into a preparing plex; (done, total) bytes."""
+
+    def commit_snapshots(self, snap_ids: Iterable[str]) -> None:
+        """The instant: every snapshot given is committed at once, durably, or none is."""
+
+    def abort_snapshot(self, snap_id: str) -> None:
+        """Remove a PREPARING snapshot (InvalidState if committed: delete it instead)."""
+
+    def delete_snapshot(self, snap_id: str) -> None: ...
+
+    def promote(self, snap_id: str, progress: Progress = None) -> SnapshotInfo:
+        """Make a differential snapshot a full copy with the same id and content."""
+
+    def split(self, snap_id: str, new_name: str, progress: Progress = None) -> VolumeInfo:
+        """A new read-write volume with the snapshot's content (new naa id); the
+        snapshot is gone afterwards."""
+
+    def revert(self, volume: str, snap_id: str, progress: Progress = None) -> None:
+        """Make ``volume`` equal to the snapshot (ResyncLuns)."""
+
+    def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
+        """Record (or clear) the name a snapshot is exposed under (it travels with it)."""
+
+    # ---------------------------------------------------------------- data path
+    def lun_size(self, key: str) -> int: ...
+    def read(self, key: str, offset: int, length: int) -> bytes: ...
+    def write(self, name: str, offset: int, data: bytes | memoryview) -> int: ...
+
+    def flush(self, name: str) -> None:
+        """Durable when it returns: what fsync through the mount promises."""
+
+    def discard(self, name: str, offset: int, length: int) -> None:
+        """The range reads as zeros afterwards; snapshots keep their content."""
+
+    def image_path(self, key: str) -> str | None:
+        """A local file holding the LUN's data, if there is one (loop devices attached
+        to it directly are users of the volume); None for a backend without one."""
+
+    # ---------------------------------------------------------------- space
+    def statfs(self) -> tuple[int, int]:
+        """(total, free) bytes of the array's backing store."""
+
+    def available_bytes(self) -> int:
+        """Free space snapshots may take: what a full copy may use."""
+
+    def allocated_bytes(self, key: str) -> int:
+        """Bytes a full copy of this LUN needs (0 if it has no data of its own)."""
+
+    # ---------------------------------------------------------------- integrity
+    def check(self, progress: Progress = None) -> list[str]:
+        """Consistency of metadata and maps; problems as lines (none: [])."""
+
+    def scrub(self, progress: Progress = None) -> list[str]:
+        """check, plus every preserved or copied chunk read back and verified."""
+
+
+if TYPE_CHECKING:
+    # The embedded pool is an Array (mypy checks this line).
+    from blockstore import Pool
+
+    def _pool_is_an_array(pool: Pool) -> Array:
+        return pool
