@@ -29,7 +29,6 @@ from .model import (
     PREPARING,
     SPACE_MARGIN,
     SPACE_RECHECK,
-    _mark_dirty,
     _Snapshot,
     _Volume,
 )
@@ -55,17 +54,9 @@ class DataPath(HeldWrites):
         data = v.file.pread(length, offset)
         if len(data) < length:   # origin shorter than a snapshot after a shrinking revert
             data += bytes(length - len(data))
-        if not v.pending:
+        if not v.held.chunks:
             return data   # the bytes os.pread made: no copy
-        cs, end = self.chunk_size, offset + length
-        held = [c for c in range(offset // cs, (end - 1) // cs + 1) if c in v.pending]
-        if not held:
-            return data
-        out = bytearray(data)
-        for c in held:
-            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
-            out[lo - offset:hi - offset] = v.pending[c][lo - c * cs:hi - c * cs]
-        return bytes(out)
+        return v.held.overlay(data, offset, self.chunk_size)
 
     def _read_snapshot(self, s: _Snapshot, offset: int, end: int) -> bytes:
         assert self._owned(), "pool lock not held"
@@ -116,14 +107,14 @@ class DataPath(HeldWrites):
         if v.live_epochs:
             self._copy_before_write(v, offset // self.chunk_size,
                                     (offset + n - 1) // self.chunk_size)
-        if v.pending:
+        if v.held.chunks:
             view = memoryview(data)
             for lo, hi, buf, base in self._pieces(v, offset, n):
                 if buf is None:
                     v.file.pwrite(view[lo - offset:hi - offset], lo)
                 else:
                     buf[lo - base:hi - base] = view[lo - offset:hi - offset]
-                    _mark_dirty(v, base // self.chunk_size, lo - base, hi - base)
+                    v.held.mark_dirty(base // self.chunk_size, lo - base, hi - base)
         else:
             v.file.pwrite(data, offset)
         for s in list(v.mirrors):
@@ -145,7 +136,7 @@ class DataPath(HeldWrites):
                 v.file.punch(lo, hi - lo)
             else:
                 buf[lo - base:hi - base] = bytes(hi - lo)
-                _mark_dirty(v, base // self.chunk_size, lo - base, hi - base)
+                v.held.mark_dirty(base // self.chunk_size, lo - base, hi - base)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.punch(offset, length))
         v.mtime = time.time()
@@ -161,7 +152,7 @@ class DataPath(HeldWrites):
         while pos < end:
             c = pos // cs
             cend = min((c + 1) * cs, end)
-            buf = v.pending.get(c)
+            buf = v.held.chunks.get(c)
             if buf is not None:
                 if run < pos:
                     yield run, pos, None, 0
@@ -238,10 +229,7 @@ class DataPath(HeldWrites):
                     continue
                 self._invalidate_needing(v, [(c, v.epoch) for c in need], e)
                 return
-            if not v.pending:
-                v.pending_since = time.monotonic()
-            for c, old in items:
-                v.pending[c] = old   # a fresh bytearray from _read_chunks: no copy
+            v.held.hold(items, time.monotonic())
             return
 
     def _chunks_needing_copy(self, v: _Volume, first: int, last: int) -> list[int]:
@@ -269,7 +257,7 @@ class DataPath(HeldWrites):
             bufs = [bytearray(cs) for _ in range(j - i)]
             v.file.preadv(bufs, chunks[i] * cs)   # straight into them: no bytes in between
             for c, buf in zip(chunks[i:j], bufs):
-                held = v.pending.get(c)
+                held = v.held.chunks.get(c)
                 if held is not None:   # its newest content is held, not in the file yet
                     buf[:] = held
                 out.append((c, buf))

@@ -2,7 +2,7 @@
 
 An origin write to a chunk freshly preserved for a snapshot may not reach the origin file
 before that preservation is durable (invariant 2). Instead of a sync pair per write, the
-chunk's new content is held in memory (_Volume.pending) and batches of them are made
+chunk's new content is held in memory (_Volume.held, model.Held) and batches of them are made
 durable together: cut under the pool lock (DiffArea.cut), synced WITHOUT it (by the
 writeback thread, or _drain for a flush), finished under it (_write_out). A failed sync
 invalidates the snapshots that needed what it lost before anything held reaches the
@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 class HeldWrites(PoolCore):
     def _maybe_writeback(self, v: _Volume) -> None:
         assert self._owned(), "pool lock not held"
-        if not v.pending:
+        if not v.held.chunks:
             return
-        held = len(v.pending) * self.chunk_size
-        if v.batch is not None:   # a batch is queued or syncing: wait for it only when
+        held = len(v.held.chunks) * self.chunk_size
+        if v.held.batch is not None:   # a batch is queued or syncing: wait for it only when
             if held >= 2 * WRITEBACK_BYTES:   # the memory bound is reached (back-pressure)
                 self._writeback(v)
         elif self.background_writeback:
@@ -43,26 +43,21 @@ class HeldWrites(PoolCore):
             if self._batch_due(v, time.monotonic(), WRITEBACK_AGE):
                 self._queued.append(self._cut(v))
                 self._wake.set()
-        elif held >= WRITEBACK_BYTES or time.monotonic() - v.pending_since >= WRITEBACK_AGE:
+        elif held >= WRITEBACK_BYTES or time.monotonic() - v.held.since >= WRITEBACK_AGE:
             self._writeback(v)
 
     def _batch_due(self, v: _Volume, now: float, max_age: float) -> bool:
         """Whether a background batch of v should be cut: it holds half the memory
         bound, or its oldest held write is max_age old."""
-        return (len(v.pending) * self.chunk_size >= WRITEBACK_BYTES // 2
-                or now - v.pending_since >= max_age)
-
-    @staticmethod
-    def _held(v: _Volume) -> list[tuple[int, bytearray]]:
-        """(chunk, buffer) of everything v holds, in chunk order (for _write_out)."""
-        return [(c, v.pending[c]) for c in sorted(v.pending)]
+        return (len(v.held.chunks) * self.chunk_size >= WRITEBACK_BYTES // 2
+                or now - v.held.since >= max_age)
 
     def _cut(self, v: _Volume) -> _Batch:
         """A batch of everything v holds now (lock held; no I/O)."""
         assert self._owned(), "pool lock not held"
-        b = _Batch(v, v.diff.cut() if v.diff is not None else None, self._held(v),
+        b = _Batch(v, v.diff.cut() if v.diff is not None else None, v.held.in_order(),
                    time.monotonic())
-        v.batch = b
+        v.held.batch = b
         return b
 
     def _settle(self, v: _Volume) -> None:
@@ -71,7 +66,7 @@ class HeldWrites(PoolCore):
         stays atomic): a batch still queued is synced here; one the writeback thread is
         syncing is waited for -- that sync needs no lock -- and then finished here."""
         assert self._owned(), "pool lock not held"
-        b = v.batch
+        b = v.held.batch
         if b is None:
             return
         if b in self._queued:
@@ -89,8 +84,8 @@ class HeldWrites(PoolCore):
         become invalid first; the origin write itself never fails (invariant 5)."""
         assert self._owned(), "pool lock not held"
         self._harden(v)
-        if v.pending:
-            self._write_out(v, self._held(v))
+        if v.held.chunks:
+            self._write_out(v, v.held.in_order())
 
     def _drain(self, v: _Volume) -> None:
         """_writeback(v) with its syncs WITHOUT the pool lock (call it without the lock):
@@ -104,10 +99,10 @@ class HeldWrites(PoolCore):
             with self._lock:
                 if self._volumes.get(v.name) is not v:
                     return   # deleted meanwhile: its delete settled every batch
-                b = v.batch
+                b = v.held.batch
                 cut_here = b is None   # a batch of everything held up to this call
                 if b is None:
-                    if not v.pending and not (v.diff is not None and v.diff.unsynced):
+                    if not v.held.chunks and not (v.diff is not None and v.diff.unsynced):
                         return
                     b = self._cut(v)
                     sync_here = True
@@ -126,7 +121,7 @@ class HeldWrites(PoolCore):
                 # another thread finished our batch (_settle) and could not write some of
                 # it out (it logs and keeps them held): go again, so that the error is
                 # ours to raise, never a flush that returns with the data in memory
-                left = any(v.pending.get(c) is buf for c, buf in b.held)
+                left = any(v.held.chunks.get(c) is buf for c, buf in b.held)
             if cut_here and not left:
                 return
 
@@ -156,7 +151,7 @@ class HeldWrites(PoolCore):
             try:
                 v.diff.harden()
             except OSError as e:
-                v.lost.append((v.diff.drop_unsynced(), e))
+                v.held.lost.append((v.diff.drop_unsynced(), e))
                 v.diff.forget_failure()   # nothing unsynced is left to pass for durable
         self._resolve_lost(v)
 
@@ -165,10 +160,10 @@ class HeldWrites(PoolCore):
         lost, BEFORE any held chunk may reach the origin. If the catalog fails too, the
         losses stay recorded and the chunks held: the next writeback tries again."""
         assert self._owned(), "pool lock not held"
-        while v.lost:
-            lost, err = v.lost[0]
+        while v.held.lost:
+            lost, err = v.held.lost[0]
             self._invalidate_needing(v, lost, err)
-            v.lost.pop(0)
+            v.held.lost.pop(0)
 
     def _invalidate_needing(self, v: _Volume, lost: list[tuple[int, int]],
                             err: OSError) -> None:
@@ -203,7 +198,7 @@ class HeldWrites(PoolCore):
         run_chunks: list[int] = []
         run_start = -1
         done: list[int] = []
-        pending, dirty = v.pending, v.pending_dirty
+        pending, dirty = v.held.chunks, v.held.dirty
         try:
             for c, buf0 in held:
                 if pending.get(c) is not buf0:
@@ -233,9 +228,7 @@ class HeldWrites(PoolCore):
                 v.file.pwritev(run, run_start)
                 done += run_chunks
         finally:
-            for c in done:
-                del pending[c]
-                dirty.pop(c, None)
+            v.held.release(done)
 
     def writeback(self, max_age: float = WRITEBACK_AGE) -> None:
         """Push held writes older than max_age (or, of a volume, more than half the
@@ -247,7 +240,7 @@ class HeldWrites(PoolCore):
         to write out the chunks each covers; the syncs themselves (sync_batch) run WITHOUT
         the lock, so reads, writes into held chunks and new preservations (for the next
         batch) go on while the disk syncs, and whoever needs a batch finished can wait
-        for its sync holding the lock (_settle). One batch per volume at a time (v.batch).
+        for its sync holding the lock (_settle). One batch per volume at a time (v.held.batch).
         An origin write that fails here leaves its chunks held (logged); the next flush
         reports it."""
         now = time.monotonic()
@@ -255,7 +248,7 @@ class HeldWrites(PoolCore):
             if self._closed:
                 return
             for v in self._volumes.values():
-                if v.pending and v.batch is None and self._batch_due(v, now, max_age):
+                if v.held.chunks and v.held.batch is None and self._batch_due(v, now, max_age):
                     self._queued.append(self._cut(v))   # queued at once: never orphaned
             jobs, self._queued = self._queued, []   # with those the data path cut
         for b in jobs:          # every sync first: a waiter may hold the lock meanwhile
@@ -308,11 +301,11 @@ class HeldWrites(PoolCore):
             if b.error is not None and b.sync is not None and da is not None:
                 # Linux reports a failed writeback once: what was preserved while that
                 # sync ran may be lost too, so those entries go with the batch
-                v.lost.append((da.drop_batch(b.sync) + da.drop_unsynced(), b.error))
+                v.held.lost.append((da.drop_batch(b.sync) + da.drop_unsynced(), b.error))
                 da.forget_failure()   # nothing unsynced is left to pass for durable
             self._resolve_lost(v)
             self._write_out(v, b.held)
-            if v.pending:   # preserved while the batch synced: the next batch's
-                v.pending_since = b.cut_at
+            if v.held.chunks:   # preserved while the batch synced: the next batch's
+                v.held.since = b.cut_at
         finally:
-            v.batch = None
+            v.held.batch = None

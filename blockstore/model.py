@@ -112,16 +112,7 @@ class _Volume:
     mirrors: list[_Snapshot] = field(default_factory=list)   # plexes being synced
     snaps: list[_Snapshot] = field(default_factory=list)
     live_epochs: list[int] = field(default_factory=list)     # committed differential
-    # chunk -> its new full content, for chunks whose preservation is not durable yet:
-    # they may not reach the origin file before DiffArea.harden() (invariant 2)
-    pending: dict[int, bytearray] = field(default_factory=dict)
-    # chunk -> (lo, hi): the part of its pending buffer that differs from the origin file
-    # (the rest is the old content it was read from): only that part is written back
-    pending_dirty: dict[int, tuple[int, int]] = field(default_factory=dict)
-    pending_since: float = 0.0
-    batch: _Batch | None = None   # the batch of its held chunks queued or syncing
-    # preservations a failed sync lost, whose snapshots are not marked invalid yet
-    lost: list[tuple[list[tuple[int, int]], OSError]] = field(default_factory=list)
+    held: Held = field(default_factory=lambda: Held())   # writes waiting for their syncs
 
 
 @dataclass(eq=False)
@@ -137,6 +128,59 @@ class _Batch:
     error: OSError | None = None
     crashed: BaseException | None = None
     done: bool = False
+
+
+@dataclass(eq=False)
+class Held:
+    """One volume's held writes (blockstore/heldwrites.py runs their syncs): chunks whose
+    preservation in the diff area is not durable yet, so their new content may not reach
+    the origin file before DiffArea.harden() (invariant 2). The pool lock guards it, like
+    everything of the volume; the batch's sync alone runs without the lock."""
+
+    # chunk -> its new full content (reads and writes of the chunk use this buffer)
+    chunks: dict[int, bytearray] = field(default_factory=dict)
+    # chunk -> (lo, hi): the part of its buffer that differs from the origin file (the
+    # rest is the old content it was read from): only that part is written back
+    dirty: dict[int, tuple[int, int]] = field(default_factory=dict)
+    since: float = 0.0             # time.monotonic() of the oldest held write
+    batch: _Batch | None = None    # the batch of its held chunks queued or syncing
+    # preservations a failed sync lost, whose snapshots are not marked invalid yet
+    lost: list[tuple[list[tuple[int, int]], OSError]] = field(default_factory=list)
+
+    def hold(self, items: list[tuple[int, bytearray]], now: float) -> None:
+        """Hold these (chunk, old content) buffers; new writes land in them."""
+        if not self.chunks:
+            self.since = now
+        for c, buf in items:
+            self.chunks[c] = buf   # a fresh bytearray from _read_chunks: no copy
+
+    def mark_dirty(self, chunk: int, lo: int, hi: int) -> None:
+        """Widen the dirty part of a held chunk to cover [lo, hi) (chunk-relative)."""
+        old = self.dirty.get(chunk)
+        self.dirty[chunk] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+
+    def in_order(self) -> list[tuple[int, bytearray]]:
+        """(chunk, buffer) of everything held, in chunk order (for a batch)."""
+        return [(c, self.chunks[c]) for c in sorted(self.chunks)]
+
+    def overlay(self, data: bytes, offset: int, cs: int) -> bytes:
+        """``data`` read from the origin file at ``offset``, with the held chunks' newer
+        content laid over it (the bytes unchanged, without a copy, if none overlaps)."""
+        end = offset + len(data)
+        over = [c for c in range(offset // cs, (end - 1) // cs + 1) if c in self.chunks]
+        if not over:
+            return data
+        out = bytearray(data)
+        for c in over:
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            out[lo - offset:hi - offset] = self.chunks[c][lo - c * cs:hi - c * cs]
+        return bytes(out)
+
+    def release(self, done: list[int]) -> None:
+        """These chunks reached the origin file: no longer held."""
+        for c in done:
+            del self.chunks[c]
+            self.dirty.pop(c, None)
 
 
 @dataclass(eq=False)
@@ -168,8 +212,3 @@ def _no_return(progress: Progress) -> None:
     if hook is not None:
         hook()
 
-
-def _mark_dirty(v: _Volume, chunk: int, lo: int, hi: int) -> None:
-    """Widen the dirty part of a pending chunk to cover [lo, hi) (chunk-relative)."""
-    old = v.pending_dirty.get(chunk)
-    v.pending_dirty[chunk] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))

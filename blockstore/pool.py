@@ -152,12 +152,12 @@ class Pool(LongOps):
         with self._lock:
             self._wait_unpinned()
             for v in self._volumes.values():   # a kill -9 loses what is not synced yet
-                b = v.batch
+                b = v.held.batch
                 if b is not None:
                     if b not in self._queued:
                         b.synced.wait()   # the writeback thread is using the files
                     b.done = True
-                    v.batch = None
+                    v.held.batch = None
             self._queued.clear()
             self._release_files()
 

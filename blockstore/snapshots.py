@@ -282,8 +282,8 @@ class Snapshots(Volumes):
             if self._volumes.get(v.name) is not v or da is None:
                 return
             busy = set(da.unsynced)
-            if v.batch is not None and v.batch.sync is not None:
-                busy.update(v.batch.sync.slots)
+            if v.held.batch is not None and v.held.batch.sync is not None:
+                busy.update(v.held.batch.sync.slots)
             doomed = da.gc_plan(v.live_epochs, busy)
             if not doomed:
                 return
@@ -302,7 +302,7 @@ class Snapshots(Volumes):
                     da.gc_finish(doomed)
                 else:
                     da.gc_abort(doomed)
-                    if not cleared and v.batch is None:
+                    if not cleared and v.held.batch is None:
                         # records written but not synced exist only in a batch in flight
                         # (whose sync then meets the failure and drops its entries):
                         # with none, the failed sync lost only the doomed records

@@ -1,4 +1,4 @@
-"""Held writes (blockstore/heldwrites.py, `_Volume.pending`): origin writes to freshly preserved
+"""Held writes (blockstore/heldwrites.py, `_Volume.held`): origin writes to freshly preserved
 chunks wait in memory until one grouped sync makes their preservation durable; then only
 the part of each chunk that changed is written back to the origin file."""
 
@@ -283,7 +283,7 @@ def queued(paused, monkeypatch):
     p.write("v", 0, b"G" * 4096)
     assert p._queued == []
     p.write("v", CS, b"H" * 4096)                       # 2 chunks held: cut and queued
-    assert len(p._queued) == 1 and p._volumes["v"].batch is not None
+    assert len(p._queued) == 1 and p._volumes["v"].held.batch is not None
     assert _image(p, "v") == old                       # queued is not durable yet
     now = bytearray(old)
     now[:4096] = b"G" * 4096
@@ -294,7 +294,7 @@ def queued(paused, monkeypatch):
 def test_a_queued_batch_goes_to_the_writeback_thread(queued):
     p, sid, old, now = queued
     p.wait_and_writeback(5)                            # returns at once: a batch waits
-    assert p._queued == [] and p._volumes["v"].batch is None
+    assert p._queued == [] and p._volumes["v"].held.batch is None
     assert _image(p, "v") == now
     assert p.read(sid, 0, 4 * CS) == old
 
@@ -329,7 +329,7 @@ def test_origin_eio_in_a_batch_keeps_the_chunks_held_and_spares_the_others(pause
     _background(p, errors).join(20)
     assert errors == []                                 # logged, the thread goes on
     assert "stay held" in caplog.text
-    assert all(p._volumes[n].batch is None for n in ("v", "w"))   # nothing left waiting
+    assert all(p._volumes[n].held.batch is None for n in ("v", "w"))   # nothing left waiting
     # one volume's write-out failed: its chunk is still held, nothing lost; the other's
     # went out; a flush now writes the rest
     assert p.read("v", 0, 4096) == b"V" * 4096 and p.read("w", 0, 4096) == b"W" * 4096

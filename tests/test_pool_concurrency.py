@@ -459,7 +459,7 @@ def test_a_flush_never_returns_with_its_writes_still_held(cut_pool):
     tf.join(10)
     ta.join(10)
     assert errors == []                 # the retry wrote it (the EIO came once)
-    assert 0 not in p._volumes["v"].pending
+    assert 0 not in p._volumes["v"].held.chunks
     assert power_cut().read("v", 0, CS) == b"2" * CS
 
 
