@@ -52,6 +52,7 @@ from blockstore import errors as bse
 
 from . import documents, vss
 from .catalog import ProviderCatalog, SetRecord
+from .deletion import Deletion
 from .exposure import Exposure
 from .hardware import DIFFERENTIAL, PLEX, HardwareProvider
 from .jobs import CancelToken, Job, Jobs
@@ -67,7 +68,6 @@ from .model import (
     Session,
     SnapshotSet,
     WriterEvent,
-    guid,
     in_thread,
     parse_attributes,
     parse_size,
@@ -103,7 +103,8 @@ class Coordinator:
     write-through cache. The rest is delegated (see each module's docstring for what it
     owns): ``masking`` (LUN masking, the FUSE view's names), ``views`` (the read-only
     projections and lookups), ``volumes``, ``exposure`` (expose/unexpose, mounts, what
-    uses a snapshot), ``transport`` (export/import), provider/reconcile.py (start)."""
+    uses a snapshot), ``deletion``, ``transport`` (export/import), provider/reconcile.py
+    (start)."""
 
     def __init__(self, pool: Pool, barrier: Any, mountpoint: str | None = None,
                  writers: Iterable[Any] = (), config: dict[str, Any] | None = None) -> None:
@@ -131,6 +132,8 @@ class Coordinator:
         self.views = Views(pool, self.catalog, self.masking, self._sets, self._marks)
         self.volumes = Volumes(pool, self.masking, self.views, self._marks)
         self.exposure = Exposure(pool, self.catalog, self.masking, self.views)
+        self.deletion = Deletion(pool, self.catalog, self.masking, self.views, self.exposure,
+                                 self.hardware, self._sets, self._claims, self._sessions)
         self.transport = Transport(pool, self.catalog, self.masking, self.views,
                                    self.hardware, self.writers, self._sets, self._sessions,
                                    self._fault)
@@ -183,10 +186,10 @@ class Coordinator:
                 log.info("session %d ended: deleting auto-release snapshot set %s",
                          session.id, set_id)
                 try:
-                    await self._remove_snapshots(self.views.set_members(set_id), force=True)
+                    await self.deletion.remove_snapshots(self.views.set_members(set_id), force=True)
                 except Exception as e:
                     log.error("deleting auto-release set %s: %s", set_id, e)
-                self._drop_record(set_id)
+                self.deletion.drop_record(set_id)
             session.sets.clear()
         self._sessions.pop(session.id, None)
         log.info("requester session %d closed", session.id)
@@ -368,33 +371,6 @@ class Coordinator:
         await in_thread(self.hardware.EndPrepareSnapshots, s.set_id, cb, abandon=True)
         await self._enter(s, SS.PREPARED)
 
-    async def _writers_call(self, writers: list[Any], method: str, ev: WriterEvent,
-                            timeout: float, what: str) -> list[tuple[Any, BaseException]]:
-        """Call ``method`` on every writer in parallel threads, within ``timeout``.
-        Returns the failures (a writer that did not answer in time fails with
-        VSS_E_WRITER_NOT_RESPONDING)."""
-        failures: list[tuple[Any, BaseException]] = []
-
-        async def one(w: Any) -> None:
-            try:
-                await in_thread(getattr(w, method), ev, abandon=True)
-            except trio.Cancelled:
-                raise
-            except BaseException as e:
-                failures.append((w, e))
-        with trio.move_on_after(timeout) as scope:
-            async with trio.open_nursery() as n:
-                for w in writers:
-                    n.start_soon(one, w)
-        if scope.cancelled_caught:
-            done = {id(w) for w, _ in failures}
-            for w in writers:
-                if id(w) not in done:
-                    failures.append((w, _vss("VSS_E_WRITER_NOT_RESPONDING",
-                                             f"writer {wname(w)} did not {what} within "
-                                             f"{timeout:g} s")))
-        return failures
-
     async def _precommit(self, s: SnapshotSet) -> None:
         await self._enter(s, SS.PROCESSING_PRECOMMIT)
         if self.writers and vss.uses_writers(s.context):
@@ -570,126 +546,16 @@ class Coordinator:
         return self.views.snapshot_show(snapshot_id, set_id)
 
     def set_list(self) -> list[dict[str, Any]]:
-        self._prune_records()
+        self.deletion.prune_records()
         return self.views.set_list()
 
     # ------------------------------------------------------------------ deletion
-    def _drop_record(self, set_id: str) -> None:
-        self.catalog.delete_set(set_id)
-        if set_id in self.catalog.imported:
-            self.catalog.delete_import(set_id)
-        for sess in self._sessions.values():
-            if set_id in sess.sets:
-                sess.sets.remove(set_id)
-    async def _remove_snapshots(self, ids: Iterable[str], force: bool = False) -> list[str]:
-        """Delete committed snapshots (unmounting them first); updates set records.
-        force: the automatic deletions (an auto-release set whose session ended, an
-        unfinished set at start-up): nothing refuses them, what still uses a snapshot is
-        logged as an error (its reads fail with EIO from then on)."""
-        ids = list(ids)
-        if force:
-            infos = []
-            for sid in ids:
-                with contextlib.suppress(bse.NotFound):
-                    infos.append(self.pool.snapshot(sid))
-            try:
-                users = await self.exposure.snapshot_users(infos, own_mounts=True, wait=1.0)
-            except Exception as e:   # never stops an automatic deletion
-                log.warning("could not check what uses snapshots %s: %s", ", ".join(ids), e)
-                users = {}
-            for sid, us in users.items():
-                log.error("automatic deletion of snapshot %s although it is in use by %s: "
-                          "reads through it fail (EIO) from now on (an auto-release set ends "
-                          "with its requester's session: use a persistent context, "
-                          "app-rollback or nas-rollback, for snapshots used beyond it)", sid,
-                          "; ".join(us))
-        done = []
-        sets: set[str] = set()
-        for sid in ids:
-            try:
-                info = self.pool.snapshot(sid)
-            except bse.NotFound:
-                continue
-            sets.add(info.set_id or info.id)
-            if sid in self.catalog.mounted:
-                try:
-                    await self.exposure.unmount(sid)
-                except Exception:
-                    if not force:
-                        raise
-                    log.error("could not unmount snapshot %s; deleting it anyway", sid)
-                    self.exposure.forget_mount(sid)
-            try:
-                if info.state == "preparing":
-                    await in_thread(self.pool.abort_snapshot, sid)
-                else:
-                    await in_thread(self.hardware.OnLunEmpty, sid)
-            except bse.NotFound:   # another request deleted it meanwhile: go on
-                continue
-            done.append(sid)
-            self.exposure.forget_names(sid)
-            self.masking.present([sid], None)
-            log.info("deleted snapshot %s of %s", sid, info.volume)
-        for set_id in sets:
-            if set_id in self.catalog.records and not self.views.set_members(set_id):
-                self._drop_record(set_id)
-        return done
-
     async def snapshot_delete(self, snapshot_id: str | None = None, set_id: str | None = None,
                               oldest: str | None = None, all: bool = False,
                               context: str | int | None = None,
                               unexpose: bool = False) -> dict[str, Any]:
-        """DeleteSnapshots by snapshot id, by set, the oldest of a volume, or all (in a
-        context). Mounted snapshots are refused unless ``unexpose``; nothing is deleted
-        then."""
-        chosen = [x for x in (snapshot_id, set_id, oldest) if x is not None] + ([1] if all
-                                                                                else [])
-        if len(chosen) != 1:
-            raise _vss("E_INVALIDARG", "name exactly one of: snapshot_id, set_id, oldest "
-                       "(a volume), all")
-        ctx = vss.parse_context(context, allow_all=True) if context is not None else Context.ALL
-        if snapshot_id is not None:
-            targets = [self.pool.snapshot(guid(snapshot_id, "snapshot id"))]
-        elif set_id is not None:
-            sid = guid(set_id, "snapshot set id")
-            if sid in self._sets:
-                raise _vss("VSS_E_SNAPSHOT_SET_IN_PROGRESS", f"snapshot set {sid} is being "
-                           "created; abort it instead")
-            targets = self.views.members_info(sid)
-            if not targets:
-                raise _vss("VSS_E_OBJECT_NOT_FOUND", f"no snapshot set {sid}")
-        elif oldest is not None:
-            vol = self.resolve_volume(oldest)
-            cands = [s for s in self.pool.list_snapshots(vol)
-                     if not self.views.in_creation(s) and vss.context_matches(ctx, s.attributes)]
-            if not cands:
-                raise _vss("VSS_E_OBJECT_NOT_FOUND", f"volume {vol} has no snapshot to delete")
-            targets = [min(cands, key=lambda s: (s.created, s.id))]
-        else:
-            targets = [s for s in self.pool.list_snapshots()
-                       if vss.context_matches(ctx, s.attributes)]
-        busy = [s for s in targets if self.views.in_creation(s)]
-        if busy:
-            raise _vss("VSS_E_SNAPSHOT_SET_IN_PROGRESS", f"snapshot {busy[0].id} belongs to "
-                       "a set being created; abort that set instead")
-        claimed = [s for s in targets if s.id in self._claims]
-        if claimed:
-            raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {claimed[0].id} is being "
-                       f"{self._claims[claimed[0].id]}; retry when that is done")
-        mounted = [s for s in targets if s.id in self.catalog.mounted]
-        if mounted and not unexpose:
-            m = self.catalog.mounted[mounted[0].id]
-            raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {mounted[0].id} is mounted at "
-                       f"{m.mountpoint}; unexpose it first (or delete with unexpose)")
-        # A loop device or a process on any of its paths: refused, whatever unexpose says
-        # (unexpose takes down our own `expose --mount`, never someone else's use).
-        users = await self.exposure.snapshot_users(targets, own_mounts=unexpose, wait=2.0)
-        if users:
-            raise _vss("VSS_E_VOLUME_IN_USE", self.exposure.in_use_message(users, "delete"))
-        deleted = await self._remove_snapshots([s.id for s in targets])
-        if deleted:   # their names (.shadow, exposed, host views) leave the kernel now
-            await self.masking.names_changed()
-        return {"deleted": deleted, "count": len(deleted)}
+        return await self.deletion.snapshot_delete(snapshot_id, set_id, oldest, all, context,
+                                                   unexpose)
 
     # ------------------------------------------------------------------ expose
     @contextlib.contextmanager
@@ -840,7 +706,7 @@ class Coordinator:
         self.exposure.forget_names(s.id)
         set_id = s.set_id or s.id
         if set_id in self.catalog.records and not self.views.set_members(set_id):
-            self._drop_record(set_id)
+            self.deletion.drop_record(set_id)
         await self.masking.names_changed()   # .shadow/<id>.img (and its exposed name) are gone
         return self.views.volume_json(v)
 
@@ -865,25 +731,8 @@ class Coordinator:
                                             job.thread_progress(None, "check"))
             except bse.Cancelled:
                 raise self._job_cancelled(job, "check", "it only reads") from None
-        problems = list(problems) + self._check_catalog()
+        problems = list(problems) + self.deletion.check_catalog()
         return {"ok": not problems, "problems": problems}
-
-    def _prune_records(self) -> None:
-        """Forget sets whose snapshots are all gone behind our back (the store deletes the
-        oldest snapshot of an origin whose diff area overflows, as VSS does)."""
-        live = {s.set_id or s.id for s in self.pool.list_snapshots()}
-        for sid in [x for x in self.catalog.records if x not in live and x not in self._sets]:
-            log.warning("snapshot set %s has no snapshots left (deleted by the store): "
-                        "forgetting it", sid)
-            self._drop_record(sid)
-
-    def _check_catalog(self) -> list[str]:
-        self._prune_records()
-        out = []
-        for sid, m in self.catalog.mounted.items():
-            if not self.views.is_snapshot(sid):
-                out.append(f"mount record for missing snapshot {sid} at {m.mountpoint}")
-        return out
 
     async def scrub(self, progress: ProgressFn = None,
                     cancel: CancelToken | None = None) -> dict[str, Any]:
@@ -894,7 +743,7 @@ class Coordinator:
             except bse.Cancelled:
                 raise self._job_cancelled(job, "scrub", "a scrub changes no data"
                                           ) from None
-        problems = list(problems) + self._check_catalog()
+        problems = list(problems) + self.deletion.check_catalog()
         return {"ok": not problems, "problems": problems}
 
     async def writers_list(self) -> list[dict[str, Any]]:

@@ -13,8 +13,8 @@ with the block store and the kernel before any request is served.
 
 Runs once, as Coordinator.start, on the trio thread before the control socket accepts
 anything; the block store's listings run in worker threads. It owns no state: it writes
-through the catalog and deletes through the coordinator (its _remove_snapshots and
-_drop_record, the same paths a requester's delete takes).
+through the catalog and deletes through provider/deletion.py (the same paths a
+requester's delete takes).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ async def reconcile_at_start(c: Coordinator) -> None:
                      "ended: deleting it", set_id, Context(rec.context).vss_name)
         else:
             continue
-        await c._remove_snapshots([s.id for s in members], force=True)
-        c._drop_record(set_id)
+        await c.deletion.remove_snapshots([s.id for s in members], force=True)
+        c.deletion.drop_record(set_id)
     for set_id, members in by_set.items():
         attrs = members[0].attributes
         try:
@@ -76,7 +76,7 @@ async def reconcile_at_start(c: Coordinator) -> None:
             log.warning("snapshot set %s has no provider record and is %s: deleting "
                         "its %d snapshot(s)", set_id,
                         "unfinished" if preparing else "auto-release", len(members))
-            await c._remove_snapshots([s.id for s in members], force=True)
+            await c.deletion.remove_snapshots([s.id for s in members], force=True)
             continue
         log.info("adopting persistent snapshot set %s (%d snapshot(s))", set_id,
                  len(members))
