@@ -118,7 +118,7 @@ class Deletion:
                                                                                 else [])
         if len(chosen) != 1:
             raise VssError("E_INVALIDARG", "name exactly one of: snapshot_id, set_id, oldest "
-                       "(a volume), all")
+                           "(a volume), all")
         ctx = vss.parse_context(context, allow_all=True) if context is not None else Context.ALL
         if snapshot_id is not None:
             targets = [self.pool.snapshot(guid(snapshot_id, "snapshot id"))]
@@ -126,7 +126,7 @@ class Deletion:
             sid = guid(set_id, "snapshot set id")
             if sid in self._sets:
                 raise VssError("VSS_E_SNAPSHOT_SET_IN_PROGRESS", f"snapshot set {sid} is being "
-                           "created; abort it instead")
+                               "created; abort it instead")
             targets = self.views.members_info(sid)
             if not targets:
                 raise VssError("VSS_E_OBJECT_NOT_FOUND", f"no snapshot set {sid}")
@@ -143,16 +143,16 @@ class Deletion:
         busy = [s for s in targets if self.views.in_creation(s)]
         if busy:
             raise VssError("VSS_E_SNAPSHOT_SET_IN_PROGRESS", f"snapshot {busy[0].id} belongs to "
-                       "a set being created; abort that set instead")
+                           "a set being created; abort that set instead")
         claimed = [s for s in targets if s.id in self._claims]
         if claimed:
             raise VssError("VSS_E_VOLUME_IN_USE", f"snapshot {claimed[0].id} is being "
-                       f"{self._claims[claimed[0].id]}; retry when that is done")
+                           f"{self._claims[claimed[0].id]}; retry when that is done")
         mounted = [s for s in targets if s.id in self.catalog.mounted]
         if mounted and not unexpose:
             m = self.catalog.mounted[mounted[0].id]
             raise VssError("VSS_E_VOLUME_IN_USE", f"snapshot {mounted[0].id} is mounted at "
-                       f"{m.mountpoint}; unexpose it first (or delete with unexpose)")
+                           f"{m.mountpoint}; unexpose it first (or delete with unexpose)")
         # A loop device or a process on any of its paths: refused, whatever unexpose says
         # (unexpose takes down our own `expose --mount`, never someone else's use).
         users = await self.exposure.snapshot_users(targets, own_mounts=unexpose, wait=2.0)

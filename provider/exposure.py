@@ -76,8 +76,8 @@ class Exposure:
             except loopdev.LoopError as e:
                 if await in_thread(loopdev.is_mountpoint, m.mountpoint):
                     raise VssError("VSS_E_VOLUME_IN_USE", f"snapshot {snapshot_id} is mounted "
-                               f"at {m.mountpoint} and could not be unmounted ({e}); stop "
-                               "using it first") from None
+                                   f"at {m.mountpoint} and could not be unmounted ({e}); stop "
+                                   "using it first") from None
                 raise
             self.forget_mount(snapshot_id)
 
@@ -179,20 +179,20 @@ class Exposure:
         s = self.views.committed(snapshot_id)
         if name is None and mount is None:
             raise VssError("E_INVALIDARG", "expose needs a name (MOUNT/exposed/<name>.img) or a "
-                       "mount directory, or both")
+                           "mount directory, or both")
         if mount is not None:
             if not isinstance(mount, str) or not os.path.isabs(mount):
                 raise VssError("E_INVALIDARG", f"mount directory {mount!r} must be an absolute "
-                           "path")
+                               "path")
             if not mount.isprintable():   # NUL, line breaks, control characters
                 raise VssError("E_INVALIDARG", f"mount directory {mount!r} holds control "
-                           "characters; use a directory name without them")
+                               "characters; use a directory name without them")
             if s.id in self.catalog.mounted:
                 raise VssError("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot {s.id} is already mounted "
-                           f"at {self.catalog.mounted[s.id].mountpoint}")
+                               f"at {self.catalog.mounted[s.id].mountpoint}")
             if self.masking.device_path(s.id) is None:
                 raise VssError("VSS_E_NOT_SUPPORTED", "the pool is not mounted: cannot attach a "
-                           "loop device to the snapshot")
+                               "loop device to the snapshot")
         old_name = s.exposed_name
         if name is not None and name != old_name:
             s = await in_thread(self.pool.set_exposed, s.id, name)
@@ -211,7 +211,7 @@ class Exposure:
                 # only (an import): losetup found no image at dev_path
                 if not self.views.is_snapshot(s.id):
                     raise VssError("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was deleted "
-                               "while it was being mounted") from e
+                                   "while it was being mounted") from e
                 if name is not None and name != old_name:
                     with trio.CancelScope(shield=True):
                         await in_thread(self.pool.set_exposed, s.id, old_name)
@@ -219,13 +219,13 @@ class Exposure:
                         await self.masking.names_changed()   # the name it had for a moment
                 if isinstance(e, loopdev.LoopError) and self.masking.device_path(s.id) != dev_path:
                     raise VssError("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was presented "
-                               "to another host while it was being mounted") from e
+                                   "to another host while it was being mounted") from e
                 raise
             if not self.views.is_snapshot(s.id):   # deleted meanwhile (its session ended)
                 with trio.CancelScope(shield=True):
                     await in_thread(loopdev.unexpose_mount, rec)
                 raise VssError("VSS_E_OBJECT_NOT_FOUND", f"snapshot {s.id} was deleted while "
-                           "it was being mounted")
+                               "it was being mounted")
             m = MountRecord(s.id, rec.mountpoint, rec.dev, rec.fstype)
             self.catalog.put_mount(m)
             self.catalog.mounted[s.id] = m

@@ -58,10 +58,10 @@ class Transport:
             raise VssError("VSS_E_OBJECT_NOT_FOUND", f"no snapshot set {sid}")
         if not rec.attributes & int(Attr.TRANSPORTABLE):
             raise VssError("VSS_E_NONTRANSPORTABLE_BCD", f"snapshot set {sid} was not created "
-                       "transportable: create it with the TRANSPORTABLE attribute to export it")
+                           "transportable: create it with the TRANSPORTABLE attribute to export it")
         if sid in self.catalog.imported:
             raise VssError("VSS_E_BAD_STATE", f"snapshot set {sid} is imported on host "
-                       f"{self.catalog.imported[sid][0]}; export it before importing")
+                           f"{self.catalog.imported[sid][0]}; export it before importing")
         members = [m for m in self.views.members_info(sid) if m.state == "committed"]
         if not members:
             raise VssError("VSS_E_OBJECT_NOT_FOUND", f"snapshot set {sid} has no usable snapshot")
@@ -93,53 +93,55 @@ class Transport:
             data = document.encode("utf-8")
         except UnicodeError:
             raise VssError("VSS_E_INVALID_XML_DOCUMENT", "import: the document is not valid "
-                       "UTF-8 text") from None
+                           "UTF-8 text") from None
         parsed = await in_thread(lambda: documents.parse_backup_components(
             data, pool_id=str(getattr(self.pool, "pool_id", ""))))
         sid, host = parsed.set_id, session.host
         if sid in self.catalog.imported:
             raise VssError("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {sid} is already "
-                       f"imported on host {self.catalog.imported[sid][0]}; delete it there first")
+                           f"imported on host {self.catalog.imported[sid][0]}; delete it "
+                           "there first")
         rec = self.catalog.records.get(sid)
         if rec is None:
             raise VssError("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot set {sid} does not exist "
-                       f"in pool {self.pool.path} (deleted, or never created here)")
+                           f"in pool {self.pool.path} (deleted, or never created here)")
         origin = rec.originating_machine or parsed.originating_machine
         if host == origin:
             raise VssError("VSS_E_BAD_STATE", f"snapshot set {sid} was created on host {host}: "
-                       "import it on another host (its LUNs are already presented here)")
+                           "import it on another host (its LUNs are already presented here)")
         members = {m.id: m for m in self.views.members_info(sid)}
         for ps in parsed.snapshots:
             info = members.get(ps.snapshot_id)
             if info is None:
                 raise VssError("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {ps.snapshot_id} of "
-                           f"set {sid} does not exist in pool {self.pool.path}")
+                               f"set {sid} does not exist in pool {self.pool.path}")
             if info.state != "committed":
                 raise VssError("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {info.id} is "
-                           f"{info.state}, not a committed shadow copy")
+                               f"{info.state}, not a committed shadow copy")
             for side, doc_naa, ours in (("snapshot", ps.snapshot_naa, info.naa),
                                         ("source", ps.origin_naa, info.origin_naa)):
                 if doc_naa.lower() != ours.lower():
                     raise VssError("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot {info.id}: the "
-                               f"document's {side} LUN is naa.{doc_naa.lower()}, but this "
-                               f"array's is naa.{ours.lower()} (a foreign or edited "
-                               "document); nothing imported")
+                                   f"document's {side} LUN is naa.{doc_naa.lower()}, but this "
+                                   f"array's is naa.{ours.lower()} (a foreign or edited "
+                                   "document); nothing imported")
         try:
             located = await in_thread(self.hardware.LocateLuns, parsed.snapshot_naas)
         except VssError as e:
             raise VssError("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot set {sid}: {e.message}; "
-                       "nothing imported") from None
+                           "nothing imported") from None
         ids = [lun.snapshot_id for lun in located if lun.snapshot_id]
         # Other requests ran while LocateLuns did: check again, then change everything
         # without awaiting (no other request can interleave from here on).
         if sid in self.catalog.imported:
             raise VssError("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {sid} is already "
-                       f"imported on host {self.catalog.imported[sid][0]}; delete it there first")
+                           f"imported on host {self.catalog.imported[sid][0]}; delete it "
+                           "there first")
         if (sid not in self.catalog.records
                 or sorted(ids) != sorted(ps.snapshot_id for ps in parsed.snapshots)
                 or not all(self.views.is_snapshot(i) for i in ids)):
             raise VssError("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot set {sid} changed while "
-                       "it was being imported (deleted?); nothing imported")
+                           "it was being imported (deleted?); nothing imported")
         present_to = None if host == self.masking.service_machine else frozenset((host,))
         before = {i: self.catalog.presented.get(i) for i in ids}
         recorded = False

@@ -54,8 +54,8 @@ class Volumes:
             # in use is refused (its users would get I/O errors); revert has --force
             hint = " (or revert --force)" if what == "revert" else ""
             raise VssError("VSS_E_VOLUME_IN_USE", f"cannot {what} volume {volume}: loop "
-                       f"device(s) {', '.join(sorted(set(users)))} use it; unmount the "
-                       f"filesystems on them and detach them (losetup -d) first{hint}")
+                           f"device(s) {', '.join(sorted(set(users)))} use it; unmount the "
+                           f"filesystems on them and detach them (losetup -d) first{hint}")
 
     async def check_not_open(self, volume: str) -> None:
         """Refuse to delete a volume whose image a process has open (or mapped), as
@@ -77,10 +77,10 @@ class Volumes:
             who = [w for _, w in await in_thread(loopdev.users_by_path, classify)]
             if who:
                 raise VssError("VSS_E_VOLUME_IN_USE", f"cannot delete volume {volume}: it is "
-                           f"open (by {'; '.join(who)}); close it first")
+                               f"open (by {'; '.join(who)}); close it first")
             raise VssError("VSS_E_VOLUME_IN_USE", f"cannot delete volume {volume}: it is open "
-                       f"({n} file handle(s) on {path}, not found by path: a process in "
-                       f"another mount namespace?); close it first (fuser -v {path})")
+                           f"({n} file handle(s) on {path}, not found by path: a process in "
+                           f"another mount namespace?); close it first (fuser -v {path})")
 
     async def create(self, name: str, size: int | str) -> dict[str, Any]:
         v = await in_thread(self.pool.create_volume, name, parse_size(size))
@@ -101,13 +101,13 @@ class Volumes:
         vol = self.views.resolve_volume(name)
         if isinstance(hosts, str) or not isinstance(hosts, list | tuple) or not hosts:
             raise VssError("E_INVALIDARG", f"volume {vol}: name at least one host to present "
-                       f"it to (the daemon's own host, {self.masking.service_machine}, is the "
-                       "mount's root)")
+                           f"it to (the daemon's own host, {self.masking.service_machine}, is the "
+                           "mount's root)")
         for h in hosts:
             if not isinstance(h, str) or not documents.valid_host(h):
                 raise VssError("E_INVALIDARG", f"host name {h!r} is not valid (letters, "
-                           "digits, '-', '_' in dot-separated labels, at most 253 "
-                           "characters)")
+                               "digits, '-', '_' in dot-separated labels, at most 253 "
+                               "characters)")
         before = self.masking.hosts_of(vol)
         self.masking.present([vol], hosts)
         after = self.masking.hosts_of(vol)
