@@ -254,11 +254,7 @@ class Exposure:
         log.info("unexposed snapshot %s", s.id)
         return self.views.prop_json(self.pool.snapshot(s.id))
 
-    # ------------------------------------------------------------------ long operations
-    # Each runs as a job (provider/jobs.py): status lists it, and its cancel token stops
-    # it at the next chunk. What a cancellation leaves is decided here and said in the
-    # reply: promote, split, scrub and check stop with nothing changed (E_ABORT); a
     async def users_of(self, snapshot_id: str) -> dict[str, list[str]]:
-        """_snapshot_users of one snapshot as it is now (its exposure may have been
+        """snapshot_users of one snapshot as it is now (its exposure may have been
         renamed meanwhile)."""
         return await self.snapshot_users([self.pool.snapshot(snapshot_id)], wait=1.0)
