@@ -21,6 +21,21 @@ owned them is gone.
 
 Synchronous, small writes; called from the trio thread (WAL + synchronous=NORMAL keeps a
 commit well under a millisecond on this kind of disk).
+
+The write-through cache. ProviderCatalog also holds the tables in memory, one dict each
+(``records``, ``mounted``, ``presented``, ``imported``, ``exported``), loaded by load()
+at the coordinator's start. Every write method changes the row first and its dict after
+the row's transaction committed: memory never holds what the catalog lacks, and nobody
+else keeps a copy that must be kept in step by hand. The coordinator and the modules it
+delegates to (masking, exposure, transport, views, reconciliation) read the dicts and
+write only through these methods; all of them on the trio thread (no lock: the dicts are
+never changed from a worker thread). The methods named after a table (sets(), mounts(),
+presentations(), imports(), exports()) read the rows from disk, as another process would.
+
+One exception: a set's row is written when its creation starts (begin_set), but
+``records`` holds only sets that were CREATED (put_set): a set in creation is the
+coordinator's (its ``_sets``) until then. Rows of sets that never reached CREATED are
+found by load() after a crash, and the reconciliation at start removes them.
 """
 
 from __future__ import annotations
@@ -114,6 +129,21 @@ class ProviderCatalog:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        # the write-through cache (see the module docstring); load() fills it
+        self.records: dict[str, SetRecord] = {}
+        self.mounted: dict[str, MountRecord] = {}
+        self.presented: dict[str, frozenset[str]] = {}   # LUN masking: lun -> hosts
+        self.imported: dict[str, tuple[str, str]] = {}   # set id -> (host, origin)
+        # exported sets: what end_backup needs once the importing host deleted them
+        self.exported: dict[str, ExportRecord] = {}
+
+    def load(self) -> None:
+        """Every table into memory (the coordinator's start)."""
+        self.records = self.sets()
+        self.mounted = self.mounts()
+        self.presented = dict(self.presentations())
+        self.imported = self.imports()
+        self.exported = self.exports()
 
     def close(self) -> None:
         self.db.close()
@@ -129,7 +159,16 @@ class ProviderCatalog:
         self.db.execute("COMMIT")
 
     # ------------------------------------------------------------------ sets
+    def begin_set(self, r: SetRecord) -> None:
+        """The row of a set whose creation starts (not cached: see the docstring)."""
+        self._write_set(r)
+
     def put_set(self, r: SetRecord) -> None:
+        """A CREATED set (or one adopted at start)."""
+        self._write_set(r)
+        self.records[r.set_id] = r
+
+    def _write_set(self, r: SetRecord) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO sets (set_id, context, attributes, state, created, "
@@ -142,14 +181,21 @@ class ProviderCatalog:
     def set_state(self, set_id: str, state: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE sets SET state=? WHERE set_id=?", (state, set_id))
+        rec = self.records.get(set_id)
+        if rec is not None:
+            rec.state = state
 
     def set_backup_complete(self, set_id: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE sets SET backup_complete=1 WHERE set_id=?", (set_id,))
+        rec = self.records.get(set_id)
+        if rec is not None:
+            rec.backup_complete = True
 
     def delete_set(self, set_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM sets WHERE set_id=?", (set_id,))
+        self.records.pop(set_id, None)
 
     def sets(self) -> dict[str, SetRecord]:
         rows = self.db.execute("SELECT * FROM sets ORDER BY created").fetchall()
@@ -163,10 +209,12 @@ class ProviderCatalog:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO mounts VALUES (?,?,?,?)",
                        (m.snapshot_id, m.mountpoint, m.dev, m.fstype))
+        self.mounted[m.snapshot_id] = m
 
     def delete_mount(self, snapshot_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM mounts WHERE snapshot_id=?", (snapshot_id,))
+        self.mounted.pop(snapshot_id, None)
 
     def mounts(self) -> dict[str, MountRecord]:
         rows = self.db.execute("SELECT * FROM mounts").fetchall()
@@ -176,10 +224,18 @@ class ProviderCatalog:
     # ------------------------------------------------------------------ LUN masking
     def set_presentation(self, lun: str, hosts: Iterable[str] | None) -> None:
         """Present ``lun`` to exactly ``hosts`` (None: back to the default, local host)."""
+        hs = frozenset(hosts or ())
         with self._tx() as db:
             db.execute("DELETE FROM presentation WHERE lun=?", (lun,))
-            for h in sorted(set(hosts or ())):
+            for h in sorted(hs):
                 db.execute("INSERT INTO presentation VALUES (?,?)", (lun, h))
+        self._cache_presentation(lun, hs)
+
+    def _cache_presentation(self, lun: str, hosts: frozenset[str] | None) -> None:
+        if hosts:
+            self.presented[lun] = hosts
+        else:
+            self.presented.pop(lun, None)
 
     def presentations(self) -> dict[str, frozenset[str]]:
         out: dict[str, set[str]] = {}
@@ -199,20 +255,34 @@ class ProviderCatalog:
                 db.execute("DELETE FROM presentation WHERE lun=?", (lun,))
                 for h in sorted(set(present_to or ())):
                     db.execute("INSERT INTO presentation VALUES (?,?)", (lun, h))
+        self.imported[set_id] = (host, origin)
+        for lun in luns:
+            self._cache_presentation(lun, frozenset(present_to or ()))
 
-    def undo_import(self, set_id: str, previous: dict[str, frozenset[str] | None]) -> None:
+    def undo_import(self, set_id: str, previous: dict[str, frozenset[str] | None],
+                    rows: bool = True) -> None:
         """One transaction: forget the import of ``set_id`` and give each LUN back the
-        hosts it had (None: no row, the daemon's host)."""
-        with self._tx() as db:
-            db.execute("DELETE FROM imports WHERE set_id=?", (set_id,))
+        hosts it had (None: no row, the daemon's host). rows=False: record_import wrote
+        no row, only memory is given back. Memory is given back also when the rows could
+        not be (an error here is logged by the caller; what the rows still say is what
+        the next start finds)."""
+        try:
+            if rows:
+                with self._tx() as db:
+                    db.execute("DELETE FROM imports WHERE set_id=?", (set_id,))
+                    for lun, hosts in previous.items():
+                        db.execute("DELETE FROM presentation WHERE lun=?", (lun,))
+                        for h in sorted(hosts or ()):
+                            db.execute("INSERT INTO presentation VALUES (?,?)", (lun, h))
+        finally:
+            self.imported.pop(set_id, None)
             for lun, hosts in previous.items():
-                db.execute("DELETE FROM presentation WHERE lun=?", (lun,))
-                for h in sorted(hosts or ()):
-                    db.execute("INSERT INTO presentation VALUES (?,?)", (lun, h))
+                self._cache_presentation(lun, hosts)
 
     def delete_import(self, set_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM imports WHERE set_id=?", (set_id,))
+        self.imported.pop(set_id, None)
 
     def imports(self) -> dict[str, tuple[str, str]]:
         """set id -> (importing host, origin host)."""
@@ -230,10 +300,12 @@ class ProviderCatalog:
                         e.exported))
             db.execute("DELETE FROM exports WHERE set_id NOT IN (SELECT set_id FROM exports "
                        "ORDER BY exported DESC, set_id LIMIT ?)", (MAX_EXPORTS,))
+        self.exported = self.exports()   # the newest MAX_EXPORTS
 
     def delete_export(self, set_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM exports WHERE set_id=?", (set_id,))
+        self.exported.pop(set_id, None)
 
     def exports(self) -> dict[str, ExportRecord]:
         out = {}

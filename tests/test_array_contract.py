@@ -257,6 +257,27 @@ def test_capabilities_decide_what_is_offered(tmp_path: Path) -> None:
     with pytest.raises(VssError) as ei:
         hw.ResyncLuns(ids[0])
     assert ei.value.name == "VSS_E_NOT_SUPPORTED"
+    assert a.read("a", 0, 1) == bytes(1)
+
+
+def test_coordinator_refuses_what_the_array_cannot_do(tmp_path: Path) -> None:
+    caps = Capabilities(plex=False, promote=False, split=False, revert=False, discard=True,
+                        reflink=False, changed_blocks=False, max_snapshots_per_volume=8)
+    a = FakeArray(str(tmp_path), caps)
+    a.create_volume("a", MiB)
+
+    async def fn(c: Coordinator) -> None:
+        r = await c.create(c.open_session(), ["a"], "app-rollback")
+        sid = r["snapshots"][0]["snapshot_id"]
+        assert r["snapshots"][0]["kind"] == "differential"
+        for call in (c.revert(sid), c.promote(sid), c.split(sid, "b")):
+            with pytest.raises(VssError) as ei:
+                await call
+            assert ei.value.name == "VSS_E_NOT_SUPPORTED", ei.value
+        assert [v.name for v in a.list_volumes()] == ["a"]
+        assert a.snapshot(sid).kind == "differential"
+
+    run(a, fn, {"default_kind": "plex"})
 
 
 def run(array: Array, fn: Callable[[Coordinator], Awaitable[Any]],

@@ -1082,7 +1082,7 @@ def test_no_mount_is_recorded_for_a_snapshot_gone_meanwhile(
             n.start_soon(_outcome, results, "mount again", lambda: c.expose(
                 keep, mount="/m/again"))
             await c.close_session(owner)     # auto-release: 'gone' is deleted now
-        return keep, dict(c._mounts), (await c.check())
+        return keep, dict(c.catalog.mounted), (await c.check())
 
     try:
         keep, mounts, chk = env.run(fn, mountpoint=str(tmp_path / "mnt"))
@@ -1192,7 +1192,7 @@ def test_two_unmounts_of_one_snapshot_at_once(
                 set_id=set_id, unexpose=True))
             n.start_soon(_outcome, results, "delete id", lambda: c.snapshot_delete(
                 snapshot_id=sid, unexpose=True))
-        return dict(c._mounts), (await c.check())
+        return dict(c.catalog.mounted), (await c.check())
 
     try:
         mounts, chk = env.run(fn, mountpoint=str(tmp_path / "mnt"))
@@ -1221,14 +1221,14 @@ def test_a_mount_failing_because_its_snapshot_went_is_not_found(
             if meanwhile == "deleted":   # auto-release: the snapshot is deleted now
                 trio.from_thread.run(c.close_session, sess)
             else:
-                trio.from_thread.run_sync(c._present, [sid], ["host-b"])
+                trio.from_thread.run_sync(c.masking.present, [sid], ["host-b"])
             raise loopdev.LoopError(f"losetup {image}: No such file or directory")
 
         monkeypatch.setattr(loopdev, "expose_mount", fake_expose_mount)
         results: dict[str, str] = {}
         await _outcome(results, "mount", lambda: c.expose(sid, name="g", mount="/m/g"))
         names = [x.exposed_name for x in c.pool.list_snapshots()]
-        return results, dict(c._mounts), names, (await c.check())
+        return results, dict(c.catalog.mounted), names, (await c.check())
 
     env = Env(tmp_path)
     try:

@@ -1,0 +1,130 @@
+"""Volumes: create, resize, present (LUN masking), delete, and the checks that refuse
+to change a volume in use: marked by the coordinator (a set being created, a revert), a
+loop device on any of its paths, a process holding its image open.
+
+State: none of its own. The volumes are the block store's, their presentation the
+catalog's (through provider/masking.py), the marks the coordinator's (``marks``, read
+only here: Coordinator owns every mark). Trio thread; the block store and the /proc and
+/sys scans run in worker threads, and nothing here stats a path under our own mount.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from fuse_mount import loopdev
+
+from . import documents
+from .array import Array
+from .masking import LunMasking
+from .model import Mark, Revert, in_thread, parse_size
+from .views import Views
+from .vss import VssError
+
+log = logging.getLogger("provider.coordinator")   # the service's log, as before the split
+OPEN_RELEASE_WAIT = 0.5   # s: a volume closed just before its delete is not "open"
+
+
+class Volumes:
+    def __init__(self, pool: Array, masking: LunMasking, views: Views,
+                 marks: dict[str, Mark]) -> None:
+        self.pool = pool
+        self.masking = masking
+        self.views = views
+        self._marks = marks   # the coordinator's volume marks (read only)
+
+    def check_unmarked(self, volume: str, what: str) -> None:
+        mark = self._marks.get(volume)
+        if mark is not None:
+            name = ("VSS_E_REVERT_IN_PROGRESS" if isinstance(mark, Revert)
+                    else "VSS_E_SNAPSHOT_SET_IN_PROGRESS")
+            raise VssError(name, f"cannot {what} volume {volume}: it is in use by {mark}")
+
+    def check_not_attached(self, volume: str, what: str) -> None:
+        path = self.pool.image_path(volume)
+        users = loopdev.loops_backed_by(path) if path else []
+        for vpath in self.masking.volume_paths(volume):   # under our own mount: no stat
+            users += loopdev.loops_backed_by(vpath, lexical=True)
+        if users:
+            # no `volume delete --force`: like lvremove of an open LV, deleting a volume
+            # in use is refused (its users would get I/O errors); revert has --force
+            hint = " (or revert --force)" if what == "revert" else ""
+            raise VssError("VSS_E_VOLUME_IN_USE", f"cannot {what} volume {volume}: loop "
+                           f"device(s) {', '.join(sorted(set(users)))} use it; unmount the "
+                           f"filesystems on them and detach them (losetup -d) first{hint}")
+
+    async def check_not_open(self, volume: str) -> None:
+        """Refuse to delete a volume whose image a process has open (or mapped), as
+        lvremove refuses an open LV: the daemon's own count of FUSE handles, the
+        processes named from /proc as text (no look at the path). A close reaches the
+        daemon as an asynchronous release: wait for it a moment."""
+        if not self.masking.counts_handles():
+            return
+        with trio.move_on_after(OPEN_RELEASE_WAIT):
+            while self.masking.open_handles(volume):
+                await trio.sleep(0.02)
+        n = self.masking.open_handles(volume)
+        if n:
+            paths = self.masking.volume_paths(volume)
+            path = (paths or [f"MOUNT/volumes/{volume}.img"])[0]
+
+            def classify(p: str) -> str | None:   # as text: no request to our mount
+                return volume if p.removesuffix(loopdev.DELETED) in paths else None
+            who = [w for _, w in await in_thread(loopdev.users_by_path, classify)]
+            if who:
+                raise VssError("VSS_E_VOLUME_IN_USE", f"cannot delete volume {volume}: it is "
+                               f"open (by {'; '.join(who)}); close it first")
+            raise VssError("VSS_E_VOLUME_IN_USE", f"cannot delete volume {volume}: it is open "
+                           f"({n} file handle(s) on {path}, not found by path: a process in "
+                           f"another mount namespace?); close it first (fuser -v {path})")
+
+    async def create(self, name: str, size: int | str) -> dict[str, Any]:
+        v = await in_thread(self.pool.create_volume, name, parse_size(size))
+        return self.views.volume_json(v)
+
+    async def resize(self, name: str, size: int | str) -> dict[str, Any]:
+        self.check_unmarked(name, "resize")
+        v = await in_thread(self.pool.resize_volume, name, parse_size(size))
+        # the kernel caches the size (1 s): `losetup -c` right after must see the new one
+        await self.masking.invalidate(name, attr_only=True)
+        return self.views.volume_json(v)
+
+    async def present(self, name: str, hosts: Sequence[str]) -> dict[str, Any]:
+        """LUN masking of a volume: present it to exactly ``hosts``. The daemon's own
+        host is the root of the mount (MOUNT/volumes/); another host sees it at
+        MOUNT/hosts/<host>/volumes/<name>.img. Open files and loop devices keep working
+        (one LUN, one inode); only the names change."""
+        vol = self.views.resolve_volume(name)
+        if isinstance(hosts, str) or not isinstance(hosts, list | tuple) or not hosts:
+            raise VssError("E_INVALIDARG", f"volume {vol}: name at least one host to present "
+                           f"it to (the daemon's own host, {self.masking.service_machine}, is the "
+                           "mount's root)")
+        for h in hosts:
+            if not isinstance(h, str) or not documents.valid_host(h):
+                raise VssError("E_INVALIDARG", f"host name {h!r} is not valid (letters, "
+                               "digits, '-', '_' in dot-separated labels, at most 253 "
+                               "characters)")
+        before = self.masking.hosts_of(vol)
+        self.masking.present([vol], hosts)
+        after = self.masking.hosts_of(vol)
+        if after != before:
+            log.info("volume %s presented to %s (was %s)", vol, ", ".join(sorted(after)),
+                     ", ".join(sorted(before)))
+            await self.masking.names_changed()   # LUN masking: no cached name may still open it
+        return self.views.volume_json(self.pool.volume(vol))
+
+    async def delete(self, name: str) -> None:
+        self.pool.volume(name)
+        self.check_unmarked(name, "delete")
+        await in_thread(self.check_not_attached, name, "delete")
+        await self.check_not_open(name)
+        await in_thread(self.pool.delete_volume, name)
+        self.masking.present([name], None)
+        # the kernel forgets the name before we reply, not in up to 1 s (a stat still
+        # found it; an open, or a loop attach after `volume create` of the same name,
+        # reached the deleted LUN: ENOENT)
+        await self.masking.names_changed()
