@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +44,20 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on an autocommit connection (isolation_level=None):
+    BEGIN IMMEDIATE takes the write lock at once (no upgrade deadlock between two
+    writers); any exception rolls it back. Also the provider catalog's."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
 class Catalog:
     def __init__(self, path: str) -> None:
         # The pool lock makes this process the only writer; the engine's own lock
@@ -59,15 +73,8 @@ class Catalog:
                             (str(SCHEMA_VERSION),))
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('next_file_id', '1')")
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.db)
 
     def next_file_id(self, db: sqlite3.Connection) -> int:
         """Allocate a file id inside an open transaction; ids are never reused."""
