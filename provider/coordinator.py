@@ -53,6 +53,7 @@ import trio
 from blockstore import SnapshotInfo, VolumeInfo
 from blockstore import errors as bse
 from fuse_mount import loopdev
+from fuse_mount.presentation import LiveMount
 
 from . import documents, vss
 from .array import Array
@@ -202,9 +203,13 @@ class Coordinator:
     """The VSS service over one pool. Create, then ``await start()`` on the trio loop."""
 
     def __init__(self, pool: Array, barrier: Any, mountpoint: str | None = None,
-                 writers: Iterable[Any] = (), config: dict[str, Any] | None = None) -> None:
+                 writers: Iterable[Any] = (), config: dict[str, Any] | None = None,
+                 mount: LiveMount | None = None) -> None:
         self.pool = pool
         self.barrier = barrier
+        # the FUSE mount serving the LUNs (None: no mount, e.g. tests): its presentation
+        # (LUN masking, pushed by _push_masking), handle counts and kernel caches
+        self.mount = mount
         self.mountpoint = os.path.abspath(mountpoint) if mountpoint else None
         self.config = {**DEFAULTS, **(config or {})}
         self.writers = _writer_objects(writers, float(self.config["freeze_timeout"]))
@@ -240,18 +245,12 @@ class Coordinator:
             self.fault_hook(step)
 
     # ------------------------------------------------------------------ LUN masking
-    def _ops(self) -> Any:
-        return getattr(self.barrier, "ops", None)
-
     def _push_masking(self) -> None:
-        """Tell the FUSE operations which host sees which LUN, and rebuild its tree."""
-        ops = self._ops()
-        if ops is None or not hasattr(ops, "presented"):
+        """Tell the mount which host sees which LUN (it rebuilds its tree at once)."""
+        if self.mount is None:
             return
-        ops.local_host = self.service_machine
-        ops.presented = dict(self._presented)
-        ops.known_hosts = {x.host for x in self._sessions.values()}
-        ops.refresh()
+        self.mount.presentation.update(self.service_machine, self._presented,
+                                       {x.host for x in self._sessions.values()})
 
     def hosts_of(self, lun: str) -> frozenset[str]:
         """The hosts a LUN (volume name or snapshot id) is presented to."""
@@ -501,13 +500,13 @@ class Coordinator:
         lvremove refuses an open LV: the daemon's own count of FUSE handles, the
         processes named from /proc as text (no look at the path). A close reaches the
         daemon as an asynchronous release: wait for it a moment."""
-        ops = self._ops()
-        if ops is None or not hasattr(ops, "open_handles"):
+        mount = self.mount
+        if mount is None:
             return
         with trio.move_on_after(OPEN_RELEASE_WAIT):
-            while ops.open_handles(volume):
+            while mount.open_handles(volume):
                 await trio.sleep(0.02)
-        n = ops.open_handles(volume)
+        n = mount.open_handles(volume)
         if n:
             paths = self.volume_paths(volume)
             path = (paths or [f"MOUNT/volumes/{volume}.img"])[0]
@@ -1255,12 +1254,11 @@ class Coordinator:
         root = self.mountpoint.rstrip("/") + "/"
         by_dev = {f"{s.id}.img": s.id for s in snaps}
         by_name = {f"{s.exposed_name}.img": s.id for s in snaps if s.exposed_name}
-        ops = self._ops()
-        counts = ops is not None and hasattr(ops, "open_handles")
+        mount = self.mount
         former: dict[str, list[str]] = {}   # b"<earlier name>.img" -> snapshot ids
         if not exposed_only:
             for s in snaps:
-                if counts and not ops.open_handles(s.id):
+                if mount is not None and not mount.open_handles(s.id):
                     continue   # nothing has it open: no earlier name of it is in use
                 for n in self._former_names.get(s.id, ()):
                     former.setdefault(f"{n}.img", []).append(s.id)
@@ -1297,17 +1295,17 @@ class Coordinator:
         users: dict[str, list[str]] = {}
         for sid, what in found:
             users.setdefault(sid, []).append(what)
-        if exposed_only or not counts:
+        if exposed_only or mount is None:
             return users
         deadline = trio.current_time() + wait
         while True:
-            unnamed = {s.id: n for s in snaps if s.id not in users
-                       and (n := ops.open_handles(s.id) - mine.get(s.id, 0)) > 0}
+            unnamed = {s.id: c for s in snaps if s.id not in users
+                       and (c := mount.open_handles(s.id) - mine.get(s.id, 0)) > 0}
             if not unnamed or trio.current_time() >= deadline:
                 break
             await trio.sleep(0.05)
-        for sid, n in unnamed.items():
-            users[sid] = [f"{n} open file(s) through the mount not found by path (a process "
+        for sid, c in unnamed.items():
+            users[sid] = [f"{c} open file(s) through the mount not found by path (a process "
                           "in another mount namespace, a path bind-mounted elsewhere)"]
         return users
 
@@ -1609,11 +1607,10 @@ class Coordinator:
         whose content or size changed without a write through FUSE; returns once the
         kernel has. Never raises: a failure is logged (the LUN is right; what the kernel
         serves from its cache may not be)."""
-        ops = self._ops()
-        if ops is None:
+        if self.mount is None:
             return
         try:
-            await ops.invalidate_lun(lun, attr_only)
+            await self.mount.invalidate_lun(lun, attr_only)
         except Exception as e:
             log.error("could not drop the kernel's cache of %s (%s): buffered reads may "
                       "return its old content until the file is no longer cached", lun, e)
@@ -1623,11 +1620,10 @@ class Coordinator:
         split, volume and snapshot delete, present, import): the kernel forgets its
         cached entry before we report success (else, within its 1 s entry timeout, a
         lookup still finds the old LUN: a stat succeeds, an open reaches it)."""
-        ops = self._ops()
-        if ops is None or not hasattr(ops, "refresh_now"):
+        if self.mount is None:
             return
         try:
-            await ops.refresh_now()
+            await self.mount.refresh_now()
         except Exception as e:
             log.error("could not drop the kernel's cached names (%s): a name may lead to "
                       "its old LUN for up to a second", e)
