@@ -62,11 +62,22 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import NoReturn
 
 import pyfuse3
 import trio
-from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+)
 
 from .barrier import WriteBarrier
 from .errors import fuse_errors, to_fuse_error
@@ -89,9 +100,9 @@ class Handle:
     writable: bool
 
 
-def _entry(st: Stat, uid: int, gid: int) -> pyfuse3.EntryAttributes:
+def _entry(st: Stat, uid: int, gid: int) -> EntryAttributes:
     """The view's attributes as pyfuse3 replies them."""
-    a = pyfuse3.EntryAttributes()
+    a = EntryAttributes()
     a.st_ino = st.ino
     a.st_mode = st.mode
     a.st_nlink = st.nlink
@@ -215,7 +226,7 @@ class ShadowOperations(pyfuse3.Operations):
                     if e.errno != errno.ENOENT:  # the kernel never looked it up: fine
                         log.warning("invalidating %s: %s", key, e)
 
-    def _attr(self, st: Stat) -> pyfuse3.EntryAttributes:
+    def _attr(self, st: Stat) -> EntryAttributes:
         return _entry(st, self.view.uid, self.view.gid)
 
     # ------------------------------------------------------------------ lifecycle
@@ -231,16 +242,17 @@ class ShadowOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode: InodeT, name: FileNameT,
-                     ctx: Any = None) -> pyfuse3.EntryAttributes:
+                     ctx: RequestContext | None = None) -> EntryAttributes:
         return self._attr(self.view.lookup(self.tree(), parent_inode, name))
 
     @fuse_errors
-    async def getattr(self, inode: InodeT, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: InodeT,
+                      ctx: RequestContext | None = None) -> EntryAttributes:
         return self._attr(self.view.stat(inode, self.tree(), fresh_size=True))
 
     @fuse_errors
-    async def setattr(self, inode: InodeT, attr: pyfuse3.EntryAttributes, fields: Any,
-                      fh: FileHandleT | None, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+                      fh: FileHandleT | None, ctx: RequestContext | None) -> EntryAttributes:
         t = self.tree()
         if t.is_dir(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -264,49 +276,54 @@ class ShadowOperations(pyfuse3.Operations):
             self._write_mtime_ns[inode] = int(attr.st_mtime_ns)
         return self._attr(self.view.stat(inode, t, fresh_size=True))
 
-    def _refuse_namespace(self, parent_inode: InodeT) -> None:
+    def _refuse_namespace(self, parent_inode: InodeT) -> NoReturn:
         raise pyfuse3.FUSEError(self.view.namespace_errno(parent_inode))
 
+    # LUNs are created, removed and renamed through the API only: every namespace change
+    # is refused (EPERM; EROFS under exposed/ and .shadow/)
+
     async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
-                    ctx: Any) -> Any:
+                    ctx: RequestContext | None) -> EntryAttributes:
         self._refuse_namespace(parent_inode)
 
     async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
-                    ctx: Any) -> Any:
+                    ctx: RequestContext | None) -> EntryAttributes:
         self._refuse_namespace(parent_inode)
 
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
-                     ctx: Any) -> Any:
+                     ctx: RequestContext | None) -> tuple[FileInfo, EntryAttributes]:
         self._refuse_namespace(parent_inode)
 
-    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: Any) -> None:
+    async def unlink(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: RequestContext | None) -> None:
         self._refuse_namespace(parent_inode)
 
-    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: Any) -> None:
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT,
+                    ctx: RequestContext | None) -> None:
         self._refuse_namespace(parent_inode)
 
     async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
-                      ctx: Any) -> Any:
+                      ctx: RequestContext | None) -> EntryAttributes:
         self._refuse_namespace(parent_inode)
 
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
-                   ctx: Any) -> Any:
+                   ctx: RequestContext | None) -> EntryAttributes:
         self._refuse_namespace(new_parent_inode)
 
     async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
                      parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
-                     ctx: Any) -> None:
+                     ctx: RequestContext | None) -> None:
         self._refuse_namespace(parent_inode_old)
 
     # ------------------------------------------------------------------ directories
 
     @fuse_errors
-    async def opendir(self, inode: InodeT, ctx: Any = None) -> FileHandleT:
+    async def opendir(self, inode: InodeT, ctx: RequestContext | None = None) -> FileHandleT:
         self.view.opendir(self.tree(), inode)
         return inode   # a directory's handle is its inode
 
     @fuse_errors
-    async def readdir(self, fh: FileHandleT, start_id: int, token: Any) -> None:
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         for ino, name, st in self.view.listing(self.tree(), fh):
             if ino <= start_id:
                 continue
@@ -320,7 +337,7 @@ class ShadowOperations(pyfuse3.Operations):
         return None
 
     @fuse_errors
-    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+    async def statfs(self, ctx: RequestContext | None = None) -> pyfuse3.StatvfsData:
         total, free = self.pool.statfs()
         s = pyfuse3.StatvfsData()
         s.f_bsize = self.view.blksize
@@ -337,13 +354,14 @@ class ShadowOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ files
 
     @fuse_errors
-    async def open(self, inode: InodeT, flags: FlagT, ctx: Any = None) -> pyfuse3.FileInfo:
+    async def open(self, inode: InodeT, flags: FlagT,
+                   ctx: RequestContext | None = None) -> FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         lun = self.view.open_lun(self.tree(), inode, writable)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(inode, lun, writable)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        return FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     def _handle(self, fh: FileHandleT) -> Handle:
         h = self._handles.get(fh)
