@@ -35,9 +35,10 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
 
 import trio
+
+from .lunstore import LunStore
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,14 @@ class Hold:
 
 
 class WriteBarrier:
-    """Holds writes per volume. `pool` needs only `flush(name)`."""
+    """Holds writes per volume. Of the store it uses only `flush(name)`."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: LunStore) -> None:
         self._pool = pool
         self._holds: list[Hold] = []
         self._inflight: defaultdict[str, int] = defaultdict(int)
         self._changed = trio.Event()
         self._expired_unreleased: dict[str, Hold] = {}
-        # The live ShadowOperations, set by the daemon, for services that need it
-        # (ops.refresh() after LUN changes, await ops.invalidate_lun(key) after a revert).
-        self.ops: Any = None
 
     # ------------------------------------------------------------------ state
 

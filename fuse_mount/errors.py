@@ -19,6 +19,8 @@ Every FUSE handler in operations.py is wrapped by `fuse_errors` (or uses
     InvalidName, InvalidSize EINVAL
     Exists                   EEXIST
     any other StoreError     EIO
+    view.ViewError           its errno   the view refuses (ENOENT, ENOTDIR, EROFS...):
+                                         an answer, not logged
     OSError from below       its errno if ENOSPC/EDQUOT/EIO/EROFS, else EIO
     anything else            EIO, logged with its traceback (a bug)
 
@@ -37,6 +39,8 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from blockstore import errors as bse
+
+from .view import ViewError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ _PASS_OSERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 def errno_for(exc: BaseException, *, writing: bool = False) -> int:
     """errno for an exception raised below the FUSE layer."""
-    if isinstance(exc, pyfuse3.FUSEError):
+    if isinstance(exc, pyfuse3.FUSEError | ViewError):
         return exc.errno
     if isinstance(exc, bse.OutOfRange) and writing:
         return errno.ENOSPC
@@ -79,6 +83,8 @@ def errno_for(exc: BaseException, *, writing: bool = False) -> int:
 def to_fuse_error(exc: Exception, what: str, *, writing: bool = False) -> pyfuse3.FUSEError:
     """Map and log one exception; return the FUSEError to raise."""
     code = errno_for(exc, writing=writing)
+    if isinstance(exc, ViewError):
+        return pyfuse3.FUSEError(code)   # the view's refusal is an answer: nothing to log
     if isinstance(exc, bse.StoreError):
         if isinstance(exc, _LOUD):
             log.error("%s: %s -> %s", what, exc, errno.errorcode.get(code, code))

@@ -1,27 +1,17 @@
-"""pyfuse3 Operations over a blockstore.Pool: what the host sees under the mount.
+"""pyfuse3 Operations over a LunStore: the protocol adapter of the mount.
 
-    MOUNT/                      root (0755)
-    MOUNT/volumes/<name>.img    every volume, read-write (0644; 0444 if the volume is
-                                read-only), size = volume size
-    MOUNT/exposed/<name>.img    snapshots with an exposure name, read-only (0444)
-    MOUNT/.shadow/              (0711) readdir returns NOTHING; lookup of the exact name
-    MOUNT/.shadow/<id>.img      works for every committed snapshot (its device path), 0444
-    MOUNT/hosts/<host>/         another host's view, same layout (volumes/, exposed/,
-                                .shadow/): LUN masking, see `presented` / `_mask()`; the
-                                root shows only the LUNs presented to `local_host`
+What the mount shows -- the tree (volumes/, exposed/, .shadow/, hosts/<host>/), inode
+numbers, sizes and mtimes, LUN masking -- is view.py's (pure, no pyfuse3). This module
+translates: a FUSE request becomes a view lookup (its `Stat` an EntryAttributes, its
+`ViewError` an errno, see errors.py) or an array call, and it owns what only the FUSE
+protocol has: open file handles, the kernel's caches (which entries and pages it must
+forget when the tree is rebuilt or a LUN changes behind it), the write barrier.
 
-Inode numbers are stable across daemon restarts: 1 root, 2 volumes/, 3 exposed/,
-4 .shadow/, volumes 1000 + VolumeInfo.id, snapshots (1 << 62) | xxh64(snapshot id) in a
-62-bit space (a collision inside one run is resolved by probing, deterministically in
-snapshot-creation order). An exposed snapshot has the same inode under exposed/ and
-.shadow/ (one LUN, one page cache). mtimes are stable too: a snapshot's is its creation
-time; a volume's is the pool's recorded last-write time (VolumeInfo.mtime, else its
-creation time), then the time of each write through this daemon (kept in memory).
-
-The tree is cached and rebuilt when pool.generation changes (LUNs appear/disappear/rename/
-expose); entries that vanished are invalidated in the kernel right away, new ones are
-visible at once (lookups never cache negative answers). Sizes are re-read from the pool on
-getattr (attr_timeout 1 s), so a resize is seen within a second.
+The view's tree is rebuilt when the store's generation moves (LUNs appear/disappear/
+rename/expose) or the presentation changes (presentation.py: the coordinator's update()
+calls refresh()); entries that vanished are invalidated in the kernel right away, new
+ones are visible at once (lookups never cache negative answers). Sizes are re-read from
+the store on getattr (attr_timeout 1 s), so a resize is seen within a second.
 
 Data path (S3QL pattern: thin async handlers, synchronous pool calls inline, no thread
 hop): read -> pool.read, write -> pool.write (after the write barrier, see barrier.py),
@@ -69,230 +59,114 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
-import stat
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
 import pyfuse3
 import trio
-import xxhash
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+)
 
 from .barrier import WriteBarrier
 from .errors import fuse_errors, to_fuse_error
+from .lunstore import LunStore
+from .presentation import Presentation
+from .view import ROOT_INO, Lun, MountView, Stat, Tree
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = pyfuse3.ROOT_INODE  # 1
-VOLUMES_INO = 2
-EXPOSED_INO = 3
-SHADOW_INO = 4
-HOSTS_INO = 5          # MOUNT/hosts/: one directory per other host (LUN masking)
-VOLUME_INO_BASE = 1000
-HOST_INO_BASE = 1 << 61  # host views: base + 4 * n + (0 root, 1 volumes, 2 exposed, 3 .shadow)
-SNAP_INO_BIT = 1 << 62
-SNAP_INO_MASK = SNAP_INO_BIT - 1
+assert ROOT_INO == pyfuse3.ROOT_INODE
 
-IMG = ".img"
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-
-DIR_NAMES = {VOLUMES_INO: b"volumes", EXPOSED_INO: b"exposed", SHADOW_INO: b".shadow",
-             HOSTS_INO: b"hosts"}
-VIEW_KINDS = (VOLUMES_INO, EXPOSED_INO, SHADOW_INO)  # a host view's subdirectories
-DIR_MODES = {
-    ROOT_INO: stat.S_IFDIR | 0o755,
-    VOLUMES_INO: stat.S_IFDIR | 0o755,
-    EXPOSED_INO: stat.S_IFDIR | 0o755,
-    SHADOW_INO: stat.S_IFDIR | 0o711,  # traversable, not listable
-    HOSTS_INO: stat.S_IFDIR | 0o755,
-}
-LUN_TIMEOUT = 1.0     # entry/attr cache for LUNs (sizes and names may change via the API)
-DIR_TIMEOUT = 300.0   # the fixed directories never change
-
-
-def snapshot_inode(snapshot_id: str) -> int:
-    """The preferred (stable) inode number of a snapshot."""
-    h = xxhash.xxh64_intdigest(snapshot_id.encode()) & SNAP_INO_MASK
-    return SNAP_INO_BIT | (h or 1)
-
-
-@dataclass
-class Lun:
-    ino: int
-    key: str                 # pool key: volume name or snapshot id
-    snapshot: bool
-    size: int
-    created_ns: int          # also the mtime until we see a write
-    read_only: bool
-    info: Any = None         # VolumeInfo / SnapshotInfo
-
-
-@dataclass
-class Tree:
-    generation: int
-    volumes: dict[bytes, Lun] = field(default_factory=dict)    # b"name.img" -> Lun
-    exposed: dict[bytes, Lun] = field(default_factory=dict)    # b"name.img" -> Lun
-    shadow: dict[bytes, Lun] = field(default_factory=dict)     # b"<id>.img" -> Lun
-    by_ino: dict[int, Lun] = field(default_factory=dict)
-    dir_mtime_ns: dict[int, int] = field(default_factory=dict)
-    # other hosts' views (LUN masking): MOUNT/hosts/<host>/{volumes,exposed,.shadow}
-    hosts: dict[bytes, int] = field(default_factory=dict)          # host -> its root ino
-    host_dirs: dict[int, int] = field(default_factory=dict)        # view dir ino -> kind
-    views: dict[int, dict[bytes, Lun]] = field(default_factory=dict)  # view dir -> LUNs
-
-    def is_dir(self, ino: int) -> bool:
-        return ino in DIR_MODES or ino in self.host_dirs
-
-    def kind(self, ino: int) -> int:
-        """ROOT/VOLUMES/EXPOSED/SHADOW_INO (or HOSTS_INO) for any directory inode."""
-        return self.host_dirs.get(ino, ino)
-
-    def children(self, ino: int) -> dict[bytes, Lun] | None:
-        if ino in self.views:
-            return self.views[ino]
-        if ino == VOLUMES_INO:
-            return self.volumes
-        if ino == EXPOSED_INO:
-            return self.exposed
-        if ino == SHADOW_INO:
-            return self.shadow
-        return None
 
 
 @dataclass
 class Handle:
-    ino: int
+    ino: InodeT
     lun: Lun
     writable: bool
 
 
+def _entry(st: Stat, uid: int, gid: int) -> EntryAttributes:
+    """The view's attributes as pyfuse3 replies them."""
+    a = EntryAttributes()
+    a.st_ino = st.ino
+    a.st_mode = st.mode
+    a.st_nlink = st.nlink
+    a.st_uid, a.st_gid = uid, gid
+    a.st_size = st.size
+    a.st_blksize = st.blksize
+    a.st_blocks = st.blocks
+    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = st.mtime_ns
+    a.entry_timeout = st.entry_timeout
+    a.attr_timeout = st.attr_timeout
+    return a
+
+
 class ShadowOperations(pyfuse3.Operations):
-    """The FUSE file system. All handlers run on the trio thread of the FUSE session."""
+    """The FUSE file system. All handlers run on the trio thread of the FUSE session.
+
+    Implements presentation.LiveMount for the control plane (open_handles, refresh_now,
+    invalidate_lun)."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False  # see the module docstring: the barrier relies on it
     enable_acl = False
 
-    def __init__(self, pool: Any, barrier: WriteBarrier | None = None) -> None:
+    def __init__(self, pool: LunStore, barrier: WriteBarrier | None = None,
+                 presentation: Presentation | None = None) -> None:
         super().__init__()
         self.pool = pool
         self.barrier = barrier if barrier is not None else WriteBarrier(pool)
-        self.uid = os.getuid()
-        self.gid = os.getgid()
-        self.blksize = max(4096, int(getattr(pool, "chunk_size", 65536)))
-        self._handles: dict[int, Handle] = {}
+        # LUN masking: the coordinator update()s it, we rebuild (see presentation.py)
+        self.presentation = presentation if presentation is not None else Presentation()
+        self.view = MountView(pool, self.presentation)
+        self.presentation.subscribe(self.refresh)
+        # The hot path's copies of view state (one attribute lookup fewer per request):
+        # the generation of the view's tree (set where the tree is rebuilt, _refresh) and
+        # the view's own dict of write times.
+        self._generation = self.view.tree.generation
+        self._write_mtime_ns = self.view.write_mtime_ns
+        self._handles: dict[FileHandleT, Handle] = {}
         self._next_fh = 1
-        self._snap_ino: dict[str, int] = {}     # snapshot id -> inode (this run)
-        self._ino_owner: dict[int, str] = {}    # inode -> snapshot id
-        self._write_mtime_ns: dict[int, int] = {}  # volume inode -> last write time
-        self._started_ns = time.time_ns()
         self.mounted = False                    # set by init() once the kernel connects
-        # LUN masking (the coordinator sets these, then calls refresh()): the hosts each
-        # LUN (volume name / snapshot id) is presented to; a LUN not in ``presented`` is
-        # presented to ``local_host`` only. The root shows local_host's view; every other
-        # host in ``known_hosts`` or ``presented`` gets MOUNT/hosts/<host>/.
-        self.local_host = socket.gethostname()
-        self.presented: dict[str, frozenset[str]] = {}
-        self.known_hosts: set[str] = set()
-        self._host_ino: dict[str, int] = {}     # host -> its view's base inode (this run)
-        self._tree = self._build(self.pool.generation)
         # called after queuing kernel notifications: the session loop stops polling a
         # moment so that pyfuse3's notification thread gets the GIL (see session.py)
-        self.notifying: Any = lambda: None
+        self.notifying: Callable[[], None] = lambda: None
         # entries whose invalidation was queued (asynchronously) by _refresh: refresh_now
         # makes sure of them before it returns
-        self._queued_entries: list[tuple[int, bytes]] = []
+        self._queued_entries: list[tuple[InodeT, FileNameT]] = []
 
     # ------------------------------------------------------------------ tree
-
-    def _assign_snapshot_ino(self, sid: str) -> int:
-        ino = self._snap_ino.get(sid)
-        if ino is not None:
-            return ino
-        ino = snapshot_inode(sid)
-        while ino in self._ino_owner:  # collision in 62 bits: probe
-            ino = SNAP_INO_BIT | (((ino & SNAP_INO_MASK) + 1) & SNAP_INO_MASK or 1)
-        self._snap_ino[sid] = ino
-        self._ino_owner[ino] = sid
-        return ino
-
-    def _build(self, generation: int) -> Tree:
-        t = Tree(generation)
-        for v in self.pool.list_volumes():
-            lun = Lun(
-                ino=VOLUME_INO_BASE + int(v.id), key=v.name, snapshot=False, size=int(v.size),
-                created_ns=int(float(getattr(v, "mtime", None) or v.created) * 1e9),
-                read_only=bool(getattr(v, "read_only", False)), info=v,
-            )
-            t.volumes[os.fsencode(v.name) + b".img"] = lun
-            t.by_ino[lun.ino] = lun
-        snaps = [s for s in self.pool.list_snapshots() if s.state in ("committed", "invalid")]
-        snaps.sort(key=lambda s: (s.created, s.id))
-        for s in snaps:
-            lun = Lun(
-                ino=self._assign_snapshot_ino(s.id), key=s.id, snapshot=True, size=int(s.size),
-                created_ns=int(s.created * 1e9), read_only=True, info=s,
-            )
-            t.shadow[os.fsencode(s.id) + b".img"] = lun
-            if s.exposed_name:
-                t.exposed[os.fsencode(s.exposed_name) + b".img"] = lun
-            t.by_ino[lun.ino] = lun
-        self._mask(t)
-        try:
-            pool_mtime = int(os.stat(self.pool.path).st_mtime_ns)
-        except (OSError, AttributeError, TypeError):
-            pool_mtime = self._started_ns
-        for ino in (VOLUMES_INO, EXPOSED_INO, SHADOW_INO):
-            kids = t.children(ino) or {}
-            t.dir_mtime_ns[ino] = max((lun.created_ns for lun in kids.values()), default=pool_mtime)
-        t.dir_mtime_ns[ROOT_INO] = max(t.dir_mtime_ns.values())
-        return t
-
-    def hosts_of(self, key: str) -> frozenset[str]:
-        """The hosts a LUN is presented to."""
-        return self.presented.get(key) or frozenset((self.local_host,))
-
-    def _mask(self, t: Tree) -> None:
-        """Split the full tree into the local view (the root) and the other hosts' views."""
-        full = {VOLUMES_INO: t.volumes, EXPOSED_INO: t.exposed, SHADOW_INO: t.shadow}
-        others = set(self.known_hosts)
-        for hs in self.presented.values():
-            others |= hs
-        others.discard(self.local_host)
-        for host in sorted(others):
-            base = self._host_ino.get(host)
-            if base is None:
-                base = self._host_ino[host] = HOST_INO_BASE + 4 * len(self._host_ino)
-            t.hosts[os.fsencode(host)] = base
-            t.host_dirs[base] = ROOT_INO
-            for i, kind in enumerate(VIEW_KINDS, 1):
-                t.host_dirs[base + i] = kind
-                t.views[base + i] = {n: lun for n, lun in full[kind].items()
-                                     if host in self.hosts_of(lun.key)}
-        if self.presented:
-            local = self.local_host
-            t.volumes, t.exposed, t.shadow = ({n: lun for n, lun in d.items()
-                                               if local in self.hosts_of(lun.key)}
-                                              for d in (t.volumes, t.exposed, t.shadow))
 
     def tree(self) -> Tree:
         """The current tree, rebuilt if the pool's generation moved."""
         gen = self.pool.generation
-        t = self._tree
-        if gen != t.generation:
-            t = self._refresh(gen)
-        return t
+        if gen != self._generation:
+            return self._refresh(gen)
+        return self.view.tree
 
     def refresh(self) -> None:
-        """Rebuild now (the control API may call this after changing LUNs)."""
+        """Rebuild now (the presentation changed, or the control API changed LUNs)."""
         self._refresh(self.pool.generation)
 
     def _refresh(self, gen: int) -> Tree:
-        old = self._tree
-        new = self._build(gen)
-        self._tree = new
+        old = self.view.tree
+        new = self.view.rebuild(gen)
+        self._generation = gen
         # Re-point open handles (a renamed volume keeps its inode and its open files).
         orphaned: dict[tuple[bool, str], int] = {}
         for h in self._handles.values():
@@ -309,15 +183,11 @@ class ShadowOperations(pyfuse3.Operations):
                       "reader): their reads fail from now on (EIO)",
                       "snapshot" if snap else "volume", key, n)
         if self.mounted:
-            queued = False
-            for dino in (VOLUMES_INO, EXPOSED_INO, SHADOW_INO, *old.views):
-                before, after = old.children(dino) or {}, new.children(dino) or {}
-                for name, lun in before.items():
-                    if name not in after or after[name].ino != lun.ino:
-                        pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
-                        self._queued_entries.append((dino, name))
-                        queued = True
-            if queued:
+            vanished = self.view.vanished(old, new)
+            for dino, name in vanished:
+                pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
+            if vanished:
+                self._queued_entries += vanished
                 del self._queued_entries[:-1024]   # only the latest matter to refresh_now
                 self.notifying()
         log.debug("tree rebuilt at generation %s: %d volumes, %d snapshots, %d exposed",
@@ -356,47 +226,8 @@ class ShadowOperations(pyfuse3.Operations):
                     if e.errno != errno.ENOENT:  # the kernel never looked it up: fine
                         log.warning("invalidating %s: %s", key, e)
 
-    # ------------------------------------------------------------------ attributes
-
-    def _dir_attr(self, ino: int, t: Tree) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = ino
-        a.st_mode = DIR_MODES[t.kind(ino)]
-        a.st_nlink = 6 if ino == ROOT_INO else 2
-        a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_size = 0
-        a.st_blksize = 4096
-        ns = t.dir_mtime_ns.get(ino, self._started_ns)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
-        a.entry_timeout = DIR_TIMEOUT
-        a.attr_timeout = LUN_TIMEOUT
-        return a
-
-    def _lun_attr(self, lun: Lun, size: int | None = None) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = lun.ino
-        a.st_mode = stat.S_IFREG | (0o444 if lun.read_only else 0o644)
-        a.st_nlink = 1
-        a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_size = lun.size if size is None else size
-        a.st_blksize = self.blksize
-        a.st_blocks = (a.st_size + 511) // 512
-        mtime = self._write_mtime_ns.get(lun.ino, lun.created_ns)
-        a.st_mtime_ns = a.st_ctime_ns = mtime
-        a.st_atime_ns = mtime
-        a.entry_timeout = LUN_TIMEOUT
-        a.attr_timeout = LUN_TIMEOUT
-        return a
-
-    def _attr(self, ino: int, t: Tree, fresh_size: bool = False) -> pyfuse3.EntryAttributes:
-        if t.is_dir(ino):
-            return self._dir_attr(ino, t)
-        lun = t.by_ino.get(ino)
-        if lun is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if fresh_size:
-            lun.size = int(self.pool.lun_size(lun.key))
-        return self._lun_attr(lun)
+    def _attr(self, st: Stat) -> EntryAttributes:
+        return _entry(st, self.view.uid, self.view.gid)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -404,59 +235,34 @@ class ShadowOperations(pyfuse3.Operations):
         self.mounted = True
         log.info("FUSE connection initialised")
 
-    async def forget(self, inode_list: Any) -> None:
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         return None  # inodes are derived from catalog ids; nothing to free
 
     # ------------------------------------------------------------------ namespace
 
     @fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
-        t = self.tree()
-        if name == b".":
-            return self._attr(parent_inode, t)
-        if name == b"..":
-            return self._attr(ROOT_INO, t)
-        if parent_inode == ROOT_INO:
-            for ino, n in DIR_NAMES.items():
-                if n == name:
-                    return self._dir_attr(ino, t)
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if parent_inode == HOSTS_INO:
-            base = t.hosts.get(name)
-            if base is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._dir_attr(base, t)
-        if t.host_dirs.get(parent_inode) == ROOT_INO:   # MOUNT/hosts/<host>/
-            for i, kind in enumerate(VIEW_KINDS, 1):
-                if DIR_NAMES[kind] == name:
-                    return self._dir_attr(parent_inode + i, t)
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        kids = t.children(parent_inode)
-        if kids is None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR if parent_inode in t.by_ino else errno.ENOENT)
-        lun = kids.get(name)
-        if lun is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(lun.ino, t, fresh_size=True)
+    async def lookup(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: RequestContext | None = None) -> EntryAttributes:
+        return self._attr(self.view.lookup(self.tree(), parent_inode, name))
 
     @fuse_errors
-    async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        return self._attr(inode, self.tree(), fresh_size=True)
+    async def getattr(self, inode: InodeT,
+                      ctx: RequestContext | None = None) -> EntryAttributes:
+        return self._attr(self.view.stat(inode, self.tree(), fresh_size=True))
 
     @fuse_errors
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+                      fh: FileHandleT | None, ctx: RequestContext | None) -> EntryAttributes:
         t = self.tree()
         if t.is_dir(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
-        lun = t.by_ino.get(inode)
-        if lun is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        lun = t.lun(inode)
         wants = (fields.update_size, fields.update_mode, fields.update_uid, fields.update_gid,
                  fields.update_atime, fields.update_mtime, getattr(fields, "update_ctime", False))
         if lun.snapshot:
             if any(wants):
                 raise pyfuse3.FUSEError(errno.EROFS)
-            return self._lun_attr(lun)
+            return self._attr(self.view.lun_stat(lun))
         if fields.update_size:
             current = int(self.pool.lun_size(lun.key))
             if attr.st_size != current:
@@ -468,93 +274,78 @@ class ShadowOperations(pyfuse3.Operations):
             if lun.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
             self._write_mtime_ns[inode] = int(attr.st_mtime_ns)
-        return self._attr(inode, t, fresh_size=True)
+        return self._attr(self.view.stat(inode, t, fresh_size=True))
 
-    def _refuse_namespace(self, parent_inode: int) -> None:
-        if self._tree.kind(parent_inode) in (EXPOSED_INO, SHADOW_INO):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        raise pyfuse3.FUSEError(errno.EPERM)  # LUNs are created/removed through the API
+    def _refuse_namespace(self, parent_inode: InodeT) -> NoReturn:
+        raise pyfuse3.FUSEError(self.view.namespace_errno(parent_inode))
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: Any) -> Any:
+    # LUNs are created, removed and renamed through the API only: every namespace change
+    # is refused (EPERM; EROFS under exposed/ and .shadow/)
+
+    async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+                    ctx: RequestContext | None) -> EntryAttributes:
         self._refuse_namespace(parent_inode)
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
+                    ctx: RequestContext | None) -> EntryAttributes:
         self._refuse_namespace(parent_inode)
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: Any) -> Any:
+    async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+                     ctx: RequestContext | None) -> tuple[FileInfo, EntryAttributes]:
         self._refuse_namespace(parent_inode)
 
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    async def unlink(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: RequestContext | None) -> None:
         self._refuse_namespace(parent_inode)
 
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT,
+                    ctx: RequestContext | None) -> None:
         self._refuse_namespace(parent_inode)
 
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+    async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+                      ctx: RequestContext | None) -> EntryAttributes:
         self._refuse_namespace(parent_inode)
 
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+                   ctx: RequestContext | None) -> EntryAttributes:
         self._refuse_namespace(new_parent_inode)
 
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: Any) -> None:
+    async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
+                     parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
+                     ctx: RequestContext | None) -> None:
         self._refuse_namespace(parent_inode_old)
 
     # ------------------------------------------------------------------ directories
 
     @fuse_errors
-    async def opendir(self, inode: int, ctx: Any = None) -> int:
-        t = self.tree()
-        if not t.is_dir(inode):
-            raise pyfuse3.FUSEError(errno.ENOTDIR if inode in t.by_ino else errno.ENOENT)
-        return inode
+    async def opendir(self, inode: InodeT, ctx: RequestContext | None = None) -> FileHandleT:
+        self.view.opendir(self.tree(), inode)
+        return inode   # a directory's handle is its inode
 
     @fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        # Entries are ordered by inode and next_id is the inode: robust against LUNs
-        # appearing or disappearing between calls (nothing skipped or repeated).
-        t = self.tree()
-        if fh == ROOT_INO:
-            entries = [(ino, n, self._dir_attr(ino, t)) for ino, n in sorted(DIR_NAMES.items())]
-        elif fh == HOSTS_INO:
-            entries = [(b, n, self._dir_attr(b, t)) for n, b in sorted(t.hosts.items(),
-                                                                       key=lambda kv: kv[1])]
-        elif t.host_dirs.get(fh) == ROOT_INO:
-            entries = [(fh + i, DIR_NAMES[k], self._dir_attr(fh + i, t))
-                       for i, k in enumerate(VIEW_KINDS, 1)]
-        elif t.kind(fh) == SHADOW_INO:
-            entries = []  # hidden: device paths are found by exact name only
-        else:
-            kids = t.children(fh) or {}
-            entries = [
-                (lun.ino, n, self._lun_attr(lun))
-                for n, lun in sorted(kids.items(), key=lambda kv: kv[1].ino)
-            ]
-        for ino, name, attr in entries:
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
+        for ino, name, st in self.view.listing(self.tree(), fh):
             if ino <= start_id:
                 continue
-            if not pyfuse3.readdir_reply(token, name, attr, ino):
+            if not pyfuse3.readdir_reply(token, name, self._attr(st), ino):
                 break
 
-    async def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: FileHandleT) -> None:
         return None
 
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         return None
 
     @fuse_errors
-    async def statfs(self, ctx: Any = None) -> Any:
+    async def statfs(self, ctx: RequestContext | None = None) -> pyfuse3.StatvfsData:
         total, free = self.pool.statfs()
         s = pyfuse3.StatvfsData()
-        s.f_bsize = self.blksize
+        s.f_bsize = self.view.blksize
         s.f_frsize = 4096
         s.f_blocks = int(total) // 4096
         s.f_bfree = int(free) // 4096
         s.f_bavail = int(free) // 4096
-        t = self._tree
-        s.f_files = len(t.by_ino) + len(DIR_MODES)
+        s.f_files = self.view.file_count(self.view.tree)
         s.f_ffree = 0
         s.f_favail = 0
         s.f_namemax = 255
@@ -563,26 +354,20 @@ class ShadowOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ files
 
     @fuse_errors
-    async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
-        t = self.tree()
-        if t.is_dir(inode):
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        lun = t.by_ino.get(inode)
-        if lun is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+    async def open(self, inode: InodeT, flags: FlagT,
+                   ctx: RequestContext | None = None) -> FileInfo:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable and lun.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        lun = self.view.open_lun(self.tree(), inode, writable)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(inode, lun, writable)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        return FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
-    def _handle(self, fh: int) -> Handle:
+    def _handle(self, fh: FileHandleT) -> Handle:
         h = self._handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if self.pool.generation != self._tree.generation:
+        if self.pool.generation != self._generation:
             self.tree()  # re-points h.lun after a rename
         return h
 
@@ -590,12 +375,12 @@ class ShadowOperations(pyfuse3.Operations):
     # @fuse_errors, inline), the handle lookup inlined, and the pool's data is returned
     # as is (pyfuse3 replies straight from the bytes object os.pread made).
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         try:
             h = self._handles.get(fh)
             if h is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            if self.pool.generation != self._tree.generation:
+            if self.pool.generation != self._generation:
                 self.tree()  # re-points h.lun after a rename
             data: bytes = self.pool.read(h.lun.key, off, size)
             return data
@@ -604,12 +389,12 @@ class ShadowOperations(pyfuse3.Operations):
         except Exception as e:  # noqa: BLE001 - the errno mapping point (errors.py)
             raise to_fuse_error(e, "read") from None
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         try:
             h = self._handles.get(fh)
             if h is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            if self.pool.generation != self._tree.generation:
+            if self.pool.generation != self._generation:
                 self.tree()  # re-points h.lun after a rename
             lun = h.lun
             if lun.read_only:
@@ -640,22 +425,22 @@ class ShadowOperations(pyfuse3.Operations):
             raise to_fuse_error(e, "write", writing=True) from None
 
     @fuse_errors
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         h = self._handle(fh)
         if h.lun.snapshot:
             return
         # pool.flush waits for the disk: run it off the trio thread so reads keep flowing.
         await trio.to_thread.run_sync(self.pool.flush, h.lun.key)
 
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: FileHandleT) -> None:
         # close(2): cheap on purpose; durability is fsync's job (as for a block device).
         return None
 
-    async def release(self, fh: int) -> None:
+    async def release(self, fh: FileHandleT) -> None:
         self._handles.pop(fh, None)
 
     @fuse_errors(writing=True)
-    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+    async def fallocate(self, fh: FileHandleT, mode: FlagT, off: int, length: int) -> None:
         """fallocate(2) on an open LUN (needs the patched pyfuse3; see the module docstring).
 
         Only PUNCH_HOLE|KEEP_SIZE is supported, on volumes: pool.discard after the write

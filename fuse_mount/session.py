@@ -33,6 +33,7 @@ import trio
 
 from . import loopdev
 from .barrier import WriteBarrier
+from .lunstore import LunStore
 from .operations import ShadowOperations
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ POLL_HOLD_OFF_NS = 20_000_000   # after kernel notifications are queued (hold_of
 
 
 async def run_mount(
-    pool: Any,
+    pool: LunStore,
     mountpoint: str | os.PathLike[str],
     *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
@@ -133,7 +134,7 @@ async def run_mount(
     except BaseException:
         _active = False
         raise
-    log.info("mounted %s at %s", getattr(pool, "path", "pool"), path)
+    log.info("mounted %s at %s", pool.path, path)
     try:
         task_status.started(ops)
         if fast_loop:

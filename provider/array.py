@@ -12,8 +12,8 @@ Who uses what:
 
     HardwareProvider (hardware.py)   volumes, snapshots, space, capabilities
     Coordinator (coordinator.py ...) the same, plus check/scrub and exposure names
-    fuse_mount (operations.py)       only fuse_mount's own LunStore subset: the tree's
-                                     listing and the data path
+    fuse_mount (view, operations,    only fuse_mount.lunstore.LunStore, which Array
+      barrier, session)              extends: the tree's listing and the data path
     daemon.py                        opens and closes the concrete backend (the
                                      composition root; nothing else names Pool)
 
@@ -46,48 +46,37 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from blockstore.model import Capabilities, SnapshotInfo, VolumeInfo
+from fuse_mount.lunstore import LunStore
 
 Progress = Callable[[int, int], None] | None
 
 
-class Array(Protocol):
-    """A storage array as the provider sees it (see the module docstring)."""
+class Array(LunStore, Protocol):
+    """A storage array as the provider sees it (see the module docstring). From
+    LunStore, what the mount needs too: ``path`` (also the local directory the provider
+    keeps its catalog in), ``chunk_size``, ``generation``, list_volumes,
+    list_snapshots, lun_size, read, write, flush (durable when it returns), discard
+    (reads as zeros; snapshots keep their content), statfs ((total, free) bytes)."""
 
     # ---------------------------------------------------------------- identity
-    @property
-    def path(self) -> str:
-        """Where the array is: shown in messages; a local directory the provider keeps
-        its catalog in (provider/catalog.py)."""
-
     @property
     def pool_id(self) -> str:
         """A GUID naming this array; BCD documents carry it (transport)."""
 
     @property
-    def chunk_size(self) -> int:
-        """Snapshot granularity in bytes (also the FUSE block size)."""
-
-    @property
     def capabilities(self) -> Capabilities: ...
-
-    @property
-    def generation(self) -> int:
-        """Moves whenever the set of LUNs or their names/flags change (the FUSE view
-        rebuilds its tree when it sees a new value)."""
 
     @property
     def last_io(self) -> float:
         """time.monotonic() of the last read or write (background work yields to I/O)."""
 
     # ---------------------------------------------------------------- volumes
-    def list_volumes(self) -> list[VolumeInfo]: ...
     def volume(self, name: str) -> VolumeInfo: ...
     def create_volume(self, name: str, size: int) -> VolumeInfo: ...
     def resize_volume(self, name: str, new_size: int) -> VolumeInfo: ...
     def delete_volume(self, name: str) -> None: ...
 
     # ---------------------------------------------------------------- snapshots
-    def list_snapshots(self, volume: str | None = None) -> list[SnapshotInfo]: ...
     def snapshot(self, snap_id: str) -> SnapshotInfo: ...
 
     def prepare_snapshot(self, volume: str, kind: str = ..., snapshot_id: str | None = None,
@@ -120,24 +109,12 @@ class Array(Protocol):
         """Record (or clear) the name a snapshot is exposed under (it travels with it)."""
 
     # ---------------------------------------------------------------- data path
-    def lun_size(self, key: str) -> int: ...
-    def read(self, key: str, offset: int, length: int) -> bytes: ...
-    def write(self, name: str, offset: int, data: bytes | memoryview) -> int: ...
-
-    def flush(self, name: str) -> None:
-        """Durable when it returns: what fsync through the mount promises."""
-
-    def discard(self, name: str, offset: int, length: int) -> None:
-        """The range reads as zeros afterwards; snapshots keep their content."""
-
+    # (read, write, flush, discard, lun_size: LunStore's)
     def image_path(self, key: str) -> str | None:
         """A local file holding the LUN's data, if there is one (loop devices attached
         to it directly are users of the volume); None for a backend without one."""
 
-    # ---------------------------------------------------------------- space
-    def statfs(self) -> tuple[int, int]:
-        """(total, free) bytes of the array's backing store."""
-
+    # ---------------------------------------------------------------- space (+ statfs)
     def available_bytes(self) -> int:
         """Free space snapshots may take: what a full copy may use."""
 

@@ -49,6 +49,7 @@ import trio
 
 from blockstore import SnapshotInfo
 from blockstore import errors as bse
+from fuse_mount.presentation import LiveMount
 
 from . import documents, vss
 from .array import Array
@@ -108,7 +109,8 @@ class Coordinator:
     (start)."""
 
     def __init__(self, pool: Array, barrier: Any, mountpoint: str | None = None,
-                 writers: Iterable[Any] = (), config: dict[str, Any] | None = None) -> None:
+                 writers: Iterable[Any] = (), config: dict[str, Any] | None = None,
+                 mount: LiveMount | None = None) -> None:
         self.pool = pool
         self.barrier = barrier
         self.mountpoint = os.path.abspath(mountpoint) if mountpoint else None
@@ -128,7 +130,7 @@ class Coordinator:
         # snapshot id -> the long operation running on it (promote, split, expose --mount)
         self._claims: dict[str, str] = {}
         self._jobs = Jobs()   # revert/promote/split/scrub/check running (status shows them)
-        self.masking = LunMasking(self.catalog, barrier, self.service_machine,
+        self.masking = LunMasking(self.catalog, mount, self.service_machine,
                                   self.mountpoint, self.hardware, self._sessions)
         self.views = Views(pool, self.catalog, self.masking, self._sets, self._marks)
         self.volumes = Volumes(pool, self.masking, self.views, self._marks)
@@ -138,6 +140,17 @@ class Coordinator:
         self.transport = Transport(pool, self.catalog, self.masking, self.views,
                                    self.hardware, self.writers, self._sets, self._sessions,
                                    self._fault)
+
+    @property
+    def mount(self) -> LiveMount | None:
+        """The FUSE mount serving the LUNs (None: no mount, e.g. in-process tests): its
+        presentation (LUN masking), handle counts and kernel caches. LunMasking holds
+        the one reference."""
+        return self.masking.mount
+
+    @mount.setter
+    def mount(self, mount: LiveMount | None) -> None:
+        self.masking.mount = mount
 
     def _fault(self, step: str) -> None:
         """A named step of a multi-step change; tests make it raise (fault injection)."""

@@ -50,6 +50,7 @@ from blockstore import Pool
 from blockstore import errors as bse
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.operations import ShadowOperations
+from fuse_mount.presentation import LiveMount, Presentation
 from fuse_mount.session import (
     DEFAULT_POLL_US,
     MountError,
@@ -61,6 +62,7 @@ from fuse_mount.session import (
 )
 
 from . import mount_users
+from .array import Array
 from .vss import VssError
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,10 @@ log = logging.getLogger(__name__)
 PROG = "shadowplex serve"
 
 # An extra service started in the daemon's nursery once the mount is up:
-#   async def control_socket(pool, barrier, nursery) -> None
-# barrier.ops is the live ShadowOperations (ops.refresh(), ops.invalidate_lun(key)).
-Service = Callable[[Pool, WriteBarrier, trio.Nursery], Awaitable[Any]]
+#   async def control_socket(pool, barrier, nursery, mount) -> None
+# mount is the live ShadowOperations as a LiveMount (fuse_mount/presentation.py): its
+# presentation (LUN masking: update() it), open handle counts, kernel cache invalidation.
+Service = Callable[[Array, WriteBarrier, trio.Nursery, LiveMount], Awaitable[Any]]
 
 
 class ServeError(Exception):
@@ -186,8 +189,8 @@ async def _serve_async(
     poll_us: float = DEFAULT_POLL_US,
 ) -> int:
     barrier = WriteBarrier(pool)
-    ops = ShadowOperations(pool, barrier)
-    barrier.ops = ops  # for services: ops.refresh(), await ops.invalidate_lun(key)
+    # LUN masking: the operations read it, the services (the coordinator) update it
+    ops = ShadowOperations(pool, barrier, Presentation())
     session_ended = trio.Event()
     stop_requested = trio.Event()
     unmounting = False  # True while our own umount(2) runs: the session ending is expected
@@ -243,9 +246,10 @@ async def _serve_async(
             nursery.start_soon(writeback_timer, pool)
             # ---------------------------------------------------------------------------
             # Other services (control socket, coordinator, background jobs) start HERE, on
-            # the same trio loop, after the mount exists. Each gets (pool, barrier, nursery).
+            # the same trio loop, after the mount exists. Each gets (pool, barrier, nursery,
+            # mount).
             for svc in services:
-                nursery.start_soon(svc, pool, barrier, nursery)
+                nursery.start_soon(svc, pool, barrier, nursery, ops)
             # ---------------------------------------------------------------------------
             async with trio.open_nursery() as waiter:
                 async def wait_for(ev: trio.Event) -> None:

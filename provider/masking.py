@@ -10,12 +10,12 @@ write-through cache, see provider/catalog.py); LunMasking writes it only through
 present() and the catalog's import methods, and reads the coordinator's sessions (their
 hosts are the known hosts). It owns nothing else. Trio thread only.
 
-The FUSE view learns the masking through the operations object the daemon stored on the
-write barrier (``barrier.ops``): _push_masking() writes ``local_host``, ``presented``,
-``known_hosts`` to it and rebuilds its tree. The same object is asked for its open file
-handles (the in-use checks), to drop the kernel's cached names (names_changed) and
-pages (invalidate). Without a mount (in-process tests) there is no such object and
-these do nothing.
+The FUSE view learns the masking through the mount (fuse_mount.presentation.LiveMount,
+the live ShadowOperations the daemon hands the services): _push_masking() replaces its
+Presentation (local host, presented, known hosts) in one step, and the view rebuilds
+its tree. The same mount is asked for its open file handles (the in-use checks), to drop
+the kernel's cached names (names_changed) and pages (invalidate). Without a mount
+(in-process tests) these do nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fuse_mount.presentation import LiveMount
 
 from .catalog import ProviderCatalog
 
@@ -35,11 +37,12 @@ log = logging.getLogger("provider.coordinator")   # the service's log, as before
 
 
 class LunMasking:
-    def __init__(self, catalog: ProviderCatalog, barrier: Any, service_machine: str,
-                 mountpoint: str | None, hardware: HardwareProvider,
+    def __init__(self, catalog: ProviderCatalog, mount: LiveMount | None,
+                 service_machine: str, mountpoint: str | None, hardware: HardwareProvider,
                  sessions: dict[int, Session]) -> None:
         self.catalog = catalog
-        self.barrier = barrier
+        # the FUSE mount serving the LUNs (None: no mount, e.g. in-process tests)
+        self.mount = mount
         self.service_machine = service_machine
         self.mountpoint = mountpoint
         self.hardware = hardware
@@ -51,18 +54,12 @@ class LunMasking:
         LUN the daemon's host only sees."""
         return self.catalog.presented
 
-    def _ops(self) -> Any:
-        return getattr(self.barrier, "ops", None)
-
     def _push_masking(self) -> None:
-        """Tell the FUSE operations which host sees which LUN, and rebuild its tree."""
-        ops = self._ops()
-        if ops is None or not hasattr(ops, "presented"):
+        """Tell the mount which host sees which LUN (it rebuilds its tree at once)."""
+        if self.mount is None:
             return
-        ops.local_host = self.service_machine
-        ops.presented = dict(self._presented)
-        ops.known_hosts = {x.host for x in self._sessions.values()}
-        ops.refresh()
+        self.mount.presentation.update(self.service_machine, self._presented,
+                                       {x.host for x in self._sessions.values()})
 
     def hosts_of(self, lun: str) -> frozenset[str]:
         """The hosts a LUN (volume name or snapshot id) is presented to."""
@@ -132,11 +129,10 @@ class LunMasking:
         whose content or size changed without a write through FUSE; returns once the
         kernel has. Never raises: a failure is logged (the LUN is right; what the kernel
         serves from its cache may not be)."""
-        ops = self._ops()
-        if ops is None:
+        if self.mount is None:
             return
         try:
-            await ops.invalidate_lun(lun, attr_only)
+            await self.mount.invalidate_lun(lun, attr_only)
         except Exception as e:
             log.error("could not drop the kernel's cache of %s (%s): buffered reads may "
                       "return its old content until the file is no longer cached", lun, e)
@@ -146,20 +142,18 @@ class LunMasking:
         split, volume and snapshot delete, present, import): the kernel forgets its
         cached entry before we report success (else, within its 1 s entry timeout, a
         lookup still finds the old LUN: a stat succeeds, an open reaches it)."""
-        ops = self._ops()
-        if ops is None or not hasattr(ops, "refresh_now"):
+        if self.mount is None:
             return
         try:
-            await ops.refresh_now()
+            await self.mount.refresh_now()
         except Exception as e:
             log.error("could not drop the kernel's cached names (%s): a name may lead to "
                       "its old LUN for up to a second", e)
 
     def counts_handles(self) -> bool:
-        """Whether the FUSE operations count open file handles (not without a mount)."""
-        ops = self._ops()
-        return ops is not None and hasattr(ops, "open_handles")
+        """Whether open file handles are counted (there is a mount)."""
+        return self.mount is not None
 
     def open_handles(self, lun: str) -> int:
-        """The FUSE file handles open on a LUN; only where counts_handles()."""
-        return int(self._ops().open_handles(lun))
+        """The FUSE file handles open on a LUN (0 without a mount)."""
+        return self.mount.open_handles(lun) if self.mount is not None else 0

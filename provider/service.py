@@ -1,7 +1,7 @@
 """The control-socket service of `shadowplex serve`: coordinator + control server.
 
-provider/daemon.py starts extra services in its nursery as ``svc(pool, barrier, nursery)``
-once the FUSE mount is up; bind the rest with functools.partial:
+provider/daemon.py starts extra services in its nursery as ``svc(pool, barrier, nursery,
+mount)`` once the FUSE mount is up; bind the rest with functools.partial:
 
     from provider.service import control_service
     svc = functools.partial(control_service, socket_path=path, mountpoint=mount,
@@ -27,14 +27,17 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
+from fuse_mount.presentation import LiveMount
+
 from .array import Array
 from .control import ControlServer
 from .coordinator import Coordinator
+from .daemon import Service
 from .protocol import default_socket_path
 from .writers import default_writers
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 
 async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
+                          mount: LiveMount | None = None,
                           socket_path: str | None = None, mountpoint: str | None = None,
                           config: dict[str, Any] | None = None,
                           task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -57,7 +61,7 @@ async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
         writers = default_writers({**cfg, "mount": mountpoint})
     mode = int(cfg.pop("socket_mode", 0o600))
     path = socket_path or default_socket_path(pool.path)
-    coord = Coordinator(pool, barrier, mountpoint, writers, cfg)
+    coord = Coordinator(pool, barrier, mountpoint, writers, cfg, mount=mount)
     await coord.start()
     server = ControlServer(coord, path, mode)
     try:
@@ -70,7 +74,6 @@ async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
             await coord.stop()
 
 
-Service = Callable[[Array, Any, trio.Nursery], Awaitable[Any]]
 
 
 def make_service(socket_path: str | None, mountpoint: str | None,

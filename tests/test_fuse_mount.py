@@ -36,7 +36,6 @@ from test_provider_e2e import _stop, sockdir, start_daemon  # noqa: F401 - sockd
 
 from blockstore import Pool
 from fuse_mount import loopdev
-from fuse_mount.operations import LUN_TIMEOUT, VOLUME_INO_BASE, snapshot_inode
 from fuse_mount.session import (
     FSTYPE,
     MountState,
@@ -45,6 +44,7 @@ from fuse_mount.session import (
     run_mount,
     wait_mounted,
 )
+from fuse_mount.view import LUN_TIMEOUT, VOLUME_INO_BASE, snapshot_inode
 
 pytestmark = pytest.mark.kernel
 
@@ -784,9 +784,9 @@ def test_serve_starts_services_and_stops_on_sigterm(tmp_path: Path, mnt: Path) -
     pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
     seen: dict[str, Any] = {}
 
-    async def service(pool: Pool, barrier: Any, nursery: trio.Nursery) -> None:
+    async def service(pool: Pool, barrier: Any, nursery: trio.Nursery, mount: Any) -> None:
         seen["volumes"] = await trio.to_thread.run_sync(os.listdir, mnt / "volumes")
-        seen["ops"] = barrier.ops is not None
+        seen["ops"] = mount.open_handles() == 0 and mount.presentation is not None
         hold = await barrier.hold(["v"], 5.0)
         seen["released"] = barrier.release(hold)
         os.kill(os.getpid(), signal.SIGTERM)   # caught by the daemon's signal receiver

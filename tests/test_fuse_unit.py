@@ -17,16 +17,17 @@ from blockstore import Pool
 from blockstore import errors as bse
 from fuse_mount import errors as ferr
 from fuse_mount.barrier import WriteBarrier
-from fuse_mount.operations import (
+from fuse_mount.operations import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ShadowOperations
+from fuse_mount.presentation import Presentation
+from fuse_mount.view import (
     EXPOSED_INO,
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
+    HOSTS_INO,
     ROOT_INO,
     SHADOW_INO,
     SNAP_INO_BIT,
     VOLUME_INO_BASE,
     VOLUMES_INO,
-    ShadowOperations,
+    ViewError,
     snapshot_inode,
 )
 
@@ -79,6 +80,18 @@ def test_decorator_raises_only_fuse_errors(caplog: pytest.LogCaptureFixture) -> 
     with pytest.raises(pyfuse3.FUSEError) as ei, ferr.store_errors("ctx"):
         raise bse.Busy("busy")
     assert ei.value.errno == errno.EBUSY
+
+
+def test_view_refusal_is_its_errno_and_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    @ferr.fuse_errors
+    async def refused() -> None:
+        raise ViewError(errno.ENOTDIR)
+
+    assert ferr.errno_for(ViewError(errno.EROFS)) == errno.EROFS
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        trio.run(refused)
+    assert ei.value.errno == errno.ENOTDIR
+    assert caplog.records == []   # an answer to the request, not an error of ours
 
 
 def test_cancellation_is_not_mapped() -> None:
@@ -318,9 +331,8 @@ def test_renamed_or_deleted_lun_keeps_handles_sane(pool: Pool) -> None:
 
 
 def test_lun_masking_host_views(pool: Pool) -> None:
-    """The root is the local host's view; MOUNT/hosts/<host>/ the others' (same inodes)."""
-    from fuse_mount.operations import HOSTS_INO
-
+    """The root is the local host's view; MOUNT/hosts/<host>/ the others' (same inodes);
+    the presentation's update() rebuilds the operations' tree at once."""
     async def names(ops: ShadowOperations, ino: int) -> list[bytes]:
         got: list[bytes] = []
         orig = pyfuse3.readdir_reply
@@ -334,11 +346,9 @@ def test_lun_masking_host_views(pool: Pool) -> None:
     pool.create_volume("v", MiB)
     sid = _snapshot(pool, "v")
     pool.set_exposed(sid, "monday")
-    ops = ShadowOperations(pool)
-    ops.local_host = "here"
-    ops.presented = {sid: frozenset({"hostB"})}
-    ops.known_hosts = {"hostA"}
-    ops.refresh()
+    presentation = Presentation("here")
+    ops = ShadowOperations(pool, presentation=presentation)
+    presentation.update("here", {sid: frozenset({"hostB"})}, {"hostA"})
     img = f"{sid}.img".encode()
     assert run(names, ops, ROOT_INO) == [b"volumes", b"exposed", b".shadow", b"hosts"]
     assert run(names, ops, HOSTS_INO) == [b"hostA", b"hostB"]
@@ -361,8 +371,7 @@ def test_lun_masking_host_views(pool: Pool) -> None:
     assert fuse_errno(ops.mknod, shadow_b, b"x", 0, 0, None) == errno.EROFS
     assert fuse_errno(ops.open, hb, os.O_RDONLY, None) == errno.EISDIR
     # back to the default: the local view again, host dirs keep their inodes
-    ops.presented = {}
-    ops.refresh()
+    presentation.update("here", {}, {"hostA"})
     assert run(ops.lookup, SHADOW_INO, img, None).st_ino == snapshot_inode(sid)
     assert run(ops.lookup, HOSTS_INO, b"hostA", None).st_ino == ha
 

@@ -34,7 +34,7 @@ from support import mounted, run_cmd
 from test_provider_e2e import Daemon, sockdir, start_daemon  # noqa: F401 - sockdir: fixture
 
 from fuse_mount import loopdev
-from fuse_mount.operations import LUN_TIMEOUT
+from fuse_mount.view import LUN_TIMEOUT
 from provider.client import Client
 
 pytestmark = pytest.mark.kernel

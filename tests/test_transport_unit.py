@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from test_provider_support import Env, FakeWriter, ServerThread
 
+from fuse_mount.presentation import Presentation
 from provider import protocol
 from provider.catalog import ProviderCatalog
 from provider.client import Client, ControlError
@@ -25,22 +26,35 @@ from provider.vss import VssError
 from provider.writers import Component, FileSpec, WriterMetadata
 
 
-class FakeOps:
-    """What the coordinator pushes the LUN masking to (the FUSE operations' attributes);
-    ``fail_refresh`` makes the next refresh() raise."""
+class FakeMount:
+    """The mount the coordinator pushes the LUN masking to (a LiveMount: its presentation,
+    whose update() calls our refresh()); ``fail_refresh`` makes the next refresh() raise.
+    ``presented`` is what the mount was last told."""
 
     def __init__(self) -> None:
-        self.presented: dict[str, frozenset[str]] = {}
-        self.known_hosts: set[str] = set()
-        self.local_host = ""
+        self.presentation = Presentation("")
+        self.presentation.subscribe(self.refresh)
         self.fail_refresh = False
         self.refreshed: list[dict[str, frozenset[str]]] = []
+
+    @property
+    def presented(self) -> dict[str, frozenset[str]]:
+        return dict(self.presentation.presented)
 
     def refresh(self) -> None:
         if self.fail_refresh:
             self.fail_refresh = False
             raise RuntimeError("refresh failed on purpose")
-        self.refreshed.append(dict(self.presented))
+        self.refreshed.append(self.presented)
+
+    def open_handles(self, key: str | None = None) -> int:
+        return 0
+
+    async def refresh_now(self) -> None:
+        return None
+
+    async def invalidate_lun(self, key: str, attr_only: bool = False) -> None:
+        return None
 
 
 def _db_rows(path: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -68,8 +82,8 @@ def test_failed_import_leaves_nothing(tmp_path: Path, step: str) -> None:
     seen: dict[str, Any] = {}
 
     async def fn(c: Coordinator) -> None:
-        ops = FakeOps()
-        c.barrier.ops = ops
+        ops = FakeMount()
+        c.mount = ops
         sa, sb = c.open_session("hostA"), c.open_session("hostB")
         made = await c.create(sa, ["a", "b"], context="backup", attributes="transportable")
         set_id = made["set_id"]
