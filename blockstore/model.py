@@ -58,7 +58,6 @@ class Capabilities:
     promote: bool                   # a differential snapshot made a full copy in place
     split: bool                     # a snapshot turned into a new, independent volume
     revert: bool                    # a volume made equal to one of its snapshots
-    discard: bool                   # ranges of a volume punched back to zeros
     reflink: bool                   # chunks preserved by reference (issue 14)
     changed_blocks: bool            # changed-block maps between snapshots (issue 17)
     max_snapshots_per_volume: int

@@ -50,7 +50,7 @@ class Pool(LongOps):
     The first implementation of the provider's Array interface (provider/array.py)."""
 
     capabilities = Capabilities(
-        plex=True, promote=True, split=True, revert=True, discard=True,
+        plex=True, promote=True, split=True, revert=True,
         reflink=False, changed_blocks=False,
         max_snapshots_per_volume=MAX_SNAPSHOTS_PER_VOLUME)
 

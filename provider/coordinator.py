@@ -43,6 +43,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import trio
@@ -771,8 +772,9 @@ class Coordinator:
         snaps = self.pool.list_snapshots()
         c = self._creating
         return {
-            "pool": self.pool.path, "pool_id": getattr(self.pool, "pool_id", None),
-            "mount": self.mountpoint, "chunk_size": getattr(self.pool, "chunk_size", None),
+            "pool": self.pool.path, "pool_id": self.pool.pool_id,
+            "mount": self.mountpoint, "chunk_size": self.pool.chunk_size,
+            "capabilities": asdict(self.pool.capabilities),
             "space_total": total, "space_free": free,
             "volumes": len(self.pool.list_volumes()),
             "snapshots": sum(1 for s in snaps if s.state != "preparing"),

@@ -67,7 +67,7 @@ class FakeArray:
         self.path = path or tempfile.mkdtemp(prefix="fake-array-")
         self.pool_id = str(uuid.uuid4())
         self.capabilities = capabilities or Capabilities(
-            plex=True, promote=True, split=True, revert=True, discard=True, reflink=False,
+            plex=True, promote=True, split=True, revert=True, reflink=False,
             changed_blocks=False, max_snapshots_per_volume=8)
         self.generation = 0
         self.last_io = 0.0

@@ -241,7 +241,7 @@ def test_hardware_abort_leaves_nothing(array: Array, stage: str) -> None:
 def test_capabilities_decide_what_is_offered(tmp_path: Path) -> None:
     """A backend without plex or revert: AreLunsSupported says no to a plex (and the
     automagic policy falls back to differential); revert is refused by name."""
-    caps = Capabilities(plex=False, promote=True, split=True, revert=False, discard=True,
+    caps = Capabilities(plex=False, promote=True, split=True, revert=False,
                         reflink=False, changed_blocks=False, max_snapshots_per_volume=2)
     a = FakeArray(str(tmp_path), caps)
     a.create_volume("a", MiB)
@@ -261,7 +261,7 @@ def test_capabilities_decide_what_is_offered(tmp_path: Path) -> None:
 
 
 def test_coordinator_refuses_what_the_array_cannot_do(tmp_path: Path) -> None:
-    caps = Capabilities(plex=False, promote=False, split=False, revert=False, discard=True,
+    caps = Capabilities(plex=False, promote=False, split=False, revert=False,
                         reflink=False, changed_blocks=False, max_snapshots_per_volume=8)
     a = FakeArray(str(tmp_path), caps)
     a.create_volume("a", MiB)
@@ -331,7 +331,11 @@ def test_coordinator_life_cycle(array: Array) -> None:
         await c.revert(by["a"])
         assert array.read("a", 0, 3) == b"one"
         assert (await c.promote(by["a"]))["kind"] == "full"
-        assert c.status()["snapshots"] == 2
+        st = c.status()
+        assert st["snapshots"] == 2 and st["pool_id"] == array.pool_id
+        assert st["capabilities"]["plex"] is True
+        assert st["capabilities"]["max_snapshots_per_volume"] == \
+            array.capabilities.max_snapshots_per_volume
         return r["set_id"], by
 
     set_id, by = run(array, first)
