@@ -36,20 +36,17 @@ persistent ones (NAS_ROLLBACK, APP_ROLLBACK) live until deleted and survive rest
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import trio
 
-from blockstore import SnapshotInfo
-from blockstore import errors as bse
 from fuse_mount.presentation import LiveMount
 
 from . import documents, vss
@@ -58,7 +55,8 @@ from .catalog import ProviderCatalog, SetRecord
 from .deletion import Deletion
 from .exposure import Exposure
 from .hardware import DIFFERENTIAL, PLEX, HardwareProvider
-from .jobs import CancelToken, Job, Jobs
+from .jobs import CancelToken
+from .longops import LongOperations
 from .masking import LunMasking
 from .model import (
     DEFAULTS,
@@ -128,19 +126,20 @@ class Coordinator:
         self._marks: dict[str, Mark] = {}            # volume -> what uses it
         self._sessions: dict[int, Session] = {}
         self._session_ids = itertools.count(1)
-        # snapshot id -> the long operation running on it (promote, split, expose --mount)
-        self._claims: dict[str, str] = {}
-        self._jobs = Jobs()   # revert/promote/split/scrub/check running (status shows them)
+        claims: dict[str, str] = {}   # snapshot id -> its long operation (longops.py)
         self.masking = LunMasking(self.catalog, mount, self.service_machine,
                                   self.mountpoint, self.hardware, self._sessions)
         self.views = Views(pool, self.catalog, self.masking, self._sets, self._marks)
         self.volumes = Volumes(pool, self.masking, self.views, self._marks)
         self.exposure = Exposure(pool, self.catalog, self.masking, self.views)
         self.deletion = Deletion(pool, self.catalog, self.masking, self.views, self.exposure,
-                                 self.hardware, self._sets, self._claims, self._sessions)
+                                 self.hardware, self._sets, claims, self._sessions)
         self.transport = Transport(pool, self.catalog, self.masking, self.views,
                                    self.hardware, self.writers, self._sets, self._sessions,
                                    self._fault)
+        self.longops = LongOperations(pool, self.hardware, barrier, self.config, self.catalog,
+                                      self.masking, self.views, self.volumes, self.exposure,
+                                      self.deletion, self._marks, claims)
 
     @property
     def mount(self) -> LiveMount | None:
@@ -573,22 +572,6 @@ class Coordinator:
                                                    unexpose)
 
     # ------------------------------------------------------------------ expose
-    @contextlib.contextmanager
-    def _claim(self, snapshot_id: str, what: str) -> Iterator[None]:
-        """One long operation at a time per snapshot (promote, split, expose --mount;
-        deletion waits for none of them and is refused meanwhile): they run in worker
-        threads, and two on one snapshot collide (the promote's temporary files, a mount
-        recorded for a snapshot split or deleted meanwhile, two mounts of one snapshot)."""
-        other = self._claims.get(snapshot_id)
-        if other is not None:
-            raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {snapshot_id} is being {other}; "
-                       "retry when that is done")
-        self._claims[snapshot_id] = what
-        try:
-            yield
-        finally:
-            self._claims.pop(snapshot_id, None)
-
     async def expose(self, snapshot_id: str, name: str | None = None,
                      mount: str | None = None) -> dict[str, Any]:
         """Make a snapshot visible: as MOUNT/exposed/<name>.img, and/or mounted read-only
@@ -596,173 +579,32 @@ class Coordinator:
         if mount is None:
             return await self.exposure.expose(snapshot_id, name, mount)
         sid = self.views.committed(snapshot_id).id
-        with self._claim(sid, "mounted"):
+        with self.longops.claim(sid, "mounted"):
             return await self.exposure.expose(sid, name, mount)
 
     async def unexpose(self, snapshot_id: str) -> dict[str, Any]:
         return await self.exposure.unexpose(snapshot_id)
 
     # ------------------------------------------------------------------ long operations
-    # Each runs as a job (provider/jobs.py): status lists it, and its cancel token stops
-    # it at the next chunk. What a cancellation leaves is decided here and said in the
-    # reply: promote, split, scrub and check stop with nothing changed (E_ABORT); a
-    # revert that has started rolls forward and completes (docs/provider.md).
     async def revert(self, snapshot_id: str, force: bool = False,
                      progress: ProgressFn = None,
                      cancel: CancelToken | None = None) -> dict[str, Any]:
-        """ResyncLuns: the origin volume becomes equal to the snapshot. Writes to it wait
-        meanwhile; refused while loop devices use the volume unless ``force``.
-
-        Cancelled before the volume changes: E_ABORT, nothing changed. Once it has begun
-        to change the volume it completes (as after a crash: the store rolls it forward),
-        also when cancelled or when the requester leaves. However it ends, once the
-        volume has begun to change the kernel's cached pages of it are dropped before
-        the reply (they hold pre-revert data: the revert writes behind the page cache)."""
-        self.hardware.require("revert", "revert a volume to a snapshot")
-        s = self.views.committed(snapshot_id)
-        vol = s.volume
-        self.volumes.check_unmarked(vol, "revert")
-        if not force:
-            await in_thread(self.volumes.check_not_attached, vol, "revert")
-        self._marks[vol] = Revert()
-        hold = None
-        started = False   # pool.revert called: the volume may have changed from then on
-        with self._jobs.run("revert", s.id, vol, cancel) as job:
-            try:
-                hold = await self.barrier.hold([vol],
-                                               deadline=float(self.config["revert_hold"]))
-
-                def run(report: Callable[[int, int], None]) -> None:
-                    nonlocal started
-                    job.check()   # the last moment a cancellation leaves it unchanged
-                    started = True
-                    self.hardware.ResyncLuns(s.id, vol, report)
-                await in_thread(run, job.thread_progress(progress, "revert"))
-            except bse.Cancelled:
-                if started:   # the store ignores it once started: a bug
-                    raise
-                raise self._job_cancelled(job, f"revert of volume {vol} to snapshot "
-                                          f"{s.id}", "it had not started") from None
-            finally:
-                if hold is not None:
-                    self.barrier.release(hold)
-                self._marks.pop(vol, None)
-                if started:
-                    # after the release: a write held by the barrier keeps its page
-                    # locked, and the kernel's invalidation waits for that page
-                    with trio.CancelScope(shield=True):
-                        await self.masking.invalidate(vol)
-        log.info("volume %s reverted to snapshot %s%s", vol, s.id,
-                 " (cancelled after it had started: a revert rolls forward)"
-                 if job.cancelled else "")
-        return self.views.volume_json(self.pool.volume(vol))
-
-    @staticmethod
-    def _job_cancelled(job: Job, what: str, detail: str) -> VssError:
-        return _vss("E_ABORT", f"{what} cancelled ({job.token.reason or 'cancelled'}): "
-                    f"nothing changed ({detail})")
+        return await self.longops.revert(snapshot_id, force, progress, cancel)
 
     async def promote(self, snapshot_id: str, progress: ProgressFn = None,
                       cancel: CancelToken | None = None) -> dict[str, Any]:
-        """Differential -> full copy. Cancelled: E_ABORT, still differential (the copy is
-        thrown away); a cancellation after the copy is committed comes too late."""
-        self.hardware.require("promote", "promote a snapshot to a full copy")
-        s = self.views.committed(snapshot_id)
-        with self._claim(s.id, "promoted"), \
-                self._jobs.run("promote", s.id, s.volume, cancel) as job:
-            try:
-                info = await in_thread(self.pool.promote, s.id,
-                                        job.thread_progress(progress, "promote"))
-            except bse.Cancelled:
-                raise self._job_cancelled(job, f"promote of snapshot {s.id}",
-                                          "it is still differential") from None
-        return self.views.prop_json(info)
+        return await self.longops.promote(snapshot_id, progress, cancel)
 
     async def split(self, snapshot_id: str, name: str, progress: ProgressFn = None,
                     cancel: CancelToken | None = None) -> dict[str, Any]:
-        """Break the snapshot off as volume ``name``. All or nothing: cancelled during
-        its promote step, E_ABORT with the snapshot unchanged and no volume; after it,
-        the split completes.
-
-        The snapshot's paths (.shadow/<id>.img, its exposed name, the same in host
-        views) vanish with it: refused (VSS_E_VOLUME_IN_USE, nothing changed) while
-        anything uses one, as a delete is -- checked before it starts and again once
-        the promote step's copy is complete, its last moment to stop with nothing
-        changed (a copy takes long: a loop device attached meanwhile counts too)."""
-        self.hardware.require("split", "split a snapshot off as a volume")
-        s = self.views.committed(snapshot_id)
-        with self._claim(s.id, "split"):
-            if s.id in self.catalog.mounted:
-                raise _vss("VSS_E_VOLUME_IN_USE", f"snapshot {s.id} is mounted at "
-                           f"{self.catalog.mounted[s.id].mountpoint}; unexpose it first")
-            users = await self.exposure.snapshot_users([s], wait=2.0)
-            if users:
-                raise _vss("VSS_E_VOLUME_IN_USE", self.exposure.in_use_message(users, "split"))
-            with self._jobs.run("split", s.id, s.volume, cancel) as job:
-                report = job.thread_progress(progress, "split")
-
-                def step(done: int, total: int) -> None:   # in the worker thread
-                    report(done, total)   # raises Cancelled once cancelled
-                    if done >= total:     # the copy is complete (and, last, durable)
-                        users = trio.from_thread.run(self.exposure.users_of, s.id)
-                        if users:
-                            raise bse.Busy(self.exposure.in_use_message(users, "split") +
-                                           f" (nothing changed: no volume {name}; the "
-                                           f"snapshot is still {s.kind})")
-                step.point_of_no_return = report.point_of_no_return  # type: ignore[attr-defined]
-                try:
-                    v = await in_thread(self.pool.split, s.id, name, step)
-                except bse.Cancelled:
-                    raise self._job_cancelled(job, f"split of snapshot {s.id}", f"no "
-                                              f"volume {name}; the snapshot is still "
-                                              f"{s.kind}") from None
-                except Exception as e:
-                    err = self._split_failed(s, e)
-                    if err is e:
-                        raise
-                    raise err from e
-        self.exposure.forget_names(s.id)
-        set_id = s.set_id or s.id
-        if set_id in self.catalog.records and not self.views.set_members(set_id):
-            self.deletion.drop_record(set_id)
-        await self.masking.names_changed()   # .shadow/<id>.img (and its exposed name) are gone
-        return self.views.volume_json(v)
-
-    def _split_failed(self, s: SnapshotInfo, e: Exception) -> Exception:
-        """A split that failed after its promote step left the snapshot a full copy:
-        the error says so (same content, but not what the snapshot was)."""
-        try:
-            now = self.pool.snapshot(s.id).kind
-        except bse.StoreError:
-            return e
-        if now == s.kind:
-            return e
-        from .protocol import to_vss_error
-        err = to_vss_error(e)
-        return VssError(err.name, f"{err.message}; snapshot {s.id} was promoted to a full "
-                        "copy before that (same content)")
+        return await self.longops.split(snapshot_id, name, progress, cancel)
 
     async def check(self, cancel: CancelToken | None = None) -> dict[str, Any]:
-        with self._jobs.run("check", "pool", None, cancel) as job:
-            try:
-                problems = await in_thread(self.pool.check,
-                                            job.thread_progress(None, "check"))
-            except bse.Cancelled:
-                raise self._job_cancelled(job, "check", "it only reads") from None
-        problems = list(problems) + self.deletion.check_catalog()
-        return {"ok": not problems, "problems": problems}
+        return await self.longops.check(cancel)
 
     async def scrub(self, progress: ProgressFn = None,
                     cancel: CancelToken | None = None) -> dict[str, Any]:
-        with self._jobs.run("scrub", "pool", None, cancel) as job:
-            try:
-                problems = await in_thread(self.pool.scrub,
-                                            job.thread_progress(progress, "scrub"))
-            except bse.Cancelled:
-                raise self._job_cancelled(job, "scrub", "a scrub changes no data"
-                                          ) from None
-        problems = list(problems) + self.deletion.check_catalog()
-        return {"ok": not problems, "problems": problems}
+        return await self.longops.scrub(progress, cancel)
 
     async def writers_list(self) -> list[dict[str, Any]]:
         return await writers_list(self.writers)
@@ -781,7 +623,7 @@ class Coordinator:
             "sets": len(self.catalog.records),
             "creating": c.to_json() if c else None,
             "volumes_in_use": {v: str(m) for v, m in self._marks.items()},
-            "operations": self._jobs.list(),
+            "operations": self.longops.jobs.list(),
             "sessions": len(self._sessions),
             "writers": [n for w in self.writers for n in names(w)],
             "service_machine": self.service_machine,

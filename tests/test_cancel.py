@@ -364,7 +364,7 @@ def test_disconnect_stops_a_promote_and_the_server_goes_on(tmp_path: Path,
         r.close()   # the requester dies mid-way
         coord = srv.coord
         assert coord is not None
-        wait_until(lambda: srv.call(lambda: coord._jobs.list()[0]["state"]) == "cancelling")
+        wait_until(lambda: srv.call(lambda: coord.longops.jobs.list()[0]["state"]) == "cancelling")
         gate.open.set()
         wait_until(lambda: srv.call(lambda: coord.status()["operations"]) == [])
         assert env.pool.snapshot(sid).kind == "differential"
