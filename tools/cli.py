@@ -20,17 +20,19 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
 from .output import (
+    SNAPSHOT_COLUMNS,
+    VOLUME_COLUMNS,
     Progress,
-    human_size,
-    human_time,
     one_line,
+    package_version,
     print_fields,
     print_json,
     print_table,
+    snapshot_view,
+    volume_view,
 )
 
 PROG = "shadowplex"
@@ -38,13 +40,6 @@ DEFAULT_SOCKET = "/run/shadowplex/shadowplex.sock"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
 INTERRUPT_WAIT = 0.6   # s for the daemon's verdict after Ctrl-C (the CLI answers in < 1 s)
-
-
-def _version() -> str:
-    try:
-        return version("shadowplex")  # single source: pyproject.toml [project] version
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class UsageError(Exception):
@@ -165,33 +160,6 @@ def _call(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any]) -> 
 
 
 # ------------------------------------------------------------------------ presentation
-SNAPSHOT_COLUMNS = [("id", "ID"), ("set_id", "SET"), ("volume", "VOLUME"), ("kind", "KIND"),
-                    ("context", "CONTEXT"), ("state", "STATE"), ("created_at", "CREATED"),
-                    ("exposed", "EXPOSED")]
-VOLUME_COLUMNS = [("name", "NAME"), ("size_h", "SIZE"), ("naa", "NAA"),
-                  ("snapshots", "SNAPSHOTS"), ("diff_h", "DIFF AREA"), ("path", "PATH")]
-
-
-def snapshot_view(d: dict[str, Any]) -> dict[str, Any]:
-    """The wire's VSS_SNAPSHOT_PROP form plus the CLI's stable short names."""
-    out = dict(d)
-    out.setdefault("id", d.get("snapshot_id"))
-    out.setdefault("set_id", d.get("snapshot_set_id"))
-    out.setdefault("state", d.get("status"))
-    out.setdefault("device_path", d.get("device_object"))
-    out.setdefault("created", d.get("creation_timestamp"))
-    out["created_at"] = human_time(out.get("created"))
-    out["exposed"] = d.get("mounted_at") or d.get("exposed_path") or d.get("exposed_name")
-    return out
-
-
-def volume_view(d: dict[str, Any]) -> dict[str, Any]:
-    out = dict(d)
-    out["size_h"] = human_size(d.get("size"))
-    out["diff_h"] = human_size(d.get("diff_bytes"))
-    return out
-
-
 def _emit(args: argparse.Namespace, obj: Any, table: Callable[[Any], None] | None = None) -> None:
     if args.json:
         print_json(obj)
@@ -530,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(common, top=False)
     p = _Parser(prog=PROG, description="Linux user-space shadow-copy provider (VSS-like).")
     _common_options(p, top=True)
-    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    p.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
                            parser_class=_Parser)
 

@@ -105,7 +105,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import interrupts, procgroup
-from .output import one_line
+from .output import (
+    SNAPSHOT_COLUMNS,
+    Progress,
+    one_line,
+    package_version,
+    print_table,
+    snapshot_view,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "shadowplex"
@@ -623,7 +630,6 @@ class _Runner:
             self.in_call = False
 
     def progress(self) -> Any:
-        from .output import Progress
         return Progress(not self.quiet)
 
     # -- values
@@ -836,8 +842,6 @@ class _Runner:
                      for x in snaps))
 
     def do_create(self, st: Stmt) -> None:
-        from .cli import SNAPSHOT_COLUMNS, snapshot_view
-        from .output import print_table
         set_id = self.set_id
         prog = self.progress()
         try:
@@ -983,8 +987,6 @@ class _Runner:
                  + (f": {', '.join(deleted)}" if deleted and self.verbose else ""))
 
     def do_list_shadows(self, st: Stmt) -> None:
-        from .cli import SNAPSHOT_COLUMNS, snapshot_view
-        from .output import print_table
         form, arg = st.args["form"], st.args["arg"]
         if form == "set":
             rows = self.call(self.c.snapshot_list, set_id=self.ident(arg))
@@ -999,7 +1001,6 @@ class _Runner:
         sys.stdout.flush()
 
     def do_list_writers(self, st: Stmt) -> None:
-        from .output import print_table
         rows = self.call(self.c.writers_list)
         if rows:
             print_table(rows, [("name", "WRITER"), ("writer_id", "ID"), ("state", "STATE"),
@@ -1009,11 +1010,9 @@ class _Runner:
         sys.stdout.flush()
 
     def do_list_providers(self, st: Stmt) -> None:
-        from .cli import _version
-        from .output import print_table
         s = self.c.server
         print_table([{"provider_id": s.get("provider_id"), "name": s.get("server", PROG),
-                      "type": "hardware", "version": _version(),
+                      "type": "hardware", "version": package_version(),
                       "machine": s.get("service_machine"), "pool": s.get("pool")}],
                     [("provider_id", "PROVIDER ID"), ("name", "NAME"), ("type", "TYPE"),
                      ("version", "VERSION"), ("machine", "MACHINE"), ("pool", "POOL")])
