@@ -22,6 +22,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
+from provider import vss
+
 from .output import (
     SNAPSHOT_COLUMNS,
     VOLUME_COLUMNS,
@@ -286,7 +288,6 @@ def _attributes(args: argparse.Namespace) -> list[str]:
 def _context(text: str) -> Any:
     """--context, checked here so that a wrong one is a usage error (exit 2) and nothing
     is sent to the daemon."""
-    from provider import vss
     try:
         return vss.parse_context(text)
     except vss.VssError as e:
@@ -422,7 +423,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             print(f"snapshot set {r['set_id']} (from {r['origin']}) imported on {r['host']}")
             _snap_table(snaps)
         _emit(args, res, table)
-        if snaps and snaps[0].get("context") in ("backup", "file-share-backup") \
+        if snaps and snaps[0].get("context") in vss.AUTO_RELEASE_CLI_NAMES \
                 and not args.json:
             print(f"note: an auto-release ({snaps[0].get('context')}) set is deleted when "
                   "this command's session ends; import it from a script or program that "
@@ -560,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = add("create", cmd_snapshot, "create a snapshot set of one or more volumes", ssub)
     sc.add_argument("volumes", nargs="+", metavar="VOLUME")
     sc.add_argument("--context", default="backup",
-                    help="backup | file-share-backup | nas-rollback | app-rollback (or VSS value)")
+                    help=" | ".join(vss.CREATABLE_CLI_NAMES) + " (or VSS value)")
     kind = sc.add_mutually_exclusive_group()
     kind.add_argument("--differential", dest="kind", action="store_const", const="differential")
     kind.add_argument("--plex", dest="kind", action="store_const", const="plex")
