@@ -1,7 +1,8 @@
 """The `shadowplex` command line: the requester side.
 
 Every command except `serve`, `pool init` and `demo` talks to the daemon through
-provider.client (socket: --socket, else $SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
+provider.client (socket: --socket, else provider.config.default_socket_path():
+$SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
 Exit codes: 0 success, 1 the operation failed, 2 usage error. User mistakes print one
 line; a traceback only with --debug.
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from provider import vss
+from provider.config import DEFAULT_SOCKET, default_socket_path
 
 from .output import (
     SNAPSHOT_COLUMNS,
@@ -38,7 +40,6 @@ from .output import (
 )
 
 PROG = "shadowplex"
-DEFAULT_SOCKET = "/run/shadowplex/shadowplex.sock"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
 INTERRUPT_WAIT = 0.6   # s for the daemon's verdict after Ctrl-C (the CLI answers in < 1 s)
@@ -64,7 +65,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def socket_path(args: argparse.Namespace) -> str:
-    return args.socket or os.environ.get("SHADOWPLEX_SOCKET") or DEFAULT_SOCKET
+    return args.socket or default_socket_path()
 
 
 @contextlib.contextmanager
@@ -204,8 +205,7 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
         if not value:
             raise UsageError(f"serve needs --{flag} DIR (or '{flag} = \"DIR\"' in the "
                              "--config file)")
-    sock = (args.socket or opts.get("socket") or os.environ.get("SHADOWPLEX_SOCKET")
-            or DEFAULT_SOCKET)
+    sock = args.socket or opts.get("socket") or default_socket_path()
     allow_other = bool(opts.get("allow_other", False) if args.allow_other is None
                        else args.allow_other)
     if args.default_kind:
