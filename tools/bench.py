@@ -68,6 +68,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fuse_mount import loopdev
+
 from . import interrupts, procgroup, workdir
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -146,21 +148,11 @@ def _run(*cmd: str, timeout: float = 120) -> str:
 def _mounted(path: str) -> bool:
     """True if `path` is a mount target (works for FUSE mounts on regular files and for
     dead FUSE mounts, where stat fails)."""
-    path = os.path.realpath(path)
-    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 1 and parts[1].replace("\\040", " ") == path:
-                return True
-    return False
+    return loopdev.mounted_at(os.path.realpath(path))
 
 
 def _fuse_unmount(path: str) -> None:
-    for cmd in (("fusermount3", "-u", path), ("fusermount3", "-u", "-z", path),
-                ("umount", "-l", path)):
-        if not _mounted(path):
-            return
-        subprocess.run(cmd, capture_output=True, check=False, timeout=30)
+    loopdev.unmount_ladder(os.path.realpath(path), loopdev.FUSE_UNMOUNT)
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str,
