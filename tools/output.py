@@ -1,6 +1,6 @@
 """How the CLI and scripts show things: human tables, --json, progress on a terminal,
 and the views of the wire's records both print (here, not in cli.py, so that
-tools/script.py need not import the CLI that imports it)."""
+tools/script/ need not import the CLI that imports it)."""
 
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ Verbs and what they map to (provider/client.py):
                               the snapshots in `add` order (usable from the next line)
   expose ID TARGET            expose: TARGET with a `/` is a directory -> loop device +
                               read-only mount there (`expose --mount`); a plain name ->
-                              MOUNT/exposed/NAME.img
+                              MOUNT/exposed/NAME.img (a new name: not starting with
+                              '.' or '-', as blockstore.names.check_name wants)
   exec CMD                    /bin/sh -c CMD; %A% (defined aliases only) is replaced by its
                               value and every alias is in the environment ($A,
                               $VSS_SHADOW_SET, $VSS_SHADOW_n, $SHADOWPLEX_SOCKET); a non-zero
