@@ -46,6 +46,52 @@ def progress_wanted(quiet: bool, forced: bool, tty: bool) -> bool:
     return not quiet and (tty or forced)
 
 
+def _host_problems() -> list[str]:
+    """Why the benchmark cannot mount FUSE file systems here (empty: it can)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not running as root")
+    if not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse is missing")
+    if shutil.which("fusermount3") is None:
+        problems.append("fusermount3 not found (apt install fuse3)")
+    return problems
+
+
+def _choose_tools(generator: str, versions: dict[str, str | None]
+                  ) -> tuple[str, bool, bool, list[dict[str, str]]] | None:
+    """(generator, qemu-storage-daemon?, qcow2?, the columns skipped and why) from what is
+    installed; None if --generator fio was asked for without fio."""
+    skipped: list[dict[str, str]] = []
+    gen = generator
+    if gen == "auto":
+        gen = "fio" if versions["fio"] else "python"
+        if gen == "python":
+            skipped.append({"column": "generator", "reason": "fio not found (apt install fio): the "
+                            "built-in Python generator drives every target"})
+    elif gen == "fio" and not versions["fio"]:
+        return None
+    use_qsd = versions["qemu_storage_daemon"] is not None
+    use_qcow2 = use_qsd and versions["qemu_img"] is not None
+    if not use_qsd:
+        skipped.append({"column": "qsd_raw", "reason": "qemu-storage-daemon not found "
+                        "(apt install qemu-system-common)"})
+    if not use_qcow2:
+        skipped.append({"column": "qsd_qcow2", "reason": "qemu-storage-daemon or qemu-img not "
+                        "found (apt install qemu-system-common qemu-utils)"})
+    return gen, use_qsd, use_qcow2, skipped
+
+
+def _measure(b: Bench) -> None:
+    """Everything one run measures, in order: the data path, then the control plane."""
+    b.setup()
+    b.data_path()
+    control.commit_latency(b)
+    control.plex_vs_cp(b)
+    control.memory(b)
+    control.restart(b)
+
+
 def run(args: argparse.Namespace) -> int:
     quiet = not progress_wanted(bool(getattr(args, "quiet", False)),
                                 bool(getattr(args, "progress", False)), sys.stderr.isatty())
@@ -59,37 +105,18 @@ def run(args: argparse.Namespace) -> int:
     if args.chart and not args.chart.lower().endswith(".svg"):
         print("shadowplex bench: error: --chart writes SVG: give a FILE.svg", file=sys.stderr)
         return 2
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("not running as root")
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse is missing")
-    if shutil.which("fusermount3") is None:
-        problems.append("fusermount3 not found (apt install fuse3)")
+    problems = _host_problems()
     if problems:
         print(f"shadowplex bench: error: the benchmark mounts FUSE file systems: "
               f"{'; '.join(problems)}", file=sys.stderr)
         return 1
     versions = tool_versions()
-    skipped: list[dict[str, str]] = []
-    gen = args.generator
-    if gen == "auto":
-        gen = "fio" if versions["fio"] else "python"
-        if gen == "python":
-            skipped.append({"column": "generator", "reason": "fio not found (apt install fio): the "
-                            "built-in Python generator drives every target"})
-    elif gen == "fio" and not versions["fio"]:
+    choice = _choose_tools(args.generator, versions)
+    if choice is None:
         print("shadowplex bench: error: --generator fio but fio is not installed",
               file=sys.stderr)
         return 1
-    use_qsd = versions["qemu_storage_daemon"] is not None
-    use_qcow2 = use_qsd and versions["qemu_img"] is not None
-    if not use_qsd:
-        skipped.append({"column": "qsd_raw", "reason": "qemu-storage-daemon not found "
-                        "(apt install qemu-system-common)"})
-    if not use_qcow2:
-        skipped.append({"column": "qsd_qcow2", "reason": "qemu-storage-daemon or qemu-img not "
-                        "found (apt install qemu-system-common qemu-utils)"})
+    gen, use_qsd, use_qcow2, skipped = choice
     for s in skipped:
         log(f"note: {s['reason']}")
     keep = bool(getattr(args, "keep", False))
@@ -107,12 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{profile.runtime:g} s jobs, generator {gen}; work directory {base}")
             with contextlib.ExitStack() as stack:
                 b = Bench(profile, runs, base, log, gen, use_qsd, use_qcow2, stack)
-                b.setup()
-                b.data_path()
-                control.commit_latency(b)
-                control.plex_vs_cp(b)
-                control.memory(b)
-                control.restart(b)
+                _measure(b)
                 report = build_report(b, versions, skipped, time.monotonic() - t0)
             left = workdir.clean(base, keep)
             if left:
