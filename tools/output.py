@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+PROG = "shadowplex"   # what messages start with
+
 
 def package_version() -> str:
     try:

@@ -22,6 +22,7 @@ from provider import vss
 
 from .. import interrupts, procgroup
 from ..output import (
+    PROG,
     SNAPSHOT_COLUMNS,
     Progress,
     one_line,
@@ -33,7 +34,6 @@ from .check import parse_script
 from .grammar import AUTO_RELEASE, REF_RE, SET_ALIAS, SHADOW_N_RE, ScriptError, Stmt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-PROG = "shadowplex"
 CLIENT_NAME = "shadowplex-script"
 RELEASE_WAIT = 30.0      # seconds to wait for the daemon to delete auto-release sets
 
