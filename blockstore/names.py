@@ -5,6 +5,7 @@ import uuid
 
 from .errors import InvalidName, InvalidSize, NotFound
 
+# The one volume-name rule (exposure and split-target names follow it too). The characters:
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SECTOR = 512
 # the largest size a file can have on Linux (off_t is 64-bit signed), in whole sectors;
@@ -12,12 +13,27 @@ SECTOR = 512
 MAX_SIZE = (1 << 63) - SECTOR
 
 
+def is_name(name: object) -> bool:
+    """Can ``name`` be the name of an existing volume: NAME_RE, not starting with '.'.
+
+    A leading '-' passes here: check_name refuses it for NEW names, but names made before
+    that rule still open, so what refers to an existing volume (an exported document's
+    volume, a script's `add volume NAME`) accepts them. The provider layer and tools use
+    this and check_name, not copies of the pattern."""
+    return isinstance(name, str) and bool(NAME_RE.fullmatch(name)) \
+        and not name.startswith(".")
+
+
+def is_new_name(name: object) -> bool:
+    """Can ``name`` be given to a new volume, exposure or split target (check_name)."""
+    return is_name(name) and not str(name).startswith("-")
+
+
 def check_name(name: str, what: str = "volume") -> str:
     """A new name (volume, exposure, split target). Not starting with '.' (hidden, and
     '.'/'..') nor with '-' (every command line, ours and losetup's, would take it for an
     option; lvm and zfs refuse such names too). Names made before that rule still open."""
-    if (not isinstance(name, str) or not NAME_RE.fullmatch(name)
-            or name.startswith((".", "-"))):
+    if not is_new_name(name):
         raise InvalidName(
             f"invalid {what} name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
             "not starting with '.' or '-'"

@@ -23,6 +23,7 @@ import glob
 import logging
 import os
 import re
+import shutil
 import stat as _stat
 import subprocess
 import sys
@@ -88,8 +89,65 @@ def _run(cmd: list[str], *, what: str) -> str:
     return res.stdout
 
 
-def _unescape_mountinfo(field: str) -> str:
+# --------------------------------------------------------------------------- mount table
+# The one reader of the mount table (provider/writers/mounts, tools/ and the daemon's
+# checks use it) and the one unmount ladder (unmount_ladder): each had its own copy.
+MOUNTINFO = "/proc/self/mountinfo"
+Dev = tuple[int, int]   # (major, minor)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    dev: Dev
+    root: str
+    mount_point: str
+    mount_options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.mount_options or "ro" in self.super_options
+
+
+def unescape_mount_field(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_dev(text: str) -> Dev:
+    """``8:1`` -> (8, 1)."""
+    major, minor = text.strip().split(":")
+    return int(major), int(minor)
+
+
+def parse_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
+    """Every mount in this namespace, in mountinfo order (empty if unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+            out.append(MountEntry(
+                mount_id=int(fields[0]), dev=parse_dev(fields[2]),
+                root=unescape_mount_field(fields[3]),
+                mount_point=unescape_mount_field(fields[4]),
+                mount_options=tuple(fields[5].split(",")),
+                fstype=fields[sep + 1], source=unescape_mount_field(fields[sep + 2]),
+                super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3
+                else ()))
+        except (ValueError, IndexError):
+            log.debug("unparsable mountinfo line: %r", line)
+    return out
 
 
 def mountinfo() -> list[tuple[str, str, str]]:
@@ -97,14 +155,43 @@ def mountinfo() -> list[tuple[str, str, str]]:
 
     Unlike os.path.ismount() this also sees dead FUSE mounts (stat -> ENOTCONN).
     """
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            lf, rf = left.split(), right.split()
-            if len(lf) >= 5 and len(rf) >= 2:
-                out.append((_unescape_mountinfo(lf[4]), rf[0], _unescape_mountinfo(rf[1])))
-    return out
+    return [(m.mount_point, m.fstype, m.source) for m in parse_mountinfo()]
+
+
+def mounted_at(path: str | os.PathLike[str]) -> bool:
+    """Something (alive or dead) is mounted exactly at ``path`` (made absolute, not
+    resolved: no stat of a path that may be a dead mount)."""
+    p = os.path.abspath(os.fspath(path))
+    return any(mp == p for mp, _, _ in mountinfo())
+
+
+# gentle first, lazy last: a FUSE mount (also one whose daemon is dead), or anything
+FUSE_UNMOUNT = (("fusermount3", "-u"), ("fusermount3", "-u", "-z"), ("umount", "-l"))
+ANY_UNMOUNT = (("umount",), ("fusermount3", "-u", "-z"), ("umount", "-l"))
+
+
+def unmount_ladder(path: str | os.PathLike[str], steps: Sequence[Sequence[str]] = FUSE_UNMOUNT,
+                   timeout: float = 30.0) -> bool:
+    """Unmount whatever is at ``path`` by trying each command of ``steps`` in turn
+    (``[*step, path]``) until nothing is mounted there (mounted_at). A command that is
+    not installed is skipped, one that fails or hangs (``timeout`` s) is logged and the
+    next tried. True if nothing is mounted at ``path`` afterwards. For cleanup paths:
+    `unmount` is the one that reports why a mount is busy."""
+    p = os.path.abspath(os.fspath(path))
+    for step in steps:
+        if not mounted_at(p):
+            return True
+        if shutil.which(step[0]) is None:
+            continue
+        cmd = [*step, p]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                 check=False)
+            if res.returncode != 0:
+                log.debug("%s: %s", " ".join(cmd), res.stderr.strip())
+        except subprocess.TimeoutExpired:
+            log.warning("%s timed out", " ".join(cmd))
+    return not mounted_at(p)
 
 
 def is_mountpoint(path: str | os.PathLike[str]) -> bool:

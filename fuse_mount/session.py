@@ -21,7 +21,6 @@ import errno
 import logging
 import os
 import select
-import shutil
 import subprocess
 import threading
 import time
@@ -417,24 +416,10 @@ def wait_mounted(
 
 
 def force_unmount(path: str | os.PathLike[str], timeout: float = 15.0) -> bool:
-    """Unmount a FUSE mount, live or dead: fusermount3 -u, then -u -z, then umount -l.
-
-    Returns True if nothing is mounted at path afterwards.
+    """Unmount a FUSE mount, live or dead: fusermount3 -u, then -u -z, then umount -l
+    (loopdev.unmount_ladder). Returns True if nothing is mounted at path afterwards.
     """
-    p = os.path.abspath(os.fspath(path))
-    for cmd in (["fusermount3", "-u", p], ["fusermount3", "-u", "-z", p], ["umount", "-l", p]):
-        if mount_state(p).state is MountState.NOT_MOUNTED:
-            return True
-        if shutil.which(cmd[0]) is None:
-            continue
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                 check=False)
-            if res.returncode != 0:
-                log.debug("%s: %s", " ".join(cmd), res.stderr.strip())
-        except subprocess.TimeoutExpired:
-            log.warning("%s timed out", " ".join(cmd))
-    return mount_state(p).state is MountState.NOT_MOUNTED
+    return loopdev.unmount_ladder(path, loopdev.FUSE_UNMOUNT, timeout)
 
 
 def umount_nonlazy(path: str | os.PathLike[str]) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
+from .config import default_socket_path
 from .documents import MAX_DOCUMENT_BYTES
 
 CLOSE_WAIT = 30.0   # seconds close() waits for the daemon to end the session
@@ -74,13 +75,11 @@ class Client:
     def __init__(self, socket_path: str | None = None, host: str | None = None,
                  client: str = "shadowplex", timeout: float | None = None,
                  pool: str | None = None) -> None:
-        """Connect and say hello. ``socket_path`` None: $SHADOWPLEX_SOCKET, else the
-        default path of ``pool``. ``timeout`` bounds connecting and each wait for data
-        (None: wait as long as operations take)."""
-        try:
-            path = socket_path or protocol.default_socket_path(pool)
-        except ValueError as e:
-            raise ControlError("E_INVALIDARG", f"{e} (or pass the socket path)") from None
+        """Connect and say hello. ``socket_path`` None: config.default_socket_path(pool)
+        ($SHADOWPLEX_SOCKET, else ``pool``'s own socket, else the CLI's default).
+        ``timeout`` bounds connecting and each wait for data (None: wait as long as
+        operations take)."""
+        path = socket_path or default_socket_path(pool)
         self.socket_path = path
         self._ids = itertools.count(1)
         self._buf = bytearray()

@@ -20,10 +20,14 @@ object given on the command line they are relative to the current directory.
 Anything else (an unknown key, a wrong type, a TOML syntax error, an unreadable file) is
 a ConfigError with ONE line naming the file, the key and what is expected; the callers
 turn it into a usage error (exit 2).
+
+The control socket when none is named is default_socket_path()'s, the one rule every
+entry point (the CLI, `python -m provider.service`, control_service, Client) follows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tomllib
@@ -35,6 +39,32 @@ PATH_KEYS = ("pool", "mount", "socket", "hooks_dir")
 SECONDS_KEYS = ("freeze_timeout", "hold_deadline", "writer_timeout", "revert_hold",
                 "hook_timeout")
 KINDS = ("differential", "plex")
+
+SOCKET_ENV = "SHADOWPLEX_SOCKET"
+SOCKET_DIR = "/run/shadowplex"
+DEFAULT_SOCKET = os.path.join(SOCKET_DIR, "shadowplex.sock")
+
+
+def default_socket_path(pool_dir: str | None = None) -> str:
+    """The control socket when none is named (``--socket``, a --config file's ``socket``,
+    a Client's ``socket_path``), for the daemon and its requesters alike:
+
+    1. ``$SHADOWPLEX_SOCKET`` if set;
+    2. else, given the pool directory, that pool's own socket
+       ``/run/shadowplex/<first 16 hex of sha256(realpath(pool))>.sock``: what
+       `python -m provider.service --pool P`, control_service() and ``Client(pool=P)``
+       use, so daemons of several pools started that way do not collide;
+    3. else DEFAULT_SOCKET, ``/run/shadowplex/shadowplex.sock``: what the `shadowplex`
+       CLI uses, `serve` included (its other commands do not know the pool, and the
+       two must meet).
+    """
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return env
+    if pool_dir is None:
+        return DEFAULT_SOCKET
+    digest = hashlib.sha256(os.path.realpath(pool_dir).encode()).hexdigest()[:16]
+    return os.path.join(SOCKET_DIR, f"{digest}.sock")
 
 
 class ConfigError(ValueError):

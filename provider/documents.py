@@ -27,7 +27,6 @@ import binascii
 import math
 import re
 import struct
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from typing import Any, Protocol
 
 import defusedxml  # type: ignore[import-untyped]
 import defusedxml.ElementTree as DET  # type: ignore[import-untyped]
+
+from blockstore import names
 
 from . import vss
 from .vss import Attr, Context, VssError
@@ -116,8 +117,6 @@ _USAGE_TO_XML = {
 }
 _USAGE_FROM_XML = {v: k for k, v in _USAGE_TO_XML.items()}
 
-_GUID_RE = re.compile(r"\{?([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-"
-                      r"[0-9A-Fa-f]{12})\}?")
 _NAA_RE = re.compile(r"6[0-9a-fA-F]{31}")
 _POOL_ID_RE = re.compile(r"[0-9a-fA-F]{32}")
 _DEC_RE = re.compile(r"-?[0-9]{1,20}")
@@ -125,7 +124,6 @@ _FLOAT_RE = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,9})?")
 # Host names end up in paths (MOUNT/hosts/<host>/) and logs: RFC 1123 labels (plus '_').
 _HOST_RE = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_][A-Za-z0-9_-]{0,62}"
                       r"(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*")
-_VOLUME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # blockstore.names.NAME_RE
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _XML_ILLEGAL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _ENCODING_DECL_RE = re.compile(rb"""encoding[ \t\r\n]*=[ \t\r\n]*(["'])([^"']{0,40})\1""")
@@ -289,10 +287,11 @@ class SnapshotLike(Protocol):
 def _guid_or_none(text: object) -> str | None:
     if not isinstance(text, str):
         return None
-    m = _GUID_RE.fullmatch(text.strip())
+    # documents are strict: only the written form (vss.GUID_RE), braces in pairs
+    m = vss.GUID_RE.fullmatch(text.strip())
     if m is None or (text.strip().startswith("{") != text.strip().endswith("}")):
         return None
-    return str(uuid.UUID(m.group(1)))
+    return vss.guid(m.group(1))
 
 
 def _naa_or_none(text: object) -> str | None:
@@ -861,7 +860,7 @@ def _snapshot_of(doc: _Doc, sd: ET.Element, index: int, set_ctx: Context
         raise _err(f"{doc.what}: {where} {_SP}:kind {_show(kind)} is not one of "
                    f"{', '.join(_KINDS)}")
     volume = doc.text(sd, "volume", where, ns=SP_NAMESPACE)
-    if not _VOLUME_RE.fullmatch(volume):
+    if not names.is_name(volume):   # an existing volume's name (a leading '-' may be old)
         raise _err(f"{doc.what}: {where} {_SP}:volume {_show(volume)} is not a volume name")
     size = doc.integer(sd, "size", where, 1, (1 << 63) - 1, ns=SP_NAMESPACE)
     created_text = doc.attr(sd, "created", where, optional=True, ns=SP_NAMESPACE)

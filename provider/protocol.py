@@ -29,15 +29,18 @@ mapping and why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from typing import Any
 
 from blockstore import errors as bse
 from fuse_mount import loopdev
 
+# the socket rule lives in config (the CLI reads it without importing all of this);
+# re-exported because the wire's two ends know it as protocol's
+from .config import SOCKET_DIR as SOCKET_DIR
+from .config import SOCKET_ENV as SOCKET_ENV
+from .config import default_socket_path as default_socket_path
 from .documents import MAX_DOCUMENT_BYTES
 from .vss import VssError
 
@@ -49,8 +52,6 @@ MAX_LINE = 1 << 20          # bytes per request line, newline included
 # of a well-formed XML document: quotes, backslashes, tab/CR/LF), plus the envelope
 MAX_DOCUMENT_LINE = 2 * MAX_DOCUMENT_BYTES + (1 << 20)
 DOCUMENT_OPS = frozenset({"import"})
-SOCKET_ENV = "SHADOWPLEX_SOCKET"
-SOCKET_DIR = "/run/shadowplex"
 
 # The ops the server understands (names are stable; docs/provider.md describes each).
 OPS: tuple[str, ...] = (
@@ -73,21 +74,6 @@ class ProtocolError(VssError):
 
     def __init__(self, message: str) -> None:
         super().__init__("E_INVALIDARG", message)
-
-
-def default_socket_path(pool_dir: str | None = None) -> str:
-    """$SHADOWPLEX_SOCKET, else /run/shadowplex/<hash of the pool's real path>.sock.
-
-    Without a pool directory and without the variable there is no way to choose one:
-    ValueError (the caller tells the user to pass --socket or --pool).
-    """
-    env = os.environ.get(SOCKET_ENV)
-    if env:
-        return env
-    if pool_dir is None:
-        raise ValueError(f"no control socket given: set {SOCKET_ENV} or name the pool")
-    digest = hashlib.sha256(os.path.realpath(pool_dir).encode()).hexdigest()[:16]
-    return os.path.join(SOCKET_DIR, f"{digest}.sock")
 
 
 # --------------------------------------------------------------------------- encoding

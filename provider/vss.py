@@ -53,6 +53,11 @@ __all__ = [
     "attr_names",
     "parse_attr_names",
     "SnapshotProp",
+    "GUID_RE",
+    "guid",
+    "CREATABLE_CLI_NAMES",
+    "AUTO_RELEASE_CLI_NAMES",
+    "context_label",
 ]
 
 # shadowplex's provider id (VSS_ID of this provider, m_ProviderId of every snapshot it
@@ -346,7 +351,10 @@ def _unsupported(message: str) -> VssError:
 
 
 # --------------------------------------------------------------------------- context rules
-_CREATABLE_LIST = "backup, file-share-backup, nas-rollback or app-rollback"
+# the contexts' CLI names (Context.cli_name), the one list the CLI, its completion and the
+# script grammar offer: backup, file-share-backup, nas-rollback, app-rollback
+CREATABLE_CLI_NAMES: tuple[str, ...] = tuple(c.cli_name for c in CREATABLE_CONTEXTS)
+_CREATABLE_LIST = ", ".join(CREATABLE_CLI_NAMES[:-1]) + " or " + CREATABLE_CLI_NAMES[-1]
 
 
 def _refusal(ctx: Context) -> VssError | None:
@@ -411,6 +419,17 @@ def is_auto_release(ctx: Context | int) -> bool:
     deleted explicitly.
     """
     return not context_attributes(ctx) & Attr.NO_AUTO_RELEASE
+
+
+# the creatable contexts whose snapshots end with the requester's session
+AUTO_RELEASE_CLI_NAMES: tuple[str, ...] = tuple(
+    c.cli_name for c in CREATABLE_CONTEXTS if is_auto_release(c))
+
+
+def context_label(ctx: Context | int) -> str:
+    """``VSS_CTX_FILE_SHARE_BACKUP 0x10``: the VSS name and value, for messages."""
+    c = _to_context(ctx)
+    return f"{c.vss_name} 0x{int(c):x}"
 
 
 def is_persistent(ctx: Context | int) -> bool:
@@ -648,10 +667,26 @@ def parse_attr_names(text: str | Iterable[str]) -> Attr:
     return Attr(mask)
 
 
+# --------------------------------------------------------------------------- GUIDs
+# A GUID as people and documents write it: hyphenated, braces optional (the group is the
+# GUID without them). Documents and scripts recognise ids with it; guid() normalises.
+GUID_RE = re.compile(r"\{?([0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12})\}?")
+
+
+def guid(value: object) -> str:
+    """The one canonical form of a snapshot, set, provider or writer id: lower-case
+    ``xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`` without braces, the form every record, reply
+    and document carries, so ids compare as text. Accepts what ``uuid.UUID`` does after
+    surrounding blanks are stripped (braces, ``urn:uuid:``, no hyphens); ValueError for
+    anything else. (blockstore.names.check_guid is the engine's own: it imports nothing
+    of ours.)"""
+    return str(uuid.UUID(str(value).strip()))
+
+
 # --------------------------------------------------------------------------- VSS_SNAPSHOT_PROP
 def _guid(value: str, field_name: str) -> str:
     try:
-        return str(uuid.UUID(str(value).strip()))
+        return guid(value)
     except ValueError:
         raise ValueError(f"{field_name}: {value!r} is not a GUID") from None
 

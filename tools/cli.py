@@ -1,62 +1,52 @@
 """The `shadowplex` command line: the requester side.
 
 Every command except `serve`, `pool init` and `demo` talks to the daemon through
-provider.client (socket: --socket, else $SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
+provider.client, in a session of tools/connection.py (socket: --socket, else
+provider.config.default_socket_path(): $SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
 Exit codes: 0 success, 1 the operation failed, 2 usage error. User mistakes print one
 line; a traceback only with --debug.
 
-Ctrl-C while the daemon runs a request: the CLI asks the daemon to cancel it and waits
-at most INTERRUPT_WAIT s for the request's final reply, then says what happened: it
-completed anyway (its result is printed, exit 0), it was cancelled with nothing changed
-(exit 130), it failed (exit 1), or it still runs in the daemon -- a revert rolls forward
-once started; anything else is being stopped -- and `shadowplex status` shows it (130).
+Ctrl-C while the daemon runs a request (tools/connection.py): the CLI asks the daemon to
+cancel it and waits at most INTERRUPT_WAIT s for the request's final reply, then says
+what happened: it completed anyway (its result is printed, exit 0), it was cancelled
+with nothing changed (exit 130), it failed (exit 1), or it still runs in the daemon -- a
+revert rolls forward once started; anything else is being stopped -- and `shadowplex
+status` shows it (130).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable
 from typing import Any, NoReturn
 
+from provider import vss
+from provider.config import DEFAULT_SOCKET, default_socket_path
+
+from . import connection
+from .connection import EXIT_INTERRUPTED, Interrupted, socket_path
 from .output import (
+    PROG,
+    SNAPSHOT_COLUMNS,
+    VOLUME_COLUMNS,
     Progress,
-    human_size,
-    human_time,
     one_line,
+    package_version,
     print_fields,
     print_json,
     print_table,
+    snapshot_view,
+    volume_view,
 )
 
-PROG = "shadowplex"
-DEFAULT_SOCKET = "/run/shadowplex/shadowplex.sock"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED = 130
-INTERRUPT_WAIT = 0.6   # s for the daemon's verdict after Ctrl-C (the CLI answers in < 1 s)
-
-
-def _version() -> str:
-    try:
-        return version("shadowplex")  # single source: pyproject.toml [project] version
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class UsageError(Exception):
     """A mistake in the command line found after parsing (exit 2)."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C during a request, whose outcome has been told: exit with ``code``."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,132 +56,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (try '{PROG} --help')\n")
 
 
-def socket_path(args: argparse.Namespace) -> str:
-    return args.socket or os.environ.get("SHADOWPLEX_SOCKET") or DEFAULT_SOCKET
-
-
-@contextlib.contextmanager
-def _client(args: argparse.Namespace) -> Iterator[Any]:
-    """A session with the daemon. Ctrl-C while a request runs: its outcome is told
-    (_after_interrupt) and the session closes without waiting for the daemon."""
-    from provider.client import Client
-    c = Client(socket_path(args), host=getattr(args, "host", None), client="shadowplex-cli")
-    interrupted = False
-    try:
-        yield c
-    except KeyboardInterrupt:   # not inside _call: the command's own work is cut short
-        interrupted = True
-        _after_interrupt(c, finished=False)   # tells the outcome and raises
-        raise Interrupted(EXIT_INTERRUPTED) from None
-    except Interrupted:
-        interrupted = True
-        raise
-    finally:
-        if interrupted:
-            c.close(wait=0)
-        else:
-            c.close()
-
-
-def _progress(args: argparse.Namespace) -> Progress:
-    return Progress(not args.quiet and not args.json)
-
-
-def _say(text: str) -> None:
-    print(f"{PROG}: {one_line(text)}", file=sys.stderr)
-
-
-def _after_interrupt(c: Any, finished: bool = True) -> Any:
-    """Ctrl-C came while ``c`` waited for a reply (or after it): ask the daemon to cancel
-    the request, wait at most INTERRUPT_WAIT s for its final reply and tell the user what
-    became of it. Returns the result if it completed anyway and ``finished`` (the caller
-    prints it); raises Interrupted (the outcome told) or the request's own ControlError
-    if it failed."""
-    try:
-        v = c.interrupt(INTERRUPT_WAIT)
-    except KeyboardInterrupt:
-        _say("interrupted again: not waiting for the daemon's answer; 'shadowplex status' "
-             "shows the operations still running")
-        raise Interrupted(EXIT_INTERRUPTED) from None
-    what = v.op or "request"
-    if v.state == "completed" and finished:
-        _say(f"interrupted, but the {what} had already completed")
-        return v.result
-    if v.state == "completed":
-        _say(f"interrupted: the {what} had completed in the daemon, but this command "
-             "stopped before it finished")
-        raise Interrupted(EXIT_INTERRUPTED)
-    if v.state == "cancelled":
-        _say(f"interrupted: {v.error.message}")
-        raise Interrupted(EXIT_INTERRUPTED)
-    if v.state == "failed":
-        raise v.error
-    if v.state == "none":
-        _say("interrupted")
-        raise Interrupted(EXIT_INTERRUPTED)
-    answer = v.answer or {}
-    state = answer.get("state")
-    total = answer.get("total") or 0
-    done = f" ({100 * answer.get('done', 0) / total:.0f} % done)" if total else ""
-    if state == "rolling-forward":
-        _say(f"interrupted: the {what} cannot be stopped once started (it rolls forward, "
-             f"as after a crash); it continues in the daemon{done}: 'shadowplex status' "
-             "shows it under operations until it has completed")
-    elif state == "completing":
-        _say(f"interrupted too late: the {what} had passed its point of no return and "
-             f"completes in the daemon{done}; 'shadowplex status' shows it under "
-             "operations until it has")
-    elif state == "cancelling":
-        _say(f"interrupted: the {what} is being cancelled in the daemon{done} (it stops "
-             "with nothing changed, unless it completes first); 'shadowplex status' shows "
-             "it under operations until it has ended")
-    else:
-        _say(f"interrupted: the daemon did not answer within {INTERRUPT_WAIT:g} s and may "
-             f"still complete the {what}: check with 'shadowplex status'")
-    raise Interrupted(EXIT_INTERRUPTED)
-
-
-def _call(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any]) -> Any:
-    """call(progress) -> its result; after Ctrl-C, the result if it completed anyway
-    (else the outcome is told and Interrupted raised)."""
-    prog = _progress(args)
-    try:
-        return call(prog)
-    except KeyboardInterrupt:
-        prog.close()
-        return _after_interrupt(c)
-    finally:
-        prog.close()
-
-
 # ------------------------------------------------------------------------ presentation
-SNAPSHOT_COLUMNS = [("id", "ID"), ("set_id", "SET"), ("volume", "VOLUME"), ("kind", "KIND"),
-                    ("context", "CONTEXT"), ("state", "STATE"), ("created_at", "CREATED"),
-                    ("exposed", "EXPOSED")]
-VOLUME_COLUMNS = [("name", "NAME"), ("size_h", "SIZE"), ("naa", "NAA"),
-                  ("snapshots", "SNAPSHOTS"), ("diff_h", "DIFF AREA"), ("path", "PATH")]
-
-
-def snapshot_view(d: dict[str, Any]) -> dict[str, Any]:
-    """The wire's VSS_SNAPSHOT_PROP form plus the CLI's stable short names."""
-    out = dict(d)
-    out.setdefault("id", d.get("snapshot_id"))
-    out.setdefault("set_id", d.get("snapshot_set_id"))
-    out.setdefault("state", d.get("status"))
-    out.setdefault("device_path", d.get("device_object"))
-    out.setdefault("created", d.get("creation_timestamp"))
-    out["created_at"] = human_time(out.get("created"))
-    out["exposed"] = d.get("mounted_at") or d.get("exposed_path") or d.get("exposed_name")
-    return out
-
-
-def volume_view(d: dict[str, Any]) -> dict[str, Any]:
-    out = dict(d)
-    out["size_h"] = human_size(d.get("size"))
-    out["diff_h"] = human_size(d.get("diff_bytes"))
-    return out
-
-
 def _emit(args: argparse.Namespace, obj: Any, table: Callable[[Any], None] | None = None) -> None:
     if args.json:
         print_json(obj)
@@ -234,8 +99,7 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
         if not value:
             raise UsageError(f"serve needs --{flag} DIR (or '{flag} = \"DIR\"' in the "
                              "--config file)")
-    sock = (args.socket or opts.get("socket") or os.environ.get("SHADOWPLEX_SOCKET")
-            or DEFAULT_SOCKET)
+    sock = args.socket or opts.get("socket") or default_socket_path()
     allow_other = bool(opts.get("allow_other", False) if args.allow_other is None
                        else args.allow_other)
     if args.default_kind:
@@ -287,7 +151,7 @@ def cmd_pool_init(args: argparse.Namespace) -> int:
 
 
 def cmd_volume(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         if args.vcmd == "create":
             _emit(args, volume_view(c.volume_create(args.name, args.size)))
         elif args.vcmd == "list":
@@ -318,7 +182,6 @@ def _attributes(args: argparse.Namespace) -> list[str]:
 def _context(text: str) -> Any:
     """--context, checked here so that a wrong one is a usage error (exit 2) and nothing
     is sent to the daemon."""
-    from provider import vss
     try:
         return vss.parse_context(text)
     except vss.VssError as e:
@@ -333,10 +196,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             [x for x in (args.id, args.set, args.oldest, args.all or None) if x]) != 1:
         raise UsageError("snapshot delete needs exactly one of ID, --set ID, --oldest VOLUME, "
                          "--all")
-    with _client(args) as c:
+    with connection.client(args) as c:
         if args.scmd == "create":
             assert ctx is not None
-            res = _call(args, c, lambda p: c.snapshot_create(
+            res = connection.call(args, c, lambda p: c.snapshot_create(
                 args.volumes, context=ctx.cli_name, attributes=_attributes(args) or None,
                 progress=p))
             snaps = [snapshot_view(s) for s in res.get("snapshots", [])]
@@ -368,43 +231,43 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_expose(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         _emit(args, snapshot_view(c.expose(args.snapshot, name=args.name, mount=args.mount)))
     return EXIT_OK
 
 
 def cmd_unexpose(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         _emit(args, snapshot_view(c.unexpose(args.snapshot)))
     return EXIT_OK
 
 
 def _long_op(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any],
              view: Callable[[Any], Any] = lambda r: r) -> int:
-    _emit(args, view(_call(args, c, call)))
+    _emit(args, view(connection.call(args, c, call)))
     return EXIT_OK
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         return _long_op(args, c, lambda p: c.revert(args.snapshot, force=args.force,
                                                     progress=p))
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         # promote answers with the (now full) snapshot: the same view as `snapshot show`
         return _long_op(args, c, lambda p: c.promote(args.snapshot, progress=p),
                         snapshot_view)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         return _long_op(args, c, lambda p: c.split(args.snapshot, args.name, progress=p))
 
 
 def cmd_end_backup(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         _emit(args, c.end_backup(args.set))
     return EXIT_OK
 
@@ -415,7 +278,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.output)
     if os.path.lexists(out) and not args.force:
         raise UsageError(f"{out} exists; choose another file or use --force to overwrite it")
-    with _client(args) as c:
+    with connection.client(args) as c:
         res = c.export(args.set)
     written = [out]
     _write_text(out, res["document"])
@@ -446,7 +309,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     except UnicodeDecodeError:
         raise UsageError(f"{args.file} is not UTF-8 XML (a document from "
                          f"'{PROG} export')") from None
-    with _client(args) as c:
+    with connection.client(args) as c:
         res = c.import_set(text)
         snaps = [snapshot_view(x) for x in res.get("snapshots", [])]
         res = {**res, "snapshots": snaps}
@@ -454,7 +317,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             print(f"snapshot set {r['set_id']} (from {r['origin']}) imported on {r['host']}")
             _snap_table(snaps)
         _emit(args, res, table)
-        if snaps and snaps[0].get("context") in ("backup", "file-share-backup") \
+        if snaps and snaps[0].get("context") in vss.AUTO_RELEASE_CLI_NAMES \
                 and not args.json:
             print(f"note: an auto-release ({snaps[0].get('context')}) set is deleted when "
                   "this command's session ends; import it from a script or program that "
@@ -463,7 +326,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_writers(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         rows = c.writers_list()
         _emit(args, rows, lambda r: print_table(r, [("name", "WRITER"), ("writer_id", "ID"),
                                                     ("state", "STATE"), ("last_error", "ERROR")])
@@ -472,11 +335,11 @@ def cmd_writers(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         if args.command == "scrub":
-            res = _call(args, c, lambda p: c.scrub(progress=p))
+            res = connection.call(args, c, lambda p: c.scrub(progress=p))
         else:
-            res = _call(args, c, lambda p: c.check())
+            res = connection.call(args, c, lambda p: c.check())
     problems = res.get("problems", [])
     if args.json:
         print_json(res)
@@ -489,7 +352,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connection.client(args) as c:
         _emit(args, c.status())
     return EXIT_OK
 
@@ -530,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(common, top=False)
     p = _Parser(prog=PROG, description="Linux user-space shadow-copy provider (VSS-like).")
     _common_options(p, top=True)
-    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    p.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
                            parser_class=_Parser)
 
@@ -592,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = add("create", cmd_snapshot, "create a snapshot set of one or more volumes", ssub)
     sc.add_argument("volumes", nargs="+", metavar="VOLUME")
     sc.add_argument("--context", default="backup",
-                    help="backup | file-share-backup | nas-rollback | app-rollback (or VSS value)")
+                    help=" | ".join(vss.CREATABLE_CLI_NAMES) + " (or VSS value)")
     kind = sc.add_mutually_exclusive_group()
     kind.add_argument("--differential", dest="kind", action="store_const", const="differential")
     kind.add_argument("--plex", dest="kind", action="store_const", const="plex")

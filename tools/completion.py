@@ -17,12 +17,13 @@ import shlex
 import sys
 from collections.abc import Iterator
 
+from provider import vss
+
 # option values and positionals that are paths, by metavar (the parser's own wording)
 _FILE_METAVARS = {"FILE", "PATH", "FILE|JSON"}
 _DIR_METAVARS = {"DIR"}
 # values the parser leaves free-form but which have a fixed set of useful spellings
-_EXTRA_CHOICES = {"--context": ["backup", "file-share-backup", "nas-rollback",
-                                "app-rollback"]}
+_EXTRA_CHOICES = {"--context": list(vss.CREATABLE_CLI_NAMES)}
 
 
 def _takes_value(a: argparse.Action) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -32,6 +31,7 @@ from collections.abc import Callable, Iterator
 
 import xxhash
 
+from fuse_mount import loopdev
 from fuse_mount.loopdev import DELETED
 
 from . import interrupts
@@ -169,7 +169,7 @@ def _run_demo(keep: bool, quiet: bool) -> int:
     cleanup = _Cleanup()
     rc = 1
     try:
-        # canonical: mount targets are compared with /proc/self/mounts (which has no
+        # canonical: mount targets are compared with the mount table (which has no
         # symlinks) when cleaning up
         base = os.path.realpath(tempfile.mkdtemp(prefix="shadowplex-demo-"))
         pool, mnt = os.path.join(base, "pool"), os.path.join(base, "mnt")
@@ -349,13 +349,11 @@ def _stop_workload(work: Workload) -> None:
 
 
 def _mount_targets() -> list[str]:
-    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
-        return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
-                for line in f if len(line.split()) >= 2]
+    return [mp for mp, _, _ in loopdev.mountinfo()]
 
 
 def _umount(path: str) -> None:
-    if path in _mount_targets():
+    if loopdev.mounted_at(path):
         _run("umount", path)
 
 

@@ -1,4 +1,6 @@
-"""How the CLI shows things: human tables, --json, progress on a terminal."""
+"""How the CLI and scripts show things: human tables, --json, progress on a terminal,
+and the views of the wire's records both print (here, not in cli.py, so that
+tools/script/ need not import the CLI that imports it)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,18 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+PROG = "shadowplex"   # what messages start with
+
+
+def package_version() -> str:
+    try:
+        return version("shadowplex")  # single source: pyproject.toml [project] version
+    except PackageNotFoundError:
+        return "0+unknown"
+
 
 # what str.splitlines() breaks at, and the other C0 controls: never raw in a message line
 _LINE_BREAKING = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
@@ -89,3 +102,31 @@ class Progress:
         if self._shown:
             sys.stderr.write("\n")
             self._shown = False
+
+
+# ------------------------------------------------------------------ views of the wire's records
+SNAPSHOT_COLUMNS = [("id", "ID"), ("set_id", "SET"), ("volume", "VOLUME"), ("kind", "KIND"),
+                    ("context", "CONTEXT"), ("state", "STATE"), ("created_at", "CREATED"),
+                    ("exposed", "EXPOSED")]
+VOLUME_COLUMNS = [("name", "NAME"), ("size_h", "SIZE"), ("naa", "NAA"),
+                  ("snapshots", "SNAPSHOTS"), ("diff_h", "DIFF AREA"), ("path", "PATH")]
+
+
+def snapshot_view(d: dict[str, Any]) -> dict[str, Any]:
+    """The wire's VSS_SNAPSHOT_PROP form plus the CLI's stable short names."""
+    out = dict(d)
+    out.setdefault("id", d.get("snapshot_id"))
+    out.setdefault("set_id", d.get("snapshot_set_id"))
+    out.setdefault("state", d.get("status"))
+    out.setdefault("device_path", d.get("device_object"))
+    out.setdefault("created", d.get("creation_timestamp"))
+    out["created_at"] = human_time(out.get("created"))
+    out["exposed"] = d.get("mounted_at") or d.get("exposed_path") or d.get("exposed_name")
+    return out
+
+
+def volume_view(d: dict[str, Any]) -> dict[str, Any]:
+    out = dict(d)
+    out["size_h"] = human_size(d.get("size"))
+    out["diff_h"] = human_size(d.get("diff_bytes"))
+    return out

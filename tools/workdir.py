@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
 import time
 
+from fuse_mount import loopdev
 from fuse_mount.loopdev import DELETED
 
 
@@ -31,19 +31,10 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def mounts_under(root: str) -> list[str]:
     """Mount points at or below root, deepest first (from /proc/self/mountinfo)."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _under(_unescape(fields[4]), root):
-                out.append(_unescape(fields[4]))
-    return sorted(set(out), key=len, reverse=True)
+    found = {mp for mp, _, _ in loopdev.mountinfo() if _under(mp, root)}
+    return sorted(found, key=len, reverse=True)
 
 
 def loops_under(root: str) -> list[str]:
@@ -109,10 +100,7 @@ def clean(root: str | None, keep: bool = False, timeout: float = 30.0) -> list[s
     given, root = root, os.path.realpath(root)
     _end(children_using(given, root), timeout)
     for mp in mounts_under(root):
-        for cmd in (("umount", mp), ("fusermount3", "-u", "-z", mp), ("umount", "-l", mp)):
-            if mp not in mounts_under(mp):
-                break
-            _run(*cmd)
+        loopdev.unmount_ladder(mp, loopdev.ANY_UNMOUNT)
     for dev in loops_under(root):
         _run("losetup", "-d", dev)
     left = [f"mount {m}" for m in mounts_under(root)]

@@ -25,21 +25,18 @@ uninterruptibly once the request was read) and the daemon a zombie with a hung m
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from fuse_mount.loopdev import DELETED
-
-log = logging.getLogger(__name__)
+# the mount table's reader is fuse_mount.loopdev's (re-exported for this package's users)
+from fuse_mount.loopdev import DELETED, Dev, parse_dev
+from fuse_mount.loopdev import MOUNTINFO as MOUNTINFO
+from fuse_mount.loopdev import MountEntry as MountEntry
+from fuse_mount.loopdev import parse_mountinfo as parse_mountinfo
 
 SYS_BLOCK = "/sys/block"
 SYS_CLASS_BLOCK = "/sys/class/block"
-MOUNTINFO = "/proc/self/mountinfo"
-
-Dev = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -49,24 +46,6 @@ class LoopDevice:
     dev: Dev
     backing_file: str    # as the kernel reports it (realpath of the image)
     read_only: bool
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo."""
-
-    mount_id: int
-    dev: Dev
-    root: str
-    mount_point: str
-    mount_options: tuple[str, ...]
-    fstype: str
-    source: str
-    super_options: tuple[str, ...]
-
-    @property
-    def read_only(self) -> bool:
-        return "ro" in self.mount_options or "ro" in self.super_options
 
 
 @dataclass(frozen=True)
@@ -91,40 +70,12 @@ class VolumeMount:
         return self.mount.read_only
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except OSError:
         return None
-
-
-def _parse_dev(text: str) -> Dev:
-    major, minor = text.strip().split(":")
-    return int(major), int(minor)
-
-
-def parse_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
-    text = _read(path) or ""
-    out = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            sep = fields.index("-", 6)
-            out.append(MountEntry(
-                mount_id=int(fields[0]), dev=_parse_dev(fields[2]), root=_unescape(fields[3]),
-                mount_point=_unescape(fields[4]), mount_options=tuple(fields[5].split(",")),
-                fstype=fields[sep + 1], source=_unescape(fields[sep + 2]),
-                super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3
-                else ()))
-        except (ValueError, IndexError):
-            log.debug("unparsable mountinfo line: %r", line)
-    return out
 
 
 def list_loop_devices(sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
@@ -140,7 +91,7 @@ def list_loop_devices(sys_block: str = SYS_BLOCK) -> list[LoopDevice]:
         if not backing or not dev:
             continue  # not attached (or detached meanwhile)
         ro = (_read(os.path.join(sys_block, name, "ro")) or "0").strip() == "1"
-        out.append(LoopDevice(name, f"/dev/{name}", _parse_dev(dev),
+        out.append(LoopDevice(name, f"/dev/{name}", parse_dev(dev),
                               backing.rstrip("\n"), ro))
     return out
 
@@ -156,7 +107,7 @@ def stacked_devices(name: str, sys_class_block: str = SYS_CLASS_BLOCK) -> dict[D
         dev = _read(os.path.join(base, "dev"))
         if dev is None:
             continue
-        d = _parse_dev(dev)
+        d = parse_dev(dev)
         if d in out:
             continue
         out[d] = n

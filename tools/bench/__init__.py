@@ -1,0 +1,94 @@
+"""`shadowplex bench`: storage performance through the FUSE mount, side by side with the
+raw image file and qemu-storage-daemon, plus control-plane figures.
+
+    shadowplex bench [--quick] [--json] [--chart FILE.svg] [--runs N] [--dir DIR] [--quiet]
+    python -m tools.bench ...            (the same, without the CLI wrapper)
+
+What one run does (everything in a temporary directory under --dir, removed at the end,
+also after Ctrl-C / SIGTERM / SIGHUP -- exit 128+N, a second signal does not cut the
+cleanup short -- and after a failure except its *.log files; --keep keeps it):
+
+1. Starts its own pool and `shadowplex serve` daemon (a subprocess, as tools/demo.py does),
+   creates volume `v`, fills it; fills a raw image file of the same size on the same file
+   system.
+2. Runs fio (psync, O_DIRECT, QD1; the job files are tools/fio/*.fio) -- seq write 1M,
+   seq read 1M, 4K random read, 4K random write -- against these targets, interleaved,
+   `--runs` times (rotating the order each run), and reports medians:
+
+      raw        the raw image file itself (the limit of the disk)
+      qsd_raw    qemu-storage-daemon's FUSE export of that raw file (cache.direct=off)
+      qsd_qcow2  its FUSE export of a fresh qcow2 overlay on the raw file (the copy-on-write
+                 comparator: first writes allocate + copy a 64 KiB cluster)
+      spx        MOUNT/volumes/v.img without snapshots
+      spx_1snap  with one differential snapshot: first writes (every write hits a chunk
+                 not preserved yet) and re-writes (the same offsets again) separately
+      spx_8snap  the same with eight differential snapshots
+      spx_plex   while plex snapshots of v are created back to back in a background
+                 thread through the control socket (a plex sync is running throughout)
+
+   "First writes": seq = a size-capped pass over the volume right after the snapshot (or
+   on a fresh overlay); 4K = a replayed random permutation of the 64 KiB chunks, one 4 KiB
+   write at a random 4 KiB slot of each (tools/fio/rand-write-replay.fio); "re-writes"
+   repeat exactly what the first pass did.
+3. Control plane: snapshot commit latency (median, p99) over N snapshots on a 1 GiB and a
+   1 TiB sparse volume, through the control socket (prepare + flush & hold + commit) and
+   engine-only (tools/engine_bench.commit_latency); plex sync time vs `cp --sparse=always`
+   (+ fdatasync) of the same image, through the daemon and engine-only; the daemon's RSS
+   (VmRSS) with a 1 TiB volume and 16 snapshots; restart-to-ready after kill -9 (until the
+   mount is back and the socket answers).
+
+Output: a table (workload x target, median MiB/s or IOPS, ratio against each comparator,
+PASS/FAIL markers for the project's targets), `--json` (stable keys, see `report`), and
+`--chart FILE.svg` (hand-written SVG, grouped bars per workload). Progress lines go to
+stderr unless --quiet. Missing fio: the built-in Python generator drives every target (the
+same one for all, so the ratios stay fair). Missing qemu-storage-daemon / qemu-img: those
+columns are skipped, and the output says so.
+
+The package: common.py (sizes, workloads, targets' ids, profiles, helpers), workloads.py
+(fio and the Python generator), targets.py (the daemon, qemu-storage-daemon exports, the
+plex loop), datapath.py (Bench: setup and the data-path passes), control.py (the
+control-plane figures), report.py (medians, ratios, the project's targets, the table),
+svg.py (the chart), command.py (arguments, run, main).
+"""
+
+from __future__ import annotations
+
+from .command import add_arguments, main, progress_wanted, run
+from .common import (
+    CHUNK,
+    COMPARATORS,
+    FIO_DIR,
+    PHASES,
+    PROFILES,
+    REPLAY_JOB,
+    REPORT_VERSION,
+    TARGETS,
+    VOLUME,
+    WORKLOADS,
+    BenchError,
+    Profile,
+)
+from .control import WriteProbe
+from .datapath import Bench
+from .report import (
+    ROW_TARGETS,
+    TARGET_SPECS,
+    build_report,
+    code_version,
+    evaluate_targets,
+    format_table,
+    machine_info,
+    tool_versions,
+)
+from .svg import render_svg
+from .targets import Daemon, PlexLoop, QsdExport
+from .workloads import Job, JobResult, first_write_offsets, run_fio, run_python, write_iolog
+
+__all__ = [
+    "CHUNK", "COMPARATORS", "FIO_DIR", "PHASES", "PROFILES", "REPLAY_JOB", "REPORT_VERSION",
+    "ROW_TARGETS", "TARGETS", "TARGET_SPECS", "VOLUME", "WORKLOADS",
+    "Bench", "BenchError", "Daemon", "Job", "JobResult", "PlexLoop", "Profile", "QsdExport",
+    "WriteProbe", "add_arguments", "build_report", "code_version", "evaluate_targets",
+    "first_write_offsets", "format_table", "machine_info", "main", "progress_wanted",
+    "render_svg", "run", "run_fio", "run_python", "tool_versions", "write_iolog",
+]

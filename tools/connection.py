@@ -1,0 +1,130 @@
+"""A CLI command's session with the daemon, and Ctrl-C during one of its requests.
+
+client() connects (--socket, else provider.config.default_socket_path()) and closes the
+session; call() runs one request with a progress bar. Ctrl-C while the daemon runs a
+request: after_interrupt() asks the daemon to cancel it and waits at most INTERRUPT_WAIT
+s for the request's final reply, then says what happened -- it completed anyway (its
+result is returned), it was cancelled with nothing changed, it failed (its error is
+raised), or it still runs in the daemon -- and raises Interrupted (exit 130) otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from provider.config import default_socket_path
+
+from .output import PROG, Progress, one_line
+
+EXIT_INTERRUPTED = 130
+INTERRUPT_WAIT = 0.6   # s for the daemon's verdict after Ctrl-C (the CLI answers in < 1 s)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a request, whose outcome has been told: exit with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    return args.socket or default_socket_path()
+
+
+@contextlib.contextmanager
+def client(args: argparse.Namespace) -> Iterator[Any]:
+    """A session with the daemon. Ctrl-C while a request runs: its outcome is told
+    (after_interrupt) and the session closes without waiting for the daemon."""
+    from provider.client import Client
+    c = Client(socket_path(args), host=getattr(args, "host", None), client="shadowplex-cli")
+    interrupted = False
+    try:
+        yield c
+    except KeyboardInterrupt:   # not inside call(): the command's own work is cut short
+        interrupted = True
+        after_interrupt(c, finished=False)   # tells the outcome and raises
+        raise Interrupted(EXIT_INTERRUPTED) from None
+    except Interrupted:
+        interrupted = True
+        raise
+    finally:
+        if interrupted:
+            c.close(wait=0)
+        else:
+            c.close()
+
+
+def progress(args: argparse.Namespace) -> Progress:
+    return Progress(not args.quiet and not args.json)
+
+
+def _say(text: str) -> None:
+    print(f"{PROG}: {one_line(text)}", file=sys.stderr)
+
+
+def after_interrupt(c: Any, finished: bool = True) -> Any:
+    """Ctrl-C came while ``c`` waited for a reply (or after it): ask the daemon to cancel
+    the request, wait at most INTERRUPT_WAIT s for its final reply and tell the user what
+    became of it. Returns the result if it completed anyway and ``finished`` (the caller
+    prints it); raises Interrupted (the outcome told) or the request's own ControlError
+    if it failed."""
+    try:
+        v = c.interrupt(INTERRUPT_WAIT)
+    except KeyboardInterrupt:
+        _say("interrupted again: not waiting for the daemon's answer; 'shadowplex status' "
+             "shows the operations still running")
+        raise Interrupted(EXIT_INTERRUPTED) from None
+    what = v.op or "request"
+    if v.state == "completed" and finished:
+        _say(f"interrupted, but the {what} had already completed")
+        return v.result
+    if v.state == "completed":
+        _say(f"interrupted: the {what} had completed in the daemon, but this command "
+             "stopped before it finished")
+        raise Interrupted(EXIT_INTERRUPTED)
+    if v.state == "cancelled":
+        _say(f"interrupted: {v.error.message}")
+        raise Interrupted(EXIT_INTERRUPTED)
+    if v.state == "failed":
+        raise v.error
+    if v.state == "none":
+        _say("interrupted")
+        raise Interrupted(EXIT_INTERRUPTED)
+    answer = v.answer or {}
+    state = answer.get("state")
+    total = answer.get("total") or 0
+    done = f" ({100 * answer.get('done', 0) / total:.0f} % done)" if total else ""
+    if state == "rolling-forward":
+        _say(f"interrupted: the {what} cannot be stopped once started (it rolls forward, "
+             f"as after a crash); it continues in the daemon{done}: 'shadowplex status' "
+             "shows it under operations until it has completed")
+    elif state == "completing":
+        _say(f"interrupted too late: the {what} had passed its point of no return and "
+             f"completes in the daemon{done}; 'shadowplex status' shows it under "
+             "operations until it has")
+    elif state == "cancelling":
+        _say(f"interrupted: the {what} is being cancelled in the daemon{done} (it stops "
+             "with nothing changed, unless it completes first); 'shadowplex status' shows "
+             "it under operations until it has ended")
+    else:
+        _say(f"interrupted: the daemon did not answer within {INTERRUPT_WAIT:g} s and may "
+             f"still complete the {what}: check with 'shadowplex status'")
+    raise Interrupted(EXIT_INTERRUPTED)
+
+
+def call(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any]) -> Any:
+    """call(progress) -> its result; after Ctrl-C, the result if it completed anyway
+    (else the outcome is told and Interrupted raised)."""
+    prog = progress(args)
+    try:
+        return call(prog)
+    except KeyboardInterrupt:
+        prog.close()
+        return after_interrupt(c)
+    finally:
+        prog.close()
