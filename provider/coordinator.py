@@ -256,7 +256,7 @@ class Coordinator:
                            "session (call set.start first)")
             return mine[-1]
         try:
-            set_id = str(uuid.UUID(str(set_id)))
+            set_id = vss.guid(set_id)
         except ValueError:
             raise _vss("E_INVALIDARG", f"{what}: {set_id!r} is not a snapshot set id") from None
         s = self._sets.get(set_id)
@@ -511,7 +511,7 @@ class Coordinator:
             raise _vss("VSS_E_BAD_STATE", "end_backup: no snapshot set was created in this "
                        "session; name one")
         try:
-            sid = str(uuid.UUID(str(sid)))
+            sid = vss.guid(sid)
         except ValueError:
             raise _vss("E_INVALIDARG", f"{sid!r} is not a snapshot set id") from None
         rec = self.catalog.records.get(sid)

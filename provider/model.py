@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -154,7 +153,7 @@ def parse_attributes(value: int | str | Sequence[str] | None) -> int:
 
 def guid(value: Any, what: str) -> str:
     try:
-        return str(uuid.UUID(str(value).strip()))
+        return vss.guid(value)
     except ValueError:
         raise VssError("E_INVALIDARG", f"{value!r} is not a {what} (a GUID)") from None
 

@@ -184,8 +184,11 @@ def test_status_reflects_the_config_file(daemon: Daemon) -> None:
     assert st["chunk_size"] == 16384
     assert st["writers"] == ["fsfreeze"]             # hooks_dir = "": no hook writer
     assert isinstance(st["volumes"], int) and isinstance(st["snapshots"], int)
+    assert st["capabilities"]["plex"] is True and st["capabilities"]["reflink"] is False
     human = d.ok("status").stdout
     assert re.search(rf"^mount\s+{re.escape(d.mount)}$", human, re.M), human
+    assert re.search(r"^capabilities\s+plex=True promote=True .*max_snapshots_per_volume=512$",
+                     human, re.M), human
     # a second pool init on the live pool: refused, nothing touched
     one_line_error(spx("pool", "init", d.pool), 1, "is not empty")
 

@@ -68,6 +68,8 @@ def _cell(v: Any) -> str:
         return "-"
     if isinstance(v, list):
         return ",".join(map(str, v)) or "-"
+    if isinstance(v, dict):   # e.g. status's capabilities: one line, key=value
+        return " ".join(f"{k}={_cell(x)}" for k, x in v.items()) or "-"
     return str(v)
 
 
