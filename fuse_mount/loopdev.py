@@ -27,7 +27,7 @@ import shutil
 import stat as _stat
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,29 +255,26 @@ def loops_backed_by(path: str | os.PathLike[str], lexical: bool = False) -> list
     FUSE mount, where resolving it is a request the calling daemon thread would wait for
     (a kill -9 meanwhile leaves a zombie daemon and a hung mount)."""
     target = os.path.abspath(os.fspath(path)) if lexical else os.path.realpath(os.fspath(path))
-    found = []
-    for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            back = Path(bf).read_text().rstrip("\n").removesuffix(DELETED)
-        except OSError:
-            continue
-        if back == target or back == os.path.abspath(os.fspath(path)):
-            found.append("/dev/" + bf.split("/")[3])
+    found = [dev for dev, back in _attached()
+             if back == target or back == os.path.abspath(os.fspath(path))]
     return sorted(found, key=lambda d: int(re.sub(r"\D", "", d) or 0))
 
 
 def loops_under(directory: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """(dev, backing file) for every loop device backed by a file under directory."""
     root = os.path.realpath(os.fspath(directory)).rstrip("/") + "/"
-    found = []
+    return sorted((dev, back) for dev, back in _attached() if back.startswith(root))
+
+
+def _attached() -> Iterator[tuple[str, str]]:
+    """(/dev/loopN, backing file as text, without the kernel's deleted mark) of every
+    attached loop device, from sysfs (no stat of the backing file)."""
     for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
             back = Path(bf).read_text().rstrip("\n").removesuffix(DELETED)
         except OSError:
-            continue
-        if back.startswith(root):
-            found.append(("/dev/" + bf.split("/")[3], back))
-    return sorted(found)
+            continue   # detached meanwhile
+        yield "/dev/" + bf.split("/")[3], back
 
 
 def _loop_users(dev: str, mounts: list[tuple[str, str, str]],
