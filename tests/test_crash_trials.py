@@ -296,6 +296,8 @@ def stop_writer(st: Stack) -> None:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the writer (pid {st.writer.pid}) did not die after "
                                  "SIGKILL (blocked on a frozen filesystem?)") from None
+    if st.writer.stdin is not None:
+        st.writer.stdin.close()
     st.writer = None
 
 

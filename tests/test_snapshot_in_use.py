@@ -213,20 +213,21 @@ def reader(argv: list[str], path: str, ready: str | None = None
            ) -> Iterator[subprocess.Popen[str]]:
     """A process using ``path`` (``ready``: the text it prints once it does, else: until
     /proc shows ``path`` among its open files); killed at the end, also on failure."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        if ready is not None:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == ready
-        else:
-            deadline = time.monotonic() + 10
-            while path not in (os.readlink(f"/proc/{proc.pid}/fd/{fd}")
-                               for fd in os.listdir(f"/proc/{proc.pid}/fd")):
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.02)
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+    # leaving the with: its pipes closed and the process waited for
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            if ready is not None:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == ready
+            else:
+                deadline = time.monotonic() + 10
+                while path not in (os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                                   for fd in os.listdir(f"/proc/{proc.pid}/fd")):
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.02)
+            yield proc
+        finally:
+            proc.kill()
 
 
 def test_users_under_an_earlier_exposed_name_are_named(tmp_path: Path,
