@@ -186,13 +186,7 @@ def test_snapshot_open_by_a_process_is_kept(tmp_path: Path, sockdir: str, op: st
     """A process reading the exposed image (dd, a backup tool): delete / unexpose name
     its pid and command and refuse; once it has ended, they work at once."""
     with exposed_snapshot(tmp_path, sockdir, "exposed") as (d, c, sid, path):
-        proc = subprocess.Popen(["sh", "-c", f"exec sleep 600 < '{path}'"])
-        try:
-            deadline = time.monotonic() + 10
-            while path not in (os.readlink(f"/proc/{proc.pid}/fd/{fd}")
-                               for fd in os.listdir(f"/proc/{proc.pid}/fd")):
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.02)
+        with reader(["sh", "-c", f"exec sleep 600 < '{path}'"], path) as proc:
             want = f"cannot {op} snapshot {sid}: in use by pid {proc.pid} (sleep, {path})"
             argv = ["snapshot", "delete", sid] if op == "delete" else ["unexpose", sid]
             one_line_error(spx(*argv, socket=d.socket), 1, want)
@@ -200,9 +194,6 @@ def test_snapshot_open_by_a_process_is_kept(tmp_path: Path, sockdir: str, op: st
                 one_line_error(spx(*argv, "--unexpose", socket=d.socket), 1, want)
             assert exists(c, sid)
             assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
-        finally:
-            proc.kill()
-            proc.wait()
         res = spx(*argv, socket=d.socket)
         assert res.returncode == 0, res.stderr
         assert c.snapshot_delete(all=True)["count"] == (0 if op == "delete" else 1)
