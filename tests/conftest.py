@@ -23,6 +23,16 @@
 2. Tests marked ``kernel`` need root, /dev/fuse, /dev/loop-control, losetup and fusermount3.
    Missing any of them skips the test with the reason, unless ``SHADOWPLEX_REQUIRE_KERNEL=1``
    (CI), in which case the test fails instead. Fixtures may call ``require_kernel()`` too.
+
+3. The daemon log check (``pytest_runtest_teardown``): every daemon a test starts goes
+   through tests/harness.py, which registers its log; after each test what the daemons
+   logged meanwhile is read, and a traceback, an ERROR not declared with
+   ``@pytest.mark.daemon_log_expects(r"regex", ...)``, or a FUSE request from one of a
+   daemon's own threads (tests/fuse_self_guard.py) fails the test, with the lines.
+
+4. Fixtures shared by several suites (``sockdir``); helpers shared by several suites are
+   in tests/support.py, tests/harness.py, tests/provider_env.py and tests/engine_model.py
+   -- test files do not import each other.
 """
 
 from __future__ import annotations
@@ -33,13 +43,18 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from harness import WatchedLog
 
 REQUIRE_KERNEL_ENV = "SHADOWPLEX_REQUIRE_KERNEL"
 SESSION_TOKEN_ENV = "SHADOWPLEX_TEST_SESSION"
@@ -179,6 +194,8 @@ def _is_serve_cmdline(argv: list[str]) -> bool:
         if arg.startswith("-m") and arg[2:] in DAEMON_MODULES:     # python -mprovider.daemon
             return True
         if arg == "-c" and rest:       # a boot string: runpy.run_module('provider.service')
+            if re.search(r"""['"]tools\.cli['"]""", rest[0]):     # ... ('tools.cli') serve
+                return "serve" in rest[1:]
             return any(re.search(rf"""['"]{re.escape(m)}['"]""", rest[0])
                        for m in DAEMON_MODULES)
     return False
@@ -370,30 +387,77 @@ def no_leftovers(
     pytest.fail(msg, pytrace=False)
 
 
-@pytest.fixture(autouse=True)
-def no_self_requests() -> Iterator[None]:
-    """Fails a test if a daemon it started under tests/fuse_self_guard.py (the default of
-    test_provider_e2e.start_daemon) logged a FUSE request from one of its own threads:
-    such a request works until the daemon is killed or stopped at the wrong moment, and
-    then hangs it (docs/concurrency.md, rule 1). Every suite using start_daemon is
-    checked, not only the crash trials."""
-    try:
-        from support import GUARDED_LOGS
-    except ImportError:   # this conftest copied into another session (test_leak_guard)
-        yield
-        return
-    first = len(GUARDED_LOGS)
-    yield
-    logs = GUARDED_LOGS[first:]
-    del GUARDED_LOGS[first:]
-    found = []
-    for path in dict.fromkeys(logs):
+# --------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A directory for a control socket, outside tmp_path: a Unix socket's path is at most
+    107 bytes, and pytest's tmp_path can be longer than that."""
+    d = tempfile.mkdtemp(prefix="spx-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- daemon logs
+
+# what no daemon may log unless the test declares it (daemon_log_expects): a traceback,
+# an ERROR or CRITICAL record (provider.daemon's log format: "... shadowplex[PID] LEVEL
+# logger: message"), and -- from a daemon under tests/fuse_self_guard.py without a stall
+# -- a FUSE request from one of its own threads, which can hang it (docs/concurrency.md,
+# rule 1)
+_BAD_LINE = re.compile(r"Traceback|\] (?:ERROR|CRITICAL) ")
+_SELF_REQUEST = "SELF-REQUEST"
+_SHOWN = 30      # log lines shown per failure
+
+
+def daemon_log_problems(watched: dict[str, WatchedLog], expected: list[re.Pattern[str]]
+                        ) -> list[str]:
+    """What the daemons of `watched` (tests/harness.WATCHED) logged since the last check
+    that is bad and matches none of `expected`, with a few lines of context after each
+    traceback; advances the offsets, and drops the logs whose daemons all exited."""
+    found: list[str] = []
+    for path, w in list(watched.items()):
         try:
-            text = Path(path).read_text(errors="replace")
+            with open(path, "rb") as f:
+                f.seek(w.offset)
+                data = f.read()
         except FileNotFoundError:
-            continue
-        found += [f"{path}: {ln}" for ln in text.splitlines() if "SELF-REQUEST" in ln]
-    if found:
-        pytest.fail("a daemon made a FUSE request to its own mount from one of its threads "
-                    "(it can hang there; see tests/fuse_self_guard.py):\n"
-                    + "\n".join(found[:10]), pytrace=False)
+            data = b""
+        if not w.running():
+            del watched[path]
+        else:      # a partial last line waits for the next check
+            data = data[:data.rfind(b"\n") + 1]
+        w.offset += len(data)
+        lines = data.decode(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            bad = bool(_BAD_LINE.search(line)) or (w.self_guard and _SELF_REQUEST in line)
+            if bad and not any(p.search(line) for p in expected):
+                context = lines[i + 1:i + 8] if "Traceback" in line else []
+                found += [f"{path}: {line}", *(f"    {ln}" for ln in context)]
+    return found
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """The daemon log check (S3QL's pytest_checklogs): after the test and its fixtures
+    (a module-scoped daemon stopped with the module's last test included), a test whose
+    daemons logged a traceback, an ERROR they were not expected to, or a SELF-REQUEST
+    fails, with those lines. A test that provokes an ERROR on purpose says so:
+    ``@pytest.mark.daemon_log_expects(r"regex", ...)``, each line matching one is fine."""
+    try:
+        return (yield)
+    finally:
+        try:
+            from harness import WATCHED
+        except ImportError:   # this conftest copied into another session (test_leak_guard)
+            WATCHED = {}
+        found = daemon_log_problems(WATCHED, [
+            re.compile(p) for m in item.iter_markers("daemon_log_expects") for p in m.args])
+        if found:
+            more = f"\n... and {len(found) - _SHOWN} more" if len(found) > _SHOWN else ""
+            pytest.fail("a daemon logged a traceback, an unexpected ERROR or a FUSE request "
+                        "from one of its own threads (SELF-REQUEST: it can hang there, see "
+                        "tests/fuse_self_guard.py); a test that expects an ERROR says so "
+                        "with @pytest.mark.daemon_log_expects:\n"
+                        + "\n".join(found[:_SHOWN]) + more, pytrace=False)

@@ -1,23 +1,24 @@
-"""Helpers shared by the kernel tests that run `shadowplex serve` as a subprocess."""
+"""Helpers shared by the test suites (tests/harness.py runs the daemon itself): commands,
+the CLI as a subprocess, loop devices and filesystems on volume images, threads."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
+import shutil
 import subprocess
+import sys
 import threading
-import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
 
 from fuse_mount import loopdev
 
-# daemon logs written under tests/fuse_self_guard.py (test_provider_e2e.start_daemon):
-# conftest's no_self_requests fails a test whose daemon logged a FUSE request from one
-# of its own threads (DESIGN.md's first concurrency rule: such a request can hang it)
-GUARDED_LOGS: list[str] = []
-
+ROOT = Path(__file__).resolve().parent.parent
+# what a test subprocess runs with: this worktree's code (not an installed copy)
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 def run_cmd(*cmd: str, check: bool = True, timeout: float = 120
             ) -> subprocess.CompletedProcess[str]:
@@ -45,35 +46,6 @@ def mounted(path: str) -> bool:
     return any(mp == path for mp, _, _ in loopdev.mountinfo())
 
 
-def wait_until_up(d: Any, timeout: float = 30) -> None:
-    """Wait for a test daemon (anything with .proc, .mount, .socket, .log_text()) to
-    have its FUSE mount (in mountinfo) and its control socket; a daemon that exits or
-    is not up within `timeout` fails with its log (it is then stopped)."""
-    deadline = time.monotonic() + timeout
-    while not (mounted(d.mount) and os.path.exists(d.socket)):
-        if d.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {d.proc.returncode}:\n{d.log_text()}")
-        if time.monotonic() > deadline:
-            stop_daemon(d)
-            raise AssertionError(f"daemon did not come up:\n{d.log_text()}")
-        time.sleep(0.05)
-
-
-def stop_daemon(d: Any) -> None:
-    """Stop a test daemon (anything with .proc and .mount): SIGTERM, then the hard way;
-    never leaves its mount behind."""
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            d.proc.wait(20)
-    if d.proc.poll() is None:
-        run_cmd("fusermount3", "-u", "-z", d.mount, check=False)
-        d.proc.kill()
-        d.proc.wait(10)
-    if mounted(d.mount):
-        run_cmd("fusermount3", "-u", "-z", d.mount, check=False)
-
-
 def start_thread(fn: Callable[[], object], errors: list[BaseException],
                  name: str) -> threading.Thread:
     """fn() in a daemon thread named `name`; what it raises goes to `errors` (for the
@@ -86,3 +58,55 @@ def start_thread(fn: Callable[[], object], errors: list[BaseException],
     t = threading.Thread(target=run, name=name, daemon=True)
     t.start()
     return t
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed")
+
+
+def spx(*args: str, socket: str | None = None, timeout: float = 60
+        ) -> subprocess.CompletedProcess[str]:
+    """`shadowplex [--socket SOCKET] args...` as a subprocess, output captured."""
+    argv = [sys.executable, "-m", "tools.cli"]
+    if socket is not None:
+        argv += ["--socket", socket]
+    return subprocess.run([*argv, *args], cwd=str(ROOT), env=ENV, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def one_line_error(res: subprocess.CompletedProcess[str], rc: int, fragment: str) -> str:
+    """The failure contract: exit status rc, nothing on stdout, ONE line on stderr that
+    says what was wrong, no traceback."""
+    assert res.returncode == rc, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert res.stdout == "", res.stdout
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("shadowplex"), lines[0]
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+@contextlib.contextmanager
+def mounted_ext4(image: str, target: Path) -> Iterator[str]:
+    """A loop device on `image` with a fresh ext4, mounted read-write at `target`."""
+    dev = loopdev.attach(image, read_only=False)
+    try:
+        run_cmd("mkfs.ext4", "-q", "-F", dev)
+        target.mkdir(parents=True, exist_ok=True)
+        run_cmd("mount", dev, str(target))
+        try:
+            yield dev
+        finally:
+            run_cmd("umount", str(target), check=False)
+    finally:
+        loopdev.detach(dev)
+
+
+def detach_loops_under(mnt: Path | str) -> None:
+    """Unmount and detach every loop device whose back-file is under `mnt`."""
+    for dev, _ in loopdev.loops_under(mnt):
+        for mp, _fs, source in loopdev.mountinfo():
+            if source == dev:
+                subprocess.run(["umount", mp], capture_output=True, check=False)
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)

@@ -130,7 +130,8 @@ def test_naa_never_reused_and_header_travels(pool):
     assert b.naa != a
     issued = {r[0] for r in pool.catalog.db.execute("SELECT naa FROM naa_issued")}
     assert {a, b.naa} <= issued
-    hdr = json.load(open(pool.image_path("a")[:-4] + ".hdr"))
+    with open(pool.image_path("a")[:-4] + ".hdr") as f:
+        hdr = json.load(f)
     assert hdr["naa"] == b.naa and hdr["size"] == MiB and hdr["shadow"] is False
 
 

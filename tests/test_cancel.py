@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,8 +20,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_provider_control import Raw
-from test_provider_support import Env, ServerThread, wait_until
+from provider_env import Env, Raw, ServerThread, wait_until
 
 from blockstore import Pool
 from blockstore import errors as bse
@@ -173,13 +170,6 @@ def test_revert_cancelled_after_it_started_rolls_forward(tmp_path: Path, at: int
 
 
 # --------------------------------------------------------------------------- control API
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="spx-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 class Gate:
     """Wraps a Pool method so that its progress callback waits, at its first call,
     until the test opens the gate (a long operation caught in the middle)."""

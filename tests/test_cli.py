@@ -22,23 +22,20 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import require_kernel
-from support import mkfs_ext4, wait_until_up
+from harness import Daemon, launch
+from support import mkfs_ext4, one_line_error, spx
 from support import mounted as _mounted
 from support import run_cmd as _run
-from support import stop_daemon as _stop
 
 pytestmark = pytest.mark.kernel
-ROOT = Path(__file__).resolve().parent.parent
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 NAA = re.compile(r"[0-9a-f]{32}")
 # the stable snapshot fields of every --json snapshot (README, tools/cli.snapshot_view)
@@ -46,29 +43,6 @@ SNAPSHOT_FIELDS = ("id", "set_id", "volume", "naa", "state", "attributes", "attr
                    "device_path", "exposed_path", "created")
 PERSISTENT, DIFFERENTIAL, PLEX = 0x1, 0x20000, 0x40000
 TRANSPORTABLE, IMPORTED, EXPOSED_LOCALLY = 0x20, 0x80000, 0x100000
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-
-
-def spx(*args: str, socket: str | None = None, timeout: float = 60
-        ) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "tools.cli"]
-    if socket is not None:
-        argv += ["--socket", socket]
-    return subprocess.run([*argv, *args], cwd=str(ROOT), env=ENV, capture_output=True,
-                          text=True, timeout=timeout, check=False)
-
-
-def one_line_error(res: subprocess.CompletedProcess[str], rc: int, fragment: str) -> str:
-    """The failure contract: exit status rc, nothing on stdout, ONE line on stderr that
-    says what was wrong, no traceback."""
-    assert res.returncode == rc, (res.returncode, res.stdout, res.stderr)
-    assert "Traceback" not in res.stderr
-    assert res.stdout == "", res.stdout
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("shadowplex"), lines[0]
-    assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def eventually(pred: Any, timeout: float = 3.0) -> bool:
@@ -100,34 +74,6 @@ def check_snapshot(s: dict[str, Any]) -> None:
     assert s["device_path"].endswith(f"/.shadow/{s['id']}.img")
 
 
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    base: Path
-    pool: str
-    mount: str
-    socket: str
-    log: str
-
-    def log_text(self) -> str:
-        return Path(self.log).read_text(errors="replace")
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return spx(*args, socket=self.socket)
-
-    def ok(self, *args: str) -> subprocess.CompletedProcess[str]:
-        res = self.run(*args)
-        assert res.returncode == 0, (args, res.stdout, res.stderr)
-        assert "Traceback" not in res.stderr
-        return res
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.ok(*args, "--json").stdout)
-
-    def image(self, vol: str) -> str:
-        return os.path.join(self.mount, "volumes", f"{vol}.img")
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     require_kernel()
@@ -146,19 +92,15 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     # relative paths: relative to the file's directory; no hook writers
     conf.write_text(f'pool = "pool"\nmount = "mnt"\nsocket = "{sock}"\nhooks_dir = ""\n'
                     'default_kind = "differential"\nhold_deadline = 10\n')
-    log = str(base / "daemon.log")
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--config",
-                                 str(conf)], cwd=str(ROOT), env=ENV, stdout=logf,
-                                stderr=subprocess.STDOUT)
-    d = Daemon(proc, base, pool, mount, sock, log)
+    # `serve --config FILE`: the CLI's own way in (the file names pool, mount, socket)
+    d = launch(["serve", "--config", str(conf)], module="tools.cli", pool=pool, mount=mount,
+               socket=sock, log=str(base / "daemon.log"), wait=False)
     try:
-        wait_until_up(d)
+        d.wait_up()
         yield d
     finally:
-        _stop(d)
+        d.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
-    assert "Traceback" not in d.log_text()
 
 
 @contextlib.contextmanager

@@ -63,14 +63,11 @@ if __name__ == "__main__":   # run as a requester worker: make our packages impo
 
 import pytest  # noqa: E402
 import trio  # noqa: E402
-from support import (  # noqa: E402
-    mkfs_ext4,  # noqa: E402
-)
+from harness import Daemon  # noqa: E402
+from harness import start_daemon as start_e2e_daemon  # noqa: E402
+from provider_env import Env  # noqa: E402
+from support import mkfs_ext4  # noqa: E402
 from support import run_cmd as _run  # noqa: E402
-from support import stop_daemon as _stop  # noqa: E402
-from test_provider_e2e import Daemon  # noqa: E402
-from test_provider_e2e import start_daemon as start_e2e_daemon  # noqa: E402
-from test_provider_support import Env  # noqa: E402
 
 from fuse_mount import loopdev  # noqa: E402
 from provider.client import Client, ControlError  # noqa: E402
@@ -709,6 +706,11 @@ def _final_cleanup(d: Daemon, work: Path) -> None:
 
 
 @pytest.mark.kernel
+# the stop signals' refusals; snapshots deleted (by a requester, an overflow, a session's
+# end) while the reader or a loop device has them open: loud, and what the soak provokes
+@pytest.mark.daemon_log_expects(r"is busy .*NOT stopping",
+                                r"snapshot \S+ was deleted while \d+ file\(s\) had it open",
+                                r"automatic deletion of snapshot \S+ although it is in use")
 def test_concurrency_soak(tmp_path: Path) -> None:
     total_ops = int(os.environ.get(OPS_ENV) or CI_OPS)
     seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(1 << 32))
@@ -899,10 +901,6 @@ def test_concurrency_soak(tmp_path: Path) -> None:
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0, d.log_text()[-3000:]
         assert d.mount not in our_mounts(roots)
-        log = d.log_text()
-        assert "unexpected error" not in log and "Traceback" not in log, log[-5000:]
-        selfreq = [ln for ln in log.splitlines() if "SELF-REQUEST" in ln]
-        assert not selfreq, f"FUSE requests from the daemon's own threads: {selfreq[:5]}"
     finally:
         if signaller is not None:
             signaller.__exit__()
@@ -916,7 +914,7 @@ def test_concurrency_soak(tmp_path: Path) -> None:
                 _run("umount", mp, check=False)
         for dev, _ in our_loops(roots):          # fs's, and any exposure's left over
             _run("losetup", "-d", dev, check=False)
-        _stop(d)
+        d.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
 
 

@@ -76,8 +76,8 @@ from typing import Any
 
 import pytest
 import xxhash
-from support import mounted, run_cmd, stop_daemon
-from test_provider_e2e import Daemon, sockdir, start_daemon  # noqa: F401 - sockdir: fixture
+from harness import Daemon, start_daemon
+from support import mounted, run_cmd
 
 from fuse_mount import loopdev
 from provider.client import ControlError
@@ -296,6 +296,8 @@ def stop_writer(st: Stack) -> None:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the writer (pid {st.writer.pid}) did not die after "
                                  "SIGKILL (blocked on a frozen filesystem?)") from None
+    if st.writer.stdin is not None:
+        st.writer.stdin.close()
     st.writer = None
 
 
@@ -446,18 +448,20 @@ def stack_cleanup(st: Stack, holder: dict[str, Daemon]) -> Iterator[None]:
             errors.append(str(e))
         d = holder.get("d")
         if d is not None:
-            stop_daemon(d)
+            d.stop()
             clear_dead(d)
         if errors:
             raise AssertionError("; ".join(errors))
 
 
 @pytest.mark.timeout(120 + 20 * TRIALS)
-def test_crash_trials(tmp_path: Path, sockdir: str) -> None:  # noqa: F811
+def test_crash_trials(tmp_path: Path, sockdir: str) -> None:
     for tool in ("mkfs.ext4", "e2fsck", "fsfreeze"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
     rnd = random.Random(SEED)
+    # shown with a failure of conftest's daemon log check too (a traceback, a SELF-REQUEST)
+    print(f"crash trials: seed {SEED} (SHADOWPLEX_CRASH_SEED replays it)")
     ledger, counts = Ledger(), Counts()
     st = Stack(fsdir=str(tmp_path / "fs"))
     logs = tmp_path / "logs"
@@ -529,10 +533,6 @@ def test_crash_trials(tmp_path: Path, sockdir: str) -> None:  # noqa: F811
             res = c.check()
             assert res["ok"], f"check: {res['problems']} {ctx()}"
         teardown_stack(st)
-        assert "Traceback" not in d.log_text(), f"a daemon logged a traceback {ctx()}"
-        selfreq = [ln for ln in d.log_text().splitlines() if "SELF-REQUEST" in ln]
-        assert not selfreq, (f"FUSE requests from a daemon's own threads (a kill -9 then "
-                             f"hangs it, see fuse_self_guard.py): {selfreq[:5]} {ctx()}")
     elapsed = time.monotonic() - t0
     summary = f"{counts.line()}; {elapsed:.1f} s"
     print(summary)
@@ -603,7 +603,7 @@ def trim_snapshots(d: Daemon, led: Ledger, counts: Counts) -> None:
 
 @pytest.mark.timeout(180)
 def test_no_fuse_request_from_the_daemons_own_threads(tmp_path: Path,
-                                                      sockdir: str) -> None:  # noqa: F811
+                                                      sockdir: str) -> None:
     """Regression test of the residual "killed daemon hung" (root cause of the 1-in-10..70
     trials): during a snapshot create the fsfreeze writer's discovery realpath'ed and
     stat'ed MOUNT/volumes/v.img from a trio worker thread -- a FUSE request to the daemon

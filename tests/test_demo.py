@@ -100,6 +100,9 @@ def test_ctrl_c_cleans_everything_up(at: str, signals: list[str]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+        for f in (proc.stdout, proc.stderr):   # the pipes, once the pump is done with them
+            if f is not None:
+                f.close()
     assert rc == 130, (rc, "".join(out), err)
     assert "demo: interrupted; everything was cleaned up" in err, err
     assert "Traceback" not in err and "PASS" not in "".join(out)

@@ -4,9 +4,9 @@ the kernel's FUSE and loop drivers, mkfs/mount/e2fsck on top.
 Snapshots and volumes are created BEFORE the daemon starts by opening the pool directly
 (the daemon owns the pool lock while it runs), except where the moment matters (kill -9
 after a snapshot and writes): there the daemon runs with its control socket
-(test_provider_e2e.start_daemon) and the snapshot is taken through it. Changes while
-mounted are also tested with an in-process mount (run_mount on a trio thread of this
-process) whose Pool object the test also holds.
+(tests/harness.start_daemon) and the snapshot is taken through it. Changes while
+mounted are also tested with an in-process mount (harness.InProcMount: run_mount on a
+trio thread of this process) whose Pool object the test also holds.
 
 fallocate/discard tests need the patched pyfuse3 that `make venv` builds
 (fuse_mount/patches/); test_fuse_unit.py says so plainly when it is missing.
@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 import trio
-from test_provider_e2e import _stop, sockdir, start_daemon  # noqa: F401 - sockdir: fixture
+from harness import InProcMount, start_daemon
+from harness import fuse_daemon as daemon
 
 from blockstore import Pool
 from fuse_mount import loopdev
@@ -41,8 +42,6 @@ from fuse_mount.session import (
     MountState,
     force_unmount,
     mount_state,
-    run_mount,
-    wait_mounted,
 )
 from fuse_mount.view import LUN_TIMEOUT, VOLUME_INO_BASE, snapshot_inode
 
@@ -50,74 +49,9 @@ pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-MOUNT_TIMEOUT = 20.0
-STOP_TIMEOUT = 30.0
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def daemon_cmd(pool: Path, mnt: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "provider.daemon", "--pool", str(pool), "--mount", str(mnt),
-            *extra]
-
-
-class Daemon:
-    def __init__(self, pool: Path, mnt: Path, log: Path) -> None:
-        self.pool, self.mnt, self.log_path = pool, mnt, log
-        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            daemon_cmd(pool, mnt), cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait; returns the exit status (None if it had to be killed)."""
-        rc: int | None = self.proc.poll()
-        if rc is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                rc = self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                rc = None
-        self._log.close()
-        return rc
-
-
-@contextmanager
-def daemon(pool: Path, mnt: Path, log: Path) -> Iterator[Daemon]:
-    """Start the daemon, wait for the mount, yield; SIGTERM in finally and check exit 0."""
-    d = Daemon(pool, mnt, log)
-    body_ok = False
-    rc: int | None = None
-    try:
-        try:
-            wait_mounted(mnt, d.proc, MOUNT_TIMEOUT)
-        except (RuntimeError, TimeoutError) as e:
-            raise AssertionError(f"{e}\n--- daemon log ---\n{d.log()}") from None
-        yield d
-        body_ok = True
-    finally:
-        detach_loops_under(mnt)
-        rc = d.stop()
-        if mount_state(mnt).state is not MountState.NOT_MOUNTED:
-            force_unmount(mnt)
-    if body_ok:
-        assert rc == 0, f"daemon exit status {rc}\n--- daemon log ---\n{d.log()}"
-        assert mount_state(mnt).state is MountState.NOT_MOUNTED
-
-
-def detach_loops_under(mnt: Path) -> None:
-    for dev, _ in loopdev.loops_under(mnt):
-        for mp, _fs, source in loopdev.mountinfo():
-            if source == dev:
-                subprocess.run(["umount", mp], capture_output=True, check=False)
-        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
 
 
 @contextmanager
@@ -483,7 +417,7 @@ def test_differential_snapshot_keeps_old_filesystem(tmp_path: Path, mnt: Path) -
 
 
 def test_kill9_leaves_dead_mount_then_restart_works(tmp_path: Path, mnt: Path,
-                                                     sockdir: str) -> None:  # noqa: F811
+                                                     sockdir: str) -> None:
     """kill -9 of serve (with its control socket) after a snapshot and writes after it:
     the mount is left dead (ENOTCONN, never an empty directory), and the restarted daemon
     serves the snapshot's point-in-time content, every fsync'ed write, and a pool whose
@@ -518,7 +452,7 @@ def test_kill9_leaves_dead_mount_then_restart_works(tmp_path: Path, mnt: Path,
             killed = True
         finally:
             if not killed:
-                _stop(d)
+                d.stop()
         assert mount_state(mnt).state is MountState.STALE     # never an empty dir
         with pytest.raises(OSError) as ei:
             os.listdir(mnt)
@@ -527,7 +461,7 @@ def test_kill9_leaves_dead_mount_then_restart_works(tmp_path: Path, mnt: Path,
         expect[4096:4096 + len(synced_a)] = synced_a
         expect[5 * MiB:5 * MiB + len(synced_b)] = synced_b
         with daemon(pool_dir, mnt, tmp_path / "d2.log") as d2:
-            assert "dead mount" in d2.log()                   # the restart cleaned it
+            assert "dead mount" in d2.log_text()                   # the restart cleaned it
             with open(mnt / ".shadow" / f"{sid}.img", "rb") as f:
                 assert f.read() == old + bytes(7 * MiB)
             with open(mnt / "volumes" / "v.img", "rb") as f:
@@ -545,7 +479,8 @@ def test_kill9_leaves_dead_mount_then_restart_works(tmp_path: Path, mnt: Path,
 
 
 def _serve_fails(pool_dir: Path, mnt: Path) -> str:
-    res = subprocess.run(daemon_cmd(pool_dir, mnt), cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "provider.daemon", "--pool", str(pool_dir),
+                          "--mount", str(mnt)], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, check=False)
     assert res.returncode == 1, res.stderr
     lines = res.stderr.strip().splitlines()
@@ -625,6 +560,7 @@ def test_statfs_reports_the_pool_filesystem(tmp_path: Path, mnt: Path) -> None:
         assert st.f_blocks == ours.f_blocks
 
 
+@pytest.mark.daemon_log_expects(r"is busy .*NOT stopping")   # the refusal, on purpose
 def test_sigterm_refuses_while_loop_attached(tmp_path: Path, mnt: Path) -> None:
     pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
     with daemon(pool_dir, mnt, tmp_path / "d.log") as d:
@@ -635,9 +571,9 @@ def test_sigterm_refuses_while_loop_attached(tmp_path: Path, mnt: Path) -> None:
             time.sleep(LUN_TIMEOUT + 1.5)
             d.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while "is busy" not in d.log() and time.monotonic() < deadline:
+            while "is busy" not in d.log_text() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert "is busy" in d.log() and dev in d.log()
+            assert "is busy" in d.log_text() and dev in d.log_text()
             assert d.proc.poll() is None
             assert mount_state(mnt).state is MountState.MOUNTED
             assert os.listdir(mnt / "volumes") == ["v.img"]
@@ -647,54 +583,6 @@ def test_sigterm_refuses_while_loop_attached(tmp_path: Path, mnt: Path) -> None:
 
 
 # --------------------------------------------------------------------------- in-process
-
-
-class InProcMount:
-    """run_mount on a trio loop in a thread of this process, so the test can use the Pool
-    (and the write barrier) while the mount is live."""
-
-    def __init__(self, pool: Pool, mnt: Path) -> None:
-        self.pool, self.mnt = pool, mnt
-        self.ops: Any = None
-        self.token: Any = None
-        self._cancel: Any = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            async with trio.open_nursery() as n:
-                self.ops = await n.start(run_mount, self.pool, str(self.mnt))
-                self.token = trio.lowlevel.current_trio_token()
-                self._cancel = n.cancel_scope
-                self._ready.set()
-
-        try:
-            trio.run(main)
-        except BaseException as e:  # noqa: BLE001 - reported by start()
-            self._error = e
-        finally:
-            self._ready.set()
-
-    def __enter__(self) -> InProcMount:
-        self._thread.start()
-        self._ready.wait(MOUNT_TIMEOUT)
-        if self._error is not None:
-            raise self._error
-        wait_mounted(self.mnt, None, MOUNT_TIMEOUT)
-        return self
-
-    def call(self, afn: Any, *args: Any) -> Any:
-        return trio.from_thread.run(afn, *args, trio_token=self.token)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._cancel is not None and self._thread.is_alive():
-            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self.token)
-        self._thread.join(STOP_TIMEOUT)
-        if mount_state(self.mnt).state is not MountState.NOT_MOUNTED:
-            force_unmount(self.mnt)
-        assert not self._thread.is_alive()
 
 
 def test_tree_follows_pool_changes_while_mounted(tmp_path: Path, mnt: Path) -> None:

@@ -27,7 +27,7 @@ from conftest import (
     _is_test_process,
     _split_ours,
 )
-from test_fuse_mount import daemon_cmd
+from harness import daemon_argv
 
 pytest_plugins = ["pytester"]
 
@@ -39,10 +39,12 @@ E2E_BOOT = ("import faulthandler, runpy, sys; faulthandler.dump_traceback_later(
 
 
 @pytest.mark.parametrize("argv", [
-    daemon_cmd(Path("/p"), Path("/m")),                       # test_fuse_mount.py
+    daemon_argv("provider.daemon", ["--pool", "/p", "--mount", "/m"]),   # tests/harness.py
+    daemon_argv("provider.service", ["--pool", "/p"], self_guard=False),
+    daemon_argv("tools.cli", ["serve", "--config", "/c.toml"]),
     [PY, "-m", "provider.service", "--pool", "/p", "--mount", "/m"],
     [PY, "-mprovider.daemon", "--pool", "/p"],
-    [PY, "-c", E2E_BOOT, "--pool", "/p", "--mount", "/m"],    # test_provider_e2e.py
+    [PY, "-c", E2E_BOOT, "--pool", "/p", "--mount", "/m"],    # a boot string, unguarded
     [PY, "-c", "import runpy; runpy.run_module(\"provider.daemon\")"],
     ["/work/.venv/bin/shadowplex", "--debug", "serve", "--pool", "/p"],
     [PY, "-m", "tools.cli", "serve", "--pool", "/p", "--mount", "/m"],   # tools/demo.py

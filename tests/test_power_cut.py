@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_blockstore_model import CS, MAX_SIZE, EngineModel, _pad
+from engine_model import CS, MAX_SIZE, EngineModel, _pad
 
 from blockstore import Faults, Pool
 from blockstore.errors import SimulatedCrash
@@ -81,7 +81,7 @@ SYNCING = set("FSGL")    # these sync the origin partway: a crash inside may lea
 
 
 class PowerModel(EngineModel):
-    """EngineModel's operations and bookkeeping (tests/test_blockstore_model.py) on a
+    """EngineModel's operations and bookkeeping (tests/engine_model.py) on a
     copy of a template pool whose files a PowerCut records."""
 
     def op_seal(self, sid: str) -> None:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_provider_support import Env, FakeWriter, ServerThread, disk_state, wait_until
+from provider_env import Env, FakeWriter, Raw, ServerThread, disk_state, wait_until
 
 from provider import protocol
 from provider.client import Client, ControlError
@@ -27,13 +25,6 @@ from provider.coordinator import SnapshotSet
 from provider.vss import HRESULTS, SnapshotState
 
 SS = SnapshotState
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="spx-")   # short: Unix socket paths are <= 107 bytes
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -45,34 +36,6 @@ def served(tmp_path: Path, sockdir: str) -> Iterator[tuple[Env, ServerThread]]:
     finally:
         srv.stop()
         env.close()
-
-
-class Raw:
-    """A raw protocol connection (no Client helpers)."""
-
-    def __init__(self, path: str) -> None:
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(20)
-        self.s.connect(path)
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.s.sendall(data)
-
-    def recv(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            chunk = self.s.recv(65536)
-            assert chunk, "server closed the connection"
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return json.loads(line)
-
-    def req(self, rid: Any, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.send(json.dumps({"id": rid, "op": op, "args": args or {}}).encode() + b"\n")
-        return self.recv()
-
-    def close(self) -> None:
-        self.s.close()
 
 
 # --------------------------------------------------------------------------- socket

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_provider_support import Env, FakeWriter, assert_no_trace, disk_state, wait_until
+from provider_env import Env, FakeWriter, assert_no_trace, disk_state, wait_until
 
 from blockstore import errors as bse
 from provider.coordinator import Coordinator, SnapshotSet

@@ -7,115 +7,24 @@ session guard in conftest.py fails the run if anything is left.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support import GUARDED_LOGS, mkfs_ext4, wait_until_up
+from harness import start_daemon
+from support import mkfs_ext4, mounted_ext4, need
 from support import run_cmd as _run
-from support import stop_daemon as _stop
 
-from blockstore import Pool
 from fuse_mount import loopdev
-from provider.client import Client, ControlError
+from provider.client import ControlError
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    pool: str
-    mount: str
-    socket: str
-    log: str
-
-    def client(self, **kw: Any) -> Client:
-        return Client(self.socket, **kw)
-
-    def log_text(self) -> str:
-        return Path(self.log).read_text(errors="replace")
-
-
-def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],
-                 config: dict[str, Any] | None = None,
-                 self_guard: float | None = 0.0) -> Daemon:
-    """self_guard: not None = the daemon logs every FUSE request made by one of its own
-    threads, and stalls it that many seconds (tests/fuse_self_guard.py). By default
-    (0.0) any such request fails the test that started the daemon (conftest's
-    no_self_requests); a test that provokes one on purpose passes a stall > 0, None
-    turns the guard off."""
-    pool = str(base / "pool")
-    mount = str(base / "mnt")
-    os.makedirs(mount, exist_ok=True)
-    if not os.path.exists(pool):
-        p = Pool.create(pool)
-        for name, size in volumes.items():
-            p.create_volume(name, size)
-        p.close()
-    sock = os.path.join(sockdir, "ctl.sock")
-    log = str(base / "daemon.log")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # faulthandler: a daemon that hangs dumps its threads' stacks into its log (every
-    # 30 s, and on SIGUSR1)
-    boot = ("import faulthandler, runpy, signal, sys; faulthandler.dump_traceback_later(30, "
-            "repeat=True); faulthandler.register(signal.SIGUSR1, all_threads=True); "
-            "sys.argv[0] = 'provider.service'; "
-            "runpy.run_module('provider.service', run_name='__main__', alter_sys=True)")
-    if self_guard is not None:
-        boot = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
-                f"import fuse_self_guard; del sys.path[0]; {boot}")
-        env["SHADOWPLEX_TEST_SELF_STALL"] = str(self_guard)
-        if not self_guard:
-            GUARDED_LOGS.append(log)
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", boot, "--pool", pool, "--mount", mount,
-             "--socket", sock, "--config", json.dumps(config or {})],
-            cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
-    d = Daemon(proc, pool, mount, sock, log)
-    wait_until_up(d)
-    return d
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="spx-e2e-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def mounted_ext4(image: str, target: Path) -> Iterator[str]:
-    """A loop device on `image` with a fresh ext4, mounted read-write at `target`."""
-    dev = loopdev.attach(image, read_only=False)
-    try:
-        _run("mkfs.ext4", "-q", "-F", dev)
-        target.mkdir(parents=True, exist_ok=True)
-        _run("mount", dev, str(target))
-        try:
-            yield dev
-        finally:
-            _run("umount", str(target), check=False)
-    finally:
-        loopdev.detach(dev)
-
-
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} not installed")
 
 
 # --------------------------------------------------------------------------- tests
@@ -162,8 +71,7 @@ def test_fsfreeze_snapshot_expose_mount_and_delete(tmp_path: Path, sockdir: str)
                 assert [b for _, b in loopdev.loops_under(d.mount)] == [image]
                 assert c.check()["ok"]
     finally:
-        _stop(d)
-    assert "Traceback" not in d.log_text()
+        d.stop()
 
 
 def test_expose_survives_restart_and_auto_release(tmp_path: Path, sockdir: str) -> None:
@@ -182,7 +90,7 @@ def test_expose_survives_restart_and_auto_release(tmp_path: Path, sockdir: str) 
             ids = {s["snapshot_id"] for s in c.snapshot_list()}
             assert ids == {s["snapshot_id"] for s in keep["snapshots"]}
             c.snapshot_create(["w"], context="backup")    # alive when the daemon stops
-        _stop(d)
+        d.stop()
         d = start_daemon(tmp_path, sockdir, {})
         with d.client() as c:
             after = {s["snapshot_id"]: s for s in c.snapshot_list()}
@@ -195,7 +103,7 @@ def test_expose_survives_restart_and_auto_release(tmp_path: Path, sockdir: str) 
             assert c.snapshot_delete(all=True)["count"] == 2
         del gone
     finally:
-        _stop(d)
+        d.stop()
 
 
 def test_one_instant_through_the_kernel(tmp_path: Path, sockdir: str) -> None:
@@ -252,7 +160,7 @@ def test_one_instant_through_the_kernel(tmp_path: Path, sockdir: str) -> None:
     finally:
         stop.set()
         t.join(30)
-        _stop(d)
+        d.stop()
 
 
 def test_requester_killed_mid_freeze(tmp_path: Path, sockdir: str) -> None:
@@ -289,7 +197,7 @@ def test_requester_killed_mid_freeze(tmp_path: Path, sockdir: str) -> None:
         assert trace.read_text().split() == ["freeze", "thaw", "abort"]
         assert "aborting snapshot set" in d.log_text()
     finally:
-        _stop(d)
+        d.stop()
 
 
 SQLITE_LOAD = r"""
@@ -362,8 +270,7 @@ def test_sqlite_under_load_is_consistent_in_every_snapshot(tmp_path: Path,
                 out, _ = load.communicate(timeout=60)
             assert load.returncode == 0 and int(out) > last
     finally:
-        _stop(d)
-    assert "Traceback" not in d.log_text()
+        d.stop()
 
 
 def test_deleted_volume_vanishes_from_the_mount_at_once(tmp_path: Path, sockdir: str) -> None:
@@ -384,4 +291,4 @@ def test_deleted_volume_vanishes_from_the_mount_at_once(tmp_path: Path, sockdir:
         assert not os.path.exists(image)
         assert "gone.img" not in os.listdir(os.path.join(d.mount, "volumes"))
     finally:
-        _stop(d)
+        d.stop()

@@ -21,14 +21,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import require_kernel
+from harness import Daemon, start_daemon
 from support import run_cmd as _run
-from support import stop_daemon as _stop
-from support import wait_until_up
 
 from tools.script import ScriptError, parse_script, run_script_file
 
@@ -153,53 +151,18 @@ def test_unreadable_script_and_missing_daemon(tmp_path: Path,
 
 
 # ----------------------------------------------------------------------------- kernel
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    base: Path
-    mount: str
-    socket: str
-    log: str
-
-    def client(self) -> object:
-        from provider.client import Client
-        return Client(self.socket, client="test-script")
-
-    def log_text(self) -> str:
-        return Path(self.log).read_text(errors="replace")
-
-    def image(self, vol: str) -> str:
-        return os.path.join(self.mount, "volumes", f"{vol}.img")
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     require_kernel()
     for tool in ("mkfs.ext4", "dd"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not installed")
-    from blockstore import Pool
     from fuse_mount import loopdev
     base = tmp_path_factory.mktemp("script")
-    pool = str(base / "pool")
-    mount = str(base / "mnt")
-    os.makedirs(mount)
-    p = Pool.create(pool)
-    for name, size in (("data", 64 << 20), ("logs", 8 << 20), ("nas", 8 << 20)):
-        p.create_volume(name, size)
-    p.close()
     sockdir = tempfile.mkdtemp(prefix="spx-script-")   # short: sun_path is 108 bytes
-    sock = os.path.join(sockdir, "ctl.sock")
-    log = str(base / "daemon.log")
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "provider.service", "--pool", pool, "--mount", mount,
-             "--socket", sock, "--config", json.dumps({"hooks_dir": None})],
-            cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            stdout=logf, stderr=subprocess.STDOUT)
-    d = Daemon(proc, base, mount, sock, log)
+    d = start_daemon(base, sockdir, {"data": 64 << 20, "logs": 8 << 20, "nas": 8 << 20},
+                     {"hooks_dir": None})
     try:
-        wait_until_up(d)
         dev = loopdev.attach(d.image("data"), read_only=False)
         try:
             _run("mkfs.ext4", "-q", "-F", dev)
@@ -207,9 +170,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             loopdev.detach(dev)
         yield d
     finally:
-        _stop(d)
+        d.stop()
         shutil.rmtree(sockdir, ignore_errors=True)
-    assert "Traceback" not in d.log_text()
 
 
 def script(d: Daemon, name: str, text: str) -> tuple[subprocess.CompletedProcess[str], str]:
@@ -293,7 +255,7 @@ delete shadows all
             assert len(s["snapshots"]) == 2
             assert (out / "s").read_text().strip() == s["set_id"]
             assert (fs / "hello.txt").read_text() == "changed\n"
-            with d.client() as c:                  # type: ignore[attr-defined]
+            with d.client(client="test-script") as c:
                 _nothing_left(d, c, snap)
         finally:
             _run("umount", str(fs), check=False)
@@ -338,7 +300,7 @@ list shadows
         assert "now volume nas-break-2 (read-write)" in res.stdout
         assert f"{path}:15: note: 'break' without 'writable'" in res.stderr
         assert "released" not in res.stdout            # persistent: nothing released
-        with d.client() as c:                           # type: ignore[attr-defined]
+        with d.client(client="test-script") as c:
             vols = {v["name"]: v for v in c.volume_list()}
             for name in made:
                 assert name in vols and vols[name]["naa"] != vols["nas"]["naa"]
@@ -354,10 +316,10 @@ list shadows
         assert res.stdout.count("1 snapshot(s) deleted") == 2
         assert "delete shadows all: 0 snapshot(s) deleted" in res.stdout
         assert oldest not in res.stdout.split("delete shadows oldest nas")[1]
-        with d.client() as c:                           # type: ignore[attr-defined]
+        with d.client(client="test-script") as c:
             _nothing_left(d, c)
     finally:
-        with d.client() as c:                           # type: ignore[attr-defined]
+        with d.client(client="test-script") as c:
             for s in c.snapshot_list(volume="nas"):
                 c.snapshot_delete(snapshot_id=s["snapshot_id"], unexpose=True)
             names = {v["name"] for v in c.volume_list()}
@@ -378,7 +340,7 @@ def test_syntax_error_on_line_3_changes_nothing(daemon: Daemon) -> None:
     new_log = d.log_text()[log_before:]
     # the daemon was not even contacted (earlier sessions may still log their close)
     assert not re.search(r"requester session \d+ opened", new_log), new_log
-    with d.client() as c:                               # type: ignore[attr-defined]
+    with d.client(client="test-script") as c:
         _nothing_left(d, c)
 
 
@@ -403,7 +365,7 @@ end backup
         assert lines[0] == f"{path}:7: exec: the command exited with status 3"
         assert any(x.startswith("cleanup: unexposed snapshot") for x in lines)
         assert any(x.startswith("cleanup: released auto-release snapshot set") for x in lines)
-        with d.client() as c:                           # type: ignore[attr-defined]
+        with d.client(client="test-script") as c:
             _nothing_left(d, c, snap)
 
         # a set still being composed is aborted; a daemon error names its line
@@ -414,7 +376,7 @@ end backup
         res, path = script(d, "fails3.dsh", "add volume data\nadd volume nosuch\ncreate\n")
         assert res.returncode == 1
         assert res.stderr.startswith(f"{path}:2: add volume: VSS_E_OBJECT_NOT_FOUND")
-        with d.client() as c:                           # type: ignore[attr-defined]
+        with d.client(client="test-script") as c:
             _nothing_left(d, c, snap)
     finally:
         from fuse_mount import loopdev
@@ -437,7 +399,7 @@ def test_quiet_prints_only_what_was_listed(daemon: Daemon) -> None:
     lines = res.stdout.splitlines()
     assert len(lines) == 4 and lines[0].startswith("ID ") and lines[2].startswith("PROVIDER ID")
     assert " logs " in lines[1] and "nas-rollback" in lines[1]
-    with d.client() as c:                               # type: ignore[attr-defined]
+    with d.client(client="test-script") as c:
         _nothing_left(d, c)
 
 
@@ -473,7 +435,7 @@ list providers
     sid = m.group(1)
     assert f'exec test "$L" = "{sid}"' in out            # verbose: %L% shown expanded
     assert "PROVIDER ID" not in out                       # stopped at line 6
-    with d.client() as c:                                 # type: ignore[attr-defined]
+    with d.client(client="test-script") as c:
         _nothing_left(d, c)
 
     # a file that is there but is not a document: the same kind of failure
@@ -518,7 +480,7 @@ def _check_cleaned_up(d: Daemon, snap: Path, sleep_pid: int, log_before: int) ->
     from fuse_mount import loopdev
     _wait_for(lambda: not _alive(sleep_pid), 10, f"the exec'd sleep {sleep_pid} still runs")
     assert not loopdev.is_mountpoint(snap)
-    with d.client() as c:                               # type: ignore[attr-defined]
+    with d.client(client="test-script") as c:
         _nothing_left(d, c, snap)
     assert "deleting it anyway" not in d.log_text()[log_before:]
 

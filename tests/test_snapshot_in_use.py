@@ -22,19 +22,16 @@ import contextlib
 import mmap
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import run_cmd, start_thread
-from test_cli import one_line_error, spx
-from test_provider_e2e import Daemon, _stop, need, start_daemon
+from harness import Daemon, start_daemon
+from support import need, one_line_error, run_cmd, spx, start_thread
 
 from blockstore import Pool
 from fuse_mount import loopdev
@@ -45,13 +42,6 @@ pytestmark = pytest.mark.kernel
 MiB = 1 << 20
 TEXT = "point in time\n"
 CONFIG = {"fsfreeze": False}
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="spx-inuse-")   # short: a socket path is <= 107 bytes
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -103,19 +93,13 @@ def daemon_with_ext4(tmp_path: Path, sockdir: str, host: str | None = None) -> D
             with d.client() as c:
                 c.volume_present("v", [host])
     except BaseException:
-        _stop(d)
+        d.stop()
         raise
     return d
 
 
 def exists(c: Client, sid: str) -> bool:
     return any(s["snapshot_id"] == sid for s in c.snapshot_list())
-
-
-def clean_log(d: Daemon) -> None:
-    text = d.log_text()
-    assert "Traceback" not in text
-    assert "SELF-REQUEST" not in text, "a daemon thread made a request to its own mount"
 
 
 VIAS = ["exposed", "shadow", "host-exposed", "host-shadow"]
@@ -140,8 +124,7 @@ def exposed_snapshot(tmp_path: Path, sockdir: str, via: str
             yield d, c, sid, path
             assert c.check()["ok"]
     finally:
-        _stop(d)
-    clean_log(d)
+        d.stop()
 
 
 @pytest.mark.parametrize("via", VIAS)
@@ -203,13 +186,7 @@ def test_snapshot_open_by_a_process_is_kept(tmp_path: Path, sockdir: str, op: st
     """A process reading the exposed image (dd, a backup tool): delete / unexpose name
     its pid and command and refuse; once it has ended, they work at once."""
     with exposed_snapshot(tmp_path, sockdir, "exposed") as (d, c, sid, path):
-        proc = subprocess.Popen(["sh", "-c", f"exec sleep 600 < '{path}'"])
-        try:
-            deadline = time.monotonic() + 10
-            while path not in (os.readlink(f"/proc/{proc.pid}/fd/{fd}")
-                               for fd in os.listdir(f"/proc/{proc.pid}/fd")):
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.02)
+        with reader(["sh", "-c", f"exec sleep 600 < '{path}'"], path) as proc:
             want = f"cannot {op} snapshot {sid}: in use by pid {proc.pid} (sleep, {path})"
             argv = ["snapshot", "delete", sid] if op == "delete" else ["unexpose", sid]
             one_line_error(spx(*argv, socket=d.socket), 1, want)
@@ -217,9 +194,6 @@ def test_snapshot_open_by_a_process_is_kept(tmp_path: Path, sockdir: str, op: st
                 one_line_error(spx(*argv, "--unexpose", socket=d.socket), 1, want)
             assert exists(c, sid)
             assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
-        finally:
-            proc.kill()
-            proc.wait()
         res = spx(*argv, socket=d.socket)
         assert res.returncode == 0, res.stderr
         assert c.snapshot_delete(all=True)["count"] == (0 if op == "delete" else 1)
@@ -230,20 +204,21 @@ def reader(argv: list[str], path: str, ready: str | None = None
            ) -> Iterator[subprocess.Popen[str]]:
     """A process using ``path`` (``ready``: the text it prints once it does, else: until
     /proc shows ``path`` among its open files); killed at the end, also on failure."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        if ready is not None:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == ready
-        else:
-            deadline = time.monotonic() + 10
-            while path not in (os.readlink(f"/proc/{proc.pid}/fd/{fd}")
-                               for fd in os.listdir(f"/proc/{proc.pid}/fd")):
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.02)
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+    # leaving the with: its pipes closed and the process waited for
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            if ready is not None:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == ready
+            else:
+                deadline = time.monotonic() + 10
+                while path not in (os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                                   for fd in os.listdir(f"/proc/{proc.pid}/fd")):
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.02)
+            yield proc
+        finally:
+            proc.kill()
 
 
 def test_users_under_an_earlier_exposed_name_are_named(tmp_path: Path,
@@ -286,8 +261,7 @@ def test_users_under_an_earlier_exposed_name_are_named(tmp_path: Path,
                 assert exists(c, s1)
             assert c.snapshot_delete(snapshot_id=s1)["deleted"] == [s1]
     finally:
-        _stop(d)
-    clean_log(d)
+        d.stop()
 
 
 def test_user_not_found_by_path_still_counts(tmp_path: Path, sockdir: str) -> None:
@@ -455,8 +429,7 @@ def test_split_refused_when_used_during_its_copy(tmp_path: Path, sockdir: str) -
             holds(os.path.join(d.mount, "volumes", "b.img"), b"S", mib)
             assert c.check()["ok"]
     finally:
-        _stop(d)
-    clean_log(d)
+        d.stop()
 
 
 def test_promote_and_revert_keep_a_loop_device_reading(tmp_path: Path,
@@ -502,8 +475,7 @@ def test_promote_and_revert_keep_a_loop_device_reading(tmp_path: Path,
             assert c.check()["ok"]
     finally:
         stop.set()
-        _stop(d)
-    clean_log(d)
+        d.stop()
 
 
 def test_delete_right_after_detach_works(tmp_path: Path, sockdir: str) -> None:
@@ -530,8 +502,7 @@ def test_delete_right_after_detach_works(tmp_path: Path, sockdir: str) -> None:
                 pass   # detached by the context
             assert c.snapshot_delete(all=True)["count"] == 1
     finally:
-        _stop(d)
-    clean_log(d)
+        d.stop()
 
 
 def _wait_log(d: Daemon, pattern: str, timeout: float = 10) -> str:
@@ -544,6 +515,8 @@ def _wait_log(d: Daemon, pattern: str, timeout: float = 10) -> str:
         time.sleep(0.05)
 
 
+@pytest.mark.daemon_log_expects(r"snapshot \S+ was deleted while \d+ file\(s\) had it open",
+                                 r"automatic deletion of snapshot \S+ although it is in use")
 def test_auto_release_set_in_use_is_deleted_loudly(tmp_path: Path, sockdir: str) -> None:
     """An auto-release (backup) set ends with its requester's session: that deletion is
     not refused (its lifetime is the contract), but a loop device still on it is named in
@@ -566,10 +539,10 @@ def test_auto_release_set_in_use_is_deleted_loudly(tmp_path: Path, sockdir: str)
             assert not exists(c, sid)
     finally:
         loops.close()
-        _stop(d)
-    clean_log(d)
+        d.stop()
 
 
+@pytest.mark.daemon_log_expects(r"snapshot \S+ was deleted while \d+ file\(s\) had it open")
 def test_overflow_of_a_snapshot_in_use_is_logged(tmp_path: Path, sockdir: str) -> None:
     """Origin writes never fail because of a snapshot: a diff-area overflow deletes the
     oldest even while a loop device reads it -- logged as an error by the data path."""
@@ -597,5 +570,4 @@ def test_overflow_of_a_snapshot_in_use_is_logged(tmp_path: Path, sockdir: str) -
                 os.listdir(os.path.join(d.mount, ".shadow"))   # any request will do
                 _wait_log(d, rf"snapshot {sid} was deleted while 1 file\(s\) had it open")
     finally:
-        _stop(d)
-    clean_log(d)
+        d.stop()

@@ -24,7 +24,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_provider_e2e import _stop, mounted_ext4, need, sockdir, start_daemon  # noqa: F401
+from harness import start_daemon
+from support import mounted_ext4, need
 
 from fuse_mount import loopdev
 from provider import documents
@@ -86,7 +87,7 @@ def _refused(name: str, fn, *args, **kw) -> str:  # type: ignore[no-untyped-def]
     return ei.value.message
 
 
-def test_transport_seed_sequence(tmp_path: Path, sockdir: str) -> None:  # noqa: F811
+def test_transport_seed_sequence(tmp_path: Path, sockdir: str) -> None:
     need("mkfs.ext4")
     need("tar")
     hooks = tmp_path / "hooks"
@@ -229,10 +230,10 @@ def test_transport_seed_sequence(tmp_path: Path, sockdir: str) -> None:  # noqa:
     finally:
         if rec is not None:
             loopdev.unexpose_mount(rec)
-        _stop(d)
+        d.stop()
 
 
-def test_import_refusals_plex_and_lifetimes(tmp_path: Path, sockdir: str) -> None:  # noqa: F811
+def test_import_refusals_plex_and_lifetimes(tmp_path: Path, sockdir: str) -> None:
     d = start_daemon(tmp_path, sockdir, {"v": 8 * MiB, "w": MiB}, {"fsfreeze": False})
     vol = os.path.join(d.mount, "volumes", "v.img")
     try:
@@ -329,10 +330,10 @@ def test_import_refusals_plex_and_lifetimes(tmp_path: Path, sockdir: str) -> Non
             Client(d.socket, host="bad host!")
         assert ei.value.name == "E_INVALIDARG"
     finally:
-        _stop(d)
+        d.stop()
 
 
-def test_cli_export_import_and_script(tmp_path: Path, sockdir: str,  # noqa: F811
+def test_cli_export_import_and_script(tmp_path: Path, sockdir: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     from tools.cli import main
     from tools.script import run_script_file
@@ -376,11 +377,11 @@ def test_cli_export_import_and_script(tmp_path: Path, sockdir: str,  # noqa: F81
             assert a.snapshot_list(set_id=made["set_id"]) == []
             a.snapshot_delete(set_id=plain["set_id"])
     finally:
-        _stop(d)
+        d.stop()
 
 
 def test_imported_persistent_set_survives_restart(tmp_path: Path,
-                                                  sockdir: str) -> None:  # noqa: F811
+                                                  sockdir: str) -> None:
     d = start_daemon(tmp_path, sockdir, {"v": 4 * MiB}, {"fsfreeze": False})
     try:
         with Client(d.socket, host="hostA") as a:
@@ -391,7 +392,7 @@ def test_imported_persistent_set_survives_restart(tmp_path: Path,
         with Client(d.socket, host="hostB") as b:
             b.import_set(doc)
     finally:
-        _stop(d)
+        d.stop()
     d = start_daemon(tmp_path, sockdir, {}, {"fsfreeze": False})
     try:
         dev_b = os.path.join(d.mount, "hosts", "hostB", ".shadow", f"{sid}.img")
@@ -404,10 +405,10 @@ def test_imported_persistent_set_survives_restart(tmp_path: Path,
             b.snapshot_delete(set_id=set_id)
         assert _gone(dev_b)
     finally:
-        _stop(d)
+        d.stop()
 
 
-def test_volume_lun_masking(tmp_path: Path, sockdir: str,  # noqa: F811
+def test_volume_lun_masking(tmp_path: Path, sockdir: str,
                             capsys: pytest.CaptureFixture[str]) -> None:
     """volume.present (CLI `volume present NAME --to HOST ...`): a volume presented to
     hostA only is MOUNT/hosts/hostA/volumes/<name>.img and gone from the root; to hostA
@@ -476,7 +477,7 @@ def test_volume_lun_masking(tmp_path: Path, sockdir: str,  # noqa: F811
             err = capsys.readouterr().err
             assert "VSS_E_OBJECT_NOT_FOUND" in err and err.count("\n") == 1
     finally:
-        _stop(d)
+        d.stop()
     d = start_daemon(tmp_path, sockdir, {}, {"fsfreeze": False})   # persisted
     try:
         assert names() == ["w.img"] and names("hostB") == ["v.img"]
@@ -488,10 +489,10 @@ def test_volume_lun_masking(tmp_path: Path, sockdir: str,  # noqa: F811
             assert names() == ["v.img", "w.img"]
             assert _gone(view("hostB"))
     finally:
-        _stop(d)
+        d.stop()
 
 
-def test_plex_transportable_is_independent(tmp_path: Path, sockdir: str) -> None:  # noqa: F811
+def test_plex_transportable_is_independent(tmp_path: Path, sockdir: str) -> None:
     """A plex transportable set imported on hostB holds its own full copy: hostA
     rewrites every byte of the origin and the origin's diff area stays empty (where a
     differential snapshot must keep the old data: the control half shows the check
@@ -540,11 +541,11 @@ def test_plex_transportable_is_independent(tmp_path: Path, sockdir: str) -> None
             assert sha_of(dev_b) == live
             b.snapshot_delete(set_id=made["set_id"])
     finally:
-        _stop(d)
+        d.stop()
 
 
 def test_documents_over_1_mib_and_the_16_mib_cap(
-        tmp_path: Path, sockdir: str) -> None:  # noqa: F811
+        tmp_path: Path, sockdir: str) -> None:
     """A Backup Components Document of a few MiB (a writer with many components) is
     imported over the control socket; one over 16 MiB is refused, by the daemon and by
     the client, with a clear error and nothing imported."""
@@ -575,11 +576,11 @@ def test_documents_over_1_mib_and_the_16_mib_cap(
             assert ei.value.name == "E_INVALIDARG" and "1 MiB" in ei.value.message
             assert b.status()["sessions"] == 2   # the session goes on
     finally:
-        _stop(d)
+        d.stop()
 
 
 def test_freeze_follows_a_volume_presented_away(
-        tmp_path: Path, sockdir: str) -> None:  # noqa: F811
+        tmp_path: Path, sockdir: str) -> None:
     """A filesystem mounted from MOUNT/volumes/v.img before v was presented to hostA
     only (its loop device now reports "... (deleted)") is still frozen for a snapshot
     of v, and v cannot be deleted under it."""
@@ -601,4 +602,4 @@ def test_freeze_follows_a_volume_presented_away(
                 _refused("VSS_E_VOLUME_IN_USE", a.volume_delete, "v")
                 a.snapshot_delete(set_id=made["set_id"])
     finally:
-        _stop(d)
+        d.stop()

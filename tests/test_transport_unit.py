@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_provider_support import Env, FakeWriter, ServerThread
+from provider_env import Env, FakeWriter, ServerThread
 
 from fuse_mount.presentation import Presentation
 from provider import protocol
@@ -211,13 +208,6 @@ class ManyFilesWriter(FakeWriter):
                             for j in range(3)])
                  for i in range(3000)]
         return self._metadata(comps)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="spx-")   # short: Unix socket paths are <= 107 bytes
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_documents_of_several_mib_over_the_socket(tmp_path: Path, sockdir: str) -> None:

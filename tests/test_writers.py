@@ -124,6 +124,9 @@ class Scratch:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 problems.append(f"process {p.pid} did not die")
+            for f in (p.stdin, p.stdout, p.stderr):   # the pipes popen(...) asked for
+                if f is not None:
+                    f.close()
         for fs in reversed(self.fs):
             if mounted(fs.mnt):
                 for _ in range(25):
