@@ -44,7 +44,6 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 
-
 @contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """One write transaction on an autocommit connection (isolation_level=None):
@@ -57,6 +56,7 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
 
 class Catalog:
     def __init__(self, path: str) -> None:

@@ -144,8 +144,8 @@ class DataPath(HeldWrites):
 
     def _pieces(self, v: _Volume, offset: int, length: int
                 ) -> Iterator[tuple[int, int, bytearray | None, int]]:
-        """Split [offset, offset+length) into (lo, hi, pending buffer or None, chunk start):
-        runs of chunks with no pending buffer come out merged."""
+        """Split [offset, offset+length) into (lo, hi, held buffer or None, chunk start):
+        runs of chunks with no held buffer come out merged."""
         cs, end = self.chunk_size, offset + length
         run = offset
         pos = offset
@@ -250,7 +250,7 @@ class DataPath(HeldWrites):
     def _read_chunks(self, v: _Volume, chunks: list[int]) -> list[tuple[int, bytearray]]:
         """Full-chunk old contents, one pread per run of consecutive chunks. Each content
         is a fresh bytearray that nothing else references: once preserved it becomes the
-        chunk's pending buffer as is (one copy per chunk, not two)."""
+        chunk's held buffer as is (one copy per chunk, not two)."""
         cs = self.chunk_size
         out = []
         for i, j in consecutive_runs(chunks):

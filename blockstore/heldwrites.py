@@ -198,10 +198,10 @@ class HeldWrites(PoolCore):
         run_chunks: list[int] = []
         run_start = -1
         done: list[int] = []
-        pending, dirty = v.held.chunks, v.held.dirty
+        chunks, dirty = v.held.chunks, v.held.dirty
         try:
             for c, buf0 in held:
-                if pending.get(c) is not buf0:
+                if chunks.get(c) is not buf0:
                     continue
                 buf = memoryview(buf0)[:min(cs, v.size - c * cs)]
                 lo, hi = dirty.get(c, (0, 0))

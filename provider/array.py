@@ -61,7 +61,8 @@ class Array(LunStore, Protocol):
     # ---------------------------------------------------------------- identity
     @property
     def pool_id(self) -> str:
-        """A GUID naming this array; BCD documents carry it (transport)."""
+        """32 hex digits naming this array; BCD documents carry it, and an import
+        refuses a document of another array (transport)."""
 
     @property
     def capabilities(self) -> Capabilities: ...

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 
@@ -173,13 +173,6 @@ class ProviderCatalog:
                  r.originating_machine, r.client, r.snapshots_count, int(r.auto_release),
                  int(r.backup_complete)))
 
-    def set_state(self, set_id: str, state: int) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE sets SET state=? WHERE set_id=?", (state, set_id))
-        rec = self.records.get(set_id)
-        if rec is not None:
-            rec.state = state
-
     def set_backup_complete(self, set_id: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE sets SET backup_complete=1 WHERE set_id=?", (set_id,))
@@ -240,7 +233,7 @@ class ProviderCatalog:
 
     # ------------------------------------------------------------------ imports
     def record_import(self, set_id: str, host: str, origin: str, when: float,
-                      luns: Iterable[str], present_to: Iterable[str] | None) -> None:
+                      luns: Sequence[str], present_to: Iterable[str] | None) -> None:
         """One transaction: the set is imported by ``host`` and its LUNs are presented
         to exactly ``present_to`` (None: no row, the daemon's own host)."""
         with self._tx() as db:

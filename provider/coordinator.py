@@ -47,6 +47,7 @@ from typing import Any
 
 import trio
 
+from fuse_mount.barrier import WriteBarrier
 from fuse_mount.presentation import LiveMount
 
 from . import documents, vss
@@ -98,16 +99,16 @@ def _vss(name: str, message: str) -> VssError:
 class Coordinator:
     """The VSS service over one pool. Create, then ``await start()`` on the trio loop.
 
-    It owns the sets in creation (``_creating``, ``_sets``), the sessions, the volume
-    marks (``_marks``: Revert | InSet), the claims (one long operation per snapshot) and
-    the jobs; the catalog (provider/catalog.py) owns the persistent tables and their
-    write-through cache. The rest is delegated (see each module's docstring for what it
-    owns): ``masking`` (LUN masking, the FUSE view's names), ``views`` (the read-only
-    projections and lookups), ``volumes``, ``exposure`` (expose/unexpose, mounts, what
-    uses a snapshot), ``deletion``, ``transport`` (export/import), provider/reconcile.py
-    (start)."""
+    It owns the sets in creation (``_creating``, ``_sets``), the sessions and the volume
+    marks (``_marks``: Revert | InSet); ``longops`` (provider/longops.py) owns the
+    claims (one long operation per snapshot) and the jobs; the catalog
+    (provider/catalog.py) owns the persistent tables and their write-through cache. The
+    rest is delegated (see each module's docstring for what it owns): ``masking`` (LUN
+    masking, the FUSE view's names), ``views`` (the read-only projections and lookups),
+    ``volumes``, ``exposure`` (expose/unexpose, mounts, what uses a snapshot),
+    ``deletion``, ``transport`` (export/import), provider/reconcile.py (start)."""
 
-    def __init__(self, pool: Array, barrier: Any, mountpoint: str | None = None,
+    def __init__(self, pool: Array, barrier: WriteBarrier, mountpoint: str | None = None,
                  writers: Iterable[Any] = (), config: dict[str, Any] | None = None,
                  mount: LiveMount | None = None) -> None:
         self.pool = pool
@@ -181,7 +182,7 @@ class Coordinator:
         s = Session(next(self._session_ids), host or socket.gethostname(), client or "")
         self._sessions[s.id] = s
         if s.host != self.service_machine:
-            self.masking._push_masking()
+            self.masking.push()
         log.info("requester session %d opened (host %s, client %s)", s.id, s.host,
                  s.client or "-")
         return s
@@ -390,7 +391,7 @@ class Coordinator:
         if self.writers and vss.uses_writers(s.context):
             s.writers = list(self.writers)
             failures = await call_writers(s.writers, "freeze", self._writer_event(s),
-                                                self.config["freeze_timeout"], "freeze")
+                                          self.config["freeze_timeout"], "freeze")
             if failures:
                 w, e = failures[0]
                 name = e.name if isinstance(e, VssError) else "VSS_E_UNEXPECTED_WRITER_ERROR"
@@ -403,7 +404,7 @@ class Coordinator:
         deadline = float(self.config["hold_deadline"])
         hold = await self.barrier.hold(list(s.volumes), deadline=deadline)
         s.hold = hold
-        if hold.expired or not getattr(hold, "flushed", True):
+        if hold.expired or not hold.flushed:
             raise _vss("VSS_E_HOLD_WRITES_TIMEOUT", f"writes to {', '.join(s.volumes)} could "
                        f"not be flushed and held within {deadline:g} s")
         await in_thread(self.hardware.CommitSnapshots, s.set_id)
@@ -418,7 +419,7 @@ class Coordinator:
         await in_thread(self.hardware.PostCommitSnapshots, s.set_id, len(s.volumes))
         if s.writers:
             failures = await call_writers(s.writers, "thaw", self._writer_event(s),
-                                                self.config["freeze_timeout"], "thaw")
+                                          self.config["freeze_timeout"], "thaw")
             if failures:
                 # The snapshot may hold a writer's half-written state: not application
                 # consistent, so it is not kept. Every writer gets Abort.
@@ -446,7 +447,7 @@ class Coordinator:
         if s.writers:
             told, s.writers = s.writers, []
             failures = await call_writers(told, "abort", self._writer_event(s),
-                                                self.config["writer_timeout"], "abort")
+                                          self.config["writer_timeout"], "abort")
             for w, e in failures:
                 log.error("writer %s failed to abort: %s", wname(w), e)
         if s.prepared:
@@ -532,8 +533,8 @@ class Coordinator:
             ev = WriterEvent(sid, ctx, vols, paths, tuple(self.views.set_members(sid))
                              or (exported.snapshots if exported else ()))
             failures = await call_writers(self.writers, "backup_complete", ev,
-                                                self.config["writer_timeout"],
-                                                "complete the backup")
+                                          self.config["writer_timeout"],
+                                          "complete the backup")
             bad = {id(w) for w, _ in failures}
             notified = [n for w in self.writers if id(w) not in bad for n in names(w)]
             for w, e in failures:

@@ -43,7 +43,7 @@ class Deletion:
         self.exposure = exposure
         self.hardware = hardware
         self._sets = sets           # the coordinator's sets in creation (read only)
-        self._claims = claims       # the coordinator's claims (read only)
+        self._claims = claims       # longops' claims (read only: a claimed snapshot stays)
         self._sessions = sessions   # the coordinator's sessions
 
     def drop_record(self, set_id: str) -> None:
@@ -53,6 +53,7 @@ class Deletion:
         for sess in self._sessions.values():
             if set_id in sess.sets:
                 sess.sets.remove(set_id)
+
     async def remove_snapshots(self, ids: Iterable[str], force: bool = False) -> list[str]:
         """Delete committed snapshots (unmounting them first); updates set records.
         force: the automatic deletions (an auto-release set whose session ended, an

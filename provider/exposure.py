@@ -59,8 +59,7 @@ class Exposure:
             self._former_names.setdefault(snapshot_id, set()).add(old)
 
     def forget_mount(self, snapshot_id: str) -> None:
-        self.catalog.mounted.pop(snapshot_id, None)
-        self.catalog.delete_mount(snapshot_id)
+        self.catalog.delete_mount(snapshot_id)   # the cache follows the committed delete
 
     async def unmount(self, snapshot_id: str) -> None:
         # One unmount at a time: two requests unmounting one snapshot (two deletes with
@@ -229,7 +228,6 @@ class Exposure:
                                "it was being mounted")
             m = MountRecord(s.id, rec.mountpoint, rec.dev, rec.fstype)
             self.catalog.put_mount(m)
-            self.catalog.mounted[s.id] = m
         log.info("exposed snapshot %s%s%s", s.id, f" as {name}" if name else "",
                  f" at {mount}" if mount else "")
         if name is not None and name != old_name:

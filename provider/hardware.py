@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from blockstore import SnapshotInfo
 from blockstore import errors as bse
@@ -136,9 +136,10 @@ class HardwareProvider:
         """Free space a full copy may take (the array keeps its own reserve)."""
         return self.pool.available_bytes()
 
-    def require(self, capability: str, what: str) -> None:
+    def require(self, capability: Literal["plex", "promote", "split", "revert"],
+                what: str) -> None:
         """VSS_E_NOT_SUPPORTED unless the array has ``capability`` (a Capabilities
-        field) for ``what`` the caller is about to do."""
+        field; mypy checks the name) for ``what`` the caller is about to do."""
         if not getattr(self.pool.capabilities, capability):
             raise VssError("VSS_E_NOT_SUPPORTED",
                            f"the array at {self.pool.path} cannot {what}")

@@ -6,12 +6,15 @@ MOUNT/.shadow/, MOUNT/exposed/); another host at MOUNT/hosts/<host>/. No row in 
 catalog's presentation table: the daemon's own host only.
 
 State: the presentation table is the catalog's (ProviderCatalog.presented, its
-write-through cache, see provider/catalog.py); LunMasking writes it only through
-present() and the catalog's import methods, and reads the coordinator's sessions (their
-hosts are the known hosts). It owns nothing else. Trio thread only.
+write-through cache, see provider/catalog.py); LunMasking writes it through present(),
+transport.py through the catalog's import methods and reconcile.py through
+set_presentation; LunMasking reads the coordinator's sessions (their hosts are the
+known hosts) and holds the mount. The trio thread changes the masking; the path and
+host lookups (hosts_of, volume_paths) are also called from worker threads (the in-use
+checks), which only read.
 
 The FUSE view learns the masking through the mount (fuse_mount.presentation.LiveMount,
-the live ShadowOperations the daemon hands the services): _push_masking() replaces its
+the live ShadowOperations the daemon hands the services): push() replaces its
 Presentation (local host, presented, known hosts) in one step, and the view rebuilds
 its tree. The same mount is asked for its open file handles (the in-use checks), to drop
 the kernel's cached names (names_changed) and pages (invalidate). Without a mount
@@ -54,7 +57,7 @@ class LunMasking:
         LUN the daemon's host only sees."""
         return self.catalog.presented
 
-    def _push_masking(self) -> None:
+    def push(self) -> None:
         """Tell the mount which host sees which LUN (it rebuilds its tree at once)."""
         if self.mount is None:
             return
@@ -79,7 +82,7 @@ class LunMasking:
                 changed = True
         finally:
             if changed:
-                self._push_masking()
+                self.push()
 
     # ------------------------------------------------------------------ paths
     def view_root(self, host: str | None, lun: str) -> str | None:

@@ -90,4 +90,4 @@ async def reconcile_at_start(c: Coordinator) -> None:
         c.catalog.set_presentation(lun, None)
     for sid in [x for x in c.catalog.imported if x not in c.catalog.records]:
         c.catalog.delete_import(sid)
-    c.masking._push_masking()
+    c.masking.push()

@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -37,9 +37,11 @@ from fuse_mount.presentation import LiveMount
 from .array import Array
 from .control import ControlServer
 from .coordinator import Coordinator
-from .daemon import Service
 from .protocol import default_socket_path
 from .writers import default_writers
+
+if TYPE_CHECKING:   # daemon.py loads pyfuse3: not needed to import this module
+    from .daemon import Service
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
     finally:
         with trio.CancelScope(shield=True):
             await coord.stop()
-
-
 
 
 def make_service(socket_path: str | None, mountpoint: str | None,

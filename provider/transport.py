@@ -68,7 +68,7 @@ class Transport:
                  if self.writers and vss.uses_writers(Context(rec.context)) else [])
         origin = rec.originating_machine or self.masking.service_machine
         doc = await in_thread(lambda: documents.write_backup_components(
-            rec, members, metas, pool_id=str(getattr(self.pool, "pool_id", "")), host=origin,
+            rec, members, metas, pool_id=self.pool.pool_id, host=origin,
             service_machine=self.masking.service_machine))
         wmds = []
         for m in metas:
@@ -94,7 +94,7 @@ class Transport:
             raise VssError("VSS_E_INVALID_XML_DOCUMENT", "import: the document is not valid "
                            "UTF-8 text") from None
         parsed = await in_thread(lambda: documents.parse_backup_components(
-            data, pool_id=str(getattr(self.pool, "pool_id", ""))))
+            data, pool_id=self.pool.pool_id))
         sid, host = parsed.set_id, session.host
         if sid in self.catalog.imported:
             raise VssError("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {sid} is already "
@@ -150,7 +150,7 @@ class Transport:
             self.catalog.record_import(sid, host, origin, time.time(), ids, present_to)
             recorded = True
             self._fault("import.recorded")
-            self.masking._push_masking()
+            self.masking.push()
             self._fault("import.surfaced")
             snaps = []
             for i in ids:
@@ -165,7 +165,7 @@ class Transport:
             except Exception as e2:
                 log.error("undoing the import of %s in the catalog: %s", sid, e2)
             try:
-                self.masking._push_masking()
+                self.masking.push()
             except Exception as e2:
                 log.error("restoring the LUN masking after a failed import: %s", e2)
             raise

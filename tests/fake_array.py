@@ -65,16 +65,20 @@ class FakeArray:
     def __init__(self, path: str | None = None, capabilities: Capabilities | None = None
                  ) -> None:
         self.path = path or tempfile.mkdtemp(prefix="fake-array-")
-        self.pool_id = str(uuid.uuid4())
+        self.pool_id = uuid.uuid4().hex   # 32 hex digits, like the pool's
         self.capabilities = capabilities or Capabilities(
             plex=True, promote=True, split=True, revert=True, reflink=False,
-            changed_blocks=False, max_snapshots_per_volume=8)
+            changed_blocks=False, max_snapshots_per_volume=512)
         self.generation = 0
         self.last_io = 0.0
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._vols: dict[str, tuple[VolumeInfo, _Lun]] = {}
         self._snaps: dict[str, tuple[SnapshotInfo, _Lun]] = {}
+
+    def close(self) -> None:
+        """Nothing to release (not part of the interface: the daemon that opened a
+        backend closes it; tests close whatever Env made)."""
 
     # ------------------------------------------------------------------ helpers
     def _changed(self) -> None:

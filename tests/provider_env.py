@@ -4,7 +4,11 @@ tests/test_provider_support.py checks the helpers themselves.
 
 * FakeWriter: a writer recording every event; can fail or hang in one of them.
 * Env: a real Pool in tmp_path with a few volumes, and `env.run(fn)` which runs
-  ``await fn(coordinator)`` on a fresh trio loop with a real WriteBarrier.
+  ``await fn(coordinator)`` on a fresh trio loop with a real WriteBarrier. With
+  SHADOWPLEX_TEST_ARRAY=fake the array is tests/fake_array.FakeArray instead (in memory;
+  it outlives a "restart" as an array outlives its host's daemon): the same suites then
+  prove the provider needs nothing of the pool but the Array interface
+  (tests/test_array_contract.py runs them so).
 * ServerThread: the control server over an Env, on a trio loop in a thread.
 * Raw: a raw protocol connection to it (no Client helpers).
 * assert_no_trace(): what "an aborted set leaves nothing behind" means, checked on disk.
@@ -23,6 +27,7 @@ from typing import Any
 
 import pytest
 import trio
+from fake_array import FakeArray
 
 from blockstore import Pool
 from fuse_mount.barrier import WriteBarrier
@@ -90,7 +95,12 @@ class Env:
                  size: int = 4 << 20, writers: tuple[Any, ...] = (),
                  config: dict[str, Any] | None = None) -> None:
         self.path = str(tmp_path / "pool")
-        self.pool = Pool.create(self.path, chunk_size=65536)
+        self.pool: Any
+        if os.environ.get("SHADOWPLEX_TEST_ARRAY", "pool") == "fake":
+            os.makedirs(self.path)
+            self.pool = FakeArray(self.path)
+        else:
+            self.pool = Pool.create(self.path, chunk_size=65536)
         for v in volumes:
             self.pool.create_volume(v, size)
             self.pool.write(v, 0, v.encode() * 4096)   # some allocated data
@@ -116,15 +126,22 @@ class Env:
 
     def reopen(self) -> None:
         """Close and reopen the pool (a daemon restart)."""
-        self.pool.close()
-        self.pool = Pool.open(self.path)
+        if isinstance(self.pool, Pool):
+            self.pool.close()
+            self.pool = Pool.open(self.path)
 
     def close(self) -> None:
-        self.pool.close()
+        if isinstance(self.pool, Pool):
+            self.pool.close()
 
 
-def disk_state(pool: Pool) -> dict[str, Any]:
-    """Files of the pool's luns/ and allocated bytes of its diff areas."""
+def disk_state(pool: Any) -> dict[str, Any]:
+    """Files of the pool's luns/ and allocated bytes of its diff areas (of a fake
+    array: its LUNs and their allocated bytes)."""
+    if not isinstance(pool, Pool):
+        luns = [v.name for v in pool.list_volumes()] + [s.id for s in pool.list_snapshots()]
+        return {"luns": sorted(luns), "diff_blocks": {},
+                "diff_bytes": {v.name: v.diff_bytes for v in pool.list_volumes()}}
     luns = sorted(os.listdir(os.path.join(pool.path, "luns")))
     diff = {}
     ddir = os.path.join(pool.path, "diff")

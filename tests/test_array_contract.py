@@ -5,13 +5,18 @@ over an in-memory fake (tests/fake_array.py) that shares no code with the pool. 
 first half pins down the interface's semantics (both backends answer the same); the
 second runs the provider layer -- the hardware provider's VSS sequence, the
 coordinator's sets, aborts at every state, exposure, revert/promote/split, restart
--- over each backend, through nothing but the interface. A static test keeps it so:
+-- over each backend, through nothing but the interface; and the in-process provider
+suites (coordinator, transport, control protocol, cancellation) run whole over the
+fake (SHADOWPLEX_TEST_ARRAY=fake, tests/provider_env.py). A static test keeps it so:
 only the composition root (daemon.py) names the concrete Pool.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -349,6 +354,25 @@ def test_coordinator_life_cycle(array: Array) -> None:
         assert await c.check() == {"ok": True, "problems": []}
 
     run(array, second)
+
+
+# The provider suites that run the coordinator in process (tests/provider_env.Env), as a
+# whole, over the fake: everything they assert of sets, aborts, lifetimes, transport,
+# the control protocol and cancellation holds with an array that is not the pool.
+FAKE_SUITES = ["tests/test_provider_coordinator.py", "tests/test_transport_unit.py",
+               "tests/test_provider_control.py", "tests/test_cancel.py"]
+
+
+def test_provider_suites_over_the_fake_array() -> None:
+    env = dict(os.environ, SHADOWPLEX_TEST_ARRAY="fake", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          *FAKE_SUITES], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600, check=False)
+    tail = res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.returncode == 0, tail
+    summary = res.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
+    assert int(summary.split()[0]) >= 100, summary   # the suites ran, not a collection
 
 
 # ============================================================== the seam stays a seam

@@ -1014,13 +1014,13 @@ def test_one_long_operation_per_snapshot(tmp_path: Path) -> None:
         sid = res["snapshots"][0]["snapshot_id"]
         async with trio.open_nursery() as n:
             n.start_soon(_outcome, results, "promote", lambda: c.promote(sid))
-            while sid not in c._claims:
+            while sid not in c.longops.claims:
                 await trio.sleep(0)
             n.start_soon(_outcome, results, "promote again", lambda: c.promote(sid))
             n.start_soon(_outcome, results, "split", lambda: c.split(sid, "broken"))
             n.start_soon(_outcome, results, "delete",
                          lambda: c.snapshot_delete(snapshot_id=sid))
-        assert c._claims == {}
+        assert c.longops.claims == {}
         listed = c.snapshot_list()
         split = await c.split(sid, "broken")    # now it works
         return listed, split, (await c.check())["ok"]
@@ -1072,7 +1072,7 @@ def test_no_mount_is_recorded_for_a_snapshot_gone_meanwhile(
                                                                           mount="/m/keep"))
             n.start_soon(_outcome, results, "mount gone", lambda: c.expose(gone,
                                                                           mount="/m/gone"))
-            while len(c._claims) < 2:
+            while len(c.longops.claims) < 2:
                 await trio.sleep(0)
             n.start_soon(_outcome, results, "delete", lambda: c.snapshot_delete(
                 snapshot_id=keep))
