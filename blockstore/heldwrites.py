@@ -281,7 +281,7 @@ class HeldWrites(PoolCore):
                 b.volume.diff.sync_batch(b.sync)
         except OSError as e:
             b.error = e
-        except BaseException as e:   # SimulatedCrash (tests): nothing more happens
+        except BaseException as e:   # noqa: BLE001 - SimulatedCrash (tests): nothing more happens
             b.crashed = e
         finally:
             b.synced.set()

@@ -259,10 +259,8 @@ class Snapshots(Volumes):
         if s.file:
             s.file.close()
         for p in (self._img(s.id), self._sum(s.id), self._hdr(s.id)):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
-            except FileNotFoundError:
-                pass
         if s.kind == DIFFERENTIAL:
             self._refresh_live(v)
             if v.diff and reclaim:

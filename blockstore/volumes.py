@@ -194,8 +194,6 @@ class Volumes(DataPath):
         for p in (self._img(v.id), self._hdr(v.id),
                   os.path.join(self.path, "diff", f"{v.id}.data"),
                   os.path.join(self.path, "diff", f"{v.id}.map")):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
-            except FileNotFoundError:
-                pass
         self._changed()

@@ -325,7 +325,7 @@ class _FastTrio:
         self.open_nursery = trio.open_nursery
         self.ClosedResourceError = trio.ClosedResourceError
 
-    def Lock(self) -> _ReaderLock:  # noqa: N802 - trio's name
+    def Lock(self) -> _ReaderLock:   # trio's name
         return self.lock
 
     def __getattr__(self, name: str) -> Any:

@@ -553,7 +553,7 @@ class Connection:
                     try:
                         result = await handler(self, args, progress.report)
                         reply = protocol.reply_ok(rid, result)
-                    except Exception as e:
+                    except Exception as e:   # noqa: BLE001 - every failure becomes the request's error reply
                         reply = protocol.reply_error(rid, protocol.to_vss_error(e))
                     n.cancel_scope.cancel()
             finally:

@@ -202,7 +202,7 @@ class Coordinator:
                          session.id, set_id)
                 try:
                     await self.deletion.remove_snapshots(self.views.set_members(set_id), force=True)
-                except Exception as e:
+                except Exception as e:   # noqa: BLE001 - a session's end must finish; logged
                     log.error("deleting auto-release set %s: %s", set_id, e)
                 self.deletion.drop_record(set_id)
             session.sets.clear()
@@ -455,11 +455,11 @@ class Coordinator:
             s.prepared = False
         try:
             self.masking.present(s.volumes.values(), None)
-        except Exception as e:
+        except Exception as e:   # noqa: BLE001 - an abort must complete; logged
             log.error("removing the presentation of set %s: %s", s.set_id, e)
         try:
             self.catalog.delete_set(s.set_id)
-        except Exception as e:
+        except Exception as e:   # noqa: BLE001 - an abort must complete; logged
             log.error("removing set %s from the catalog: %s", s.set_id, e)
         s.state = SS.ABORTED
         self._finish(s)

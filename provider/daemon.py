@@ -173,7 +173,7 @@ async def writeback_timer(pool: Pool) -> None:
             # WRITEBACK_PERIOD for the data path to queue a batch, then syncs what is due
             try:
                 await trio.to_thread.run_sync(pool.wait_and_writeback, WRITEBACK_PERIOD)
-            except Exception:   # noqa: BLE001 - e.g. the catalog failing: keep serving
+            except Exception:   # e.g. the catalog failing: keep serving
                 log.exception("background writeback failed; retrying")
                 await trio.sleep(1)
     finally:

@@ -67,7 +67,7 @@ class Deletion:
                     infos.append(self.pool.snapshot(sid))
             try:
                 users = await self.exposure.snapshot_users(infos, own_mounts=True, wait=1.0)
-            except Exception as e:   # never stops an automatic deletion
+            except Exception as e:   # noqa: BLE001 - never stops an automatic deletion
                 log.warning("could not check what uses snapshots %s: %s", ", ".join(ids), e)
                 users = {}
             for sid, us in users.items():

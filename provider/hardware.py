@@ -210,7 +210,7 @@ class HardwareProvider:
         context | DIFFERENTIAL/PLEX/TRANSPORTABLE). Never raises."""
         try:
             return self.why_not_supported(volumes, context) is None
-        except Exception as e:   # a provider must answer, not fail, here
+        except Exception as e:   # noqa: BLE001 - a provider must answer, not fail, here
             log.warning("AreLunsSupported: %s", e)
             return False
 
@@ -257,7 +257,7 @@ class HardwareProvider:
                     break
                 if time.monotonic() - self.pool.last_io < SYNC_YIELD_AFTER_IO:
                     time.sleep(SYNC_YIELD)   # the lock free for the data path a moment
-        except BaseException as e:  # reported by EndPrepareSnapshots
+        except BaseException as e:   # noqa: BLE001 - reported by EndPrepareSnapshots
             sync.error = e
         finally:
             with self._changed:
@@ -375,7 +375,7 @@ class HardwareProvider:
                 removed.append(sid)
             except bse.NotFound:
                 pass
-            except Exception as e:
+            except Exception as e:   # noqa: BLE001 - abort must complete; logged
                 log.error("aborting snapshot %s of set %s: %s", sid, set_id, e)
         log.info("aborted snapshot set %s (%d snapshot(s) removed)", set_id, len(removed))
         return removed

@@ -136,7 +136,7 @@ class LunMasking:
             return
         try:
             await self.mount.invalidate_lun(lun, attr_only)
-        except Exception as e:
+        except Exception as e:   # noqa: BLE001 - never raises (docstring); logged
             log.error("could not drop the kernel's cache of %s (%s): buffered reads may "
                       "return its old content until the file is no longer cached", lun, e)
 
@@ -149,7 +149,7 @@ class LunMasking:
             return
         try:
             await self.mount.refresh_now()
-        except Exception as e:
+        except Exception as e:   # noqa: BLE001 - never raises (docstring); logged
             log.error("could not drop the kernel's cached names (%s): a name may lead to "
                       "its old LUN for up to a second", e)
 

@@ -10,6 +10,7 @@ Nothing here holds state of its own: the coordinator owns every Session and Snap
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -173,10 +174,8 @@ def thread_progress(progress: ProgressFn, what: str) -> Callable[[int, int], Non
             log.exception("progress report failed")
 
     def cb(done: int, total: int) -> None:
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(safe, done, total)
-        except trio.RunFinishedError:
-            pass
     return cb
 
 

@@ -17,6 +17,7 @@ shutdown hang of issue 12), from a worker thread it hangs a kill -9. readlink of
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -80,10 +81,8 @@ def _links(pid: str) -> list[str]:
     """Targets of a process's fds, cwd and root, and the files it maps (text only)."""
     base = f"/proc/{pid}"
     names = [f"{base}/cwd", f"{base}/root"]
-    try:
+    with contextlib.suppress(OSError):
         names += [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
-    except OSError:
-        pass
     out = []
     for n in names:
         try:

@@ -162,11 +162,11 @@ class Transport:
                       host, message(e))
             try:   # memory is given back even when the rows cannot be
                 self.catalog.undo_import(sid, before, rows=recorded)
-            except Exception as e2:
+            except Exception as e2:   # noqa: BLE001 - the undo goes on; the first error is raised
                 log.error("undoing the import of %s in the catalog: %s", sid, e2)
             try:
                 self.masking.push()
-            except Exception as e2:
+            except Exception as e2:   # noqa: BLE001 - the undo goes on; the first error is raised
                 log.error("restoring the LUN masking after a failed import: %s", e2)
             raise
         if rec.auto_release:   # the importing session owns its lifetime now

@@ -50,7 +50,7 @@ async def call_writers(writers: list[Any], method: str, ev: WriterEvent,
             await in_thread(getattr(w, method), ev, abandon=True)
         except trio.Cancelled:
             raise
-        except BaseException as e:
+        except BaseException as e:   # noqa: BLE001 - each writer's failure is collected and reported
             failures.append((w, e))
     with trio.move_on_after(timeout) as scope:
         async with trio.open_nursery() as n:
@@ -78,7 +78,7 @@ def writer_metadata(writers: Iterable[Any]) -> list[Any]:
                 meta = w.identify()
                 if isinstance(meta, WriterMetadata):
                     out.append(meta)
-        except Exception as e:
+        except Exception as e:   # noqa: BLE001 - a writer that cannot identify is left out; logged
             log.warning("writer %s did not identify itself: %s", wname(w), e)
     return out
 
@@ -88,7 +88,7 @@ async def writers_list(writers: Iterable[Any]) -> list[dict[str, Any]]:
     for w in writers:
         try:
             meta = await in_thread(w.identify)
-        except Exception as e:
+        except Exception as e:   # noqa: BLE001 - reported in the listing
             out.append({"name": wname(w), "error": str(e)})
             continue
         entry = _jsonable(meta, wname(w))

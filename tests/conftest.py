@@ -37,6 +37,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -345,10 +346,8 @@ def _alive(d: Daemon) -> bool:
 
 def _signal(d: Daemon, sig: int) -> None:
     if _alive(d):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(d.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 # --------------------------------------------------------------------------- the fixture

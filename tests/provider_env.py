@@ -16,6 +16,7 @@ tests/test_provider_support.py checks the helpers themselves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -222,7 +223,7 @@ class ServerThread:
                 await coord.stop()
         try:
             trio.run(main)
-        except BaseException as e:   # reported by start()/stop()
+        except BaseException as e:   # noqa: BLE001 - reported by start()/stop()
             self.error = e
         finally:
             self._ready.set()
@@ -241,10 +242,8 @@ class ServerThread:
 
     def stop(self) -> None:
         if self._token is not None and self._scope is not None:
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._scope.cancel)
-            except trio.RunFinishedError:
-                pass
         self._thread.join(30)
         assert not self._thread.is_alive()
 

@@ -232,7 +232,7 @@ class SnapshotOps(threading.Thread):
                 self.finished = True
         except (ControlError, OSError) as e:     # the kill: ENOTCONN, EOF, reset...
             self.error = e
-        except BaseException as e:               # anything else is a test bug: report it
+        except BaseException as e:   # noqa: BLE001 - anything else is a test bug: report it
             self.error = e
             self.phase = f"unexpected {type(e).__name__}"
 
@@ -646,7 +646,7 @@ def test_no_fuse_request_from_the_daemons_own_threads(tmp_path: Path,
                     # MOUNT (the check now runs in a child process)
                     c.expose(made[2], mount=str(expose_dir))
                     c.unexpose(made[2])
-            except BaseException as e:   # the kill, if one was needed
+            except BaseException as e:   # noqa: BLE001 - the kill, if one was needed
                 errors.append(e)
 
         t = threading.Thread(target=ops, daemon=True)

@@ -403,7 +403,7 @@ def mismatched_page83(root: ET.Element) -> None:
     info.set("deviceIdentification", D._storage_device_id(naa()))
 
 
-FIRST = lambda r: descs(r)[0]  # noqa: E731
+FIRST = lambda r: descs(r)[0]
 SSD = ssd
 
 HOSTILE: dict[str, tuple[Callable[[], bytes], str, str, str]] = {

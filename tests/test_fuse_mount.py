@@ -385,12 +385,11 @@ def test_differential_snapshot_keeps_old_filesystem(tmp_path: Path, mnt: Path) -
     sid = take_snapshot(pool_dir, "v")                         # daemon stopped
     new = os.urandom(2 * MiB)
     with daemon(pool_dir, mnt, log):
-        with loop(mnt / "volumes" / "v.img") as dev:
-            with mounted(dev, tmp_path / "fs") as fs:
-                (fs / "keep").write_bytes(new)
-                (fs / "doomed").unlink()
-                (fs / "added").write_bytes(os.urandom(5 * MiB))
-                os.sync()
+        with loop(mnt / "volumes" / "v.img") as dev, mounted(dev, tmp_path / "fs") as fs:
+            (fs / "keep").write_bytes(new)
+            (fs / "doomed").unlink()
+            (fs / "added").write_bytes(os.urandom(5 * MiB))
+            os.sync()
         # the snapshot, through its hidden device path, read-only loop + ro,noload
         shadow = mnt / ".shadow" / f"{sid}.img"
         target = tmp_path / "snapfs"

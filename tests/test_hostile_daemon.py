@@ -118,11 +118,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     finally:
         try:
             if d is not None:
-                with contextlib.suppress(ControlError, OSError):
-                    with d.client() as c:
-                        for s in c.snapshot_list():
-                            if s.get("mounted_at") or s.get("loop_device"):
-                                c.unexpose(s["snapshot_id"])
+                with contextlib.suppress(ControlError, OSError), d.client() as c:
+                    for s in c.snapshot_list():
+                        if s.get("mounted_at") or s.get("loop_device"):
+                            c.unexpose(s["snapshot_id"])
         finally:
             _cleanup_under(str(base))
             if d is not None:
@@ -280,7 +279,7 @@ def test_odd_mount_paths_are_refused(world: World) -> None:
     for path, expect in cases.items():
         err = assert_refused(w, ["expose", w.hidden, "--mount", path], (path,),
                              expect=expect or None)
-        assert os.path.normpath(path) in err or "/" == path, err
+        assert os.path.normpath(path) in err or path == "/", err
         # a name asked for in the same call is not left behind either
         assert_refused(w, ["expose", w.hidden, "--name", "mon", "--mount", path], (path,))
     # relative paths: the CLI resolves them against its directory (as mount(8) does);

@@ -297,10 +297,8 @@ class Run:
 
     def close(self) -> None:
         self.pc.stop()
-        try:
+        with contextlib.suppress(Exception):   # a failed open leaves nothing to abandon
             self.m.pool.abandon()
-        except Exception:  # noqa: BLE001 - a failed open leaves nothing to abandon
-            pass
         shutil.rmtree(self.m.dir, ignore_errors=True)
 
 

@@ -129,7 +129,7 @@ def test_one_instant_through_the_kernel(tmp_path: Path, sockdir: str) -> None:
             finally:
                 for fd in fds.values():
                     os.close(fd)
-        except BaseException as e:
+        except BaseException as e:   # noqa: BLE001 - re-raised by the main thread
             errors.append(e)
 
     t = threading.Thread(target=writer, daemon=True)

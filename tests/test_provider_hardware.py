@@ -209,7 +209,7 @@ def test_end_prepare_wakes_up_on_abort(hw: HardwareProvider, pool: Pool,
     def wait() -> None:
         try:
             hw.EndPrepareSnapshots(set_id)
-        except BaseException as e:
+        except BaseException as e:   # noqa: BLE001 - checked by the main thread
             errors.append(e)
     t = threading.Thread(target=wait)
     t.start()

@@ -133,24 +133,24 @@ def test_snapshot_under_a_loop_device_is_not_deleted(tmp_path: Path, sockdir: st
     """`expose ID --name n2`; `losetup -r` on one of its paths; mount it: `snapshot
     delete` (plain, --unexpose, --all) says which loop device uses it and exits 1,
     nothing changed. Right after umount + losetup -d, delete works."""
-    with exposed_snapshot(tmp_path, sockdir, via) as (d, c, sid, path):
-        with ro_loop(path, tmp_path / "m") as lp:
-            dev = lp["dev"]
-            assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
-            for args in ([sid], [sid, "--unexpose"], ["--all"]):
-                res = spx("snapshot", "delete", *args, socket=d.socket)
-                line = one_line_error(res, 1, f"cannot delete snapshot {sid}: in use by "
-                                              f"loop device {dev} ({path}, mounted at "
-                                              f"{tmp_path / 'm'})")
-                assert "losetup -d" in line
-            assert exists(c, sid)
-            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
-            assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
-            detach(lp)
-            # at once (the kernel releases the loop's file a moment later)
-            res = spx("snapshot", "delete", sid, socket=d.socket)
-            assert res.returncode == 0, res.stderr
-            assert not exists(c, sid)
+    with exposed_snapshot(tmp_path, sockdir, via) as (d, c, sid, path), \
+            ro_loop(path, tmp_path / "m") as lp:
+        dev = lp["dev"]
+        assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
+        for args in ([sid], [sid, "--unexpose"], ["--all"]):
+            res = spx("snapshot", "delete", *args, socket=d.socket)
+            line = one_line_error(res, 1, f"cannot delete snapshot {sid}: in use by "
+                                          f"loop device {dev} ({path}, mounted at "
+                                          f"{tmp_path / 'm'})")
+            assert "losetup -d" in line
+        assert exists(c, sid)
+        assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
+        assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
+        detach(lp)
+        # at once (the kernel releases the loop's file a moment later)
+        res = spx("snapshot", "delete", sid, socket=d.socket)
+        assert res.returncode == 0, res.stderr
+        assert not exists(c, sid)
 
 
 @pytest.mark.parametrize("via", VIAS)
@@ -160,25 +160,25 @@ def test_exposed_name_under_a_loop_device_is_not_unexposed(tmp_path: Path, sockd
     to MOUNT[/hosts/<host>]/exposed/<name>.img (its backing file would name a path that
     is gone, or, once the name is reused, another snapshot). One on the device path
     (.shadow) is not affected by unexpose: it works, the loop device keeps reading."""
-    with exposed_snapshot(tmp_path, sockdir, via) as (d, c, sid, path):
-        with ro_loop(path, tmp_path / "m") as lp:
-            dev = lp["dev"]
-            if via.endswith("exposed"):
-                one_line_error(spx("unexpose", sid, socket=d.socket), 1,
-                               f"cannot unexpose snapshot {sid}: in use by loop device "
-                               f"{dev} ({path}, mounted at {tmp_path / 'm'})")
-                assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
-                assert os.path.exists(path)
-                detach(lp)
-            res = spx("unexpose", sid, socket=d.socket)
-            assert res.returncode == 0, res.stderr
-            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] is None
-            if lp["dev"]:   # on .shadow: still attached, still reading the snapshot
-                assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
-                one_line_error(spx("snapshot", "delete", sid, socket=d.socket), 1,
-                               f"in use by loop device {dev}")
-                detach(lp)
-            assert c.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
+    with exposed_snapshot(tmp_path, sockdir, via) as (d, c, sid, path), \
+            ro_loop(path, tmp_path / "m") as lp:
+        dev = lp["dev"]
+        if via.endswith("exposed"):
+            one_line_error(spx("unexpose", sid, socket=d.socket), 1,
+                           f"cannot unexpose snapshot {sid}: in use by loop device "
+                           f"{dev} ({path}, mounted at {tmp_path / 'm'})")
+            assert c.snapshot_show(snapshot_id=sid)["exposed_name"] == "n2"
+            assert os.path.exists(path)
+            detach(lp)
+        res = spx("unexpose", sid, socket=d.socket)
+        assert res.returncode == 0, res.stderr
+        assert c.snapshot_show(snapshot_id=sid)["exposed_name"] is None
+        if lp["dev"]:   # on .shadow: still attached, still reading the snapshot
+            assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
+            one_line_error(spx("snapshot", "delete", sid, socket=d.socket), 1,
+                           f"in use by loop device {dev}")
+            detach(lp)
+        assert c.snapshot_delete(snapshot_id=sid)["deleted"] == [sid]
 
 
 @pytest.mark.parametrize("op", ["delete", "unexpose"])

@@ -136,7 +136,7 @@ def test_transport_seed_sequence(tmp_path: Path, sockdir: str) -> None:
                                 f.write(os.urandom(4096))
                                 os.fsync(f.fileno())
                         n += 1
-                except BaseException as e:
+                except BaseException as e:   # noqa: BLE001 - re-raised by the main thread
                     errors.append(e)
 
             loader = threading.Thread(target=load)

@@ -107,7 +107,7 @@ class Scratch:
         for w in self.writers:
             try:
                 w.abort()
-            except Exception as e:
+            except Exception as e:   # noqa: BLE001 - collected: the cleanup goes on
                 problems.append(f"abort {w.name}: {e}")
         for _ in range(3):  # outer filesystems first: an inner freeze may wait on them
             for fs in self.fs:

@@ -120,7 +120,7 @@ class Workload:
                     self.rows += 1
                 time.sleep(0.002)
             db.close()
-        except BaseException as e:  # reported by the main thread
+        except BaseException as e:   # noqa: BLE001 - reported by the main thread
             self.error = e
 
     @contextlib.contextmanager
@@ -143,7 +143,7 @@ class _Cleanup(contextlib.ExitStack):
         def run() -> None:
             try:
                 fn(*args)
-            except Exception as e:
+            except Exception as e:   # noqa: BLE001 - the cleanup goes on; reported
                 self.errors.append(f"{what}: {e}")
                 print(f"demo: cleanup: {what}: {e}", file=sys.stderr)
         self.callback(run)
@@ -183,7 +183,7 @@ def _run_demo(keep: bool, quiet: bool) -> int:
             _run(*cli, "pool", "init", pool)
             _say(quiet, f"pool created at {pool}")
             db_path = os.path.join(fs, "app.sqlite")
-            log = open(os.path.join(base, "serve.log"), "w")
+            log = open(os.path.join(base, "serve.log"), "w")   # noqa: SIM115 - cleanup closes
             cleanup.callback(log.close)
             daemons: list[subprocess.Popen[bytes]] = []
             cleanup.step("stopping the daemon", _stop_daemons, daemons, mnt)
@@ -246,7 +246,7 @@ def _run_demo(keep: bool, quiet: bool) -> int:
                                      else "; cleanup incomplete (see above)"),
               file=sys.stderr)
         rc = 130
-    except Exception as e:
+    except Exception as e:   # noqa: BLE001 - the demo's one-line failure report
         print(f"demo: failed: {e}", file=sys.stderr)
         if base is not None and not keep:
             _print_tail(os.path.join(base, "serve.log"))

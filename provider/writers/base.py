@@ -349,7 +349,7 @@ class WriterSet:
             for w in self.writers:
                 try:
                     out.append(w.identify())
-                except Exception as e:
+                except Exception as e:   # noqa: BLE001 - a writer's failure is its state, reported
                     err = _as_writer_error(w, e)
                     log.error("writer %s failed at identify: %s", w.name, err.message)
                     self._set_state(w, VssWriterState.VSS_WS_FAILED_AT_IDENTIFY, err)
@@ -361,7 +361,7 @@ class WriterSet:
             try:
                 if w.involved(volumes):
                     out.append(w)
-            except Exception as e:
+            except Exception as e:   # noqa: BLE001 - asked to freeze instead, which says what is wrong
                 # a writer that cannot tell is asked to freeze: it will say what is wrong
                 log.warning("writer %s: cannot tell whether it is involved (%s)", w.name, e)
                 out.append(w)
@@ -417,7 +417,7 @@ class WriterSet:
     def _quiet(self, w: Writer, method: str) -> BaseException | None:
         try:
             getattr(w, method)()
-        except Exception as e:
+        except Exception as e:   # noqa: BLE001 - returned to the caller, logged
             log.error("writer %s failed to %s: %s", w.name, method, e)
             return e
         return None
@@ -445,7 +445,7 @@ class WriterSet:
             for w in reversed(frozen):
                 try:
                     w.thaw()
-                except Exception as e:
+                except Exception as e:   # noqa: BLE001 - every writer is thawed; the failure is reported
                     err = _as_writer_error(w, e)
                     log.error("writer %s failed to thaw: %s", w.name, err.message)
                     self._set_state(w, VssWriterState.VSS_WS_FAILED_AT_THAW, err)
@@ -463,7 +463,7 @@ class WriterSet:
             for w in reversed(self.writers):
                 try:
                     w.abort()
-                except Exception as e:
+                except Exception as e:   # noqa: BLE001 - every writer gets its abort; logged
                     err = _as_writer_error(w, e)
                     log.error("writer %s failed to abort: %s", w.name, err.message)
                     st = self._status[w.instance_id]
@@ -485,7 +485,7 @@ class WriterSet:
             for w in targets:
                 try:
                     w.backup_complete(set_id, succeeded)
-                except Exception as e:
+                except Exception as e:   # noqa: BLE001 - every writer hears it; logged
                     err = _as_writer_error(w, e)
                     log.error("writer %s failed at backup-complete: %s", w.name, err.message)
                     self._set_state(w, VssWriterState.VSS_WS_FAILED_AT_BACKUP_COMPLETE, err)

@@ -34,6 +34,7 @@ are logged at debug level.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -163,10 +164,8 @@ class HookScriptWriter(Writer):
                 rc = None
             finally:
                 if proc.returncode is None:  # timed out, or we were interrupted
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     proc.wait()
             duration = time.monotonic() - start
             tail = _last_line(err)

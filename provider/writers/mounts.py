@@ -25,6 +25,7 @@ uninterruptibly once the request was read) and the daemon a zombie with a hung m
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -117,10 +118,8 @@ def stacked_devices(name: str, sys_class_block: str = SYS_CLASS_BLOCK) -> dict[D
             entries = []
         # partitions are subdirectories with a "partition" file (loop0/loop0p1)
         todo += [e for e in entries if os.path.exists(os.path.join(base, e, "partition"))]
-        try:
+        with contextlib.suppress(OSError):
             todo += os.listdir(os.path.join(base, "holders"))
-        except OSError:
-            pass
     return out
 
 
@@ -210,9 +209,9 @@ def mount_holding(real: str, mounts: Sequence[MountEntry]) -> MountEntry | None:
     best: MountEntry | None = None
     for m in mounts:
         mp = m.mount_point
-        if real == mp or real.startswith(mp.rstrip("/") + "/"):
-            if best is None or len(mp) >= len(best.mount_point):
-                best = m
+        inside = real == mp or real.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or len(mp) >= len(best.mount_point)):
+            best = m
     return best
 
 

@@ -47,6 +47,7 @@ the freeze times out (VSS_E_WRITERERROR_TIMEOUT).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -251,10 +252,8 @@ class SQLiteWriter(Writer):
                 _fsync(path + "-wal")
             _fsync(os.path.dirname(path), directory=True)
         except (sqlite3.Error, OSError) as e:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.close()
-            except sqlite3.Error:
-                pass
             os.close(db_fd)
             if isinstance(e, sqlite3.Error) and _is_busy(e):
                 raise WriterError(f"database {path} stayed locked by another connection "
@@ -367,10 +366,8 @@ def helper_main(argv: Sequence[str]) -> int:
     print(json.dumps({"mode": h.journal_mode, "wal_empty": h.wal_empty}), flush=True)
     sys.stdin.readline()
     errors = _release_held(h)
-    try:
+    with contextlib.suppress(OSError):   # the daemon is gone: nobody to tell
         print(json.dumps({"errors": errors}), flush=True)
-    except OSError:   # the daemon is gone: nobody to tell
-        pass
     return 0
 
 

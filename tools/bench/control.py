@@ -52,7 +52,7 @@ class WriteProbe:
                 pause = t + self.interval - end
                 if pause > 0:
                     time.sleep(pause)
-        except BaseException as e:   # re-raised by the main thread
+        except BaseException as e:   # noqa: BLE001 - re-raised by the main thread
             self.error = e
         finally:
             os.close(fd)

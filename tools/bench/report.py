@@ -68,17 +68,15 @@ def machine_info(path: str) -> dict[str, Any]:
     info: dict[str, Any] = {"nproc": os.cpu_count(), "kernel": platform.release(),
                             "python": platform.python_version(),
                             "loadavg_end": round(os.getloadavg()[0], 2)}
-    with contextlib.suppress(OSError):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    info["memory_GiB"] = round(int(line.split()[1]) / (1 << 20), 1)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                info["memory_GiB"] = round(int(line.split()[1]) / (1 << 20), 1)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
     with contextlib.suppress(OSError, subprocess.SubprocessError, BenchError):
         src, fstype = _run("findmnt", "-no", "SOURCE,FSTYPE", "--target", path).split()[:2]
         info["filesystem"] = fstype

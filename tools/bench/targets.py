@@ -27,7 +27,7 @@ class Daemon:
         from provider.client import Client, ControlError
         self.starts += 1
         env = dict(os.environ, SHADOWPLEX_SOCKET=self.sock)
-        log = open(self.log_path, "a")
+        log = open(self.log_path, "a")   # noqa: SIM115 - closed once the child has it
         t0 = time.perf_counter()
         try:
             self.proc = subprocess.Popen(
@@ -125,7 +125,7 @@ class PlexLoop:
                     self.syncs.append(time.perf_counter() - t)
                     self.started.set()
                     c.snapshot_delete(set_id=res["set_id"])
-        except BaseException as e:   # re-raised by the main thread
+        except BaseException as e:   # noqa: BLE001 - re-raised by the main thread
             self.error = e
             self.started.set()
 

@@ -182,7 +182,7 @@ class _Runner:
             try:
                 if self.c.snapshot_list(set_id=s):
                     out.append(s)
-            except Exception:
+            except Exception:   # noqa: BLE001 - cannot ask: wait for all of them
                 return list(self.auto_sets)   # cannot ask: wait for all of them
         return out
 
@@ -197,7 +197,7 @@ class _Runner:
                 self.c.set_abort(sid)
                 self.note(f"cleanup: aborted snapshot set {sid} (started on line "
                           f"{self.set_line})")
-            except Exception as e:
+            except Exception as e:   # noqa: BLE001 - the cleanup goes on; reported
                 if getattr(e, "name", "") not in ("VSS_E_OBJECT_NOT_FOUND", "VSS_E_BAD_STATE"):
                     self.warn(f"cleanup: aborting snapshot set {sid}: {e}")
         for snap, x in list(self.exposed.items()):
@@ -209,7 +209,7 @@ class _Runner:
                 self.c.unexpose(snap)
                 self.note(f"cleanup: unexposed snapshot {snap} ({x.where})")
                 del self.exposed[snap]
-            except Exception as e:
+            except Exception as e:   # noqa: BLE001 - the cleanup goes on; reported
                 self.warn(f"cleanup: unexposing snapshot {snap} at {x.where}: {e}")
 
     def note(self, msg: str) -> None:
