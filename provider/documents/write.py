@@ -75,13 +75,20 @@ def _lun_information(parent: ET.Element, naa: str) -> None:
     })
 
 
-def _writer_components(parent: ET.Element, meta: WriterMetadata) -> None:
+def _writer_guids(meta: WriterMetadata, what: str) -> tuple[str, str]:
+    """The writer's (writer id, instance id) as written, or the refusal of ``what``
+    ("writer", "the metadata of writer") naming the writer."""
     wid = _guid_or_none(meta.writer_id)
     iid = _guid_or_none(meta.instance_id)
     if wid is None or iid is None:
-        raise _err(f"cannot write writer {_show(meta.writer_name)}: writer id "
+        raise _err(f"cannot write {what} {_show(meta.writer_name)}: writer id "
                    f"{_show(meta.writer_id)} / instance id {_show(meta.instance_id)} "
                    "must be GUIDs", "export")
+    return wid, iid
+
+
+def _writer_components(parent: ET.Element, meta: WriterMetadata) -> None:
+    wid, iid = _writer_guids(meta, "writer")
     attrs = {"instanceId": iid, "writerId": wid}
     if meta.instance_name:
         attrs["instanceName"] = _check_text(meta.instance_name, "writer instance name")
@@ -197,12 +204,7 @@ def write_writer_metadata(meta: WriterMetadata) -> bytes:
     DATABASE_FILES); the volume images a component lives on are kept in sp:VOLUME
     elements. parse_writer_metadata(write_writer_metadata(m)) == m.
     """
-    wid = _guid_or_none(meta.writer_id)
-    iid = _guid_or_none(meta.instance_id)
-    if wid is None or iid is None:
-        raise _err(f"cannot write the metadata of writer {_show(meta.writer_name)}: writer "
-                   f"id {_show(meta.writer_id)} / instance id {_show(meta.instance_id)} "
-                   "must be GUIDs", "export")
+    wid, iid = _writer_guids(meta, "the metadata of writer")
     try:
         usage = _USAGE_TO_XML[UsageType(meta.usage_type)]
     except (ValueError, KeyError):
