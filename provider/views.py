@@ -25,7 +25,8 @@ from .array import Array
 from .catalog import ProviderCatalog
 from .masking import LunMasking
 from .model import NIL_GUID, SS, Mark, SnapshotSet, guid
-from .vss import Attr, Context, SnapshotProp, VssError
+from .snapshot_prop import SnapshotProp
+from .vss import Attr, Context, VssError
 
 
 class Views:

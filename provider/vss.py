@@ -7,14 +7,16 @@ the control API and the coordinator all speak the same numbers as Windows VSS:
 * ``Attr``           VSS_VOLSNAP_ATTR_*  (_VSS_VOLUME_SNAPSHOT_ATTRIBUTES)
 * ``SnapshotState``  VSS_SS_*            (_VSS_SNAPSHOT_STATE)
 * ``HRESULTS``       VSS_E_* names -> HRESULT, raised as ``VssError(name, message)``
-* ``SnapshotProp``   VSS_SNAPSHOT_PROP, with snake_case field names and ``to_json()``
+                     (defined in provider.hresults, re-exported here)
+
+``SnapshotProp`` (VSS_SNAPSHOT_PROP, with snake_case field names and ``to_json()``) is
+built on these in provider.snapshot_prop.
 
 The context rules (which contexts shadowplex creates, which attribute bits a requester may
 add) follow the Microsoft docs quoted next to each function.
 
 Every numeric value below was read from the source named in the comment above its table;
-none is inferred. HRESULTs are kept as *unsigned* 32-bit numbers (0x80042301), the way
-Windows prints them; ``hresult_signed()`` gives the LONG form (-2147212543) some tools use.
+none is inferred (the HRESULTs' sources are in provider/hresults.py).
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ from __future__ import annotations
 import enum
 import re
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
+
+from .hresults import (
+    HRESULTS,
+    SUCCESS_HRESULTS,
+    VssError,
+    hresult_name,
+    hresult_signed,
+)
 
 __all__ = [
     "PROVIDER_ID",
@@ -52,7 +60,6 @@ __all__ = [
     "context_matches",
     "attr_names",
     "parse_attr_names",
-    "SnapshotProp",
     "GUID_RE",
     "guid",
     "CREATABLE_CLI_NAMES",
@@ -207,143 +214,6 @@ class SnapshotState(enum.IntEnum):
     def vss_name(self) -> str:
         """``VSS_SS_<NAME>``."""
         return "VSS_SS_" + self.name
-
-
-# --------------------------------------------------------------------------- HRESULTs
-# Source: ynkdir/py-win32more win32more/Storage/Vss/__init__.py (generated from Microsoft's
-# Win32 metadata; signed decimals, e.g. VSS_E_BAD_STATE = -2147212543 = 0x80042301).
-# Cross-checked, all equal: a Go VSS binding's hex table (found by code search), the
-# winapi crate src/um/vsserror.rs on docs.rs (hex, first entries), blat-blatnik/BeefWin32
-# output/Storage.Vss.bf (signed decimals), and the hex codes printed on Microsoft Learn
-# "IVssBackupComponents::AddToSnapshotSet method (vsbackup.h)" (0x80042301, 0x80042312,
-# 0x80042317, 0x8004232C). Note the numbers are not in name order (0x8004230D is
-# OBJECT_ALREADY_EXISTS, 0x8004230E VOLUME_NOT_SUPPORTED_BY_PROVIDER) and there are gaps
-# (0x80042305, 0x8004231C).
-HRESULTS: dict[str, int] = {
-    "VSS_E_BAD_STATE": 0x80042301,
-    "VSS_E_UNEXPECTED": 0x80042302,
-    "VSS_E_PROVIDER_ALREADY_REGISTERED": 0x80042303,
-    "VSS_E_PROVIDER_NOT_REGISTERED": 0x80042304,
-    "VSS_E_PROVIDER_VETO": 0x80042306,
-    "VSS_E_PROVIDER_IN_USE": 0x80042307,
-    "VSS_E_OBJECT_NOT_FOUND": 0x80042308,
-    "VSS_E_VOLUME_NOT_SUPPORTED": 0x8004230C,
-    "VSS_E_OBJECT_ALREADY_EXISTS": 0x8004230D,
-    "VSS_E_VOLUME_NOT_SUPPORTED_BY_PROVIDER": 0x8004230E,
-    "VSS_E_UNEXPECTED_PROVIDER_ERROR": 0x8004230F,
-    "VSS_E_CORRUPT_XML_DOCUMENT": 0x80042310,
-    "VSS_E_INVALID_XML_DOCUMENT": 0x80042311,
-    "VSS_E_MAXIMUM_NUMBER_OF_VOLUMES_REACHED": 0x80042312,
-    "VSS_E_FLUSH_WRITES_TIMEOUT": 0x80042313,
-    "VSS_E_HOLD_WRITES_TIMEOUT": 0x80042314,
-    "VSS_E_UNEXPECTED_WRITER_ERROR": 0x80042315,
-    "VSS_E_SNAPSHOT_SET_IN_PROGRESS": 0x80042316,
-    "VSS_E_MAXIMUM_NUMBER_OF_SNAPSHOTS_REACHED": 0x80042317,
-    "VSS_E_WRITER_INFRASTRUCTURE": 0x80042318,
-    "VSS_E_WRITER_NOT_RESPONDING": 0x80042319,
-    "VSS_E_WRITER_ALREADY_SUBSCRIBED": 0x8004231A,
-    "VSS_E_UNSUPPORTED_CONTEXT": 0x8004231B,
-    "VSS_E_VOLUME_IN_USE": 0x8004231D,
-    "VSS_E_MAXIMUM_DIFFAREA_ASSOCIATIONS_REACHED": 0x8004231E,
-    "VSS_E_INSUFFICIENT_STORAGE": 0x8004231F,
-    "VSS_E_NO_SNAPSHOTS_IMPORTED": 0x80042320,
-    "VSS_E_SOME_SNAPSHOTS_NOT_IMPORTED": 0x80042321,
-    "VSS_E_MAXIMUM_NUMBER_OF_REMOTE_MACHINES_REACHED": 0x80042322,
-    "VSS_E_REMOTE_SERVER_UNAVAILABLE": 0x80042323,
-    "VSS_E_REMOTE_SERVER_UNSUPPORTED": 0x80042324,
-    "VSS_E_REVERT_IN_PROGRESS": 0x80042325,
-    "VSS_E_REVERT_VOLUME_LOST": 0x80042326,
-    "VSS_E_REBOOT_REQUIRED": 0x80042327,
-    "VSS_E_TRANSACTION_FREEZE_TIMEOUT": 0x80042328,
-    "VSS_E_TRANSACTION_THAW_TIMEOUT": 0x80042329,
-    "VSS_E_UNSELECTED_VOLUME": 0x8004232A,
-    "VSS_E_SNAPSHOT_NOT_IN_SET": 0x8004232B,
-    "VSS_E_NESTED_VOLUME_LIMIT": 0x8004232C,
-    "VSS_E_VOLUME_NOT_LOCAL": 0x8004232D,
-    "VSS_E_CLUSTER_TIMEOUT": 0x8004232E,
-    "VSS_E_NOT_SUPPORTED": 0x8004232F,
-    "VSS_E_WRITERERROR_PARTIAL_FAILURE": 0x80042336,
-    "VSS_E_WRITERERROR_INCONSISTENTSNAPSHOT": 0x800423F0,
-    "VSS_E_WRITERERROR_OUTOFRESOURCES": 0x800423F1,
-    "VSS_E_WRITERERROR_TIMEOUT": 0x800423F2,
-    "VSS_E_WRITERERROR_RETRYABLE": 0x800423F3,
-    "VSS_E_WRITERERROR_NONRETRYABLE": 0x800423F4,
-    "VSS_E_WRITERERROR_RECOVERY_FAILED": 0x800423F5,
-    "VSS_E_BREAK_REVERT_ID_FAILED": 0x800423F6,
-    "VSS_E_LEGACY_PROVIDER": 0x800423F7,
-    "VSS_E_MISSING_DISK": 0x800423F8,
-    "VSS_E_MISSING_HIDDEN_VOLUME": 0x800423F9,
-    "VSS_E_MISSING_VOLUME": 0x800423FA,
-    "VSS_E_AUTORECOVERY_FAILED": 0x800423FB,
-    "VSS_E_DYNAMIC_DISK_ERROR": 0x800423FC,
-    "VSS_E_NONTRANSPORTABLE_BCD": 0x800423FD,
-    "VSS_E_CANNOT_REVERT_DISKID": 0x800423FE,
-    "VSS_E_RESYNC_IN_PROGRESS": 0x800423FF,
-    "VSS_E_CLUSTER_ERROR": 0x80042400,
-    "VSS_E_WRITER_STATUS_NOT_AVAILABLE": 0x80042409,
-    # Generic COM codes VSS methods return too. Source: Microsoft Learn
-    # "IVssBackupComponents::AddToSnapshotSet method (vsbackup.h)" (E_ACCESSDENIED
-    # 0x80070005L, E_INVALIDARG 0x80070057L, E_OUTOFMEMORY 0x8007000EL).
-    "E_ACCESSDENIED": 0x80070005,
-    "E_INVALIDARG": 0x80070057,
-    "E_OUTOFMEMORY": 0x8007000E,
-    # A request its requester cancelled, nothing changed. Source: winerror.h E_ABORT
-    # 0x80004004L "Operation aborted" (Microsoft Learn, VSConstants.E_ABORT = -2147467260).
-    "E_ABORT": 0x80004004,
-}
-
-# Success codes (severity bit clear): not errors, so VssError refuses them.
-# Source: ynkdir/py-win32more win32more/Storage/Vss/__init__.py (271113, 271114, 271115,
-# 271137) and winapi src/um/vsserror.rs (0x00042309, 0x0004230A, 0x0004230B).
-SUCCESS_HRESULTS: dict[str, int] = {
-    "VSS_S_ASYNC_PENDING": 0x00042309,
-    "VSS_S_ASYNC_FINISHED": 0x0004230A,
-    "VSS_S_ASYNC_CANCELLED": 0x0004230B,
-    "VSS_S_SOME_SNAPSHOTS_NOT_IMPORTED": 0x00042321,
-}
-
-_NAME_BY_HRESULT: dict[int, str] = {v: k for k, v in {**HRESULTS, **SUCCESS_HRESULTS}.items()}
-
-
-def hresult_signed(value: int) -> int:
-    """The HRESULT as a signed 32-bit LONG (0x80042301 -> -2147212543)."""
-    value &= _U32
-    return value - (1 << 32) if value & 0x80000000 else value
-
-
-def hresult_name(value: int) -> str | None:
-    """The name of a known VSS/COM HRESULT (signed or unsigned form), else None."""
-    return _NAME_BY_HRESULT.get(value & _U32)
-
-
-class VssError(Exception):
-    """A failure with a stable VSS error name, its HRESULT and a one-line message.
-
-    ``VssError("VSS_E_OBJECT_NOT_FOUND", "no snapshot {…}")``. The name must be a key of
-    HRESULTS: an unknown name is a programming error and raises ValueError at once.
-    """
-
-    name: str
-    message: str
-    hresult: int
-
-    def __init__(self, name: str, message: str) -> None:
-        try:
-            hresult = HRESULTS[name]
-        except KeyError:
-            hint = " (a success code, not an error)" if name in SUCCESS_HRESULTS else ""
-            raise ValueError(f"unknown VSS error name {name!r}{hint}") from None
-        super().__init__(name, message)
-        self.name = name
-        self.message = message
-        self.hresult = hresult
-
-    def __str__(self) -> str:
-        return f"{self.name} (0x{self.hresult:08X}): {self.message}"
-
-    def to_json(self) -> dict[str, Any]:
-        """Stable wire form for the control API."""
-        return {"error": self.name, "hresult": self.hresult, "message": self.message}
 
 
 def _unsupported(message: str) -> VssError:
@@ -681,124 +551,3 @@ def guid(value: object) -> str:
     anything else. (blockstore.names.check_guid is the engine's own: it imports nothing
     of ours.)"""
     return str(uuid.UUID(str(value).strip()))
-
-
-# --------------------------------------------------------------------------- VSS_SNAPSHOT_PROP
-def _guid(value: str, field_name: str) -> str:
-    try:
-        return guid(value)
-    except ValueError:
-        raise ValueError(f"{field_name}: {value!r} is not a GUID") from None
-
-
-# Field order and meaning: VSS_SNAPSHOT_PROP in mingw-w64/mingw-w64
-# mingw-w64-headers/include/vss.h and Wine include/vss.idl (willfaust/wine):
-# m_SnapshotId, m_SnapshotSetId, m_lSnapshotsCount, m_pwszSnapshotDeviceObject,
-# m_pwszOriginalVolumeName, m_pwszOriginatingMachine, m_pwszServiceMachine,
-# m_pwszExposedName, m_pwszExposedPath, m_ProviderId, m_lSnapshotAttributes,
-# m_tsCreationTimestamp, m_eStatus.
-@dataclass(kw_only=True)
-class SnapshotProp:
-    """One shadow copy's properties (VSS_SNAPSHOT_PROP), pythonic names.
-
-    GUIDs are normalised to lowercase ``xxxxxxxx-xxxx-...`` without braces.
-    ``creation_timestamp`` is Unix time in seconds (float), not VSS_TIMESTAMP.
-    ``exposed_name`` / ``exposed_path`` are None while the snapshot is not exposed.
-    """
-
-    snapshot_id: str  # m_SnapshotId
-    snapshot_set_id: str  # m_SnapshotSetId
-    snapshots_count: int  # m_lSnapshotsCount: volumes in the set when it was created
-    device_object: str  # m_pwszSnapshotDeviceObject: MOUNT/.shadow/<id>.img
-    original_volume_name: str  # m_pwszOriginalVolumeName
-    originating_machine: str  # m_pwszOriginatingMachine
-    service_machine: str  # m_pwszServiceMachine
-    exposed_name: str | None = None  # m_pwszExposedName
-    exposed_path: str | None = None  # m_pwszExposedPath
-    provider_id: str = PROVIDER_ID  # m_ProviderId
-    attributes: Attr  # m_lSnapshotAttributes
-    creation_timestamp: float  # m_tsCreationTimestamp (here: Unix seconds)
-    status: SnapshotState  # m_eStatus
-
-    def __post_init__(self) -> None:
-        self.snapshot_id = _guid(self.snapshot_id, "snapshot_id")
-        self.snapshot_set_id = _guid(self.snapshot_set_id, "snapshot_set_id")
-        self.provider_id = _guid(self.provider_id, "provider_id")
-        if isinstance(self.snapshots_count, bool) or not (
-            1 <= int(self.snapshots_count) <= MAX_VOLUMES_PER_SET
-        ):
-            raise ValueError(
-                f"snapshots_count {self.snapshots_count!r} is not in 1..{MAX_VOLUMES_PER_SET}"
-            )
-        self.snapshots_count = int(self.snapshots_count)
-        attr_names(self.attributes)  # ValueError on unknown bits
-        self.attributes = Attr(int(self.attributes))
-        self.status = SnapshotState(self.status)
-        self.creation_timestamp = float(self.creation_timestamp)
-
-    @property
-    def is_exposed(self) -> bool:
-        return bool(self.attributes & (Attr.EXPOSED_LOCALLY | Attr.EXPOSED_REMOTELY))
-
-    def to_json(self) -> dict[str, Any]:
-        """Stable JSON form (key names and meanings never change; new keys may appear).
-
-        ``attributes`` is the int mask, ``attribute_names`` its names in bit order,
-        ``status`` the state's short name (``"CREATED"``).
-        """
-        return {
-            "snapshot_id": self.snapshot_id,
-            "snapshot_set_id": self.snapshot_set_id,
-            "snapshots_count": self.snapshots_count,
-            "device_object": self.device_object,
-            "original_volume_name": self.original_volume_name,
-            "originating_machine": self.originating_machine,
-            "service_machine": self.service_machine,
-            "exposed_name": self.exposed_name,
-            "exposed_path": self.exposed_path,
-            "provider_id": self.provider_id,
-            "attributes": int(self.attributes),
-            "attribute_names": attr_names(self.attributes),
-            "creation_timestamp": self.creation_timestamp,
-            "status": self.status.name,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SnapshotProp:
-        """Inverse of to_json. Unknown keys are ignored (written by a newer version).
-
-        ``attribute_names``, if present, must agree with ``attributes``; ``status`` may be
-        a name (``"CREATED"`` or ``"VSS_SS_CREATED"``) or its number.
-        """
-        attributes = int(data["attributes"])
-        names = data.get("attribute_names")
-        if names is not None and int(parse_attr_names(names)) != attributes:
-            raise ValueError(
-                f"attribute_names {names!r} disagree with attributes 0x{attributes:x}"
-            )
-        raw_status = data["status"]
-        status: SnapshotState
-        if isinstance(raw_status, str):
-            key = raw_status.strip().upper()
-            if key.startswith("VSS_SS_"):
-                key = key[len("VSS_SS_") :]
-            if key not in SnapshotState.__members__:
-                raise ValueError(f"unknown snapshot status {raw_status!r}")
-            status = SnapshotState[key]
-        else:
-            status = SnapshotState(int(raw_status))
-        return cls(
-            snapshot_id=data["snapshot_id"],
-            snapshot_set_id=data["snapshot_set_id"],
-            snapshots_count=data["snapshots_count"],
-            device_object=data["device_object"],
-            original_volume_name=data["original_volume_name"],
-            originating_machine=data["originating_machine"],
-            service_machine=data["service_machine"],
-            exposed_name=data.get("exposed_name"),
-            exposed_path=data.get("exposed_path"),
-            provider_id=data.get("provider_id", PROVIDER_ID),
-            attributes=Attr(attributes),
-            creation_timestamp=data["creation_timestamp"],
-            status=status,
-        )

@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from provider import vss
+from provider.snapshot_prop import SnapshotProp
 from provider.vss import (
     CONTEXT_BITS,
     CREATABLE_CONTEXTS,
@@ -24,7 +25,6 @@ from provider.vss import (
     SUCCESS_HRESULTS,
     Attr,
     Context,
-    SnapshotProp,
     SnapshotState,
     VssError,
     attr_names,
