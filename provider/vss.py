@@ -360,10 +360,7 @@ def parse_context(text: str | int, *, allow_all: bool = False) -> Context:
     value: int | None
     if isinstance(text, bool):
         raise _unsupported(_unknown_context_message(text))
-    if isinstance(text, int):
-        value = text
-    else:
-        value = _parse_int(text)
+    value = text if isinstance(text, int) else _parse_int(text)
     if value is not None:
         if -(1 << 31) <= value < 0:
             value &= _U32

@@ -1,4 +1,4 @@
-"""Tests for provider/vss.py.
+"""Tests for provider/vss.py (and hresults.py, snapshot_prop.py).
 
 The literal numbers below are the spec: they were read from mingw-w64's vss.h, Wine's
 vss.idl, Microsoft Learn's VSS pages and the Win32-metadata HRESULT tables (see the
