@@ -60,11 +60,7 @@ class DataPath(HeldWrites):
 
     def _read_snapshot(self, s: _Snapshot, offset: int, end: int) -> bytes:
         assert self._owned(), "pool lock not held"
-        if s.state == INVALID:
-            raise SnapshotInvalid(f"snapshot {s.snap_id} is invalid (its preserved data was "
-                                  "lost); delete it")
-        if s.state == PREPARING:
-            raise InvalidState(f"snapshot {s.snap_id} is still being prepared")
+        self._check_readable(s)
         if s.file is not None:
             data = s.file.pread(end - offset, offset)
             return data + bytes(end - offset - len(data))
@@ -87,6 +83,66 @@ class DataPath(HeldWrites):
                 parts.append(da.read_slot(slot)[pos - c * cs:cend - c * cs])
                 pos = cend
         return b"".join(parts)
+
+    def allocation(self, key: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) runs of [offset, offset+length) of a LUN that may hold data,
+        sorted and merged; everything else reads as zeros (NBD's base:allocation, what
+        `du` and a sparse copy need). A volume or full copy: its image's data extents
+        (file-system blocks, via SEEK_DATA) plus the chunks held in memory. A
+        differential snapshot: per chunk, the whole chunk where the diff area holds it
+        (a preserved all-zero chunk is a hole), else the origin's extents there -- so its
+        cost is O(chunks in the range): ask for bounded ranges. A listed run may still
+        read as zeros (zeros written as data); an unlisted one never holds data."""
+        with self._lock:
+            lun = self._volumes.get(key) or self._lun(key)
+            if offset < 0 or length < 0:
+                raise OutOfRange(f"invalid range at offset {offset} length {length}")
+            end = min(offset + length, lun.size)
+            if offset >= end:
+                return []
+            if isinstance(lun, _Volume):
+                return _merged(self._origin_extents(lun, offset, end))
+            self._check_readable(lun)
+            if lun.file is not None:
+                return _merged(lun.file.extents(offset, end))
+            return _merged(self._snapshot_extents(lun, offset, end))
+
+    def _origin_extents(self, v: _Volume, offset: int, end: int) -> list[tuple[int, int]]:
+        cs = self.chunk_size
+        runs = list(v.file.extents(offset, min(end, v.file.size())))
+        for c in v.held.chunks:   # held: newer than the file, may be data where it is not
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            if lo < hi:
+                runs.append((lo, hi - lo))
+        return runs
+
+    def _snapshot_extents(self, s: _Snapshot, offset: int, end: int
+                          ) -> list[tuple[int, int]]:
+        assert self._owned(), "pool lock not held"
+        v, cs = s.origin, self.chunk_size
+        da, epoch = v.diff, s.epoch
+        assert da is not None and epoch is not None
+        origin = sorted(self._origin_extents(v, offset, end))
+        runs = []
+        for c in range(offset // cs, (end - 1) // cs + 1):
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            slot = da.lookup(c, epoch)
+            if slot is not None:
+                if not da.is_zero(slot):
+                    runs.append((lo, hi - lo))
+                continue
+            for o, n in origin:   # the chunk as the origin has it now (not preserved)
+                a, b = max(lo, o), min(hi, o + n)
+                if a < b:
+                    runs.append((a, b - a))
+        return runs
+
+    def _check_readable(self, s: _Snapshot) -> None:
+        if s.state == INVALID:
+            raise SnapshotInvalid(f"snapshot {s.snap_id} is invalid (its preserved data was "
+                                  "lost); delete it")
+        if s.state == PREPARING:
+            raise InvalidState(f"snapshot {s.snap_id} is still being prepared")
 
     def _check_write(self, name: str, offset: int, length: int) -> _Volume:
         v = self._vol(name)
@@ -293,3 +349,15 @@ class DataPath(HeldWrites):
         log.warning("%s for volume %s: deleting its oldest snapshot %s", why, v.name,
                     oldest.snap_id)
         self._delete_snapshot(oldest)
+
+
+def _merged(runs: Iterator[tuple[int, int]] | list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted runs, overlapping or touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for o, n in sorted(runs):
+        if out and o <= out[-1][0] + out[-1][1]:
+            po, pn = out[-1]
+            out[-1] = (po, max(pn, o + n - po))
+        else:
+            out.append((o, n))
+    return out

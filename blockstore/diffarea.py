@@ -159,6 +159,10 @@ class DiffArea:
                 return slot
         return None
 
+    def is_zero(self, slot: int) -> bool:
+        """The slot preserves an all-zero chunk (no data stored for it)."""
+        return self.state[slot] == ZERO
+
     def last_epoch(self, chunk: int) -> int:
         """Epoch of the newest preservation of `chunk` (0: never preserved)."""
         if self.any_entry.test(chunk):

@@ -35,9 +35,9 @@ undone (provider/jobs.py).
 Keys: a LUN is named by a key: a volume's name or a snapshot's id (a GUID). Snapshot
 ids are chosen by the caller (the coordinator gives VSS's ids).
 
-Not in the interface yet, added with their first users: the allocation map of a LUN
-(NBD BLOCK_STATUS, issue 15) and changed-block maps (issue 17; see
-``Capabilities.changed_blocks``).
+The allocation map of a LUN (``allocation``) is here for NBD's BLOCK_STATUS (issue 15)
+and sparse copies. Not in the interface yet, added with its first user: changed-block
+maps (issue 17; see ``Capabilities.changed_blocks``).
 """
 
 from __future__ import annotations
@@ -111,6 +111,11 @@ class Array(LunStore, Protocol):
 
     # ---------------------------------------------------------------- data path
     # (read, write, flush, discard, lun_size: LunStore's)
+    def allocation(self, key: str, offset: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) runs of the range that may hold data, sorted and merged;
+        the rest reads as zeros (a listed run may too). Ask for bounded ranges: the
+        cost may grow with the range (per chunk for a differential snapshot)."""
+
     def image_path(self, key: str) -> str | None:
         """A local file holding the LUN's data, if there is one (loop devices attached
         to it directly are users of the volume); None for a backend without one."""

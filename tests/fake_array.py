@@ -358,6 +358,22 @@ class FakeArray:
     def discard(self, name: str, offset: int, length: int) -> None:
         self._put(self._writable(name, offset, length), offset, bytes(length))
 
+    @_locked
+    def allocation(self, key: str, offset: int, length: int) -> list[tuple[int, int]]:
+        lun = self._lun(key)
+        if offset < 0 or length < 0:
+            raise bse.OutOfRange(f"invalid range at offset {offset} length {length}")
+        end, cs, runs = min(offset + length, lun.size), self.chunk_size, []
+        for c in sorted(lun.data):   # a chunk of zeros written as data counts: allowed
+            lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            if lo >= hi:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi - runs[-1][0])
+            else:
+                runs.append((lo, hi - lo))
+        return runs
+
     def image_path(self, key: str) -> str | None:
         return None
 

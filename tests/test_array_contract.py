@@ -117,6 +117,46 @@ def test_data_path(array: Array) -> None:
     assert array.allocated_bytes("a") >= 2 * CS
 
 
+def _check_map(array: Array, key: str, written: list[tuple[int, int]]) -> None:
+    """allocation() of the whole LUN: sorted, merged, inside the LUN; every byte outside
+    it reads as zero; every range in ``written`` (known non-zero data) is inside it."""
+    size = array.lun_size(key)
+    runs = array.allocation(key, 0, size)
+    assert runs == sorted(runs) and all(n > 0 for _, n in runs), runs
+    assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:])), runs   # merged
+    data = array.read(key, 0, size)
+    pos = 0
+    for o, n in [*runs, (size, 0)]:
+        assert data[pos:o] == bytes(o - pos), (key, pos, o)
+        pos = o + n
+    for o, n in written:
+        assert any(a <= o and o + n <= a + m for a, m in runs), (key, (o, n), runs)
+    assert array.allocation(key, size, 100) == []
+    inner = array.allocation(key, CS + 10, CS)   # a sub-range: clipped to it
+    assert all(a >= CS + 10 and a + n <= 2 * CS + 10 for a, n in inner), inner
+
+
+@pytest.mark.parametrize("kind", ["differential", "plex"])
+def test_allocation_map(array: Array, kind: str) -> None:
+    """Volumes and snapshots say where their data may be, through writes, discards and
+    an overwrite after the snapshot (the snapshot keeps its map)."""
+    _check_map(array, "a", [(0, 3 * CS)])
+    _check_map(array, "b", [(CS, CS)])
+    array.write("a", 10 * CS + 5, b"x" * 100)
+    (sid,) = snap(array, "a", kind=kind)
+    array.write("a", 20 * CS, b"y" * CS)                 # after the snapshot
+    array.write("a", 0, b"z" * 10)                       # preserved first
+    array.discard("a", CS, CS)                           # the snapshot keeps it
+    before = [(0, 3 * CS), (10 * CS + 5, 100)]
+    _check_map(array, sid, before)
+    _check_map(array, "a", [(0, 10), (2 * CS, CS), (10 * CS + 5, 100), (20 * CS, CS)])
+    assert not any(a <= CS < a + n for a, n in array.allocation("a", CS, CS)) or \
+        array.read("a", CS, CS) == bytes(CS)
+    assert array.allocation(sid, 30 * CS, CS) == []      # never written anywhere
+    array.flush("a")
+    _check_map(array, sid, before)
+
+
 @pytest.mark.parametrize("kind", ["differential", "plex"])
 def test_snapshot_is_the_instant(array: Array, kind: str) -> None:
     set_id, sa, sb = guid(), guid(), guid()
