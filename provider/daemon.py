@@ -26,10 +26,17 @@ cleans it.
 systemd Type=simple, or with `&`/nohup). `--background` is accepted for compatibility and
 only logs that it runs in the foreground.
 
-Threads: everything runs on the trio thread except pool.flush (fsync), the non-lazy
-umount(2) and the busy report, which run in trio worker threads so the FUSE session keeps
-serving meanwhile. No thread of the daemon looks at a path below its own mount (a FUSE
-request to itself): the busy report reads /proc and /sys as text (mount_users.py).
+Threads (docs/concurrency.md has the whole table): the trio thread runs the FUSE
+handlers (reads and writes call the pool inline), the write barrier, the control socket
+and the coordinator. Trio worker threads run whatever waits for the disk or the kernel:
+fsync (pool.flush), the writeback loop (pool.wait_and_writeback, one step at a time),
+the coordinator's block-store calls (commit, delete, revert, promote, split, check,
+scrub), writers (fsfreeze, hooks, SQLite), losetup/mount, the non-lazy umount(2) and the
+busy report. The hardware provider syncs each plex in a thread of its own. No thread of
+the daemon looks at a path below its own mount (a FUSE request to itself, which would
+wait for the very thread serving it): paths there are compared as text and the busy
+report reads /proc and /sys as text (mount_users.py); tests run every daemon under
+tests/fuse_self_guard.py, which fails a test on any such request.
 """
 
 from __future__ import annotations
