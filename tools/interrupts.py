@@ -10,8 +10,9 @@
 
 The first signal raises Interrupted (a KeyboardInterrupt, so code that already cleans up
 after Ctrl-C does the same for SIGTERM and SIGHUP, whose default action killed the tool
-with nothing cleaned up); later ones are ignored until the block ends, so the cleanup
-that follows cannot be cut short half-way. Keep that cleanup bounded (timeouts).
+with nothing cleaned up); later ones are ignored, until the process ends, so the
+cleanup that follows cannot be cut short half-way and the exit status is the one the
+tool reports. Keep that cleanup bounded (timeouts).
 """
 
 from __future__ import annotations
@@ -63,5 +64,9 @@ def stop_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
+        # After a stop signal the tool is on its way out: later signals stay ignored to
+        # the end (restoring the default SIGTERM here let one that arrived after the
+        # cleanup kill the tool, with another exit status than the one it reports).
+        if not any(signal.getsignal(sig) is _ignore for sig in old):
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
