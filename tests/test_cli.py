@@ -21,7 +21,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from typing import Any
 import pytest
 from conftest import require_kernel
 from harness import Daemon, launch
-from support import mkfs_ext4, one_line_error, spx
+from support import ENV, ROOT, mkfs_ext4, one_line_error, spx
 from support import mounted as _mounted
 from support import run_cmd as _run
 
@@ -242,13 +244,53 @@ def test_snapshot_create_list_show_delete(daemon: Daemon) -> None:
         assert d.json("snapshot", "list") == []
         assert d.ok("snapshot", "delete", "--all").stdout == "no snapshots deleted\n"
 
-        # a backup context ends with the command's session: said on stderr, and true
+        # the one-shot default is persistent (issue 19): said on stderr, and true
         res = d.ok("snapshot", "create", "sv")
-        assert "auto-release" in res.stderr and "created" in res.stdout
+        assert "created" in res.stdout and "app-rollback" in res.stderr, res.stderr
+        assert "persistent" in res.stderr
+        (kept,) = d.json("snapshot", "list", "--volume", "sv")
+        assert kept["context"] == "app-rollback"
+        d.ok("snapshot", "delete", kept["id"])
+        # an auto-release context from a one-shot command: refused, nothing made
+        for ctx in ("backup", "file-share-backup"):
+            one_line_error(d.run("snapshot", "create", "sv", "--context", ctx), 2,
+                           f"--context {ctx} is auto-release")
+        one_line_error(d.run("snapshot", "create", "sv", "--hold"), 2,
+                       "--hold is for auto-release contexts")
         assert d.json("snapshot", "list", "--volume", "sv") == []
     finally:
         _cleanup_snapshots(d, "sv")
         d.ok("volume", "delete", "sv")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_hold_keeps_an_auto_release_set_until_a_signal(daemon: Daemon, sig: str) -> None:
+    """`snapshot create --context backup --hold`: the set exists while the command
+    waits; a stop signal ends the session, the set is deleted, exit 0."""
+    d = daemon
+    d.ok("volume", "create", "hv", "4M")
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "--socket", d.socket,
+                             "snapshot", "create", "hv", "--context", "backup", "--hold",
+                             "--quiet"], cwd=str(ROOT), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()   # said once the set exists
+        assert line.startswith("holding snapshot set "), line
+        (held,) = d.json("snapshot", "list", "--volume", "hv")
+        assert held["context"] == "backup" and held["set_id"] in line
+        time.sleep(0.5)
+        assert d.json("snapshot", "list", "--volume", "hv") == [held]   # still there
+        proc.send_signal(signal.Signals[sig])
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, (out, err)
+        assert "auto-release snapshot set" in err and "Traceback" not in err
+        assert d.json("snapshot", "list", "--volume", "hv") == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        d.ok("volume", "delete", "hv")
 
 
 def test_expose_and_unexpose(daemon: Daemon) -> None:

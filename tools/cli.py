@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -188,8 +189,44 @@ def _context(text: str) -> Any:
         raise UsageError(f"--context {text}: {e.message}") from None
 
 
+# A one-shot command is one requester session: an auto-release set made by it would be
+# deleted as the command exits (issue 19). So the command's default is the persistent
+# APP_ROLLBACK (writers freeze and thaw), said on stderr; an auto-release context is
+# refused unless --hold keeps the session (and the set) until a stop signal. Scripts and
+# provider.client.Client keep VSS's default (BACKUP): they hold their session.
+CLI_DEFAULT_CONTEXT = "app-rollback"
+
+
+def _create_context(args: argparse.Namespace) -> Any:
+    ctx = _context(CLI_DEFAULT_CONTEXT if args.context is None else args.context)
+    auto = vss.is_auto_release(ctx)
+    if auto and not args.hold:
+        raise UsageError(f"--context {args.context} is auto-release: the set would be "
+                         "deleted as this command ends; add --hold to keep it until Ctrl-C, "
+                         "or back up from a script (shadowplex script) or with "
+                         "provider.client.Client")
+    if args.hold and not auto:
+        raise UsageError(f"--hold is for auto-release contexts; a {ctx.cli_name} set "
+                         "outlives the command by itself")
+    return ctx
+
+
+def _hold_until_stopped(set_id: str) -> None:
+    """--hold: keep the session (so the auto-release set) until a stop signal."""
+    from . import interrupts
+    print(f"holding snapshot set {set_id}: it lives until Ctrl-C (or SIGTERM, SIGHUP)",
+          file=sys.stderr, flush=True)
+    with interrupts.stop_signals():
+        try:
+            while True:
+                signal.pause()
+        except KeyboardInterrupt:   # interrupts.Interrupted for each of them
+            pass
+    print(f"session ended: auto-release snapshot set {set_id} is deleted", file=sys.stderr)
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    ctx = _context(args.context) if args.scmd == "create" else None
+    ctx = _create_context(args) if args.scmd == "create" else None
     if args.scmd == "show" and not args.id and not args.set:
         raise UsageError("snapshot show needs an ID or --set ID")
     if args.scmd == "delete" and len(
@@ -208,11 +245,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             else:
                 print(f"snapshot set {res.get('set_id') or res.get('snapshot_set_id')} created")
                 _snap_table(snaps)
-                from provider.vss import is_auto_release
-                if is_auto_release(ctx):
-                    print("note: backup contexts are auto-release: this set was deleted when "
-                          "the command's session ended; use --context nas-rollback or "
-                          "app-rollback (persistent) or a script", file=sys.stderr)
+                if args.context is None:
+                    print(f"note: context {ctx.cli_name} (the one-shot default): persistent, "
+                          "kept until 'snapshot delete'; writers froze and thawed",
+                          file=sys.stderr)
+            if args.hold:
+                _hold_until_stopped(str(res.get("set_id") or res.get("snapshot_set_id")))
         elif args.scmd == "list":
             rows = [snapshot_view(s) for s in c.snapshot_list(set_id=args.set,
                                                                volume=args.volume)]
@@ -454,8 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = snap.add_subparsers(dest="scmd", metavar="ACTION", required=True, parser_class=_Parser)
     sc = add("create", cmd_snapshot, "create a snapshot set of one or more volumes", ssub)
     sc.add_argument("volumes", nargs="+", metavar="VOLUME")
-    sc.add_argument("--context", default="backup",
-                    help=" | ".join(vss.CREATABLE_CLI_NAMES) + " (or VSS value)")
+    sc.add_argument("--context", default=None,
+                    help=" | ".join(vss.CREATABLE_CLI_NAMES) + " (or VSS value); default "
+                    f"{CLI_DEFAULT_CONTEXT} (persistent): an auto-release one needs --hold")
+    sc.add_argument("--hold", action="store_true",
+                    help="keep this command, its session and so an auto-release set, until "
+                    "Ctrl-C/SIGTERM")
     kind = sc.add_mutually_exclusive_group()
     kind.add_argument("--differential", dest="kind", action="store_const", const="differential")
     kind.add_argument("--plex", dest="kind", action="store_const", const="plex")
