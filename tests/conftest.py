@@ -95,6 +95,16 @@ def require_kernel() -> None:
     pytest.skip(msg)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A run started in the background by a shell without job control (`cmd &` in a
+    # script, nohup) inherits SIGINT ignored, and so would every child: the CLI, scripts
+    # and bench that the tests interrupt with Ctrl-C would ignore it and the tests fail
+    # for a reason of how they were started. Python's own handler is not inherited by an
+    # exec'd child (SIG_IGN is), so the children get the default again.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kernel") is not None:
         require_kernel()
