@@ -70,6 +70,7 @@ from .model import (
     Session,
     SnapshotSet,
     WriterEvent,
+    bind_lifetime,
     in_thread,
     parse_attributes,
     parse_size,
@@ -354,7 +355,7 @@ class Coordinator:
             raise
         self._finish(s)
         if rec.auto_release and session is s.session:
-            session.sets.append(s.set_id)
+            bind_lifetime(self._sessions.values(), s.set_id, session)
         session.last_created = s.set_id
         log.info("snapshot set %s created in %.3f s: %s", s.set_id, trio.current_time() - t0,
                  ", ".join(f"{v}={i}" for v, i in s.volumes.items()))

@@ -24,7 +24,7 @@ from .catalog import ProviderCatalog
 from .exposure import Exposure
 from .hardware import HardwareProvider
 from .masking import LunMasking
-from .model import Session, SnapshotSet, guid, in_thread
+from .model import Session, SnapshotSet, bind_lifetime, guid, in_thread
 from .views import Views
 from .vss import Context, VssError
 
@@ -50,9 +50,7 @@ class Deletion:
         self.catalog.delete_set(set_id)
         if set_id in self.catalog.imported:
             self.catalog.delete_import(set_id)
-        for sess in self._sessions.values():
-            if set_id in sess.sets:
-                sess.sets.remove(set_id)
+        bind_lifetime(self._sessions.values(), set_id, None)
 
     async def remove_snapshots(self, ids: Iterable[str], force: bool = False) -> list[str]:
         """Delete committed snapshots (unmounting them first); updates set records.

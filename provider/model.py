@@ -14,7 +14,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -51,9 +51,23 @@ class Session:
     host: str
     client: str
     started: float = field(default_factory=time.time)
-    sets: list[str] = field(default_factory=list)   # auto-release sets it created
+    # auto-release sets whose lifetime is this session's: changed through bind_lifetime
+    # only (and emptied by the coordinator as the session ends, deleting them)
+    sets: list[str] = field(default_factory=list)
     last_created: str | None = None                  # for end_backup without a set id
     closed: bool = False
+
+
+def bind_lifetime(sessions: Iterable[Session], set_id: str, owner: Session | None) -> None:
+    """The auto-release set ``set_id`` lives as long as ``owner`` from now on (None: no
+    session; the set is gone or persistent): the one place a set moves between the
+    sessions' lists (created: its requester; imported: the importing session; deleted:
+    none)."""
+    for s in sessions:
+        if s is not owner and set_id in s.sets:
+            s.sets.remove(set_id)
+    if owner is not None and set_id not in owner.sets:
+        owner.sets.append(set_id)
 
 
 @dataclass(eq=False)

@@ -23,7 +23,7 @@ from .array import Array
 from .catalog import ExportRecord, ProviderCatalog
 from .hardware import HardwareProvider
 from .masking import LunMasking
-from .model import Session, SnapshotSet, guid, in_thread
+from .model import Session, SnapshotSet, bind_lifetime, guid, in_thread
 from .views import Views
 from .vss import Attr, Context, VssError
 from .writercalls import message, writer_metadata
@@ -170,10 +170,7 @@ class Transport:
                 log.error("restoring the LUN masking after a failed import: %s", e2)
             raise
         if rec.auto_release:   # the importing session owns its lifetime now
-            for other in self._sessions.values():
-                if sid in other.sets:
-                    other.sets.remove(sid)
-            session.sets.append(sid)
+            bind_lifetime(self._sessions.values(), sid, session)
         log.info("snapshot set %s (from %s) imported on host %s: %s", sid, origin, host,
                  ", ".join(ids))
         await self.masking.names_changed()   # the origin host's names of them are gone
