@@ -182,7 +182,15 @@ class Views:
         if (snapshot_id is None) == (set_id is None):
             raise VssError("E_INVALIDARG", "name exactly one of snapshot_id or set_id")
         if snapshot_id is not None:
-            return self.prop_json(self.pool.snapshot(guid(snapshot_id, "snapshot id")))
+            sid = guid(snapshot_id, "snapshot id")
+            try:
+                return self.prop_json(self.pool.snapshot(sid))
+            except bse.NotFound:
+                if sid in self.catalog.records or sid in self._sets:   # a set's id
+                    raise VssError("VSS_E_OBJECT_NOT_FOUND", f"{sid} is a snapshot set, not "
+                                   f"a snapshot: 'snapshot show --set {sid}' lists its "
+                                   "snapshots") from None
+                raise
         sid = guid(set_id, "snapshot set id")
         snaps = self.snapshot_list(set_id=sid)
         if not snaps and sid not in self._sets:

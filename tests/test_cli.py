@@ -222,6 +222,14 @@ def test_snapshot_create_list_show_delete(daemon: Daemon) -> None:
         assert shown["id"] == sa["id"] and shown["naa"] == sa["naa"]
         in_set = d.json("snapshot", "show", "--set", b["set_id"])
         assert [s["id"] for s in in_set] == [sb["id"]]
+        # a set's id where a snapshot's is expected: said so (issue 19 #2)
+        one_line_error(d.run("snapshot", "show", b["set_id"]), 1,
+                       f"{b['set_id']} is a snapshot set, not a snapshot: 'snapshot show "
+                       f"--set {b['set_id']}'")
+        # the volume positional, as lvs and zfs list take it
+        assert d.json("snapshot", "list", "sv") == rows
+        assert d.json("snapshot", "list", "sv", "--volume", "sv") == rows
+        one_line_error(d.run("snapshot", "list", "sv", "--volume", "other"), 2, "disagree")
 
         one_line_error(d.run("snapshot", "create", "nosuch", "--context", "nas-rollback"), 1,
                        "no volume named 'nosuch'")
@@ -311,7 +319,9 @@ def test_expose_and_unexpose(daemon: Daemon) -> None:
         assert e["exposed_path"] == exposed and os.path.exists(exposed)
         assert e["attributes"] & EXPOSED_LOCALLY and "EXPOSED_LOCALLY" in e["attribute_names"]
         assert os.stat(exposed).st_mode & 0o777 == 0o444
-        u = d.json("unexpose", sid)
+        one_line_error(d.run("unexpose", "tuesday"), 1, "no snapshot is exposed as 'tuesday'")
+        u = d.json("unexpose", "monday")   # by its exposed name, as a script may
+        assert u["id"] == sid
         assert u["exposed_path"] is None and not u["attributes"] & EXPOSED_LOCALLY
         assert gone_soon(exposed)
 
@@ -320,7 +330,9 @@ def test_expose_and_unexpose(daemon: Daemon) -> None:
         assert loopdev.is_mountpoint(snapmnt) and (snapmnt / "lost+found").is_dir()
         one_line_error(d.run("expose", sid, "--mount", str(d.base)), 1,
                        "VSS_E_OBJECT_ALREADY_EXISTS")
-        d.ok("unexpose", sid)
+        one_line_error(d.run("unexpose", str(d.base / "elsewhere")), 1,
+                       "no snapshot is exposed at")
+        d.ok("unexpose", str(snapmnt))   # by the directory it is mounted at
         assert not loopdev.is_mountpoint(snapmnt)
 
         one_line_error(d.run("unexpose", sid), 1, "is not exposed")

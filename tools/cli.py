@@ -225,6 +225,14 @@ def _hold_until_stopped(set_id: str) -> None:
     print(f"session ended: auto-release snapshot set {set_id} is deleted", file=sys.stderr)
 
 
+def _list_volume(args: argparse.Namespace) -> str | None:
+    """`snapshot list VOLUME` and `--volume VOLUME` (as lvs/zfs list take it positional)."""
+    if args.volume_arg and args.volume and args.volume_arg != args.volume:
+        raise UsageError(f"snapshot list: VOLUME {args.volume_arg} and --volume "
+                         f"{args.volume} disagree")
+    return str(args.volume_arg or args.volume) if (args.volume_arg or args.volume) else None
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     ctx = _create_context(args) if args.scmd == "create" else None
     if args.scmd == "show" and not args.id and not args.set:
@@ -253,7 +261,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 _hold_until_stopped(str(res.get("set_id") or res.get("snapshot_set_id")))
         elif args.scmd == "list":
             rows = [snapshot_view(s) for s in c.snapshot_list(set_id=args.set,
-                                                               volume=args.volume)]
+                                                               volume=_list_volume(args))]
             _emit(args, rows, _snap_table)
         elif args.scmd == "show":
             res = c.snapshot_show(snapshot_id=args.id, set_id=args.set)
@@ -276,7 +284,12 @@ def cmd_expose(args: argparse.Namespace) -> int:
 
 def cmd_unexpose(args: argparse.Namespace) -> int:
     with connection.client(args) as c:
-        _emit(args, snapshot_view(c.unexpose(args.snapshot)))
+        try:
+            sid = connection.find_exposed(c, args.snapshot)["snapshot_id"]
+        except connection.NotExposed as e:
+            print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
+            return EXIT_FAILED
+        _emit(args, snapshot_view(c.unexpose(sid)))
     return EXIT_OK
 
 
@@ -503,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--plex", dest="kind", action="store_const", const="plex")
     sc.add_argument("--transportable", action="store_true")
     sl = add("list", cmd_snapshot, "list snapshots", ssub)
+    sl.add_argument("volume_arg", nargs="?", metavar="VOLUME", help="only this volume's")
     sl.add_argument("--set", metavar="SET_ID")
-    sl.add_argument("--volume", metavar="VOLUME")
+    sl.add_argument("--volume", metavar="VOLUME", help="the same as VOLUME")
     ss = add("show", cmd_snapshot, "show one snapshot or a set", ssub)
     ss.add_argument("id", nargs="?", metavar="ID")
     ss.add_argument("--set", metavar="SET_ID")
@@ -520,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", metavar="NAME")
     e.add_argument("--mount", metavar="PATH", help="loop-attach read-only and mount here")
     u = add("unexpose", cmd_unexpose, "undo expose (unmount, detach, hide)")
-    u.add_argument("snapshot", metavar="SNAPSHOT")
+    u.add_argument("snapshot", metavar="SNAPSHOT|NAME|DIR",
+                   help="a snapshot id, its exposed name or the directory it is mounted at")
     r = add("revert", cmd_revert, "revert a volume to a snapshot (ResyncLuns)")
     r.add_argument("snapshot", metavar="SNAPSHOT")
     r.add_argument("--force", action="store_true", help="even if the volume is in use")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from provider import vss
 from provider.config import default_socket_path
 
 from .output import PROG, Progress, one_line
@@ -128,3 +130,29 @@ def call(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any]) -> A
         return after_interrupt(c)
     finally:
         prog.close()
+
+
+class NotExposed(LookupError):
+    """No snapshot is exposed under the name or at the directory given."""
+
+
+def find_exposed(c: Any, target: str,
+                 call: Callable[..., Any] = lambda f, *a, **k: f(*a, **k)) -> dict[str, Any]:
+    """The snapshot behind a snapshot id, a mount directory (expose --mount) or an exposed
+    name: what `unexpose` accepts, on the command line and in a script (``call`` wraps the
+    client's calls, the script's error mapping). NotExposed if none is."""
+    m = vss.GUID_RE.fullmatch(target)
+    if m:
+        return dict(call(c.snapshot_show, snapshot_id=m.group(1)))
+    snaps = call(c.snapshot_list)
+    if "/" in target:   # this is the client's process: resolving its paths is fine
+        want = {os.path.abspath(target), os.path.realpath(target)}
+        for s in snaps:
+            at = s.get("mounted_at") or s.get("exposed_path")
+            if at and (at in want or os.path.realpath(at) in want):
+                return dict(s)
+        raise NotExposed(f"no snapshot is exposed at {target}")
+    for s in snaps:
+        if s.get("exposed_name") == target:
+            return dict(s)
+    raise NotExposed(f"no snapshot is exposed as {target!r}")

@@ -21,6 +21,7 @@ from typing import Any
 from provider import vss
 
 from .. import interrupts, procgroup
+from ..connection import NotExposed, find_exposed
 from ..output import (
     PROG,
     SNAPSHOT_COLUMNS,
@@ -115,22 +116,10 @@ class _Runner:
 
     def _find_exposed(self, tok: str) -> dict[str, Any]:
         """The snapshot behind ID, a mount directory or an exposed name."""
-        target = self.expand(tok)
-        m = vss.GUID_RE.fullmatch(target)
-        if m:
-            return dict(self.call(self.c.snapshot_show, snapshot_id=m.group(1)))
-        snaps = self.call(self.c.snapshot_list)
-        if "/" in target:
-            want = {os.path.abspath(target), os.path.realpath(target)}
-            for s in snaps:
-                at = s.get("mounted_at") or s.get("exposed_path")
-                if at and (at in want or os.path.realpath(at) in want):
-                    return dict(s)
-            raise ScriptFailure(f"no snapshot is exposed at {target}")
-        for s in snaps:
-            if s.get("exposed_name") == target:
-                return dict(s)
-        raise ScriptFailure(f"no snapshot is exposed as {target!r}")
+        try:
+            return find_exposed(self.c, self.expand(tok), self.call)
+        except NotExposed as e:
+            raise ScriptFailure(str(e)) from None
 
     def _forget(self, ids: list[str]) -> None:
         for i in ids:
