@@ -18,6 +18,7 @@ pass them by keyword).
     lun_size        a LUN's current size (getattr, writes near the end, truncate checks)
     read / write / discard / flush  the data path (flush: fsync and the write barrier)
     statfs          (total, free) bytes for statfs(2)
+    allocated_bytes a volume's or full copy's real allocation (st_blocks: du, ls -s)
 """
 
 from __future__ import annotations
@@ -54,4 +55,6 @@ class LunStore(Protocol):
     def flush(self, name: str) -> None: ...
 
     def statfs(self) -> tuple[int, int]: ...
+
+    def allocated_bytes(self, key: str) -> int: ...
 

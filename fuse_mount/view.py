@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from blockstore.model import COMMITTED, INVALID, SnapshotInfo, VolumeInfo
+from blockstore.errors import StoreError
+from blockstore.model import COMMITTED, DIFFERENTIAL, INVALID, SnapshotInfo, VolumeInfo
 
 from .lunstore import LunStore
 from .presentation import Presentation
@@ -258,10 +259,14 @@ class MountView:
                     size=0, blksize=4096, blocks=0, mtime_ns=ns,
                     entry_timeout=DIR_TIMEOUT, attr_timeout=LUN_TIMEOUT)
 
-    def lun_stat(self, lun: Lun) -> Stat:
+    def lun_stat(self, lun: Lun, allocated: int | None = None) -> Stat:
+        """``allocated``: the LUN's real allocation in bytes (st_blocks, what `du` and
+        `ls -s` show); None: its size (a differential snapshot's data is the origin's
+        and the diff area's, not a file of its own)."""
         size = lun.size
+        used = size if allocated is None else allocated
         return Stat(ino=lun.ino, mode=stat.S_IFREG | (0o444 if lun.read_only else 0o644),
-                    nlink=1, size=size, blksize=self.blksize, blocks=(size + 511) // 512,
+                    nlink=1, size=size, blksize=self.blksize, blocks=(used + 511) // 512,
                     mtime_ns=self.write_mtime_ns.get(lun.ino, lun.created_ns),
                     entry_timeout=LUN_TIMEOUT, attr_timeout=LUN_TIMEOUT)
 
@@ -270,9 +275,22 @@ class MountView:
         if t.is_dir(ino):
             return self.dir_stat(ino, t)
         lun = t.lun(ino)
-        if fresh_size:
-            lun.size = int(self.store.lun_size(lun.key))
-        return self.lun_stat(lun)
+        if not fresh_size:
+            return self.lun_stat(lun)
+        lun.size = int(self.store.lun_size(lun.key))
+        return self.lun_stat(lun, self._allocated(lun))
+
+    def _allocated(self, lun: Lun) -> int | None:
+        """A volume's or full copy's allocated bytes (one stat of its image: writes held
+        in memory for copy-before-write count once written back, within 0.1 s); None for a
+        differential snapshot, or when the store cannot say (it was deleted meanwhile:
+        the size is shown, the next lookup finds it gone)."""
+        if isinstance(lun.info, SnapshotInfo) and lun.info.kind == DIFFERENTIAL:
+            return None
+        try:
+            return int(self.store.allocated_bytes(lun.key))
+        except (StoreError, OSError):
+            return None
 
     # ------------------------------------------------------------------ namespace
 

@@ -120,12 +120,11 @@ class Array(LunStore, Protocol):
         """A local file holding the LUN's data, if there is one (loop devices attached
         to it directly are users of the volume); None for a backend without one."""
 
-    # ---------------------------------------------------------------- space (+ statfs)
+    # ---------------------------------------------------------------- space
+    # (+ statfs, and allocated_bytes: a full copy of the LUN needs that much; LunStore's)
     def available_bytes(self) -> int:
         """Free space snapshots may take: what a full copy may use."""
 
-    def allocated_bytes(self, key: str) -> int:
-        """Bytes a full copy of this LUN needs (0 if it has no data of its own)."""
 
     # ---------------------------------------------------------------- integrity
     def check(self, progress: Progress = None) -> list[str]:

@@ -620,6 +620,9 @@ class Coordinator:
             "mount": self.mountpoint, "chunk_size": self.pool.chunk_size,
             "capabilities": asdict(self.pool.capabilities),
             "space_total": total, "space_free": free,
+            # what snapshots may take (free minus the store's reserve): a diff area that
+            # grows past it deletes its origin's oldest snapshot (VSS's overflow)
+            "space_available": self.pool.available_bytes(),
             "volumes": len(self.pool.list_volumes()),
             "snapshots": sum(1 for s in snaps if s.state != "preparing"),
             "sets": len(self.catalog.records),

@@ -94,6 +94,7 @@ class Views:
     # ------------------------------------------------------------------ volumes
     def volume_json(self, v: VolumeInfo) -> dict[str, Any]:
         d = asdict(v)
+        d["allocated"] = self.pool.allocated_bytes(v.name)   # one stat, in the pool dir
         d["path"] = self.masking.shown_path(v.name)
         d["presented_to"] = sorted(self.masking.hosts_of(v.name))
         mark = self._marks.get(v.name)

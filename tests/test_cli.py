@@ -145,7 +145,24 @@ def test_volume_commands(daemon: Daemon) -> None:
     try:
         rows = d.json("volume", "list")
         assert [r["naa"] for r in rows if r["name"] == "cv"] == [v["naa"]]
-        assert re.search(r"^cv\s+4\.0 MiB\s+" + v["naa"], d.ok("volume", "list").stdout, re.M)
+        assert re.search(r"^cv\s+4\.0 MiB\s+0 B\s+" + v["naa"], d.ok("volume", "list").stdout,
+                         re.M)
+        # space (issue 19 #3): a fresh sparse volume holds nothing, through the mount too
+        assert rows[[r["name"] for r in rows].index("cv")]["allocated"] == 0
+        assert os.stat(d.image("cv")).st_blocks == 0   # `du` on the served image
+        with open(d.image("cv"), "r+b") as f:
+            f.write(b"w" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        assert eventually(lambda: os.stat(d.image("cv")).st_blocks * 512 >= 1 << 20)
+        (cv,) = [r for r in d.json("volume", "list") if r["name"] == "cv"]
+        assert 1 << 20 <= cv["allocated"] < 2 << 20
+        df = d.json("df")
+        assert df["space_total"] >= df["space_free"] >= df["space_available"] >= 0
+        assert df["allocated"] >= cv["allocated"] and "cv" in [v["name"] for v in df["volumes"]]
+        human = d.ok("df").stdout
+        assert human.startswith(f"pool {d.pool}: ") and "for snapshots" in human
+        assert re.search(r"^cv\s+4\.0 MiB\s+1\.\d MiB\s", human, re.M), human
         r = d.json("volume", "resize", "cv", "8M")
         assert r["size"] == 8 << 20 and r["naa"] == v["naa"]    # same LUN, grown
         assert eventually(lambda: os.path.getsize(d.image("cv")) == 8 << 20)

@@ -81,7 +81,8 @@ def test_pool_has_every_lunstore_member_with_its_signature() -> None:
     parameters; the properties are attributes of an open pool."""
     members = {n for n in vars(LunStore) if not n.startswith("_")}
     assert members == {"generation", "path", "chunk_size", "list_volumes", "list_snapshots",
-                       "lun_size", "read", "write", "discard", "flush", "statfs"}
+                       "lun_size", "read", "write", "discard", "flush", "statfs",
+                       "allocated_bytes"}
     for name in sorted(members):
         proto = vars(LunStore)[name]
         if isinstance(proto, property):
@@ -168,12 +169,18 @@ def test_attributes(pool: Pool) -> None:
     t = view.tree
     vs = view.lookup(t, VOLUMES_INO, b"v.img")
     assert stat.S_ISREG(vs.mode) and stat.S_IMODE(vs.mode) == 0o644
-    assert vs.size == 4 * MiB and vs.blocks == 4 * MiB // 512 and vs.nlink == 1
+    # st_blocks: what the image really holds (du), not its size (issue 19 #3)
+    assert vs.size == 4 * MiB and vs.blocks == 0 and vs.nlink == 1
     assert vs.blksize == 65536
     assert vs.mtime_ns == int(float(v.mtime or v.created) * 1e9)
     assert vs.entry_timeout == vs.attr_timeout == LUN_TIMEOUT
     ss = view.lookup(t, SHADOW_INO, f"{sid}.img".encode())
     assert stat.S_IMODE(ss.mode) == 0o444
+    assert ss.blocks == 4 * MiB // 512   # a differential snapshot: its size (no file)
+    pool.write("v", 0, b"x" * 200_000)
+    pool.flush("v")   # held writes (copy-before-write) count once written back
+    held = view.lookup(t, VOLUMES_INO, b"v.img").blocks * 512
+    assert held >= 200_000 and held == pool.allocated_bytes("v")
     assert ss.mtime_ns == int(pool.snapshot(sid).created * 1e9)
     root = view.stat(ROOT_INO, t)
     assert stat.S_ISDIR(root.mode) and root.nlink == 6 and root.entry_timeout == DIR_TIMEOUT

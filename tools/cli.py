@@ -30,10 +30,12 @@ from provider.config import DEFAULT_SOCKET, default_socket_path
 from . import connection
 from .connection import EXIT_INTERRUPTED, Interrupted, socket_path
 from .output import (
+    DF_COLUMNS,
     PROG,
     SNAPSHOT_COLUMNS,
     VOLUME_COLUMNS,
     Progress,
+    human_size,
     one_line,
     package_version,
     print_fields,
@@ -402,6 +404,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def cmd_df(args: argparse.Namespace) -> int:
+    """Where the space went: the pool's file system, what snapshots may still take, and
+    per volume its size, allocation and diff area (like `zfs list -o space`, `lvs`)."""
+    with connection.client(args) as c:
+        st = c.status()
+        vols = [volume_view(v) for v in c.volume_list()]
+    pool = {k: st.get(k) for k in ("pool", "space_total", "space_free", "space_available")}
+    pool["allocated"] = sum(v.get("allocated") or 0 for v in vols)
+    pool["diff_bytes"] = sum(v.get("diff_bytes") or 0 for v in vols)
+    if args.json:
+        print_json({**pool, "volumes": vols})
+        return EXIT_OK
+    print(f"pool {pool['pool']}: {human_size(pool['space_total'])}, "
+          f"{human_size(pool['space_free'])} free, {human_size(pool['space_available'])} "
+          "for snapshots (past it a diff area deletes its oldest snapshot)")
+    print(f"volumes: {human_size(pool['allocated'])} allocated, "
+          f"{human_size(pool['diff_bytes'])} in diff areas")
+    if vols:
+        print_table(vols, DF_COLUMNS)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     with connection.client(args) as c:
         _emit(args, c.status())
@@ -559,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("check", cmd_check, "verify catalog, maps and checksums")
     add("scrub", cmd_check, "read every byte and verify it")
     add("status", cmd_status, "daemon and pool status")
+    add("df", cmd_df, "space: the pool, what snapshots may take, each volume's allocation")
     d = add("demo", cmd_demo, "run the end-to-end demonstration in a temporary directory")
     d.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (pool, serve.log), also after a "

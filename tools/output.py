@@ -110,8 +110,11 @@ class Progress:
 SNAPSHOT_COLUMNS = [("id", "ID"), ("set_id", "SET"), ("volume", "VOLUME"), ("kind", "KIND"),
                     ("context", "CONTEXT"), ("state", "STATE"), ("created_at", "CREATED"),
                     ("exposed", "EXPOSED")]
-VOLUME_COLUMNS = [("name", "NAME"), ("size_h", "SIZE"), ("naa", "NAA"),
-                  ("snapshots", "SNAPSHOTS"), ("diff_h", "DIFF AREA"), ("path", "PATH")]
+VOLUME_COLUMNS = [("name", "NAME"), ("size_h", "SIZE"), ("alloc_h", "ALLOCATED"),
+                  ("naa", "NAA"), ("snapshots", "SNAPSHOTS"), ("diff_h", "DIFF AREA"),
+                  ("path", "PATH")]
+DF_COLUMNS = [("name", "VOLUME"), ("size_h", "SIZE"), ("alloc_h", "ALLOCATED"),
+              ("diff_h", "DIFF AREA"), ("snapshots", "SNAPSHOTS")]
 
 
 def snapshot_view(d: dict[str, Any]) -> dict[str, Any]:
@@ -130,5 +133,6 @@ def snapshot_view(d: dict[str, Any]) -> dict[str, Any]:
 def volume_view(d: dict[str, Any]) -> dict[str, Any]:
     out = dict(d)
     out["size_h"] = human_size(d.get("size"))
+    out["alloc_h"] = human_size(d.get("allocated"))
     out["diff_h"] = human_size(d.get("diff_bytes"))
     return out
