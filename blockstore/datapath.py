@@ -122,19 +122,23 @@ class DataPath(HeldWrites):
         v, cs = s.origin, self.chunk_size
         da, epoch = v.diff, s.epoch
         assert da is not None and epoch is not None
-        origin = sorted(self._origin_extents(v, offset, end))
+        origin = _merged(self._origin_extents(v, offset, end))
         runs = []
+        i = 0   # chunks go up: one walk over the origin's runs, not one per chunk
         for c in range(offset // cs, (end - 1) // cs + 1):
             lo, hi = max(offset, c * cs), min(end, (c + 1) * cs)
+            while i < len(origin) and origin[i][0] + origin[i][1] <= lo:
+                i += 1
             slot = da.lookup(c, epoch)
             if slot is not None:
                 if not da.is_zero(slot):
                     runs.append((lo, hi - lo))
                 continue
-            for o, n in origin:   # the chunk as the origin has it now (not preserved)
-                a, b = max(lo, o), min(hi, o + n)
-                if a < b:
-                    runs.append((a, b - a))
+            j = i   # the chunk as the origin has it now (not preserved)
+            while j < len(origin) and origin[j][0] < hi:
+                o, n = origin[j]
+                runs.append((max(lo, o), min(hi, o + n) - max(lo, o)))
+                j += 1
         return runs
 
     def _check_readable(self, s: _Snapshot) -> None:
