@@ -211,7 +211,7 @@ class MountView:
         self._mask(t)
         try:
             pool_mtime = int(os.stat(self.store.path).st_mtime_ns)
-        except (OSError, AttributeError, TypeError):
+        except OSError:   # a store whose path is not a local directory
             pool_mtime = self.started_ns
         for ino in (VOLUMES_INO, EXPOSED_INO, SHADOW_INO):
             kids = t.children(ino) or {}

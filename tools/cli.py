@@ -232,7 +232,8 @@ def _list_volume(args: argparse.Namespace) -> str | None:
     if args.volume_arg and args.volume and args.volume_arg != args.volume:
         raise UsageError(f"snapshot list: VOLUME {args.volume_arg} and --volume "
                          f"{args.volume} disagree")
-    return str(args.volume_arg or args.volume) if (args.volume_arg or args.volume) else None
+    volume: str | None = args.volume_arg or args.volume
+    return volume
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
