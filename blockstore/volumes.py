@@ -67,11 +67,13 @@ class Volumes(DataPath):
                 return self._img(lun.id)
             return self._img(lun.id) if lun.file else None
 
+    @_locked
     def allocated_bytes(self, key: str) -> int:
         """Bytes allocated in the image of a volume (or full copy): what a full copy of
-        it needs. 0 for a differential snapshot, which has no image of its own."""
-        path = self.image_path(key)
-        return os.stat(path).st_blocks * 512 if path is not None else 0
+        it needs. 0 for a differential snapshot, which has no image of its own. One
+        fstat of the open image (the lock keeps it open meanwhile)."""
+        f = self._lun(key).file
+        return f.allocated_bytes() if f is not None else 0
 
     @_locked
     def create_volume(self, name: str, size: int) -> VolumeInfo:
