@@ -22,7 +22,7 @@ PYFUSE3_BUILD := fuse_mount/patches/build-pyfuse3.sh
 PYFUSE3_DEPS  := $(PYFUSE3_BUILD) fuse_mount/patches/pyfuse3-3.5.0-fallocate.patch \
                  fuse_mount/patches/pyfuse3-build-constraints.txt
 
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs fio \
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs btrfs-progs fio \
                 qemu-system-common qemu-utils sqlite3 gcc python3-dev python3-venv patch
 
 export DEBIAN_FRONTEND := noninteractive
