@@ -164,16 +164,17 @@ class DataPath(HeldWrites):
         v = self._check_write(name, offset, n)
         if n == 0:
             return 0
-        if v.live_epochs:
-            self._copy_before_write(v, offset, n)
+        view = memoryview(data)
+        filled = self._copy_before_write(v, offset, n, view) if v.live_epochs else ()
         if v.held.chunks:
-            view = memoryview(data)
+            cs = self.chunk_size
             for lo, hi, buf, base in self._pieces(v, offset, n):
                 if buf is None:
                     v.file.pwrite(view[lo - offset:hi - offset], lo)
                 else:
-                    buf[lo - base:hi - base] = view[lo - offset:hi - offset]
-                    v.held.mark_dirty(base // self.chunk_size, lo - base, hi - base)
+                    if base // cs not in filled:
+                        buf[lo - base:hi - base] = view[lo - offset:hi - offset]
+                    v.held.mark_dirty(base // cs, lo - base, hi - base)
         else:
             v.file.pwrite(data, offset)
         for s in list(v.mirrors):
@@ -187,14 +188,15 @@ class DataPath(HeldWrites):
         v = self._check_write(name, offset, length)
         if length == 0:
             return
-        if v.live_epochs:
-            self._copy_before_write(v, offset, length)
+        filled = self._copy_before_write(v, offset, length) if v.live_epochs else ()
+        cs = self.chunk_size
         for lo, hi, buf, base in self._pieces(v, offset, length):
             if buf is None:
                 v.file.punch(lo, hi - lo)
             else:
-                buf[lo - base:hi - base] = bytes(hi - lo)
-                v.held.mark_dirty(base // self.chunk_size, lo - base, hi - base)
+                if base // cs not in filled:
+                    buf[lo - base:hi - base] = bytes(hi - lo)
+                v.held.mark_dirty(base // cs, lo - base, hi - base)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.punch(offset, length))
         v.mtime = time.time()
@@ -264,11 +266,14 @@ class DataPath(HeldWrites):
                 for plex, err in failed:
                     self._fail_plex(plex, err)
 
-    def _copy_before_write(self, v: _Volume, offset: int, length: int) -> None:
+    def _copy_before_write(self, v: _Volume, offset: int, length: int,
+                           data: memoryview | None = None) -> set[int]:
         """Preserve the old content of the chunks under [offset, offset+length) that a
         live differential snapshot still needs (invariant 2: durable before the origin
         is written, which the held writes see to). Chunks the write covers whole are
-        preserved by reference where the pool can (_clones); the rest are read."""
+        preserved by reference where the pool can (_clones); the rest are read.
+        Returns the chunks whose held buffer already has the new content: a cloned
+        chunk's buffer is made from the write's `data` (zeros for a discard)."""
         assert self._owned(), "pool lock not held"
         da = v.diff
         assert da is not None
@@ -277,12 +282,13 @@ class DataPath(HeldWrites):
         while v.live_epochs:
             need = self._chunks_needing_copy(v, first, last)
             if not need:
-                return
+                return set()
             clones = self._clones(v, need, offset, length)
             read = dict(self._read_chunks(v, [c for c in need if c not in clones]))
             preserve = [(c, read.get(c)) for c in need]   # None: cloned
-            # a cloned chunk's held buffer starts empty: the write covers it whole
-            items = [(c, bytearray(cs) if old is None else old) for c, old in preserve]
+            items = [(c, old if old is not None else bytearray(cs) if data is None
+                      else bytearray(data[c * cs - offset:(c + 1) * cs - offset]))
+                     for c, old in preserve]
             new_bytes = sum(cs for _, old in preserve if old is None or old != da.zero_chunk)
             if new_bytes and self._over_limit(v, new_bytes):
                 self._overflow(v, "diff-area limit reached")
@@ -294,9 +300,10 @@ class DataPath(HeldWrites):
                     self._overflow(v, f"diff area full ({e.strerror})")
                     continue
                 self._invalidate_needing(v, [(c, v.epoch) for c in need], e)
-                return
+                return set()
             v.held.hold(items, time.monotonic())
-            return
+            return clones
+        return set()
 
     def _clones(self, v: _Volume, need: list[int], offset: int, length: int) -> set[int]:
         """The chunks of `need` to preserve by reference: whole chunks inside the write

@@ -26,7 +26,14 @@ from .errors import (
     NotFound,
     PoolLocked,
 )
-from .fileio import BTRFS_MAGIC, DataFile, Faults, fs_type, reflink_probe
+from .fileio import (
+    BTRFS_MAGIC,
+    DataFile,
+    Faults,
+    fs_type,
+    keep_freed_memory,
+    reflink_probe,
+)
 from .longops import LongOps
 from .model import (
     CLONE_MIN_RUN,
@@ -86,6 +93,7 @@ class Pool(LongOps):
         pool.pool_id = meta["pool_id"]
         pool._take_lock()
         pool._probe_preserve_mode()
+        keep_freed_memory()
         try:
             pool.catalog = Catalog(os.path.join(pool.path, "catalog.sqlite"))
             pool._closed = False
