@@ -86,13 +86,25 @@ class _Conn:
         self.meta: tuple[str, bool] | None = None   # (export name, base:allocation set)
 
     async def recv_exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            data = await self.stream.receive_some(max(65536, n - len(self.buf)))
+        buf = self.buf
+        if len(buf) >= n:
+            out = bytes(buf[:n])
+            del buf[:n]
+            return out
+        # a payload: its pieces joined once (no growing buffer copied and shifted again)
+        parts = [bytes(buf)]
+        have = len(buf)
+        buf.clear()
+        while have < n:
+            data = await self.stream.receive_some(max(65536, n - have))
             if not data:
                 raise Closed(f"{self.peer}: connection closed")
-            self.buf += data
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
+            parts.append(data)
+            have += len(data)
+        out = b"".join(parts)
+        if have > n:   # the start of the next request
+            buf += out[n:]
+            out = out[:n]
         return out
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
@@ -391,11 +403,19 @@ class NbdServer:
         if len(data) < length:   # shrunk meanwhile (a revert): zeros, as past a file's end
             data += bytes(length - len(data))
         if c.structured:
-            await c.send(p.structured_header(cookie, p.REPLY_TYPE_OFFSET_DATA,
-                                             8 + length, True) + struct.pack(">Q", offset))
+            head = p.structured_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + length,
+                                       True) + struct.pack(">Q", offset)
         else:
-            await c.send(p.simple_reply(cookie))
-        await c.send(data)
+            head = p.simple_reply(cookie)
+        # small reads in one send: on loopback each send(2) also delivers to the reader
+        # and wakes it, so two of them (header, data) cost more than copying the data
+        # once (4K random reads at QD1: ~40 % of the request's time was the second
+        # send); big ones in two (the copy would cost more than the second call)
+        if length <= 256 << 10:
+            await c.send(head + data)
+        else:
+            await c.send(head)
+            await c.send(data)
 
     async def _write(self, e: Export, cmd: int, flags: int, offset: int, length: int,
                      payload: bytes) -> None:
