@@ -99,10 +99,14 @@ class _Running:
 
 
 class Connection:
-    def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
+    def __init__(self, server: ControlServer, stream: trio.abc.Stream,
+                 remote_host: str | None = None) -> None:
+        """remote_host: the host a TLS client certificate proved (the network control
+        port); None for the local Unix socket, where hello names the host."""
         self.server = server
         self.coord = server.coord
         self.stream = stream
+        self.remote_host = remote_host
         self._session: Session | None = None
         self._send_lock = trio.Lock()
         self._current: _Running | None = None
@@ -270,6 +274,12 @@ class Connection:
                 host = x.get("host", str)
                 client = x.get("client", str)
                 x.get("protocol", int)
+                if self.remote_host is not None:   # the certificate says who it is
+                    if host not in (None, self.remote_host):
+                        raise VssError("E_ACCESSDENIED", f"hello: this connection is host "
+                                       f"{self.remote_host} (its certificate); it cannot "
+                                       f"speak for {host}")
+                    host = self.remote_host
                 self._session = self.coord.open_session(host, client)
             except VssError as e:
                 await self.send(protocol.reply_error(rid, e))
@@ -294,7 +304,11 @@ class Connection:
                 async with trio.open_nursery() as n:
                     n.start_soon(progress.pump, self, rid)
                     try:
-                        result = await handler(self, args, progress.report)
+                        remote = self.remote_host is not None
+                        access = self.coord.access
+                        access.check(self.session.host, remote, op, args)
+                        result = access.filter(self.session.host, remote, op,
+                                               await handler(self, args, progress.report))
                         reply = protocol.reply_ok(rid, result)
                     except Exception as e:   # noqa: BLE001 - every failure becomes the request's error reply
                         reply = protocol.reply_error(rid, protocol.to_vss_error(e))
