@@ -92,7 +92,7 @@ class _Conn:
             del buf[:n]
             return out
         # a payload: its pieces joined once (no growing buffer copied and shifted again)
-        parts = [bytes(buf)]
+        parts: list[bytes | bytearray] = [bytes(buf)]
         have = len(buf)
         buf.clear()
         while have < n:
