@@ -1,6 +1,6 @@
 """The layering of DESIGN.md, checked on the source (S3QL's check_imports.py idea):
 
-    tools/  ->  provider/  ->  fuse_mount/  ->  blockstore/
+    tools/  ->  provider/  ->  nbd/  ->  fuse_mount/  ->  blockstore/
 
 - a package imports only itself and the packages below it (never upward);
 - pyfuse3 is imported in fuse_mount/ alone, trio never in blockstore/;
@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["blockstore", "fuse_mount", "provider", "tools"]   # bottom first
+LAYERS = ["blockstore", "fuse_mount", "nbd", "provider", "tools"]   # bottom first
 ONLY_IN = {"pyfuse3": {"fuse_mount"}}
 NEVER_IN = {"trio": {"blockstore"}}
 
