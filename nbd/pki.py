@@ -14,10 +14,11 @@ Built with the `cryptography` library; the choices, and why:
   yet valid" certificate (qemu refuses those when it loads them).
 - Extensions: what RFC 5280 asks and OpenSSL's X509_STRICT checks (nbd/tls.py verifies
   in strict mode): basicConstraints and keyUsage critical, subject and authority key
-  identifiers. Leaf keyUsage is digitalSignature + keyEncipherment: libvirt's and older
-  qemu releases' sanity checks refuse a critical keyUsage without keyEncipherment on a
-  TLS end certificate, whatever the key type (qemu 7.2 checks digitalSignature only);
-  certtool's templates in nbdkit-tls(1) set it too. An EC key never uses that bit.
+  identifiers. Leaf keyUsage is digitalSignature + keyEncipherment: libvirt's and some
+  qemu releases' sanity checks (crypto/tlscredsx509.c) refuse a critical keyUsage
+  without keyEncipherment on a TLS end certificate, whatever the key type (Debian 12's
+  qemu 7.2 checks digitalSignature only); nbdkit-tls(1)'s certtool templates set it
+  too. An EC key never uses that bit, and no TLS stack we know minds it.
 - No revocation list yet (nbdkit and qemu would read ca-crl.pem): a lost host key means a
   new CA for now (docs/network.md).
 
@@ -34,7 +35,7 @@ import secrets
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -54,6 +55,7 @@ KEY_MODE = 0o600
 CERT_MODE = 0o644
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_Ext = TypeVar("_Ext", bound=x509.ExtensionType)
 
 
 class PkiError(Exception):
@@ -215,6 +217,14 @@ def _same_public_key(a: Any, b: Any) -> bool:
     return bool(a.public_bytes(*fmt) == b.public_bytes(*fmt))
 
 
+def _extension(cert: x509.Certificate, kind: type[_Ext], path: str) -> _Ext:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        raise PkiError(f"{path} is not a CA certificate (it has no {kind.__name__} "
+                       "extension)") from None
+
+
 def load_ca(ca_dir: str | os.PathLike[str], now: dt.datetime | None = None) -> Authority:
     """The CA in ca_dir (ca-cert.pem + ca-key.pem), checked: both parse, the key is the
     certificate's, the certificate is a CA that may sign certificates, self-signed, and
@@ -235,13 +245,9 @@ def load_ca(ca_dir: str | os.PathLike[str], now: dt.datetime | None = None) -> A
         raise PkiError(f"{key_path}: only EC and RSA CA keys are supported")
     if not _same_public_key(cert.public_key(), key.public_key()):
         raise PkiError(f"{key_path} is not the key of {cert_path}")
-    ext = {type(e.value): e.value for e in cert.extensions}
-    for needed in (x509.BasicConstraints, x509.KeyUsage, x509.SubjectKeyIdentifier):
-        if needed not in ext:   # the subject key id: what our certificates' AKI names
-            raise PkiError(f"{cert_path} is not a CA certificate (it has no "
-                           f"{needed.__name__} extension)")
-    bc, ku = ext[x509.BasicConstraints], ext[x509.KeyUsage]
-    assert isinstance(bc, x509.BasicConstraints) and isinstance(ku, x509.KeyUsage)
+    bc = _extension(cert, x509.BasicConstraints, cert_path)
+    ku = _extension(cert, x509.KeyUsage, cert_path)
+    _extension(cert, x509.SubjectKeyIdentifier, cert_path)   # what our leaves' AKI names
     if not bc.ca or not ku.key_cert_sign:
         raise PkiError(f"{cert_path} is not a CA certificate that may sign certificates")
     try:
@@ -257,7 +263,7 @@ def load_ca(ca_dir: str | os.PathLike[str], now: dt.datetime | None = None) -> A
 def _validity(days: int, now: dt.datetime, ca: Authority | None = None
               ) -> tuple[dt.datetime, dt.datetime]:
     if days < 1:
-        raise PkiError(f"--days must be at least 1, not {days}")
+        raise PkiError(f"a certificate must be valid for at least 1 day, not {days}")
     not_after = now + dt.timedelta(days=days)
     if ca is not None and not_after > ca.cert.not_valid_after_utc:
         left = (ca.cert.not_valid_after_utc - now).days
@@ -282,16 +288,18 @@ def _check_targets(directory: str, outputs: Sequence[Output], force: bool) -> li
     todo, existing = [], []
     for o in outputs:
         if os.path.lexists(o.path):
-            if os.path.islink(o.path) or not os.path.isfile(o.path):
+            if not os.path.isfile(o.path):   # a directory, a dangling link, a device
                 raise PkiError(f"{o.path} exists and is not a regular file")
             if o.path.endswith(os.sep + CA_CERT) and _read(o.path) == o.data:
                 continue
             existing.append(o.path)
         todo.append(o)
     if existing and not force:
+        ca = any(p.endswith(os.sep + CA_KEY) for p in existing)
         raise PkiExists(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; "
-                        "use --force to replace (a new CA invalidates every certificate "
-                        "the old one signed)")
+                        "use --force to replace" + (" (a new CA invalidates every "
+                                                    "certificate the old one signed)"
+                                                    if ca else ""))
     return todo
 
 

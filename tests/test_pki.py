@@ -386,3 +386,37 @@ def test_a_certificate_may_not_outlive_its_ca(tmp_path: Path) -> None:
     with pytest.raises(pki.PkiError, match="would outlive it"):
         pki.issue_host("hostA", tmp_path / "h", tmp_path, days=pki.CA_DAYS + 1)
     assert not (tmp_path / "h").exists()
+
+
+def test_an_rsa_ca_signs_hosts_too(tmp_path: Path) -> None:
+    """`pki host --ca` with a CA made elsewhere (RSA 2048): the host's key is still
+    P-256, the handshake and the identity work the same."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    ca = pki.make_ca(key, "site CA", now - dt.timedelta(hours=1), now + dt.timedelta(days=90))
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir()
+    (ca_dir / "ca-cert.pem").write_bytes(pki.cert_pem(ca))
+    (ca_dir / "ca-key.pem").write_bytes(pki.key_pem(key))
+    pki.issue_host("hostR", tmp_path / "h", ca_dir, days=30)
+    authority = pki.load_ca(ca_dir)
+    server_key = pki.new_key()
+    cert = pki.make_server_cert(authority, server_key, ["localhost"], now, now +
+                                dt.timedelta(days=30))
+    (ca_dir / "server-cert.pem").write_bytes(pki.cert_pem(cert))
+    (ca_dir / "server-key.pem").write_bytes(pki.key_pem(server_key))
+    o = handshake(tls.server_context(ca_dir), tls.client_context(tmp_path / "h"))
+    assert tls.peer_host_name(o.peer) == "hostR", o
+
+
+def test_leaf_key_usage_suits_gnutls_and_qemu(dirs: Dirs) -> None:
+    """Critical keyUsage: digitalSignature (ECDHE-ECDSA) and keyEncipherment, which
+    some qemu releases' and libvirt's sanity checks demand of a TLS end certificate
+    whose keyUsage is critical; the CA: keyCertSign."""
+    for f in (dirs.array / "server-cert.pem", dirs.host_a / "client-cert.pem"):
+        ext = _cert(f).extensions.get_extension_for_class(x509.KeyUsage)
+        assert ext.critical and ext.value.digital_signature and ext.value.key_encipherment
+        assert not ext.value.key_cert_sign
+    ca = _cert(dirs.array / "ca-cert.pem").extensions.get_extension_for_class(x509.KeyUsage)
+    assert ca.critical and ca.value.key_cert_sign and ca.value.crl_sign
