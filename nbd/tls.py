@@ -38,12 +38,12 @@ CLIENT_KEY = "client-key.pem"
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 
-class TlsConfigError(Exception):
+class TlsConfigError(ValueError):
     """A certificate directory that cannot make a context (the message is one line and
-    names the file)."""
+    names the file). A ValueError, as `serve` expects of a bad --tls-dir."""
 
 
-class PeerIdentityError(Exception):
+class PeerIdentityError(ValueError):
     """A peer whose certificate does not name exactly one acceptable host."""
 
 
