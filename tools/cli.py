@@ -1,6 +1,6 @@
 """The `shadowplex` command line: the requester side.
 
-Every command except `serve`, `pool init` and `demo` talks to the daemon through
+Every command except `serve`, `pool init`, `pki` and `demo` talks to the daemon through
 provider.client, in a session of tools/connection.py (socket: --socket, else
 provider.config.default_socket_path(): $SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
 Exit codes: 0 success, 1 the operation failed, 2 usage error. User mistakes print one
@@ -462,6 +462,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_pki(args: argparse.Namespace) -> int:
+    """Certificates of the NBD port (tools/pki.py); local files only, no daemon."""
+    from nbd.pki import PkiError, PkiExists
+
+    from .pki import BadArgument, run
+    try:
+        return run(args)
+    except (BadArgument, PkiExists) as e:
+        raise UsageError(str(e)) from e
+    except PkiError as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def cmd_script(args: argparse.Namespace) -> int:
     from .script import run_script_file
     return run_script_file(args.file, socket=socket_path(args), quiet=args.quiet,
@@ -620,6 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
              "qemu-storage-daemon, plus snapshot commit, plex sync, memory and restart figures")
     from .bench import add_arguments as _bench_arguments
     _bench_arguments(bn)
+    pk = sub.add_parser("pki", help="certificates of the NBD port (TLS)", parents=[common])
+    ksub = pk.add_subparsers(dest="kcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    from .pki import add_arguments as _pki_arguments
+    _pki_arguments(add("init", cmd_pki, "create a CA and the array's server certificate", ksub),
+                   add("host", cmd_pki, "create a host's client certificate (CN = NAME)", ksub))
     sf = add("script", cmd_script, "run a diskshadow-style script")
     sf.add_argument("file", metavar="FILE")
     return p
