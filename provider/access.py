@@ -101,7 +101,7 @@ class Access:
             if op == "volume.list":
                 return host in self.masking.hosts_of(str(item.get("name")))
             if op == "snapshot.list":
-                return host in self.masking.hosts_of(str(item.get("id")))
+                return host in self.masking.hosts_of(str(item.get("snapshot_id")))
             sids = self.snapshots_of_set(str(item.get("set_id")))
             return bool(sids) and all(host in self.masking.hosts_of(s) for s in sids)
         return [x for x in result if sees(x)]

@@ -33,8 +33,10 @@ import errno
 import logging
 import os
 import socket as stdsocket
+import ssl
 import stat
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -332,6 +334,8 @@ class Connection:
 
 
 # --------------------------------------------------------------------------- server
+TLS_HANDSHAKE_TIMEOUT = 30.0   # s for a network client's TLS handshake
+
 def _listening(path: str) -> bool:
     """True if something accepts connections on the Unix socket at path."""
     probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
@@ -397,11 +401,35 @@ class ControlServer:
             if e.errno != errno.ENOENT:
                 log.warning("removing %s: %s", self.socket_path, e)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream, remote_host: str | None = None
+                      ) -> None:
         try:
-            await Connection(self, stream).run()
+            await Connection(self, stream, remote_host).run()
         except Exception:
             log.exception("control connection failed")
+
+    async def serve_tls(self, host: str, port: int, context: ssl.SSLContext,
+                        identify: Callable[[dict], str],
+                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The control protocol on a TCP port behind TLS with client certificates (the
+        network control port): each connection's host is its certificate's identity
+        (identify: the CN); the handshake has TLS_HANDSHAKE_TIMEOUT s."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            tls = trio.SSLStream(stream, context, server_side=True)
+            try:
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
+                peer = identify(tls.getpeercert() or {})
+            except (trio.BrokenResourceError, trio.TooSlowError, ValueError) as e:
+                log.warning("control port: connection refused: %s",
+                            e.__cause__ or e or type(e).__name__)
+                await trio.aclose_forcefully(tls)
+                return
+            await self._handle(tls, peer)
+        await trio.serve_listeners(handle, listeners)
 
     async def open(self) -> None:
         """Create the socket (serve() does it if not done): errors surface here, plainly
