@@ -251,8 +251,10 @@ def test_python_generator(tmp_path: Path, workload: str) -> None:
     f = tmp_path / "img"
     with open(f, "wb") as fh:
         fh.truncate(4 << 20)
-    r = bench.run_python(bench.Job(workload, str(f), 4 << 20, 0.05))
-    assert r.value > 0 and r.ios > 0 and r.io_bytes > 0 and r.seconds > 0
+    for direct in (True, False):
+        r = bench.run_python(bench.Job(workload, str(f), 4 << 20, 0.05, direct=direct))
+        assert r.value > 0 and r.ios > 0 and r.io_bytes > 0 and r.seconds > 0
+        assert 0 < r.p50_us <= r.p99_us
 
 
 def test_python_generator_replay_and_single_pass(tmp_path: Path) -> None:
@@ -273,8 +275,11 @@ def test_fio_job_files(tmp_path: Path, workload: str) -> None:
     f = tmp_path / "img"
     with open(f, "wb") as fh:
         fh.truncate(4 << 20)
-    r = bench.run_fio(bench.Job(workload, str(f), 4 << 20, 0.1), str(tmp_path))
-    assert r.value > 0 and r.ios > 0
+    for direct in (True, False):
+        r = bench.run_fio(bench.Job(workload, str(f), 4 << 20, 0.1, direct=direct),
+                          str(tmp_path))
+        assert r.value > 0 and r.ios > 0
+        assert 0 < r.p50_us <= r.p99_us    # fio's clat percentiles, in microseconds
     if workload == "rand_write":
         offs = bench.first_write_offsets(4 << 20, seed=3)
         r = bench.run_fio(bench.Job(workload, str(f), 4 << 20, 10, time_based=False,
