@@ -143,6 +143,11 @@ def check_report(report: dict[str, Any], runs: int, pool_fs: tuple[str, ...] = (
     assert not bad, bad
 
 
+def need_xfs() -> None:
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs not installed")
+
+
 def _mounts_under(root: str) -> list[str]:
     out = []
     with open("/proc/self/mounts") as f:
@@ -164,31 +169,39 @@ def test_progress_only_on_a_terminal_or_asked_for() -> None:
 
 @pytest.mark.timeout(300)
 def test_bench_quick_json(tmp_path: Path) -> None:
-    """The whole bench, tiny: the report's structure, the cold jobs' eviction, the chart,
-    and nothing left behind."""
+    """The whole bench, tiny, with an XFS pool: the report's structure, the cold jobs'
+    eviction, the reflink sweep, the chart, and nothing left behind."""
+    need_xfs()
     chart = tmp_path / "bench.svg"
     work = tmp_path / "work"
     t0 = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json", "--dir",
-         str(work), "--chart", str(chart), "--progress"],
+         str(work), "--chart", str(chart), "--progress", "--pool-fs", "xfs"],
         capture_output=True, text=True, timeout=280, cwd=REPO, check=False)
     elapsed = time.monotonic() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)
-    check_report(report, runs=1)
+    check_report(report, runs=1, pool_fs=("xfs",))
     assert report["profile"] == "tiny"
     # "cold" means cold: right after the eviction before each O_DIRECT job, (almost)
     # nothing of the image files was cached -- they had all just been written
     assert report["caching"]["cold_resident_max_KiB"] < report["sizes"]["volume_MiB"] * 1024 / 8
+    # the reflink copy of a more fragmented image: more extents (and it was timed)
+    sweep = report["control"]["pool_fs"]["xfs"]["reflink"]
+    assert [x["cow_writes"] for x in sweep] == sorted({x["cow_writes"] for x in sweep})
+    assert sweep[-1]["extents"] > sweep[0]["extents"], sweep
+    assert all(x["create_ms"] > 0 for x in sweep)
     # progress went to stderr, the JSON alone to stdout
     assert "bench [" in res.stderr
+    assert "xfs pool file system:" in res.stderr
     ET.parse(chart)   # well-formed SVG
     assert chart.read_text().startswith("<svg")
-    # everything was cleaned up: no mounts, no work directory left behind
+    # everything was cleaned up: no mounts, no loop devices, no work directory left behind
     assert not _mounts_under(str(tmp_path))
+    assert not workdir.loops_under(str(tmp_path))
     assert os.listdir(work) == []
-    assert elapsed < 120, f"bench --tiny took {elapsed:.0f} s"
+    assert elapsed < 150, f"bench --tiny --pool-fs xfs took {elapsed:.0f} s"
 
 
 def _processes_naming(text: str) -> list[int]:
@@ -210,10 +223,12 @@ def _processes_naming(text: str) -> list[int]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signame,moment", [("SIGINT", "random"), ("SIGTERM", "random"),
                                             ("SIGTERM", "fio"), ("SIGTERM", "restart"),
-                                            ("SIGINT", "twice")])
+                                            ("SIGINT", "twice"), ("SIGTERM", "poolfs")])
 def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: str) -> None:
     """Ctrl-C or SIGTERM at a random moment of a `bench --tiny` run (its first 10 s), while
-    fio runs, just after the kill -9 + restart phase begins, or twice in a row: exit
+    fio runs, just after the kill -9 + restart phase begins, twice in a row, or while the
+    rows run on a pool on a loop-mounted XFS (`--pool-fs xfs`: its daemon, mount, loop
+    device and file system image must go too): exit
     128+N within 15 s with one line saying the work directory was removed, and it is
     true -- nothing left in --dir, no mount or loop device below it, no daemon,
     qemu-storage-daemon or fio. Before: "interrupted; everything was cleaned up" and the
@@ -223,13 +238,16 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: 
     seed = int(os.environ.get("SHADOWPLEX_BENCH_INTERRUPT_SEED") or random.randrange(1 << 32))
     at = random.Random(seed).uniform(0.3, 10.0)   # a --tiny run takes 20-30 s
     sig = signal.Signals[signame]
+    if moment == "poolfs":
+        need_xfs()
     work = Path(tempfile.mkdtemp(prefix="spxb-"))   # short: the control socket's path
     err_path = tmp_path / "bench.err"
     with open(err_path, "w") as err, open(tmp_path / "bench.out", "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json",
-             "--dir", str(work), "--progress"], stdout=out, stderr=err, cwd=REPO,
-            stdin=subprocess.DEVNULL)
+             "--dir", str(work), "--progress"]
+            + (["--pool-fs", "xfs"] if moment == "poolfs" else []),
+            stdout=out, stderr=err, cwd=REPO, stdin=subprocess.DEVNULL)
     what = f"seed {seed}: {signame} at {at:.1f} s" if moment == "random" else moment
     try:
         deadline = time.monotonic() + (at if moment == "random" else 120)
@@ -238,6 +256,8 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: 
                 break   # memory() is done: restart() kills -9 and restarts the daemon
             if moment == "fio" and re.search(r"shadowplex +seq write", err_path.read_text()):
                 break   # fio's next job runs through the mount (MOUNT/volumes/v.img)
+            if moment == "poolfs" and re.search(r"\(xfs pool, direct\)", err_path.read_text()):
+                break   # a row on the XFS pool is done: its daemon serves the next one
             time.sleep(0.02)
         if proc.poll() is not None:
             pytest.fail(f"{what}: bench ended first ({proc.returncode}): "
@@ -473,3 +493,27 @@ def test_evict_and_warm(tmp_path: Path) -> None:
     caches.warm(str(img), 2 << 20)
     assert caches.resident_bytes([str(d)]) >= 2 << 20
     assert caches.resident_bytes([str(other)]) == 0
+
+
+@pytest.mark.kernel
+def test_extent_count(tmp_path: Path) -> None:
+    """FIEMAP counts extents: four 4 KiB blocks with holes between them are four."""
+    from tools.bench import poolfs
+    f = tmp_path / "sparse"
+    with open(f, "wb") as fh:
+        fh.truncate(16 << 20)
+        for i in range(4):
+            fh.seek(i * (1 << 20))
+            fh.write(os.urandom(4096))
+    assert poolfs.extents(str(f)) == 4
+
+
+def test_pool_fs_argument() -> None:
+    from tools.bench.command import _pool_fs
+    assert _pool_fs(None, ()) == ((), [])
+    assert _pool_fs("none", ("xfs",)) == ((), [])
+    assert isinstance(_pool_fs("xfs,zfs", ()), str)
+    got = _pool_fs("XFS, xfs,ext4", ())
+    assert not isinstance(got, str)
+    use, skipped = got
+    assert list(use) + [s["column"].removeprefix("pool_fs_") for s in skipped] == ["xfs", "ext4"]
