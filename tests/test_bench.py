@@ -496,6 +496,27 @@ def test_evict_and_warm(tmp_path: Path) -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_fio_keeps_the_cache_it_is_given(tmp_path: Path) -> None:
+    """A "cached" job starts warm: fio must not drop the file's pages first (its default
+    invalidate=1 did, so "buffered, warm" rows started cold), and a "direct" job finds
+    the file as evicted as the bench left it. 4K random reads for 50 ms touch a small
+    part of the file: had fio dropped the cache, they could not have refilled it."""
+    workload = "rand_read"
+    from tools.bench import caches
+    f = tmp_path / "raw.img"
+    f.write_bytes(os.urandom(8 << 20))
+    caches.settle(str(f), [], evict=True)
+    caches.warm(str(f), 8 << 20)
+    assert caches.resident_bytes([str(f)]) == 8 << 20
+    bench.run_fio(bench.Job(workload, str(f), 8 << 20, 0.05, direct=False), str(tmp_path))
+    assert caches.resident_bytes([str(f)]) == 8 << 20
+    caches.settle(str(f), [], evict=True)
+    bench.run_fio(bench.Job(workload, str(f), 8 << 20, 0.05, time_based=False), str(tmp_path))
+    assert caches.resident_bytes([str(f)]) == 0
+
+
+@pytest.mark.kernel
 def test_extent_count(tmp_path: Path) -> None:
     """FIEMAP counts extents: four 4 KiB blocks with holes between them are four."""
     from tools.bench import poolfs
