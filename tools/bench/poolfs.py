@@ -12,8 +12,9 @@ Per file system, all "direct" (O_DIRECT, cold; caches.py), seq write 1M and 4K r
     reflink     (XFS, btrfs) first writes and re-writes on the raw image right after
                 `cp --reflink=always` of it: the whole-file snapshot the file system gives
 Then, on XFS and btrfs, the reflink copy's creation time (cp --reflink=always + fsync of
-the copy) against the raw image's number of extents: after the fill, then after 4 KiB
-writes made under a reflink copy (each un-shares, i.e. splits, an extent) -- a reflink
+the copy) against the number of extents of an image (a fresh one, filled like the raw
+image): after the fill, then after 4 KiB writes made under a reflink copy (each
+un-shares, i.e. splits, an extent) -- a reflink
 snapshot costs O(extents), ours O(1) (the snapshot.create round trips of the rows are
 reported next to it).
 
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from fuse_mount import loopdev
 
 from . import caches
-from .common import CHUNK, REFLINK_FS, KiB, MiB, _median, _run
+from .common import CHUNK, REFLINK_FS, KiB, MiB, _fill, _median, _run
 from .datapath import make_site
 from .targets import Daemon
 from .workloads import first_write_offsets
@@ -136,23 +137,32 @@ def fragment(raw: str, size: int, n: int, seed: int, scratch: str) -> None:
         os.unlink(copy)
 
 
-def reflink_sweep(raw: str, size: int, runs: int, scratch: str) -> list[dict[str, Any]]:
+def reflink_sweep(scratch: str, size: int, runs: int) -> list[dict[str, Any]]:
     """The reflink copy's creation time (median of `runs`) at three fragmentation levels
-    of `raw`: as filled, after chunks/16 and after chunks/2 4 KiB writes under a copy."""
+    of an image of its own (`size` bytes, filled sequentially -- not the raw image, which
+    the rows have already fragmented): as filled, after chunks/16 and after chunks/2
+    4 KiB writes under a copy."""
+    img = os.path.join(scratch, "sweep.img")
+    with open(img, "wb") as f:
+        f.truncate(size)
+    _fill(img, size)
     chunks = size // CHUNK
     out: list[dict[str, Any]] = []
     done = 0
-    for i, writes in enumerate((0, chunks // 16, chunks // 2)):
-        if writes > done:
-            fragment(raw, size, writes - done, seed=100 + i, scratch=scratch)
-            done = writes
-        copy = os.path.join(scratch, "sweep.reflink")
-        times = []
-        for _ in range(runs):
-            times.append(reflink_copy(raw, copy))
-            os.unlink(copy)
-        out.append({"cow_writes": writes, "extents": extents(raw),
-                    "create_ms": _median(times) * 1000})
+    try:
+        for i, writes in enumerate((0, chunks // 16, chunks // 2)):
+            if writes > done:
+                fragment(img, size, writes - done, seed=100 + i, scratch=scratch)
+                done = writes
+            copy = os.path.join(scratch, "sweep.reflink")
+            times = []
+            for _ in range(runs):
+                times.append(reflink_copy(img, copy))
+                os.unlink(copy)
+            out.append({"cow_writes": writes, "extents": extents(img),
+                        "create_ms": _median(times) * 1000})
+    finally:
+        os.unlink(img)
     return out
 
 
@@ -193,7 +203,7 @@ def run(b: Bench, fs: str) -> None:
                 "fs_image_MiB": size / MiB,
                 "snapshot_create_median_ms": _median(site.snapshot_ms)}
             if fs in REFLINK_FS:
-                out["reflink"] = reflink_sweep(site.raw, b.profile.volume_size, b.runs, root)
+                out["reflink"] = reflink_sweep(root, b.profile.volume_size, b.runs)
                 b.log(f"{fs}: reflink copy " + "; ".join(
                     f"{x['extents']} extents {x['create_ms']:.1f} ms" for x in out["reflink"])
                     + f"; snapshot.create {out['snapshot_create_median_ms']:.1f} ms")
