@@ -23,7 +23,7 @@ from .svg import render_svg
 
 def add_arguments(p: argparse.ArgumentParser, standalone: bool = False) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="small sizes and 0.5 s jobs (under 2 minutes)")
+                   help="small sizes and 0.5 s jobs (about 3 minutes)")
     p.add_argument("--runs", type=int, default=None, metavar="N",
                    help="runs per figure; medians are reported (default 3)")
     p.add_argument("--chart", metavar="FILE.svg", help="write an SVG bar chart")
