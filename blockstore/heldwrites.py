@@ -11,8 +11,10 @@ origin; the origin write itself never fails (invariant 5).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from .core import PoolCore
 from .model import (
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 
 class HeldWrites(PoolCore):
+    if TYPE_CHECKING:   # called from here, defined above (datapath.py)
+        def _overflow(self, v: _Volume, why: str) -> None: ...
+
     def _maybe_writeback(self, v: _Volume) -> None:
         assert self._owned(), "pool lock not held"
         if not v.held.chunks:
@@ -86,7 +91,28 @@ class HeldWrites(PoolCore):
         assert self._owned(), "pool lock not held"
         self._harden(v)
         if v.held.chunks:
-            self._write_out(v, v.held.in_order())
+            self._write_out_or_overflow(v, v.held.in_order())
+
+    def _write_out_or_overflow(self, v: _Volume, held: list[tuple[int, HeldBuffer]]
+                               ) -> None:
+        """_write_out, and if the file system is full: VSS's overflow, then again. A
+        chunk preserved by reference (reflink pools) took no space when it was
+        preserved: its origin write-out is what needs new blocks (the old ones are
+        shared with the slot), so there the full file system shows, not at the
+        preservation as with a copy. Deleting the oldest snapshot of the volume frees
+        its slots (the shared blocks become the origin's alone again) and the write-out
+        is retried -- as long as a differential snapshot of it is left to delete
+        (invariant 5: origin writes never fail because of a snapshot)."""
+        assert self._owned(), "pool lock not held"
+        while True:
+            try:
+                self._write_out(v, held)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not any(
+                        s.kind == DIFFERENTIAL and s.state == COMMITTED for s in v.snaps):
+                    raise
+                self._overflow(v, f"file system full writing held chunks back ({e.strerror})")
 
     def _drain(self, v: _Volume) -> None:
         """_writeback(v) with its syncs WITHOUT the pool lock (call it without the lock):
@@ -305,7 +331,7 @@ class HeldWrites(PoolCore):
                 v.held.lost.append((da.drop_batch(b.sync) + da.drop_unsynced(), b.error))
                 da.forget_failure()   # nothing unsynced is left to pass for durable
             self._resolve_lost(v)
-            self._write_out(v, b.held)
+            self._write_out_or_overflow(v, b.held)
             if v.held.chunks:   # preserved while the batch synced: the next batch's
                 v.held.since = b.cut_at
         finally:
