@@ -101,6 +101,11 @@ class PoolCore:
         self._space: tuple[float, int] = (-math.inf, 0)  # (when, free - reserve) read
         self._space_taken = 0             # diff-area bytes preserved since that reading
         self.last_io = 0.0                # time.monotonic() of the last read or write
+        # how the diff areas preserve chunks: "copy" (read + write) or "reflink" (by
+        # reference, whole chunks of writes of at least clone_min_chunks): Pool.open
+        # probes the pool's file system (a pool moved elsewhere adapts)
+        self.preserve_mode = "copy"
+        self.clone_min_chunks: int | None = None
         self._volumes: dict[str, _Volume] = {}
         self._snaps: dict[str, _Snapshot] = {}
         self._closed = True

@@ -164,17 +164,17 @@ class DataPath(HeldWrites):
         v = self._check_write(name, offset, n)
         if n == 0:
             return 0
-        if v.live_epochs:
-            self._copy_before_write(v, offset // self.chunk_size,
-                                    (offset + n - 1) // self.chunk_size)
+        view = memoryview(data)
+        filled = self._copy_before_write(v, offset, n, view) if v.live_epochs else ()
         if v.held.chunks:
-            view = memoryview(data)
+            cs = self.chunk_size
             for lo, hi, buf, base in self._pieces(v, offset, n):
                 if buf is None:
                     v.file.pwrite(view[lo - offset:hi - offset], lo)
                 else:
-                    buf[lo - base:hi - base] = view[lo - offset:hi - offset]
-                    v.held.mark_dirty(base // self.chunk_size, lo - base, hi - base)
+                    if base // cs not in filled:
+                        buf[lo - base:hi - base] = view[lo - offset:hi - offset]
+                    v.held.mark_dirty(base // cs, lo - base, hi - base)
         else:
             v.file.pwrite(data, offset)
         for s in list(v.mirrors):
@@ -188,15 +188,15 @@ class DataPath(HeldWrites):
         v = self._check_write(name, offset, length)
         if length == 0:
             return
-        if v.live_epochs:
-            self._copy_before_write(v, offset // self.chunk_size,
-                                    (offset + length - 1) // self.chunk_size)
+        filled = self._copy_before_write(v, offset, length) if v.live_epochs else ()
+        cs = self.chunk_size
         for lo, hi, buf, base in self._pieces(v, offset, length):
             if buf is None:
                 v.file.punch(lo, hi - lo)
             else:
-                buf[lo - base:hi - base] = bytes(hi - lo)
-                v.held.mark_dirty(base // self.chunk_size, lo - base, hi - base)
+                if base // cs not in filled:
+                    buf[lo - base:hi - base] = bytes(hi - lo)
+                v.held.mark_dirty(base // cs, lo - base, hi - base)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.punch(offset, length))
         v.mtime = time.time()
@@ -266,31 +266,61 @@ class DataPath(HeldWrites):
                 for plex, err in failed:
                     self._fail_plex(plex, err)
 
-    def _copy_before_write(self, v: _Volume, first: int, last: int) -> None:
-        """Preserve, durably, the old content of chunks first..last that a live
-        differential snapshot still needs (invariant 2), with one sync pair per call."""
+    def _copy_before_write(self, v: _Volume, offset: int, length: int,
+                           data: memoryview | None = None) -> set[int]:
+        """Preserve the old content of the chunks under [offset, offset+length) that a
+        live differential snapshot still needs (invariant 2: durable before the origin
+        is written, which the held writes see to). Chunks the write covers whole are
+        preserved by reference where the pool can (_clones); the rest are read.
+        Returns the chunks whose held buffer already has the new content: a cloned
+        chunk's buffer is made from the write's `data` (zeros for a discard)."""
         assert self._owned(), "pool lock not held"
         da = v.diff
         assert da is not None
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs
         while v.live_epochs:
             need = self._chunks_needing_copy(v, first, last)
             if not need:
-                return
-            items = self._read_chunks(v, need)
-            new_bytes = sum(1 for _, old in items if old != da.zero_chunk) * self.chunk_size
+                return set()
+            clones = self._clones(v, need, offset, length)
+            read = dict(self._read_chunks(v, [c for c in need if c not in clones]))
+            preserve = [(c, read.get(c)) for c in need]   # None: cloned
+            items = [(c, old if old is not None else bytearray(cs) if data is None
+                      else bytearray(data[c * cs - offset:(c + 1) * cs - offset]))
+                     for c, old in preserve]
+            new_bytes = sum(cs for _, old in preserve if old is None or old != da.zero_chunk)
             if new_bytes and self._over_limit(v, new_bytes):
                 self._overflow(v, "diff-area limit reached")
                 continue
             try:
-                da.preserve(items, v.epoch)
+                da.preserve(preserve, v.epoch, v.file)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     self._overflow(v, f"diff area full ({e.strerror})")
                     continue
                 self._invalidate_needing(v, [(c, v.epoch) for c in need], e)
-                return
+                return set()
             v.held.hold(items, time.monotonic())
-            return
+            return clones
+        return set()
+
+    def _clones(self, v: _Volume, need: list[int], offset: int, length: int) -> set[int]:
+        """The chunks of `need` to preserve by reference: whole chunks inside the write
+        (their old content need not be read: nothing of it stays), not held (the file
+        holds their current content), inside the image, and -- on a file system that
+        overwrites in place (xfs) -- only in a run of at least clone_min_chunks, since
+        each clone makes the origin's next write of it allocate new blocks: a stream of
+        small random writes would gain nothing and fragment the origin."""
+        if self.clone_min_chunks is None:
+            return set()
+        cs = self.chunk_size
+        lo = -(-offset // cs)                            # first chunk covered whole
+        hi = min(offset + length, v.size - v.size % cs) // cs   # past the last one
+        if hi - lo < self.clone_min_chunks:
+            return set()
+        held = v.held.chunks
+        return {c for c in need if lo <= c < hi and c not in held}
 
     def _chunks_needing_copy(self, v: _Volume, first: int, last: int) -> list[int]:
         da = v.diff

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from array import array
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -24,11 +24,24 @@ import xxhash
 from .chunkmap import Bitmap, EpochTable, consecutive_runs
 from .errors import CorruptData
 from .fileio import DataFile, Faults, fsync_dir
-from .format import MAP_FLAG_ZERO, MAP_RECORD_SIZE, pack_map_record, unpack_map_record
+from .format import (
+    MAP_FLAG_NOSUM,
+    MAP_FLAG_ZERO,
+    MAP_RECORD_SIZE,
+    SEAL_RECORD_SIZE,
+    pack_map_record,
+    pack_seal_record,
+    unpack_map_record,
+    unpack_seal_record,
+)
 
-FREE, DATA, ZERO = 0, 1, 2
+# slot states. UNSUMMED: data preserved by reference (a clone of the origin's blocks, or
+# an in-kernel copy), whose digest was never in memory: not verified until sealed
+FREE, DATA, ZERO, UNSUMMED = 0, 1, 2, 3
+HAS_DATA = (DATA, UNSUMMED)
 MAP_AHEAD = 64 * 1024   # map-file bytes allocated ahead of use (2048 records)
 _FREE_RECORD = bytes(MAP_RECORD_SIZE)
+_RECORD_FLAGS = {DATA: 0, ZERO: MAP_FLAG_ZERO, UNSUMMED: MAP_FLAG_NOSUM}
 # Drop a batch's slot pages from the page cache once synced: a preserved chunk is read
 # only by snapshot reads, and recycling those pages at once (instead of taking fresh
 # ones) made a sequential copy-before-write stream x1.8 faster here (docs/performance.md)
@@ -51,6 +64,8 @@ class DiffArea:
         self.zero_chunk = bytes(chunk_size)
         self.data_path = os.path.join(directory, f"{file_id}.data")
         self.map_path = os.path.join(directory, f"{file_id}.map")
+        self.sum_path = os.path.join(directory, f"{file_id}.sum")
+        self.sums: DataFile | None = None   # the seal file, opened by the first seal
         exists = os.path.exists(self.map_path)
         self.data = DataFile(self.data_path, "diff", faults,
                              create=not os.path.exists(self.data_path))
@@ -107,8 +122,30 @@ class DiffArea:
                     self.torn_records += 1
                 continue
             flags, epoch, chunk, digest = fields
-            self._set_slot(slot, ZERO if flags & MAP_FLAG_ZERO else DATA, epoch, chunk, digest)
+            state = ZERO if flags & MAP_FLAG_ZERO else \
+                UNSUMMED if flags & MAP_FLAG_NOSUM else DATA
+            self._set_slot(slot, state, epoch, chunk, digest)
+        self._load_seals()
         self._rebuild_tables()
+
+    def _load_seals(self) -> None:
+        """Digests a seal recorded for UNSUMMED slots (diff/<id>.sum). An entry counts
+        only if its check matches the slot's current record (slot, epoch, chunk): a torn
+        entry, or one left from a slot freed since, leaves the slot unsealed, never
+        wrongly verified."""
+        if not os.path.exists(self.sum_path):
+            return
+        self.sums = DataFile(self.sum_path, "map", self.faults)
+        raw = self.sums.pread(self.sums.size(), 0)
+        for slot in range(min(len(self.state), len(raw) // SEAL_RECORD_SIZE)):
+            if self.state[slot] != UNSUMMED:
+                continue
+            digest = unpack_seal_record(raw[slot * SEAL_RECORD_SIZE:
+                                            (slot + 1) * SEAL_RECORD_SIZE],
+                                        slot, self.epoch[slot], self.chunk[slot])
+            if digest is not None:
+                self.state[slot] = DATA
+                self.digest[slot] = digest
 
     def _set_slot(self, slot: int, state: int, epoch: int, chunk: int, digest: int) -> None:
         if slot >= len(self.state):
@@ -121,7 +158,7 @@ class DiffArea:
         self.epoch[slot] = epoch
         self.chunk[slot] = chunk
         self.digest[slot] = digest
-        if state == DATA:
+        if state in HAS_DATA:
             self.data_slots += 1
 
     def _rebuild_tables(self) -> None:
@@ -183,6 +220,8 @@ class DiffArea:
         if st == ZERO:
             return self.zero_chunk
         data = self.data.pread(self.chunk_size, slot * self.chunk_size)
+        if st == UNSUMMED:   # no digest yet (see seal_plan): served as read
+            return data + bytes(self.chunk_size - len(data))
         if len(data) != self.chunk_size or xxhash.xxh3_64_intdigest(data) != self.digest[slot]:
             raise CorruptData(f"diff area {self.data_path} slot {slot} (chunk "
                               f"{self.chunk[slot]}) failed its checksum")
@@ -205,41 +244,51 @@ class DiffArea:
             end += 1
         return slots
 
-    def preserve(self, items: Sequence[tuple[int, bytes | bytearray]], epoch: int) -> None:
-        """Copy the old contents of these chunks into slots and map them to `epoch`.
+    def preserve(self, items: Sequence[tuple[int, bytes | bytearray | None]], epoch: int,
+                 source: DataFile | None = None) -> None:
+        """Preserve the old contents of these chunks in slots mapped to `epoch`.
 
-        items: (chunk index, full-chunk old content). The slot data is written now (one
-        pwritev per run of consecutive slots); the map records wait for harden(), which
-        the caller must run before it overwrites those chunks in the origin. Raises
-        OSError (ENOSPC, EIO) with nothing recorded.
+        items: (chunk index, its full old content) -- written to the slot, with its
+        digest -- or (chunk index, None): the slot gets the chunk's blocks from `source`
+        (the origin file) by reference (FICLONERANGE; the caller made sure the pool's
+        file system shares blocks and the whole chunk lies inside source), and no
+        digest until a seal (state UNSUMMED). Slot data goes out now (one system call
+        per run of consecutive slots); the map records wait for harden(), which the
+        caller must run before it overwrites those chunks in the origin. Raises OSError
+        (ENOSPC, EIO) with nothing recorded.
         """
         cs = self.chunk_size
         zero_chunk = self.zero_chunk
         digest = xxhash.xxh3_64_intdigest
         batch = []
-        run: list[bytes | bytearray] = []
-        run_slot = 0
+        copies: list[tuple[int, bytes | bytearray]] = []
+        clones: list[tuple[int, int]] = []
         slots = self._alloc_slots(len(items))
         if slots:
             self._reserve_map(slots[-1] + 1)
         for slot, (chunk, old) in zip(slots, items, strict=True):
-            zero = old == zero_chunk
-            if not zero:
-                if run and slot != run_slot + len(run):
-                    self.data.pwritev(run, run_slot * cs)  # type: ignore[arg-type]
-                    run = []
-                if not run:
-                    run_slot = slot
-                run.append(old)
-            batch.append((slot, chunk, zero, 0 if zero else digest(old)))
-        if run:
-            self.data.pwritev(run, run_slot * cs)  # type: ignore[arg-type]
+            if old is None:
+                clones.append((slot, chunk))
+                batch.append((slot, chunk, UNSUMMED, 0))
+            elif old == zero_chunk:
+                batch.append((slot, chunk, ZERO, 0))
+            else:
+                copies.append((slot, old))
+                batch.append((slot, chunk, DATA, digest(old)))
+        for i, j in consecutive_runs([slot for slot, _ in copies]):
+            self.data.pwritev([old for _, old in copies[i:j]],  # type: ignore[misc]
+                              copies[i][0] * cs)
+        if clones:
+            assert source is not None, "a clone needs its source"
+            for i, j in _clone_runs(clones):
+                self.data.clone_from(source, clones[i][1] * cs, clones[i][0] * cs,
+                                     (j - i) * cs)
         table = self.tables.get(epoch)
         if table is None:
             table = self.tables[epoch] = EpochTable()
             self.epochs = sorted(self.tables)
-        for slot, chunk, zero, sum64 in batch:
-            self._set_slot(slot, ZERO if zero else DATA, epoch, chunk, sum64)
+        for slot, chunk, state, sum64 in batch:
+            self._set_slot(slot, state, epoch, chunk, sum64)
             table.add(chunk, slot)
             self.any_entry.set(chunk)
             if epoch == self.origin_epoch:
@@ -273,7 +322,7 @@ class DiffArea:
             # one pwrite per run of consecutive slots (a record per system call was 14 %
             # of a 4 KiB first-write workload)
             runs.append((slots[i] * MAP_RECORD_SIZE, b"".join(
-                pack_map_record(MAP_FLAG_ZERO if self.state[s] == ZERO else 0,
+                pack_map_record(_RECORD_FLAGS[self.state[s]],
                                 self.epoch[s], self.chunk[s], self.digest[s])
                 for s in slots[i:j])))
         return SyncBatch(slots, runs)
@@ -322,7 +371,7 @@ class DiffArea:
     def _drop(self, slots: list[int]) -> list[tuple[int, int]]:
         lost = [(self.chunk[s], self.epoch[s]) for s in slots]
         for s in slots:
-            if self.state[s] == DATA:
+            if self.state[s] in HAS_DATA:
                 self.data_slots -= 1
             self.state[s] = FREE
         self.free_hint = 0
@@ -403,7 +452,7 @@ class DiffArea:
         """Punch the doomed slots' data and free them in memory. (Pool lock held.)"""
         self.reclaiming.difference_update(doomed)
         for s in doomed:
-            if self.state[s] == DATA:
+            if self.state[s] in HAS_DATA:
                 self.data.punch(s * self.chunk_size, self.chunk_size)
                 self.data_slots -= 1
             self.state[s] = FREE
@@ -425,6 +474,44 @@ class DiffArea:
             # no sync: the records past `last` are durably free already (gc_clear), so
             # a crash that undoes the truncation leaves free records, as before it
 
+    # -- sealing slots preserved by reference ---------------------------------------------
+    def seal_plan(self, busy: set[int] | frozenset[int] = frozenset()
+                  ) -> list[tuple[int, int, int]]:
+        """(slot, epoch, chunk) of every UNSUMMED slot whose record is durable (not
+        unsynced, not `busy` in a batch being synced, not being reclaimed): what a seal
+        may read and record now. Opens (creates) the seal file. (Pool lock held.)"""
+        plan = [(s, self.epoch[s], self.chunk[s]) for s, st in enumerate(self.state)
+                if st == UNSUMMED and s not in busy and s not in self.reclaiming]
+        unsynced = set(self.unsynced)
+        plan = [p for p in plan if p[0] not in unsynced]
+        if plan and self.sums is None:
+            new = not os.path.exists(self.sum_path)
+            self.sums = DataFile(self.sum_path, "map", self.faults, create=new)
+            if new:
+                fsync_dir(os.path.dirname(self.sum_path))
+        return plan
+
+    def seal_write(self, sealed: list[tuple[int, int, int, int]]) -> None:
+        """Record (slot, epoch, chunk, digest) seals durably. Touches only the seal file:
+        runs without the pool lock. (A seal lost by a crash is simply done again.)"""
+        assert self.sums is not None
+        for slot, epoch, chunk, digest in sealed:
+            self.sums.pwrite(pack_seal_record(slot, epoch, chunk, digest),
+                             slot * SEAL_RECORD_SIZE)
+        self.sums.sync()
+
+    def seal_finish(self, sealed: list[tuple[int, int, int, int]]) -> None:
+        """The recorded digests apply from now on, to the slots still holding the entry
+        they were computed for. (Pool lock held.)"""
+        for slot, epoch, chunk, digest in sealed:
+            if (slot < len(self.state) and self.state[slot] == UNSUMMED
+                    and self.epoch[slot] == epoch and self.chunk[slot] == chunk):
+                self.state[slot] = DATA
+                self.digest[slot] = digest
+
+    def unsummed(self) -> int:
+        return self.state.count(UNSUMMED)
+
     def forget_failure(self) -> None:
         """A failed sync of the data or map file is accounted for: every entry whose
         data or record it may have lost was dropped (drop_batch, drop_unsynced)."""
@@ -437,5 +524,17 @@ class DiffArea:
     def close(self) -> None:
         self.data.close()
         self.map.close()
+        if self.sums is not None:
+            self.sums.close()
         self.any_entry.close()
         self.cowed_latest.close()
+
+
+def _clone_runs(clones: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """[i, j) ranges of (slot, chunk) pairs where both go up by one: one clone each."""
+    i = 0
+    for j in range(1, len(clones) + 1):
+        if j == len(clones) or clones[j][0] != clones[j - 1][0] + 1 \
+                or clones[j][1] != clones[j - 1][1] + 1:
+            yield i, j
+            i = j

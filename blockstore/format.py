@@ -46,7 +46,17 @@ MAP_MAGIC = b"SPXM"
 MAP_STRUCT = struct.Struct("<4sHHIQQ")
 MAP_RECORD_SIZE = 32
 MAP_FLAG_ZERO = 0x1   # the preserved chunk was all zeros: no data stored in the slot
+MAP_FLAG_NOSUM = 0x2  # preserved by reference (reflink): no digest yet (see seal records)
 MAP_VERSION = 1
+
+# Seal record of diff/<id>.sum: one per slot, at offset slot * SEAL_RECORD_SIZE, the
+# digest a seal computed for a slot preserved without one (MAP_FLAG_NOSUM):
+#   xxh3 of the slot data u64 | check u64 = xxh3_64 of (slot, epoch, chunk, digest)
+# The check binds the digest to the record it was computed for: a torn entry or one
+# left over from a slot freed and reused since does not match, and the slot is simply
+# not sealed.
+SEAL_RECORD_SIZE = 16
+_SEAL_BODY = struct.Struct("<QIQQ")
 
 
 def pack_map_record(flags: int, epoch: int, chunk: int, digest: int) -> bytes:
@@ -63,6 +73,21 @@ def unpack_map_record(rec: bytes) -> tuple[int, int, int, int] | None:
         return None
     _magic, flags, _version, epoch, chunk, digest = MAP_STRUCT.unpack(body)
     return flags, epoch, chunk, digest
+
+
+def pack_seal_record(slot: int, epoch: int, chunk: int, digest: int) -> bytes:
+    check = xxhash.xxh3_64_intdigest(_SEAL_BODY.pack(slot, epoch, chunk, digest))
+    return struct.pack("<QQ", digest, check)
+
+
+def unpack_seal_record(rec: bytes, slot: int, epoch: int, chunk: int) -> int | None:
+    """The digest of a seal record made for this (slot, epoch, chunk), else None."""
+    if len(rec) < SEAL_RECORD_SIZE:
+        return None
+    digest, check = struct.unpack_from("<QQ", rec)
+    if check != xxhash.xxh3_64_intdigest(_SEAL_BODY.pack(slot, epoch, chunk, digest)):
+        return None
+    return int(digest)
 
 
 def check_chunk_size(chunk_size: object) -> int:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from . import format as fmt
-from .diffarea import DATA
+from .diffarea import DATA, UNSUMMED
 from .errors import Busy, NotFound, SnapshotInvalid, StoreError, Unsupported
 from .fileio import DataFile, fsync_dir
 from .model import COMMITTED, DIFFERENTIAL, PREPARING
@@ -188,7 +188,7 @@ def _check_volume(pool: Pool, v: _Volume, plan: _Plan) -> list[str]:
                 out += _plan_sums(pool, s, what, plan)
     if v.diff is not None:
         da = v.diff
-        slots = []
+        slots: list[tuple[int, int | None]] = []
         for slot, st in enumerate(da.state):
             if not st:
                 continue
@@ -197,6 +197,8 @@ def _check_volume(pool: Pool, v: _Volume, plan: _Plan) -> list[str]:
                            f"outside 1..{v.epoch}")
             if st == DATA:
                 slots.append((slot, da.digest[slot]))
+            elif st == UNSUMMED:   # no digest yet (not sealed): only read
+                slots.append((slot, None))
         plan.pin(da.data)
         plan.jobs.append((lambda tick: _verify_slots(pool, v, da, slots, tick), len(slots)))
     return out
@@ -241,20 +243,28 @@ def _plan_sums(pool: Pool, s: _Snapshot, what: str, plan: _Plan) -> list[str]:
     return []
 
 
-def _verify_slots(pool: Pool, v: _Volume, da: DiffArea, slots: list[tuple[int, int]],
+def _verify_slots(pool: Pool, v: _Volume, da: DiffArea,
+                  slots: list[tuple[int, int | None]],
                   tick: Callable[[int], None]) -> list[str]:
-    """Read every planned diff slot outside the lock and compare it with its digest. A
-    mismatch is verified again under the lock, where a slot freed (gc) or reused since
-    the plan is skipped: only a slot that still holds the planned entry is reported."""
+    """Read every planned diff slot outside the lock and compare it with its digest
+    (None: not sealed yet, only read). A mismatch is verified again under the lock,
+    where a slot freed (gc) or reused since the plan is skipped: only a slot that still
+    holds the planned entry is reported."""
     cs = da.chunk_size
     out = []
     for slot, digest in slots:
         try:
             data = da.data.pread(cs, slot * cs)
-            good = len(data) == cs and xxhash.xxh3_64_intdigest(data) == digest
+            good = len(data) == cs and (digest is None
+                                        or xxhash.xxh3_64_intdigest(data) == digest)
         except OSError:
             good = False
-        if not good:
+        if not good and digest is None:
+            with pool._lock:   # unsealed: only a read error can be found
+                if v.diff is da and slot < len(da.state) and da.state[slot] == UNSUMMED:
+                    out.append(f"volume {v.name}: diff area slot {slot} (chunk "
+                               f"{da.chunk[slot]}) cannot be read in full")
+        elif not good:
             with pool._lock:
                 if (v.diff is da and slot < len(da.state) and da.state[slot] == DATA
                         and da.digest[slot] == digest):
@@ -266,6 +276,53 @@ def _verify_slots(pool: Pool, v: _Volume, da: DiffArea, slots: list[tuple[int, i
     return out
 
 
+# -- sealing slots preserved by reference ------------------------------------------------------
+def seal_preserved(pool: Pool, limit: int | None = None,
+                   tick: Callable[[int], None] = lambda _n: None) -> int:
+    """Compute and record the digest of slots preserved by reference (UNSUMMED: cloned,
+    never in memory), so that reads and check() verify them from now on. At most `limit`
+    slots (None: all). Returns how many were sealed. The reads and the seal file's sync
+    run without the pool lock; a slot freed or reused meanwhile is left alone
+    (DiffArea.seal_finish). A digest records what the slot holds when sealed: rot
+    before that is not detected (as for a plex before its seal)."""
+    done = 0
+    with pool._lock:
+        names = [v.name for v in pool._volumes.values()
+                 if v.diff is not None and v.diff.unsummed()]
+    for name in names:
+        if limit is not None and done >= limit:
+            break
+        with pool._lock:
+            v = pool._volumes.get(name)
+            da = v.diff if v is not None else None
+            if v is None or da is None:
+                continue
+            b = v.held.batch
+            busy = set(b.sync.slots) if b is not None and b.sync is not None else set()
+            plan = da.seal_plan(busy)
+            if limit is not None:
+                plan = plan[:limit - done]
+            if not plan:
+                continue
+            pinned = pool._pin([da.data, da.sums])
+        cs = da.chunk_size
+        sealed = []
+        try:
+            for slot, epoch, chunk in plan:
+                data = da.data.pread(cs, slot * cs)
+                if len(data) == cs:   # (a short slot stays unsealed: check reads it)
+                    sealed.append((slot, epoch, chunk, xxhash.xxh3_64_intdigest(data)))
+                tick(1)
+            da.seal_write(sealed)
+        finally:
+            pool._unpin(pinned)
+        with pool._lock:
+            if v.diff is da:
+                da.seal_finish(sealed)
+        done += len(sealed)
+    return done
+
+
 # -- scrub ------------------------------------------------------------------------------------
 def scrub(pool: Pool, progress: Progress = None) -> list[str]:
     """check() plus a read of every byte of every LUN; seals unsealed full copies. LUNs
@@ -274,6 +331,7 @@ def scrub(pool: Pool, progress: Progress = None) -> list[str]:
         keys = [v.name for v in pool._volumes.values()] + [
             s.snap_id for s in pool._snaps.values() if s.state == COMMITTED]
         total = sum(pool._lun(k).size for k in keys)
+    seal_preserved(pool)   # first: check() then verifies the slots cloned so far too
     problems = check(pool, (lambda _d, _t: progress(0, total)) if progress else None)
     tick = _ticker(progress, total)   # (bytes: every READ_PIECE step reports)
     for key in keys:

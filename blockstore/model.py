@@ -27,6 +27,12 @@ WRITEBACK_BYTES = 32 << 20
 WRITEBACK_AGE = 0.1
 SPACE_RECHECK = 0.5              # seconds a free-space reading is trusted (default limit)...
 SPACE_MARGIN = 64 << 20          # ...unless less than this much room is left
+# Preserve by reference (reflink) only writes covering at least this many bytes of whole
+# chunks, on a file system that overwrites in place (xfs): a clone makes the origin's
+# next write of the chunk allocate new blocks, so random 64 KiB writes would fragment the
+# origin for nothing (measured: 3,221 extents instead of 1, no gain; issue 14). btrfs
+# allocates on every overwrite anyway: there every whole chunk is cloned.
+CLONE_MIN_RUN = 256 << 10
 META_RESERVE = 1 << 20           # POOL/reserve: room kept for metadata on a full fs
 
 

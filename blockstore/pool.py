@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from dataclasses import replace
 
 from . import format as fmt
 from . import integrity
@@ -25,9 +26,17 @@ from .errors import (
     NotFound,
     PoolLocked,
 )
-from .fileio import DataFile, Faults
+from .fileio import (
+    BTRFS_MAGIC,
+    DataFile,
+    Faults,
+    fs_type,
+    keep_freed_memory,
+    reflink_probe,
+)
 from .longops import LongOps
 from .model import (
+    CLONE_MIN_RUN,
     FULL,
     INVALID,
     MAX_SNAPSHOTS_PER_VOLUME,
@@ -83,6 +92,8 @@ class Pool(LongOps):
         pool.chunk_size = meta["chunk_size"]
         pool.pool_id = meta["pool_id"]
         pool._take_lock()
+        pool._probe_preserve_mode()
+        keep_freed_memory()
         try:
             pool.catalog = Catalog(os.path.join(pool.path, "catalog.sqlite"))
             pool._closed = False
@@ -92,6 +103,19 @@ class Pool(LongOps):
             pool._release_files()
             raise
         return pool
+
+    def _probe_preserve_mode(self) -> None:
+        """Reflink preservation iff the images' file system shares blocks between luns/
+        and diff/ at this chunk size (probed at every open: a pool copied to another
+        file system keeps working, by copying)."""
+        luns, diff = os.path.join(self.path, "luns"), os.path.join(self.path, "diff")
+        if os.environ.get("SHADOWPLEX_PRESERVE") == "copy" or not reflink_probe(
+                luns, diff, self.chunk_size):
+            return
+        self.preserve_mode = "reflink"
+        self.clone_min_chunks = 1 if fs_type(diff) == BTRFS_MAGIC else \
+            max(1, CLONE_MIN_RUN // self.chunk_size)
+        self.capabilities = replace(Pool.capabilities, reflink=True)
 
     def _take_lock(self) -> None:
         fn = os.path.join(self.path, "lock")
@@ -257,6 +281,11 @@ class Pool(LongOps):
     def seal(self, snap_id: str, progress: Progress = None) -> None:
         """Record an xxh3 per chunk of a full copy (plex or promoted): luns/<id>.sum."""
         integrity.seal(self, snap_id, progress)
+
+    def seal_preserved(self, limit: int | None = None) -> int:
+        """Digest slots preserved by reference (see integrity.seal_preserved): the
+        daemon's idle sealer and scrub call it. Returns how many were sealed."""
+        return integrity.seal_preserved(self, limit)
 
     def check(self, progress: Progress = None) -> list[str]:
         """Verify catalog, headers, images, maps and every checksum. [] means clean."""

@@ -195,7 +195,8 @@ class Volumes(DataPath):
             v.diff.close()
         for p in (self._img(v.id), self._hdr(v.id),
                   os.path.join(self.path, "diff", f"{v.id}.data"),
-                  os.path.join(self.path, "diff", f"{v.id}.map")):
+                  os.path.join(self.path, "diff", f"{v.id}.map"),
+                  os.path.join(self.path, "diff", f"{v.id}.sum")):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         self._changed()

@@ -48,6 +48,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -187,6 +188,28 @@ async def writeback_timer(pool: Pool) -> None:
         pool.background_writeback = False   # the data path bounds the age again
 
 
+SEAL_IDLE = 2.0      # s without I/O before the sealer reads preserved chunks
+SEAL_STEP = 256      # slots per sealing step (16 MiB at 64 KiB chunks)
+
+
+async def seal_timer(pool: Pool) -> None:
+    """Chunks preserved by reference (reflink pools) carry no digest until sealed; this
+    task seals them while the pool is idle (no read or write for SEAL_IDLE s), a step of
+    SEAL_STEP slots at a time in a worker thread, so that reads verify them soon after
+    a backup window instead of only at the next scrub (docs/format.md)."""
+    while True:
+        await trio.sleep(SEAL_IDLE)
+        if time.monotonic() - pool.last_io < SEAL_IDLE:
+            continue
+        try:
+            while await trio.to_thread.run_sync(pool.seal_preserved, SEAL_STEP) \
+                    and time.monotonic() - pool.last_io >= SEAL_IDLE:
+                pass
+        except Exception:   # a failing seal must not stop the daemon
+            log.exception("sealing preserved chunks failed; retrying later")
+            await trio.sleep(10 * SEAL_IDLE)
+
+
 async def _serve_async(
     pool: Pool,
     mountpoint: str,
@@ -251,6 +274,8 @@ async def _serve_async(
             await nursery.start(mount_task)
             nursery.start_soon(stop_on_signals, sigs)
             nursery.start_soon(writeback_timer, pool)
+            if pool.preserve_mode == "reflink":
+                nursery.start_soon(seal_timer, pool)
             # ---------------------------------------------------------------------------
             # Other services (control socket, coordinator, background jobs) start HERE, on
             # the same trio loop, after the mount exists. Each gets (pool, barrier, nursery,
