@@ -619,6 +619,7 @@ class Coordinator:
             "pool": self.pool.path, "pool_id": self.pool.pool_id,
             "mount": self.mountpoint, "chunk_size": self.pool.chunk_size,
             "capabilities": asdict(self.pool.capabilities),
+            "preserve": "reflink" if self.pool.capabilities.reflink else "copy",
             "space_total": total, "space_free": free,
             # what snapshots may take (free minus the store's reserve): a diff area that
             # grows past it deletes its origin's oldest snapshot (VSS's overflow)

@@ -13,6 +13,7 @@ import xxhash
 from poolfs import on_filesystems
 
 from blockstore import Faults, Pool, errors
+from blockstore import format as fmt
 from blockstore.format import FORMAT_VERSION
 
 CS = 4096
@@ -951,3 +952,19 @@ def test_interrupted_revert_to_a_lost_snapshot_is_dropped(pool_tmp, caplog):
     assert pool.read(b, 0, 4 * CS) == B_HEAD
     pool.delete_snapshot(a)
     pool.close()
+
+
+def test_seal_records_bind_their_digest_to_one_map_record():
+    """A seal record (diff/<id>.sum) applies only to the (slot, epoch, chunk) it was
+    computed for: a torn one, or one left by a slot freed and reused, seals nothing."""
+    rec = fmt.pack_seal_record(7, 3, 1234, 0xDEADBEEF)
+    assert len(rec) == fmt.SEAL_RECORD_SIZE
+    assert fmt.unpack_seal_record(rec, 7, 3, 1234) == 0xDEADBEEF
+    assert fmt.unpack_seal_record(rec, 8, 3, 1234) is None      # another slot
+    assert fmt.unpack_seal_record(rec, 7, 4, 1234) is None      # the slot reused later
+    assert fmt.unpack_seal_record(rec, 7, 3, 1235) is None      # for another chunk
+    torn = rec[:8] + bytes(8)
+    assert fmt.unpack_seal_record(torn, 7, 3, 1234) is None
+    assert fmt.unpack_seal_record(bytes(16), 0, 0, 0) is None   # never written
+    flipped = bytes([rec[0] ^ 1]) + rec[1:]
+    assert fmt.unpack_seal_record(flipped, 7, 3, 1234) is None

@@ -37,6 +37,8 @@ from support import ENV, ROOT, mkfs_ext4, one_line_error, spx
 from support import mounted as _mounted
 from support import run_cmd as _run
 
+from blockstore.fileio import reflink_probe
+
 pytestmark = pytest.mark.kernel
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 NAA = re.compile(r"[0-9a-f]{32}")
@@ -88,6 +90,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     info = json.loads(res.stdout)
     assert info["path"] == pool and info["chunk_size"] == 16384
     assert NAA.fullmatch(info["pool_id"])
+    # what it says of the preserve mode is what its file system can do
+    shares = reflink_probe(os.path.join(pool, "luns"), os.path.join(pool, "diff"), 16384)
+    assert info["preserve"] == ("reflink" if shares else "copy")
     sockdir = tempfile.mkdtemp(prefix="spx-cli-")   # short: sun_path is 108 bytes
     sock = os.path.join(sockdir, "run", "ctl.sock")   # run/ does not exist yet
     conf = base / "serve.toml"
@@ -126,6 +131,8 @@ def test_status_reflects_the_config_file(daemon: Daemon) -> None:
     # pool and mount came from the TOML file, relative to its directory
     assert st["pool"] == d.pool and st["mount"] == d.mount
     assert st["chunk_size"] == 16384
+    assert st["preserve"] in ("copy", "reflink")
+    assert st["capabilities"]["reflink"] == (st["preserve"] == "reflink")
     assert st["writers"] == ["fsfreeze"]             # hooks_dir = "": no hook writer
     assert isinstance(st["volumes"], int) and isinstance(st["snapshots"], int)
     assert st["capabilities"]["plex"] is True and st["capabilities"]["reflink"] is False

@@ -147,7 +147,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_pool_init(args: argparse.Namespace) -> int:
     from blockstore import Pool, parse_size
     pool = Pool.create(args.dir, chunk_size=parse_size(args.chunk_size))
-    info = {"path": pool.path, "pool_id": pool.pool_id, "chunk_size": pool.chunk_size}
+    info = {"path": pool.path, "pool_id": pool.pool_id, "chunk_size": pool.chunk_size,
+            # how snapshots preserve overwritten chunks: by reference on xfs (reflink=1)
+            # and btrfs, else by copying (docs/format.md)
+            "preserve": pool.preserve_mode}
     pool.close()
     _emit(args, info)
     return EXIT_OK
