@@ -416,16 +416,19 @@ def pool_fs(request: pytest.FixtureRequest,
     """Where the pools of a test parametrized with tests/poolfs.on_filesystems live:
     None for "tmp" (the suite's usual place), else the mount point of a fresh filesystem
     of that type on a loop device, shared by the module's tests of that parameter and
-    unmounted and detached after them (also after a failure or Ctrl-C)."""
+    unmounted and detached after them (also after a failure or Ctrl-C). Meanwhile pools
+    on XFS preserve every whole chunk by reference, as on btrfs (poolfs.CLONE_EVERY_CHUNK)."""
     fstype = getattr(request, "param", "tmp")
     if fstype == "tmp":
         yield None
         return
     # here, not at the top: this conftest also runs copied into pytester sessions
     # (test_leak_guard.py) where the tests' helper modules are not importable
-    from poolfs import loop_filesystem, missing_tools
+    from poolfs import CLONE_EVERY_CHUNK, loop_filesystem, missing_tools
     require_kernel(missing_tools(fstype))
-    with loop_filesystem(fstype, tmp_path_factory.mktemp(f"fs-{fstype}")) as mnt:
+    with loop_filesystem(fstype, tmp_path_factory.mktemp(f"fs-{fstype}")) as mnt, \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(*CLONE_EVERY_CHUNK)
         yield mnt
 
 

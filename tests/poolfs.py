@@ -9,6 +9,12 @@ other value is a fresh filesystem of that type on a loop device, made once per m
 unmounted and detached at its end, also after a failure or Ctrl-C. ``pool_tmp`` is the
 tmp_path of such a test: a fresh directory on that filesystem (or tmp_path itself).
 
+On XFS the engine clones only writes covering at least CLONE_MIN_RUN (256 KiB) of whole
+chunks, a performance policy (small clones fragment the origin). The suites' volumes are
+smaller than that (16-32 chunks of 4 KiB), so on XFS they would test the copy path only:
+while pool_fs is on a loop filesystem, CLONE_EVERY_CHUNK lowers it to one chunk, as btrfs
+has it. The policy itself is tested with its real value (test_reflink.py).
+
 The loop devices' backing files are sparse and live on /dev/shm when it has room: the
 filesystem code under test is the real one, only its syncs reach RAM instead of a disk
 (the power-cut emulation needs no real syncs, and a disk would make every fdatasync of
@@ -18,10 +24,13 @@ these suites a device flush).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,6 +42,8 @@ MiB = 1 << 20
 # diff-area limit keeps 10 % of the filesystem free; the suites' pools are a few MiB each.
 SIZE = 512 * MiB
 SHM = "/dev/shm"
+# (target, value) for MonkeyPatch.setattr: Pool.open then sets clone_min_chunks to 1
+CLONE_EVERY_CHUNK = ("blockstore.pool.CLONE_MIN_RUN", 1)
 
 
 def fs_param(fstype: str) -> object:
@@ -80,3 +91,56 @@ def loop_filesystem(fstype: str, parent: Path) -> Iterator[Path]:
             yield mnt
     finally:
         os.unlink(image)   # a loop device still busy keeps it until it goes
+
+
+# -- FIEMAP: which blocks back a file (linux/fiemap.h) ----------------------------------------
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 0x1               # write dirty pages back first: no delalloc extents
+FIEMAP_EXTENT_SHARED = 0x2000        # the blocks are shared with another file (reflink)
+_FIEMAP_HEAD = struct.Struct("=QQIIII")        # start, length, flags, mapped, count, -
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")   # logical, physical, length, -, -, flags, -
+_FIEMAP_LAST = 0x1
+
+
+@dataclass(frozen=True)
+class Extent:
+    logical: int
+    physical: int
+    length: int
+    flags: int
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.flags & FIEMAP_EXTENT_SHARED)
+
+
+def extents(path: str | Path, start: int = 0, length: int = 1 << 62) -> list[Extent]:
+    """The extents backing [start, start+length) of a file (FS_IOC_FIEMAP, synced)."""
+    out: list[Extent] = []
+    batch = 256
+    with open(path, "rb") as f:
+        while True:
+            buf = bytearray(_FIEMAP_HEAD.size + batch * _FIEMAP_EXTENT.size)
+            _FIEMAP_HEAD.pack_into(buf, 0, start, length, FIEMAP_FLAG_SYNC, 0, batch, 0)
+            fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, buf)
+            mapped = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
+            for i in range(mapped):
+                lg, ph, ln, _, _, fl, _, _, _ = _FIEMAP_EXTENT.unpack_from(
+                    buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)
+                out.append(Extent(lg, ph, ln, fl))
+            if mapped < batch or out[-1].flags & _FIEMAP_LAST:
+                return out
+            end = out[-1].logical + out[-1].length
+            length -= end - start
+            start = end
+
+
+def physical(path: str | Path, offset: int, length: int) -> list[tuple[int, int]]:
+    """Where the bytes [offset, offset+length) of a file are on the device: (physical
+    address, length) runs, in file order (a hole is left out)."""
+    runs = []
+    for e in extents(path, offset, length):
+        lo, hi = max(offset, e.logical), min(offset + length, e.logical + e.length)
+        if lo < hi:
+            runs.append((e.physical + lo - e.logical, hi - lo))
+    return runs

@@ -34,8 +34,11 @@ TestEngineModel = EngineModel.TestCase
 
 @on_filesystems("xfs", "btrfs", tmp=False)
 def test_engine_model_on_loop_filesystems(pool_fs):
-    run_state_machine_as_test(lambda: EngineModel(str(pool_fs)),
-                              settings=_settings("SHADOWPLEX_MODEL_FS_EXAMPLES", 20))
+    def machine() -> EngineModel:
+        m = EngineModel(str(pool_fs))
+        assert m.pool.preserve_mode == "reflink"   # whole chunks are cloned here
+        return m
+    run_state_machine_as_test(machine, settings=_settings("SHADOWPLEX_MODEL_FS_EXAMPLES", 20))
 
 
 def test_every_fault_point_is_in_the_model():

@@ -52,9 +52,15 @@ def test_pool_tmp_is_on_a_fresh_filesystem_of_its_type(pool_fs, pool_tmp, reques
     else:
         _clone(pool_tmp / "a", pool_tmp / "b")
         assert (pool_tmp / "b").read_bytes() == b"x" * 65536
-    pool = Pool.create(str(pool_tmp / "p"))
+    # the engine's probe agrees, and (CLONE_EVERY_CHUNK) clones a single whole chunk
+    pool = Pool.create(str(pool_tmp / "p"), chunk_size=4096)
+    assert pool.preserve_mode == ("copy" if fstype == "ext4" else "reflink")
     pool.create_volume("v", 1 << 20)
+    s = pool.prepare_snapshot("v", "differential")
+    pool.commit_snapshots([s.id])
     pool.write("v", 0, b"y" * 4096)
+    da = pool._volumes["v"].diff
+    assert da is not None and da.unsummed() == (0 if fstype == "ext4" else 1)
     pool.close()
     pool = Pool.open(str(pool_tmp / "p"))
     assert pool.read("v", 0, 4096) == b"y" * 4096

@@ -157,6 +157,9 @@ class Template:
         self.base = base
         m = PowerModel(base)
         build(m)
+        self.preserve_mode = m.pool.preserve_mode
+        da = m.pool._volumes["v"].diff
+        self.unsummed = 0 if da is None else da.unsummed()   # slots preserved by reference
         m.pool.close()
         self.model = m
 
@@ -371,6 +374,9 @@ def sweep(templates: list[Template], seqs: list[str], mode: str, seed: int,
 def templates(pool_fs):
     base = pool_fs and str(pool_fs)
     tpls = [Template("fresh", _fresh, base), Template("snapped", _snapped, base)]
+    if pool_fs is not None:   # on XFS/btrfs the sweeps start from cloned slots, and clone
+        assert [(t.preserve_mode, t.unsummed) for t in tpls] == [("reflink", 0),
+                                                                 ("reflink", 3)]
     yield tpls
     for t in tpls:
         t.close()
