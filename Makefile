@@ -23,7 +23,8 @@ PYFUSE3_DEPS  := $(PYFUSE3_BUILD) fuse_mount/patches/pyfuse3-3.5.0-fallocate.pat
                  fuse_mount/patches/pyfuse3-build-constraints.txt
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs btrfs-progs fio \
-                qemu-system-common qemu-utils sqlite3 gcc python3-dev python3-venv patch
+                qemu-system-common qemu-utils sqlite3 gcc python3-dev python3-venv patch \
+                libnbd-bin nbdkit iproute2
 
 export DEBIAN_FRONTEND := noninteractive
 

@@ -29,6 +29,7 @@ from .model import (
     PREPARING,
     SPACE_MARGIN,
     SPACE_RECHECK,
+    HeldBuffer,
     _Snapshot,
     _Volume,
 )
@@ -173,7 +174,8 @@ class DataPath(HeldWrites):
                     v.file.pwrite(view[lo - offset:hi - offset], lo)
                 else:
                     if base // cs not in filled:
-                        buf[lo - base:hi - base] = view[lo - offset:hi - offset]
+                        v.held.writable(base // cs)[lo - base:hi - base] = \
+                            view[lo - offset:hi - offset]
                     v.held.mark_dirty(base // cs, lo - base, hi - base)
         else:
             v.file.pwrite(data, offset)
@@ -195,7 +197,7 @@ class DataPath(HeldWrites):
                 v.file.punch(lo, hi - lo)
             else:
                 if base // cs not in filled:
-                    buf[lo - base:hi - base] = bytes(hi - lo)
+                    v.held.writable(base // cs)[lo - base:hi - base] = bytes(hi - lo)
                 v.held.mark_dirty(base // cs, lo - base, hi - base)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.punch(offset, length))
@@ -203,7 +205,7 @@ class DataPath(HeldWrites):
         self._maybe_writeback(v)
 
     def _pieces(self, v: _Volume, offset: int, length: int
-                ) -> Iterator[tuple[int, int, bytearray | None, int]]:
+                ) -> Iterator[tuple[int, int, HeldBuffer | None, int]]:
         """Split [offset, offset+length) into (lo, hi, held buffer or None, chunk start):
         runs of chunks with no held buffer come out merged."""
         cs, end = self.chunk_size, offset + length
@@ -286,8 +288,7 @@ class DataPath(HeldWrites):
             clones = self._clones(v, need, offset, length)
             read = dict(self._read_chunks(v, [c for c in need if c not in clones]))
             preserve = [(c, read.get(c)) for c in need]   # None: cloned
-            items = [(c, old if old is not None else bytearray(cs) if data is None
-                      else bytearray(data[c * cs - offset:(c + 1) * cs - offset]))
+            items = [(c, old if old is not None else self._new_content(c, offset, data))
                      for c, old in preserve]
             new_bytes = sum(cs for _, old in preserve if old is None or old != da.zero_chunk)
             if new_bytes and self._over_limit(v, new_bytes):
@@ -304,6 +305,16 @@ class DataPath(HeldWrites):
             v.held.hold(items, time.monotonic())
             return clones
         return set()
+
+    def _new_content(self, c: int, offset: int, data: memoryview | None) -> HeldBuffer:
+        """The held buffer of chunk c, which the write (data at offset; None: a
+        discard) replaces whole: a view of the write's bytes if nothing can change them
+        (bytes: the FUSE handler's), else a copy."""
+        cs = self.chunk_size
+        if data is None:
+            return bytearray(cs)
+        piece = data[c * cs - offset:(c + 1) * cs - offset]
+        return piece if isinstance(data.obj, bytes) else bytearray(piece)
 
     def _clones(self, v: _Volume, need: list[int], offset: int, length: int) -> set[int]:
         """The chunks of `need` to preserve by reference: whole chunks inside the write

@@ -21,6 +21,7 @@ from .model import (
     INVALID,
     WRITEBACK_AGE,
     WRITEBACK_BYTES,
+    HeldBuffer,
     _Batch,
     _Volume,
 )
@@ -185,7 +186,7 @@ class HeldWrites(PoolCore):
         for s in victims:   # idempotent: a retry rewrites the ones already invalid
             self._set_state(s, INVALID)
 
-    def _write_out(self, v: _Volume, held: list[tuple[int, bytearray]]) -> None:
+    def _write_out(self, v: _Volume, held: list[tuple[int, HeldBuffer]]) -> None:
         """Write these held chunks (sorted; their preservations durable) to the origin
         file -- only the part of each that changed -- and stop holding them. A chunk
         whose buffer is no longer the one given was preserved again since (its new

@@ -5,6 +5,7 @@ held-write batch, the kinds and states, and the engine's constants."""
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -120,6 +121,12 @@ class _Volume:
     held: Held = field(default_factory=lambda: Held())   # writes waiting for their syncs
 
 
+# A held chunk's content: a bytearray (read from the file, then written into), or a
+# read-only view of the write that replaced the chunk whole (cloned chunks: no copy);
+# Held.writable() turns the latter into a bytearray when a later write lands in it.
+HeldBuffer = bytearray | memoryview
+
+
 @dataclass(eq=False)
 class _Batch:
     """Held chunks of one volume and the diff-area entries that must be durable before
@@ -127,7 +134,7 @@ class _Batch:
 
     volume: _Volume
     sync: SyncBatch | None
-    held: list[tuple[int, bytearray]]    # (chunk, its buffer at the cut)
+    held: list[tuple[int, HeldBuffer]]   # (chunk, its buffer at the cut)
     cut_at: float
     synced: threading.Event = field(default_factory=threading.Event)
     error: OSError | None = None
@@ -143,7 +150,7 @@ class Held:
     everything of the volume; the batch's sync alone runs without the lock."""
 
     # chunk -> its new full content (reads and writes of the chunk use this buffer)
-    chunks: dict[int, bytearray] = field(default_factory=dict)
+    chunks: dict[int, HeldBuffer] = field(default_factory=dict)
     # chunk -> (lo, hi): the part of its buffer that differs from the origin file (the
     # rest is the old content it was read from): only that part is written back
     dirty: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -152,19 +159,35 @@ class Held:
     # preservations a failed sync lost, whose snapshots are not marked invalid yet
     lost: list[tuple[list[tuple[int, int]], OSError]] = field(default_factory=list)
 
-    def hold(self, items: list[tuple[int, bytearray]], now: float) -> None:
-        """Hold these (chunk, old content) buffers; new writes land in them."""
+    def hold(self, items: list[tuple[int, HeldBuffer]], now: float) -> None:
+        """Hold these (chunk, content) buffers: a fresh bytearray from _read_chunks, or
+        a read-only view of an immutable write (no copy); new writes land in them."""
         if not self.chunks:
             self.since = now
         for c, buf in items:
-            self.chunks[c] = buf   # a fresh bytearray from _read_chunks: no copy
+            self.chunks[c] = buf
+
+    def writable(self, chunk: int) -> bytearray:
+        """The held buffer of `chunk`, made a bytearray if it was a read-only view. The
+        batch being synced gets the new buffer too: a batch finds the chunks it covers
+        by identity (_write_out, _drain), and this is the same content, only mutable."""
+        buf = self.chunks[chunk]
+        if isinstance(buf, bytearray):
+            return buf
+        new = self.chunks[chunk] = bytearray(buf)
+        b = self.batch
+        if b is not None:
+            i = bisect_left(b.held, chunk, key=lambda item: item[0])
+            if i < len(b.held) and b.held[i][0] == chunk and b.held[i][1] is buf:
+                b.held[i] = (chunk, new)
+        return new
 
     def mark_dirty(self, chunk: int, lo: int, hi: int) -> None:
         """Widen the dirty part of a held chunk to cover [lo, hi) (chunk-relative)."""
         old = self.dirty.get(chunk)
         self.dirty[chunk] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
-    def in_order(self) -> list[tuple[int, bytearray]]:
+    def in_order(self) -> list[tuple[int, HeldBuffer]]:
         """(chunk, buffer) of everything held, in chunk order (for a batch)."""
         return [(c, self.chunks[c]) for c in sorted(self.chunks)]
 

@@ -149,6 +149,9 @@ class ShadowOperations(pyfuse3.Operations):
         # entries whose invalidation was queued (asynchronously) by _refresh: refresh_now
         # makes sure of them before it returns
         self._queued_entries: list[tuple[InodeT, FileNameT]] = []
+        # LUN keys opened through the mount since their pages were last dropped: only
+        # those can have pages in the kernel's cache (changed_elsewhere)
+        self._maybe_cached: set[str] = set()
 
     # ------------------------------------------------------------------ tree
 
@@ -225,6 +228,19 @@ class ShadowOperations(pyfuse3.Operations):
                 except OSError as e:
                     if e.errno != errno.ENOENT:  # the kernel never looked it up: fine
                         log.warning("invalidating %s: %s", key, e)
+
+    async def changed_elsewhere(self, key: str) -> None:
+        """A LUN's content changed through another path than this mount (the NBD port):
+        drop the kernel's cached pages of it if the mount may have any, so that a read
+        through the mount after that write returns sees it (keep_cache would serve the
+        old pages). Free when the LUN was never opened here since its last drop; while
+        a mount handle is open on it, every such write pays one invalidation (a worker
+        thread: it waits for pages locked by requests in flight)."""
+        if key not in self._maybe_cached:
+            return
+        if not any(h.lun.key == key for h in self._handles.values()):
+            self._maybe_cached.discard(key)   # nobody can cache it again without open()
+        await self.invalidate_lun(key)
 
     def _attr(self, st: Stat) -> EntryAttributes:
         return _entry(st, self.view.uid, self.view.gid)
@@ -361,6 +377,7 @@ class ShadowOperations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(inode, lun, writable)
+        self._maybe_cached.add(lun.key)
         return FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     def _handle(self, fh: FileHandleT) -> Handle:

@@ -5,7 +5,9 @@
 
   serve keys (tools/cli.py / provider/service.py use them; command-line flags win):
     pool, mount, socket (str: paths), allow_other (bool), poll_us (microseconds the
-    FUSE loop polls for the next request before it sleeps, 0..1000; 0: never)
+    FUSE loop polls for the next request before it sleeps, 0..1000; 0: never),
+    nbd_listen (str: ADDR[:PORT] of the NBD port), tls_dir (str: its certificates),
+    nbd_insecure (bool: plain text on loopback)
   service keys (passed to provider.service.control_service(config=...), see
   docs/provider.md "Configuration"):
     default_kind ("differential" | "plex"), freeze_timeout, hold_deadline, writer_timeout,
@@ -34,8 +36,9 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-SERVE_KEYS = ("pool", "mount", "socket", "allow_other", "poll_us")
-PATH_KEYS = ("pool", "mount", "socket", "hooks_dir")
+SERVE_KEYS = ("pool", "mount", "socket", "allow_other", "poll_us", "nbd_listen",
+              "nbd_insecure", "tls_dir")
+PATH_KEYS = ("pool", "mount", "socket", "hooks_dir", "tls_dir")
 SECONDS_KEYS = ("freeze_timeout", "hold_deadline", "writer_timeout", "revert_hold",
                 "hook_timeout")
 KINDS = ("differential", "plex")
@@ -78,11 +81,13 @@ def _is_number(v: Any) -> bool:
 
 def _check(key: str, v: Any) -> str | None:
     """None if v is a valid value for key, else what is expected."""
-    if key in ("pool", "mount", "socket"):
+    if key in ("pool", "mount", "socket", "tls_dir"):
         return None if isinstance(v, str) and v else "a non-empty path string"
+    if key == "nbd_listen":
+        return None if isinstance(v, str) and v else "an address ADDR[:PORT] string"
     if key == "hooks_dir":
         return None if v is None or isinstance(v, str) else "a directory path string"
-    if key in ("allow_other", "fsfreeze"):
+    if key in ("allow_other", "fsfreeze", "nbd_insecure"):
         return None if isinstance(v, bool) else "true or false"
     if key == "poll_us":
         return None if _is_number(v) and 0 <= v <= 1000 else "microseconds, 0..1000"

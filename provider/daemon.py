@@ -46,6 +46,7 @@ import errno
 import logging
 import os
 import signal
+import ssl
 import stat
 import sys
 import time
@@ -68,6 +69,8 @@ from fuse_mount.session import (
     run_mount,
     umount_nonlazy,
 )
+from nbd.server import NbdServer
+from nbd.settings import NbdSettings
 
 from . import mount_users
 from .array import Array
@@ -217,10 +220,15 @@ async def _serve_async(
     debug: bool,
     allow_other: bool,
     poll_us: float = DEFAULT_POLL_US,
+    nbd: NbdSettings | None = None,
+    nbd_tls: ssl.SSLContext | None = None,
 ) -> int:
     barrier = WriteBarrier(pool)
     # LUN masking: the operations read it, the services (the coordinator) update it
     ops = ShadowOperations(pool, barrier, Presentation())
+    nbd_server = None if nbd is None else NbdServer(
+        pool, barrier, ops.presentation, nbd_tls, _peer_host if nbd_tls else lambda _c: "",
+        ops.changed_elsewhere)
     session_ended = trio.Event()
     stop_requested = trio.Event()
     unmounting = False  # True while our own umount(2) runs: the session ending is expected
@@ -276,6 +284,11 @@ async def _serve_async(
             nursery.start_soon(writeback_timer, pool)
             if pool.preserve_mode == "reflink":
                 nursery.start_soon(seal_timer, pool)
+            if nbd_server is not None and nbd is not None:
+                listeners = await nursery.start(nbd_server.serve, nbd.host, nbd.port)
+                log.info("NBD port open on %s (%s)", ", ".join(
+                    "{}:{}".format(*ln.socket.getsockname()[:2]) for ln in listeners),
+                    "plain text, loopback" if nbd.tls_dir is None else "TLS required")
             # ---------------------------------------------------------------------------
             # Other services (control socket, coordinator, background jobs) start HERE, on
             # the same trio loop, after the mount exists. Each gets (pool, barrier, nursery,
@@ -303,6 +316,23 @@ async def _serve_async(
     return 0
 
 
+def _nbd_tls(nbd: NbdSettings) -> ssl.SSLContext | None:
+    """The NBD port's TLS context, read before anything is mounted (a bad certificate
+    directory is a one-line error of serve). Raises ServeError."""
+    if nbd.tls_dir is None:
+        return None
+    from nbd.tls import server_context
+    try:
+        return server_context(nbd.tls_dir)
+    except (OSError, ValueError, ssl.SSLError) as e:
+        raise ServeError(f"--tls-dir {nbd.tls_dir}: {e}") from None
+
+
+def _peer_host(cert: dict) -> str:
+    from nbd.tls import peer_host
+    return peer_host(cert)
+
+
 def serve(
     pool_dir: str,
     mountpoint: str,
@@ -313,6 +343,7 @@ def serve(
     debug: bool = False,
     allow_other: bool = False,
     poll_us: float = DEFAULT_POLL_US,
+    nbd: NbdSettings | None = None,
 ) -> int:
     """Run the array daemon until SIGTERM/SIGINT; return the exit status (0 or 1).
 
@@ -327,6 +358,7 @@ def serve(
     try:
         _check_not_inside(mountpoint, pool=pool_dir, socket=socket_path)
         stale = _check_mountpoint(mountpoint)
+        nbd_tls = _nbd_tls(nbd) if nbd is not None else None
     except ServeError as e:
         _error_line(str(e))
         return 1
@@ -354,7 +386,7 @@ def serve(
                  f", control socket {socket_path}" if socket_path else "")
         try:
             rc = trio.run(_serve_async, pool, mountpoint, list(services), debug, allow_other,
-                          poll_us)
+                          poll_us, nbd, nbd_tls)
         except Exception as e:
             # MountError, and VssError from a service (the control socket cannot be
             # created, another daemon listens there): user errors, one line

@@ -110,9 +110,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.default_kind:
         config["default_kind"] = args.default_kind
     sock = args.socket or serve_opts.get("socket") or default_socket_path(pool)
+    nbd = None
+    if serve_opts.get("nbd_listen"):
+        from nbd.settings import SettingsError, settings
+        try:
+            nbd = settings(serve_opts["nbd_listen"], serve_opts.get("tls_dir"),
+                           bool(serve_opts.get("nbd_insecure")))
+        except SettingsError as e:
+            p.error(str(e))
     svc = make_service(sock, mount, config)   # realpath'ed there, before the mount is up
     return serve(pool, mount, sock, args.foreground, services=[svc], debug=args.debug,
-                 allow_other=args.allow_other or bool(serve_opts.get("allow_other")))
+                 allow_other=args.allow_other or bool(serve_opts.get("allow_other")),
+                 nbd=nbd)
 
 
 if __name__ == "__main__":

@@ -366,6 +366,23 @@ def _signal(d: Daemon, sig: int) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_leftover_namespaces() -> Iterator[None]:
+    """Test hosts (tests/netns.py: network namespaces named spx-*) are deleted by the
+    tests that made them; any still there at the end of the session is deleted here and
+    fails the session."""
+    from netns import leftover_namespaces
+    before = set(leftover_namespaces())
+    yield
+    left = [n for n in leftover_namespaces() if n not in before]
+    for n in left:
+        subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=10,
+                       check=False)
+    if left:
+        pytest.fail("network namespaces left behind (deleted now): " + ", ".join(left),
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_leftovers(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:

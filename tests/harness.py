@@ -160,21 +160,25 @@ def daemon_argv(module: str, args: list[str], self_guard: bool = True,
 def launch(args: list[str], *, pool: str, mount: str, socket: str, log: str,
            module: str = "provider.service", self_guard: float | None = 0.0,
            env: dict[str, str] | None = None, stack_dump_every: int = STACK_DUMP_EVERY,
-           wait: bool = True) -> Daemon:
+           wait: bool = True, netns: str | None = None) -> Daemon:
     """Start `module` with `args` (which must name pool, mount and socket as given: they
     are what the launcher waits for and cleans up), output appended to `log`.
 
     self_guard: not None = the daemon logs every FUSE request made by one of its own
     threads and stalls it that many seconds (tests/fuse_self_guard.py). By default
     (0.0) any such request fails the test (conftest's log check); a test that provokes
-    one on purpose passes a stall > 0; None turns the guard off."""
+    one on purpose passes a stall > 0; None turns the guard off. netns: run it in that
+    network namespace (tests/netns.py; nsenter execs it: same process, same mounts)."""
     env = dict(env if env is not None else os.environ, PYTHONPATH=str(ROOT))
     if self_guard is not None:
         env["SHADOWPLEX_TEST_SELF_STALL"] = str(self_guard)
     offset = os.path.getsize(log) if os.path.exists(log) else 0
     with open(log, "ab") as logf:
+        argv = daemon_argv(module, args, self_guard is not None, stack_dump_every)
+        if netns is not None:
+            argv = ["nsenter", f"--net=/run/netns/{netns}", "--", *argv]
         proc = subprocess.Popen(
-            daemon_argv(module, args, self_guard is not None, stack_dump_every),
+            argv,
             cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)
     _watch(log, proc, self_guard is not None and not self_guard, offset)
@@ -188,7 +192,8 @@ def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],
                  config: dict[str, Any] | None = None,
                  self_guard: float | None = 0.0, *, pool: Path | None = None,
                  mount: Path | None = None, log: Path | None = None,
-                 stack_dump_every: int = STACK_DUMP_EVERY) -> Daemon:
+                 stack_dump_every: int = STACK_DUMP_EVERY,
+                 netns: str | None = None) -> Daemon:
     """`provider.service` (FUSE mount + control socket) on BASE/pool (created with
     `volumes` if it does not exist), mounted on BASE/mnt, socket SOCKDIR/ctl.sock, log
     BASE/daemon.log, `config` as its --config JSON; waits until it is up. `pool`,
@@ -205,7 +210,7 @@ def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],
     return launch(["--pool", pool_dir, "--mount", mnt, "--socket", sock,
                    "--config", json.dumps(config or {})],
                   pool=pool_dir, mount=mnt, socket=sock, log=str(log or base / "daemon.log"),
-                  self_guard=self_guard, stack_dump_every=stack_dump_every)
+                  self_guard=self_guard, stack_dump_every=stack_dump_every, netns=netns)
 
 
 @contextlib.contextmanager

@@ -365,3 +365,48 @@ def test_catalog_failure_while_invalidating_keeps_the_chunks_held(paused, monkey
     assert p.snapshot(sid).state == "invalid"
     assert p.catalog.db.execute("SELECT state FROM snapshots").fetchone()[0] == "invalid"
     assert _image(p, "v")[:4096] == b"I" * 4096
+
+
+def test_a_view_held_whole_becomes_writable_in_the_batch_too():
+    """A chunk replaced whole by an immutable write is held as a view of that write (no
+    copy); a later write into it makes it a bytearray, and the batch being synced must
+    then cover the new buffer (batches find their chunks by identity: a flush would
+    otherwise return with the chunk still in memory)."""
+    from blockstore.model import Held, _Batch
+    data = bytes(range(256)) * (2 * CS // 256)
+    held = Held()
+    view = memoryview(data)
+    held.hold([(3, view[:CS]), (4, view[CS:])], 0.0)
+    held.batch = _Batch(None, None, held.in_order(), 0.0)   # type: ignore[arg-type]
+    buf = held.writable(4)
+    assert isinstance(buf, bytearray) and buf == data[CS:]
+    buf[:2] = b"xy"
+    assert held.chunks[4] is buf and held.batch.held[1] == (4, buf)
+    assert held.batch.held[1][1] is buf and held.batch.held[0][1] is held.chunks[3]
+    assert held.writable(4) is buf                       # converted once
+    assert data[CS:CS + 2] != b"xy"                      # the write's bytes untouched
+
+
+def test_later_writes_into_chunks_held_as_views_reach_the_origin(tmp_path):
+    """Whole-chunk writes (held as views on reflink pools, as copies elsewhere), then
+    partial writes into the same chunks before and while their batch syncs: the origin
+    ends with the last content, the snapshot with the first."""
+    p = Pool.create(str(tmp_path / "pool"), chunk_size=CS)
+    p.create_volume("v", 64 * CS)
+    old = os.urandom(64 * CS)
+    p.write("v", 0, old)
+    p.flush("v")
+    sid = _snap(p, "v")
+    new = bytearray(os.urandom(64 * CS))
+    p.write("v", 0, bytes(new))                           # 64 whole chunks, immutable
+    for c in range(0, 64, 3):
+        patch = os.urandom(100)
+        p.write("v", c * CS + 7, patch)
+        new[c * CS + 7:c * CS + 107] = patch
+        if c == 30:
+            p.writeback(max_age=0)                        # a batch in between
+    assert p.read("v", 0, 64 * CS) == new
+    p.flush("v")
+    assert _image(p, "v") == new and p.read(sid, 0, 64 * CS) == old
+    assert p.check() == []
+    p.close()

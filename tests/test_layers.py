@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["blockstore", "fuse_mount", "provider", "tools"]   # bottom first
+LAYERS = ["blockstore", "fuse_mount", "nbd", "provider", "tools"]   # bottom first
 ONLY_IN = {"pyfuse3": {"fuse_mount"}}
 NEVER_IN = {"trio": {"blockstore"}}
 

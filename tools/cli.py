@@ -114,6 +114,20 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
     poll = args.poll_us if args.poll_us is not None else opts.get("poll_us")
     if poll is not None:
         config["poll_us"] = poll   # popped again by cmd_serve: not a service key
+    listen = args.nbd_listen or opts.get("nbd_listen")
+    if listen:   # popped again by cmd_serve: not a service key
+        from nbd.settings import SettingsError, settings
+        tls_dir = args.tls_dir or opts.get("tls_dir")
+        insecure = bool(opts.get("nbd_insecure", False) if args.nbd_insecure is None
+                        else args.nbd_insecure)
+        try:
+            config["nbd"] = settings(listen, os.path.abspath(tls_dir) if tls_dir else None,
+                                     insecure)
+        except SettingsError as e:
+            raise UsageError(str(e)) from None
+    elif args.tls_dir or args.nbd_insecure:
+        raise UsageError("--tls-dir and --nbd-insecure configure the NBD port: give "
+                         "--nbd-listen ADDR[:PORT] too")
     assert pool and mount   # (checked above)
     return str(pool), str(mount), str(sock), allow_other, config
 
@@ -139,9 +153,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # resolved now, before the mount exists: later lookups stay lexical (make_service)
     mount = os.path.realpath(mount)
     poll = config.pop("poll_us", None)
+    nbd = config.pop("nbd", None)
     svc = make_service(sock, mount, config)
     return serve(pool, mount, sock, True, services=[svc], debug=args.debug,
-                 allow_other=allow_other, **({} if poll is None else {"poll_us": poll}))
+                 allow_other=allow_other, nbd=nbd,
+                 **({} if poll is None else {"poll_us": poll}))
 
 
 def cmd_pool_init(args: argparse.Namespace) -> int:
@@ -496,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--poll-us", type=_poll_us, default=None, metavar="US",
                    help="how long the FUSE loop polls for the next request before it "
                         "sleeps while requests stream (0..1000, default 50; 0: never)")
+    s.add_argument("--nbd-listen", metavar="ADDR[:PORT]", default=None,
+                   help="open the NBD port on this address (port 10809 by default); "
+                        "needs --tls-dir, or --nbd-insecure on loopback (docs/network.md)")
+    s.add_argument("--tls-dir", metavar="DIR", default=None,
+                   help="the NBD port's certificates ('shadowplex pki init DIR'): TLS "
+                        "required, a client's host is its certificate's CN")
+    s.add_argument("--nbd-insecure", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve NBD in plain text, as the array's own host (loopback only)")
     s.add_argument("--default-kind", choices=("differential", "plex"), default=None,
                    help="kind chosen when a request names neither (default differential)")
     s.add_argument("--hooks-dir", metavar="DIR", default=None,
