@@ -34,8 +34,9 @@ Every run cuts power twice: at the crash, and again right after the recovery (op
 so what the recovery repairs must be durable too. The pools live on /dev/shm when it
 has room (SHADOWPLEX_POWERCUT_DIR overrides): the emulation needs no real syncs. Both
 sweeps run again with the pools on a loop-mounted XFS (reflink=1) and btrfs
-(tests/poolfs.py), where the engine preserves chunks by reference (issue 14); about
-40 s more in CI, and three times the long profile.
+(tests/poolfs.py), where the engine preserves chunks by reference (issue 14); btrfs
+without the three-operation sample in CI; about 40 s more in CI, and three times the
+long profile.
 
 CI profile (about 30 s here): both starting states, every sequence of up to two
 operations and every third three-operation one, mode "drop" (992-1008 runs, ~500 of
@@ -394,8 +395,12 @@ def _ci_seqs() -> list[str]:
 
 
 @ON_FS
-def test_power_cut_sequences_drop(templates):
+def test_power_cut_sequences_drop(templates, request):
     seqs = _seqs(LONG_OPS, 3) if LONG else _ci_seqs()
+    if not LONG and request.node.callspec.params["pool_fs"] == "btrfs":
+        # CI time: XFS (cloning every whole chunk too) runs the three-operation sample;
+        # btrfs adds its allocator to every sequence of up to two
+        seqs = _seqs(OPS, 2)
     n = sweep(templates, seqs, "drop", 0, every=LONG)
     assert n["missed"] <= n["crashed"] // 50, n   # sites the crash run did not reach
 
