@@ -12,7 +12,7 @@ VENV        := .venv
 VPY         := $(VENV)/bin/python
 STAMP       := $(VENV)/.shadowplex-installed
 PYTEST_ARGS ?=
-PACKAGES    := blockstore provider fuse_mount tools
+PACKAGES    := blockstore provider fuse_mount nbd tools
 # The editable install maps top-level packages found at install time, so a package that
 # appears later (its __init__.py is newer than the stamp) triggers one re-install.
 PKG_INITS   := $(wildcard $(addsuffix /__init__.py,$(PACKAGES)))

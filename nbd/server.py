@@ -92,7 +92,7 @@ class _Conn:
             del buf[:n]
             return out
         # a payload: its pieces joined once (no growing buffer copied and shifted again)
-        parts = [bytes(buf)]
+        parts: list[bytes | bytearray] = [bytes(buf)]
         have = len(buf)
         buf.clear()
         while have < n:
@@ -225,7 +225,11 @@ class NbdServer:
             if not cert:   # (CERT_REQUIRED makes this unreachable; refuse anyway)
                 raise Closed(f"{c.peer}: no client certificate")
             c.stream, c.tls = tls, True
-            c.host = self.identify(cert)
+            try:
+                c.host = self.identify(cert)
+            except ValueError as e:   # no CN, two, or not a host name: this one only
+                log.warning("nbd: %s: refused: %s", c.peer, e)
+                raise Closed(f"{c.peer}: {e}") from None
             log.info("nbd: %s: TLS, host %s", c.peer, c.host)
 
     def _lookup(self, c: _Conn, name: str) -> Export | None:

@@ -21,7 +21,7 @@ class NbdSettings:
     insecure: bool          # plain text, no TLS (loopback addresses only)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """ADDR, ADDR:PORT, [V6ADDR] or [V6ADDR]:PORT -> (address, port)."""
     t = text.strip()
     host, port_text = t, ""
@@ -34,7 +34,7 @@ def parse_listen(text: str) -> tuple[str, int]:
         host, port_text = t.split(":")
     if not host:
         raise SettingsError(f"{text!r}: no address (e.g. 127.0.0.1:{DEFAULT_PORT})")
-    port = DEFAULT_PORT
+    port = default_port
     if port_text:
         if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
             raise SettingsError(f"{text!r}: the port must be a number 0..65535 (0: any "

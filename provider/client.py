@@ -71,16 +71,73 @@ class Verdict:
     answer: dict[str, Any] | None = None
 
 
+def _connect_unix(path: str, timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise ControlError("VSS_E_PROVIDER_NOT_REGISTERED",
+                           f"no shadowplex daemon listens on {path} ({e.strerror}); start "
+                           "it with 'shadowplex serve'") from None
+    except PermissionError:
+        sock.close()
+        raise ControlError("E_ACCESSDENIED", f"no permission to connect to {path} "
+                           "(the socket is mode 0600 for its owner, usually root)") from None
+    except OSError as e:
+        sock.close()
+        raise ControlError("VSS_E_PROVIDER_NOT_REGISTERED",
+                           f"cannot connect to {path}: {e.strerror or e}") from None
+    return sock
+
+
+def _connect_tls(array: str, tls_dir: str | None, timeout: float | None) -> socket.socket:
+    """A TLS connection to the array's network control port, this host's certificate
+    presented, the array's checked against the CA (and its name)."""
+    import ssl
+
+    from nbd.settings import SettingsError, parse_listen
+    from nbd.tls import client_context
+
+    from .config import CONTROL_PORT
+    if not tls_dir:
+        raise ControlError("E_INVALIDARG", "--array needs --tls-dir DIR (this host's "
+                           "certificates: 'shadowplex pki host NAME DIR')")
+    try:
+        host, port = parse_listen(array, CONTROL_PORT)
+        ctx = client_context(tls_dir)
+    except (SettingsError, ValueError, OSError, ssl.SSLError) as e:
+        raise ControlError("E_INVALIDARG", f"--array {array}: {e}") from None
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout if timeout else 30)
+    except OSError as e:
+        raise ControlError("VSS_E_PROVIDER_NOT_REGISTERED",
+                           f"cannot connect to the array at {host}:{port}: "
+                           f"{e.strerror or e}") from None
+    try:
+        sock = ctx.wrap_socket(raw, server_hostname=host)
+    except (ssl.SSLError, OSError) as e:
+        raw.close()
+        raise ControlError("E_ACCESSDENIED", f"TLS with the array at {host}:{port} "
+                           f"failed: {getattr(e, 'reason', None) or e}") from None
+    sock.settimeout(timeout)
+    return sock
+
+
 class Client:
     def __init__(self, socket_path: str | None = None, host: str | None = None,
                  client: str = "shadowplex", timeout: float | None = None,
-                 pool: str | None = None) -> None:
+                 pool: str | None = None, array: str | None = None,
+                 tls_dir: str | None = None) -> None:
         """Connect and say hello. ``socket_path`` None: config.default_socket_path(pool)
         ($SHADOWPLEX_SOCKET, else ``pool``'s own socket, else the CLI's default).
-        ``timeout`` bounds connecting and each wait for data (None: wait as long as
-        operations take)."""
+        ``array`` "HOST[:PORT]": the array's network control port instead, over TLS with
+        this host's certificates in ``tls_dir`` (its host is its certificate's CN:
+        ``host``, if given, must be the same). ``timeout`` bounds connecting and each
+        wait for data (None: wait as long as operations take)."""
         path = socket_path or default_socket_path(pool)
-        self.socket_path = path
+        self.socket_path = path if array is None else array
         self._ids = itertools.count(1)
         self._buf = bytearray()
         self._pending: tuple[int, str] | None = None   # (id, op) awaiting its reply
@@ -88,27 +145,17 @@ class Client:
         # received it (before it returned) still reports the truth
         self._answered: tuple[str, dict[str, Any]] | None = None
         self._timeout = timeout
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+        if array is not None:
+            self._sock = _connect_tls(array, tls_dir, timeout)
+            host = host or None   # the certificate says who this is
+        else:
+            self._sock = _connect_unix(path, timeout)
+            host = host or socket.gethostname()
         try:
-            self._sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            self._sock.close()
-            raise ControlError("VSS_E_PROVIDER_NOT_REGISTERED",
-                               f"no shadowplex daemon listens on {path} ({e.strerror}); start "
-                               "it with 'shadowplex serve'") from None
-        except PermissionError:
-            self._sock.close()
-            raise ControlError("E_ACCESSDENIED", f"no permission to connect to {path} "
-                               "(the socket is mode 0600 for its owner, usually root)") from None
-        except OSError as e:
-            self._sock.close()
-            raise ControlError("VSS_E_PROVIDER_NOT_REGISTERED",
-                               f"cannot connect to {path}: {e.strerror or e}") from None
-        try:
-            self.server = self.call("hello", {"host": host or socket.gethostname(),
-                                              "client": client,
-                                              "protocol": protocol.PROTOCOL_VERSION})
+            self.server = self.call("hello", {"host": host, "client": client,
+                                              "protocol": protocol.PROTOCOL_VERSION}
+                                    if host else {"client": client,
+                                                  "protocol": protocol.PROTOCOL_VERSION})
         except BaseException:
             self.close()
             raise

@@ -33,8 +33,10 @@ import errno
 import logging
 import os
 import socket as stdsocket
+import ssl
 import stat
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -99,10 +101,14 @@ class _Running:
 
 
 class Connection:
-    def __init__(self, server: ControlServer, stream: trio.SocketStream) -> None:
+    def __init__(self, server: ControlServer, stream: trio.abc.Stream,
+                 remote_host: str | None = None) -> None:
+        """remote_host: the host a TLS client certificate proved (the network control
+        port); None for the local Unix socket, where hello names the host."""
         self.server = server
         self.coord = server.coord
         self.stream = stream
+        self.remote_host = remote_host
         self._session: Session | None = None
         self._send_lock = trio.Lock()
         self._current: _Running | None = None
@@ -270,6 +276,12 @@ class Connection:
                 host = x.get("host", str)
                 client = x.get("client", str)
                 x.get("protocol", int)
+                if self.remote_host is not None:   # the certificate says who it is
+                    if host not in (None, self.remote_host):
+                        raise VssError("E_ACCESSDENIED", f"hello: this connection is host "
+                                       f"{self.remote_host} (its certificate); it cannot "
+                                       f"speak for {host}")
+                    host = self.remote_host
                 self._session = self.coord.open_session(host, client)
             except VssError as e:
                 await self.send(protocol.reply_error(rid, e))
@@ -294,7 +306,11 @@ class Connection:
                 async with trio.open_nursery() as n:
                     n.start_soon(progress.pump, self, rid)
                     try:
-                        result = await handler(self, args, progress.report)
+                        remote = self.remote_host is not None
+                        access = self.coord.access
+                        access.check(self.session.host, remote, op, args)
+                        result = access.filter(self.session.host, remote, op,
+                                               await handler(self, args, progress.report))
                         reply = protocol.reply_ok(rid, result)
                     except Exception as e:   # noqa: BLE001 - every failure becomes the request's error reply
                         reply = protocol.reply_error(rid, protocol.to_vss_error(e))
@@ -318,6 +334,8 @@ class Connection:
 
 
 # --------------------------------------------------------------------------- server
+TLS_HANDSHAKE_TIMEOUT = 30.0   # s for a network client's TLS handshake
+
 def _listening(path: str) -> bool:
     """True if something accepts connections on the Unix socket at path."""
     probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
@@ -383,11 +401,35 @@ class ControlServer:
             if e.errno != errno.ENOENT:
                 log.warning("removing %s: %s", self.socket_path, e)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream, remote_host: str | None = None
+                      ) -> None:
         try:
-            await Connection(self, stream).run()
+            await Connection(self, stream, remote_host).run()
         except Exception:
             log.exception("control connection failed")
+
+    async def serve_tls(self, host: str, port: int, context: ssl.SSLContext,
+                        identify: Callable[[dict], str],
+                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The control protocol on a TCP port behind TLS with client certificates (the
+        network control port): each connection's host is its certificate's identity
+        (identify: the CN); the handshake has TLS_HANDSHAKE_TIMEOUT s."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            tls = trio.SSLStream(stream, context, server_side=True)
+            try:
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
+                peer = identify(tls.getpeercert() or {})
+            except (trio.BrokenResourceError, trio.TooSlowError, ValueError) as e:
+                log.warning("control port: connection refused: %s",
+                            e.__cause__ or e or type(e).__name__)
+                await trio.aclose_forcefully(tls)
+                return
+            await self._handle(tls, peer)
+        await trio.serve_listeners(handle, listeners)
 
     async def open(self) -> None:
         """Create the socket (serve() does it if not done): errors surface here, plainly

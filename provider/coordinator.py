@@ -51,6 +51,7 @@ from fuse_mount.barrier import WriteBarrier
 from fuse_mount.presentation import LiveMount
 
 from . import documents, vss
+from .access import Access
 from .array import Array
 from .catalog import ProviderCatalog, SetRecord
 from .deletion import Deletion
@@ -132,6 +133,7 @@ class Coordinator:
         self.masking = LunMasking(self.catalog, mount, self.service_machine,
                                   self.mountpoint, self.hardware, self._sessions)
         self.views = Views(pool, self.catalog, self.masking, self._sets, self._marks)
+        self.access = Access(self.masking, self.snapshot_ids_of_set, self.creator_of)
         self.volumes = Volumes(pool, self.masking, self.views, self._marks)
         self.exposure = Exposure(pool, self.catalog, self.masking, self.views)
         self.deletion = Deletion(pool, self.catalog, self.masking, self.views, self.exposure,
@@ -560,6 +562,21 @@ class Coordinator:
     def snapshot_show(self, snapshot_id: str | None = None,
                       set_id: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         return self.views.snapshot_show(snapshot_id, set_id)
+
+    def snapshot_ids_of_set(self, set_id: str) -> list[str]:
+        """The snapshot ids of a set, committed or in creation (access checks)."""
+        s = self._sets.get(set_id)
+        if s is not None:
+            return list(s.volumes.values())
+        return [x.id for x in self.pool.list_snapshots() if x.set_id == set_id]
+
+    def creator_of(self, snapshot_id: str) -> str | None:
+        """The host whose requester created the snapshot's set (access checks)."""
+        for x in self.pool.list_snapshots():
+            if x.id == snapshot_id:
+                rec = self.catalog.records.get(x.set_id or "")
+                return rec.originating_machine if rec is not None else None
+        return None
 
     def set_list(self) -> list[dict[str, Any]]:
         self.deletion.prune_records()

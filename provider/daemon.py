@@ -329,8 +329,12 @@ def _nbd_tls(nbd: NbdSettings) -> ssl.SSLContext | None:
 
 
 def _peer_host(cert: dict) -> str:
-    from nbd.tls import peer_host
-    return peer_host(cert)
+    """A TLS peer's host: its certificate's CN, and a name LUN masking accepts (it
+    becomes MOUNT/hosts/<host>/); ValueError (nbd.tls.PeerIdentityError) if not."""
+    from nbd.tls import peer_host_name
+
+    from .documents import valid_host
+    return peer_host_name(cert, valid_host)
 
 
 def serve(

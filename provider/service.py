@@ -35,6 +35,7 @@ import trio
 from fuse_mount.presentation import LiveMount
 
 from .array import Array
+from .config import CONTROL_PORT
 from .control import ControlServer
 from .coordinator import Coordinator
 from .protocol import default_socket_path
@@ -62,6 +63,7 @@ async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
     if writers is None:
         writers = default_writers({**cfg, "mount": mountpoint})
     mode = int(cfg.pop("socket_mode", 0o600))
+    listen = cfg.pop("control_listen", None)         # (host, port, tls_dir) or None
     path = socket_path or default_socket_path(pool.path)
     coord = Coordinator(pool, barrier, mountpoint, writers, cfg, mount=mount)
     await coord.start()
@@ -70,10 +72,23 @@ async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
         await server.open()
         async with trio.open_nursery() as n:
             await n.start(server.serve)
+            if listen is not None:
+                await _serve_network(n, server, *listen)
             task_status.started(coord)
     finally:
         with trio.CancelScope(shield=True):
             await coord.stop()
+
+
+async def _serve_network(nursery: trio.Nursery, server: ControlServer, host: str, port: int,
+                         tls_dir: str) -> None:
+    from nbd.tls import peer_host_name, server_context
+
+    from .documents import valid_host
+    listeners = await nursery.start(server.serve_tls, host, port, server_context(tls_dir),
+                                    lambda cert: peer_host_name(cert, valid_host))
+    log.info("control port open on %s (TLS, client certificates)", ", ".join(
+        "{}:{}".format(*ln.socket.getsockname()[:2]) for ln in listeners))
 
 
 def make_service(socket_path: str | None, mountpoint: str | None,
@@ -110,6 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.default_kind:
         config["default_kind"] = args.default_kind
     sock = args.socket or serve_opts.get("socket") or default_socket_path(pool)
+    if serve_opts.get("control_listen"):
+        from nbd.settings import SettingsError, parse_listen
+        if not serve_opts.get("tls_dir"):
+            p.error("control_listen needs tls_dir (the control port is TLS only)")
+        try:
+            host, port = parse_listen(serve_opts["control_listen"], CONTROL_PORT)
+        except SettingsError as e:
+            p.error(str(e))
+        config["control_listen"] = (host, port, serve_opts["tls_dir"])
     nbd = None
     if serve_opts.get("nbd_listen"):
         from nbd.settings import SettingsError, settings

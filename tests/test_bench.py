@@ -1,10 +1,13 @@
 """`shadowplex bench`: the report's structure, never its speeds.
 
-The kernel test runs the real thing (`bench --quick --json --tiny`: tiny sizes, 0.2 s jobs,
-one run) and checks that every figure of the report is a positive number, that every
-workload x target cell is there, and that nothing is left behind. The other tests cover
-the pieces that need no kernel: the built-in I/O generator, the first-write pattern, the
-fio job files, the table and the SVG chart.
+The kernel test runs the real thing (`bench --quick --json --tiny --pool-fs xfs`: tiny
+sizes, 0.2 s jobs, one run, plus the rows on a loop-mounted XFS pool) and checks that
+every figure of the report is a positive number, that every workload x target x caching x
+pool cell is there, that the "cold" jobs really found the image files evicted, that the
+reflink copy's extent counts grow as the sweep fragments the image, and that nothing is
+left behind. Other tests: the page-cache control (evict, warm, residency) and FIEMAP on
+real files; the pieces that need no kernel: the built-in I/O generator, the first-write
+pattern, the fio job files, the verdicts (noisy), the tables and the SVG chart.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ from tools import bench, workdir
 
 REPO = Path(__file__).resolve().parent.parent
 TOP_KEYS = {"version", "profile", "date", "elapsed_s", "runs", "generator", "machine", "tools",
-            "code", "skipped", "labels", "sizes", "results", "control", "targets"}
+            "code", "skipped", "caching", "pool_fs", "labels", "sizes", "results", "control",
+            "targets"}
+ROW_KEYS = {"target", "workload", "phase", "caching", "pool_fs", "unit", "median", "samples",
+            "spread", "p50_us", "p99_us", "latency_samples", "ratios"}
+VERDICTS = {"PASS", "FAIL", "noisy", "n/a"}
 CONTROL_KEYS = {
     "commit": {"snapshots", "client_1GiB_median_ms", "client_1GiB_p99_ms",
                "client_1TiB_median_ms", "client_1TiB_p99_ms", "client_ratio_1TiB_vs_1GiB",
@@ -60,54 +67,85 @@ def _numbers(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path, obj
 
 
-def _expected_cells() -> set[tuple[str, str, str]]:
+def _expected_cells(pool_fs: tuple[str, ...] = ()) -> set[tuple[str, str, str, str, str]]:
     cells = set()
     for w, (_label, _unit, _job, _bs, writes) in bench.WORKLOADS.items():
-        for t in ("raw", "qsd_raw", "spx", "spx_plex"):
-            cells.add((t, w, "steady"))
+        for t in ("raw", "qsd_raw", "spx"):
+            cells |= {(t, w, "steady", "direct", ""), (t, w, "steady", "cached", "")}
+        cells.add(("spx_plex", w, "steady", "direct", ""))
         for t in ("qsd_qcow2", "spx_1snap", "spx_8snap"):
             if writes:
-                cells |= {(t, w, "first"), (t, w, "rewrite")}
+                cells |= {(t, w, "first", "direct", ""), (t, w, "rewrite", "direct", "")}
             else:
-                cells.add((t, w, "steady"))
+                cells.add((t, w, "steady", "direct", ""))
+        for fs in pool_fs:
+            if not writes:
+                continue
+            cells |= {("raw", w, "steady", "direct", fs), ("spx", w, "steady", "direct", fs)}
+            for t in ("qsd_qcow2", "spx_1snap", "spx_8snap") + (
+                    ("reflink",) if fs in ("xfs", "btrfs") else ()):
+                cells |= {(t, w, "first", "direct", fs), (t, w, "rewrite", "direct", fs)}
     return cells
 
 
-def check_report(report: dict[str, Any], runs: int) -> None:
+def check_report(report: dict[str, Any], runs: int, pool_fs: tuple[str, ...] = ()) -> None:
     assert set(report) == TOP_KEYS
     assert report["version"] == bench.REPORT_VERSION
     assert report["generator"] in ("fio", "python")
     assert report["runs"] == runs
+    assert tuple(report["pool_fs"]) == pool_fs
     skipped = {s["column"] for s in report["skipped"]}
     for s in report["skipped"]:
         assert s["reason"]
-    cells = {(r["target"], r["workload"], r["phase"]) for r in report["results"]}
-    expected = {c for c in _expected_cells() if c[0] not in skipped}
+    cells = {(r["target"], r["workload"], r["phase"], r["caching"], r["pool_fs"])
+             for r in report["results"]}
+    expected = {c for c in _expected_cells(pool_fs) if c[0] not in skipped}
     assert cells == expected
     for r in report["results"]:
+        assert set(r) == ROW_KEYS
         assert r["unit"] == bench.WORKLOADS[r["workload"]][1]
-        assert len(r["samples"]) == runs
+        assert len(r["samples"]) == runs and len(r["latency_samples"]) == runs
+        assert 0 < r["p50_us"] <= r["p99_us"], r
         assert set(r["ratios"]) == set(bench.COMPARATORS)
+        # a ratio is there exactly when its comparator ran in the same caching and pool
+        have = {"raw": True, "spx": True,
+                "qsd_raw": "qsd_raw" not in skipped and not r["pool_fs"],
+                "qsd_qcow2": "qsd_qcow2" not in skipped and r["caching"] == "direct",
+                "reflink": r["pool_fs"] in ("xfs", "btrfs")}
         for comp, v in r["ratios"].items():
-            assert (v is None) == (comp in skipped), (r, comp)
+            assert (v is not None) == have[comp], (r, comp)
     assert set(report["control"]) >= set(CONTROL_KEYS)
     for section, keys in CONTROL_KEYS.items():
         assert set(report["control"][section]) == keys, section
     assert report["control"]["memory"]["snapshots"] == 16
     assert report["control"]["memory"]["volume_GiB"] == 1024
-    assert [t["id"] for t in report["targets"]] == [t[0] for t in bench.TARGET_SPECS]
+    assert set(report["control"].get("pool_fs", {})) == set(pool_fs)
+    assert [t["id"] for t in report["targets"]] == [s.id for s in bench.TARGET_SPECS]
     for t in report["targets"]:
+        assert t["verdict"] in VERDICTS
         if t["value"] is None:
-            assert t["met"] is None
+            assert t["met"] is None and t["verdict"] == "n/a"
         else:
             assert isinstance(t["met"], bool)
+            assert t["verdict"] != "n/a"
+            if t["verdict"] in ("PASS", "FAIL") and runs == 1:
+                assert t["met"] == (t["verdict"] == "PASS")
+        if t["id"].startswith(("xfs_", "btrfs_")):
+            assert (t["value"] is None) == (t["id"].split("_")[0] not in pool_fs), t
     # every figure is a positive number (the only place a null may appear is a ratio
-    # against, or a target needing, a skipped comparator)
+    # against, or a target needing, a comparator that did not run)
     numbers = list(_numbers({k: report[k] for k in ("results", "control", "targets",
                                                     "sizes", "elapsed_s", "runs")}))
     assert len(numbers) > 100
-    bad = [(p, v) for p, v in numbers if not (v > 0 and v == v and v != float("inf"))]
+    # (zeros that are figures: a single run's SPREAD, the sweep's first level of no writes)
+    bad = [(p, v) for p, v in numbers if not (v > 0 and v == v and v != float("inf"))
+           and not p.endswith((".spread", ".cow_writes"))]
     assert not bad, bad
+
+
+def need_xfs() -> None:
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs not installed")
 
 
 def _mounts_under(root: str) -> list[str]:
@@ -131,27 +169,39 @@ def test_progress_only_on_a_terminal_or_asked_for() -> None:
 
 @pytest.mark.timeout(300)
 def test_bench_quick_json(tmp_path: Path) -> None:
+    """The whole bench, tiny, with an XFS pool: the report's structure, the cold jobs'
+    eviction, the reflink sweep, the chart, and nothing left behind."""
+    need_xfs()
     chart = tmp_path / "bench.svg"
     work = tmp_path / "work"
     t0 = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json", "--dir",
-         str(work), "--chart", str(chart), "--progress"],
+         str(work), "--chart", str(chart), "--progress", "--pool-fs", "xfs"],
         capture_output=True, text=True, timeout=280, cwd=REPO, check=False)
     elapsed = time.monotonic() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)
-    check_report(report, runs=1)
+    check_report(report, runs=1, pool_fs=("xfs",))
     assert report["profile"] == "tiny"
+    # "cold" means cold: right after the eviction before each O_DIRECT job, (almost)
+    # nothing of the image files was cached -- they had all just been written
+    assert report["caching"]["cold_resident_max_KiB"] < report["sizes"]["volume_MiB"] * 1024 / 8
+    # the reflink copy of a more fragmented image: more extents (and it was timed)
+    sweep = report["control"]["pool_fs"]["xfs"]["reflink"]
+    assert [x["cow_writes"] for x in sweep] == sorted({x["cow_writes"] for x in sweep})
+    assert sweep[-1]["extents"] > sweep[0]["extents"], sweep
+    assert all(x["create_ms"] > 0 for x in sweep)
     # progress went to stderr, the JSON alone to stdout
     assert "bench [" in res.stderr
+    assert "xfs pool file system:" in res.stderr
     ET.parse(chart)   # well-formed SVG
     assert chart.read_text().startswith("<svg")
-    # everything was cleaned up: no mounts, no work directory left behind
+    # everything was cleaned up: no mounts, no loop devices, no work directory left behind
     assert not _mounts_under(str(tmp_path))
+    assert not workdir.loops_under(str(tmp_path))
     assert os.listdir(work) == []
-    assert elapsed < 120, f"bench --tiny took {elapsed:.0f} s"
-
+    assert elapsed < 150, f"bench --tiny --pool-fs xfs took {elapsed:.0f} s"
 
 
 def _processes_naming(text: str) -> list[int]:
@@ -173,10 +223,12 @@ def _processes_naming(text: str) -> list[int]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signame,moment", [("SIGINT", "random"), ("SIGTERM", "random"),
                                             ("SIGTERM", "fio"), ("SIGTERM", "restart"),
-                                            ("SIGINT", "twice")])
+                                            ("SIGINT", "twice"), ("SIGTERM", "poolfs")])
 def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: str) -> None:
     """Ctrl-C or SIGTERM at a random moment of a `bench --tiny` run (its first 10 s), while
-    fio runs, just after the kill -9 + restart phase begins, or twice in a row: exit
+    fio runs, just after the kill -9 + restart phase begins, twice in a row, or while the
+    rows run on a pool on a loop-mounted XFS (`--pool-fs xfs`: its daemon, mount, loop
+    device and file system image must go too): exit
     128+N within 15 s with one line saying the work directory was removed, and it is
     true -- nothing left in --dir, no mount or loop device below it, no daemon,
     qemu-storage-daemon or fio. Before: "interrupted; everything was cleaned up" and the
@@ -184,15 +236,18 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: 
     ran took 32 s (fio's forked job outlived it, so the daemon refused to stop). Replay
     with SHADOWPLEX_BENCH_INTERRUPT_SEED."""
     seed = int(os.environ.get("SHADOWPLEX_BENCH_INTERRUPT_SEED") or random.randrange(1 << 32))
-    at = random.Random(seed).uniform(0.3, 10.0)   # a --tiny run takes 12-20 s
+    at = random.Random(seed).uniform(0.3, 10.0)   # a --tiny run takes 20-30 s
     sig = signal.Signals[signame]
+    if moment == "poolfs":
+        need_xfs()
     work = Path(tempfile.mkdtemp(prefix="spxb-"))   # short: the control socket's path
     err_path = tmp_path / "bench.err"
     with open(err_path, "w") as err, open(tmp_path / "bench.out", "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json",
-             "--dir", str(work), "--progress"], stdout=out, stderr=err, cwd=REPO,
-            stdin=subprocess.DEVNULL)
+             "--dir", str(work), "--progress"]
+            + (["--pool-fs", "xfs"] if moment == "poolfs" else []),
+            stdout=out, stderr=err, cwd=REPO, stdin=subprocess.DEVNULL)
     what = f"seed {seed}: {signame} at {at:.1f} s" if moment == "random" else moment
     try:
         deadline = time.monotonic() + (at if moment == "random" else 120)
@@ -201,6 +256,8 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: 
                 break   # memory() is done: restart() kills -9 and restarts the daemon
             if moment == "fio" and re.search(r"shadowplex +seq write", err_path.read_text()):
                 break   # fio's next job runs through the mount (MOUNT/volumes/v.img)
+            if moment == "poolfs" and re.search(r"\(xfs pool, direct\)", err_path.read_text()):
+                break   # a row on the XFS pool is done: its daemon serves the next one
             time.sleep(0.02)
         if proc.poll() is not None:
             pytest.fail(f"{what}: bench ended first ({proc.returncode}): "
@@ -251,8 +308,10 @@ def test_python_generator(tmp_path: Path, workload: str) -> None:
     f = tmp_path / "img"
     with open(f, "wb") as fh:
         fh.truncate(4 << 20)
-    r = bench.run_python(bench.Job(workload, str(f), 4 << 20, 0.05))
-    assert r.value > 0 and r.ios > 0 and r.io_bytes > 0 and r.seconds > 0
+    for direct in (True, False):
+        r = bench.run_python(bench.Job(workload, str(f), 4 << 20, 0.05, direct=direct))
+        assert r.value > 0 and r.ios > 0 and r.io_bytes > 0 and r.seconds > 0
+        assert 0 < r.p50_us <= r.p99_us
 
 
 def test_python_generator_replay_and_single_pass(tmp_path: Path) -> None:
@@ -273,8 +332,11 @@ def test_fio_job_files(tmp_path: Path, workload: str) -> None:
     f = tmp_path / "img"
     with open(f, "wb") as fh:
         fh.truncate(4 << 20)
-    r = bench.run_fio(bench.Job(workload, str(f), 4 << 20, 0.1), str(tmp_path))
-    assert r.value > 0 and r.ios > 0
+    for direct in (True, False):
+        r = bench.run_fio(bench.Job(workload, str(f), 4 << 20, 0.1, direct=direct),
+                          str(tmp_path))
+        assert r.value > 0 and r.ios > 0
+        assert 0 < r.p50_us <= r.p99_us    # fio's clat percentiles, in microseconds
     if workload == "rand_write":
         offs = bench.first_write_offsets(4 << 20, seed=3)
         r = bench.run_fio(bench.Job(workload, str(f), 4 << 20, 10, time_based=False,
@@ -289,12 +351,15 @@ def test_job_files_shipped() -> None:
 
 
 def _synthetic_report(skip_qsd: bool = False) -> dict[str, Any]:
-    """A report as build_report makes it, from made-up samples (3 runs)."""
-    samples = {}
-    for i, (t, w, ph) in enumerate(sorted(_expected_cells())):
-        if skip_qsd and t.startswith("qsd"):
+    """A report as build_report makes it, from made-up samples (3 runs), with XFS and
+    ext4 pool rows."""
+    pool_fs = ("xfs", "ext4")
+    samples, latency = {}, {}
+    for i, key in enumerate(sorted(_expected_cells(pool_fs))):
+        if skip_qsd and key[0].startswith("qsd"):
             continue
-        samples[(t, w, ph)] = [100.0 + i, 110.0 + i, 90.0 + i]
+        samples[key] = [100.0 + i, 110.0 + i, 90.0 + i]
+        latency[key] = [(50.0 + i, 500.0 + i)] * 3
     control = {
         "daemon_start_s": 0.5, "rss_idle_MiB": 30.0, "plex_loop_syncs": 4,
         "commit": {k: 1.0 for k in CONTROL_KEYS["commit"]},
@@ -302,6 +367,11 @@ def _synthetic_report(skip_qsd: bool = False) -> dict[str, Any]:
         "memory": {**{k: 1.0 for k in CONTROL_KEYS["memory"]}, "snapshots": 16,
                    "volume_GiB": 1024.0},
         "restart": {"restarts": 3, "ready_s": 0.5, "ready_max_s": 0.6},
+        "pool_fs": {"xfs": {"fs_image_MiB": 1536.0, "snapshot_create_median_ms": 12.0,
+                            "reflink": [{"cow_writes": 0, "extents": 3, "create_ms": 1.5},
+                                        {"cow_writes": 256, "extents": 480,
+                                         "create_ms": 9.0}]},
+                    "ext4": {"fs_image_MiB": 1536.0, "snapshot_create_median_ms": 11.0}},
     }
 
     class FakeBench:
@@ -310,10 +380,13 @@ def _synthetic_report(skip_qsd: bool = False) -> dict[str, Any]:
         generator = "fio"
         base = str(REPO)
         loadavg_start = 0.5
+        cold_resident_max = 0
 
     fb = FakeBench()
     fb.samples = samples  # type: ignore[attr-defined]
+    fb.latency = latency  # type: ignore[attr-defined]
     fb.control = control  # type: ignore[attr-defined]
+    fb.pool_fs = pool_fs  # type: ignore[attr-defined]
     skipped = ([{"column": "qsd_raw", "reason": "x"}, {"column": "qsd_qcow2", "reason": "x"}]
                if skip_qsd else [])
     return bench.build_report(fb, {"fio": "fio-3"}, skipped, 12.0)  # type: ignore[arg-type]
@@ -322,33 +395,146 @@ def _synthetic_report(skip_qsd: bool = False) -> dict[str, Any]:
 @pytest.mark.parametrize("skip_qsd", [False, True])
 def test_report_table_and_chart(skip_qsd: bool) -> None:
     report = _synthetic_report(skip_qsd)
-    check_report(json.loads(json.dumps(report)), runs=3)
+    check_report(json.loads(json.dumps(report)), runs=3, pool_fs=("xfs", "ext4"))
     table = bench.format_table(report)
-    assert "PASS" in table or "FAIL" in table
+    lines = table.splitlines()
     labels = tuple(v[0] for v in bench.WORKLOADS.values())
-    assert len([ln for ln in table.splitlines() if ln.startswith(labels)]) == len(
-        report["results"])
+    main = [ln for ln in lines if ln.startswith(labels)]
+    on_fs = [ln for ln in lines if re.match(r"(xfs|ext4)  +", ln)]
+    assert len(main) == len([r for r in report["results"] if not r["pool_fs"]])
+    assert len(on_fs) == len([r for r in report["results"] if r["pool_fs"]])
+    # every row says its caching; the cached rows are the plain data path only
+    assert all(("O_DIRECT, cold" in ln) != ("buffered, warm" in ln) for ln in main + on_fs)
+    assert {re.split(r"  +", ln)[1] for ln in main if "buffered, warm" in ln} == {
+        "raw file", "shadowplex"} | (set() if skip_qsd else {"qemu-storage-daemon raw"})
+    # the XFS rows are ordered before ext4's, as --pool-fs named them
+    assert on_fs[0].startswith("xfs ") and on_fs[-1].startswith("ext4 ")
+    assert "xfs pool: reflink copy (cp --reflink=always + fsync) 3 extents 1.5 ms, 480 " \
+        "extents 9.0 ms; our snapshot.create 12.0 ms" in table
+    head = next(ln for ln in lines if ln.startswith("WORKLOAD"))
+    assert "P50 us" in head and "P99 us" in head and "CACHING" in head
+    # 3 made-up samples 90..110 +-: spreads of ~20% around 100: verdicts on both sides
+    marks = {t["verdict"] for t in report["targets"]}
+    assert marks <= VERDICTS and ("PASS" in marks or "FAIL" in marks)
     if skip_qsd:
         assert "note: column qsd_raw skipped" in table
-        assert all(t["met"] is None for t in report["targets"]
-                   if t["id"].endswith(("_qsd", "_qcow2")))
+        assert all(t["verdict"] == "n/a" for t in report["targets"]
+                   if "qsd" in t["id"] or "qcow2" in t["id"])
+    assert not any(r["ratios"]["reflink"] for r in report["results"] if r["pool_fs"] == "ext4")
     svg = bench.render_svg(report)
     root = ET.fromstring(svg)
     assert root.tag.endswith("svg")
-    assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= len(report["results"])
+    assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= len(main)
+    assert "psync O_DIRECT QD1" not in svg and "buffered, warm" in svg
 
 
 def test_targets_evaluation() -> None:
-    med = {("spx", "seq_read", "steady"): 300.0, ("qsd_raw", "seq_read", "steady"): 100.0,
-           ("spx_8snap", "rand_write", "first"): 95.0,
-           ("spx_1snap", "rand_write", "first"): 100.0}
+    k = ("spx", "seq_read", "steady", "direct", "")
+    q = ("qsd_raw", "seq_read", "steady", "direct", "")
+    samples = {k: [300.0], q: [100.0],
+               ("spx_8snap", "rand_write", "first", "direct", ""): [95.0],
+               ("spx_1snap", "rand_write", "first", "direct", ""): [100.0]}
     control = {"commit": {"hold_1GiB_median_ms": 2.0, "hold_1TiB_median_ms": 6.0,
                           "hold_ratio_1TiB_vs_1GiB": 3.0},
                "plex_sync": {"daemon_ratio_vs_cp": 0.9}}
-    got = {t["id"]: t for t in bench.evaluate_targets(med, control)}
-    assert got["seq_read_vs_qsd"]["met"] is True and got["seq_read_vs_qsd"]["value"] == 3.0
-    assert got["seq_write_vs_qsd"]["met"] is None
-    assert got["snap8_vs_snap1_4k_first"]["met"] is True
-    assert got["commit_median_ms"]["value"] == 6.0 and got["commit_median_ms"]["met"] is False
+    got = {t["id"]: t for t in bench.evaluate_targets(samples, control)}
+    assert got["seq_read_vs_qsd_direct"]["verdict"] == "PASS"
+    assert got["seq_read_vs_qsd_direct"]["value"] == 3.0
+    assert got["seq_read_vs_qsd_cached"]["verdict"] == "n/a"     # not measured cached
+    assert got["seq_write_vs_qsd_direct"]["met"] is None
+    assert got["snap8_vs_snap1_4k_first"]["verdict"] == "PASS"
+    assert got["commit_median_ms"]["value"] == 6.0
+    assert got["commit_median_ms"]["verdict"] == "FAIL"
     assert got["commit_flat"]["met"] is False
-    assert got["plex_vs_cp"]["met"] is True
+    assert got["plex_vs_cp"]["verdict"] == "PASS"
+    assert got["xfs_seq_1snap_vs_0"]["verdict"] == "n/a"
+    # the runs disagree and spread widely: noisy, not PASS, although the median passes
+    samples[k], samples[q] = [160.0, 300.0, 100.0], [100.0, 130.0, 90.0]
+    t = {t["id"]: t for t in bench.evaluate_targets(samples, control)}["seq_read_vs_qsd_direct"]
+    assert t["value"] == 1.6 and t["met"] is True
+    assert t["verdict"] == "noisy" and t["range"] == [100.0 / 130.0, 300.0 / 90.0]
+    # as widely spread, but every pairing passes: PASS
+    samples[k] = [400.0, 600.0, 300.0]
+    t = {t["id"]: t for t in bench.evaluate_targets(samples, control)}["seq_read_vs_qsd_direct"]
+    assert t["verdict"] == "PASS" and t["spread"] > bench.NOISY_SPREAD
+
+
+def test_verdict_rules() -> None:
+    v = bench.verdict
+    assert v(">=", 1.5, None) == "n/a"
+    assert v(">=", 1.5, 1.6) == "PASS" and v(">=", 1.5, 1.4) == "FAIL"     # single figures
+    assert v(">=", 1.5, 1.6, 1.2, 2.0, spread=0.5) == "noisy"
+    assert v(">=", 1.5, 1.6, 1.2, 2.0, spread=0.1) == "PASS"    # a close call, but steady
+    assert v(">=", 1.5, 1.0, 0.7, 1.4, spread=0.9) == "FAIL"    # every pairing fails
+    # within 10% of 1: the range straddling the band's edge is noisy, inside it passes
+    assert v("within", 0.1, 1.0, 0.95, 1.05, spread=0.5) == "PASS"
+    assert v("within", 0.1, 1.0, 0.8, 1.2, spread=0.5) == "noisy"
+    assert v("within", 0.1, 1.5, 1.3, 1.8, spread=0.5) == "FAIL"
+    assert v("<=", 5.0, 4.0, 3.0, 6.0, spread=0.3) == "noisy"
+
+
+# ------------------------------------------------------------------ page cache, FIEMAP
+@pytest.mark.kernel
+def test_evict_and_warm(tmp_path: Path) -> None:
+    """settle(evict) empties the page cache of every data file below a directory (after
+    writing them back: dirty pages would stay), warm() fills it again, and
+    resident_bytes sees both -- what makes a "cold" row cold."""
+    from tools.bench import caches
+    d = tmp_path / "pool"
+    (d / "luns").mkdir(parents=True)
+    img, other = d / "luns" / "1.img", tmp_path / "raw.img"
+    for f in (img, other):
+        f.write_bytes(os.urandom(4 << 20))        # dirty, cached
+    assert caches.resident_bytes([str(d), str(other)]) >= 7 << 20
+    caches.settle(str(other), [str(d), str(other)], evict=False)
+    assert caches.resident_bytes([str(d), str(other)]) >= 7 << 20    # synced, still cached
+    caches.settle(str(other), [str(d), str(other)], evict=True)
+    assert caches.resident_bytes([str(d), str(other)]) == 0
+    caches.warm(str(img), 2 << 20)
+    assert caches.resident_bytes([str(d)]) >= 2 << 20
+    assert caches.resident_bytes([str(other)]) == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_fio_keeps_the_cache_it_is_given(tmp_path: Path) -> None:
+    """A "cached" job starts warm: fio must not drop the file's pages first (its default
+    invalidate=1 did, so "buffered, warm" rows started cold), and a "direct" job finds
+    the file as evicted as the bench left it. 4K random reads for 50 ms touch a small
+    part of the file: had fio dropped the cache, they could not have refilled it."""
+    workload = "rand_read"
+    from tools.bench import caches
+    f = tmp_path / "raw.img"
+    f.write_bytes(os.urandom(8 << 20))
+    caches.settle(str(f), [], evict=True)
+    caches.warm(str(f), 8 << 20)
+    assert caches.resident_bytes([str(f)]) == 8 << 20
+    bench.run_fio(bench.Job(workload, str(f), 8 << 20, 0.05, direct=False), str(tmp_path))
+    assert caches.resident_bytes([str(f)]) == 8 << 20
+    caches.settle(str(f), [], evict=True)
+    bench.run_fio(bench.Job(workload, str(f), 8 << 20, 0.05, time_based=False), str(tmp_path))
+    assert caches.resident_bytes([str(f)]) == 0
+
+
+@pytest.mark.kernel
+def test_extent_count(tmp_path: Path) -> None:
+    """FIEMAP counts extents: four 4 KiB blocks with holes between them are four."""
+    from tools.bench import poolfs
+    f = tmp_path / "sparse"
+    with open(f, "wb") as fh:
+        fh.truncate(16 << 20)
+        for i in range(4):
+            fh.seek(i * (1 << 20))
+            fh.write(os.urandom(4096))
+    assert poolfs.extents(str(f)) == 4
+
+
+def test_pool_fs_argument() -> None:
+    from tools.bench.command import _pool_fs
+    assert _pool_fs(None, ()) == ((), [])
+    assert _pool_fs("none", ("xfs",)) == ((), [])
+    assert isinstance(_pool_fs("xfs,zfs", ()), str)
+    got = _pool_fs("XFS, xfs,ext4", ())
+    assert not isinstance(got, str)
+    use, skipped = got
+    assert list(use) + [s["column"].removeprefix("pool_fs_") for s in skipped] == ["xfs", "ext4"]

@@ -1,6 +1,6 @@
 """The layering of DESIGN.md, checked on the source (S3QL's check_imports.py idea):
 
-    tools/  ->  provider/  ->  fuse_mount/  ->  blockstore/
+    tools/  ->  provider/  ->  nbd/  ->  fuse_mount/  ->  blockstore/
 
 - a package imports only itself and the packages below it (never upward);
 - pyfuse3 is imported in fuse_mount/ alone, trio never in blockstore/;

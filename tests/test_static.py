@@ -1,6 +1,6 @@
 """The checks that keep the code as DESIGN.md wants it, run with the tests (issue 13 #8):
 ruff (the rules in pyproject.toml) over the tree and mypy over every package
-(blockstore, provider, fuse_mount, tools: the `files` in pyproject.toml). Each takes
+(blockstore, provider, fuse_mount, nbd, tools: the `files` in pyproject.toml). Each takes
 seconds; a finding fails with the tool's own lines."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The `shadowplex` command line: the requester side.
 
-Every command except `serve`, `pool init` and `demo` talks to the daemon through
+Every command except `serve`, `pool init`, `pki` and `demo` talks to the daemon through
 provider.client, in a session of tools/connection.py (socket: --socket, else
 provider.config.default_socket_path(): $SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
 Exit codes: 0 success, 1 the operation failed, 2 usage error. User mistakes print one
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from provider import vss
-from provider.config import DEFAULT_SOCKET, default_socket_path
+from provider.config import CONTROL_PORT, DEFAULT_SOCKET, default_socket_path
 
 from . import connection
 from .connection import EXIT_INTERRUPTED, Interrupted, socket_path
@@ -114,20 +114,29 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
     poll = args.poll_us if args.poll_us is not None else opts.get("poll_us")
     if poll is not None:
         config["poll_us"] = poll   # popped again by cmd_serve: not a service key
+    tls_dir = getattr(args, "tls_dir", None) or opts.get("tls_dir")
+    tls_dir = os.path.abspath(tls_dir) if tls_dir else None
     listen = args.nbd_listen or opts.get("nbd_listen")
-    if listen:   # popped again by cmd_serve: not a service key
-        from nbd.settings import SettingsError, settings
-        tls_dir = args.tls_dir or opts.get("tls_dir")
-        insecure = bool(opts.get("nbd_insecure", False) if args.nbd_insecure is None
-                        else args.nbd_insecure)
-        try:
-            config["nbd"] = settings(listen, os.path.abspath(tls_dir) if tls_dir else None,
-                                     insecure)
-        except SettingsError as e:
-            raise UsageError(str(e)) from None
-    elif args.tls_dir or args.nbd_insecure:
-        raise UsageError("--tls-dir and --nbd-insecure configure the NBD port: give "
-                         "--nbd-listen ADDR[:PORT] too")
+    control = args.control_listen or opts.get("control_listen")
+    from nbd.settings import SettingsError, parse_listen, settings
+    try:
+        if listen:   # popped again by cmd_serve: not a service key
+            insecure = bool(opts.get("nbd_insecure", False) if args.nbd_insecure is None
+                            else args.nbd_insecure)
+            config["nbd"] = settings(listen, tls_dir, insecure)
+        elif args.nbd_insecure:
+            raise UsageError("--nbd-insecure configures the NBD port: give "
+                             "--nbd-listen ADDR[:PORT] too")
+        if control:
+            if tls_dir is None:
+                raise UsageError("--control-listen needs --tls-dir DIR: the network "
+                                 "control port is TLS only")
+            config["control_listen"] = (*parse_listen(control, CONTROL_PORT), tls_dir)
+    except SettingsError as e:
+        raise UsageError(str(e)) from None
+    if tls_dir and not (listen or control):
+        raise UsageError("--tls-dir configures the network ports: give --nbd-listen "
+                         "and/or --control-listen too")
     assert pool and mount   # (checked above)
     return str(pool), str(mount), str(sock), allow_other, config
 
@@ -462,6 +471,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_pki(args: argparse.Namespace) -> int:
+    """Certificates of the NBD port (tools/pki.py); local files only, no daemon."""
+    from nbd.pki import PkiError, PkiExists
+
+    from .pki import BadArgument, run
+    try:
+        return run(args)
+    except (BadArgument, PkiExists) as e:
+        raise UsageError(str(e)) from e
+    except PkiError as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_FAILED
+
+
 def cmd_script(args: argparse.Namespace) -> int:
     from .script import run_script_file
     return run_script_file(args.file, socket=socket_path(args), quiet=args.quiet,
@@ -477,6 +502,12 @@ def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
                         help=f"control socket (default $SHADOWPLEX_SOCKET or {DEFAULT_SOCKET})")
     parser.add_argument("--host", metavar="NAME", **kw,
                         help="requester host name (default: hostname)")
+    parser.add_argument("--array", metavar="HOST[:PORT]", **kw,
+                        help="talk to the array's network control port (TLS; port 10810 "
+                             "by default) instead of the local socket; needs --tls-dir")
+    parser.add_argument("--tls-dir", metavar="DIR", **kw,
+                        help="certificates: with --array this host's ('shadowplex pki "
+                             "host'); for serve the array's ('shadowplex pki init')")
     parser.add_argument("--json", action="store_true", **kw, help="machine-readable output")
     parser.add_argument("-q", "--quiet", action="store_true", **kw, help="no progress output")
     parser.add_argument("--debug", action="store_true", **kw,
@@ -515,9 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nbd-listen", metavar="ADDR[:PORT]", default=None,
                    help="open the NBD port on this address (port 10809 by default); "
                         "needs --tls-dir, or --nbd-insecure on loopback (docs/network.md)")
-    s.add_argument("--tls-dir", metavar="DIR", default=None,
-                   help="the NBD port's certificates ('shadowplex pki init DIR'): TLS "
-                        "required, a client's host is its certificate's CN")
+    s.add_argument("--control-listen", metavar="ADDR[:PORT]", default=None,
+                   help="open the control API on this address too (port 10810 by "
+                        "default), TLS only: a requester's host is its certificate's CN")
     s.add_argument("--nbd-insecure", action=argparse.BooleanOptionalAction, default=None,
                    help="serve NBD in plain text, as the array's own host (loopback only)")
     s.add_argument("--default-kind", choices=("differential", "plex"), default=None,
@@ -620,6 +651,11 @@ def build_parser() -> argparse.ArgumentParser:
              "qemu-storage-daemon, plus snapshot commit, plex sync, memory and restart figures")
     from .bench import add_arguments as _bench_arguments
     _bench_arguments(bn)
+    pk = sub.add_parser("pki", help="certificates of the NBD port (TLS)", parents=[common])
+    ksub = pk.add_subparsers(dest="kcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    from .pki import add_arguments as _pki_arguments
+    _pki_arguments(add("init", cmd_pki, "create a CA and the array's server certificate", ksub),
+                   add("host", cmd_pki, "create a host's client certificate (CN = NAME)", ksub))
     sf = add("script", cmd_script, "run a diskshadow-style script")
     sf.add_argument("file", metavar="FILE")
     return p

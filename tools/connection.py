@@ -43,7 +43,8 @@ def client(args: argparse.Namespace) -> Iterator[Any]:
     """A session with the daemon. Ctrl-C while a request runs: its outcome is told
     (after_interrupt) and the session closes without waiting for the daemon."""
     from provider.client import Client
-    c = Client(socket_path(args), host=getattr(args, "host", None), client="shadowplex-cli")
+    c = Client(socket_path(args), host=getattr(args, "host", None), client="shadowplex-cli",
+               array=getattr(args, "array", None), tls_dir=getattr(args, "tls_dir", None))
     interrupted = False
     try:
         yield c

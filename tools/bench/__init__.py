@@ -2,6 +2,7 @@
 raw image file and qemu-storage-daemon, plus control-plane figures.
 
     shadowplex bench [--quick] [--json] [--chart FILE.svg] [--runs N] [--dir DIR] [--quiet]
+                     [--pool-fs ext4,xfs,btrfs|none]
     python -m tools.bench ...            (the same, without the CLI wrapper)
 
 What one run does (everything in a temporary directory under --dir, removed at the end,
@@ -11,9 +12,15 @@ cleanup short -- and after a failure except its *.log files; --keep keeps it):
 1. Starts its own pool and `shadowplex serve` daemon (a subprocess, as tools/demo.py does),
    creates volume `v`, fills it; fills a raw image file of the same size on the same file
    system.
-2. Runs fio (psync, O_DIRECT, QD1; the job files are tools/fio/*.fio) -- seq write 1M,
-   seq read 1M, 4K random read, 4K random write -- against these targets, interleaved,
-   `--runs` times (rotating the order each run), and reports medians:
+2. Runs fio (psync, QD1; the job files are tools/fio/*.fio) -- seq write 1M, seq read
+   1M, 4K random read, 4K random write -- against these targets, interleaved, `--runs`
+   times (rotating the order each run), and reports medians and latency percentiles
+   (p50, p99 of the completion latency). Every row says its caching (caches.py):
+   "O_DIRECT, cold" (fio O_DIRECT; every file behind every target written back and
+   evicted before each job; reads one pass) for all targets, and "buffered, warm" (fio
+   buffered; reads warmed first) for raw, qsd_raw and spx, the plain data path.
+   qemu-storage-daemon runs with cache.direct=off in both, as our daemon uses the page
+   cache of the pool's file system too.
 
       raw        the raw image file itself (the limit of the disk)
       qsd_raw    qemu-storage-daemon's FUSE export of that raw file (cache.direct=off)
@@ -25,40 +32,51 @@ cleanup short -- and after a failure except its *.log files; --keep keeps it):
       spx_8snap  the same with eight differential snapshots
       spx_plex   while plex snapshots of v are created back to back in a background
                  thread through the control socket (a plex sync is running throughout)
+      reflink    (pool file systems XFS, btrfs) the raw file right after a whole-file
+                 `cp --reflink=always` of it (the file system's own snapshot)
 
    "First writes": seq = a size-capped pass over the volume right after the snapshot (or
    on a fresh overlay); 4K = a replayed random permutation of the 64 KiB chunks, one 4 KiB
    write at a random 4 KiB slot of each (tools/fio/rand-write-replay.fio); "re-writes"
    repeat exactly what the first pass did.
-3. Control plane: snapshot commit latency (median, p99) over N snapshots on a 1 GiB and a
+3. `--pool-fs` (default: all three in the full run, none with --quick): the write rows
+   (raw, no snapshot, 1 and 8 snapshots, qcow2 overlay, reflink copy) again on a pool
+   on a loop-mounted ext4 / XFS / btrfs made in the work directory, and the reflink
+   copy's creation time against the raw image's extent count (poolfs.py).
+4. Control plane: snapshot commit latency (median, p99) over N snapshots on a 1 GiB and a
    1 TiB sparse volume, through the control socket (prepare + flush & hold + commit) and
    engine-only (tools/engine_bench.commit_latency); plex sync time vs `cp --sparse=always`
    (+ fdatasync) of the same image, through the daemon and engine-only; the daemon's RSS
    (VmRSS) with a 1 TiB volume and 16 snapshots; restart-to-ready after kill -9 (until the
    mount is back and the socket answers).
 
-Output: a table (workload x target, median MiB/s or IOPS, ratio against each comparator,
-PASS/FAIL markers for the project's targets), `--json` (stable keys, see `report`), and
-`--chart FILE.svg` (hand-written SVG, grouped bars per workload). Progress lines go to
-stderr unless --quiet. Missing fio: the built-in Python generator drives every target (the
-same one for all, so the ratios stay fair). Missing qemu-storage-daemon / qemu-img: those
-columns are skipped, and the output says so.
+Output: a table (workload x target x caching, median MiB/s or IOPS, SPREAD, p50/p99
+latency, ratio against each comparator, PASS / FAIL / noisy verdicts for the project's
+targets, verdicts.py), a second one for the pool file systems, `--json` (stable keys,
+see `report`), and `--chart FILE.svg` (hand-written SVG, grouped bars per workload).
+Progress lines go to stderr unless --quiet. Missing fio: the built-in Python generator
+drives every target (the same one for all, so the ratios stay fair). Missing
+qemu-storage-daemon / qemu-img / a mkfs: those columns are skipped, the output says so.
 
 The package: common.py (sizes, workloads, targets' ids, profiles, helpers), workloads.py
-(fio and the Python generator), targets.py (the daemon, qemu-storage-daemon exports, the
-plex loop), datapath.py (Bench: setup and the data-path passes), control.py (the
-control-plane figures), report.py (medians, ratios, the project's targets, the table),
-svg.py (the chart), command.py (arguments, run, main).
+(fio and the Python generator), caches.py (the two cachings: sync, evict, warm),
+targets.py (the daemon, qemu-storage-daemon exports, the plex loop), datapath.py (Bench:
+setup and the data-path passes), poolfs.py (the pool file systems, the reflink
+comparator), control.py (the control-plane figures), verdicts.py (the project's targets,
+PASS / FAIL / noisy), report.py (medians, ratios, the tables), svg.py (the chart),
+command.py (arguments, run, main).
 """
 
 from __future__ import annotations
 
+from .caches import CACHING
 from .command import add_arguments, main, progress_wanted, run
 from .common import (
     CHUNK,
     COMPARATORS,
     FIO_DIR,
     PHASES,
+    POOL_FS,
     PROFILES,
     REPLAY_JOB,
     REPORT_VERSION,
@@ -70,25 +88,18 @@ from .common import (
 )
 from .control import WriteProbe
 from .datapath import Bench
-from .report import (
-    ROW_TARGETS,
-    TARGET_SPECS,
-    build_report,
-    code_version,
-    evaluate_targets,
-    format_table,
-    machine_info,
-    tool_versions,
-)
+from .report import build_report, code_version, format_table, machine_info, tool_versions
 from .svg import render_svg
 from .targets import Daemon, PlexLoop, QsdExport
+from .verdicts import NOISY_SPREAD, ROW_TARGETS, TARGET_SPECS, evaluate_targets, verdict
 from .workloads import Job, JobResult, first_write_offsets, run_fio, run_python, write_iolog
 
 __all__ = [
-    "CHUNK", "COMPARATORS", "FIO_DIR", "PHASES", "PROFILES", "REPLAY_JOB", "REPORT_VERSION",
+    "CACHING", "CHUNK", "COMPARATORS", "FIO_DIR", "NOISY_SPREAD", "PHASES", "POOL_FS",
+    "PROFILES", "REPLAY_JOB", "REPORT_VERSION",
     "ROW_TARGETS", "TARGETS", "TARGET_SPECS", "VOLUME", "WORKLOADS",
     "Bench", "BenchError", "Daemon", "Job", "JobResult", "PlexLoop", "Profile", "QsdExport",
     "WriteProbe", "add_arguments", "build_report", "code_version", "evaluate_targets",
     "first_write_offsets", "format_table", "machine_info", "main", "progress_wanted",
-    "render_svg", "run", "run_fio", "run_python", "tool_versions", "write_iolog",
+    "render_svg", "run", "run_fio", "run_python", "tool_versions", "verdict", "write_iolog",
 ]

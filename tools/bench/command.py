@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from .. import interrupts, workdir
-from . import control
-from .common import PROFILES, BenchError, Log, _mounted
+from . import control, poolfs
+from .common import POOL_FS, PROFILES, BenchError, Log, _mounted
 from .datapath import Bench
 from .report import build_report, format_table, tool_versions
 from .svg import render_svg
@@ -23,13 +23,17 @@ from .svg import render_svg
 
 def add_arguments(p: argparse.ArgumentParser, standalone: bool = False) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="small sizes and 0.5 s jobs (under 2 minutes)")
+                   help="small sizes and 0.5 s jobs (about 3 minutes)")
     p.add_argument("--runs", type=int, default=None, metavar="N",
                    help="runs per figure; medians are reported (default 3)")
     p.add_argument("--chart", metavar="FILE.svg", help="write an SVG bar chart")
     p.add_argument("--dir", metavar="DIR",
                    help="where to create the temporary work directory (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--pool-fs", metavar="FS,...",
+                   help="also measure the write rows on pools on these loop-mounted file "
+                   f"systems ({','.join(POOL_FS)}, or none; default: all in the full run, "
+                   "none with --quick)")
     p.add_argument("--progress", action="store_true",
                    help="progress lines on stderr even when it is not a terminal")
     # hidden: tiny sizes for the CI test; force the generator
@@ -82,10 +86,37 @@ def _choose_tools(generator: str, versions: dict[str, str | None]
     return gen, use_qsd, use_qcow2, skipped
 
 
+def _pool_fs(arg: str | None, default: tuple[str, ...]
+             ) -> tuple[tuple[str, ...], list[dict[str, str]]] | str:
+    """(the pool file systems to measure, those skipped and why) from --pool-fs; a str:
+    the error."""
+    if arg is None:
+        wanted = default
+    elif arg.strip().lower() in ("", "none"):
+        wanted = ()
+    else:
+        wanted = tuple(dict.fromkeys(x.strip().lower() for x in arg.split(",") if x.strip()))
+        bad = [x for x in wanted if x not in POOL_FS]
+        if bad:
+            return (f"--pool-fs: unknown file system {', '.join(bad)} (choose from "
+                    f"{', '.join(POOL_FS)}, or none)")
+    use, skipped = [], []
+    for fs in wanted:
+        why = poolfs.missing(fs)
+        if why:
+            skipped.append({"column": f"pool_fs_{fs}", "reason": f"{fs} pool: {why}"})
+        else:
+            use.append(fs)
+    return tuple(use), skipped
+
+
 def _measure(b: Bench) -> None:
-    """Everything one run measures, in order: the data path, then the control plane."""
+    """Everything one run measures, in order: the data path, the pool file systems, then
+    the control plane."""
     b.setup()
     b.data_path()
+    for fs in b.pool_fs:
+        poolfs.run(b, fs)
     control.commit_latency(b)
     control.plex_vs_cp(b)
     control.memory(b)
@@ -117,6 +148,12 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     gen, use_qsd, use_qcow2, skipped = choice
+    fs_choice = _pool_fs(getattr(args, "pool_fs", None), profile.pool_fs)
+    if isinstance(fs_choice, str):
+        print(f"shadowplex bench: error: {fs_choice}", file=sys.stderr)
+        return 2
+    pool_fs, fs_skipped = fs_choice
+    skipped += fs_skipped
     for s in skipped:
         log(f"note: {s['reason']}")
     keep = bool(getattr(args, "keep", False))
@@ -131,9 +168,10 @@ def run(args: argparse.Namespace) -> int:
                 os.makedirs(args.dir, exist_ok=True)
             base = tempfile.mkdtemp(prefix="shadowplex-bench-", dir=args.dir)
             log(f"{profile.name} run: {runs} runs, {profile.volume_size >> 20} MiB volume, "
-                f"{profile.runtime:g} s jobs, generator {gen}; work directory {base}")
+                f"{profile.runtime:g} s jobs, generator {gen}, pool file systems "
+                f"{', '.join(pool_fs) or 'none'}; work directory {base}")
             with contextlib.ExitStack() as stack:
-                b = Bench(profile, runs, base, log, gen, use_qsd, use_qcow2, stack)
+                b = Bench(profile, runs, base, log, gen, use_qsd, use_qcow2, stack, pool_fs)
                 _measure(b)
                 report = build_report(b, versions, skipped, time.monotonic() - t0)
             left = workdir.clean(base, keep)

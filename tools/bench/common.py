@@ -18,7 +18,8 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 # tools/fio/*.fio, next to this package
 FIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fio")
 REPO = os.path.dirname(os.path.dirname(FIO_DIR))
-REPORT_VERSION = 1
+# 2: rows carry their caching, pool file system and latency percentiles; verdicts
+REPORT_VERSION = 2
 VOLUME = "v"
 CHUNK = 64 * KiB          # the pool's chunk size = qcow2's default cluster size
 
@@ -40,9 +41,16 @@ TARGETS: dict[str, str] = {
     "spx_1snap": "shadowplex 1 snapshot",
     "spx_8snap": "shadowplex 8 snapshots",
     "spx_plex": "shadowplex during plex sync",
+    "reflink": "raw file + reflink copy",
 }
-COMPARATORS = ("raw", "qsd_raw", "qsd_qcow2")
+# what a row's ratios are against ("spx": the same pool without a snapshot)
+COMPARATORS = ("raw", "qsd_raw", "qsd_qcow2", "reflink", "spx")
 PHASES = {"steady": "", "first": "first writes", "rewrite": "re-writes"}
+# the pool file systems `--pool-fs` may name (loop-mounted in the work directory)
+POOL_FS = ("ext4", "xfs", "btrfs")
+REFLINK_FS = ("xfs", "btrfs")
+# a row: (target, workload, phase, caching, pool fs); pool fs "" = the work directory's
+Key = tuple[str, str, str, str, str]
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,11 @@ class Profile:
     rss_written: int        # bytes of first writes spread over the 16 snapshots (RSS)
     engine_data: int        # engine-only plex sync data and metadata-memory writes
     restarts: int           # kill -9 + restart measurements
+    pool_fs: tuple[str, ...] = ()   # default --pool-fs
 
 
 PROFILES = {
-    "full": Profile("full", 1 * GiB, 5.0, 3, 50, 1 * GiB, 1 * GiB, 3),
+    "full": Profile("full", 1 * GiB, 5.0, 3, 50, 1 * GiB, 1 * GiB, 3, POOL_FS),
     "quick": Profile("quick", 256 * MiB, 0.5, 3, 20, 64 * MiB, 64 * MiB, 2),
     "tiny": Profile("tiny", 32 * MiB, 0.2, 1, 5, 16 * MiB, 16 * MiB, 1),
 }

@@ -1,6 +1,7 @@
-"""The report: the environment (tool and code versions, machine), the medians and ratios,
-the project's performance targets (TARGET_SPECS, PASS/FAIL) and the text table;
-`--json` is build_report's dict (stable keys, REPORT_VERSION)."""
+"""The report: the environment (tool and code versions, machine), the medians, latency
+percentiles and ratios of every row (workload x target x caching x pool file system), the
+verdicts of the project's targets (verdicts.py) and the text tables; `--json` is
+build_report's dict (stable keys, REPORT_VERSION)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 from typing import TYPE_CHECKING, Any
 
+from .caches import CACHING
 from .common import (
     CHUNK,
     COMPARATORS,
@@ -22,11 +24,13 @@ from .common import (
     TARGETS,
     WORKLOADS,
     BenchError,
+    Key,
     KiB,
     MiB,
     _median,
     _run,
 )
+from .verdicts import NOISY_SPREAD, ROW_TARGETS, evaluate_targets, mark, spread
 
 if TYPE_CHECKING:
     from .datapath import Bench
@@ -92,103 +96,41 @@ def machine_info(path: str) -> dict[str, Any]:
 
 
 
-
-def _match(samples: dict[tuple[str, str, str], float], comparator: str, workload: str,
-           phase: str) -> float | None:
-    """The comparator figure a row is measured against."""
-    if comparator == "qsd_qcow2":
-        if WORKLOADS[workload][4]:     # writes: first vs first, else vs the re-writes
-            return samples.get((comparator, workload, "first" if phase == "first"
-                                else "rewrite"))
-        return samples.get((comparator, workload, "steady"))
-    return samples.get((comparator, workload, "steady"))
-
-
-TARGET_SPECS = [
-    # id, description, op, threshold
-    ("seq_read_vs_qsd", "seq read 1M >= 1.5x qemu-storage-daemon raw", ">=", 1.5),
-    ("seq_write_vs_qsd", "seq write 1M >= 1.2x qemu-storage-daemon raw", ">=", 1.2),
-    ("rand_read_vs_qsd", "4K randread >= 1.2x qemu-storage-daemon raw", ">=", 1.2),
-    ("first_write_4k_vs_qcow2", "4K first writes, 1 snapshot >= 1.0x qcow2 overlay", ">=", 1.0),
-    ("snap8_vs_snap1_4k_first", "4K first writes, 8 snapshots within 10% of 1", "within", 0.10),
-    ("snap8_vs_snap1_seq_first", "seq first writes, 8 snapshots within 10% of 1", "within",
-     0.10),
-    ("commit_median_ms", "commit (hold) median <= 5 ms, worst of 1 GiB / 1 TiB", "<=", 5.0),
-    ("commit_flat", "commit (hold) flat in volume size: median 1 TiB / 1 GiB <= 1.25", "<=",
-     1.25),
-    ("plex_vs_cp", "plex sync >= 0.8x cp --sparse=always (speed)", ">=", 0.8),
-]
-# (target, workload, phase) rows that carry a target's marker in the table
-ROW_TARGETS = {
-    ("spx", "seq_read", "steady"): "seq_read_vs_qsd",
-    ("spx", "seq_write", "steady"): "seq_write_vs_qsd",
-    ("spx", "rand_read", "steady"): "rand_read_vs_qsd",
-    ("spx_1snap", "rand_write", "first"): "first_write_4k_vs_qcow2",
-    ("spx_8snap", "rand_write", "first"): "snap8_vs_snap1_4k_first",
-    ("spx_8snap", "seq_write", "first"): "snap8_vs_snap1_seq_first",
-}
+def _match(med: dict[Key, float], comparator: str, key: Key) -> float | None:
+    """The comparator figure a row is measured against: the same workload, caching and
+    pool file system; a copy-on-write comparator's first writes for first writes, its
+    re-writes for the rest; "spx" (no snapshot) its steady figure."""
+    _t, workload, phase, caching, fs = key
+    if comparator in ("qsd_qcow2", "reflink") and WORKLOADS[workload][4]:
+        return med.get((comparator, workload, "first" if phase == "first" else "rewrite",
+                        caching, fs))
+    return med.get((comparator, workload, "steady", caching, fs))
 
 
-def evaluate_targets(med: dict[tuple[str, str, str], float],
-                     control: dict[str, Any]) -> list[dict[str, Any]]:
-    def ratio(a: tuple[str, str, str], b: tuple[str, str, str]) -> float | None:
-        return med[a] / med[b] if a in med and b in med else None
-
-    values: dict[str, float | None] = {
-        "seq_read_vs_qsd": ratio(("spx", "seq_read", "steady"), ("qsd_raw", "seq_read", "steady")),
-        "seq_write_vs_qsd": ratio(("spx", "seq_write", "steady"),
-                                  ("qsd_raw", "seq_write", "steady")),
-        "rand_read_vs_qsd": ratio(("spx", "rand_read", "steady"),
-                                  ("qsd_raw", "rand_read", "steady")),
-        "first_write_4k_vs_qcow2": ratio(("spx_1snap", "rand_write", "first"),
-                                         ("qsd_qcow2", "rand_write", "first")),
-        "snap8_vs_snap1_4k_first": ratio(("spx_8snap", "rand_write", "first"),
-                                         ("spx_1snap", "rand_write", "first")),
-        "snap8_vs_snap1_seq_first": ratio(("spx_8snap", "seq_write", "first"),
-                                          ("spx_1snap", "seq_write", "first")),
-    }
-    commit = control.get("commit") or {}
-    if commit:
-        values["commit_median_ms"] = max(commit["hold_1GiB_median_ms"],
-                                         commit["hold_1TiB_median_ms"])
-        values["commit_flat"] = commit["hold_ratio_1TiB_vs_1GiB"]
-    plex = control.get("plex_sync") or {}
-    if plex:
-        values["plex_vs_cp"] = plex["daemon_ratio_vs_cp"]
-    out = []
-    for tid, desc, op, thr in TARGET_SPECS:
-        v = values.get(tid)
-        met: bool | None
-        if v is None:
-            met = None
-        elif op == ">=":
-            met = v >= thr
-        elif op == "<=":
-            met = v <= thr
-        else:
-            met = abs(v - 1.0) <= thr
-        out.append({"id": tid, "description": desc, "op": op, "threshold": thr,
-                    "value": v, "met": met})
-    return out
+def _order(key: Key, pool_fs: tuple[str, ...]) -> tuple[int, ...]:
+    t, w, ph, c, fs = key
+    return ((list(pool_fs).index(fs) + 1) if fs in pool_fs else 0, list(WORKLOADS).index(w),
+            list(CACHING).index(c), list(TARGETS).index(t), list(PHASES).index(ph))
 
 
 def build_report(b: Bench, versions: dict[str, str | None], skipped: list[dict[str, str]],
                  elapsed: float) -> dict[str, Any]:
     med = {k: _median(v) for k, v in b.samples.items()}
+    fs_order = tuple(b.pool_fs)
     results = []
-    for target in TARGETS:
-        for w in WORKLOADS:
-            for phase in PHASES:
-                key = (target, w, phase)
-                if key not in med:
-                    continue
-                ratios = {}
-                for comp in COMPARATORS:
-                    m = _match(med, comp, w, phase)
-                    ratios[comp] = med[key] / m if m else None
-                results.append({"target": target, "workload": w, "phase": phase,
-                                "unit": WORKLOADS[w][1], "median": med[key],
-                                "samples": b.samples[key], "ratios": ratios})
+    for key in sorted(med, key=lambda k: _order(k, fs_order)):
+        target, w, phase, caching, fs = key
+        lat = b.latency.get(key) or []
+        results.append({
+            "target": target, "workload": w, "phase": phase, "caching": caching,
+            "pool_fs": fs, "unit": WORKLOADS[w][1], "median": med[key],
+            "samples": b.samples[key], "spread": spread(b.samples[key]),
+            # the median over the runs of each run's percentile
+            "p50_us": _median([x[0] for x in lat]) if lat else None,
+            "p99_us": _median([x[1] for x in lat]) if lat else None,
+            "latency_samples": [list(x) for x in lat],
+            "ratios": {c: (med[key] / m if (m := _match(med, c, key)) else None)
+                       for c in COMPARATORS}})
     return {
         "version": REPORT_VERSION,
         "profile": b.profile.name,
@@ -200,13 +142,17 @@ def build_report(b: Bench, versions: dict[str, str | None], skipped: list[dict[s
         "tools": versions,
         "code": code_version(),
         "skipped": skipped,
+        "caching": {"modes": dict(CACHING), "qsd_cache_direct": "off",
+                    "cold_resident_max_KiB": b.cold_resident_max / KiB},
+        "pool_fs": list(fs_order),
         "labels": {"targets": dict(TARGETS), "phases": dict(PHASES),
-                   "workloads": {k: v[0] for k, v in WORKLOADS.items()}},
+                   "workloads": {k: v[0] for k, v in WORKLOADS.items()},
+                   "caching": dict(CACHING)},
         "sizes": {"volume_MiB": b.profile.volume_size / MiB, "runtime_s": b.profile.runtime,
                   "chunk_KiB": CHUNK / KiB, "commit_snapshots": b.profile.commit_n},
         "results": results,
         "control": b.control,
-        "targets": evaluate_targets(med, b.control),
+        "targets": evaluate_targets(b.samples, b.control),
     }
 
 
@@ -218,32 +164,55 @@ def _fmt(v: float | None) -> str:
     return f"{v:.2f}" if v < 10 else f"{v:.1f}"
 
 
-def format_table(report: dict[str, Any]) -> str:
-    targets = {t["id"]: t for t in report["targets"]}
-    head = ["WORKLOAD", "TARGET", "MEDIAN", "UNIT", "SPREAD", "vs RAW", "vs QSD-RAW",
-            "vs QSD-QCOW2", "TARGET MET?"]
+COLUMNS = {"raw": "vs RAW", "qsd_raw": "vs QSD-RAW", "qsd_qcow2": "vs QSD-QCOW2",
+           "reflink": "vs REFLINK", "spx": "vs NO SNAP"}
+MAIN_COMPARATORS = ("raw", "qsd_raw", "qsd_qcow2")
+FS_COMPARATORS = ("raw", "qsd_qcow2", "reflink", "spx")
+
+
+def _table(rows_in: list[dict[str, Any]], targets: dict[str, dict[str, Any]],
+           comparators: tuple[str, ...], with_fs: bool) -> list[str]:
+    head = (["FS"] if with_fs else []) + [
+        "WORKLOAD", "TARGET", "CACHING", "MEDIAN", "UNIT", "SPREAD", "P50 us", "P99 us",
+        *[COLUMNS[c] for c in comparators], "TARGET MET?"]
+    left = {0, 1, 2} | ({3} if with_fs else set())     # text columns, and UNIT
+    unit_col = head.index("UNIT")
     rows = []
-    for r in report["results"]:
+    for r in rows_in:
         wl = WORKLOADS[r["workload"]][0] + (f", {PHASES[r['phase']]}" if PHASES[r["phase"]]
                                             else "")
-        tid = ROW_TARGETS.get((r["target"], r["workload"], r["phase"]))
-        mark = ""
-        if tid:
-            t = targets[tid]
-            mark = _target_mark(t)
-        spread = (max(r["samples"]) - min(r["samples"])) / r["median"] * 100
-        rows.append([wl, TARGETS[r["target"]], _fmt(r["median"]), r["unit"],
-                     f"{spread:.0f}%" if len(r["samples"]) > 1 else "-",
-                     *[_fmt(r["ratios"][c]) + ("x" if r["ratios"][c] else "")
-                       for c in COMPARATORS], mark])
-    rows.sort(key=lambda x: list(WORKLOADS.values()).index(
-        next(v for v in WORKLOADS.values() if x[0].startswith(v[0]))))
+        tid = ROW_TARGETS.get((r["target"], r["workload"], r["phase"], r["caching"],
+                               r["pool_fs"]))
+        rows.append(([r["pool_fs"]] if with_fs else []) + [
+            wl, TARGETS[r["target"]], CACHING[r["caching"]], _fmt(r["median"]), r["unit"],
+            f"{r['spread'] * 100:.0f}%" if len(r["samples"]) > 1 else "-",
+            _fmt(r["p50_us"]), _fmt(r["p99_us"]),
+            *[_fmt(r["ratios"][c]) + ("x" if r["ratios"][c] else "") for c in comparators],
+            mark(targets[tid]) if tid else ""])
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w) if i < 2 or i in (3, 8) else str(c).rjust(w)
+    lines = ["  ".join(str(c).ljust(w) if i in left or i in (unit_col, len(head) - 1)
+                       else str(c).rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths))).rstrip()
              for row in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_table(report: dict[str, Any]) -> str:
+    targets = {t["id"]: t for t in report["targets"]}
+    main = [r for r in report["results"] if not r["pool_fs"]]
+    on_fs = [r for r in report["results"] if r["pool_fs"]]
+    lines = _table(main, targets, MAIN_COMPARATORS, with_fs=False)
+    if on_fs:
+        lines += ["", "pool file systems (loop-mounted in the work directory; pool, raw image, "
+                  "qcow2 overlay and reflink copy on it):"]
+        lines += _table(on_fs, targets, FS_COMPARATORS, with_fs=True)
     c = report["control"]
+    for fs, x in (c.get("pool_fs") or {}).items():
+        if x.get("reflink"):
+            lines.append(f"{fs} pool: reflink copy (cp --reflink=always + fsync) " + ", ".join(
+                f"{e['extents']:,} extents {e['create_ms']:.1f} ms" for e in x["reflink"])
+                + f"; our snapshot.create {x['snapshot_create_median_ms']:.1f} ms (median)")
     cm, px, mem, rs = (c.get("commit"), c.get("plex_sync"), c.get("memory"), c.get("restart"))
     lines.append("")
     if cm:
@@ -285,24 +254,25 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append("targets:")
     for t in report["targets"]:
-        lines.append(f"  {_target_mark(t):22} {t['description']}")
+        lines.append(f"  {mark(t):26} {t['description']}")
     for s in report["skipped"]:
         what = "" if s["column"] == "generator" else f"column {s['column']} skipped: "
         lines.append(f"note: {what}{s['reason']}")
     m = report["machine"]
     code = report.get("code") or {}
+    cold = report["caching"].get("cold_resident_max_KiB")
+    lines.append(
+        "caching: O_DIRECT, cold = fio O_DIRECT, every file behind every target written back "
+        f"and evicted before each job, reads one pass (at most {cold:,.0f} KiB of those files "
+        "stayed cached); buffered, warm = fio "
+        "buffered, reads warmed first; qemu-storage-daemon cache.direct=off in both "
+        "(both daemons use the pool file system's page cache)")
     lines.append(f"code: shadowplex {code.get('package')} at {code.get('commit') or '?'}"
                  + (" + uncommitted data-path changes" if code.get("dirty") else ""))
     lines.append(f"{report['profile']} run, {report['runs']} runs, generator {report['generator']}"
                  f", {report['elapsed_s']:.0f} s, load average {m.get('loadavg_start')} -> "
                  f"{m.get('loadavg_end')}; MEDIAN of the runs, SPREAD = (max - min) / median, "
-                 "ratios = this row / the comparator")
+                 "P50/P99 = completion latency (median of the runs' percentiles), ratios = this "
+                 f"row / the comparator (same caching and pool); noisy = the runs disagree on "
+                 f"the target and a SPREAD > {NOISY_SPREAD:.0%}")
     return "\n".join(lines)
-
-
-def _target_mark(t: dict[str, Any]) -> str:
-    if t["value"] is None:
-        return "n/a"
-    v = t["value"]
-    shown = f"{v:.2f} ms" if t["id"] == "commit_median_ms" else f"x{v:.2f}"
-    return f"{'PASS' if t['met'] else 'FAIL'} ({shown})"

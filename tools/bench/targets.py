@@ -16,10 +16,11 @@ from .common import REPO, BenchError, _fuse_unmount, _mounted, _stop_proc, _wait
 class Daemon:
     """`shadowplex serve` on a pool, as a subprocess (its own session)."""
 
-    def __init__(self, base: str, pool: str, mnt: str, sock: str) -> None:
+    def __init__(self, base: str, pool: str, mnt: str, sock: str, name: str = "serve"
+                 ) -> None:
         self.base, self.pool, self.mnt, self.sock = base, pool, mnt, sock
         self.proc: subprocess.Popen | None = None
-        self.log_path = os.path.join(base, "serve.log")
+        self.log_path = os.path.join(base, f"{name}.log")
         self.starts = 0
 
     def start(self) -> float:

@@ -1,11 +1,14 @@
 """The I/O generators: one Job (a workload on a path) run by fio (tools/fio/*.fio) or by
 the built-in Python generator, which drives every target the same way when fio is
-missing; first_write_offsets is the replayed random permutation of chunks."""
+missing; first_write_offsets is the replayed random permutation of chunks. Every job
+reports its completion-latency percentiles (p50, p99): fio's clat percentiles, or the
+generator's own timing of each request."""
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import random
@@ -26,6 +29,7 @@ class Job:
     time_based: bool = True   # False: one pass over the region (or the replay log)
     replay: list[int] | None = None   # 4 KiB write offsets, in order (first/re-writes)
     replay_log: str | None = None     # the same as a fio iolog file
+    direct: bool = True       # O_DIRECT (a "direct" row) or buffered (a "cached" row)
 
 
 @dataclass
@@ -34,13 +38,24 @@ class JobResult:
     io_bytes: int
     ios: int
     seconds: float
+    p50_us: float = 0.0   # completion latency of one request: median
+    p99_us: float = 0.0   # and 99th percentile (microseconds)
 
 
-def _result(workload: str, io_bytes: int, ios: int, seconds: float) -> JobResult:
+def _result(workload: str, io_bytes: int, ios: int, seconds: float, p50_us: float,
+            p99_us: float) -> JobResult:
     seconds = max(seconds, 1e-6)
     unit = WORKLOADS[workload][1]
     value = io_bytes / MiB / seconds if unit == "MiB/s" else ios / seconds
-    return JobResult(value, io_bytes, ios, seconds)
+    return JobResult(value, io_bytes, ios, seconds, p50_us, p99_us)
+
+
+def _percentile(sorted_ns: list[int], q: float) -> float:
+    """The q-th percentile (nearest rank) of sorted latencies in ns, in microseconds."""
+    if not sorted_ns:
+        return 0.0
+    i = min(len(sorted_ns) - 1, max(0, math.ceil(q / 100 * len(sorted_ns)) - 1))
+    return sorted_ns[i] / 1000
 
 
 def write_iolog(path: str, offsets: list[int], bs: int = 4 * KiB) -> None:
@@ -85,6 +100,7 @@ def _run_group(cmd: list[str], env: dict[str, str], timeout: float
 def run_fio(job: Job, scratch: str) -> JobResult:
     label, _unit, jobfile, _bs, writes = WORKLOADS[job.workload]
     env = dict(os.environ, BENCH_FILE=job.path, BENCH_SIZE=str(job.size),
+               BENCH_DIRECT="1" if job.direct else "0",
                BENCH_RUNTIME=f"{max(1, int(job.runtime * 1000))}ms",
                BENCH_TIME_BASED="1" if job.time_based else "0")
     if job.replay is not None:
@@ -110,16 +126,19 @@ def run_fio(job: Job, scratch: str) -> JobResult:
                          f"error {j.get('error')}): {res.stderr.strip()[-400:]}")
     side = j["write" if writes else "read"]
     seconds = (j.get("job_runtime") or side.get("runtime") or 0) / 1000
-    return _result(job.workload, int(side["io_bytes"]), int(side["total_ios"]), seconds)
+    # clat: for psync the whole pread/pwrite (submission latency is nil), what QD1 waits
+    pct = (side.get("clat_ns") or {}).get("percentile") or {}
+    return _result(job.workload, int(side["io_bytes"]), int(side["total_ios"]), seconds,
+                   float(pct.get("50.000000", 0)) / 1000, float(pct.get("99.000000", 0)) / 1000)
 
 
 def run_python(job: Job, scratch: str = "") -> JobResult:
     """The built-in generator (no fio): the same patterns, one synchronous request at a
-    time, O_DIRECT when the file system accepts it."""
+    time, O_DIRECT (job.direct) when the file system accepts it."""
     _label, _unit, _jobfile, bs, writes = WORKLOADS[job.workload]
     flags = os.O_RDWR if writes else os.O_RDONLY
     try:
-        fd = os.open(job.path, flags | getattr(os, "O_DIRECT", 0))
+        fd = os.open(job.path, flags | (getattr(os, "O_DIRECT", 0) if job.direct else 0))
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
@@ -132,6 +151,8 @@ def run_python(job: Job, scratch: str = "") -> JobResult:
     sequential = job.workload.startswith("seq")
     ios = done = 0
     off = 0
+    lat: list[int] = []
+    clock = time.perf_counter_ns
     t0 = time.perf_counter()
     deadline = t0 + job.runtime
     try:
@@ -149,7 +170,9 @@ def run_python(job: Job, scratch: str = "") -> JobResult:
                 if not job.time_based and done >= job.size:
                     break
                 off = rnd.randrange(nblocks) * bs
+            t_io = clock()
             n = os.pwrite(fd, buf, off) if writes else os.preadv(fd, [buf], off)
+            lat.append(clock() - t_io)
             if n <= 0:
                 raise BenchError(f"short {'write' if writes else 'read'} at {off} of "
                                  f"{job.path}")
@@ -163,4 +186,5 @@ def run_python(job: Job, scratch: str = "") -> JobResult:
     finally:
         os.close(fd)
         buf.close()
-    return _result(job.workload, done, ios, seconds)
+    lat.sort()
+    return _result(job.workload, done, ios, seconds, _percentile(lat, 50), _percentile(lat, 99))

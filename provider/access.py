@@ -1,0 +1,107 @@
+"""Who may do what through the control API: a session acts for one host, and LUN masking
+says which LUNs that host sees (issue 15: masking is a security boundary).
+
+Two kinds of session:
+
+* **local** (the Unix socket: root, mode 0600). Its host is what `hello` says
+  (`--host`). A session of the array's own host is the array's administrator: anything
+  goes. A session of another host may name only the snapshots presented to that host
+  or made by its own requester (an expose, unexpose, delete, revert... of a snapshot
+  imported to hostB is refused to hostC, as VSS_E_OBJECT_NOT_FOUND: it does not see
+  it; hostA, whose set it is, may still show and delete it).
+* **remote** (the TLS control port). Its host is its client certificate's CN, never a
+  claim. Besides the snapshot rule: the volumes it names must be presented to it,
+  administration (creating, resizing, deleting and presenting volumes, check, scrub,
+  deleting all or the oldest snapshots of a context) is refused (E_ACCESSDENIED),
+  and listings show only what it sees.
+
+Refusals change nothing: they happen before the operation's handler runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .masking import LunMasking
+from .vss import VssError
+
+# what only the array's own host may do
+ADMIN_OPS = frozenset({"volume.create", "volume.resize", "volume.delete", "volume.present",
+                       "check", "scrub"})
+# ops naming a snapshot or a set by id (set.add/do/abort and end_backup check that the
+# set is the session's own: Coordinator.own_set)
+SNAPSHOT_ARGS = ("snapshot_id",)
+SET_OPS = frozenset({"snapshot.delete", "snapshot.show", "snapshot.list", "export"})
+LISTINGS = frozenset({"volume.list", "snapshot.list", "set.list"})
+
+
+class Access:
+    def __init__(self, masking: LunMasking, snapshots_of_set: Any, creator_of: Any) -> None:
+        """snapshots_of_set(set_id) -> the snapshot ids of a set (empty if unknown);
+        creator_of(snapshot_id) -> the host whose requester created its set, or None."""
+        self.masking = masking
+        self.snapshots_of_set = snapshots_of_set
+        self.creator_of = creator_of
+
+    def admin(self, host: str, remote: bool) -> bool:
+        return not remote and host == self.masking.service_machine
+
+    def check(self, host: str, remote: bool, op: str, args: dict[str, Any]) -> None:
+        """Raise (before anything happens) if a session of `host` may not do `op` with
+        these arguments. Unknown or malformed arguments are the handler's to refuse."""
+        if self.admin(host, remote):
+            return
+        if remote and op in ADMIN_OPS:
+            raise VssError("E_ACCESSDENIED", f"{op}: only the array's own host "
+                           f"({self.masking.service_machine}) may do that; this session "
+                           f"is host {host} (its certificate)")
+        if remote and op == "snapshot.delete" and (args.get("all") or args.get("oldest")
+                                                   or args.get("context")):
+            raise VssError("E_ACCESSDENIED", "snapshot.delete of all or the oldest "
+                           "snapshots is the array's own host's to do; name the snapshot "
+                           "or the set")
+        for key in SNAPSHOT_ARGS:
+            sid = args.get(key)
+            if isinstance(sid, str):
+                self._visible(host, [sid.strip("{}").lower()], "snapshot")
+        if op in SET_OPS:
+            set_id = args.get("set_id")
+            if isinstance(set_id, str):
+                self._visible(host, self.snapshots_of_set(set_id.strip("{}").lower()),
+                              f"snapshot of set {set_id}")
+        if remote:
+            names: list[str] = []
+            for key in ("volume", "volumes", "name"):
+                v = args.get(key)
+                if key == "name" and op not in ("volume.resize", "volume.delete"):
+                    continue
+                names += [v] if isinstance(v, str) else \
+                    [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+            self._visible(host, names, "volume")
+
+    def _visible(self, host: str, luns: Iterable[str], what: str) -> None:
+        """Each LUN is presented to host -- or, a snapshot, was made by its requester
+        (the host that created a transportable set still shows and deletes it after
+        another host imported it, as the VSS transport sequence has it)."""
+        for lun in luns:
+            if host not in self.masking.hosts_of(lun) and (
+                    what == "volume" or self.creator_of(lun) != host):
+                raise VssError("VSS_E_OBJECT_NOT_FOUND",
+                               f"no {what} {lun} for host {host}")
+
+    def filter(self, host: str, remote: bool, op: str, result: Any) -> Any:
+        """A listing as a remote host may see it: only the LUNs presented to it."""
+        if not remote or op not in LISTINGS or not isinstance(result, list):
+            return result
+
+        def sees(item: Any) -> bool:
+            if not isinstance(item, dict):
+                return False
+            if op == "volume.list":
+                return host in self.masking.hosts_of(str(item.get("name")))
+            if op == "snapshot.list":
+                return host in self.masking.hosts_of(str(item.get("snapshot_id")))
+            sids = self.snapshots_of_set(str(item.get("set_id")))
+            return bool(sids) and all(host in self.masking.hosts_of(s) for s in sids)
+        return [x for x in result if sees(x)]

@@ -1,0 +1,212 @@
+"""The NBD port between machines: the array and each client host in a network namespace
+of its own (tests/netns.py), TLS with certificates from `shadowplex pki`, a host's
+identity its certificate's CN, LUN masking as the boundary. Clients: nbdinfo and
+nbdcopy (libnbd, GnuTLS) and qemu-img (QEMU's TLS objects)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import xxhash
+from conftest import require_kernel
+from harness import Daemon, start_daemon
+from netns import Hosts, hosts
+from support import ROOT, spx
+
+from blockstore import Pool
+
+pytestmark = pytest.mark.kernel
+MiB = 1 << 20
+
+
+@dataclass
+class Net:
+    d: Daemon
+    net: Hosts
+    port: int
+    pki: Path                      # the array's directory (CA + server)
+    clients: dict[str, Path]       # host -> its client directory
+    control_port: int
+
+    def cli(self, host: str, *args: str, certs: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """`shadowplex --array ADDR:PORT --tls-dir DIR args...` run on `host`."""
+        return self.net.run(host, "env", f"PYTHONPATH={ROOT}", sys.executable, "-m",
+                            "tools.cli", "--array",
+                            f"{self.net.addr['array']}:{self.control_port}", "--tls-dir",
+                            str(certs or self.clients[host]), *args, timeout=60)
+
+    def uri(self, export: str = "", tls: bool = True) -> str:
+        scheme = "nbds" if tls else "nbd"
+        return f"{scheme}://{self.net.addr['array']}:{self.port}/{export}"
+
+    def nbdinfo(self, host: str, *args: str, export: str = "", certs: Path | None = None
+                ) -> subprocess.CompletedProcess[str]:
+        """nbdinfo ARGS URI on `host` with its certificates (libnbd 1.14 takes the
+        directory in the URI's tls-certificates query)."""
+        cert_dir = certs if certs is not None else self.clients[host]
+        return self.net.run(host, "nbdinfo", *args,
+                            f"{self.uri(export)}?tls-certificates={cert_dir}", timeout=30)
+
+
+def _port(d: Daemon, what: str) -> int:
+    """The port the daemon opened for `what` ("NBD", "control"): it was asked for 0."""
+    for _ in range(200):
+        m = re.search(rf"{what} port open on [0-9.]+:(\d+)", d.log_text())
+        if m:
+            return int(m.group(1))
+        time.sleep(0.05)
+    raise AssertionError(f"no '{what} port open' line:\n{d.log_text()}")
+
+
+def _pki(*args: str) -> None:
+    res = spx("pki", *args)
+    assert res.returncode == 0, (args, res.stdout, res.stderr)
+
+
+@pytest.fixture
+def tls_array(tmp_path: Path, sockdir: str) -> Iterator[Net]:
+    require_kernel()
+    for tool in ("nbdinfo", "nbdcopy", "qemu-img", "nsenter"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (make setup installs it)")
+    pki = tmp_path / "pki"
+    with hosts("array", "hostB", "hostC") as net:
+        _pki("init", str(pki), "--server-name", net.addr["array"])
+        clients = {}
+        for h in ("hostB", "hostC"):
+            clients[h] = tmp_path / f"client-{h}"
+            _pki("host", h, str(clients[h]), "--ca", str(pki))
+        pool = Pool.create(str(tmp_path / "pool"))
+        pool.create_volume("db", 16 * MiB)
+        pool.write("db", 0, os.urandom(2 * MiB))
+        pool.create_volume("logs", 8 * MiB)
+        pool.close()
+        d = start_daemon(tmp_path, sockdir, {}, config={
+            "nbd_listen": f"{net.addr['array']}:0", "tls_dir": str(pki),
+            "control_listen": f"{net.addr['array']}:0"}, netns=net.ns["array"])
+        try:
+            d.ok("volume", "present", "db", "--to", "hostB")
+            yield Net(d, net, _port(d, "NBD"), pki, clients, _port(d, "control"))
+        finally:
+            d.stop()
+
+
+def test_a_host_sees_and_reads_exactly_what_is_presented_to_it(tls_array: Net,
+                                                               tmp_path: Path) -> None:
+    t = tls_array
+    res = t.nbdinfo("hostB", "--list", "--json")
+    assert res.returncode == 0, res.stderr
+    assert {e["export-name"] for e in json.loads(res.stdout)["exports"]} == {"volumes/db"}
+    out = tmp_path / "db.raw"
+    # nbdcopy takes the certificates in the URI (tls-certificates=DIR query)
+    uri = t.uri("volumes/db") + f"?tls-certificates={t.clients['hostB']}"
+    res = t.net.run("hostB", "nbdcopy", uri, str(out), timeout=60)
+    assert res.returncode == 0, res.stderr
+    with open(os.path.join(t.d.mount, "hosts", "hostB", "volumes", "db.img"), "rb") as f:
+        assert xxhash.xxh3_64_intdigest(out.read_bytes()) == \
+            xxhash.xxh3_64_intdigest(f.read())
+    # hostC: nothing listed, and db cannot be opened even by its name
+    res = t.nbdinfo("hostC", "--list", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["exports"] == []
+    res = t.nbdinfo("hostC", export="volumes/db")
+    assert res.returncode != 0
+    # logs is the array's own host's only: hostB cannot open it
+    res = t.nbdinfo("hostB", export="volumes/logs")
+    assert res.returncode != 0
+
+
+def test_plain_text_and_foreign_certificates_are_refused(tls_array: Net,
+                                                         tmp_path: Path) -> None:
+    t = tls_array
+    res = t.net.run("hostB", "nbdinfo", t.uri("volumes/db", tls=False), timeout=30)
+    assert res.returncode != 0 and "TLS" in (res.stderr + res.stdout)
+    other = tmp_path / "other-ca"
+    _pki("init", str(other))
+    _pki("host", "hostB", str(tmp_path / "forged-B"), "--ca", str(other))
+    res = t.nbdinfo("hostB", export="volumes/db", certs=tmp_path / "forged-B")
+    assert res.returncode != 0
+    assert "NBD port" in t.d.log_text()
+
+
+def test_an_expired_certificate_is_refused(tls_array: Net, tmp_path: Path) -> None:
+    t = tls_array
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    ca_key = serialization.load_pem_private_key((t.pki / "ca-key.pem").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((t.pki / "ca-cert.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostB")]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(past - datetime.timedelta(days=1)).not_valid_after(past)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .sign(ca_key, hashes.SHA256()))   # type: ignore[arg-type]
+    d = tmp_path / "expired"
+    d.mkdir()
+    (d / "ca-cert.pem").write_bytes((t.pki / "ca-cert.pem").read_bytes())
+    (d / "client-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "client-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    os.chmod(d / "client-key.pem", 0o600)
+    res = t.nbdinfo("hostB", export="volumes/db", certs=d)
+    assert res.returncode != 0
+
+
+def test_qemu_img_reads_a_volume_over_tls(tls_array: Net, tmp_path: Path) -> None:
+    """QEMU's own TLS client (tls-creds-x509, the same directory layout) as hostB."""
+    t = tls_array
+    res = t.net.run("hostB", "qemu-img", "convert", "-O", "raw",
+                    "--object", f"tls-creds-x509,id=tls0,endpoint=client,"
+                    f"dir={t.clients['hostB']}",
+                    "--image-opts", f"driver=nbd,host={t.net.addr['array']},"
+                    f"port={t.port},export=volumes/db,tls-creds=tls0",
+                    str(tmp_path / "db.raw"), timeout=60)
+    assert res.returncode == 0, res.stderr
+    with open(os.path.join(t.d.mount, "hosts", "hostB", "volumes", "db.img"), "rb") as f:
+        assert (tmp_path / "db.raw").read_bytes() == f.read()
+
+
+def test_the_control_api_over_tls_acts_for_the_certificate_s_host(tls_array: Net) -> None:
+    t = tls_array
+    res = t.cli("hostB", "volume", "list", "--json")
+    assert res.returncode == 0, res.stderr
+    assert [v["name"] for v in json.loads(res.stdout)] == ["db"]   # logs is not its
+    res = t.cli("hostB", "snapshot", "create", "db", "--json")
+    assert res.returncode == 0, res.stderr
+    sid = json.loads(res.stdout)["snapshots"][0]["snapshot_id"]
+    res = t.cli("hostB", "snapshot", "list", "--json")
+    assert [s["id"] for s in json.loads(res.stdout)] == [sid]
+    # administration and other hosts' LUNs: refused, one line, nothing changed
+    res = t.cli("hostB", "volume", "create", "mine", "1M")
+    assert res.returncode != 0 and "E_ACCESSDENIED" in res.stderr, res.stderr
+    res = t.cli("hostB", "snapshot", "create", "logs")
+    assert res.returncode != 0 and "logs" in res.stderr
+    res = t.cli("hostC", "snapshot", "show", sid)
+    assert res.returncode != 0 and "VSS_E_OBJECT_NOT_FOUND" in res.stderr
+    res = t.cli("hostC", "snapshot", "delete", sid)
+    assert res.returncode != 0
+    res = t.cli("hostC", "--host", "hostB", "snapshot", "list")   # a claim is no proof
+    assert res.returncode != 0 and "E_ACCESSDENIED" in res.stderr
+    assert [v["name"] for v in t.d.json("volume", "list")] == ["db", "logs"]
+    assert [s["id"] for s in t.d.json("snapshot", "list")] == [sid]
+    res = t.cli("hostB", "snapshot", "delete", sid)
+    assert res.returncode == 0, res.stderr
+    assert t.d.json("snapshot", "list") == []
