@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import MKFS, mounted_fs
+from support import MKFS, mounted_fs, run_cmd
+
+from fuse_mount import loopdev
 
 MiB = 1 << 20
 # sparse: only what mkfs and the tests write takes room (XFS's log: 64 MiB). mkfs.xfs
@@ -91,6 +93,33 @@ def loop_filesystem(fstype: str, parent: Path) -> Iterator[Path]:
             yield mnt
     finally:
         os.unlink(image)   # a loop device still busy keeps it until it goes
+
+
+def backing_image(mnt: Path) -> str:
+    """The file behind the loop device mounted at `mnt`."""
+    dev = next(src for mp, _, src in loopdev.mountinfo() if mp == str(mnt))
+    image = loopdev.backing_file(dev)
+    assert image is not None, f"{dev} (mounted at {mnt}) is not a loop device"
+    return image.removesuffix(loopdev.DELETED)
+
+
+@contextlib.contextmanager
+def crash_image(mnt: Path, fstype: str, parent: Path) -> Iterator[Path]:
+    """What a crash now would leave of the loop filesystem mounted at `mnt`: a copy of
+    its backing file as it is (whatever the filesystem has sent to the device, nothing
+    it still holds in memory: dirty pages, log records not yet written), mounted at
+    parent/<fstype>-crash, which replays the filesystem's log as after a power cut.
+    (The device keeps every write it received, flushed or not: a kind disk.)"""
+    copy = backing_image(mnt) + ".crash"
+    run_cmd("cp", "--sparse=always", backing_image(mnt), copy)
+    try:
+        target = parent / f"{fstype}-crash"
+        # XFS refuses a second filesystem with the same UUID unless told
+        with mounted_fs(copy, target, fstype, mkfs=False,
+                        options="nouuid" if fstype == "xfs" else None):
+            yield target
+    finally:
+        os.unlink(copy)
 
 
 # -- FIEMAP: which blocks back a file (linux/fiemap.h) ----------------------------------------

@@ -98,14 +98,17 @@ MKFS = {
 
 
 @contextlib.contextmanager
-def mounted_fs(image: str, target: Path, fstype: str = "ext4") -> Iterator[str]:
-    """A loop device on `image` with a fresh `fstype` filesystem (MKFS), mounted
-    read-write at `target`; unmounted and detached again however the block ends."""
+def mounted_fs(image: str, target: Path, fstype: str = "ext4", mkfs: bool = True,
+               options: str | None = None) -> Iterator[str]:
+    """A loop device on `image` with a fresh `fstype` filesystem (MKFS; mkfs=False: the
+    one it holds), mounted read-write at `target` (with mount `options`); unmounted and
+    detached again however the block ends."""
     dev = loopdev.attach(image, read_only=False)
     try:
-        run_cmd(*MKFS[fstype], dev)
+        if mkfs:
+            run_cmd(*MKFS[fstype], dev)
         target.mkdir(parents=True, exist_ok=True)
-        run_cmd("mount", dev, str(target))
+        run_cmd("mount", *(["-o", options] if options else []), dev, str(target))
         try:
             yield dev
         finally:

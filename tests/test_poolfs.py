@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from poolfs import loop_filesystem, on_filesystems
+from poolfs import backing_image, loop_filesystem, on_filesystems
 from support import MKFS, need
 
 from blockstore import Pool
@@ -85,10 +85,7 @@ def test_loop_filesystem_is_gone_after_a_failure(tmp_path, exc, hold_a_file):
     need(MKFS["xfs"][0])
     held = None
     with pytest.raises(exc), loop_filesystem("xfs", tmp_path) as mnt:
-        image = loopdev.backing_file(next(
-            src for mp, _, src in loopdev.mountinfo() if mp == str(mnt)))
-        assert image is not None
-        image = image.removesuffix(loopdev.DELETED)
+        image = backing_image(mnt)
         if hold_a_file:      # what a failed test's open pool does: umount says EBUSY
             held = open(mnt / "f", "wb")   # noqa: SIM115 - open past the block on purpose
         raise exc()

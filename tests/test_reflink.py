@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from poolfs import extents, fs_param, loop_filesystem, on_filesystems, physical
+from poolfs import crash_image, extents, fs_param, loop_filesystem, on_filesystems, physical
 from support import MKFS, need
 
 from blockstore import Faults, Pool, errors, model
@@ -182,6 +182,46 @@ def test_a_power_cut_at_each_point_of_a_cloning_write(pool_tmp, point):
     finally:
         pc.stop()
         if pool is not None:
+            pool.abandon()
+
+
+@pytest.mark.parametrize("fstype", [fs_param("xfs"), fs_param("btrfs")])
+@pytest.mark.parametrize("point", ["cow.data_synced", "cow.map_synced", None])
+def test_a_crash_image_of_the_device_at_each_point_reads_right(tmp_path, fstype, point):
+    """The kernel's side of the crash ordering, which the power-cut emulation takes on
+    trust: that fdatasync of the diff data makes the clone (an extent-map change, not
+    data) durable. A 1 MiB cloning overwrite stops at `point` (None: its flush completes);
+    the loop device's content at that instant is copied and mounted (log recovery, as
+    after a power cut): check() is clean, the snapshot reads OLD, the volume its last
+    flushed content. A file written without fsync just before is not there: the copy
+    really is a crash image. (Checked: without the diff data's fdatasync after a clone,
+    btrfs loses the clone here -- the map file's fsync does not cover it -- while XFS's
+    log force of the map file happens to carry it.)"""
+    need(MKFS[fstype][0])
+    faults = Faults()
+    with loop_filesystem(fstype, tmp_path) as mnt:
+        pool, s = _snapped(str(mnt / "p"), faults)
+        try:
+            if point is not None:
+                faults.arm_crash(point)
+            pool.write("v", 0, NEW[:RUN])
+            assert len(_slots(_diff(pool), UNSUMMED)) == RUN // CS
+            try:
+                pool.flush("v")
+            except errors.SimulatedCrash:
+                assert point is not None
+            (mnt / "unsynced").write_bytes(b"u" * 65536)
+            with crash_image(mnt, fstype, tmp_path) as crashed:
+                assert not (crashed / "unsynced").exists() \
+                    or (crashed / "unsynced").read_bytes() != b"u" * 65536
+                after = Pool.open(str(crashed / "p"))
+                try:
+                    assert after.check() == []
+                    assert after.read(s, 0, 2 * MiB) == OLD
+                    assert after.read("v", 0, RUN) == (OLD if point else NEW)[:RUN]
+                finally:
+                    after.close()
+        finally:
             pool.abandon()
 
 
