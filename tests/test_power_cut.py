@@ -35,7 +35,7 @@ so what the recovery repairs must be durable too. The pools live on /dev/shm whe
 has room (SHADOWPLEX_POWERCUT_DIR overrides): the emulation needs no real syncs. Both
 sweeps run again with the pools on a loop-mounted XFS (reflink=1) and btrfs
 (tests/poolfs.py), where the engine preserves chunks by reference (issue 14); btrfs
-without the three-operation sample in CI; about 40 s more in CI, and three times the
+without the three-operation sample in CI; about 30 s more in CI, and three times the
 long profile.
 
 CI profile (about 30 s here): both starting states, every sequence of up to two
