@@ -30,7 +30,8 @@
    ``@pytest.mark.daemon_log_expects(r"regex", ...)``, or a FUSE request from one of a
    daemon's own threads (tests/fuse_self_guard.py) fails the test, with the lines.
 
-4. Fixtures shared by several suites (``sockdir``); helpers shared by several suites are
+4. Fixtures shared by several suites (``sockdir``; ``pool_fs`` and ``pool_tmp``: pools on
+   loop-mounted XFS, btrfs or ext4, see tests/poolfs.py); helpers shared by several suites are
    in tests/support.py, tests/harness.py, tests/provider_env.py and tests/engine_model.py
    -- test files do not import each other.
 """
@@ -84,9 +85,10 @@ def kernel_missing() -> list[str]:
     return reasons
 
 
-def require_kernel() -> None:
-    """Skip (or, with SHADOWPLEX_REQUIRE_KERNEL=1, fail) unless kernel tests can run."""
-    reasons = kernel_missing()
+def require_kernel(also_missing: list[str] | None = None) -> None:
+    """Skip (or, with SHADOWPLEX_REQUIRE_KERNEL=1, fail) unless kernel tests can run;
+    `also_missing`: what else the calling test lacks (a mkfs tool, say)."""
+    reasons = kernel_missing() + (also_missing or [])
     if not reasons:
         return
     msg = "kernel test needs root, /dev/fuse and loop devices: " + "; ".join(reasons)
@@ -421,6 +423,40 @@ def sockdir() -> Iterator[str]:
     """A directory for a control socket, outside tmp_path: a Unix socket's path is at most
     107 bytes, and pytest's tmp_path can be longer than that."""
     d = tempfile.mkdtemp(prefix="spx-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pool_fs(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path | None]:
+    """Where the pools of a test parametrized with tests/poolfs.on_filesystems live:
+    None for "tmp" (the suite's usual place), else the mount point of a fresh filesystem
+    of that type on a loop device, shared by the module's tests of that parameter and
+    unmounted and detached after them (also after a failure or Ctrl-C). Meanwhile pools
+    on XFS preserve every whole chunk by reference, as on btrfs (poolfs.CLONE_EVERY_CHUNK)."""
+    fstype = getattr(request, "param", "tmp")
+    if fstype == "tmp":
+        yield None
+        return
+    # here, not at the top: this conftest also runs copied into pytester sessions
+    # (test_leak_guard.py) where the tests' helper modules are not importable
+    from poolfs import CLONE_EVERY_CHUNK, loop_filesystem, missing_tools
+    require_kernel(missing_tools(fstype))
+    with loop_filesystem(fstype, tmp_path_factory.mktemp(f"fs-{fstype}")) as mnt, \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(*CLONE_EVERY_CHUNK)
+        yield mnt
+
+
+@pytest.fixture
+def pool_tmp(pool_fs: Path | None, tmp_path: Path) -> Iterator[Path]:
+    """tmp_path for a test's pools: tmp_path itself for "tmp", else a fresh directory on
+    pool_fs's filesystem, removed afterwards (the filesystem is small and shared)."""
+    if pool_fs is None:
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="t-", dir=pool_fs))
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

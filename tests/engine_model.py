@@ -76,9 +76,11 @@ def _chunks(buf: bytes | bytearray) -> list[bytes]:
 
 
 class EngineModel(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    def __init__(self, base: str | None = None) -> None:
+        """base: the directory the pool goes in (a loop filesystem, tests/poolfs.py);
+        None: the system's temporary directory."""
         super().__init__()
-        self.dir = tempfile.mkdtemp(prefix="spx-model-")
+        self.dir = tempfile.mkdtemp(prefix="spx-model-", dir=base)
         self.faults = Faults()
         self.pool = Pool.create(self.dir + "/pool", chunk_size=CS, faults=self.faults)
         self.pool.create_volume("v", SIZE)

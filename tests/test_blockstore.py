@@ -1,4 +1,5 @@
-"""The block store engine: pure logic on real files (no kernel parts needed)."""
+"""The block store engine: pure logic on real files (no kernel parts needed, except for
+the crash tests' runs with their pools on loop-mounted filesystems: tests/poolfs.py)."""
 
 import errno
 import json
@@ -9,6 +10,7 @@ import subprocess
 
 import pytest
 import xxhash
+from poolfs import on_filesystems
 
 from blockstore import Faults, Pool, errors
 from blockstore import format as fmt
@@ -16,6 +18,9 @@ from blockstore.format import FORMAT_VERSION
 
 CS = 4096
 MiB = 1 << 20
+# the crash tests run with their pools in tmp_path and on XFS (reflink), btrfs and ext4
+# loop filesystems (issue 14: preservation by reference must keep the crash ordering)
+ON_FS = on_filesystems("xfs", "btrfs", "ext4")
 
 
 @pytest.fixture
@@ -414,10 +419,11 @@ def test_plex_eio_fails_plex_not_origin(tmp_path):
 CRASH_POINTS = ["cow.data_written", "cow.data_synced", "cow.map_written", "cow.map_synced"]
 
 
+@ON_FS
 @pytest.mark.parametrize("point", CRASH_POINTS)
-def test_crash_during_copy_before_write(tmp_path, point):
+def test_crash_during_copy_before_write(pool_tmp, point):
     faults = Faults()
-    pool = Pool.create(str(tmp_path / "p"), chunk_size=CS, faults=faults)
+    pool = Pool.create(str(pool_tmp / "p"), chunk_size=CS, faults=faults)
     pool.create_volume("v", MiB)
     pool.write("v", 0, b"o" * (4 * CS))
     a = snap(pool, "v")
@@ -435,11 +441,12 @@ def test_crash_during_copy_before_write(tmp_path, point):
     pool.close()
 
 
+@ON_FS
 @pytest.mark.parametrize("point,committed", [("commit.before_record", False),
                                              ("commit.after_record", True)])
-def test_crash_around_commit(tmp_path, point, committed):
+def test_crash_around_commit(pool_tmp, point, committed):
     faults = Faults()
-    pool = Pool.create(str(tmp_path / "p"), chunk_size=CS, faults=faults)
+    pool = Pool.create(str(pool_tmp / "p"), chunk_size=CS, faults=faults)
     pool.create_volume("v", MiB)
     pool.create_volume("w", MiB)
     pool.write("v", 0, b"1" * CS)
@@ -463,10 +470,11 @@ def test_crash_around_commit(tmp_path, point, committed):
     pool.close()
 
 
+@ON_FS
 @pytest.mark.parametrize("point", ["gc.map_written", "gc.map_synced", "delete.after_record"])
-def test_crash_during_delete(tmp_path, point):
+def test_crash_during_delete(pool_tmp, point):
     faults = Faults()
-    pool = Pool.create(str(tmp_path / "p"), chunk_size=CS, faults=faults)
+    pool = Pool.create(str(pool_tmp / "p"), chunk_size=CS, faults=faults)
     pool.create_volume("v", MiB)
     pool.write("v", 0, b"1" * (4 * CS))
     a = snap(pool, "v")
@@ -485,9 +493,10 @@ def test_crash_during_delete(tmp_path, point):
     pool.close()
 
 
-def test_crash_during_promote(tmp_path):
+@ON_FS
+def test_crash_during_promote(pool_tmp):
     faults = Faults()
-    pool = Pool.create(str(tmp_path / "p"), chunk_size=CS, faults=faults)
+    pool = Pool.create(str(pool_tmp / "p"), chunk_size=CS, faults=faults)
     pool.create_volume("v", MiB)
     pool.write("v", 0, b"1" * (4 * CS))
     a = snap(pool, "v")
@@ -628,11 +637,12 @@ def luns(pool):
     return sorted(os.listdir(os.path.join(pool.path, "luns")))
 
 
+@ON_FS
 @pytest.mark.parametrize("point,grown", [("resize.image_sized", False),
                                          ("resize.recorded", True)])
-def test_crash_during_grow(tmp_path, point, grown):
+def test_crash_during_grow(pool_tmp, point, grown):
     """Image sized, catalog not (or both): open sizes the image to the catalog."""
-    pool, faults = crashing_pool(tmp_path)
+    pool, faults = crashing_pool(pool_tmp)
     pool.create_volume("v", MiB)
     pool.write("v", MiB - CS, b"e" * CS)
     s = snap(pool, "v")
@@ -672,10 +682,11 @@ A_CONTENT = b"1" * (4 * CS) + bytes(MiB - 4 * CS)
 B_HEAD = b"1" * CS + b"2" * (2 * CS) + b"1" * CS
 
 
+@ON_FS
 @pytest.mark.parametrize("point", ["revert.recorded", "cow.map_written", "revert.copied",
                                    "resize.image_sized", "resize.recorded", "revert.flushed"])
-def test_crash_during_revert_is_finished_at_open(tmp_path, point):
-    pool, faults, a, b = revert_setup(tmp_path)
+def test_crash_during_revert_is_finished_at_open(pool_tmp, point):
+    pool, faults, a, b = revert_setup(pool_tmp)
     faults.arm_crash(point)
     with pytest.raises(errors.SimulatedCrash):
         pool.revert("v", a)
@@ -690,9 +701,10 @@ def test_crash_during_revert_is_finished_at_open(tmp_path, point):
     pool.close()
 
 
-def test_crash_while_finishing_a_revert(tmp_path):
+@ON_FS
+def test_crash_while_finishing_a_revert(pool_tmp):
     """Recovery itself crashes (inside the resumed revert): the next open finishes it."""
-    pool, faults, a, b = revert_setup(tmp_path)
+    pool, faults, a, b = revert_setup(pool_tmp)
     faults.arm_crash("revert.copied")
     with pytest.raises(errors.SimulatedCrash):
         pool.revert("v", a)
@@ -709,11 +721,12 @@ def test_crash_while_finishing_a_revert(tmp_path):
     pool.close()
 
 
-def test_interrupted_shrink_alone_is_safe(tmp_path):
+@ON_FS
+def test_interrupted_shrink_alone_is_safe(pool_tmp):
     """The image-shorter direction of open's size reconciliation, without the revert's
     roll-forward: the catalog keeps the old size, the tail reads zeros (what the revert
     had discarded) and the snapshot that needs the old tail reads it from the diff area."""
-    pool, faults, a, b = revert_setup(tmp_path)
+    pool, faults, a, b = revert_setup(pool_tmp)
     faults.arm_crash("resize.image_sized")
     with pytest.raises(errors.SimulatedCrash):
         pool.revert("v", a)
@@ -797,8 +810,9 @@ def test_failed_revert_is_not_resumed(tmp_path):
     pool.close()
 
 
-def test_crash_during_plex_sync_drops_the_plex(tmp_path):
-    pool, faults = crashing_pool(tmp_path)
+@ON_FS
+def test_crash_during_plex_sync_drops_the_plex(pool_tmp):
+    pool, faults = crashing_pool(pool_tmp)
     pool.create_volume("v", 4 * MiB)
     pool.write("v", 0, b"a" * MiB)
     pool.write("v", 3 * MiB, b"b" * CS)
@@ -818,13 +832,14 @@ def test_crash_during_plex_sync_drops_the_plex(tmp_path):
     pool.close()
 
 
+@ON_FS
 @pytest.mark.parametrize("kind,point,happened", [
     ("differential", "promote.copied", False),
     ("differential", "split.promoted", False),
     ("differential", "split.recorded", True),
     ("plex", "split.recorded", True)])
-def test_crash_during_split_happened_or_not(tmp_path, kind, point, happened):
-    pool, faults = crashing_pool(tmp_path)
+def test_crash_during_split_happened_or_not(pool_tmp, kind, point, happened):
+    pool, faults = crashing_pool(pool_tmp)
     pool.create_volume("v", MiB)
     pool.write("v", 0, b"s" * (4 * CS))
     s = snap(pool, "v", kind)
@@ -919,10 +934,11 @@ def test_qemu_img_sees_raw_images(tmp_path):
         assert info["format"] == "raw" and info["virtual-size"] == 3 * MiB, info
 
 
-def test_interrupted_revert_to_a_lost_snapshot_is_dropped(tmp_path, caplog):
+@ON_FS
+def test_interrupted_revert_to_a_lost_snapshot_is_dropped(pool_tmp, caplog):
     """The revert's source became invalid (its diff area failed) before the roll-forward:
     open logs it, drops the record and leaves the volume as it was; the pool is clean."""
-    pool, faults, a, b = revert_setup(tmp_path)
+    pool, faults, a, b = revert_setup(pool_tmp)
     faults.arm_crash("revert.copied")
     with pytest.raises(errors.SimulatedCrash):
         pool.revert("v", a)
