@@ -128,6 +128,12 @@ class ProviderCatalog:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
+        # before WAL is entered: the WAL index then lives in this process's heap, not in
+        # an mmap'ed -shm file -- on a full copy-on-write file system (btrfs) a store to
+        # an mmap'ed page that needs a new block kills the process with SIGBUS, where a
+        # write(2) fails ENOSPC (SQLITE_FULL). One process owns the pool anyway (flock);
+        # the price: no other process can read the database while it is open.
+        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)

@@ -2,8 +2,8 @@
 promises (docs/reliability.md): a volume write never fails for want of snapshot room --
 the oldest snapshot is deleted instead -- and a full filesystem is an error the pool
 reports, not the end of the process. test_faults_real.py holds them on a tiny ext4;
-these are the two ways XFS and btrfs break them today, pinned as strict xfails, each
-beside a control that passes.
+these were the two ways XFS and btrfs broke them (fixed: the reflink write-out's
+overflow, the catalogs' heap WAL index), each beside a control.
 
 Each test makes its own filesystem (it fills it up) and, where the process itself may
 die, runs the pool in a child process."""
@@ -28,17 +28,13 @@ CS = 64 << 10
 OLD, NEW = b"\x5a" * MiB, b"\xa5" * MiB
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param("reflink", marks=pytest.mark.xfail(strict=True, raises=OSError, reason=(
-        "reflink pools: a clone takes no space, the origin's write-out of the chunk then "
-        "needs new blocks (copy on write of the shared extent) and fails ENOSPC; that is "
-        "not treated as an overflow, and the held write stays pending (flush, check, "
-        "close fail ENOSPC again)"))),
-    "copy"])
+@pytest.mark.parametrize("mode", ["reflink", "copy"])
 def test_a_full_xfs_overflows_instead_of_failing_the_write(tmp_path, monkeypatch, mode):
     """When the filesystem, not the diff-area limit, runs out: on a full XFS the copy
-    mode meets the diff area's ENOSPC and deletes the snapshot; the reflink mode must do
-    as well. (test_faults_real.py's test_engine_real_enospc_deletes_the_oldest_snapshot
+    mode meets the diff area's ENOSPC and deletes the snapshot; the reflink mode meets
+    it at the origin's write-out of a cloned chunk (its blocks are shared) and must do
+    as well (it failed the write, and flush, check and close after it, before
+    HeldWrites._write_out_or_overflow). (test_faults_real.py's test_engine_real_enospc_deletes_the_oldest_snapshot
     [explicit-above-fs] fails the same way with its pool on XFS.)"""
     need(MKFS["xfs"][0])
     if mode == "copy":
@@ -107,14 +103,10 @@ print("exited")
 """
 
 
-@pytest.mark.parametrize("fstype", [
-    "xfs", "ext4",
-    pytest.param("btrfs", marks=pytest.mark.xfail(strict=True, reason=(
-        "btrfs: the catalog's SQLite WAL index (catalog.sqlite-shm) is mmap'ed, and on a "
-        "full btrfs a store to one of its pages needs a new block (copy on write): the "
-        "process dies of SIGBUS instead of SQLite seeing SQLITE_FULL (at the next "
-        "transaction or at close)"))),
-])
+# btrfs: the catalogs' WAL index was an mmap'ed -shm file; on a full btrfs a store to
+# one of its pages needs a new block and the process died of SIGBUS (before the
+# catalogs' locking_mode=EXCLUSIVE kept the index in the heap)
+@pytest.mark.parametrize("fstype", ["xfs", "ext4", "btrfs"])
 def test_a_full_filesystem_is_an_error_not_a_crash(tmp_path, fstype):
     need(MKFS[fstype][0])
     with loop_filesystem(fstype, tmp_path) as mnt:
