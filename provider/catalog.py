@@ -128,12 +128,9 @@ class ProviderCatalog:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        # before WAL is entered: the WAL index then lives in this process's heap, not in
-        # an mmap'ed -shm file -- on a full copy-on-write file system (btrfs) a store to
-        # an mmap'ed page that needs a new block kills the process with SIGBUS, where a
-        # write(2) fails ENOSPC (SQLITE_FULL). One process owns the pool anyway (flock);
-        # the price: no other process can read the database while it is open.
-        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        # (not locking_mode=EXCLUSIVE as the engine's catalog: the tests and the
+        # transport read it from a second connection. Its -shm WAL index is mmap'ed:
+        # on a full btrfs a store to it can still end the process with SIGBUS.)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
