@@ -35,6 +35,9 @@ from .model import (
 )
 
 log = logging.getLogger(__name__)
+# errors of a clone that mean "not here", not "the disk failed"
+_CLONE_REFUSED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM,
+                            errno.ETXTBSY, errno.EBADF, errno.ENOTTY})
 
 
 class DataPath(HeldWrites):
@@ -299,6 +302,14 @@ class DataPath(HeldWrites):
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     self._overflow(v, f"diff area full ({e.strerror})")
+                    continue
+                if clones and e.errno in _CLONE_REFUSED:
+                    # the file system refused a clone its probe allowed (btrfs: images
+                    # with differing NODATACOW, an immutable file, ...): copy instead,
+                    # from now on -- it is no reason to lose a snapshot
+                    log.warning("volume %s: preserving by reference failed (%s); the pool "
+                                "copies from now on", v.name, e.strerror or e)
+                    self.clone_min_chunks = None
                     continue
                 self._invalidate_needing(v, [(c, v.epoch) for c in need], e)
                 return set()

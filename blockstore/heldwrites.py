@@ -109,9 +109,10 @@ class HeldWrites(PoolCore):
                 self._write_out(v, held)
                 return
             except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not any(
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) \
+                        or self.preserve_mode != "reflink" or not any(
                         s.kind == DIFFERENTIAL and s.state == COMMITTED for s in v.snaps):
-                    raise
+                    raise   # (copying pools met a full file system at the preservation)
                 self._overflow(v, f"file system full writing held chunks back ({e.strerror})")
 
     def _drain(self, v: _Volume) -> None:

@@ -41,13 +41,15 @@ DELETED = " (deleted)"
 # Mount options a frozen, read-only image needs. ext4/ext3: `noload` skips journal replay
 # (a snapshot of a live fs has a dirty journal and cannot be written). xfs: `norecovery`
 # likewise, `nouuid` because the origin with the same UUID may be mounted too.
+# Every snapshot mount is also nosuid,nodev,noexec: its content was written by whoever
+# wrote the volume (another host, over NBD), and a backup reads files, it runs nothing.
 RO_MOUNT_OPTIONS: dict[str, str] = {
-    "ext4": "ro,noload",
-    "ext3": "ro,noload",
-    "ext2": "ro",
-    "xfs": "ro,norecovery,nouuid",
+    "ext4": "ro,noload,nosuid,nodev,noexec",
+    "ext3": "ro,noload,nosuid,nodev,noexec",
+    "ext2": "ro,nosuid,nodev,noexec",
+    "xfs": "ro,norecovery,nouuid,nosuid,nodev,noexec",
 }
-DEFAULT_RO_OPTIONS = "ro"
+DEFAULT_RO_OPTIONS = "ro,nosuid,nodev,noexec"
 
 
 class LoopError(Exception):

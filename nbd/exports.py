@@ -42,6 +42,7 @@ class Export:
     read_only: bool
     listed: bool       # in NBD_OPT_LIST (.shadow/ exports are not)
     description: str
+    naa: str           # the LUN's identity: a connection stays bound to it
 
 
 def exports_for(store: LunStore, presentation: Presentation, host: str
@@ -52,13 +53,13 @@ def exports_for(store: LunStore, presentation: Presentation, host: str
         if host in presentation.hosts_of(v.name):
             name = VOLUMES + v.name
             out[name] = Export(name, v.name, False, bool(v.read_only), True,
-                               f"volume {v.name} (naa {v.naa})")
+                               f"volume {v.name} (naa {v.naa})", v.naa)
     for s in store.list_snapshots():
         if s.state not in (COMMITTED, INVALID) or host not in presentation.hosts_of(s.id):
             continue
         what = f"snapshot {s.id} of {s.volume} (naa {s.naa})"
-        out[SHADOW + s.id] = Export(SHADOW + s.id, s.id, True, True, False, what)
+        out[SHADOW + s.id] = Export(SHADOW + s.id, s.id, True, True, False, what, s.naa)
         if s.exposed_name:
             name = EXPOSED + s.exposed_name
-            out[name] = Export(name, s.id, True, True, True, what)
+            out[name] = Export(name, s.id, True, True, True, what, s.naa)
     return out

@@ -51,6 +51,12 @@ HANDSHAKE_TIMEOUT = 30.0      # s from accept to the start of transmission
 MAX_REQUEST = 32 << 20        # largest READ/WRITE payload (proto.md's usual maximum)
 MAX_STATUS_RANGE = 1 << 30    # BLOCK_STATUS answers at most this much per request
 MAX_CONNECTIONS = 64
+MAX_PER_PEER = 16             # connections from one address (one host cannot take all)
+MAX_ZERO_PIECE = 32 << 20     # TRIM / WRITE_ZEROES are done in pieces of this much
+# command flags each command may carry (proto.md: others are EINVAL)
+_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
+          p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
+          p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE, p.CMD_DISC: 0}
 CONTEXT_ID = 1                # our one metadata context: base:allocation
 
 # errno -> the subset of error values NBD puts on the wire
@@ -66,11 +72,16 @@ class Closed(Exception):
 
 @dataclass
 class Served:
-    """What one connection has opened (set by GO / EXPORT_NAME)."""
+    """What one connection has opened (set by GO / EXPORT_NAME), and the state of the
+    array and the masking when it was last known to be what the host may still open:
+    a request after a change of either checks again that the export still names the
+    same LUN (naa) for this host, else the connection is closed (a volume deleted and
+    created again under its name, or no longer presented to the host)."""
 
     export: Export
     size: int
     base_allocation: bool
+    seen: tuple[int, int] = (0, 0)   # (store generation, masking changes)
 
 
 class _Conn:
@@ -126,6 +137,15 @@ class NbdServer:
         self.tls = tls
         self.identify = identify
         self.connections = 0
+        self.per_peer: dict[str, int] = {}   # open connections by peer address
+        self.masking_changes = 0
+        presentation.subscribe(self._masking_changed)
+
+    def _masking_changed(self) -> None:
+        self.masking_changes += 1
+
+    def _state(self) -> tuple[int, int]:
+        return (self.store.generation, self.masking_changes)
 
     # -- listening ----------------------------------------------------------------------
     async def serve(self, host: str, port: int,
@@ -137,14 +157,18 @@ class NbdServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         try:
-            peer = "{}:{}".format(*stream.socket.getpeername()[:2])
+            addr, port = stream.socket.getpeername()[:2]
         except OSError:
-            peer = "?"
-        if self.connections >= MAX_CONNECTIONS:
-            log.warning("nbd: refusing %s: %d connections open", peer, self.connections)
-            await stream.aclose()
+            addr, port = "?", 0
+        peer = f"{addr}:{port}"
+        if self.connections >= MAX_CONNECTIONS or \
+                self.per_peer.get(addr, 0) >= MAX_PER_PEER:
+            log.warning("nbd: refusing %s: %d connections open (%d from it)", peer,
+                        self.connections, self.per_peer.get(addr, 0))
+            await trio.aclose_forcefully(stream)
             return
         self.connections += 1
+        self.per_peer[addr] = self.per_peer.get(addr, 0) + 1
         conn = _Conn(stream, peer)
         try:
             served = None
@@ -162,6 +186,9 @@ class NbdServer:
             log.warning("nbd: %s: protocol error: %s; disconnected", peer, e)
         finally:
             self.connections -= 1
+            self.per_peer[addr] -= 1
+            if not self.per_peer[addr]:
+                del self.per_peer[addr]
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(conn.stream)
 
@@ -230,6 +257,12 @@ class NbdServer:
             except ValueError as e:   # no CN, two, or not a host name: this one only
                 log.warning("nbd: %s: refused: %s", c.peer, e)
                 raise Closed(f"{c.peer}: {e}") from None
+            if c.host == self.presentation.local_host:
+                # the array's own host sees every LUN nobody was presented: no remote
+                # certificate may be it
+                log.warning("nbd: %s: refused: its certificate names the array's own "
+                            "host %s", c.peer, c.host)
+                raise Closed(f"{c.peer}: the array's own host name")
             log.info("nbd: %s: TLS, host %s", c.peer, c.host)
 
     def _lookup(self, c: _Conn, name: str) -> Export | None:
@@ -322,7 +355,7 @@ class NbdServer:
         if opt == p.OPT_INFO:
             return None
         base = c.meta is not None and c.meta[0] == name and c.meta[1]
-        return Served(e, size, bool(base))
+        return Served(e, size, bool(base), self._state())
 
     async def _export_name(self, c: _Conn, data: bytes, no_zeroes: bool) -> Served:
         try:
@@ -335,7 +368,7 @@ class NbdServer:
         size = int(self.store.lun_size(e.key))
         await c.send(struct.pack(">QH", size, self._flags(e))
                      + (b"" if no_zeroes else bytes(124)))
-        return Served(e, size, False)
+        return Served(e, size, False, self._state())
 
     # -- transmission -------------------------------------------------------------------
     async def _transmission(self, c: _Conn, s: Served) -> None:
@@ -364,10 +397,14 @@ class NbdServer:
 
     async def _command(self, c: _Conn, s: Served, cmd: int, flags: int, cookie: int,
                        offset: int, length: int, payload: bytes) -> None:
+        if s.seen != self._state():
+            self._still_may_open(c, s)
         e = s.export
         name = p.CMD_NAMES.get(cmd, str(cmd))
-        if cmd not in p.CMD_NAMES or cmd == p.CMD_CACHE:
+        if cmd not in _FLAGS:
             raise _Refused(p.EINVAL, f"command {name} is not supported")
+        if flags & ~_FLAGS[cmd]:
+            raise _Refused(p.EINVAL, f"{name} with flags {flags:#x} it does not take")
         if cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES,
                    p.CMD_BLOCK_STATUS):
             if cmd == p.CMD_READ and length > MAX_REQUEST:
@@ -401,6 +438,17 @@ class NbdServer:
         await c.send(p.simple_reply(cookie) if not c.structured else
                      p.structured_header(cookie, p.REPLY_TYPE_NONE, 0, True))
 
+    def _still_may_open(self, c: _Conn, s: Served) -> None:
+        """The array or the masking changed since this connection last looked: close it
+        unless its export still names the same LUN for its host."""
+        now = self._state()
+        e = self._lookup(c, s.export.name)
+        if e is None or e.naa != s.export.naa or e.key != s.export.key:
+            log.warning("nbd: %s (host %s): %s is gone or no longer presented to it; "
+                        "disconnected", c.peer, c.host, s.export.name)
+            raise Closed(f"{c.peer}: {s.export.name} changed")
+        s.seen = now
+
     async def _read(self, c: _Conn, s: Served, cookie: int, offset: int, length: int
                     ) -> None:
         data = self.store.read(s.export.key, offset, length)
@@ -431,10 +479,19 @@ class NbdServer:
         try:
             if cmd == p.CMD_WRITE:
                 self.store.write(key, offset, payload)
-            elif cmd == p.CMD_WRITE_ZEROES and flags & p.CMD_FLAG_NO_HOLE:
-                self.store.write(key, offset, bytes(length))
-            elif length:   # TRIM, or zeroes that may be holes: a discard reads as zeros
-                self.store.discard(key, offset, length)
+            else:
+                # in pieces, the loop going on between them: a 4 GiB TRIM of a volume
+                # with a snapshot must not stall every other request for seconds, nor
+                # hold all its chunks at once
+                zeros = bytes(min(length, MAX_ZERO_PIECE)) \
+                    if cmd == p.CMD_WRITE_ZEROES and flags & p.CMD_FLAG_NO_HOLE else None
+                for pos in range(offset, offset + length, MAX_ZERO_PIECE):
+                    n = min(MAX_ZERO_PIECE, offset + length - pos)
+                    if zeros is not None:
+                        self.store.write(key, pos, memoryview(zeros)[:n])
+                    else:   # TRIM, or zeroes that may be holes: a discard reads as zeros
+                        self.store.discard(key, pos, n)
+                    await trio.sleep(0)
         finally:
             barrier.end_write(key)
         if self.changed is not None:

@@ -13,7 +13,9 @@ Two kinds of session:
   claim. Besides the snapshot rule: the volumes it names must be presented to it,
   administration (creating, resizing, deleting and presenting volumes, check, scrub,
   deleting all or the oldest snapshots of a context) is refused (E_ACCESSDENIED),
-  and listings show only what it sees.
+  and listings show only what it sees; it may not expose with a mount on the array's
+  machine, split, promote, or revert a volume not presented to it, nor import a set
+  the array did not export (transport.py: for every session).
 
 Refusals change nothing: they happen before the operation's handler runs.
 """
@@ -24,32 +26,38 @@ from collections.abc import Iterable
 from typing import Any
 
 from .masking import LunMasking
+from .model import guid
 from .vss import VssError
 
-# what only the array's own host may do
+# what only the array's own host may do (split makes a volume; promote makes a full
+# copy that may fill the pool, and the overflow then deletes other hosts' snapshots)
 ADMIN_OPS = frozenset({"volume.create", "volume.resize", "volume.delete", "volume.present",
-                       "check", "scrub"})
-# ops naming a snapshot or a set by id (set.add/do/abort and end_backup check that the
-# set is the session's own: Coordinator.own_set)
-SNAPSHOT_ARGS = ("snapshot_id",)
+                       "check", "scrub", "split", "promote"})
+# ops naming a set by id that is not necessarily the session's own (set.add/do/abort
+# check that the set is the session's: Coordinator.own_set)
 SET_OPS = frozenset({"snapshot.delete", "snapshot.show", "snapshot.list", "export"})
 LISTINGS = frozenset({"volume.list", "snapshot.list", "set.list"})
 
 
 class Access:
-    def __init__(self, masking: LunMasking, snapshots_of_set: Any, creator_of: Any) -> None:
+    def __init__(self, masking: LunMasking, snapshots_of_set: Any, creator_of: Any,
+                 set_creator: Any, origin_of: Any) -> None:
         """snapshots_of_set(set_id) -> the snapshot ids of a set (empty if unknown);
-        creator_of(snapshot_id) -> the host whose requester created its set, or None."""
+        creator_of(snapshot_id) / set_creator(set_id) -> the host whose requester created
+        the set, or None; origin_of(snapshot_id) -> its origin volume, or None."""
         self.masking = masking
         self.snapshots_of_set = snapshots_of_set
         self.creator_of = creator_of
+        self.set_creator = set_creator
+        self.origin_of = origin_of
 
     def admin(self, host: str, remote: bool) -> bool:
         return not remote and host == self.masking.service_machine
 
     def check(self, host: str, remote: bool, op: str, args: dict[str, Any]) -> None:
         """Raise (before anything happens) if a session of `host` may not do `op` with
-        these arguments. Unknown or malformed arguments are the handler's to refuse."""
+        these arguments. Ids are taken in their canonical form (vss.guid: what the
+        handler will resolve), a malformed one is refused here as the handler would."""
         if self.admin(host, remote):
             return
         if remote and op in ADMIN_OPS:
@@ -61,21 +69,36 @@ class Access:
             raise VssError("E_ACCESSDENIED", "snapshot.delete of all or the oldest "
                            "snapshots is the array's own host's to do; name the snapshot "
                            "or the set")
-        for key in SNAPSHOT_ARGS:
-            sid = args.get(key)
-            if isinstance(sid, str):
-                self._visible(host, [sid.strip("{}").lower()], "snapshot")
-        if op in SET_OPS:
-            set_id = args.get("set_id")
-            if isinstance(set_id, str):
-                self._visible(host, self.snapshots_of_set(set_id.strip("{}").lower()),
-                              f"snapshot of set {set_id}")
+        if remote and op == "expose" and args.get("mount") is not None:
+            # a mount on the array's machine of a file system another host wrote
+            raise VssError("E_ACCESSDENIED", "expose --mount mounts on the array's machine: "
+                           "the array's own host only; a host exposes a snapshot by name "
+                           "and reads it over NBD (exposed/NAME)")
+        sid = args.get("snapshot_id")
+        if isinstance(sid, str):
+            sid = guid(sid, "snapshot id")
+            self._visible(host, [sid], "snapshot")
+            if remote and op == "revert":   # it rewrites the origin: that must be ours
+                origin = self.origin_of(sid)
+                if origin is not None:
+                    self._visible(host, [origin], "volume")
+        set_id = args.get("set_id")
+        if isinstance(set_id, str) and (op in SET_OPS or op == "end_backup"):
+            set_id = guid(set_id, "snapshot set id")
+            if op == "end_backup":   # BackupComplete to the writers of the set's host
+                if self.set_creator(set_id) not in (None, host):
+                    raise VssError("VSS_E_OBJECT_NOT_FOUND",
+                                   f"no snapshot set {set_id} created by host {host}")
+            else:
+                members = self.snapshots_of_set(set_id)
+                if not members and self.set_creator(set_id) not in (None, host):
+                    raise VssError("VSS_E_OBJECT_NOT_FOUND",
+                                   f"no snapshot set {set_id} for host {host}")
+                self._visible(host, members, f"snapshot of set {set_id}")
         if remote:
             names: list[str] = []
-            for key in ("volume", "volumes", "name"):
+            for key in ("volume", "volumes"):
                 v = args.get(key)
-                if key == "name" and op not in ("volume.resize", "volume.delete"):
-                    continue
                 names += [v] if isinstance(v, str) else \
                     [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
             self._visible(host, names, "volume")
@@ -101,7 +124,10 @@ class Access:
             if op == "volume.list":
                 return host in self.masking.hosts_of(str(item.get("name")))
             if op == "snapshot.list":
-                return host in self.masking.hosts_of(str(item.get("snapshot_id")))
-            sids = self.snapshots_of_set(str(item.get("set_id")))
-            return bool(sids) and all(host in self.masking.hosts_of(s) for s in sids)
+                sid = str(item.get("snapshot_id"))
+                return host in self.masking.hosts_of(sid) or self.creator_of(sid) == host
+            set_id = str(item.get("set_id"))
+            sids = self.snapshots_of_set(set_id)
+            return (self.set_creator(set_id) == host or bool(sids)
+                    and all(host in self.masking.hosts_of(s) for s in sids))
         return [x for x in result if sees(x)]

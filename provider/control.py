@@ -335,6 +335,8 @@ class Connection:
 
 # --------------------------------------------------------------------------- server
 TLS_HANDSHAKE_TIMEOUT = 30.0   # s for a network client's TLS handshake
+MAX_NETWORK_CONNECTIONS = 64   # on the network control port, at a time
+MAX_NETWORK_PER_PEER = 16      # of those, from one address
 
 def _listening(path: str) -> bool:
     """True if something accepts connections on the Unix socket at path."""
@@ -416,8 +418,27 @@ class ControlServer:
         (identify: the CN); the handshake has TLS_HANDSHAKE_TIMEOUT s."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         task_status.started(listeners)
+        per_peer: dict[str, int] = {}
 
         async def handle(stream: trio.SocketStream) -> None:
+            try:
+                addr = str(stream.socket.getpeername()[0])
+            except OSError:
+                addr = "?"
+            if sum(per_peer.values()) >= MAX_NETWORK_CONNECTIONS or \
+                    per_peer.get(addr, 0) >= MAX_NETWORK_PER_PEER:
+                log.warning("control port: refusing %s: too many connections", addr)
+                await trio.aclose_forcefully(stream)
+                return
+            per_peer[addr] = per_peer.get(addr, 0) + 1
+            try:
+                await session(stream)
+            finally:
+                per_peer[addr] -= 1
+                if not per_peer[addr]:
+                    del per_peer[addr]
+
+        async def session(stream: trio.SocketStream) -> None:
             tls = trio.SSLStream(stream, context, server_side=True)
             try:
                 with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):

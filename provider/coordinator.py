@@ -133,7 +133,8 @@ class Coordinator:
         self.masking = LunMasking(self.catalog, mount, self.service_machine,
                                   self.mountpoint, self.hardware, self._sessions)
         self.views = Views(pool, self.catalog, self.masking, self._sets, self._marks)
-        self.access = Access(self.masking, self.snapshot_ids_of_set, self.creator_of)
+        self.access = Access(self.masking, self.snapshot_ids_of_set, self.creator_of,
+                             self.set_creator, self.origin_of)
         self.volumes = Volumes(pool, self.masking, self.views, self._marks)
         self.exposure = Exposure(pool, self.catalog, self.masking, self.views)
         self.deletion = Deletion(pool, self.catalog, self.masking, self.views, self.exposure,
@@ -570,13 +571,28 @@ class Coordinator:
             return list(s.volumes.values())
         return [x.id for x in self.pool.list_snapshots() if x.set_id == set_id]
 
+    def _snapshot_info(self, snapshot_id: str) -> Any:
+        return next((x for x in self.pool.list_snapshots() if x.id == snapshot_id), None)
+
     def creator_of(self, snapshot_id: str) -> str | None:
         """The host whose requester created the snapshot's set (access checks)."""
-        for x in self.pool.list_snapshots():
-            if x.id == snapshot_id:
-                rec = self.catalog.records.get(x.set_id or "")
-                return rec.originating_machine if rec is not None else None
-        return None
+        x = self._snapshot_info(snapshot_id)
+        return self.set_creator(x.set_id or "") if x is not None else None
+
+    def set_creator(self, set_id: str) -> str | None:
+        """The host whose requester created the set (also after the importing host
+        deleted it: the export record), or None if unknown (access checks)."""
+        s = self._sets.get(set_id)
+        if s is not None:
+            return s.session.host if s.session else self.service_machine
+        rec = self.catalog.records.get(set_id)
+        if rec is None and set_id in self.catalog.exported:
+            rec = self.catalog.exported[set_id].record
+        return rec.originating_machine if rec is not None else None
+
+    def origin_of(self, snapshot_id: str) -> str | None:
+        x = self._snapshot_info(snapshot_id)
+        return x.volume if x is not None else None
 
     def set_list(self) -> list[dict[str, Any]]:
         self.deletion.prune_records()

@@ -85,8 +85,15 @@ async def _serve_network(nursery: trio.Nursery, server: ControlServer, host: str
     from nbd.tls import peer_host_name, server_context
 
     from .documents import valid_host
+    own = server.coord.service_machine
+
+    def identify(cert: dict) -> str:
+        name = peer_host_name(cert, valid_host)
+        if name == own:   # the administrator's name: never a remote identity
+            raise ValueError(f"a client certificate names the array's own host {own}")
+        return name
     listeners = await nursery.start(server.serve_tls, host, port, server_context(tls_dir),
-                                    lambda cert: peer_host_name(cert, valid_host))
+                                    identify)
     log.info("control port open on %s (TLS, client certificates)", ", ".join(
         "{}:{}".format(*ln.socket.getsockname()[:2]) for ln in listeners))
 

@@ -104,6 +104,11 @@ class Transport:
         if rec is None:
             raise VssError("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot set {sid} does not exist "
                            f"in pool {self.pool.path} (deleted, or never created here)")
+        if not rec.attributes & int(Attr.TRANSPORTABLE) or sid not in self.catalog.exported:
+            # only what the array itself exported can be imported: a document is not a
+            # key to another host's LUNs
+            raise VssError("VSS_E_NO_SNAPSHOTS_IMPORTED", f"snapshot set {sid} was not "
+                           "exported from this array (export it on its host first)")
         origin = rec.originating_machine or parsed.originating_machine
         if host == origin:
             raise VssError("VSS_E_BAD_STATE", f"snapshot set {sid} was created on host {host}: "

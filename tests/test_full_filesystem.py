@@ -34,8 +34,7 @@ def test_a_full_xfs_overflows_instead_of_failing_the_write(tmp_path, monkeypatch
     mode meets the diff area's ENOSPC and deletes the snapshot; the reflink mode meets
     it at the origin's write-out of a cloned chunk (its blocks are shared) and must do
     as well (it failed the write, and flush, check and close after it, before
-    HeldWrites._write_out_or_overflow). (test_faults_real.py's test_engine_real_enospc_deletes_the_oldest_snapshot
-    [explicit-above-fs] fails the same way with its pool on XFS.)"""
+    HeldWrites._write_out_or_overflow)."""
     need(MKFS["xfs"][0])
     if mode == "copy":
         monkeypatch.setenv("SHADOWPLEX_PRESERVE", "copy")

@@ -210,3 +210,43 @@ def test_the_control_api_over_tls_acts_for_the_certificate_s_host(tls_array: Net
     res = t.cli("hostB", "snapshot", "delete", sid)
     assert res.returncode == 0, res.stderr
     assert t.d.json("snapshot", "list") == []
+
+
+def test_a_remote_host_cannot_escalate(tls_array: Net, tmp_path: Path) -> None:
+    """What a review found open: set ids in another spelling, end_backup of another
+    host's set, expose with a mount on the array, split/promote, revert of a volume
+    not presented to the host, import of a set the array never exported."""
+    t = tls_array
+    d = t.d
+    made = t.cli("hostB", "snapshot", "create", "db", "--json")
+    assert made.returncode == 0, made.stderr
+    b_set = json.loads(made.stdout)["set_id"]
+    b_snap = json.loads(made.stdout)["snapshots"][0]["snapshot_id"]
+    for spelling in (b_set, f"urn:uuid:{b_set}", b_set.replace("-", ""), f" {b_set} "):
+        res = t.cli("hostC", "snapshot", "delete", "--set", spelling)
+        assert res.returncode != 0 and "VSS_E_OBJECT_NOT_FOUND" in res.stderr, \
+            (spelling, res.stderr)
+    res = t.cli("hostC", "end-backup", b_set)
+    assert res.returncode != 0 and "VSS_E_OBJECT_NOT_FOUND" in res.stderr, res.stderr
+    target = tmp_path / "empty"
+    target.mkdir()
+    res = t.cli("hostB", "expose", b_snap, "--mount", str(target))
+    assert res.returncode != 0 and "E_ACCESSDENIED" in res.stderr, res.stderr
+    for args in (("split", b_snap, "mine"), ("promote", b_snap)):
+        res = t.cli("hostB", *args)
+        assert res.returncode != 0 and "E_ACCESSDENIED" in res.stderr, (args, res.stderr)
+    # a transportable set of the array's own volume logs, imported by nobody: hostB can
+    # neither import it (never exported) nor revert logs through it
+    own = d.json("snapshot", "create", "logs", "--transportable")
+    doc = tmp_path / "set.xml"
+    d.ok("export", own["set_id"], "-o", str(doc))
+    d.ok("snapshot", "delete", "--set", own["set_id"])
+    own = d.json("snapshot", "create", "logs", "--transportable")
+    forged = doc.read_text().replace(json.dumps(own["set_id"])[1:-1], own["set_id"])
+    (tmp_path / "forged.xml").write_text(forged)
+    res = t.cli("hostB", "import", str(tmp_path / "forged.xml"))
+    assert res.returncode != 0
+    res = t.cli("hostB", "revert", own["snapshots"][0]["snapshot_id"], "--force")
+    assert res.returncode != 0 and "VSS_E_OBJECT_NOT_FOUND" in res.stderr, res.stderr
+    assert os.listdir(target) == []
+    assert [s["id"] for s in d.json("snapshot", "list", "db")] == [b_snap]

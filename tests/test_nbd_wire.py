@@ -378,3 +378,66 @@ def _works_volume_only(r: Running) -> None:
     assert c.simple() == (0, 7)
     assert c.recv(512) == bytes(512)
     c.close()
+
+
+# -------------------------------------------------------------------------- from review
+def test_a_connection_stays_bound_to_the_lun_it_opened(srv: Running) -> None:
+    """A volume deleted and created again under its name is another LUN (another naa):
+    a connection that opened the old one is closed at its next request, never served
+    the new one (which may be presented to another host)."""
+    c = Client(srv.port)
+    c.go("volumes/db")
+    c.request(p.CMD_READ, 0, 8)
+    assert c.simple() == (0, 7) and c.recv(8) == b"\xaa" * 8
+    pool = srv.pool
+    pool.delete_snapshot(srv.snap)   # type: ignore[attr-defined]
+    pool.delete_volume("db")
+    pool.create_volume("db", 4 * MiB)
+    pool.write("db", 0, b"\xcc" * 4096)
+    c.request(p.CMD_READ, 0, 8)
+    assert c.closed()
+    c2 = Client(srv.port)
+    c2.go("volumes/db")   # a new connection opens the new LUN
+    c2.request(p.CMD_READ, 0, 8)
+    assert c2.simple() == (0, 7) and c2.recv(8) == b"\xcc" * 8
+
+
+def test_flags_a_command_does_not_take_are_refused(srv: Running) -> None:
+    c = Client(srv.port)
+    c.go("volumes/db")
+    c.request(p.CMD_READ, 0, 8, flags=p.CMD_FLAG_FAST_ZERO)
+    assert c.simple()[0] == p.EINVAL
+    c.request(p.CMD_FLUSH, 0, 0, flags=p.CMD_FLAG_FUA)
+    assert c.simple()[0] == p.EINVAL
+    c.request(p.CMD_WRITE, 2 * MiB, 4, b"abcd", flags=p.CMD_FLAG_FUA)
+    assert c.simple() == (0, 7)
+
+
+def test_a_big_trim_and_zeroes_are_done_in_pieces_and_right(srv: Running) -> None:
+    """TRIM / WRITE_ZEROES larger than a piece (nbd.server.MAX_ZERO_PIECE) with a live
+    snapshot: everything reads as zeros after, the snapshot keeps its data."""
+    pool = srv.pool
+    pool.resize_volume("db", 80 * MiB)
+    pool.write("db", 40 * MiB, b"\x11" * MiB)
+    c = Client(srv.port)
+    c.go("volumes/db")
+    c.request(p.CMD_TRIM, 0, 70 * MiB)
+    assert c.simple() == (0, 7)
+    c.request(p.CMD_WRITE_ZEROES, 70 * MiB, 10 * MiB, flags=p.CMD_FLAG_NO_HOLE)
+    assert c.simple() == (0, 7)
+    assert pool.read("db", 0, 80 * MiB) == bytes(80 * MiB)
+    assert pool.read(srv.snap, 0, MiB) == b"\xaa" * MiB   # type: ignore[attr-defined]
+
+
+def test_one_address_cannot_take_every_connection(srv: Running) -> None:
+    held = [Client(srv.port) for _ in range(nbd_server.MAX_PER_PEER)]
+    extra = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    OPEN.append(extra)
+    assert extra.recv(18) == b""   # closed at once, not even greeted
+    for c in held:
+        c.close()
+    for _ in range(50):
+        if srv.connections() == 0:
+            break
+        threading.Event().wait(0.1)
+    _works(srv)
