@@ -31,7 +31,6 @@ from .fileio import (
     DataFile,
     Faults,
     fs_type,
-    keep_freed_memory,
     reflink_probe,
 )
 from .longops import LongOps
@@ -93,7 +92,6 @@ class Pool(LongOps):
         pool.pool_id = meta["pool_id"]
         pool._take_lock()
         pool._probe_preserve_mode()
-        keep_freed_memory()
         try:
             pool.catalog = Catalog(os.path.join(pool.path, "catalog.sqlite"))
             pool._closed = False

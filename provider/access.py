@@ -37,6 +37,9 @@ ADMIN_OPS = frozenset({"volume.create", "volume.resize", "volume.delete", "volum
 # check that the set is the session's: Coordinator.own_set)
 SET_OPS = frozenset({"snapshot.delete", "snapshot.show", "snapshot.list", "export"})
 LISTINGS = frozenset({"volume.list", "snapshot.list", "set.list"})
+REMOTE_STATUS = frozenset({"pool_id", "chunk_size", "capabilities", "preserve",
+                           "service_machine", "provider_id", "space_total", "space_free",
+                           "space_available"})
 
 
 class Access:
@@ -114,7 +117,10 @@ class Access:
                                f"no {what} {lun} for host {host}")
 
     def filter(self, host: str, remote: bool, op: str, result: Any) -> Any:
-        """A listing as a remote host may see it: only the LUNs presented to it."""
+        """A listing as a remote host may see it: only the LUNs presented to it; its
+        status without the array's paths, jobs and in-use marks (other hosts' LUNs)."""
+        if remote and op == "status" and isinstance(result, dict):
+            return {k: v for k, v in result.items() if k in REMOTE_STATUS}
         if not remote or op not in LISTINGS or not isinstance(result, list):
             return result
 

@@ -57,6 +57,7 @@ import trio
 
 from blockstore import Pool
 from blockstore import errors as bse
+from blockstore.fileio import keep_freed_memory
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.operations import ShadowOperations
 from fuse_mount.presentation import LiveMount, Presentation
@@ -366,6 +367,7 @@ def serve(
     except ServeError as e:
         _error_line(str(e))
         return 1
+    keep_freed_memory()   # the data path's chunk buffers: see its docstring
     try:
         pool = Pool.open(pool_dir)
     except bse.StoreError as e:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from blockstore import Pool
+from blockstore.fileio import keep_freed_memory
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 
@@ -308,6 +309,7 @@ def read_latency(base: str, plex_size: int, runs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()   # as the daemon does (blockstore/fileio.py)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
