@@ -184,6 +184,7 @@ class DataPath(HeldWrites):
             v.file.pwrite(data, offset)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.pwrite(data, offset))
+        v.stream_end = offset + n
         v.mtime = time.time()
         self._maybe_writeback(v)
         return n
@@ -204,6 +205,7 @@ class DataPath(HeldWrites):
                 v.held.mark_dirty(base // cs, lo - base, hi - base)
         for s in list(v.mirrors):
             self._mirror(s, lambda f: f.punch(offset, length))
+        v.stream_end = offset + length
         v.mtime = time.time()
         self._maybe_writeback(v)
 
@@ -333,13 +335,14 @@ class DataPath(HeldWrites):
         holds their current content), inside the image, and -- on a file system that
         overwrites in place (xfs) -- only in a run of at least clone_min_chunks, since
         each clone makes the origin's next write of it allocate new blocks: a stream of
-        small random writes would gain nothing and fragment the origin."""
+        small random writes would gain nothing and fragment the origin (a write that
+        continues the previous one is part of a sequential stream, whatever its size)."""
         if self.clone_min_chunks is None:
             return set()
         cs = self.chunk_size
         lo = -(-offset // cs)                            # first chunk covered whole
         hi = min(offset + length, v.size - v.size % cs) // cs   # past the last one
-        if hi - lo < self.clone_min_chunks:
+        if hi - lo < self.clone_min_chunks and offset != v.stream_end:
             return set()
         held = v.held.chunks
         return {c for c in need if lo <= c < hi and c not in held}

@@ -28,11 +28,13 @@ WRITEBACK_BYTES = 32 << 20
 WRITEBACK_AGE = 0.1
 SPACE_RECHECK = 0.5              # seconds a free-space reading is trusted (default limit)...
 SPACE_MARGIN = 64 << 20          # ...unless less than this much room is left
-# Preserve by reference (reflink) only writes covering at least this many bytes of whole
-# chunks, on a file system that overwrites in place (xfs): a clone makes the origin's
-# next write of the chunk allocate new blocks, so random 64 KiB writes would fragment the
-# origin for nothing (measured: 3,221 extents instead of 1, no gain; issue 14). btrfs
-# allocates on every overwrite anyway: there every whole chunk is cloned.
+# Preserve by reference (reflink) on a file system that overwrites in place (xfs) only
+# what a write covers whole in a run of at least this many bytes -- or in a sequential
+# stream (the write starts where the previous one ended: a loop device splits a stream
+# into requests of 128 KiB): a clone makes the origin's next write of the chunk allocate
+# new blocks, so random 64 KiB writes would fragment the origin for nothing (measured:
+# 3,221 extents instead of 1, no gain; issue 14). btrfs allocates on every overwrite
+# anyway: there every whole chunk is cloned.
 CLONE_MIN_RUN = 256 << 10
 META_RESERVE = 1 << 20           # POOL/reserve: room kept for metadata on a full fs
 
@@ -119,6 +121,8 @@ class _Volume:
     snaps: list[_Snapshot] = field(default_factory=list)
     live_epochs: list[int] = field(default_factory=list)     # committed differential
     held: Held = field(default_factory=lambda: Held())   # writes waiting for their syncs
+    stream_end: int = -1    # where the last write or discard ended (a sequential stream
+                            # continues there: DataPath._clones)
 
 
 # A held chunk's content: a bytearray (read from the file, then written into), or a
