@@ -12,6 +12,7 @@ not make them wait for that I/O), beside the same reads with nothing else runnin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -19,13 +20,15 @@ import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from blockstore import Pool
 from blockstore.fileio import keep_freed_memory
+from tools import interrupts
 
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
 
@@ -71,6 +74,36 @@ class _WritebackThread:
         self.pool.background_writeback = False
 
 
+def overwrite_once(base: str, size: int, nsnap: int, background: bool,
+                   block: bytes | None = None) -> float:
+    """MiB/s of one run: fill a volume of `size` with 1 MiB writes, flush, commit
+    `nsnap` snapshots, then time 1 MiB sequential overwrites of all of it and a flush;
+    `background`: with the daemon's writeback thread."""
+    block = block if block is not None else os.urandom(MiB)
+    d = os.path.join(base, f"ow-{nsnap}-{int(background)}")
+    pool = Pool.create(d)
+    try:
+        pool.create_volume("v", size)
+        for off in range(0, size, MiB):
+            pool.write("v", off, block)
+        pool.flush("v")
+        for _ in range(nsnap):
+            pool.commit_snapshots([pool.prepare_snapshot("v").id])
+        wb = _WritebackThread(pool) if background else None
+        try:
+            t = time.perf_counter()
+            for off in range(0, size, MiB):
+                pool.write("v", off, block)
+            pool.flush("v")
+            return size / MiB / (time.perf_counter() - t)
+        finally:
+            if wb is not None:
+                wb.close()
+    finally:
+        pool.close()
+        shutil.rmtree(d)
+
+
 def overwrite_throughput(base: str, size: int, runs: int, background: bool) -> dict:
     """Sequential 1 MiB overwrites of a written volume, then a flush, with 0, 1 and 8
     snapshots; `background`: with the daemon's writeback thread."""
@@ -78,24 +111,7 @@ def overwrite_throughput(base: str, size: int, runs: int, background: bool) -> d
     res: dict[str, list[float]] = {"0": [], "1": [], "8": []}
     for r in range(runs):
         for nsnap in [(0, 1, 8), (1, 8, 0), (8, 0, 1)][r % 3]:   # rotate: disk state drifts
-            d = os.path.join(base, f"ow{r}-{nsnap}")
-            pool = Pool.create(d)
-            pool.create_volume("v", size)
-            for off in range(0, size, MiB):
-                pool.write("v", off, block)
-            pool.flush("v")
-            for _ in range(nsnap):
-                pool.commit_snapshots([pool.prepare_snapshot("v").id])
-            wb = _WritebackThread(pool) if background else None
-            t = time.perf_counter()
-            for off in range(0, size, MiB):
-                pool.write("v", off, block)
-            pool.flush("v")
-            res[str(nsnap)].append(size / MiB / (time.perf_counter() - t))
-            if wb is not None:
-                wb.close()
-            pool.close()
-            shutil.rmtree(d)
+            res[str(nsnap)].append(overwrite_once(base, size, nsnap, background, block))
     med = {k: statistics.median(v) for k, v in res.items()}
     tag = "_bg" if background else ""
     return {f"overwrite{tag}_MiBps_0snap": med["0"], f"overwrite{tag}_MiBps_1snap": med["1"],
@@ -104,36 +120,37 @@ def overwrite_throughput(base: str, size: int, runs: int, background: bool) -> d
             f"overwrite{tag}_ratio_8snap_vs_1": med["8"] / med["1"]}
 
 
-def cow_floor(base: str, size: int, runs: int) -> dict:
-    """What the disk allows a copy-before-write overwrite stream, without the engine: per
-    1 MiB, read the old data and write it to a new diff file; every 32 MiB (in a second
-    thread, overlapped with the next copies) fdatasync the diff file, drop its pages and
-    write the held new data to the origin; fdatasync the origin at the end. Against the
-    same overwrite with no copies (the 0-snapshot case). The engine cannot beat this
-    ratio: it does the same I/O plus its own work (checksums, maps, syncs of the map)."""
-    block = os.urandom(MiB)
-    origin, diff = os.path.join(base, "floor.img"), os.path.join(base, "floor.diff")
+def _fill(path: str, size: int, block: bytes) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    for off in range(0, size, MiB):
+        os.pwrite(fd, block, off)
+    os.fsync(fd)
+    return fd
 
-    def fill() -> int:
-        fd = os.open(origin, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        for off in range(0, size, MiB):
-            os.pwrite(fd, block, off)
-        os.fsync(fd)
-        return fd
 
-    def plain() -> float:
-        fd = fill()
+def floor_plain_once(base: str, size: int, block: bytes | None = None) -> float:
+    """MiB/s of the no-snapshot floor: 1 MiB overwrites of a written file + fdatasync."""
+    block = block if block is not None else os.urandom(MiB)
+    origin = os.path.join(base, "floor.img")
+    fd = _fill(origin, size, block)
+    try:
         t = time.perf_counter()
         for off in range(0, size, MiB):
             os.pwrite(fd, block, off)
         os.fdatasync(fd)
-        dt = time.perf_counter() - t
+        return size / MiB / (time.perf_counter() - t)
+    finally:
         os.close(fd)
-        return size / MiB / dt
+        os.unlink(origin)
 
-    def cow() -> float:
-        fd = fill()
-        dfd = os.open(diff, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+def floor_cow_once(base: str, size: int, block: bytes | None = None) -> float:
+    """MiB/s of the bare copy-before-write floor (see cow_floor)."""
+    block = block if block is not None else os.urandom(MiB)
+    origin, diff = os.path.join(base, "floor.img"), os.path.join(base, "floor.diff")
+    fd = _fill(origin, size, block)
+    dfd = os.open(diff, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
         jobs: queue.Queue[tuple[int, int, list[int]] | None] = queue.Queue(maxsize=1)
 
         def syncer() -> None:
@@ -148,30 +165,69 @@ def cow_floor(base: str, size: int, runs: int) -> dict:
         t = time.perf_counter()
         held: list[int] = []
         lo = 0
-        for off in range(0, size, MiB):
-            os.pwrite(dfd, os.pread(fd, MiB, off), off)
-            held.append(off)
-            if len(held) == 32:
-                jobs.put((lo, off + MiB, held))
-                held, lo = [], off + MiB
-        jobs.put((lo, size, held))
-        jobs.put(None)
-        th.join()
+        try:
+            for off in range(0, size, MiB):
+                os.pwrite(dfd, os.pread(fd, MiB, off), off)
+                held.append(off)
+                if len(held) == 32:
+                    jobs.put((lo, off + MiB, held))
+                    held, lo = [], off + MiB
+            jobs.put((lo, size, held))
+        finally:
+            jobs.put(None)
+            th.join()
         os.fdatasync(fd)
-        dt = time.perf_counter() - t
+        return size / MiB / (time.perf_counter() - t)
+    finally:
         os.close(fd)
         os.close(dfd)
         os.unlink(diff)
-        return size / MiB / dt
+        os.unlink(origin)
 
+
+def cow_floor(base: str, size: int, runs: int) -> dict:
+    """What the disk allows a copy-before-write overwrite stream, without the engine: per
+    1 MiB, read the old data and write it to a new diff file; every 32 MiB (in a second
+    thread, overlapped with the next copies) fdatasync the diff file, drop its pages and
+    write the held new data to the origin; fdatasync the origin at the end. Against the
+    same overwrite with no copies (the 0-snapshot case). The engine cannot beat this
+    ratio: it does the same I/O plus its own work (checksums, maps, syncs of the map)."""
+    block = os.urandom(MiB)
     res: dict[str, list[float]] = {"plain": [], "cow": []}
     for _ in range(runs):
-        res["plain"].append(plain())
-        res["cow"].append(cow())
-    os.unlink(origin)
+        res["plain"].append(floor_plain_once(base, size, block))
+        res["cow"].append(floor_cow_once(base, size, block))
     med = {k: statistics.median(v) for k, v in res.items()}
     return {"floor_MiBps_plain": med["plain"], "floor_MiBps_cow": med["cow"],
             "floor_ratio_cow_vs_plain": med["cow"] / med["plain"]}
+
+
+def overwrite_vs_floor(base: str, size: int, runs: int) -> dict:
+    """The engine's 1 MiB sequential overwrite with 1 snapshot (inline syncs and with the
+    writeback thread) beside the bare floors, alternated in each repetition (order
+    rotated): per repetition the ratio engine / copy-before-write floor and engine /
+    plain overwrite; medians of those paired ratios (and of the MiB/s)."""
+    block = os.urandom(MiB)
+    cases: dict[str, Callable[[], float]] = {
+        "eng1": lambda: overwrite_once(base, size, 1, False, block),
+        "eng1_bg": lambda: overwrite_once(base, size, 1, True, block),
+        "eng0": lambda: overwrite_once(base, size, 0, False, block),
+        "plain": lambda: floor_plain_once(base, size, block),
+        "cow": lambda: floor_cow_once(base, size, block),
+    }
+    names = list(cases)
+    res: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(runs):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            res[k].append(cases[k]())
+    out = {f"pair_{k}_MiBps": statistics.median(v) for k, v in res.items()}
+    for eng in ("eng1", "eng1_bg", "eng0"):
+        for fl in ("cow", "plain"):
+            out[f"pair_{eng}_vs_{fl}"] = statistics.median(
+                e / f for e, f in zip(res[eng], res[fl], strict=True))
+    out["pair_cow_vs_plain"] = statistics.median(
+        c / p for c, p in zip(res["cow"], res["plain"], strict=True))
+    return out
 
 
 def metadata_memory(base: str, written: int) -> dict:
@@ -308,35 +364,113 @@ def read_latency(base: str, plex_size: int, runs: int) -> dict:
     return out
 
 
+POOL_FS = ("here", "ext4", "xfs", "btrfs")
+MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"],
+        "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],   # reflink: issue 14
+        "btrfs": ["mkfs.btrfs", "-q", "-f"]}
+FS_IMAGE_SIZE = 32 * GiB   # sparse; only what the figures write takes host blocks
+SECTIONS = ("memory", "commit", "overwrite", "floor", "pair", "plex", "latency")
+
+
+@contextlib.contextmanager
+def work_directory(pool_fs: str, parent: str | None) -> Iterator[str]:
+    """A temporary work directory: below `parent` (default: the temp dir) for "here",
+    else the root of a fresh filesystem of that type on a sparse image in a loop
+    device (--direct-io=on: no second page cache), mounted inside the temp dir.
+    Unmounted, detached and removed afterwards, also after a failure or Ctrl-C
+    (tools/workdir.clean); what could not be removed is said on stderr."""
+    if pool_fs == "here":
+        base = tempfile.mkdtemp(prefix="spx-engine-bench-", dir=parent)
+        try:
+            yield base
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return
+    from fuse_mount import loopdev
+    from tools import workdir
+    root = tempfile.mkdtemp(prefix=f"spx-engine-bench-{pool_fs}-", dir=parent)
+    try:
+        img, mnt = os.path.join(root, "fs.img"), os.path.join(root, "mnt")
+        with open(img, "wb") as f:
+            f.truncate(FS_IMAGE_SIZE)
+        os.mkdir(mnt)
+        dev = loopdev.attach(img, read_only=False, direct_io=True)
+        subprocess.run([*MKFS[pool_fs], dev], check=True, capture_output=True)
+        subprocess.run(["mount", dev, mnt], check=True, capture_output=True)
+        yield mnt
+    finally:
+        left = workdir.clean(root)
+        if left:
+            print(f"engine_bench: left behind: {', '.join(left)}", file=sys.stderr)
+
+
+def floor_ratios(out: dict) -> dict:
+    """engine / floor ratios of the (unpaired) overwrite and floor sections."""
+    ratios = {}
+    for tag in ("", "_bg"):
+        for n in ("1", "8"):
+            eng = out.get(f"overwrite{tag}_MiBps_{n}snap")
+            if eng is not None and "floor_MiBps_cow" in out:
+                ratios[f"overwrite{tag}_{n}snap_vs_floor_cow"] = eng / out["floor_MiBps_cow"]
+        eng0 = out.get(f"overwrite{tag}_MiBps_0snap")
+        if eng0 is not None and "floor_MiBps_plain" in out:
+            ratios[f"overwrite{tag}_0snap_vs_floor_plain"] = eng0 / out["floor_MiBps_plain"]
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()   # as the daemon does (blockstore/fileio.py)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--dir", default=None, help="where the work directory goes "
+                    "(default: the temp dir)")
+    ap.add_argument("--pool-fs", choices=POOL_FS, default="here",
+                    help="run on a fresh loop-mounted filesystem of this type (xfs with "
+                    "reflink=1; needs root), or 'here' (default): the file system of --dir")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    ap.add_argument("--size", type=int, default=None, help="MiB of the overwrite, floor "
+                    "and pair figures (default 512; --quick 16)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--runs", type=int, default=5, help="repetitions of the overwrite "
                     "figures (medians; default 5)")
     a = ap.parse_args(argv)
-    base = tempfile.mkdtemp(prefix="spx-engine-bench-", dir=a.dir)
-    try:
-        out = {}
-        # first: its figure is the growth of this process's PEAK RSS, which the
-        # overwrite runs' held buffers would raise beforehand
-        out.update(metadata_memory(base, (256 * MiB) if a.quick else 10 * GiB))
-        out.update(commit_latency(base, 10 if a.quick else 50))
-        for background in (False, True):
-            out.update(overwrite_throughput(base, (16 if a.quick else 512) * MiB,
-                                            a.runs, background))
-        out.update(cow_floor(base, (16 if a.quick else 512) * MiB, a.runs))
-        out.update(plex_sync(base, (32 if a.quick else 1024) * MiB, 3))
-        out.update(read_latency(base, (64 if a.quick else 1024) * MiB, 3))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    only = [x for x in a.only.split(",") if x]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    size = (a.size or (16 if a.quick else 512)) * MiB
+    out: dict[str, float | str] = {}
+    with interrupts.stop_signals():
+        try:
+            with work_directory(a.pool_fs, a.dir) as base:
+                # first: its figure is the growth of this process's PEAK RSS, which the
+                # overwrite runs' held buffers would raise beforehand
+                if "memory" in only:
+                    out.update(metadata_memory(base, (256 * MiB) if a.quick else 10 * GiB))
+                if "commit" in only:
+                    out.update(commit_latency(base, 10 if a.quick else 50))
+                if "overwrite" in only:
+                    for background in (False, True):
+                        out.update(overwrite_throughput(base, size, a.runs, background))
+                if "floor" in only:
+                    out.update(cow_floor(base, size, a.runs))
+                    out.update(floor_ratios(out))
+                if "pair" in only:
+                    out.update(overwrite_vs_floor(base, size, a.runs))
+                if "plex" in only:
+                    out.update(plex_sync(base, (32 if a.quick else 1024) * MiB, 3))
+                if "latency" in only:
+                    out.update(read_latency(base, (64 if a.quick else 1024) * MiB, 3))
+        except KeyboardInterrupt as e:
+            print("engine_bench: interrupted; work directory removed", file=sys.stderr)
+            return getattr(e, "exit_code", 130)
     if a.json:
-        print(json.dumps(out, indent=1))
+        print(json.dumps({"pool_fs": a.pool_fs, **out}, indent=1))
     else:
+        print(f"{'pool_fs':32} {a.pool_fs:>10}")
         for k, v in out.items():
-            print(f"{k:28} {v:10.3f}")
+            print(f"{k:32} {v:10.3f}")
     return 0
 
 
