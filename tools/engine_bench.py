@@ -7,6 +7,14 @@ the disk's floor for any copy-before-write stream (cow_floor), chunk-metadata me
 for 1 TiB + 16 snapshots, plex sync vs cp --sparse=always, and the latency of 4 KiB reads
 of one volume while another thread scrubs, checks or flushes another (the pool lock must
 not make them wait for that I/O), beside the same reads with nothing else running.
+
+Sections (--only): memory, commit, overwrite (0/1/8 snapshots), floor (the bare I/O
+floors), pair (the 1-snapshot overwrite alternated with the floors in each repetition:
+medians of paired engine/floor ratios), random (4 KiB first writes, 1 snapshot), plex,
+latency. --pool-fs ext4|xfs|btrfs runs them on a fresh file system of that type in a
+loop device (root), e.g. the issue-14 figure:
+
+    python -m tools.engine_bench --pool-fs ext4 --only pair,random --runs 7
 """
 
 from __future__ import annotations
@@ -230,6 +238,53 @@ def overwrite_vs_floor(base: str, size: int, runs: int) -> dict:
     return out
 
 
+def random_first_writes_once(base: str, size: int, background: bool,
+                             seed: int = 14) -> float:
+    """IOPS of 4 KiB first writes after one snapshot: one write at a random 4 KiB of
+    every chunk of a written volume of `size`, chunks in random order, then a flush
+    (the fio '4K randwrite, first writes' replay of tools/bench, without FUSE);
+    `background`: with the daemon's writeback thread."""
+    import random
+    rng = random.Random(seed)
+    d = os.path.join(base, f"rnd-{int(background)}")
+    pool = Pool.create(d)
+    try:
+        pool.create_volume("v", size)
+        block = os.urandom(MiB)
+        for off in range(0, size, MiB):
+            pool.write("v", off, block)
+        pool.flush("v")
+        pool.commit_snapshots([pool.prepare_snapshot("v").id])
+        cs = pool.chunk_size
+        offsets = [c * cs + rng.randrange(cs // 4096) * 4096 for c in range(size // cs)]
+        rng.shuffle(offsets)
+        small = os.urandom(4096)
+        wb = _WritebackThread(pool) if background else None
+        try:
+            t = time.perf_counter()
+            for off in offsets:
+                pool.write("v", off, small)
+            pool.flush("v")
+            return len(offsets) / (time.perf_counter() - t)
+        finally:
+            if wb is not None:
+                wb.close()
+    finally:
+        pool.close()
+        shutil.rmtree(d)
+
+
+def random_first_writes(base: str, size: int, runs: int) -> dict:
+    """random_first_writes_once inline and with the writeback thread, alternated;
+    medians."""
+    res: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(runs):
+        for bg in ((False, True) if r % 2 == 0 else (True, False)):
+            res[bg].append(random_first_writes_once(base, size, bg, seed=r))
+    return {"rand4k_IOPS_1snap": statistics.median(res[False]),
+            "rand4k_bg_IOPS_1snap": statistics.median(res[True])}
+
+
 def metadata_memory(base: str, written: int) -> dict:
     """1 TiB volume, 16 snapshots, `written` bytes of first writes spread over them."""
     d = os.path.join(base, "mem")
@@ -369,7 +424,8 @@ MKFS = {"ext4": ["mkfs.ext4", "-q", "-F"],
         "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],   # reflink: issue 14
         "btrfs": ["mkfs.btrfs", "-q", "-f"]}
 FS_IMAGE_SIZE = 32 * GiB   # sparse; only what the figures write takes host blocks
-SECTIONS = ("memory", "commit", "overwrite", "floor", "pair", "plex", "latency")
+SECTIONS = ("memory", "commit", "overwrite", "floor", "pair", "random", "plex",
+            "latency")
 
 
 @contextlib.contextmanager
@@ -458,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                     out.update(floor_ratios(out))
                 if "pair" in only:
                     out.update(overwrite_vs_floor(base, size, a.runs))
+                if "random" in only:
+                    out.update(random_first_writes(base, (16 if a.quick else 256) * MiB,
+                                                   a.runs))
                 if "plex" in only:
                     out.update(plex_sync(base, (32 if a.quick else 1024) * MiB, 3))
                 if "latency" in only:
