@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import queue
@@ -152,8 +155,27 @@ def floor_plain_once(base: str, size: int, block: bytes | None = None) -> float:
         os.unlink(origin)
 
 
-def floor_cow_once(base: str, size: int, block: bytes | None = None) -> float:
-    """MiB/s of the bare copy-before-write floor (see cow_floor)."""
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                                     ctypes.c_uint]
+    return libc
+
+
+def _sync_file_range_write(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE), what the engine's early writeback does
+    (blockstore.fileio.start_writeback; its own here so that the floors do not depend on
+    the engine version measured)."""
+    _libc().sync_file_range(fd, offset, length, 2)
+
+
+def floor_cow_once(base: str, size: int, block: bytes | None = None,
+                   early: bool = False) -> float:
+    """MiB/s of the bare copy-before-write floor (see cow_floor). `early`: with the
+    engine's early writeback (sync_file_range WRITE of each 1 MiB copied and of each
+    32 MiB written back to the origin), the same I/O started sooner."""
+    start = _sync_file_range_write
     block = block if block is not None else os.urandom(MiB)
     origin, diff = os.path.join(base, "floor.img"), os.path.join(base, "floor.diff")
     fd = _fill(origin, size, block)
@@ -168,6 +190,8 @@ def floor_cow_once(base: str, size: int, block: bytes | None = None) -> float:
                 os.posix_fadvise(dfd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
                 for off in held:
                     os.pwrite(fd, block, off)
+                if early and held:
+                    start(fd, held[0], held[-1] + MiB - held[0])
         th = threading.Thread(target=syncer)
         th.start()
         t = time.perf_counter()
@@ -176,6 +200,8 @@ def floor_cow_once(base: str, size: int, block: bytes | None = None) -> float:
         try:
             for off in range(0, size, MiB):
                 os.pwrite(dfd, os.pread(fd, MiB, off), off)
+                if early:
+                    start(dfd, off, MiB)
                 held.append(off)
                 if len(held) == 32:
                     jobs.put((lo, off + MiB, held))
@@ -213,7 +239,8 @@ def cow_floor(base: str, size: int, runs: int) -> dict:
 def overwrite_vs_floor(base: str, size: int, runs: int) -> dict:
     """The engine's 1 MiB sequential overwrite with 1 snapshot (inline syncs and with the
     writeback thread) beside the bare floors, alternated in each repetition (order
-    rotated): per repetition the ratio engine / copy-before-write floor and engine /
+    rotated): per repetition the ratio engine / copy-before-write floor (cow: the issue's
+    floor; cow_early: the same I/O with the engine's early writeback) and engine /
     plain overwrite; medians of those paired ratios (and of the MiB/s)."""
     block = os.urandom(MiB)
     cases: dict[str, Callable[[], float]] = {
@@ -222,6 +249,7 @@ def overwrite_vs_floor(base: str, size: int, runs: int) -> dict:
         "eng0": lambda: overwrite_once(base, size, 0, False, block),
         "plain": lambda: floor_plain_once(base, size, block),
         "cow": lambda: floor_cow_once(base, size, block),
+        "cow_early": lambda: floor_cow_once(base, size, block, early=True),
     }
     names = list(cases)
     res: dict[str, list[float]] = {k: [] for k in names}
@@ -230,7 +258,7 @@ def overwrite_vs_floor(base: str, size: int, runs: int) -> dict:
             res[k].append(cases[k]())
     out = {f"pair_{k}_MiBps": statistics.median(v) for k, v in res.items()}
     for eng in ("eng1", "eng1_bg", "eng0"):
-        for fl in ("cow", "plain"):
+        for fl in ("cow", "cow_early", "plain"):
             out[f"pair_{eng}_vs_{fl}"] = statistics.median(
                 e / f for e, f in zip(res[eng], res[fl], strict=True))
     out["pair_cow_vs_plain"] = statistics.median(
