@@ -106,6 +106,9 @@ class PoolCore:
         # probes the pool's file system (a pool moved elsewhere adapts)
         self.preserve_mode = "copy"
         self.clone_min_chunks: int | None = None
+        # the data path's scratch buffer for the old content of chunks a write replaces
+        # whole (datapath._read_whole; pool lock held)
+        self._scratch = bytearray()
         self._volumes: dict[str, _Volume] = {}
         self._snaps: dict[str, _Snapshot] = {}
         self._closed = True

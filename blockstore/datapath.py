@@ -20,7 +20,7 @@ from .errors import (
     ReadOnly,
     SnapshotInvalid,
 )
-from .fileio import DataFile
+from .fileio import DataFile, is_zeros
 from .heldwrites import HeldWrites
 from .model import (
     COMMITTED,
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # errors of a clone that mean "not here", not "the disk failed"
 _CLONE_REFUSED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM,
                             errno.ETXTBSY, errno.EBADF, errno.ENOTTY})
+SCRATCH_MAX = 4 << 20   # the whole chunks' scratch buffer is kept up to this size
 
 
 class DataPath(HeldWrites):
@@ -291,11 +292,18 @@ class DataPath(HeldWrites):
             if not need:
                 return set()
             clones = self._clones(v, need, offset, length)
-            read = dict(self._read_chunks(v, [c for c in need if c not in clones]))
-            preserve = [(c, read.get(c)) for c in need]   # None: cloned
-            items = [(c, old if old is not None else self._new_content(c, offset, data))
-                     for c, old in preserve]
-            new_bytes = sum(cs for _, old in preserve if old is None or old != da.zero_chunk)
+            whole = self._whole(v, need, offset, length, clones)
+            read = dict(self._read_chunks(v, [c for c in need if c not in clones
+                                              and c not in whole] if clones or whole
+                                          else need))
+            scratch = dict(self._read_whole(v, sorted(whole))) if whole else {}
+            preserve: list[tuple[int, bytes | bytearray | memoryview | None]] = [
+                (c, read[c] if c in read else scratch.get(c)) for c in need]  # None: cloned
+            share = 2 * (len(clones) + len(whole)) * cs >= length   # see _new_content
+            items = [(c, read[c] if c in read else self._new_content(c, offset, data, share))
+                     for c in need]
+            new_bytes = sum(cs for _, old in preserve
+                            if old is None or not is_zeros(old, da.zero_chunk))
             if new_bytes and self._over_limit(v, new_bytes):
                 self._overflow(v, "diff-area limit reached")
                 continue
@@ -316,18 +324,20 @@ class DataPath(HeldWrites):
                 self._invalidate_needing(v, [(c, v.epoch) for c in need], e)
                 return set()
             v.held.hold(items, time.monotonic())
-            return clones
+            return clones | whole
         return set()
 
-    def _new_content(self, c: int, offset: int, data: memoryview | None) -> HeldBuffer:
+    def _new_content(self, c: int, offset: int, data: memoryview | None,
+                     share: bool = True) -> HeldBuffer:
         """The held buffer of chunk c, which the write (data at offset; None: a
         discard) replaces whole: a view of the write's bytes if nothing can change them
-        (bytes: the FUSE handler's), else a copy."""
+        (bytes: the FUSE handler's) and `share` (such chunks are at least half of the
+        write: a view keeps all of it in memory while held), else a copy."""
         cs = self.chunk_size
         if data is None:
             return bytearray(cs)
         piece = data[c * cs - offset:(c + 1) * cs - offset]
-        return piece if isinstance(data.obj, bytes) else bytearray(piece)
+        return piece if share and isinstance(data.obj, bytes) else bytearray(piece)
 
     def _clones(self, v: _Volume, need: list[int], offset: int, length: int) -> set[int]:
         """The chunks of `need` to preserve by reference: whole chunks inside the write
@@ -361,6 +371,44 @@ class DataPath(HeldWrites):
             else:
                 da.cowed_latest.set(c)   # no live snapshot needs it until the next commit
         return need
+
+    def _whole(self, v: _Volume, need: list[int], offset: int, length: int,
+               clones: set[int]) -> set[int]:
+        """The chunks of `need` that the write covers whole, inside the image, not held
+        and not cloned: nothing of their old content stays, so it is read only to be
+        preserved (_read_whole), never into a held buffer, which is made from the write
+        (_new_content). Any pool, any write size."""
+        cs = self.chunk_size
+        lo = -(-offset // cs)                                    # first chunk covered whole
+        hi = min(offset + length, v.size - v.size % cs) // cs   # past the last one
+        if hi <= lo:
+            return set()
+        held = v.held.chunks
+        return {c for c in need if lo <= c < hi and c not in held and c not in clones}
+
+    def _read_whole(self, v: _Volume, chunks: list[int]) -> list[tuple[int, memoryview]]:
+        """Old contents of whole chunks that are preserved and then replaced (_whole),
+        read into one reused scratch buffer -- no fresh memory per chunk, no buffer to
+        hold -- and valid until the next call: for DiffArea.preserve, which writes them
+        out at once. One preadv per run of consecutive chunks."""
+        cs = self.chunk_size
+        need = len(chunks) * cs
+        if len(self._scratch) < need <= SCRATCH_MAX:
+            self._scratch = bytearray(need)
+        buf = self._scratch if len(self._scratch) >= need else bytearray(need)
+        view = memoryview(buf)
+        size = v.file.size()
+        out: list[tuple[int, memoryview]] = []
+        k = 0
+        for i, j in consecutive_runs(chunks):
+            parts = [view[(k + m) * cs:(k + m + 1) * cs] for m in range(j - i)]
+            if size < (chunks[j - 1] + 1) * cs:
+                for p in parts:   # past the end of the file (a shrunk origin): zeros
+                    p[:] = bytes(cs)
+            v.file.preadv(parts, chunks[i] * cs)  # type: ignore[arg-type]
+            out += zip(chunks[i:j], parts)
+            k += j - i
+        return out
 
     def _read_chunks(self, v: _Volume, chunks: list[int]) -> list[tuple[int, bytearray]]:
         """Full-chunk old contents, one pread per run of consecutive chunks. Each content

@@ -23,7 +23,7 @@ import xxhash
 
 from .chunkmap import Bitmap, EpochTable, consecutive_runs
 from .errors import CorruptData
-from .fileio import DataFile, Faults, fsync_dir
+from .fileio import DataFile, Faults, fsync_dir, is_zeros
 from .format import (
     MAP_FLAG_NOSUM,
     MAP_FLAG_ZERO,
@@ -244,7 +244,8 @@ class DiffArea:
             end += 1
         return slots
 
-    def preserve(self, items: Sequence[tuple[int, bytes | bytearray | None]], epoch: int,
+    def preserve(self, items: Sequence[tuple[int, bytes | bytearray | memoryview | None]],
+                 epoch: int,
                  source: DataFile | None = None) -> None:
         """Preserve the old contents of these chunks in slots mapped to `epoch`.
 
@@ -261,7 +262,7 @@ class DiffArea:
         zero_chunk = self.zero_chunk
         digest = xxhash.xxh3_64_intdigest
         batch = []
-        copies: list[tuple[int, bytes | bytearray]] = []
+        copies: list[tuple[int, bytes | bytearray | memoryview]] = []
         clones: list[tuple[int, int]] = []
         slots = self._alloc_slots(len(items))
         if slots:
@@ -270,7 +271,7 @@ class DiffArea:
             if old is None:
                 clones.append((slot, chunk))
                 batch.append((slot, chunk, UNSUMMED, 0))
-            elif old == zero_chunk:
+            elif is_zeros(old, zero_chunk):
                 batch.append((slot, chunk, ZERO, 0))
             else:
                 copies.append((slot, old))

@@ -378,6 +378,17 @@ def fs_type(path: str) -> int:
     return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little")
 
 
+def is_zeros(buf: bytes | bytearray | memoryview, zero: bytes) -> bool:
+    """buf == zero[:len(buf)] (zero: at least as long), fast for a memoryview too: its
+    == compares item by item, ~110 us for 64 KiB of zeros against ~2 us for bytes."""
+    n = len(buf)
+    if n != len(zero):
+        zero = zero[:n]
+    if type(buf) is not memoryview:
+        return buf == zero
+    return buf[:64] == zero[:64] and buf.tobytes() == zero   # data: out at the first
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

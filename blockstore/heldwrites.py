@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .core import PoolCore
+from .fileio import is_zeros
 from .model import (
     COMMITTED,
     DIFFERENTIAL,
@@ -227,6 +228,11 @@ class HeldWrites(PoolCore):
         run_start = -1
         done: list[int] = []
         chunks, dirty = v.held.chunks, v.held.dirty
+
+        def write_run() -> None:
+            v.file.pwritev(run, run_start)
+            done.extend(run_chunks)
+
         try:
             for c, buf0 in held:
                 if chunks.get(c) is not buf0:
@@ -236,12 +242,11 @@ class HeldWrites(PoolCore):
                 hi = min(hi, len(buf))
                 whole = lo == 0 and hi == len(buf)
                 if run and (not whole or c * cs != run_start + len(run) * cs):
-                    v.file.pwritev(run, run_start)
-                    done += run_chunks
+                    write_run()
                     run, run_chunks = [], []
                 if lo >= hi:                   # preserved, never changed: origin is right
                     done.append(c)
-                elif buf == zero[:len(buf)]:   # a discard landed here: keep the hole
+                elif is_zeros(buf, zero):      # a discard landed here: keep the hole
                     v.file.punch(c * cs, len(buf))
                     done.append(c)
                 elif whole:
@@ -253,8 +258,7 @@ class HeldWrites(PoolCore):
                     v.file.pwrite(buf[lo:hi], c * cs + lo)
                     done.append(c)
             if run:
-                v.file.pwritev(run, run_start)
-                done += run_chunks
+                write_run()
         finally:
             v.held.release(done)
 

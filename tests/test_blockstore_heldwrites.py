@@ -410,3 +410,115 @@ def test_later_writes_into_chunks_held_as_views_reach_the_origin(tmp_path):
     assert _image(p, "v") == new and p.read(sid, 0, 64 * CS) == old
     assert p.check() == []
     p.close()
+
+
+# -- whole chunks on any pool: old content through a scratch buffer, held from the write ------
+def test_whole_chunk_write_is_held_as_the_writers_bytes(pool):
+    pool.create_volume("v", 6 * CS)
+    old = os.urandom(6 * CS)
+    pool.write("v", 0, old)
+    pool.flush("v")
+    sid = _snap(pool, "v")
+    new = os.urandom(4 * CS)
+    pool.write("v", CS, new)                           # chunks 1..4, whole
+    held = pool._volumes["v"].held
+    for c in range(1, 5):                              # no copy: slices of `new`
+        assert isinstance(held.chunks[c], memoryview) and held.chunks[c].obj is new
+    da = pool._volumes["v"].diff
+    assert pool.preserve_mode == "reflink" or \
+        [da.state[s] for s in range(da.entries())] == [1] * 4   # DATA: digests kept
+    pool.write("v", 2 * CS + 10, b"p" * 20)            # a partial write into a held slice
+    assert isinstance(held.chunks[2], bytearray)
+    expect = bytearray(old)
+    expect[CS:5 * CS] = new
+    expect[2 * CS + 10:2 * CS + 30] = b"p" * 20
+    assert new[CS + 10:CS + 30] != b"p" * 20           # the writer's bytes are untouched
+    assert pool.read("v", 0, 6 * CS) == expect
+    pool.flush("v")
+    assert _image(pool, "v") == expect
+    assert pool.read(sid, 0, 6 * CS) == old            # read back through the digests
+
+
+def test_a_mutable_write_buffer_is_copied(pool):
+    pool.create_volume("v", 2 * CS)
+    old = os.urandom(2 * CS)
+    pool.write("v", 0, old)
+    pool.flush("v")
+    sid = _snap(pool, "v")
+    buf = bytearray(os.urandom(2 * CS))
+    first = bytes(buf)
+    pool.write("v", 0, buf)
+    buf[:] = bytes(2 * CS)                             # the caller reuses its buffer
+    assert pool.read("v", 0, 2 * CS) == first
+    pool.flush("v")
+    assert _image(pool, "v") == first
+    assert pool.read(sid, 0, 2 * CS) == old
+
+
+def test_a_big_write_holding_few_chunks_copies_them(pool):
+    """A view would keep the whole write in memory: for one chunk of 16, copy it."""
+    pool.create_volume("v", 16 * CS)
+    pool.write("v", 0, os.urandom(16 * CS))
+    pool.flush("v")
+    sid = _snap(pool, "v")
+    old = pool.read("v", 0, 16 * CS)
+    pool.write("v", 0, os.urandom(15 * CS))            # chunks 0..14 preserved
+    pool.flush("v")
+    new = os.urandom(16 * CS)
+    pool.write("v", 0, new)                            # only chunk 15 is held now
+    held = pool._volumes["v"].held
+    assert list(held.chunks) == [15] and isinstance(held.chunks[15], bytearray)
+    pool.flush("v")
+    assert _image(pool, "v") == new
+    assert pool.read(sid, 0, 16 * CS) == old
+
+
+def test_whole_chunk_discard_and_zero_writes_of_preserved_chunks(pool):
+    pool.create_volume("v", 5 * CS)
+    old = os.urandom(5 * CS)
+    pool.write("v", 0, old)
+    pool.flush("v")
+    sid = _snap(pool, "v")
+    pool.discard("v", 0, 2 * CS + 4096)                # chunks 0, 1 whole; 4 KiB of 2
+    pool.write("v", 3 * CS, bytes(2 * CS))             # zeros written over chunks 3, 4
+    expect = bytes(2 * CS + 4096) + old[2 * CS + 4096:3 * CS] + bytes(2 * CS)
+    assert pool.read("v", 0, 5 * CS) == expect
+    pool.flush("v")
+    assert _image(pool, "v") == expect
+    assert pool.read(sid, 0, 5 * CS) == old
+
+
+def test_whole_chunks_of_zeros_are_preserved_as_zero_records(pool):
+    """Old content read through the scratch buffer (memoryviews) is still recognised as
+    zeros: no slot data, no space."""
+    pool.create_volume("v", 8 * CS)                    # never written: all holes
+    sid = _snap(pool, "v")
+    pool.write("v", 0, os.urandom(8 * CS))
+    pool.flush("v")
+    v = pool._volumes["v"]
+    assert v.diff.entries() == 8 and v.diff.used_bytes() == 0
+    assert pool.read(sid, 0, 8 * CS) == bytes(8 * CS)
+
+
+def test_a_view_turned_bytearray_while_its_batch_syncs_still_goes_out(paused):
+    """The held object of a chunk changes (a view of the write -> a bytearray) while
+    the batch it belongs to syncs: the batch still writes it out -- with the later
+    bytes -- and a flush covers it."""
+    p, faults, sid, old = paused
+    new = os.urandom(CS)
+    p.write("v", 0, new)                               # chunk 0 whole: held as a view
+    assert isinstance(p._volumes["v"].held.chunks[0], memoryview)
+    faults.pause_at = "cow.data_synced"
+    errors: list[BaseException] = []
+    t = _background(p, errors)
+    assert faults.reached.wait(20)
+    p.write("v", 100, b"Q" * 10)                       # into it: copied to a bytearray
+    assert isinstance(p._volumes["v"].held.chunks[0], bytearray)
+    faults.go.set()
+    t.join(20)
+    assert not t.is_alive() and errors == []
+    expect = bytearray(new)
+    expect[100:110] = b"Q" * 10
+    assert _image(p, "v")[:CS] == expect               # written out by that batch
+    assert 0 not in p._volumes["v"].held.chunks
+    assert p.read(sid, 0, 4 * CS) == old
