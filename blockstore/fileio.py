@@ -26,9 +26,12 @@ if TYPE_CHECKING:
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                                  ctypes.c_uint]
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+SYNC_FILE_RANGE_WRITE = 0x2
 # ioctl FICLONERANGE = _IOW(0x94, 13, struct file_clone_range {s64 src_fd; u64 src_offset,
 # src_length, dest_offset}): the destination range shares the source's blocks (xfs with
 # reflink=1, btrfs; ext4 answers EOPNOTSUPP, another file system EXDEV)
@@ -254,6 +257,13 @@ class DataFile:
                     _CLONE_RANGE.pack(src.fd, src_offset, length, offset))
         self._dirty = True
 
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Start writing this range's dirty pages to the disk now, without waiting for
+        them (sync_file_range WRITE): the next sync() has that much less left to do,
+        and the disk works while the caller goes on. No durability of any kind: only
+        sync() gives that (and reports the write errors; none are reported here)."""
+        start_writeback(self.fd, offset, length)
+
     def drop_cache(self, offset: int, length: int) -> None:
         """Let the kernel drop these (clean) pages from its cache now."""
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
@@ -387,6 +397,12 @@ def is_zeros(buf: bytes | bytearray | memoryview, zero: bytes) -> bool:
     if type(buf) is not memoryview:
         return buf == zero
     return buf[:64] == zero[:64] and buf.tobytes() == zero   # data: out at the first
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE): see
+    DataFile.start_writeback."""
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def fsync_dir(path: str) -> None:

@@ -30,6 +30,11 @@ from .model import (
 )
 
 log = logging.getLogger(__name__)
+# A run of whole chunks at least this long that a batch writes out to the origin starts
+# its writeback at once (DataFile.start_writeback): the disk writes it while the data path
+# goes on, instead of all at the next flush (docs/performance.md). Shorter pieces -- a
+# random 4 KiB write -- are left to the flush and the kernel.
+ORIGIN_KICK = 1 << 20
 
 
 class HeldWrites(PoolCore):
@@ -219,7 +224,8 @@ class HeldWrites(PoolCore):
         file -- only the part of each that changed -- and stop holding them. A chunk
         whose buffer is no longer the one given was preserved again since (its new
         preservation is not durable yet): it stays held. A chunk stops being held only
-        once its write succeeded (an EIO leaves the rest held, for the next flush)."""
+        once its write succeeded (an EIO leaves the rest held, for the next flush).
+        A run of at least ORIGIN_KICK starts its writeback at once."""
         assert self._owned(), "pool lock not held"
         cs = self.chunk_size
         zero = bytes(cs)
@@ -231,6 +237,8 @@ class HeldWrites(PoolCore):
 
         def write_run() -> None:
             v.file.pwritev(run, run_start)
+            if len(run) * cs >= ORIGIN_KICK:
+                v.file.start_writeback(run_start, len(run) * cs)
             done.extend(run_chunks)
 
         try:

@@ -522,3 +522,23 @@ def test_a_view_turned_bytearray_while_its_batch_syncs_still_goes_out(paused):
     assert _image(p, "v")[:CS] == expect               # written out by that batch
     assert 0 not in p._volumes["v"].held.chunks
     assert p.read(sid, 0, 4 * CS) == old
+
+
+def test_writeback_starts_early_for_slots_and_long_origin_runs(pool, monkeypatch):
+    started: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(DataFile, "start_writeback",
+                        lambda self, off, n: started.append((self.role, off, n)))
+    pool.create_volume("v", 64 * CS)
+    pool.write("v", 0, os.urandom(64 * CS))
+    pool.flush("v")
+    sid = _snap(pool, "v")
+    old = pool.read("v", 0, 64 * CS)
+    for off in range(0, 32 * CS, 8 * CS):              # 2 MiB of whole chunks
+        pool.write("v", off, os.urandom(8 * CS))
+    if pool.preserve_mode == "copy":                   # (clones write no slot data)
+        assert started == [("diff", 0, 16 * CS), ("diff", 16 * CS, 16 * CS)]
+    pool.write("v", 40 * CS + 512, b"r" * 512)         # a small write: no origin kick
+    pool.flush("v")
+    assert ("origin", 0, 32 * CS) in started           # the long run written out
+    assert not any(r == "origin" and off == 40 * CS for r, off, _ in started)
+    assert pool.read(sid, 0, 64 * CS) == old
