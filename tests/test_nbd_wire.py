@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nbd_thread import NbdThread
 
 from blockstore import Pool
 from fuse_mount.barrier import WriteBarrier
@@ -30,46 +30,13 @@ from nbd.server import NbdServer
 MiB = 1 << 20
 
 
-class Running:
-    """An NbdServer on 127.0.0.1 in a trio loop of its own thread."""
+class Running(NbdThread):
+    """The server over `pool`, plain text, every connection the host "here"."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.server = NbdServer(pool, WriteBarrier(pool), Presentation("here"), None,
-                                lambda _c: "")
-        self.port = 0
-        self._up = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self._up.wait(10), "the server did not start"
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            with trio.CancelScope() as cs:
-                self._cancel = cs
-                async with trio.open_nursery() as n:
-                    listeners = await n.start(self.server.serve, "127.0.0.1", 0)
-                    self.port = listeners[0].socket.getsockname()[1]
-                    self._up.set()
-        try:
-            trio.run(main)
-        except BaseException as e:   # noqa: BLE001 - reported by stop()
-            self.errors.append(e)
-            self._up.set()
-
-    def stop(self) -> None:
-        if self._token is not None and self._cancel is not None:
-            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
-        self.thread.join(10)
-        assert not self.thread.is_alive(), "the server did not stop"
-        assert not self.errors, self.errors
-
-    def connections(self) -> int:
-        return self.server.connections
+        super().__init__(NbdServer(pool, WriteBarrier(pool), Presentation("here"), None,
+                                   lambda _c: ""))
 
 
 @pytest.fixture

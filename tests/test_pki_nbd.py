@@ -13,12 +13,11 @@ import json
 import logging
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
+from nbd_thread import NbdThread
 from support import need
 
 from blockstore import Pool
@@ -33,45 +32,12 @@ MiB = 1 << 20
 TIMEOUT = 20.0
 
 
-class Running:
+class Running(NbdThread):
     """An NbdServer with TLS on 127.0.0.1, in a trio loop of its own thread."""
 
     def __init__(self, pool: Pool, presentation: Presentation, tls_dir: Path) -> None:
-        self.server = NbdServer(pool, WriteBarrier(pool), presentation,
-                                tls.server_context(tls_dir), daemon._peer_host)
-        self.port = 0
-        self.errors: list[BaseException] = []
-        self._up = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
-        self.thread = threading.Thread(target=self._run, name="nbd", daemon=True)
-        self.thread.start()
-        assert self._up.wait(10), "the server did not start"
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            with trio.CancelScope() as cs:
-                self._cancel = cs
-                async with trio.open_nursery() as n:
-                    listeners = await n.start(self.server.serve, "127.0.0.1", 0)
-                    self.port = listeners[0].socket.getsockname()[1]
-                    self._up.set()
-        try:
-            trio.run(main)
-        except BaseException as e:   # noqa: BLE001 - reported by stop()
-            self.errors.append(e)
-            self._up.set()
-
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self.errors
-
-    def stop(self) -> None:
-        if self._token is not None and self._cancel is not None and self.thread.is_alive():
-            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
-        self.thread.join(10)
-        assert not self.thread.is_alive(), "the server did not stop"
-        assert not self.errors, self.errors
+        super().__init__(NbdServer(pool, WriteBarrier(pool), presentation,
+                                   tls.server_context(tls_dir), daemon._peer_host))
 
 
 @pytest.fixture
