@@ -19,6 +19,10 @@ pass them by keyword).
     read / write / discard / flush  the data path (flush: fsync and the write barrier)
     statfs          (total, free) bytes for statfs(2)
     allocated_bytes a volume's or full copy's real allocation (st_blocks: du, ls -s)
+
+Optional: ``blocking_io = True`` on a store whose read/write/discard wait on the
+network (host mode's provider.remote_array.RemoteArray): the mount runs those in worker
+threads. A local pool's page-cache I/O is faster inline than a thread hand-off.
 """
 
 from __future__ import annotations

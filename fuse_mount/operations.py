@@ -140,6 +140,9 @@ class ShadowOperations(pyfuse3.Operations):
         # the view's own dict of write times.
         self._generation = self.view.tree.generation
         self._write_mtime_ns = self.view.write_mtime_ns
+        # a store whose data path waits on the network (host mode's RemoteArray): its
+        # reads, writes and discards run in worker threads, not on the trio thread
+        self._blocking = bool(getattr(pool, "blocking_io", False))
         self._handles: dict[FileHandleT, Handle] = {}
         self._next_fh = 1
         self.mounted = False                    # set by init() once the kernel connects
@@ -399,6 +402,8 @@ class ShadowOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EBADF)
             if self.pool.generation != self._generation:
                 self.tree()  # re-points h.lun after a rename
+            if self._blocking:
+                return await trio.to_thread.run_sync(self.pool.read, h.lun.key, off, size)
             data: bytes = self.pool.read(h.lun.key, off, size)
             return data
         except pyfuse3.FUSEError:
@@ -431,7 +436,10 @@ class ShadowOperations(pyfuse3.Operations):
                 await barrier.wait_writable(name)
             barrier.begin_write(name)
             try:
-                n = self.pool.write(name, off, buf)
+                if self._blocking:
+                    n = await trio.to_thread.run_sync(self.pool.write, name, off, buf)
+                else:
+                    n = self.pool.write(name, off, buf)
             finally:
                 barrier.end_write(name)
             self._write_mtime_ns[h.ino] = time.time_ns()
@@ -479,7 +487,10 @@ class ShadowOperations(pyfuse3.Operations):
             await self.barrier.wait_writable(name)
         self.barrier.begin_write(name)
         try:
-            self.pool.discard(name, off, length)
+            if self._blocking:
+                await trio.to_thread.run_sync(self.pool.discard, name, off, length)
+            else:
+                self.pool.discard(name, off, length)
         finally:
             self.barrier.end_write(name)
         self._write_mtime_ns[h.ino] = time.time_ns()

@@ -127,6 +127,9 @@ class Array(LunStore, Protocol):
 
 
     # ---------------------------------------------------------------- integrity
+    def close(self) -> None:
+        """Release the backend (the daemon's last call: files, locks, connections)."""
+
     def check(self, progress: Progress = None) -> list[str]:
         """Consistency of metadata and maps; problems as lines (none: [])."""
 

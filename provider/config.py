@@ -8,7 +8,9 @@
     FUSE loop polls for the next request before it sleeps, 0..1000; 0: never),
     nbd_listen (str: ADDR[:PORT] of the NBD port), tls_dir (str: its certificates),
     nbd_insecure (bool: plain text on loopback), control_listen (str: ADDR[:PORT] of
-    the TLS control port, with tls_dir)
+    the TLS control port, with tls_dir); host mode (issue 16): array (str:
+    HOST[:PORT] of the array's control port, with tls_dir: this host's certificate),
+    state_dir (str: this host's catalog; default DEFAULT_HOST_STATE)
   service keys (passed to provider.service.control_service(config=...), see
   docs/provider.md "Configuration"):
     default_kind ("differential" | "plex"), freeze_timeout, hold_deadline, writer_timeout,
@@ -38,8 +40,8 @@ from collections.abc import Mapping
 from typing import Any
 
 SERVE_KEYS = ("pool", "mount", "socket", "allow_other", "poll_us", "nbd_listen",
-              "nbd_insecure", "tls_dir", "control_listen")
-PATH_KEYS = ("pool", "mount", "socket", "hooks_dir", "tls_dir")
+              "nbd_insecure", "tls_dir", "control_listen", "array", "state_dir")
+PATH_KEYS = ("pool", "mount", "socket", "hooks_dir", "tls_dir", "state_dir")
 SECONDS_KEYS = ("freeze_timeout", "hold_deadline", "writer_timeout", "revert_hold",
                 "hook_timeout")
 KINDS = ("differential", "plex")
@@ -48,6 +50,7 @@ CONTROL_PORT = 10810   # the network control port's default (the NBD port's + 1)
 SOCKET_ENV = "SHADOWPLEX_SOCKET"
 SOCKET_DIR = "/run/shadowplex"
 DEFAULT_SOCKET = os.path.join(SOCKET_DIR, "shadowplex.sock")
+DEFAULT_HOST_STATE = "/var/lib/shadowplex/host"   # a host daemon's catalog (serve --array)
 
 
 def default_socket_path(pool_dir: str | None = None) -> str:
@@ -83,9 +86,9 @@ def _is_number(v: Any) -> bool:
 
 def _check(key: str, v: Any) -> str | None:
     """None if v is a valid value for key, else what is expected."""
-    if key in ("pool", "mount", "socket", "tls_dir"):
+    if key in ("pool", "mount", "socket", "tls_dir", "state_dir"):
         return None if isinstance(v, str) and v else "a non-empty path string"
-    if key in ("nbd_listen", "control_listen"):
+    if key in ("nbd_listen", "control_listen", "array"):
         return None if isinstance(v, str) and v else "an address ADDR[:PORT] string"
     if key == "hooks_dir":
         return None if v is None or isinstance(v, str) else "a directory path string"

@@ -289,7 +289,8 @@ class Connection:
             st = self.coord.status()
             await self.send(protocol.reply_ok(rid, {
                 "server": "shadowplex", "protocol": protocol.PROTOCOL_VERSION,
-                "session": self.session.id, "pool": st["pool"], "pool_id": st["pool_id"],
+                "session": self.session.id, "host": self.session.host,
+                "pool": st["pool"], "pool_id": st["pool_id"],
                 "mount": st["mount"], "service_machine": st["service_machine"],
                 "provider_id": st["provider_id"], "ops": list(protocol.OPS)}))
             return

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
+from .array_ops import ARRAY_HANDLERS
 from .coordinator import ProgressFn
 from .vss import VssError
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 Handler = Callable[["Connection", dict[str, Any], ProgressFn], Awaitable[Any]]
 # how each op is cancelled (control.py's docstring); any other op is not cancellable
 TOKEN_OPS = frozenset({"revert", "promote", "split", "scrub", "check"})
-SCOPE_OPS = frozenset({"set.do", "snapshot.create"})
+SCOPE_OPS = frozenset({"set.do", "snapshot.create", "array.watch"})
 
 _ANY = object()
 
@@ -120,8 +121,8 @@ async def _snapshot_create(c: Connection, a: dict[str, Any], p: ProgressFn) -> A
 
 async def _set_start(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     x = Args("set.start", a, ("context", "attributes"))
-    sid = c.coord.start_snapshot_set(c.session, x.get("context", CTX, "backup"),
-                                     x.get("attributes", ATTRS))
+    sid = await c.coord.start_set(c.session, x.get("context", CTX, "backup"),
+                                  x.get("attributes", ATTRS))
     return {"set_id": sid}
 
 
@@ -272,6 +273,7 @@ HANDLERS: dict[str, Handler] = {
     "check": _check,
     "scrub": _scrub,
 }
+HANDLERS.update(ARRAY_HANDLERS)
 assert tuple(HANDLERS) == protocol.OPS
 
 

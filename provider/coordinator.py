@@ -53,6 +53,7 @@ from fuse_mount.presentation import LiveMount
 from . import documents, vss
 from .access import Access
 from .array import Array
+from .array_service import ArrayService, HostSets
 from .catalog import ProviderCatalog, SetRecord
 from .deletion import Deletion
 from .exposure import Exposure
@@ -120,7 +121,9 @@ class Coordinator:
         self.writers = writer_objects(writers, float(self.config["freeze_timeout"]))
         self.hardware = HardwareProvider(pool, self.mountpoint, self.config["default_kind"])
         self.catalog = ProviderCatalog(os.path.join(pool.path, ProviderCatalog.FILENAME))
-        self.service_machine = socket.gethostname()
+        # the host this coordinator serves: this machine, or in host mode the identity
+        # the remote array knows it by (its certificate's CN)
+        self.service_machine = getattr(pool, "host", None) or socket.gethostname()
         self.state_hook: StateHook | None = None    # tests: called at every state change
         # tests: called at named steps (fault injection), see _fault()
         self.fault_hook: Callable[[str], None] | None = None
@@ -142,6 +145,8 @@ class Coordinator:
         self.transport = Transport(pool, self.catalog, self.masking, self.views,
                                    self.hardware, self.writers, self._sets, self._sessions,
                                    self._fault)
+        self.array_service = ArrayService(self)
+        self.host_sets = HostSets(self)     # sets host daemons create on this array
         self.longops = LongOperations(pool, self.hardware, barrier, self.config, self.catalog,
                                       self.masking, self.views, self.volumes, self.exposure,
                                       self.deletion, self._marks, claims)
@@ -198,6 +203,7 @@ class Coordinator:
             return
         session.closed = True
         with trio.CancelScope(shield=True):
+            await self.host_sets.session_closed(session)
             for s in list(self._sets.values()):
                 if s.session is session:
                     await self._abort(s, "the requester session ended")
@@ -239,12 +245,9 @@ class Coordinator:
         being created; the context and option bits are checked here."""
         ctx = vss.parse_context(context)
         attrs = vss.validate_attributes(ctx, parse_attributes(attributes))
-        if self._creating is not None:
-            other = self._creating
-            who = (f"requester {other.session.host}" if other.session else "the daemon")
-            raise _vss("VSS_E_SNAPSHOT_SET_IN_PROGRESS",
-                       f"snapshot set {other.set_id} of {who} is being created "
-                       f"({other.state.name}); only one at a time: retry when it is done")
+        other = self.creating_message()
+        if other is not None:
+            raise _vss("VSS_E_SNAPSHOT_SET_IN_PROGRESS", other)
         s = SnapshotSet(str(uuid.uuid4()), ctx, attrs, session)
         self._creating = s
         self._sets[s.set_id] = s
@@ -252,6 +255,39 @@ class Coordinator:
                  "".join(f"|{n}" for n in vss.attr_names(int(attrs) & int(vss.OPTION_BITS))),
                  session.id)
         return s.set_id
+
+    def creating_message(self) -> str | None:
+        """Why no set can be started now (the one in creation), or None."""
+        other = self._creating
+        if other is not None:
+            who = (f"requester {other.session.host}" if other.session else "the daemon")
+            return (f"snapshot set {other.set_id} of {who} is being created "
+                    f"({other.state.name}); only one at a time: retry when it is done")
+        return self.host_sets.busy_message()
+
+    async def start_set(self, session: Session, context: str | int = "backup",
+                        attributes: int | str | Sequence[str] | None = None) -> str:
+        """StartSnapshotSet, and on a shared array (host mode) the array's slot too: a
+        set in creation on the array (any host's) makes it VSS_E_SNAPSHOT_SET_IN_PROGRESS."""
+        set_id = self.start_snapshot_set(session, context, attributes)
+        claim = getattr(self.pool, "claim_set", None)
+        if claim is not None:
+            try:
+                await in_thread(claim, set_id)
+            except BaseException:
+                self._finish(self._sets[set_id])
+                raise
+        return set_id
+
+    async def _release_array(self, s: SnapshotSet, created: bool) -> None:
+        """Give the array's slot back (host mode); never raises (the lease runs out)."""
+        release = getattr(self.pool, "release_set", None)
+        if release is not None:
+            with trio.CancelScope(shield=True):
+                try:
+                    await in_thread(release, s.set_id, created)
+                except Exception as e:   # noqa: BLE001 - logged; the lease expires
+                    log.error("releasing set %s on the array: %s", s.set_id, e)
 
     def own_set(self, session: Session, set_id: str | None, what: str) -> SnapshotSet:
         if set_id is None:
@@ -357,6 +393,7 @@ class Coordinator:
                 raise err from e
             raise
         self._finish(s)
+        await self._release_array(s, created=True)
         if rec.auto_release and session is s.session:
             bind_lifetime(self._sessions.values(), s.set_id, session)
         session.last_created = s.set_id
@@ -467,6 +504,7 @@ class Coordinator:
             log.error("removing set %s from the catalog: %s", s.set_id, e)
         s.state = SS.ABORTED
         self._finish(s)
+        await self._release_array(s, created=False)
 
     async def abort_snapshot_set(self, session: Session, set_id: str | None = None) -> None:
         """AbortBackup for a set that is not being done (set.do aborts by itself)."""
@@ -496,7 +534,7 @@ class Coordinator:
             if kind not in (DIFFERENTIAL, PLEX):
                 raise _vss("E_INVALIDARG", f"kind {kind!r}: use differential or plex")
             mask |= int(Attr.PLEX if kind == PLEX else Attr.DIFFERENTIAL)
-        set_id = self.start_snapshot_set(session, context, mask)
+        set_id = await self.start_set(session, context, mask)
         try:
             for v in volumes:
                 self.add_to_snapshot_set(session, v, set_id)

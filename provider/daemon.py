@@ -161,7 +161,7 @@ def stop_signals() -> list[signal.Signals]:
     return sigs
 
 
-async def _flush_all(pool: Pool) -> None:
+async def _flush_all(pool: Array) -> None:
     for v in pool.list_volumes():
         try:
             await trio.to_thread.run_sync(pool.flush, v.name)
@@ -215,7 +215,7 @@ async def seal_timer(pool: Pool) -> None:
 
 
 async def _serve_async(
-    pool: Pool,
+    pool: Array,
     mountpoint: str,
     services: Sequence[Service],
     debug: bool,
@@ -226,7 +226,9 @@ async def _serve_async(
 ) -> int:
     barrier = WriteBarrier(pool)
     # LUN masking: the operations read it, the services (the coordinator) update it
-    ops = ShadowOperations(pool, barrier, Presentation())
+    # the host the root of the mount is for: this machine, or in host mode the identity
+    # the array knows this host by (its certificate)
+    ops = ShadowOperations(pool, barrier, Presentation(getattr(pool, "host", None)))
     nbd_server = None if nbd is None else NbdServer(
         pool, barrier, ops.presentation, nbd_tls, _peer_host if nbd_tls else lambda _c: "",
         ops.changed_elsewhere)
@@ -282,9 +284,10 @@ async def _serve_async(
         async with trio.open_nursery() as nursery:
             await nursery.start(mount_task)
             nursery.start_soon(stop_on_signals, sigs)
-            nursery.start_soon(writeback_timer, pool)
-            if pool.preserve_mode == "reflink":
-                nursery.start_soon(seal_timer, pool)
+            if isinstance(pool, Pool):   # the embedded pool's own background work
+                nursery.start_soon(writeback_timer, pool)
+                if pool.preserve_mode == "reflink":
+                    nursery.start_soon(seal_timer, pool)
             if nbd_server is not None and nbd is not None:
                 listeners = await nursery.start(nbd_server.serve, nbd.host, nbd.port)
                 log.info("NBD port open on %s (%s)", ", ".join(
@@ -349,11 +352,17 @@ def serve(
     allow_other: bool = False,
     poll_us: float = DEFAULT_POLL_US,
     nbd: NbdSettings | None = None,
+    array: str | None = None,
+    tls_dir: str | None = None,
 ) -> int:
     """Run the array daemon until SIGTERM/SIGINT; return the exit status (0 or 1).
 
     socket_path is for the control-socket service (passed to it by the caller, e.g. with
     functools.partial); serve only checks that it is not inside the mount.
+
+    Host mode (issue 16): with ``array`` "HOST[:PORT]" and ``tls_dir`` (this host's
+    certificate), the LUNs are the remote array's (provider/remote_array.py) and
+    ``pool_dir`` is this host's state directory (its coordinator's catalog).
     """
     _configure_logging(debug)
     pool_dir = os.path.abspath(pool_dir)
@@ -369,12 +378,13 @@ def serve(
         return 1
     keep_freed_memory()   # the data path's chunk buffers: see its docstring
     try:
-        pool = Pool.open(pool_dir)
+        pool = _open_backend(pool_dir, array, tls_dir)
     except bse.StoreError as e:
         _error_line(str(e))
         return 1
     except OSError as e:
-        _error_line(f"cannot open pool {pool_dir}: {e.strerror or e}")
+        what = f"the array at {array}" if array else f"pool {pool_dir}"
+        _error_line(f"cannot open {what}: {e.strerror or e}")
         return 1
     try:
         if stale:
@@ -405,7 +415,23 @@ def serve(
         return rc
     finally:
         pool.close()
-        log.info("pool %s closed", pool_dir)
+        log.info("%s closed", f"array {array}" if array else f"pool {pool_dir}")
+
+
+def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None) -> Array:
+    """The embedded pool, or in host mode the remote array (raises StoreError/OSError;
+    ControlError for an array that refuses or cannot be reached)."""
+    if array is None:
+        return Pool.open(pool_dir)
+    from .client import ControlError
+    from .remote_array import RemoteArray
+    if not tls_dir:
+        raise bse.StoreError("--array needs --tls-dir DIR (this host's certificate: "
+                             "'shadowplex pki host NAME DIR')")
+    try:
+        return RemoteArray(array, tls_dir, pool_dir)
+    except ControlError as e:
+        raise bse.StoreError(f"the array at {array}: {e.message}") from None
 
 
 def _find(exc: BaseException, cls: type[BaseException]) -> BaseException | None:

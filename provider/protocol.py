@@ -66,6 +66,10 @@ OPS: tuple[str, ...] = (
     "export", "import",
     "writers.list",
     "check", "scrub",
+    # host daemons (provider/array_ops.py)
+    "array.info", "array.list", "array.watch", "array.set.claim", "array.set.renew",
+    "array.set.release", "array.prepare", "array.plex_sync_step", "array.commit",
+    "array.abort", "array.delete",
 )
 
 

@@ -72,12 +72,21 @@ async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
         await server.open()
         async with trio.open_nursery() as n:
             await n.start(server.serve)
+            n.start_soon(_expire_host_leases, coord)
             if listen is not None:
                 await _serve_network(n, server, *listen)
             task_status.started(coord)
     finally:
         with trio.CancelScope(shield=True):
             await coord.stop()
+
+
+async def _expire_host_leases(coord: Coordinator) -> None:
+    """A host daemon that stops renewing its claim on the set-in-creation slot (hung,
+    or cut off by the network) loses it within a second of its lease's end."""
+    while True:
+        await trio.sleep(1.0)
+        await coord.host_sets.expire()
 
 
 async def _serve_network(nursery: trio.Nursery, server: ControlServer, host: str, port: int,
@@ -149,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            bool(serve_opts.get("nbd_insecure")))
         except SettingsError as e:
             p.error(str(e))
+        config.update(nbd_port=nbd.port, nbd_tls=nbd.tls_dir is not None)
     svc = make_service(sock, mount, config)   # realpath'ed there, before the mount is up
     return serve(pool, mount, sock, args.foreground, services=[svc], debug=args.debug,
                  allow_other=args.allow_other or bool(serve_opts.get("allow_other")),

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from provider import vss
-from provider.config import CONTROL_PORT, DEFAULT_SOCKET, default_socket_path
+from provider.config import CONTROL_PORT, DEFAULT_HOST_STATE, DEFAULT_SOCKET, default_socket_path
 
 from . import connection
 from .connection import EXIT_INTERRUPTED, Interrupted, socket_path
@@ -96,7 +96,17 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
         opts, config = split(load_file(args.config)) if args.config else ({}, {})
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    array = getattr(args, "array", None) or opts.get("array")
     pool = args.pool or opts.get("pool")
+    if array:   # host mode: no pool here; --state-dir holds this host's catalog
+        if pool:
+            raise UsageError("serve --array (host mode) serves the remote array's LUNs: "
+                             "drop --pool (this host's state goes to --state-dir)")
+        pool = args.state_dir or opts.get("state_dir") or DEFAULT_HOST_STATE
+        config["array"] = array
+    elif args.state_dir:
+        raise UsageError("--state-dir is for host mode (serve --array HOST); a pool "
+                         "keeps its state in the pool directory")
     mount = args.mount or opts.get("mount")
     for value, flag in ((pool, "pool"), (mount, "mount")):
         if not value:
@@ -134,9 +144,17 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
             config["control_listen"] = (*parse_listen(control, CONTROL_PORT), tls_dir)
     except SettingsError as e:
         raise UsageError(str(e)) from None
-    if tls_dir and not (listen or control):
+    if array and (listen or control):
+        raise UsageError("a host daemon (serve --array) opens no network port: the "
+                         "array's own daemon serves NBD and the control API")
+    if tls_dir and not (listen or control or array):
         raise UsageError("--tls-dir configures the network ports: give --nbd-listen "
                          "and/or --control-listen too")
+    if array:
+        if not tls_dir:
+            raise UsageError("serve --array needs --tls-dir DIR: this host's certificate "
+                             "('shadowplex pki host NAME DIR') is its identity at the array")
+        config["tls_dir"] = tls_dir
     assert pool and mount   # (checked above)
     return str(pool), str(mount), str(sock), allow_other, config
 
@@ -163,9 +181,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mount = os.path.realpath(mount)
     poll = config.pop("poll_us", None)
     nbd = config.pop("nbd", None)
+    if nbd is not None:   # host daemons ask for it (array.info)
+        config.update(nbd_port=nbd.port, nbd_tls=nbd.tls_dir is not None)
+    array, tls_dir = config.pop("array", None), config.pop("tls_dir", None)
     svc = make_service(sock, mount, config)
     return serve(pool, mount, sock, True, services=[svc], debug=args.debug,
-                 allow_other=allow_other, nbd=nbd,
+                 allow_other=allow_other, nbd=nbd, array=array, tls_dir=tls_dir,
                  **({} if poll is None else {"poll_us": poll}))
 
 
@@ -536,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML settings (contrib/shadowplex.toml); flags override them")
     s.add_argument("--pool", metavar="DIR", help="pool directory (or 'pool' in --config)")
     s.add_argument("--mount", metavar="DIR", help="mount directory (or 'mount' in --config)")
+    s.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="host mode (with the global --array HOST[:PORT] --tls-dir DIR): "
+                        f"this host's state, its catalog (default {DEFAULT_HOST_STATE})")
     s.add_argument("--foreground", action="store_true",
                    help="stay in the foreground (the only mode; for systemd Type=simple)")
     s.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,

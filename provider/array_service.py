@@ -1,0 +1,267 @@
+"""The array's side of host mode (issue 16): the Array interface over the control port.
+
+A host daemon (`serve --array HOST:PORT`, provider/remote_array.py) runs its own
+coordinator and writers; its hardware provider is this array. It reaches the array over
+the TLS control port (its host is its certificate's CN) with the ops below, and its data
+path goes over the NBD port. What a host sees is what LUN masking presents to it: the
+same rule as NBD's export list and the FUSE view's MOUNT/hosts/<host>/.
+
+    array.info    the array's identity and geometry: pool_id, chunk_size, capabilities
+    array.list    the LUNs presented to the host (VolumeInfo / SnapshotInfo records as
+                  JSON objects) and ``token``, which changes whenever that listing does
+    array.watch   {"after": token, "timeout": s}: returns array.list's answer as soon as
+                  the host's listing differs from ``after``, or at the timeout (<= 30 s);
+                  the host's FUSE view follows the array this way (a long poll: the
+                  connection is the host's own, nothing is pushed to a host that is gone)
+
+Why a long poll of the whole listing instead of change events: the listing a host sees
+depends on the pool (snapshots come and go), on masking (presentation, imports) and on
+exposures; comparing one digest of the host's listing every WATCH_TICK catches all of
+them without each of those places knowing about hosts. A listing is small (a record per
+LUN presented to the host); the array computes it on its trio thread from memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from blockstore import errors as bse
+from blockstore.model import PREPARING
+
+from .model import Session, guid
+from .vss import VssError
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
+
+log = logging.getLogger(__name__)
+
+WATCH_TICK = 0.2       # s between two looks at a watched listing
+WATCH_MAX = 30.0       # s a watch may wait (a host asks again)
+VOLATILE = frozenset({"mtime", "diff_bytes", "sync_done"})
+
+
+class ArrayService:
+    """The answers of the array.* ops for one host (the session's)."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    def info(self) -> dict[str, Any]:
+        pool = self.coord.pool
+        total, free = pool.statfs()
+        return {"pool_id": pool.pool_id, "chunk_size": pool.chunk_size,
+                "capabilities": dataclasses.asdict(pool.capabilities),
+                "service_machine": self.coord.service_machine,
+                # where the data path is: the daemon's NBD port (None: not opened)
+                "nbd_port": self.coord.config.get("nbd_port"),
+                "nbd_tls": bool(self.coord.config.get("nbd_tls")),
+                "space_total": total, "space_free": free}
+
+    def listing(self, host: str) -> dict[str, Any]:
+        """What ``host`` sees: the volumes presented to it and the committed snapshots
+        presented to it (prepared ones are nobody's LUNs yet)."""
+        pool, masking = self.coord.pool, self.coord.masking
+        vols = [dataclasses.asdict(v) for v in pool.list_volumes()
+                if host in masking.hosts_of(v.name)]
+        snaps = [dataclasses.asdict(s) for s in pool.list_snapshots()
+                 if host in masking.hosts_of(s.id)]
+        # the token follows names, sizes, states and flags, not what every write moves
+        # (mtime, diff-area bytes, a plex's progress, free space): a watch wakes the
+        # host for changes of its tree only
+        steady = [{k: v for k, v in r.items() if k not in VOLATILE} for r in vols + snaps]
+        digest = hashlib.blake2b(json.dumps(steady, sort_keys=True, default=str).encode(),
+                                 digest_size=12).hexdigest()
+        total, free = pool.statfs()
+        return {"volumes": vols, "snapshots": snaps, "space_total": total,
+                "space_free": free, "token": digest}
+
+    async def watch(self, host: str, after: str | None, timeout: float) -> dict[str, Any]:
+        """array.list's answer once it differs from ``after`` (or at the timeout)."""
+        with trio.move_on_after(max(0.0, min(timeout, WATCH_MAX))):
+            while True:
+                now = self.listing(host)
+                if now["token"] != after:
+                    return now
+                await trio.sleep(WATCH_TICK)
+        return self.listing(host)
+
+
+# --------------------------------------------------------------------------- host sets
+LEASE = 30.0           # s a host's claim on the set-in-creation slot lasts unrenewed
+
+
+@dataclass
+class HostSet:
+    """A set a host daemon is creating: it holds the array's one set-in-creation slot
+    (the array's own coordinator's StartSnapshotSet is refused meanwhile, and the
+    reverse). Its snapshots are the host's to prepare, commit and abort."""
+    set_id: str
+    session: Session
+    expires: float
+    snaps: dict[str, str] = field(default_factory=dict)   # snapshot id -> volume
+    committed: bool = False
+
+
+class HostSets:
+    """The array side of a host's set creation (array.set.* and the Array calls on the
+    set's snapshots). A host that goes away (its session ends: the connection dropped,
+    its daemon was killed) or stops renewing its lease (a host that hangs or lost the
+    network) loses the slot, and every snapshot of its set goes: nothing half-created
+    stays on the array (expire(), run every second by the control service)."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+        self.holder: HostSet | None = None
+
+    def busy_message(self) -> str | None:
+        h = self.holder
+        if h is None:
+            return None
+        return (f"snapshot set {h.set_id} of host {h.session.host} is being created; "
+                "only one at a time per array: retry when it is done")
+
+    def claim(self, session: Session, set_id: str, lease: float) -> dict[str, Any]:
+        set_id = guid(set_id, "snapshot set id")
+        other = self.coord.creating_message()
+        if other is not None:
+            raise VssError("VSS_E_SNAPSHOT_SET_IN_PROGRESS", other)
+        self.holder = HostSet(set_id, session, time.monotonic() + _lease(lease))
+        log.info("host %s claims the set-in-creation slot for set %s", session.host, set_id)
+        return {"set_id": set_id, "lease": _lease(lease)}
+
+    def own(self, session: Session, set_id: str | None = None) -> HostSet:
+        h = self.holder
+        if h is None or h.session is not session or (
+                set_id is not None and guid(set_id, "snapshot set id") != h.set_id):
+            raise VssError("VSS_E_BAD_STATE", "this host holds no set in creation on the "
+                           "array (claim it with array.set.claim first; a lease that was "
+                           "not renewed in time is lost)")
+        return h
+
+    def renew(self, session: Session, set_id: str, lease: float) -> dict[str, Any]:
+        h = self.own(session, set_id)
+        h.expires = time.monotonic() + _lease(lease)
+        return {"set_id": h.set_id, "lease": _lease(lease)}
+
+    def snapshot_of(self, session: Session, snap_id: str) -> HostSet:
+        h = self.own(session)
+        if guid(snap_id, "snapshot id") not in h.snaps:
+            raise VssError("VSS_E_OBJECT_NOT_FOUND", f"snapshot {snap_id} is not one of "
+                           f"set {h.set_id} in creation")
+        return h
+
+    async def prepare(self, session: Session, volume: str, kind: str, snap_id: str,
+                      set_id: str, attributes: int) -> dict[str, Any]:
+        h = self.own(session, set_id)
+        snap_id = guid(snap_id, "snapshot id")
+        self.coord.volumes.check_unmarked(volume, "snapshot")
+        pool = self.coord.pool
+        info = await trio.to_thread.run_sync(
+            lambda: pool.prepare_snapshot(volume, kind, snap_id, h.set_id, attributes))
+        h.snaps[snap_id] = volume
+        # the snapshot LUN is the host's (as for a set a remote requester creates)
+        self.coord.masking.present([snap_id], {session.host})
+        return dataclasses.asdict(info)
+
+    async def commit(self, session: Session, snap_ids: list[str]) -> None:
+        """The instant, on the array: its write barrier holds every writer of the
+        volumes (NBD and FUSE, every host's) while the pool commits."""
+        h = self.own(session)
+        ids = [guid(i, "snapshot id") for i in snap_ids]
+        for i in ids:
+            self.snapshot_of(session, i)
+        vols = sorted({h.snaps[i] for i in ids})
+        deadline = float(self.coord.config["hold_deadline"])
+        barrier = self.coord.barrier
+        hold = await barrier.hold(vols, deadline=deadline)
+        try:
+            if hold.expired or not hold.flushed:
+                raise VssError("VSS_E_HOLD_WRITES_TIMEOUT", f"writes to {', '.join(vols)} "
+                               f"could not be flushed and held within {deadline:g} s")
+            pool = self.coord.pool
+            await trio.to_thread.run_sync(pool.commit_snapshots, ids)
+        finally:
+            in_time = barrier.release(hold)
+        if not in_time:
+            raise VssError("VSS_E_HOLD_WRITES_TIMEOUT", f"writes to {', '.join(vols)} were "
+                           f"held longer than {deadline:g} s; the commit came too late")
+        h.committed = True
+
+    async def drop_snapshot(self, session: Session, snap_id: str) -> None:
+        """Abort one prepared snapshot of the host's set."""
+        h = self.snapshot_of(session, snap_id)
+        sid = guid(snap_id, "snapshot id")
+        await self._remove(h, [sid])
+
+    async def delete(self, session: Session, snap_id: str) -> None:
+        """A committed snapshot presented to the host (access.py checked that), deleted
+        by its host's coordinator (its set ended, or its requester deleted it). One the
+        array's own daemon exposed or mounted is refused as Busy by the pool's rules."""
+        sid = guid(snap_id, "snapshot id")
+        if self.coord.masking.hosts_of(sid) != frozenset((session.host,)):
+            raise VssError("E_ACCESSDENIED", f"snapshot {sid} is presented to other hosts "
+                           "too; the array's own host deletes it")
+        pool = self.coord.pool
+        await trio.to_thread.run_sync(pool.delete_snapshot, sid)
+        self.coord.masking.present([sid], None)
+
+    async def release(self, session: Session, set_id: str, created: bool) -> None:
+        """The host is done with the slot: its set was created (``created``: its
+        snapshots stay) or not (they go)."""
+        h = self.own(session, set_id)
+        await self._end(h, None if created else "the host aborted it")
+
+    async def session_closed(self, session: Session) -> None:
+        if self.holder is not None and self.holder.session is session:
+            await self._end(self.holder, f"host {session.host}'s session ended")
+
+    async def expire(self) -> None:
+        """Release a lease that ran out (call periodically)."""
+        h = self.holder
+        if h is not None and time.monotonic() > h.expires:
+            await self._end(h, f"host {h.session.host} did not renew its lease")
+
+    async def _end(self, h: HostSet, why: str | None) -> None:
+        with trio.CancelScope(shield=True):
+            if why is not None:
+                log.warning("snapshot set %s of host %s: removing its %d snapshot(s): %s",
+                            h.set_id, h.session.host, len(h.snaps), why)
+                await self._remove(h, list(h.snaps))
+            if self.holder is h:
+                self.holder = None
+
+    async def _remove(self, h: HostSet, sids: list[str]) -> None:
+        pool = self.coord.pool
+
+        def remove() -> None:
+            for sid in sids:
+                try:
+                    info = pool.snapshot(sid)
+                    if info.state == PREPARING:
+                        pool.abort_snapshot(sid)
+                    else:
+                        pool.delete_snapshot(sid)
+                except bse.NotFound:
+                    pass
+                except Exception as e:   # noqa: BLE001 - an abort must complete; logged
+                    log.error("removing snapshot %s of host %s: %s", sid, h.session.host, e)
+        await trio.to_thread.run_sync(remove)
+        for sid in sids:
+            h.snaps.pop(sid, None)
+        try:
+            self.coord.masking.present(sids, None)
+        except Exception as e:   # noqa: BLE001 - logged
+            log.error("removing the presentation of %s: %s", ", ".join(sids), e)
+
+
+def _lease(lease: float) -> float:
+    return max(5.0, min(float(lease), 300.0))

@@ -1,0 +1,425 @@
+"""RemoteArray: the Array interface (provider/array.py) of a shadowplex array on another
+machine, for host mode (`serve --array HOST[:PORT] --tls-dir DIR`, issue 16).
+
+    metadata   the array's TLS control port (provider/array_service.py): array.info
+               once, array.list for the LUNs presented to this host (its certificate's
+               CN), array.watch in a thread of its own to follow changes
+    data       the array's NBD port, TLS with the same certificate (nbd/client.py):
+               one connection per LUN and worker, opened on first use
+
+The FUSE mount reads ``generation``, ``lun_size`` and the listings on its trio thread,
+per request: they come from the copy of the array's listing held here, never from the
+network. The watcher thread replaces that copy (and bumps ``generation``) when the
+array's listing for this host changes; an operation of this host that changes the
+listing refreshes it before it returns, so the mount shows its effect at once.
+
+Reads and writes block on the network: ``blocking_io`` tells the mount to run them in
+worker threads (fuse_mount/operations.py), where they would otherwise stall every
+other request on the trio thread for a round trip.
+
+Errors: an NBD error reply is an OSError with its errno (EPERM on a read-only LUN, EIO,
+ENOSPC...), which fuse_mount/errors.py maps like a pool's; an array that cannot be
+reached is ECONNREFUSED / ETIMEDOUT -> EIO at the mount (a SAN path lost), until it is
+back: connections are reopened on the next request.
+
+Set creation: the host's coordinator claims the array's one set-in-creation slot
+(``claim_set``, a lease renewed by a thread), prepares and commits through the array
+(array.prepare / array.commit: the array's barrier holds every host's writers while it
+commits) and releases the slot (``release_set``). Not yet (issue 16, next steps; each
+raises blockstore.errors.Unsupported with a line saying so): exposing,
+revert, promote, split, volume administration (the array's own host does it), check and
+scrub (the array's own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from blockstore import errors as bse
+from blockstore.model import Capabilities, Kind, SnapshotInfo, State, VolumeInfo
+from nbd.exports import SHADOW, VOLUMES
+
+from .client import Client, ControlError
+
+log = logging.getLogger(__name__)
+
+LEASE = 30.0                # s the array keeps this host's set-in-creation slot unrenewed
+CONNECTIONS_PER_LUN = 4     # NBD connections a LUN may have open at once (FUSE workers)
+WATCH_TIMEOUT = 25.0        # s an array.watch long poll waits at the array
+RETRY_PAUSE = 1.0           # s between attempts to reach an array that went away
+NBD_TIMEOUT = 30.0          # s for connecting to the NBD port and each request
+
+
+def _volume(d: dict[str, Any]) -> VolumeInfo:
+    return VolumeInfo(**d)
+
+
+def _snapshot(d: dict[str, Any]) -> SnapshotInfo:
+    return SnapshotInfo(**{**d, "kind": Kind(d["kind"]), "state": State(d["state"])})
+
+
+class RemoteArray:
+    """An array reached over the network (see the module docstring)."""
+
+    blocking_io = True
+
+    def __init__(self, array: str, tls_dir: str, state_dir: str,
+                 client: str = "shadowplex host") -> None:
+        self.array, self.tls_dir = array, tls_dir
+        self._state_dir = os.path.abspath(state_dir)
+        os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
+        self._client_name = client
+        self._lock = threading.Lock()          # the control connection, one call at a time
+        self._control = self._connect()
+        self.host: str = self._control.server.get("host", "")
+        info = self._call("array.info")
+        self._pool_id = str(info["pool_id"])
+        self._chunk_size = int(info["chunk_size"])
+        self._capabilities = Capabilities(**info["capabilities"])
+        self.service_machine = str(info.get("service_machine", ""))
+        if not info.get("nbd_port"):
+            raise bse.Unsupported(f"the array at {array} has no NBD port open (serve "
+                                  "--nbd-listen ADDR --tls-dir DIR): host mode reads and "
+                                  "writes through it")
+        if not info.get("nbd_tls"):
+            raise bse.Unsupported(f"the array at {array} serves NBD in plain text: host "
+                                  "mode needs its TLS port (the host's certificate is its "
+                                  "identity)")
+        self._nbd_addr = (self._control_host(), int(info["nbd_port"]))
+        from nbd.tls import client_context
+        self._tls: ssl.SSLContext = client_context(tls_dir)
+        self._generation = 0
+        self._token: str | None = None
+        self._volumes: dict[str, VolumeInfo] = {}
+        self._snapshots: dict[str, SnapshotInfo] = {}
+        self._space = (0, 0)
+        self._apply(self._call("array.list"))
+        self._idle: dict[str, list[Any]] = {}   # LUN key -> idle NBD connections
+        self._open: dict[str, int] = {}         # LUN key -> connections open
+        self._conn_cv = threading.Condition()
+        self._last_io = time.monotonic()
+        self._renewing: tuple[str, threading.Event] | None = None
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="array-watch",
+                                         daemon=True)
+        self._watcher.start()
+
+    # ------------------------------------------------------------------ control port
+    def _connect(self) -> Client:
+        return Client(array=self.array, tls_dir=self.tls_dir, client=self._client_name,
+                      timeout=WATCH_TIMEOUT + 30)
+
+    def _control_host(self) -> str:
+        from nbd.settings import parse_listen
+
+        from .config import CONTROL_PORT
+        return parse_listen(self.array, CONTROL_PORT)[0]
+
+    def _call(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        """One control request; a lost connection is reopened once (the ops used here
+        are queries: asking again is harmless)."""
+        with self._lock:
+            try:
+                return self._control.call(op, args or {})
+            except ControlError as e:
+                if e.name != "VSS_E_PROVIDER_NOT_REGISTERED":
+                    raise _store_error(e) from None
+            except OSError:
+                pass
+            with contextlib.suppress(Exception):
+                self._control.close(wait=0)
+            try:
+                self._control = self._connect()
+                return self._control.call(op, args or {})
+            except ControlError as e:
+                raise _store_error(e) from None
+
+    def _apply(self, listing: dict[str, Any]) -> None:
+        vols = {v["name"]: _volume(v) for v in listing["volumes"]}
+        snaps = {s["id"]: _snapshot(s) for s in listing["snapshots"]}
+        self._space = (int(listing["space_total"]), int(listing["space_free"]))
+        if listing["token"] != self._token:
+            self._volumes, self._snapshots = vols, snaps
+            self._token = listing["token"]
+            self._generation += 1
+        else:   # the same tree; figures such as a volume's mtime may have moved
+            self._volumes, self._snapshots = vols, snaps
+
+    def refresh(self) -> None:
+        """Fetch the listing now (after an operation of this host that changed it)."""
+        self._apply(self._call("array.list"))
+
+    def _watch(self) -> None:
+        """Follow the array's listing for this host (its own connection: a long poll
+        must not hold up this host's requests)."""
+        conn: Client | None = None
+        while not self._stopping.is_set():
+            try:
+                if conn is None:
+                    conn = self._connect()
+                self._apply(conn.call("array.watch", {"after": self._token,
+                                                      "timeout": WATCH_TIMEOUT}))
+            except Exception as e:   # noqa: BLE001 - an array away for a while: retry
+                log.warning("following the array at %s: %s; retrying", self.array, e)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close(wait=0)
+                conn = None
+                self._stopping.wait(RETRY_PAUSE)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close(wait=0)
+
+    def close(self) -> None:
+        self._stopping.set()
+        with self._conn_cv:
+            conns = [c for cs in self._idle.values() for c in cs]
+            self._idle.clear()
+        for c in conns:
+            with contextlib.suppress(Exception):
+                c.close()
+        with contextlib.suppress(Exception):
+            self._control.close(wait=0)
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def path(self) -> str:
+        """This host's state directory (its coordinator's catalog); not the array's."""
+        return self._state_dir
+
+    @property
+    def pool_id(self) -> str:
+        return self._pool_id
+
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    @property
+    def last_io(self) -> float:
+        return self._last_io
+
+    # ------------------------------------------------------------------ listings
+    def list_volumes(self) -> list[VolumeInfo]:
+        return sorted(self._volumes.values(), key=lambda v: v.name)
+
+    def list_snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
+        snaps = sorted(self._snapshots.values(), key=lambda s: (s.created, s.id))
+        return [s for s in snaps if volume is None or s.volume == volume]
+
+    def volume(self, name: str) -> VolumeInfo:
+        try:
+            return self._volumes[name]
+        except KeyError:
+            raise bse.NotFound(f"no volume {name!r} presented to host {self.host}") from None
+
+    def snapshot(self, snap_id: str) -> SnapshotInfo:
+        try:
+            return self._snapshots[snap_id]
+        except KeyError:
+            raise bse.NotFound(f"no snapshot {snap_id} presented to host "
+                               f"{self.host}") from None
+
+    def lun_size(self, key: str) -> int:
+        if key in self._volumes:
+            return self._volumes[key].size
+        return self.snapshot(key).size
+
+    def statfs(self) -> tuple[int, int]:
+        return self._space
+
+    def available_bytes(self) -> int:
+        return self._space[1]
+
+    def allocated_bytes(self, key: str) -> int:
+        # the array keeps the real figure; a host's du shows the LUN as fully allocated
+        # until array.list carries it (issue 19's space accounting)
+        return self.lun_size(key)
+
+    def image_path(self, key: str) -> str | None:
+        return None   # no local file: the LUN lives on the array
+
+    # ------------------------------------------------------------------ data path
+    def _export(self, key: str) -> str:
+        if key in self._volumes:
+            return VOLUMES + key
+        self.snapshot(key)
+        return SHADOW + key
+
+    @contextlib.contextmanager
+    def _nbd(self, key: str) -> Iterator[Any]:
+        """An NBD connection to the LUN's export for one request: an idle one, a new one
+        (up to CONNECTIONS_PER_LUN), or wait for one. A connection that failed is
+        dropped, not returned: the next request opens a new one."""
+        from nbd.client import NbdClient
+        with self._conn_cv:
+            while True:
+                idle = self._idle.setdefault(key, [])
+                if idle:
+                    conn = idle.pop()
+                    break
+                if self._open.get(key, 0) < CONNECTIONS_PER_LUN:
+                    self._open[key] = self._open.get(key, 0) + 1
+                    conn = None
+                    break
+                self._conn_cv.wait()
+        ok = False
+        try:
+            if conn is None:
+                conn = NbdClient.connect(*self._nbd_addr, self._export(key), tls=self._tls,
+                                         server_hostname=self._nbd_addr[0],
+                                         timeout=NBD_TIMEOUT)
+            yield conn
+            ok = True
+        finally:
+            with self._conn_cv:
+                if ok and conn is not None and not self._stopping.is_set():
+                    self._idle[key].append(conn)
+                else:
+                    self._open[key] -= 1
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            conn.close()
+                self._conn_cv.notify()
+
+    def _io(self, key: str, fn: str, *args: Any) -> Any:
+        self._last_io = time.monotonic()
+        try:
+            with self._nbd(key) as conn:
+                return getattr(conn, fn)(*args)
+        except (TimeoutError, ConnectionError, ssl.SSLError) as e:
+            raise OSError(5, f"the array at {self.array} is unreachable: {e}") from None
+
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        size = self.lun_size(key)
+        if offset >= size or length <= 0:
+            return b""
+        return bytes(self._io(key, "pread", offset, min(length, size - offset)))
+
+    def write(self, name: str, offset: int, data: bytes | memoryview) -> int:
+        self._io(name, "pwrite", data, offset)
+        return len(data)
+
+    def discard(self, name: str, offset: int, length: int) -> None:
+        self._io(name, "trim", offset, length)
+
+    def flush(self, name: str) -> None:
+        self._io(name, "flush")
+
+    def allocation(self, key: str, offset: int, length: int) -> list[tuple[int, int]]:
+        runs = self._io(key, "block_status", offset, length)
+        return [(o, n) for o, n, flags in runs if not flags & 1]   # NBD_STATE_HOLE
+
+    # ------------------------------------------------------------------ set creation
+    def claim_set(self, set_id: str) -> None:
+        """Take the array's one set-in-creation slot for this host's set (VssError
+        VSS_E_SNAPSHOT_SET_IN_PROGRESS naming the holder if another host, or the array's
+        own requester, has it). A thread renews the lease until release_set."""
+        self._call("array.set.claim", {"set_id": set_id, "lease": LEASE})
+        stop = threading.Event()
+        self._renewing = (set_id, stop)
+        threading.Thread(target=self._renew, args=(set_id, stop), daemon=True,
+                         name="array-lease").start()
+
+    def _renew(self, set_id: str, stop: threading.Event) -> None:
+        while not stop.wait(LEASE / 4):
+            try:
+                self._call("array.set.renew", {"set_id": set_id, "lease": LEASE})
+            except Exception as e:   # noqa: BLE001 - the set fails at its next call
+                log.error("renewing the array's lease on set %s: %s", set_id, e)
+                return
+
+    def release_set(self, set_id: str, created: bool) -> None:
+        """Give the slot back: the set was created (its snapshots stay) or not (the
+        array removes them)."""
+        renewing, self._renewing = self._renewing, None
+        if renewing is not None:
+            renewing[1].set()
+        try:
+            self._call("array.set.release", {"set_id": set_id, "created": created})
+        finally:
+            self.refresh()
+
+    def prepare_snapshot(self, volume: str, kind: str = "differential",
+                         snapshot_id: str | None = None, set_id: str | None = None,
+                         attributes: int = 0) -> SnapshotInfo:
+        if snapshot_id is None or set_id is None:
+            raise bse.InvalidState("a host prepares snapshots of a claimed set, with ids")
+        return _snapshot(self._call("array.prepare", {
+            "volume": volume, "kind": str(kind), "new_id": snapshot_id, "set_id": set_id,
+            "attributes": int(attributes)}))
+
+    def plex_sync_step(self, snap_id: str, max_bytes: int = 64 << 20) -> tuple[int, int]:
+        r = self._call("array.plex_sync_step", {"snapshot_id": snap_id,
+                                                "max_bytes": int(max_bytes)})
+        return int(r["done"]), int(r["total"])
+
+    def commit_snapshots(self, snap_ids: Iterable[str]) -> None:
+        """The instant, at the array (its barrier holds every host's writes); this
+        host's own writes were flushed to it by the host's barrier before."""
+        self._call("array.commit", {"snapshot_ids": list(snap_ids)})
+        self.refresh()
+
+    def abort_snapshot(self, snap_id: str) -> None:
+        self._call("array.abort", {"snapshot_id": snap_id})
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        self._call("array.delete", {"snapshot_id": snap_id})
+        self.refresh()
+
+    # ------------------------------------------------------------------ not yet
+    def _not_yet(self, what: str) -> bse.Unsupported:
+        return bse.Unsupported(f"{what} from a host daemon is not built yet (issue 16); "
+                               f"ask the array's own daemon ({self.service_machine})")
+
+    def create_volume(self, name: str, size: int) -> VolumeInfo:
+        raise self._not_yet("creating a volume")
+
+    def resize_volume(self, name: str, new_size: int) -> VolumeInfo:
+        raise self._not_yet("resizing a volume")
+
+    def delete_volume(self, name: str) -> None:
+        raise self._not_yet("deleting a volume")
+
+
+    def promote(self, snap_id: str, progress: Any = None) -> SnapshotInfo:
+        raise self._not_yet("promote")
+
+    def split(self, snap_id: str, new_name: str, progress: Any = None) -> VolumeInfo:
+        raise self._not_yet("split")
+
+    def revert(self, volume: str, snap_id: str, progress: Any = None) -> None:
+        raise self._not_yet("revert")
+
+    def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
+        raise self._not_yet("expose")
+
+    def check(self, progress: Any = None) -> list[str]:
+        raise self._not_yet("check")
+
+    def scrub(self, progress: Any = None) -> list[str]:
+        raise self._not_yet("scrub")
+
+
+def _store_error(e: ControlError) -> Exception:
+    """The array's refusal as the block store's error (the provider maps those)."""
+    kinds: dict[str, type[bse.StoreError]] = {
+        "VSS_E_OBJECT_NOT_FOUND": bse.NotFound, "VSS_E_OBJECT_ALREADY_EXISTS": bse.Exists,
+        "VSS_E_BAD_STATE": bse.InvalidState, "VSS_E_NOT_SUPPORTED": bse.Unsupported,
+        "VSS_E_INSUFFICIENT_STORAGE": bse.NoSpace, "E_ACCESSDENIED": bse.ReadOnly}
+    return kinds.get(e.name, bse.StoreError)(f"the array: {e.message}")
