@@ -146,6 +146,8 @@ class ShadowOperations(pyfuse3.Operations):
         self._handles: dict[FileHandleT, Handle] = {}
         self._next_fh = 1
         self.mounted = False                    # set by init() once the kernel connects
+        # (port, TLS?) of the daemon's NBD port once open, for host daemons (array.info)
+        self.nbd_endpoint: tuple[int, bool] | None = None
         # called after queuing kernel notifications: the session loop stops polling a
         # moment so that pyfuse3's notification thread gets the GIL (see session.py)
         self.notifying: Callable[[], None] = lambda: None

@@ -58,17 +58,18 @@ class ArrayService:
     def info(self) -> dict[str, Any]:
         pool = self.coord.pool
         total, free = pool.statfs()
+        port, tls = getattr(self.coord.mount, "nbd_endpoint", None) or (None, False)
         return {"pool_id": pool.pool_id, "chunk_size": pool.chunk_size,
                 "capabilities": dataclasses.asdict(pool.capabilities),
                 "service_machine": self.coord.service_machine,
                 # where the data path is: the daemon's NBD port (None: not opened)
-                "nbd_port": self.coord.config.get("nbd_port"),
-                "nbd_tls": bool(self.coord.config.get("nbd_tls")),
+                "nbd_port": port, "nbd_tls": tls,
                 "space_total": total, "space_free": free}
 
     def listing(self, host: str) -> dict[str, Any]:
-        """What ``host`` sees: the volumes presented to it and the committed snapshots
-        presented to it (prepared ones are nobody's LUNs yet)."""
+        """What ``host`` sees: the volumes and snapshots presented to it (a snapshot its
+        set is preparing too: its coordinator follows the states; mounts and NBD show
+        committed ones only)."""
         pool, masking = self.coord.pool, self.coord.masking
         vols = [dataclasses.asdict(v) for v in pool.list_volumes()
                 if host in masking.hosts_of(v.name)]

@@ -188,7 +188,10 @@ class Coordinator:
         if host is not None and not documents.valid_host(host):
             raise _vss("E_INVALIDARG", f"host name {host!r} is not valid (letters, digits, "
                        "'-', '_' in dot-separated labels, at most 253 characters)")
-        s = Session(next(self._session_ids), host or socket.gethostname(), client or "")
+        if host is None or host == socket.gethostname():
+            # this machine: in host mode it is known by its certificate's name
+            host = self.service_machine
+        s = Session(next(self._session_ids), host, client or "")
         self._sessions[s.id] = s
         if s.host != self.service_machine:
             self.masking.push()

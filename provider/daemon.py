@@ -290,6 +290,9 @@ async def _serve_async(
                     nursery.start_soon(seal_timer, pool)
             if nbd_server is not None and nbd is not None:
                 listeners = await nursery.start(nbd_server.serve, nbd.host, nbd.port)
+                # host daemons ask the array where its data path is (array.info)
+                ops.nbd_endpoint = (listeners[0].socket.getsockname()[1],
+                                    nbd.tls_dir is not None)
                 log.info("NBD port open on %s (%s)", ", ".join(
                     "{}:{}".format(*ln.socket.getsockname()[:2]) for ln in listeners),
                     "plain text, loopback" if nbd.tls_dir is None else "TLS required")

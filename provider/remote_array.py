@@ -47,6 +47,7 @@ from blockstore.model import Capabilities, Kind, SnapshotInfo, State, VolumeInfo
 from nbd.exports import SHADOW, VOLUMES
 
 from .client import Client, ControlError
+from .vss import VssError
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +361,11 @@ class RemoteArray:
                          attributes: int = 0) -> SnapshotInfo:
         if snapshot_id is None or set_id is None:
             raise bse.InvalidState("a host prepares snapshots of a claimed set, with ids")
-        return _snapshot(self._call("array.prepare", {
+        info = _snapshot(self._call("array.prepare", {
             "volume": volume, "kind": str(kind), "new_id": snapshot_id, "set_id": set_id,
             "attributes": int(attributes)}))
+        self.refresh()
+        return info
 
     def plex_sync_step(self, snap_id: str, max_bytes: int = 64 << 20) -> tuple[int, int]:
         r = self._call("array.plex_sync_step", {"snapshot_id": snap_id,
@@ -417,9 +420,14 @@ class RemoteArray:
 
 
 def _store_error(e: ControlError) -> Exception:
-    """The array's refusal as the block store's error (the provider maps those)."""
+    """The array's refusal as the block store's error where there is one (the code
+    above the Array interface catches those), else as the array's VSS error itself
+    (VSS_E_SNAPSHOT_SET_IN_PROGRESS, VSS_E_HOLD_WRITES_TIMEOUT... reach the requester
+    by name)."""
     kinds: dict[str, type[bse.StoreError]] = {
         "VSS_E_OBJECT_NOT_FOUND": bse.NotFound, "VSS_E_OBJECT_ALREADY_EXISTS": bse.Exists,
-        "VSS_E_BAD_STATE": bse.InvalidState, "VSS_E_NOT_SUPPORTED": bse.Unsupported,
-        "VSS_E_INSUFFICIENT_STORAGE": bse.NoSpace, "E_ACCESSDENIED": bse.ReadOnly}
-    return kinds.get(e.name, bse.StoreError)(f"the array: {e.message}")
+        "VSS_E_NOT_SUPPORTED": bse.Unsupported, "VSS_E_INSUFFICIENT_STORAGE": bse.NoSpace}
+    kind = kinds.get(e.name)
+    if kind is not None:
+        return kind(f"the array: {e.message}")
+    return VssError(e.name, f"the array: {e.message}")

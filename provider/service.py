@@ -158,7 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                            bool(serve_opts.get("nbd_insecure")))
         except SettingsError as e:
             p.error(str(e))
-        config.update(nbd_port=nbd.port, nbd_tls=nbd.tls_dir is not None)
     svc = make_service(sock, mount, config)   # realpath'ed there, before the mount is up
     return serve(pool, mount, sock, args.foreground, services=[svc], debug=args.debug,
                  allow_other=args.allow_other or bool(serve_opts.get("allow_other")),

@@ -181,8 +181,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mount = os.path.realpath(mount)
     poll = config.pop("poll_us", None)
     nbd = config.pop("nbd", None)
-    if nbd is not None:   # host daemons ask for it (array.info)
-        config.update(nbd_port=nbd.port, nbd_tls=nbd.tls_dir is not None)
     array, tls_dir = config.pop("array", None), config.pop("tls_dir", None)
     svc = make_service(sock, mount, config)
     return serve(pool, mount, sock, True, services=[svc], debug=args.debug,
