@@ -117,34 +117,46 @@ def _fuse_unmount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def nbdfuse_file(net: Hosts, host: str, uri: str, path: Path, read_only: bool = False,
+def nbdfuse_file(t: Net, host: str, export: str, path: Path, read_only: bool = False,
                  timeout: float = 30) -> Iterator[Path]:
     """nbdfuse on `host` (its network namespace; the FUSE mount is in the shared mount
-    namespace, tests/netns.py) presenting `uri` as the regular file `path` (a "naked"
-    mount over a file); unmounted (fusermount3 -u, then lazily) and nbdfuse reaped
-    however the block ends."""
+    namespace, tests/netns.py) presenting `export` over TLS with `host`'s certificates
+    as the regular file `path` (a "naked" mount over a file); unmounted (fusermount3
+    -u, then lazily) and nbdfuse reaped however the block ends.
+
+    nbdfuse 1.14 (Debian 12's) refuses the URI's tls-certificates query ("local file
+    access is not allowed": unlike nbdinfo and nbdcopy it does not call
+    nbd_set_uri_allow_local_file) and has no option for the directory; as root, libnbd's
+    only default is /etc/pki/libnbd, which a test must not write. So nbdfuse runs its
+    NBD client through nbdkit's nbd plugin (libnbd too) in --command mode: nbdkit -s
+    speaks NBD to nbdfuse over a pipe and nbds:// with the host's certificate to the
+    array -- the TLS session, and so the host's identity, are the same."""
     path.touch()
     pidfile = path.with_name(path.name + ".pid")
     log = path.with_name(path.name + ".log")
-    argv = ["nbdfuse", *(["-r"] if read_only else []), "-P", str(pidfile), str(path), uri]
+    argv = ["nbdfuse", *(["-r"] if read_only else []), "-P", str(pidfile), str(path),
+            "--command", "nbdkit", "-s", "--exit-with-parent",
+            *(["-r"] if read_only else []), "nbd", f"hostname={t.net.addr['array']}",
+            f"port={t.port}", f"export={export}", "tls=require",
+            f"tls-certificates={t.clients[host]}"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(net.argv(host, *argv), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(t.net.argv(host, *argv), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         end = time.monotonic() + timeout
         # -P writes the pid file once nbdfuse is connected and serving
         while not (pidfile.exists() and loopdev.mounted_at(path)):
             if proc.poll() is not None:
-                raise AssertionError(f"nbdfuse {uri} exited with {proc.returncode}: "
-                                     f"{log.read_text(errors='replace')}")
+                raise AssertionError(f"nbdfuse {export} on {host} exited with "
+                                     f"{proc.returncode}: {log.read_text(errors='replace')}")
             if time.monotonic() > end:
-                raise AssertionError(f"nbdfuse {uri}: not mounted after {timeout} s")
+                raise AssertionError(f"nbdfuse {export}: not mounted after {timeout} s")
             time.sleep(0.05)
         yield path
     finally:
         _fuse_unmount(path)
         try:
-            proc.wait(15)   # it exits once unmounted
+            proc.wait(15)   # it exits once unmounted (and nbdkit with it)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
