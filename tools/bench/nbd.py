@@ -181,7 +181,8 @@ def _versions() -> dict[str, str | None]:
         try:
             res = subprocess.run([tool, "--version"], capture_output=True, text=True,
                                  timeout=10, check=False)
-            out[tool] = (res.stdout.strip().splitlines() or [None])[0]
+            lines = res.stdout.strip().splitlines()
+            out[tool] = lines[0] if lines else None
         except (OSError, subprocess.TimeoutExpired):
             out[tool] = None
     return out

@@ -10,6 +10,7 @@ namespaces; tools/workdir.clean then catches whatever is still there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -157,8 +158,8 @@ class Setup:
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
             self.qemu.append(proc)
-            _wait(lambda p=port: self._listening(p), 30, f"waiting for qemu-nbd :{port}",
-                  proc, log_path)
+            _wait(functools.partial(self._listening, port), 30,
+                  f"waiting for qemu-nbd :{port}", proc, log_path)
         return Target("qemu", addr, QEMU_RO_PORT, "snap", QEMU_RW_PORT, "w")
 
     def _listening(self, port: int) -> bool:
