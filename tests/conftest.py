@@ -31,7 +31,8 @@
    daemon's own threads (tests/fuse_self_guard.py) fails the test, with the lines.
 
 4. Fixtures shared by several suites (``sockdir``; ``pool_fs`` and ``pool_tmp``: pools on
-   loop-mounted XFS, btrfs or ext4, see tests/poolfs.py); helpers shared by several suites are
+   loop-mounted XFS, btrfs or ext4, see tests/poolfs.py; ``tls_array``: the array and
+   client hosts on the network, see tests/nbd_net.py); helpers shared by several suites are
    in tests/support.py, tests/harness.py, tests/provider_env.py and tests/engine_model.py
    -- test files do not import each other.
 """
@@ -463,6 +464,17 @@ def pool_tmp(pool_fs: Path | None, tmp_path: Path) -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="t-", dir=pool_fs))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def tls_array(tmp_path: Path, sockdir: str) -> Iterator[object]:
+    """The array on the network (tests/nbd_net.py's tls_net: serve with NBD and control
+    over TLS in namespace "array", client hosts hostB and hostC with certificates),
+    shared by tests/test_nbd_tls.py and tests/test_nbd_hosts.py."""
+    # here, not at the top: see pool_fs
+    from nbd_net import tls_net
+    with tls_net(tmp_path, sockdir) as net:
+        yield net
 
 
 # --------------------------------------------------------------------------- daemon logs

@@ -98,12 +98,13 @@ MKFS = {
 
 
 @contextlib.contextmanager
-def mounted_fs(image: str, target: Path, fstype: str = "ext4", mkfs: bool = True,
-               options: str | None = None) -> Iterator[str]:
+def mounted_fs(image: str | Path, target: Path, fstype: str = "ext4", mkfs: bool = True,
+               options: str | None = None, read_only: bool = False) -> Iterator[str]:
     """A loop device on `image` with a fresh `fstype` filesystem (MKFS; mkfs=False: the
-    one it holds), mounted read-write at `target` (with mount `options`); unmounted and
-    detached again however the block ends."""
-    dev = loopdev.attach(image, read_only=False)
+    one it holds), mounted read-write at `target` (with mount `options`; read_only: a
+    read-only loop device, give options "ro,..."); unmounted and detached again however
+    the block ends."""
+    dev = loopdev.attach(image, read_only=read_only)
     try:
         if mkfs:
             run_cmd(*MKFS[fstype], dev)

@@ -8,99 +8,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import xxhash
-from conftest import require_kernel
-from harness import Daemon, start_daemon
-from netns import Hosts, hosts
-from support import ROOT, spx
-
-from blockstore import Pool
+from nbd_net import Net, pki
 
 pytestmark = pytest.mark.kernel
-MiB = 1 << 20
-
-
-@dataclass
-class Net:
-    d: Daemon
-    net: Hosts
-    port: int
-    pki: Path                      # the array's directory (CA + server)
-    clients: dict[str, Path]       # host -> its client directory
-    control_port: int
-
-    def cli(self, host: str, *args: str, certs: Path | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        """`shadowplex --array ADDR:PORT --tls-dir DIR args...` run on `host`."""
-        return self.net.run(host, "env", f"PYTHONPATH={ROOT}", sys.executable, "-m",
-                            "tools.cli", "--array",
-                            f"{self.net.addr['array']}:{self.control_port}", "--tls-dir",
-                            str(certs or self.clients[host]), *args, timeout=60)
-
-    def uri(self, export: str = "", tls: bool = True) -> str:
-        scheme = "nbds" if tls else "nbd"
-        return f"{scheme}://{self.net.addr['array']}:{self.port}/{export}"
-
-    def nbdinfo(self, host: str, *args: str, export: str = "", certs: Path | None = None
-                ) -> subprocess.CompletedProcess[str]:
-        """nbdinfo ARGS URI on `host` with its certificates (libnbd 1.14 takes the
-        directory in the URI's tls-certificates query)."""
-        cert_dir = certs if certs is not None else self.clients[host]
-        return self.net.run(host, "nbdinfo", *args,
-                            f"{self.uri(export)}?tls-certificates={cert_dir}", timeout=30)
-
-
-def _port(d: Daemon, what: str) -> int:
-    """The port the daemon opened for `what` ("NBD", "control"): it was asked for 0."""
-    for _ in range(200):
-        m = re.search(rf"{what} port open on [0-9.]+:(\d+)", d.log_text())
-        if m:
-            return int(m.group(1))
-        time.sleep(0.05)
-    raise AssertionError(f"no '{what} port open' line:\n{d.log_text()}")
-
-
-def _pki(*args: str) -> None:
-    res = spx("pki", *args)
-    assert res.returncode == 0, (args, res.stdout, res.stderr)
-
-
-@pytest.fixture
-def tls_array(tmp_path: Path, sockdir: str) -> Iterator[Net]:
-    require_kernel()
-    for tool in ("nbdinfo", "nbdcopy", "qemu-img", "nsenter"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (make setup installs it)")
-    pki = tmp_path / "pki"
-    with hosts("array", "hostB", "hostC") as net:
-        _pki("init", str(pki), "--server-name", net.addr["array"])
-        clients = {}
-        for h in ("hostB", "hostC"):
-            clients[h] = tmp_path / f"client-{h}"
-            _pki("host", h, str(clients[h]), "--ca", str(pki))
-        pool = Pool.create(str(tmp_path / "pool"))
-        pool.create_volume("db", 16 * MiB)
-        pool.write("db", 0, os.urandom(2 * MiB))
-        pool.create_volume("logs", 8 * MiB)
-        pool.close()
-        d = start_daemon(tmp_path, sockdir, {}, config={
-            "nbd_listen": f"{net.addr['array']}:0", "tls_dir": str(pki),
-            "control_listen": f"{net.addr['array']}:0"}, netns=net.ns["array"])
-        try:
-            d.ok("volume", "present", "db", "--to", "hostB")
-            yield Net(d, net, _port(d, "NBD"), pki, clients, _port(d, "control"))
-        finally:
-            d.stop()
 
 
 def test_a_host_sees_and_reads_exactly_what_is_presented_to_it(tls_array: Net,
@@ -134,8 +48,8 @@ def test_plain_text_and_foreign_certificates_are_refused(tls_array: Net,
     res = t.net.run("hostB", "nbdinfo", t.uri("volumes/db", tls=False), timeout=30)
     assert res.returncode != 0 and "TLS" in (res.stderr + res.stdout)
     other = tmp_path / "other-ca"
-    _pki("init", str(other))
-    _pki("host", "hostB", str(tmp_path / "forged-B"), "--ca", str(other))
+    pki("init", str(other))
+    pki("host", "hostB", str(tmp_path / "forged-B"), "--ca", str(other))
     res = t.nbdinfo("hostB", export="volumes/db", certs=tmp_path / "forged-B")
     assert res.returncode != 0
     assert "NBD port" in t.d.log_text()

@@ -64,7 +64,8 @@ targets.py (the daemon, qemu-storage-daemon exports, the plex loop), datapath.py
 setup and the data-path passes), poolfs.py (the pool file systems, the reflink
 comparator), control.py (the control-plane figures), verdicts.py (the project's targets,
 PASS / FAIL / noisy), report.py (medians, ratios, the tables), svg.py (the chart),
-command.py (arguments, run, main).
+command.py (arguments, run, main). The NBD port against qemu-nbd is a tool of its own:
+`python -m tools.bench.nbd` (nbd.py, nbd_setup.py; docs/performance.md).
 """
 
 from __future__ import annotations

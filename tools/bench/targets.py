@@ -14,11 +14,14 @@ from .common import REPO, BenchError, _fuse_unmount, _mounted, _stop_proc, _wait
 
 
 class Daemon:
-    """`shadowplex serve` on a pool, as a subprocess (its own session)."""
+    """`shadowplex serve` on a pool, as a subprocess (its own session). `extra`: more
+    serve arguments (the NBD port: tools/bench/nbd.py); `prefix`: what runs it (nsenter
+    into a network namespace, which execs serve: the same process)."""
 
-    def __init__(self, base: str, pool: str, mnt: str, sock: str, name: str = "serve"
-                 ) -> None:
+    def __init__(self, base: str, pool: str, mnt: str, sock: str, name: str = "serve",
+                 extra: list[str] | None = None, prefix: list[str] | None = None) -> None:
         self.base, self.pool, self.mnt, self.sock = base, pool, mnt, sock
+        self.extra, self.prefix = list(extra or []), list(prefix or [])
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(base, f"{name}.log")
         self.starts = 0
@@ -32,8 +35,8 @@ class Daemon:
         t0 = time.perf_counter()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tools.cli", "serve", "--socket", self.sock,
-                 "--pool", self.pool, "--mount", self.mnt],
+                [*self.prefix, sys.executable, "-m", "tools.cli", "serve", "--socket",
+                 self.sock, "--pool", self.pool, "--mount", self.mnt, *self.extra],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=REPO)
         finally:
