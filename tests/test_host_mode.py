@@ -2,7 +2,7 @@
 on another machine (a network namespace, tests/netns.py) presents at its mount what the
 array presents to that host, with the data path over NBD (TLS, the host's certificate).
 
-The array runs in namespace "array" (tests/test_nbd_tls.py's fixture: volumes db,
+The array runs in namespace "array" (conftest's tls_array fixture, tests/nbd_net.py: volumes db,
 presented to hostB, and logs, the array's own); the host daemon in hostB's namespace.
 Namespaces share the mount table here (nsenter --net only), so the test reads both
 mounts directly."""
@@ -21,7 +21,7 @@ from harness import Daemon, launch
 from support import detach_loops_under, run_cmd
 
 from provider.client import Client, ControlError
-from test_nbd_tls import Net, tls_array  # noqa: F401 - the fixture
+from nbd_net import Net
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -57,7 +57,7 @@ def start_host(t: Net, host: str, base: Path) -> Daemon:
 
 
 @pytest.fixture
-def host_b(tls_array: Net, tmp_path: Path) -> Iterator[Host]:  # noqa: F811
+def host_b(tls_array: Net, tmp_path: Path) -> Iterator[Host]:
     d = start_host(tls_array, "hostB", tmp_path)
     try:
         yield Host(d, Path(d.mount), tls_array)
