@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 from harness import Daemon, launch
+from nbd_net import Net
 from support import detach_loops_under, run_cmd
 
 from provider.client import Client, ControlError
-from nbd_net import Net
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -151,9 +151,8 @@ def test_a_host_creates_a_snapshot_set_on_the_array(host_b: Host) -> None:
     _wait_for(shadow.exists, "the snapshot on hostB's mount")
     with open(shadow, "rb") as f:
         assert f.read(MiB) == before
-    with pytest.raises(OSError):
-        with open(shadow, "r+b"):
-            pass
+    with pytest.raises(OSError), open(shadow, "r+b"):
+        pass
     assert [s["snapshot_id"] for s in h.d.json("snapshot", "list")] == [sid]
     # deleted from the host: gone from the array
     h.d.ok("snapshot", "delete", sid)
