@@ -15,21 +15,29 @@ it (`timeout`).
 Concurrency -- one request at a time per connection, NbdPool for more (nbd/pool.py):
 each command takes the connection's lock, sends its request and reads its whole reply in
 the calling thread. No reader thread, no hand-off: at queue depth 1 the caller is woken
-by the kernel, not by another Python thread. Measured on this 2-core machine, loopback,
-our server (`shadowplex`'s NbdServer over a Pool, in its own process), plain text:
+by the kernel, not by another Python thread. Measured on this 2-core machine over
+loopback against our server (NbdServer over a Pool of random data, in a process of its
+own), plain text, 3 s per figure, medians of 5 interleaved runs (another session's
+tests shared the cores: single runs varied by +-40 %):
 
-    4 KiB random reads        1 thread    2 threads, 1 conn   2 threads, NbdPool(2)
-      reads/s                   5,750          5,650                 6,900
-    1 MiB sequential reads
-      MiB/s                       760            770                   880
-    raw pipelining bound (QD 2 on one connection, no locks or dispatch):
-      4 KiB reads/s 6,900; 1 MiB 850 MiB/s
+                                    4 KiB random reads/s   1 MiB sequential MiB/s
+    NbdClient, 1 thread                    11,500                  1,450
+    NbdPool(2), 2 threads                  12,600                  1,480
+    pipelined prototype, 1 thread           8,500                  1,440
+    pipelined prototype, 2 threads         12,100                  1,480
+    (2 threads sharing one NbdClient: 8,100 and 1,390, medians of 8 other runs)
 
-Our server serves one connection's requests one at a time on one trio loop, so a second
-request pipelined on the same connection only saves the wait between a reply and the
-next request: the raw bound shows a pipelining client could at best match a pool of 2,
-and it would pay a thread hand-off per reply. Two connections also keep one slow
-request (a FLUSH behind the diff area's fdatasync) from holding up reads. The server
+The prototype (a sender lock, one reader thread dispatching replies by cookie to
+waiting threads through an Event) pays a thread hand-off per reply: 26 % of the 4 KiB
+rate at queue depth 1, the host daemon's common case, and it gains nothing at 2 threads
+over two connections. Large reads are bound by copies and the server either way.
+(The script and the prototype were throwaway: NbdClient.connect, then threads calling
+pread for 3 s; the prototype reused the connection's socket after the handshake.)
+
+Our server serves one connection's requests one at a time, all connections on one trio
+loop: a request pipelined on one connection only saves the wait between a reply and the
+next request, which a second connection saves as well. Two connections also keep one
+slow request (a FLUSH behind the diff area's fdatasync) from holding up reads. The server
 limits connections per host address (nbd.server.MAX_PER_PEER, 16): keep pools small.
 
 Errors: a server's error reply is an OSError with its errno (NBD_EPERM -> EPERM, ...,
