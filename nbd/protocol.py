@@ -1,17 +1,20 @@
 """The NBD protocol's numbers and wire structures (fixed newstyle handshake, simple and
 structured replies), as the upstream specification (doc/proto.md of the NBD project)
-defines them. Pure: no I/O; nbd/server.py speaks it.
+defines them. Pure: no I/O; nbd/server.py and nbd/client.py speak it.
 
-Only what the server uses is here. Names follow proto.md without the NBD_ prefix.
+Only what our server and client use is here. Names follow proto.md without the NBD_
+prefix.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import struct
 
 # -- handshake --------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054          # "IHAVEOPT"
+OLDSTYLE_MAGIC = 0x00420281861253      # where IHAVEOPT would be: an oldstyle server
 REPLY_MAGIC = 0x3E889045565A9          # option replies
 FLAG_FIXED_NEWSTYLE = 1 << 0           # handshake flags (server) / client flags
 FLAG_NO_ZEROES = 1 << 1
@@ -42,6 +45,17 @@ REP_ERR_UNKNOWN = _ERR + 6
 REP_ERR_SHUTDOWN = _ERR + 7
 REP_ERR_BLOCK_SIZE_REQD = _ERR + 8
 REP_ERR_TOO_BIG = _ERR + 9
+REP_NAMES = {REP_ACK: "ACK", REP_SERVER: "SERVER", REP_INFO: "INFO",
+             REP_META_CONTEXT: "META_CONTEXT", REP_ERR_UNSUP: "ERR_UNSUP",
+             REP_ERR_POLICY: "ERR_POLICY", REP_ERR_INVALID: "ERR_INVALID",
+             REP_ERR_PLATFORM: "ERR_PLATFORM", REP_ERR_TLS_REQD: "ERR_TLS_REQD",
+             REP_ERR_UNKNOWN: "ERR_UNKNOWN", REP_ERR_SHUTDOWN: "ERR_SHUTDOWN",
+             REP_ERR_BLOCK_SIZE_REQD: "ERR_BLOCK_SIZE_REQD", REP_ERR_TOO_BIG: "ERR_TOO_BIG"}
+
+
+def is_error_reply(reply_type: int) -> bool:
+    return bool(reply_type & _ERR)
+
 
 # NBD_OPT_INFO / NBD_OPT_GO information types
 INFO_EXPORT = 0
@@ -107,6 +121,23 @@ EOVERFLOW = 75
 ENOTSUP = 95
 ESHUTDOWN = 108
 
+# errno -> the subset of error values NBD puts on the wire (the server's answer; a
+# read-only LUN's EROFS is EPERM there, as proto.md asks for writes to read-only exports)
+ERRNO_TO_WIRE = {_errno.EPERM: EPERM, _errno.EROFS: EPERM, _errno.EIO: EIO,
+                 _errno.ENOMEM: ENOMEM, _errno.EINVAL: EINVAL, _errno.ENOSPC: ENOSPC,
+                 _errno.EDQUOT: ENOSPC, _errno.EFBIG: ENOSPC, _errno.EOVERFLOW: EOVERFLOW,
+                 _errno.EOPNOTSUPP: ENOTSUP, _errno.ESHUTDOWN: ESHUTDOWN}
+# wire -> errno (the client's side); proto.md: "The client SHOULD treat an unexpected
+# error value as if it had been NBD_EINVAL" (wire_errno does)
+WIRE_TO_ERRNO = {EPERM: _errno.EPERM, EIO: _errno.EIO, ENOMEM: _errno.ENOMEM,
+                 EINVAL: _errno.EINVAL, ENOSPC: _errno.ENOSPC, EOVERFLOW: _errno.EOVERFLOW,
+                 ENOTSUP: _errno.EOPNOTSUPP, ESHUTDOWN: _errno.ESHUTDOWN}
+
+
+def wire_errno(value: int) -> int:
+    return WIRE_TO_ERRNO.get(value, _errno.EINVAL)
+
+
 # -- structures -------------------------------------------------------------------------
 SERVER_GREETING = struct.Struct(">QQH")        # NBDMAGIC, IHAVEOPT, handshake flags
 CLIENT_FLAGS = struct.Struct(">I")
@@ -115,9 +146,50 @@ OPTION_REPLY = struct.Struct(">QIII")          # REPLY_MAGIC, option, type, leng
 REQUEST = struct.Struct(">IHHQQI")             # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")           # magic, error, cookie
 STRUCTURED_REPLY = struct.Struct(">IHHQI")     # magic, flags, type, cookie, length
+# the rest of a reply after its 4-byte magic (a client reads the magic first to know which)
+SIMPLE_REPLY_REST = struct.Struct(">IQ")        # error, cookie
+STRUCTURED_REPLY_REST = struct.Struct(">HHQI")  # flags, type, cookie, length
+INFO_EXPORT_DATA = struct.Struct(">HQH")        # INFO_EXPORT, size, transmission flags
+INFO_BLOCK_SIZE_DATA = struct.Struct(">HIII")   # INFO_BLOCK_SIZE, minimum, preferred, max
+ERROR_CHUNK_HEAD = struct.Struct(">IH")         # error, message length
+OFFSET_HOLE = struct.Struct(">QI")              # offset, hole size
+BLOCK_DESCRIPTOR = struct.Struct(">II")         # extent length, status flags
 
 MAX_OPTION_DATA = 64 * 1024                    # no option of ours needs more
 MAX_NAME = 4096                                # proto.md: names up to 4096 bytes
+# proto.md's size constraints without NBD_INFO_BLOCK_SIZE: minimum 1, preferred 4096,
+# and a maximum payload of 32 MiB that every server must accept
+DEFAULT_MIN_BLOCK = 1
+DEFAULT_PREFERRED_BLOCK = 4096
+DEFAULT_MAX_PAYLOAD = 1 << 25
+MAX_STATUS_DESCRIPTORS = 1 << 20               # proto.md: a server SHOULD NOT send more
+
+
+def option(opt: int, data: bytes = b"") -> bytes:
+    """An option request (the client's side of option haggling)."""
+    return OPTION_HEADER.pack(IHAVEOPT, opt, len(data)) + data
+
+
+def name_data(name: str) -> bytes:
+    """A u32 length + UTF-8 export name: how GO, INFO and the META_CONTEXT options start."""
+    raw = name.encode()
+    return struct.pack(">I", len(raw)) + raw
+
+
+def go_data(name: str, info_requests: list[int]) -> bytes:
+    """NBD_OPT_GO / NBD_OPT_INFO data (parse_names + parse_info_requests read it)."""
+    return name_data(name) + struct.pack(f">H{len(info_requests)}H", len(info_requests),
+                                         *info_requests)
+
+
+def meta_context_data(name: str, queries: list[str]) -> bytes:
+    """LIST/SET_META_CONTEXT data (parse_names + parse_meta_queries read it)."""
+    return name_data(name) + struct.pack(">I", len(queries)) + b"".join(
+        name_data(q) for q in queries)
+
+
+def request(cmd: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
 
 def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
@@ -125,11 +197,11 @@ def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
 
 
 def info_export(size: int, flags: int) -> bytes:
-    return struct.pack(">HQH", INFO_EXPORT, size, flags)
+    return INFO_EXPORT_DATA.pack(INFO_EXPORT, size, flags)
 
 
 def info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
-    return struct.pack(">HIII", INFO_BLOCK_SIZE, minimum, preferred, maximum)
+    return INFO_BLOCK_SIZE_DATA.pack(INFO_BLOCK_SIZE, minimum, preferred, maximum)
 
 
 def simple_reply(cookie: int, error: int = 0) -> bytes:
@@ -143,7 +215,7 @@ def structured_header(cookie: int, reply_type: int, length: int, done: bool) -> 
 
 def structured_error(cookie: int, error: int, message: str = "") -> bytes:
     msg = message.encode()[:4096]
-    payload = struct.pack(">IH", error, len(msg)) + msg
+    payload = ERROR_CHUNK_HEAD.pack(error, len(msg)) + msg
     return structured_header(cookie, REPLY_TYPE_ERROR, len(payload), True) + payload
 
 

@@ -59,11 +59,6 @@ _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0
           p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE, p.CMD_DISC: 0}
 CONTEXT_ID = 1                # our one metadata context: base:allocation
 
-# errno -> the subset of error values NBD puts on the wire
-_WIRE = {errno.EPERM: p.EPERM, errno.EROFS: p.EPERM, errno.EIO: p.EIO,
-         errno.ENOMEM: p.ENOMEM, errno.EINVAL: p.EINVAL, errno.ENOSPC: p.ENOSPC,
-         errno.EDQUOT: p.ENOSPC, errno.EOVERFLOW: p.EOVERFLOW,
-         errno.EOPNOTSUPP: p.ENOTSUP, errno.ESHUTDOWN: p.ESHUTDOWN}
 
 
 class Closed(Exception):
@@ -434,7 +429,7 @@ class NbdServer:
             code = errno_for(ex, writing=writing)
             log.log(logging.ERROR if code == errno.EIO else logging.INFO,
                     "nbd: %s %s of %s: %s", c.peer, name, e.name, ex)
-            raise _Refused(_WIRE.get(code, p.EIO), str(ex)) from None
+            raise _Refused(p.ERRNO_TO_WIRE.get(code, p.EIO), str(ex)) from None
         await c.send(p.simple_reply(cookie) if not c.structured else
                      p.structured_header(cookie, p.REPLY_TYPE_NONE, 0, True))
 

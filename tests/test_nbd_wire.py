@@ -93,7 +93,7 @@ class Client:
             return True
 
     def option(self, opt: int, data: bytes = b"") -> None:
-        self.s.sendall(p.OPTION_HEADER.pack(p.IHAVEOPT, opt, len(data)) + data)
+        self.s.sendall(p.option(opt, data))
 
     def reply(self) -> tuple[int, int, bytes]:
         magic, opt, rtype, length = p.OPTION_REPLY.unpack(self.recv(20))
@@ -106,8 +106,7 @@ class Client:
         if structured:
             self.option(p.OPT_STRUCTURED_REPLY)
             assert self.reply()[1] == p.REP_ACK
-        raw = name.encode()
-        self.option(p.OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+        self.option(p.OPT_GO, p.go_data(name, []))
         flags = -1
         while True:
             _, rtype, data = self.reply()
@@ -120,8 +119,7 @@ class Client:
 
     def request(self, cmd: int, offset: int, length: int, data: bytes = b"",
                 flags: int = 0, cookie: int = 7) -> None:
-        self.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-                       + data)
+        self.s.sendall(p.request(cmd, cookie, offset, length, flags) + data)
 
     def simple(self) -> tuple[int, int]:
         magic, error, cookie = p.SIMPLE_REPLY.unpack(self.recv(16))
