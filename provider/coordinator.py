@@ -275,8 +275,9 @@ class Coordinator:
         set_id = self.start_snapshot_set(session, context, attributes)
         claim = getattr(self.pool, "claim_set", None)
         if claim is not None:
+            s = self._sets[set_id]
             try:
-                await in_thread(claim, set_id)
+                await in_thread(claim, set_id, int(s.context), int(s.attributes))
             except BaseException:
                 self._finish(self._sets[set_id])
                 raise

@@ -328,11 +328,12 @@ class RemoteArray:
         return [(o, n) for o, n, flags in runs if not flags & 1]   # NBD_STATE_HOLE
 
     # ------------------------------------------------------------------ set creation
-    def claim_set(self, set_id: str) -> None:
+    def claim_set(self, set_id: str, context: int, attributes: int) -> None:
         """Take the array's one set-in-creation slot for this host's set (VssError
         VSS_E_SNAPSHOT_SET_IN_PROGRESS naming the holder if another host, or the array's
         own requester, has it). A thread renews the lease until release_set."""
-        self._call("array.set.claim", {"set_id": set_id, "lease": LEASE})
+        self._call("array.set.claim", {"set_id": set_id, "lease": LEASE,
+                                       "context": context, "attributes": attributes})
         stop = threading.Event()
         self._renewing = (set_id, stop)
         threading.Thread(target=self._renew, args=(set_id, stop), daemon=True,
@@ -386,6 +387,25 @@ class RemoteArray:
         self._call("array.delete", {"snapshot_id": snap_id})
         self.refresh()
 
+    def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
+        info = _snapshot(self._call("array.expose", {"snapshot_id": snap_id,
+                                                     "name": name}))
+        self.refresh()
+        return info
+
+    # ------------------------------------------------------------------ transport
+    def mark_exported(self, set_id: str) -> None:
+        """Tell the array this host exported its TRANSPORTABLE set (another host's
+        import of the document needs that)."""
+        self._call("array.export", {"set_id": set_id})
+
+    def import_set(self, document: str) -> dict[str, Any]:
+        """LocateLuns at the array: it checks the document and presents the set's LUNs
+        to this host only; the listing follows before this returns."""
+        res: dict[str, Any] = self._call("array.import", {"document": document})
+        self.refresh()
+        return res
+
     # ------------------------------------------------------------------ not yet
     def _not_yet(self, what: str) -> bse.Unsupported:
         return bse.Unsupported(f"{what} from a host daemon is not built yet (issue 16); "
@@ -410,8 +430,6 @@ class RemoteArray:
     def revert(self, volume: str, snap_id: str, progress: Any = None) -> None:
         raise self._not_yet("revert")
 
-    def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
-        raise self._not_yet("expose")
 
     def check(self, progress: Any = None) -> list[str]:
         raise self._not_yet("check")

@@ -45,13 +45,13 @@ def _wait_for(pred, what: str, timeout: float = 15.0) -> None:  # type: ignore[n
         time.sleep(0.1)
 
 
-def start_host(t: Net, host: str, base: Path) -> Daemon:
+def start_host(t: Net, host: str, base: Path, extra: list[str] | None = None) -> Daemon:
     mnt, state, sock = base / f"mnt-{host}", base / f"state-{host}", base / f"{host}.sock"
     mnt.mkdir(exist_ok=True)
     array = f"{t.net.addr['array']}:{t.control_port}"
     return launch(["serve", "--array", array, "--tls-dir", str(t.clients[host]),
                    "--mount", str(mnt), "--state-dir", str(state), "--socket", str(sock),
-                   "--hooks-dir", ""],
+                   "--hooks-dir", "", *(extra or [])],
                   module="tools.cli", pool=str(state), mount=str(mnt), socket=str(sock),
                   log=str(base / f"{host}.log"), netns=t.net.ns[host])
 
