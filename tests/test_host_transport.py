@@ -11,6 +11,7 @@ database with integrity_check, deletes the set. hostB's end-backup tells its wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,8 @@ from harness import Daemon
 from nbd_net import Net
 from support import detach_loops_under, run_cmd
 from test_host_mode import _wait_for, start_host
+
+from provider.client import Client
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -139,3 +142,41 @@ def test_a_host_does_not_see_another_host_s_volume(two_hosts: tuple[Net, Daemon,
     assert res.returncode != 0 and "db" in res.stderr
     t.d.ok("volume", "present", "db", "--to", "hostB", "--to", "hostC")
     _wait_for(lambda: "db.img" in os.listdir(Path(c.mount) / "volumes"), "db on hostC")
+
+
+def test_an_auto_release_import_dies_with_the_importing_session(
+        two_hosts: tuple[Net, Daemon, Daemon]) -> None:
+    t, b, c = two_hosts
+    with Client(socket_path=b.socket, client="backup-app") as on_b:
+        made = on_b.snapshot_create(["db"], context="backup", attributes="transportable")
+        set_id, sid = made["set_id"], made["snapshots"][0]["snapshot_id"]
+        doc = on_b.export(set_id)["document"]
+        with Client(socket_path=c.socket, client="backup-server") as on_c:
+            on_c.import_set(doc)
+            assert (Path(c.mount) / ".shadow" / f"{sid}.img").exists()
+        # the importing session ended: its auto-release set is gone from the array
+        _wait_for(lambda: t.d.json("snapshot", "list") == [], "the set deleted", 10)
+    _wait_for(lambda: not (Path(c.mount) / ".shadow" / f"{sid}.img").exists(),
+              "the snapshot gone from hostC's mount", 5)
+
+
+def test_a_backup_host_killed_mid_backup_leaves_the_set_deletable(
+        two_hosts: tuple[Net, Daemon, Daemon], tmp_path: Path) -> None:
+    t, b, c = two_hosts
+    made = b.json("snapshot", "create", "db", "--transportable")
+    set_id, sid = made["set_id"], made["snapshots"][0]["snapshot_id"]
+    bcd = tmp_path / "set.xml"
+    b.ok("export", set_id, "-o", str(bcd))
+    c.ok("import", str(bcd))
+    fd = os.open(Path(c.mount) / ".shadow" / f"{sid}.img", os.O_RDONLY)   # mid-backup
+    try:
+        c.proc.kill()
+        c.proc.wait(10)
+    finally:
+        with contextlib.suppress(OSError):   # ENOTCONN: its mount died with it
+            os.close(fd)
+    subprocess.run(["fusermount3", "-u", "-z", c.mount], check=False, timeout=30)
+    # the array is consistent, and its own host deletes the set
+    assert t.d.json("check")["problems"] == []
+    t.d.ok("snapshot", "delete", "--set", set_id)
+    assert t.d.json("snapshot", "list") == []
