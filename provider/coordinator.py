@@ -102,6 +102,16 @@ def _vss(name: str, message: str) -> VssError:
 
 
 # --------------------------------------------------------------------------- the service
+def diff_page(runs: list[tuple[int, int]], after: int, limit: int | None = None
+              ) -> tuple[list[list[int]], int | None]:
+    """One page of a snapshot.diff reply: the extents from byte ``after`` on (one that
+    straddles it cut there: the volume may have changed between two pages), at most
+    ``limit`` (DIFF_PAGE); and where the next page starts, None after the last."""
+    limit = DIFF_PAGE if limit is None else limit
+    page = [[max(o, after), o + n - max(o, after)] for o, n in runs if o + n > after]
+    return page[:limit], (page[limit][0] if len(page) > limit else None)
+
+
 class Coordinator:
     """The VSS service over one pool. Create, then ``await start()`` on the trio loop.
 
@@ -619,12 +629,12 @@ class Coordinator:
         b = self.views.committed(to_snapshot_id) if to_snapshot_id is not None else None
         runs = await in_thread(self.pool.changed_extents, a.id, b.id if b else None)
         size = b.size if b is not None else self.pool.volume(a.volume).size
-        page = [[max(o, after), o + n - max(o, after)] for o, n in runs if o + n > after]
+        extents, nxt = diff_page(runs, after)
         return {"snapshot_id": a.id, "to_snapshot_id": b.id if b else None,
                 "volume": a.volume, "chunk_size": self.pool.chunk_size,
                 "from_size": a.size, "size": size, "extents_total": len(runs),
-                "changed_bytes": sum(n for _, n in runs), "extents": page[:DIFF_PAGE],
-                "next": page[DIFF_PAGE][0] if len(page) > DIFF_PAGE else None}
+                "changed_bytes": sum(n for _, n in runs), "extents": extents,
+                "next": nxt}
 
     def snapshot_ids_of_set(self, set_id: str) -> list[str]:
         """The snapshot ids of a set, committed or in creation (access checks)."""

@@ -38,6 +38,10 @@ from hypothesis.stateful import invariant, rule
 from blockstore import DEFAULT_CHUNK, INVALID, Pool
 from blockstore.changes import extents
 from blockstore.errors import InvalidState, NotFound, SnapshotInvalid, Unsupported
+from provider.access import Access
+from provider.client import Client
+from provider.coordinator import diff_page
+from provider.vss import VssError
 
 
 def _nch(size: int) -> int:
@@ -274,6 +278,61 @@ def test_invalid_snapshot_refused(pool):
         p._set_state(p._snap(a), INVALID)
     with pytest.raises(SnapshotInvalid, match="back up in full"):
         p.changed_extents(a)
+
+
+# --------------------------------------------------------------------------- the op
+def test_pages_of_a_reply_and_their_join():
+    runs = [(0, 10), (20, 10), (40, 10), (60, 10), (80, 10)]
+    assert diff_page(runs, 0, 2) == ([[0, 10], [20, 10]], 40)
+    assert diff_page(runs, 40, 2) == ([[40, 10], [60, 10]], 80)
+    assert diff_page(runs, 80, 2) == ([[80, 10]], None)
+    assert diff_page(runs, 45, 2) == ([[45, 5], [60, 10]], 80)   # cut where it resumes
+    assert diff_page([], 0) == ([], None)
+    # Client.snapshot_diff fetches every page and joins an extent cut at a page end
+    pages = {0: ([[0, 10], [20, 5]], 25), 25: ([[25, 5], [40, 10]], 50), 50: ([], None)}
+    sent = []
+
+    def obj(op, args):
+        sent.append(args)
+        ext, nxt = pages[args.get("after", 0)]
+        return {"snapshot_id": "A", "changed_bytes": 30, "extents": ext, "next": nxt}
+    c = Client.__new__(Client)
+    c._obj = obj
+    res = c.snapshot_diff("A", "B")
+    assert res["extents"] == [[0, 10], [20, 10], [40, 10]] and "next" not in res
+    assert [a.get("after") for a in sent] == [None, 25, 50]
+    assert all(a["to_snapshot_id"] == "B" for a in sent)
+
+
+def test_access_rules_of_snapshot_diff():
+    """A host other than the array's own names only snapshots it sees; against the live
+    volume a remote one must see the volume too (its write pattern)."""
+    s1, s2 = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"
+    seen = {s1: {"hostB"}, s2: {"hostB", "hostC"}, "vol": {"hostC"}}
+
+    class Masking:
+        service_machine = "array"
+
+        def hosts_of(self, lun):
+            return frozenset(seen.get(lun, ()))
+    acc = Access(Masking(), lambda set_id: [], lambda sid: None, lambda set_id: None,
+                 lambda sid: "vol")
+
+    def check(host, remote, frm, to=None):
+        args = {"snapshot_id": frm, **({"to_snapshot_id": to} if to else {})}
+        try:
+            acc.check(host, remote, "snapshot.diff", args)
+        except VssError as e:
+            return e.name
+        return "ok"
+    assert check("array", False, s1) == "ok"                  # the array's administrator
+    assert check("hostB", True, s1, s2) == "ok"
+    assert check("hostB", True, s1) == "VSS_E_OBJECT_NOT_FOUND"    # not its volume
+    assert check("hostC", True, s2) == "ok"
+    assert check("hostC", True, s1, s2) == "VSS_E_OBJECT_NOT_FOUND"
+    assert check("hostC", True, s2, s1) == "VSS_E_OBJECT_NOT_FOUND"
+    assert check("hostC", False, s2, s1) == "VSS_E_OBJECT_NOT_FOUND"  # local, other host
+    assert check("hostB", False, s1) == "ok"                  # local: the snapshot rule
 
 
 # --------------------------------------------------------------------------- measurement
