@@ -42,7 +42,9 @@ a plex has no epoch: refused. A snapshot split off as a volume is no snapshot an
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from array import array
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .errors import InvalidState, NotFound, SnapshotInvalid, Unsupported
@@ -58,7 +60,7 @@ def changed_extents(pool: Pool, from_id: str, to_id: str | None = None
     """(offset, length) extents of the chunks touched between snapshot ``from_id`` and
     snapshot ``to_id`` (None: the live volume), sorted, merged, chunk-aligned except the
     last one, which ends at the newer side's size. See the module docstring."""
-    with pool._lock:   # the maps change with every write: read them in one go
+    with pool._lock:   # the maps change with every write: copy them in one go...
         a = _snapshot(pool, from_id, "FROM")
         _check_from(a)
         b = None if to_id is None else _snapshot(pool, to_id, "TO")
@@ -69,8 +71,18 @@ def changed_extents(pool: Pool, from_id: str, to_id: str | None = None
         v = a.origin
         assert a.epoch is not None and v.diff is not None   # (a live differential)
         size = v.size if b is None else b.size
-        chunks = v.diff.chunks_between(a.epoch, None if b is None else b.epoch)
-        return extents(chunks, pool.chunk_size, size)
+        tables = v.diff.chunks_between(a.epoch, None if b is None else b.epoch)
+    # ...and merge them without the lock (the data path never waits for a large diff)
+    return extents(_union(tables), pool.chunk_size, size)
+
+
+def _union(tables: list[array]) -> Iterator[int]:
+    """Sorted chunk lists -> each chunk once, ascending."""
+    last = -1
+    for c in tables[0] if len(tables) == 1 else heapq.merge(*tables):
+        if c != last:
+            yield c
+            last = c
 
 
 def extents(chunks: Iterable[int], chunk_size: int, size: int) -> list[tuple[int, int]]:

@@ -13,7 +13,6 @@ record therefore always describes durable data; a crash before the map sync leav
 
 from __future__ import annotations
 
-import heapq
 import os
 from array import array
 from bisect import bisect_left
@@ -221,19 +220,14 @@ class DiffArea:
             out.update(c for c, _ in self.tables[e].items())
         return out
 
-    def chunks_between(self, first: int, end: int | None = None) -> Iterator[int]:
-        """Each chunk with an entry of epoch in [first, end) (end None: no bound), once,
-        ascending: the chunks first written while one of those epochs was the newest
-        (blockstore/changes.py). O(entries in those epochs): one sorted table per epoch,
-        merged."""
+    def chunks_between(self, first: int, end: int | None = None) -> list[array]:
+        """Per epoch in [first, end) (end None: no bound), a sorted copy of its chunks:
+        those first written while that epoch was the newest (blockstore/changes.py
+        merges them). A copy (memcpy of 8 bytes per entry) so that the merge can run
+        without the pool lock; O(entries in those epochs)."""
         lo = bisect_left(self.epochs, first)
         hi = len(self.epochs) if end is None else bisect_left(self.epochs, end)
-        tables = [self.tables[e].sorted_chunks() for e in self.epochs[lo:hi]]
-        last = -1
-        for c in (tables[0] if len(tables) == 1 else heapq.merge(*tables)):
-            if c != last:
-                yield c
-                last = c
+        return [array("Q", self.tables[e].sorted_chunks()) for e in self.epochs[lo:hi]]
 
     def read_slot(self, slot: int) -> bytes:
         st = self.state[slot]
