@@ -27,8 +27,8 @@ Set creation: the host's coordinator claims the array's one set-in-creation slot
 (array.prepare / array.commit: the array's barrier holds every host's writers while it
 commits) and releases the slot (``release_set``). Not yet (issue 16, next steps; each
 raises blockstore.errors.Unsupported with a line saying so): exposing,
-revert, promote, split, volume administration (the array's own host does it), check and
-scrub (the array's own).
+revert, promote, split, snapshot diff, volume administration (the array's own host does
+it), check and scrub (the array's own).
 """
 
 from __future__ import annotations
@@ -420,6 +420,10 @@ class RemoteArray:
     def delete_volume(self, name: str) -> None:
         raise self._not_yet("deleting a volume")
 
+
+    def changed_extents(self, from_id: str, to_id: str | None = None
+                        ) -> list[tuple[int, int]]:
+        raise self._not_yet("snapshot diff")
 
     def promote(self, snap_id: str, progress: Any = None) -> SnapshotInfo:
         raise self._not_yet("promote")
