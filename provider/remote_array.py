@@ -406,6 +406,18 @@ class RemoteArray:
         self.refresh()
         return res
 
+    # ------------------------------------------------------------------ changed blocks
+    def changed_extents(self, from_id: str, to_id: str | None = None
+                        ) -> list[tuple[int, int]]:
+        """The array's own snapshot.diff (its access rules: this host must see both
+        LUNs), every page of it."""
+        with self._lock:
+            try:
+                res = self._control.snapshot_diff(from_id, to_id)
+            except ControlError as e:
+                raise _store_error(e) from None
+        return [(int(o), int(n)) for o, n in res["extents"]]
+
     # ------------------------------------------------------------------ not yet
     def _not_yet(self, what: str) -> bse.Unsupported:
         return bse.Unsupported(f"{what} from a host daemon is not built yet (issue 16); "
@@ -421,9 +433,6 @@ class RemoteArray:
         raise self._not_yet("deleting a volume")
 
 
-    def changed_extents(self, from_id: str, to_id: str | None = None
-                        ) -> list[tuple[int, int]]:
-        raise self._not_yet("snapshot diff")
 
     def promote(self, snap_id: str, progress: Any = None) -> SnapshotInfo:
         raise self._not_yet("promote")

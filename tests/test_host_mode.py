@@ -256,3 +256,16 @@ def test_a_set_is_one_instant_across_a_host_s_and_the_array_s_writers(host_b: Ho
             with open(h.mount / ".shadow" / f"{sid}.img", "rb") as f:
                 got[vol] = struct.unpack("<Q", f.read(8))[0]
         assert got["db"] - 1 <= got["logs"] <= got["db"], (got, written[0])
+
+
+def test_snapshot_diff_on_a_host_is_the_array_s(host_b: Host) -> None:
+    h = host_b
+    sid = h.d.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
+    fd = os.open(h.image("volumes", "db"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"x" * 4096, 5 * MiB + 100)     # one chunk (64 KiB) touched
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    res = h.d.json("snapshot", "diff", sid)
+    assert res == [{"offset": 5 * MiB, "length": 64 * 1024}], res
