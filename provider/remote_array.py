@@ -418,6 +418,20 @@ class RemoteArray:
                 raise _store_error(e) from None
         return [(int(o), int(n)) for o, n in res["extents"]]
 
+    def revert(self, volume: str, snap_id: str, progress: Any = None) -> None:
+        """ResyncLuns at the array: its own revert (its barrier holds every host's
+        writers of the volume; it refuses while the array's machine has the volume
+        attached). This host's coordinator checked this host's users and holds its own
+        writers; once begun it completes (the array rolls a revert forward)."""
+        report = None if progress is None else (lambda done, total, _what: progress(
+            done, total))
+        with self._lock:
+            try:
+                self._control.revert(snap_id, progress=report)
+            except ControlError as e:
+                raise _store_error(e) from None
+        self.refresh()
+
     # ------------------------------------------------------------------ not yet
     def _not_yet(self, what: str) -> bse.Unsupported:
         return bse.Unsupported(f"{what} from a host daemon is not built yet (issue 16); "
@@ -440,8 +454,6 @@ class RemoteArray:
     def split(self, snap_id: str, new_name: str, progress: Any = None) -> VolumeInfo:
         raise self._not_yet("split")
 
-    def revert(self, volume: str, snap_id: str, progress: Any = None) -> None:
-        raise self._not_yet("revert")
 
 
     def check(self, progress: Any = None) -> list[str]:

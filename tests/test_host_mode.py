@@ -269,3 +269,23 @@ def test_snapshot_diff_on_a_host_is_the_array_s(host_b: Host) -> None:
         os.close(fd)
     res = h.d.json("snapshot", "diff", sid)
     assert res == [{"offset": 5 * MiB, "length": 64 * 1024}], res
+
+
+def test_a_host_reverts_its_volume_to_its_snapshot(host_b: Host) -> None:
+    h, t = host_b, host_b.net
+    img = h.image("volumes", "db")
+    before = os.urandom(MiB)
+    with open(img, "r+b") as f:
+        f.write(before)
+        f.flush()
+        os.fsync(f.fileno())
+    sid = h.d.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
+    with open(img, "r+b") as f:
+        f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    h.d.ok("revert", sid)
+    with open(img, "rb") as f:     # the host's page cache of it was dropped
+        assert f.read(MiB) == before
+    with open(Path(t.d.mount) / "hosts" / "hostB" / "volumes" / "db.img", "rb") as f:
+        assert f.read(MiB) == before
