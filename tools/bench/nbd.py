@@ -40,7 +40,7 @@ from typing import Any
 
 from .common import Log, MiB, _median
 from .nbd_setup import QEMU_SHARED, Setup, Target, missing_tools, qemu_nbd_argv
-from .netbench import add_arguments, check_arguments, num, pct, ratio, run, shown, table
+from .netbench import check_arguments, num, parser, pct, ratio, run, shown, table
 from .netbench import versions as _tool_versions
 from .report import code_version, machine_info
 from .verdicts import NOISY_SPREAD, spread
@@ -154,10 +154,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    doc = __doc__ or ""
-    p = argparse.ArgumentParser(prog="python -m tools.bench.nbd",
-                                description=doc.split("\n\n")[0])
-    add_arguments(p)
+    p = parser("tools.bench.nbd", __doc__)
     p.add_argument("--tls", action="store_true", help="only the TLS rows")
     p.add_argument("--plain", action="store_true", help="only the plain-text rows")
     return p.parse_args(argv)

@@ -21,7 +21,11 @@ from .common import BenchError, Log, MiB, _median
 from .verdicts import spread, verdict
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """`python -m PROG`'s parser (described by the first paragraph of its docstring) with
+    the arguments every network benchmark takes; the caller adds its own."""
+    p = argparse.ArgumentParser(prog=f"python -m {prog}",
+                                description=(doc or "").split("\n\n")[0])
     p.add_argument("--size", default="1G", help="image size (default 1G)")
     p.add_argument("--rounds", type=int, default=5, help="rounds (default 5); medians")
     p.add_argument("--runtime", type=float, default=5.0, metavar="S",
@@ -30,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", metavar="DIR", help="where the work directory goes ($TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    return p
 
 
 def check_arguments(prog: str, args: argparse.Namespace) -> int | None:
