@@ -35,19 +35,15 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from typing import Any
 
-from .. import interrupts, workdir
-from .command import _keep_logs_only
-from .common import BenchError, Log, MiB, _median
+from .common import Log, MiB, _median
 from .nbd_setup import QEMU_SHARED, Setup, Target, missing_tools, qemu_nbd_argv
+from .netbench import check_arguments, num, parser, pct, ratio, run, shown, table
+from .netbench import versions as _tool_versions
 from .report import code_version, machine_info
-from .verdicts import NOISY_SPREAD, spread, verdict
+from .verdicts import NOISY_SPREAD, spread
 from .workloads import Job, run_fio
 
 REPORT_VERSION = 1
@@ -114,17 +110,9 @@ def build_report(samples: Samples, info: dict[str, Any], args: argparse.Namespac
                 results.append({"mode": mode, "workload": w, "server": srv, "unit": unit,
                                 "samples": xs, "median": _median(xs) if xs else None,
                                 "spread": spread(xs) if xs else None})
-            a, b = rows["spx"], rows["qemu"]
-            value = lo = hi = None
-            worst = 0.0
-            if a and b and min(b) > 0:
-                value = _median(a) / _median(b)
-                lo, hi = min(a) / max(b), max(a) / min(b)
-                worst = max(spread(a), spread(b))
-            targets.append({
-                "mode": mode, "workload": w, "description": f"{label} >= {TARGET}x qemu-nbd",
-                "value": value, "range": None if lo is None else [lo, hi], "spread": worst,
-                "verdict": verdict(">=", TARGET, value, lo, hi, worst)})
+            targets.append({"mode": mode, "workload": w,
+                            "description": f"{label} >= {TARGET}x qemu-nbd",
+                            **ratio(rows["spx"], rows["qemu"], ">=", TARGET)})
     return {
         "version": REPORT_VERSION,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -145,16 +133,10 @@ def format_table(report: dict[str, Any]) -> str:
     rows = []
     for t in report["targets"]:
         a, b = by[(t["mode"], t["workload"], "spx")], by[(t["mode"], t["workload"], "qemu")]
-        shown = "n/a" if t["value"] is None else f"{t['verdict']} (x{t['value']:.2f}" + (
-            f", {t['range'][0]:.2f}-{t['range'][1]:.2f})" if t["verdict"] == "noisy" else ")")
-        rows.append([t["mode"], WORKLOADS[t["workload"]][0], a["unit"], _num(a["median"]),
-                     _pct(a), _num(b["median"]), _pct(b),
-                     "-" if t["value"] is None else f"{t['value']:.2f}x", shown])
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(str(c).rjust(w) if 3 <= i <= 7 else str(c).ljust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+        rows.append([t["mode"], WORKLOADS[t["workload"]][0], a["unit"], num(a["median"]),
+                     pct(a), num(b["median"]), pct(b),
+                     "-" if t["value"] is None else f"{t['value']:.2f}x", shown(t)])
+    lines = table(head, rows, range(3, 8))
     m = report["machine"]
     lines.append(f"\n{report['size_MiB']:.0f} MiB, {report['rounds']} rounds, fio "
                  f"{report['runtime_s']:g} s; nproc {m.get('nproc')}, load "
@@ -167,115 +149,39 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
-
-
-def _pct(row: dict[str, Any]) -> str:
-    return f"{row['spread'] * 100:.0f}%" if len(row["samples"]) > 1 else "-"
-
-
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for tool in ("nbdcopy", "nbdfuse", "nbdkit", "qemu-nbd", "fio"):
-        try:
-            res = subprocess.run([tool, "--version"], capture_output=True, text=True,
-                                 timeout=10, check=False)
-            lines = res.stdout.strip().splitlines()
-            out[tool] = lines[0] if lines else None
-        except (OSError, subprocess.TimeoutExpired):
-            out[tool] = None
-    return out
-
-
-def _problems() -> list[str]:
-    out = [] if os.geteuid() == 0 else ["not running as root (namespaces, FUSE)"]
-    out += [f"{t} not found (make setup installs it)" for t in missing_tools()]
-    if not os.path.exists("/dev/fuse"):
-        out.append("/dev/fuse is missing")
-    return out
+    return _tool_versions(("nbdcopy", "nbdfuse", "nbdkit", "qemu-nbd", "fio"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    doc = __doc__ or ""
-    p = argparse.ArgumentParser(prog="python -m tools.bench.nbd",
-                                description=doc.split("\n\n")[0])
-    p.add_argument("--size", default="1G", help="image size (default 1G)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds (default 5); medians")
-    p.add_argument("--runtime", type=float, default=5.0, metavar="S",
-                   help="seconds per fio job (default 5)")
+    p = parser("tools.bench.nbd", __doc__)
     p.add_argument("--tls", action="store_true", help="only the TLS rows")
     p.add_argument("--plain", action="store_true", help="only the plain-text rows")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.add_argument("--dir", metavar="DIR", help="where the work directory goes ($TMPDIR)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from blockstore.errors import InvalidSize
-    from blockstore.names import parse_size
-    try:
-        size = parse_size(args.size)
-    except InvalidSize as e:
-        print(f"bench nbd: error: --size: {e}", file=sys.stderr)
-        return 2
-    if size < 16 * MiB or size % MiB or args.rounds < 1 or args.runtime <= 0:
-        print("bench nbd: error: --size must be a multiple of 1M and at least 16M, "
-              "--rounds at least 1, --runtime above 0", file=sys.stderr)
+    size = check_arguments("bench nbd", args)
+    if size is None:
         return 2
     modes = tuple(m for m in MODES if getattr(args, m)) or MODES
-    problems = _problems()
-    if problems:
-        print(f"bench nbd: error: {'; '.join(problems)}", file=sys.stderr)
-        return 1
-    log = Log(args.quiet)
-    base: str | None = None
-    t0 = time.monotonic()
-    samples: Samples = {}
-    info: dict[str, Any] = {}
-    with interrupts.stop_signals():
-        try:
-            if args.dir:
-                os.makedirs(args.dir, exist_ok=True)
-            base = tempfile.mkdtemp(prefix="shadowplex-bench-nbd-", dir=args.dir)
-            log(f"{size >> 20} MiB, {args.rounds} rounds, modes {', '.join(modes)}; "
-                f"work directory {base}")
-            with contextlib.ExitStack() as stack:
-                s = Setup(base, size, stack, log)
-                s.prepare()
-                for mode in modes:
-                    _measure_mode(s, mode, args.rounds, args.runtime, samples, info, log)
-            report = build_report(samples, info, args, size, modes, base,
-                                  time.monotonic() - t0)
-            left = workdir.clean(base, args.keep)
-            if left:
-                raise BenchError(f"could not clean up: {', '.join(left)}")
-        except KeyboardInterrupt as e:
-            stop = e if isinstance(e, interrupts.Interrupted) else interrupts.Interrupted()
-            left = workdir.clean(base, args.keep)
-            said = (f"left behind: {', '.join(left)}" if left else
-                    "nothing was started" if base is None else
-                    f"work directory {base} {'kept' if args.keep else 'removed'}, servers "
-                    "stopped, namespaces deleted")
-            print(f"bench nbd: {stop.what}; {said}", file=sys.stderr)
-            return stop.exit_code
-        except Exception as e:   # noqa: BLE001 - one line and the logs, as bench does
-            why = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
-            print(f"bench nbd: failed: {why}", file=sys.stderr)
-            if base is not None:
-                left = workdir.clean(base, keep=True)
-                if not args.keep:
-                    _keep_logs_only(base)
-                print(f"bench nbd: logs kept in {base}"
-                      + (f"; left behind: {', '.join(left)}" if left else ""),
-                      file=sys.stderr)
-            return 1
-    print(json.dumps(report, indent=1) if args.json else format_table(report))
-    log(f"done in {time.monotonic() - t0:.0f} s")
-    return 0
+
+    def measure(base: str, log: Log) -> dict[str, Any]:
+        log(f"{size >> 20} MiB, {args.rounds} rounds, modes {', '.join(modes)}; "
+            f"work directory {base}")
+        samples: Samples = {}
+        info: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            s = Setup(base, size, stack, log)
+            s.prepare()
+            for mode in modes:
+                _measure_mode(s, mode, args.rounds, args.runtime, samples, info, log)
+        return build_report(samples, info, args, size, modes, base,
+                            time.monotonic() - log.t0)
+
+    return run("bench nbd", args, missing_tools(), measure, format_table,
+               "servers stopped, namespaces deleted")
 
 
 if __name__ == "__main__":

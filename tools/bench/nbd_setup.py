@@ -76,25 +76,9 @@ class Setup:
         self.stack.callback(self.net.teardown)
         self.stack.callback(self.stop_servers)   # (runs first: LIFO)
         self.net.setup()
-        srv = self.net.addr["server"]
-        cli = [sys.executable, "-m", "tools.cli"]
-        _run(*cli, "pki", "init", self.pki, "--server-name", srv, timeout=60)
-        _run(*cli, "pki", "host", CLIENT_CN, self.client_pki, "--ca", self.pki, timeout=60)
+        make_pki(self.pki, self.net.addr["server"], {CLIENT_CN: self.client_pki})
         self._say(f"writing {self.size >> 20} MiB of random data (raw image and volume)")
-        from blockstore import Pool
-        pool = Pool.create(self.pool)
-        try:
-            pool.create_volume(READ_VOL, self.size)
-            pool.create_volume(WRITE_VOL, self.size)
-            with open(self.snap_raw, "wb") as f:
-                for off in range(0, self.size, 4 * MiB):
-                    block = os.urandom(min(4 * MiB, self.size - off))
-                    f.write(block)
-                    pool.write(READ_VOL, off, block)
-                os.fsync(f.fileno())
-            pool.flush(READ_VOL)
-        finally:
-            pool.close()
+        make_pool(self.pool, self.size, READ_VOL, sparse=(WRITE_VOL,), raw=self.snap_raw)
         with open(self.write_raw, "wb") as f:
             f.truncate(self.size)
         os.makedirs(self.mnt, exist_ok=True)
@@ -226,6 +210,37 @@ class Setup:
             if _mounted(path):
                 _fuse_unmount(path)
             _stop_proc(proc, timeout=15)
+
+
+def make_pki(pki: str, server_addr: str, clients: dict[str, str]) -> None:
+    """`shadowplex pki init` (the array's CA and server certificate for server_addr) and
+    `pki host CN DIR` for each client host."""
+    cli = [sys.executable, "-m", "tools.cli"]
+    _run(*cli, "pki", "init", pki, "--server-name", server_addr, timeout=60)
+    for cn, directory in clients.items():
+        _run(*cli, "pki", "host", cn, directory, "--ca", pki, timeout=60)
+
+
+def make_pool(path: str, size: int, filled: str, sparse: tuple[str, ...] = (),
+              raw: str | None = None) -> None:
+    """A new pool at `path`: volume `filled` holding `size` random bytes (the same bytes
+    written to the raw image `raw`, if given) and sparse volumes `sparse` of that size."""
+    from blockstore import Pool
+    pool = Pool.create(path)
+    try:
+        for vol in (filled, *sparse):
+            pool.create_volume(vol, size)
+        with open(raw or os.devnull, "wb") as f:
+            for off in range(0, size, 4 * MiB):
+                block = os.urandom(min(4 * MiB, size - off))
+                pool.write(filled, off, block)
+                if raw:
+                    f.write(block)
+            if raw:
+                os.fsync(f.fileno())
+        pool.flush(filled)
+    finally:
+        pool.close()
 
 
 def qemu_nbd_argv(addr: str, port: int, export: str, path: str, read_only: bool,

@@ -16,9 +16,10 @@ from .common import REPO, BenchError, _fuse_unmount, _mounted, _stop_proc, _wait
 class Daemon:
     """`shadowplex serve` on a pool, as a subprocess (its own session). `extra`: more
     serve arguments (the NBD port: tools/bench/nbd.py); `prefix`: what runs it (nsenter
-    into a network namespace, which execs serve: the same process)."""
+    into a network namespace, which execs serve: the same process). pool None: no
+    --pool (a host daemon, `serve --array ...` in `extra`: tools/bench/hosts.py)."""
 
-    def __init__(self, base: str, pool: str, mnt: str, sock: str, name: str = "serve",
+    def __init__(self, base: str, pool: str | None, mnt: str, sock: str, name: str = "serve",
                  extra: list[str] | None = None, prefix: list[str] | None = None) -> None:
         self.base, self.pool, self.mnt, self.sock = base, pool, mnt, sock
         self.extra, self.prefix = list(extra or []), list(prefix or [])
@@ -36,7 +37,8 @@ class Daemon:
         try:
             self.proc = subprocess.Popen(
                 [*self.prefix, sys.executable, "-m", "tools.cli", "serve", "--socket",
-                 self.sock, "--pool", self.pool, "--mount", self.mnt, *self.extra],
+                 self.sock, *(["--pool", self.pool] if self.pool else []), "--mount",
+                 self.mnt, *self.extra],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=REPO)
         finally:

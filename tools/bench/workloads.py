@@ -97,7 +97,9 @@ def _run_group(cmd: list[str], env: dict[str, str], timeout: float
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def run_fio(job: Job, scratch: str) -> JobResult:
+def run_fio(job: Job, scratch: str, prefix: list[str] | None = None) -> JobResult:
+    """fio on the job; `prefix`: what runs it (nsenter into a network namespace: it execs
+    fio, the same process)."""
     label, _unit, jobfile, _bs, writes = WORKLOADS[job.workload]
     env = dict(os.environ, BENCH_FILE=job.path, BENCH_SIZE=str(job.size),
                BENCH_DIRECT="1" if job.direct else "0",
@@ -109,7 +111,7 @@ def run_fio(job: Job, scratch: str) -> JobResult:
         write_iolog(job.replay_log, job.replay)
         env["BENCH_IOLOG"] = job.replay_log
         jobfile = REPLAY_JOB
-    cmd = ["fio", "--output-format=json", os.path.join(FIO_DIR, jobfile)]
+    cmd = [*(prefix or []), "fio", "--output-format=json", os.path.join(FIO_DIR, jobfile)]
     try:
         res = _run_group(cmd, env, timeout=job.runtime + 120)
     except subprocess.TimeoutExpired:
