@@ -323,8 +323,10 @@ class Connection:
         # a handler cancelled as trio code (SCOPE_OPS: the set was aborted) left nothing.
         if reply is None and scope.cancelled_caught:
             why = running.token.reason or "the requester disconnected"
-            log.warning("session %s: %s cancelled (%s): nothing changed", self.session.id,
-                        op, why if running.explicit else "the requester disconnected")
+            # a host daemon's long poll ends so whenever it stops: not worth a warning
+            log.log(logging.INFO if op == "array.watch" else logging.WARNING,
+                    "session %s: %s cancelled (%s): nothing changed", self.session.id,
+                    op, why if running.explicit else "the requester disconnected")
             if not running.explicit:
                 return
             reply = protocol.reply_error(rid, VssError(
