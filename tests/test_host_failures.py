@@ -427,3 +427,42 @@ def test_a_flush_after_an_array_restart_fails_once_if_acknowledged_writes_were_n
     assert "is back" in log
     _fsync(img)
     assert Path(host.log).read_text().count("may be lost") == lost
+
+
+# ------------------------------------------------------- a LUN replaced under its name
+@pytest.mark.daemon_log_expects(r"not naa", r"write: .*-> EIO", r"is gone or no longer")
+def test_a_write_is_never_sent_to_another_lun_created_under_the_same_name(
+        rig: Rig) -> None:
+    host = rig.start_host(path_timeout=PATH_A)
+    assert rig.array is not None
+    img = rig.host_db
+    assert _pread_direct(img, 0, MiB) == rig.want(0, MiB)   # connections open to db
+    # cut off, the host cannot learn that the array deleted db and made a new one
+    rig.link(False)
+    try:
+        rig.array.ok("volume", "delete", "db")
+        rig.array.ok("volume", "create", "db", "16M")
+        rig.array.ok("volume", "present", "db", "--to", "hostB")
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                _pwrite_direct(img, 4 * MiB, b"\xee" * MiB, fsync=False)
+            except BaseException as e:   # noqa: BLE001 - asserted below
+                errors.append(e)
+
+        t = threading.Thread(target=writer, name="writer", daemon=True)
+        t.start()
+        time.sleep(PATH_A / 3 + 1)   # its connection times out; it waits for a path
+    finally:
+        rig.link(True)
+    t.join(PATH_A + 10)
+    assert not t.is_alive()
+    # the new connection opens the new LUN: the write meant for the old one fails ...
+    assert errors and isinstance(errors[0], OSError) and errors[0].errno == errno.EIO, \
+        errors
+    assert "not naa" in Path(host.log).read_text()
+    # ... and never lands on the new one
+    with open(rig.array_db, "rb") as f:
+        f.seek(4 * MiB)
+        assert f.read(MiB) == bytes(MiB)
