@@ -10,7 +10,8 @@ The host daemon runs with short timeouts from its environment:
 SHADOWPLEX_PATH_TIMEOUT (how long a request rides out a lost path; a reply waits a
 third of it) and SHADOWPLEX_SET_LEASE (the array's set-in-creation lease; its floor is
 5 s). Everything is stopped, unmounted, detached and the link set up again however a
-test ends; every wait is bounded.
+test ends; every wait is bounded. The last tests need no kernel: RemoteArray._call with a
+control connection that breaks (what is asked again, what is not).
 """
 
 from __future__ import annotations
@@ -466,3 +467,61 @@ def test_a_write_is_never_sent_to_another_lun_created_under_the_same_name(
     with open(rig.array_db, "rb") as f:
         f.seek(4 * MiB)
         assert f.read(MiB) == bytes(MiB)
+
+
+# ------------------------------------------------ the control connection: what is repeated
+class _FakeControl:
+    """A control connection that is lost at its first call (as when the array restarts
+    under it), and answers every call after that; `sent` records what reached it."""
+
+    def __init__(self, sent: list[str], lost: bool) -> None:
+        self.sent, self.lost = sent, lost
+
+    def call(self, op: str, args: dict[str, object]) -> object:
+        self.sent.append(op)
+        if self.lost:
+            raise ControlError("VSS_E_REMOTE_SERVER_UNAVAILABLE",
+                               "the daemon closed the connection (did it stop?)")
+        return {"op": op}
+
+    def close(self, wait: float = 0) -> None:
+        pass
+
+
+def _remote_with(first_lost: bool) -> tuple[object, list[str], list[int]]:
+    from provider.remote_array import RemoteArray
+    ra = RemoteArray.__new__(RemoteArray)   # only what _call uses
+    sent: list[str] = []
+    connects = [0]
+
+    def connect() -> _FakeControl:
+        connects[0] += 1
+        return _FakeControl(sent, lost=False)
+    ra.array, ra._lock = "array.test", threading.Lock()   # type: ignore[attr-defined]
+    ra._control = _FakeControl(sent, lost=first_lost)     # type: ignore[attr-defined]
+    ra._connect = connect                                 # type: ignore[method-assign]
+    return ra, sent, connects
+
+
+@pytest.mark.parametrize("op", ["array.info", "array.list", "array.watch"])
+def test_a_query_is_asked_again_once_on_a_new_control_connection(op: str) -> None:
+    ra, sent, connects = _remote_with(first_lost=True)
+    assert ra._call(op) == {"op": op}   # type: ignore[attr-defined]
+    assert sent == [op, op] and connects == [1]
+
+
+@pytest.mark.parametrize("op", ["array.set.claim", "array.prepare", "array.commit",
+                                "array.abort", "array.set.release", "array.delete",
+                                "array.plex_sync_step", "array.set.renew"])
+def test_an_op_that_changes_the_array_is_not_repeated_when_its_connection_broke(
+        op: str) -> None:
+    from provider.vss import VssError
+    ra, sent, connects = _remote_with(first_lost=True)
+    with pytest.raises(VssError) as e:
+        ra._call(op, {"set_id": "x"})   # type: ignore[attr-defined]
+    assert e.value.name == "VSS_E_REMOTE_SERVER_UNAVAILABLE"
+    assert "not repeated" in str(e.value)
+    assert sent == [op] and connects == [0]   # sent once, nothing re-sent
+    # the next call opens a new connection first, then sends once
+    assert ra._call("array.list") == {"op": "array.list"}   # type: ignore[attr-defined]
+    assert sent == [op, "array.list"] and connects == [1]
