@@ -370,22 +370,15 @@ def _signal(d: Daemon, sig: int) -> None:
 def no_leftover_namespaces() -> Iterator[None]:
     """Test hosts (tests/netns.py: network namespaces named spx-*) are deleted by the
     tests that made them; any still there at the end of the session is deleted here and
-    fails the session -- only those this session made (tools.netns.MADE_HERE): a test
-    session running beside this one on the machine has spx-* namespaces of its own, in
-    use (deleting them cut its hosts off the network mid-test)."""
+    fails the session."""
     def leftover_namespaces() -> list[str]:   # (tests/netns.py's; this file is also
         try:                                  # copied alone into pytester sessions)
             return sorted(n for n in os.listdir("/run/netns") if n.startswith("spx-"))
         except FileNotFoundError:
             return []
-    try:   # the ones this session made (other sessions on the machine have theirs)
-        from tools.netns import MADE_HERE
-    except ImportError:   # a pytester session: this file alone
-        MADE_HERE = None
     before = set(leftover_namespaces())
     yield
-    left = [n for n in leftover_namespaces()
-            if n not in before and (MADE_HERE is None or n in MADE_HERE)]
+    left = [n for n in leftover_namespaces() if n not in before]
     for n in left:
         subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=10,
                        check=False)

@@ -29,9 +29,6 @@ import subprocess
 # the tests' prefix: their session guard (tests/conftest.py) deletes leftover spx-*
 # namespaces, so anything else (the benchmark) must use another one
 TEST_PREFIX = "spx-"
-# the namespaces this process made and has not deleted yet: the tests' session guard
-# deletes only these (another test session on the machine has spx-* namespaces too)
-MADE_HERE: set[str] = set()
 
 
 def _ip(*args: str) -> None:
@@ -59,7 +56,6 @@ class Hosts:
             return
         _ip("netns", "add", self.switch)
         self.created.append(self.switch)
-        MADE_HERE.add(self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.switch, "link", "set", "br0", "up")
         for i, (name, ns) in enumerate(self.ns.items()):
@@ -85,7 +81,6 @@ class Hosts:
     def _add(self, ns: str) -> None:
         _ip("netns", "add", ns)
         self.created.append(ns)
-        MADE_HERE.add(ns)
         _ip("-n", ns, "link", "set", "lo", "up")
 
     def _up(self, name: str) -> None:
@@ -97,7 +92,6 @@ class Hosts:
         for ns in reversed(self.created):   # deleting a namespace deletes its veth ends
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10,
                            check=False)
-            MADE_HERE.discard(ns)
         self.created.clear()
 
     def argv(self, host: str, *argv: str) -> list[str]:
