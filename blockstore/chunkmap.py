@@ -91,3 +91,11 @@ class EpochTable:
 
     def items(self) -> list[tuple[int, int]]:
         return [*zip(self.keys, self.vals), *self.pending.items()]
+
+    def sorted_chunks(self) -> array:
+        """Every chunk of the table, ascending (the pending buffer merged first: the
+        caller holds the pool lock, as for add()). The table's own array: read it, do
+        not keep it past the lock."""
+        if self.pending:
+            self._merge()
+        return self.keys

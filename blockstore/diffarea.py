@@ -220,6 +220,15 @@ class DiffArea:
             out.update(c for c, _ in self.tables[e].items())
         return out
 
+    def chunks_between(self, first: int, end: int | None = None) -> list[array]:
+        """Per epoch in [first, end) (end None: no bound), a sorted copy of its chunks:
+        those first written while that epoch was the newest (blockstore/changes.py
+        merges them). A copy (memcpy of 8 bytes per entry) so that the merge can run
+        without the pool lock; O(entries in those epochs)."""
+        lo = bisect_left(self.epochs, first)
+        hi = len(self.epochs) if end is None else bisect_left(self.epochs, end)
+        return [array("Q", self.tables[e].sorted_chunks()) for e in self.epochs[lo:hi]]
+
     def read_slot(self, slot: int) -> bytes:
         st = self.state[slot]
         if st == ZERO:

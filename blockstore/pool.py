@@ -17,8 +17,8 @@ import logging
 import os
 from dataclasses import replace
 
+from . import changes, integrity
 from . import format as fmt
-from . import integrity
 from .catalog import Catalog
 from .errors import (
     Exists,
@@ -59,7 +59,7 @@ class Pool(LongOps):
 
     capabilities = Capabilities(
         plex=True, promote=True, split=True, revert=True,
-        reflink=False, changed_blocks=False,
+        reflink=False, changed_blocks=True,
         max_snapshots_per_volume=MAX_SNAPSHOTS_PER_VOLUME)
 
     @classmethod
@@ -275,6 +275,14 @@ class Pool(LongOps):
                 if orphan or fn.endswith((".tmp", ".partial")):
                     log.warning("removing leftover %s/%s (interrupted operation)", sub, fn)
                     os.unlink(os.path.join(d, fn))
+
+    def changed_extents(self, from_id: str, to_id: str | None = None
+                        ) -> list[tuple[int, int]]:
+        """(offset, length) extents of the chunks touched since differential snapshot
+        from_id, up to snapshot to_id or (None) the live volume: sorted, merged, clipped
+        to the newer side's size; O(changed chunks + snapshots). blockstore/changes.py
+        says what "touched" covers and what is refused."""
+        return changes.changed_extents(self, from_id, to_id)
 
     def seal(self, snap_id: str, progress: Progress = None) -> None:
         """Record an xxh3 per chunk of a full copy (plex or promoted): luns/<id>.sum."""

@@ -15,7 +15,9 @@ Two kinds of session:
   deleting all or the oldest snapshots of a context) is refused (E_ACCESSDENIED),
   and listings show only what it sees; it may not expose with a mount on the array's
   machine, split, promote, or revert a volume not presented to it, nor import a set
-  the array did not export (transport.py: for every session).
+  the array did not export (transport.py: for every session). `snapshot.diff` names
+  two snapshots (both must be seen) or one and its live volume (remote: the volume must
+  be presented to it too, as for revert).
 
 Refusals change nothing: they happen before the operation's handler runs.
 """
@@ -85,6 +87,15 @@ class Access:
                 origin = self.origin_of(sid)
                 if origin is not None:
                     self._visible(host, [origin], "volume")
+        to = args.get("to_snapshot_id")
+        if op == "snapshot.diff" and isinstance(to, str):
+            self._visible(host, [guid(to, "snapshot id")], "snapshot")
+        elif remote and op == "snapshot.diff" and isinstance(sid, str):
+            # against the live volume: its write pattern is the volume's, not the
+            # snapshot's to show
+            origin = self.origin_of(sid)
+            if origin is not None:
+                self._visible(host, [origin], "volume")
         set_id = args.get("set_id")
         if isinstance(set_id, str) and (op in SET_OPS or op == "end_backup"):
             set_id = guid(set_id, "snapshot set id")

@@ -36,8 +36,8 @@ Keys: a LUN is named by a key: a volume's name or a snapshot's id (a GUID). Snap
 ids are chosen by the caller (the coordinator gives VSS's ids).
 
 The allocation map of a LUN (``allocation``) is here for NBD's BLOCK_STATUS (issue 15)
-and sparse copies. Not in the interface yet, added with its first user: changed-block
-maps (issue 17; see ``Capabilities.changed_blocks``).
+and sparse copies; the changed-block map between two snapshots (``changed_extents``,
+issue 17) for incremental backups, where ``Capabilities.changed_blocks`` says so.
 """
 
 from __future__ import annotations
@@ -115,6 +115,18 @@ class Array(LunStore, Protocol):
         """(offset, length) runs of the range that may hold data, sorted and merged;
         the rest reads as zeros (a listed run may too). Ask for bounded ranges: the
         cost may grow with the range (per chunk for a differential snapshot)."""
+
+    def changed_extents(self, from_id: str, to_id: str | None = None
+                        ) -> list[tuple[int, int]]:
+        """(offset, length) extents of the chunks touched (written, discarded, rewritten
+        by a revert; possibly with the same bytes) after differential snapshot from_id
+        and before snapshot to_id -- None: up to now, the live volume. Sorted, merged,
+        inside the newer side's size; everything else reads as it did in from_id
+        (zeros past its end). Cost: the changes, not the volume size. Refused: from_id
+        not a committed differential snapshot (Unsupported for a plex or a promoted
+        copy: nothing records changes since it; SnapshotInvalid), to_id older, of
+        another volume, or a plex (InvalidState, Unsupported); Unsupported everywhere
+        unless ``capabilities.changed_blocks``."""
 
     def image_path(self, key: str) -> str | None:
         """A local file holding the LUN's data, if there is one (loop devices attached

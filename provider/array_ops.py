@@ -41,9 +41,10 @@ async def _watch(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
 
 
 async def _claim(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
-    x = _args("array.set.claim", a, ("set_id", "lease"))
+    x = _args("array.set.claim", a, ("set_id", "lease", "context", "attributes"))
     return c.coord.host_sets.claim(c.session, x.get("set_id", str, required=True),
-                                   float(x.get("lease", (int, float), 30.0)))
+                                   float(x.get("lease", (int, float), 30.0)),
+                                   x.get("context", int, 0), x.get("attributes", int, 0))
 
 
 async def _renew(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
@@ -104,6 +105,26 @@ async def _delete(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     return None
 
 
+async def _expose(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = _args("array.expose", a, ("snapshot_id", "name"))
+    return await c.coord.host_sets.expose(c.session, x.get("snapshot_id", str,
+                                                           required=True),
+                                          x.get("name", str))
+
+
+async def _export(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = _args("array.export", a, ("set_id",))
+    return c.coord.host_sets.export(c.session, x.get("set_id", str, required=True))
+
+
+async def _import(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = _args("array.import", a, ("document",))
+    # the array's own import (transport.py): LocateLuns presents the set's LUNs to
+    # this host only, after every check of the document against the array
+    return await c.coord.transport.import_set(c.session, x.get("document", str,
+                                                               required=True))
+
+
 ARRAY_HANDLERS: dict[str, Handler] = {
     "array.info": _info,
     "array.list": _list,
@@ -116,4 +137,7 @@ ARRAY_HANDLERS: dict[str, Handler] = {
     "array.commit": _commit,
     "array.abort": _abort,
     "array.delete": _delete,
+    "array.expose": _expose,
+    "array.export": _export,
+    "array.import": _import,
 }

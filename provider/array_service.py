@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from blockstore import errors as bse
-from blockstore.model import PREPARING
+from blockstore.model import COMMITTED, PREPARING
 
+from .catalog import ExportRecord, SetRecord
 from .model import Session, guid
-from .vss import VssError
+from .vss import Attr, SnapshotState, VssError
 
 if TYPE_CHECKING:
     from .coordinator import Coordinator
@@ -113,6 +114,8 @@ class HostSet:
     set_id: str
     session: Session
     expires: float
+    context: int = 0                 # VSS context and attributes (the array's set row)
+    attributes: int = 0
     snaps: dict[str, str] = field(default_factory=dict)   # snapshot id -> volume
     committed: bool = False
 
@@ -135,12 +138,16 @@ class HostSets:
         return (f"snapshot set {h.set_id} of host {h.session.host} is being created; "
                 "only one at a time per array: retry when it is done")
 
-    def claim(self, session: Session, set_id: str, lease: float) -> dict[str, Any]:
+    def claim(self, session: Session, set_id: str, lease: float, context: int,
+              attributes: int) -> dict[str, Any]:
         set_id = guid(set_id, "snapshot set id")
+        if set_id in self.coord.catalog.records:
+            raise VssError("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {set_id} exists")
         other = self.coord.creating_message()
         if other is not None:
             raise VssError("VSS_E_SNAPSHOT_SET_IN_PROGRESS", other)
-        self.holder = HostSet(set_id, session, time.monotonic() + _lease(lease))
+        self.holder = HostSet(set_id, session, time.monotonic() + _lease(lease),
+                              int(context), int(attributes))
         log.info("host %s claims the set-in-creation slot for set %s", session.host, set_id)
         return {"set_id": set_id, "lease": _lease(lease)}
 
@@ -212,18 +219,61 @@ class HostSets:
         """A committed snapshot presented to the host (access.py checked that), deleted
         by its host's coordinator (its set ended, or its requester deleted it). One the
         array's own daemon exposed or mounted is refused as Busy by the pool's rules."""
+        sid = self._only_host(session, snap_id, "deletes")
+        # the array's own deletion path: its set row goes with its last snapshot
+        await self.coord.deletion.remove_snapshots([sid])
+
+    def export(self, session: Session, set_id: str) -> dict[str, Any]:
+        """The host that created a TRANSPORTABLE set exported it (its BCD is written by
+        the host's coordinator): only an exported set can be imported by another host."""
+        sid = guid(set_id, "snapshot set id")
+        rec = self.coord.catalog.records.get(sid)
+        if rec is None or rec.originating_machine != session.host:
+            raise VssError("VSS_E_OBJECT_NOT_FOUND", f"no snapshot set {sid} created by "
+                           f"host {session.host} on this array")
+        if not rec.attributes & int(Attr.TRANSPORTABLE):
+            raise VssError("VSS_E_NONTRANSPORTABLE_BCD", f"snapshot set {sid} was not "
+                           "created transportable")
+        members = [s for s in self.coord.pool.list_snapshots() if s.set_id == sid
+                   and s.state == COMMITTED]
+        if not members:
+            raise VssError("VSS_E_OBJECT_NOT_FOUND", f"snapshot set {sid} has no usable "
+                           "snapshot")
+        self.coord.catalog.put_export(ExportRecord(
+            rec, tuple(sorted({m.volume for m in members})), tuple(m.id for m in members),
+            time.time()))
+        log.info("snapshot set %s exported by host %s", sid, session.host)
+        return {"set_id": sid, "snapshots": [m.id for m in members]}
+
+    def _only_host(self, session: Session, snap_id: str, what: str) -> str:
         sid = guid(snap_id, "snapshot id")
         if self.coord.masking.hosts_of(sid) != frozenset((session.host,)):
             raise VssError("E_ACCESSDENIED", f"snapshot {sid} is presented to other hosts "
-                           "too; the array's own host deletes it")
+                           f"too; the array's own host {what} it")
+        return sid
+
+    async def expose(self, session: Session, snap_id: str, name: str | None
+                     ) -> dict[str, Any]:
+        """Give (or take, name None) a snapshot presented to this host only its
+        exposure name: it shows as exposed/<name> on the host (and under
+        hosts/<host>/ on the array). Names are the array's: one name, one snapshot."""
+        sid = self._only_host(session, snap_id, "exposes")
         pool = self.coord.pool
-        await trio.to_thread.run_sync(pool.delete_snapshot, sid)
-        self.coord.masking.present([sid], None)
+        info = await trio.to_thread.run_sync(pool.set_exposed, sid, name)
+        await self.coord.masking.names_changed()
+        return dataclasses.asdict(info)
 
     async def release(self, session: Session, set_id: str, created: bool) -> None:
         """The host is done with the slot: its set was created (``created``: its
         snapshots stay) or not (they go)."""
         h = self.own(session, set_id)
+        if created and h.committed and h.snaps:
+            # the array's row of the set: it travels with the array (export, import on
+            # another host, the array's own listings, a restart adopts it as is). Its
+            # lifetime is the host's to manage: never auto-released by the array.
+            self.coord.catalog.put_set(SetRecord(
+                h.set_id, h.context, h.attributes, int(SnapshotState.CREATED), time.time(),
+                session.host, session.client, len(h.snaps), False))
         await self._end(h, None if created else "the host aborted it")
 
     async def session_closed(self, session: Session) -> None:

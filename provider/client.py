@@ -393,6 +393,27 @@ class Client:
     def snapshot_show(self, snapshot_id: str | None = None, set_id: str | None = None) -> Any:
         return self.call("snapshot.show", {"snapshot_id": snapshot_id, "set_id": set_id})
 
+    def snapshot_diff(self, snapshot_id: str, to_snapshot_id: str | None = None
+                      ) -> dict[str, Any]:
+        """The chunks touched since snapshot ``snapshot_id``, up to ``to_snapshot_id``
+        (None: the live volume): {snapshot_id, to_snapshot_id, volume, chunk_size,
+        from_size, size, extents_total, changed_bytes, extents: [[offset, length]]},
+        every page of the reply fetched and joined."""
+        res = self._obj("snapshot.diff", {"snapshot_id": snapshot_id,
+                                          "to_snapshot_id": to_snapshot_id})
+        extents = list(res["extents"])
+        while res.get("next") is not None:
+            res = self._obj("snapshot.diff", {"snapshot_id": snapshot_id,
+                                              "to_snapshot_id": to_snapshot_id,
+                                              "after": res["next"]})
+            for o, n in res["extents"]:
+                if extents and extents[-1][0] + extents[-1][1] == o:   # cut at a page end
+                    extents[-1] = [extents[-1][0], extents[-1][1] + n]
+                else:
+                    extents.append([o, n])
+        res.pop("next", None)
+        return {**res, "extents": extents}
+
     def snapshot_delete(self, snapshot_id: str | None = None, set_id: str | None = None,
                         oldest: str | None = None, all: bool = False,
                         context: str | int | None = None,

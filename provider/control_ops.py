@@ -163,6 +163,15 @@ async def _snapshot_show(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any
     return c.coord.snapshot_show(x.get("snapshot_id", str), x.get("set_id", str))
 
 
+async def _snapshot_diff(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
+    x = Args("snapshot.diff", a, ("snapshot_id", "to_snapshot_id", "after"))
+    after = x.get("after", int, 0)
+    if after < 0:
+        raise _bad(f"snapshot.diff: argument 'after' must be >= 0, not {after}")
+    return await c.coord.snapshot_diff(x.get("snapshot_id", str, required=True),
+                                       x.get("to_snapshot_id", str), after)
+
+
 async def _snapshot_delete(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     x = Args("snapshot.delete", a,
              ("snapshot_id", "set_id", "oldest", "all", "context", "unexpose"))
@@ -255,6 +264,7 @@ HANDLERS: dict[str, Handler] = {
     "snapshot.create": _snapshot_create,
     "snapshot.list": _snapshot_list,
     "snapshot.show": _snapshot_show,
+    "snapshot.diff": _snapshot_diff,
     "snapshot.delete": _snapshot_delete,
     "set.start": _set_start,
     "set.add": _set_add,

@@ -136,7 +136,8 @@ class HardwareProvider:
         """Free space a full copy may take (the array keeps its own reserve)."""
         return self.pool.available_bytes()
 
-    def require(self, capability: Literal["plex", "promote", "split", "revert"],
+    def require(self, capability: Literal["plex", "promote", "split", "revert",
+                                          "changed_blocks"],
                 what: str) -> None:
         """VSS_E_NOT_SUPPORTED unless the array has ``capability`` (a Capabilities
         field; mypy checks the name) for ``what`` the caller is about to do."""

@@ -51,14 +51,15 @@ MAX_LINE = 1 << 20          # bytes per request line, newline included
 # import requests and replies: a 16 MiB document, JSON-escaped (<= 2 bytes per character
 # of a well-formed XML document: quotes, backslashes, tab/CR/LF), plus the envelope
 MAX_DOCUMENT_LINE = 2 * MAX_DOCUMENT_BYTES + (1 << 20)
-DOCUMENT_OPS = frozenset({"import"})
+DOCUMENT_OPS = frozenset({"import", "array.import"})
 
 # The ops the server understands (names are stable; docs/provider.md describes each).
 OPS: tuple[str, ...] = (
     "hello", "cancel",
     "status",
     "volume.create", "volume.list", "volume.resize", "volume.delete", "volume.present",
-    "snapshot.create", "snapshot.list", "snapshot.show", "snapshot.delete",
+    "snapshot.create", "snapshot.list", "snapshot.show", "snapshot.diff",
+    "snapshot.delete",
     "set.start", "set.add", "set.do", "set.abort", "set.list",
     "expose", "unexpose",
     "revert", "promote", "split",
@@ -69,7 +70,7 @@ OPS: tuple[str, ...] = (
     # host daemons (provider/array_ops.py)
     "array.info", "array.list", "array.watch", "array.set.claim", "array.set.renew",
     "array.set.release", "array.prepare", "array.plex_sync_step", "array.commit",
-    "array.abort", "array.delete",
+    "array.abort", "array.delete", "array.expose", "array.export", "array.import",
 )
 
 

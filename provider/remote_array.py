@@ -34,8 +34,8 @@ Set creation: the host's coordinator claims the array's one set-in-creation slot
 (array.prepare / array.commit: the array's barrier holds every host's writers while it
 commits) and releases the slot (``release_set``). Not yet (issue 16, next steps; each
 raises blockstore.errors.Unsupported with a line saying so): exposing,
-revert, promote, split, volume administration (the array's own host does it), check and
-scrub (the array's own).
+revert, promote, split, snapshot diff, volume administration (the array's own host does
+it), check and scrub (the array's own).
 """
 
 from __future__ import annotations
@@ -563,11 +563,12 @@ class RemoteArray:
         return [(o, n) for o, n, flags in runs if not flags & 1]   # NBD_STATE_HOLE
 
     # ------------------------------------------------------------------ set creation
-    def claim_set(self, set_id: str) -> None:
+    def claim_set(self, set_id: str, context: int, attributes: int) -> None:
         """Take the array's one set-in-creation slot for this host's set (VssError
         VSS_E_SNAPSHOT_SET_IN_PROGRESS naming the holder if another host, or the array's
         own requester, has it). A thread renews the lease until release_set."""
-        self._call("array.set.claim", {"set_id": set_id, "lease": LEASE})
+        self._call("array.set.claim", {"set_id": set_id, "lease": LEASE,
+                                       "context": context, "attributes": attributes})
         stop = threading.Event()
         self._renewing = (set_id, stop)
         threading.Thread(target=self._renew, args=(set_id, stop), daemon=True,
@@ -621,6 +622,37 @@ class RemoteArray:
         self._call("array.delete", {"snapshot_id": snap_id})
         self.refresh()
 
+    def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
+        info = _snapshot(self._call("array.expose", {"snapshot_id": snap_id,
+                                                     "name": name}))
+        self.refresh()
+        return info
+
+    # ------------------------------------------------------------------ transport
+    def mark_exported(self, set_id: str) -> None:
+        """Tell the array this host exported its TRANSPORTABLE set (another host's
+        import of the document needs that)."""
+        self._call("array.export", {"set_id": set_id})
+
+    def import_set(self, document: str) -> dict[str, Any]:
+        """LocateLuns at the array: it checks the document and presents the set's LUNs
+        to this host only; the listing follows before this returns."""
+        res: dict[str, Any] = self._call("array.import", {"document": document})
+        self.refresh()
+        return res
+
+    # ------------------------------------------------------------------ changed blocks
+    def changed_extents(self, from_id: str, to_id: str | None = None
+                        ) -> list[tuple[int, int]]:
+        """The array's own snapshot.diff (its access rules: this host must see both
+        LUNs), every page of it."""
+        with self._lock:
+            try:
+                res = self._control.snapshot_diff(from_id, to_id)
+            except ControlError as e:
+                raise _store_error(e) from None
+        return [(int(o), int(n)) for o, n in res["extents"]]
+
     # ------------------------------------------------------------------ not yet
     def _not_yet(self, what: str) -> bse.Unsupported:
         return bse.Unsupported(f"{what} from a host daemon is not built yet (issue 16); "
@@ -636,6 +668,7 @@ class RemoteArray:
         raise self._not_yet("deleting a volume")
 
 
+
     def promote(self, snap_id: str, progress: Any = None) -> SnapshotInfo:
         raise self._not_yet("promote")
 
@@ -645,8 +678,6 @@ class RemoteArray:
     def revert(self, volume: str, snap_id: str, progress: Any = None) -> None:
         raise self._not_yet("revert")
 
-    def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
-        raise self._not_yet("expose")
 
     def check(self, progress: Any = None) -> list[str]:
         raise self._not_yet("check")

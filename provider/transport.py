@@ -20,12 +20,12 @@ from typing import Any
 
 from . import documents, vss
 from .array import Array
-from .catalog import ExportRecord, ProviderCatalog
+from .catalog import ExportRecord, ProviderCatalog, SetRecord
 from .hardware import HardwareProvider
 from .masking import LunMasking
 from .model import Session, SnapshotSet, bind_lifetime, guid, in_thread
 from .views import Views
-from .vss import Attr, Context, VssError
+from .vss import Attr, Context, SnapshotState, VssError
 from .writercalls import message, writer_metadata
 
 log = logging.getLogger("provider.coordinator")   # the service's log, as before the split
@@ -76,6 +76,9 @@ class Transport:
                          "document": documents.write_writer_metadata(m).decode("utf-8")})
         exp = ExportRecord(rec, tuple(sorted({m.volume for m in members})),
                            tuple(m.id for m in members), time.time())
+        mark = getattr(self.pool, "mark_exported", None)
+        if mark is not None:   # host mode: the array must know (another host imports)
+            await in_thread(mark, sid)
         self.catalog.put_export(exp)
         log.info("exported snapshot set %s (%d snapshot(s), %d writer(s))", sid,
                  len(members), len(wmds))
@@ -95,6 +98,8 @@ class Transport:
                            "UTF-8 text") from None
         parsed = await in_thread(lambda: documents.parse_backup_components(
             data, pool_id=self.pool.pool_id))
+        if getattr(self.pool, "import_set", None) is not None:
+            return await self._import_at_array(session, document, parsed)
         sid, host = parsed.set_id, session.host
         if sid in self.catalog.imported:
             raise VssError("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {sid} is already "
@@ -180,3 +185,37 @@ class Transport:
                  ", ".join(ids))
         await self.masking.names_changed()   # the origin host's names of them are gone
         return {"set_id": sid, "host": host, "origin": origin, "snapshots": snaps}
+
+    async def _import_at_array(self, session: Session, document: str,
+                               parsed: documents.ParsedSet) -> dict[str, Any]:
+        """Host mode: the array checks the document and presents the LUNs to this host
+        (its own import, transport.py there); this host's coordinator then keeps the
+        set's row and the import, as for a set it created (delete, lifetimes, list)."""
+        sid, host = parsed.set_id, session.host
+        if host != self.masking.service_machine:
+            raise VssError("E_ACCESSDENIED", f"import on host daemon "
+                           f"{self.masking.service_machine}: a requester here imports for "
+                           f"this host, not for {host}")
+        if sid in self.catalog.records:
+            raise VssError("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {sid} is already "
+                           "known on this host")
+        res: dict[str, Any] = await in_thread(self.pool.import_set, document)  # type: ignore[attr-defined]
+        ids = [s["snapshot_id"] for s in res.get("snapshots", [])]
+        rec = SetRecord(sid, int(parsed.context), int(parsed.attributes),
+                        int(SnapshotState.CREATED), time.time(), parsed.originating_machine,
+                        session.client, len(ids), vss.is_auto_release(parsed.context))
+        self.catalog.put_set(rec)
+        self.catalog.record_import(sid, host, parsed.originating_machine, time.time(), ids,
+                                   None)
+        if rec.auto_release:
+            bind_lifetime(self._sessions.values(), sid, session)
+        snaps = []
+        for i in ids:
+            d = self.views.prop_json(self.pool.snapshot(i))
+            d["device_object"] = self.masking.device_path(i, host)
+            snaps.append(d)
+        log.info("snapshot set %s (from %s) imported at the array: %s", sid,
+                 parsed.originating_machine, ", ".join(ids))
+        await self.masking.names_changed()
+        return {"set_id": sid, "host": host, "origin": parsed.originating_machine,
+                "snapshots": snaps}

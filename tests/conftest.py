@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 
 REQUIRE_KERNEL_ENV = "SHADOWPLEX_REQUIRE_KERNEL"
 SESSION_TOKEN_ENV = "SHADOWPLEX_TEST_SESSION"
+# this session's test hosts are network namespaces named NS_PREFIX... (tests/netns.py
+# reads it): the guard below deletes only this session's, never those of another test
+# session running beside it on the machine (pytester sessions inherit the prefix)
+NS_PREFIX = os.environ.setdefault("SHADOWPLEX_TEST_NS_PREFIX", f"spx-{uuid.uuid4().hex[:4]}")
 LEAK_STRICT_ENV = "SHADOWPLEX_LEAK_STRICT"
 CMD_TIMEOUT = 15  # seconds, for every cleanup command
 
@@ -368,12 +372,12 @@ def _signal(d: Daemon, sig: int) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_namespaces() -> Iterator[None]:
-    """Test hosts (tests/netns.py: network namespaces named spx-*) are deleted by the
-    tests that made them; any still there at the end of the session is deleted here and
-    fails the session."""
+    """Test hosts (tests/netns.py: network namespaces named NS_PREFIX*) are deleted by
+    the tests that made them; any of this session's still there at the end is deleted
+    here and fails the session."""
     def leftover_namespaces() -> list[str]:   # (tests/netns.py's; this file is also
         try:                                  # copied alone into pytester sessions)
-            return sorted(n for n in os.listdir("/run/netns") if n.startswith("spx-"))
+            return sorted(n for n in os.listdir("/run/netns") if n.startswith(NS_PREFIX))
         except FileNotFoundError:
             return []
     before = set(leftover_namespaces())

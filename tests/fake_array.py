@@ -68,7 +68,7 @@ class FakeArray:
         self.pool_id = uuid.uuid4().hex   # 32 hex digits, like the pool's
         self.capabilities = capabilities or Capabilities(
             plex=True, promote=True, split=True, revert=True, reflink=False,
-            changed_blocks=False, max_snapshots_per_volume=512)
+            changed_blocks=True, max_snapshots_per_volume=512)
         self.generation = 0
         self.last_io = 0.0
         self._lock = threading.RLock()
@@ -372,6 +372,40 @@ class FakeArray:
                 runs[-1] = (runs[-1][0], hi - runs[-1][0])
             else:
                 runs.append((lo, hi - lo))
+        return runs
+
+    @_locked
+    def changed_extents(self, from_id: str, to_id: str | None = None
+                        ) -> list[tuple[int, int]]:
+        """The chunks whose content differs (a valid answer: every one of them was
+        touched, and the interface allows a superset only of those touched). Snapshot
+        order is creation order (file_id); the same refusals as the pool's."""
+        if not self.capabilities.changed_blocks:
+            raise bse.Unsupported("this array keeps no changed-block maps")
+        a, old = self._committed(from_id)
+        if a.kind != DIFFERENTIAL:
+            raise bse.Unsupported(f"snapshot {a.id} is a full copy: no changes recorded")
+        if to_id is None:
+            new = self._vol(a.volume)[1]
+        else:
+            b, new = self._committed(to_id)
+            if b.volume != a.volume:
+                raise bse.InvalidState(f"snapshots {a.id} and {b.id} are of different "
+                                       "volumes")
+            if b.kind == PLEX:
+                raise bse.Unsupported(f"snapshot {b.id} is a plex: not on the change record")
+            if b.file_id < a.file_id:
+                raise bse.InvalidState(f"snapshot {b.id} is older than {a.id}")
+        cs = self.chunk_size
+        changed = sorted(c for c in set(old.data) | set(new.data)
+                         if c * cs < new.size and old.data.get(c) != new.data.get(c))
+        runs: list[tuple[int, int]] = []
+        for c in changed:
+            hi = min((c + 1) * cs, new.size)
+            if runs and runs[-1][0] + runs[-1][1] == c * cs:
+                runs[-1] = (runs[-1][0], hi - runs[-1][0])
+            else:
+                runs.append((c * cs, hi - c * cs))
         return runs
 
     def image_path(self, key: str) -> str | None:

@@ -32,7 +32,8 @@ def hosts(*names: str) -> Iterator[Hosts]:
         if os.environ.get("SHADOWPLEX_REQUIRE_KERNEL") == "1":
             pytest.fail("network namespaces need root, ip (iproute2) and nsenter")
         pytest.skip("network namespaces need root, ip (iproute2) and nsenter")
-    h = Hosts(names)
+    # this session's prefix (conftest.py's NS_PREFIX: its guard deletes only those)
+    h = Hosts(names, prefix=os.environ.get("SHADOWPLEX_TEST_NS_PREFIX", "spx-"))
     try:
         h.setup()
         yield h

@@ -189,7 +189,7 @@ def test_completion_names_every_command() -> None:
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
 @pytest.mark.parametrize(("words", "expected"), [
     (["sn"], ["snapshot"]),
-    (["snapshot", ""], ["create", "list", "show", "delete"]),
+    (["snapshot", ""], ["create", "list", "show", "diff", "delete"]),
     (["--socket", "/x", "snapshot", "create", "v", "--con"], ["--context"]),
     (["snapshot", "create", "--context", ""],
      ["backup", "file-share-backup", "nas-rollback", "app-rollback"]),

@@ -45,13 +45,13 @@ def _wait_for(pred, what: str, timeout: float = 15.0) -> None:  # type: ignore[n
         time.sleep(0.1)
 
 
-def start_host(t: Net, host: str, base: Path) -> Daemon:
+def start_host(t: Net, host: str, base: Path, extra: list[str] | None = None) -> Daemon:
     mnt, state, sock = base / f"mnt-{host}", base / f"state-{host}", base / f"{host}.sock"
     mnt.mkdir(exist_ok=True)
     array = f"{t.net.addr['array']}:{t.control_port}"
     return launch(["serve", "--array", array, "--tls-dir", str(t.clients[host]),
                    "--mount", str(mnt), "--state-dir", str(state), "--socket", str(sock),
-                   "--hooks-dir", ""],
+                   "--hooks-dir", "", *(extra or [])],
                   module="tools.cli", pool=str(state), mount=str(mnt), socket=str(sock),
                   log=str(base / f"{host}.log"), netns=t.net.ns[host])
 
@@ -189,3 +189,83 @@ def test_one_set_in_creation_per_array_across_hosts(host_b: Host) -> None:
                     raise
         time.sleep(0.2)
     assert t.d.json("snapshot", "list") == []
+
+
+def test_restarting_a_host_daemon_loses_nothing(host_b: Host, tmp_path: Path) -> None:
+    h, t = host_b, host_b.net
+    res = h.d.json("snapshot", "create", "db")
+    set_id, sid = res["set_id"], res["snapshots"][0]["snapshot_id"]
+    assert h.d.stop() == 0
+    d = start_host(t, "hostB", tmp_path)     # same state directory, same mount
+    try:
+        # the array says what the LUN is; the host's catalog still knows its set
+        assert (Path(d.mount) / ".shadow" / f"{sid}.img").exists()
+        assert [s["snapshot_id"] for s in d.json("snapshot", "list")] == [sid]
+        with Client(socket_path=d.socket, client="test") as c:
+            assert [s["set_id"] for s in c.set_list()] == [set_id]
+        d.ok("snapshot", "delete", "--set", set_id)
+        assert t.d.json("snapshot", "list") == []
+    finally:
+        d.stop()
+
+
+def test_a_set_is_one_instant_across_a_host_s_and_the_array_s_writers(host_b: Host) -> None:
+    """db is written through hostB's mount (its data path: NBD), logs through the
+    array's own FUSE mount; one writer writes n to db, then n to logs. A set of both,
+    created by hostB while that runs, must hold db >= logs >= db - 1: the array's
+    barrier held both kinds of writer at one instant."""
+    import mmap
+    import struct
+    import threading
+    h, t = host_b, host_b.net
+    t.d.ok("volume", "present", "logs", "--to", "hostB")
+    _wait_for(lambda: "logs.img" in os.listdir(h.mount / "volumes"), "logs on hostB")
+    paths = (h.image("volumes", "db"),
+             Path(t.d.mount) / "hosts" / "hostB" / "volumes" / "logs.img")
+    fds = [os.open(p, os.O_RDWR | os.O_DIRECT) for p in paths]
+    buf = mmap.mmap(-1, 4096)
+    stop = threading.Event()
+    written = [0]
+
+    def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            buf[:8] = struct.pack("<Q", n)
+            for fd in fds:
+                os.pwrite(fd, buf, 0)
+            written[0] = n
+
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        sets = []
+        for _ in range(4):
+            time.sleep(0.2)
+            res = h.d.json("snapshot", "create", "db", "logs")
+            sets.append({s["volume"]: s["snapshot_id"] for s in res["snapshots"]})
+    finally:
+        stop.set()
+        th.join(30)
+        for fd in fds:
+            os.close(fd)
+    assert written[0] > 10
+    for snaps in sets:
+        got = {}
+        for vol, sid in snaps.items():
+            with open(h.mount / ".shadow" / f"{sid}.img", "rb") as f:
+                got[vol] = struct.unpack("<Q", f.read(8))[0]
+        assert got["db"] - 1 <= got["logs"] <= got["db"], (got, written[0])
+
+
+def test_snapshot_diff_on_a_host_is_the_array_s(host_b: Host) -> None:
+    h = host_b
+    sid = h.d.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
+    fd = os.open(h.image("volumes", "db"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"x" * 4096, 5 * MiB + 100)     # one chunk (64 KiB) touched
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    res = h.d.json("snapshot", "diff", sid)
+    assert res == [{"offset": 5 * MiB, "length": 64 * 1024}], res

@@ -31,6 +31,7 @@ from . import connection
 from .connection import EXIT_INTERRUPTED, Interrupted, socket_path
 from .output import (
     DF_COLUMNS,
+    DIFF_COLUMNS,
     PROG,
     SNAPSHOT_COLUMNS,
     VOLUME_COLUMNS,
@@ -76,6 +77,21 @@ def _snap_table(rows: list[dict[str, Any]]) -> None:
         print_table(rows, SNAPSHOT_COLUMNS)
     else:
         print("no snapshots")
+
+
+def _diff_table(res: dict[str, Any], extents: list[dict[str, int]]) -> None:
+    """`snapshot diff`: one row per extent (its exact offset, then human sizes), and a
+    totals line; a size change is said (past FROM's end, what is not listed is zeros)."""
+    if extents:
+        print_table([{"offset": e["offset"], "at": human_size(e["offset"]),
+                      "length": human_size(e["length"])} for e in extents],
+                    DIFF_COLUMNS)
+    else:
+        print("no changes")
+    size, was = res["size"], res["from_size"]
+    grown = "" if size == was else f"; size {human_size(was)} at FROM"
+    print(f"{len(extents)} extents, {human_size(res['changed_bytes'])} changed of "
+          f"{human_size(size)} (chunk {res['chunk_size'] // 1024} KiB){grown}")
 
 
 def _deleted_report(res: dict[str, Any]) -> None:
@@ -319,6 +335,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 _emit(args, [snapshot_view(s) for s in res], _snap_table)
             else:
                 _emit(args, snapshot_view(res))
+        elif args.scmd == "diff":
+            res = c.snapshot_diff(args.from_id, args.to_id)
+            extents = [{"offset": o, "length": n} for o, n in res["extents"]]
+            if args.json:
+                print_json(extents)
+            else:
+                _diff_table(res, extents)
         elif args.scmd == "delete":
             res = c.snapshot_delete(snapshot_id=args.id, set_id=args.set, oldest=args.oldest,
                                     all=args.all, unexpose=args.unexpose)
@@ -627,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     ss = add("show", cmd_snapshot, "show one snapshot or a set", ssub)
     ss.add_argument("id", nargs="?", metavar="ID")
     ss.add_argument("--set", metavar="SET_ID")
+    sf = add("diff", cmd_snapshot, "the chunks touched since a differential snapshot "
+             "(changed-block map)", ssub)
+    sf.add_argument("from_id", metavar="FROM", help="a differential snapshot")
+    sf.add_argument("to_id", nargs="?", metavar="TO",
+                    help="a later snapshot of the same volume (default: the live volume)")
     sd = add("delete", cmd_snapshot, "delete snapshots", ssub)
     sd.add_argument("id", nargs="?", metavar="ID")
     sd.add_argument("--set", metavar="SET_ID")

@@ -113,6 +113,7 @@ SNAPSHOT_COLUMNS = [("id", "ID"), ("set_id", "SET"), ("volume", "VOLUME"), ("kin
 VOLUME_COLUMNS = [("name", "NAME"), ("size_h", "SIZE"), ("alloc_h", "ALLOCATED"),
                   ("naa", "NAA"), ("snapshots", "SNAPSHOTS"), ("diff_h", "DIFF AREA"),
                   ("path", "PATH")]
+DIFF_COLUMNS = [("offset", "OFFSET"), ("at", "AT"), ("length", "LENGTH")]
 DF_COLUMNS = [("name", "VOLUME"), ("size_h", "SIZE"), ("alloc_h", "ALLOCATED"),
               ("diff_h", "DIFF AREA"), ("snapshots", "SNAPSHOTS")]
 
