@@ -127,7 +127,8 @@ class RemoteArray:
         os.makedirs(self._state_dir, mode=0o700, exist_ok=True)
         self._client_name = client
         self._lock = threading.Lock()          # the control connection, one call at a time
-        self._control: Client | None = self._connect()
+        self._control = self._connect()
+        self._control_ok = True   # False: it broke; _call opens a new one before using it
         self.host: str = self._control.server.get("host", "")
         info = self._call("array.info")
         self._pool_id = str(info["pool_id"])
@@ -189,8 +190,9 @@ class RemoteArray:
         It fails with VSS_E_REMOTE_SERVER_UNAVAILABLE, so the set it belongs to aborts;
         the array drops this host's set in creation when the host's session ends."""
         with self._lock:
-            if self._control is None:   # lost by an earlier call: reopen, nothing sent yet
+            if not self._control_ok:   # lost by an earlier call: reopen, nothing sent yet
                 self._control = self._reconnect()
+                self._control_ok = True
             try:
                 return self._control.call(op, args or {})
             except ControlError as e:
@@ -201,7 +203,7 @@ class RemoteArray:
                 lost = str(e) or type(e).__name__
             with contextlib.suppress(Exception):
                 self._control.close(wait=0)
-            self._control = None
+            self._control_ok = False
             if op not in QUERIES:
                 log.error("the control connection to the array at %s broke during %s "
                           "(%s); not repeated: it may have been applied", self.array, op,
@@ -212,13 +214,14 @@ class RemoteArray:
                                "(the array drops this host's set in creation when its "
                                "session ends)")
             self._control = self._reconnect()
+            self._control_ok = True
             try:
                 return self._control.call(op, args or {})
             except ControlError as e:
                 if e.name in _LOST:
                     with contextlib.suppress(Exception):
                         self._control.close(wait=0)
-                    self._control = None
+                    self._control_ok = False
                 raise _store_error(e) from None
 
     def _reconnect(self) -> Client:
@@ -271,9 +274,8 @@ class RemoteArray:
         for c in conns:
             with contextlib.suppress(Exception):
                 c.client.close()
-        if self._control is not None:
-            with contextlib.suppress(Exception):
-                self._control.close(wait=0)
+        with contextlib.suppress(Exception):
+            self._control.close(wait=0)
 
     # ------------------------------------------------------------------ identity
     @property

@@ -498,7 +498,8 @@ def _remote_with(first_lost: bool) -> tuple[object, list[str], list[int]]:
         connects[0] += 1
         return _FakeControl(sent, lost=False)
     ra.array, ra._lock = "array.test", threading.Lock()   # type: ignore[attr-defined]
-    ra._control = _FakeControl(sent, lost=first_lost)     # type: ignore[attr-defined]
+    ra._control = _FakeControl(sent, lost=first_lost)     # type: ignore[assignment]
+    ra._control_ok = True                                 # type: ignore[attr-defined]
     ra._connect = connect                                 # type: ignore[method-assign]
     return ra, sent, connects
 
