@@ -2,7 +2,9 @@
 NO_ZEROES, STARTTLS when a TLS context is given (a server that does not agree ends the
 attempt: never on in plain text, proto.md's advice against downgrades),
 STRUCTURED_REPLY, SET_META_CONTEXT base:allocation, GO asking for NBD_INFO_BLOCK_SIZE
-(whose constraints the client then keeps: proto.md says a client that asks MUST), and
+(whose constraints the client then keeps: proto.md says a client that asks MUST) and
+NBD_INFO_DESCRIPTION (kept in ExportInfo.description; host mode reads the LUN's naa
+there), and
 EXPORT_NAME for a server without GO. Every receive is within one deadline; every reply
 length is bounded before it is read. Also the client's exceptions and ExportInfo.
 """
@@ -58,6 +60,8 @@ class ExportInfo:
     structured: bool
     status_context: int | None  # the id of base:allocation, if the server agreed
     tls: bool
+    description: str = ""       # NBD_INFO_DESCRIPTION, if the server sent one (ours names
+                                # the LUN's naa: host mode checks a connection's identity)
 
 
 class ExportProperties:
@@ -175,9 +179,10 @@ class _Handshake:
                 raise HandshakeError(f"{self.where}: TLS handshake failed: {e}") from e
         structured = self._structured()
         context = self._meta_context(export) if structured and block_status else None
-        size, flags, blocks = self._go(export, no_zeroes)
+        size, flags, blocks, description = self._go(export, no_zeroes)
         return ExportInfo(export, size, flags, blocks[0], blocks[1],
-                          min(blocks[2], MAX_PAYLOAD), structured, context, tls is not None)
+                          min(blocks[2], MAX_PAYLOAD), structured, context, tls is not None,
+                          description)
 
     def _structured(self) -> bool:
         self.send(p.option(p.OPT_STRUCTURED_REPLY))
@@ -205,9 +210,12 @@ class _Handshake:
                 return None
         raise NbdProtocolError(f"{self.where}: endless replies to SET_META_CONTEXT")
 
-    def _go(self, export: str, no_zeroes: bool) -> tuple[int, int, tuple[int, int, int]]:
-        self.send(p.option(p.OPT_GO, p.go_data(export, [p.INFO_BLOCK_SIZE])))
+    def _go(self, export: str, no_zeroes: bool
+            ) -> tuple[int, int, tuple[int, int, int], str]:
+        self.send(p.option(p.OPT_GO, p.go_data(export, [p.INFO_BLOCK_SIZE,
+                                                        p.INFO_DESCRIPTION])))
         export_info: tuple[int, int] | None = None
+        description = ""
         blocks = (p.DEFAULT_MIN_BLOCK, p.DEFAULT_PREFERRED_BLOCK, p.DEFAULT_MAX_PAYLOAD)
         for _ in range(MAX_OPTION_REPLIES):
             rtype, data = self.reply(p.OPT_GO)
@@ -215,7 +223,7 @@ class _Handshake:
                 if export_info is None:
                     raise NbdProtocolError(f"{self.where}: GO {export!r} ended without "
                                            "the export's size")
-                return export_info[0], export_info[1], blocks
+                return export_info[0], export_info[1], blocks, description
             if rtype == p.REP_INFO and len(data) >= 2:
                 (kind,) = struct.unpack_from(">H", data)
                 if kind == p.INFO_EXPORT and len(data) == p.INFO_EXPORT_DATA.size:
@@ -223,10 +231,12 @@ class _Handshake:
                     export_info = (size, flags if flags & p.TF_HAS_FLAGS else 0)
                 elif kind == p.INFO_BLOCK_SIZE and len(data) == p.INFO_BLOCK_SIZE_DATA.size:
                     blocks = self._blocks(*p.INFO_BLOCK_SIZE_DATA.unpack(data)[1:])
+                elif kind == p.INFO_DESCRIPTION:   # bounded by MAX_OPTION_REPLY
+                    description = data[2:].decode(errors="replace")
                 elif kind in (p.INFO_EXPORT, p.INFO_BLOCK_SIZE):
                     raise NbdProtocolError(f"{self.where}: INFO {kind} of {len(data)} bytes")
             elif rtype == p.REP_ERR_UNSUP:
-                return self._export_name(export, no_zeroes) + (blocks,)
+                return self._export_name(export, no_zeroes) + (blocks, "")
             elif p.is_error_reply(rtype):
                 raise self.refused(f"cannot open export {export!r}", rtype, data)
             else:

@@ -6,7 +6,8 @@ the TLS control port (its host is its certificate's CN) with the ops below, and 
 path goes over the NBD port. What a host sees is what LUN masking presents to it: the
 same rule as NBD's export list and the FUSE view's MOUNT/hosts/<host>/.
 
-    array.info    the array's identity and geometry: pool_id, chunk_size, capabilities
+    array.info    the array's identity and geometry: pool_id, chunk_size, capabilities,
+                  boot_id (new at every start of the daemon: a host tells a restart by it)
     array.list    the LUNs presented to the host (VolumeInfo / SnapshotInfo records as
                   JSON objects) and ``token``, which changes whenever that listing does
     array.watch   {"after": token, "timeout": s}: returns array.list's answer as soon as
@@ -28,6 +29,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 WATCH_TICK = 0.2       # s between two looks at a watched listing
 WATCH_MAX = 30.0       # s a watch may wait (a host asks again)
 VOLATILE = frozenset({"mtime", "diff_bytes", "sync_done"})
+# this daemon process's identity in array.info: a host that sees it change knows the
+# array restarted, so writes it acknowledged and no FLUSH covered may be gone
+BOOT_ID = uuid.uuid4().hex
 
 
 class ArrayService:
@@ -62,7 +67,7 @@ class ArrayService:
         port, tls = getattr(self.coord.mount, "nbd_endpoint", None) or (None, False)
         return {"pool_id": pool.pool_id, "chunk_size": pool.chunk_size,
                 "capabilities": dataclasses.asdict(pool.capabilities),
-                "service_machine": self.coord.service_machine,
+                "service_machine": self.coord.service_machine, "boot_id": BOOT_ID,
                 # where the data path is: the daemon's NBD port (None: not opened)
                 "nbd_port": port, "nbd_tls": tls,
                 "space_total": total, "space_free": free}

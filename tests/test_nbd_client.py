@@ -108,6 +108,8 @@ def test_round_trips_match_the_pool(array: tuple[Array, str]) -> None:
         assert c.can_flush and c.can_fua and c.can_trim and c.can_write_zeroes
         assert c.can_multi_conn and c.can_block_status and c.info.structured
         assert c.info.min_block == 1 and c.info.max_payload == 32 * MiB
+        # GO asked for the description: it names the LUN (host mode checks it)
+        assert f"(naa {pool.volume('db').naa})" in c.info.description
         assert c.pread(MiB - 5, 2 * MiB + 10) == pool.read("db", MiB - 5, 2 * MiB + 10)
         assert c.pread(0, 0) == b""
         # above the 32 MiB maximum: split in two requests, one answer
