@@ -183,8 +183,11 @@ class RemoteArray:
         return parse_listen(self.array, CONTROL_PORT)[0]
 
     def _call(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        """One control request. A connection found lost (the array restarted, the
-        network dropped it) is reopened; a query (QUERIES) is then asked again, once --
+        return self._request(op, lambda c: c.call(op, args or {}), op in QUERIES)
+
+    def _request(self, op: str, send: Callable[[Client], Any], query: bool) -> Any:
+        """One control request, ``send(client)``. A connection found lost (the array restarted, the
+        network dropped it) is reopened; a query (``query``) is then asked again, once --
         any other op is not: it may have been applied before the connection broke, and
         asking again could apply it twice (a second prepare, a commit after an abort).
         It fails with VSS_E_REMOTE_SERVER_UNAVAILABLE, so the set it belongs to aborts;
@@ -194,7 +197,7 @@ class RemoteArray:
                 self._control = self._reconnect()
                 self._control_ok = True
             try:
-                return self._control.call(op, args or {})
+                return send(self._control)
             except ControlError as e:
                 if e.name not in _LOST:
                     raise _store_error(e) from None
@@ -204,7 +207,7 @@ class RemoteArray:
             with contextlib.suppress(Exception):
                 self._control.close(wait=0)
             self._control_ok = False
-            if op not in QUERIES:
+            if not query:
                 log.error("the control connection to the array at %s broke during %s "
                           "(%s); not repeated: it may have been applied", self.array, op,
                           lost)
@@ -216,7 +219,7 @@ class RemoteArray:
             self._control = self._reconnect()
             self._control_ok = True
             try:
-                return self._control.call(op, args or {})
+                return send(self._control)
             except ControlError as e:
                 if e.name in _LOST:
                     with contextlib.suppress(Exception):
@@ -648,11 +651,8 @@ class RemoteArray:
                         ) -> list[tuple[int, int]]:
         """The array's own snapshot.diff (its access rules: this host must see both
         LUNs), every page of it."""
-        with self._lock:
-            try:
-                res = self._control.snapshot_diff(from_id, to_id)
-            except ControlError as e:
-                raise _store_error(e) from None
+        res = self._request("snapshot.diff", lambda c: c.snapshot_diff(from_id, to_id),
+                            query=True)
         return [(int(o), int(n)) for o, n in res["extents"]]
 
     def revert(self, volume: str, snap_id: str, progress: Any = None) -> None:
@@ -662,11 +662,7 @@ class RemoteArray:
         writers; once begun it completes (the array rolls a revert forward)."""
         report = None if progress is None else (lambda done, total, _what: progress(
             done, total))
-        with self._lock:
-            try:
-                self._control.revert(snap_id, progress=report)
-            except ControlError as e:
-                raise _store_error(e) from None
+        self._request("revert", lambda c: c.revert(snap_id, progress=report), query=False)
         self.refresh()
 
     # ------------------------------------------------------------------ not yet
