@@ -289,3 +289,24 @@ def test_a_host_reverts_its_volume_to_its_snapshot(host_b: Host) -> None:
         assert f.read(MiB) == before
     with open(Path(t.d.mount) / "hosts" / "hostB" / "volumes" / "db.img", "rb") as f:
         assert f.read(MiB) == before
+
+
+def test_a_diskshadow_script_runs_unchanged_on_a_host_daemon(host_b: Host,
+                                                            tmp_path: Path) -> None:
+    h, t = host_b, host_b.net
+    script = tmp_path / "backup.dsh"
+    script.write_text("set context persistent\n"
+                      "begin backup\n"
+                      "add volume db alias DB\n"
+                      "create\n"
+                      "expose %DB% nightly\n"
+                      "list shadows set %VSS_SHADOW_SET%\n"
+                      "end backup\n"
+                      "exit\n")
+    res = h.d.run("script", str(script))
+    assert res.returncode == 0, res.stderr
+    snaps = t.d.json("snapshot", "list")
+    assert len(snaps) == 1 and snaps[0]["exposed_name"] == "nightly", snaps
+    _wait_for((h.mount / "exposed" / "nightly.img").exists, "exposed/nightly on hostB")
+    h.d.ok("snapshot", "delete", snaps[0]["snapshot_id"], "--unexpose")
+    assert t.d.json("snapshot", "list") == []
