@@ -186,14 +186,15 @@ class Qcow2Target:
                     err = self.proc.stderr.read().decode(errors="replace") \
                         if self.proc.stderr else ""
                     raise OSError(f"qemu-nbd {path}: {err.strip() or 'exited'}")
-                if os.path.exists(sock):
+                if os.path.exists(sock):   # bound: listening a moment later
                     try:
                         self.nbd = NbdClient.connect_unix(sock, "backup", timeout=10,
                                                           block_status=False)
                         break
-                    except ConnectionRefusedError:
-                        pass
-                if time.monotonic() > deadline:
+                    except ConnectionError as e:
+                        if time.monotonic() > deadline:
+                            raise OSError(f"qemu-nbd {path}: {e}") from None
+                elif time.monotonic() > deadline:
                     raise OSError(f"qemu-nbd {path}: no socket in {QEMU_NBD_WAIT} s")
                 time.sleep(0.02)
         except BaseException:
