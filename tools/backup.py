@@ -172,6 +172,7 @@ class Qcow2Target:
                              check=False)
         if res.returncode:
             raise OSError(f"qemu-img create: {res.stderr.strip()}")
+        os.chmod(path, 0o600)   # a volume's data: as the raw image, not the umask's
         self.dir = tempfile.mkdtemp(prefix="shadowplex-backup-")
         sock = os.path.join(self.dir, "nbd.sock")
         self.proc = subprocess.Popen(
