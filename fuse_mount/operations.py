@@ -148,6 +148,7 @@ class ShadowOperations(pyfuse3.Operations):
         self.mounted = False                    # set by init() once the kernel connects
         # (port, TLS?) of the daemon's NBD port once open, for host daemons (array.info)
         self.nbd_endpoint: tuple[int, bool] | None = None
+        self.nbd_address: str | None = None   # the NBD port's first listening address
         # called after queuing kernel notifications: the session loop stops polling a
         # moment so that pyfuse3's notification thread gets the GIL (see session.py)
         self.notifying: Callable[[], None] = lambda: None

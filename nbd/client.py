@@ -146,10 +146,39 @@ class NbdClient(ExportProperties):
             raise
         except OSError as e:
             raise ConnectionError(f"{where}: {e.strerror or e}") from e
+        # requests are small and each waits for its reply: never let Nagle hold one
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls._open(sock, where, deadline, host, export, tls, timeout, io_timeout,
+                         server_hostname, block_status)
+
+    @classmethod
+    def connect_unix(cls, path: str, export: str, *, timeout: float,
+                     io_timeout: float | None = 120.0, block_status: bool = True
+                     ) -> NbdClient:
+        """The same over a Unix socket, plain text (qemu-nbd -k PATH, nbdkit -U PATH):
+        `shadowplex backup` writes its qcow2 images through qemu-nbd this way."""
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except TimeoutError as e:
+            sock.close()
+            raise NbdTimeout(f"{path}: no connection in {timeout} s") from e
+        except OSError as e:
+            sock.close()
+            raise ConnectionError(f"{path}: {e.strerror or e}") from e
+        return cls._open(sock, path, deadline, "localhost", export, None, timeout,
+                         io_timeout, None, block_status)
+
+    @classmethod
+    def _open(cls, sock: socket.socket, where: str, deadline: float, host: str,
+              export: str, tls: ssl.SSLContext | None, timeout: float,
+              io_timeout: float | None, server_hostname: str | None, block_status: bool
+              ) -> NbdClient:
         h = _Handshake(sock, where, deadline)
         try:
-            # requests are small and each waits for its reply: never let Nagle hold one
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info = h.run(host, export, tls, server_hostname, block_status)
             return cls(h.sock, info, where, io_timeout)
         except BaseException as e:

@@ -29,9 +29,13 @@ VOLUMES, EXPOSED, SHADOW = "volumes/", "exposed/", ".shadow/"
 
 class NbdStore(LunStore, Protocol):
     """The array as the NBD server uses it: the mount's LunStore plus the allocation
-    map (BLOCK_STATUS base:allocation). blockstore.Pool implements it."""
+    map (BLOCK_STATUS base:allocation) and the changed-block map (qemu:dirty-bitmap,
+    issue 17). blockstore.Pool implements it."""
 
     def allocation(self, key: str, offset: int, length: int) -> list[tuple[int, int]]: ...
+
+    def changed_extents(self, from_id: str, to_id: str | None = None
+                        ) -> list[tuple[int, int]]: ...
 
 
 @dataclass(frozen=True)

@@ -29,21 +29,24 @@ protocol has one); the handshake has a time limit (HANDSHAKE_TIMEOUT).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
+from blockstore.errors import StoreError
+from blockstore.model import COMMITTED, DIFFERENTIAL
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.errors import errno_for
 from fuse_mount.presentation import Presentation
 
 from . import protocol as p
-from .exports import Export, NbdStore, exports_for
+from .exports import SHADOW, Export, NbdStore, exports_for
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,10 @@ MAX_ZERO_PIECE = 32 << 20     # TRIM / WRITE_ZEROES are done in pieces of this m
 _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
           p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
           p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE, p.CMD_DISC: 0}
-CONTEXT_ID = 1                # our one metadata context: base:allocation
+CONTEXT_ID = 1                # base:allocation's id; dirty bitmaps get 2, 3, ...
+MAX_CONTEXTS = 16             # contexts one SET_META_CONTEXT may select (more: TOO_BIG)
+DIRTY_BITMAP = "qemu:dirty-bitmap:"   # + a snapshot id: the chunks changed since it
+STATE_DIRTY = 1               # qemu:dirty-bitmap's one flag (QEMU's docs/interop/nbd.txt)
 
 
 
@@ -75,8 +81,11 @@ class Served:
 
     export: Export
     size: int
-    base_allocation: bool
+    contexts: tuple[tuple[int, str], ...] = ()   # (id, name) SET_META_CONTEXT selected
     seen: tuple[int, int] = (0, 0)   # (store generation, masking changes)
+    # a snapshot export's changed extents since each FROM, computed once (both ends are
+    # frozen); a volume's are asked for at every BLOCK_STATUS (it changes meanwhile)
+    dirty: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 class _Conn:
@@ -89,7 +98,8 @@ class _Conn:
         self.host: str | None = None
         self.tls = False
         self.structured = False
-        self.meta: tuple[str, bool] | None = None   # (export name, base:allocation set)
+        # (export name, the contexts selected for it: (id, name)) by SET_META_CONTEXT
+        self.meta: tuple[str, tuple[tuple[int, str], ...]] | None = None
 
     async def recv_exactly(self, n: int) -> bytes:
         buf = self.buf
@@ -293,24 +303,74 @@ class NbdServer:
         return None
 
     async def _meta_context(self, c: _Conn, opt: int, data: bytes) -> None:
+        """base:allocation, and qemu:dirty-bitmap:<FROM-id> (QEMU's namespace: FROM's
+        changed-block map, docs/network.md). LIST answers the contexts a query names or
+        (a namespace, "base:", "qemu:", "qemu:dirty-bitmap:", or no query) every one
+        there; SET selects those named exactly. A name that is not available -- unknown,
+        malformed, another volume's snapshot, one this host does not see, a newer one --
+        is simply not selected (proto.md), and BLOCK_STATUS is refused without any."""
         name, rest = p.parse_names(data)
         queries = p.parse_meta_queries(rest)
         if opt == p.OPT_SET_META_CONTEXT and not c.structured:
             await self._reply(c, opt, p.REP_ERR_INVALID,
                               "SET_META_CONTEXT needs structured replies")
             return
-        if self._lookup(c, name) is None:
+        e = self._lookup(c, name)
+        if e is None:
             await self._reply(c, opt, p.REP_ERR_UNKNOWN, f"no export {name!r}")
             return
-        want = (not queries and opt == p.OPT_LIST_META_CONTEXT) or any(
-            q == p.BASE_ALLOCATION or (opt == p.OPT_LIST_META_CONTEXT and q == "base:")
-            for q in queries)
-        if want:
-            await self._reply(c, opt, p.REP_META_CONTEXT, struct.pack(">I", CONTEXT_ID)
-                              + p.BASE_ALLOCATION.encode())
-        if opt == p.OPT_SET_META_CONTEXT:
-            c.meta = (name, want)
+        bitmaps = self._bitmaps(c, e)
+        listing = opt == p.OPT_LIST_META_CONTEXT
+        chosen: list[str] = []
+        for q in queries if queries or not listing else ["base:", "qemu:"]:
+            if q == p.BASE_ALLOCATION or (listing and q == "base:"):
+                found = [p.BASE_ALLOCATION]
+            elif listing and q in ("qemu:", DIRTY_BITMAP):
+                found = bitmaps
+            elif q.startswith(DIRTY_BITMAP) and q in bitmaps:
+                found = [q]
+            else:
+                found = []
+            chosen += [n for n in found if n not in chosen]
+        if not listing and len(chosen) > MAX_CONTEXTS:
+            await self._reply(c, opt, p.REP_ERR_TOO_BIG, f"{len(chosen)} metadata "
+                              f"contexts asked for; at most {MAX_CONTEXTS} at a time")
+            return
+        selected: list[tuple[int, str]] = []
+        next_id = CONTEXT_ID + 1
+        for n in chosen:
+            if n == p.BASE_ALLOCATION:
+                cid = CONTEXT_ID
+            elif listing:
+                cid = 0   # proto.md: a LIST's context id is irrelevant
+            else:
+                cid, next_id = next_id, next_id + 1
+            selected.append((cid, n))
+            await self._reply(c, opt, p.REP_META_CONTEXT, struct.pack(">I", cid)
+                              + n.encode())
+        if not listing:
+            c.meta = (name, tuple(selected))
         await self._reply(c, opt, p.REP_ACK)
+
+    def _bitmaps(self, c: _Conn, e: Export) -> list[str]:
+        """The qemu:dirty-bitmap contexts of export `e` for this connection's host: one
+        per committed differential snapshot FROM of the same volume that the host sees,
+        older than the export's snapshot (for a volume: every one). What they report is
+        Pool.changed_extents(FROM, the export's snapshot or None)."""
+        assert c.host is not None
+        snaps = self.store.list_snapshots()
+        if e.snapshot:
+            to = next((s for s in snaps if s.id == e.key), None)
+            if to is None or to.epoch is None or to.state != COMMITTED:
+                return []   # a plex (no epoch) or an invalid one: no change record
+            volume, before = to.volume, to.epoch
+        else:
+            volume, before = e.key, None
+        seen = exports_for(self.store, self.presentation, c.host)
+        return [DIRTY_BITMAP + s.id for s in snaps
+                if s.volume == volume and s.kind == DIFFERENTIAL and s.state == COMMITTED
+                and s.epoch is not None and (before is None or s.epoch < before)
+                and SHADOW + s.id in seen]
 
     def _flags(self, e: Export) -> int:
         flags = p.TF_HAS_FLAGS | p.TF_SEND_FLUSH | p.TF_SEND_FUA | p.TF_SEND_DF
@@ -349,8 +409,8 @@ class NbdServer:
         await self._reply(c, opt, p.REP_ACK)
         if opt == p.OPT_INFO:
             return None
-        base = c.meta is not None and c.meta[0] == name and c.meta[1]
-        return Served(e, size, bool(base), self._state())
+        contexts = c.meta[1] if c.meta is not None and c.meta[0] == name else ()
+        return Served(e, size, contexts, self._state())
 
     async def _export_name(self, c: _Conn, data: bytes, no_zeroes: bool) -> Served:
         try:
@@ -363,7 +423,7 @@ class NbdServer:
         size = int(self.store.lun_size(e.key))
         await c.send(struct.pack(">QH", size, self._flags(e))
                      + (b"" if no_zeroes else bytes(124)))
-        return Served(e, size, False, self._state())
+        return Served(e, size, (), self._state())
 
     # -- transmission -------------------------------------------------------------------
     async def _transmission(self, c: _Conn, s: Served) -> None:
@@ -496,11 +556,30 @@ class NbdServer:
 
     async def _block_status(self, c: _Conn, s: Served, flags: int, cookie: int,
                             offset: int, length: int) -> None:
-        if not (c.structured and s.base_allocation):
-            raise _Refused(p.EINVAL, "BLOCK_STATUS needs the base:allocation context")
+        """One BLOCK_STATUS chunk per selected context (proto.md), the last one DONE."""
+        if not (c.structured and s.contexts):
+            raise _Refused(p.EINVAL, "BLOCK_STATUS needs a metadata context (SET_META_"
+                                     "CONTEXT base:allocation or qemu:dirty-bitmap:ID)")
         if length == 0:
             raise _Refused(p.EINVAL, "BLOCK_STATUS of 0 bytes")
         end = min(offset + length, offset + MAX_STATUS_RANGE, s.size)
+        chunks = []
+        for cid, name in s.contexts:
+            if name == p.BASE_ALLOCATION:
+                extents = self._allocation(s, offset, end)
+            else:
+                extents = self._dirty(s, name[len(DIRTY_BITMAP):], offset, end)
+            if flags & p.CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            chunks.append(struct.pack(">I", cid) + b"".join(
+                struct.pack(">II", n, f) for n, f in extents))
+        await c.send(b"".join(
+            p.structured_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(body),
+                                i == len(chunks) - 1) + body
+            for i, body in enumerate(chunks)))
+
+    def _allocation(self, s: Served, offset: int, end: int) -> list[tuple[int, int]]:
+        """base:allocation descriptors (length, flags) covering [offset, end)."""
         runs = self.store.allocation(s.export.key, offset, end - offset)
         extents: list[tuple[int, int]] = []   # (length, flags)
         pos = offset
@@ -511,12 +590,37 @@ class NbdServer:
             pos = o + n
         if pos < end:
             extents.append((end - pos, p.STATE_HOLE | p.STATE_ZERO))
-        if flags & p.CMD_FLAG_REQ_ONE:
-            extents = extents[:1]
-        body = struct.pack(">I", CONTEXT_ID) + b"".join(
-            struct.pack(">II", n, f) for n, f in extents)
-        await c.send(p.structured_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(body),
-                                         True) + body)
+        return extents
+
+    def _dirty(self, s: Served, from_id: str, offset: int, end: int
+               ) -> list[tuple[int, int]]:
+        """qemu:dirty-bitmap descriptors covering [offset, end): STATE_DIRTY where a chunk
+        changed since FROM (up to the export's snapshot, or now for a volume)."""
+        runs = s.dirty.get(from_id)
+        if runs is None:
+            try:
+                runs = self.store.changed_extents(from_id, s.export.key
+                                                  if s.export.snapshot else None)
+            except StoreError as e:   # FROM deleted (or invalidated) since the SET
+                raise _Refused(p.EINVAL, f"{DIRTY_BITMAP}{from_id}: {e}") from None
+            if s.export.snapshot:
+                s.dirty[from_id] = runs
+        i = max(0, bisect.bisect_right(runs, (offset,)) - 1)
+        extents: list[tuple[int, int]] = []
+        pos = offset
+        for o, n in runs[i:]:
+            if o >= end:
+                break
+            if o + n <= pos:
+                continue
+            if o > pos:
+                extents.append((o - pos, 0))
+            stop = min(o + n, end)
+            extents.append((stop - max(o, pos), STATE_DIRTY))
+            pos = stop
+        if pos < end:
+            extents.append((end - pos, 0))
+        return extents
 
 
 class _Refused(Exception):

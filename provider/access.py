@@ -41,7 +41,7 @@ SET_OPS = frozenset({"snapshot.delete", "snapshot.show", "snapshot.list", "expor
 LISTINGS = frozenset({"volume.list", "snapshot.list", "set.list"})
 REMOTE_STATUS = frozenset({"pool_id", "chunk_size", "capabilities", "preserve",
                            "service_machine", "provider_id", "space_total", "space_free",
-                           "space_available"})
+                           "space_available", "nbd_port", "nbd_tls"})
 
 
 class Access:

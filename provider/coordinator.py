@@ -721,6 +721,7 @@ class Coordinator:
         total, free = self.pool.statfs()
         snaps = self.pool.list_snapshots()
         c = self._creating
+        nbd = getattr(self.mount, "nbd_endpoint", None)
         return {
             "pool": self.pool.path, "pool_id": self.pool.pool_id,
             "mount": self.mountpoint, "chunk_size": self.pool.chunk_size,
@@ -740,4 +741,7 @@ class Coordinator:
             "writers": [n for w in self.writers for n in names(w)],
             "service_machine": self.service_machine,
             "provider_id": vss.PROVIDER_ID,
+            # the data path for `shadowplex backup` (None: no NBD port open)
+            "nbd_port": nbd[0] if nbd else None, "nbd_tls": bool(nbd and nbd[1]),
+            "nbd_address": getattr(self.mount, "nbd_address", None) if nbd else None,
         }

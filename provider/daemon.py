@@ -294,6 +294,7 @@ async def _serve_async(
                 # host daemons ask the array where its data path is (array.info)
                 ops.nbd_endpoint = (listeners[0].socket.getsockname()[1],
                                     nbd.tls_dir is not None)
+                ops.nbd_address = listeners[0].socket.getsockname()[0]
                 log.info("NBD port open on %s (%s)", ", ".join(
                     "{}:{}".format(*ln.socket.getsockname()[:2]) for ln in listeners),
                     "plain text, loopback" if nbd.tls_dir is None else "TLS required")

@@ -210,3 +210,37 @@ def test_flush_is_durable_across_kill_9(tmp_path: Path, sockdir: str) -> None:
         assert pool.check() == []
     finally:
         pool.close()
+
+
+def test_dirty_bitmap_map_is_snapshot_diff(array: tuple[Daemon, str]) -> None:
+    """nbdinfo --map=qemu:dirty-bitmap:FROM on .shadow/TO (and on the live volume, and
+    an exposed TO) reads what `snapshot diff FROM [TO] --json` prints (docs/network.md)."""
+    d, uri = array
+
+    def dirty(name: str, from_id: str) -> list[dict[str, int]]:
+        out = json.loads(run("nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{from_id}",
+                             f"{uri}/{name}").stdout)
+        merged: list[dict[str, int]] = []
+        for e in out:
+            if e["type"] & 1 and merged and merged[-1]["offset"] + merged[-1]["length"] \
+                    == e["offset"]:
+                merged[-1]["length"] += e["length"]
+            elif e["type"] & 1:
+                merged.append({"offset": e["offset"], "length": e["length"]})
+        return merged
+
+    a = _snapshot(d, "db")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x21 3M 100k", "-c", "write -P 0x22 9M 1",
+        f"{uri}/volumes/db")
+    b = _snapshot(d, "db")
+    with open(d.image("db"), "r+b") as f:   # through the mount
+        f.seek(20 * MiB)
+        f.write(b"y" * 5000)
+    d.ok("expose", b, "--name", "tuesday")
+    ab = d.json("snapshot", "diff", a, b)
+    assert ab and dirty(f".shadow/{b}", a) == ab == dirty("exposed/tuesday", a)
+    assert dirty("volumes/db", a) == d.json("snapshot", "diff", a)
+    assert dirty("volumes/db", b) == d.json("snapshot", "diff", b) == [
+        {"offset": 20 * MiB, "length": 64 << 10}]
+    res = run("nbdinfo", f"--map=qemu:dirty-bitmap:{b}", f"{uri}/.shadow/{a}", ok=False)
+    assert res.returncode != 0 and "does not support metadata context" in res.stderr

@@ -349,6 +349,17 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """A full or incremental image of a snapshot (tools/backup.py, docs/backup.md)."""
+    from . import backup
+    with connection.client(args) as c:
+        try:
+            return backup.main(args, c)
+        except backup.Refused as e:
+            print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
+            return EXIT_FAILED
+
+
 def cmd_expose(args: argparse.Namespace) -> int:
     with connection.client(args) as c:
         _emit(args, snapshot_view(c.expose(args.snapshot, name=args.name, mount=args.mount)))
@@ -662,6 +673,19 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--all", action="store_true")
     sd.add_argument("--unexpose", action="store_true", help="unmount/unexpose first")
 
+    bk = add("backup", cmd_backup, "a full or incremental (--from) qcow2/raw image of a "
+             "snapshot, read over the NBD port")
+    bk.add_argument("snapshot", metavar="SNAPSHOT")
+    bk.add_argument("--to", metavar="FILE", required=True, help="the image to write")
+    bk.add_argument("--from", dest="base", metavar="BASE",
+                    help="incremental: only the chunks changed since snapshot BASE, over "
+                         "its backup (qcow2: as its backing file)")
+    bk.add_argument("--base-file", metavar="PREV",
+                    help="the backup of BASE (default: the newest one in FILE's directory, "
+                         "by its manifest FILE.backup.json)")
+    bk.add_argument("--format", choices=("qcow2", "raw"), default=None,
+                    help="default qcow2 (raw for a FILE ending in .raw or .img)")
+    bk.add_argument("--force", action="store_true", help="replace FILE if it exists")
     e = add("expose", cmd_expose, "make a snapshot visible (exposed/NAME.img, or mounted)")
     e.add_argument("snapshot", metavar="SNAPSHOT")
     e.add_argument("--name", metavar="NAME")

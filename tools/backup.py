@@ -1,0 +1,475 @@
+"""`shadowplex backup SNAPSHOT --to FILE [--from BASE] [--format qcow2|raw]`: a full or
+incremental image of a snapshot (issue 17, docs/backup.md).
+
+Reads come over the array's NBD port (nbd/client.py), not through the mount:
+
+* the port gives the allocation map (base:allocation) with the data, so a full backup
+  reads only allocated chunks -- the FUSE mount has no SEEK_DATA, reading it would read
+  every byte of a sparse volume;
+* it is the same path on the array (plain text on loopback, --nbd-insecure) and on a
+  backup host (`--array HOST --tls-dir DIR`: TLS, the host's certificate, LUN masking:
+  exactly the snapshots the host sees, the access rule snapshot.diff applies too);
+* nothing is left open in the mount (an open handle there would hold the snapshot in use).
+
+The changed extents come from the control API's snapshot.diff (the engine's answer, with
+its one-line refusals: FROM not older, another volume, a plex, ...), the same map the NBD
+port's qemu:dirty-bitmap:<FROM> context reports.
+
+Writing: a qcow2 through qemu-nbd on a Unix socket (qemu writes the format: no qcow2
+writer here); an incremental qcow2's backing file is the previous backup (`qemu-img
+create -b PREV -F qcow2`, relative to the new file's directory when they share one), and
+it receives only the changed extents (a changed extent that now reads as zeros: a
+WRITE_ZEROES, so the backing file's old data does not show through). Raw: a sparse file;
+an incremental raw is a copy of PREV (cp --sparse=always --reflink=auto) with the changed
+extents written over it (zeros punched as holes). Everything goes to FILE.part-PID first
+and is renamed to FILE when complete: an interrupted or failed backup leaves nothing.
+
+Each backup gets a manifest FILE.backup.json (snapshot, volume, size, format, base file
+and base snapshot): an incremental finds its base backup by it (--from BASE: the newest
+backup of BASE in FILE's directory, or --base-file PREV) and checks that PREV is a backup
+of BASE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nbd import protocol as p
+from nbd.client import NbdClient
+
+from .output import ByteProgress, human_size
+
+MANIFEST = ".backup.json"    # FILE + this
+BLOCK = 4 << 20              # bytes per read/write request
+ZEROS = bytes(BLOCK)
+QEMU_NBD_WAIT = 10.0         # s for qemu-nbd to open its socket
+FORMATS = ("qcow2", "raw")
+
+
+class Refused(Exception):
+    """A backup that cannot be made as asked: one line, exit 1, nothing changed."""
+
+
+# ---------------------------------------------------------------------- the manifest
+def manifest_path(path: str) -> str:
+    return path + MANIFEST
+
+
+def read_manifest(path: str) -> dict[str, Any] | None:
+    try:
+        with open(manifest_path(path), encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise Refused(f"{manifest_path(path)}: unreadable manifest: {e}") from None
+    return data if isinstance(data, dict) else None
+
+
+def find_base(directory: str, base_id: str) -> str | None:
+    """The newest backup of snapshot ``base_id`` in ``directory`` (by its manifest)."""
+    best: tuple[float, str] | None = None
+    for m in glob.glob(os.path.join(glob.escape(directory), "*" + MANIFEST)):
+        path = m[:-len(MANIFEST)]
+        try:
+            data = read_manifest(path)
+        except Refused:
+            continue
+        if data and data.get("snapshot_id") == base_id and os.path.exists(path):
+            at = float(data.get("created") or 0)
+            if best is None or at > best[0]:
+                best = (at, path)
+    return best[1] if best else None
+
+
+# ---------------------------------------------------------------------- targets
+class Target(Protocol):
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def zero(self, offset: int, length: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class RawTarget:
+    """A sparse raw file; zero() punches a hole (the range reads as zeros)."""
+
+    def __init__(self, path: str, size: int, prev: str | None) -> None:
+        self.path = path
+        if prev is not None:
+            res = subprocess.run(["cp", "--sparse=always", "--reflink=auto", "--", prev,
+                                  path], capture_output=True, text=True, check=False)
+            if res.returncode:
+                raise OSError(f"cp {prev}: {res.stderr.strip()}")
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, size)   # a grown volume: zeros; a shrunk one: cut
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def zero(self, offset: int, length: int) -> None:
+        _punch_hole(self.fd, offset, length)
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+_libc: Any = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                    ctypes.c_int64]
+    # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, 0x02 | 0x01, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+        pos = offset   # a file system without holes: write the zeros
+        while pos < offset + length:
+            n = min(BLOCK, offset + length - pos)
+            os.pwrite(fd, memoryview(ZEROS)[:n], pos)
+            pos += n
+
+
+class Qcow2Target:
+    """A qcow2 made by qemu-img, written through qemu-nbd on a Unix socket."""
+
+    def __init__(self, path: str, size: int, prev: str | None) -> None:
+        self.path = path
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if prev is not None:
+            cmd += ["-b", _backing_name(prev, path), "-F", "qcow2"]
+        res = subprocess.run([*cmd, path, str(size)], capture_output=True, text=True,
+                             check=False)
+        if res.returncode:
+            raise OSError(f"qemu-img create: {res.stderr.strip()}")
+        os.chmod(path, 0o600)   # a volume's data: as the raw image, not the umask's
+        self.dir = tempfile.mkdtemp(prefix="shadowplex-backup-")
+        sock = os.path.join(self.dir, "nbd.sock")
+        self.proc = subprocess.Popen(
+            ["qemu-nbd", "--format=qcow2", f"--socket={sock}", "--export-name=backup",
+             "--discard=unmap", path],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.nbd: NbdClient | None = None
+        try:
+            deadline = time.monotonic() + QEMU_NBD_WAIT
+            while True:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode(errors="replace") \
+                        if self.proc.stderr else ""
+                    raise OSError(f"qemu-nbd {path}: {err.strip() or 'exited'}")
+                if os.path.exists(sock):   # bound: listening a moment later
+                    try:
+                        self.nbd = NbdClient.connect_unix(sock, "backup", timeout=10,
+                                                          block_status=False)
+                        break
+                    except ConnectionError as e:
+                        if time.monotonic() > deadline:
+                            raise OSError(f"qemu-nbd {path}: {e}") from None
+                elif time.monotonic() > deadline:
+                    raise OSError(f"qemu-nbd {path}: no socket in {QEMU_NBD_WAIT} s")
+                time.sleep(0.02)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert self.nbd is not None
+        self.nbd.pwrite(data, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        assert self.nbd is not None
+        self.nbd.zero(offset, length)
+
+    def finish(self) -> None:
+        assert self.nbd is not None
+        self.nbd.flush()
+        self.nbd.close()
+        self.nbd = None
+        try:
+            code = self.proc.wait(30)   # qemu-nbd ends with its only client
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise OSError("qemu-nbd did not exit after the backup") from None
+        stderr = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if code:
+            raise OSError(f"qemu-nbd exited with {code}: {stderr.strip()}")
+
+    def abort(self) -> None:
+        if self.nbd is not None:
+            with contextlib.suppress(OSError):
+                self.nbd.close()
+            self.nbd = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _backing_name(prev: str, new: str) -> str:
+    """The backing file as the new image records it: relative when both sit in one
+    directory (the chain can be moved as a whole), else absolute."""
+    prev, new = os.path.abspath(prev), os.path.abspath(new)
+    if os.path.dirname(prev) == os.path.dirname(new):
+        return os.path.basename(prev)
+    return prev
+
+
+# ---------------------------------------------------------------------- the copy
+@dataclass
+class Stats:
+    bytes_read: int = 0
+    bytes_written: int = 0      # data written to the target
+    bytes_zeroed: int = 0       # ranges the target was told read as zeros (incremental)
+    extents: int = 0            # extents copied (changed extents, or allocated runs)
+    started: float = field(default_factory=time.monotonic)
+
+
+def copy_extents(src: NbdClient, target: Target, extents: list[tuple[int, int]],
+                 incremental: bool, stats: Stats, progress: ByteProgress) -> None:
+    """Copy each (offset, length) of ``extents`` from src to target: data read and
+    written (all-zero blocks: skipped in a full backup, zeroed in an incremental), holes
+    (base:allocation) not read -- zeroed in an incremental, skipped in a full one."""
+    for off, length in extents:
+        stats.extents += 1
+        for pos, n, flags in src.block_status(off, length):
+            if flags & p.STATE_HOLE:
+                if incremental:
+                    target.zero(pos, n)
+                    stats.bytes_zeroed += n
+                progress.advance(n)
+                continue
+            for at in range(pos, pos + n, BLOCK):
+                k = min(BLOCK, pos + n - at)
+                data = src.pread(at, k)
+                stats.bytes_read += k
+                if data == (ZEROS if k == BLOCK else bytes(k)):
+                    if incremental:
+                        target.zero(at, k)
+                        stats.bytes_zeroed += k
+                else:
+                    target.write(at, data)
+                    stats.bytes_written += k
+                progress.advance(k)
+
+
+def allocated(src: NbdClient) -> list[tuple[int, int]]:
+    """The data extents of the whole export (base:allocation)."""
+    return [(o, n) for o, n, f in src.block_status(0, src.size) if not f & p.STATE_HOLE] \
+        if src.size else []
+
+
+# ---------------------------------------------------------------------- the command
+def _nbd_source(args: argparse.Namespace, status: dict[str, Any], snapshot_id: str
+                ) -> NbdClient:
+    port = status.get("nbd_port")
+    if not port:
+        raise Refused("backup reads over the array's NBD port, and this daemon has none "
+                      "open: start serve with --nbd-listen 127.0.0.1 --nbd-insecure (or, "
+                      "from a backup host, --nbd-listen ADDR --tls-dir DIR and "
+                      "'shadowplex --array HOST --tls-dir DIR backup ...')")
+    export = f".shadow/{snapshot_id}"
+    if getattr(args, "array", None):
+        from nbd.settings import parse_listen
+        from nbd.tls import client_context
+        host = parse_listen(args.array)[0]
+        tls = client_context(args.tls_dir) if status.get("nbd_tls") else None
+        return NbdClient.connect(host, int(port), export, tls=tls, timeout=30)
+    if status.get("nbd_tls"):
+        raise Refused("the daemon's NBD port requires TLS, and the array's own host has "
+                      "no client certificate: back up from a host ('shadowplex --array "
+                      "HOST --tls-dir DIR backup ...') or open a plain-text loopback port "
+                      "(--nbd-insecure)")
+    addr = status.get("nbd_address") or "127.0.0.1"
+    if addr in ("0.0.0.0", "::"):
+        addr = "127.0.0.1" if addr == "0.0.0.0" else "::1"
+    return NbdClient.connect(addr, int(port), export, tls=None, timeout=30)
+
+
+@dataclass
+class Plan:
+    snapshot: dict[str, Any]
+    target: str
+    fmt: str
+    base_id: str | None = None
+    base_file: str | None = None
+    diff: dict[str, Any] | None = None
+
+
+def plan(args: argparse.Namespace, c: Any) -> Plan:
+    """Every check before anything is written (each a one-line Refused)."""
+    target = os.path.abspath(args.to)
+    fmt = args.format or ("raw" if target.endswith((".raw", ".img")) else "qcow2")
+    if os.path.lexists(target) and not args.force:
+        raise Refused(f"{target} exists; choose another file or use --force to replace it")
+    if os.path.isdir(target):
+        raise Refused(f"{target} is a directory")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise Refused(f"{os.path.dirname(target)}: no such directory")
+    snap = c.snapshot_show(snapshot_id=args.snapshot)
+    if isinstance(snap, list) or not isinstance(snap, dict):
+        raise Refused(f"{args.snapshot} is not one snapshot")
+    sid = str(snap.get("snapshot_id"))
+    if snap.get("pool_state") != "committed":
+        raise Refused(f"snapshot {sid} is {snap.get('pool_state')}: only a committed, "
+                      "valid one can be backed up")
+    pl = Plan(snap, target, fmt)
+    if args.base_file and not args.base:
+        raise Refused("--base-file is the backup of --from BASE: give --from too")
+    if args.base is None:
+        return pl
+    # the engine's refusals first: FROM not older, another volume, a plex, invalid
+    diff = c.snapshot_diff(args.base, sid)
+    pl.base_id, pl.diff = str(diff["snapshot_id"]), diff
+    base_file = os.path.abspath(args.base_file) if args.base_file else \
+        find_base(os.path.dirname(target), pl.base_id)
+    if base_file is None:
+        raise Refused(f"no backup of snapshot {pl.base_id} in {os.path.dirname(target)} "
+                      "(its FILE.backup.json names it): back up in full, or give "
+                      "--base-file PREV")
+    if not os.path.isfile(base_file):
+        raise Refused(f"base backup {base_file} is missing")
+    m = read_manifest(base_file)
+    if m is None:
+        raise Refused(f"{base_file} has no manifest {os.path.basename(manifest_path(base_file))}: "
+                      "not a backup made by 'shadowplex backup'")
+    if m.get("snapshot_id") != pl.base_id:
+        raise Refused(f"{base_file} is a backup of snapshot {m.get('snapshot_id')}, not "
+                      f"of {pl.base_id}")
+    if m.get("format") != fmt:
+        raise Refused(f"{base_file} is a {m.get('format')} backup; an incremental backup "
+                      f"has its base's format (--format {m.get('format')})")
+    if os.path.exists(target) and os.path.samefile(base_file, target):
+        raise Refused(f"{target} is the base backup itself: write the incremental backup "
+                      "to another file")
+    pl.base_file = base_file
+    return pl
+
+
+@contextlib.contextmanager
+def _part(target: str) -> Iterator[str]:
+    """FILE.part-PID while it is written; removed unless renamed."""
+    part = f"{target}.part-{os.getpid()}"
+    try:
+        yield part
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
+
+
+def run_backup(args: argparse.Namespace, c: Any, progress: ByteProgress) -> dict[str, Any]:
+    pl = plan(args, c)
+    snap = pl.snapshot
+    sid = str(snap["snapshot_id"])
+    status = c.status()
+    size = int(pl.diff["size"]) if pl.diff else None
+    src = _nbd_source(args, status, sid)
+    stats = Stats()
+    try:
+        size = src.size if size is None else size
+        if pl.diff is not None:
+            extents = [(int(o), int(n)) for o, n in pl.diff["extents"]]
+        else:
+            extents = allocated(src)
+        progress.start(sum(n for _, n in extents))
+        with _part(pl.target) as part:
+            tgt: Target = (Qcow2Target if pl.fmt == "qcow2" else RawTarget)(
+                part, size, pl.base_file)
+            try:
+                copy_extents(src, tgt, extents, pl.diff is not None, stats, progress)
+                tgt.finish()
+            except BaseException:
+                tgt.abort()
+                raise
+            progress.close()
+            os.replace(part, pl.target)
+    finally:
+        src.close()
+    seconds = time.monotonic() - stats.started
+    summary: dict[str, Any] = {
+        "snapshot_id": sid, "volume": snap.get("volume") or
+        (pl.diff or {}).get("volume"), "size": size,
+        "kind": "incremental" if pl.diff is not None else "full", "format": pl.fmt,
+        "file": pl.target, "base_snapshot_id": pl.base_id, "base_file": pl.base_file,
+        "extents": stats.extents, "bytes_read": stats.bytes_read,
+        "bytes_written": stats.bytes_written, "bytes_zeroed": stats.bytes_zeroed,
+        "changed_bytes": pl.diff["changed_bytes"] if pl.diff else None,
+        "seconds": round(seconds, 3),
+    }
+    manifest = {"format_version": 1, "created": time.time(),
+                "snapshot_id": sid, "set_id": snap.get("snapshot_set_id"),
+                "volume": summary["volume"], "size": size, "format": pl.fmt,
+                "kind": summary["kind"], "base_snapshot_id": pl.base_id,
+                "base_file": None if pl.base_file is None
+                else _backing_name(pl.base_file, pl.target)}
+    tmp = f"{manifest_path(pl.target)}.part-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, manifest_path(pl.target))
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rate = s["bytes_read"] / s["seconds"] if s["seconds"] else 0
+    base = f" on {os.path.basename(s['base_file'])}" if s["base_file"] else ""
+    print(f"{s['kind']} {s['format']} backup of snapshot {s['snapshot_id']} "
+          f"({s['volume']}, {human_size(s['size'])}) to {s['file']}{base}")
+    zeroed = f", {human_size(s['bytes_zeroed'])} zeroed" if s["bytes_zeroed"] else ""
+    print(f"{s['extents']} extents: {human_size(s['bytes_read'])} read, "
+          f"{human_size(s['bytes_written'])} written{zeroed} in {s['seconds']:.1f} s "
+          f"({human_size(int(rate))}/s)")
+
+
+def main(args: argparse.Namespace, c: Any) -> int:
+    progress = ByteProgress(not args.quiet, "backup")
+    try:
+        summary = run_backup(args, c, progress)
+    finally:
+        progress.close()
+    if args.json:
+        from .output import print_json
+        print_json(summary)
+    else:
+        print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":   # pragma: no cover
+    sys.exit("use: shadowplex backup")
