@@ -246,3 +246,35 @@ def test_byte_progress_shows_bytes_rate_and_eta() -> None:
     quiet.advance(1)
     quiet.close()
     assert quiet.stream.getvalue() == ""   # type: ignore[attr-defined]
+
+
+def test_a_script_backs_up_in_full_then_incrementally(array: Daemon, tmp_path: Path) -> None:
+    d = array
+    out = tmp_path / "backups"
+    out.mkdir()
+    script = tmp_path / "nightly.dsh"
+    script.write_text("set context persistent\n"
+                      "add volume db alias MON\n"
+                      "create\n"
+                      f"backup %MON% {out}/mon.qcow2\n"
+                      f"exec dd if=/dev/urandom of={d.image('db')} bs=64K count=3 seek=40 "
+                      "conv=notrunc,fsync status=none\n"
+                      "add volume db alias TUE\n"
+                      "create\n"
+                      f"backup %TUE% {out}/tue.qcow2 from %MON%\n"
+                      "exit\n")
+    res = d.run("script", str(script))
+    assert res.returncode == 0, res.stderr
+    snaps = sorted(d.json("snapshot", "list"), key=lambda s: s["created"])
+    assert len(snaps) == 2
+    tue = snaps[1]["snapshot_id"]
+    _compare("qcow2", str(out / "tue.qcow2"), _shadow(d, tue))
+    info = json.loads((out / "tue.qcow2.backup.json").read_text())
+    assert info["kind"] == "incremental" and info["snapshot_id"] == tue
+    # a refusal is one line naming the script's line, and leaves no file
+    bad = tmp_path / "bad.dsh"
+    bad.write_text(f"backup {tue} {out}/tue.qcow2\n")
+    res = d.run("script", str(bad))
+    assert res.returncode != 0 and "bad.dsh:1" in res.stderr and "exists" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "mon.qcow2", "mon.qcow2.backup.json", "tue.qcow2", "tue.qcow2.backup.json"]

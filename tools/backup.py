@@ -457,6 +457,19 @@ def print_summary(s: dict[str, Any]) -> None:
           f"({human_size(int(rate))}/s)")
 
 
+def backup_one(c: Any, snapshot: str, to: str, base: str | None, fmt: str | None,
+               quiet: bool) -> dict[str, Any]:
+    """One backup as the script verb `backup ID FILE [from BASE] [format F]` runs it:
+    through the script's session, never replacing a file. Raises Refused."""
+    args = argparse.Namespace(snapshot=snapshot, to=to, base=base, base_file=None,
+                              format=fmt, force=False, array=None, tls_dir=None)
+    progress = ByteProgress(not quiet, "backup")
+    try:
+        return run_backup(args, c, progress)
+    finally:
+        progress.close()
+
+
 def main(args: argparse.Namespace, c: Any) -> int:
     progress = ByteProgress(not args.quiet, "backup")
     try:

@@ -179,6 +179,12 @@ class Checker:
             self.usable[f"vss_shadow_{i}"] = _Alias("snapshot", s.line)
         self.usable[SET_ALIAS.lower()] = _Alias("set", s.line)
 
+    def _backup(self, s: Stmt) -> None:
+        self._ref(s, s.args["id"], "snapshot")
+        self._ref(s, s.args["file"])
+        if s.args["base"] is not None:
+            self._ref(s, s.args["base"], "snapshot")
+
     def _revert(self, s: Stmt) -> None:
         self._ref(s, s.args["id"], "snapshot")
 

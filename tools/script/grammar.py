@@ -44,7 +44,7 @@ _DISKSHADOW_CONTEXTS = {
 VERBS = ("set context", "set option", "set metadata", "set verbose", "begin backup",
          "add volume", "create", "expose", "exec", "unexpose", "end backup",
          "delete shadows", "load metadata", "import", "list shadows", "list writers",
-         "list providers", "revert", "resync", "break", "exit")
+         "list providers", "revert", "resync", "break", "backup", "exit")
 
 # diskshadow verbs shadowplex does not have, with the reason
 _NOT_BUILT = {
@@ -214,6 +214,29 @@ def _parse_expose(ln: _Line) -> Stmt:
     return ln.stmt("expose", id=_need_ref(ln.n, ln.toks[1], "expose"), target=target)
 
 
+_BACKUP_USAGE = "backup ID FILE [from BASE_ID] [format qcow2|raw]"
+
+
+def _parse_backup(ln: _Line) -> Stmt:
+    """Not diskshadow's: `shadowplex backup` (docs/backup.md) as a statement."""
+    if ln.argc < 3 or ln.argc % 2 == 0:
+        raise ln.fail(f"usage: {_BACKUP_USAGE}")
+    opts: dict[str, str] = {}
+    for i in range(3, ln.argc, 2):
+        key = ln.w[i]
+        if key not in ("from", "format") or key in opts:
+            raise ln.fail(f"backup: {ln.toks[i]!r} is not expected here; usage: "
+                          f"{_BACKUP_USAGE}")
+        opts[key] = ln.toks[i + 1]
+    fmt = opts.get("format")
+    if fmt is not None and fmt.lower() not in ("qcow2", "raw"):
+        raise ln.fail(f"backup: format {fmt!r}: qcow2 or raw")
+    base = opts.get("from")
+    return ln.stmt("backup", id=_need_ref(ln.n, ln.toks[1], "backup"), file=ln.toks[2],
+                   base=None if base is None else _need_ref(ln.n, base, "backup from"),
+                   format=None if fmt is None else fmt.lower())
+
+
 def _parse_unexpose(ln: _Line) -> Stmt:
     ln.exact(2, "unexpose ID|PATH|NAME")
     return ln.stmt("unexpose", target=ln.toks[1])
@@ -302,6 +325,7 @@ _PARSERS: dict[str, Callable[[_Line], Stmt]] = {
     "revert": _parse_revert,
     "resync": _parse_revert,
     "break": _parse_break,
+    "backup": _parse_backup,
     "exit": _bare("exit"),
 }
 

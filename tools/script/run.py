@@ -484,6 +484,17 @@ class _Runner:
 
     do_resync = do_revert
 
+    def do_backup(self, st: Stmt) -> None:
+        """`shadowplex backup` (tools/backup.py); its refusals are one-line failures."""
+        from ..backup import Refused, backup_one
+        snap, to = self.ident(st.args["id"]), self.expand(st.args["file"])
+        base = None if st.args["base"] is None else self.ident(st.args["base"])
+        try:
+            s = backup_one(self.c, snap, to, base, st.args["format"], self.quiet)
+        except Refused as e:
+            raise ScriptFailure(str(e)) from None
+        self.say(f"backup {snap}: {s['kind']} to {to}, {s['bytes_written']} bytes written")
+
     def do_break(self, st: Stmt) -> None:
         target = self.ident(st.args["id"])
         snaps = self.call(self.c.snapshot_list)
