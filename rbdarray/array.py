@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from blockstore import errors as bse
@@ -49,22 +47,21 @@ from blockstore.model import (
     Capabilities,
     Kind,
     SnapshotInfo,
-    State,
     VolumeInfo,
 )
 from blockstore.names import check_guid, check_name, check_size
 
+from .datapath import CONNECT_TIMEOUT, DataPath
 from .errors import translated
 from .records import (
     SNAP_PREFIX,
     VOLUME_KEY,
-    Gate,
+    Lun,
+    Snap,
     SnapRecord,
+    Vol,
     VolumeRecord,
-    clip,
-    merge,
     rbd_snap_name,
-    round_out,
     snap_key,
 )
 
@@ -73,7 +70,6 @@ Progress = Callable[[int, int], None] | None
 
 CHUNK = 65536            # default object size of the images we create = chunk_size
 MAX_SNAPSHOTS = 512      # per volume, VSS's limit
-CONNECT_TIMEOUT = 30     # seconds
 FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten")
 
 
@@ -89,34 +85,7 @@ def _rbd() -> tuple[Any, Any]:
     return rados, rbd
 
 
-@dataclass(eq=False)
-class _Lun:
-    """One open Image (a volume, or a snapshot opened read-only at its RBD snapshot)."""
-    image: Any
-    gate: Gate = field(default_factory=Gate)
-
-
-@dataclass(eq=False)
-class _Vol:
-    id: int
-    name: str
-    rec: VolumeRecord
-    lun: _Lun
-    mtime: float
-
-
-@dataclass(eq=False)
-class _Snap:
-    id: str
-    volume: str
-    rec: SnapRecord
-    state: State
-    size: int
-    rbd_id: int              # RBD snapshot id (pool-wide sequence: creation order)
-    lun: _Lun | None = None  # opened on first read
-
-
-class RbdArray:
+class RbdArray(DataPath):
     """Volumes and snapshots of one RBD pool. ``path``: a local directory for the
     provider's catalog (the interface's one local need)."""
 
@@ -136,8 +105,8 @@ class RbdArray:
         self.generation = 0
         self.last_io = 0.0
         self._lock = threading.RLock()
-        self._vols: dict[str, _Vol] = {}
-        self._snaps: dict[str, _Snap] = {}
+        self._vols: dict[str, Vol] = {}
+        self._snaps: dict[str, Snap] = {}
         with translated(f"connecting to Ceph with {conffile}"):
             self._cluster = rados.Rados(conffile=conffile, rados_id=ceph_id,
                                         conf=dict(conf or {}))
@@ -173,8 +142,8 @@ class RbdArray:
             if VOLUME_KEY not in meta:
                 image.close()                   # not ours
                 continue
-            v = _Vol(int(image.id(), 16), name, VolumeRecord.load(meta[VOLUME_KEY]),
-                     _Lun(image), 0.0)
+            v = Vol(int(image.id(), 16), name, VolumeRecord.load(meta[VOLUME_KEY]),
+                     Lun(image), 0.0)
             v.mtime = _ts(image.modify_timestamp()) or v.rec.created
             self._vols[name] = v
             for key, text in meta.items():
@@ -203,7 +172,7 @@ class RbdArray:
                     self._forget(name, sid)
                     continue
             rs = present[sid]
-            self._snaps[sid] = _Snap(sid, name, rec, COMMITTED, int(rs["size"]),
+            self._snaps[sid] = Snap(sid, name, rec, COMMITTED, int(rs["size"]),
                                      int(rs["id"]))
 
     def close(self) -> None:
@@ -232,25 +201,25 @@ class RbdArray:
     def _naa() -> str:
         return "6" + uuid.uuid4().hex[:31]
 
-    def _vol(self, name: str) -> _Vol:
+    def _vol(self, name: str) -> Vol:
         try:
             return self._vols[name]
         except KeyError:
             raise bse.NotFound(f"no volume {name!r} in Ceph pool {self.pool}") from None
 
-    def _snap(self, snap_id: str) -> _Snap:
+    def _snap(self, snap_id: str) -> Snap:
         try:
             return self._snaps[str(snap_id).lower()]
         except KeyError:
             raise bse.NotFound(f"no snapshot {snap_id} in Ceph pool {self.pool}") from None
 
-    def _committed(self, snap_id: str) -> _Snap:
+    def _committed(self, snap_id: str) -> Snap:
         s = self._snap(snap_id)
         if s.state != COMMITTED:
             raise bse.InvalidState(f"snapshot {s.id} is {s.state}; it cannot be used yet")
         return s
 
-    def _lun(self, key: str) -> tuple[_Lun, bool]:
+    def _lun(self, key: str) -> tuple[Lun, bool]:
         """The open Image of a volume or committed snapshot; (lun, is_snapshot)."""
         with self._lock:
             if key in self._vols:
@@ -258,7 +227,7 @@ class RbdArray:
             s = self._committed(key)
             if s.lun is None:
                 with translated(f"opening snapshot {s.id}"):
-                    s.lun = _Lun(self._rbd.Image(self._io, s.volume,
+                    s.lun = Lun(self._rbd.Image(self._io, s.volume,
                                                  snapshot=rbd_snap_name(s.id),
                                                  read_only=True))
             return s.lun, True
@@ -273,13 +242,13 @@ class RbdArray:
                 contextlib.suppress(self._rbd.ImageNotFound):
             self._vols[volume].lun.image.remove_snap(rbd_snap_name(snap_id))
 
-    def _volume_info(self, v: _Vol) -> VolumeInfo:
+    def _volume_info(self, v: Vol) -> VolumeInfo:
         snaps = sum(1 for s in self._snaps.values()
                     if s.volume == v.name and s.state != PREPARING)
         return VolumeInfo(v.id, v.name, v.rec.naa, v.lun.image.size(), v.rec.created,
                           v.rec.read_only, v.mtime, snaps, 0)
 
-    def _snap_info(self, s: _Snap) -> SnapshotInfo:
+    def _snap_info(self, s: Snap) -> SnapshotInfo:
         origin = self._vols[s.volume].rec.naa if s.volume in self._vols else ""
         return SnapshotInfo(s.id, s.rec.set, s.volume, origin, s.rec.naa, s.size,
                             Kind(s.rec.kind), s.state, s.rec.created, s.rec.attributes,
@@ -304,7 +273,7 @@ class RbdArray:
             return self._volume_info(self._create_image(name, size, rec))
 
     def _create_image(self, name: str, size: int, rec: VolumeRecord,
-                      make: Callable[[], None] | None = None) -> _Vol:
+                      make: Callable[[], None] | None = None) -> Vol:
         """Create (or let `make` create) image `name`, put our record on it, open it."""
         with translated(f"creating volume {name}"):
             if make is None:
@@ -320,7 +289,7 @@ class RbdArray:
                 with contextlib.suppress(Exception):
                     self._rbd.RBD().remove(self._io, name)
                 raise
-        v = self._vols[name] = _Vol(int(image.id(), 16), name, rec, _Lun(image), rec.created)
+        v = self._vols[name] = Vol(int(image.id(), 16), name, rec, Lun(image), rec.created)
         self._changed()
         return v
 
@@ -382,7 +351,7 @@ class RbdArray:
                 raise bse.NoSpace(f"volume {volume} has the maximum number of snapshots "
                                   f"({MAX_SNAPSHOTS})")
             rec = SnapRecord(set_id, self._naa(), DIFFERENTIAL, attributes, time.time())
-            s = self._snaps[sid] = _Snap(sid, volume, rec, PREPARING,
+            s = self._snaps[sid] = Snap(sid, volume, rec, PREPARING,
                                          v.lun.image.size(), 0)
             return self._snap_info(s)
 
@@ -400,7 +369,7 @@ class RbdArray:
                     raise bse.InvalidState(f"snapshot {s.id} is {s.state}, not preparing")
             members = {s.id: s.volume for s in snaps}
             vols = {s.volume: self._vol(s.volume) for s in snaps}
-        made: list[_Snap] = []
+        made: list[Snap] = []
         try:
             for s in snaps:
                 s.rec.members, s.rec.done = members, False
@@ -554,159 +523,6 @@ class RbdArray:
                 raise
             self._changed()
             return self._snap_info(s)
-
-    # ------------------------------------------------------------------ data path
-    @contextlib.contextmanager
-    def _io_on(self, key: str) -> Iterator[tuple[Any, bool]]:
-        """A LUN's Image for I/O, under its gate (shared); a LUN closed meanwhile is
-        looked up again."""
-        while True:
-            lun, is_snap = self._lun(key)
-            with lun.gate.shared():
-                with self._lock:
-                    live = (self._vols.get(key) is not None and self._vols[key].lun is lun) \
-                        or (key.lower() in self._snaps and
-                            self._snaps[key.lower()].lun is lun)
-                if not live:
-                    if key not in self._vols and key.lower() not in self._snaps:
-                        raise bse.NotFound(f"no LUN {key!r} in Ceph pool {self.pool}")
-                    continue
-                yield lun.image, is_snap
-                return
-
-    def lun_size(self, key: str) -> int:
-        with self._io_on(key) as (image, _), translated(f"size of {key}"):
-            return int(image.size())
-
-    def read(self, key: str, offset: int, length: int) -> bytes:
-        self.last_io = time.monotonic()
-        if offset < 0 or length < 0:
-            raise bse.OutOfRange(f"invalid read at offset {offset} length {length}")
-        with self._io_on(key) as (image, _), translated(f"reading {key}"):
-            end = min(offset + length, image.size())
-            if end <= offset:
-                return b""
-            return bytes(image.read(offset, end - offset))
-
-    def _writable(self, name: str) -> None:
-        with self._lock:
-            if name not in self._vols:
-                if name.lower() in self._snaps:
-                    raise bse.ReadOnly(f"snapshot {name} is read-only")
-                self._vol(name)
-            if self._vols[name].rec.read_only:
-                raise bse.ReadOnly(f"volume {name} is read-only")
-
-    def _bounds(self, name: str, image: Any, offset: int, length: int) -> None:
-        size = image.size()
-        if offset < 0 or length < 0 or offset + length > size:
-            raise bse.OutOfRange(f"I/O at offset {offset} length {length} is outside "
-                                 f"volume {name} (size {size})")
-
-    def write(self, name: str, offset: int, data: bytes | memoryview) -> int:
-        self.last_io = time.monotonic()
-        self._writable(name)
-        with self._io_on(name) as (image, _):
-            self._bounds(name, image, offset, len(data))
-            with translated(f"writing {name}"):
-                n = image.write(bytes(data), offset)
-        self._vols[name].mtime = time.time()
-        return int(n)
-
-    def discard(self, name: str, offset: int, length: int) -> None:
-        """write_zeroes: whole objects are deallocated, partial ones zeroed (a plain
-        discard may skip partial objects: rbd_skip_partial_discard)."""
-        self._writable(name)
-        with self._io_on(name) as (image, _):
-            self._bounds(name, image, offset, length)
-            if length:
-                with translated(f"discarding in {name}"):
-                    image.write_zeroes(offset, length)
-
-    def flush(self, name: str) -> None:
-        with self._io_on(name) as (image, _), translated(f"flushing {name}"):
-            image.flush()
-
-    @staticmethod
-    def _extents(image: Any, offset: int, length: int, since: str | None
-                 ) -> list[tuple[int, int]]:
-        """diff_iterate with fast-diff (whole objects, from the object maps: no RADOS
-        op per object). Objects are chunk-sized, so these are the chunks touched; the
-        exact mode (whole_object=False) is avoided: it costs a RADOS op per object and
-        reports an object's whole grown tail as changed anyway."""
-        runs: list[tuple[int, int]] = []
-        image.diff_iterate(offset, length, since,
-                           lambda o, n, _exists: runs.append((o, n)), whole_object=True)
-        return merge(runs)
-
-    def allocation(self, key: str, offset: int, length: int) -> list[tuple[int, int]]:
-        if offset < 0 or length < 0:
-            raise bse.OutOfRange(f"invalid range at offset {offset} length {length}")
-        with self._io_on(key) as (image, _), translated(f"allocation map of {key}"):
-            end = min(offset + length, image.size())
-            if end <= offset:
-                return []
-            return clip(self._extents(image, offset, end - offset, None), offset, end)
-
-    def changed_extents(self, from_id: str, to_id: str | None = None
-                        ) -> list[tuple[int, int]]:
-        with self._lock:
-            a = self._committed(from_id)
-            if to_id is not None:
-                b = self._committed(to_id)
-                if b.volume != a.volume:
-                    raise bse.InvalidState(f"snapshots {a.id} and {b.id} are of different "
-                                           "volumes")
-                if b.rbd_id < a.rbd_id:
-                    raise bse.InvalidState(f"snapshot {b.id} is older than {a.id}")
-        with self._io_on(to_id or a.volume) as (image, _), \
-                translated(f"changes since snapshot {a.id}"):
-            size = image.size()
-            runs = self._extents(image, 0, size, rbd_snap_name(a.id)) if size else []
-            return round_out(runs, self.chunk_size, size)
-
-    def image_path(self, key: str) -> str | None:
-        return None
-
-    # ------------------------------------------------------------------ space
-    def statfs(self) -> tuple[int, int]:
-        """(total, free): total is the pool's quota (max_bytes) if it has one, else the
-        cluster's raw size; used is the pool's stored bytes. Without a ceph-mgr the
-        cluster reports no usage (zeros): free is then the quota (docs/ceph.md)."""
-        with translated(f"space of pool {self.pool}"):
-            stats = self._io.get_stats()
-            used = int(stats.get("num_bytes", 0))
-            total = self._quota()
-            if not total:
-                total = int(self._cluster.get_cluster_stats().get("kb", 0)) * 1024
-        total = max(total, used)
-        return total, total - used
-
-    def _quota(self) -> int:
-        rc, out, _ = self._cluster.mon_command(
-            json.dumps({"prefix": "osd pool get-quota", "pool": self.pool,
-                        "format": "json"}), b"", timeout=CONNECT_TIMEOUT)
-        if rc == 0:
-            return int(json.loads(out).get("quota_max_bytes", 0))
-        # without a mgr get-quota has "no stats": the osdmap has the quota too
-        rc, out, _ = self._cluster.mon_command(
-            json.dumps({"prefix": "osd pool ls", "detail": "detail", "format": "json"}),
-            b"", timeout=CONNECT_TIMEOUT)
-        if rc != 0:
-            return 0
-        for p in json.loads(out):
-            if p.get("pool_name") == self.pool:
-                return int(p.get("quota_max_bytes", 0))
-        return 0
-
-    def available_bytes(self) -> int:
-        return self.statfs()[1]
-
-    def allocated_bytes(self, key: str) -> int:
-        with self._io_on(key) as (image, _), translated(f"allocation of {key}"):
-            size = image.size()
-            return sum(n for _, n in self._extents(image, 0, size, None)) \
-                if size else 0
 
     # ------------------------------------------------------------------ integrity
     def check(self, progress: Progress = None) -> list[str]:

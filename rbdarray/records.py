@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from blockstore.model import State
+
 VOLUME_KEY = "spx.volume"
 SNAP_PREFIX = "spx.snap."
 RBD_SNAP_PREFIX = "spx."
@@ -158,3 +160,31 @@ def round_out(runs: list[tuple[int, int]], unit: int, size: int) -> list[tuple[i
         if a < b:
             out.append((a, b - a))
     return merge(out)
+
+
+# ---------------------------------------------------------------- in memory
+@dataclass(eq=False)
+class Lun:
+    """One open Image (a volume, or a snapshot opened read-only at its RBD snapshot)."""
+    image: Any
+    gate: Gate = field(default_factory=lambda: Gate())
+
+
+@dataclass(eq=False)
+class Vol:
+    id: int
+    name: str
+    rec: VolumeRecord
+    lun: Lun
+    mtime: float
+
+
+@dataclass(eq=False)
+class Snap:
+    id: str
+    volume: str
+    rec: SnapRecord
+    state: State
+    size: int
+    rbd_id: int              # RBD snapshot id (pool-wide sequence: creation order)
+    lun: Lun | None = None  # opened on first read
