@@ -95,7 +95,9 @@ class DataPath:
             self._bounds(name, image, offset, len(data))
             with translated(f"writing {name}"):
                 n = image.write(bytes(data), offset)
-        self._vols[name].mtime = time.time()
+        v = self._vols.get(name)
+        if v is not None:
+            v.mtime = time.time()
         return int(n)
 
     def discard(self, name: str, offset: int, length: int) -> None:

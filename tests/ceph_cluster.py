@@ -245,15 +245,16 @@ log file = {b}/log/$cluster-$name.$pid.log
         self.up_seconds = time.monotonic() - t0
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop the daemons by pid: SIGTERM, then SIGKILL after `timeout`; wait for each."""
-        for p in self.procs.values():
+        """Stop the daemons by pid, the last started first (an OSD stopped after its
+        monitor waits ~5 s to report itself down; before it: 0.1 s): SIGTERM, SIGKILL
+        after `timeout`, and wait for each."""
+        for name in reversed(list(self.procs)):
+            p = self.procs[name]
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in self.procs.values():
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
+                p.wait(timeout)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
