@@ -2,6 +2,8 @@
 #   make demo    run the main job (installs what it needs first)
 #   make test    run the test suite (installs what it needs first); PYTEST_ARGS="-k foo -x"
 #   make setup   apt packages (only if missing) + .venv (only if pyproject.toml changed)
+#   make ceph    Ceph's packages + rados/rbd linked into .venv (the RBD backend and its
+#                tests; `make test` runs it, `make setup` does not: see docs/ceph.md)
 
 SHELL := /bin/bash
 .NOTPARALLEL:
@@ -12,7 +14,7 @@ VENV        := .venv
 VPY         := $(VENV)/bin/python
 STAMP       := $(VENV)/.shadowplex-installed
 PYTEST_ARGS ?=
-PACKAGES    := blockstore provider fuse_mount nbd tools
+PACKAGES    := blockstore provider fuse_mount nbd tools rbdarray
 # The editable install maps top-level packages found at install time, so a package that
 # appears later (its __init__.py is newer than the stamp) triggers one re-install.
 PKG_INITS   := $(wildcard $(addsuffix /__init__.py,$(PACKAGES)))
@@ -28,7 +30,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs btrf
 
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: setup setup-system venv test demo lint typecheck clean
+.PHONY: setup setup-system venv ceph ceph-system test demo lint typecheck clean
 
 setup: setup-system venv
 
@@ -68,7 +70,16 @@ $(STAMP): pyproject.toml $(PKG_INITS) $(PYFUSE3_DEPS)
 	bash $(PYFUSE3_BUILD) --check $(VPY)
 	@touch $@
 
-test: setup
+# Ceph RBD (rbdarray/setup-ceph.sh): ceph-mon, ceph-osd, python3-rados, python3-rbd, then
+# the two extension modules symlinked into the venv. Without root or the packages it says
+# why and the RBD tests skip; with SHADOWPLEX_REQUIRE_KERNEL=1 (CI) that is a failure.
+ceph: ceph-system venv
+	bash rbdarray/setup-ceph.sh link $(VPY)
+
+ceph-system:
+	bash rbdarray/setup-ceph.sh system
+
+test: setup ceph
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup

@@ -470,6 +470,32 @@ def pool_tmp(pool_fs: Path | None, tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A one-node Ceph cluster for the session (tests/ceph_cluster.py: 1 monitor, 1
+    memstore OSD, pool ``rbd``), up on first use, its daemons stopped by pid at the end
+    (also after a failure or Ctrl-C; they die with this process if it is killed). Skips
+    without Ceph (make ceph) or root, unless SHADOWPLEX_REQUIRE_KERNEL=1: then fails."""
+    from ceph_cluster import ceph_cluster, missing  # here: see pool_fs
+    reasons = missing()
+    if reasons:
+        msg = "Ceph tests need root and Ceph (make ceph): " + "; ".join(reasons)
+        if _truthy(os.environ.get(REQUIRE_KERNEL_ENV)):
+            pytest.fail(f"{msg} ({REQUIRE_KERNEL_ENV}=1, so this is a failure)",
+                        pytrace=False)
+        pytest.skip(msg)
+    # a short path: the daemons' admin sockets live under it (107 bytes at most)
+    base = Path(tempfile.mkdtemp(prefix="spx-ceph-"))
+    try:
+        with ceph_cluster(base) as cluster:
+            yield cluster
+    finally:
+        logs = tmp_path_factory.getbasetemp() / "ceph-logs"
+        with contextlib.suppress(OSError):
+            shutil.copytree(base / "log", logs, dirs_exist_ok=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
 def tls_array(tmp_path: Path, sockdir: str) -> Iterator[object]:
     """The array on the network (tests/nbd_net.py's tls_net: serve with NBD and control

@@ -1,0 +1,197 @@
+"""RbdArray's data path and space figures (a mixin: rbdarray/array.py has the rest).
+I/O on a LUN runs under its gate, shared (records.Gate): librbd's Image is thread-safe
+for I/O and the bindings release the GIL, so reads and writes of any threads run at
+once; a commit, revert, resize, delete or close of that LUN waits for them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from blockstore import errors as bse
+
+from .errors import translated
+from .records import Lun, Snap, Vol, clip, merge, rbd_snap_name, round_out
+
+CONNECT_TIMEOUT = 30     # seconds
+
+
+class DataPath:
+    """What the data path needs of the array (RbdArray sets these)."""
+
+    pool: str
+    chunk_size: int
+    last_io: float
+    _lock: threading.RLock
+    _vols: dict[str, Vol]
+    _snaps: dict[str, Snap]
+    _io: Any
+    _cluster: Any
+
+    def _lun(self, key: str) -> tuple[Lun, bool]:
+        raise NotImplementedError
+
+    def _vol(self, name: str) -> Vol:
+        raise NotImplementedError
+
+    def _committed(self, snap_id: str) -> Snap:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _io_on(self, key: str) -> Iterator[tuple[Any, bool]]:
+        """A LUN's Image for I/O, under its gate (shared); a LUN closed meanwhile is
+        looked up again."""
+        while True:
+            lun, is_snap = self._lun(key)
+            with lun.gate.shared():
+                with self._lock:
+                    live = (self._vols.get(key) is not None and self._vols[key].lun is lun) \
+                        or (key.lower() in self._snaps and
+                            self._snaps[key.lower()].lun is lun)
+                if not live:
+                    if key not in self._vols and key.lower() not in self._snaps:
+                        raise bse.NotFound(f"no LUN {key!r} in Ceph pool {self.pool}")
+                    continue
+                yield lun.image, is_snap
+                return
+
+    def lun_size(self, key: str) -> int:
+        with self._io_on(key) as (image, _), translated(f"size of {key}"):
+            return int(image.size())
+
+    def read(self, key: str, offset: int, length: int) -> bytes:
+        self.last_io = time.monotonic()
+        if offset < 0 or length < 0:
+            raise bse.OutOfRange(f"invalid read at offset {offset} length {length}")
+        with self._io_on(key) as (image, _), translated(f"reading {key}"):
+            end = min(offset + length, image.size())
+            if end <= offset:
+                return b""
+            return bytes(image.read(offset, end - offset))
+
+    def _writable(self, name: str) -> None:
+        with self._lock:
+            if name not in self._vols:
+                if name.lower() in self._snaps:
+                    raise bse.ReadOnly(f"snapshot {name} is read-only")
+                self._vol(name)
+            if self._vols[name].rec.read_only:
+                raise bse.ReadOnly(f"volume {name} is read-only")
+
+    def _bounds(self, name: str, image: Any, offset: int, length: int) -> None:
+        size = image.size()
+        if offset < 0 or length < 0 or offset + length > size:
+            raise bse.OutOfRange(f"I/O at offset {offset} length {length} is outside "
+                                 f"volume {name} (size {size})")
+
+    def write(self, name: str, offset: int, data: bytes | memoryview) -> int:
+        self.last_io = time.monotonic()
+        self._writable(name)
+        with self._io_on(name) as (image, _):
+            self._bounds(name, image, offset, len(data))
+            with translated(f"writing {name}"):
+                n = image.write(bytes(data), offset)
+        v = self._vols.get(name)
+        if v is not None:
+            v.mtime = time.time()
+        return int(n)
+
+    def discard(self, name: str, offset: int, length: int) -> None:
+        """write_zeroes: whole objects are deallocated, partial ones zeroed (a plain
+        discard may skip partial objects: rbd_skip_partial_discard)."""
+        self._writable(name)
+        with self._io_on(name) as (image, _):
+            self._bounds(name, image, offset, length)
+            if length:
+                with translated(f"discarding in {name}"):
+                    image.write_zeroes(offset, length)
+
+    def flush(self, name: str) -> None:
+        with self._io_on(name) as (image, _), translated(f"flushing {name}"):
+            image.flush()
+
+    @staticmethod
+    def _extents(image: Any, offset: int, length: int, since: str | None
+                 ) -> list[tuple[int, int]]:
+        """diff_iterate with fast-diff (whole objects, from the object maps: no RADOS
+        op per object). Objects are chunk-sized, so these are the chunks touched; the
+        exact mode (whole_object=False) is avoided: it costs a RADOS op per object and
+        reports an object's whole grown tail as changed anyway."""
+        runs: list[tuple[int, int]] = []
+        image.diff_iterate(offset, length, since,
+                           lambda o, n, _exists: runs.append((o, n)), whole_object=True)
+        return merge(runs)
+
+    def allocation(self, key: str, offset: int, length: int) -> list[tuple[int, int]]:
+        if offset < 0 or length < 0:
+            raise bse.OutOfRange(f"invalid range at offset {offset} length {length}")
+        with self._io_on(key) as (image, _), translated(f"allocation map of {key}"):
+            end = min(offset + length, image.size())
+            if end <= offset:
+                return []
+            return clip(self._extents(image, offset, end - offset, None), offset, end)
+
+    def changed_extents(self, from_id: str, to_id: str | None = None
+                        ) -> list[tuple[int, int]]:
+        with self._lock:
+            a = self._committed(from_id)
+            if to_id is not None:
+                b = self._committed(to_id)
+                if b.volume != a.volume:
+                    raise bse.InvalidState(f"snapshots {a.id} and {b.id} are of different "
+                                           "volumes")
+                if b.rbd_id < a.rbd_id:
+                    raise bse.InvalidState(f"snapshot {b.id} is older than {a.id}")
+        with self._io_on(to_id or a.volume) as (image, _), \
+                translated(f"changes since snapshot {a.id}"):
+            size = image.size()
+            runs = self._extents(image, 0, size, rbd_snap_name(a.id)) if size else []
+            return round_out(runs, self.chunk_size, size)
+
+    def image_path(self, key: str) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ space
+    def statfs(self) -> tuple[int, int]:
+        """(total, free): total is the pool's quota (max_bytes) if it has one, else the
+        cluster's raw size; used is the pool's stored bytes. Without a ceph-mgr the
+        cluster reports no usage (zeros): free is then the quota (docs/ceph.md)."""
+        with translated(f"space of pool {self.pool}"):
+            stats = self._io.get_stats()
+            used = int(stats.get("num_bytes", 0))
+            total = self._quota()
+            if not total:
+                total = int(self._cluster.get_cluster_stats().get("kb", 0)) * 1024
+        total = max(total, used)
+        return total, total - used
+
+    def _quota(self) -> int:
+        rc, out, _ = self._cluster.mon_command(
+            json.dumps({"prefix": "osd pool get-quota", "pool": self.pool,
+                        "format": "json"}), b"", timeout=CONNECT_TIMEOUT)
+        if rc == 0:
+            return int(json.loads(out).get("quota_max_bytes", 0))
+        # without a mgr get-quota has "no stats": the osdmap has the quota too
+        rc, out, _ = self._cluster.mon_command(
+            json.dumps({"prefix": "osd pool ls", "detail": "detail", "format": "json"}),
+            b"", timeout=CONNECT_TIMEOUT)
+        if rc != 0:
+            return 0
+        for p in json.loads(out):
+            if p.get("pool_name") == self.pool:
+                return int(p.get("quota_max_bytes", 0))
+        return 0
+
+    def available_bytes(self) -> int:
+        return self.statfs()[1]
+
+    def allocated_bytes(self, key: str) -> int:
+        with self._io_on(key) as (image, _), translated(f"allocation of {key}"):
+            size = image.size()
+            return sum(n for _, n in self._extents(image, 0, size, None)) \
+                if size else 0
+
