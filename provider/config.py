@@ -10,7 +10,9 @@
     nbd_insecure (bool: plain text on loopback), control_listen (str: ADDR[:PORT] of
     the TLS control port, with tls_dir); host mode (issue 16): array (str:
     HOST[:PORT] of the array's control port, with tls_dir: this host's certificate),
-    state_dir (str: this host's catalog; default DEFAULT_HOST_STATE)
+    state_dir (str: this host's catalog; default DEFAULT_HOST_STATE); Ceph (issue 18):
+    array "rbd:POOL" with ceph_conf (str: ceph.conf) and ceph_id (str), state_dir
+    (default DEFAULT_RBD_STATE)
   service keys (passed to provider.service.control_service(config=...), see
   docs/provider.md "Configuration"):
     default_kind ("differential" | "plex"), freeze_timeout, hold_deadline, writer_timeout,
@@ -40,8 +42,9 @@ from collections.abc import Mapping
 from typing import Any
 
 SERVE_KEYS = ("pool", "mount", "socket", "allow_other", "poll_us", "nbd_listen",
-              "nbd_insecure", "tls_dir", "control_listen", "array", "state_dir")
-PATH_KEYS = ("pool", "mount", "socket", "hooks_dir", "tls_dir", "state_dir")
+              "nbd_insecure", "tls_dir", "control_listen", "array", "state_dir",
+              "ceph_conf", "ceph_id")
+PATH_KEYS = ("pool", "mount", "socket", "hooks_dir", "tls_dir", "state_dir", "ceph_conf")
 SECONDS_KEYS = ("freeze_timeout", "hold_deadline", "writer_timeout", "revert_hold",
                 "hook_timeout")
 KINDS = ("differential", "plex")
@@ -51,6 +54,7 @@ SOCKET_ENV = "SHADOWPLEX_SOCKET"
 SOCKET_DIR = "/run/shadowplex"
 DEFAULT_SOCKET = os.path.join(SOCKET_DIR, "shadowplex.sock")
 DEFAULT_HOST_STATE = "/var/lib/shadowplex/host"   # a host daemon's catalog (serve --array)
+DEFAULT_RBD_STATE = "/var/lib/shadowplex/rbd"     # the catalog with serve --array rbd:POOL
 
 
 def default_socket_path(pool_dir: str | None = None) -> str:
@@ -86,8 +90,10 @@ def _is_number(v: Any) -> bool:
 
 def _check(key: str, v: Any) -> str | None:
     """None if v is a valid value for key, else what is expected."""
-    if key in ("pool", "mount", "socket", "tls_dir", "state_dir"):
+    if key in ("pool", "mount", "socket", "tls_dir", "state_dir", "ceph_conf"):
         return None if isinstance(v, str) and v else "a non-empty path string"
+    if key == "ceph_id":
+        return None if isinstance(v, str) and v else "a Ceph client id string"
     if key in ("nbd_listen", "control_listen", "array"):
         return None if isinstance(v, str) and v else "an address ADDR[:PORT] string"
     if key == "hooks_dir":

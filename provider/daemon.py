@@ -359,6 +359,7 @@ def serve(
     nbd: NbdSettings | None = None,
     array: str | None = None,
     tls_dir: str | None = None,
+    ceph: tuple[str, str | None] | None = None,
 ) -> int:
     """Run the array daemon until SIGTERM/SIGINT; return the exit status (0 or 1).
 
@@ -367,7 +368,9 @@ def serve(
 
     Host mode (issue 16): with ``array`` "HOST[:PORT]" and ``tls_dir`` (this host's
     certificate), the LUNs are the remote array's (provider/remote_array.py) and
-    ``pool_dir`` is this host's state directory (its coordinator's catalog).
+    ``pool_dir`` is this host's state directory (its coordinator's catalog). Ceph
+    (issue 18): ``array`` "rbd:POOL" and ``ceph`` (ceph.conf, client id): the LUNs are
+    that RBD pool's (rbdarray/), ``pool_dir`` the provider's state directory.
     """
     _configure_logging(debug)
     pool_dir = os.path.abspath(pool_dir)
@@ -383,7 +386,7 @@ def serve(
         return 1
     keep_freed_memory()   # the data path's chunk buffers: see its docstring
     try:
-        pool = _open_backend(pool_dir, array, tls_dir)
+        pool = _open_backend(pool_dir, array, tls_dir, ceph)
     except bse.StoreError as e:
         _error_line(str(e))
         return 1
@@ -423,11 +426,18 @@ def serve(
         log.info("%s closed", f"array {array}" if array else f"pool {pool_dir}")
 
 
-def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None) -> Array:
-    """The embedded pool, or in host mode the remote array (raises StoreError/OSError;
-    ControlError for an array that refuses or cannot be reached)."""
+def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None,
+                  ceph: tuple[str, str | None] | None = None) -> Array:
+    """The embedded pool, an RBD pool (``rbd:POOL``), or in host mode the remote array
+    (raises StoreError/OSError; ControlError for an array that refuses or cannot be
+    reached)."""
     if array is None:
         return Pool.open(pool_dir)
+    if array.startswith("rbd:"):
+        from rbdarray import RbdArray
+        conf, ceph_id = ceph or ("/etc/ceph/ceph.conf", None)
+        os.makedirs(pool_dir, mode=0o700, exist_ok=True)
+        return RbdArray(array[4:], conf, pool_dir, ceph_id=ceph_id)
     from .client import ControlError
     from .remote_array import RemoteArray
     if not tls_dir:

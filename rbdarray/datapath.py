@@ -23,6 +23,10 @@ CONNECT_TIMEOUT = 30     # seconds
 class DataPath:
     """What the data path needs of the array (RbdArray sets these)."""
 
+    # every read and write is a round trip to the OSDs: the FUSE mount runs them in
+    # worker threads (fuse_mount/lunstore.py), never on its trio thread
+    blocking_io = True
+
     pool: str
     chunk_size: int
     last_io: float

@@ -25,7 +25,13 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from provider import vss
-from provider.config import CONTROL_PORT, DEFAULT_HOST_STATE, DEFAULT_SOCKET, default_socket_path
+from provider.config import (
+    CONTROL_PORT,
+    DEFAULT_HOST_STATE,
+    DEFAULT_RBD_STATE,
+    DEFAULT_SOCKET,
+    default_socket_path,
+)
 
 from . import connection
 from .connection import EXIT_INTERRUPTED, Interrupted, socket_path
@@ -114,12 +120,25 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
         raise UsageError(str(e)) from None
     array = getattr(args, "array", None) or opts.get("array")
     pool = args.pool or opts.get("pool")
-    if array:   # host mode: no pool here; --state-dir holds this host's catalog
+    rbd = bool(array) and str(array).startswith("rbd:")
+    ceph_conf = args.ceph_conf or opts.get("ceph_conf")
+    if array:   # host mode or Ceph: no pool here; --state-dir holds the catalog
         if pool:
-            raise UsageError("serve --array (host mode) serves the remote array's LUNs: "
-                             "drop --pool (this host's state goes to --state-dir)")
-        pool = args.state_dir or opts.get("state_dir") or DEFAULT_HOST_STATE
+            raise UsageError(f"serve --array {array} serves that array's LUNs: drop "
+                             "--pool (the provider's state goes to --state-dir)")
+        pool = args.state_dir or opts.get("state_dir") or (
+            DEFAULT_RBD_STATE if rbd else DEFAULT_HOST_STATE)
         config["array"] = array
+        if rbd:
+            if not str(array)[4:]:
+                raise UsageError("serve --array rbd:POOL: name the RBD pool")
+            if not ceph_conf:
+                raise UsageError("serve --array rbd:POOL needs --ceph-conf FILE (the "
+                                 "cluster's ceph.conf; docs/ceph.md)")
+            config["ceph"] = (os.path.abspath(ceph_conf),
+                              args.ceph_id or opts.get("ceph_id"))
+    elif ceph_conf or args.ceph_id:
+        raise UsageError("--ceph-conf/--ceph-id are for serve --array rbd:POOL")
     elif args.state_dir:
         raise UsageError("--state-dir is for host mode (serve --array HOST); a pool "
                          "keeps its state in the pool directory")
@@ -160,13 +179,13 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
             config["control_listen"] = (*parse_listen(control, CONTROL_PORT), tls_dir)
     except SettingsError as e:
         raise UsageError(str(e)) from None
-    if array and (listen or control):
+    if array and not rbd and (listen or control):
         raise UsageError("a host daemon (serve --array) opens no network port: the "
                          "array's own daemon serves NBD and the control API")
     if tls_dir and not (listen or control or array):
         raise UsageError("--tls-dir configures the network ports: give --nbd-listen "
                          "and/or --control-listen too")
-    if array:
+    if array and not rbd:
         if not tls_dir:
             raise UsageError("serve --array needs --tls-dir DIR: this host's certificate "
                              "('shadowplex pki host NAME DIR') is its identity at the array")
@@ -198,9 +217,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     poll = config.pop("poll_us", None)
     nbd = config.pop("nbd", None)
     array, tls_dir = config.pop("array", None), config.pop("tls_dir", None)
+    ceph = config.pop("ceph", None)
     svc = make_service(sock, mount, config)
     return serve(pool, mount, sock, True, services=[svc], debug=args.debug,
-                 allow_other=allow_other, nbd=nbd, array=array, tls_dir=tls_dir,
+                 allow_other=allow_other, nbd=nbd, array=array, tls_dir=tls_dir, ceph=ceph,
                  **({} if poll is None else {"poll_us": poll}))
 
 
@@ -589,6 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TOML settings (contrib/shadowplex.toml); flags override them")
     s.add_argument("--pool", metavar="DIR", help="pool directory (or 'pool' in --config)")
     s.add_argument("--mount", metavar="DIR", help="mount directory (or 'mount' in --config)")
+    s.add_argument("--ceph-conf", metavar="FILE", default=None,
+                   help="with --array rbd:POOL: the Ceph cluster's ceph.conf (docs/ceph.md)")
+    s.add_argument("--ceph-id", metavar="NAME", default=None,
+                   help="with --array rbd:POOL: the Ceph client id (default: admin)")
     s.add_argument("--state-dir", metavar="DIR", default=None,
                    help="host mode (with the global --array HOST[:PORT] --tls-dir DIR): "
                         f"this host's state, its catalog (default {DEFAULT_HOST_STATE})")

@@ -1,0 +1,61 @@
+"""`shadowplex serve --array rbd:POOL --ceph-conf FILE` (issue 18): the daemon over a
+real one-node Ceph cluster (conftest's ``ceph`` fixture): the FUSE mount, the CLI, a
+snapshot set, its content, snapshot diff, deletion -- the same commands as on a pool."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Daemon, launch
+
+pytestmark = pytest.mark.kernel
+MiB = 1 << 20
+
+
+@pytest.fixture
+def rbd_daemon(ceph: object, tmp_path: Path, sockdir: str) -> Iterator[Daemon]:
+    from ceph_cluster import wipe
+    conf = ceph.conf   # type: ignore[attr-defined]
+    wipe(conf)
+    mnt, state, sock = tmp_path / "mnt", tmp_path / "state", os.path.join(sockdir, "c.sock")
+    mnt.mkdir()
+    d = launch(["serve", "--array", f"rbd:{ceph.pool}", "--ceph-conf", conf,  # type: ignore[attr-defined]
+                "--mount", str(mnt), "--state-dir", str(state), "--socket", sock,
+                "--hooks-dir", ""],
+               module="tools.cli", pool=str(state), mount=str(mnt), socket=sock,
+               log=str(tmp_path / "daemon.log"))
+    try:
+        yield d
+    finally:
+        d.stop()
+        wipe(conf)
+
+
+def test_serve_on_rbd_runs_the_cli_s_sequence(rbd_daemon: Daemon) -> None:
+    d = rbd_daemon
+    d.ok("volume", "create", "db", "16M")
+    img = Path(d.mount) / "volumes" / "db.img"
+    before = os.urandom(MiB)
+    with open(img, "r+b") as f:
+        f.write(before)
+        f.flush()
+        os.fsync(f.fileno())
+    sid = d.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
+    with open(img, "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(b"after" * 1000)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(Path(d.mount) / ".shadow" / f"{sid}.img", "rb") as f:
+        assert f.read(MiB) == before
+        f.seek(4 * MiB)
+        assert f.read(5000) == bytes(5000)
+    diff = d.json("snapshot", "diff", sid)
+    assert diff == [{"offset": 4 * MiB, "length": 64 * 1024}], diff
+    d.ok("snapshot", "delete", sid)
+    assert d.json("snapshot", "list") == []
+    st = d.json("status")
+    assert st["pool_id"] and st["chunk_size"] == 64 * 1024
