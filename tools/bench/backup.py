@@ -1,12 +1,10 @@
 """Issue 17's performance section in one run: `snapshot diff` latency, incremental backups
-against copying only the changed bytes, full backups of a sparse volume against
-`qemu-img convert` of an equally sparse raw file.
+against copying only the changed bytes, full backups of a sparse volume against qemu-img.
 
     python -m tools.bench.backup [--size 64G] [--allocated 2G] [--changed 1G] [--quick]
                                  [--rounds 3] [--calls 10] [--json] [--dir DIR] [--keep] [-q]
 
-In a temporary directory under --dir, removed at the end (also after Ctrl-C / SIGTERM /
-SIGHUP: exit 128+N; after a failure all but its *.log files):
+In a work directory under --dir, removed however the run ends (netbench.run; Ctrl-C...):
 
 1. Volume v (--size, sparse) with --allocated bytes of random data in scattered 4..32
    MiB pieces, and full.raw: a sparse raw file, the same bytes at the same offsets.
@@ -30,11 +28,10 @@ SIGHUP: exit 128+N; after a failure all but its *.log files):
    50 ms; an incremental writes <= 1.1x the changed bytes in <= 1.2x the comparator's
    time; a full backup reads only allocated data (bytes_read <= allocated; storage <= 1.1x).
 
-cp / nbdcopy of changes.raw is "copying those bytes" like-for-like: the same bytes (the
-diff's extents) read cold from a file on the pool's file system and written to a new
-sparse file there, durably -- the least an incremental must do; our extra costs (the diff
-call, NBD on loopback, qcow2 through qemu-nbd, a raw incremental's copy of PREV, Python's
-start-up) are what the ratio measures.
+cp / nbdcopy of changes.raw is "copying those bytes" like-for-like: the same bytes read
+cold from a file on the pool's file system, written to a new sparse file there, durably:
+the least an incremental must do. Our extra costs (the diff call, NBD on loopback, qcow2
+via qemu-nbd, a raw incremental's copy of PREV, Python's start-up) are what it measures.
 """
 
 from __future__ import annotations
@@ -46,6 +43,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,16 +117,19 @@ def scatter(rnd: random.Random, size: int, total: int, lo: int, hi: int, align: 
 
 
 def timed(argv: list[str]) -> tuple[float, int, int, str]:
-    """Run argv in a session of its own: (seconds, bytes it read from storage, bytes it
-    wrote, stdout) -- getrusage of it and its waited-for children. Interrupted: its whole
-    group (qemu-nbd too) is killed before the interruption goes on."""
+    """argv in a session of its own: (seconds, storage bytes read, written (getrusage of it
+    and its waited-for children), stdout). Interrupted: SIGINT to it all, SIGKILL in 10 s."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 cwd=REPO, start_new_session=True)
         try:
             _, status, ru = os.wait4(proc.pid, 0)
-        except BaseException:
+        except BaseException:   # as Ctrl-C would: `backup` removes its .part, qemu-nbd, ...
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
             kill_tree(proc.pid, proc.pid)
             proc.wait()
             raise
@@ -264,9 +265,9 @@ class Setup:
         if kind == "full" and side == "ours" and fmt not in self.prev:
             self.prev[fmt] = path
         else:
-            for f in (path, path + ".backup.json"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f)
+            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + ".backup.json")
         return out
 
 
