@@ -64,8 +64,10 @@ targets.py (the daemon, qemu-storage-daemon exports, the plex loop), datapath.py
 setup and the data-path passes), poolfs.py (the pool file systems, the reflink
 comparator), control.py (the control-plane figures), verdicts.py (the project's targets,
 PASS / FAIL / noisy), report.py (medians, ratios, the tables), svg.py (the chart),
-command.py (arguments, run, main). The NBD port against qemu-nbd is a tool of its own:
-`python -m tools.bench.nbd` (nbd.py, nbd_setup.py; docs/performance.md).
+command.py (arguments, run, main). Tools of their own (docs/performance.md): the NBD
+port against qemu-nbd, `python -m tools.bench.nbd` (nbd.py, nbd_setup.py); host mode,
+`python -m tools.bench.hosts`; backups (issue 17), `python -m tools.bench.backup`; their
+shared arguments, run and table: netbench.py.
 """
 
 from __future__ import annotations

@@ -141,6 +141,11 @@ def _p99(xs: list[float]) -> float:
     return float(s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)])
 
 
+def _p90(xs: list[float]) -> float:
+    s = sorted(xs)
+    return float(s[max(0, math.ceil(0.9 * len(s)) - 1)])
+
+
 def _fill(path: str, size: int) -> None:
     """Write every byte of `path` (1 MiB blocks of incompressible data)."""
     block = os.urandom(MiB)

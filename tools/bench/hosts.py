@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import math
 import os
 import shutil
 import sys
@@ -47,7 +46,7 @@ from typing import Any
 
 from ..netns import Hosts
 from .caches import warm
-from .common import WORKLOADS, Log, MiB, _median, _wait
+from .common import WORKLOADS, Log, MiB, _median, _p90, _wait
 from .nbd_setup import PREFIX, _read, make_pki, make_pool
 from .netbench import check_arguments, num, parser, pct, ratio, run, shown, table
 from .netbench import versions as _versions
@@ -164,11 +163,6 @@ def measure_rounds(s: HostSetup, rounds: int, runtime: float, n_create: int,
                 add(w, side, "value", res.value)
                 add(w, side, "p50", res.p50_us)
                 add(w, side, "p99", res.p99_us)
-
-
-def _p90(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[max(0, math.ceil(0.9 * len(s)) - 1)]
 
 
 def build_report(samples: Samples, args: argparse.Namespace, size: int, base: str,

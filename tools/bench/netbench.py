@@ -21,15 +21,17 @@ from .common import BenchError, Log, MiB, _median
 from .verdicts import spread, verdict
 
 
-def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+def parser(prog: str, doc: str | None, fio: bool = True) -> argparse.ArgumentParser:
     """`python -m PROG`'s parser (described by the first paragraph of its docstring) with
-    the arguments every network benchmark takes; the caller adds its own."""
+    the arguments every network benchmark takes (--runtime: those that run fio); the
+    caller adds its own."""
     p = argparse.ArgumentParser(prog=f"python -m {prog}",
                                 description=(doc or "").split("\n\n")[0])
     p.add_argument("--size", default="1G", help="image size (default 1G)")
     p.add_argument("--rounds", type=int, default=5, help="rounds (default 5); medians")
-    p.add_argument("--runtime", type=float, default=5.0, metavar="S",
-                   help="seconds per fio job (default 5)")
+    if fio:
+        p.add_argument("--runtime", type=float, default=5.0, metavar="S",
+                       help="seconds per fio job (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--dir", metavar="DIR", help="where the work directory goes ($TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -46,7 +48,7 @@ def check_arguments(prog: str, args: argparse.Namespace) -> int | None:
     except InvalidSize as e:
         print(f"{prog}: error: --size: {e}", file=sys.stderr)
         return None
-    if size < 16 * MiB or size % MiB or args.rounds < 1 or args.runtime <= 0:
+    if size < 16 * MiB or size % MiB or args.rounds < 1 or getattr(args, "runtime", 1) <= 0:
         print(f"{prog}: error: --size must be a multiple of 1M and at least 16M, "
               "--rounds at least 1, --runtime above 0", file=sys.stderr)
         return None
