@@ -106,7 +106,7 @@ def _overflow_audit(volume: str, snapshot_id: str, why: str) -> None:
     behaviour; the write that needed the room goes on). Called with the pool lock held."""
     audit.audit("snapshot.delete", None, logging.WARNING, id=snapshot_id, volume=volume,
                 reason="overflow",
-                why=f"{why} for volume {volume}: deleting its oldest snapshot")
+                why=f"{why} for volume {volume}: deleting its oldest snapshot {snapshot_id}")
 
 
 # --------------------------------------------------------------------------- the service

@@ -183,7 +183,8 @@ def test_overflow_deletion_is_an_audit_warning(caplog: pytest.LogCaptureFixture)
     assert rec.getMessage() == (
         "audit: host=- session=- client=- snapshot.delete "
         "id=00000000-0000-0000-0000-000000000001 volume=v reason=overflow "
-        'why="diff-area limit reached for volume v: deleting its oldest snapshot"')
+        'why="diff-area limit reached for volume v: deleting its oldest snapshot '
+        '00000000-0000-0000-0000-000000000001"')
 
 
 # --------------------------------------------------------------------------- sd_notify
