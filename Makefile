@@ -4,6 +4,10 @@
 #   make setup   apt packages (only if missing) + .venv (only if pyproject.toml changed)
 #   make ceph    Ceph's packages + rados/rbd linked into .venv (the RBD backend and its
 #                tests; `make test` runs it, `make setup` does not: see docs/ceph.md)
+#   make install the service: a venv at $(PREFIX) (/opt/shadowplex), the command linked
+#                into $(BINDIR) (/usr/local/bin, where contrib/shadowplex.service's
+#                ExecStart looks), the unit, the example config (never overwritten), the
+#                bash completion. `make uninstall` removes them, the config excepted.
 
 SHELL := /bin/bash
 .NOTPARALLEL:
@@ -30,7 +34,14 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs btrf
 
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: setup setup-system venv ceph ceph-system test demo lint typecheck clean
+# make install's destinations (override on the command line: make install PREFIX=...)
+PREFIX        ?= /opt/shadowplex
+BINDIR        ?= /usr/local/bin
+UNITDIR       ?= /etc/systemd/system
+CONFDIR       ?= /etc/shadowplex
+COMPLETIONDIR ?= /usr/share/bash-completion/completions
+
+.PHONY: setup setup-system venv ceph ceph-system test demo lint typecheck clean install uninstall
 
 setup: setup-system venv
 
@@ -84,6 +95,42 @@ test: setup ceph
 
 demo: setup
 	$(VENV)/bin/shadowplex demo
+
+# A venv of its own (not the system Python: Debian's is externally managed, and the
+# patched pyfuse3 must not replace a system one): the patched pyfuse3 first, then
+# shadowplex itself, not editable (this checkout may go away). Re-running upgrades it.
+# The unit's ExecStart is rewritten if BINDIR is not /usr/local/bin.
+install: setup-system
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "install: '$(PYTHON)' is $$($(PYTHON) -V 2>&1 || echo missing); shadowplex needs" \
+	       "Python >= 3.11: make PYTHON=/path/to/python3.11 install" >&2; exit 1; }
+	@if ! $(PREFIX)/bin/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+	  echo "install: creating the venv $(PREFIX)"; $(PYTHON) -m venv $(PREFIX); \
+	fi
+	$(PREFIX)/bin/python -m pip install -q --upgrade pip
+	bash $(PYFUSE3_BUILD) $(PREFIX)/bin/python build/pyfuse3
+	$(PREFIX)/bin/python -m pip install -q .
+	bash $(PYFUSE3_BUILD) --check $(PREFIX)/bin/python
+	install -d $(BINDIR)
+	ln -sfn $(PREFIX)/bin/shadowplex $(BINDIR)/shadowplex
+	install -d $(UNITDIR)
+	sed 's#/usr/local/bin/shadowplex#$(BINDIR)/shadowplex#' contrib/shadowplex.service \
+	  > $(UNITDIR)/shadowplex.service && chmod 644 $(UNITDIR)/shadowplex.service
+	@if [ -e $(CONFDIR)/shadowplex.toml ]; then \
+	  echo "install: keeping $(CONFDIR)/shadowplex.toml (the new example: contrib/shadowplex.toml)"; \
+	else install -D -m 644 contrib/shadowplex.toml $(CONFDIR)/shadowplex.toml; fi
+	install -D -m 644 contrib/shadowplex.bash-completion $(COMPLETIONDIR)/shadowplex
+	@if command -v systemd-analyze >/dev/null; then \
+	  systemd-analyze verify $(UNITDIR)/shadowplex.service && echo "install: the unit verifies"; \
+	fi
+	@$(BINDIR)/shadowplex --version
+	@echo "install: next: edit $(CONFDIR)/shadowplex.toml; shadowplex pool init POOL;" \
+	      "mkdir -p MOUNT; systemctl daemon-reload && systemctl enable --now shadowplex"
+
+uninstall:
+	rm -f $(BINDIR)/shadowplex $(UNITDIR)/shadowplex.service $(COMPLETIONDIR)/shadowplex
+	rm -rf $(PREFIX)
+	@echo "uninstall: kept $(CONFDIR) and every pool"
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -42,6 +42,11 @@ SCRATCH_MAX = 4 << 20   # the whole chunks' scratch buffer is kept up to this si
 
 
 class DataPath(HeldWrites):
+    # Called instead of the warning below when the diff area overflows and the oldest
+    # snapshot goes: (volume, snapshot id, why), with the pool lock held -- it may log,
+    # never call the pool. The daemon's coordinator sets it (its audit line).
+    overflow_hook: Callable[[str, str, str], None] | None = None
+
     def read(self, key: str, offset: int, length: int) -> bytes:
         self.last_io = time.monotonic()
         with self._lock:   # (inline rather than @_locked: this is the hot path)
@@ -453,8 +458,12 @@ class DataPath(HeldWrites):
         if target in candidates and len(candidates) > 1:
             candidates.remove(target)   # spare a revert's source while others can go
         oldest = min(candidates, key=lambda s: s.epoch or 0)
-        log.warning("%s for volume %s: deleting its oldest snapshot %s", why, v.name,
-                    oldest.snap_id)
+        hook = self.overflow_hook
+        if hook is not None:
+            hook(v.name, oldest.snap_id, why)
+        else:
+            log.warning("%s for volume %s: deleting its oldest snapshot %s", why, v.name,
+                        oldest.snap_id)
         self._delete_snapshot(oldest)
 
 

@@ -38,6 +38,7 @@ import trio
 from blockstore import errors as bse
 from blockstore.model import COMMITTED, PREPARING
 
+from . import audit
 from .catalog import ExportRecord, SetRecord
 from .model import Session, guid
 from .vss import Attr, SnapshotState, VssError
@@ -242,7 +243,8 @@ class HostSets:
         self.coord.catalog.put_export(ExportRecord(
             rec, tuple(sorted({m.volume for m in members})), tuple(m.id for m in members),
             time.time()))
-        log.info("snapshot set %s exported by host %s", sid, session.host)
+        audit.audit("set.export", audit.of_session(session), id=sid,
+                    snapshots=[m.id for m in members], at="array")
         return {"set_id": sid, "snapshots": [m.id for m in members]}
 
     def _only_host(self, session: Session, snap_id: str, what: str) -> str:

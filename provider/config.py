@@ -10,9 +10,10 @@
     nbd_insecure (bool: plain text on loopback), control_listen (str: ADDR[:PORT] of
     the TLS control port, with tls_dir); host mode (issue 16): array (str:
     HOST[:PORT] of the array's control port, with tls_dir: this host's certificate),
-    state_dir (str: this host's catalog; default DEFAULT_HOST_STATE); Ceph (issue 18):
-    array "rbd:POOL" with ceph_conf (str: ceph.conf) and ceph_id (str), state_dir
-    (default DEFAULT_RBD_STATE)
+    state_dir (str: this host's catalog; default DEFAULT_HOST_STATE), log_level
+    ("debug" | "info" | "warning" | "error"), log_file (str: append the log there
+    instead of stderr); Ceph (issue 18): array "rbd:POOL" with ceph_conf (str:
+    ceph.conf) and ceph_id (str), state_dir (default DEFAULT_RBD_STATE)
   service keys (passed to provider.service.control_service(config=...), see
   docs/provider.md "Configuration"):
     default_kind ("differential" | "plex"), freeze_timeout, hold_deadline, writer_timeout,
@@ -25,8 +26,8 @@ in /, so "relative to the current directory" would mean nothing useful); in a JS
 object given on the command line they are relative to the current directory.
 
 Anything else (an unknown key, a wrong type, a TOML syntax error, an unreadable file) is
-a ConfigError with ONE line naming the file, the key and what is expected; the callers
-turn it into a usage error (exit 2).
+a ConfigError with ONE line naming the file, the key and what is expected; `shadowplex
+serve` exits EXIT_CONFIG (78) then, `python -m provider.service` 2 (a usage error).
 
 The control socket when none is named is default_socket_path()'s, the one rule every
 entry point (the CLI, `python -m provider.service`, control_service, Client) follows.
@@ -43,11 +44,18 @@ from typing import Any
 
 SERVE_KEYS = ("pool", "mount", "socket", "allow_other", "poll_us", "nbd_listen",
               "nbd_insecure", "tls_dir", "control_listen", "array", "state_dir",
-              "ceph_conf", "ceph_id")
-PATH_KEYS = ("pool", "mount", "socket", "hooks_dir", "tls_dir", "state_dir", "ceph_conf")
+              "ceph_conf", "ceph_id", "log_level", "log_file")
+PATH_KEYS = ("pool", "mount", "socket", "hooks_dir", "tls_dir", "state_dir", "ceph_conf",
+             "log_file")
 SECONDS_KEYS = ("freeze_timeout", "hold_deadline", "writer_timeout", "revert_hold",
                 "hook_timeout")
 KINDS = ("differential", "plex")
+
+# `serve`'s exit status for a configuration error (sysexits.h EX_CONFIG): a bad or
+# contradictory setting, a pool or mount directory that is missing or is not one. A
+# restart cannot cure it: contrib/shadowplex.service has RestartPreventExitStatus=78.
+EXIT_CONFIG = 78
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 CONTROL_PORT = 10810   # the network control port's default (the NBD port's + 1)
 SOCKET_ENV = "SHADOWPLEX_SOCKET"
@@ -90,12 +98,14 @@ def _is_number(v: Any) -> bool:
 
 def _check(key: str, v: Any) -> str | None:
     """None if v is a valid value for key, else what is expected."""
-    if key in ("pool", "mount", "socket", "tls_dir", "state_dir", "ceph_conf"):
+    if key in ("pool", "mount", "socket", "tls_dir", "state_dir", "ceph_conf", "log_file"):
         return None if isinstance(v, str) and v else "a non-empty path string"
     if key == "ceph_id":
         return None if isinstance(v, str) and v else "a Ceph client id string"
     if key in ("nbd_listen", "control_listen", "array"):
         return None if isinstance(v, str) and v else "an address ADDR[:PORT] string"
+    if key == "log_level":
+        return None if v in LOG_LEVELS else " or ".join(f'"{x}"' for x in LOG_LEVELS)
     if key == "hooks_dir":
         return None if v is None or isinstance(v, str) else "a directory path string"
     if key in ("allow_other", "fsfreeze", "nbd_insecure"):

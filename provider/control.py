@@ -41,7 +41,7 @@ from typing import Any
 
 import trio
 
-from . import protocol
+from . import audit, protocol
 from .control_ops import HANDLERS, SCOPE_OPS, TOKEN_OPS, Args, _bad, _cancel_args
 from .coordinator import Coordinator, Session
 from .jobs import CancelToken
@@ -310,8 +310,14 @@ class Connection:
                         remote = self.remote_host is not None
                         access = self.coord.access
                         access.check(self.session.host, remote, op, args)
-                        result = access.filter(self.session.host, remote, op,
-                                               await handler(self, args, progress.report))
+                        # who asked, for the audit lines of what the handler changes
+                        who = audit.REQUESTER.set(audit.of_session(self.session))
+                        try:
+                            result = access.filter(self.session.host, remote, op,
+                                                   await handler(self, args,
+                                                                 progress.report))
+                        finally:
+                            audit.REQUESTER.reset(who)
                         reply = protocol.reply_ok(rid, result)
                     except Exception as e:   # noqa: BLE001 - every failure becomes the request's error reply
                         reply = protocol.reply_error(rid, protocol.to_vss_error(e))

@@ -50,7 +50,7 @@ import trio
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.presentation import LiveMount
 
-from . import documents, vss
+from . import audit, documents, vss
 from .access import Access
 from .array import Array
 from .array_service import ArrayService, HostSets
@@ -99,6 +99,14 @@ DIFF_PAGE = 100_000
 
 def _vss(name: str, message: str) -> VssError:
     return VssError(name, message)
+
+
+def _overflow_audit(volume: str, snapshot_id: str, why: str) -> None:
+    """The block store deleted a volume's oldest snapshot: its diff area overflowed (VSS's
+    behaviour; the write that needed the room goes on). Called with the pool lock held."""
+    audit.audit("snapshot.delete", None, logging.WARNING, id=snapshot_id, volume=volume,
+                reason="overflow",
+                why=f"{why} for volume {volume}: deleting its oldest snapshot {snapshot_id}")
 
 
 # --------------------------------------------------------------------------- the service
@@ -160,6 +168,8 @@ class Coordinator:
                                    self._fault)
         self.array_service = ArrayService(self)
         self.host_sets = HostSets(self)     # sets host daemons create on this array
+        if hasattr(type(pool), "overflow_hook"):   # the embedded block store
+            pool.overflow_hook = _overflow_audit  # type: ignore[attr-defined]
         self.longops = LongOperations(pool, self.hardware, barrier, self.config, self.catalog,
                                       self.masking, self.views, self.volumes, self.exposure,
                                       self.deletion, self._marks, claims)
@@ -208,8 +218,8 @@ class Coordinator:
         self._sessions[s.id] = s
         if s.host != self.service_machine:
             self.masking.push()
-        log.info("requester session %d opened (host %s, client %s)", s.id, s.host,
-                 s.client or "-")
+        log.debug("requester session %d opened (host %s, client %s)", s.id, s.host,
+                  s.client or "-")
         return s
 
     async def close_session(self, session: Session) -> None:
@@ -224,16 +234,18 @@ class Coordinator:
                 if s.session is session:
                     await self._abort(s, "the requester session ended")
             for set_id in list(session.sets):
-                log.info("session %d ended: deleting auto-release snapshot set %s",
-                         session.id, set_id)
+                log.debug("session %d ended: deleting auto-release snapshot set %s",
+                          session.id, set_id)
                 try:
-                    await self.deletion.remove_snapshots(self.views.set_members(set_id), force=True)
+                    await self.deletion.remove_snapshots(
+                        self.views.set_members(set_id), force=True,
+                        reason="auto-release", requester=audit.of_session(session))
                 except Exception as e:   # noqa: BLE001 - a session's end must finish; logged
                     log.error("deleting auto-release set %s: %s", set_id, e)
                 self.deletion.drop_record(set_id)
             session.sets.clear()
         self._sessions.pop(session.id, None)
-        log.info("requester session %d closed", session.id)
+        log.debug("requester session %d closed", session.id)
 
     # ------------------------------------------------------------------ volumes
     def resolve_volume(self, spec: str) -> str:
@@ -267,9 +279,9 @@ class Coordinator:
         s = SnapshotSet(str(uuid.uuid4()), ctx, attrs, session)
         self._creating = s
         self._sets[s.set_id] = s
-        log.info("snapshot set %s started (%s%s) by session %d", s.set_id, ctx.vss_name,
-                 "".join(f"|{n}" for n in vss.attr_names(int(attrs) & int(vss.OPTION_BITS))),
-                 session.id)
+        log.debug("snapshot set %s started (%s%s) by session %d", s.set_id, ctx.vss_name,
+                  "".join(f"|{n}" for n in vss.attr_names(int(attrs) & int(vss.OPTION_BITS))),
+                  session.id)
         return s.set_id
 
     def creating_message(self) -> str | None:
@@ -352,7 +364,7 @@ class Coordinator:
         sid = str(uuid.uuid4())
         s.volumes[name] = sid
         self._marks[name] = InSet(s.set_id)
-        log.info("volume %s added to snapshot set %s as snapshot %s", name, s.set_id, sid)
+        log.debug("volume %s added to snapshot set %s as snapshot %s", name, s.set_id, sid)
         return sid
 
     async def _enter(self, s: SnapshotSet, state: SnapshotState) -> None:
@@ -414,9 +426,14 @@ class Coordinator:
         if rec.auto_release and session is s.session:
             bind_lifetime(self._sessions.values(), s.set_id, session)
         session.last_created = s.set_id
-        log.info("snapshot set %s created in %.3f s: %s", s.set_id, trio.current_time() - t0,
-                 ", ".join(f"{v}={i}" for v, i in s.volumes.items()))
-        return [self.views.prop_json(self.pool.snapshot(i)) for i in s.volumes.values()]
+        took = f"{trio.current_time() - t0:.3f}s"
+        props = [self.views.prop_json(self.pool.snapshot(i)) for i in s.volumes.values()]
+        who = audit.of_session(s.session) if s.session is not None else None
+        for p in props:
+            audit.audit("snapshot.create", who, id=p["snapshot_id"], volume=p["volume"],
+                        set=s.set_id, context=s.context.cli_name, kind=p.get("kind"),
+                        took=took)
+        return props
 
     @staticmethod
     def _as_vss(e: BaseException) -> VssError | None:

@@ -8,10 +8,21 @@ What it does, in order:
   2. opens the pool (exclusive lock: errors.PoolLocked names the holder);
   3. mounts the FUSE view (fuse_mount.session.run_mount) and starts the extra services
      (control socket, coordinator, background jobs) in the same nursery;
-  4. on SIGTERM / SIGINT / SIGHUP (unless started ignoring SIGHUP, as nohup does):
-     flushes every volume, unmounts, stops the services, closes the pool and exits 0.
-Any user error (missing pool, pool in use, bad mount directory) is ONE line on stderr,
-exit status 1, and nothing is mounted or changed.
+  4. once the mount and the services are up (the control socket listens), tells
+     systemd READY=1 if $NOTIFY_SOCKET is set (provider/sdnotify.py; Type=notify);
+  5. on SIGTERM / SIGINT / SIGHUP (unless started ignoring SIGHUP, as nohup does):
+     flushes every volume, unmounts (STOPPING=1), stops the services, closes the pool
+     and exits 0.
+Any user error is ONE line on stderr, and nothing is mounted or changed: exit status
+78 (EX_CONFIG, config.EXIT_CONFIG) for a configuration error a restart cannot cure (no
+pool at --pool, a directory that is not a pool, a missing or unusable mount directory,
+the pool or socket inside the mount, a bad --tls-dir or --log-file), 1 for the others
+(the pool in use by another daemon, the array unreachable, the mount failing).
+
+The log (``_configure_logging``): stderr, or ``log_file`` (appended, reopened when
+logrotate moves it); level INFO unless ``log_level``/``debug`` says otherwise. When
+stderr is systemd's journal ($JOURNAL_STREAM names it) each line carries its syslog
+priority (``<6>``...) and no timestamp or pid: journald records both.
 
 Stopping while the mount is in use: the unmount is attempted NON-lazily first. If the
 mount is busy (a loop device or a process still has an image open) the daemon refuses to
@@ -23,7 +34,7 @@ every access, never an empty-looking directory); the next `serve` on the same di
 cleans it.
 
 `--foreground` is the default and the only mode: the daemon never forks (run it under
-systemd Type=simple, or with `&`/nohup). `--background` is accepted for compatibility and
+systemd Type=notify or simple, or with `&`/nohup). `--background` is accepted for compatibility and
 only logs that it runs in the foreground.
 
 Threads (docs/concurrency.md has the whole table): the trio thread runs the FUSE
@@ -43,7 +54,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import inspect
 import logging
+import logging.handlers
 import os
 import signal
 import ssl
@@ -75,6 +88,8 @@ from nbd.settings import NbdSettings
 
 from . import mount_users
 from .array import Array
+from .config import EXIT_CONFIG, LOG_LEVELS
+from .sdnotify import Notifier
 from .vss import VssError
 
 log = logging.getLogger(__name__)
@@ -89,11 +104,12 @@ Service = Callable[[Array, WriteBarrier, trio.Nursery, LiveMount], Awaitable[Any
 
 
 class ServeError(Exception):
-    """A user error: reported as one line, exit status 1."""
+    """A configuration error: reported as one line, exit status EXIT_CONFIG."""
 
 
 def _error_line(msg: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {msg}\n")
+    prio = "<3>" if journal_stderr() else ""   # journald: priority "err"
+    sys.stderr.write(f"{prio}{PROG}: error: {msg}\n")
     sys.stderr.flush()
 
 
@@ -224,7 +240,9 @@ async def _serve_async(
     poll_us: float = DEFAULT_POLL_US,
     nbd: NbdSettings | None = None,
     nbd_tls: ssl.SSLContext | None = None,
+    notifier: Notifier | None = None,
 ) -> int:
+    notifier = notifier or Notifier(None)
     barrier = WriteBarrier(pool)
     # LUN masking: the operations read it, the services (the coordinator) update it
     # the host the root of the mount is for: this machine, or in host mode the identity
@@ -262,13 +280,15 @@ async def _serve_async(
                 if e.errno == errno.EBUSY and (
                         refused_at is None or trio.current_time() - refused_at > FORCE_WINDOW):
                     unmounting = False
+                    busy = await _busy_report(mountpoint, ops)
                     log.error(
                         "%s is busy (%s): NOT stopping, the array keeps serving. Close "
                         "the files, unmount the filesystems and detach the loop devices on "
                         "it, then signal again; a second signal within %g s forces a lazy "
                         "unmount.",
-                        mountpoint, await _busy_report(mountpoint, ops), FORCE_WINDOW,
+                        mountpoint, busy, FORCE_WINDOW,
                     )
+                    notifier.notify(f"STATUS=refused to stop: {mountpoint} is busy ({busy})")
                     refused_at = trio.current_time()
                     continue
                 if e.errno == errno.EBUSY:
@@ -278,6 +298,7 @@ async def _serve_async(
                                 await _busy_report(mountpoint, ops))
                 elif e.errno not in (errno.EINVAL, errno.ENOENT):
                     log.warning("unmounting %s: %s; detaching lazily", mountpoint, e.strerror)
+            notifier.notify("STOPPING=1", f"STATUS=stopping ({name})")
             stop_requested.set()
             return
 
@@ -302,8 +323,15 @@ async def _serve_async(
             # Other services (control socket, coordinator, background jobs) start HERE, on
             # the same trio loop, after the mount exists. Each gets (pool, barrier, nursery,
             # mount).
+            # A service that takes task_status (control_service) is up once it calls
+            # started(): its socket listens. Then systemd hears READY=1.
             for svc in services:
-                nursery.start_soon(svc, pool, barrier, nursery, ops)
+                if _takes_task_status(svc):
+                    await nursery.start(svc, pool, barrier, nursery, ops)
+                else:
+                    nursery.start_soon(svc, pool, barrier, nursery, ops)
+            notifier.notify("READY=1", f"STATUS=serving {pool.path} at {mountpoint}")
+            log.info("ready: serving at %s", mountpoint)
             # ---------------------------------------------------------------------------
             async with trio.open_nursery() as waiter:
                 async def wait_for(ev: trio.Event) -> None:
@@ -320,9 +348,17 @@ async def _serve_async(
                     await session_ended.wait()
             elif not (stop_requested.is_set() or unmounting):
                 log.warning("%s was unmounted from outside: stopping", mountpoint)
+                notifier.notify("STOPPING=1", "STATUS=stopping (unmounted from outside)")
             nursery.cancel_scope.cancel()
     await _flush_all(pool)
     return 0
+
+
+def _takes_task_status(svc: Service) -> bool:
+    try:
+        return "task_status" in inspect.signature(svc).parameters
+    except (TypeError, ValueError):   # no signature to read: started with start_soon
+        return False
 
 
 def _nbd_tls(nbd: NbdSettings) -> ssl.SSLContext | None:
@@ -360,8 +396,11 @@ def serve(
     array: str | None = None,
     tls_dir: str | None = None,
     ceph: tuple[str, str | None] | None = None,
+    log_level: str | None = None,
+    log_file: str | None = None,
 ) -> int:
-    """Run the array daemon until SIGTERM/SIGINT; return the exit status (0 or 1).
+    """Run the array daemon until SIGTERM/SIGINT; return the exit status: 0, 1 (a
+    failure), or EXIT_CONFIG (78: a configuration error; see the module docstring).
 
     socket_path is for the control-socket service (passed to it by the caller, e.g. with
     functools.partial); serve only checks that it is not inside the mount.
@@ -372,7 +411,25 @@ def serve(
     (issue 18): ``array`` "rbd:POOL" and ``ceph`` (ceph.conf, client id): the LUNs are
     that RBD pool's (rbdarray/), ``pool_dir`` the provider's state directory.
     """
-    _configure_logging(debug)
+    notifier = Notifier.from_environment()
+    try:
+        handler = _configure_logging(debug, log_level, log_file)
+    except ServeError as e:
+        _error_line(str(e))
+        return EXIT_CONFIG
+    try:
+        return _serve(pool_dir, mountpoint, socket_path, foreground, services, debug,
+                      allow_other, poll_us, nbd, array, tls_dir, ceph, notifier)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _serve(pool_dir: str, mountpoint: str, socket_path: str | None, foreground: bool,
+           services: Sequence[Service], debug: bool, allow_other: bool, poll_us: float,
+           nbd: NbdSettings | None, array: str | None, tls_dir: str | None,
+           ceph: tuple[str, str | None] | None, notifier: Notifier) -> int:
     pool_dir = os.path.abspath(pool_dir)
     mountpoint = os.path.realpath(mountpoint)   # before mounting: safe to stat
     if not foreground:
@@ -383,11 +440,19 @@ def serve(
         nbd_tls = _nbd_tls(nbd) if nbd is not None else None
     except ServeError as e:
         _error_line(str(e))
-        return 1
+        return EXIT_CONFIG
     keep_freed_memory()   # the data path's chunk buffers: see its docstring
     try:
         pool = _open_backend(pool_dir, array, tls_dir, ceph)
-    except bse.StoreError as e:
+    except ServeError as e:
+        _error_line(str(e))
+        return EXIT_CONFIG
+    except (bse.NotFound, bse.FormatError) as e:
+        # no pool there, or not a pool: a wrong path (a broken pool.json is no better
+        # after a restart either)
+        _error_line(str(e))
+        return EXIT_CONFIG
+    except bse.StoreError as e:   # PoolLocked: another daemon, which may stop
         _error_line(str(e))
         return 1
     except OSError as e:
@@ -405,12 +470,12 @@ def serve(
                 _check_mountpoint(mountpoint)
             except ServeError as e:
                 _error_line(str(e))
-                return 1
+                return EXIT_CONFIG
         log.info("serving pool %s at %s (pid %d)%s", pool_dir, mountpoint, os.getpid(),
                  f", control socket {socket_path}" if socket_path else "")
         try:
             rc = trio.run(_serve_async, pool, mountpoint, list(services), debug, allow_other,
-                          poll_us, nbd, nbd_tls)
+                          poll_us, nbd, nbd_tls, notifier)
         except Exception as e:
             # MountError, and VssError from a service (the control socket cannot be
             # created, another daemon listens there): user errors, one line
@@ -441,8 +506,8 @@ def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None,
     from .client import ControlError
     from .remote_array import RemoteArray
     if not tls_dir:
-        raise bse.StoreError("--array needs --tls-dir DIR (this host's certificate: "
-                             "'shadowplex pki host NAME DIR')")
+        raise ServeError("--array needs --tls-dir DIR (this host's certificate: "
+                         "'shadowplex pki host NAME DIR')")
     try:
         return RemoteArray(array, tls_dir, pool_dir)
     except ControlError as e:
@@ -461,16 +526,69 @@ def _find(exc: BaseException, cls: type[BaseException]) -> BaseException | None:
     return None
 
 
-def _configure_logging(debug: bool) -> None:
+LOG_FORMAT = "%(asctime)s shadowplex[%(process)d] %(levelname)s %(name)s: %(message)s"
+JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"   # journald adds time, unit, pid
+
+
+def journal_stderr() -> bool:
+    """stderr is systemd's journal: $JOURNAL_STREAM ("DEV:INODE", set by systemd for a
+    service whose stderr it connects to journald) names the very file stderr is. Only
+    then, not merely under systemd ($INVOCATION_ID): StandardError=append:FILE wants
+    timestamps, and a child whose stderr was redirected inherits the variable."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class JournalFormatter(logging.Formatter):
+    """Each line prefixed with its syslog priority, ``<6>`` for INFO (journald's
+    SyslogLevelPrefix, on by default): `journalctl -p warning` then filters by level."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self.PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING
+                                 else 3)
+        return "\n".join(f"<{prio}>{x}" for x in super().format(record).splitlines())
+
+
+def _configure_logging(debug: bool, level: str | None = None,
+                       log_file: str | None = None) -> logging.Handler | None:
+    """The daemon's log: stderr (journal-style if it is the journal), or ``log_file``
+    instead; INFO unless ``level`` (LOG_LEVELS) or ``debug`` says otherwise. A process
+    whose root logger has handlers already (a test running serve() in-process) keeps
+    them; a log file is added to them. Returns the handler added for ``log_file`` (the
+    caller removes it), ServeError if the file cannot be opened."""
+    if level is not None and level not in LOG_LEVELS:
+        raise ServeError(f"log level {level!r}: use one of {', '.join(LOG_LEVELS)}")
+    lvl = logging.DEBUG if debug else getattr(logging, (level or "info").upper())
     root = logging.getLogger()
+    added: logging.Handler | None = None
+    if log_file:
+        try:
+            # reopened when logrotate moves the file away (no copytruncate needed)
+            added = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+        except OSError as e:
+            raise ServeError(f"cannot open the log file {log_file}: "
+                             f"{e.strerror or e}") from None
+        added.setFormatter(logging.Formatter(LOG_FORMAT))
     if not root.handlers:
-        logging.basicConfig(
-            stream=sys.stderr,
-            level=logging.DEBUG if debug else logging.INFO,
-            format="%(asctime)s shadowplex[%(process)d] %(levelname)s %(name)s: %(message)s",
-        )
-    elif debug:
-        root.setLevel(logging.DEBUG)
+        if added is None:
+            h: logging.Handler = logging.StreamHandler(sys.stderr)
+            h.setFormatter(JournalFormatter(JOURNAL_FORMAT) if journal_stderr()
+                           else logging.Formatter(LOG_FORMAT))
+            root.addHandler(h)
+        root.setLevel(lvl)
+    elif debug or level is not None:
+        root.setLevel(lvl)
+    if added is not None:
+        root.addHandler(added)
+    return added
 
 
 def build_parser(paths_required: bool = True) -> argparse.ArgumentParser:
@@ -490,13 +608,18 @@ def build_parser(paths_required: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--allow-other", action="store_true",
                    help="let users other than root use the mount (FUSE allow_other)")
     p.add_argument("--debug", action="store_true", help="debug logging (and FUSE debug)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help="log level (default info)")
+    p.add_argument("--log-file", metavar="PATH", default=None,
+                   help="append the log to PATH instead of stderr")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return serve(args.pool, args.mount, args.socket, args.foreground, debug=args.debug,
-                 allow_other=args.allow_other)
+                 allow_other=args.allow_other, log_level=args.log_level,
+                 log_file=args.log_file)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 from blockstore import errors as bse
 
-from . import vss
+from . import audit, vss
 from .array import Array
 from .catalog import ProviderCatalog
 from .exposure import Exposure
@@ -52,11 +52,15 @@ class Deletion:
             self.catalog.delete_import(set_id)
         bind_lifetime(self._sessions.values(), set_id, None)
 
-    async def remove_snapshots(self, ids: Iterable[str], force: bool = False) -> list[str]:
+    async def remove_snapshots(self, ids: Iterable[str], force: bool = False,
+                               reason: str | None = None,
+                               requester: audit.Requester | None = None) -> list[str]:
         """Delete committed snapshots (unmounting them first); updates set records.
         force: the automatic deletions (an auto-release set whose session ended, an
         unfinished set at start-up): nothing refuses them, what still uses a snapshot is
-        logged as an error (its reads fail with EIO from then on)."""
+        logged as an error (its reads fail with EIO from then on). ``reason`` and
+        ``requester`` go into each deletion's audit line (default: the current
+        request's requester, no reason)."""
         ids = list(ids)
         if force:
             infos = []
@@ -100,7 +104,8 @@ class Deletion:
             done.append(sid)
             self.exposure.forget_names(sid)
             self.masking.present([sid], None)
-            log.info("deleted snapshot %s of %s", sid, info.volume)
+            audit.audit("snapshot.delete", requester, id=sid, volume=info.volume,
+                        set=info.set_id, **({"reason": reason} if reason else {}))
         for set_id in sets:
             if set_id in self.catalog.records and not self.views.set_members(set_id):
                 self.drop_record(set_id)

@@ -24,6 +24,7 @@ import trio
 from blockstore import SnapshotInfo
 from fuse_mount import loopdev
 
+from . import audit
 from .array import Array
 from .catalog import MountRecord, ProviderCatalog
 from .masking import LunMasking
@@ -228,8 +229,8 @@ class Exposure:
                                "it was being mounted")
             m = MountRecord(s.id, rec.mountpoint, rec.dev, rec.fstype)
             self.catalog.put_mount(m)
-        log.info("exposed snapshot %s%s%s", s.id, f" as {name}" if name else "",
-                 f" at {mount}" if mount else "")
+        audit.audit("snapshot.expose", id=s.id, volume=s.volume,
+                    **({"name": name} if name else {}), **({"mount": mount} if mount else {}))
         if name is not None and name != old_name:
             await self.masking.names_changed()
         return self.views.prop_json(self.pool.snapshot(s.id))
@@ -250,7 +251,7 @@ class Exposure:
             await in_thread(self.pool.set_exposed, s.id, None)
             self.renamed(s.id, s.exposed_name)
             await self.masking.names_changed()
-        log.info("unexposed snapshot %s", s.id)
+        audit.audit("snapshot.unexpose", id=s.id, volume=s.volume)
         return self.views.prop_json(self.pool.snapshot(s.id))
 
     async def users_of(self, snapshot_id: str) -> dict[str, list[str]]:

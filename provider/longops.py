@@ -25,6 +25,7 @@ import trio
 from blockstore import SnapshotInfo
 from blockstore import errors as bse
 
+from . import audit
 from .array import Array
 from .catalog import ProviderCatalog
 from .deletion import Deletion
@@ -122,9 +123,10 @@ class LongOperations:
                     # locked, and the kernel's invalidation waits for that page
                     with trio.CancelScope(shield=True):
                         await self.masking.invalidate(vol)
-        log.info("volume %s reverted to snapshot %s%s", vol, s.id,
-                 " (cancelled after it had started: a revert rolls forward)"
-                 if job.cancelled else "")
+        audit.audit("snapshot.revert", id=s.id, volume=vol,
+                    **({"force": "yes"} if force else {}),
+                    **({"note": "cancelled-after-start-rolled-forward"} if job.cancelled
+                       else {}))
         return self.views.volume_json(self.pool.volume(vol))
 
     @staticmethod
@@ -146,6 +148,7 @@ class LongOperations:
             except bse.Cancelled:
                 raise self._job_cancelled(job, f"promote of snapshot {s.id}",
                                           "it is still differential") from None
+        audit.audit("snapshot.promote", id=s.id, volume=s.volume)
         return self.views.prop_json(info)
 
     async def split(self, snapshot_id: str, name: str, progress: ProgressFn = None,
@@ -192,6 +195,7 @@ class LongOperations:
                     if err is e:
                         raise
                     raise err from e
+        audit.audit("snapshot.split", id=s.id, volume=s.volume, new_volume=v.name)
         self.exposure.forget_names(s.id)
         set_id = s.set_id or s.id
         if set_id in self.catalog.records and not self.views.set_members(set_id):

@@ -62,7 +62,9 @@ async def reconcile_at_start(c: Coordinator) -> None:
                      "ended: deleting it", set_id, Context(rec.context).vss_name)
         else:
             continue
-        await c.deletion.remove_snapshots([s.id for s in members], force=True)
+        await c.deletion.remove_snapshots(
+            [s.id for s in members], force=True,
+            reason="unfinished-at-start" if rec.state != SS.CREATED else "auto-release")
         c.deletion.drop_record(set_id)
     for set_id, members in by_set.items():
         attrs = members[0].attributes
@@ -76,7 +78,9 @@ async def reconcile_at_start(c: Coordinator) -> None:
             log.warning("snapshot set %s has no provider record and is %s: deleting "
                         "its %d snapshot(s)", set_id,
                         "unfinished" if preparing else "auto-release", len(members))
-            await c.deletion.remove_snapshots([s.id for s in members], force=True)
+            await c.deletion.remove_snapshots(
+                [s.id for s in members], force=True,
+                reason="unfinished-at-start" if preparing else "auto-release")
             continue
         log.info("adopting persistent snapshot set %s (%d snapshot(s))", set_id,
                  len(members))

@@ -161,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     svc = make_service(sock, mount, config)   # realpath'ed there, before the mount is up
     return serve(pool, mount, sock, args.foreground, services=[svc], debug=args.debug,
                  allow_other=args.allow_other or bool(serve_opts.get("allow_other")),
-                 nbd=nbd)
+                 nbd=nbd, log_level=args.log_level or serve_opts.get("log_level"),
+                 log_file=args.log_file or serve_opts.get("log_file"))
 
 
 if __name__ == "__main__":

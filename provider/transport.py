@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import documents, vss
+from . import audit, documents, vss
 from .array import Array
 from .catalog import ExportRecord, ProviderCatalog, SetRecord
 from .hardware import HardwareProvider
@@ -80,8 +80,8 @@ class Transport:
         if mark is not None:   # host mode: the array must know (another host imports)
             await in_thread(mark, sid)
         self.catalog.put_export(exp)
-        log.info("exported snapshot set %s (%d snapshot(s), %d writer(s))", sid,
-                 len(members), len(wmds))
+        audit.audit("set.export", id=sid, snapshots=[m.id for m in members],
+                    writers=len(wmds))
         return {"set_id": sid, "originating_machine": origin,
                 "document": doc.decode("utf-8"), "writers": wmds}
 
@@ -181,8 +181,7 @@ class Transport:
             raise
         if rec.auto_release:   # the importing session owns its lifetime now
             bind_lifetime(self._sessions.values(), sid, session)
-        log.info("snapshot set %s (from %s) imported on host %s: %s", sid, origin, host,
-                 ", ".join(ids))
+        audit.audit("set.import", id=sid, on_host=host, origin=origin, snapshots=ids)
         await self.masking.names_changed()   # the origin host's names of them are gone
         return {"set_id": sid, "host": host, "origin": origin, "snapshots": snaps}
 
@@ -214,8 +213,8 @@ class Transport:
             d = self.views.prop_json(self.pool.snapshot(i))
             d["device_object"] = self.masking.device_path(i, host)
             snaps.append(d)
-        log.info("snapshot set %s (from %s) imported at the array: %s", sid,
-                 parsed.originating_machine, ", ".join(ids))
+        audit.audit("set.import", id=sid, on_host=host, origin=parsed.originating_machine,
+                    snapshots=ids, at="array")
         await self.masking.names_changed()
         return {"set_id": sid, "host": host, "origin": parsed.originating_machine,
                 "snapshots": snaps}

@@ -18,7 +18,7 @@ import trio
 
 from fuse_mount import loopdev
 
-from . import documents
+from . import audit, documents
 from .array import Array
 from .masking import LunMasking
 from .model import Mark, Revert, in_thread, parse_size
@@ -84,11 +84,14 @@ class Volumes:
 
     async def create(self, name: str, size: int | str) -> dict[str, Any]:
         v = await in_thread(self.pool.create_volume, name, parse_size(size))
+        audit.audit("volume.create", name=v.name, size=v.size)
         return self.views.volume_json(v)
 
     async def resize(self, name: str, size: int | str) -> dict[str, Any]:
         self.check_unmarked(name, "resize")
+        was = self.pool.volume(name).size
         v = await in_thread(self.pool.resize_volume, name, parse_size(size))
+        audit.audit("volume.resize", name=v.name, size=v.size, was=was)
         # the kernel caches the size (1 s): `losetup -c` right after must see the new one
         await self.masking.invalidate(name, attr_only=True)
         return self.views.volume_json(v)
@@ -112,8 +115,7 @@ class Volumes:
         self.masking.present([vol], hosts)
         after = self.masking.hosts_of(vol)
         if after != before:
-            log.info("volume %s presented to %s (was %s)", vol, ", ".join(sorted(after)),
-                     ", ".join(sorted(before)))
+            audit.audit("volume.present", name=vol, hosts=sorted(after), was=sorted(before))
             await self.masking.names_changed()   # LUN masking: no cached name may still open it
         return self.views.volume_json(self.pool.volume(vol))
 
@@ -123,6 +125,7 @@ class Volumes:
         await in_thread(self.check_not_attached, name, "delete")
         await self.check_not_open(name)
         await in_thread(self.pool.delete_volume, name)
+        audit.audit("volume.delete", name=name)
         self.masking.present([name], None)
         # the kernel forgets the name before we reply, not in up to 1 s (a stat still
         # found it; an open, or a loop attach after `volume create` of the same name,

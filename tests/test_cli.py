@@ -38,6 +38,7 @@ from support import mounted as _mounted
 from support import run_cmd as _run
 
 from blockstore.fileio import reflink_probe
+from provider.config import EXIT_CONFIG
 
 pytestmark = pytest.mark.kernel
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -507,10 +508,8 @@ BAD_ARGV = [
     (["import"], "required: FILE"),
     (["writers"], "required: ACTION"),
     (["pool", "init"], "required: DIR"),
-    (["serve"], "serve needs --pool"),
-    (["serve", "--pool", "/p"], "serve needs --mount"),
     (["serve", "--default-kind", "full"], "invalid choice"),
-    (["serve", "--config", "/nonexistent/shadowplex.toml"], "cannot read config file"),
+    (["serve", "--log-level", "loud"], "invalid choice"),
     (["script"], "required: FILE"),
     (["script", "/nonexistent/x.dsh"], "cannot read script"),
     (["demo", "--bogus"], "unrecognized arguments"),
@@ -543,18 +542,35 @@ def test_usage_errors_found_after_parsing_change_nothing(tmp_path: Path) -> None
     assert target.read_text() == "keep me"
 
 
+SERVE_CONFIG_ERRORS = [
+    (["serve"], "serve needs --pool"),
+    (["serve", "--pool", "/p"], "serve needs --mount"),
+    (["serve", "--config", "/nonexistent/shadowplex.toml"], "cannot read config file"),
+    (["serve", "--state-dir", "/s", "--pool", "/p", "--mount", "/m"], "--state-dir is for"),
+]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), SERVE_CONFIG_ERRORS,
+                         ids=[" ".join(a) for a, _ in SERVE_CONFIG_ERRORS])
+def test_serve_config_errors_exit_78(tmp_path: Path, argv: list[str], fragment: str) -> None:
+    """serve's settings mistakes (flags or --config file) exit 78, EX_CONFIG, which the
+    unit's RestartPreventExitStatus= keeps systemd from retrying; argv syntax stays 2."""
+    one_line_error(spx(*argv, socket=str(tmp_path / "none.sock")), EXIT_CONFIG, fragment)
+
+
 def test_serve_with_bad_paths_leaves_nothing_behind(tmp_path: Path) -> None:
     """The socket's directory is made by the control service, after the mount and pool
-    checks: a mistyped serve creates no directory."""
+    checks: a mistyped serve creates no directory. A missing mount directory or pool is
+    a configuration error (78: systemd does not restart it)."""
     nx = tmp_path / "nonexistent"
     res = spx("serve", "--pool", str(nx / "p"), "--mount", str(nx / "m"),
               "--socket", str(nx / "run" / "s.sock"))
-    one_line_error(res, 1, f"mount directory {nx / 'm'} does not exist")
+    one_line_error(res, EXIT_CONFIG, f"mount directory {nx / 'm'} does not exist")
     assert not nx.exists()
     (tmp_path / "m").mkdir()
     res = spx("serve", "--pool", str(nx / "p"), "--mount", str(tmp_path / "m"),
               "--socket", str(nx / "run" / "s.sock"))
-    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.returncode == EXIT_CONFIG and "Traceback" not in res.stderr
     assert f"{nx / 'p'}" in res.stderr.splitlines()[-1]
     assert not nx.exists() and not _mounted(str(tmp_path / "m"))
 

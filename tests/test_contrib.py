@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from provider.config import ConfigError, load, load_file, validate
+from provider.config import EXIT_CONFIG, ConfigError, load, load_file, validate
 from tools.cli import _serve_settings, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,18 +89,19 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(("text", "fragment"), BAD_CONFIGS)
-def test_bad_config_is_one_line_exit_2(tmp_path: Path, text: str, fragment: str) -> None:
+def test_bad_config_is_one_line_exit_78(tmp_path: Path, text: str, fragment: str) -> None:
     conf = tmp_path / "bad.toml"
     conf.write_text(text)
     with pytest.raises(ConfigError, match=None) as ei:
         load_file(str(conf))
     assert fragment in str(ei.value) and "\n" not in str(ei.value)
-    # and through the real command: exit 2, one line, nothing started or created
+    # and through the real command: exit 78 (EX_CONFIG: the unit does not restart it),
+    # one line, nothing started or created
     res = subprocess.run([sys.executable, "-m", "tools.cli", "serve", "--config", str(conf),
                           "--pool", str(tmp_path / "p"), "--mount", str(tmp_path / "m")],
                          cwd=str(ROOT), capture_output=True, text=True, timeout=60,
                          check=False)
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == EXIT_CONFIG, res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert res.stderr.startswith(f"shadowplex: error: {conf}: ")
     assert fragment in res.stderr
@@ -128,7 +129,10 @@ def test_systemd_unit_runs_serve_with_the_config() -> None:
     unit.optionxform = str   # type: ignore[assignment,method-assign]  # keys are CamelCase
     unit.read_string(UNIT.read_text())
     svc = unit["Service"]
-    assert svc["Type"] == "simple"
+    assert svc["Type"] == "notify"   # serve sends READY=1 (tests/test_daemon_service.py)
+    # a configuration error (EXIT_CONFIG) or argv mistake (2) is not restarted
+    assert svc["Restart"] == "on-failure"
+    assert {"2", str(EXIT_CONFIG)} <= set(svc["RestartPreventExitStatus"].split())
     argv = shlex.split(svc["ExecStart"])
     assert os.path.basename(argv[0]) == "shadowplex" and argv[1] == "serve"
     args = build_parser().parse_args(argv[1:])           # a valid command line

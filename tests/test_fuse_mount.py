@@ -44,6 +44,7 @@ from fuse_mount.session import (
     mount_state,
 )
 from fuse_mount.view import LUN_TIMEOUT, VOLUME_INO_BASE, snapshot_inode
+from provider.config import EXIT_CONFIG
 
 pytestmark = pytest.mark.kernel
 
@@ -477,18 +478,20 @@ def test_kill9_leaves_dead_mount_then_restart_works(tmp_path: Path, mnt: Path,
         assert pool.read(sid, 0, 1 * MiB) == old
 
 
-def _serve_fails(pool_dir: Path, mnt: Path) -> str:
+def _serve_fails(pool_dir: Path, mnt: Path, rc: int = EXIT_CONFIG) -> str:
+    """serve fails: exit 78 (EX_CONFIG: systemd does not restart it) for a configuration
+    error, 1 for another failure; one line, no traceback."""
     res = subprocess.run([sys.executable, "-m", "provider.daemon", "--pool", str(pool_dir),
                           "--mount", str(mnt)], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, check=False)
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == rc, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.stderr
     return lines[0]
 
 
-def test_serve_user_errors_exit_1_one_line_nothing_mounted(tmp_path: Path, mnt: Path) -> None:
+def test_serve_user_errors_one_line_nothing_mounted(tmp_path: Path, mnt: Path) -> None:
     pool_dir = make_pool(tmp_path, {"v": 8 * MiB})
     # missing pool
     line = _serve_fails(tmp_path / "nopool", mnt)
@@ -513,7 +516,7 @@ def test_serve_user_errors_exit_1_one_line_nothing_mounted(tmp_path: Path, mnt: 
     with daemon(pool_dir, mnt, tmp_path / "d.log"):
         other = tmp_path / "other"
         other.mkdir()
-        line = _serve_fails(pool_dir, other)
+        line = _serve_fails(pool_dir, other, 1)   # it may stop: a restart may work
         assert "in use" in line
         assert mount_state(other).state is MountState.NOT_MOUNTED
         # and the same mountpoint, already served
@@ -523,7 +526,7 @@ def test_serve_user_errors_exit_1_one_line_nothing_mounted(tmp_path: Path, mnt: 
 def test_serve_refuses_a_foreign_directory_and_changes_nothing(tmp_path: Path,
                                                                 mnt: Path) -> None:
     """--pool pointing at a directory that is not a pool (someone's data, or another
-    tool's pool.json): one line naming it, exit 1, nothing written there, nothing
+    tool's pool.json): one line naming it, exit 78, nothing written there, nothing
     mounted (no lock file, no catalog: serve never creates a pool)."""
     foreign = tmp_path / "data"
     foreign.mkdir()

@@ -36,6 +36,7 @@ from support import mounted, run_cmd
 from fuse_mount import loopdev
 from fuse_mount.view import LUN_TIMEOUT
 from provider.client import Client
+from provider.config import EXIT_CONFIG
 
 pytestmark = pytest.mark.kernel
 
@@ -336,7 +337,7 @@ def test_serve_refuses_a_socket_or_pool_inside_its_mount(tmp_path: Path, what: s
     """The same class at start: a control socket (or a pool) inside the mount directory
     would be reached through the mount once it is up -- the socket's lstat came from the
     thread that serves FUSE, a request to itself: the daemon hung at start, in D state.
-    Now one line, exit 1, nothing mounted."""
+    Now one line, exit 78 (EX_CONFIG: a configuration error), nothing mounted."""
     from blockstore import Pool
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -353,7 +354,7 @@ def test_serve_refuses_a_socket_or_pool_inside_its_mount(tmp_path: Path, what: s
     finally:
         if mounted(str(mnt)):
             run_cmd("fusermount3", "-u", "-z", str(mnt), check=False)
-    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    assert res.returncode == EXIT_CONFIG, (res.returncode, res.stderr[-2000:])
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "inside the mount directory" in lines[0], res.stderr
     assert not mounted(str(mnt))

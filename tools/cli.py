@@ -156,6 +156,13 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
         config["hooks_dir"] = os.path.abspath(args.hooks_dir) if args.hooks_dir else None
     if args.sqlite_db:   # the flags replace the file's list (as for every other key)
         config["sqlite_databases"] = [os.path.abspath(p) for p in args.sqlite_db]
+    # popped again by cmd_serve: not service keys
+    level = args.log_level or opts.get("log_level")
+    if level:
+        config["log_level"] = level
+    log_file = os.path.abspath(args.log_file) if args.log_file else opts.get("log_file")
+    if log_file:
+        config["log_file"] = log_file
     poll = args.poll_us if args.poll_us is not None else opts.get("poll_us")
     if poll is not None:
         config["poll_us"] = poll   # popped again by cmd_serve: not a service key
@@ -206,9 +213,16 @@ def _poll_us(text: str) -> float:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Configuration errors exit EXIT_CONFIG (78), not 2: systemd's Restart=on-failure
+    must not retry what a restart cannot cure (contrib/shadowplex.service)."""
+    from provider.config import EXIT_CONFIG
+    try:
+        pool, mount, sock, allow_other, config = _serve_settings(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_CONFIG
     from provider.daemon import serve
     from provider.service import make_service
-    pool, mount, sock, allow_other, config = _serve_settings(args)
     # No directory is made here: the control service creates the socket's directory
     # (/run/shadowplex by default) when it binds, i.e. only after serve() has checked the
     # mount directory and opened the pool, so a mistyped command leaves nothing behind.
@@ -218,9 +232,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     nbd = config.pop("nbd", None)
     array, tls_dir = config.pop("array", None), config.pop("tls_dir", None)
     ceph = config.pop("ceph", None)
+    log_level, log_file = config.pop("log_level", None), config.pop("log_file", None)
     svc = make_service(sock, mount, config)
     return serve(pool, mount, sock, True, services=[svc], debug=args.debug,
                  allow_other=allow_other, nbd=nbd, array=array, tls_dir=tls_dir, ceph=ceph,
+                 log_level=log_level, log_file=log_file,
                  **({} if poll is None else {"poll_us": poll}))
 
 
@@ -638,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "'' for none)")
     s.add_argument("--sqlite-db", metavar="PATH", action="append",
                    help="a SQLite database the SQLite writer quiesces (repeatable)")
+    from provider.config import LOG_LEVELS
+    s.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help="log level (default info; --debug: debug, and FUSE debug)")
+    s.add_argument("--log-file", metavar="PATH", default=None,
+                   help="append the log to PATH (reopened after logrotate) instead of "
+                        "stderr; under systemd stderr goes to the journal")
 
     pool = sub.add_parser("pool", help="pool administration", parents=[common])
     psub = pool.add_subparsers(dest="pcmd", metavar="ACTION", required=True,

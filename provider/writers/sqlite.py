@@ -61,6 +61,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import audit
 from .base import Component, FileSpec, UsageType, Writer, WriterError, WriterMetadata
 from .mounts import VolumeMount, find_volume_mounts, mount_of_path
 
@@ -139,6 +140,12 @@ class SQLiteWriter(Writer):
         return out
 
     def involved(self, volumes: Sequence[str]) -> bool:
+        """Asked once per freeze (WriterSet.freeze_all): a configured database that does
+        not exist is skipped, and the audit log says so (a typo in sqlite_databases,
+        or a filesystem not mounted, would otherwise go unnoticed)."""
+        for p in self.db_paths:
+            if not os.path.isfile(p):
+                audit.audit("writer.skip", writer=self.name, database=p, reason="missing")
         return bool(self.databases_on(volumes))
 
     @property
