@@ -63,7 +63,7 @@ def array(tmp_path: Path, sockdir: str) -> Iterator[Daemon]:
 
 
 def _snapshot(d: Daemon, vol: str) -> str:
-    return str(d.json("snapshot", "create", vol)["snapshots"][0]["snapshot_id"])
+    return str(d.json("snapshot", "create", vol)["snapshots"][0]["id"])
 
 
 def _shadow(d: Daemon, sid: str) -> str:
@@ -267,7 +267,7 @@ def test_a_script_backs_up_in_full_then_incrementally(array: Daemon, tmp_path: P
     assert res.returncode == 0, res.stderr
     snaps = sorted(d.json("snapshot", "list"), key=lambda s: s["created"])
     assert len(snaps) == 2
-    tue = snaps[1]["snapshot_id"]
+    tue = snaps[1]["id"]
     _compare("qcow2", str(out / "tue.qcow2"), _shadow(d, tue))
     info = json.loads((out / "tue.qcow2.backup.json").read_text())
     assert info["kind"] == "incremental" and info["snapshot_id"] == tue
