@@ -214,6 +214,13 @@ def test_refusals_are_one_line_and_change_nothing(array: Daemon, tmp_path: Path)
     assert res["base_file"] == str(out / "a.qcow2")
     res = d.json("backup", b, "--to", str(out / "a2.qcow2"), "--from", a, "--force")
     assert res["bytes_written"] + res["bytes_zeroed"] == res["changed_bytes"] == CS
+    # --quiet: nothing but errors; with --json a refusal is one JSON line on stderr
+    res = d.ok("backup", b, "--to", str(out / "a2.qcow2"), "--from", a, "--force", "-q")
+    assert res.stdout == res.stderr == ""
+    res = d.run("backup", b, "--to", str(out / "a2.qcow2"), "--json")
+    assert res.returncode == 1 and res.stdout == "", res
+    err = json.loads(res.stderr)["error"]
+    assert err["name"] == "BACKUP_REFUSED" and "--force" in err["message"], err
 
 
 def test_without_an_nbd_port_backup_says_how(tmp_path: Path, sockdir: str) -> None:

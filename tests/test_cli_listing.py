@@ -40,7 +40,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     base = tmp_path_factory.mktemp("listing")
     pool, mount = str(base / "pool"), str(base / "mnt")
     os.makedirs(mount)
-    assert spx("pool", "init", pool, "--chunk-size", "16K", "-q").returncode == 0
+    res = spx("pool", "init", pool, "--chunk-size", "16K", "-q")
+    assert res.returncode == 0 and res.stdout == res.stderr == "", res   # --quiet
     sockdir = tempfile.mkdtemp(prefix="spx-lst-")
     sock = os.path.join(sockdir, "ctl.sock")
     d = launch(["serve", "--pool", pool, "--mount", mount, "--socket", sock,
@@ -130,7 +131,7 @@ def test_every_listing_takes_o_H_p(daemon: Daemon) -> None:
         diff = d.ok("snapshot", "diff", sa, "-H", "-p").stdout
         assert diff == f"{2 * MiB}\t{2 * MiB}\t{16384}\n", diff
         assert d.ok("snapshot", "diff", sa, "-H", "-o", "length").stdout == "16.0 KiB\n"
-        assert "1 extents, 16.0 KiB changed of 4.0 MiB (chunk 16.0 KiB)" in \
+        assert "1 extents, 16.0 KiB changed of 4.0 MiB (chunk 16 KiB)" in \
             d.ok("snapshot", "diff", sa).stdout
         # writers list
         assert d.ok("writers", "list", "-H", "-o", "name,state").stdout == \

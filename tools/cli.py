@@ -76,30 +76,7 @@ def _format(args: argparse.Namespace, catalog: Catalog) -> Format:
         raise UsageError(str(e)) from None
 
 
-def _emit(args: argparse.Namespace, obj: Any, table: Callable[[Any], None] | None = None,
-          catalog: Catalog | None = None, fmt: Format | None = None) -> None:
-    """The result: --json (with -o: only those fields), else ``table``, else a record as
-    FIELD value lines. --quiet prints nothing but --json's result (and errors)."""
-    if args.json:
-        print_json(listing.json_view(obj, fmt))
-    elif args.quiet:
-        return
-    elif table is not None:
-        table(obj)
-    elif isinstance(obj, dict):
-        listing.print_record(obj, fmt, catalog)
-    elif obj is not None:
-        print(obj)
-
-
-def _note(args: argparse.Namespace, text: str) -> None:
-    """A note on stderr (not an error): --quiet and --json drop it."""
-    if not args.quiet and not args.json:
-        print(text, file=sys.stderr)
-
-
-def _snap_table(rows: list[dict[str, Any]], fmt: Format | None = None) -> None:
-    listing.print_rows(rows, fmt or Format(listing.SNAPSHOTS.default), "no snapshots")
+_emit, _note, _snap_table = listing.emit, listing.note, listing.snapshot_table
 
 
 def _diff_table(res: dict[str, Any], extents: list[dict[str, int]], fmt: Format) -> None:
@@ -112,18 +89,11 @@ def _diff_table(res: dict[str, Any], extents: list[dict[str, int]], fmt: Format)
     size, was = res["size"], res["from_size"]
     def n(v: int) -> str:
         return listing.cell(v, "size", fmt.parsable)
+    cs = res["chunk_size"]
+    chunk = str(cs) if fmt.parsable else f"{cs // 1024} KiB"
     grown = "" if size == was else f"; size {n(was)} at FROM"
     print(f"{len(extents)} extents, {n(res['changed_bytes'])} changed of "
-          f"{n(size)} (chunk {n(res['chunk_size'])}){grown}")
-
-
-def _deleted_report(res: dict[str, Any]) -> None:
-    if res.get("deleted"):
-        print(f"deleted {res['count']} snapshot{'s' * (res['count'] != 1)}:")
-        for sid in res["deleted"]:
-            print(f"  {sid}")
-    else:
-        print("no snapshots deleted")
+          f"{n(size)} (chunk {chunk}){grown}")
 
 
 # ------------------------------------------------------------------------ commands
@@ -335,8 +305,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         raise UsageError("snapshot show needs an ID or --set ID")
     fmt = _format(args, listing.DIFF if args.scmd == "diff" else listing.SNAPSHOTS) \
         if args.scmd in ("list", "show", "diff") else None
-    if args.scmd == "delete":
-        return _snapshot_delete(args)
+    if args.scmd == "delete":   # tools/deleting.py: its forms, --dry-run, asking first
+        return deleting.run(args)
     with connection.client(args) as c:
         if args.scmd == "create":
             assert ctx is not None
@@ -375,33 +345,6 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _snapshot_delete(args: argparse.Namespace) -> int:
-    """By id, --set, --oldest VOL, --volume VOL or --all; the bulk forms need --yes or a
-    terminal's y; --dry-run lists and deletes nothing (tools/deleting.py)."""
-    what = deleting.form(args)
-    if what is None:
-        raise UsageError("snapshot delete needs exactly one of ID, --set ID, --oldest VOLUME, "
-                         "--volume VOLUME, --all")
-    if deleting.needs_terminal(args) and not deleting.can_ask():
-        raise UsageError(f"snapshot delete --{what} deletes {deleting.describe(args)}: add "
-                         "--yes (or --dry-run to list them first)")
-    with connection.client(args) as c:
-        if args.dry_run or deleting.needs_terminal(args):
-            rows = deleting.matching(c, args)
-            if args.dry_run:
-                _emit(args, {"would_delete": [s["id"] for s in rows], "count": len(rows)},
-                      lambda r: _snap_table(rows) if rows else print("no snapshots to delete"))
-                return EXIT_OK
-            if not rows:
-                _emit(args, {"deleted": [], "count": 0}, _deleted_report)
-                return EXIT_OK
-            deleting.confirm(rows, deleting.describe(args))   # Declined: exit 1
-        res = c.snapshot_delete(snapshot_id=args.id, set_id=args.set, oldest=args.oldest,
-                                all=args.all, unexpose=args.unexpose, volume=args.volume)
-        _emit(args, res, _deleted_report)
-    return EXIT_OK
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     """A full or incremental image of a snapshot (tools/backup.py, docs/backup.md)."""
     from . import backup
@@ -409,7 +352,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         try:
             return backup.main(args, c)
         except backup.Refused as e:
-            raise Failed(str(e), "VSS_E_NOT_SUPPORTED") from None
+            raise Failed(str(e), "BACKUP_REFUSED") from None
 
 
 def cmd_expose(args: argparse.Namespace) -> int:
@@ -853,6 +796,8 @@ def _main(argv: list[str] | None) -> int:
         return fail(EXIT_FAILED, e.name, str(e))
     except deleting.Declined as e:
         return fail(EXIT_FAILED, "E_ABORT", str(e))
+    except deleting.BadForm as e:
+        return fail(EXIT_USAGE, "E_INVALIDARG", str(e), f"{PROG}: error: ")
     except (ControlError, StoreError) as e:
         if args.debug:
             raise

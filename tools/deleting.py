@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import Any
 
+from . import connection
+from .listing import emit, snapshot_table
 from .output import snapshot_view
 
 
@@ -74,3 +76,44 @@ def describe(args: argparse.Namespace) -> str:
     if args.all:
         return "every snapshot of every volume"
     return f"every snapshot of volume {args.volume}"
+
+
+class BadForm(ValueError):
+    """A usage error of `snapshot delete` (exit 2), found before the daemon is asked."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """`snapshot delete`: by ID, --set, --oldest VOL, --volume VOL or --all."""
+    what = form(args)
+    if what is None:
+        raise BadForm("snapshot delete needs exactly one of ID, --set ID, --oldest VOLUME, "
+                      "--volume VOLUME, --all")
+    if needs_terminal(args) and not can_ask():
+        raise BadForm(f"snapshot delete --{what} deletes {describe(args)}: add --yes (or "
+                      "--dry-run to list them first)")
+    with connection.client(args) as c:
+        if args.dry_run or needs_terminal(args):
+            rows = matching(c, args)
+            if args.dry_run:
+                emit(args, {"would_delete": [s["id"] for s in rows], "count": len(rows)},
+                     lambda r: snapshot_table(rows) if rows
+                     else print("no snapshots to delete"))
+                return 0
+            if not rows:
+                emit(args, {"deleted": [], "count": 0}, report)
+                return 0
+            confirm(rows, describe(args))   # Declined: exit 1, nothing asked
+        res = c.snapshot_delete(snapshot_id=args.id, set_id=args.set, oldest=args.oldest,
+                                all=args.all, unexpose=args.unexpose, volume=args.volume)
+        emit(args, res, report)
+    return 0
+
+
+def report(res: dict[str, Any]) -> None:
+    n = res.get("count") or 0
+    if not res.get("deleted"):
+        print("no snapshots deleted")
+        return
+    print(f"deleted {n} snapshot{'s' * (n != 1)}:")
+    for sid in res["deleted"]:
+        print(f"  {sid}")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .output import human_size
+from .output import human_size, print_json
 
 # how a column's value is shown: text, size (bytes), time (Unix seconds), count (an
 # exact integer even in tables: an offset, a number of snapshots), mask (attribute bits)
@@ -182,6 +183,33 @@ def json_view(obj: Any, fmt: Format | None) -> Any:
     if isinstance(obj, list):
         return [pick(r) if isinstance(r, dict) else r for r in obj]
     return pick(obj) if isinstance(obj, dict) else obj
+
+
+def emit(args: argparse.Namespace, obj: Any, table: Callable[[Any], None] | None = None,
+         catalog: Catalog | None = None, fmt: Format | None = None) -> None:
+    """A command's result: --json (with -o: only those fields), else ``table``, else a
+    record as FIELD value lines. --quiet prints nothing but --json's result (errors are
+    the caller's)."""
+    if args.json:
+        print_json(json_view(obj, fmt))
+    elif args.quiet:
+        return
+    elif table is not None:
+        table(obj)
+    elif isinstance(obj, dict):
+        print_record(obj, fmt, catalog)
+    elif obj is not None:
+        print(obj)
+
+
+def note(args: argparse.Namespace, text: str) -> None:
+    """A note on stderr (not an error): --quiet and --json drop it."""
+    if not args.quiet and not args.json:
+        print(text, file=sys.stderr)
+
+
+def snapshot_table(rows: Sequence[dict[str, Any]], fmt: Format | None = None) -> None:
+    print_rows(rows, fmt or Format(SNAPSHOTS.default), "no snapshots")
 
 
 # ------------------------------------------------------------------------ the catalogs
