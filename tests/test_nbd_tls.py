@@ -111,6 +111,9 @@ def test_the_control_api_over_tls_acts_for_the_certificate_s_host(tls_array: Net
     # administration and other hosts' LUNs: refused, one line, nothing changed
     res = t.cli("hostB", "volume", "create", "mine", "1M")
     assert res.returncode != 0 and "E_ACCESSDENIED" in res.stderr, res.stderr
+    # every snapshot of a volume, even one presented to it: the array's own host's to do
+    res = t.cli("hostB", "snapshot", "delete", "--volume", "db", "--yes")
+    assert res.returncode == 1 and "E_ACCESSDENIED" in res.stderr, res.stderr
     res = t.cli("hostB", "snapshot", "create", "logs")
     assert res.returncode != 0 and "logs" in res.stderr
     res = t.cli("hostC", "snapshot", "show", sid)
