@@ -12,7 +12,8 @@ Two kinds of session:
 * **remote** (the TLS control port). Its host is its client certificate's CN, never a
   claim. Besides the snapshot rule: the volumes it names must be presented to it,
   administration (creating, resizing, deleting and presenting volumes, check, scrub,
-  deleting all or the oldest snapshots of a context) is refused (E_ACCESSDENIED),
+  deleting all snapshots, a volume's or the oldest of a context) is refused
+  (E_ACCESSDENIED),
   and listings show only what it sees; it may not expose with a mount on the array's
   machine, split, promote, or revert a volume not presented to it, nor import a set
   the array did not export (transport.py: for every session). `snapshot.diff` names
@@ -69,11 +70,12 @@ class Access:
             raise VssError("E_ACCESSDENIED", f"{op}: only the array's own host "
                            f"({self.masking.service_machine}) may do that; this session "
                            f"is host {host} (its certificate)")
-        if remote and op == "snapshot.delete" and (args.get("all") or args.get("oldest")
-                                                   or args.get("context")):
-            raise VssError("E_ACCESSDENIED", "snapshot.delete of all or the oldest "
-                           "snapshots is the array's own host's to do; name the snapshot "
-                           "or the set")
+        if remote and op == "snapshot.delete" and (
+                args.get("all") or args.get("oldest") or args.get("volume")
+                or args.get("context")):
+            raise VssError("E_ACCESSDENIED", "snapshot.delete of all snapshots, a volume's "
+                           "or the oldest is the array's own host's to do; name the "
+                           "snapshot or the set")
         if remote and op == "expose" and args.get("mount") is not None:
             # a mount on the array's machine of a file system another host wrote
             raise VssError("E_ACCESSDENIED", "expose --mount mounts on the array's machine: "

@@ -417,10 +417,14 @@ class Client:
     def snapshot_delete(self, snapshot_id: str | None = None, set_id: str | None = None,
                         oldest: str | None = None, all: bool = False,
                         context: str | int | None = None,
-                        unexpose: bool = False) -> dict[str, Any]:
+                        unexpose: bool = False,
+                        volume: str | None = None) -> dict[str, Any]:
+        """One of: ``snapshot_id``, ``set_id``, ``oldest`` (a volume: its oldest
+        snapshot), ``volume`` (all of its snapshots), ``all``."""
         return self._obj("snapshot.delete", {
             "snapshot_id": snapshot_id, "set_id": set_id, "oldest": oldest,
-            "all": all or None, "context": context, "unexpose": unexpose or None})
+            "all": all or None, "context": context, "unexpose": unexpose or None,
+            "volume": volume})
 
     def expose(self, snapshot_id: str, name: str | None = None,
                mount: str | None = None) -> dict[str, Any]:

@@ -174,11 +174,11 @@ async def _snapshot_diff(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any
 
 async def _snapshot_delete(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
     x = Args("snapshot.delete", a,
-             ("snapshot_id", "set_id", "oldest", "all", "context", "unexpose"))
+             ("snapshot_id", "set_id", "oldest", "all", "context", "unexpose", "volume"))
     return await c.coord.snapshot_delete(
         x.get("snapshot_id", str), x.get("set_id", str), x.get("oldest", str),
         bool(x.get("all", bool, False)), x.get("context", CTX),
-        bool(x.get("unexpose", bool, False)))
+        bool(x.get("unexpose", bool, False)), x.get("volume", str))
 
 
 async def _expose(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:

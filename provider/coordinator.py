@@ -692,9 +692,10 @@ class Coordinator:
     async def snapshot_delete(self, snapshot_id: str | None = None, set_id: str | None = None,
                               oldest: str | None = None, all: bool = False,
                               context: str | int | None = None,
-                              unexpose: bool = False) -> dict[str, Any]:
+                              unexpose: bool = False,
+                              volume: str | None = None) -> dict[str, Any]:
         return await self.deletion.snapshot_delete(snapshot_id, set_id, oldest, all, context,
-                                                   unexpose)
+                                                   unexpose, volume)
 
     # ------------------------------------------------------------------ expose
     async def expose(self, snapshot_id: str, name: str | None = None,

@@ -1,4 +1,5 @@
-"""Deletion of snapshots: by id, by set, the oldest of a volume, or all (in a context),
+"""Deletion of snapshots: by id, by set, the oldest of a volume, all of a volume, or all
+(in a context),
 refused while anything uses them; the automatic deletions (an auto-release set whose
 session ended, an unfinished set at start), which nothing refuses; and the set records
 that go with the last snapshot of a set (also when the store deleted it on overflow).
@@ -114,15 +115,16 @@ class Deletion:
     async def snapshot_delete(self, snapshot_id: str | None = None, set_id: str | None = None,
                               oldest: str | None = None, all: bool = False,
                               context: str | int | None = None,
-                              unexpose: bool = False) -> dict[str, Any]:
-        """DeleteSnapshots by snapshot id, by set, the oldest of a volume, or all (in a
-        context). Mounted snapshots are refused unless ``unexpose``; nothing is deleted
-        then."""
-        chosen = [x for x in (snapshot_id, set_id, oldest) if x is not None] + ([1] if all
-                                                                                else [])
+                              unexpose: bool = False,
+                              volume: str | None = None) -> dict[str, Any]:
+        """DeleteSnapshots by snapshot id, by set, the oldest of a volume, all of a volume
+        or all (both in a context). Mounted snapshots are refused unless ``unexpose``;
+        anything refused deletes none of them."""
+        chosen = [x for x in (snapshot_id, set_id, oldest, volume) if x is not None] + (
+            [1] if all else [])
         if len(chosen) != 1:
             raise VssError("E_INVALIDARG", "name exactly one of: snapshot_id, set_id, oldest "
-                           "(a volume), all")
+                           "(a volume), volume, all")
         ctx = vss.parse_context(context, allow_all=True) if context is not None else Context.ALL
         if snapshot_id is not None:
             targets = [self.pool.snapshot(guid(snapshot_id, "snapshot id"))]
@@ -141,6 +143,10 @@ class Deletion:
             if not cands:
                 raise VssError("VSS_E_OBJECT_NOT_FOUND", f"volume {vol} has no snapshot to delete")
             targets = [min(cands, key=lambda s: (s.created, s.id))]
+        elif volume is not None:   # as all, of one volume (in creation: refused below)
+            vol = self.views.resolve_volume(volume)
+            targets = [s for s in self.pool.list_snapshots(vol)
+                       if vss.context_matches(ctx, s.attributes)]
         else:
             targets = [s for s in self.pool.list_snapshots()
                        if vss.context_matches(ctx, s.attributes)]

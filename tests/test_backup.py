@@ -63,7 +63,7 @@ def array(tmp_path: Path, sockdir: str) -> Iterator[Daemon]:
 
 
 def _snapshot(d: Daemon, vol: str) -> str:
-    return str(d.json("snapshot", "create", vol)["snapshots"][0]["snapshot_id"])
+    return str(d.json("snapshot", "create", vol)["snapshots"][0]["id"])
 
 
 def _shadow(d: Daemon, sid: str) -> str:
@@ -214,6 +214,13 @@ def test_refusals_are_one_line_and_change_nothing(array: Daemon, tmp_path: Path)
     assert res["base_file"] == str(out / "a.qcow2")
     res = d.json("backup", b, "--to", str(out / "a2.qcow2"), "--from", a, "--force")
     assert res["bytes_written"] + res["bytes_zeroed"] == res["changed_bytes"] == CS
+    # --quiet: nothing but errors; with --json a refusal is one JSON line on stderr
+    res = d.ok("backup", b, "--to", str(out / "a2.qcow2"), "--from", a, "--force", "-q")
+    assert res.stdout == res.stderr == ""
+    res = d.run("backup", b, "--to", str(out / "a2.qcow2"), "--json")
+    assert res.returncode == 1 and res.stdout == "", res
+    err = json.loads(res.stderr)["error"]
+    assert err["name"] == "BACKUP_REFUSED" and "--force" in err["message"], err
 
 
 def test_without_an_nbd_port_backup_says_how(tmp_path: Path, sockdir: str) -> None:
@@ -267,7 +274,7 @@ def test_a_script_backs_up_in_full_then_incrementally(array: Daemon, tmp_path: P
     assert res.returncode == 0, res.stderr
     snaps = sorted(d.json("snapshot", "list"), key=lambda s: s["created"])
     assert len(snaps) == 2
-    tue = snaps[1]["snapshot_id"]
+    tue = snaps[1]["id"]
     _compare("qcow2", str(out / "tue.qcow2"), _shadow(d, tue))
     info = json.loads((out / "tue.qcow2.backup.json").read_text())
     assert info["kind"] == "incremental" and info["snapshot_id"] == tue

@@ -46,6 +46,9 @@ NAA = re.compile(r"[0-9a-f]{32}")
 # the stable snapshot fields of every --json snapshot (README, tools/cli.snapshot_view)
 SNAPSHOT_FIELDS = ("id", "set_id", "volume", "naa", "state", "attributes", "attribute_names",
                    "device_path", "exposed_path", "created")
+# the wire's names of those fields, and the old table-only ones: not in the CLI's --json
+DROPPED_FIELDS = ("snapshot_id", "snapshot_set_id", "status", "device_object",
+                  "creation_timestamp", "created_at", "exposed")
 PERSISTENT, DIFFERENTIAL, PLEX = 0x1, 0x20000, 0x40000
 TRANSPORTABLE, IMPORTED, EXPOSED_LOCALLY = 0x20, 0x80000, 0x100000
 
@@ -68,6 +71,8 @@ def gone_soon(path: str) -> bool:
 def check_snapshot(s: dict[str, Any]) -> None:
     for f in SNAPSHOT_FIELDS:
         assert f in s, (f, sorted(s))
+    for f in DROPPED_FIELDS:   # one name per field (issue 19 #4)
+        assert f not in s, (f, sorted(s))
     assert GUID.fullmatch(s["id"]) and GUID.fullmatch(s["set_id"])
     assert NAA.fullmatch(s["naa"])
     assert s["state"] == "CREATED"
@@ -139,7 +144,7 @@ def test_status_reflects_the_config_file(daemon: Daemon) -> None:
     assert st["capabilities"]["plex"] is True
     human = d.ok("status").stdout
     assert re.search(rf"^mount\s+{re.escape(d.mount)}$", human, re.M), human
-    assert re.search(r"^capabilities\s+plex=True promote=True .*max_snapshots_per_volume=512$",
+    assert re.search(r"^capabilities\s+plex=yes promote=yes .*max_snapshots_per_volume=512$",
                      human, re.M), human
     # a second pool init on the live pool: refused, nothing touched
     one_line_error(spx("pool", "init", d.pool), 1, "is not empty")
@@ -273,9 +278,9 @@ def test_snapshot_create_list_show_delete(daemon: Daemon) -> None:
         assert d.json("snapshot", "delete", sc["id"])["deleted"] == [sc["id"]]
         d.ok("snapshot", "create", "sv", "--context", "nas-rollback", "-q")
         d.ok("snapshot", "create", "sv", "--context", "nas-rollback", "-q")
-        assert d.json("snapshot", "delete", "--all")["count"] == 2
+        assert d.json("snapshot", "delete", "--all", "--yes")["count"] == 2
         assert d.json("snapshot", "list") == []
-        assert d.ok("snapshot", "delete", "--all").stdout == "no snapshots deleted\n"
+        assert d.ok("snapshot", "delete", "--all", "-y").stdout == "no snapshots deleted\n"
 
         # the one-shot default is persistent (issue 19): said on stderr, and true
         res = d.ok("snapshot", "create", "sv")
@@ -304,7 +309,7 @@ def test_hold_keeps_an_auto_release_set_until_a_signal(daemon: Daemon, sig: str)
     d.ok("volume", "create", "hv", "4M")
     proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "--socket", d.socket,
                              "snapshot", "create", "hv", "--context", "backup", "--hold",
-                             "--quiet"], cwd=str(ROOT), env=ENV, stdout=subprocess.PIPE,
+                             "--json"], cwd=str(ROOT), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -489,7 +494,7 @@ def test_no_daemon_is_one_line_exit_1(tmp_path: Path, cmd: list[str]) -> None:
 BAD_ARGV = [
     ([], "required: COMMAND"),
     (["frobnicate"], "invalid choice"),
-    (["--json"], "required: COMMAND"),
+    (["--quiet"], "required: COMMAND"),   # (--json: the JSON error, test_cli_listing)
     (["volume"], "required: ACTION"),
     (["volume", "create", "x"], "required: size"),
     (["volume", "grow", "x", "1M"], "invalid choice"),
@@ -500,6 +505,10 @@ BAD_ARGV = [
     (["snapshot", "show"], "needs an ID or --set"),
     (["snapshot", "delete"], "exactly one of"),
     (["snapshot", "delete", "--all", "--oldest", "v"], "exactly one of"),
+    (["snapshot", "delete", "--all"], "add --yes"),   # stdin is no terminal
+    (["snapshot", "delete", "--volume", "v"], "every snapshot of volume v: add --yes"),
+    (["volume", "list", "-o", "name,bogus"], "bogus is not a volume field"),
+    (["snapshot", "list", "-o", ""], "an empty name is not a snapshot field"),
     (["snapshot", "delete", "--set"], "expected one argument"),
     (["expose"], "required: SNAPSHOT"),
     (["split", "00000000-0000-0000-0000-000000000001"], "required: NEWNAME"),

@@ -312,8 +312,8 @@ def test_a_network_drop_during_set_creation_aborts_it_and_frees_the_array(
     assert rig.array.json("snapshot", "list") == []
     assert host.json("snapshot", "list") == []
     # the host and the array work on: a set from the host now succeeds
-    sid = host.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
-    assert [s["snapshot_id"] for s in rig.array.json("snapshot", "list")] == [sid]
+    sid = host.json("snapshot", "create", "db")["snapshots"][0]["id"]
+    assert [s["id"] for s in rig.array.json("snapshot", "list")] == [sid]
 
 
 # ------------------------------------------------------------- c: the array restarts

@@ -97,7 +97,7 @@ def test_a_host_daemon_mounts_what_the_array_presents_to_it(host_b: Host) -> Non
     _wait_for(lambda: "logs.img" in os.listdir(h.mount / "volumes"), "logs on hostB")
     # and a snapshot made on the array of a volume presented to hostB is not hostB's
     # until presented: .shadow/<id> stays unknown
-    sid = t.d.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
+    sid = t.d.json("snapshot", "create", "db")["snapshots"][0]["id"]
     time.sleep(1.0)
     assert not (h.mount / ".shadow" / f"{sid}.img").exists()
 
@@ -139,13 +139,13 @@ def test_a_host_creates_a_snapshot_set_on_the_array(host_b: Host) -> None:
         f.flush()
         os.fsync(f.fileno())
     res = h.d.json("snapshot", "create", "db")          # the host's CLI, its daemon
-    sid = res["snapshots"][0]["snapshot_id"]
+    sid = res["snapshots"][0]["id"]
     with open(img, "r+b") as f:                          # after the instant
         f.write(os.urandom(MiB))
         f.flush()
         os.fsync(f.fileno())
     # the array holds it, presented to hostB only; the host's mount serves it read-only
-    snaps = {s["snapshot_id"]: s for s in t.d.json("snapshot", "list")}
+    snaps = {s["id"]: s for s in t.d.json("snapshot", "list")}
     assert sid in snaps
     shadow = h.mount / ".shadow" / f"{sid}.img"
     _wait_for(shadow.exists, "the snapshot on hostB's mount")
@@ -153,7 +153,7 @@ def test_a_host_creates_a_snapshot_set_on_the_array(host_b: Host) -> None:
         assert f.read(MiB) == before
     with pytest.raises(OSError), open(shadow, "r+b"):
         pass
-    assert [s["snapshot_id"] for s in h.d.json("snapshot", "list")] == [sid]
+    assert [s["id"] for s in h.d.json("snapshot", "list")] == [sid]
     # deleted from the host: gone from the array
     h.d.ok("snapshot", "delete", sid)
     assert t.d.json("snapshot", "list") == []
@@ -194,13 +194,13 @@ def test_one_set_in_creation_per_array_across_hosts(host_b: Host) -> None:
 def test_restarting_a_host_daemon_loses_nothing(host_b: Host, tmp_path: Path) -> None:
     h, t = host_b, host_b.net
     res = h.d.json("snapshot", "create", "db")
-    set_id, sid = res["set_id"], res["snapshots"][0]["snapshot_id"]
+    set_id, sid = res["set_id"], res["snapshots"][0]["id"]
     assert h.d.stop() == 0
     d = start_host(t, "hostB", tmp_path)     # same state directory, same mount
     try:
         # the array says what the LUN is; the host's catalog still knows its set
         assert (Path(d.mount) / ".shadow" / f"{sid}.img").exists()
-        assert [s["snapshot_id"] for s in d.json("snapshot", "list")] == [sid]
+        assert [s["id"] for s in d.json("snapshot", "list")] == [sid]
         with Client(socket_path=d.socket, client="test") as c:
             assert [s["set_id"] for s in c.set_list()] == [set_id]
         d.ok("snapshot", "delete", "--set", set_id)
@@ -243,7 +243,7 @@ def test_a_set_is_one_instant_across_a_host_s_and_the_array_s_writers(host_b: Ho
         for _ in range(4):
             time.sleep(0.2)
             res = h.d.json("snapshot", "create", "db", "logs")
-            sets.append({s["volume"]: s["snapshot_id"] for s in res["snapshots"]})
+            sets.append({s["volume"]: s["id"] for s in res["snapshots"]})
     finally:
         stop.set()
         th.join(30)
@@ -260,7 +260,7 @@ def test_a_set_is_one_instant_across_a_host_s_and_the_array_s_writers(host_b: Ho
 
 def test_snapshot_diff_on_a_host_is_the_array_s(host_b: Host) -> None:
     h = host_b
-    sid = h.d.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
+    sid = h.d.json("snapshot", "create", "db")["snapshots"][0]["id"]
     fd = os.open(h.image("volumes", "db"), os.O_WRONLY)
     try:
         os.pwrite(fd, b"x" * 4096, 5 * MiB + 100)     # one chunk (64 KiB) touched
@@ -279,7 +279,7 @@ def test_a_host_reverts_its_volume_to_its_snapshot(host_b: Host) -> None:
         f.write(before)
         f.flush()
         os.fsync(f.fileno())
-    sid = h.d.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
+    sid = h.d.json("snapshot", "create", "db")["snapshots"][0]["id"]
     with open(img, "r+b") as f:
         f.write(os.urandom(MiB))
         f.flush()
@@ -308,5 +308,5 @@ def test_a_diskshadow_script_runs_unchanged_on_a_host_daemon(host_b: Host,
     snaps = t.d.json("snapshot", "list")
     assert len(snaps) == 1 and snaps[0]["exposed_name"] == "nightly", snaps
     _wait_for((h.mount / "exposed" / "nightly.img").exists, "exposed/nightly on hostB")
-    h.d.ok("snapshot", "delete", snaps[0]["snapshot_id"], "--unexpose")
+    h.d.ok("snapshot", "delete", snaps[0]["id"], "--unexpose")
     assert t.d.json("snapshot", "list") == []

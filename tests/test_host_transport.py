@@ -85,7 +85,7 @@ def test_the_transport_sequence_between_two_hosts(two_hosts: tuple[Net, Daemon, 
         res = b.json("snapshot", "create", "db", "--context", "app-rollback",
                      "--transportable")
         set_id = res["set_id"]
-        sid = res["snapshots"][0]["snapshot_id"]
+        sid = res["snapshots"][0]["id"]
         froze = b.log_text()
         assert f"froze {app}" in froze and "froze database" in froze, froze
         assert "froze" not in t.d.log_text()   # the array's writers took no part
@@ -97,7 +97,7 @@ def test_the_transport_sequence_between_two_hosts(two_hosts: tuple[Net, Daemon, 
         assert bcd.stat().st_size > 0
         # the document travels as a file; hostC imports it: the LUNs surface there only
         imported = c.json("import", str(bcd))
-        assert [s["snapshot_id"] for s in imported["snapshots"]] == [sid]
+        assert [s["id"] for s in imported["snapshots"]] == [sid]
         assert (Path(c.mount) / ".shadow" / f"{sid}.img").exists()
         # hostB follows the array (array.watch): its LUN is hostC's now
         _wait_for(lambda: not (Path(b.mount) / ".shadow" / f"{sid}.img").exists(),
@@ -164,7 +164,7 @@ def test_a_backup_host_killed_mid_backup_leaves_the_set_deletable(
         two_hosts: tuple[Net, Daemon, Daemon], tmp_path: Path) -> None:
     t, b, c = two_hosts
     made = b.json("snapshot", "create", "db", "--transportable")
-    set_id, sid = made["set_id"], made["snapshots"][0]["snapshot_id"]
+    set_id, sid = made["set_id"], made["snapshots"][0]["id"]
     bcd = tmp_path / "set.xml"
     b.ok("export", set_id, "-o", str(bcd))
     c.ok("import", str(bcd))

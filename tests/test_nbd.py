@@ -76,7 +76,7 @@ def array(tmp_path: Path, sockdir: str) -> Iterator[tuple[Daemon, str]]:
 
 def _snapshot(d: Daemon, vol: str) -> str:
     out = d.json("snapshot", "create", vol)
-    return str(out["snapshots"][0]["snapshot_id"])
+    return str(out["snapshots"][0]["id"])
 
 
 def test_list_and_info_show_what_the_mount_shows(array: tuple[Daemon, str]) -> None:

@@ -65,7 +65,7 @@ def _snapshot_as(t: Net, host: str, volume: str) -> str:
     presented to that host)."""
     res = t.cli(host, "snapshot", "create", volume, "--json")
     assert res.returncode == 0, res.stderr
-    return str(json.loads(res.stdout)["snapshots"][0]["snapshot_id"])
+    return str(json.loads(res.stdout)["snapshots"][0]["id"])
 
 
 def test_the_backup_host_mounts_a_snapshot_s_ext4_through_nbdfuse(tls_array: Net,

@@ -105,12 +105,15 @@ def test_the_control_api_over_tls_acts_for_the_certificate_s_host(tls_array: Net
     assert [v["name"] for v in json.loads(res.stdout)] == ["db"]   # logs is not its
     res = t.cli("hostB", "snapshot", "create", "db", "--json")
     assert res.returncode == 0, res.stderr
-    sid = json.loads(res.stdout)["snapshots"][0]["snapshot_id"]
+    sid = json.loads(res.stdout)["snapshots"][0]["id"]
     res = t.cli("hostB", "snapshot", "list", "--json")
     assert [s["id"] for s in json.loads(res.stdout)] == [sid]
     # administration and other hosts' LUNs: refused, one line, nothing changed
     res = t.cli("hostB", "volume", "create", "mine", "1M")
     assert res.returncode != 0 and "E_ACCESSDENIED" in res.stderr, res.stderr
+    # every snapshot of a volume, even one presented to it: the array's own host's to do
+    res = t.cli("hostB", "snapshot", "delete", "--volume", "db", "--yes")
+    assert res.returncode == 1 and "E_ACCESSDENIED" in res.stderr, res.stderr
     res = t.cli("hostB", "snapshot", "create", "logs")
     assert res.returncode != 0 and "logs" in res.stderr
     res = t.cli("hostC", "snapshot", "show", sid)
@@ -135,7 +138,7 @@ def test_a_remote_host_cannot_escalate(tls_array: Net, tmp_path: Path) -> None:
     made = t.cli("hostB", "snapshot", "create", "db", "--json")
     assert made.returncode == 0, made.stderr
     b_set = json.loads(made.stdout)["set_id"]
-    b_snap = json.loads(made.stdout)["snapshots"][0]["snapshot_id"]
+    b_snap = json.loads(made.stdout)["snapshots"][0]["id"]
     for spelling in (b_set, f"urn:uuid:{b_set}", b_set.replace("-", ""), f" {b_set} "):
         res = t.cli("hostC", "snapshot", "delete", "--set", spelling)
         assert res.returncode != 0 and "VSS_E_OBJECT_NOT_FOUND" in res.stderr, \
@@ -160,7 +163,7 @@ def test_a_remote_host_cannot_escalate(tls_array: Net, tmp_path: Path) -> None:
     (tmp_path / "forged.xml").write_text(forged)
     res = t.cli("hostB", "import", str(tmp_path / "forged.xml"))
     assert res.returncode != 0
-    res = t.cli("hostB", "revert", own["snapshots"][0]["snapshot_id"], "--force")
+    res = t.cli("hostB", "revert", own["snapshots"][0]["id"], "--force")
     assert res.returncode != 0 and "VSS_E_OBJECT_NOT_FOUND" in res.stderr, res.stderr
     assert os.listdir(target) == []
     assert [s["id"] for s in d.json("snapshot", "list", "db")] == [b_snap]

@@ -479,7 +479,7 @@ def main(args: argparse.Namespace, c: Any) -> int:
     if args.json:
         from .output import print_json
         print_json(summary)
-    else:
+    elif not args.quiet:   # --quiet: nothing but errors
         print_summary(summary)
     return 0
 

@@ -33,23 +33,18 @@ from provider.config import (
     default_socket_path,
 )
 
-from . import connection
+from . import connection, deleting, errors, listing
 from .connection import EXIT_INTERRUPTED, Interrupted, socket_path
+from .listing import Catalog, Format
 from .output import (
-    DF_COLUMNS,
-    DIFF_COLUMNS,
     PROG,
-    SNAPSHOT_COLUMNS,
-    VOLUME_COLUMNS,
     Progress,
-    human_size,
     one_line,
     package_version,
-    print_fields,
     print_json,
-    print_table,
     snapshot_view,
     volume_view,
+    writer_view,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -59,52 +54,52 @@ class UsageError(Exception):
     """A mistake in the command line found after parsing (exit 2)."""
 
 
+class Failed(Exception):
+    """The operation failed, said in one line (exit 1); ``name`` for --json."""
+
+    def __init__(self, message: str, name: str = "VSS_E_OBJECT_NOT_FOUND") -> None:
+        super().__init__(message)
+        self.name = name
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors: exit 2 with exactly one line on stderr, no usage dump, no traceback."""
+    """Usage errors: exit 2 with exactly one line on stderr, no usage dump, no traceback
+    (with --json anywhere on the command line: the JSON error object, tools/errors.py)."""
 
     def error(self, message: str) -> NoReturn:
+        if errors.JSON_ARGV:
+            errors.print_json_error("E_INVALIDARG", EXIT_USAGE, one_line(message))
+            self.exit(EXIT_USAGE)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (try '{PROG} --help')\n")
 
 
 # ------------------------------------------------------------------------ presentation
-def _emit(args: argparse.Namespace, obj: Any, table: Callable[[Any], None] | None = None) -> None:
-    if args.json:
-        print_json(obj)
-    elif table is not None:
-        table(obj)
-    elif isinstance(obj, dict):
-        print_fields(obj)
-    elif obj is not None:
-        print(obj)
+def _format(args: argparse.Namespace, catalog: Catalog) -> Format:
+    """A listing's -o/-H/-p, checked before the daemon is asked (a bad -o: exit 2)."""
+    try:
+        return listing.options(args, catalog)
+    except listing.ListingError as e:
+        raise UsageError(str(e)) from None
 
 
-def _snap_table(rows: list[dict[str, Any]]) -> None:
-    if rows:
-        print_table(rows, SNAPSHOT_COLUMNS)
-    else:
-        print("no snapshots")
+_emit, _note, _snap_table = listing.emit, listing.note, listing.snapshot_table
 
 
-def _diff_table(res: dict[str, Any], extents: list[dict[str, int]]) -> None:
+def _diff_table(res: dict[str, Any], extents: list[dict[str, int]], fmt: Format) -> None:
     """`snapshot diff`: one row per extent (its exact offset, then human sizes), and a
-    totals line; a size change is said (past FROM's end, what is not listed is zeros)."""
-    if extents:
-        print_table([{"offset": e["offset"], "at": human_size(e["offset"]),
-                      "length": human_size(e["length"])} for e in extents],
-                    DIFF_COLUMNS)
-    else:
-        print("no changes")
+    totals line (not under -H); a size change is said (past FROM's end, what is not
+    listed is zeros)."""
+    listing.print_rows(extents, fmt, "no changes")
+    if not fmt.header:
+        return
     size, was = res["size"], res["from_size"]
-    grown = "" if size == was else f"; size {human_size(was)} at FROM"
-    print(f"{len(extents)} extents, {human_size(res['changed_bytes'])} changed of "
-          f"{human_size(size)} (chunk {res['chunk_size'] // 1024} KiB){grown}")
-
-
-def _deleted_report(res: dict[str, Any]) -> None:
-    if res.get("deleted"):
-        print_fields(res)
-    else:
-        print("no snapshots deleted")
+    def n(v: int) -> str:
+        return listing.cell(v, "size", fmt.parsable)
+    cs = res["chunk_size"]
+    chunk = str(cs) if fmt.parsable else f"{cs // 1024} KiB"
+    grown = "" if size == was else f"; size {n(was)} at FROM"
+    print(f"{len(extents)} extents, {n(res['changed_bytes'])} changed of "
+          f"{n(size)} (chunk {chunk}){grown}")
 
 
 # ------------------------------------------------------------------------ commands
@@ -253,20 +248,22 @@ def cmd_pool_init(args: argparse.Namespace) -> int:
 
 
 def cmd_volume(args: argparse.Namespace) -> int:
+    fmt = _format(args, listing.VOLUMES) if args.vcmd == "list" else None
+    vols = listing.VOLUMES
     with connection.client(args) as c:
         if args.vcmd == "create":
-            _emit(args, volume_view(c.volume_create(args.name, args.size)))
+            _emit(args, volume_view(c.volume_create(args.name, args.size)), catalog=vols)
         elif args.vcmd == "list":
+            assert fmt is not None
             rows = [volume_view(v) for v in c.volume_list()]
-            _emit(args, rows, lambda r: print_table(r, VOLUME_COLUMNS) if r
-                  else print("no volumes"))
+            _emit(args, rows, lambda r: listing.print_rows(r, fmt, "no volumes"), fmt=fmt)
         elif args.vcmd == "resize":
-            _emit(args, volume_view(c.volume_resize(args.name, args.size)))
+            _emit(args, volume_view(c.volume_resize(args.name, args.size)), catalog=vols)
         elif args.vcmd == "delete":
             c.volume_delete(args.name)
             _emit(args, {"deleted": args.name})
         elif args.vcmd == "present":
-            _emit(args, volume_view(c.volume_present(args.name, args.to)))
+            _emit(args, volume_view(c.volume_present(args.name, args.to)), catalog=vols)
     return EXIT_OK
 
 
@@ -312,18 +309,21 @@ def _create_context(args: argparse.Namespace) -> Any:
     return ctx
 
 
-def _hold_until_stopped(set_id: str) -> None:
+def _hold_until_stopped(args: argparse.Namespace, set_id: str) -> None:
     """--hold: keep the session (so the auto-release set) until a stop signal."""
     from . import interrupts
-    print(f"holding snapshot set {set_id}: it lives until Ctrl-C (or SIGTERM, SIGHUP)",
-          file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(f"holding snapshot set {set_id}: it lives until Ctrl-C (or SIGTERM, SIGHUP)",
+              file=sys.stderr, flush=True)
     with interrupts.stop_signals():
         try:
             while True:
                 signal.pause()
         except KeyboardInterrupt:   # interrupts.Interrupted for each of them
             pass
-    print(f"session ended: auto-release snapshot set {set_id} is deleted", file=sys.stderr)
+    if not args.quiet:
+        print(f"session ended: auto-release snapshot set {set_id} is deleted",
+              file=sys.stderr)
 
 
 def _list_volume(args: argparse.Namespace) -> str | None:
@@ -339,10 +339,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     ctx = _create_context(args) if args.scmd == "create" else None
     if args.scmd == "show" and not args.id and not args.set:
         raise UsageError("snapshot show needs an ID or --set ID")
-    if args.scmd == "delete" and len(
-            [x for x in (args.id, args.set, args.oldest, args.all or None) if x]) != 1:
-        raise UsageError("snapshot delete needs exactly one of ID, --set ID, --oldest VOLUME, "
-                         "--all")
+    fmt = _format(args, listing.DIFF if args.scmd == "diff" else listing.SNAPSHOTS) \
+        if args.scmd in ("list", "show", "diff") else None
+    if args.scmd == "delete":   # tools/deleting.py: its forms, --dry-run, asking first
+        return deleting.run(args)
     with connection.client(args) as c:
         if args.scmd == "create":
             assert ctx is not None
@@ -352,36 +352,32 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             snaps = [snapshot_view(s) for s in res.get("snapshots", [])]
             if args.json:
                 print_json({**res, "snapshots": snaps})
-            else:
+            elif not args.quiet:
                 print(f"snapshot set {res.get('set_id') or res.get('snapshot_set_id')} created")
                 _snap_table(snaps)
-                if args.context is None:
-                    print(f"note: context {ctx.cli_name} (the one-shot default): persistent, "
-                          "kept until 'snapshot delete'; writers froze and thawed",
-                          file=sys.stderr)
+            if args.context is None:
+                _note(args, f"note: context {ctx.cli_name} (the one-shot default): "
+                      "persistent, kept until 'snapshot delete'; writers froze and thawed")
             if args.hold:
-                _hold_until_stopped(str(res.get("set_id") or res.get("snapshot_set_id")))
+                _hold_until_stopped(args, str(res.get("set_id") or res.get("snapshot_set_id")))
         elif args.scmd == "list":
+            assert fmt is not None
             rows = [snapshot_view(s) for s in c.snapshot_list(set_id=args.set,
                                                                volume=_list_volume(args))]
-            _emit(args, rows, _snap_table)
+            _emit(args, rows, lambda r: _snap_table(r, fmt), fmt=fmt)
         elif args.scmd == "show":
+            assert fmt is not None
             res = c.snapshot_show(snapshot_id=args.id, set_id=args.set)
             if isinstance(res, list):
-                _emit(args, [snapshot_view(s) for s in res], _snap_table)
+                _emit(args, [snapshot_view(s) for s in res], lambda r: _snap_table(r, fmt),
+                      fmt=fmt)
             else:
-                _emit(args, snapshot_view(res))
+                _emit(args, snapshot_view(res), catalog=listing.SNAPSHOTS, fmt=fmt)
         elif args.scmd == "diff":
+            assert fmt is not None
             res = c.snapshot_diff(args.from_id, args.to_id)
             extents = [{"offset": o, "length": n} for o, n in res["extents"]]
-            if args.json:
-                print_json(extents)
-            else:
-                _diff_table(res, extents)
-        elif args.scmd == "delete":
-            res = c.snapshot_delete(snapshot_id=args.id, set_id=args.set, oldest=args.oldest,
-                                    all=args.all, unexpose=args.unexpose)
-            _emit(args, res, _deleted_report)
+            _emit(args, extents, lambda r: _diff_table(res, r, fmt), fmt=fmt)
     return EXIT_OK
 
 
@@ -392,13 +388,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
         try:
             return backup.main(args, c)
         except backup.Refused as e:
-            print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
-            return EXIT_FAILED
+            raise Failed(str(e), "BACKUP_REFUSED") from None
 
 
 def cmd_expose(args: argparse.Namespace) -> int:
     with connection.client(args) as c:
-        _emit(args, snapshot_view(c.expose(args.snapshot, name=args.name, mount=args.mount)))
+        _emit(args, snapshot_view(c.expose(args.snapshot, name=args.name, mount=args.mount)),
+              catalog=listing.SNAPSHOTS)
     return EXIT_OK
 
 
@@ -407,15 +403,15 @@ def cmd_unexpose(args: argparse.Namespace) -> int:
         try:
             sid = connection.find_exposed(c, args.snapshot)["snapshot_id"]
         except connection.NotExposed as e:
-            print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
-            return EXIT_FAILED
-        _emit(args, snapshot_view(c.unexpose(sid)))
+            raise Failed(str(e)) from None
+        _emit(args, snapshot_view(c.unexpose(sid)), catalog=listing.SNAPSHOTS)
     return EXIT_OK
 
 
 def _long_op(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any],
-             view: Callable[[Any], Any] = lambda r: r) -> int:
-    _emit(args, view(connection.call(args, c, call)))
+             view: Callable[[Any], Any] = volume_view,
+             catalog: Catalog = listing.VOLUMES) -> int:
+    _emit(args, view(connection.call(args, c, call)), catalog=catalog)
     return EXIT_OK
 
 
@@ -429,7 +425,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     with connection.client(args) as c:
         # promote answers with the (now full) snapshot: the same view as `snapshot show`
         return _long_op(args, c, lambda p: c.promote(args.snapshot, progress=p),
-                        snapshot_view)
+                        snapshot_view, listing.SNAPSHOTS)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -488,20 +484,18 @@ def cmd_import(args: argparse.Namespace) -> int:
             print(f"snapshot set {r['set_id']} (from {r['origin']}) imported on {r['host']}")
             _snap_table(snaps)
         _emit(args, res, table)
-        if snaps and snaps[0].get("context") in vss.AUTO_RELEASE_CLI_NAMES \
-                and not args.json:
-            print(f"note: an auto-release ({snaps[0].get('context')}) set is deleted when "
-                  "this command's session ends; import it from a script or program that "
-                  "keeps its session", file=sys.stderr)
+        if snaps and snaps[0].get("context") in vss.AUTO_RELEASE_CLI_NAMES:
+            _note(args, f"note: an auto-release ({snaps[0].get('context')}) set is deleted "
+                  "when this command's session ends; import it from a script or program "
+                  "that keeps its session")
     return EXIT_OK
 
 
 def cmd_writers(args: argparse.Namespace) -> int:
+    fmt = _format(args, listing.WRITERS)
     with connection.client(args) as c:
-        rows = c.writers_list()
-        _emit(args, rows, lambda r: print_table(r, [("name", "WRITER"), ("writer_id", "ID"),
-                                                    ("state", "STATE"), ("last_error", "ERROR")])
-              if r else print("no writers"))
+        rows = [writer_view(w) for w in c.writers_list()]
+        _emit(args, rows, lambda r: listing.print_rows(r, fmt, "no writers"), fmt=fmt)
     return EXIT_OK
 
 
@@ -514,17 +508,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = res.get("problems", [])
     if args.json:
         print_json(res)
-    elif problems:
+    elif problems:   # what failed: shown under --quiet too
         for p in problems:
             print(p)
-    else:
+    elif not args.quiet:
         print("clean")
     return EXIT_FAILED if problems else EXIT_OK
 
 
 def cmd_df(args: argparse.Namespace) -> int:
     """Where the space went: the pool's file system, what snapshots may still take, and
-    per volume its size, allocation and diff area (like `zfs list -o space`, `lvs`)."""
+    per volume its size, allocation and diff area (like `zfs list -o space`, `lvs`).
+    -o/-H/-p are the volume table's; -H leaves the two summary lines out."""
+    fmt = _format(args, listing.DF)
     with connection.client(args) as c:
         st = c.status()
         vols = [volume_view(v) for v in c.volume_list()]
@@ -532,21 +528,27 @@ def cmd_df(args: argparse.Namespace) -> int:
     pool["allocated"] = sum(v.get("allocated") or 0 for v in vols)
     pool["diff_bytes"] = sum(v.get("diff_bytes") or 0 for v in vols)
     if args.json:
-        print_json({**pool, "volumes": vols})
+        print_json({**pool, "volumes": listing.json_view(vols, fmt)})
         return EXIT_OK
-    print(f"pool {pool['pool']}: {human_size(pool['space_total'])}, "
-          f"{human_size(pool['space_free'])} free, {human_size(pool['space_available'])} "
-          "for snapshots (past it a diff area deletes its oldest snapshot)")
-    print(f"volumes: {human_size(pool['allocated'])} allocated, "
-          f"{human_size(pool['diff_bytes'])} in diff areas")
+    if args.quiet:
+        return EXIT_OK
+    if fmt.header:
+        def size(n: int | None) -> str:
+            return listing.cell(n, "size", fmt.parsable)
+        print(f"pool {pool['pool']}: {size(pool['space_total'])}, "
+              f"{size(pool['space_free'])} free, {size(pool['space_available'])} "
+              "for snapshots (past it a diff area deletes its oldest snapshot)")
+        print(f"volumes: {size(pool['allocated'])} allocated, "
+              f"{size(pool['diff_bytes'])} in diff areas")
     if vols:
-        print_table(vols, DF_COLUMNS)
+        listing.print_rows(vols, fmt, "")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    fmt = _format(args, listing.STATUS)
     with connection.client(args) as c:
-        _emit(args, c.status())
+        _emit(args, c.status(), catalog=listing.STATUS, fmt=fmt)
     return EXIT_OK
 
 
@@ -572,8 +574,7 @@ def cmd_pki(args: argparse.Namespace) -> int:
     except PkiError as e:
         if args.debug:
             raise
-        print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_FAILED
+        raise Failed(str(e), "PKI_ERROR") from None
 
 
 def cmd_script(args: argparse.Namespace) -> int:
@@ -598,7 +599,8 @@ def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
                         help="certificates: with --array this host's ('shadowplex pki "
                              "host'); for serve the array's ('shadowplex pki init')")
     parser.add_argument("--json", action="store_true", **kw, help="machine-readable output")
-    parser.add_argument("-q", "--quiet", action="store_true", **kw, help="no progress output")
+    parser.add_argument("-q", "--quiet", action="store_true", **kw,
+                        help="print nothing but errors (and --json's result)")
     parser.add_argument("--debug", action="store_true", **kw,
                         help="tracebacks for every error")
 
@@ -673,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     vc = add("create", cmd_volume, "create a sparse volume", vsub)
     vc.add_argument("name")
     vc.add_argument("size", help="bytes or with K/M/G/T suffix, multiple of 512")
-    add("list", cmd_volume, "list volumes", vsub)
+    listing.add_options(add("list", cmd_volume, "list volumes", vsub), listing.VOLUMES)
     vr = add("resize", cmd_volume, "grow a volume", vsub)
     vr.add_argument("name")
     vr.add_argument("size")
@@ -704,20 +706,31 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("volume_arg", nargs="?", metavar="VOLUME", help="only this volume's")
     sl.add_argument("--set", metavar="SET_ID")
     sl.add_argument("--volume", metavar="VOLUME", help="the same as VOLUME")
+    listing.add_options(sl, listing.SNAPSHOTS)
     ss = add("show", cmd_snapshot, "show one snapshot or a set", ssub)
     ss.add_argument("id", nargs="?", metavar="ID")
     ss.add_argument("--set", metavar="SET_ID")
+    listing.add_options(ss, listing.SNAPSHOTS)
     sf = add("diff", cmd_snapshot, "the chunks touched since a differential snapshot "
              "(changed-block map)", ssub)
     sf.add_argument("from_id", metavar="FROM", help="a differential snapshot")
     sf.add_argument("to_id", nargs="?", metavar="TO",
                     help="a later snapshot of the same volume (default: the live volume)")
+    listing.add_options(sf, listing.DIFF)
     sd = add("delete", cmd_snapshot, "delete snapshots", ssub)
     sd.add_argument("id", nargs="?", metavar="ID")
     sd.add_argument("--set", metavar="SET_ID")
-    sd.add_argument("--oldest", metavar="VOLUME")
-    sd.add_argument("--all", action="store_true")
+    sd.add_argument("--oldest", metavar="VOLUME", help="the oldest snapshot of VOLUME")
+    sd.add_argument("--volume", metavar="VOLUME", help="every snapshot of VOLUME (needs "
+                    "--yes or a terminal's confirmation)")
+    sd.add_argument("--all", action="store_true",
+                    help="every snapshot of every volume (needs --yes or a terminal's "
+                         "confirmation)")
     sd.add_argument("--unexpose", action="store_true", help="unmount/unexpose first")
+    sd.add_argument("--yes", "-y", action="store_true",
+                    help="do not ask before deleting with --all or --volume")
+    sd.add_argument("--dry-run", "-n", action="store_true",
+                    help="list what would be deleted, delete nothing")
 
     bk = add("backup", cmd_backup, "a full or incremental (--from) qcow2/raw image of a "
              "snapshot, read over the NBD port")
@@ -758,11 +771,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("file", metavar="FILE")
     w = sub.add_parser("writers", help="writers", parents=[common])
     wsub = w.add_subparsers(dest="wcmd", metavar="ACTION", required=True, parser_class=_Parser)
-    add("list", cmd_writers, "list writers and their state", wsub)
+    listing.add_options(add("list", cmd_writers, "list writers and their state", wsub),
+                        listing.WRITERS)
     add("check", cmd_check, "verify catalog, maps and checksums")
     add("scrub", cmd_check, "read every byte and verify it")
-    add("status", cmd_status, "daemon and pool status")
-    add("df", cmd_df, "space: the pool, what snapshots may take, each volume's allocation")
+    listing.add_options(add("status", cmd_status, "daemon and pool status"), listing.STATUS)
+    listing.add_options(add("df", cmd_df, "space: the pool, what snapshots may take, each "
+                            "volume's allocation"), listing.DF)
     d = add("demo", cmd_demo, "run the end-to-end demonstration in a temporary directory")
     d.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (pool, serve.log), also after a "
@@ -800,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    errors.JSON_ARGV = "--json" in (sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     from blockstore.errors import StoreError
@@ -807,18 +823,35 @@ def _main(argv: list[str] | None) -> int:
         from provider.client import ControlError
     except ImportError:  # pragma: no cover - provider is part of the distribution
         ControlError = RuntimeError  # type: ignore[misc,assignment]
+
+    def fail(code: int, name: str, line: str, prefix: str = f"{PROG}: ") -> int:
+        """One line on stderr, or with --json the error object (tools/errors.py)."""
+        if getattr(args, "json", False):
+            errors.print_json_error(name, code, one_line(line))
+        else:
+            print(f"{prefix}{one_line(line)}", file=sys.stderr)
+        return code
+
     try:
         return int(args.func(args))
     except UsageError as e:
-        print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(EXIT_USAGE, "E_INVALIDARG", str(e), f"{PROG}: error: ")
     except Interrupted as e:   # Ctrl-C during a request: its outcome was told
         return e.code
+    except Failed as e:
+        return fail(EXIT_FAILED, e.name, str(e))
+    except deleting.Declined as e:
+        return fail(EXIT_FAILED, "E_ABORT", str(e))
+    except deleting.BadForm as e:
+        return fail(EXIT_USAGE, "E_INVALIDARG", str(e), f"{PROG}: error: ")
     except (ControlError, StoreError) as e:
         if args.debug:
             raise
-        print(f"{PROG}: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_USAGE if _is_usage(e) else EXIT_FAILED
+        code = EXIT_USAGE if _is_usage(e) else EXIT_FAILED
+        if args.json:
+            message = e.message if isinstance(e, ControlError) else str(e)
+            return fail(code, errors.name_of(e), message)
+        return fail(code, "", str(e))
     except KeyboardInterrupt:   # outside a request: nothing was asked of the daemon
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -830,18 +863,16 @@ def _main(argv: list[str] | None) -> int:
     except OSError as e:
         if args.debug:
             raise
-        print(one_line(f"{PROG}: {e.strerror or e}: {e.filename or ''}".rstrip(": ")),
-              file=sys.stderr)
-        return EXIT_FAILED
+        return fail(EXIT_FAILED, errors.errno_name(e),
+                    f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
     except Exception as e:
         # Anything else is a bug or an unforeseen failure: still one line, not a traceback
         # (the user asked for an operation, not for our stack); --debug shows it.
         if args.debug:
             raise
         what = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {one_line(what)} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return EXIT_FAILED
+        return fail(EXIT_FAILED, "VSS_E_UNEXPECTED",
+                    f"{what} (run with --debug for the traceback)", f"{PROG}: error: ")
 
 
 if __name__ == "__main__":

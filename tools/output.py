@@ -47,12 +47,6 @@ def human_size(n: int | None) -> str:
     return str(n)
 
 
-def human_time(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
     """columns: (field, header). Fields missing in a row show as '-'."""
     cells = [[_cell(r.get(f)) for f, _ in columns] for r in rows]
@@ -161,33 +155,25 @@ class ByteProgress:
 
 
 # ------------------------------------------------------------------ views of the wire's records
-SNAPSHOT_COLUMNS = [("id", "ID"), ("set_id", "SET"), ("volume", "VOLUME"), ("kind", "KIND"),
-                    ("context", "CONTEXT"), ("state", "STATE"), ("created_at", "CREATED"),
-                    ("exposed", "EXPOSED")]
-VOLUME_COLUMNS = [("name", "NAME"), ("size_h", "SIZE"), ("alloc_h", "ALLOCATED"),
-                  ("naa", "NAA"), ("snapshots", "SNAPSHOTS"), ("diff_h", "DIFF AREA"),
-                  ("path", "PATH")]
-DIFF_COLUMNS = [("offset", "OFFSET"), ("at", "AT"), ("length", "LENGTH")]
-DF_COLUMNS = [("name", "VOLUME"), ("size_h", "SIZE"), ("alloc_h", "ALLOCATED"),
-              ("diff_h", "DIFF AREA"), ("snapshots", "SNAPSHOTS")]
+# The CLI's --json keeps one name per field: the wire's VSS_SNAPSHOT_PROP names (left)
+# become the stable short names (README, docs/provider.md "The CLI's JSON"); the wire
+# names themselves are not repeated.
+SNAPSHOT_RENAMED = {"snapshot_id": "id", "snapshot_set_id": "set_id", "status": "state",
+                    "device_object": "device_path", "creation_timestamp": "created"}
 
 
 def snapshot_view(d: dict[str, Any]) -> dict[str, Any]:
-    """The wire's VSS_SNAPSHOT_PROP form plus the CLI's stable short names."""
-    out = dict(d)
-    out.setdefault("id", d.get("snapshot_id"))
-    out.setdefault("set_id", d.get("snapshot_set_id"))
-    out.setdefault("state", d.get("status"))
-    out.setdefault("device_path", d.get("device_object"))
-    out.setdefault("created", d.get("creation_timestamp"))
-    out["created_at"] = human_time(out.get("created"))
-    out["exposed"] = d.get("mounted_at") or d.get("exposed_path") or d.get("exposed_name")
-    return out
+    """A snapshot as the CLI and scripts show it: the wire's record with the stable
+    names (idempotent: a view's view is itself)."""
+    return {SNAPSHOT_RENAMED.get(k, k): v for k, v in d.items()}
 
 
 def volume_view(d: dict[str, Any]) -> dict[str, Any]:
-    out = dict(d)
-    out["size_h"] = human_size(d.get("size"))
-    out["alloc_h"] = human_size(d.get("allocated"))
-    out["diff_h"] = human_size(d.get("diff_bytes"))
+    return dict(d)
+
+
+def writer_view(d: dict[str, Any]) -> dict[str, Any]:
+    """A writer's status: `name` (the wire repeats it as `writer_name`)."""
+    out = {k: v for k, v in d.items() if k != "writer_name"}
+    out.setdefault("name", d.get("writer_name"))
     return out

@@ -22,9 +22,9 @@ from provider import vss
 
 from .. import interrupts, procgroup
 from ..connection import NotExposed, find_exposed
+from ..listing import SNAPSHOTS, Format, print_rows
 from ..output import (
     PROG,
-    SNAPSHOT_COLUMNS,
     Progress,
     one_line,
     package_version,
@@ -331,7 +331,7 @@ class _Runner:
                          + (f" [{kind}]" if kind else ""))
         self.say(f"create: snapshot set {set_id} created ({self.context}): " + ", ".join(parts))
         if self.verbose and not self.quiet and snaps:
-            print_table([snapshot_view(s) for s in snaps], SNAPSHOT_COLUMNS)
+            print_rows([snapshot_view(s) for s in snaps], Format(SNAPSHOTS.default), "")
         self.created.append({"set_id": set_id, "context": self.context,
                              "options": [o.lower() for o in self.options],
                              "created": time.time(), "line": st.line, "aliases": aliases,
@@ -449,10 +449,8 @@ class _Runner:
             rows = [self.call(self.c.snapshot_show, snapshot_id=self.ident(arg))]
         else:
             rows = self.call(self.c.snapshot_list)
-        if rows:
-            print_table([snapshot_view(r) for r in rows], SNAPSHOT_COLUMNS)
-        else:
-            print("no snapshots")
+        print_rows([snapshot_view(r) for r in rows], Format(SNAPSHOTS.default),
+                   "no snapshots")
         sys.stdout.flush()
 
     def do_list_writers(self, st: Stmt) -> None:
