@@ -43,7 +43,7 @@ def test_serve_on_rbd_runs_the_cli_s_sequence(rbd_daemon: Daemon) -> None:
         f.write(before)
         f.flush()
         os.fsync(f.fileno())
-    sid = d.json("snapshot", "create", "db")["snapshots"][0]["snapshot_id"]
+    sid = d.json("snapshot", "create", "db")["snapshots"][0]["id"]
     with open(img, "r+b") as f:
         f.seek(4 * MiB)
         f.write(b"after" * 1000)
