@@ -137,7 +137,7 @@ def test_snapshot_under_a_loop_device_is_not_deleted(tmp_path: Path, sockdir: st
             ro_loop(path, tmp_path / "m") as lp:
         dev = lp["dev"]
         assert (tmp_path / "m" / "hello.txt").read_text() == TEXT
-        for args in ([sid], [sid, "--unexpose"], ["--all"]):
+        for args in ([sid], [sid, "--unexpose"], ["--all", "--yes"]):
             res = spx("snapshot", "delete", *args, socket=d.socket)
             line = one_line_error(res, 1, f"cannot delete snapshot {sid}: in use by "
                                           f"loop device {dev} ({path}, mounted at "
