@@ -21,6 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # what a test subprocess runs with: this worktree's code (not an installed copy)
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
+def digest(path: str | Path) -> int:
+    """xxh3 of a whole file (images, snapshots, backups restored), read 4 MiB at a time."""
+    import xxhash
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.intdigest()
+
+
 def run_cmd(*cmd: str, check: bool = True, timeout: float = 120
             ) -> subprocess.CompletedProcess[str]:
     """Run a command (text output captured); with check, a failure names its stderr."""

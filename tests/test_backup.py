@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import xxhash
 from conftest import require_kernel
 from harness import Daemon, start_daemon
+from support import digest
 
 from blockstore import Pool
 from tools.output import ByteProgress
@@ -31,13 +31,6 @@ MiB = 1 << 20
 CS = 64 << 10
 TOOLS = ("qemu-img", "qemu-nbd", "fallocate")
 
-
-def digest(path: str | Path) -> int:
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.intdigest()
 
 
 @pytest.fixture

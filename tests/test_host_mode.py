@@ -126,6 +126,14 @@ def test_ext4_on_a_host_s_volume_lands_on_the_array(host_b: Host, tmp_path: Path
     assert out.stdout == "written on hostB\n", out.stderr
 
 
+def _write_synced(img: Path, data: bytes) -> None:
+    """Write at the start through the host's mount and fsync: then it is on the array."""
+    with open(img, "r+b") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _host_client(h: Host) -> Client:
     return Client(socket_path=h.d.socket, client="test")
 
@@ -134,10 +142,7 @@ def test_a_host_creates_a_snapshot_set_on_the_array(host_b: Host) -> None:
     h, t = host_b, host_b.net
     img = h.image("volumes", "db")
     before = os.urandom(MiB)
-    with open(img, "r+b") as f:
-        f.write(before)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(img, before)
     res = h.d.json("snapshot", "create", "db")          # the host's CLI, its daemon
     sid = res["snapshots"][0]["id"]
     with open(img, "r+b") as f:                          # after the instant
@@ -275,15 +280,9 @@ def test_a_host_reverts_its_volume_to_its_snapshot(host_b: Host) -> None:
     h, t = host_b, host_b.net
     img = h.image("volumes", "db")
     before = os.urandom(MiB)
-    with open(img, "r+b") as f:
-        f.write(before)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(img, before)
     sid = h.d.json("snapshot", "create", "db")["snapshots"][0]["id"]
-    with open(img, "r+b") as f:
-        f.write(os.urandom(MiB))
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(img, os.urandom(MiB))
     h.d.ok("revert", sid)
     with open(img, "rb") as f:     # the host's page cache of it was dropped
         assert f.read(MiB) == before

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import xxhash
 from conftest import require_kernel
 from harness import Daemon, start_daemon
+from support import digest
 
 from blockstore import Pool
 
@@ -45,13 +45,6 @@ def run(*argv: str, ok: bool = True, timeout: float = 60) -> subprocess.Complete
         assert res.returncode == 0, (argv, res.stdout, res.stderr)
     return res
 
-
-def digest(path: str | Path) -> int:
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.intdigest()
 
 
 @pytest.fixture

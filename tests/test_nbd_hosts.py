@@ -17,9 +17,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import xxhash
 from nbd_net import Net, nbdfuse_file
-from support import mounted_fs
+from support import digest, mounted_fs
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -31,13 +30,6 @@ def _tools() -> None:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (make setup installs it)")
 
-
-def _digest(path: Path | str) -> int:
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.intdigest()
 
 
 def _write_files(root: Path, files: dict[str, bytes]) -> None:
@@ -123,18 +115,18 @@ def test_nbdcopy_of_a_snapshot_over_tls_is_the_snapshot(tls_array: Net,
     t = tls_array
     t.d.ok("volume", "present", "db", "--to", "hostB", "--to", "hostC")
     image = Path(t.d.mount, "hosts", "hostB", "volumes", "db.img")
-    before = _digest(image)
+    before = digest(image)
     sid = _snapshot_as(t, "hostC", "db")
     with open(image, "r+b") as f:   # rewrite the data the snapshot preserves
         f.write(os.urandom(2 * MiB))
         os.fsync(f.fileno())
-    assert _digest(image) != before
+    assert digest(image) != before
     out = tmp_path / "snap.raw"
     res = t.net.run("hostC", "nbdcopy", t.tls_uri("hostC", f".shadow/{sid}"), str(out),
                     timeout=60)
     assert res.returncode == 0, res.stderr
-    assert _digest(out) == before
-    assert _digest(Path(t.d.mount, "hosts", "hostC", ".shadow", f"{sid}.img")) == before
+    assert digest(out) == before
+    assert digest(Path(t.d.mount, "hosts", "hostC", ".shadow", f"{sid}.img")) == before
     # hostB did not make it and it is not presented to hostB: not even by its id
     res = t.net.run("hostB", "nbdcopy", t.tls_uri("hostB", f".shadow/{sid}"),
                     str(tmp_path / "no.raw"), timeout=60)
