@@ -269,24 +269,45 @@ class HostSets:
         """The host is done with the slot: its set was created (``created``: its
         snapshots stay) or not (they go)."""
         h = self.own(session, set_id)
-        if created and h.committed and h.snaps:
-            # the array's row of the set: it travels with the array (export, import on
-            # another host, the array's own listings, a restart adopts it as is). Its
-            # lifetime is the host's to manage: never auto-released by the array.
+        if created:
+            self._keep(h)
+            await self._end(h, None)
+        else:
+            await self._end(h, "the host aborted it")
+
+    def _keep(self, h: HostSet) -> None:
+        """The array's row of a committed set: it travels with the array (export, import
+        on another host, the array's own listings, a restart adopts it as is). Its
+        lifetime is the host's to manage: never auto-released by the array."""
+        if h.committed and h.snaps and h.set_id not in self.coord.catalog.records:
             self.coord.catalog.put_set(SetRecord(
                 h.set_id, h.context, h.attributes, int(SnapshotState.CREATED), time.time(),
-                session.host, session.client, len(h.snaps), False))
-        await self._end(h, None if created else "the host aborted it")
+                h.session.host, h.session.client, len(h.snaps), False))
 
     async def session_closed(self, session: Session) -> None:
         if self.holder is not None and self.holder.session is session:
-            await self._end(self.holder, f"host {session.host}'s session ended")
+            await self._lost(self.holder, f"host {session.host}'s session ended")
 
     async def expire(self) -> None:
         """Release a lease that ran out (call periodically)."""
         h = self.holder
         if h is not None and time.monotonic() > h.expires:
-            await self._end(h, f"host {h.session.host} did not renew its lease")
+            await self._lost(h, f"host {h.session.host} did not renew its lease")
+
+    async def _lost(self, h: HostSet, why: str) -> None:
+        """The host went away holding the slot. Before the commit its set is nothing yet:
+        its snapshots go. After it the instant has happened, and the host may have told
+        its requester so (its release lost with the network): the set stays, with the
+        array's row -- losing a set a requester was told exists is worse than keeping one
+        it was told failed (it is listed with its host; its owner deletes it)."""
+        if h.committed:
+            log.warning("snapshot set %s of host %s was committed, then %s: kept (%d "
+                        "snapshot(s)); delete it if its requester was told it failed",
+                        h.set_id, h.session.host, why, len(h.snaps))
+            self._keep(h)
+            await self._end(h, None)
+        else:
+            await self._end(h, why)
 
     async def _end(self, h: HostSet, why: str | None) -> None:
         with trio.CancelScope(shield=True):
