@@ -53,7 +53,7 @@ from typing import Any
 from ..output import human_size
 from ..procgroup import kill_tree
 from .caches import settle, sync_file
-from .common import REPO, BenchError, KiB, Log, MiB, _median, _p90
+from .common import REPO, BenchError, KiB, Log, MiB, _median, _p90, socket_dir
 from .netbench import check_arguments, num, parser, ratio, run, shown, table
 from .netbench import versions as _versions
 from .report import code_version, machine_info
@@ -156,8 +156,9 @@ class Setup:
                  log: Log) -> None:
         self.base, self.sizes, self.stack, self.log = base, sizes, stack, log
         self.pool, self.mnt = os.path.join(base, "pool"), os.path.join(base, "mnt")
-        self.sock, self.full_raw, self.changes_raw, self.out = (os.path.join(base, n) for n in (
-            "ctl.sock", "full.raw", "changes.raw", "backups"))
+        self.full_raw, self.changes_raw, self.out = (os.path.join(base, n) for n in (
+            "full.raw", "changes.raw", "backups"))
+        self.sock = os.path.join(socket_dir(base, stack), "ctl.sock")
         self.cli = [sys.executable, "-m", "tools.cli", "--socket", self.sock]
         self.prev: dict[str, str] = {}   # format -> round 1's full backup of S0
         self.daemon = Daemon(base, self.pool, self.mnt, self.sock, extra=[

@@ -3,11 +3,14 @@ labels), the profiles, BenchError, the progress log and small process/file helpe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +89,20 @@ class Log:
         if not self.quiet:
             print(f"bench [{time.monotonic() - self.t0:6.1f}s] {msg}", file=sys.stderr,
                   flush=True)
+
+
+SOCKET_PATH_MAX = 100   # bytes of a Unix socket path we use (the kernel takes 107)
+
+
+def socket_dir(base: str, stack: contextlib.ExitStack) -> str:
+    """Where a bench's control sockets go: its work directory, unless that path is too
+    long for a Unix socket (a --dir deep down, e.g. a test's tmp_path) -- then a private
+    directory in /tmp, removed when ``stack`` closes."""
+    if len(os.path.join(base, "array.sock")) <= SOCKET_PATH_MAX:
+        return base
+    d = tempfile.mkdtemp(prefix="spxb-sock-", dir="/tmp")
+    stack.callback(shutil.rmtree, d, True)
+    return d
 
 
 def _run(*cmd: str, timeout: float = 120) -> str:

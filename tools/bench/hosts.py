@@ -46,7 +46,7 @@ from typing import Any
 
 from ..netns import Hosts
 from .caches import warm
-from .common import WORKLOADS, Log, MiB, _median, _p90, _wait
+from .common import WORKLOADS, Log, MiB, _median, _p90, _wait, socket_dir
 from .nbd_setup import PREFIX, _read, make_pki, make_pool
 from .netbench import check_arguments, num, parser, pct, ratio, run, shown, table
 from .netbench import versions as _versions
@@ -88,7 +88,8 @@ class HostSetup:
         self.host_pki = os.path.join(base, "pki-host")
         self.pool = os.path.join(base, "pool")
         self.mnt = {side: os.path.join(base, f"mnt-{side}") for side in SIDES}
-        self.sock = {side: os.path.join(base, f"{side}.sock") for side in SIDES}
+        socks = socket_dir(base, stack)
+        self.sock = {side: os.path.join(socks, f"{side}.sock") for side in SIDES}
         self.image = {"host": os.path.join(self.mnt["host"], "volumes", f"{VOL}.img"),
                       "array": os.path.join(self.mnt["array"], "hosts", HOST_CN,
                                             "volumes", f"{VOL}.img")}

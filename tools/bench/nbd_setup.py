@@ -21,7 +21,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..netns import Hosts
-from .common import REPO, BenchError, MiB, _fuse_unmount, _mounted, _run, _stop_proc, _wait
+from .common import (
+    REPO,
+    BenchError,
+    MiB,
+    _fuse_unmount,
+    _mounted,
+    _run,
+    _stop_proc,
+    _wait,
+    socket_dir,
+)
 from .targets import Daemon
 
 # benchmark namespaces are spxb-*: the test suite's guard deletes leftover spx-* ones,
@@ -63,7 +73,7 @@ class Setup:
         self.client_pki = os.path.join(base, "pki-client")
         self.pool = os.path.join(base, "pool")
         self.mnt = os.path.join(base, "mnt")
-        self.sock = os.path.join(base, "ctl.sock")
+        self.sock = os.path.join(socket_dir(base, stack), "ctl.sock")
         self.snap_raw = os.path.join(base, "snap.raw")
         self.write_raw = os.path.join(base, "w.raw")
         self.daemon: Daemon | None = None
