@@ -219,6 +219,20 @@ def _processes_naming(text: str) -> list[int]:
     return out
 
 
+def force_clean(proc: subprocess.Popen[Any], work: Path) -> None:
+    """Whatever an interrupted bench left in ``work`` goes, also when the test failed: the
+    bench killed, every process naming the directory killed, its work directories
+    cleaned (tools/workdir.clean), ``work`` removed."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    for pid in _processes_naming(str(work)):
+        os.kill(pid, signal.SIGKILL)
+    for d in work.iterdir():
+        workdir.clean(str(d))
+    work.rmdir()
+
+
 @pytest.mark.kernel
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("signame,moment", [("SIGINT", "random"), ("SIGTERM", "random"),
@@ -282,14 +296,7 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: 
         assert "removed, daemons stopped, unmounted" in last or "nothing was started" \
             in last, (what, last)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        for pid in _processes_naming(str(work)):
-            os.kill(pid, signal.SIGKILL)
-        for d in work.iterdir():
-            workdir.clean(str(d))
-        work.rmdir()
+        force_clean(proc, work)
 
 
 # ------------------------------------------------------------------ no kernel needed

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bench import _mounts_under, _processes_naming
+from test_bench import _mounts_under, _processes_naming, force_clean
 
-from tools import workdir
 from tools.bench import backup as backup_bench
 from tools.bench.common import BenchError
 
@@ -176,11 +175,4 @@ def test_sigterm_during_a_backup_leaves_nothing(tmp_path: Path) -> None:
         # a qcow2 backup's qemu-nbd socket directory went with it
         assert set(Path(tempfile.gettempdir()).glob("shadowplex-backup-*")) <= sockets_before
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        for pid in _processes_naming(str(work)):
-            os.kill(pid, signal.SIGKILL)
-        for d in work.iterdir():
-            workdir.clean(str(d))
-        work.rmdir()
+        force_clean(proc, work)
