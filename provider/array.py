@@ -6,7 +6,15 @@ figures and self-checks. ``blockstore.Pool`` (the embedded pool: sparse image fi
 the first implementation, structurally (no adapter: the data path stays one call deep);
 tests/fake_array.py is a second one in memory that runs the provider suite
 (tests/test_array_contract.py) to prove that nothing above this line knows the pool.
-A remote array (issue 16) and Ceph RBD (issue 18) are the next.
+provider/remote_array.py (another shadowplex array, host mode, issue 16) and
+rbdarray/ (Ceph RBD, issue 18) are the others.
+
+Optional members, looked up with getattr by their one user (a backend without them
+behaves as the embedded pool): ``blocking_io`` (fuse_mount/lunstore.py: the mount runs
+the data path in worker threads), ``claim_set(set_id, context, attributes)`` /
+``release_set(set_id, created)`` (Coordinator.start_set: a shared array's one
+set-in-creation slot), ``mark_exported(set_id)`` / ``import_set(document)``
+(provider/transport.py: export and import decided by the shared array).
 
 Who uses what:
 
