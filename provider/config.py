@@ -3,7 +3,7 @@
 `shadowplex serve --config FILE.toml` and `python -m provider.service --config FILE.toml`
 (or `--config '{"hooks_dir": null}'`, a JSON object) read the same keys, checked here:
 
-  serve keys (tools/cli.py / provider/service.py use them; command-line flags win):
+  serve keys (tools/serving.py / provider/service.py use them; command-line flags win):
     pool, mount, socket (str: paths), allow_other (bool), poll_us (microseconds the
     FUSE loop polls for the next request before it sleeps, 0..1000; 0: never),
     nbd_listen (str: ADDR[:PORT] of the NBD port), tls_dir (str: its certificates),

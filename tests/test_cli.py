@@ -605,11 +605,12 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch: pytest.MonkeyP
                                                      capsys: pytest.CaptureFixture[str]
                                                      ) -> None:
     import tools.cli as cli
+    import tools.parser
 
     def boom(args: object) -> int:
         raise RuntimeError("the frobnicator broke\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_status", boom)
+    monkeypatch.setattr(tools.parser, "cmd_status", boom)   # what the parser dispatches to
     assert cli.main(["status"]) == 1
     err = capsys.readouterr().err
     assert err == ("shadowplex: error: the frobnicator broke (run with --debug for the "

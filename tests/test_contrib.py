@@ -1,5 +1,5 @@
 """contrib/: the example TOML config, the systemd unit and the bash completion, and the
-config loader `serve --config` uses (provider/config.py through tools/cli.py). No daemon,
+config loader `serve --config` uses (provider/config.py through tools/serving.py). No daemon,
 no kernel: `serve` is only run where it fails before mounting."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from provider.config import EXIT_CONFIG, ConfigError, load, load_file, validate
-from tools.cli import _serve_settings, build_parser
+from tools.parser import build_parser
+from tools.serving import _serve_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"

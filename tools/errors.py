@@ -18,6 +18,20 @@ import sys
 
 from provider.hresults import HRESULTS
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake in the command line found after parsing (exit 2)."""
+
+
+class Failed(Exception):
+    """The operation failed, said in one line (exit 1); ``name`` for --json."""
+
+    def __init__(self, message: str, name: str = "VSS_E_OBJECT_NOT_FOUND") -> None:
+        super().__init__(message)
+        self.name = name
+
 # set by main() before parsing: argparse's own errors come before the Namespace exists
 JSON_ARGV = False
 

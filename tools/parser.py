@@ -1,0 +1,274 @@
+"""The CLI's argument parser: every command, its options and their help. The one
+description of the command line: tools/completion.py (bash completion) and the man pages
+are generated from build_parser()."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from provider import vss
+from provider.config import DEFAULT_HOST_STATE, DEFAULT_SOCKET
+
+from . import errors, listing
+from .commands import (
+    CLI_DEFAULT_CONTEXT,
+    cmd_backup,
+    cmd_bench,
+    cmd_check,
+    cmd_demo,
+    cmd_df,
+    cmd_end_backup,
+    cmd_export,
+    cmd_expose,
+    cmd_import,
+    cmd_pki,
+    cmd_promote,
+    cmd_revert,
+    cmd_script,
+    cmd_snapshot,
+    cmd_split,
+    cmd_status,
+    cmd_unexpose,
+    cmd_volume,
+    cmd_writers,
+)
+from .errors import EXIT_USAGE
+from .output import PROG, one_line, package_version
+from .serving import cmd_pool_init, cmd_serve
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors: exit 2 with exactly one line on stderr, no usage dump, no traceback
+    (with --json anywhere on the command line: the JSON error object, tools/errors.py)."""
+
+    def error(self, message: str) -> NoReturn:
+        if errors.JSON_ARGV:
+            errors.print_json_error("E_INVALIDARG", EXIT_USAGE, one_line(message))
+            self.exit(EXIT_USAGE)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (try '{PROG} --help')\n")
+
+
+def _poll_us(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds "
+                                         "from 0 to 1000")
+    return value
+
+
+# ------------------------------------------------------------------------ parser
+def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The global options, accepted before or after the command. Below the top level
+    their default is SUPPRESS, so a subcommand does not reset what the top level set."""
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--socket", metavar="PATH", **kw,
+                        help=f"control socket (default $SHADOWPLEX_SOCKET or {DEFAULT_SOCKET})")
+    parser.add_argument("--host", metavar="NAME", **kw,
+                        help="requester host name (default: hostname)")
+    parser.add_argument("--array", metavar="HOST[:PORT]", **kw,
+                        help="talk to the array's network control port (TLS; port 10810 "
+                             "by default) instead of the local socket; needs --tls-dir")
+    parser.add_argument("--tls-dir", metavar="DIR", **kw,
+                        help="certificates: with --array this host's ('shadowplex pki "
+                             "host'); for serve the array's ('shadowplex pki init')")
+    parser.add_argument("--json", action="store_true", **kw, help="machine-readable output")
+    parser.add_argument("-q", "--quiet", action="store_true", **kw,
+                        help="print nothing but errors (and --json's result)")
+    parser.add_argument("--debug", action="store_true", **kw,
+                        help="tracebacks for every error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    _common_options(common, top=False)
+    p = _Parser(prog=PROG, description="Linux user-space shadow-copy provider (VSS-like).")
+    _common_options(p, top=True)
+    p.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           parser_class=_Parser)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
+            parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help,
+                                                        parents=[common])
+        sp.set_defaults(func=func)
+        return sp
+
+    # serve's flags default to None: "not given", so that --config FILE fills them in
+    s = add("serve", cmd_serve, "run the array daemon: FUSE mount + control socket")
+    s.add_argument("--config", metavar="FILE",
+                   help="TOML settings (contrib/shadowplex.toml); flags override them")
+    s.add_argument("--pool", metavar="DIR", help="pool directory (or 'pool' in --config)")
+    s.add_argument("--mount", metavar="DIR", help="mount directory (or 'mount' in --config)")
+    s.add_argument("--ceph-conf", metavar="FILE", default=None,
+                   help="with --array rbd:POOL: the Ceph cluster's ceph.conf (docs/ceph.md)")
+    s.add_argument("--ceph-id", metavar="NAME", default=None,
+                   help="with --array rbd:POOL: the Ceph client id (default: admin)")
+    s.add_argument("--state-dir", metavar="DIR", default=None,
+                   help="host mode (with the global --array HOST[:PORT] --tls-dir DIR): "
+                        f"this host's state, its catalog (default {DEFAULT_HOST_STATE})")
+    s.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground (the only mode; for systemd Type=simple)")
+    s.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
+                   help="FUSE allow_other (default: off)")
+    s.add_argument("--poll-us", type=_poll_us, default=None, metavar="US",
+                   help="how long the FUSE loop polls for the next request before it "
+                        "sleeps while requests stream (0..1000, default 50; 0: never)")
+    s.add_argument("--nbd-listen", metavar="ADDR[:PORT]", default=None,
+                   help="open the NBD port on this address (port 10809 by default); "
+                        "needs --tls-dir, or --nbd-insecure on loopback (docs/network.md)")
+    s.add_argument("--control-listen", metavar="ADDR[:PORT]", default=None,
+                   help="open the control API on this address too (port 10810 by "
+                        "default), TLS only: a requester's host is its certificate's CN")
+    s.add_argument("--nbd-insecure", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve NBD in plain text, as the array's own host (loopback only)")
+    s.add_argument("--default-kind", choices=("differential", "plex"), default=None,
+                   help="kind chosen when a request names neither (default differential)")
+    s.add_argument("--hooks-dir", metavar="DIR", default=None,
+                   help="hook-script writers' directory (default /etc/shadowplex/hooks.d; "
+                        "'' for none)")
+    s.add_argument("--sqlite-db", metavar="PATH", action="append",
+                   help="a SQLite database the SQLite writer quiesces (repeatable)")
+    from provider.config import LOG_LEVELS
+    s.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help="log level (default info; --debug: debug, and FUSE debug)")
+    s.add_argument("--log-file", metavar="PATH", default=None,
+                   help="append the log to PATH (reopened after logrotate) instead of "
+                        "stderr; under systemd stderr goes to the journal")
+
+    pool = sub.add_parser("pool", help="pool administration", parents=[common])
+    psub = pool.add_subparsers(dest="pcmd", metavar="ACTION", required=True,
+                               parser_class=_Parser)
+    pi = add("init", cmd_pool_init, "create a new pool directory", psub)
+    pi.add_argument("dir", metavar="DIR")
+    pi.add_argument("--chunk-size", default="64K", help="power of two, 4K..1M (default 64K)")
+
+    vol = sub.add_parser("volume", help="volumes (LUNs)", parents=[common])
+    vsub = vol.add_subparsers(dest="vcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    vc = add("create", cmd_volume, "create a sparse volume", vsub)
+    vc.add_argument("name")
+    vc.add_argument("size", help="bytes or with K/M/G/T suffix, multiple of 512")
+    listing.add_options(add("list", cmd_volume, "list volumes", vsub), listing.VOLUMES)
+    vr = add("resize", cmd_volume, "grow a volume", vsub)
+    vr.add_argument("name")
+    vr.add_argument("size")
+    vd = add("delete", cmd_volume, "delete a volume without snapshots", vsub)
+    vd.add_argument("name")
+    vp = add("present", cmd_volume, "LUN masking: present a volume to exactly these hosts",
+             vsub)
+    vp.add_argument("name")
+    vp.add_argument("--to", metavar="HOST", action="append", required=True,
+                    help="a host to present it to (repeatable; the daemon's own host is "
+                         "the mount's root, others see MOUNT/hosts/HOST/volumes/)")
+
+    snap = sub.add_parser("snapshot", help="shadow copies", parents=[common])
+    ssub = snap.add_subparsers(dest="scmd", metavar="ACTION", required=True, parser_class=_Parser)
+    sc = add("create", cmd_snapshot, "create a snapshot set of one or more volumes", ssub)
+    sc.add_argument("volumes", nargs="+", metavar="VOLUME")
+    sc.add_argument("--context", default=None,
+                    help=" | ".join(vss.CREATABLE_CLI_NAMES) + " (or VSS value); default "
+                    f"{CLI_DEFAULT_CONTEXT} (persistent): an auto-release one needs --hold")
+    sc.add_argument("--hold", action="store_true",
+                    help="keep this command, its session and so an auto-release set, until "
+                    "Ctrl-C/SIGTERM")
+    kind = sc.add_mutually_exclusive_group()
+    kind.add_argument("--differential", dest="kind", action="store_const", const="differential")
+    kind.add_argument("--plex", dest="kind", action="store_const", const="plex")
+    sc.add_argument("--transportable", action="store_true")
+    sl = add("list", cmd_snapshot, "list snapshots", ssub)
+    sl.add_argument("volume_arg", nargs="?", metavar="VOLUME", help="only this volume's")
+    sl.add_argument("--set", metavar="SET_ID")
+    sl.add_argument("--volume", metavar="VOLUME", help="the same as VOLUME")
+    listing.add_options(sl, listing.SNAPSHOTS)
+    ss = add("show", cmd_snapshot, "show one snapshot or a set", ssub)
+    ss.add_argument("id", nargs="?", metavar="ID")
+    ss.add_argument("--set", metavar="SET_ID")
+    listing.add_options(ss, listing.SNAPSHOTS)
+    sf = add("diff", cmd_snapshot, "the chunks touched since a differential snapshot "
+             "(changed-block map)", ssub)
+    sf.add_argument("from_id", metavar="FROM", help="a differential snapshot")
+    sf.add_argument("to_id", nargs="?", metavar="TO",
+                    help="a later snapshot of the same volume (default: the live volume)")
+    listing.add_options(sf, listing.DIFF)
+    sd = add("delete", cmd_snapshot, "delete snapshots", ssub)
+    sd.add_argument("id", nargs="?", metavar="ID")
+    sd.add_argument("--set", metavar="SET_ID")
+    sd.add_argument("--oldest", metavar="VOLUME", help="the oldest snapshot of VOLUME")
+    sd.add_argument("--volume", metavar="VOLUME", help="every snapshot of VOLUME (needs "
+                    "--yes or a terminal's confirmation)")
+    sd.add_argument("--all", action="store_true",
+                    help="every snapshot of every volume (needs --yes or a terminal's "
+                         "confirmation)")
+    sd.add_argument("--unexpose", action="store_true", help="unmount/unexpose first")
+    sd.add_argument("--yes", "-y", action="store_true",
+                    help="do not ask before deleting with --all or --volume")
+    sd.add_argument("--dry-run", "-n", action="store_true",
+                    help="list what would be deleted, delete nothing")
+
+    bk = add("backup", cmd_backup, "a full or incremental (--from) qcow2/raw image of a "
+             "snapshot, read over the NBD port")
+    bk.add_argument("snapshot", metavar="SNAPSHOT")
+    bk.add_argument("--to", metavar="FILE", required=True, help="the image to write")
+    bk.add_argument("--from", dest="base", metavar="BASE",
+                    help="incremental: only the chunks changed since snapshot BASE, over "
+                         "its backup (qcow2: as its backing file)")
+    bk.add_argument("--base-file", metavar="PREV",
+                    help="the backup of BASE (default: the newest one in FILE's directory, "
+                         "by its manifest FILE.backup.json)")
+    bk.add_argument("--format", choices=("qcow2", "raw"), default=None,
+                    help="default qcow2 (raw for a FILE ending in .raw or .img)")
+    bk.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    e = add("expose", cmd_expose, "make a snapshot visible (exposed/NAME.img, or mounted)")
+    e.add_argument("snapshot", metavar="SNAPSHOT")
+    e.add_argument("--name", metavar="NAME")
+    e.add_argument("--mount", metavar="PATH", help="loop-attach read-only and mount here")
+    u = add("unexpose", cmd_unexpose, "undo expose (unmount, detach, hide)")
+    u.add_argument("snapshot", metavar="SNAPSHOT|NAME|DIR",
+                   help="a snapshot id, its exposed name or the directory it is mounted at")
+    r = add("revert", cmd_revert, "revert a volume to a snapshot (ResyncLuns)")
+    r.add_argument("snapshot", metavar="SNAPSHOT")
+    r.add_argument("--force", action="store_true", help="even if the volume is in use")
+    pr = add("promote", cmd_promote, "turn a differential snapshot into a full copy")
+    pr.add_argument("snapshot", metavar="SNAPSHOT")
+    sp = add("split", cmd_split, "break a snapshot off as a new read-write volume")
+    sp.add_argument("snapshot", metavar="SNAPSHOT")
+    sp.add_argument("name", metavar="NEWNAME")
+    eb = add("end-backup", cmd_end_backup, "BackupComplete: tell the writers the backup is done")
+    eb.add_argument("set", metavar="SET_ID")
+    ex = add("export", cmd_export, "write the Backup Components Document of a transportable "
+             "set")
+    ex.add_argument("set", metavar="SET_ID")
+    ex.add_argument("-o", "--output", metavar="FILE", required=True)
+    ex.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    im = add("import", cmd_import, "import a transportable set on this host (--host)")
+    im.add_argument("file", metavar="FILE")
+    w = sub.add_parser("writers", help="writers", parents=[common])
+    wsub = w.add_subparsers(dest="wcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    listing.add_options(add("list", cmd_writers, "list writers and their state", wsub),
+                        listing.WRITERS)
+    add("check", cmd_check, "verify catalog, maps and checksums")
+    add("scrub", cmd_check, "read every byte and verify it")
+    listing.add_options(add("status", cmd_status, "daemon and pool status"), listing.STATUS)
+    listing.add_options(add("df", cmd_df, "space: the pool, what snapshots may take, each "
+                            "volume's allocation"), listing.DF)
+    d = add("demo", cmd_demo, "run the end-to-end demonstration in a temporary directory")
+    d.add_argument("--keep", action="store_true",
+                   help="keep the temporary directory (pool, serve.log), also after a "
+                        "failure or Ctrl-C; without it the directory is always removed")
+    bn = add("bench", cmd_bench, "storage benchmark: fio through the mount vs the raw file and "
+             "qemu-storage-daemon, plus snapshot commit, plex sync, memory and restart figures")
+    from .bench import add_arguments as _bench_arguments
+    _bench_arguments(bn)
+    pk = sub.add_parser("pki", help="certificates of the NBD port (TLS)", parents=[common])
+    ksub = pk.add_subparsers(dest="kcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    from .pki import add_arguments as _pki_arguments
+    _pki_arguments(add("init", cmd_pki, "create a CA and the array's server certificate", ksub),
+                   add("host", cmd_pki, "create a host's client certificate (CN = NAME)", ksub))
+    sf = add("script", cmd_script, "run a diskshadow-style script")
+    sf.add_argument("file", metavar="FILE")
+    return p
