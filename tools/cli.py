@@ -21,7 +21,7 @@ import os
 import sys
 
 from . import deleting, errors
-from .connection import EXIT_INTERRUPTED, Interrupted
+from .connection import EXIT_INTERRUPTED, Interrupted, say_interrupted
 from .errors import EXIT_FAILED, EXIT_USAGE, Failed, UsageError
 from .output import PROG, one_line
 from .parser import build_parser
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:   # while starting up (parsing, imports): nothing was asked
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        say_interrupted("interrupted", "none")
         return EXIT_INTERRUPTED
 
 
@@ -84,7 +84,7 @@ def _main(argv: list[str] | None) -> int:
             return fail(code, errors.name_of(e), message)
         return fail(code, "", str(e))
     except KeyboardInterrupt:   # outside a request: nothing was asked of the daemon
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        say_interrupted("interrupted", "none")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `shadowplex snapshot list | head`: the reader is gone, nothing to report; point
