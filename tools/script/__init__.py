@@ -96,7 +96,16 @@ checks across lines: verb order, aliases) and run.py (one session, the cleanup).
 """
 
 from .check import parse_script
-from .grammar import MAX_LINE_CHARS, VERBS, ScriptError, Stmt, parse_context, parse_options
+from .grammar import (
+    MAX_LINE_CHARS,
+    VERB_TABLE,
+    VERBS,
+    ScriptError,
+    Stmt,
+    parse_context,
+    parse_options,
+    verb_lines,
+)
 from .run import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -109,6 +118,6 @@ from .run import (
 
 __all__ = [
     "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MAX_LINE_CHARS", "VERBS",
-    "ScriptError", "ScriptFailure", "Stmt", "parse_context", "parse_options", "parse_script",
-    "run_script", "run_script_file",
+    "VERB_TABLE", "ScriptError", "ScriptFailure", "Stmt", "parse_context", "parse_options",
+    "parse_script", "run_script", "run_script_file", "verb_lines",
 ]
