@@ -19,7 +19,7 @@ from support import ENV, ROOT
 
 from tools import manpages
 from tools.parser import build_parser
-from tools.script import VERB_TABLE
+from tools.script import VERB_TABLE, parse_script
 
 MAN_DIR = ROOT / "contrib" / "man"
 # options hidden from --help on purpose: (command path, option)
@@ -180,3 +180,20 @@ def test_script_help_lists_every_verb_on_one_line() -> None:
     assert len(verbs) == len(VERB_TABLE)
     for line, (syntax, what) in zip(verbs, VERB_TABLE.values()):
         assert re.fullmatch(rf"  {re.escape(syntax)} +{re.escape(what)}", line), line
+
+
+# --------------------------------------------------------------------------- docs/scripts.md
+SCRIPTS_MD = ROOT / "docs" / "scripts.md"
+
+
+def test_scripts_doc_describes_every_verb_and_its_examples_parse() -> None:
+    text = SCRIPTS_MD.read_text()
+    rows = re.findall(r"^\| `([^`]+)` \|", text, re.M)
+    for verb in VERB_TABLE:
+        assert any(r.lower().startswith(verb) for r in rows), f"{verb} not in docs/scripts.md"
+    examples = re.findall(r"```dsh\n(.*?)```", text, re.S)
+    assert len(examples) >= 4
+    for block in examples:
+        parse_script(block)   # a ScriptError names the line
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/scripts.md" in readme

@@ -3,7 +3,7 @@
 Each verb has its own parser in `_PARSERS` (keyed by the first word); a parser checks
 the line's shape and arguments only. What depends on other lines (verb order, aliases)
 is tools/script/check.py's; running is tools/script/run.py's. The language itself is
-described in tools/script/__init__.py.
+described in docs/scripts.md.
 
 Names and ids follow the layers below rather than a copy of their rules: volume names
 are blockstore.names' (`add volume` refers to an existing volume, so a name from before
@@ -34,7 +34,7 @@ SET_ALIAS = "VSS_SHADOW_SET"
 AUTO_RELEASE = vss.AUTO_RELEASE_CLI_NAMES    # backup, file-share-backup
 
 # diskshadow's spelling -> ours: `volatile` / `persistent` is the PERSISTENT bit,
-# `nowriters` the NO_WRITERS bit (see the package docstring)
+# `nowriters` the NO_WRITERS bit (docs/scripts.md, "Contexts")
 _DISKSHADOW_CONTEXTS = {
     ("persistent" if vss.is_persistent(c) else "volatile",)
     + (() if vss.uses_writers(c) else ("nowriters",)): c.cli_name
