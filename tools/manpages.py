@@ -103,12 +103,14 @@ def _prepare(top: argparse.ArgumentParser) -> None:
                         a.option_strings:
                     a.help = argparse.SUPPRESS
         sp = _subparsers(p)
-        for ca in sp._choices_actions if sp is not None else ():
+        if sp is None:
+            continue
+        for ca in sp._choices_actions:
             sub = sp.choices[ca.dest]
             if sub.description == ca.help:   # said once, as the action's summary
                 sub.description = None
         for g in p._action_groups:
-            if sp is not None and sp in g._group_actions:
+            if sp in g._group_actions:
                 g.title = "commands" if p is top else "actions"
 
 
