@@ -93,7 +93,7 @@ def measure_rounds(s: Setup, args: argparse.Namespace, samples: Samples, log: Lo
         commit_round(s, args.commits, samples)
         log(f"round {r + 1}: revert and split, {SMALL if r % 2 == 0 else BIG} first")
         revert_split_round(s, [SMALL, BIG] if r % 2 == 0 else [BIG, SMALL],
-                           args.allocated, samples, log)
+                           args.allocated_bytes, samples, log)
 
 
 def references(s: Setup, args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -132,15 +132,15 @@ def build_report(samples: Samples, refs: dict[str, Any], args: argparse.Namespac
                                 FIO_TARGETS[w])})
     hold = samples.get(("commit", "spx", "value"), [])
     trip = samples.get(("commit", "spx", "round_trip"), [])
-    commit = {"sets": len(hold), "volumes": len(SET_VOLUMES),
-              "hold_median_ms": _median(hold) if hold else None,
-              "hold_p90_ms": _p90(hold) if hold else None,
-              "round_trip_median_ms": _median(trip) if trip else None,
-              "samples_ms": hold}
+    hold_median = _median(hold) if hold else None
+    commit: dict[str, Any] = {
+        "sets": len(hold), "volumes": len(SET_VOLUMES), "hold_median_ms": hold_median,
+        "hold_p90_ms": _p90(hold) if hold else None,
+        "round_trip_median_ms": _median(trip) if trip else None, "samples_ms": hold}
     targets.append({"id": "commit", "description": f"commit of a {len(SET_VOLUMES)}-volume "
                     f"set (writers' hold, median) <= {COMMIT_MS:g} ms",
-                    "value": commit["hold_median_ms"], "range": None, "spread": None,
-                    "verdict": verdict("<=", COMMIT_MS, commit["hold_median_ms"])})
+                    "value": hold_median, "range": None, "spread": None,
+                    "verdict": verdict("<=", COMMIT_MS, hold_median)})
     costs: dict[str, Any] = {}
     for op in ("revert", "split"):
         a, b = samples.get((op, BIG, "value"), []), samples.get((op, SMALL, "value"), [])
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if size is None or sizes is None:
         return 2
     small, big, alloc = sizes
+    args.allocated_bytes = alloc
 
     def measure(base: str, log: Log) -> dict[str, Any]:
         log(f"{size >> 20} MiB, {args.rounds} rounds; work directory {base}")
