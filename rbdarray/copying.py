@@ -4,7 +4,9 @@ librbd so that their cost follows the data, not the volume's size: librbd's flat
 `python -m tools.bench.rbd`: a 2 GiB volume with 8 MiB of data took 3.7x (flatten) and
 2.7x (rollback) as long as a 32 MiB one with the same data (docs/ceph.md
 "Performance"). Here the object maps say which objects to copy (fast-diff, no RADOS op
-per object), and holes stay holes.
+per object), and holes stay holes. What still follows the size: the one diff over the
+whole image that finds what to copy -- librbd walks the object map at ~1 us per object
+(0.5-0.9 s for 64 GiB of 64 KiB objects here, 4 ms for 1 GiB).
 
 Both run with the images open and their gates held by the caller; neither is atomic
 (as rollback_to_snap is not): a revert runs to its end once started, a split cancelled
@@ -49,9 +51,11 @@ def roll_back(image: Any, src: Any, snap: str, snap_size: int, extents: Extents)
     if image.size() != snap_size:
         image.resize(snap_size)
     changed = extents(image, 0, snap_size, snap) if snap_size else []
-    had = extents(src, 0, snap_size, None) if snap_size else []
     moved = 0
     for o, n in changed:
+        # the snapshot's allocation within this run only: a diff's cost follows its
+        # range (0.54 s for 64 GiB of 64 KiB objects here, nothing for 64 MiB)
+        had = extents(src, o, n, None)
         for off in range(o, o + n, COPY_STEP):
             k = min(COPY_STEP, o + n - off)
             if clip(had, off, off + k):
