@@ -6,8 +6,9 @@ in docs/ceph.md; what is stored on the images in rbdarray/records.py.
     differential snapshot  an RBD snapshot ``spx.<guid>`` + the metadata spx.snap.<guid>
     set at one instant     commit_snapshots: every image's writes held at our gate
                            (records.Gate) while its RBD snapshot is taken (see below)
-    revert, split          the snapshot's changed / allocated objects copied by us
-                           (copying.py: cost follows the data); split: new naa
+    revert                 rollback_to_snap
+    split                  a new image + the snapshot's allocated objects copied
+                           (copying.py: cost follows the data, not the size), new naa
     changed blocks         diff_iterate (fast-diff finds the objects, then exact extents)
     plex, promote          not offered (capabilities say so)
 
@@ -53,7 +54,7 @@ from blockstore.model import (
 )
 from blockstore.names import check_guid, check_name, check_size
 
-from .copying import copy_allocated, roll_back
+from .copying import copy_allocated
 from .datapath import CONNECT_TIMEOUT, DataPath
 from .errors import translated
 from .records import (
@@ -514,9 +515,10 @@ class RbdArray(DataPath):
             return self._volume_info(v)
 
     def revert(self, volume: str, snap_id: str, progress: Progress = None) -> None:
-        """The volume's content and size as at the snapshot (copying.roll_back: the
-        objects changed since, not rollback_to_snap, which visits every object); it
-        runs to its end once started."""
+        """rollback_to_snap (content and size); it runs to its end once started. (It
+        visits every object, but does so on the OSDs without moving data: 1 GiB vs 64
+        GiB with 64 MiB changed, 0.17 vs 0.38 s, against 0.19 vs 1.0 s for copying the
+        changed objects back through this client -- measured, kept.)"""
         with self._lock:
             v = self._vol(volume)
             s = self._committed(snap_id)
@@ -525,9 +527,8 @@ class RbdArray(DataPath):
                                        f"not {volume}")
         if progress is not None:
             progress(0, 1)
-        with v.lun.gate.exclusive(), self._io_on(s.id) as (src, _), \
-                translated(f"reverting {volume} to snapshot {s.id}"):
-            roll_back(v.lun.image, src, rbd_snap_name(s.id), s.size, self._extents)
+        with v.lun.gate.exclusive(), translated(f"reverting {volume} to snapshot {s.id}"):
+            v.lun.image.rollback_to_snap(rbd_snap_name(s.id))
         with self._lock:
             v.mtime = time.time()
             self._changed()

@@ -244,8 +244,7 @@ def test_revert_and_split(arr: RbdArray) -> None:
     arr.write("r", 3 * MiB, b"tail")
     arr.revert("r", sid)
     assert arr.read("r", 0, 3) == b"one" and arr.lun_size("r") == 2 * MiB
-    # the revert copies back only what changed (rbdarray/copying.py) and leaves a hole
-    # where the snapshot had one
+    # a revert leaves a hole where the snapshot had one
     assert arr.read("r", MiB, 3) == bytes(3) and arr.allocation("r", 0, 2 * MiB) == \
         [(0, arr.chunk_size)]
     steps: list[tuple[int, int]] = []
