@@ -17,7 +17,11 @@ The cluster's settings for these (beyond tests/ceph_cluster.py's): `osd fast shu
 false` (a memstore OSD saves its data only on a clean stop: a restart must keep it) and
 `osd client watch timeout = 5` with `objecter tick interval = 1` (the images' exclusive
 lock of a killed daemon is broken once its watch expires: 5 s here instead of 30; the
-live clients ping every second)."""
+live clients ping every second), and `rbd cache policy = writeback` with `rbd cache
+writethrough until flush = false`: an acknowledged write lives in our daemon's librbd
+cache until a flush, so a lost flush shows (with Ceph's defaults, writearound and
+writethrough until the first flush, both kill tests passed with DataPath.flush a
+no-op; with these they fail, as they must)."""
 
 from __future__ import annotations
 
