@@ -240,9 +240,13 @@ def test_revert_and_split(arr: RbdArray) -> None:
     (sid,) = snap(arr, "r")
     arr.resize_volume("r", 4 * MiB)
     arr.write("r", 0, b"two")
+    arr.write("r", MiB, b"new")           # where the snapshot has no data
     arr.write("r", 3 * MiB, b"tail")
     arr.revert("r", sid)
     assert arr.read("r", 0, 3) == b"one" and arr.lun_size("r") == 2 * MiB
+    # a revert leaves a hole where the snapshot had one
+    assert arr.read("r", MiB, 3) == bytes(3) and arr.allocation("r", 0, 2 * MiB) == \
+        [(0, arr.chunk_size)]
     steps: list[tuple[int, int]] = []
     v = arr.split(sid, "r-copy", lambda d, t: steps.append((d, t)))
     assert v.name == "r-copy" and v.naa != arr.volume("r").naa and v.size == 2 * MiB
