@@ -111,6 +111,7 @@ class RbdArray(DataPath):
         self._lock = threading.RLock()
         self._vols: dict[str, Vol] = {}
         self._snaps: dict[str, Snap] = {}
+        self._alloc, self._alloc_writes, self._alloc_counting = {}, {}, set()
         with translated(f"connecting to Ceph with {conffile}"):
             self._cluster = rados.Rados(conffile=conffile, rados_id=ceph_id,
                                         conf=dict(conf or {}))

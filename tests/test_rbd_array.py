@@ -9,6 +9,7 @@ interface's and the provider's own tests over it too (its ``rbd`` parameter)."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +297,27 @@ def test_errors_are_blockstore_errors(arr: RbdArray, ceph: Any) -> None:
         RbdArray(ceph.pool, str(Path(arr.path) / "no.conf"), arr.path)
     with pytest.raises(bse.NotFound, match="pool 'nosuchpool'"):
         RbdArray("nosuchpool", ceph.conf, arr.path)
+
+
+def test_allocated_bytes_never_recounts_in_the_caller(arr: RbdArray) -> None:
+    """allocated_bytes walks the whole object map (the mount asks on every getattr, on
+    its trio thread): exact while nothing changed, else the last figure at once while a
+    worker thread counts again; a revert or resize makes it recount too."""
+    arr.create_volume("v", 8 * MiB)
+    assert arr.allocated_bytes("v") == 0                 # the first count, in the caller
+    arr.write("v", 0, b"x" * MiB)
+    arr.flush("v")
+    assert arr.allocated_bytes("v") == 0                 # stale: answered without counting
+
+    def settles(want: int) -> None:
+        end = time.monotonic() + 10
+        while arr.allocated_bytes("v") != want:
+            assert time.monotonic() < end, f"allocated_bytes never became {want}"
+            time.sleep(0.02)
+    settles(MiB)
+    (sid,) = snap(arr, "v")
+    arr.write("v", 4 * MiB, b"y" * CS)
+    settles(MiB + CS)
+    arr.revert("v", sid)                                 # no write: the generation moved
+    assert arr.allocated_bytes("v") == MiB + CS          # the last figure, once more...
+    settles(MiB)                                         # ...then the count after revert
