@@ -44,11 +44,11 @@ from netns import Hosts, hosts
 from support import digest
 
 from blockstore import errors as bse
-from provider.client import Client
+from provider.client import Client, ControlError
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
-LEASE = 5          # s: the set-in-creation lease of this module's daemons (default 30)
+LEASE = 3          # s: the set-in-creation lease of this module's daemons (default 30)
 FOLLOW = 10.0      # s a host may take to see another's change (measured: docs/ceph.md)
 
 
@@ -102,10 +102,12 @@ def two(storage: tuple[Hosts, CephCluster], tmp_path: Path, sockdir: str
         b = start_host(net, c, "hostB", tmp_path, sockdir)
         yield Two(net, c, a, b)
     finally:
+        killed = any(d is not None and (d.proc.returncode or 0) < 0 for d in (a, b))
         for d in (b, a):
             if d is not None:
                 d.stop()
-        c.wipe()
+        if not killed:   # a killed host's watches hold its images for 30 s: no wipe
+            c.wipe()     # (~18 s); the next test's own wipe would wait for them
 
 
 def _wait_for(pred: Any, what: str, timeout: float = FOLLOW) -> float:
@@ -176,75 +178,87 @@ def test_the_transport_sequence_between_two_ceph_hosts(two: Two, tmp_path: Path)
 
 def test_lun_masking_and_flags_travel_on_the_image(two: Two) -> None:
     a, b = two.a, two.b
-    a.ok("volume", "create", "shared", "8M")
-    data = os.urandom(MiB)
-    _write(Path(a.image("shared")), 0, data)
-    # presented to hostA only: hostB neither sees nor serves it
-    assert b.json("volume", "list") == []
-    res = b.run("snapshot", "create", "shared")
-    assert res.returncode != 0 and "shared" in res.stderr, res
-    rec = json.loads(two.ceph.run("rbd", "image-meta", "get", "rbd/shared", "spx.volume"))
-    assert rec["hosts"] == ["hostA"]
-    a.ok("volume", "present", "shared", "--to", "hostA", "--to", "hostB")
-    took = _wait_for(lambda: "shared.img" in _listed(b, "volumes"), "shared on hostB")
-    print(f"hostB's mount showed the volume {took * 1000:.0f} ms after hostA's CLI returned")
-    assert [v["presented_to"] for v in b.json("volume", "list")] == [["hostA", "hostB"]]
-    with open(b.image("shared"), "rb") as f:
-        assert f.read(MiB) == data
-    # a snapshot is presented to the host whose set made it
-    sid_a = a.json("snapshot", "create", "shared")["snapshots"][0]["id"]
-    a.ok("expose", sid_a, "--name", "nightly")
-    sid_b = b.json("snapshot", "create", "shared")["snapshots"][0]["id"]
-    assert [s["id"] for s in b.json("snapshot", "list")] == [sid_b]
-    # hostA's exposure name is taken for hostB too, once hostB has followed
-    deadline = time.monotonic() + FOLLOW
-    while True:
-        res = b.run("expose", sid_b, "--name", "nightly")
-        if res.returncode != 0:
-            assert "nightly" in res.stderr and "taken" in res.stderr, res
-            break
-        b.ok("unexpose", sid_b)                 # hostB had not followed yet
-        assert time.monotonic() < deadline, "hostB never saw hostA's exposure"
-        time.sleep(0.1)
-    # hostA takes the volume back: hostB's mount and I/O lose it
-    a.ok("volume", "present", "shared", "--to", "hostA")
-    _wait_for(lambda: "shared.img" not in _listed(b, "volumes"), "shared gone from hostB")
-    res = b.run("snapshot", "create", "shared")
-    assert res.returncode != 0 and "shared" in res.stderr, res
-    for d, sid in ((b, sid_b), (a, sid_a)):
-        if d is a:
-            d.ok("unexpose", sid)
-        d.ok("snapshot", "delete", sid)
+    with a.client() as on_a, b.client() as on_b:
+        on_a.volume_create("shared", 8 * MiB)
+        data = os.urandom(MiB)
+        _write(Path(a.image("shared")), 0, data)
+        # presented to hostA only: hostB neither sees nor serves it
+        assert on_b.volume_list() == []
+        with pytest.raises(ControlError, match="shared"):
+            on_b.snapshot_create(["shared"])
+        rec = json.loads(two.ceph.run("rbd", "image-meta", "get", "rbd/shared",
+                                      "spx.volume"))
+        assert rec["hosts"] == ["hostA"]
+        a.ok("volume", "present", "shared", "--to", "hostA", "--to", "hostB")
+        took = _wait_for(lambda: "shared.img" in _listed(b, "volumes"), "shared on hostB")
+        print(f"hostB's mount showed the volume {took * 1000:.0f} ms after hostA's CLI "
+              "returned")
+        assert [v["presented_to"] for v in on_b.volume_list()] == [["hostA", "hostB"]]
+        with open(b.image("shared"), "rb") as f:
+            assert f.read(MiB) == data
+        # a snapshot is presented to the host whose set made it
+        sid_a = on_a.snapshot_create(["shared"])["snapshots"][0]["snapshot_id"]
+        on_a.expose(sid_a, name="nightly")
+        sid_b = on_b.snapshot_create(["shared"])["snapshots"][0]["snapshot_id"]
+        assert [s["snapshot_id"] for s in on_b.snapshot_list()] == [sid_b]
+        # hostA's exposure name is taken for hostB too, once hostB has followed
+        deadline = time.monotonic() + FOLLOW
+        while True:
+            try:
+                on_b.expose(sid_b, name="nightly")
+            except ControlError as e:
+                assert "nightly" in e.message and "taken" in e.message, e
+                break
+            on_b.unexpose(sid_b)                # hostB had not followed yet
+            assert time.monotonic() < deadline, "hostB never saw hostA's exposure"
+            time.sleep(0.05)
+        # hostA takes the volume back: hostB's mount and requests lose it
+        on_a.volume_present("shared", ["hostA"])
+        _wait_for(lambda: "shared.img" not in _listed(b, "volumes"),
+                  "shared gone from hostB")
+        with pytest.raises(ControlError, match="shared"):
+            on_b.snapshot_create(["shared"])
+        on_b.snapshot_delete(snapshot_id=sid_b)
+        on_a.unexpose(sid_a)
+        on_a.snapshot_delete(snapshot_id=sid_a)
 
 
 def test_one_set_in_creation_across_hosts_and_a_dead_host_s_lease(two: Two) -> None:
     a, b = two.a, two.b
-    a.ok("volume", "create", "va", "4M")
-    b.ok("volume", "create", "vb", "4M")
-    holder = Client(socket_path=a.socket, client="holder")
-    try:
-        set_id = holder.set_start("backup")          # hostA holds the lock
+    with a.client() as on_a, b.client() as on_b:
+        on_a.volume_create("va", 4 * MiB)
+        on_b.volume_create("vb", 4 * MiB)
+        set_id = on_a.set_start("backup")            # hostA holds the lock
+        # the requester's one line names the holder
         res = b.run("snapshot", "create", "vb")
-        assert res.returncode != 0, res
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res
         assert "VSS_E_SNAPSHOT_SET_IN_PROGRESS" in res.stderr or \
             "being created" in res.stderr, res.stderr
         assert set_id in res.stderr and "hostA" in res.stderr, res.stderr
-        time.sleep(LEASE + 1)                       # a whole lease: hostA renews it
-        res = b.run("snapshot", "create", "vb")
-        assert res.returncode != 0 and set_id in res.stderr, res
-        a.proc.kill()                               # hostA dies mid-set
+        time.sleep(LEASE + 1)                        # a whole lease: hostA renews it
+        with pytest.raises(ControlError) as e:
+            on_b.snapshot_create(["vb"])
+        assert e.value.name == "VSS_E_SNAPSHOT_SET_IN_PROGRESS" and set_id in e.value.message
+        a.proc.kill()                                # hostA dies mid-set
         a.proc.wait(10)
         killed = time.monotonic()
-        res = b.run("snapshot", "create", "vb")     # its lease outlives it
-        assert res.returncode != 0 and set_id in res.stderr, res
-        took = _wait_for(lambda: b.run("snapshot", "create", "vb").returncode == 0,
-                         "the dead host's lease to run out", timeout=LEASE + 15)
-        print(f"free {time.monotonic() - killed:.1f} s after the kill (lease {LEASE} s, "
-              f"last try {took:.1f} s)")
-    finally:
-        with contextlib.suppress(Exception):
-            holder.close(wait=0)
-    assert len(b.json("snapshot", "list")) == 1
+        with pytest.raises(ControlError) as e:       # its lease outlives it
+            on_b.snapshot_create(["vb"])
+        assert e.value.name == "VSS_E_SNAPSHOT_SET_IN_PROGRESS"
+        _wait_for(lambda: _creates(on_b, "vb"), "the dead host's lease to run out",
+                  timeout=LEASE + 15)
+        print(f"hostB could create a set {time.monotonic() - killed:.1f} s after hostA "
+              f"was killed (lease {LEASE} s)")
+        assert len(on_b.snapshot_list()) == 1
+
+
+def _creates(c: Client, volume: str) -> bool:
+    try:
+        c.snapshot_create([volume])
+    except ControlError as e:
+        assert e.name == "VSS_E_SNAPSHOT_SET_IN_PROGRESS", e
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- in process
