@@ -136,44 +136,47 @@ def _listed(d: Daemon, where: str) -> list[str]:
 # --------------------------------------------------------------------------- two daemons
 def test_the_transport_sequence_between_two_ceph_hosts(two: Two, tmp_path: Path) -> None:
     a, b = two.a, two.b
-    a.ok("volume", "create", "db", "16M")
-    assert _listed(b, "volumes") == []          # presented to hostA only
-    data = os.urandom(3 * MiB)
-    _write(Path(a.image("db")), MiB, data)
-    want = tmp_path / "want.img"                # the volume at the instant
-    with open(want, "wb") as f:
-        f.truncate(16 * MiB)
-        f.seek(MiB)
-        f.write(data)
-    made = a.json("snapshot", "create", "db", "--transportable")
-    set_id, sid = made["set_id"], made["snapshots"][0]["id"]
-    _write(Path(a.image("db")), MiB, b"written after the instant" * 100)
-    bcd = tmp_path / "set.xml"
-    a.ok("export", set_id, "-o", str(bcd))
-    assert not (Path(b.mount) / ".shadow" / f"{sid}.img").exists()
-    # hostB imports the document (a file; nothing else in common but the cluster)
-    imported = b.json("import", str(bcd))
-    assert [s["id"] for s in imported["snapshots"]] == [sid]
-    assert digest(Path(b.mount) / ".shadow" / f"{sid}.img") == digest(want)
-    # hostA follows: the LUN is hostB's only now, and the image says so
-    _wait_for(lambda: not (Path(a.mount) / ".shadow" / f"{sid}.img").exists(),
-              "the snapshot gone from hostA's mount")
-    assert a.json("snapshot", "list") == []
-    rec = json.loads(two.ceph.run("rbd", "image-meta", "get", "rbd/db", f"spx.snap.{sid}"))
-    assert (rec["hosts"], rec["imported"], rec["exported"]) == (["hostB"], "hostB", True)
-    # hostB exposes and reads it; the exposure is on the image too
-    b.ok("expose", sid, "--name", "nightly")
-    assert digest(Path(b.mount) / "exposed" / "nightly.img") == digest(want)
-    rec = json.loads(two.ceph.run("rbd", "image-meta", "get", "rbd/db", f"spx.snap.{sid}"))
-    assert rec["exposed"] == "nightly"
-    # a second import (hostA's requester this time) is refused: hostB has it
-    res = a.run("import", str(bcd))
-    assert res.returncode != 0 and "Traceback" not in res.stderr, res
-    b.ok("unexpose", sid)
-    b.ok("snapshot", "delete", "--set", set_id)
-    assert f"spx.{sid}" not in two.ceph.run("rbd", "snap", "ls", "rbd/db")
-    assert b.json("snapshot", "list") == []
-    assert json.dumps(a.json("end-backup", set_id))
+    with a.client() as on_a, b.client() as on_b:
+        on_a.volume_create("db", 16 * MiB)
+        assert _listed(b, "volumes") == []          # presented to hostA only
+        data = os.urandom(3 * MiB)
+        _write(Path(a.image("db")), MiB, data)
+        want = tmp_path / "want.img"                # the volume at the instant
+        with open(want, "wb") as f:
+            f.truncate(16 * MiB)
+            f.seek(MiB)
+            f.write(data)
+        made = on_a.snapshot_create(["db"], context="app-rollback",
+                                    attributes="transportable")
+        set_id, sid = made["set_id"], made["snapshots"][0]["snapshot_id"]
+        _write(Path(a.image("db")), MiB, b"written after the instant" * 100)
+        bcd = tmp_path / "set.xml"
+        a.ok("export", set_id, "-o", str(bcd))      # the BCD travels as a file
+        assert not (Path(b.mount) / ".shadow" / f"{sid}.img").exists()
+        imported = b.json("import", str(bcd))       # nothing else in common
+        assert [s["id"] for s in imported["snapshots"]] == [sid]
+        assert digest(Path(b.mount) / ".shadow" / f"{sid}.img") == digest(want)
+        # hostA follows: the LUN is hostB's only now, and the image says so
+        _wait_for(lambda: not (Path(a.mount) / ".shadow" / f"{sid}.img").exists(),
+                  "the snapshot gone from hostA's mount")
+        assert on_a.snapshot_list() == []
+        rec = json.loads(two.ceph.run("rbd", "image-meta", "get", "rbd/db",
+                                      f"spx.snap.{sid}"))
+        assert (rec["hosts"], rec["imported"], rec["exported"]) == (["hostB"], "hostB", True)
+        # hostB exposes and reads it; the exposure is on the image too
+        on_b.expose(sid, name="nightly")
+        assert digest(Path(b.mount) / "exposed" / "nightly.img") == digest(want)
+        rec = json.loads(two.ceph.run("rbd", "image-meta", "get", "rbd/db",
+                                      f"spx.snap.{sid}"))
+        assert rec["exposed"] == "nightly"
+        # a second import (hostA's requester this time) is refused: hostB has it
+        res = a.run("import", str(bcd))
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res
+        on_b.unexpose(sid)
+        on_b.snapshot_delete(set_id=set_id)
+        assert f"spx.{sid}" not in two.ceph.run("rbd", "snap", "ls", "rbd/db")
+        assert on_b.snapshot_list() == []
+        assert on_a.end_backup(set_id)
 
 
 def test_lun_masking_and_flags_travel_on_the_image(two: Two) -> None:
