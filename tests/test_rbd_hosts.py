@@ -41,7 +41,7 @@ from ceph_cluster import CephCluster, missing
 from conftest import require_kernel
 from harness import Daemon, launch
 from netns import Hosts, hosts
-from support import digest
+from support import digest, one_line_error, spx
 
 from blockstore import errors as bse
 from provider.client import Client, ControlError
@@ -262,6 +262,19 @@ def _creates(c: Client, volume: str) -> bool:
         assert e.name == "VSS_E_SNAPSHOT_SET_IN_PROGRESS", e
         return False
     return True
+
+
+def test_a_bad_host_name_is_one_line_and_exit_78(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for extra, fragment in ((["--array", "rbd:rbd", "--ceph-conf", "/nonexistent/ceph.conf",
+                              "--ceph-host", "bad host!"], "--ceph-host"),
+                            (["--pool", str(tmp_path / "pool"), "--ceph-host", "hostA"],
+                             "rbd:POOL")):
+        res = spx("serve", *extra, "--mount", str(mnt), "--socket",
+                  str(tmp_path / "s.sock"))
+        one_line_error(res, 78, fragment)
+    assert sorted(os.listdir(tmp_path)) == ["mnt"]          # nothing made
 
 
 # --------------------------------------------------------------------------- in process
