@@ -318,8 +318,9 @@ class RbdArray(Hosts, DataPath):
                 self._remove_image(name)
 
     def _remove_image(self, name: str) -> None:
-        """rbd remove; another host's scan may have the image open for a moment
-        (read-only, ImageBusy: "image has watchers"): tried again for BUSY_WAIT s."""
+        """rbd remove; another host may have the image open for a moment (updating a
+        snapshot record of it: ImageBusy, "image has watchers"): tried again for
+        BUSY_WAIT s. (Scans open images read-only: no watch, never in the way.)"""
         deadline = time.monotonic() + BUSY_WAIT
         while True:
             try:

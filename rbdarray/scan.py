@@ -4,8 +4,8 @@ interrupted.
 
 RbdArray's catalog in memory is rebuilt from a scan when it opens and whenever the pool
 may have changed under it (another host's notify, or the poll: rbdarray/follow.py). A
-scan only reads: images are opened read-only and closed again, so a scan never keeps
-another host from removing an image.
+scan only reads: images are opened read-only (that registers no watch) and closed
+again, so a scan never keeps another host from removing an image.
 
 The repair changes the pool, and only runs while this array holds the set-in-creation
 lock (rbdarray/setlock.py): every commit of every host runs under that lock, so a record
