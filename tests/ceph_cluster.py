@@ -222,7 +222,7 @@ log file = {b}/log/$cluster-$name.$pid.log
 """
         Path(self.conf).write_text(conf)
 
-    def argv(self, *argv: str) -> list[str]:
+    def ns_argv(self, *argv: str) -> list[str]:
         """A command line run where the cluster is reachable (its namespace)."""
         if self.netns is None:
             return list(argv)
@@ -244,7 +244,7 @@ log file = {b}/log/$cluster-$name.$pid.log
         self._admin("wipe")
 
     def _run(self, *argv: str) -> str:
-        res = subprocess.run(self.argv(*argv), capture_output=True, text=True,
+        res = subprocess.run(self.ns_argv(*argv), capture_output=True, text=True,
                              timeout=CMD_TIMEOUT, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): "
@@ -254,7 +254,7 @@ log file = {b}/log/$cluster-$name.$pid.log
     def _start(self, name: str, *argv: str) -> None:
         log = open(self.base / "log" / f"{name}.out", "ab")   # noqa: SIM115 (kept open)
         try:
-            self.procs[name] = subprocess.Popen(self.argv(*argv, "-f", "-c", self.conf),
+            self.procs[name] = subprocess.Popen(self.ns_argv(*argv, "-f", "-c", self.conf),
                                                 stdin=subprocess.DEVNULL, stdout=log,
                                                 stderr=subprocess.STDOUT,
                                                 preexec_fn=_die_with_parent)
