@@ -61,6 +61,7 @@ from .datapath import CONNECT_TIMEOUT, DataPath
 from .errors import translated
 from .follow import POLL, Follower
 from .hosts import Hosts
+from .integrity import Integrity
 from .records import (
     VOLUME_KEY,
     Lun,
@@ -72,7 +73,7 @@ from .records import (
     sees,
     snap_key,
 )
-from .scan import ImageScan, text_of
+from .scan import ImageScan
 from .setlock import SetLock
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def _rbd() -> tuple[Any, Any]:
     return rados, rbd
 
 
-class RbdArray(Hosts, DataPath):
+class RbdArray(Hosts, Integrity, DataPath):
     """Volumes and snapshots of one RBD pool. ``path``: a local directory for the
     provider's catalog (the interface's one local need)."""
 
@@ -555,43 +556,6 @@ class RbdArray(Hosts, DataPath):
                 s.rec = rec
                 self._changed()
                 return self._snap_info(s)
-
-    # ------------------------------------------------------------------ integrity
-    def check(self, progress: Progress = None) -> list[str]:
-        """Every volume's image and every committed snapshot's RBD snapshot exist; no
-        ``spx.*`` RBD snapshot without its record."""
-        problems: list[str] = []
-        with self._lock:
-            vols = [v for v in self._vols.values() if sees(v.rec, self.host)]
-            snaps = {s.id: s.volume for s in self._snaps.values() if s.state == COMMITTED}
-            snaps.update({i: sc.name for i, (sc, _) in self._hidden_snaps.items()})
-        for i, v in enumerate(vols):
-            try:
-                with translated(f"checking {v.name}"):
-                    rbd_snaps = {text_of(x["name"]) for x in v.lun.image.list_snaps()}
-                    meta = dict(v.lun.image.metadata_list())
-            except bse.StoreError as e:
-                problems.append(str(e))
-                continue
-            if VOLUME_KEY not in meta:
-                problems.append(f"volume {v.name}: its image lost the {VOLUME_KEY} record")
-            for sid, volume in snaps.items():
-                if volume == v.name and rbd_snap_name(sid) not in rbd_snaps:
-                    problems.append(f"snapshot {sid} of {v.name}: its RBD snapshot is "
-                                    "missing")
-            for name in rbd_snaps:
-                sid = name[4:]
-                # a record not done yet: a commit in flight (this host's or another's)
-                if name.startswith("spx.") and snaps.get(sid) != v.name and \
-                        snap_key(sid) not in meta:
-                    problems.append(f"volume {v.name}: RBD snapshot {name} has no record")
-            if progress is not None:
-                progress(i + 1, len(vols))
-        return problems
-
-    def scrub(self, progress: Progress = None) -> list[str]:
-        """check (Ceph scrubs the data itself: `ceph osd deep-scrub`)."""
-        return self.check(progress)
 
 
 def _feature_bits(rbd: Any) -> int:

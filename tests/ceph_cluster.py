@@ -117,7 +117,7 @@ def _free_port() -> int:
     raise RuntimeError("no free port range on 127.0.0.1 for a Ceph cluster")
 
 
-def admin(conf: str, step: str, *args: str) -> Any:
+def admin_step(conf: str, step: str, *args: str) -> Any:
     """The cluster set-up's librados calls (in a child process when the cluster is in a
     network namespace): "osd-new UUID" -> the OSD id; "pool" -> None (pool rbd created,
     its quota set, initialised); "wipe" -> None."""
@@ -232,9 +232,13 @@ log file = {b}/log/$cluster-$name.$pid.log
         """A Ceph tool (rbd, rados, ceph) against this cluster, e.g. run("rbd", "ls")."""
         return self._run(argv[0], "-c", self.conf, *argv[1:])
 
+    def mon_command(self, cluster: Any, cmd: dict[str, Any]) -> str:
+        """A monitor command through a connected librados handle (its output text)."""
+        return _mon(cluster, cmd)
+
     def _admin(self, step: str, *args: str) -> Any:
         if self.netns is None:
-            return admin(self.conf, step, *args)
+            return admin_step(self.conf, step, *args)
         out = self._run(sys.executable, str(Path(__file__).resolve()), "admin", self.conf,
                         step, *args)
         return json.loads(out.strip().splitlines()[-1])
@@ -326,7 +330,7 @@ def ceph_cluster(base: Path) -> Iterator[CephCluster]:
 
 if __name__ == "__main__":
     if sys.argv[1] == "admin":   # CephCluster._admin in a network namespace
-        print(json.dumps(admin(*sys.argv[2:])), flush=True)
+        print(json.dumps(admin_step(*sys.argv[2:])), flush=True)
         sys.exit(0)
     with ceph_cluster(Path(sys.argv[1])) as c:
         print(f"up in {c.up_seconds:.1f} s: conf {c.conf}, pool {c.pool}, pids {c.pids()}",
