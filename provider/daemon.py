@@ -392,7 +392,7 @@ def serve(
     nbd: NbdSettings | None = None,
     array: str | None = None,
     tls_dir: str | None = None,
-    ceph: tuple[str, str | None] | None = None,
+    ceph: tuple[str, str | None, str | None] | None = None,
     log_level: str | None = None,
     log_file: str | None = None,
 ) -> int:
@@ -405,7 +405,7 @@ def serve(
     Host mode (issue 16): with ``array`` "HOST[:PORT]" and ``tls_dir`` (this host's
     certificate), the LUNs are the remote array's (provider/remote_array.py) and
     ``pool_dir`` is this host's state directory (its coordinator's catalog). Ceph
-    (issue 18): ``array`` "rbd:POOL" and ``ceph`` (ceph.conf, client id): the LUNs are
+    (issue 18): ``array`` "rbd:POOL" and ``ceph`` (ceph.conf, client id, host name): the LUNs are
     that RBD pool's (rbdarray/), ``pool_dir`` the provider's state directory.
     """
     notifier = Notifier.from_environment()
@@ -426,7 +426,7 @@ def serve(
 def _serve(pool_dir: str, mountpoint: str, socket_path: str | None, foreground: bool,
            services: Sequence[Service], debug: bool, allow_other: bool, poll_us: float,
            nbd: NbdSettings | None, array: str | None, tls_dir: str | None,
-           ceph: tuple[str, str | None] | None, notifier: Notifier) -> int:
+           ceph: tuple[str, str | None, str | None] | None, notifier: Notifier) -> int:
     pool_dir = os.path.abspath(pool_dir)
     mountpoint = os.path.realpath(mountpoint)   # before mounting: safe to stat
     if not foreground:
@@ -489,7 +489,7 @@ def _serve(pool_dir: str, mountpoint: str, socket_path: str | None, foreground: 
 
 
 def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None,
-                  ceph: tuple[str, str | None] | None = None) -> Array:
+                  ceph: tuple[str, str | None, str | None] | None = None) -> Array:
     """The embedded pool, an RBD pool (``rbd:POOL``), or in host mode the remote array
     (raises StoreError/OSError; ControlError for an array that refuses or cannot be
     reached)."""
@@ -497,9 +497,9 @@ def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None,
         return Pool.open(pool_dir)
     if array.startswith("rbd:"):
         from rbdarray import RbdArray
-        conf, ceph_id = ceph or ("/etc/ceph/ceph.conf", None)
+        conf, ceph_id, host = ceph or ("/etc/ceph/ceph.conf", None, None)
         os.makedirs(pool_dir, mode=0o700, exist_ok=True)
-        return RbdArray(array[4:], conf, pool_dir, ceph_id=ceph_id)
+        return RbdArray(array[4:], conf, pool_dir, ceph_id=ceph_id, host=host)
     from .client import ControlError
     from .remote_array import RemoteArray
     if not tls_dir:

@@ -39,6 +39,7 @@ from typing import Any
 
 import trio
 
+from blockstore import errors as bse
 from fuse_mount.barrier import WriteBarrier
 
 from . import audit, vss
@@ -130,6 +131,9 @@ class SetCreation:
             s = self._sets[set_id]
             try:
                 await in_thread(claim, set_id, int(s.context), int(s.attributes))
+            except bse.Busy as e:   # a shared backend's slot (Ceph: another host's set)
+                self._finish(self._sets[set_id])
+                raise _vss("VSS_E_SNAPSHOT_SET_IN_PROGRESS", str(e)) from None
             except BaseException:
                 self._finish(self._sets[set_id])
                 raise

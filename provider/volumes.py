@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from blockstore import errors as bse
 from fuse_mount import loopdev
 
 from . import audit, documents
@@ -140,13 +141,24 @@ class Volumes:
                 raise VssError("E_INVALIDARG", f"host name {h!r} is not valid (letters, "
                                "digits, '-', '_' in dot-separated labels, at most 253 "
                                "characters)")
-        before = self.masking.hosts_of(vol)
-        self.masking.present([vol], hosts)
-        after = self.masking.hosts_of(vol)
+        on_lun = getattr(self.pool, "present_volume", None)
+        if on_lun is not None:
+            # the backend keeps the masking on the LUN (Ceph: each host's daemon serves
+            # what the image presents to it; no MOUNT/hosts/ view here)
+            before = frozenset(self.pool.presented_to(vol))  # type: ignore[attr-defined]
+            await in_thread(on_lun, vol, list(hosts))
+            after = frozenset(hosts)
+        else:
+            before = self.masking.hosts_of(vol)
+            self.masking.present([vol], hosts)
+            after = self.masking.hosts_of(vol)
         if after != before:
             audit.audit("volume.present", name=vol, hosts=sorted(after), was=sorted(before))
             await self.masking.names_changed()   # LUN masking: no cached name may still open it
-        return self.views.volume_json(self.pool.volume(vol))
+        try:
+            return self.views.volume_json(self.pool.volume(vol))
+        except bse.NotFound:   # presented away from this host (Ceph): not seen here now
+            return {"name": vol, "presented_to": sorted(after)}
 
     async def delete(self, name: str) -> None:
         self.pool.volume(name)

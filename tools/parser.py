@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --array rbd:POOL: the Ceph cluster's ceph.conf (docs/ceph.md)")
     s.add_argument("--ceph-id", metavar="NAME", default=None,
                    help="with --array rbd:POOL: the Ceph client id (default: admin)")
+    s.add_argument("--ceph-host", metavar="NAME", default=None,
+                   help="with --array rbd:POOL: this host's name in the LUN masking stored "
+                        "on the images (default: the hostname; docs/ceph.md)")
     s.add_argument("--state-dir", metavar="DIR", default=None,
                    help="host mode (with the global --array HOST[:PORT] --tls-dir DIR): "
                         f"this host's state, its catalog (default {DEFAULT_HOST_STATE})")
