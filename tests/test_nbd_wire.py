@@ -289,7 +289,7 @@ def test_random_bytes_never_crash_or_wedge_the_server(
         caplog: pytest.LogCaptureFixture) -> None:
     """Random option bytes, or random request bytes after a valid GO: the server answers
     or closes, the connection ends when the client goes, and a good client is served."""
-    caplog.set_level(logging.WARNING, "nbd.server")
+    caplog.set_level(logging.WARNING, "nbd")
     c = Client(srv.port)
     try:
         if go:
@@ -379,7 +379,7 @@ def test_flags_a_command_does_not_take_are_refused(srv: Running) -> None:
 
 
 def test_a_big_trim_and_zeroes_are_done_in_pieces_and_right(srv: Running) -> None:
-    """TRIM / WRITE_ZEROES larger than a piece (nbd.server.MAX_ZERO_PIECE) with a live
+    """TRIM / WRITE_ZEROES larger than a piece (nbd.transmission.MAX_ZERO_PIECE) with a live
     snapshot: everything reads as zeros after, the snapshot keeps its data."""
     pool = srv.pool
     pool.resize_volume("db", 80 * MiB)
