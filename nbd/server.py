@@ -98,11 +98,15 @@ class NbdServer(RequestLoop):
         conn = Conn(stream, peer)
         try:
             served = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as limit:
                 served = await self._handshake(conn)
-            if served is None:
-                log.info("nbd: %s: handshake not finished in %s s or aborted", peer,
-                         HANDSHAKE_TIMEOUT)
+            who = f"{peer} (host {conn.host})" if conn.host else peer
+            if limit.cancelled_caught:   # a slow or stuck client: worth a look
+                log.warning("nbd: %s: handshake not finished in %g s; disconnected", who,
+                            HANDSHAKE_TIMEOUT)
+                return
+            if served is None:   # NBD_OPT_ABORT: how nbdinfo --list ends, say
+                log.info("nbd: %s: the client ended the handshake (NBD_OPT_ABORT)", who)
                 return
             log.info("nbd: %s (host %s) opened %s", peer, conn.host, served.export.name)
             await self._transmission(conn, served)

@@ -123,8 +123,7 @@ class RequestLoop:
             raise Refused(p.EINVAL, f"command {name} is not supported")
         if flags & ~_FLAGS[cmd]:
             raise Refused(p.EINVAL, f"{name} with flags {flags:#x} it does not take")
-        if cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES,
-                   p.CMD_BLOCK_STATUS):
+        if cmd in _RANGED:
             if cmd == p.CMD_READ and length > MAX_REQUEST:
                 raise Refused(p.EINVAL, f"{name} of {length} bytes (max {MAX_REQUEST})")
             if offset + length > s.size:
@@ -132,7 +131,7 @@ class RequestLoop:
                 if offset + length > s.size:
                     raise Refused(p.ENOSPC if cmd == p.CMD_WRITE else p.EINVAL,
                                    f"{name} past the end ({offset}+{length} > {s.size})")
-        writing = cmd in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
+        writing = cmd in _WRITING
         if writing and e.read_only:
             raise Refused(p.EPERM, f"{e.name} is read-only")
         try:
@@ -146,8 +145,8 @@ class RequestLoop:
                 await self._write(e, cmd, flags, offset, length, payload)
             elif cmd == p.CMD_FLUSH and not e.snapshot:
                 await trio.to_thread.run_sync(self.store.flush, e.key)
-        except Refused:
-            raise
+        except (Refused, Closed, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise   # (the last three: the client went away while we answered)
         except Exception as ex:   # noqa: BLE001 - the errno mapping point (fuse_mount/errors)
             code = errno_for(ex, writing=writing)
             log.log(logging.ERROR if code == errno.EIO else logging.INFO,

@@ -69,9 +69,14 @@ def _close_sockets() -> Iterator[None]:
 class Client:
     """A raw NBD client: just enough to say exactly the bytes a test wants."""
 
-    def __init__(self, port: int) -> None:
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, rcvbuf: int = 0) -> None:
+        """rcvbuf: a small receive buffer (set before connecting: a small window)."""
+        self.s = socket.socket()
         OPEN.append(self.s)
+        if rcvbuf:
+            self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.s.settimeout(10)
+        self.s.connect(("127.0.0.1", port))
         magic, opt, flags = p.SERVER_GREETING.unpack(self.recv(18))
         assert (magic, opt) == (p.NBDMAGIC, p.IHAVEOPT)
         assert flags & p.FLAG_FIXED_NEWSTYLE
@@ -187,12 +192,41 @@ def test_unknown_and_malformed_options_get_an_error_reply_and_the_session_goes_o
 
 
 def test_a_silent_client_is_dropped_after_the_handshake_time_limit(
-        srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+        srv: Running, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "nbd")
     monkeypatch.setattr(nbd_server, "HANDSHAKE_TIMEOUT", 0.5)
     c = Client(srv.port)   # says nothing after the greeting
     assert c.closed()
     c.close()
     _works(srv)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records
+            if "handshake" in r.getMessage()]
+    assert len(said) == 1 and said[0][0] == logging.WARNING, said
+    assert "not finished in 0.5 s" in said[0][1]
+
+
+def test_an_aborted_handshake_is_one_info_line_not_a_timeout(
+        srv: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """NBD_OPT_ABORT (how nbdinfo --list ends) is routine: one INFO line saying so,
+    never the time limit's warning."""
+    caplog.set_level(logging.DEBUG, "nbd")
+    c = Client(srv.port)
+    c.s.sendall(p.CLIENT_FLAGS.pack(p.FLAG_FIXED_NEWSTYLE))
+    c.option(p.OPT_LIST)
+    while c.reply()[1] != p.REP_ACK:
+        pass
+    c.option(p.OPT_ABORT)
+    assert c.reply()[1] == p.REP_ACK
+    assert c.closed()
+    c.close()
+    # (logged before the server closes its end: there once the client sees the close)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records
+            if "handshake" in r.getMessage()]
+    assert len(said) == 1 and said[0][0] == logging.INFO, said
+    assert said[0][1].endswith("(host here): the client ended the handshake "
+                               "(NBD_OPT_ABORT)"), said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_half_a_request_then_a_close_leaves_nothing_behind(srv: Running) -> None:
@@ -406,3 +440,48 @@ def test_one_address_cannot_take_every_connection(srv: Running) -> None:
             break
         threading.Event().wait(0.1)
     _works(srv)
+
+
+# -------------------------------------------------------------------------- the fast path
+def test_big_reads_the_socket_cannot_take_at_once_arrive_whole(srv: Running,
+                                                               caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
+    """A reply larger than the socket takes at once (a client with a small receive
+    window) is finished through trio, in order; a client that resets the connection
+    mid-reply ends only its own connection, quietly."""
+    caplog.set_level(logging.DEBUG, "nbd")
+    data = os.urandom(3 * MiB)
+    srv.pool.write("db", MiB, data)
+    for structured in (False, True):
+        c = Client(srv.port, rcvbuf=4096)
+        c.go("volumes/db", structured=structured)
+        c.request(p.CMD_READ, 0, 4 * MiB, cookie=5)
+        c.request(p.CMD_READ, MiB, 16, cookie=6)   # queued behind the big one
+        threading.Event().wait(0.3)   # the server is stuck in the middle of the reply
+        if structured:
+            magic, _flags, rtype, cookie, length = p.STRUCTURED_REPLY.unpack(c.recv(20))
+            assert (rtype, cookie, length) == (p.REPLY_TYPE_OFFSET_DATA, 5, 8 + 4 * MiB)
+            assert c.recv(8) == bytes(8)
+        else:
+            assert c.simple() == (0, 5)
+        assert c.recv(4 * MiB) == b"\xaa" * MiB + data
+        if structured:
+            assert p.STRUCTURED_REPLY.unpack(c.recv(20))[3] == 6
+            assert c.recv(8 + 16) == struct.pack(">Q", MiB) + data[:16]
+        else:
+            assert c.simple() == (0, 6) and c.recv(16) == data[:16]
+        c.close()
+    c = Client(srv.port, rcvbuf=4096)   # gone mid-reply: RST instead of FIN
+    c.go("volumes/db")
+    c.request(p.CMD_READ, 0, 4 * MiB)
+    threading.Event().wait(0.2)
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    _works(srv)
+    for _ in range(50):
+        if srv.connections() == 0:
+            break
+        threading.Event().wait(0.1)
+    assert srv.connections() == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
