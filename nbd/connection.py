@@ -1,19 +1,35 @@
 """One NBD connection's byte stream as the server reads and writes it: trio's stream
-(plain TCP, then maybe TLS).
+(plain TCP, then maybe TLS), with a fast path for plain TCP.
 
-Moved out of nbd/server.py as it was (the split along its seams).
+Why the fast path: each call of trio's SocketStream ends in a scheduler pass
+(receive_some and send_all finish with a cancel-shielded checkpoint when the system call
+did not block), and a pass costs an epoll_wait and the scheduler's bookkeeping. A 4 KiB
+read at queue depth 1 made two of them besides the one that waits for the request,
+which is most of our server's time per request (docs/network.md, "Where the time goes").
+On plain TCP the server therefore reads with read(2) and writes header and payload with
+one writev(2) on the socket's descriptor (trio made it non-blocking), and goes through
+trio only to wait: trio.lowlevel.wait_readable when nothing is there, the stream's
+send_all for what the socket did not take at once (a big read's payload). TLS goes
+through trio's SSLStream as before (its record layer needs it).
+
+Fairness and cancellation: a client that keeps the socket readable (pipelining) would
+never let the task yield; every YIELD_EVERY receives that did not wait take a scheduler
+pass (a trio checkpoint), so the daemon's other tasks (the FUSE session, the control
+socket) go on and a cancelled daemon stops within that many requests. Waiting for the
+next request is a checkpoint anyway.
 """
 
 from __future__ import annotations
 
+import os
+
 import trio
 
+YIELD_EVERY = 32       # receives without a wait between two scheduler passes
 RECEIVE_SIZE = 65536   # bytes asked of the kernel at once (pipelined requests come along)
-# small reads in one send: on loopback each send(2) also delivers to the reader and wakes
-# it, so two of them (header, data) cost more than copying the data once (4K random
-# reads at QD1: ~40 % of the request's time was the second send); big ones in two (the
-# copy would cost more than the second call)
-JOIN_UP_TO = 256 << 10
+# TLS: header and payload joined into one record up to this much (a second record costs
+# more than copying a small payload); beyond it sent as they are
+JOIN_TLS_UP_TO = 256 << 10
 
 
 class Closed(Exception):
@@ -28,6 +44,9 @@ class Conn:
         self.stream = stream
         self.peer = peer
         self.buf = bytearray()
+        # the socket's descriptor while the stream is plain TCP (-1: go through trio)
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._steps = 0
         self.host: str | None = None
         self.tls = False
         self.structured = False
@@ -36,13 +55,17 @@ class Conn:
 
     def start_tls(self, stream: trio.SSLStream) -> None:
         """From now on the connection is `stream` (TLS over the plain one)."""
-        self.stream, self.tls = stream, True
+        self.stream, self.tls, self.fd = stream, True, -1
 
     async def recv_exactly(self, n: int) -> bytes:
         buf = self.buf
         if len(buf) >= n:
             out = bytes(buf[:n])
             del buf[:n]
+            self._steps += 1
+            if self._steps >= YIELD_EVERY:
+                self._steps = 0
+                await trio.lowlevel.checkpoint()
             return out
         # a payload: its pieces joined once (no growing buffer copied and shifted again)
         parts: list[bytes | bytearray] = [bytes(buf)]
@@ -59,17 +82,57 @@ class Conn:
         return out
 
     async def _receive(self, size: int) -> bytes:
-        data = await self.stream.receive_some(size)
+        fd = self.fd
+        if fd < 0:
+            data = await self.stream.receive_some(size)
+        else:
+            try:
+                data = os.read(fd, size)
+            except BlockingIOError:   # nothing there yet: wait (the usual case at QD1)
+                data = await self._wait_and_read(fd, size)
+            except OSError as e:   # reset by the peer, ...
+                raise Closed(f"{self.peer}: {e.strerror}") from None
+            else:
+                self._steps += 1
+                if self._steps >= YIELD_EVERY:
+                    self._steps = 0
+                    await trio.lowlevel.checkpoint()
         if not data:
             raise Closed(f"{self.peer}: connection closed")
         return data
 
+    async def _wait_and_read(self, fd: int, size: int) -> bytes:
+        self._steps = 0
+        while True:
+            await trio.lowlevel.wait_readable(fd)   # a checkpoint: cancellable
+            try:
+                return os.read(fd, size)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                raise Closed(f"{self.peer}: {e.strerror}") from None
+
     async def send(self, *parts: bytes | bytearray | memoryview) -> None:
-        """Send parts in order: a reply's header and its payload."""
-        if len(parts) == 1:
-            await self.stream.send_all(parts[0])
-        elif sum(len(x) for x in parts) <= JOIN_UP_TO:
-            await self.stream.send_all(b"".join(parts))
-        else:   # a big payload: not copied to join a small header
-            for x in parts:
-                await self.stream.send_all(x)
+        """Send parts in order: a reply's header and its payload without joining them."""
+        fd = self.fd
+        if fd < 0:
+            if len(parts) == 1:
+                await self.stream.send_all(parts[0])
+            elif sum(len(x) for x in parts) <= JOIN_TLS_UP_TO:
+                await self.stream.send_all(b"".join(parts))
+            else:   # a big payload: not copied to join a small header
+                for x in parts:
+                    await self.stream.send_all(x)
+            return
+        try:
+            sent = os.writev(fd, parts)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:   # EPIPE, ECONNRESET: the peer is gone
+            raise Closed(f"{self.peer}: {e.strerror}") from None
+        for x in parts:   # what the socket did not take at once: trio waits for room
+            if sent >= len(x):
+                sent -= len(x)
+                continue
+            await self.stream.send_all(memoryview(x)[sent:])
+            sent = 0

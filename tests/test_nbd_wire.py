@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -443,6 +445,55 @@ def test_one_address_cannot_take_every_connection(srv: Running) -> None:
 
 
 # -------------------------------------------------------------------------- the fast path
+# a client in a process of its own (no GIL shared with the server's thread) that opens
+# volumes/db and pipelines READs of 8 bytes for ever (small replies: it drains them
+# faster than the server makes them), draining the replies
+FLOOD = """
+import socket, struct, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def recv(n):
+    b = b""
+    while len(b) < n:
+        b += s.recv(n - len(b))
+    return b
+recv(18)
+s.sendall(struct.pack(">I", 3))
+name = b"volumes/db"
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, 6 + len(name))
+          + struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+while True:
+    _, _, rtype, n = struct.unpack(">QIII", recv(20))
+    recv(n)
+    if rtype == 1:
+        break
+threading.Thread(target=lambda: [0 for _ in iter(lambda: s.recv(1 << 20), b"")],
+                 daemon=True).start()
+batch = struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, 8) * 4000
+print("flooding", flush=True)
+while True:
+    s.sendall(batch)
+"""
+
+
+def test_a_pipelining_client_neither_starves_others_nor_stops_the_daemon_stopping(
+        srv: Running) -> None:
+    """Plain TCP reads requests straight off the socket without a trio scheduler pass
+    while they are there (nbd/connection.py); every YIELD_EVERY of them it yields. A
+    client that never lets the socket run dry therefore cannot keep another connection
+    from being served, nor the daemon from stopping (a cancelled task must reach a
+    checkpoint)."""
+    with subprocess.Popen([sys.executable, "-c", FLOOD, str(srv.port)],
+                          stdout=subprocess.PIPE, text=True) as flood:
+        try:
+            assert flood.stdout is not None and flood.stdout.readline() == "flooding\n"
+            threading.Event().wait(0.5)   # the server's receive buffer is full by now
+            _works(srv)   # another connection: a handshake and a read meanwhile
+            assert flood.poll() is None   # (the flood went on all along)
+            srv.stop()    # and the loop stops although the flood's socket never runs dry
+        finally:
+            flood.kill()
+
+
 def test_big_reads_the_socket_cannot_take_at_once_arrive_whole(srv: Running,
                                                                caplog: pytest.LogCaptureFixture
                                                                ) -> None:
