@@ -47,6 +47,8 @@ class Conn:
         # the socket's descriptor while the stream is plain TCP (-1: go through trio)
         self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._steps = 0
+        self._waits = 0       # reads that found nothing and waited
+        self._idle = False    # the last request header had to be waited for
         self.host: str | None = None
         self.tls = False
         self.structured = False
@@ -56,6 +58,24 @@ class Conn:
     def start_tls(self, stream: trio.SSLStream) -> None:
         """From now on the connection is `stream` (TLS over the plain one)."""
         self.stream, self.tls, self.fd = stream, True, -1
+
+    async def recv_request(self, n: int) -> bytes:
+        """recv_exactly for a request header. A client at queue depth 1 sends its next
+        request only after our reply, so it is almost never there yet: after a header
+        that had to be waited for, wait for the next one at once instead of trying a
+        read that fails (EAGAIN and its exception, ~3 us); once requests come
+        pipelined (more than one in a read), try first again."""
+        if self._idle and self.fd >= 0 and len(self.buf) < n:
+            self._steps = 0
+            await trio.lowlevel.wait_readable(self.fd)   # a checkpoint: cancellable
+            out = await self.recv_exactly(n)
+            if len(self.buf) >= n:   # another request came along: pipelined
+                self._idle = False
+            return out
+        waits = self._waits
+        out = await self.recv_exactly(n)
+        self._idle = self._waits != waits
+        return out
 
     async def recv_exactly(self, n: int) -> bytes:
         buf = self.buf
@@ -103,6 +123,7 @@ class Conn:
 
     async def _wait_and_read(self, fd: int, size: int) -> bytes:
         self._steps = 0
+        self._waits += 1
         while True:
             await trio.lowlevel.wait_readable(fd)   # a checkpoint: cancellable
             try:
