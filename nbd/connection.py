@@ -101,7 +101,7 @@ class Conn:
             out = out[:n]
         return out
 
-    async def _receive(self, size: int) -> bytes:
+    async def _receive(self, size: int) -> bytes | bytearray:
         fd = self.fd
         if fd < 0:
             data = await self.stream.receive_some(size)
