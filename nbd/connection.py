@@ -4,13 +4,15 @@
 Why the fast path: each call of trio's SocketStream ends in a scheduler pass
 (receive_some and send_all finish with a cancel-shielded checkpoint when the system call
 did not block), and a pass costs an epoll_wait and the scheduler's bookkeeping. A 4 KiB
-read at queue depth 1 made two of them besides the one that waits for the request,
-which is most of our server's time per request (docs/network.md, "Where the time goes").
+read at queue depth 1 made two of them besides the one that waits for the request:
+about a third of our server's CPU time per request (docs/network.md, "Where the time
+goes").
 On plain TCP the server therefore reads with read(2) and writes header and payload with
 one writev(2) on the socket's descriptor (trio made it non-blocking), and goes through
 trio only to wait: trio.lowlevel.wait_readable when nothing is there, the stream's
-send_all for what the socket did not take at once (a big read's payload). TLS goes
-through trio's SSLStream as before (its record layer needs it).
+send_all for what the socket did not take at once (a big read's payload). At queue
+depth 1 the next request header is waited for at once (recv_request). TLS goes through
+trio's SSLStream as before (its record layer needs it).
 
 Fairness and cancellation: a client that keeps the socket readable (pipelining) would
 never let the task yield; every YIELD_EVERY receives that did not wait take a scheduler
@@ -63,8 +65,8 @@ class Conn:
         """recv_exactly for a request header. A client at queue depth 1 sends its next
         request only after our reply, so it is almost never there yet: after a header
         that had to be waited for, wait for the next one at once instead of trying a
-        read that fails (EAGAIN and its exception, ~3 us); once requests come
-        pipelined (more than one in a read), try first again."""
+        read that fails (EAGAIN and its exception: ~10 us on the busy 2-core machine);
+        once requests come pipelined (more than one in a read), try first again."""
         if self._idle and self.fd >= 0 and len(self.buf) < n:
             self._steps = 0
             await trio.lowlevel.wait_readable(self.fd)   # a checkpoint: cancellable
