@@ -1,6 +1,7 @@
 """The NBD protocol's numbers and wire structures (fixed newstyle handshake, simple and
 structured replies), as the upstream specification (doc/proto.md of the NBD project)
-defines them. Pure: no I/O; nbd/server.py and nbd/client.py speak it.
+defines them. Pure: no I/O; the server (nbd/server.py,
+transmission.py) and nbd/client.py speak it.
 
 Only what our server and client use is here. Names follow proto.md without the NBD_
 prefix.

@@ -1,16 +1,11 @@
 """The array's NBD port: the NBD protocol (fixed newstyle, structured replies, STARTTLS)
 over the same array and write barrier as the FUSE mount.
 
-One trio task per connection, on the daemon's trio loop (the FUSE session's): the
-handlers are thin and call the array synchronously, exactly as the FUSE handlers do
-(reads and writes land in the page cache and the held-write buffers; the store's lock
-is held for bookkeeping only), and leave the loop only to wait for the disk (FLUSH and
-FUA: a worker thread, like the mount's fsync). Writes, trims and zeroes pass the
-WriteBarrier exactly like FUSE writes: while the coordinator holds a volume (flush &
-hold) they wait, so a snapshot set is one instant across FUSE and NBD writers.
-
-Requests of one connection are served in order, one at a time (replies in request
-order, as simple replies are; clients may still pipeline: the socket buffers them).
+One trio task per connection, on the daemon's trio loop (the FUSE session's): this
+module listens, counts connections and runs the handshake (options, STARTTLS, export
+resolution and LUN masking); nbd/transmission.py serves the requests once an export is
+open (the same barrier and array as the mount), nbd/connection.py is the byte stream
+under both.
 
 Who may see what: a connection's host is its TLS client certificate's identity (the
 `identify` callable given by the daemon: the certificate's CN); with `insecure` (plain
@@ -19,8 +14,7 @@ which exports it may list and open; another host's LUNs are invisible: not liste
 NBD_REP_ERR_UNKNOWN on GO/INFO as for a name that does not exist.
 
 Cancellation: a connection task is cancelled only when the daemon stops (the nursery
-is cancelled); a client vanishing mid-request only ends its own task. Nothing is held
-across an await but a write's barrier registration, released in `finally`.
+is cancelled); a client vanishing mid-request only ends its own task.
 
 Hostile input: every length is checked before anything is read for it; a broken
 handshake or request stream closes the connection (after an error reply where the
@@ -29,105 +23,32 @@ protocol has one); the handshake has a time limit (HANDSHAKE_TIMEOUT).
 
 from __future__ import annotations
 
-import bisect
-import errno
 import logging
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import trio
 
-from blockstore.errors import StoreError
 from blockstore.model import COMMITTED, DIFFERENTIAL
 from fuse_mount.barrier import WriteBarrier
-from fuse_mount.errors import errno_for
 from fuse_mount.presentation import Presentation
 
 from . import protocol as p
+from .connection import Closed, Conn
 from .exports import SHADOW, Export, NbdStore, exports_for
+from .transmission import DIRTY_BITMAP, MAX_REQUEST, RequestLoop, Served
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0      # s from accept to the start of transmission
-MAX_REQUEST = 32 << 20        # largest READ/WRITE payload (proto.md's usual maximum)
-MAX_STATUS_RANGE = 1 << 30    # BLOCK_STATUS answers at most this much per request
 MAX_CONNECTIONS = 64
 MAX_PER_PEER = 16             # connections from one address (one host cannot take all)
-MAX_ZERO_PIECE = 32 << 20     # TRIM / WRITE_ZEROES are done in pieces of this much
-# command flags each command may carry (proto.md: others are EINVAL)
-_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
-          p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
-          p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE, p.CMD_DISC: 0}
 CONTEXT_ID = 1                # base:allocation's id; dirty bitmaps get 2, 3, ...
 MAX_CONTEXTS = 16             # contexts one SET_META_CONTEXT may select (more: TOO_BIG)
-DIRTY_BITMAP = "qemu:dirty-bitmap:"   # + a snapshot id: the chunks changed since it
-STATE_DIRTY = 1               # qemu:dirty-bitmap's one flag (QEMU's docs/interop/nbd.txt)
 
 
-
-class Closed(Exception):
-    """The peer closed the connection (or must be disconnected): stop quietly."""
-
-
-@dataclass
-class Served:
-    """What one connection has opened (set by GO / EXPORT_NAME), and the state of the
-    array and the masking when it was last known to be what the host may still open:
-    a request after a change of either checks again that the export still names the
-    same LUN (naa) for this host, else the connection is closed (a volume deleted and
-    created again under its name, or no longer presented to the host)."""
-
-    export: Export
-    size: int
-    contexts: tuple[tuple[int, str], ...] = ()   # (id, name) SET_META_CONTEXT selected
-    seen: tuple[int, int] = (0, 0)   # (store generation, masking changes)
-    # a snapshot export's changed extents since each FROM, computed once (both ends are
-    # frozen); a volume's are asked for at every BLOCK_STATUS (it changes meanwhile)
-    dirty: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-
-
-class _Conn:
-    """One client connection: a byte stream (plain, then maybe TLS) and its state."""
-
-    def __init__(self, stream: trio.abc.Stream, peer: str) -> None:
-        self.stream = stream
-        self.peer = peer
-        self.buf = bytearray()
-        self.host: str | None = None
-        self.tls = False
-        self.structured = False
-        # (export name, the contexts selected for it: (id, name)) by SET_META_CONTEXT
-        self.meta: tuple[str, tuple[tuple[int, str], ...]] | None = None
-
-    async def recv_exactly(self, n: int) -> bytes:
-        buf = self.buf
-        if len(buf) >= n:
-            out = bytes(buf[:n])
-            del buf[:n]
-            return out
-        # a payload: its pieces joined once (no growing buffer copied and shifted again)
-        parts: list[bytes | bytearray] = [bytes(buf)]
-        have = len(buf)
-        buf.clear()
-        while have < n:
-            data = await self.stream.receive_some(max(65536, n - have))
-            if not data:
-                raise Closed(f"{self.peer}: connection closed")
-            parts.append(data)
-            have += len(data)
-        out = b"".join(parts)
-        if have > n:   # the start of the next request
-            buf += out[n:]
-            out = out[:n]
-        return out
-
-    async def send(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-
-class NbdServer:
+class NbdServer(RequestLoop):
     def __init__(self, store: NbdStore, barrier: WriteBarrier, presentation: Presentation,
                  tls: ssl.SSLContext | None, identify: Callable[[dict], str],
                  changed: Callable[[str], Awaitable[None]] | None = None) -> None:
@@ -174,14 +95,18 @@ class NbdServer:
             return
         self.connections += 1
         self.per_peer[addr] = self.per_peer.get(addr, 0) + 1
-        conn = _Conn(stream, peer)
+        conn = Conn(stream, peer)
         try:
             served = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as limit:
                 served = await self._handshake(conn)
-            if served is None:
-                log.info("nbd: %s: handshake not finished in %s s or aborted", peer,
-                         HANDSHAKE_TIMEOUT)
+            who = f"{peer} (host {conn.host})" if conn.host else peer
+            if limit.cancelled_caught:   # a slow or stuck client: worth a look
+                log.warning("nbd: %s: handshake not finished in %g s; disconnected", who,
+                            HANDSHAKE_TIMEOUT)
+                return
+            if served is None:   # NBD_OPT_ABORT: how nbdinfo --list ends, say
+                log.info("nbd: %s: the client ended the handshake (NBD_OPT_ABORT)", who)
                 return
             log.info("nbd: %s (host %s) opened %s", peer, conn.host, served.export.name)
             await self._transmission(conn, served)
@@ -198,7 +123,7 @@ class NbdServer:
                 await trio.aclose_forcefully(conn.stream)
 
     # -- handshake ----------------------------------------------------------------------
-    async def _handshake(self, c: _Conn) -> Served | None:
+    async def _handshake(self, c: Conn) -> Served | None:
         await c.send(p.SERVER_GREETING.pack(p.NBDMAGIC, p.IHAVEOPT,
                                             p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
         (flags,) = p.CLIENT_FLAGS.unpack(await c.recv_exactly(4))
@@ -232,11 +157,11 @@ class NbdServer:
             if served is not None:
                 return served
 
-    async def _reply(self, c: _Conn, opt: int, rtype: int, data: bytes | str = b"") -> None:
+    async def _reply(self, c: Conn, opt: int, rtype: int, data: bytes | str = b"") -> None:
         await c.send(p.option_reply(opt, rtype, data.encode() if isinstance(data, str)
                                     else data))
 
-    async def _starttls(self, c: _Conn, length: int) -> None:
+    async def _starttls(self, c: Conn, length: int) -> None:
         opt = p.OPT_STARTTLS
         if self.tls is None:
             await self._reply(c, opt, p.REP_ERR_UNSUP, "TLS is not configured here")
@@ -256,7 +181,7 @@ class NbdServer:
             cert = tls.getpeercert()
             if not cert:   # (CERT_REQUIRED makes this unreachable; refuse anyway)
                 raise Closed(f"{c.peer}: no client certificate")
-            c.stream, c.tls = tls, True
+            c.start_tls(tls)
             try:
                 c.host = self.identify(cert)
             except ValueError as e:   # no CN, two, or not a host name: this one only
@@ -270,11 +195,11 @@ class NbdServer:
                 raise Closed(f"{c.peer}: the array's own host name")
             log.info("nbd: %s: TLS, host %s", c.peer, c.host)
 
-    def _lookup(self, c: _Conn, name: str) -> Export | None:
+    def _lookup(self, c: Conn, name: str) -> Export | None:
         assert c.host is not None
         return exports_for(self.store, self.presentation, c.host).get(name)
 
-    async def _option(self, c: _Conn, opt: int, data: bytes) -> Served | None:
+    async def _option(self, c: Conn, opt: int, data: bytes) -> Served | None:
         """One option other than ABORT/STARTTLS/EXPORT_NAME; a Served for GO."""
         try:
             if opt == p.OPT_LIST:
@@ -302,7 +227,7 @@ class NbdServer:
             await self._reply(c, opt, p.REP_ERR_INVALID, str(e))
         return None
 
-    async def _meta_context(self, c: _Conn, opt: int, data: bytes) -> None:
+    async def _meta_context(self, c: Conn, opt: int, data: bytes) -> None:
         """base:allocation, and qemu:dirty-bitmap:<FROM-id> (QEMU's namespace: FROM's
         changed-block map, docs/network.md). LIST answers the contexts a query names or
         (a namespace, "base:", "qemu:", "qemu:dirty-bitmap:", or no query) every one
@@ -352,7 +277,7 @@ class NbdServer:
             c.meta = (name, tuple(selected))
         await self._reply(c, opt, p.REP_ACK)
 
-    def _bitmaps(self, c: _Conn, e: Export) -> list[str]:
+    def _bitmaps(self, c: Conn, e: Export) -> list[str]:
         """The qemu:dirty-bitmap contexts of export `e` for this connection's host: one
         per committed differential snapshot FROM of the same volume that the host sees,
         older than the export's snapshot (for a volume: every one). What they report is
@@ -382,7 +307,7 @@ class NbdServer:
         # every write any connection had answered: safe to spread over connections
         return flags | p.TF_CAN_MULTI_CONN
 
-    async def _info(self, c: _Conn, opt: int, data: bytes) -> Served | None:
+    async def _info(self, c: Conn, opt: int, data: bytes) -> Served | None:
         name, rest = p.parse_names(data)
         wanted = p.parse_info_requests(rest)
         e = self._lookup(c, name)
@@ -412,7 +337,7 @@ class NbdServer:
         contexts = c.meta[1] if c.meta is not None and c.meta[0] == name else ()
         return Served(e, size, contexts, self._state())
 
-    async def _export_name(self, c: _Conn, data: bytes, no_zeroes: bool) -> Served:
+    async def _export_name(self, c: Conn, data: bytes, no_zeroes: bool) -> Served:
         try:
             name = data.decode()
         except UnicodeDecodeError:
@@ -424,209 +349,3 @@ class NbdServer:
         await c.send(struct.pack(">QH", size, self._flags(e))
                      + (b"" if no_zeroes else bytes(124)))
         return Served(e, size, (), self._state())
-
-    # -- transmission -------------------------------------------------------------------
-    async def _transmission(self, c: _Conn, s: Served) -> None:
-        while True:
-            magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack(
-                await c.recv_exactly(p.REQUEST.size))
-            if magic != p.REQUEST_MAGIC:
-                raise p.ProtocolError(f"bad request magic {magic:#x}")
-            payload = b""
-            if cmd == p.CMD_WRITE:
-                if length > MAX_REQUEST:   # cannot skip that much safely: disconnect
-                    raise p.ProtocolError(f"WRITE of {length} bytes")
-                payload = await c.recv_exactly(length)
-            if cmd == p.CMD_DISC:
-                raise Closed(f"{c.peer}: disconnect")
-            try:
-                await self._command(c, s, cmd, flags, cookie, offset, length, payload)
-            except _Refused as r:
-                await self._error(c, cookie, r.code, r.message)
-
-    async def _error(self, c: _Conn, cookie: int, code: int, message: str) -> None:
-        if c.structured:
-            await c.send(p.structured_error(cookie, code, message))
-        else:
-            await c.send(p.simple_reply(cookie, code))
-
-    async def _command(self, c: _Conn, s: Served, cmd: int, flags: int, cookie: int,
-                       offset: int, length: int, payload: bytes) -> None:
-        if s.seen != self._state():
-            self._still_may_open(c, s)
-        e = s.export
-        name = p.CMD_NAMES.get(cmd, str(cmd))
-        if cmd not in _FLAGS:
-            raise _Refused(p.EINVAL, f"command {name} is not supported")
-        if flags & ~_FLAGS[cmd]:
-            raise _Refused(p.EINVAL, f"{name} with flags {flags:#x} it does not take")
-        if cmd in (p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES,
-                   p.CMD_BLOCK_STATUS):
-            if cmd == p.CMD_READ and length > MAX_REQUEST:
-                raise _Refused(p.EINVAL, f"{name} of {length} bytes (max {MAX_REQUEST})")
-            if offset + length > s.size:
-                s.size = int(self.store.lun_size(e.key))   # grown since?
-                if offset + length > s.size:
-                    raise _Refused(p.ENOSPC if cmd == p.CMD_WRITE else p.EINVAL,
-                                   f"{name} past the end ({offset}+{length} > {s.size})")
-        writing = cmd in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
-        if writing and e.read_only:
-            raise _Refused(p.EPERM, f"{e.name} is read-only")
-        try:
-            if cmd == p.CMD_READ:
-                await self._read(c, s, cookie, offset, length)
-                return
-            if cmd == p.CMD_BLOCK_STATUS:
-                await self._block_status(c, s, flags, cookie, offset, length)
-                return
-            if writing:
-                await self._write(e, cmd, flags, offset, length, payload)
-            elif cmd == p.CMD_FLUSH and not e.snapshot:
-                await trio.to_thread.run_sync(self.store.flush, e.key)
-        except _Refused:
-            raise
-        except Exception as ex:   # noqa: BLE001 - the errno mapping point (fuse_mount/errors)
-            code = errno_for(ex, writing=writing)
-            log.log(logging.ERROR if code == errno.EIO else logging.INFO,
-                    "nbd: %s %s of %s: %s", c.peer, name, e.name, ex)
-            raise _Refused(p.ERRNO_TO_WIRE.get(code, p.EIO), str(ex)) from None
-        await c.send(p.simple_reply(cookie) if not c.structured else
-                     p.structured_header(cookie, p.REPLY_TYPE_NONE, 0, True))
-
-    def _still_may_open(self, c: _Conn, s: Served) -> None:
-        """The array or the masking changed since this connection last looked: close it
-        unless its export still names the same LUN for its host."""
-        now = self._state()
-        e = self._lookup(c, s.export.name)
-        if e is None or e.naa != s.export.naa or e.key != s.export.key:
-            log.warning("nbd: %s (host %s): %s is gone or no longer presented to it; "
-                        "disconnected", c.peer, c.host, s.export.name)
-            raise Closed(f"{c.peer}: {s.export.name} changed")
-        s.seen = now
-
-    async def _read(self, c: _Conn, s: Served, cookie: int, offset: int, length: int
-                    ) -> None:
-        data = self.store.read(s.export.key, offset, length)
-        if len(data) < length:   # shrunk meanwhile (a revert): zeros, as past a file's end
-            data += bytes(length - len(data))
-        if c.structured:
-            head = p.structured_header(cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + length,
-                                       True) + struct.pack(">Q", offset)
-        else:
-            head = p.simple_reply(cookie)
-        # small reads in one send: on loopback each send(2) also delivers to the reader
-        # and wakes it, so two of them (header, data) cost more than copying the data
-        # once (4K random reads at QD1: ~40 % of the request's time was the second
-        # send); big ones in two (the copy would cost more than the second call)
-        if length <= 256 << 10:
-            await c.send(head + data)
-        else:
-            await c.send(head)
-            await c.send(data)
-
-    async def _write(self, e: Export, cmd: int, flags: int, offset: int, length: int,
-                     payload: bytes) -> None:
-        key = e.key
-        barrier = self.barrier
-        if barrier.holding(key) is not None:
-            await barrier.wait_writable(key)
-        barrier.begin_write(key)
-        try:
-            if cmd == p.CMD_WRITE:
-                self.store.write(key, offset, payload)
-            else:
-                # in pieces, the loop going on between them: a 4 GiB TRIM of a volume
-                # with a snapshot must not stall every other request for seconds, nor
-                # hold all its chunks at once
-                zeros = bytes(min(length, MAX_ZERO_PIECE)) \
-                    if cmd == p.CMD_WRITE_ZEROES and flags & p.CMD_FLAG_NO_HOLE else None
-                for pos in range(offset, offset + length, MAX_ZERO_PIECE):
-                    n = min(MAX_ZERO_PIECE, offset + length - pos)
-                    if zeros is not None:
-                        self.store.write(key, pos, memoryview(zeros)[:n])
-                    else:   # TRIM, or zeroes that may be holes: a discard reads as zeros
-                        self.store.discard(key, pos, n)
-                    await trio.sleep(0)
-        finally:
-            barrier.end_write(key)
-        if self.changed is not None:
-            await self.changed(key)
-        if flags & p.CMD_FLAG_FUA:
-            await trio.to_thread.run_sync(self.store.flush, key)
-
-    async def _block_status(self, c: _Conn, s: Served, flags: int, cookie: int,
-                            offset: int, length: int) -> None:
-        """One BLOCK_STATUS chunk per selected context (proto.md), the last one DONE."""
-        if not (c.structured and s.contexts):
-            raise _Refused(p.EINVAL, "BLOCK_STATUS needs a metadata context (SET_META_"
-                                     "CONTEXT base:allocation or qemu:dirty-bitmap:ID)")
-        if length == 0:
-            raise _Refused(p.EINVAL, "BLOCK_STATUS of 0 bytes")
-        end = min(offset + length, offset + MAX_STATUS_RANGE, s.size)
-        chunks = []
-        for cid, name in s.contexts:
-            if name == p.BASE_ALLOCATION:
-                extents = self._allocation(s, offset, end)
-            else:
-                extents = self._dirty(s, name[len(DIRTY_BITMAP):], offset, end)
-            if flags & p.CMD_FLAG_REQ_ONE:
-                extents = extents[:1]
-            chunks.append(struct.pack(">I", cid) + b"".join(
-                struct.pack(">II", n, f) for n, f in extents))
-        await c.send(b"".join(
-            p.structured_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(body),
-                                i == len(chunks) - 1) + body
-            for i, body in enumerate(chunks)))
-
-    def _allocation(self, s: Served, offset: int, end: int) -> list[tuple[int, int]]:
-        """base:allocation descriptors (length, flags) covering [offset, end)."""
-        runs = self.store.allocation(s.export.key, offset, end - offset)
-        extents: list[tuple[int, int]] = []   # (length, flags)
-        pos = offset
-        for o, n in runs:
-            if o > pos:
-                extents.append((o - pos, p.STATE_HOLE | p.STATE_ZERO))
-            extents.append((o + n - max(o, pos), 0))
-            pos = o + n
-        if pos < end:
-            extents.append((end - pos, p.STATE_HOLE | p.STATE_ZERO))
-        return extents
-
-    def _dirty(self, s: Served, from_id: str, offset: int, end: int
-               ) -> list[tuple[int, int]]:
-        """qemu:dirty-bitmap descriptors covering [offset, end): STATE_DIRTY where a chunk
-        changed since FROM (up to the export's snapshot, or now for a volume)."""
-        runs = s.dirty.get(from_id)
-        if runs is None:
-            try:
-                runs = self.store.changed_extents(from_id, s.export.key
-                                                  if s.export.snapshot else None)
-            except StoreError as e:   # FROM deleted (or invalidated) since the SET
-                raise _Refused(p.EINVAL, f"{DIRTY_BITMAP}{from_id}: {e}") from None
-            if s.export.snapshot:
-                s.dirty[from_id] = runs
-        i = max(0, bisect.bisect_right(runs, (offset,)) - 1)
-        extents: list[tuple[int, int]] = []
-        pos = offset
-        for o, n in runs[i:]:
-            if o >= end:
-                break
-            if o + n <= pos:
-                continue
-            if o > pos:
-                extents.append((o - pos, 0))
-            stop = min(o + n, end)
-            extents.append((stop - max(o, pos), STATE_DIRTY))
-            pos = stop
-        if pos < end:
-            extents.append((end - pos, 0))
-        return extents
-
-
-class _Refused(Exception):
-    """A request answered with an error (the connection goes on)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message

@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,9 +71,14 @@ def _close_sockets() -> Iterator[None]:
 class Client:
     """A raw NBD client: just enough to say exactly the bytes a test wants."""
 
-    def __init__(self, port: int) -> None:
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    def __init__(self, port: int, rcvbuf: int = 0) -> None:
+        """rcvbuf: a small receive buffer (set before connecting: a small window)."""
+        self.s = socket.socket()
         OPEN.append(self.s)
+        if rcvbuf:
+            self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.s.settimeout(10)
+        self.s.connect(("127.0.0.1", port))
         magic, opt, flags = p.SERVER_GREETING.unpack(self.recv(18))
         assert (magic, opt) == (p.NBDMAGIC, p.IHAVEOPT)
         assert flags & p.FLAG_FIXED_NEWSTYLE
@@ -187,12 +194,41 @@ def test_unknown_and_malformed_options_get_an_error_reply_and_the_session_goes_o
 
 
 def test_a_silent_client_is_dropped_after_the_handshake_time_limit(
-        srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+        srv: Running, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "nbd")
     monkeypatch.setattr(nbd_server, "HANDSHAKE_TIMEOUT", 0.5)
     c = Client(srv.port)   # says nothing after the greeting
     assert c.closed()
     c.close()
     _works(srv)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records
+            if "handshake" in r.getMessage()]
+    assert len(said) == 1 and said[0][0] == logging.WARNING, said
+    assert "not finished in 0.5 s" in said[0][1]
+
+
+def test_an_aborted_handshake_is_one_info_line_not_a_timeout(
+        srv: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """NBD_OPT_ABORT (how nbdinfo --list ends) is routine: one INFO line saying so,
+    never the time limit's warning."""
+    caplog.set_level(logging.DEBUG, "nbd")
+    c = Client(srv.port)
+    c.s.sendall(p.CLIENT_FLAGS.pack(p.FLAG_FIXED_NEWSTYLE))
+    c.option(p.OPT_LIST)
+    while c.reply()[1] != p.REP_ACK:
+        pass
+    c.option(p.OPT_ABORT)
+    assert c.reply()[1] == p.REP_ACK
+    assert c.closed()
+    c.close()
+    # (logged before the server closes its end: there once the client sees the close)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records
+            if "handshake" in r.getMessage()]
+    assert len(said) == 1 and said[0][0] == logging.INFO, said
+    assert said[0][1].endswith("(host here): the client ended the handshake "
+                               "(NBD_OPT_ABORT)"), said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_half_a_request_then_a_close_leaves_nothing_behind(srv: Running) -> None:
@@ -289,7 +325,7 @@ def test_random_bytes_never_crash_or_wedge_the_server(
         caplog: pytest.LogCaptureFixture) -> None:
     """Random option bytes, or random request bytes after a valid GO: the server answers
     or closes, the connection ends when the client goes, and a good client is served."""
-    caplog.set_level(logging.WARNING, "nbd.server")
+    caplog.set_level(logging.WARNING, "nbd")
     c = Client(srv.port)
     try:
         if go:
@@ -379,7 +415,7 @@ def test_flags_a_command_does_not_take_are_refused(srv: Running) -> None:
 
 
 def test_a_big_trim_and_zeroes_are_done_in_pieces_and_right(srv: Running) -> None:
-    """TRIM / WRITE_ZEROES larger than a piece (nbd.server.MAX_ZERO_PIECE) with a live
+    """TRIM / WRITE_ZEROES larger than a piece (nbd.transmission.MAX_ZERO_PIECE) with a live
     snapshot: everything reads as zeros after, the snapshot keeps its data."""
     pool = srv.pool
     pool.resize_volume("db", 80 * MiB)
@@ -406,3 +442,97 @@ def test_one_address_cannot_take_every_connection(srv: Running) -> None:
             break
         threading.Event().wait(0.1)
     _works(srv)
+
+
+# -------------------------------------------------------------------------- the fast path
+# a client in a process of its own (no GIL shared with the server's thread) that opens
+# volumes/db and pipelines READs of 8 bytes for ever (small replies: it drains them
+# faster than the server makes them), draining the replies
+FLOOD = """
+import socket, struct, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def recv(n):
+    b = b""
+    while len(b) < n:
+        b += s.recv(n - len(b))
+    return b
+recv(18)
+s.sendall(struct.pack(">I", 3))
+name = b"volumes/db"
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, 6 + len(name))
+          + struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+while True:
+    _, _, rtype, n = struct.unpack(">QIII", recv(20))
+    recv(n)
+    if rtype == 1:
+        break
+threading.Thread(target=lambda: [0 for _ in iter(lambda: s.recv(1 << 20), b"")],
+                 daemon=True).start()
+batch = struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, 8) * 4000
+print("flooding", flush=True)
+while True:
+    s.sendall(batch)
+"""
+
+
+def test_a_pipelining_client_neither_starves_others_nor_stops_the_daemon_stopping(
+        srv: Running) -> None:
+    """Plain TCP reads requests straight off the socket without a trio scheduler pass
+    while they are there (nbd/connection.py); every YIELD_EVERY of them it yields. A
+    client that never lets the socket run dry therefore cannot keep another connection
+    from being served, nor the daemon from stopping (a cancelled task must reach a
+    checkpoint)."""
+    with subprocess.Popen([sys.executable, "-c", FLOOD, str(srv.port)],
+                          stdout=subprocess.PIPE, text=True) as flood:
+        try:
+            assert flood.stdout is not None and flood.stdout.readline() == "flooding\n"
+            threading.Event().wait(0.5)   # the server's receive buffer is full by now
+            _works(srv)   # another connection: a handshake and a read meanwhile
+            assert flood.poll() is None   # (the flood went on all along)
+            srv.stop()    # and the loop stops although the flood's socket never runs dry
+        finally:
+            flood.kill()
+
+
+def test_big_reads_the_socket_cannot_take_at_once_arrive_whole(srv: Running,
+                                                               caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
+    """A reply larger than the socket takes at once (a client with a small receive
+    window) is finished through trio, in order; a client that resets the connection
+    mid-reply ends only its own connection, quietly."""
+    caplog.set_level(logging.DEBUG, "nbd")
+    data = os.urandom(3 * MiB)
+    srv.pool.write("db", MiB, data)
+    for structured in (False, True):
+        c = Client(srv.port, rcvbuf=4096)
+        c.go("volumes/db", structured=structured)
+        c.request(p.CMD_READ, 0, 4 * MiB, cookie=5)
+        c.request(p.CMD_READ, MiB, 16, cookie=6)   # queued behind the big one
+        threading.Event().wait(0.3)   # the server is stuck in the middle of the reply
+        if structured:
+            magic, _flags, rtype, cookie, length = p.STRUCTURED_REPLY.unpack(c.recv(20))
+            assert (rtype, cookie, length) == (p.REPLY_TYPE_OFFSET_DATA, 5, 8 + 4 * MiB)
+            assert c.recv(8) == bytes(8)
+        else:
+            assert c.simple() == (0, 5)
+        assert c.recv(4 * MiB) == b"\xaa" * MiB + data
+        if structured:
+            assert p.STRUCTURED_REPLY.unpack(c.recv(20))[3] == 6
+            assert c.recv(8 + 16) == struct.pack(">Q", MiB) + data[:16]
+        else:
+            assert c.simple() == (0, 6) and c.recv(16) == data[:16]
+        c.close()
+    c = Client(srv.port, rcvbuf=4096)   # gone mid-reply: RST instead of FIN
+    c.go("volumes/db")
+    c.request(p.CMD_READ, 0, 4 * MiB)
+    threading.Event().wait(0.2)
+    c.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()
+    _works(srv)
+    for _ in range(50):
+        if srv.connections() == 0:
+            break
+        threading.Event().wait(0.1)
+    assert srv.connections() == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

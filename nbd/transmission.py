@@ -1,0 +1,301 @@
+"""The NBD port's transmission phase: one connection's request loop, after the handshake
+(nbd/server.py) has opened an export -- READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
+BLOCK_STATUS (base:allocation and qemu:dirty-bitmap), DISC -- and the replies.
+
+Requests of one connection are served in order, one at a time (replies in request
+order, as simple replies are; clients may still pipeline: the socket buffers them). The
+handlers call the array synchronously on the daemon's trio loop, as the FUSE handlers
+do (reads and writes land in the page cache and the held-write buffers; the store's lock
+is held for bookkeeping only), and leave the loop only to wait for the disk (FLUSH and
+FUA: a worker thread, like the mount's fsync). Writes, trims and zeroes pass the
+WriteBarrier exactly like FUSE writes: while the coordinator holds a volume (flush &
+hold) they wait, so a snapshot set is one instant across FUSE and NBD writers.
+
+Nothing is held across an await but a write's barrier registration, released in
+`finally`: a client vanishing mid-request only ends its own task.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from blockstore.errors import StoreError
+from fuse_mount.barrier import WriteBarrier
+from fuse_mount.errors import errno_for
+
+from . import protocol as p
+from .connection import Closed, Conn
+from .exports import Export, NbdStore
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 32 << 20        # largest READ/WRITE payload (proto.md's usual maximum)
+MAX_STATUS_RANGE = 1 << 30    # BLOCK_STATUS answers at most this much per request
+MAX_ZERO_PIECE = 32 << 20     # TRIM / WRITE_ZEROES are done in pieces of this much
+# command flags each command may carry (proto.md: others are EINVAL)
+_FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
+          p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
+          p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE, p.CMD_DISC: 0}
+_RANGED = frozenset({p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES,
+                     p.CMD_BLOCK_STATUS})
+_WRITING = frozenset({p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES})
+# a READ's one structured chunk: the reply header and the data's offset in one pack
+_DATA_CHUNK = struct.Struct(p.STRUCTURED_REPLY.format + "Q")
+# the client went away while we answered: end the connection quietly
+_GONE = (Closed, trio.BrokenResourceError, trio.ClosedResourceError)
+DIRTY_BITMAP = "qemu:dirty-bitmap:"   # + a snapshot id: the chunks changed since it
+STATE_DIRTY = 1               # qemu:dirty-bitmap's one flag (QEMU's docs/interop/nbd.txt)
+
+
+@dataclass
+class Served:
+    """What one connection has opened (set by GO / EXPORT_NAME), and the state of the
+    array and the masking when it was last known to be what the host may still open:
+    a request after a change of either checks again that the export still names the
+    same LUN (naa) for this host, else the connection is closed (a volume deleted and
+    created again under its name, or no longer presented to the host)."""
+
+    export: Export
+    size: int
+    contexts: tuple[tuple[int, str], ...] = ()   # (id, name) SET_META_CONTEXT selected
+    seen: tuple[int, int] = (0, 0)   # (store generation, masking changes)
+    # a snapshot export's changed extents since each FROM, computed once (both ends are
+    # frozen); a volume's are asked for at every BLOCK_STATUS (it changes meanwhile)
+    dirty: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+
+class Refused(Exception):
+    """A request answered with an error (the connection goes on)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RequestLoop:
+    """The transmission phase, a part of NbdServer (which provides these members)."""
+
+    store: NbdStore
+    barrier: WriteBarrier
+    changed: Callable[[str], Awaitable[None]] | None
+
+    def _state(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _lookup(self, c: Conn, name: str) -> Export | None:
+        raise NotImplementedError
+
+    async def _transmission(self, c: Conn, s: Served) -> None:
+        recv, unpack = c.recv_request, p.REQUEST.unpack
+        while True:
+            magic, flags, cmd, cookie, offset, length = unpack(await recv(p.REQUEST.size))
+            if magic != p.REQUEST_MAGIC:
+                raise p.ProtocolError(f"bad request magic {magic:#x}")
+            # the hot path (a 4 KiB read at QD1 costs ~30 us here in all, so a few checks
+            # and a coroutine less count): a READ that needs none of _command's refusals
+            if cmd == p.CMD_READ and not flags & ~p.CMD_FLAG_DF and length <= MAX_REQUEST \
+                    and offset + length <= s.size and s.seen == self._state():
+                try:
+                    await self._read(c, s, cookie, offset, length)
+                except _GONE:
+                    raise
+                except Exception as ex:   # noqa: BLE001 - mapped to an errno, as below
+                    r = self._refusal(c, s, cmd, ex)
+                    await self._error(c, cookie, r.code, r.message)
+                continue
+            payload = b""
+            if cmd == p.CMD_WRITE:
+                if length > MAX_REQUEST:   # cannot skip that much safely: disconnect
+                    raise p.ProtocolError(f"WRITE of {length} bytes")
+                payload = await c.recv_exactly(length)
+            if cmd == p.CMD_DISC:
+                raise Closed(f"{c.peer}: disconnect")
+            try:
+                await self._command(c, s, cmd, flags, cookie, offset, length, payload)
+            except Refused as r:
+                await self._error(c, cookie, r.code, r.message)
+
+    async def _error(self, c: Conn, cookie: int, code: int, message: str) -> None:
+        if c.structured:
+            await c.send(p.structured_error(cookie, code, message))
+        else:
+            await c.send(p.simple_reply(cookie, code))
+
+    async def _command(self, c: Conn, s: Served, cmd: int, flags: int, cookie: int,
+                       offset: int, length: int, payload: bytes) -> None:
+        if s.seen != self._state():
+            self._still_may_open(c, s)
+        e = s.export
+        name = p.CMD_NAMES.get(cmd, str(cmd))
+        if cmd not in _FLAGS:
+            raise Refused(p.EINVAL, f"command {name} is not supported")
+        if flags & ~_FLAGS[cmd]:
+            raise Refused(p.EINVAL, f"{name} with flags {flags:#x} it does not take")
+        if cmd in _RANGED:
+            if cmd == p.CMD_READ and length > MAX_REQUEST:
+                raise Refused(p.EINVAL, f"{name} of {length} bytes (max {MAX_REQUEST})")
+            if offset + length > s.size:
+                s.size = int(self.store.lun_size(e.key))   # grown since?
+                if offset + length > s.size:
+                    raise Refused(p.ENOSPC if cmd == p.CMD_WRITE else p.EINVAL,
+                                   f"{name} past the end ({offset}+{length} > {s.size})")
+        writing = cmd in _WRITING
+        if writing and e.read_only:
+            raise Refused(p.EPERM, f"{e.name} is read-only")
+        try:
+            if cmd == p.CMD_READ:
+                await self._read(c, s, cookie, offset, length)
+                return
+            if cmd == p.CMD_BLOCK_STATUS:
+                await self._block_status(c, s, flags, cookie, offset, length)
+                return
+            if writing:
+                await self._write(e, cmd, flags, offset, length, payload)
+            elif cmd == p.CMD_FLUSH and not e.snapshot:
+                await trio.to_thread.run_sync(self.store.flush, e.key)
+        except (Refused, *_GONE):
+            raise
+        except Exception as ex:   # noqa: BLE001 - mapped to an errno
+            raise self._refusal(c, s, cmd, ex) from None
+        await c.send(p.simple_reply(cookie) if not c.structured else
+                     p.structured_header(cookie, p.REPLY_TYPE_NONE, 0, True))
+
+    def _refusal(self, c: Conn, s: Served, cmd: int, ex: Exception) -> Refused:
+        """The error reply for a command the array failed (the errno mapping point,
+        fuse_mount/errors); EIO is logged as an error, the rest (EPERM, ENOSPC, ...)
+        as information."""
+        code = errno_for(ex, writing=cmd in _WRITING)
+        log.log(logging.ERROR if code == errno.EIO else logging.INFO,
+                "nbd: %s %s of %s: %s", c.peer, p.CMD_NAMES.get(cmd, str(cmd)),
+                s.export.name, ex)
+        return Refused(p.ERRNO_TO_WIRE.get(code, p.EIO), str(ex))
+
+    def _still_may_open(self, c: Conn, s: Served) -> None:
+        """The array or the masking changed since this connection last looked: close it
+        unless its export still names the same LUN for its host."""
+        now = self._state()
+        e = self._lookup(c, s.export.name)
+        if e is None or e.naa != s.export.naa or e.key != s.export.key:
+            log.warning("nbd: %s (host %s): %s is gone or no longer presented to it; "
+                        "disconnected", c.peer, c.host, s.export.name)
+            raise Closed(f"{c.peer}: {s.export.name} changed")
+        s.seen = now
+
+    async def _read(self, c: Conn, s: Served, cookie: int, offset: int, length: int
+                    ) -> None:
+        data = self.store.read(s.export.key, offset, length)
+        if len(data) < length:   # shrunk meanwhile (a revert): zeros, as past a file's end
+            data += bytes(length - len(data))
+        if c.structured:
+            head = _DATA_CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                    p.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
+        else:
+            head = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
+        await c.send(head, data)
+
+    async def _write(self, e: Export, cmd: int, flags: int, offset: int, length: int,
+                     payload: bytes) -> None:
+        key = e.key
+        barrier = self.barrier
+        if barrier.holding(key) is not None:
+            await barrier.wait_writable(key)
+        barrier.begin_write(key)
+        try:
+            if cmd == p.CMD_WRITE:
+                self.store.write(key, offset, payload)
+            else:
+                # in pieces, the loop going on between them: a 4 GiB TRIM of a volume
+                # with a snapshot must not stall every other request for seconds, nor
+                # hold all its chunks at once
+                zeros = bytes(min(length, MAX_ZERO_PIECE)) \
+                    if cmd == p.CMD_WRITE_ZEROES and flags & p.CMD_FLAG_NO_HOLE else None
+                for pos in range(offset, offset + length, MAX_ZERO_PIECE):
+                    n = min(MAX_ZERO_PIECE, offset + length - pos)
+                    if zeros is not None:
+                        self.store.write(key, pos, memoryview(zeros)[:n])
+                    else:   # TRIM, or zeroes that may be holes: a discard reads as zeros
+                        self.store.discard(key, pos, n)
+                    await trio.sleep(0)
+        finally:
+            barrier.end_write(key)
+        if self.changed is not None:
+            await self.changed(key)
+        if flags & p.CMD_FLAG_FUA:
+            await trio.to_thread.run_sync(self.store.flush, key)
+
+    async def _block_status(self, c: Conn, s: Served, flags: int, cookie: int,
+                            offset: int, length: int) -> None:
+        """One BLOCK_STATUS chunk per selected context (proto.md), the last one DONE."""
+        if not (c.structured and s.contexts):
+            raise Refused(p.EINVAL, "BLOCK_STATUS needs a metadata context (SET_META_"
+                                     "CONTEXT base:allocation or qemu:dirty-bitmap:ID)")
+        if length == 0:
+            raise Refused(p.EINVAL, "BLOCK_STATUS of 0 bytes")
+        end = min(offset + length, offset + MAX_STATUS_RANGE, s.size)
+        chunks = []
+        for cid, name in s.contexts:
+            if name == p.BASE_ALLOCATION:
+                extents = self._allocation(s, offset, end)
+            else:
+                extents = self._dirty(s, name[len(DIRTY_BITMAP):], offset, end)
+            if flags & p.CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            chunks.append(struct.pack(">I", cid) + b"".join(
+                struct.pack(">II", n, f) for n, f in extents))
+        await c.send(b"".join(
+            p.structured_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(body),
+                                i == len(chunks) - 1) + body
+            for i, body in enumerate(chunks)))
+
+    def _allocation(self, s: Served, offset: int, end: int) -> list[tuple[int, int]]:
+        """base:allocation descriptors (length, flags) covering [offset, end)."""
+        runs = self.store.allocation(s.export.key, offset, end - offset)
+        extents: list[tuple[int, int]] = []   # (length, flags)
+        pos = offset
+        for o, n in runs:
+            if o > pos:
+                extents.append((o - pos, p.STATE_HOLE | p.STATE_ZERO))
+            extents.append((o + n - max(o, pos), 0))
+            pos = o + n
+        if pos < end:
+            extents.append((end - pos, p.STATE_HOLE | p.STATE_ZERO))
+        return extents
+
+    def _dirty(self, s: Served, from_id: str, offset: int, end: int
+               ) -> list[tuple[int, int]]:
+        """qemu:dirty-bitmap descriptors covering [offset, end): STATE_DIRTY where a chunk
+        changed since FROM (up to the export's snapshot, or now for a volume)."""
+        runs = s.dirty.get(from_id)
+        if runs is None:
+            try:
+                runs = self.store.changed_extents(from_id, s.export.key
+                                                  if s.export.snapshot else None)
+            except StoreError as e:   # FROM deleted (or invalidated) since the SET
+                raise Refused(p.EINVAL, f"{DIRTY_BITMAP}{from_id}: {e}") from None
+            if s.export.snapshot:
+                s.dirty[from_id] = runs
+        i = max(0, bisect.bisect_right(runs, (offset,)) - 1)
+        extents: list[tuple[int, int]] = []
+        pos = offset
+        for o, n in runs[i:]:
+            if o >= end:
+                break
+            if o + n <= pos:
+                continue
+            if o > pos:
+                extents.append((o - pos, 0))
+            stop = min(o + n, end)
+            extents.append((stop - max(o, pos), STATE_DIRTY))
+            pos = stop
+        if pos < end:
+            extents.append((end - pos, 0))
+        return extents
+
