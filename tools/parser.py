@@ -50,6 +50,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (try '{PROG} --help')\n")
 
 
+class _Version(argparse._VersionAction):
+    """--version, the package's version looked up only when asked: importlib.metadata
+    would cost every other command ~15 ms of start-up."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        self.version = f"{PROG} {package_version()}"
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _poll_us(text: str) -> float:
     try:
         value = float(text)
@@ -88,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(common, top=False)
     p = _Parser(prog=PROG, description="Linux user-space shadow-copy provider (VSS-like).")
     _common_options(p, top=True)
-    p.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
                            parser_class=_Parser)
 
