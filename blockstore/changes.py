@@ -58,8 +58,11 @@ if TYPE_CHECKING:
 # Results kept per volume (DiffArea.memo), each valid while the diff area's entries are
 # unchanged (DiffArea.version): an NBD client walking qemu:dirty-bitmap of a live volume
 # one extent per request (qemu's REQ_ONE) asks the same question thousands of times,
-# ~3 ms each at 64 GiB / 1 GiB changed (busy machine; docs/backup.md).
+# ~3 ms each at 64 GiB / 1 GiB changed (busy machine; docs/network.md). Bounded: at most
+# MEMO_ENTRIES results per volume, each of at most MEMO_MAX_EXTENTS extents (~10 MiB of
+# tuples; a larger answer is recomputed each time).
 MEMO_ENTRIES = 8
+MEMO_MAX_EXTENTS = 100_000
 
 
 def changed_extents(pool: Pool, from_id: str, to_id: str | None = None
@@ -88,9 +91,10 @@ def changed_extents(pool: Pool, from_id: str, to_id: str | None = None
         tables = da.chunks_between(a.epoch, None if b is None else b.epoch)
     # ...and merge them without the lock (the data path never waits for a large diff)
     out = extents(_union(tables), pool.chunk_size, size)
-    if len(da.memo) >= MEMO_ENTRIES:
-        da.memo.clear()
-    da.memo[key] = (version, out)   # (made at `version`: stale as soon as it moves on)
+    if len(out) <= MEMO_MAX_EXTENTS:
+        if len(da.memo) >= MEMO_ENTRIES:
+            da.memo.clear()
+        da.memo[key] = (version, out)   # (made at `version`: stale once it moves on)
     return list(out)
 
 
