@@ -1,6 +1,6 @@
 """The `shadowplex` command line: the requester side.
 
-Every command except `serve`, `pool init`, `pki` and `demo` talks to the daemon through
+Every command except `serve`, `pool init`, `pki`, `demo` and `restore` talks to the daemon through
 provider.client, in a session of tools/connection.py (socket: --socket, else
 provider.config.default_socket_path(): $SHADOWPLEX_SOCKET, else DEFAULT_SOCKET).
 Exit codes: 0 success, 1 the operation failed, 2 usage error. User mistakes print one

@@ -25,6 +25,7 @@ from .commands import (
     cmd_import,
     cmd_pki,
     cmd_promote,
+    cmd_restore,
     cmd_revert,
     cmd_script,
     cmd_snapshot,
@@ -233,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--format", choices=("qcow2", "raw"), default=None,
                     help="default qcow2 (raw for a FILE ending in .raw or .img)")
     bk.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    rs = add("restore", cmd_restore, "a chain of backups back to one raw image (no daemon)")
+    rs.add_argument("file", metavar="FILE", help="the chain's newest backup (its manifest "
+                    "FILE.backup.json names its base)")
+    rs.add_argument("--to", metavar="OUT", required=True, help="the raw image to write")
+    rs.add_argument("--force", action="store_true", help="replace OUT if it exists")
     e = add("expose", cmd_expose, "make a snapshot visible (exposed/NAME.img, or mounted)")
     e.add_argument("snapshot", metavar="SNAPSHOT")
     e.add_argument("--name", metavar="NAME")
