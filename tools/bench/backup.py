@@ -32,7 +32,7 @@ In a work directory under --dir, removed however the run ends (netbench.run; Ctr
 cp / nbdcopy of changes.raw is "copying those bytes" like-for-like: the same bytes read
 cold from a file on the pool's file system, written to a new sparse file there, durably:
 the least an incremental must do. Our extra costs (the diff call, NBD on loopback, qcow2
-via qemu-nbd, a raw incremental's copy of PREV, Python's start-up) are what it measures.
+via qemu-nbd, Python's start-up) are what it measures.
 """
 
 from __future__ import annotations
