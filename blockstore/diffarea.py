@@ -99,6 +99,12 @@ class DiffArea:
         self.data_slots = 0
         self.tables: dict[int, EpochTable] = {}
         self.epochs: list[int] = []
+        # bumped whenever the entries change (preserve, and every rebuild: a drop, a gc,
+        # the load): what a memo of results derived from them is checked against
+        self.version = 0
+        # results derived from the entries, each stored with the version it was made at
+        # (blockstore/changes.py: changed extents, asked once per BLOCK_STATUS request)
+        self.memo: dict[tuple[int, ...], tuple[int, list[tuple[int, int]]]] = {}
         self.any_entry = Bitmap(nchunks)
         self.cowed_latest = Bitmap(nchunks)
         self.origin_epoch = origin_epoch
@@ -167,6 +173,7 @@ class DiffArea:
             self.data_slots += 1
 
     def _rebuild_tables(self) -> None:
+        self.version += 1
         by_epoch: dict[int, list[tuple[int, int]]] = {}
         for slot, st in enumerate(self.state):
             if st != FREE:
@@ -303,6 +310,8 @@ class DiffArea:
         if table is None:
             table = self.tables[epoch] = EpochTable()
             self.epochs = sorted(self.tables)
+        if batch:
+            self.version += 1
         for slot, chunk, state, sum64 in batch:
             self._set_slot(slot, state, epoch, chunk, sum64)
             table.add(chunk, slot)

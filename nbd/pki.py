@@ -43,14 +43,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .pki_limits import CA_DAYS as CA_DAYS
+from .pki_limits import CN_MAX as CN_MAX
+from .pki_limits import LEAF_DAYS as LEAF_DAYS
 from .tls import CA_CERT, CA_KEY, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
 
-CA_DAYS = 3650
-LEAF_DAYS = 730
 CLOCK_SKEW = dt.timedelta(minutes=5)
 ORGANIZATION = "shadowplex"
-# X.509's upper bound for a commonName (ub-common-name, RFC 5280 appendix A)
-CN_MAX = 64
 KEY_MODE = 0o600
 CERT_MODE = 0o644
 

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
-from .config import default_socket_path
-from .documents import MAX_DOCUMENT_BYTES
+from .config import MAX_DOCUMENT_BYTES, default_socket_path
 
 CLOSE_WAIT = 30.0   # seconds close() waits for the daemon to end the session
 

@@ -36,10 +36,8 @@ entry point (the CLI, `python -m provider.service`, control_service, Client) fol
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,6 +62,10 @@ SOCKET_DIR = "/run/shadowplex"
 DEFAULT_SOCKET = os.path.join(SOCKET_DIR, "shadowplex.sock")
 DEFAULT_HOST_STATE = "/var/lib/shadowplex/host"   # a host daemon's catalog (serve --array)
 DEFAULT_RBD_STATE = "/var/lib/shadowplex/rbd"     # the catalog with serve --array rbd:POOL
+# Largest Backup Components / Writer Metadata Document accepted (the issue fixes 16 MiB;
+# provider/documents/xmlsafe.py applies it). Here so that the control protocol and its
+# client know it without importing the documents package (the CLI's start-up time).
+MAX_DOCUMENT_BYTES = 16 << 20
 
 
 def default_socket_path(pool_dir: str | None = None) -> str:
@@ -84,6 +86,7 @@ def default_socket_path(pool_dir: str | None = None) -> str:
         return env
     if pool_dir is None:
         return DEFAULT_SOCKET
+    import hashlib  # here: every CLI command imports this module (its start-up time)
     digest = hashlib.sha256(os.path.realpath(pool_dir).encode()).hexdigest()[:16]
     return os.path.join(SOCKET_DIR, f"{digest}.sock")
 
@@ -171,6 +174,7 @@ def _show(v: Any) -> str:
 
 def load_file(path: str) -> dict[str, Any]:
     """Read and check a TOML configuration file (stdlib tomllib)."""
+    import tomllib  # here, not at the top: only serve reads a file (the CLI's start-up)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -30,21 +30,16 @@ mapping and why.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
-from blockstore import errors as bse
-from fuse_mount import loopdev
+from .config import MAX_DOCUMENT_BYTES
 
 # the socket rule lives in config (the CLI reads it without importing all of this);
 # re-exported because the wire's two ends know it as protocol's
 from .config import SOCKET_DIR as SOCKET_DIR
 from .config import SOCKET_ENV as SOCKET_ENV
 from .config import default_socket_path as default_socket_path
-from .documents import MAX_DOCUMENT_BYTES
 from .vss import VssError
-
-log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 1 << 20          # bytes per request line, newline included
@@ -169,43 +164,55 @@ def progress_event(rid: int | str | None, done: int, total: int, what: str) -> d
 
 
 # --------------------------------------------------------------------------- error names
-# Lower-layer exception type -> stable wire name. Order matters only for subclasses (the
-# first match wins), so subclasses come before their bases.
-_ERROR_NAMES: tuple[tuple[type[BaseException], str], ...] = (
-    (bse.NotFound, "VSS_E_OBJECT_NOT_FOUND"),
-    (bse.Exists, "VSS_E_OBJECT_ALREADY_EXISTS"),
-    (bse.InvalidName, "E_INVALIDARG"),
-    (bse.InvalidSize, "E_INVALIDARG"),
-    (bse.OutOfRange, "E_INVALIDARG"),
-    # A snapshot named where a volume is needed: snapshots are read-only LUNs.
-    (bse.ReadOnly, "E_ACCESSDENIED"),
-    (bse.Busy, "VSS_E_VOLUME_IN_USE"),
-    (bse.PoolLocked, "VSS_E_PROVIDER_IN_USE"),
-    (bse.NoSpace, "VSS_E_INSUFFICIENT_STORAGE"),
-    (bse.InvalidState, "VSS_E_BAD_STATE"),
-    (bse.Unsupported, "VSS_E_NOT_SUPPORTED"),
-    # The requester cancelled it and nothing changed (an operation that cannot undo
-    # what it did completes instead: it never raises Cancelled then).
-    (bse.Cancelled, "E_ABORT"),
-    # Lost or corrupt data, a damaged pool: the provider failed, the caller did nothing
-    # wrong and retrying the same call will not help. VSS has exactly this name for
-    # "the provider returned an unexpected error"; the message says what was lost.
-    (bse.SnapshotInvalid, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
-    (bse.CorruptData, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
-    (bse.FormatError, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
-    # expose --mount: a bad target directory is the caller's argument; an image without
-    # a filesystem cannot be mounted (not supported); any other losetup/mount failure is
-    # the provider's.
-    (loopdev.MountTargetError, "E_INVALIDARG"),
-    (loopdev.NoFilesystemError, "VSS_E_NOT_SUPPORTED"),
-    (loopdev.LoopError, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
-)
+def _error_names() -> tuple[tuple[type[BaseException], str], ...]:
+    """Lower-layer exception type -> stable wire name. Order matters only for subclasses
+    (the first match wins), so subclasses come before their bases. Built at the first
+    error, not at import: the CLI imports this module (through provider.client) on every
+    command, and blockstore and fuse_mount cost it tens of ms of start-up."""
+    from blockstore import errors as bse
+    from fuse_mount import loopdev
+    return (
+        (bse.NotFound, "VSS_E_OBJECT_NOT_FOUND"),
+        (bse.Exists, "VSS_E_OBJECT_ALREADY_EXISTS"),
+        (bse.InvalidName, "E_INVALIDARG"),
+        (bse.InvalidSize, "E_INVALIDARG"),
+        (bse.OutOfRange, "E_INVALIDARG"),
+        # A snapshot named where a volume is needed: snapshots are read-only LUNs.
+        (bse.ReadOnly, "E_ACCESSDENIED"),
+        (bse.Busy, "VSS_E_VOLUME_IN_USE"),
+        (bse.PoolLocked, "VSS_E_PROVIDER_IN_USE"),
+        (bse.NoSpace, "VSS_E_INSUFFICIENT_STORAGE"),
+        (bse.InvalidState, "VSS_E_BAD_STATE"),
+        (bse.Unsupported, "VSS_E_NOT_SUPPORTED"),
+        # The requester cancelled it and nothing changed (an operation that cannot undo
+        # what it did completes instead: it never raises Cancelled then).
+        (bse.Cancelled, "E_ABORT"),
+        # Lost or corrupt data, a damaged pool: the provider failed, the caller did
+        # nothing wrong and retrying the same call will not help. VSS has exactly this
+        # name for "the provider returned an unexpected error"; the message says what was
+        # lost.
+        (bse.SnapshotInvalid, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
+        (bse.CorruptData, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
+        (bse.FormatError, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
+        # expose --mount: a bad target directory is the caller's argument; an image
+        # without a filesystem cannot be mounted (not supported); any other
+        # losetup/mount failure is the provider's.
+        (loopdev.MountTargetError, "E_INVALIDARG"),
+        (loopdev.NoFilesystemError, "VSS_E_NOT_SUPPORTED"),
+        (loopdev.LoopError, "VSS_E_UNEXPECTED_PROVIDER_ERROR"),
+    )
+
+
+_ERROR_NAMES: tuple[tuple[type[BaseException], str], ...] = ()
 
 
 def error_name(exc: BaseException) -> str | None:
     """The wire name of a known exception type, None for anything unexpected."""
+    global _ERROR_NAMES
     if isinstance(exc, VssError):
         return exc.name
+    if not _ERROR_NAMES:
+        _ERROR_NAMES = _error_names()
     for cls, name in _ERROR_NAMES:
         if isinstance(exc, cls):
             return name
@@ -222,7 +229,8 @@ def to_vss_error(exc: BaseException) -> VssError:
     name = error_name(exc)
     message = " ".join(str(exc).split()) or type(exc).__name__
     if name is None:
-        log.error("unexpected error: %s", message, exc_info=exc)
+        import logging  # here: requesters import this module and never log through it
+        logging.getLogger(__name__).error("unexpected error: %s", message, exc_info=exc)
         return VssError("VSS_E_UNEXPECTED", f"internal error ({type(exc).__name__}: "
                         f"{message}); see the daemon's log")
     return VssError(name, message)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import enum
 import re
-import uuid
 from collections.abc import Iterable
 
 from .hresults import (
@@ -564,4 +563,5 @@ def guid(value: object) -> str:
     surrounding blanks are stripped (braces, ``urn:uuid:``, no hyphens); ValueError for
     anything else. (blockstore.names.check_guid is the engine's own: it imports nothing
     of ours.)"""
+    import uuid  # here: uuid imports platform, and the CLI imports this module at start-up
     return str(uuid.UUID(str(value).strip()))

@@ -1,11 +1,13 @@
-"""`shadowplex backup` (issue 17, docs/backup.md): full and incremental qcow2/raw images of
-snapshots, read over the NBD port, written through qemu-nbd (qcow2) or as sparse files.
+"""`shadowplex backup` and `shadowplex restore` (issue 17, docs/backup.md): full and
+incremental qcow2/raw images of snapshots, read over the NBD port, written through
+qemu-nbd (qcow2) or as sparse files (a raw incremental: a delta).
 
 A chain of a full backup and ten incrementals, with random writes, discards and a grow
-between the snapshots, restores byte-identical to each snapshot (`qemu-img compare` and
-the xxh3 of `qemu-img convert -O raw`); an incremental writes exactly the changed extents
-(bytes_written + bytes_zeroed == the diff's changed_bytes, every byte of it in a chunk
-that was touched); each refusal is one line and changes nothing."""
+between the snapshots, restores byte-identical to each snapshot (`shadowplex restore`,
+for qcow2 also `qemu-img convert -O raw` and `qemu-img compare`; xxh3); an incremental
+writes exactly the changed extents (bytes_written + bytes_zeroed == the diff's
+changed_bytes, every byte of it in a chunk that was touched; a raw delta allocates no
+more than the data written); each refusal is one line and changes nothing."""
 
 from __future__ import annotations
 
@@ -63,16 +65,25 @@ def _shadow(d: Daemon, sid: str) -> str:
     return os.path.join(d.mount, ".shadow", f"{sid}.img")
 
 
-def _restored(image: str, out: Path) -> int:
-    """xxh3 of the chain `image` converted to raw (what docs/backup.md says restores)."""
+def _restored(d: Daemon, image: str, out: Path) -> int:
+    """xxh3 of the chain `image` restored to raw by `shadowplex restore`; a qcow2 chain
+    also by `qemu-img convert -O raw` (docs/backup.md: either), which must agree."""
     if out.exists():
         out.unlink()
-    subprocess.run(["qemu-img", "convert", "-O", "raw", image, str(out)], check=True,
-                   capture_output=True)
+    res = d.json("restore", image, "--to", str(out))
+    assert res["to"] == str(out) and res["chain"][-1] == image
     try:
-        return digest(out)
+        got = digest(out)
     finally:
         out.unlink()
+    if image.endswith(".qcow2"):
+        subprocess.run(["qemu-img", "convert", "-O", "raw", image, str(out)], check=True,
+                       capture_output=True)
+        try:
+            assert digest(out) == got
+        finally:
+            out.unlink()
+    return got
 
 
 def _compare(fmt: str, image: str, snap_img: str) -> None:
@@ -120,7 +131,7 @@ def test_a_chain_of_ten_incrementals_restores_every_snapshot(
     assert full["bytes_written"] == full["bytes_read"]
     _compare(fmt, first, _shadow(d, sid))
     snap_digest = digest(_shadow(d, sid))
-    assert _restored(first, scratch) == snap_digest
+    assert _restored(d, first, scratch) == snap_digest
     chain = [(sid, first)]
     zeroed = 0
     for i in range(1, 11):
@@ -141,9 +152,15 @@ def test_a_chain_of_ten_incrementals_restores_every_snapshot(
         zeroed += res["bytes_zeroed"]
         assert {o // CS for e in diff for o in range(e["offset"], e["offset"] + e["length"],
                                                      CS)} <= touched
-        _compare(fmt, path, _shadow(d, sid))
-        assert _restored(path, scratch) == digest(_shadow(d, sid))
-        if fmt == "qcow2":
+        assert _restored(d, path, scratch) == digest(_shadow(d, sid))
+        if fmt == "raw":
+            # a delta: it holds the data written and nothing else (no copy of PREV)
+            assert os.stat(path).st_blocks * 512 <= res["bytes_written"] + 4096
+            manifest = json.loads(Path(path + ".backup.json").read_text())
+            assert manifest["layout"] == "delta"
+            assert manifest["extents"] == [[e["offset"], e["length"]] for e in diff]
+        else:
+            _compare(fmt, path, _shadow(d, sid))
             info = json.loads(subprocess.run(
                 ["qemu-img", "info", "--output=json", path], check=True,
                 capture_output=True, text=True).stdout)
@@ -154,7 +171,7 @@ def test_a_chain_of_ten_incrementals_restores_every_snapshot(
         chain.append((sid, path))
     assert zeroed   # zeros written and holes punched reached the chain as zeroes
     # the first backup is still what it was: the chain only ever added files
-    assert _restored(first, scratch) == snap_digest
+    assert _restored(d, first, scratch) == snap_digest
     assert sorted(os.listdir(out)) == sorted(
         [os.path.basename(p) for _, p in chain] + [os.path.basename(p) + ".backup.json"
                                                    for _, p in chain])
@@ -214,6 +231,47 @@ def test_refusals_are_one_line_and_change_nothing(array: Daemon, tmp_path: Path)
     assert res.returncode == 1 and res.stdout == "", res
     err = json.loads(res.stderr)["error"]
     assert err["name"] == "BACKUP_REFUSED" and "--force" in err["message"], err
+
+
+def test_restore_refusals_are_one_line_and_change_nothing(array: Daemon, tmp_path: Path
+                                                          ) -> None:
+    d = array
+    out = tmp_path / "backups"
+    out.mkdir()
+    a = _snapshot(d, "db")
+    d.ok("backup", a, "--to", str(out / "a.raw"))
+    with open(d.image("db"), "r+b") as f:
+        f.write(b"x" * 5000)
+    b = _snapshot(d, "db")
+    d.ok("backup", b, "--to", str(out / "b.raw"), "--from", a)
+    d.ok("backup", b, "--to", str(out / "b-full.raw"))
+    (out / "taken.raw").write_bytes(b"keep")
+    (out / "stray.raw").write_bytes(b"no manifest")
+    before = _state(out)
+    cases = [
+        (["restore", str(out / "b.raw"), "--to", str(out / "taken.raw")], "exists"),
+        (["restore", str(out / "b.raw"), "--to", str(out / "b.raw"), "--force"],
+         "chain itself"),
+        (["restore", str(out / "stray.raw"), "--to", str(out / "r.raw")], "no manifest"),
+        (["restore", str(out / "gone.raw"), "--to", str(out / "r.raw")], "missing"),
+    ]
+    for argv, word in cases:
+        res = d.run(*argv)
+        assert res.returncode == 1, argv
+        assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert word in res.stderr and "Traceback" not in res.stderr, (argv, res.stderr)
+        assert _state(out) == before, argv
+    # a delta whose base is gone: refused, nothing written
+    os.rename(out / "a.raw", tmp_path / "a.raw")
+    res = d.run("restore", str(out / "b.raw"), "--to", str(out / "r.raw"))
+    assert res.returncode == 1 and "missing" in res.stderr and "base of" in res.stderr
+    assert not (out / "r.raw").exists()
+    os.rename(tmp_path / "a.raw", out / "a.raw")
+    # the delta's chain and the full backup of the same snapshot restore the same bytes
+    d.ok("restore", str(out / "b.raw"), "--to", str(tmp_path / "r1.raw"))
+    d.ok("restore", str(out / "b-full.raw"), "--to", str(tmp_path / "r2.raw"))
+    assert digest(tmp_path / "r1.raw") == digest(tmp_path / "r2.raw") == \
+        digest(_shadow(d, b))
 
 
 def test_without_an_nbd_port_backup_says_how(tmp_path: Path, sockdir: str) -> None:

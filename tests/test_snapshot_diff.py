@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -36,6 +38,7 @@ from harness import start_daemon
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import invariant, rule, run_state_machine_as_test
 from poolfs import on_filesystems
+from support import ENV, ROOT
 
 from blockstore import DEFAULT_CHUNK, INVALID, Pool
 from blockstore.changes import extents
@@ -408,6 +411,8 @@ def test_cli_snapshot_diff(tmp_path, sockdir):
         table = d.ok("snapshot", "diff", a, b).stdout
         assert "OFFSET" in table and "3.0 MiB" in table
         assert f"3 extents, 256.0 KiB changed of 64.0 MiB (chunk {cs // 1024} KiB)" in table
+        # the CLI's start-up: a request imports the client side only
+        assert not _heavy_imports(d.socket, "snapshot", "diff", a, b, "--json")
         bad = d.run("snapshot", "diff", b, a)
         assert bad.returncode == 1 and "older" in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
@@ -420,3 +425,23 @@ def test_cli_snapshot_diff(tmp_path, sockdir):
     finally:
         d.stop()
 
+
+
+# what a plain request must not import (docs/performance.md, "The CLI's start-up"): the
+# engine, the documents, certificates (cryptography), trio/pyfuse3, the bench, metadata
+HEAVY = ("blockstore", "fuse_mount", "trio", "pyfuse3", "cryptography", "nbd.pki",
+         "provider.documents", "provider.coordinator", "tools.bench.command",
+         "importlib.metadata")
+
+
+def _heavy_imports(socket: str, *argv: str) -> list[str]:
+    """The HEAVY modules `python -X importtime -m tools.cli --socket SOCKET argv...`
+    imported (the command must succeed)."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "tools.cli", "--socket",
+                          socket, *argv], cwd=str(ROOT), env=ENV, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = [line.rpartition("|")[2].strip() for line in res.stderr.splitlines()
+             if line.startswith("import time:")]
+    assert "tools.commands" in names and "provider.client" in names   # the parse is right
+    return sorted({n for n in names if any(n == h or n.startswith(h + ".") for h in HEAVY)})

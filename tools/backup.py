@@ -20,9 +20,14 @@ writer here); an incremental qcow2's backing file is the previous backup (`qemu-
 create -b PREV -F qcow2`, relative to the new file's directory when they share one), and
 it receives only the changed extents (a changed extent that now reads as zeros: a
 WRITE_ZEROES, so the backing file's old data does not show through). Raw: a sparse file;
-an incremental raw is a copy of PREV (cp --sparse=always --reflink=auto) with the changed
-extents written over it (zeros punched as holes). Everything goes to FILE.part-PID first
-and is renamed to FILE when complete: an interrupted or failed backup leaves nothing.
+an incremental raw is a *delta*: a sparse file of the snapshot's size holding the changed
+extents' data at their offsets, the extents listed in its manifest (a hole inside one
+reads as zeros), restored by `shadowplex restore` (tools/restore.py), which applies a
+chain's deltas over its full image -- so an incremental moves the changed bytes only, on
+any file system (a complete image would be a copy of PREV: free with reflinks, the whole
+volume's allocated bytes again on ext4). Everything goes to FILE.part-PID first and is
+renamed to FILE when complete: an interrupted or failed backup leaves nothing. The copy
+itself, several blocks in flight, is tools/backup_copy.py.
 
 Each backup gets a manifest FILE.backup.json (snapshot, volume, size, format, base file
 and base snapshot): an incremental finds its base backup by it (--from BASE: the newest
@@ -35,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import glob
 import json
@@ -45,18 +49,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-from nbd import protocol as p
 from nbd.client import NbdClient
+from nbd.pool import NbdPool
 
+from .backup_copy import BLOCK, STREAMS, ZEROS, Stats, Target, allocated, copy_extents
 from .output import ByteProgress, human_size
 
 MANIFEST = ".backup.json"    # FILE + this
-BLOCK = 4 << 20              # bytes per read/write request
-ZEROS = bytes(BLOCK)
 QEMU_NBD_WAIT = 10.0         # s for qemu-nbd to open its socket
 FORMATS = ("qcow2", "raw")
 
@@ -98,37 +101,26 @@ def find_base(directory: str, base_id: str) -> str | None:
 
 
 # ---------------------------------------------------------------------- targets
-class Target(Protocol):
-    def write(self, offset: int, data: bytes) -> None: ...
-
-    def zero(self, offset: int, length: int) -> None: ...
-
-    def finish(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
 class RawTarget:
-    """A sparse raw file; zero() punches a hole (the range reads as zeros)."""
+    """A new sparse raw file of the snapshot's size: a full image, or an incremental's
+    delta (only the changed extents hold data; the manifest lists them). zero() punches
+    a hole (the range reads as zeros; in a new file it is one already)."""
 
-    def __init__(self, path: str, size: int, prev: str | None) -> None:
+    def __init__(self, path: str, size: int) -> None:
         self.path = path
-        if prev is not None:
-            res = subprocess.run(["cp", "--sparse=always", "--reflink=auto", "--", prev,
-                                  path], capture_output=True, text=True, check=False)
-            if res.returncode:
-                raise OSError(f"cp {prev}: {res.stderr.strip()}")
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.ftruncate(self.fd, size)   # a grown volume: zeros; a shrunk one: cut
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, size)
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
+        start, length = offset, len(view)
         while view:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
+        start_writeback(self.fd, start, length)
 
     def zero(self, offset: int, length: int) -> None:
-        _punch_hole(self.fd, offset, length)
+        punch_hole(self.fd, offset, length)
 
     def finish(self) -> None:
         os.fsync(self.fd)
@@ -142,12 +134,27 @@ class RawTarget:
 _libc: Any = None
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> None:
+def _c() -> Any:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # the process's own symbols (glibc's): find_library("c") would run ldconfig
+        _libc = ctypes.CDLL(None, use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                                     ctypes.c_int64]
+        _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_uint]
+    return _libc
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): the disk starts on the range now, while
+    the copy reads on, so the final fsync has that much less to wait for (no durability
+    here: that is the fsync's; errors are reported by it)."""
+    _c().sync_file_range(fd, offset, length, 0x2)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    _libc = _c()
     # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
     if _libc.fallocate(fd, 0x02 | 0x01, offset, length) != 0:
         err = ctypes.get_errno()
@@ -161,9 +168,11 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 class Qcow2Target:
-    """A qcow2 made by qemu-img, written through qemu-nbd on a Unix socket."""
+    """A qcow2 made by qemu-img, written through qemu-nbd on a Unix socket: ``streams``
+    connections (qemu-nbd --shared), one per copy worker (tools/backup_copy.py)."""
 
-    def __init__(self, path: str, size: int, prev: str | None) -> None:
+    def __init__(self, path: str, size: int, prev: str | None, streams: int = STREAMS
+                 ) -> None:
         self.path = path
         cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
         if prev is not None:
@@ -177,9 +186,12 @@ class Qcow2Target:
         sock = os.path.join(self.dir, "nbd.sock")
         self.proc = subprocess.Popen(
             ["qemu-nbd", "--format=qcow2", f"--socket={sock}", "--export-name=backup",
-             "--discard=unmap", path],
+             "--discard=unmap", f"--shared={max(1, streams)}", path],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.nbd: NbdClient | None = None
+        self.nbd: NbdPool | None = None
+
+        def connect() -> NbdClient:
+            return NbdClient.connect_unix(sock, "backup", timeout=10, block_status=False)
         try:
             deadline = time.monotonic() + QEMU_NBD_WAIT
             while True:
@@ -189,15 +201,14 @@ class Qcow2Target:
                     raise OSError(f"qemu-nbd {path}: {err.strip() or 'exited'}")
                 if os.path.exists(sock):   # bound: listening a moment later
                     try:
-                        self.nbd = NbdClient.connect_unix(sock, "backup", timeout=10,
-                                                          block_status=False)
+                        self.nbd = NbdPool(connect, streams)
                         break
                     except ConnectionError as e:
                         if time.monotonic() > deadline:
                             raise OSError(f"qemu-nbd {path}: {e}") from None
                 elif time.monotonic() > deadline:
                     raise OSError(f"qemu-nbd {path}: no socket in {QEMU_NBD_WAIT} s")
-                time.sleep(0.02)
+                time.sleep(0.005)
         except BaseException:
             self.abort()
             raise
@@ -212,11 +223,11 @@ class Qcow2Target:
 
     def finish(self) -> None:
         assert self.nbd is not None
-        self.nbd.flush()
+        self.nbd.flush()   # (NbdPool: every connection written, without multi-conn)
         self.nbd.close()
         self.nbd = None
         try:
-            code = self.proc.wait(30)   # qemu-nbd ends with its only client
+            code = self.proc.wait(30)   # qemu-nbd ends with its last client
         except subprocess.TimeoutExpired:
             self.abort()
             raise OSError("qemu-nbd did not exit after the backup") from None
@@ -249,53 +260,10 @@ def _backing_name(prev: str, new: str) -> str:
     return prev
 
 
-# ---------------------------------------------------------------------- the copy
-@dataclass
-class Stats:
-    bytes_read: int = 0
-    bytes_written: int = 0      # data written to the target
-    bytes_zeroed: int = 0       # ranges the target was told read as zeros (incremental)
-    extents: int = 0            # extents copied (changed extents, or allocated runs)
-    started: float = field(default_factory=time.monotonic)
-
-
-def copy_extents(src: NbdClient, target: Target, extents: list[tuple[int, int]],
-                 incremental: bool, stats: Stats, progress: ByteProgress) -> None:
-    """Copy each (offset, length) of ``extents`` from src to target: data read and
-    written (all-zero blocks: skipped in a full backup, zeroed in an incremental), holes
-    (base:allocation) not read -- zeroed in an incremental, skipped in a full one."""
-    for off, length in extents:
-        stats.extents += 1
-        for pos, n, flags in src.block_status(off, length):
-            if flags & p.STATE_HOLE:
-                if incremental:
-                    target.zero(pos, n)
-                    stats.bytes_zeroed += n
-                progress.advance(n)
-                continue
-            for at in range(pos, pos + n, BLOCK):
-                k = min(BLOCK, pos + n - at)
-                data = src.pread(at, k)
-                stats.bytes_read += k
-                if data == (ZEROS if k == BLOCK else bytes(k)):
-                    if incremental:
-                        target.zero(at, k)
-                        stats.bytes_zeroed += k
-                else:
-                    target.write(at, data)
-                    stats.bytes_written += k
-                progress.advance(k)
-
-
-def allocated(src: NbdClient) -> list[tuple[int, int]]:
-    """The data extents of the whole export (base:allocation)."""
-    return [(o, n) for o, n, f in src.block_status(0, src.size) if not f & p.STATE_HOLE] \
-        if src.size else []
-
-
 # ---------------------------------------------------------------------- the command
 def _nbd_source(args: argparse.Namespace, status: dict[str, Any], snapshot_id: str
-                ) -> NbdClient:
+                ) -> Callable[[], NbdClient]:
+    """How to open a connection to the snapshot's export (the copy opens STREAMS)."""
     port = status.get("nbd_port")
     if not port:
         raise Refused("backup reads over the array's NBD port, and this daemon has none "
@@ -308,7 +276,7 @@ def _nbd_source(args: argparse.Namespace, status: dict[str, Any], snapshot_id: s
         from nbd.tls import client_context
         host = parse_listen(args.array)[0]
         tls = client_context(args.tls_dir) if status.get("nbd_tls") else None
-        return NbdClient.connect(host, int(port), export, tls=tls, timeout=30)
+        return lambda: NbdClient.connect(host, int(port), export, tls=tls, timeout=30)
     if status.get("nbd_tls"):
         raise Refused("the daemon's NBD port requires TLS, and the array's own host has "
                       "no client certificate: back up from a host ('shadowplex --array "
@@ -317,7 +285,16 @@ def _nbd_source(args: argparse.Namespace, status: dict[str, Any], snapshot_id: s
     addr = status.get("nbd_address") or "127.0.0.1"
     if addr in ("0.0.0.0", "::"):
         addr = "127.0.0.1" if addr == "0.0.0.0" else "::1"
-    return NbdClient.connect(addr, int(port), export, tls=None, timeout=30)
+    return lambda: NbdClient.connect(addr, int(port), export, tls=None, timeout=30)
+
+
+def _streams() -> int:
+    """Blocks in flight (tools/backup_copy.py); SHADOWPLEX_BACKUP_STREAMS for
+    measurements (1: one at a time, as before)."""
+    try:
+        return max(1, min(16, int(os.environ.get("SHADOWPLEX_BACKUP_STREAMS", STREAMS))))
+    except ValueError:
+        return STREAMS
 
 
 @dataclass
@@ -397,7 +374,8 @@ def run_backup(args: argparse.Namespace, c: Any, progress: ByteProgress) -> dict
     sid = str(snap["snapshot_id"])
     status = c.status()
     size = int(pl.diff["size"]) if pl.diff else None
-    src = _nbd_source(args, status, sid)
+    streams = _streams()
+    src = NbdPool(_nbd_source(args, status, sid), streams)
     stats = Stats()
     try:
         size = src.size if size is None else size
@@ -407,10 +385,11 @@ def run_backup(args: argparse.Namespace, c: Any, progress: ByteProgress) -> dict
             extents = allocated(src)
         progress.start(sum(n for _, n in extents))
         with _part(pl.target) as part:
-            tgt: Target = (Qcow2Target if pl.fmt == "qcow2" else RawTarget)(
-                part, size, pl.base_file)
+            tgt: Target = Qcow2Target(part, size, pl.base_file, streams) \
+                if pl.fmt == "qcow2" else RawTarget(part, size)
             try:
-                copy_extents(src, tgt, extents, pl.diff is not None, stats, progress)
+                copy_extents(src, tgt, extents, pl.diff is not None, stats, progress,
+                             streams)
                 tgt.finish()
             except BaseException:
                 tgt.abort()
@@ -430,12 +409,17 @@ def run_backup(args: argparse.Namespace, c: Any, progress: ByteProgress) -> dict
         "changed_bytes": pl.diff["changed_bytes"] if pl.diff else None,
         "seconds": round(seconds, 3),
     }
+    # layout: "image" (a raw image, or a qcow2 that is one with its backing chain) or
+    # "delta" (a raw incremental: only its extents are its own, tools/restore.py)
+    delta = pl.fmt == "raw" and pl.diff is not None
     manifest = {"format_version": 1, "created": time.time(),
                 "snapshot_id": sid, "set_id": snap.get("snapshot_set_id"),
                 "volume": summary["volume"], "size": size, "format": pl.fmt,
                 "kind": summary["kind"], "base_snapshot_id": pl.base_id,
                 "base_file": None if pl.base_file is None
-                else _backing_name(pl.base_file, pl.target)}
+                else _backing_name(pl.base_file, pl.target),
+                "layout": "delta" if delta else "image",
+                **({"extents": extents} if delta else {})}
     tmp = f"{manifest_path(pl.target)}.part-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)

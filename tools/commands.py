@@ -203,6 +203,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
             raise Failed(str(e), "BACKUP_REFUSED") from None
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    """A backup chain back to one raw image (tools/restore.py); local files, no daemon."""
+    from .backup import Refused
+    from .restore import main
+    try:
+        return main(args)
+    except Refused as e:
+        raise Failed(str(e), "RESTORE_REFUSED") from None
+
+
 def cmd_expose(args: argparse.Namespace) -> int:
     with connection.client(args) as c:
         _emit(args, snapshot_view(c.expose(args.snapshot, name=args.name, mount=args.mount)),

@@ -15,7 +15,6 @@ value` lines, or with -H as one tab-separated line of its values.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -93,6 +92,7 @@ def iso_time(ts: float | None) -> str:
     """Unix seconds as ISO-8601 local time with its offset: 2026-12-05T18:18:48+00:00."""
     if not ts:
         return "-"
+    import datetime  # here: only listings with times need it (start-up time)
     return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
 

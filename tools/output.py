@@ -9,13 +9,14 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TextIO
 
 PROG = "shadowplex"   # what messages start with
 
 
 def package_version() -> str:
+    # imported here: importlib.metadata costs ~15 ms of every command's start-up
+    from importlib.metadata import PackageNotFoundError, version
     try:
         return version("shadowplex")  # single source: pyproject.toml [project] version
     except PackageNotFoundError:

@@ -10,11 +10,9 @@ what was written is reported (--json: the same fields).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 from typing import Any
 
-from nbd import pki
-from provider.documents import valid_host
+from nbd import pki_limits
 
 from .output import print_json, print_table
 
@@ -39,9 +37,10 @@ def add_arguments(init: argparse.ArgumentParser, host: argparse.ArgumentParser) 
     init.add_argument("--server-name", metavar="NAME", action="append", dest="server_names",
                       help="a DNS name or IP address clients dial the array by (repeatable; "
                            "default: this host's name, localhost, 127.0.0.1, ::1)")
-    init.add_argument("--days", type=_days, default=pki.LEAF_DAYS,
-                      help=f"the server certificate's validity (default {pki.LEAF_DAYS}; the "
-                           f"CA's is {pki.CA_DAYS}, or this if longer)")
+    init.add_argument("--days", type=_days, default=pki_limits.LEAF_DAYS,
+                      help=f"the server certificate's validity (default "
+                           f"{pki_limits.LEAF_DAYS}; the CA's is {pki_limits.CA_DAYS}, or "
+                           "this if longer)")
     init.add_argument("--force", action="store_true",
                       help="replace existing files -- a new CA invalidates every host "
                            "certificate the old one signed")
@@ -51,24 +50,27 @@ def add_arguments(init: argparse.ArgumentParser, host: argparse.ArgumentParser) 
                       "client-cert.pem, client-key.pem and a copy of ca-cert.pem")
     host.add_argument("--ca", metavar="DIR", help="the directory of ca-cert.pem and "
                       "ca-key.pem (default: DIR)")
-    host.add_argument("--days", type=_days, default=pki.LEAF_DAYS,
-                      help=f"validity (default {pki.LEAF_DAYS}; not past the CA's)")
+    host.add_argument("--days", type=_days, default=pki_limits.LEAF_DAYS,
+                      help=f"validity (default {pki_limits.LEAF_DAYS}; not past the CA's)")
     host.add_argument("--force", action="store_true", help="replace existing files")
 
 
 def _check_host(name: str) -> None:
+    from provider.documents import valid_host
     if not valid_host(name):
         raise BadArgument(f"invalid host name {name!r}: letters, digits, '-' and '_' in "
                           "dot-separated labels of up to 63 characters")
-    if len(name) > pki.CN_MAX:
-        raise BadArgument(f"host name {name!r} is longer than {pki.CN_MAX} characters, the "
-                          "most a certificate's commonName holds")
+    if len(name) > pki_limits.CN_MAX:
+        raise BadArgument(f"host name {name!r} is longer than {pki_limits.CN_MAX} "
+                          "characters, the most a certificate's commonName holds")
 
 
 def _check_server_name(name: str) -> None:
+    import ipaddress
     try:
         ipaddress.ip_address(name)
     except ValueError:
+        from provider.documents import valid_host
         if not valid_host(name):
             raise BadArgument(f"invalid --server-name {name!r}: neither an IP address nor a "
                               "DNS name") from None
@@ -76,6 +78,7 @@ def _check_server_name(name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Raises BadArgument, pki.PkiExists (usage errors) and pki.PkiError (failures)."""
+    from nbd import pki  # here: cryptography costs every other command ~50 ms of start-up
     if args.kcmd == "init":
         for n in args.server_names or ():
             _check_server_name(n)

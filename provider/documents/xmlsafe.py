@@ -18,11 +18,12 @@ import xml.etree.ElementTree as ET
 import defusedxml  # type: ignore[import-untyped]
 import defusedxml.ElementTree as DET  # type: ignore[import-untyped]
 
+from ..config import MAX_DOCUMENT_BYTES as MAX_DOCUMENT_BYTES
 from ..vss import VssError
 
 # --------------------------------------------------------------------------- limits
-#: Largest document accepted, checked before any parsing (the issue fixes 16 MiB).
-MAX_DOCUMENT_BYTES = 16 << 20
+#: Largest document accepted, checked before any parsing: MAX_DOCUMENT_BYTES (16 MiB,
+#: defined in provider/config.py, which the control protocol's client imports cheaply).
 #: Deepest element nesting accepted. A BCD needs 6 levels (BACKUP_COMPONENTS >
 #: SNAPSHOT_SET_DESCRIPTION > SNAPSHOT_DESCRIPTION > LUN_MAPPING > SOURCE_LUN >
 #: LUN_INFORMATION), a WMD 4; Windows documents nest a little deeper in places we skip.

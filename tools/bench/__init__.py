@@ -64,39 +64,97 @@ targets.py (the daemon, qemu-storage-daemon exports, the plex loop), datapath.py
 setup and the data-path passes), poolfs.py (the pool file systems, the reflink
 comparator), control.py (the control-plane figures), verdicts.py (the project's targets,
 PASS / FAIL / noisy), report.py (medians, ratios, the tables), svg.py (the chart),
-command.py (arguments, run, main). Tools of their own (docs/performance.md): the NBD
-port against qemu-nbd, `python -m tools.bench.nbd` (nbd.py, nbd_setup.py); host mode,
-`python -m tools.bench.hosts`; backups (issue 17), `python -m tools.bench.backup`; Ceph
-RBD against rbd-fuse (issue 18), `python -m tools.bench.rbd` (rbd.py, rbd_setup.py,
-rbd_control.py); their shared arguments, run and table: netbench.py.
+command.py (run, main), arguments.py (the arguments, shared with `shadowplex bench`).
+Tools of their own (docs/performance.md): the NBD port against qemu-nbd, `python -m
+tools.bench.nbd` (nbd.py, nbd_setup.py); host mode, `python -m tools.bench.hosts`; backups
+(issue 17), `python -m tools.bench.backup`; Ceph RBD against rbd-fuse (issue 18), `python
+-m tools.bench.rbd` (rbd.py, rbd_setup.py, rbd_control.py); their shared arguments, run and
+table: netbench.py.
 """
 
 from __future__ import annotations
 
-from .caches import CACHING
-from .command import add_arguments, main, progress_wanted, run
-from .common import (
-    CHUNK,
-    COMPARATORS,
-    FIO_DIR,
-    PHASES,
-    POOL_FS,
-    PROFILES,
-    REPLAY_JOB,
-    REPORT_VERSION,
-    TARGETS,
-    VOLUME,
-    WORKLOADS,
-    BenchError,
-    Profile,
-)
-from .control import WriteProbe
-from .datapath import Bench
-from .report import build_report, code_version, format_table, machine_info, tool_versions
-from .svg import render_svg
-from .targets import Daemon, PlexLoop, QsdExport
-from .verdicts import NOISY_SPREAD, ROW_TARGETS, TARGET_SPECS, evaluate_targets, verdict
-from .workloads import Job, JobResult, first_write_offsets, run_fio, run_python, write_iolog
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Every name below is imported from its module at first use (PEP 562), not here:
+# `shadowplex` builds its parser on every command, and the parser takes the bench's
+# arguments from this package (arguments.py); importing the whole bench would cost every
+# command ~40 ms of start-up.
+_WHERE = {name: module for module, names in {
+    "caches": ("CACHING",),
+    "arguments": ("add_arguments", "progress_wanted"),
+    "command": ("main", "run"),
+    "common": (
+        "CHUNK", "COMPARATORS", "FIO_DIR", "PHASES", "POOL_FS", "PROFILES", "REPLAY_JOB",
+        "REPORT_VERSION", "TARGETS", "VOLUME", "WORKLOADS", "BenchError", "Profile",
+    ),
+    "control": ("WriteProbe",),
+    "datapath": ("Bench",),
+    "report": ("build_report", "code_version", "format_table", "machine_info", "tool_versions"),
+    "svg": ("render_svg",),
+    "targets": ("Daemon", "PlexLoop", "QsdExport"),
+    "verdicts": ("NOISY_SPREAD", "ROW_TARGETS", "TARGET_SPECS", "evaluate_targets", "verdict"),
+    "workloads": (
+        "Job", "JobResult", "first_write_offsets", "run_fio", "run_python", "write_iolog",
+    ),
+}.items() for name in names}
+
+if TYPE_CHECKING:
+    from .arguments import (
+        add_arguments,
+        progress_wanted,
+    )
+    from .caches import CACHING
+    from .command import (
+        main,
+        run,
+    )
+    from .common import (
+        CHUNK,
+        COMPARATORS,
+        FIO_DIR,
+        PHASES,
+        POOL_FS,
+        PROFILES,
+        REPLAY_JOB,
+        REPORT_VERSION,
+        TARGETS,
+        VOLUME,
+        WORKLOADS,
+        BenchError,
+        Profile,
+    )
+    from .control import WriteProbe
+    from .datapath import Bench
+    from .report import (
+        build_report,
+        code_version,
+        format_table,
+        machine_info,
+        tool_versions,
+    )
+    from .svg import render_svg
+    from .targets import (
+        Daemon,
+        PlexLoop,
+        QsdExport,
+    )
+    from .verdicts import (
+        NOISY_SPREAD,
+        ROW_TARGETS,
+        TARGET_SPECS,
+        evaluate_targets,
+        verdict,
+    )
+    from .workloads import (
+        Job,
+        JobResult,
+        first_write_offsets,
+        run_fio,
+        run_python,
+        write_iolog,
+    )
 
 __all__ = [
     "CACHING", "CHUNK", "COMPARATORS", "FIO_DIR", "NOISY_SPREAD", "PHASES", "POOL_FS",
@@ -107,3 +165,12 @@ __all__ = [
     "first_write_offsets", "format_table", "machine_info", "main", "progress_wanted",
     "render_svg", "run", "run_fio", "run_python", "tool_versions", "verdict", "write_iolog",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -16,7 +16,8 @@ In a work directory under --dir, removed however the run ends (netbench.run; Ctr
    comparators take turns going first:
      diff     --calls `Client.snapshot_diff(S0, S1)` in one session, --calls `shadowplex
               snapshot diff S0 S1 --json` and `shadowplex status --json` (any CLI
-              command's floor: start-up and a session) processes, ms each
+              command's floor: start-up and a session) processes, and `python -c pass`
+              (Python's own start-up, the floor of any CLI in Python), ms each
      full_F   `shadowplex backup S0 --to FILE --format F` (F: qcow2, raw) against
               `qemu-img convert -O F full.raw FILE` + fsync
      incr_F   `shadowplex backup S1 --from S0 --base-file PREV --format F` (PREV: the
@@ -31,7 +32,7 @@ In a work directory under --dir, removed however the run ends (netbench.run; Ctr
 cp / nbdcopy of changes.raw is "copying those bytes" like-for-like: the same bytes read
 cold from a file on the pool's file system, written to a new sparse file there, durably:
 the least an incremental must do. Our extra costs (the diff call, NBD on loopback, qcow2
-via qemu-nbd, a raw incremental's copy of PREV, Python's start-up) are what it measures.
+via qemu-nbd, Python's start-up) are what it measures.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ FORMATS = ("qcow2", "raw")
 TOOLS = ("qemu-img", "qemu-nbd", "cp", "fusermount3")
 DEFAULTS = {"full": ("64G", "2G", "1G"), "quick": ("4G", "128M", "64M")}  # size, alloc, changed
 # case -> its sides (ours first); what each side runs is Setup.command
-CASES: dict[str, tuple[str, ...]] = {"diff": ("client", "cli", "floor"),
+CASES: dict[str, tuple[str, ...]] = {"diff": ("client", "cli", "floor", "python"),
          **{f"full_{f}": ("ours", "qemu-img") for f in FORMATS},
          **{f"incr_{f}": ("ours", "cp", "nbdcopy") for f in FORMATS}}
 # (case, side, stat) -> one value per command; stats: s (wall), read / written (storage
@@ -79,7 +80,9 @@ SPECS: dict[str, tuple[str, str, Row, Row | str | None, str | None, float]] = {
     "diff_client": ("snapshot diff, Client call", "ms", ("diff", "client", "ms"), None,
                     "<=", 50.0),
     "diff_cli": ("snapshot diff --json, CLI", "ms", ("diff", "cli", "ms"), None, "<=", 50.0),
-    "cli_floor": ("CLI floor: status --json", "ms", ("diff", "floor", "ms"), None, None, 0)}
+    "cli_floor": ("CLI floor: status --json", "ms", ("diff", "floor", "ms"), None, None, 0),
+    "python_floor": ("Python floor: python -c pass", "ms", ("diff", "python", "ms"), None,
+                     None, 0)}
 # per backup case: (id suffix, label, unit, our stat, against: a size or a side's "s")
 PER_CASE = {
     "incr": [
@@ -235,8 +238,9 @@ class Setup:
                     c.snapshot_diff(self.s0, self.s1)
                     out.append((time.perf_counter() - t0) * 1000)
             return out
-        argv = [*self.cli, "snapshot", "diff", self.s0, self.s1, "--json"] \
-            if side == "cli" else [*self.cli, "status", "--json"]
+        argv = {"cli": [*self.cli, "snapshot", "diff", self.s0, self.s1, "--json"],
+                "floor": [*self.cli, "status", "--json"],
+                "python": [sys.executable, "-c", "pass"]}[side]
         return [timed(argv)[0] * 1000 for _ in range(calls)]
 
     def backup(self, case: str, side: str, r: int) -> dict[str, float]:

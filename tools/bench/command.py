@@ -1,5 +1,5 @@
-"""Entry points: the arguments (shared with `shadowplex bench`), run() and main()
-(`python -m tools.bench`)."""
+"""Entry points: run() and main() (`python -m tools.bench`); the arguments, shared with
+`shadowplex bench`, are arguments.py's."""
 
 from __future__ import annotations
 
@@ -15,40 +15,11 @@ from typing import Any
 
 from .. import interrupts, workdir
 from . import control, poolfs
+from .arguments import add_arguments, progress_wanted
 from .common import POOL_FS, PROFILES, BenchError, Log, _mounted
 from .datapath import Bench
 from .report import build_report, format_table, tool_versions
 from .svg import render_svg
-
-
-def add_arguments(p: argparse.ArgumentParser, standalone: bool = False) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes and 0.5 s jobs (about 3 minutes)")
-    p.add_argument("--runs", type=int, default=None, metavar="N",
-                   help="runs per figure; medians are reported (default 3)")
-    p.add_argument("--chart", metavar="FILE.svg", help="write an SVG bar chart")
-    p.add_argument("--dir", metavar="DIR",
-                   help="where to create the temporary work directory (default $TMPDIR)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--pool-fs", metavar="FS,...",
-                   help="also measure the write rows on pools on these loop-mounted file "
-                   f"systems ({','.join(POOL_FS)}, or none; default: all in the full run, "
-                   "none with --quick)")
-    p.add_argument("--progress", action="store_true",
-                   help="progress lines on stderr even when it is not a terminal")
-    # hidden: tiny sizes for the CI test
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--generator", choices=("auto", "fio", "python"), default="auto",
-                   help="the I/O generator: fio, the built-in Python one, or auto (fio "
-                        "when installed; default)")
-    if standalone:
-        p.add_argument("--json", action="store_true", help="machine-readable report")
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-
-
-def progress_wanted(quiet: bool, forced: bool, tty: bool) -> bool:
-    """Progress lines: on a terminal unless --quiet; elsewhere only with --progress."""
-    return not quiet and (tty or forced)
 
 
 def _host_problems() -> list[str]:

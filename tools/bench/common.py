@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 from fuse_mount import loopdev
 
+# the pool file systems `--pool-fs` may name (loop-mounted in the work directory): defined
+# with the arguments
+from .arguments import POOL_FS as POOL_FS
+
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 # tools/fio/*.fio, next to this package
 FIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fio")
@@ -49,8 +53,6 @@ TARGETS: dict[str, str] = {
 # what a row's ratios are against ("spx": the same pool without a snapshot)
 COMPARATORS = ("raw", "qsd_raw", "qsd_qcow2", "reflink", "spx")
 PHASES = {"steady": "", "first": "first writes", "rewrite": "re-writes"}
-# the pool file systems `--pool-fs` may name (loop-mounted in the work directory)
-POOL_FS = ("ext4", "xfs", "btrfs")
 REFLINK_FS = ("xfs", "btrfs")
 # a row: (target, workload, phase, caching, pool fs); pool fs "" = the work directory's
 Key = tuple[str, str, str, str, str]
