@@ -147,7 +147,7 @@ def _global_sections(top: argparse.ArgumentParser) -> list[tuple[str, str]]:
 def _command_sections(name: str) -> list[tuple[str, str]]:
     out = []
     if name == "script":
-        from .script import VERB_TABLE
+        from .script_verbs import VERB_TABLE
         out.append(("verbs", "One per line, case\\-insensitive; # starts a comment.\n"
                     + "\n".join(_tp(_bold(syntax), what)
                                 for syntax, what in VERB_TABLE.values())))

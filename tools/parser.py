@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .pki import add_arguments as _pki_arguments
     _pki_arguments(add("init", cmd_pki, "create a CA and the array's server certificate", ksub),
                    add("host", cmd_pki, "create a host's client certificate (CN = NAME)", ksub))
-    from .script import verb_lines
+    from .script_verbs import verb_lines
     sf = add("script", cmd_script, "run a diskshadow-style script", formatter_class=(
              argparse.RawDescriptionHelpFormatter),
              epilog="verbs (one per line; the language: docs/scripts.md, "
