@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--differential", dest="kind", action="store_const", const="differential")
     kind.add_argument("--plex", dest="kind", action="store_const", const="plex")
     sc.add_argument("--transportable", action="store_true")
+    sc.add_argument("--name", metavar="NAME",
+                    help="name each new snapshot (unique per volume; VOLUME@NAME names it "
+                    "afterwards)")
+    sc.add_argument("--description", metavar="TEXT",
+                    help="a description kept with each new snapshot (one line, at most 256 "
+                    "characters)")
     sl = add("list", cmd_snapshot, "list snapshots", ssub)
     sl.add_argument("volume_arg", nargs="?", metavar="VOLUME", help="only this volume's")
     sl.add_argument("--set", metavar="SET_ID")
