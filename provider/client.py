@@ -380,9 +380,10 @@ class Client:
     def set_add(self, volume: str, set_id: str | None = None) -> str:
         return str(self.call("set.add", {"volume": volume, "set_id": set_id})["snapshot_id"])
 
-    def set_do(self, set_id: str | None = None,
-               progress: ProgressCallback = None) -> dict[str, Any]:
-        return self._obj("set.do", {"set_id": set_id}, progress)
+    def set_do(self, set_id: str | None = None, progress: ProgressCallback = None,
+               name: str | None = None, description: str | None = None) -> dict[str, Any]:
+        return self._obj("set.do", {"set_id": set_id, **_labels(name, description)},
+                         progress)
 
     def set_abort(self, set_id: str | None = None) -> None:
         self.call("set.abort", {"set_id": set_id})

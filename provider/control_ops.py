@@ -138,8 +138,10 @@ async def _set_add(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
 
 
 async def _set_do(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
-    x = Args("set.do", a, ("set_id",))
+    x = Args("set.do", a, ("set_id", "name", "description"))
     s = c.coord.own_set(c.session, x.get("set_id", str), "do the snapshot set")
+    if x.get("name", str) is not None or x.get("description", str) is not None:
+        c.coord.label_set(s, x.get("name", str), x.get("description", str))
     snaps = await c.coord.do_snapshot_set(c.session, s.set_id, p)
     return {"set_id": s.set_id, "snapshots": snaps}
 

@@ -202,6 +202,26 @@ class SetCreation:
         log.debug("volume %s added to snapshot set %s as snapshot %s", name, s.set_id, sid)
         return sid
 
+    def label_set(self, s: SnapshotSet, name: str | None, description: str | None) -> None:
+        """Name/describe the snapshots of a set before set.do (a script's `create name
+        N`): checked here, so a refusal leaves the set as it was."""
+        if s.doing:
+            raise _vss("VSS_E_BAD_STATE", f"snapshot set {s.set_id} is already being done")
+        if name is not None:
+            name = snapshot_refs.check_name(name)
+        if description is not None:
+            description = snapshot_refs.check_description(description)
+        was = s.name
+        s.name = name if name is not None else s.name
+        try:
+            for volume in s.volumes:
+                self._check_label_free(s, volume)
+        except VssError:
+            s.name = was
+            raise
+        if description is not None:
+            s.description = description
+
     def _check_label_free(self, s: SnapshotSet, volume: str) -> None:
         if s.name is not None and self.views.named(volume, s.name) is not None:
             raise _vss("VSS_E_OBJECT_ALREADY_EXISTS", f"volume {volume} already has a "

@@ -106,7 +106,7 @@ class Resolver:
         except ValueError:
             pass
         if "@" in spec:
-            return self._at(spec, visible).id
+            return str(self._at(spec, visible).id)
         ids = [s.id for s in self.snapshots() if visible is None or visible(s.id)]
         try:
             return self._prefix(spec, ids, "snapshot")

@@ -262,6 +262,49 @@ def test_a_name_travels_in_the_backup_components_document(daemon: Daemon,
         _cleanup(d, "tv")
 
 
+# --------------------------------------------------------------------------- scripts
+def _script(d: Daemon, path: Path, text: str) -> Any:
+    path.write_text(text)
+    return d.run("script", str(path))
+
+
+def test_a_script_names_snapshots_and_takes_references(daemon: Daemon,
+                                                       tmp_path: Path) -> None:
+    d = daemon
+    d.ok("volume", "create", "sv", "4M")
+    try:
+        res = _script(d, tmp_path / "name.dsh",
+                      "set context persistent nowriters\nadd volume sv alias A\n"
+                      'create name nightly description "from a script"\n'
+                      "list shadows id sv@nightly\nadd volume sv\ncreate\n"
+                      "list shadows id sv@latest\n")
+        assert res.returncode == 0, res.stdout + res.stderr
+        (named, plain) = d.json("snapshot", "list", "sv")
+        assert named["name"] == "nightly" and named["description"] == "from a script"
+        assert plain["name"] is None
+        assert named["id"] in res.stdout and plain["id"] in res.stdout
+        # a name taken: refused while running (exit 1), the set aborted, nothing made
+        res = _script(d, tmp_path / "dup.dsh", "set context persistent nowriters\n"
+                      "add volume sv\ncreate name nightly\n")
+        assert res.returncode == 1 and "already has a snapshot named 'nightly'" in \
+            res.stderr, res.stdout + res.stderr
+        assert len(d.json("snapshot", "list", "sv")) == 2
+        # a bad name, a bad reference: parse errors (exit 2) before anything runs
+        for text, fragment in (("add volume sv\ncreate name a@b\n", "invalid snapshot name"),
+                               ("add volume sv\ncreate name\n", "usage: create [name"),
+                               ("delete shadows id no-such-thing\n", "VOLUME@NAME")):
+            res = _script(d, tmp_path / "bad.dsh", text)
+            assert res.returncode == 2 and fragment in res.stderr, res.stdout + res.stderr
+        assert len(d.json("snapshot", "list", "sv")) == 2
+        # prefixes and VOLUME@NAME in the verbs that take an id
+        res = _script(d, tmp_path / "del.dsh", f"delete shadows id {plain['id'][:8]}\n"
+                      "delete shadows id sv@nightly\n")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert d.json("snapshot", "list", "sv") == []
+    finally:
+        _cleanup(d, "sv")
+
+
 # --------------------------------------------------------------------------- daemon-free
 def _info(sid: str, volume: str, created: float) -> SnapshotInfo:
     return SnapshotInfo(id=sid, volume=volume, set_id=None, naa="6" + "0" * 31,

@@ -161,8 +161,9 @@ def find_exposed(c: Any, target: str,
                  call: Callable[..., Any] = lambda f, *a, **k: f(*a, **k)) -> dict[str, Any]:
     """The snapshot behind a snapshot id (or a unique prefix, VOLUME@NAME, VOLUME@latest:
     an exposed name wins over a prefix that looks the same), a mount directory (expose
-    --mount) or an exposed name: what `unexpose` accepts, on the command line and in a script (``call`` wraps the
-    client's calls, the script's error mapping). NotExposed if none is."""
+    --mount) or an exposed name: what `unexpose` accepts, on the command line and in a
+    script (``call`` wraps the client's calls, the script's error mapping). NotExposed if
+    none is."""
     m = vss.GUID_RE.fullmatch(target)
     if m:
         return dict(call(c.snapshot_show, snapshot_id=m.group(1)))
