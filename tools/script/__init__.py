@@ -37,9 +37,12 @@ Verbs and what they map to (provider/client.py):
                               set is diskshadow's "copy backup")
   add volume NAME [alias A]   set_start (first volume of a set) + set_add; NAME is a volume
                               name, MOUNT/volumes/NAME.img or a /dev/loopN on it
-  create                      set_do: the set is created; %A% = the snapshot id of each
+  create [name NAME] [description TEXT]
+                              set_do: the set is created; %A% = the snapshot id of each
                               alias, %VSS_SHADOW_SET% = the set id, %VSS_SHADOW_1%.. =
-                              the snapshots in `add` order (usable from the next line)
+                              the snapshots in `add` order (usable from the next line);
+                              NAME/TEXT: every new snapshot's name (unique per volume,
+                              then VOL@NAME) and description, as `snapshot create --name`
   expose ID TARGET            expose: TARGET with a `/` is a directory -> loop device +
                               read-only mount there (`expose --mount`); a plain name ->
                               MOUNT/exposed/NAME.img (a new name: not starting with
@@ -76,7 +79,9 @@ Verbs and what they map to (provider/client.py):
                               and %VSS_SHADOW_n% as `create` does
   exit                        stop here, successfully
 
-ID is %ALIAS%, %VSS_SHADOW_n%, %VSS_SHADOW_SET% (where a set id is wanted) or a GUID.
+ID is %ALIAS%, %VSS_SHADOW_n%, %VSS_SHADOW_SET% (where a set id is wanted), a GUID, a
+unique prefix of one (4+ hex digits), VOL@NAME or VOL@latest (the daemon resolves those:
+docs/provider.md "Naming snapshots"; `break` takes a set by its full id or alias only).
 %NAME% inside other arguments (paths, names) is replaced too; an alias used before the
 `create` that defines it, or never defined, is a parse error.
 
