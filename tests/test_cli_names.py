@@ -231,6 +231,40 @@ def test_volume_at_latest_and_at_name_everywhere(daemon: Daemon) -> None:
         _cleanup(d, "lv", *made)
 
 
+def test_names_survive_a_restart(tmp_path: Path) -> None:
+    """The labels are the catalog's (provider.sqlite), read again at the next start."""
+    require_kernel()
+    pool, mount = str(tmp_path / "pool"), str(tmp_path / "mnt")
+    os.makedirs(mount)
+    assert spx("pool", "init", pool, "-q").returncode == 0
+    sockdir = tempfile.mkdtemp(prefix="spx-nrs-")
+    sock = os.path.join(sockdir, "ctl.sock")
+
+    def start() -> Daemon:
+        d = launch(["serve", "--pool", pool, "--mount", mount, "--socket", sock,
+                    "--hooks-dir", ""], module="tools.cli", pool=pool, mount=mount,
+                   socket=sock, log=str(tmp_path / "daemon.log"), wait=False)
+        d.wait_up()
+        return d
+    try:
+        d = start()
+        try:
+            d.ok("volume", "create", "rv", "1M")
+            (s,) = _create(d, "rv", "--name", "kept", "--description", "über alles")
+        finally:
+            d.stop()
+        d = start()
+        try:
+            shown = d.json("snapshot", "show", "rv@kept")
+            assert (shown["id"], shown["description"]) == (s["id"], "über alles")
+            one_line_error(d.run("snapshot", "create", "rv", "--context", "nas-rollback",
+                                 "--name", "kept"), 1, "already has a snapshot named")
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- transport
 def test_a_name_travels_in_the_backup_components_document(daemon: Daemon,
                                                            tmp_path: Path) -> None:
