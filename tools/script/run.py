@@ -111,11 +111,9 @@ class _Runner:
         """An id; a prefix or VOLUME@NAME as written (the daemon resolves those)."""
         v = self.expand(tok)
         m = vss.GUID_RE.fullmatch(v)
-        if m is None:
-            if REF_FORMS.fullmatch(v):
-                return v
+        if m is None and not REF_FORMS.fullmatch(v):
             raise ScriptFailure(f"{v!r} is not an id (a GUID), a prefix or VOLUME@NAME")
-        return vss.guid(m.group(1))
+        return vss.guid(m.group(1)) if m else v
 
     def _find_exposed(self, tok: str) -> dict[str, Any]:
         """The snapshot behind ID, a mount directory or an exposed name."""
