@@ -136,7 +136,7 @@ class Views:
             status = SS(rec.state) if rec else SS.CREATED
         count = rec.snapshots_count if rec else len(live.volumes) if live else max(
             1, sum(1 for x in self.pool.list_snapshots() if x.set_id == s.set_id))
-        attrs = int(s.attributes)
+        attrs = int(vss.kind_attributes(s.attributes, s.kind))   # promoted: PLEX
         mount = self.catalog.mounted.get(s.id)
         exposed_path = None
         mountpoint = self.masking.mountpoint

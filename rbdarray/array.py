@@ -6,7 +6,9 @@ in docs/ceph.md; what is stored on the images in rbdarray/records.py.
     differential snapshot  an RBD snapshot ``spx.<guid>`` + the metadata spx.snap.<guid>
     set at one instant     commit_snapshots: every image's writes held at our gate
                            (records.Gate) while its RBD snapshot is taken (see below)
-    revert                 rollback_to_snap;  split: clone v2 + flatten, new naa
+    revert                 rollback_to_snap
+    split                  a new image + the snapshot's allocated objects copied
+                           (copying.py: cost follows the data, not the size), new naa
     changed blocks         diff_iterate (fast-diff finds the objects, then exact extents)
     plex, promote          not offered (capabilities say so)
 
@@ -16,8 +18,9 @@ pacific's librbd reaches group-namespace snapshots only by id -- reading them wo
 name up in the user namespace only (ImageNotFound, checked on 16.2.15), and removing the
 group removes every image's snapshot of it. So changed blocks, revert and split need
 user snapshots, and the instant is made here: a commit closes the gate of every volume
-of the set (waits for the I/O in flight, holds new I/O), takes the RBD snapshots one
-after the other (~0.1 s each with paxos propose interval 0.1) and opens the gates. Every
+of the set (waits for the I/O in flight, holds new I/O), takes the RBD snapshots at
+once (a thread each: the monitor allocates their ids in one paxos proposal, ~0.1 s with
+paxos propose interval 0.1, whatever the number of volumes) and opens the gates. Every
 write through this array is wholly before or wholly after the instant; it is the only
 writer (it holds the images' exclusive lock while writing).
 
@@ -51,6 +54,7 @@ from blockstore.model import (
 )
 from blockstore.names import check_guid, check_name, check_size
 
+from .copying import copy_allocated
 from .datapath import CONNECT_TIMEOUT, DataPath
 from .errors import translated
 from .records import (
@@ -107,6 +111,7 @@ class RbdArray(DataPath):
         self._lock = threading.RLock()
         self._vols: dict[str, Vol] = {}
         self._snaps: dict[str, Snap] = {}
+        self._alloc, self._alloc_writes, self._alloc_counting = {}, {}, set()
         with translated(f"connecting to Ceph with {conffile}"):
             self._cluster = rados.Rados(conffile=conffile, rados_id=ceph_id,
                                         conf=dict(conf or {}))
@@ -378,10 +383,7 @@ class RbdArray(DataPath):
             with contextlib.ExitStack() as gates:
                 for name in sorted(vols):
                     gates.enter_context(vols[name].lun.gate.exclusive())
-                for s in snaps:
-                    with translated(f"committing snapshot {s.id} of {s.volume}"):
-                        vols[s.volume].lun.image.create_snap(rbd_snap_name(s.id))
-                    made.append(s)
+                self._create_snaps(snaps, vols, made)
             for s in snaps:
                 s.rec.done = True
                 with translated(f"committing snapshot {s.id}"):
@@ -400,6 +402,37 @@ class RbdArray(DataPath):
             for s in snaps:
                 s.state = COMMITTED
             self._changed()
+
+    @staticmethod
+    def _create_snaps(snaps: list[Snap], vols: dict[str, Vol], made: list[Snap]) -> None:
+        """Every member's RBD snapshot at once, a thread each (the binding releases the
+        GIL): each waits for the monitor to allocate a snapshot id, one paxos proposal
+        (`paxos propose interval`), and the monitor puts the requests that arrive within
+        one interval into one proposal -- a set of n volumes holds its writes about one
+        interval instead of n. `made` gets the members that have theirs; the first
+        failure is raised once every thread is done."""
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def one(s: Snap) -> None:
+            try:
+                with translated(f"committing snapshot {s.id} of {s.volume}"):
+                    vols[s.volume].lun.image.create_snap(rbd_snap_name(s.id))
+                with lock:
+                    made.append(s)
+            except BaseException as e:   # noqa: BLE001 - raised below, in the caller
+                with lock:
+                    errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(s,), name=f"snap-{s.volume}")
+                   for s in snaps[1:]]
+        for t in threads:
+            t.start()
+        one(snaps[0])
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
     def abort_snapshot(self, snap_id: str) -> None:
         with self._lock:
@@ -427,9 +460,9 @@ class RbdArray(DataPath):
                               "into a new volume instead)")
 
     def split(self, snap_id: str, new_name: str, progress: Progress = None) -> VolumeInfo:
-        """Clone v2 of the RBD snapshot, flattened (the copy), a new naa; then the
-        snapshot is deleted. Cancelled (progress raised) before the end: the clone is
-        removed, nothing changed."""
+        """A new image with the RBD snapshot's allocated data copied in (the copy), a
+        new naa; then the snapshot is deleted. Cancelled (progress raised) before the
+        end: the new image is removed, nothing changed."""
         check_name(new_name)
         with self._lock:
             s = self._committed(snap_id)
@@ -444,7 +477,7 @@ class RbdArray(DataPath):
                     progress(done, total)
                 except bse.Cancelled as e:
                     cancelled.append(e)
-                    return -125      # -ECANCELED: librbd stops the flatten
+                    return -125      # -ECANCELED (the copy stops at the next step)
             return 0
 
         rec = VolumeRecord(self._naa(), time.time(),
@@ -454,17 +487,14 @@ class RbdArray(DataPath):
         if cancelled:
             raise cancelled[0]
 
-        def clone() -> None:
-            self._rbd.RBD().clone(self._io, s.volume, rbd_snap_name(s.id), self._io,
-                                  new_name, features=_feature_bits(self._rbd),
-                                  order=self._order)
         with self._lock:
             if new_name in self._vols:
                 raise bse.Exists(f"a volume named {new_name!r} already exists")
-            v = self._create_image(new_name, s.size, rec, clone)
+            v = self._create_image(new_name, s.size, rec)
         try:
-            with translated(f"copying snapshot {s.id} into {new_name}"):
-                v.lun.image.flatten(on_progress=step)
+            with translated(f"copying snapshot {s.id} into {new_name}"), \
+                    self._io_on(s.id) as (src, _):
+                copy_allocated(src, v.lun.image, s.size, self._extents, step, cancelled)
             if cancelled:
                 raise cancelled[0]
         except BaseException:
@@ -486,7 +516,10 @@ class RbdArray(DataPath):
             return self._volume_info(v)
 
     def revert(self, volume: str, snap_id: str, progress: Progress = None) -> None:
-        """rollback_to_snap (content and size); it runs to its end once started."""
+        """rollback_to_snap (content and size); it runs to its end once started. (It
+        visits every object, but does so on the OSDs without moving data: 1 GiB vs 64
+        GiB with 64 MiB changed, 0.17 vs 0.38 s, against 0.19 vs 1.0 s for copying the
+        changed objects back through this client -- measured, kept.)"""
         with self._lock:
             v = self._vol(volume)
             s = self._committed(snap_id)

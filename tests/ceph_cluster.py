@@ -111,13 +111,27 @@ def _free_port() -> int:
 
 
 class CephCluster:
-    def __init__(self, base: Path) -> None:
+    """`auth`: "none" or "cephx" (every daemon and client then needs its key: the
+    monitor's and client.admin's in BASE/keyring, the OSD's registered at start,
+    add_client for others). `memstore_bytes`: the OSD's memory device, also the pool
+    quota. `extra`: more [global] settings (name -> value), e.g. what a test of OSD
+    restarts or crashes needs (tests/test_rbd_failures.py)."""
+
+    def __init__(self, base: Path, auth: str = "none", memstore_bytes: int = MEMSTORE_BYTES,
+                 extra: dict[str, str] | None = None) -> None:
+        if auth not in ("none", "cephx"):
+            raise ValueError(f"auth {auth!r}: none or cephx")
         self.base = Path(base)
         self.conf = str(self.base / "ceph.conf")
         self.pool = POOL
         self.fsid = str(uuid.uuid4())
         self.port = 0
+        self.auth = auth
+        self.memstore_bytes = memstore_bytes
+        self.extra = dict(extra or {})
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.argv: dict[str, tuple[str, ...]] = {}
+        self.osd_id = OSD_ID
         self.up_seconds = 0.0
 
     # ------------------------------------------------------------------ helpers
@@ -126,6 +140,7 @@ class CephCluster:
         for d in ("run", "log", "crash", "mon", "osd"):
             (b / d).mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
+        extra = "".join(f"{k} = {v}\n" for k, v in self.extra.items())
         conf = f"""[global]
 fsid = {self.fsid}
 mon host = v2:127.0.0.1:{self.port}
@@ -135,9 +150,9 @@ ms bind msgr1 = false
 ms bind msgr2 = true
 ms bind port min = {self.port + 1}
 ms bind port max = {self.port + 32}
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = {self.auth}
+auth service required = {self.auth}
+auth client required = {self.auth}
 auth allow insecure global id reclaim = false
 keyring = {b}/keyring
 run dir = {b}/run
@@ -154,9 +169,10 @@ mon warn on pool no redundancy = false
 paxos propose interval = 0.1
 mon mgr mkfs grace = 31536000
 osd objectstore = memstore
-memstore device bytes = {MEMSTORE_BYTES}
+memstore device bytes = {self.memstore_bytes}
 osd crush chooseleaf type = 0
 rbd default features = layering,exclusive-lock,object-map,fast-diff,deep-flatten
+{extra}
 
 [mon]
 mon data = {b}/mon/$cluster-$id
@@ -180,6 +196,7 @@ log file = {b}/log/$cluster-$name.$pid.log
         return res.stdout
 
     def _start(self, name: str, *argv: str) -> None:
+        self.argv[name] = argv
         log = open(self.base / "log" / f"{name}.out", "ab")   # noqa: SIM115 (kept open)
         try:
             self.procs[name] = subprocess.Popen([*argv, "-f", "-c", self.conf],
@@ -228,13 +245,22 @@ log file = {b}/log/$cluster-$name.$pid.log
             (b / "osd" / f"ceph-{osd_id}").mkdir(exist_ok=True)
             self._run("ceph-authtool", "--create-keyring", f"{b}/osd/keyring", "--gen-key",
                       "-n", f"osd.{osd_id}")
+            if self.auth == "cephx":   # the OSD's key, known to the monitor
+                keyring = (b / "osd" / "keyring").read_bytes()
+                rc, _, err = cluster.mon_command(json.dumps(
+                    {"prefix": "auth add", "entity": f"osd.{osd_id}",
+                     "caps": ["mon", "allow profile osd", "osd", "allow *"]}),
+                    keyring, timeout=CMD_TIMEOUT)
+                if rc != 0:
+                    raise RuntimeError(f"ceph auth add osd.{osd_id} failed ({rc}): {err}")
             self._run("ceph-osd", "-c", self.conf, "-i", str(osd_id), "--mkfs",
                       "--osd-uuid", osd_uuid)
+            self.osd_id = int(osd_id)
             self._start("osd", "ceph-osd", "-i", str(osd_id))
             self.mon_command(cluster, {"prefix": "osd pool create", "pool": POOL,
                                        "pg_num": PGS, "pgp_num": PGS})
             self.mon_command(cluster, {"prefix": "osd pool set-quota", "pool": POOL,
-                                       "field": "max_bytes", "val": str(MEMSTORE_BYTES)})
+                                       "field": "max_bytes", "val": str(self.memstore_bytes)})
             with cluster.open_ioctx(POOL) as ioctx:
                 # rbd pool init: the application tag, and a first write (it waits for the
                 # PGs to be active, so the cluster is usable when this returns)
@@ -261,13 +287,59 @@ log file = {b}/log/$cluster-$name.$pid.log
                 p.wait(10)
         self.procs.clear()
 
+    # ------------------------------------------------------------------ for tests
+    def admin(self) -> Any:
+        """A librados handle as client.admin (not connected yet; `with` connects)."""
+        import rados
+        return rados.Rados(conffile=self.conf, name="client.admin")
+
+    def add_client(self, name: str, mon_caps: str = "profile rbd",
+                   osd_caps: str | None = None) -> str:
+        """client.NAME with these caps (default: what docs/ceph.md asks of the cluster
+        for shadowplex: profile rbd on the pool), its keyring in BASE/client.NAME.keyring
+        named in the conf's [client.NAME] section; returns the keyring's path."""
+        caps = ["mon", mon_caps, "osd", osd_caps or f"profile rbd pool={self.pool}"]
+        with self.admin() as cluster:      # (entering connects)
+            keyring = self.mon_command(cluster, {"prefix": "auth get-or-create",
+                                                 "entity": f"client.{name}", "caps": caps})
+        path = self.base / f"client.{name}.keyring"
+        path.write_text(keyring)
+        with open(self.conf, "a") as f:
+            f.write(f"\n[client.{name}]\nkeyring = {path}\n")
+        return str(path)
+
+    def restart_osd(self, down: float = 0.0) -> None:
+        """Stop the OSD (SIGTERM: a memstore OSD keeps its data only through a clean
+        stop with `osd fast shutdown = false`), wait `down` seconds, start it again with
+        the same command line and wait until the monitor has it up."""
+        p = self.procs["osd"]
+        p.send_signal(signal.SIGTERM)
+        p.wait(60)
+        time.sleep(down)
+        self._start("osd", *self.argv["osd"])
+        self.wait_osd_up()
+
+    def wait_osd_up(self, timeout: float = UP_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        with self.admin() as cluster:      # (entering connects)
+            while True:
+                dump = json.loads(self.mon_command(cluster, {"prefix": "osd dump",
+                                                             "format": "json"}))
+                if all(o.get("up") for o in dump.get("osds", [])):
+                    return
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the OSD is not up after {timeout:.0f} s")
+                time.sleep(0.1)
+
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values() if p.poll() is None]
 
 
 @contextlib.contextmanager
-def ceph_cluster(base: Path) -> Iterator[CephCluster]:
-    c = CephCluster(base)
+def ceph_cluster(base: Path, **kw: Any) -> Iterator[CephCluster]:
+    """A started CephCluster (keywords: CephCluster's), stopped on the way out."""
+    c = CephCluster(base, **kw)
     try:
         c.start()
         yield c

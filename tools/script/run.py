@@ -1,5 +1,5 @@
 """Running a checked script over ONE control connection (one requester session), and the
-cleanup after a failure or an interrupt (the rules are in tools/script/__init__.py).
+cleanup after a failure or an interrupt (the rules: docs/scripts.md, tools/script/__init__.py).
 
 `_Runner` keeps the script's state (aliases' values, the set being composed, what it
 exposed); `do_<verb>` runs one statement. run_script: parse (grammar + check), connect,
