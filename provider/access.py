@@ -119,6 +119,20 @@ class Access:
                     [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
             self._visible(host, names, "volume")
 
+    def sees(self, host: str, remote: bool) -> tuple[Any, Any]:
+        """(snapshot_visible, set_visible) predicates for resolving a session's
+        references (prefixes, VOLUME@NAME) among what it sees; (None, None): everything."""
+        if self.admin(host, remote):
+            return None, None
+
+        def snap(sid: str) -> bool:
+            return host in self.masking.hosts_of(sid) or self.creator_of(sid) == host
+
+        def a_set(set_id: str) -> bool:
+            return self.set_creator(set_id) == host or any(
+                snap(s) for s in self.snapshots_of_set(set_id))
+        return snap, a_set
+
     def _visible(self, host: str, luns: Iterable[str], what: str) -> None:
         """Each LUN is presented to host -- or, a snapshot, was made by its requester
         (the host that created a transportable set still shows and deletes it after

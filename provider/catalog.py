@@ -13,6 +13,9 @@ restart:
     exports transportable sets exported, with what end_backup needs once the importing
             host deleted the set (its record, volumes, snapshot ids); kept until the
             origin host's end_backup, at most MAX_EXPORTS (the oldest go first)
+    labels  a snapshot's name and description (snapshot create --name/--description;
+            provider/snapshot_refs.py); a row whose snapshot is gone is dead weight only
+            (ids are never reused) and is pruned when labels are next written
 
 A set row is written when DoSnapshotSet starts (state PROCESSING_PREPARE) and updated at
 CREATED, so a daemon killed mid-creation finds the unfinished set at the next start and
@@ -85,6 +88,12 @@ CREATE TABLE IF NOT EXISTS exports (
     snapshots TEXT NOT NULL,           -- JSON list of snapshot ids
     exported REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS labels (
+    snapshot_id TEXT PRIMARY KEY,
+    volume TEXT NOT NULL,              -- the snapshot's origin volume (names are per volume)
+    name TEXT,
+    description TEXT
+);
 """
 MAX_EXPORTS = 1024
 
@@ -111,6 +120,15 @@ class ExportRecord:
     volumes: tuple[str, ...]
     snapshots: tuple[str, ...]
     exported: float
+
+
+@dataclass(frozen=True)
+class Label:
+    """A snapshot's name and description (either may be None)."""
+
+    volume: str
+    name: str | None
+    description: str | None
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,7 @@ class ProviderCatalog:
         self.imported: dict[str, tuple[str, str]] = {}   # set id -> (host, origin)
         # exported sets: what end_backup needs once the importing host deleted them
         self.exported: dict[str, ExportRecord] = {}
+        self.labels: dict[str, Label] = {}               # snapshot id -> its label
 
     def load(self) -> None:
         """Every table into memory (the coordinator's start)."""
@@ -149,6 +168,7 @@ class ProviderCatalog:
         self.presented = dict(self.presentations())
         self.imported = self.imports()
         self.exported = self.exports()
+        self.labels = self.label_rows()
 
     def close(self) -> None:
         self.db.close()
@@ -309,3 +329,25 @@ class ProviderCatalog:
                 continue
             out[r["set_id"]] = ExportRecord(rec, vols, snaps, r["exported"])
         return out
+
+
+    # ------------------------------------------------------------------ labels
+    def put_labels(self, labels: dict[str, Label], alive: Iterable[str]) -> None:
+        """One transaction: these snapshots' labels, and the rows of snapshots no longer
+        ``alive`` (every snapshot id the pool has) gone."""
+        keep = set(alive) | set(labels)
+        dead = [i for i in self.labels if i not in keep]
+        with self._tx() as db:
+            for i in dead:
+                db.execute("DELETE FROM labels WHERE snapshot_id=?", (i,))
+            for i, lab in labels.items():
+                db.execute("INSERT OR REPLACE INTO labels VALUES (?,?,?,?)",
+                           (i, lab.volume, lab.name, lab.description))
+        for i in dead:
+            self.labels.pop(i, None)
+        self.labels.update(labels)
+
+    def label_rows(self) -> dict[str, Label]:
+        rows = self.db.execute("SELECT * FROM labels").fetchall()
+        return {r["snapshot_id"]: Label(r["volume"], r["name"], r["description"])
+                for r in rows}

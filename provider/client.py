@@ -359,24 +359,30 @@ class Client:
     def snapshot_create(self, volumes: Sequence[str], context: str | int = "backup",
                         attributes: int | str | Sequence[str] | None = None,
                         kind: str | None = None,
-                        progress: ProgressCallback = None) -> dict[str, Any]:
+                        progress: ProgressCallback = None, name: str | None = None,
+                        description: str | None = None) -> dict[str, Any]:
+        """``name``/``description``: each new snapshot's (a name is unique per volume;
+        VOLUME@NAME names the snapshot afterwards)."""
         args = {"volumes": list(volumes), "context": context, "kind": kind,
                 "attributes": list(attributes) if isinstance(attributes, list | tuple)
-                else attributes}
+                else attributes, **_labels(name, description)}
         return self._obj("snapshot.create", args, progress)
 
     def set_start(self, context: str | int = "backup",
-                  attributes: int | str | Sequence[str] | None = None) -> str:
+                  attributes: int | str | Sequence[str] | None = None,
+                  name: str | None = None, description: str | None = None) -> str:
         args = {"context": context, "attributes": list(attributes)
-                if isinstance(attributes, list | tuple) else attributes}
+                if isinstance(attributes, list | tuple) else attributes,
+                **_labels(name, description)}
         return str(self.call("set.start", args)["set_id"])
 
     def set_add(self, volume: str, set_id: str | None = None) -> str:
         return str(self.call("set.add", {"volume": volume, "set_id": set_id})["snapshot_id"])
 
-    def set_do(self, set_id: str | None = None,
-               progress: ProgressCallback = None) -> dict[str, Any]:
-        return self._obj("set.do", {"set_id": set_id}, progress)
+    def set_do(self, set_id: str | None = None, progress: ProgressCallback = None,
+               name: str | None = None, description: str | None = None) -> dict[str, Any]:
+        return self._obj("set.do", {"set_id": set_id, **_labels(name, description)},
+                         progress)
 
     def set_abort(self, set_id: str | None = None) -> None:
         self.call("set.abort", {"set_id": set_id})
@@ -484,3 +490,8 @@ class Client:
 
     def scrub(self, progress: ProgressCallback = None) -> dict[str, Any]:
         return self._obj("scrub", None, progress)
+
+
+def _labels(name: str | None, description: str | None) -> dict[str, str]:
+    """Only what is given: a daemon before names refuses unknown arguments."""
+    return {k: v for k, v in (("name", name), ("description", description)) if v is not None}

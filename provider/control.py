@@ -41,7 +41,7 @@ from typing import Any
 
 import trio
 
-from . import audit, protocol
+from . import audit, protocol, snapshot_refs
 from .control_ops import HANDLERS, SCOPE_OPS, TOKEN_OPS, Args, _bad, _cancel_args
 from .coordinator import Coordinator, Session
 from .jobs import CancelToken
@@ -309,6 +309,10 @@ class Connection:
                     try:
                         remote = self.remote_host is not None
                         access = self.coord.access
+                        # ids, id prefixes, VOLUME@NAME -> ids (provider/snapshot_refs)
+                        args = snapshot_refs.resolve_args(
+                            op, args, self.coord.views.refs,
+                            *access.sees(self.session.host, remote))
                         access.check(self.session.host, remote, op, args)
                         # who asked, for the audit lines of what the handler changes
                         who = audit.REQUESTER.set(audit.of_session(self.session))

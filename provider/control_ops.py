@@ -113,16 +113,19 @@ async def _volume_present(c: Connection, a: dict[str, Any], p: ProgressFn) -> An
 
 
 async def _snapshot_create(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
-    x = Args("snapshot.create", a, ("volumes", "context", "attributes", "kind"))
+    x = Args("snapshot.create", a, ("volumes", "context", "attributes", "kind", "name",
+                                    "description"))
     vols = _str_list("snapshot.create", x.get("volumes", list, required=True), "volumes")
     return await c.coord.create(c.session, vols, x.get("context", CTX, "backup"),
-                                x.get("attributes", ATTRS), x.get("kind", str), p)
+                                x.get("attributes", ATTRS), x.get("kind", str), p,
+                                x.get("name", str), x.get("description", str))
 
 
 async def _set_start(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
-    x = Args("set.start", a, ("context", "attributes"))
+    x = Args("set.start", a, ("context", "attributes", "name", "description"))
     sid = await c.coord.start_set(c.session, x.get("context", CTX, "backup"),
-                                  x.get("attributes", ATTRS))
+                                  x.get("attributes", ATTRS), x.get("name", str),
+                                  x.get("description", str))
     return {"set_id": sid}
 
 
@@ -135,8 +138,10 @@ async def _set_add(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
 
 
 async def _set_do(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
-    x = Args("set.do", a, ("set_id",))
+    x = Args("set.do", a, ("set_id", "name", "description"))
     s = c.coord.own_set(c.session, x.get("set_id", str), "do the snapshot set")
+    if x.get("name", str) is not None or x.get("description", str) is not None:
+        c.coord.label_set(s, x.get("name", str), x.get("description", str))
     snaps = await c.coord.do_snapshot_set(c.session, s.set_id, p)
     return {"set_id": s.set_id, "snapshots": snaps}
 

@@ -87,6 +87,8 @@ class SnapshotSet:
                                                         # get Abort if the set fails
     hold: Any = None                    # the barrier Hold while writes are held
     error: VssError | None = None
+    name: str | None = None             # every snapshot's name (unique per volume)
+    description: str | None = None      # and description (provider/snapshot_refs.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"set_id": self.set_id, "context": self.context.cli_name,

@@ -42,10 +42,10 @@ import trio
 from blockstore import errors as bse
 from fuse_mount.barrier import WriteBarrier
 
-from . import audit, vss
+from . import audit, snapshot_refs, vss
 from .array import Array
 from .array_service import HostSets
-from .catalog import ProviderCatalog, SetRecord
+from .catalog import Label, ProviderCatalog, SetRecord
 from .hardware import DIFFERENTIAL, PLEX, HardwareProvider
 from .masking import LunMasking
 from .model import (
@@ -122,10 +122,17 @@ class SetCreation:
         return self.host_sets.busy_message()
 
     async def start_set(self, session: Session, context: str | int = "backup",
-                        attributes: int | str | Sequence[str] | None = None) -> str:
+                        attributes: int | str | Sequence[str] | None = None,
+                        name: str | None = None, description: str | None = None) -> str:
         """StartSnapshotSet, and on a shared array (host mode) the array's slot too: a
-        set in creation on the array (any host's) makes it VSS_E_SNAPSHOT_SET_IN_PROGRESS."""
+        set in creation on the array (any host's) makes it VSS_E_SNAPSHOT_SET_IN_PROGRESS.
+        ``name``/``description``: every snapshot of the set gets them (snapshot_refs)."""
+        if name is not None:
+            name = snapshot_refs.check_name(name)
+        if description is not None:
+            description = snapshot_refs.check_description(description)
         set_id = self.start_snapshot_set(session, context, attributes)
+        self._sets[set_id].name, self._sets[set_id].description = name, description
         claim = getattr(self.pool, "claim_set", None)
         if claim is not None:
             s = self._sets[set_id]
@@ -188,6 +195,7 @@ class SetCreation:
                        f"snapshot set {s.set_id} already holds {len(s.volumes)} volumes, "
                        f"the maximum")
         self.volumes.check_unmarked(name, "snapshot")
+        self._check_label_free(s, name)
         err = self.hardware.why_not_supported([*s.volumes, name], int(s.attributes))
         if err is not None:   # AreLunsSupported said no: here is why
             raise _vss(err.name, f"cannot add {name} to snapshot set {s.set_id}: "
@@ -197,6 +205,43 @@ class SetCreation:
         self._marks[name] = InSet(s.set_id)
         log.debug("volume %s added to snapshot set %s as snapshot %s", name, s.set_id, sid)
         return sid
+
+    def label_set(self, s: SnapshotSet, name: str | None, description: str | None) -> None:
+        """Name/describe the snapshots of a set before set.do (a script's `create name
+        N`): checked here, so a refusal leaves the set as it was."""
+        if s.doing:
+            raise _vss("VSS_E_BAD_STATE", f"snapshot set {s.set_id} is already being done")
+        if name is not None:
+            name = snapshot_refs.check_name(name)
+        if description is not None:
+            description = snapshot_refs.check_description(description)
+        was = s.name
+        s.name = name if name is not None else s.name
+        try:
+            for volume in s.volumes:
+                self._check_label_free(s, volume)
+        except VssError:
+            s.name = was
+            raise
+        if description is not None:
+            s.description = description
+
+    def _check_label_free(self, s: SnapshotSet, volume: str) -> None:
+        if s.name is not None and self.views.named(volume, s.name) is not None:
+            raise _vss("VSS_E_OBJECT_ALREADY_EXISTS", f"volume {volume} already has a "
+                       f"snapshot named {s.name!r} ({volume}@{s.name}): choose another "
+                       "name or delete that snapshot")
+
+    def _put_labels(self, s: SnapshotSet) -> None:
+        """The set's snapshots' name and description, checked once more: no await
+        between this check and the write (no other request interleaves)."""
+        if s.name is None and s.description is None:
+            return
+        for volume in s.volumes:
+            self._check_label_free(s, volume)
+        self.catalog.put_labels(
+            {sid: Label(v, s.name, s.description) for v, sid in s.volumes.items()},
+            [x.id for x in self.pool.list_snapshots()])
 
     async def _enter(self, s: SnapshotSet, state: SnapshotState) -> None:
         s.state = state
@@ -243,6 +288,7 @@ class SetCreation:
             await in_thread(self.hardware.PostFinalCommitSnapshots, s.set_id)
             s.prepared = False
             rec = self._record(s, SS.CREATED)
+            self._put_labels(s)
             self.catalog.put_set(rec)
             await self._enter(s, SS.CREATED)
         except BaseException as e:
@@ -384,7 +430,8 @@ class SetCreation:
                      context: str | int = "backup",
                      attributes: int | str | Sequence[str] | None = None,
                      kind: str | None = None,
-                     progress: ProgressFn = None) -> dict[str, Any]:
+                     progress: ProgressFn = None, name: str | None = None,
+                     description: str | None = None) -> dict[str, Any]:
         """snapshot.create: start, add every volume, do. On any error nothing remains."""
         if isinstance(volumes, str) or not isinstance(volumes, list | tuple):
             raise _vss("E_INVALIDARG", "volumes must be a list of volume names")
@@ -399,7 +446,7 @@ class SetCreation:
             if kind not in (DIFFERENTIAL, PLEX):
                 raise _vss("E_INVALIDARG", f"kind {kind!r}: use differential or plex")
             mask |= int(Attr.PLEX if kind == PLEX else Attr.DIFFERENTIAL)
-        set_id = await self.start_set(session, context, mask)
+        set_id = await self.start_set(session, context, mask, name, description)
         try:
             for v in volumes:
                 self.add_to_snapshot_set(session, v, set_id)

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import audit, documents, vss
 from .array import Array
-from .catalog import ExportRecord, ProviderCatalog, SetRecord
+from .catalog import ExportRecord, Label, ProviderCatalog, SetRecord
 from .hardware import HardwareProvider
 from .masking import LunMasking
 from .model import Session, SnapshotSet, bind_lifetime, guid, in_thread
@@ -67,9 +67,11 @@ class Transport:
         metas = (await in_thread(writer_metadata, self.writers)
                  if self.writers and vss.uses_writers(Context(rec.context)) else [])
         origin = rec.originating_machine or self.masking.service_machine
+        labels = {m.id: (lab.name, lab.description) for m in members
+                  if (lab := self.catalog.labels.get(m.id)) is not None}
         doc = await in_thread(lambda: documents.write_backup_components(
             rec, members, metas, pool_id=self.pool.pool_id, host=origin,
-            service_machine=self.masking.service_machine))
+            service_machine=self.masking.service_machine, labels=labels))
         wmds = []
         for m in metas:
             wmds.append({"name": str(getattr(m, "writer_name", "") or ""),
@@ -162,6 +164,7 @@ class Transport:
             self._fault("import.recorded")
             self.masking.push()
             self._fault("import.surfaced")
+            self._restore_labels(parsed)
             snaps = []
             for i in ids:
                 d = self.views.prop_json(self.pool.snapshot(i))
@@ -209,6 +212,7 @@ class Transport:
         self.catalog.put_set(rec)
         self.catalog.record_import(sid, host, parsed.originating_machine, time.time(), ids,
                                    None)
+        self._restore_labels(parsed)
         if rec.auto_release:
             bind_lifetime(self._sessions.values(), sid, session)
         snaps = []
@@ -221,3 +225,24 @@ class Transport:
         await self.masking.names_changed()
         return {"set_id": sid, "host": host, "origin": parsed.originating_machine,
                 "snapshots": snaps}
+
+    def _restore_labels(self, parsed: documents.ParsedSet) -> None:
+        """The document's snapshot names and descriptions where this catalog has none
+        (host mode: the importing host's own catalog). A name that another snapshot of
+        the volume has taken here meanwhile is left out, with a warning: the import
+        matters more than the label."""
+        new = {}
+        for ps in parsed.snapshots:
+            if (ps.name is None and ps.description is None) or \
+                    ps.snapshot_id in self.catalog.labels:
+                continue
+            name = ps.name
+            if name is not None and self.views.named(ps.volume, name) not in (
+                    None, ps.snapshot_id):
+                log.warning("import of snapshot set %s: volume %s already has a snapshot "
+                            "named %r; snapshot %s is imported without its name",
+                            parsed.set_id, ps.volume, name, ps.snapshot_id)
+                name = None
+            new[ps.snapshot_id] = Label(ps.volume, name, ps.description)
+        if new:
+            self.catalog.put_labels(new, [x.id for x in self.pool.list_snapshots()])

@@ -26,6 +26,7 @@ from .catalog import ProviderCatalog
 from .masking import LunMasking
 from .model import NIL_GUID, SS, Mark, SnapshotSet, guid
 from .snapshot_prop import SnapshotProp
+from .snapshot_refs import Resolver
 from .vss import Attr, Context, VssError
 
 
@@ -37,6 +38,9 @@ class Views:
         self.masking = masking
         self._sets = sets     # the coordinator's sets in creation (read only)
         self._marks = marks   # the coordinator's volume marks (read only)
+        # snapshot and set references (ids, prefixes, VOLUME@NAME): provider/snapshot_refs
+        self.refs = Resolver(self.pool.list_snapshots, self.label_name, self.set_ids,
+                             lambda s: s.state == "committed" and not self.in_creation(s))
 
     # ------------------------------------------------------------------ lookups
     def resolve_volume(self, spec: str) -> str:
@@ -84,6 +88,21 @@ class Views:
             return True
         except (bse.NotFound, bse.InvalidName):
             return False
+
+    def label_name(self, snapshot_id: str) -> str | None:
+        lab = self.catalog.labels.get(snapshot_id)
+        return lab.name if lab else None
+
+    def set_ids(self) -> set[str]:
+        return {*self.catalog.records, *self._sets,
+                *(s.set_id for s in self.pool.list_snapshots() if s.set_id)}
+
+    def named(self, volume: str, name: str) -> str | None:
+        """The id of volume's existing snapshot named ``name``, or None."""
+        for s in self.pool.list_snapshots():
+            if s.volume == volume and self.label_name(s.id) == name:
+                return s.id
+        return None
 
     def members_info(self, set_id: str) -> list[SnapshotInfo]:
         return [s for s in self.pool.list_snapshots() if (s.set_id or s.id) == set_id]
@@ -153,7 +172,10 @@ class Views:
             ctx = vss.snapshot_context(s.attributes).cli_name
         except ValueError:
             ctx = None
+        lab = self.catalog.labels.get(s.id)
         d.update({
+            "name": lab.name if lab else None,
+            "description": lab.description if lab else None,
             "volume": s.volume, "naa": s.naa, "origin_naa": s.origin_naa, "size": s.size,
             "kind": s.kind, "pool_state": s.state, "context": ctx,
             "mounted_at": mount.mountpoint if mount else None,

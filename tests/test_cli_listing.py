@@ -104,10 +104,10 @@ def test_every_listing_takes_o_H_p(daemon: Daemon) -> None:
         assert re.search(r"^la\s+4\.0 MiB\s+1\.\d MiB\s", human, re.M), human
         # snapshot list: the default table has ISO-8601 times, -p Unix seconds
         table = d.ok("snapshot", "list", "la").stdout
-        assert table.split()[:8] == ["ID", "SET", "VOLUME", "KIND", "CONTEXT", "STATE",
-                                     "CREATED", "EXPOSED"], table
-        assert re.search(rf"^{sa}\s+{GUID}\s+la\s+differential\s+nas-rollback\s+CREATED\s+"
-                         rf"{ISO}\s+-$", table, re.M), table
+        assert table.split()[:9] == ["ID", "SET", "VOLUME", "NAME", "KIND", "CONTEXT",
+                                     "STATE", "CREATED", "EXPOSED"], table
+        assert re.search(rf"^{sa}\s+{GUID}\s+la\s+-\s+differential\s+nas-rollback\s+"
+                         rf"CREATED\s+{ISO}\s+-$", table, re.M), table
         (line,) = d.ok("snapshot", "list", "la", "-H", "-p",
                        "-o", "id,created,size,attributes").stdout.splitlines()
         sid, created, size, attrs = line.split("\t")

@@ -83,7 +83,7 @@ def test_the_transport_sequence_between_two_hosts(two_hosts: tuple[Net, Daemon, 
         want = {k: v for k, v in _manifest(app).items() if not k.startswith("shop.db")}
         # hostB's requester: a transportable, persistent set; its writers freeze on hostB
         res = b.json("snapshot", "create", "db", "--context", "app-rollback",
-                     "--transportable")
+                     "--transportable", "--name", "shop", "--description", "for host C")
         set_id = res["set_id"]
         sid = res["snapshots"][0]["id"]
         froze = b.log_text()
@@ -98,6 +98,10 @@ def test_the_transport_sequence_between_two_hosts(two_hosts: tuple[Net, Daemon, 
         # the document travels as a file; hostC imports it: the LUNs surface there only
         imported = c.json("import", str(bcd))
         assert [s["id"] for s in imported["snapshots"]] == [sid]
+        # its name came in the document, into hostC's own catalog (issue 19 #2)
+        assert [(s["name"], s["description"]) for s in imported["snapshots"]] == [
+            ("shop", "for host C")]
+        assert c.json("snapshot", "show", "db@shop")["id"] == sid
         assert (Path(c.mount) / ".shadow" / f"{sid}.img").exists()
         # hostB follows the array (array.watch): its LUN is hostC's now
         _wait_for(lambda: not (Path(b.mount) / ".shadow" / f"{sid}.img").exists(),

@@ -112,7 +112,7 @@ BAD = [
     ("add volume a\nload metadata backup.cab\nimport\ncreate\n", 3, "being composed"),
     ("import\n", 1, "no Backup Components Document loaded"),
     ("begin restore\n", 1, "not supported"),
-    ("expose 1234 /x\n", 1, "expected %ALIAS% or an id"),
+    ("expose 12z4 /x\n", 1, "expected %ALIAS%, an id (a GUID), a unique prefix"),
     ("add volume ../etc\n", 1, "not a volume name"),
     ("exec\n", 1, "exec needs a command"),
     ("unexpose 'unterminated\n", 1, "cannot split the line"),
@@ -458,7 +458,7 @@ list providers
     out = res.stdout
     assert re.search(r"^provider \S+ on \S+, pool \S+, mount \S+, session \d+$", out, re.M), out
     assert re.search(r"^snapshot set \S+ started \(backup\)$", out, re.M), out
-    assert re.search(r"^ID\s+SET\s+VOLUME\s+KIND", out, re.M), out     # the set's table
+    assert re.search(r"^ID\s+SET\s+VOLUME\s+NAME\s+KIND", out, re.M), out     # the set's table
     m = re.search(r"add volume logs alias L: snapshot (\S+)", out)
     assert m, out
     sid = m.group(1)

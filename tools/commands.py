@@ -160,7 +160,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             assert ctx is not None
             res = connection.call(args, c, lambda p: c.snapshot_create(
                 args.volumes, context=ctx.cli_name, attributes=_attributes(args) or None,
-                progress=p))
+                progress=p, name=args.name, description=args.description))
             snaps = [snapshot_view(s) for s in res.get("snapshots", [])]
             if args.json:
                 print_json({**res, "snapshots": snaps})

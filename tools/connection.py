@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -152,11 +153,17 @@ class NotExposed(LookupError):
     """No snapshot is exposed under the name or at the directory given."""
 
 
+# an id prefix (snapshot_refs.MIN_PREFIX hex digits or more, hyphens kept or not)
+_PREFIX_RE = re.compile(r"(?:[0-9A-Fa-f]-?){4,}")
+
+
 def find_exposed(c: Any, target: str,
                  call: Callable[..., Any] = lambda f, *a, **k: f(*a, **k)) -> dict[str, Any]:
-    """The snapshot behind a snapshot id, a mount directory (expose --mount) or an exposed
-    name: what `unexpose` accepts, on the command line and in a script (``call`` wraps the
-    client's calls, the script's error mapping). NotExposed if none is."""
+    """The snapshot behind a snapshot id (or a unique prefix, VOLUME@NAME, VOLUME@latest:
+    an exposed name wins over a prefix that looks the same), a mount directory (expose
+    --mount) or an exposed name: what `unexpose` accepts, on the command line and in a
+    script (``call`` wraps the client's calls, the script's error mapping). NotExposed if
+    none is."""
     m = vss.GUID_RE.fullmatch(target)
     if m:
         return dict(call(c.snapshot_show, snapshot_id=m.group(1)))
@@ -171,4 +178,8 @@ def find_exposed(c: Any, target: str,
     for s in snaps:
         if s.get("exposed_name") == target:
             return dict(s)
+    if "@" in target or _PREFIX_RE.fullmatch(target):
+        # VOLUME@NAME, VOLUME@latest or an id prefix: the daemon resolves it
+        # (provider/snapshot_refs.py) and says what is wrong with it
+        return dict(call(c.snapshot_show, snapshot_id=target))
     raise NotExposed(f"no snapshot is exposed as {target!r}")

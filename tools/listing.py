@@ -227,7 +227,8 @@ DF = Catalog("volume", [Col("name", "VOLUME"), *(c for c in VOLUMES.cols.values(
              "name,size,allocated,diff_bytes,snapshots")
 
 SNAPSHOTS = Catalog("snapshot", [
-    Col("id", "ID"), Col("set_id", "SET"), Col("volume", "VOLUME"), Col("kind", "KIND"),
+    Col("id", "ID"), Col("set_id", "SET"), Col("volume", "VOLUME"), Col("name", "NAME"),
+    Col("description", "DESCRIPTION"), Col("kind", "KIND"),
     Col("context", "CONTEXT"), Col("state", "STATE"), Col("created", "CREATED", "time"),
     Col("exposed_path", "EXPOSED"), Col("naa", "NAA"), Col("origin_naa", "ORIGIN NAA"),
     Col("size", "SIZE", "size"), Col("attributes", "ATTRIBUTES", "mask"),
@@ -239,7 +240,7 @@ SNAPSHOTS = Catalog("snapshot", [
     Col("original_volume_name", "ORIGINAL VOLUME"),
     Col("originating_machine", "ORIGINATING MACHINE"),
     Col("service_machine", "SERVICE MACHINE"), Col("provider_id", "PROVIDER")],
-    "id,set_id,volume,kind,context,state,created,exposed_path")
+    "id,set_id,volume,name,kind,context,state,created,exposed_path")
 
 WRITERS = Catalog("writer", [
     Col("name", "WRITER"), Col("writer_id", "ID"), Col("state", "STATE"),

@@ -241,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--transportable", action="store_true",
                     help="may be exported ('export') and imported on another host "
                          "(VSS TRANSPORTABLE)")
+    sc.add_argument("--name", metavar="NAME",
+                    help="name each new snapshot (unique per volume; VOLUME@NAME names it "
+                    "afterwards)")
+    sc.add_argument("--description", metavar="TEXT",
+                    help="a description kept with each new snapshot (one line, at most 256 "
+                    "characters)")
     sl = add("list", cmd_snapshot, "list snapshots", ssub)
     sl.add_argument("volume_arg", nargs="?", metavar="VOLUME", help="only this volume's")
     sl.add_argument("--set", metavar="SET_ID", help="only this snapshot set's")

@@ -109,6 +109,8 @@ class ParsedSnapshot:
     service_machine: str
     provider_id: str
     created: float | None  # Unix seconds, None if the document does not say
+    name: str | None = None          # sp:name (snapshot create --name), if any
+    description: str | None = None   # sp:description, if any
 
     def to_json(self) -> dict[str, Any]:
         return {"snapshot_id": self.snapshot_id, "origin_naa": self.origin_naa,
@@ -116,7 +118,8 @@ class ParsedSnapshot:
                 "volume": self.volume, "attributes": int(self.attributes),
                 "originating_machine": self.originating_machine,
                 "service_machine": self.service_machine, "provider_id": self.provider_id,
-                "created": self.created}
+                "created": self.created, "name": self.name,
+                "description": self.description}
 
 
 @dataclass(frozen=True)

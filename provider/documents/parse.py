@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 from blockstore import names
 
-from .. import vss
+from .. import snapshot_refs, vss
 from ..vss import Attr, Context, VssError
 from ..writers.base import Component, FileSpec, UsageType, WriterMetadata
 from .model import (
@@ -224,6 +224,16 @@ def _snapshot_of(doc: _Doc, sd: ET.Element, index: int, set_ctx: Context
             raise _err(f"{doc.what}: {where} {_SP}:created {_show(created_text)} is not "
                        "Unix seconds")
         created = float(created_text)
+    label = doc.attr(sd, "name", where, optional=True, ns=SP_NAMESPACE)
+    description = doc.attr(sd, "description", where, optional=True, empty=True,
+                           ns=SP_NAMESPACE)
+    try:   # the rules of snapshot create --name/--description
+        if label is not None:
+            snapshot_refs.check_name(label)
+        if description is not None:
+            snapshot_refs.check_description(description)
+    except VssError as e:
+        raise _err(f"{doc.what}: {where}: {e.message}") from None
     mappings = doc.children(sd, "LUN_MAPPING")
     if len(mappings) != 1:
         raise _err(f"{doc.what}: {where} has {len(mappings)} LUN_MAPPING elements, "
@@ -238,7 +248,7 @@ def _snapshot_of(doc: _Doc, sd: ET.Element, index: int, set_ctx: Context
         kind=kind, volume=volume, attributes=Attr(attrs),
         originating_machine=doc.host(sd, "originatingMachine", where),
         service_machine=doc.host(sd, "serviceMachine", where),
-        provider_id=provider, created=created)
+        provider_id=provider, created=created, name=label, description=description)
 
 
 def parse_backup_components(data: bytes, *, pool_id: str) -> ParsedSet:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .. import vss
 from ..vss import Attr
@@ -108,7 +108,9 @@ def _writer_components(parent: ET.Element, meta: WriterMetadata) -> None:
 
 def write_backup_components(set_info: SetLike, snapshots: Sequence[SnapshotLike],
                             writers_metadata: Sequence[WriterMetadata], *, pool_id: str,
-                            host: str, service_machine: str | None = None) -> bytes:
+                            host: str, service_machine: str | None = None,
+                            labels: Mapping[str, tuple[str | None, str | None]] | None = None
+                            ) -> bytes:
     """The Backup Components Document of a committed transportable set, UTF-8 bytes.
 
     ``set_info``: the set (set_id, context, attributes = context bits | options).
@@ -116,7 +118,8 @@ def write_backup_components(set_info: SetLike, snapshots: Sequence[SnapshotLike]
     ``writers_metadata``: the metadata of the writers that took part (their components
     are listed as WRITER_COMPONENTS). ``pool_id``: the pool the LUNs live in. ``host``:
     the requester host that created the set (originatingMachine); ``service_machine``
-    (default ``host``): the machine that ran the coordinator.
+    (default ``host``): the machine that ran the coordinator. ``labels``: snapshot id ->
+    (name, description), either None (sp:name, sp:description).
 
     Refuses (DocumentError) a set without TRANSPORTABLE (VSS_E_NONTRANSPORTABLE_BCD),
     snapshots of another set, an empty or oversized set, and anything the parser would
@@ -183,6 +186,11 @@ def write_backup_components(set_info: SetLike, snapshots: Sequence[SnapshotLike]
         }
         if math.isfinite(created) and 0 <= created < 1e15:
             attrs[f"{_SP}:created"] = f"{created:.6f}"
+        label, description = (labels or {}).get(str(s.id), (None, None))
+        if label is not None:
+            attrs[f"{_SP}:name"] = label
+        if description is not None:
+            attrs[f"{_SP}:description"] = description
         sd = ET.SubElement(ssd, "SNAPSHOT_DESCRIPTION", attrs)
         mapping = ET.SubElement(sd, "LUN_MAPPING")
         for side, naa in (("SOURCE_LUN", s.origin_naa), ("DESTINATION_LUN", s.naa)):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockstore import names
-from provider import vss
+from provider import snapshot_refs, vss
 
 from ..script_verbs import VERB_TABLE, verb_lines  # noqa: F401 - re-exported
 
@@ -78,13 +78,19 @@ class Stmt:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+# what the daemon resolves (provider/snapshot_refs.py): an id prefix, VOLUME@NAME
+REF_FORMS = re.compile(r"(?:[0-9A-Fa-f]-?){4,}|[A-Za-z0-9._-]+@[A-Za-z0-9._-]+")
+
+
 def _is_ref(tok: str) -> bool:
-    return bool(re.fullmatch(r"%[A-Za-z_][A-Za-z0-9_]*%", tok) or vss.GUID_RE.fullmatch(tok))
+    return bool(re.fullmatch(r"%[A-Za-z_][A-Za-z0-9_]*%", tok) or vss.GUID_RE.fullmatch(tok)
+                or REF_FORMS.fullmatch(tok))
 
 
 def _need_ref(n: int, tok: str, what: str) -> str:
     if not _is_ref(tok):
-        raise ScriptError(n, f"{what}: expected %ALIAS% or an id (a GUID), got {tok!r}")
+        raise ScriptError(n, f"{what}: expected %ALIAS%, an id (a GUID), a unique prefix of "
+                          f"one, VOLUME@NAME or VOLUME@latest, got {tok!r}")
     return tok
 
 
@@ -301,6 +307,25 @@ def _parse_break(ln: _Line) -> Stmt:
     return ln.stmt("break", writable=writable, id=_need_ref(ln.n, ln.toks[-1], "break"))
 
 
+def _parse_create(ln: _Line) -> Stmt:
+    """create [name NAME] [description TEXT]: the new snapshots' name and description."""
+    args: dict[str, str | None] = {"name": None, "description": None}
+    rest = ln.toks[1:]
+    while rest:
+        key = rest[0].lower()
+        if len(rest) < 2 or key not in args or args[key] is not None:
+            raise ln.fail("usage: create [name NAME] [description TEXT]")
+        args[key], rest = rest[1], rest[2:]
+    try:   # the daemon's rules (provider/snapshot_refs.py), checked before anything runs
+        if args["name"] is not None:
+            snapshot_refs.check_name(args["name"])
+        if args["description"] is not None:
+            snapshot_refs.check_description(args["description"])
+    except vss.VssError as e:
+        raise ln.fail(f"create: {e.message}") from None
+    return ln.stmt("create", **args)
+
+
 def _bare(verb: str) -> Callable[[_Line], Stmt]:
     """A verb without arguments."""
     def parse(ln: _Line) -> Stmt:
@@ -315,7 +340,7 @@ _PARSERS: dict[str, Callable[[_Line], Stmt]] = {
     "begin": _parse_begin_end,
     "end": _parse_begin_end,
     "add": _parse_add,
-    "create": _bare("create"),
+    "create": _parse_create,
     "expose": _parse_expose,
     "unexpose": _parse_unexpose,
     "delete": _parse_delete,

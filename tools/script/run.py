@@ -32,7 +32,7 @@ from ..output import (
     snapshot_view,
 )
 from .check import parse_script
-from .grammar import AUTO_RELEASE, REF_RE, SET_ALIAS, SHADOW_N_RE, ScriptError, Stmt
+from .grammar import AUTO_RELEASE, REF_FORMS, REF_RE, SET_ALIAS, SHADOW_N_RE, ScriptError, Stmt
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 CLIENT_NAME = "shadowplex-script"
@@ -108,11 +108,12 @@ class _Runner:
         return REF_RE.sub(sub, tok)
 
     def ident(self, tok: str) -> str:
+        """An id; a prefix or VOLUME@NAME as written (the daemon resolves those)."""
         v = self.expand(tok)
         m = vss.GUID_RE.fullmatch(v)
-        if m is None:
-            raise ScriptFailure(f"{v!r} is not an id (a GUID)")
-        return vss.guid(m.group(1))
+        if m is None and not REF_FORMS.fullmatch(v):
+            raise ScriptFailure(f"{v!r} is not an id (a GUID), a prefix or VOLUME@NAME")
+        return vss.guid(m.group(1)) if m else v
 
     def _find_exposed(self, tok: str) -> dict[str, Any]:
         """The snapshot behind ID, a mount directory or an exposed name."""
@@ -300,7 +301,8 @@ class _Runner:
         set_id = self.set_id
         prog = self.progress()
         try:
-            res = self.call(self.c.set_do, set_id, progress=prog)
+            res = self.call(self.c.set_do, set_id, progress=prog, name=st.args["name"],
+                            description=st.args["description"])
         finally:
             prog.close()
         self.set_id = None            # done, or aborted by the daemon on failure
@@ -491,6 +493,8 @@ class _Runner:
 
     def do_break(self, st: Stmt) -> None:
         target = self.ident(st.args["id"])
+        if not vss.GUID_RE.fullmatch(target):   # a snapshot's prefix or VOLUME@NAME
+            target = self.call(self.c.snapshot_show, snapshot_id=target)["snapshot_id"]
         snaps = self.call(self.c.snapshot_list)
         chosen = [s for s in snaps if s.get("snapshot_id") == target] or \
                  [s for s in snaps if s.get("snapshot_set_id") == target]
