@@ -43,6 +43,11 @@ ORIGIN_KICK = 1 << 20
 # touch costs ~20x: 16 MiB pwritev ran at 430-2,700 MiB/s, 1 MiB pieces at 8-10 GiB/s
 # (docs/performance.md "The copy-before-write stall").
 ORIGIN_PIECE = 1 << 20
+# The writeback thread writes a batch out without the pool lock only when it copies at
+# least this much: below, the copy is short (random 4 KiB first writes: a few hundred
+# 4 KiB pwrites, ~1 ms) and two more lock round trips and the GIL shared with the FUSE
+# thread meanwhile cost more than the lock hold they save.
+UNLOCKED_MIN = 4 << 20
 
 
 class HeldWrites(PoolCore):
@@ -377,8 +382,8 @@ class HeldWrites(PoolCore):
             self._finish(b)
             return False
         plan = self._out_plan(v, b.held)
-        if not plan:
-            self._finish(b)
+        if sum(hi - lo for _, _, lo, hi, _ in plan if hi > lo) < UNLOCKED_MIN:
+            self._finish(b)   # nothing or little to copy: under the lock, as any finish
             return False
         v.held.writing = frozenset(c for c, *_ in plan)
         b.written = threading.Event()
