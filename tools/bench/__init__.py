@@ -67,7 +67,8 @@ PASS / FAIL / noisy), report.py (medians, ratios, the tables), svg.py (the chart
 command.py (arguments, run, main). Tools of their own (docs/performance.md): the NBD
 port against qemu-nbd, `python -m tools.bench.nbd` (nbd.py, nbd_setup.py); host mode,
 `python -m tools.bench.hosts`; backups (issue 17), `python -m tools.bench.backup`; their
-shared arguments, run and table: netbench.py.
+shared arguments, run and table: netbench.py. The copy-before-write data path of two
+code trees side by side (A/B of a change), `python -m tools.bench.cow_ab` (cow_ab.py).
 """
 
 from __future__ import annotations
