@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from . import caches
 from .common import MiB, _fill, _fuse_unmount, _mounted, _stop_proc, _wait
@@ -148,9 +148,15 @@ def run_fs(fs: str, trees: list[tuple[str, str]], size: int, rounds: int, runtim
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:   # one line, exit 2, nothing done
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench.cow_ab", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="python -m tools.bench.cow_ab", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
                     help="a code tree to run serve from (two or more; the first is A)")
     ap.add_argument("--pool-fs", default="xfs", help="comma-separated: ext4,xfs,btrfs")
@@ -159,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", type=float, default=5.0, help="cap per job, seconds")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--dir", default="/tmp",
+                    help="where the work directory goes (removed at the end)")
     a = ap.parse_args(argv)
+    if a.rounds < 1 or a.runtime <= 0 or not a.size.isdigit() or int(a.size) < 16:
+        ap.error("--rounds >= 1, --runtime > 0 and --size >= 16 (MiB) please")
     trees = []
     for t in a.tree:
         name, sep, path = t.partition("=")
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"trees": dict(trees), "rounds": a.rounds,
                                "size_MiB": int(a.size), "load_start": os.getloadavg()[0]}
-    with tempfile.TemporaryDirectory(prefix="spx-cowab-", dir="/tmp") as base:
+    with tempfile.TemporaryDirectory(prefix="spx-cowab-", dir=a.dir) as base:
         for fs in a.pool_fs.split(","):
             results[fs] = run_fs(fs, trees, int(a.size) * MiB, a.rounds, a.runtime,
                                  workloads, base, say)
