@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
 from .core import PoolCore
-from .fileio import is_zeros
+from .fileio import DataFile, is_zeros
 from .model import (
     COMMITTED,
     DIFFERENTIAL,
@@ -35,6 +36,18 @@ log = logging.getLogger(__name__)
 # goes on, instead of all at the next flush (docs/performance.md). Shorter pieces -- a
 # random 4 KiB write -- are left to the flush and the kernel.
 ORIGIN_KICK = 1 << 20
+# At most this much per system call of a write-out (a run of whole chunks is written in
+# pieces): the page cache then builds folios of at most 1 MiB, as for the data path's own
+# 1 MiB writes. Bigger calls get 2 MiB folios, each a whole free page block -- on a VM
+# with free page reporting (virtio-balloon) often one given back to the host, whose first
+# touch costs ~20x: 16 MiB pwritev ran at 430-2,700 MiB/s, 1 MiB pieces at 8-10 GiB/s
+# (docs/performance.md "The copy-before-write stall").
+ORIGIN_PIECE = 1 << 20
+# The writeback thread writes a batch out without the pool lock only when it copies at
+# least this much: below, the copy is short (random 4 KiB first writes: a few hundred
+# 4 KiB pwrites, ~1 ms) and two more lock round trips and the GIL shared with the FUSE
+# thread meanwhile cost more than the lock hold they save.
+UNLOCKED_MIN = 4 << 20
 
 
 class HeldWrites(PoolCore):
@@ -48,7 +61,17 @@ class HeldWrites(PoolCore):
         held = len(v.held.chunks) * self.chunk_size
         if v.held.batch is not None:   # a batch is queued or syncing: wait for it only when
             if held >= 2 * WRITEBACK_BYTES:   # the memory bound is reached (back-pressure)
-                self._writeback(v)
+                if self.background_writeback:
+                    # wait for the batch in flight (its sync and write-out need no lock),
+                    # then hand what is held now to the writeback thread as the next one:
+                    # the writer waits for the disk only as long as the thread is behind,
+                    # never for syncs of its own
+                    self._settle(v)
+                    if v.held.chunks and v.held.batch is None:
+                        self._queued.append(self._cut(v))
+                        self._wake.set()
+                else:
+                    self._writeback(v)
         elif self.background_writeback:
             # cut the batch here (no I/O) and hand it to the writeback thread: waiting for
             # that thread to get the lock between two back-to-back writes could take long
@@ -227,13 +250,39 @@ class HeldWrites(PoolCore):
         once its write succeeded (an EIO leaves the rest held, for the next flush).
         A run of at least ORIGIN_KICK starts its writeback at once."""
         assert self._owned(), "pool lock not held"
+        done, err = self._out_io(v, self._out_plan(v, held))
+        v.held.release(done)
+        if err is not None:
+            raise err
+
+    def _out_plan(self, v: _Volume, held: list[tuple[int, HeldBuffer]]
+                  ) -> list[tuple[int, HeldBuffer, int, int, int]]:
+        """(Lock held.) What _out_io writes: (chunk, buffer, lo, hi, length) of each
+        chunk of `held` that still has that buffer -- [lo, hi) its changed part, length
+        how much of it lies inside the volume."""
+        assert self._owned(), "pool lock not held"
+        cs = self.chunk_size
+        chunks, dirty = v.held.chunks, v.held.dirty
+        plan = []
+        for c, buf0 in held:
+            if chunks.get(c) is not buf0:
+                continue
+            n = min(cs, v.size - c * cs)
+            lo, hi = dirty.get(c, (0, 0))
+            plan.append((c, buf0, lo, min(hi, n), n))
+        return plan
+
+    def _out_io(self, v: _Volume, plan: list[tuple[int, HeldBuffer, int, int, int]]
+                ) -> tuple[list[int], BaseException | None]:
+        """The I/O of a write-out: needs no pool lock when the buffers cannot change
+        meanwhile (Held.writing) and v.file is pinned. Returns the chunks written (or
+        needing no write) and the error that stopped it, if any."""
         cs = self.chunk_size
         zero = bytes(cs)
         run: list[memoryview] = []     # whole dirty chunks, consecutive: one pwritev
         run_chunks: list[int] = []
         run_start = -1
         done: list[int] = []
-        chunks, dirty = v.held.chunks, v.held.dirty
 
         def write_run() -> None:
             v.file.pwritev(run, run_start)
@@ -242,33 +291,33 @@ class HeldWrites(PoolCore):
             done.extend(run_chunks)
 
         try:
-            for c, buf0 in held:
-                if chunks.get(c) is not buf0:
-                    continue
-                buf = memoryview(buf0)[:min(cs, v.size - c * cs)]
-                lo, hi = dirty.get(c, (0, 0))
-                hi = min(hi, len(buf))
-                whole = lo == 0 and hi == len(buf)
+            for c, buf0, lo, hi, n in plan:
+                buf = memoryview(buf0)[:n]
+                whole = lo == 0 and hi == n
                 if run and (not whole or c * cs != run_start + len(run) * cs):
                     write_run()
                     run, run_chunks = [], []
                 if lo >= hi:                   # preserved, never changed: origin is right
                     done.append(c)
                 elif is_zeros(buf, zero):      # a discard landed here: keep the hole
-                    v.file.punch(c * cs, len(buf))
+                    v.file.punch(c * cs, n)
                     done.append(c)
                 elif whole:
                     if not run:
                         run_start = c * cs
                     run.append(buf)
                     run_chunks.append(c)
+                    if len(run) * cs >= ORIGIN_PIECE:
+                        write_run()
+                        run, run_chunks = [], []
                 else:                          # e.g. one 4 KiB write: write 4 KiB, not 64
                     v.file.pwrite(buf[lo:hi], c * cs + lo)
                     done.append(c)
             if run:
                 write_run()
-        finally:
-            v.held.release(done)
+        except BaseException as e:   # noqa: BLE001 - handed to the caller with `done`
+            return done, e
+        return done, None
 
     def writeback(self, max_age: float = WRITEBACK_AGE) -> None:
         """Push held writes older than max_age (or, of a volume, more than half the
@@ -294,16 +343,69 @@ class HeldWrites(PoolCore):
         for b in jobs:          # every sync first: a waiter may hold the lock meanwhile
             self._sync(b)
         crash: BaseException | None = None
+        out: list[tuple[_Batch, list[DataFile]]] = []
         with self._lock:
             for b in jobs:
                 try:
-                    self._finish(b)
+                    if self._start_write_out(b):
+                        out.append((b, self._pin([b.volume.file])))
                 except Exception as e:   # noqa: BLE001 - one volume's trouble, not all
                     log.error("writing held chunks back to volume %s: %s (they stay held)",
                               b.volume.name, e)
                 crash = crash or b.crashed
+        for b, _ in out:        # the copies into the page cache, WITHOUT the lock
+            self._write_out_unlocked(b)
+        if out:
+            with self._lock:
+                for b, files in out:
+                    self._release(files)
+                    try:
+                        self._finish(b)
+                    except Exception as e:   # noqa: BLE001 - one volume's trouble
+                        log.error("writing held chunks back to volume %s: %s (they stay "
+                                  "held)", b.volume.name, e)
+                    except BaseException as e:   # noqa: BLE001 - SimulatedCrash (tests)
+                        crash = crash or e
         if crash is not None:
             raise crash
+
+    def _start_write_out(self, b: _Batch) -> bool:
+        """(Lock held, b synced.) Set b up for _write_out_unlocked: True if the thread
+        is to write it out now. A batch with anything unusual -- a failed or crashed
+        sync, losses to resolve first -- is finished here under the lock instead, as is
+        one that holds nothing to write; one finished by a waiter already is left."""
+        assert self._owned(), "pool lock not held"
+        if b.done:
+            return False
+        v = b.volume
+        if b.crashed is not None or b.error is not None or v.held.lost:
+            self._finish(b)
+            return False
+        plan = self._out_plan(v, b.held)
+        if sum(hi - lo for _, _, lo, hi, _ in plan if hi > lo) < UNLOCKED_MIN:
+            self._finish(b)   # nothing or little to copy: under the lock, as any finish
+            return False
+        v.held.writing = frozenset(c for c, *_ in plan)
+        b.written = threading.Event()
+        b.out = (plan, [], None)
+        return True
+
+    def _write_out_unlocked(self, b: _Batch) -> None:
+        """The writeback thread's write-out of a synced batch WITHOUT the pool lock: the
+        held chunks' buffers are copied into the origin's page cache while the data path
+        goes on (it used to wait for the lock meanwhile: 3-110 ms per 16 MiB batch,
+        docs/performance.md). Safe because the preservations are durable (the batch's
+        sync came first), the file is pinned, reads still overlay the held buffers, and
+        a write into a chunk being written gets a new buffer (Held.writable), so the
+        chunk stays held with it. _finish then releases the chunks written."""
+        assert b.out is not None and b.written is not None
+        plan = b.out[0]
+        try:
+            done, err = self._out_io(b.volume, plan)
+        except BaseException as e:   # noqa: BLE001 - recorded for _finish
+            done, err = [], e
+        b.out = (plan, done, err)
+        b.written.set()
 
     def wait_and_writeback(self, timeout: float) -> None:
         """The writeback thread's step: sleep until the data path queues a batch or
@@ -331,6 +433,10 @@ class HeldWrites(PoolCore):
         assert self._owned(), "pool lock not held"
         if b.done:
             return
+        if b.written is not None:   # the writeback thread is writing it out: its I/O
+            b.written.wait()         # needs no lock
+            self._finish_written(b)
+            return
         b.done = True
         v, da = b.volume, b.volume.diff
         try:
@@ -346,6 +452,34 @@ class HeldWrites(PoolCore):
             self._resolve_lost(v)
             self._write_out_or_overflow(v, b.held)
             if v.held.chunks:   # preserved while the batch synced: the next batch's
+                v.held.since = b.cut_at
+        finally:
+            v.held.batch = None
+
+    def _finish_written(self, b: _Batch) -> None:
+        """(Lock held.) _finish of a batch the thread wrote out without the lock: the
+        chunks written that still have the buffer written stop being held (one written
+        into meanwhile has a new buffer and stays held for the next batch); an error
+        leaves the rest held -- a full file system on a reflink pool overflows and
+        writes them here (_write_out_or_overflow), anything else is raised."""
+        assert self._owned(), "pool lock not held"
+        assert b.out is not None
+        b.done = True
+        v = b.volume
+        plan, done, err = b.out
+        try:
+            v.held.writing = frozenset()
+            bufs = {c: buf for c, buf, *_ in plan}
+            chunks = v.held.chunks
+            v.held.release([c for c in done if chunks.get(c) is bufs[c]])
+            if err is not None:
+                if not isinstance(err, OSError) or err.errno not in (errno.ENOSPC,
+                                                                     errno.EDQUOT):
+                    raise err
+                gone = set(done)
+                self._write_out_or_overflow(v, [(c, buf) for c, buf in bufs.items()
+                                                if c not in gone and chunks.get(c) is buf])
+            if v.held.chunks:   # held since the cut: the next batch's
                 v.held.since = b.cut_at
         finally:
             v.held.batch = None

@@ -144,6 +144,12 @@ class _Batch:
     error: OSError | None = None
     crashed: BaseException | None = None
     done: bool = False
+    # the writeback thread's write-out WITHOUT the pool lock (heldwrites._write_out_unlocked):
+    # set when it started; `written` is set when its I/O is over, with `out` = (the chunks
+    # and buffers it wrote, the chunks done, the error that stopped it or None)
+    written: threading.Event | None = None
+    out: tuple[list[tuple[int, HeldBuffer, int, int, int]], list[int],
+               BaseException | None] | None = None
 
 
 @dataclass(eq=False)
@@ -162,6 +168,9 @@ class Held:
     batch: _Batch | None = None    # the batch of its held chunks queued or syncing
     # preservations a failed sync lost, whose snapshots are not marked invalid yet
     lost: list[tuple[list[tuple[int, int]], OSError]] = field(default_factory=list)
+    # chunks whose buffers the writeback thread is copying to the origin file without the
+    # pool lock: a write into one gets a new buffer (writable), never changes that one
+    writing: frozenset[int] = frozenset()
 
     def hold(self, items: list[tuple[int, HeldBuffer]], now: float) -> None:
         """Hold these (chunk, content) buffers: a fresh bytearray from _read_chunks, or
@@ -174,8 +183,14 @@ class Held:
     def writable(self, chunk: int) -> bytearray:
         """The held buffer of `chunk`, made a bytearray if it was a read-only view. The
         batch being synced gets the new buffer too: a batch finds the chunks it covers
-        by identity (_write_out, _drain), and this is the same content, only mutable."""
+        by identity (_write_out, _drain), and this is the same content, only mutable.
+        A chunk being written out without the lock (`writing`) gets a copy that the
+        batch does NOT get: the file receives the buffer as it was, and the chunk stays
+        held with the new one (its identity changed) for the next batch."""
         buf = self.chunks[chunk]
+        if chunk in self.writing:
+            new = self.chunks[chunk] = bytearray(buf)
+            return new
         if isinstance(buf, bytearray):
             return buf
         new = self.chunks[chunk] = bytearray(buf)

@@ -539,6 +539,7 @@ def test_writeback_starts_early_for_slots_and_long_origin_runs(pool, monkeypatch
         assert started == [("diff", 0, 16 * CS), ("diff", 16 * CS, 16 * CS)]
     pool.write("v", 40 * CS + 512, b"r" * 512)         # a small write: no origin kick
     pool.flush("v")
-    assert ("origin", 0, 32 * CS) in started           # the long run written out
+    # the long run written out, in pieces of ORIGIN_PIECE (1 MiB), each one started
+    assert ("origin", 0, 16 * CS) in started and ("origin", 16 * CS, 16 * CS) in started
     assert not any(r == "origin" and off == 40 * CS for r, off, _ in started)
     assert pool.read(sid, 0, 64 * CS) == old

@@ -28,14 +28,17 @@ CS = 64 << 10
 OLD, NEW = b"\x5a" * MiB, b"\xa5" * MiB
 
 
-@pytest.mark.parametrize("mode", ["reflink", "copy"])
+@pytest.mark.parametrize("mode", ["reflink", "reflink-background", "copy"])
 def test_a_full_xfs_overflows_instead_of_failing_the_write(tmp_path, monkeypatch, mode):
     """When the filesystem, not the diff-area limit, runs out: on a full XFS the copy
     mode meets the diff area's ENOSPC and deletes the snapshot; the reflink mode meets
     it at the origin's write-out of a cloned chunk (its blocks are shared) and must do
     as well (it failed the write, and flush, check and close after it, before
-    HeldWrites._write_out_or_overflow)."""
+    HeldWrites._write_out_or_overflow) -- also when the writeback thread's write-out,
+    which runs without the pool lock, meets it (reflink-background: the daemon's way)."""
     need(MKFS["xfs"][0])
+    background = mode == "reflink-background"
+    mode = "reflink" if background else mode
     if mode == "copy":
         monkeypatch.setenv("SHADOWPLEX_PRESERVE", "copy")
     with loop_filesystem("xfs", tmp_path) as mnt:
@@ -51,8 +54,12 @@ def test_a_full_xfs_overflows_instead_of_failing_the_write(tmp_path, monkeypatch
             st = os.statvfs(mnt)
             with open(mnt / "filler", "wb") as f:   # 8 MiB left: half the overwrite
                 os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - 8 * MiB)
+            pool.background_writeback = background
             for off in range(0, 16 * MiB, MiB):
                 pool.write("v", off, NEW)
+            if background:   # the writeback thread's step: sync, then the unlocked copy
+                pool.writeback(max_age=0)
+                assert not pool._volumes["v"].held.chunks
             pool.flush("v")
             assert pool.list_snapshots() == []
             assert pool.read("v", 0, 16 * MiB) == NEW * 16

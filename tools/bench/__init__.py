@@ -69,7 +69,8 @@ Tools of their own (docs/performance.md): the NBD port against qemu-nbd, `python
 tools.bench.nbd` (nbd.py, nbd_setup.py); host mode, `python -m tools.bench.hosts`; backups
 (issue 17), `python -m tools.bench.backup`; Ceph RBD against rbd-fuse (issue 18), `python
 -m tools.bench.rbd` (rbd.py, rbd_setup.py, rbd_control.py); their shared arguments, run and
-table: netbench.py.
+table: netbench.py. The copy-before-write data path of two code trees side by side (A/B of
+a change), `python -m tools.bench.cow_ab` (cow_ab.py).
 """
 
 from __future__ import annotations
