@@ -47,6 +47,7 @@ from blockstore.model import (
     Capabilities,
     Kind,
     SnapshotInfo,
+    Tally,
     VolumeInfo,
 )
 from blockstore.names import check_guid, check_name, check_size
@@ -438,10 +439,10 @@ class RbdArray(DataPath):
             origin = self._vols[s.volume]
         cancelled: list[BaseException] = []
 
-        def step(done: int, total: int) -> int:
+        def step(done: int, total: int) -> int:   # objects of the clone (bytes: below)
             if progress is not None and not cancelled:
                 try:
-                    progress(done, total)
+                    progress(done * unit, total * unit)
                 except bse.Cancelled as e:
                     cancelled.append(e)
                     return -125      # -ECANCELED: librbd stops the flatten
@@ -450,7 +451,8 @@ class RbdArray(DataPath):
         rec = VolumeRecord(self._naa(), time.time(),
                            origin={"volume": s.volume, "snapshot": s.id,
                                    "naa": s.rec.naa})
-        step(0, 1)
+        unit = 1   # bytes per step: the size before the clone, an object's after it
+        step(0, s.size)
         if cancelled:
             raise cancelled[0]
 
@@ -463,6 +465,8 @@ class RbdArray(DataPath):
                 raise bse.Exists(f"a volume named {new_name!r} already exists")
             v = self._create_image(new_name, s.size, rec, clone)
         try:
+            with translated(f"reading {new_name}'s object size"):
+                unit = int(v.lun.image.stat()["obj_size"])
             with translated(f"copying snapshot {s.id} into {new_name}"):
                 v.lun.image.flatten(on_progress=step)
             if cancelled:
@@ -479,7 +483,8 @@ class RbdArray(DataPath):
         point_of_no_return = getattr(progress, "point_of_no_return", None)
         if point_of_no_return is not None:
             point_of_no_return()
-        step(1, 1)
+        unit = 1
+        step(s.size, s.size)
         self.delete_snapshot(s.id)
         log.info("snapshot %s of %s split into volume %s", s.id, origin.name, new_name)
         with self._lock:
@@ -493,15 +498,15 @@ class RbdArray(DataPath):
             if s.volume != volume:
                 raise bse.InvalidState(f"snapshot {s.id} is of volume {s.volume}, "
                                        f"not {volume}")
-        if progress is not None:
-            progress(0, 1)
+        if progress is not None:   # (bytes: rollback_to_snap reports nothing meanwhile)
+            progress(0, s.size)
         with v.lun.gate.exclusive(), translated(f"reverting {volume} to snapshot {s.id}"):
             v.lun.image.rollback_to_snap(rbd_snap_name(s.id))
         with self._lock:
             v.mtime = time.time()
             self._changed()
         if progress is not None:
-            progress(1, 1)
+            progress(s.size, s.size)
 
     def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
         with self._lock:
@@ -525,14 +530,20 @@ class RbdArray(DataPath):
             return self._snap_info(s)
 
     # ------------------------------------------------------------------ integrity
-    def check(self, progress: Progress = None) -> list[str]:
-        """Every volume's image and every committed snapshot's RBD snapshot exist; no
-        ``spx.*`` RBD snapshot without its record."""
+    def check(self, progress: Progress = None, volume: str | None = None,
+              tally: Tally | None = None) -> list[str]:
+        """Every volume's image (or ``volume``'s) and every committed snapshot's RBD
+        snapshot exist; no ``spx.*`` RBD snapshot without its record. It reads metadata,
+        no data (progress: the volumes' sizes covered; ``tally``: the LUNs)."""
         problems: list[str] = []
+        t = tally if tally is not None else Tally()
         with self._lock:
-            vols = list(self._vols.values())
+            vols = list(self._vols.values()) if volume is None else [self._vol(volume)]
             snaps = {s.id: s for s in self._snaps.values() if s.state == COMMITTED}
+            sizes = [v.lun.image.size() for v in vols]
+        done = 0
         for i, v in enumerate(vols):
+            t.luns += 1 + sum(1 for s in snaps.values() if s.volume == v.name)
             try:
                 with translated(f"checking {v.name}"):
                     rbd_snaps = {_text(x["name"]) for x in v.lun.image.list_snaps()}
@@ -551,13 +562,15 @@ class RbdArray(DataPath):
                 if name.startswith("spx.") and (sid not in snaps or
                                                 snaps[sid].volume != v.name):
                     problems.append(f"volume {v.name}: RBD snapshot {name} has no record")
+            done += sizes[i]
             if progress is not None:
-                progress(i + 1, len(vols))
+                progress(done, sum(sizes))
         return problems
 
-    def scrub(self, progress: Progress = None) -> list[str]:
+    def scrub(self, progress: Progress = None, volume: str | None = None,
+              tally: Tally | None = None) -> list[str]:
         """check (Ceph scrubs the data itself: `ceph osd deep-scrub`)."""
-        return self.check(progress)
+        return self.check(progress, volume, tally)
 
 
 def _feature_bits(rbd: Any) -> int:
