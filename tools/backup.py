@@ -52,7 +52,7 @@ from typing import Any, Protocol
 from nbd import protocol as p
 from nbd.client import NbdClient
 
-from .output import ByteProgress, human_size
+from .output import Progress, human_size
 
 MANIFEST = ".backup.json"    # FILE + this
 BLOCK = 4 << 20              # bytes per read/write request
@@ -260,7 +260,7 @@ class Stats:
 
 
 def copy_extents(src: NbdClient, target: Target, extents: list[tuple[int, int]],
-                 incremental: bool, stats: Stats, progress: ByteProgress) -> None:
+                 incremental: bool, stats: Stats, progress: Progress) -> None:
     """Copy each (offset, length) of ``extents`` from src to target: data read and
     written (all-zero blocks: skipped in a full backup, zeroed in an incremental), holes
     (base:allocation) not read -- zeroed in an incremental, skipped in a full one."""
@@ -391,7 +391,7 @@ def _part(target: str) -> Iterator[str]:
             os.unlink(part)
 
 
-def run_backup(args: argparse.Namespace, c: Any, progress: ByteProgress) -> dict[str, Any]:
+def run_backup(args: argparse.Namespace, c: Any, progress: Progress) -> dict[str, Any]:
     pl = plan(args, c)
     snap = pl.snapshot
     sid = str(snap["snapshot_id"])
@@ -463,7 +463,7 @@ def backup_one(c: Any, snapshot: str, to: str, base: str | None, fmt: str | None
     through the script's session, never replacing a file. Raises Refused."""
     args = argparse.Namespace(snapshot=snapshot, to=to, base=base, base_file=None,
                               format=fmt, force=False, array=None, tls_dir=None)
-    progress = ByteProgress(not quiet, "backup")
+    progress = Progress(not quiet, "backup")
     try:
         return run_backup(args, c, progress)
     finally:
@@ -471,7 +471,7 @@ def backup_one(c: Any, snapshot: str, to: str, base: str | None, fmt: str | None
 
 
 def main(args: argparse.Namespace, c: Any) -> int:
-    progress = ByteProgress(not args.quiet, "backup")
+    progress = Progress(not args.quiet and not args.json, "backup")
     try:
         summary = run_backup(args, c, progress)
     finally:

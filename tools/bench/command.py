@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = False) -> None:
                    f"systems ({','.join(POOL_FS)}, or none; default: all in the full run, "
                    "none with --quick)")
     p.add_argument("--progress", action="store_true",
-                   help="progress lines on stderr even when it is not a terminal")
+                   help="progress lines (one per phase) on stderr even when it is not a "
+                        "terminal, or with --json")
     # hidden: tiny sizes for the CI test; force the generator
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--generator", choices=("auto", "fio", "python"), default="auto",
@@ -124,8 +125,10 @@ def _measure(b: Bench) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # a line per phase on a terminal; --json (a report for a program) as a pipe
     quiet = not progress_wanted(bool(getattr(args, "quiet", False)),
-                                bool(getattr(args, "progress", False)), sys.stderr.isatty())
+                                bool(getattr(args, "progress", False)),
+                                sys.stderr.isatty() and not getattr(args, "json", False))
     log = Log(quiet)
     tiny = getattr(args, "tiny", False) or os.environ.get("SHADOWPLEX_BENCH_TINY") == "1"
     profile = PROFILES["tiny" if tiny else "quick" if args.quick else "full"]
