@@ -7,7 +7,9 @@
 #   make install the service: a venv at $(PREFIX) (/opt/shadowplex), the command linked
 #                into $(BINDIR) (/usr/local/bin, where contrib/shadowplex.service's
 #                ExecStart looks), the unit, the example config (never overwritten), the
-#                bash completion. `make uninstall` removes them, the config excepted.
+#                bash completion, the man pages (contrib/man: shadowplex(1) and one page
+#                per command, into $(MANDIR)/man1). `make uninstall` removes them, the
+#                config excepted.
 
 SHELL := /bin/bash
 .NOTPARALLEL:
@@ -30,7 +32,7 @@ PYFUSE3_DEPS  := $(PYFUSE3_BUILD) fuse_mount/patches/pyfuse3-3.5.0-fallocate.pat
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs btrfs-progs fio \
                 qemu-system-common qemu-utils sqlite3 gcc python3-dev python3-venv patch \
-                libnbd-bin nbdkit iproute2
+                libnbd-bin nbdkit iproute2 man-db groff-base
 
 export DEBIAN_FRONTEND := noninteractive
 
@@ -40,8 +42,12 @@ BINDIR        ?= /usr/local/bin
 UNITDIR       ?= /etc/systemd/system
 CONFDIR       ?= /etc/shadowplex
 COMPLETIONDIR ?= /usr/share/bash-completion/completions
+MANDIR        ?= /usr/local/share/man
+# the pages shipped (generated from the parser: python -m tools.manpages contrib/man)
+MANPAGES      := $(notdir $(wildcard contrib/man/*.1))
 
-.PHONY: setup setup-system venv ceph ceph-system test demo lint typecheck clean install uninstall
+.PHONY: setup setup-system venv ceph ceph-system test demo lint typecheck clean install uninstall \
+        install-man uninstall-man
 
 setup: setup-system venv
 
@@ -100,7 +106,7 @@ demo: setup
 # patched pyfuse3 must not replace a system one): the patched pyfuse3 first, then
 # shadowplex itself, not editable (this checkout may go away). Re-running upgrades it.
 # The unit's ExecStart is rewritten if BINDIR is not /usr/local/bin.
-install: setup-system
+install: setup-system install-man
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "install: '$(PYTHON)' is $$($(PYTHON) -V 2>&1 || echo missing); shadowplex needs" \
 	       "Python >= 3.11: make PYTHON=/path/to/python3.11 install" >&2; exit 1; }
@@ -127,10 +133,18 @@ install: setup-system
 	@echo "install: next: edit $(CONFDIR)/shadowplex.toml; shadowplex pool init POOL;" \
 	      "mkdir -p MOUNT; systemctl daemon-reload && systemctl enable --now shadowplex"
 
-uninstall:
+uninstall: uninstall-man
 	rm -f $(BINDIR)/shadowplex $(UNITDIR)/shadowplex.service $(COMPLETIONDIR)/shadowplex
 	rm -rf $(PREFIX)
 	@echo "uninstall: kept $(CONFDIR) and every pool"
+
+# man finds them in $(MANDIR) at once; apropos/whatis after the next mandb run
+install-man:
+	install -d $(MANDIR)/man1
+	install -m 644 $(addprefix contrib/man/,$(MANPAGES)) $(MANDIR)/man1/
+
+uninstall-man:
+	rm -f $(addprefix $(MANDIR)/man1/,$(MANPAGES))
 
 lint: venv
 	$(VENV)/bin/ruff check .

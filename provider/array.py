@@ -13,8 +13,12 @@ Optional members, looked up with getattr by their one user (a backend without th
 behaves as the embedded pool): ``blocking_io`` (fuse_mount/lunstore.py: the mount runs
 the data path in worker threads), ``claim_set(set_id, context, attributes)`` /
 ``release_set(set_id, created)`` (Coordinator.start_set: a shared array's one
-set-in-creation slot), ``mark_exported(set_id)`` / ``import_set(document)``
-(provider/transport.py: export and import decided by the shared array).
+set-in-creation slot; a backend's blockstore.errors.Busy there is
+VSS_E_SNAPSHOT_SET_IN_PROGRESS), ``mark_exported(set_id)`` / ``import_set(document,
+parsed)`` (provider/transport.py: export and import decided by the shared array),
+``present_volume(name, hosts)`` / ``presented_to(name)`` (provider/volumes.py: LUN
+masking stored by the backend on the LUN, Ceph's images). RbdArray has all of them:
+several hosts' daemons share one RBD pool (docs/ceph.md).
 
 Who uses what:
 

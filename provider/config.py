@@ -13,7 +13,8 @@
     state_dir (str: this host's catalog; default DEFAULT_HOST_STATE), log_level
     ("debug" | "info" | "warning" | "error"), log_file (str: append the log there
     instead of stderr); Ceph (issue 18): array "rbd:POOL" with ceph_conf (str:
-    ceph.conf) and ceph_id (str), state_dir (default DEFAULT_RBD_STATE)
+    ceph.conf), ceph_id (str), ceph_host (str: this host's name in the images'
+    presentation, default the hostname), state_dir (default DEFAULT_RBD_STATE)
   service keys (passed to provider.service.control_service(config=...), see
   docs/provider.md "Configuration"):
     default_kind ("differential" | "plex"), freeze_timeout, hold_deadline, writer_timeout,
@@ -44,7 +45,7 @@ from typing import Any
 
 SERVE_KEYS = ("pool", "mount", "socket", "allow_other", "poll_us", "nbd_listen",
               "nbd_insecure", "tls_dir", "control_listen", "array", "state_dir",
-              "ceph_conf", "ceph_id", "log_level", "log_file")
+              "ceph_conf", "ceph_id", "ceph_host", "log_level", "log_file")
 PATH_KEYS = ("pool", "mount", "socket", "hooks_dir", "tls_dir", "state_dir", "ceph_conf",
              "log_file")
 SECONDS_KEYS = ("freeze_timeout", "hold_deadline", "writer_timeout", "revert_hold",
@@ -102,6 +103,8 @@ def _check(key: str, v: Any) -> str | None:
         return None if isinstance(v, str) and v else "a non-empty path string"
     if key == "ceph_id":
         return None if isinstance(v, str) and v else "a Ceph client id string"
+    if key == "ceph_host":
+        return None if isinstance(v, str) and v else "a host name string"
     if key in ("nbd_listen", "control_listen", "array"):
         return None if isinstance(v, str) and v else "an address ADDR[:PORT] string"
     if key == "log_level":

@@ -19,10 +19,7 @@ pool at --pool, a directory that is not a pool, a missing or unusable mount dire
 the pool or socket inside the mount, a bad --tls-dir or --log-file), 1 for the others
 (the pool in use by another daemon, the array unreachable, the mount failing).
 
-The log (``_configure_logging``): stderr, or ``log_file`` (appended, reopened when
-logrotate moves it); level INFO unless ``log_level``/``debug`` says otherwise. When
-stderr is systemd's journal ($JOURNAL_STREAM names it) each line carries its syslog
-priority (``<6>``...) and no timestamp or pid: journald records both.
+The log: provider/logsetup.py (stderr or ``log_file``, journald priorities).
 
 Stopping while the mount is in use: the unmount is attempted NON-lazily first. If the
 mount is busy (a loop device or a process still has an image open) the daemon refuses to
@@ -56,7 +53,6 @@ import argparse
 import errno
 import inspect
 import logging
-import logging.handlers
 import os
 import signal
 import ssl
@@ -89,6 +85,7 @@ from nbd.settings import NbdSettings
 from . import mount_users
 from .array import Array
 from .config import EXIT_CONFIG, LOG_LEVELS
+from .logsetup import LogSetupError, configure_logging, journal_stderr
 from .sdnotify import Notifier
 from .vss import VssError
 
@@ -395,7 +392,7 @@ def serve(
     nbd: NbdSettings | None = None,
     array: str | None = None,
     tls_dir: str | None = None,
-    ceph: tuple[str, str | None] | None = None,
+    ceph: tuple[str, str | None, str | None] | None = None,
     log_level: str | None = None,
     log_file: str | None = None,
 ) -> int:
@@ -408,13 +405,13 @@ def serve(
     Host mode (issue 16): with ``array`` "HOST[:PORT]" and ``tls_dir`` (this host's
     certificate), the LUNs are the remote array's (provider/remote_array.py) and
     ``pool_dir`` is this host's state directory (its coordinator's catalog). Ceph
-    (issue 18): ``array`` "rbd:POOL" and ``ceph`` (ceph.conf, client id): the LUNs are
+    (issue 18): ``array`` "rbd:POOL" and ``ceph`` (ceph.conf, client id, host name): the LUNs are
     that RBD pool's (rbdarray/), ``pool_dir`` the provider's state directory.
     """
     notifier = Notifier.from_environment()
     try:
-        handler = _configure_logging(debug, log_level, log_file)
-    except ServeError as e:
+        handler = configure_logging(debug, log_level, log_file)
+    except LogSetupError as e:
         _error_line(str(e))
         return EXIT_CONFIG
     try:
@@ -429,7 +426,7 @@ def serve(
 def _serve(pool_dir: str, mountpoint: str, socket_path: str | None, foreground: bool,
            services: Sequence[Service], debug: bool, allow_other: bool, poll_us: float,
            nbd: NbdSettings | None, array: str | None, tls_dir: str | None,
-           ceph: tuple[str, str | None] | None, notifier: Notifier) -> int:
+           ceph: tuple[str, str | None, str | None] | None, notifier: Notifier) -> int:
     pool_dir = os.path.abspath(pool_dir)
     mountpoint = os.path.realpath(mountpoint)   # before mounting: safe to stat
     if not foreground:
@@ -492,7 +489,7 @@ def _serve(pool_dir: str, mountpoint: str, socket_path: str | None, foreground: 
 
 
 def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None,
-                  ceph: tuple[str, str | None] | None = None) -> Array:
+                  ceph: tuple[str, str | None, str | None] | None = None) -> Array:
     """The embedded pool, an RBD pool (``rbd:POOL``), or in host mode the remote array
     (raises StoreError/OSError; ControlError for an array that refuses or cannot be
     reached)."""
@@ -500,9 +497,9 @@ def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None,
         return Pool.open(pool_dir)
     if array.startswith("rbd:"):
         from rbdarray import RbdArray
-        conf, ceph_id = ceph or ("/etc/ceph/ceph.conf", None)
+        conf, ceph_id, host = ceph or ("/etc/ceph/ceph.conf", None, None)
         os.makedirs(pool_dir, mode=0o700, exist_ok=True)
-        return RbdArray(array[4:], conf, pool_dir, ceph_id=ceph_id)
+        return RbdArray(array[4:], conf, pool_dir, ceph_id=ceph_id, host=host)
     from .client import ControlError
     from .remote_array import RemoteArray
     if not tls_dir:
@@ -524,71 +521,6 @@ def _find(exc: BaseException, cls: type[BaseException]) -> BaseException | None:
             if found is not None:
                 return found
     return None
-
-
-LOG_FORMAT = "%(asctime)s shadowplex[%(process)d] %(levelname)s %(name)s: %(message)s"
-JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"   # journald adds time, unit, pid
-
-
-def journal_stderr() -> bool:
-    """stderr is systemd's journal: $JOURNAL_STREAM ("DEV:INODE", set by systemd for a
-    service whose stderr it connects to journald) names the very file stderr is. Only
-    then, not merely under systemd ($INVOCATION_ID): StandardError=append:FILE wants
-    timestamps, and a child whose stderr was redirected inherits the variable."""
-    value = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in value.split(":"))
-        st = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError, AttributeError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
-class JournalFormatter(logging.Formatter):
-    """Each line prefixed with its syslog priority, ``<6>`` for INFO (journald's
-    SyslogLevelPrefix, on by default): `journalctl -p warning` then filters by level."""
-
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                logging.CRITICAL: 2}
-
-    def format(self, record: logging.LogRecord) -> str:
-        prio = self.PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING
-                                 else 3)
-        return "\n".join(f"<{prio}>{x}" for x in super().format(record).splitlines())
-
-
-def _configure_logging(debug: bool, level: str | None = None,
-                       log_file: str | None = None) -> logging.Handler | None:
-    """The daemon's log: stderr (journal-style if it is the journal), or ``log_file``
-    instead; INFO unless ``level`` (LOG_LEVELS) or ``debug`` says otherwise. A process
-    whose root logger has handlers already (a test running serve() in-process) keeps
-    them; a log file is added to them. Returns the handler added for ``log_file`` (the
-    caller removes it), ServeError if the file cannot be opened."""
-    if level is not None and level not in LOG_LEVELS:
-        raise ServeError(f"log level {level!r}: use one of {', '.join(LOG_LEVELS)}")
-    lvl = logging.DEBUG if debug else getattr(logging, (level or "info").upper())
-    root = logging.getLogger()
-    added: logging.Handler | None = None
-    if log_file:
-        try:
-            # reopened when logrotate moves the file away (no copytruncate needed)
-            added = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
-        except OSError as e:
-            raise ServeError(f"cannot open the log file {log_file}: "
-                             f"{e.strerror or e}") from None
-        added.setFormatter(logging.Formatter(LOG_FORMAT))
-    if not root.handlers:
-        if added is None:
-            h: logging.Handler = logging.StreamHandler(sys.stderr)
-            h.setFormatter(JournalFormatter(JOURNAL_FORMAT) if journal_stderr()
-                           else logging.Formatter(LOG_FORMAT))
-            root.addHandler(h)
-        root.setLevel(lvl)
-    elif debug or level is not None:
-        root.setLevel(lvl)
-    if added is not None:
-        root.addHandler(added)
-    return added
 
 
 def build_parser(paths_required: bool = True) -> argparse.ArgumentParser:

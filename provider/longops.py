@@ -96,6 +96,10 @@ class LongOperations:
         self.volumes.check_unmarked(vol, "revert")
         if not force:
             await in_thread(self.volumes.check_not_attached, vol, "revert")
+        # --force onto a volume loop devices use: done, and said -- in the reply (the CLI
+        # prints it on stderr) and in the audit line (at WARNING)
+        users = await in_thread(lambda: self.volumes.where_attached(
+            self.volumes.attached(vol))) if force else ""
         self._marks[vol] = Revert()
         hold = None
         started = False   # pool.revert called: the volume may have changed from then on
@@ -124,11 +128,17 @@ class LongOperations:
                     # locked, and the kernel's invalidation waits for that page
                     with trio.CancelScope(shield=True):
                         await self.masking.invalidate(vol)
-        audit.audit("snapshot.revert", id=s.id, volume=vol,
-                    **({"force": "yes"} if force else {}),
+        audit.audit("snapshot.revert", None, logging.WARNING if users else logging.INFO,
+                    id=s.id, volume=vol, **({"force": "yes"} if force else {}),
+                    **({"attached": users} if users else {}),
                     **({"note": "cancelled-after-start-rolled-forward"} if job.cancelled
                        else {}))
-        return self.views.volume_json(self.pool.volume(vol))
+        out = self.views.volume_json(self.pool.volume(vol))
+        if users:
+            out["warning"] = (f"volume {vol} was reverted under {users}: what the kernel "
+                              "and the filesystems there had cached is stale; unmount and "
+                              "detach them, then fsck before mounting it again")
+        return out
 
     @staticmethod
     def _job_cancelled(job: Job, what: str, detail: str) -> VssError:

@@ -393,9 +393,11 @@ class RemoteArray:
         import of the document needs that)."""
         self._call("array.export", {"set_id": set_id})
 
-    def import_set(self, document: str) -> dict[str, Any]:
+    def import_set(self, document: str, parsed: Any = None) -> dict[str, Any]:
         """LocateLuns at the array: it checks the document and presents the set's LUNs
-        to this host only; the listing follows before this returns."""
+        to this host only; the listing follows before this returns. (``parsed``, the
+        document as provider/documents parsed it, is for backends that check it
+        themselves: the array here parses the text.)"""
         res: dict[str, Any] = self._call("array.import", {"document": document})
         self.refresh()
         return res

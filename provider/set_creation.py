@@ -39,6 +39,7 @@ from typing import Any
 
 import trio
 
+from blockstore import errors as bse
 from fuse_mount.barrier import WriteBarrier
 
 from . import audit, vss
@@ -132,6 +133,9 @@ class SetCreation:
             s = self._sets[set_id]
             try:
                 await in_thread(claim, set_id, int(s.context), int(s.attributes))
+            except bse.Busy as e:   # a shared backend's slot (Ceph: another host's set)
+                self._finish(self._sets[set_id])
+                raise _vss("VSS_E_SNAPSHOT_SET_IN_PROGRESS", str(e)) from None
             except BaseException:
                 self._finish(self._sets[set_id])
                 raise
@@ -418,7 +422,9 @@ class SetCreation:
         return {"set_id": set_id, "snapshots": snaps}
 
     async def end_backup(self, session: Session, set_id: str | None = None) -> dict[str, Any]:
-        """BackupComplete: the writers hear that the backup of this set is done."""
+        """BackupComplete: the writers hear that the backup of this set is done -- once:
+        a second time is VSS_E_BAD_STATE and tells nobody (a writer that truncates its
+        logs on BackupComplete must not do it twice for one backup)."""
         sid = set_id or session.last_created
         if sid is None:
             raise _vss("VSS_E_BAD_STATE", "end_backup: no snapshot set was created in this "
@@ -435,6 +441,14 @@ class SetCreation:
             if sid in self._sets:
                 raise _vss("VSS_E_BAD_STATE", f"snapshot set {sid} is still being created")
             raise _vss("VSS_E_OBJECT_NOT_FOUND", f"no snapshot set {sid}")
+        if rec.backup_complete:
+            raise _vss("VSS_E_BAD_STATE", f"the backup of snapshot set {sid} was completed "
+                       "already: its writers were told then, they are not told twice")
+        # marked before the writers are called (they are awaited): a second end_backup
+        # meanwhile is refused too -- BackupComplete goes out at most once per set
+        self.catalog.set_backup_complete(sid)
+        if exported is not None:   # BackupComplete goes out: the export is done with
+            self.catalog.delete_export(sid)
         ctx = Context(rec.context)
         notified: list[str] = []
         if self.writers and vss.uses_writers(ctx):
@@ -451,7 +465,4 @@ class SetCreation:
             notified = [n for w in self.writers if id(w) not in bad for n in names(w)]
             for w, e in failures:
                 log.error("writer %s failed in backup-complete: %s", wname(w), e)
-        self.catalog.set_backup_complete(sid)
-        if exported is not None:   # BackupComplete went out: the export is done with
-            self.catalog.delete_export(sid)
         return {"set_id": sid, "writers_notified": notified}

@@ -187,9 +187,11 @@ class Transport:
 
     async def _import_at_array(self, session: Session, document: str,
                                parsed: documents.ParsedSet) -> dict[str, Any]:
-        """Host mode: the array checks the document and presents the LUNs to this host
-        (its own import, transport.py there); this host's coordinator then keeps the
-        set's row and the import, as for a set it created (delete, lifetimes, list)."""
+        """Host mode, or a pool shared by several hosts (Ceph): the array checks the
+        document and presents the LUNs to this host (host mode: its own import,
+        transport.py there; Ceph: the records on the images, rbdarray/hosts.py); this
+        host's coordinator then keeps the set's row and the import, as for a set it
+        created (delete, lifetimes, list)."""
         sid, host = parsed.set_id, session.host
         if host != self.masking.service_machine:
             raise VssError("E_ACCESSDENIED", f"import on host daemon "
@@ -198,7 +200,8 @@ class Transport:
         if sid in self.catalog.records:
             raise VssError("VSS_E_OBJECT_ALREADY_EXISTS", f"snapshot set {sid} is already "
                            "known on this host")
-        res: dict[str, Any] = await in_thread(self.pool.import_set, document)  # type: ignore[attr-defined]
+        res: dict[str, Any] = await in_thread(self.pool.import_set, document,  # type: ignore[attr-defined]
+                                              parsed)
         ids = [s["snapshot_id"] for s in res.get("snapshots", [])]
         rec = SetRecord(sid, int(parsed.context), int(parsed.attributes),
                         int(SnapshotState.CREATED), time.time(), parsed.originating_machine,

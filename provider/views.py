@@ -96,7 +96,9 @@ class Views:
         d = asdict(v)
         d["allocated"] = self.pool.allocated_bytes(v.name)   # one stat, in the pool dir
         d["path"] = self.masking.shown_path(v.name)
-        d["presented_to"] = sorted(self.masking.hosts_of(v.name))
+        on_lun = getattr(self.pool, "presented_to", None)   # Ceph: the image's record
+        d["presented_to"] = sorted(on_lun(v.name) if on_lun is not None
+                                   else self.masking.hosts_of(v.name))
         mark = self._marks.get(v.name)
         d["in_use_by"] = None if mark is None else str(mark)
         return d
@@ -117,7 +119,7 @@ class Views:
             status = SS(rec.state) if rec else SS.CREATED
         count = rec.snapshots_count if rec else len(live.volumes) if live else max(
             1, sum(1 for x in self.pool.list_snapshots() if x.set_id == s.set_id))
-        attrs = int(s.attributes)
+        attrs = int(vss.kind_attributes(s.attributes, s.kind))   # promoted: PLEX
         mount = self.catalog.mounted.get(s.id)
         exposed_path = None
         mountpoint = self.masking.mountpoint

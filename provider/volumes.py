@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from blockstore import errors as bse
 from fuse_mount import loopdev
 
 from . import audit, documents
@@ -36,6 +37,9 @@ class Volumes:
         self.masking = masking
         self.views = views
         self._marks = marks   # the coordinator's volume marks (read only)
+        # resizes one at a time: a relative one (+1G) reads the size and grows it as
+        # one step, two at once both grow it
+        self._resizing = trio.Lock()
 
     def check_unmarked(self, volume: str, what: str) -> None:
         mark = self._marks.get(volume)
@@ -44,11 +48,28 @@ class Volumes:
                     else "VSS_E_SNAPSHOT_SET_IN_PROGRESS")
             raise VssError(name, f"cannot {what} volume {volume}: it is in use by {mark}")
 
-    def check_not_attached(self, volume: str, what: str) -> None:
+    def attached(self, volume: str) -> list[str]:
+        """The loop devices on the volume: on its pool file or on one of its paths under
+        our mount (compared as text: no stat there). A worker thread's (/sys scans)."""
         path = self.pool.image_path(volume)
         users = loopdev.loops_backed_by(path) if path else []
         for vpath in self.masking.volume_paths(volume):   # under our own mount: no stat
             users += loopdev.loops_backed_by(vpath, lexical=True)
+        return sorted(set(users))
+
+    @staticmethod
+    def where_attached(devices: Sequence[str]) -> str:
+        """'/dev/loop3 (mounted at /mnt/db), /dev/loop4': the devices and where their
+        filesystems are mounted (/proc/self/mountinfo, as text)."""
+        mounts = loopdev.mountinfo()
+        out = []
+        for dev in devices:
+            at = [mp for mp, _, src in mounts if src == dev]
+            out.append(f"{dev} (mounted at {', '.join(at)})" if at else dev)
+        return ", ".join(out)
+
+    def check_not_attached(self, volume: str, what: str) -> None:
+        users = self.attached(volume)
         if users:
             # no `volume delete --force`: like lvremove of an open LV, deleting a volume
             # in use is refused (its users would get I/O errors); revert has --force
@@ -88,9 +109,18 @@ class Volumes:
         return self.views.volume_json(v)
 
     async def resize(self, name: str, size: int | str) -> dict[str, Any]:
+        """Grow a volume to ``size``, or by it: "+1G" (as lvextend -L +1G); "-1G", like
+        a smaller size, is refused by the store (no shrinking: it would destroy data)."""
         self.check_unmarked(name, "resize")
-        was = self.pool.volume(name).size
-        v = await in_thread(self.pool.resize_volume, name, parse_size(size))
+        async with self._resizing:
+            was = self.pool.volume(name).size
+            text = size.strip() if isinstance(size, str) else ""
+            if text[:1] in ("+", "-"):
+                delta = parse_size(text[1:].lstrip())
+                new_size = was + delta if text[0] == "+" else was - delta
+            else:
+                new_size = parse_size(size)
+            v = await in_thread(self.pool.resize_volume, name, new_size)
         audit.audit("volume.resize", name=v.name, size=v.size, was=was)
         # the kernel caches the size (1 s): `losetup -c` right after must see the new one
         await self.masking.invalidate(name, attr_only=True)
@@ -111,13 +141,24 @@ class Volumes:
                 raise VssError("E_INVALIDARG", f"host name {h!r} is not valid (letters, "
                                "digits, '-', '_' in dot-separated labels, at most 253 "
                                "characters)")
-        before = self.masking.hosts_of(vol)
-        self.masking.present([vol], hosts)
-        after = self.masking.hosts_of(vol)
+        on_lun = getattr(self.pool, "present_volume", None)
+        if on_lun is not None:
+            # the backend keeps the masking on the LUN (Ceph: each host's daemon serves
+            # what the image presents to it; no MOUNT/hosts/ view here)
+            before = frozenset(self.pool.presented_to(vol))  # type: ignore[attr-defined]
+            await in_thread(on_lun, vol, list(hosts))
+            after = frozenset(hosts)
+        else:
+            before = self.masking.hosts_of(vol)
+            self.masking.present([vol], hosts)
+            after = self.masking.hosts_of(vol)
         if after != before:
             audit.audit("volume.present", name=vol, hosts=sorted(after), was=sorted(before))
             await self.masking.names_changed()   # LUN masking: no cached name may still open it
-        return self.views.volume_json(self.pool.volume(vol))
+        try:
+            return self.views.volume_json(self.pool.volume(vol))
+        except bse.NotFound:   # presented away from this host (Ceph): not seen here now
+            return {"name": vol, "presented_to": sorted(after)}
 
     async def delete(self, name: str) -> None:
         self.pool.volume(name)

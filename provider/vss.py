@@ -58,6 +58,7 @@ __all__ = [
     "validate_attributes",
     "snapshot_context",
     "context_matches",
+    "kind_attributes",
     "attr_names",
     "parse_attr_names",
     "GUID_RE",
@@ -136,6 +137,22 @@ CONTEXT_BITS = Attr.PERSISTENT | Attr.CLIENT_ACCESSIBLE | Attr.NO_AUTO_RELEASE |
 # are the only values of the _VSS_VOLUME_SNAPSHOT_ATTRIBUTES enumeration that can be used
 # to modify any context."
 OPTION_BITS = Attr.TRANSPORTABLE | Attr.DIFFERENTIAL | Attr.PLEX
+
+# How a snapshot's content is kept, as VSS names it: the block store's kind. A promote
+# makes a differential snapshot a full copy -- VSS's PLEX ("a full copy of the
+# original") -- while the mask stored with the snapshot is the one it was created with.
+_KIND_BITS = {"differential": Attr.DIFFERENTIAL, "plex": Attr.PLEX, "full": Attr.PLEX}
+
+
+def kind_attributes(attributes: int, kind: str) -> Attr:
+    """``attributes`` with the DIFFERENTIAL/PLEX bit of ``kind`` (the store's kind is the
+    truth: a promoted snapshot is PLEX, no longer DIFFERENTIAL). Every view of a
+    snapshot's attributes (snapshot list/show, the BCD) goes through here."""
+    bit = _KIND_BITS.get(str(kind))
+    mask = int(attributes)
+    if bit is None:
+        return Attr(mask)
+    return Attr(mask & ~int(Attr.DIFFERENTIAL | Attr.PLEX) | int(bit))
 
 
 # --------------------------------------------------------------------------- contexts

@@ -6,7 +6,9 @@ in docs/ceph.md; what is stored on the images in rbdarray/records.py.
     differential snapshot  an RBD snapshot ``spx.<guid>`` + the metadata spx.snap.<guid>
     set at one instant     commit_snapshots: every image's writes held at our gate
                            (records.Gate) while its RBD snapshot is taken (see below)
-    revert                 rollback_to_snap;  split: clone v2 + flatten, new naa
+    revert                 rollback_to_snap
+    split                  a new image + the snapshot's allocated objects copied
+                           (copying.py: cost follows the data, not the size), new naa
     changed blocks         diff_iterate (fast-diff finds the objects, then exact extents)
     plex, promote          not offered (capabilities say so)
 
@@ -16,10 +18,15 @@ pacific's librbd reaches group-namespace snapshots only by id -- reading them wo
 name up in the user namespace only (ImageNotFound, checked on 16.2.15), and removing the
 group removes every image's snapshot of it. So changed blocks, revert and split need
 user snapshots, and the instant is made here: a commit closes the gate of every volume
-of the set (waits for the I/O in flight, holds new I/O), takes the RBD snapshots one
-after the other (~0.1 s each with paxos propose interval 0.1) and opens the gates. Every
-write through this array is wholly before or wholly after the instant; it is the only
-writer (it holds the images' exclusive lock while writing).
+of the set (waits for the I/O in flight, holds new I/O), takes the RBD snapshots at
+once (a thread each: the monitor allocates their ids in one paxos proposal, ~0.1 s with
+paxos propose interval 0.1, whatever the number of volumes) and opens the gates. Every
+write through this array is wholly before or wholly after the instant.
+
+Several hosts on one pool (issue 18 item 2), each host's daemon an RbdArray named by
+``host``: the catalog in memory follows the others (rbdarray/catalog.py, follow.py),
+a LUN is served only by the hosts its record presents it to (hosts.py), one set is in
+creation at a time across them (setlock.py).
 
 Threads: every method may be called from any thread. librbd's Image and librados'
 Ioctx are thread-safe for I/O (the bindings release the GIL); one Image per LUN stays
@@ -31,8 +38,10 @@ the short metadata updates of bookkeeping calls).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -47,15 +56,17 @@ from blockstore.model import (
     Capabilities,
     Kind,
     SnapshotInfo,
-    Tally,
     VolumeInfo,
 )
 from blockstore.names import check_guid, check_name, check_size
 
+from .copying import copy_allocated
 from .datapath import CONNECT_TIMEOUT, DataPath
 from .errors import translated
+from .follow import POLL, Follower
+from .hosts import Hosts
+from .integrity import Integrity
 from .records import (
-    SNAP_PREFIX,
     VOLUME_KEY,
     Lun,
     Snap,
@@ -63,14 +74,18 @@ from .records import (
     Vol,
     VolumeRecord,
     rbd_snap_name,
+    sees,
     snap_key,
 )
+from .scan import ImageScan
+from .setlock import SetLock
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None] | None
 
 CHUNK = 65536            # default object size of the images we create = chunk_size
 MAX_SNAPSHOTS = 512      # per volume, VSS's limit
+BUSY_WAIT = 3.0          # s an image removal retries while another client has it open
 FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten")
 
 
@@ -86,15 +101,19 @@ def _rbd() -> tuple[Any, Any]:
     return rados, rbd
 
 
-class RbdArray(DataPath):
+class RbdArray(Hosts, Integrity, DataPath):
     """Volumes and snapshots of one RBD pool. ``path``: a local directory for the
     provider's catalog (the interface's one local need)."""
 
     def __init__(self, pool: str, conffile: str, path: str, ceph_id: str | None = None,
-                 conf: dict[str, str] | None = None, object_size: int = CHUNK) -> None:
+                 conf: dict[str, str] | None = None, object_size: int = CHUNK,
+                 host: str | None = None, poll: float = POLL) -> None:
         """`object_size`: of the images this array creates (a power of two, 4 KiB..32
         MiB), and the chunk size it reports: changed blocks and allocation maps come
-        from the object maps, so they are exact to an object (docs/ceph.md)."""
+        from the object maps, so they are exact to an object (docs/ceph.md). `host`:
+        this host's name in the images' presentation (default: the hostname); the
+        coordinator serves it as its own host. `poll`: seconds between two scans of
+        the pool when no other host notifies (rbdarray/follow.py)."""
         if object_size < 4096 or object_size > 32 << 20 or object_size & (object_size - 1):
             raise bse.InvalidSize(f"invalid RBD object size {object_size}: a power of two "
                                   "from 4 KiB to 32 MiB")
@@ -103,11 +122,21 @@ class RbdArray(DataPath):
         self._order = object_size.bit_length() - 1
         self.path = path
         self.pool = pool
+        self.host = host or socket.gethostname()
         self.generation = 0
         self.last_io = 0.0
         self._lock = threading.RLock()
-        self._vols: dict[str, Vol] = {}
-        self._snaps: dict[str, Snap] = {}
+        self._vols: dict[str, Vol] = {}         # our images presented here (open)
+        self._snaps: dict[str, Snap] = {}       # committed and presented here, or being
+                                                # prepared here
+        self._hidden: dict[str, ImageScan] = {}     # our images not presented here
+        self._hidden_snaps: dict[str, tuple[ImageScan, SnapRecord]] = {}   # likewise
+        self._epoch = 0          # local changes of the catalog so far (see _mutation)
+        self._mutating = 0       # local changes under way
+        self._token = ""         # digest of what this host sees (generation follows it)
+        self._leftovers = False  # the last scan saw records a crash may have left
+        self._follow: Follower | None = None
+        self._alloc, self._alloc_writes, self._alloc_counting = {}, {}, set()
         with translated(f"connecting to Ceph with {conffile}"):
             self._cluster = rados.Rados(conffile=conffile, rados_id=ceph_id,
                                         conf=dict(conf or {}))
@@ -120,63 +149,22 @@ class RbdArray(DataPath):
             self.capabilities = Capabilities(
                 plex=False, promote=False, split=True, revert=True, reflink=False,
                 changed_blocks=True, max_snapshots_per_volume=MAX_SNAPSHOTS)
+            self._setlock = SetLock(self._io, self.host, pool)
             self._load()
+            self._follow = Follower(self._io, self._refresh, poll)
+            self._follow.wake()   # a change between the scan and the watch: seen now
         except BaseException:
             self.close()
             raise
 
-    # ------------------------------------------------------------------ open / close
-    def _load(self) -> None:
-        """Our volumes (images with spx.volume) and their committed snapshots; finishes
-        or undoes a commit a crash interrupted, drops records of deleted snapshots."""
-        with translated(f"listing pool {self.pool}"):
-            names = sorted(self._rbd.RBD().list(self._io))
-        records: dict[str, tuple[str, SnapRecord]] = {}
-        present: dict[str, dict[str, Any]] = {}    # snap id -> its RBD snapshot
-        for name in names:
-            with translated(f"opening image {name}"):
-                try:
-                    image = self._rbd.Image(self._io, name)
-                except self._rbd.ImageNotFound:
-                    continue                    # removed meanwhile
-                meta = dict(image.metadata_list())
-            if VOLUME_KEY not in meta:
-                image.close()                   # not ours
-                continue
-            v = Vol(int(image.id(), 16), name, VolumeRecord.load(meta[VOLUME_KEY]),
-                     Lun(image), 0.0)
-            v.mtime = _ts(image.modify_timestamp()) or v.rec.created
-            self._vols[name] = v
-            for key, text in meta.items():
-                if key.startswith(SNAP_PREFIX):
-                    records[key[len(SNAP_PREFIX):]] = (name, SnapRecord.load(text))
-            for s in image.list_snaps():
-                sname = _text(s["name"])
-                if sname.startswith("spx."):
-                    present[sname[4:]] = dict(s, volume=name)
-        for sid, (name, rec) in sorted(records.items()):
-            if sid not in present:
-                log.warning("snapshot %s of %s: its RBD snapshot is gone (a delete was "
-                            "interrupted); removing its record", sid, name)
-                self._forget(name, sid)
-                continue
-            if not rec.done:
-                if all(m in present for m in rec.members):
-                    rec.done = True
-                    with translated(f"finishing the commit of snapshot {sid}"):
-                        self._vols[name].lun.image.metadata_set(snap_key(sid), rec.dump())
-                else:
-                    log.warning("snapshot %s of %s: its set's commit was interrupted "
-                                "before every volume had its snapshot; removing it", sid,
-                                name)
-                    self._remove_rbd_snap(name, sid)
-                    self._forget(name, sid)
-                    continue
-            rs = present[sid]
-            self._snaps[sid] = Snap(sid, name, rec, COMMITTED, int(rs["size"]),
-                                     int(rs["id"]))
-
+    # ------------------------------------------------------------------ close
     def close(self) -> None:
+        follow, self._follow = getattr(self, "_follow", None), None
+        if follow is not None:
+            follow.close()
+        lock = getattr(self, "_setlock", None)
+        if lock is not None:
+            lock.release()
         with self._lock:
             luns = [v.lun for v in self._vols.values()] + \
                    [s.lun for s in self._snaps.values() if s.lun is not None]
@@ -203,16 +191,20 @@ class RbdArray(DataPath):
         return "6" + uuid.uuid4().hex[:31]
 
     def _vol(self, name: str) -> Vol:
-        try:
-            return self._vols[name]
-        except KeyError:
-            raise bse.NotFound(f"no volume {name!r} in Ceph pool {self.pool}") from None
+        """A volume presented to this host (the record decides, also before the next
+        refresh has moved it out of ``_vols``)."""
+        v = self._vols.get(name)
+        if v is None or not sees(v.rec, self.host):
+            raise bse.NotFound(f"no volume {name!r} presented to host {self.host} in Ceph "
+                               f"pool {self.pool}")
+        return v
 
     def _snap(self, snap_id: str) -> Snap:
-        try:
-            return self._snaps[str(snap_id).lower()]
-        except KeyError:
-            raise bse.NotFound(f"no snapshot {snap_id} in Ceph pool {self.pool}") from None
+        s = self._snaps.get(str(snap_id).lower())
+        if s is None or not sees(s.rec, self.host):
+            raise bse.NotFound(f"no snapshot {snap_id} presented to host {self.host} in "
+                               f"Ceph pool {self.pool}")
+        return s
 
     def _committed(self, snap_id: str) -> Snap:
         s = self._snap(snap_id)
@@ -224,7 +216,7 @@ class RbdArray(DataPath):
         """The open Image of a volume or committed snapshot; (lun, is_snapshot)."""
         with self._lock:
             if key in self._vols:
-                return self._vols[key].lun, False
+                return self._vol(key).lun, False
             s = self._committed(key)
             if s.lun is None:
                 with translated(f"opening snapshot {s.id}"):
@@ -235,13 +227,18 @@ class RbdArray(DataPath):
 
     def _forget(self, volume: str, snap_id: str) -> None:
         with translated(f"removing the record of snapshot {snap_id}"), \
-                contextlib.suppress(self._rbd.ImageNotFound, KeyError):
-            self._vols[volume].lun.image.metadata_remove(snap_key(snap_id))
+                contextlib.suppress(self._rbd.ImageNotFound, KeyError), \
+                self._image(volume) as image:
+            image.metadata_remove(snap_key(snap_id))
 
     def _remove_rbd_snap(self, volume: str, snap_id: str) -> None:
         with translated(f"removing the RBD snapshot of {snap_id}"), \
-                contextlib.suppress(self._rbd.ImageNotFound):
-            self._vols[volume].lun.image.remove_snap(rbd_snap_name(snap_id))
+                contextlib.suppress(self._rbd.ImageNotFound), self._image(volume) as image:
+            image.remove_snap(rbd_snap_name(snap_id))
+
+    def _origin_naa(self, volume: str) -> str:
+        v = self._vols.get(volume) or self._hidden.get(volume)
+        return v.rec.naa if v is not None else ""
 
     def _volume_info(self, v: Vol) -> VolumeInfo:
         snaps = sum(1 for s in self._snaps.values()
@@ -250,15 +247,16 @@ class RbdArray(DataPath):
                           v.rec.read_only, v.mtime, snaps, 0)
 
     def _snap_info(self, s: Snap) -> SnapshotInfo:
-        origin = self._vols[s.volume].rec.naa if s.volume in self._vols else ""
-        return SnapshotInfo(s.id, s.rec.set, s.volume, origin, s.rec.naa, s.size,
+        return SnapshotInfo(s.id, s.rec.set, s.volume, self._origin_naa(s.volume),
+                            s.rec.naa, s.size,
                             Kind(s.rec.kind), s.state, s.rec.created, s.rec.attributes,
                             s.rec.exposed, 0, 0, None, s.rbd_id)
 
     # ------------------------------------------------------------------ volumes
     def list_volumes(self) -> list[VolumeInfo]:
         with self._lock:
-            return [self._volume_info(self._vols[n]) for n in sorted(self._vols)]
+            return [self._volume_info(self._vols[n]) for n in sorted(self._vols)
+                    if sees(self._vols[n].rec, self.host)]
 
     def volume(self, name: str) -> VolumeInfo:
         with self._lock:
@@ -267,9 +265,9 @@ class RbdArray(DataPath):
     def create_volume(self, name: str, size: int) -> VolumeInfo:
         check_name(name)
         check_size(size)
-        rec = VolumeRecord(self._naa(), time.time())
-        with self._lock:
-            if name in self._vols:
+        rec = VolumeRecord(self._naa(), time.time(), hosts=[self.host])
+        with self._mutation(), self._lock:
+            if name in self._vols or name in self._hidden:
                 raise bse.Exists(f"a volume named {name!r} already exists")
             return self._volume_info(self._create_image(name, size, rec))
 
@@ -298,7 +296,7 @@ class RbdArray(DataPath):
         check_size(new_size, "new size")
         with self._lock:
             v = self._vol(name)
-        with v.lun.gate.exclusive():
+        with self._mutation(), v.lun.gate.exclusive():
             if new_size < v.lun.image.size():
                 raise bse.InvalidSize(f"shrinking volume {name} is not supported")
             with translated(f"resizing volume {name}"):
@@ -308,24 +306,45 @@ class RbdArray(DataPath):
             return self._volume_info(v)
 
     def delete_volume(self, name: str) -> None:
-        with self._lock:
-            v = self._vol(name)
-            if any(s.volume == name for s in self._snaps.values()):
-                raise bse.Busy(f"volume {name} has snapshots; delete or split them first")
-            del self._vols[name]
-            self._changed()
-        with v.lun.gate.exclusive():
-            with contextlib.suppress(Exception):
-                v.lun.image.close()
-            with translated(f"deleting volume {name}"):
-                self._rbd.RBD().remove(self._io, name)
+        with self._mutation():
+            with self._lock:
+                v = self._vol(name)
+                if any(s.volume == name for s in self._snaps.values()):
+                    raise bse.Busy(f"volume {name} has snapshots; delete or split them "
+                                   "first")
+                others = [i for i, (sc, _) in self._hidden_snaps.items() if sc.name == name]
+                if others:
+                    raise bse.Busy(f"volume {name} has {len(others)} snapshot(s) presented "
+                                   "to other hosts (imported there); delete them first")
+                del self._vols[name]
+                self._changed()
+            with v.lun.gate.exclusive():
+                with contextlib.suppress(Exception):
+                    v.lun.image.close()
+                self._remove_image(name)
+
+    def _remove_image(self, name: str) -> None:
+        """rbd remove; another host may have the image open for a moment (updating a
+        snapshot record of it: ImageBusy, "image has watchers"): tried again for
+        BUSY_WAIT s. (Scans open images read-only: no watch, never in the way.)"""
+        deadline = time.monotonic() + BUSY_WAIT
+        while True:
+            try:
+                with translated(f"deleting volume {name}"):
+                    self._rbd.RBD().remove(self._io, name)
+                return
+            except bse.Busy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     # ------------------------------------------------------------------ snapshots
     def list_snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
         with self._lock:
             if volume is not None:
                 self._vol(volume)
-            snaps = [s for s in self._snaps.values() if volume in (None, s.volume)]
+            snaps = [s for s in self._snaps.values()
+                     if volume in (None, s.volume) and sees(s.rec, self.host)]
             return [self._snap_info(s)
                     for s in sorted(snaps, key=lambda s: (s.rec.created, s.rbd_id))]
 
@@ -348,10 +367,13 @@ class RbdArray(DataPath):
             v = self._vol(volume)
             if sid in self._snaps:
                 raise bse.Exists(f"a snapshot with id {sid} already exists")
-            if sum(1 for s in self._snaps.values() if s.volume == volume) >= MAX_SNAPSHOTS:
+            if sum(1 for s in self._snaps.values() if s.volume == volume) + sum(
+                    1 for sc, _ in self._hidden_snaps.values() if sc.name == volume
+                    ) >= MAX_SNAPSHOTS:
                 raise bse.NoSpace(f"volume {volume} has the maximum number of snapshots "
                                   f"({MAX_SNAPSHOTS})")
-            rec = SnapRecord(set_id, self._naa(), DIFFERENTIAL, attributes, time.time())
+            rec = SnapRecord(set_id, self._naa(), DIFFERENTIAL, attributes, time.time(),
+                             hosts=[self.host])
             s = self._snaps[sid] = Snap(sid, volume, rec, PREPARING,
                                          v.lun.image.size(), 0)
             return self._snap_info(s)
@@ -362,7 +384,8 @@ class RbdArray(DataPath):
     def commit_snapshots(self, snap_ids: Iterable[str]) -> None:
         """The instant (module docstring): records (done=false), then under every
         volume's closed gate the RBD snapshots, then done=true. A failure removes what
-        was made; a crash is finished or undone by the next open (records.py)."""
+        was made; a crash is finished or undone by the next open or claim of the set
+        lock (rbdarray/scan.py)."""
         with self._lock:
             snaps = [self._snap(i) for i in snap_ids]
             for s in snaps:
@@ -370,6 +393,11 @@ class RbdArray(DataPath):
                     raise bse.InvalidState(f"snapshot {s.id} is {s.state}, not preparing")
             members = {s.id: s.volume for s in snaps}
             vols = {s.volume: self._vol(s.volume) for s in snaps}
+        with self._mutation(), self._setlock.holding("commit"):
+            self._commit(snaps, members, vols)
+
+    def _commit(self, snaps: list[Snap], members: dict[str, str], vols: dict[str, Vol]
+                ) -> None:
         made: list[Snap] = []
         try:
             for s in snaps:
@@ -379,10 +407,7 @@ class RbdArray(DataPath):
             with contextlib.ExitStack() as gates:
                 for name in sorted(vols):
                     gates.enter_context(vols[name].lun.gate.exclusive())
-                for s in snaps:
-                    with translated(f"committing snapshot {s.id} of {s.volume}"):
-                        vols[s.volume].lun.image.create_snap(rbd_snap_name(s.id))
-                    made.append(s)
+                self._create_snaps(snaps, vols, made)
             for s in snaps:
                 s.rec.done = True
                 with translated(f"committing snapshot {s.id}"):
@@ -402,6 +427,37 @@ class RbdArray(DataPath):
                 s.state = COMMITTED
             self._changed()
 
+    @staticmethod
+    def _create_snaps(snaps: list[Snap], vols: dict[str, Vol], made: list[Snap]) -> None:
+        """Every member's RBD snapshot at once, a thread each (the binding releases the
+        GIL): each waits for the monitor to allocate a snapshot id, one paxos proposal
+        (`paxos propose interval`), and the monitor puts the requests that arrive within
+        one interval into one proposal -- a set of n volumes holds its writes about one
+        interval instead of n. `made` gets the members that have theirs; the first
+        failure is raised once every thread is done."""
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def one(s: Snap) -> None:
+            try:
+                with translated(f"committing snapshot {s.id} of {s.volume}"):
+                    vols[s.volume].lun.image.create_snap(rbd_snap_name(s.id))
+                with lock:
+                    made.append(s)
+            except BaseException as e:   # noqa: BLE001 - raised below, in the caller
+                with lock:
+                    errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(s,), name=f"snap-{s.volume}")
+                   for s in snaps[1:]]
+        for t in threads:
+            t.start()
+        one(snaps[0])
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
     def abort_snapshot(self, snap_id: str) -> None:
         with self._lock:
             s = self._snap(snap_id)
@@ -413,24 +469,28 @@ class RbdArray(DataPath):
     def delete_snapshot(self, snap_id: str) -> None:
         with self._lock:
             s = self._snap(snap_id)
-            del self._snaps[s.id]
-            self._changed()
-        if s.state == PREPARING:
-            return
-        if s.lun is not None:
-            with s.lun.gate.exclusive(), contextlib.suppress(Exception):
-                s.lun.image.close()
-        self._remove_rbd_snap(s.volume, s.id)
-        self._forget(s.volume, s.id)
+            if s.state == PREPARING:
+                del self._snaps[s.id]
+                self._changed()
+                return
+        with self._mutation():
+            with self._lock:
+                self._snaps.pop(s.id, None)
+                self._changed()
+            if s.lun is not None:
+                with s.lun.gate.exclusive(), contextlib.suppress(Exception):
+                    s.lun.image.close()
+            self._remove_rbd_snap(s.volume, s.id)
+            self._forget(s.volume, s.id)
 
     def promote(self, snap_id: str, progress: Progress = None) -> SnapshotInfo:
         raise bse.Unsupported("promote is not supported on Ceph RBD (split the snapshot "
                               "into a new volume instead)")
 
     def split(self, snap_id: str, new_name: str, progress: Progress = None) -> VolumeInfo:
-        """Clone v2 of the RBD snapshot, flattened (the copy), a new naa; then the
-        snapshot is deleted. Cancelled (progress raised) before the end: the clone is
-        removed, nothing changed."""
+        """A new image with the RBD snapshot's allocated data copied in (the copy), a
+        new naa; then the snapshot is deleted. Cancelled (progress raised) before the
+        end: the new image is removed, nothing changed."""
         check_name(new_name)
         with self._lock:
             s = self._committed(snap_id)
@@ -439,59 +499,60 @@ class RbdArray(DataPath):
             origin = self._vols[s.volume]
         cancelled: list[BaseException] = []
 
-        def step(done: int, total: int) -> int:   # objects of the clone (bytes: below)
+        copied = [0]   # the copy's total: the snapshot's allocated bytes
+
+        def step(done: int, total: int) -> int:   # bytes (copy_allocated's)
+            copied[0] = total
             if progress is not None and not cancelled:
                 try:
-                    progress(done * unit, total * unit)
+                    progress(done, total)
                 except bse.Cancelled as e:
                     cancelled.append(e)
-                    return -125      # -ECANCELED: librbd stops the flatten
+                    return -125      # -ECANCELED (the copy stops at the next step)
             return 0
 
         rec = VolumeRecord(self._naa(), time.time(),
                            origin={"volume": s.volume, "snapshot": s.id,
                                    "naa": s.rec.naa})
-        unit = 1   # bytes per step: the size before the clone, an object's after it
-        step(0, s.size)
+        step(0, 0)   # (nothing known yet: a cancellation point before anything is made)
         if cancelled:
             raise cancelled[0]
 
-        def clone() -> None:
-            self._rbd.RBD().clone(self._io, s.volume, rbd_snap_name(s.id), self._io,
-                                  new_name, features=_feature_bits(self._rbd),
-                                  order=self._order)
-        with self._lock:
-            if new_name in self._vols:
+        rec.hosts = [self.host]
+        with self._mutation(), self._lock:
+            if new_name in self._vols or new_name in self._hidden:
                 raise bse.Exists(f"a volume named {new_name!r} already exists")
-            v = self._create_image(new_name, s.size, rec, clone)
+            v = self._create_image(new_name, s.size, rec)
         try:
-            with translated(f"reading {new_name}'s object size"):
-                unit = int(v.lun.image.stat()["obj_size"])
-            with translated(f"copying snapshot {s.id} into {new_name}"):
-                v.lun.image.flatten(on_progress=step)
+            with translated(f"copying snapshot {s.id} into {new_name}"), \
+                    self._io_on(s.id) as (src, _):
+                copy_allocated(src, v.lun.image, s.size, self._extents, step, cancelled)
             if cancelled:
                 raise cancelled[0]
         except BaseException:
-            with self._lock:
-                del self._vols[new_name]
-                self._changed()
-            with contextlib.suppress(Exception):
-                v.lun.image.close()
-            with contextlib.suppress(Exception):
-                self._rbd.RBD().remove(self._io, new_name)
+            with self._mutation():
+                with self._lock:
+                    self._vols.pop(new_name, None)
+                    self._changed()
+                with contextlib.suppress(Exception):
+                    v.lun.image.close()
+                with contextlib.suppress(Exception):
+                    self._rbd.RBD().remove(self._io, new_name)
             raise
         point_of_no_return = getattr(progress, "point_of_no_return", None)
         if point_of_no_return is not None:
             point_of_no_return()
-        unit = 1
-        step(s.size, s.size)
+        step(copied[0], copied[0])
         self.delete_snapshot(s.id)
         log.info("snapshot %s of %s split into volume %s", s.id, origin.name, new_name)
         with self._lock:
             return self._volume_info(v)
 
     def revert(self, volume: str, snap_id: str, progress: Progress = None) -> None:
-        """rollback_to_snap (content and size); it runs to its end once started."""
+        """rollback_to_snap (content and size); it runs to its end once started. (It
+        visits every object, but does so on the OSDs without moving data: 1 GiB vs 64
+        GiB with 64 MiB changed, 0.17 vs 0.38 s, against 0.19 vs 1.0 s for copying the
+        changed objects back through this client -- measured, kept.)"""
         with self._lock:
             v = self._vol(volume)
             s = self._committed(snap_id)
@@ -518,73 +579,22 @@ class RbdArray(DataPath):
                                            "snapshots can be exposed")
                 if any(o.rec.exposed == name and o.id != s.id for o in self._snaps.values()):
                     raise bse.Exists(f"exposure name {name!r} is taken")
-            old, s.rec.exposed = s.rec.exposed, name
-            try:
-                with translated(f"recording the exposure of snapshot {s.id}"):
-                    self._vols[s.volume].lun.image.metadata_set(snap_key(s.id),
-                                                                s.rec.dump())
-            except BaseException:
-                s.rec.exposed = old
-                raise
-            self._changed()
-            return self._snap_info(s)
-
-    # ------------------------------------------------------------------ integrity
-    def check(self, progress: Progress = None, volume: str | None = None,
-              tally: Tally | None = None) -> list[str]:
-        """Every volume's image (or ``volume``'s) and every committed snapshot's RBD
-        snapshot exist; no ``spx.*`` RBD snapshot without its record. It reads metadata,
-        no data (progress: the volumes' sizes covered; ``tally``: the LUNs)."""
-        problems: list[str] = []
-        t = tally if tally is not None else Tally()
-        with self._lock:
-            vols = list(self._vols.values()) if volume is None else [self._vol(volume)]
-            snaps = {s.id: s for s in self._snaps.values() if s.state == COMMITTED}
-            sizes = [v.lun.image.size() for v in vols]
-        done = 0
-        for i, v in enumerate(vols):
-            t.luns += 1 + sum(1 for s in snaps.values() if s.volume == v.name)
-            try:
-                with translated(f"checking {v.name}"):
-                    rbd_snaps = {_text(x["name"]) for x in v.lun.image.list_snaps()}
-                    meta = dict(v.lun.image.metadata_list())
-            except bse.StoreError as e:
-                problems.append(str(e))
-                continue
-            if VOLUME_KEY not in meta:
-                problems.append(f"volume {v.name}: its image lost the {VOLUME_KEY} record")
-            for sid, s in snaps.items():
-                if s.volume == v.name and rbd_snap_name(sid) not in rbd_snaps:
-                    problems.append(f"snapshot {sid} of {v.name}: its RBD snapshot is "
-                                    "missing")
-            for name in rbd_snaps:
-                sid = name[4:]
-                if name.startswith("spx.") and (sid not in snaps or
-                                                snaps[sid].volume != v.name):
-                    problems.append(f"volume {v.name}: RBD snapshot {name} has no record")
-            done += sizes[i]
-            if progress is not None:
-                progress(done, sum(sizes))
-        return problems
-
-    def scrub(self, progress: Progress = None, volume: str | None = None,
-              tally: Tally | None = None) -> list[str]:
-        """check (Ceph scrubs the data itself: `ceph osd deep-scrub`)."""
-        return self.check(progress, volume, tally)
+            taken = [i for i, (_, r) in self._hidden_snaps.items() if r.exposed == name]
+            if name is not None and taken:
+                raise bse.Exists(f"exposure name {name!r} is taken (by snapshot "
+                                 f"{taken[0]} of another host)")
+        rec = dataclasses.replace(s.rec, exposed=name)
+        with self._mutation():
+            with translated(f"recording the exposure of snapshot {s.id}"), \
+                    self._image(s.volume) as image:
+                image.metadata_set(snap_key(s.id), rec.dump())
+            with self._lock:
+                s.rec = rec
+                self._changed()
+                return self._snap_info(s)
 
 
 def _feature_bits(rbd: Any) -> int:
     return int(rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK |
                rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF |
                rbd.RBD_FEATURE_DEEP_FLATTEN)
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _ts(value: Any) -> float:
-    try:
-        return float(value.timestamp())
-    except (AttributeError, ValueError, OSError):
-        return 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from .errors import translated
 from .records import Lun, Snap, Vol, clip, merge, rbd_snap_name, round_out
 
 CONNECT_TIMEOUT = 30     # seconds
+log = logging.getLogger(__name__)
 
 
 class DataPath:
@@ -30,7 +32,12 @@ class DataPath:
     pool: str
     chunk_size: int
     last_io: float
+    generation: int
     _lock: threading.RLock
+    # allocated_bytes: LUN -> (bytes, (generation, writes) when counted); writes per LUN
+    _alloc: dict[str, tuple[int, tuple[int, int]]]
+    _alloc_writes: dict[str, int]
+    _alloc_counting: set[str]
     _vols: dict[str, Vol]
     _snaps: dict[str, Snap]
     _io: Any
@@ -102,6 +109,7 @@ class DataPath:
         v = self._vols.get(name)
         if v is not None:
             v.mtime = time.time()
+        self._alloc_changed(name)
         return int(n)
 
     def discard(self, name: str, offset: int, length: int) -> None:
@@ -113,6 +121,7 @@ class DataPath:
             if length:
                 with translated(f"discarding in {name}"):
                     image.write_zeroes(offset, length)
+        self._alloc_changed(name)
 
     def flush(self, name: str) -> None:
         with self._io_on(name) as (image, _), translated(f"flushing {name}"):
@@ -194,8 +203,49 @@ class DataPath:
         return self.statfs()[1]
 
     def allocated_bytes(self, key: str) -> int:
-        with self._io_on(key) as (image, _), translated(f"allocation of {key}"):
-            size = image.size()
-            return sum(n for _, n in self._extents(image, 0, size, None)) \
-                if size else 0
+        """A LUN's allocated bytes (st_blocks of its file in the mount, `du`, listings).
+        Counting them walks the whole image's object map, ~1 us per 64 KiB object (0.5-1 s
+        for 64 GiB), and the mount asks on every getattr on its trio thread: so the
+        figure is kept per LUN and is exact while nothing changed it (no write, discard,
+        revert, resize since it was counted); after a change the last figure is
+        answered at once and a worker thread counts again (one at a time per LUN). Only a
+        LUN's first count runs in the caller."""
+        with self._lock:
+            state = (self.generation, self._alloc_writes.get(key, 0))
+            known = self._alloc.get(key)
+            if known is not None:
+                value, counted_at = known
+                if counted_at != state and key not in self._alloc_counting:
+                    self._alloc_counting.add(key)
+                    threading.Thread(target=self._recount_allocated, args=(key,),
+                                     name=f"rbd-alloc-{key[:16]}", daemon=True).start()
+                return value
+        self._count_allocated(key)
+        with self._lock:
+            return self._alloc[key][0]
+
+    def _count_allocated(self, key: str) -> None:
+        try:
+            with self._lock:
+                state = (self.generation, self._alloc_writes.get(key, 0))
+            with self._io_on(key) as (image, _), translated(f"allocation of {key}"):
+                size = image.size()
+                value = sum(n for _, n in self._extents(image, 0, size, None)) \
+                    if size else 0
+            with self._lock:
+                self._alloc[key] = (value, state)
+        finally:
+            with self._lock:
+                self._alloc_counting.discard(key)
+
+    def _recount_allocated(self, key: str) -> None:
+        try:
+            self._count_allocated(key)
+        except Exception as e:   # noqa: BLE001 - a LUN deleted meanwhile; the next asks again
+            log.debug("counting the allocation of %s: %s", key, e)
+
+    def _alloc_changed(self, name: str) -> None:
+        """A write or discard changed what ``name`` may hold (allocated_bytes)."""
+        with self._lock:
+            self._alloc_writes[name] = self._alloc_writes.get(name, 0) + 1
 

@@ -1,14 +1,24 @@
 """What shadowplex stores ON an RBD image (image metadata, so it travels with the LUN:
 docs/ceph.md), and the small concurrency helper of the data path.
 
-    spx.volume          {"naa", "created", "read_only", "hidden", "shadow", "origin"}
+    spx.volume          {"naa", "created", "read_only", "hidden", "shadow", "origin",
+                         "hosts"}
                         the image is one of our volumes (images without it are not ours
                         and are never listed or touched)
     spx.snap.<guid>     {"set", "naa", "kind", "attributes", "exposed", "created",
-                         "members": {guid: volume, ...}, "done"}
+                         "members": {guid: volume, ...}, "done", "hosts", "exported",
+                         "imported"}
                         one committed snapshot of this image; its data is the RBD
                         snapshot named ``spx.<guid>`` (the snapshot's existence is what
                         makes it committed)
+
+``hosts`` is the LUN's presentation (LUN masking, issue 18 item 2): the names of the
+hosts whose daemons see and serve it; a volume starts presented to the host that made
+it, a snapshot to the host whose set made it, an imported one to the importing host
+only. None (records written before presentation was stored here): every host.
+``exported`` is set by the host that exported the snapshot's set (a BCD), ``imported``
+names the host that imported it: another host's import needs the first, refuses the
+second.
 
 A commit writes every member's record with done=false, creates the RBD snapshots, then
 sets done=true. Opening the array finishes a commit a crash interrupted: a record not
@@ -49,6 +59,7 @@ class VolumeRecord:
     hidden: bool = False
     shadow: bool = False
     origin: dict[str, str] | None = None     # split from: {"volume", "snapshot", "naa"}
+    hosts: list[str] | None = None           # presented to (None: every host)
 
     def dump(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -58,7 +69,8 @@ class VolumeRecord:
         d: dict[str, Any] = json.loads(text)
         return cls(naa=str(d["naa"]), created=float(d["created"]),
                    read_only=bool(d.get("read_only")), hidden=bool(d.get("hidden")),
-                   shadow=bool(d.get("shadow")), origin=d.get("origin"))
+                   shadow=bool(d.get("shadow")), origin=d.get("origin"),
+                   hosts=_hosts(d.get("hosts")))
 
 
 @dataclass
@@ -71,6 +83,9 @@ class SnapRecord:
     exposed: str | None = None
     members: dict[str, str] = field(default_factory=dict)   # snap id -> volume
     done: bool = False
+    hosts: list[str] | None = None           # presented to (None: every host)
+    exported: bool = False                   # its set's BCD was exported
+    imported: str | None = None              # the host that imported it
 
     def dump(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -81,7 +96,17 @@ class SnapRecord:
         return cls(set=d.get("set"), naa=str(d["naa"]), kind=str(d["kind"]),
                    attributes=int(d.get("attributes", 0)), created=float(d["created"]),
                    exposed=d.get("exposed"), members=dict(d.get("members") or {}),
-                   done=bool(d.get("done")))
+                   done=bool(d.get("done")), hosts=_hosts(d.get("hosts")),
+                   exported=bool(d.get("exported")), imported=d.get("imported"))
+
+
+def _hosts(value: Any) -> list[str] | None:
+    return None if value is None else sorted(str(h) for h in value)
+
+
+def sees(rec: VolumeRecord | SnapRecord, host: str) -> bool:
+    """Whether ``host`` is presented the LUN of this record."""
+    return rec.hosts is None or host in rec.hosts
 
 
 class Gate:

@@ -3,7 +3,9 @@
 # `make test` runs; `make setup` does not: the ~50 packages take ~13 s and ~250 MB).
 #
 #   setup-ceph.sh system              apt-get install ceph-mon ceph-osd python3-rados
-#                                     python3-rbd (only those missing; --no-install-recommends)
+#                                     python3-rbd rbd-fuse (only those missing;
+#                                     --no-install-recommends; rbd-fuse: the comparator
+#                                     of `python -m tools.bench.rbd`)
 #   setup-ceph.sh link VENV_PYTHON    symlink the Debian rados/rbd extension modules into
 #                                     the venv's site-packages and import them once
 #
@@ -18,7 +20,7 @@
 # prerequisite fails the kernel tests.
 set -euo pipefail
 
-PACKAGES=(ceph-mon ceph-osd python3-rados python3-rbd)
+PACKAGES=(ceph-mon ceph-osd python3-rados python3-rbd rbd-fuse)
 MODULES=(rados rbd)
 DIST=/usr/lib/python3/dist-packages
 

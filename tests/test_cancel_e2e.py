@@ -20,6 +20,7 @@ from SHADOWPLEX_CANCEL_MIB (default 512: each operation takes a second or more).
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import random
@@ -350,14 +351,16 @@ def test_interrupted_scrub_answers_and_stops(array: Array, trial: int) -> None:
     assert time.monotonic() - t < ANSWER_BOUND, f"{why}: the scrub went on after the answer"
 
 
-def test_a_revert_that_continues_is_shown_by_status(big_array: Array) -> None:
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_revert_that_continues_is_shown_by_status(big_array: Array, as_json: bool) -> None:
     """Interrupted early, a revert says it continues and `status` lists it until it
-    has completed (the moment is chosen from the revert's own progress)."""
+    has completed (the moment is chosen from the revert's own progress). With --json
+    the answer is the JSON error object with its outcome."""
     a = big_array
 
     def early(o: dict[str, Any]) -> bool:
         return bool(o["total"]) and 0 < o["done"] < o["total"] // 4
-    proc = cli(a, "revert", a.sid)
+    proc = cli(a, "revert", a.sid, *(["--json"] if as_json else []))
     try:
         with a.client() as c:
             end = time.monotonic() + 30
@@ -367,6 +370,10 @@ def test_a_revert_that_continues_is_shown_by_status(big_array: Array) -> None:
     finally:
         o = interrupt(proc, 0, "revert")
     assert o.rc == 130 and o.says("continues in the daemon"), o
+    if as_json:
+        err = json.loads(o.err)["error"]   # one line, nothing else on stderr
+        assert (err["name"], err["code"], err["outcome"]) == ("E_ABORT", 130, "continues")
+        assert o.out == ""
     assert set(wait_idle(a)) <= {"rolling-forward"}
     assert holds(a.path("volumes", "v.img"), old_piece)
     assert_coherent(a, "revert continued in the background")

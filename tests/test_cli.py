@@ -500,7 +500,7 @@ BAD_ARGV = [
     (["frobnicate"], "invalid choice"),
     (["--quiet"], "required: COMMAND"),   # (--json: the JSON error, test_cli_listing)
     (["volume"], "required: ACTION"),
-    (["volume", "create", "x"], "required: size"),
+    (["volume", "create", "x"], "required: SIZE"),
     (["volume", "grow", "x", "1M"], "invalid choice"),
     (["snapshot", "create"], "required: VOLUME"),
     (["snapshot", "create", "v", "--context", "bogus"], "unknown snapshot context"),
@@ -536,6 +536,23 @@ def test_usage_errors_exit_2(tmp_path: Path, argv: list[str], fragment: str) -> 
     # a socket nobody listens on: a usage error must be found before any connection
     res = spx(*argv, socket=str(tmp_path / "none.sock"))
     one_line_error(res, 2, fragment)
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["snapshot", "create", "v", "--bogus"], "shadowplex snapshot create"),
+    (["volume", "resize", "v"], "shadowplex volume resize"),
+    (["snapshot", "delete", "--set"], "shadowplex snapshot delete"),
+    (["snapshot"], "shadowplex snapshot"),
+    (["status", "extra"], "shadowplex status"),
+    (["frobnicate"], "shadowplex"),
+])
+def test_usage_errors_point_to_the_commands_help(tmp_path: Path, argv: list[str],
+                                                 command: str) -> None:
+    """The one line names the help of the command being parsed (issue 19 #7), also for
+    an unknown argument, which argparse reports from the top parser."""
+    line = one_line_error(spx(*argv, socket=str(tmp_path / "none.sock")), 2,
+                          f"(try '{command} --help')")
+    assert line.startswith(f"{command}: error: "), line
 
 
 def test_usage_errors_found_after_parsing_change_nothing(tmp_path: Path) -> None:

@@ -145,7 +145,10 @@ def test_every_listing_takes_o_H_p(daemon: Daemon) -> None:
         free = d.json("status")["space_free"]
         vals = d.ok("status", "-H", "-p", "-o", "chunk_size,volumes,space_free").stdout
         chunk, nvol, got_free = vals.rstrip("\n").split("\t")
-        assert (chunk, nvol) == ("16384", "2") and abs(int(got_free) - free) < 64 * MiB
+        # exact bytes (-p), not a human size; the pool's file system is shared with
+        # whatever else runs on the machine, so free space moves between two calls
+        assert (chunk, nvol) == ("16384", "2") and abs(int(got_free) - free) < max(
+            64 * MiB, free // 50)
         # df: -H drops the summary lines; -o picks volume columns
         df = d.ok("df", "-H", "-p", "-o", "name,size,snapshots").stdout
         assert df.splitlines() == [f"la\t{4 * MiB}\t1", f"lb\t{MiB}\t1"], df

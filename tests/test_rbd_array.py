@@ -9,6 +9,7 @@ interface's and the provider's own tests over it too (its ``rbd`` parameter)."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,13 +242,17 @@ def test_revert_and_split(arr: RbdArray) -> None:
     (sid,) = snap(arr, "r")
     arr.resize_volume("r", 4 * MiB)
     arr.write("r", 0, b"two")
+    arr.write("r", MiB, b"new")           # where the snapshot has no data
     arr.write("r", 3 * MiB, b"tail")
     arr.revert("r", sid)
     assert arr.read("r", 0, 3) == b"one" and arr.lun_size("r") == 2 * MiB
+    # a revert leaves a hole where the snapshot had one
+    assert arr.read("r", MiB, 3) == bytes(3) and arr.allocation("r", 0, 2 * MiB) == \
+        [(0, arr.chunk_size)]
     steps: list[tuple[int, int]] = []
     v = arr.split(sid, "r-copy", lambda d, t: steps.append((d, t)))
     assert v.name == "r-copy" and v.naa != arr.volume("r").naa and v.size == 2 * MiB
-    assert steps and steps[-1] == (2 * MiB, 2 * MiB)   # bytes, as every backend's
+    assert steps and steps[-1][0] == steps[-1][1] > 1   # bytes: the allocated ones
     with pytest.raises(bse.NotFound):
         arr.snapshot(sid)
     arr.write("r-copy", 0, b"mine")
@@ -297,3 +302,27 @@ def test_errors_are_blockstore_errors(arr: RbdArray, ceph: Any) -> None:
         RbdArray(ceph.pool, str(Path(arr.path) / "no.conf"), arr.path)
     with pytest.raises(bse.NotFound, match="pool 'nosuchpool'"):
         RbdArray("nosuchpool", ceph.conf, arr.path)
+
+
+def test_allocated_bytes_never_recounts_in_the_caller(arr: RbdArray) -> None:
+    """allocated_bytes walks the whole object map (the mount asks on every getattr, on
+    its trio thread): exact while nothing changed, else the last figure at once while a
+    worker thread counts again; a revert or resize makes it recount too."""
+    arr.create_volume("v", 8 * MiB)
+    assert arr.allocated_bytes("v") == 0                 # the first count, in the caller
+    arr.write("v", 0, b"x" * MiB)
+    arr.flush("v")
+    assert arr.allocated_bytes("v") == 0                 # stale: answered without counting
+
+    def settles(want: int) -> None:
+        end = time.monotonic() + 10
+        while arr.allocated_bytes("v") != want:
+            assert time.monotonic() < end, f"allocated_bytes never became {want}"
+            time.sleep(0.02)
+    settles(MiB)
+    (sid,) = snap(arr, "v")
+    arr.write("v", 4 * MiB, b"y" * CS)
+    settles(MiB + CS)
+    arr.revert("v", sid)                                 # no write: the generation moved
+    assert arr.allocated_bytes("v") == MiB + CS          # the last figure, once more...
+    settles(MiB)                                         # ...then the count after revert

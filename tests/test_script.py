@@ -385,6 +385,35 @@ end backup
 
 
 @pytest.mark.kernel
+def test_delete_shadows_volume_is_all_or_nothing(daemon: Daemon) -> None:
+    """`delete shadows volume V` with one of V's snapshots in use deletes none of them
+    (it used to delete them one by one and stop at the busy one, half done)."""
+    d = daemon
+    with d.client(client="test-script") as c:
+        made = [c.snapshot_create(["logs"], context="nas-rollback")["snapshots"][0]
+                ["snapshot_id"] for _ in range(2)]
+    try:
+        busy = os.open(os.path.join(d.mount, ".shadow", f"{made[1]}.img"), os.O_RDONLY)
+        try:
+            res, _ = script(d, "del-busy.dsh", "delete shadows volume logs\n")
+            assert res.returncode == 1, res.stdout + res.stderr
+            assert "in use" in res.stderr, res.stderr
+            with d.client(client="test-script") as c:
+                left = {x["snapshot_id"] for x in c.snapshot_list(volume="logs")}
+            assert left == set(made)                 # nothing deleted, not even the first
+        finally:
+            os.close(busy)
+        res, _ = script(d, "del-free.dsh", "delete shadows volume logs\n")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "delete shadows volume logs: 2 snapshot(s) deleted" in res.stdout
+    finally:
+        with d.client(client="test-script") as c:
+            for x in c.snapshot_list(volume="logs"):
+                c.snapshot_delete(snapshot_id=x["snapshot_id"], unexpose=True)
+            _nothing_left(d, c)
+
+
+@pytest.mark.kernel
 def test_quiet_prints_only_what_was_listed(daemon: Daemon) -> None:
     d = daemon
     path = d.base / "quiet.dsh"

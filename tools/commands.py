@@ -230,8 +230,16 @@ def _long_op(args: argparse.Namespace, c: Any, call: Callable[[Progress], Any],
 
 def cmd_revert(args: argparse.Namespace) -> int:
     with connection.client(args) as c:
-        return _long_op(args, c, lambda p: c.revert(args.snapshot, force=args.force,
-                                                    progress=p))
+        res = connection.call(args, c, lambda p: c.revert(args.snapshot, force=args.force,
+                                                          progress=p))
+    warning = res.get("warning") if isinstance(res, dict) else None
+    if warning:   # --force on a volume in use: on stderr (--json keeps it in the result)
+        if not args.quiet:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        if not args.json:
+            res = {k: v for k, v in res.items() if k != "warning"}
+    _emit(args, volume_view(res), catalog=listing.VOLUMES)
+    return EXIT_OK
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

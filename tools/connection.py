@@ -20,6 +20,7 @@ from typing import Any
 from provider import vss
 from provider.config import default_socket_path
 
+from . import errors
 from .output import PROG, Progress, one_line
 
 EXIT_INTERRUPTED = 130
@@ -66,7 +67,18 @@ def progress(args: argparse.Namespace) -> Progress:
     return Progress(not args.quiet and not args.json)
 
 
-def _say(text: str) -> None:
+def say_interrupted(text: str, outcome: str, code: int = EXIT_INTERRUPTED) -> None:
+    """What became of a command after Ctrl-C: one line on stderr, or with --json the
+    error object (tools/errors.py) named E_ABORT with ``outcome``: none (nothing had
+    been asked), cancelled (nothing changed), completed (it completed, but this command
+    stopped first), continues (a revert rolling forward), completes (past its point of
+    no return), cancelling (either, later), unknown (no answer in time). A request that
+    completed anyway exits 0 with its result: under --json stdout says it all (no
+    line)."""
+    if errors.JSON_ARGV:
+        if code:
+            errors.print_json_error("E_ABORT", code, one_line(text), outcome=outcome)
+        return
     print(f"{PROG}: {one_line(text)}", file=sys.stderr)
 
 
@@ -79,44 +91,47 @@ def after_interrupt(c: Any, finished: bool = True) -> Any:
     try:
         v = c.interrupt(INTERRUPT_WAIT)
     except KeyboardInterrupt:
-        _say("interrupted again: not waiting for the daemon's answer; 'shadowplex status' "
-             "shows the operations still running")
+        say_interrupted("interrupted again: not waiting for the daemon's answer; "
+                        "'shadowplex status' shows the operations still running", "unknown")
         raise Interrupted(EXIT_INTERRUPTED) from None
     what = v.op or "request"
     if v.state == "completed" and finished:
-        _say(f"interrupted, but the {what} had already completed")
+        say_interrupted(f"interrupted, but the {what} had already completed", "completed", 0)
         return v.result
     if v.state == "completed":
-        _say(f"interrupted: the {what} had completed in the daemon, but this command "
-             "stopped before it finished")
+        say_interrupted(f"interrupted: the {what} had completed in the daemon, but this "
+                        "command stopped before it finished", "completed")
         raise Interrupted(EXIT_INTERRUPTED)
     if v.state == "cancelled":
-        _say(f"interrupted: {v.error.message}")
+        say_interrupted(f"interrupted: {v.error.message}", "cancelled")
         raise Interrupted(EXIT_INTERRUPTED)
     if v.state == "failed":
         raise v.error
     if v.state == "none":
-        _say("interrupted")
+        say_interrupted("interrupted", "none")
         raise Interrupted(EXIT_INTERRUPTED)
     answer = v.answer or {}
     state = answer.get("state")
     total = answer.get("total") or 0
     done = f" ({100 * answer.get('done', 0) / total:.0f} % done)" if total else ""
     if state == "rolling-forward":
-        _say(f"interrupted: the {what} cannot be stopped once started (it rolls forward, "
-             f"as after a crash); it continues in the daemon{done}: 'shadowplex status' "
-             "shows it under operations until it has completed")
+        say_interrupted(f"interrupted: the {what} cannot be stopped once started (it rolls "
+                        f"forward, as after a crash); it continues in the daemon{done}: "
+                        "'shadowplex status' shows it under operations until it has "
+                        "completed", "continues")
     elif state == "completing":
-        _say(f"interrupted too late: the {what} had passed its point of no return and "
-             f"completes in the daemon{done}; 'shadowplex status' shows it under "
-             "operations until it has")
+        say_interrupted(f"interrupted too late: the {what} had passed its point of no "
+                        f"return and completes in the daemon{done}; 'shadowplex status' "
+                        "shows it under operations until it has", "completes")
     elif state == "cancelling":
-        _say(f"interrupted: the {what} is being cancelled in the daemon{done} (it stops "
-             "with nothing changed, unless it completes first); 'shadowplex status' shows "
-             "it under operations until it has ended")
+        say_interrupted(f"interrupted: the {what} is being cancelled in the daemon{done} "
+                        "(it stops with nothing changed, unless it completes first); "
+                        "'shadowplex status' shows it under operations until it has ended",
+                        "cancelling")
     else:
-        _say(f"interrupted: the daemon did not answer within {INTERRUPT_WAIT:g} s and may "
-             f"still complete the {what}: check with 'shadowplex status'")
+        say_interrupted(f"interrupted: the daemon did not answer within {INTERRUPT_WAIT:g} s "
+                        f"and may still complete the {what}: check with 'shadowplex status'",
+                        "unknown")
     raise Interrupted(EXIT_INTERRUPTED)
 
 

@@ -36,8 +36,8 @@ class Failed(Exception):
 JSON_ARGV = False
 
 
-def print_json_error(name: str, code: int, message: str) -> None:
-    err: dict[str, object] = {"name": name, "code": code, "message": message}
+def print_json_error(name: str, code: int, message: str, **extra: object) -> None:
+    err: dict[str, object] = {"name": name, "code": code, "message": message, **extra}
     if name in HRESULTS:
         err["hresult"] = HRESULTS[name]
     sys.stderr.write(json.dumps({"error": err}) + "\n")

@@ -41,13 +41,35 @@ from .serving import cmd_pool_init, cmd_serve
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors: exit 2 with exactly one line on stderr, no usage dump, no traceback
-    (with --json anywhere on the command line: the JSON error object, tools/errors.py)."""
+    (with --json anywhere on the command line: the JSON error object, tools/errors.py).
+    The line names the help of the (sub)command that was being parsed:
+    `shadowplex snapshot create --bogus` -> "... (try 'shadowplex snapshot create --help')"."""
 
     def error(self, message: str) -> NoReturn:
         if errors.JSON_ARGV:
             errors.print_json_error("E_INVALIDARG", EXIT_USAGE, one_line(message))
             self.exit(EXIT_USAGE)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (try '{PROG} --help')\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} "
+                              f"(try '{self.prog} --help')\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # argparse reports unknown arguments from the top parser, after the subcommands
+        # have run: report them from the deepest subcommand chosen instead
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            chosen(self, ns).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+
+def chosen(parser: argparse.ArgumentParser, ns: argparse.Namespace
+           ) -> argparse.ArgumentParser:
+    """The parser of the deepest subcommand named in ``ns`` (``parser`` if none)."""
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            name = getattr(ns, a.dest, None)
+            if isinstance(name, str) and name in a.choices:
+                return chosen(a.choices[name], ns)
+    return parser
 
 
 def _poll_us(text: str) -> float:
@@ -90,14 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(p, top=True)
     p.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                           parser_class=_Parser)
+                           parser_class=_Parser,
+                           help=f"what to do; '{PROG} COMMAND --help' lists its options")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
-            parent: Any = sub) -> argparse.ArgumentParser:
+            parent: Any = sub, **kw: Any) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help,
-                                                        parents=[common])
+                                                        parents=[common], **kw)
         sp.set_defaults(func=func)
         return sp
+
+    def group(name: str, help: str) -> argparse.ArgumentParser:
+        """A command of several actions (`volume create`, `volume list`, ...)."""
+        g: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help,
+                                                    parents=[common])
+        return g
+
+    def actions(parser: argparse.ArgumentParser, dest: str) -> Any:
+        return parser.add_subparsers(dest=dest, metavar="ACTION", required=True,
+                                     parser_class=_Parser, help="what to do; "
+                                     f"'{parser.prog} ACTION --help' lists its options")
 
     # serve's flags default to None: "not given", so that --config FILE fills them in
     s = add("serve", cmd_serve, "run the array daemon: FUSE mount + control socket")
@@ -109,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --array rbd:POOL: the Ceph cluster's ceph.conf (docs/ceph.md)")
     s.add_argument("--ceph-id", metavar="NAME", default=None,
                    help="with --array rbd:POOL: the Ceph client id (default: admin)")
+    s.add_argument("--ceph-host", metavar="NAME", default=None,
+                   help="with --array rbd:POOL: this host's name in the LUN masking stored "
+                        "on the images (default: the hostname; docs/ceph.md)")
     s.add_argument("--state-dir", metavar="DIR", default=None,
                    help="host mode (with the global --array HOST[:PORT] --tls-dir DIR): "
                         f"this host's state, its catalog (default {DEFAULT_HOST_STATE})")
@@ -141,35 +178,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append the log to PATH (reopened after logrotate) instead of "
                         "stderr; under systemd stderr goes to the journal")
 
-    pool = sub.add_parser("pool", help="pool administration", parents=[common])
-    psub = pool.add_subparsers(dest="pcmd", metavar="ACTION", required=True,
-                               parser_class=_Parser)
+    pool = group("pool", "pool administration")
+    psub = actions(pool, "pcmd")
     pi = add("init", cmd_pool_init, "create a new pool directory", psub)
-    pi.add_argument("dir", metavar="DIR")
+    pi.add_argument("dir", metavar="DIR", help="the pool directory (created; if it exists "
+                    "it must be empty)")
     pi.add_argument("--chunk-size", default="64K", help="power of two, 4K..1M (default 64K)")
 
-    vol = sub.add_parser("volume", help="volumes (LUNs)", parents=[common])
-    vsub = vol.add_subparsers(dest="vcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    vol = group("volume", "volumes (LUNs)")
+    vsub = actions(vol, "vcmd")
     vc = add("create", cmd_volume, "create a sparse volume", vsub)
-    vc.add_argument("name")
-    vc.add_argument("size", help="bytes or with K/M/G/T suffix, multiple of 512")
+    vc.add_argument("name", metavar="NAME", help="the new volume's name: letters, digits, "
+                    "'.', '_', '-', 1-64 characters, not starting with '.' or '-'")
+    vc.add_argument("size", metavar="SIZE",
+                    help="bytes or with a K/M/G/T suffix (powers of 1024), a multiple of 512")
     listing.add_options(add("list", cmd_volume, "list volumes", vsub), listing.VOLUMES)
     vr = add("resize", cmd_volume, "grow a volume", vsub)
-    vr.add_argument("name")
-    vr.add_argument("size")
+    vr.add_argument("name", metavar="NAME", help="the volume")
+    vr.add_argument("size", metavar="SIZE", help="the new size (as for create), or +SIZE to "
+                    "grow it by SIZE; a smaller size is refused (no shrinking)")
     vd = add("delete", cmd_volume, "delete a volume without snapshots", vsub)
-    vd.add_argument("name")
+    vd.add_argument("name", metavar="NAME",
+                    help="the volume (refused while it has snapshots or is in use)")
     vp = add("present", cmd_volume, "LUN masking: present a volume to exactly these hosts",
              vsub)
-    vp.add_argument("name")
+    vp.add_argument("name", metavar="NAME", help="the volume")
     vp.add_argument("--to", metavar="HOST", action="append", required=True,
                     help="a host to present it to (repeatable; the daemon's own host is "
                          "the mount's root, others see MOUNT/hosts/HOST/volumes/)")
 
-    snap = sub.add_parser("snapshot", help="shadow copies", parents=[common])
-    ssub = snap.add_subparsers(dest="scmd", metavar="ACTION", required=True, parser_class=_Parser)
+    snap = group("snapshot", "shadow copies")
+    ssub = actions(snap, "scmd")
     sc = add("create", cmd_snapshot, "create a snapshot set of one or more volumes", ssub)
-    sc.add_argument("volumes", nargs="+", metavar="VOLUME")
+    sc.add_argument("volumes", nargs="+", metavar="VOLUME",
+                    help="a volume: its name, MOUNT/volumes/NAME.img or a /dev/loopN on it; "
+                         "several: one set, one instant for all")
     sc.add_argument("--context", default=None,
                     help=" | ".join(vss.CREATABLE_CLI_NAMES) + " (or VSS value); default "
                     f"{CLI_DEFAULT_CONTEXT} (persistent): an auto-release one needs --hold")
@@ -177,17 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep this command, its session and so an auto-release set, until "
                     "Ctrl-C/SIGTERM")
     kind = sc.add_mutually_exclusive_group()
-    kind.add_argument("--differential", dest="kind", action="store_const", const="differential")
-    kind.add_argument("--plex", dest="kind", action="store_const", const="plex")
-    sc.add_argument("--transportable", action="store_true")
+    kind.add_argument("--differential", dest="kind", action="store_const", const="differential",
+                      help="copy-on-write: a chunk's old content is copied to the diff area "
+                           "before its first overwrite (VSS DIFFERENTIAL; the daemon's "
+                           "default unless serve --default-kind plex)")
+    kind.add_argument("--plex", dest="kind", action="store_const", const="plex",
+                      help="a full-copy mirror, synced while the set is prepared and split "
+                           "off at its instant (VSS PLEX)")
+    sc.add_argument("--transportable", action="store_true",
+                    help="may be exported ('export') and imported on another host "
+                         "(VSS TRANSPORTABLE)")
     sl = add("list", cmd_snapshot, "list snapshots", ssub)
     sl.add_argument("volume_arg", nargs="?", metavar="VOLUME", help="only this volume's")
-    sl.add_argument("--set", metavar="SET_ID")
+    sl.add_argument("--set", metavar="SET_ID", help="only this snapshot set's")
     sl.add_argument("--volume", metavar="VOLUME", help="the same as VOLUME")
     listing.add_options(sl, listing.SNAPSHOTS)
     ss = add("show", cmd_snapshot, "show one snapshot or a set", ssub)
-    ss.add_argument("id", nargs="?", metavar="ID")
-    ss.add_argument("--set", metavar="SET_ID")
+    ss.add_argument("id", nargs="?", metavar="ID", help="the snapshot's id")
+    ss.add_argument("--set", metavar="SET_ID", help="every snapshot of this set instead")
     listing.add_options(ss, listing.SNAPSHOTS)
     sf = add("diff", cmd_snapshot, "the chunks touched since a differential snapshot "
              "(changed-block map)", ssub)
@@ -195,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("to_id", nargs="?", metavar="TO",
                     help="a later snapshot of the same volume (default: the live volume)")
     listing.add_options(sf, listing.DIFF)
-    sd = add("delete", cmd_snapshot, "delete snapshots", ssub)
-    sd.add_argument("id", nargs="?", metavar="ID")
-    sd.add_argument("--set", metavar="SET_ID")
+    sd = add("delete", cmd_snapshot, "delete snapshots (name exactly one: ID, --set, "
+             "--oldest, --volume or --all)", ssub)
+    sd.add_argument("id", nargs="?", metavar="ID", help="the snapshot to delete")
+    sd.add_argument("--set", metavar="SET_ID", help="every snapshot of this set")
     sd.add_argument("--oldest", metavar="VOLUME", help="the oldest snapshot of VOLUME")
     sd.add_argument("--volume", metavar="VOLUME", help="every snapshot of VOLUME (needs "
                     "--yes or a terminal's confirmation)")
@@ -212,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bk = add("backup", cmd_backup, "a full or incremental (--from) qcow2/raw image of a "
              "snapshot, read over the NBD port")
-    bk.add_argument("snapshot", metavar="SNAPSHOT")
+    bk.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot to back up")
     bk.add_argument("--to", metavar="FILE", required=True, help="the image to write")
     bk.add_argument("--from", dest="base", metavar="BASE",
                     help="incremental: only the chunks changed since snapshot BASE, over "
@@ -224,31 +275,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default qcow2 (raw for a FILE ending in .raw or .img)")
     bk.add_argument("--force", action="store_true", help="replace FILE if it exists")
     e = add("expose", cmd_expose, "make a snapshot visible (exposed/NAME.img, or mounted)")
-    e.add_argument("snapshot", metavar="SNAPSHOT")
-    e.add_argument("--name", metavar="NAME")
-    e.add_argument("--mount", metavar="PATH", help="loop-attach read-only and mount here")
+    e.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot to expose")
+    e.add_argument("--name", metavar="NAME", help="show it as MOUNT/exposed/NAME.img (a new "
+                   "name, as for a volume); --name, --mount or both")
+    e.add_argument("--mount", metavar="PATH", help="loop-attach it read-only and mount its "
+                   "filesystem read-only at PATH (an empty directory)")
     u = add("unexpose", cmd_unexpose, "undo expose (unmount, detach, hide)")
     u.add_argument("snapshot", metavar="SNAPSHOT|NAME|DIR",
                    help="a snapshot id, its exposed name or the directory it is mounted at")
     r = add("revert", cmd_revert, "revert a volume to a snapshot (ResyncLuns)")
-    r.add_argument("snapshot", metavar="SNAPSHOT")
-    r.add_argument("--force", action="store_true", help="even if the volume is in use")
+    r.add_argument("snapshot", metavar="SNAPSHOT",
+                   help="the snapshot; its own volume becomes equal to it")
+    r.add_argument("--force", action="store_true",
+                   help="even if loop devices use the volume (warns: their filesystems see "
+                        "the content change under them)")
     pr = add("promote", cmd_promote, "turn a differential snapshot into a full copy")
-    pr.add_argument("snapshot", metavar="SNAPSHOT")
+    pr.add_argument("snapshot", metavar="SNAPSHOT", help="a differential snapshot")
     sp = add("split", cmd_split, "break a snapshot off as a new read-write volume")
-    sp.add_argument("snapshot", metavar="SNAPSHOT")
-    sp.add_argument("name", metavar="NEWNAME")
+    sp.add_argument("snapshot", metavar="SNAPSHOT",
+                    help="the snapshot (a differential one is promoted first; gone after)")
+    sp.add_argument("name", metavar="NEWNAME", help="the new volume's name")
     eb = add("end-backup", cmd_end_backup, "BackupComplete: tell the writers the backup is done")
-    eb.add_argument("set", metavar="SET_ID")
+    eb.add_argument("set", metavar="SET_ID",
+                    help="the snapshot set backed up (once per set: a second time is refused)")
     ex = add("export", cmd_export, "write the Backup Components Document of a transportable "
              "set")
-    ex.add_argument("set", metavar="SET_ID")
-    ex.add_argument("-o", "--output", metavar="FILE", required=True)
+    ex.add_argument("set", metavar="SET_ID", help="a set created with --transportable")
+    ex.add_argument("-o", "--output", metavar="FILE", required=True,
+                    help="the document to write (each writer's metadata next to it, "
+                         "FILE.WRITER.wmd.xml)")
     ex.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     im = add("import", cmd_import, "import a transportable set on this host (--host)")
-    im.add_argument("file", metavar="FILE")
-    w = sub.add_parser("writers", help="writers", parents=[common])
-    wsub = w.add_subparsers(dest="wcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    im.add_argument("file", metavar="FILE", help="the document 'export' wrote")
+    w = group("writers", "writers (quiescers: fsfreeze, hook scripts, SQLite)")
+    wsub = actions(w, "wcmd")
     listing.add_options(add("list", cmd_writers, "list writers and their state", wsub),
                         listing.WRITERS)
     for name, what in (("check", "verify catalog, maps and checksums"),
@@ -267,11 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
              "qemu-storage-daemon, plus snapshot commit, plex sync, memory and restart figures")
     from .bench import add_arguments as _bench_arguments
     _bench_arguments(bn)
-    pk = sub.add_parser("pki", help="certificates of the NBD port (TLS)", parents=[common])
-    ksub = pk.add_subparsers(dest="kcmd", metavar="ACTION", required=True, parser_class=_Parser)
+    pk = group("pki", "certificates of the NBD port (TLS)")
+    ksub = actions(pk, "kcmd")
     from .pki import add_arguments as _pki_arguments
     _pki_arguments(add("init", cmd_pki, "create a CA and the array's server certificate", ksub),
                    add("host", cmd_pki, "create a host's client certificate (CN = NAME)", ksub))
-    sf = add("script", cmd_script, "run a diskshadow-style script")
-    sf.add_argument("file", metavar="FILE")
+    from .script import verb_lines
+    sf = add("script", cmd_script, "run a diskshadow-style script", formatter_class=(
+             argparse.RawDescriptionHelpFormatter),
+             epilog="verbs (one per line; the language: docs/scripts.md, "
+                    f"{PROG}-script(1)):\n" + "\n".join("  " + v for v in verb_lines()))
+    sf.add_argument("file", metavar="FILE", help="the script ('-': read it from stdin)")
     return p

@@ -49,10 +49,17 @@ def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict
             if not ceph_conf:
                 raise UsageError("serve --array rbd:POOL needs --ceph-conf FILE (the "
                                  "cluster's ceph.conf; docs/ceph.md)")
+            host = args.ceph_host or opts.get("ceph_host")
+            from provider.documents import valid_host
+            if host is not None and not valid_host(host):
+                raise UsageError(f"--ceph-host {host!r}: not a host name (letters, digits, "
+                                 "'-', '_' in dot-separated labels, at most 253 "
+                                 "characters)")
             config["ceph"] = (os.path.abspath(ceph_conf),
-                              args.ceph_id or opts.get("ceph_id"))
-    elif ceph_conf or args.ceph_id:
-        raise UsageError("--ceph-conf/--ceph-id are for serve --array rbd:POOL")
+                              args.ceph_id or opts.get("ceph_id"), host)
+    elif ceph_conf or args.ceph_id or args.ceph_host:
+        raise UsageError("--ceph-conf/--ceph-id/--ceph-host are for serve --array "
+                         "rbd:POOL")
     elif args.state_dir:
         raise UsageError("--state-dir is for host mode (serve --array HOST); a pool "
                          "keeps its state in the pool directory")

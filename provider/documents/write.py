@@ -173,7 +173,8 @@ def write_backup_components(set_info: SetLike, snapshots: Sequence[SnapshotLike]
         attrs = {
             "snapshotId": str(s.id),
             "providerId": vss.PROVIDER_ID,
-            "snapshotAttributes": str(int(s.attributes) & 0xFFFFFFFF),
+            "snapshotAttributes": str(int(vss.kind_attributes(s.attributes, s.kind))
+                                      & 0xFFFFFFFF),
             "originatingMachine": host,
             "serviceMachine": service,
             f"{_SP}:volume": _check_text(s.volume, "volume name"),

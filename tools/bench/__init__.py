@@ -66,8 +66,9 @@ comparator), control.py (the control-plane figures), verdicts.py (the project's 
 PASS / FAIL / noisy), report.py (medians, ratios, the tables), svg.py (the chart),
 command.py (arguments, run, main). Tools of their own (docs/performance.md): the NBD
 port against qemu-nbd, `python -m tools.bench.nbd` (nbd.py, nbd_setup.py); host mode,
-`python -m tools.bench.hosts`; backups (issue 17), `python -m tools.bench.backup`; their
-shared arguments, run and table: netbench.py.
+`python -m tools.bench.hosts`; backups (issue 17), `python -m tools.bench.backup`; Ceph
+RBD against rbd-fuse (issue 18), `python -m tools.bench.rbd` (rbd.py, rbd_setup.py,
+rbd_control.py); their shared arguments, run and table: netbench.py.
 """
 
 from __future__ import annotations

@@ -37,10 +37,11 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = False) -> None:
     p.add_argument("--progress", action="store_true",
                    help="progress lines (one per phase) on stderr even when it is not a "
                         "terminal, or with --json")
-    # hidden: tiny sizes for the CI test; force the generator
+    # hidden: tiny sizes for the CI test
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--generator", choices=("auto", "fio", "python"), default="auto",
-                   help=argparse.SUPPRESS)
+                   help="the I/O generator: fio, the built-in Python one, or auto (fio "
+                        "when installed; default)")
     if standalone:
         p.add_argument("--json", action="store_true", help="machine-readable report")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")

@@ -3,7 +3,7 @@
 Each verb has its own parser in `_PARSERS` (keyed by the first word); a parser checks
 the line's shape and arguments only. What depends on other lines (verb order, aliases)
 is tools/script/check.py's; running is tools/script/run.py's. The language itself is
-described in tools/script/__init__.py.
+described in docs/scripts.md.
 
 Names and ids follow the layers below rather than a copy of their rules: volume names
 are blockstore.names' (`add volume` refers to an existing volume, so a name from before
@@ -34,17 +34,50 @@ SET_ALIAS = "VSS_SHADOW_SET"
 AUTO_RELEASE = vss.AUTO_RELEASE_CLI_NAMES    # backup, file-share-backup
 
 # diskshadow's spelling -> ours: `volatile` / `persistent` is the PERSISTENT bit,
-# `nowriters` the NO_WRITERS bit (see the package docstring)
+# `nowriters` the NO_WRITERS bit (docs/scripts.md, "Contexts")
 _DISKSHADOW_CONTEXTS = {
     ("persistent" if vss.is_persistent(c) else "volatile",)
     + (() if vss.uses_writers(c) else ("nowriters",)): c.cli_name
     for c in vss.CREATABLE_CONTEXTS
 }
 
-VERBS = ("set context", "set option", "set metadata", "set verbose", "begin backup",
-         "add volume", "create", "expose", "exec", "unexpose", "end backup",
-         "delete shadows", "load metadata", "import", "list shadows", "list writers",
-         "list providers", "revert", "resync", "break", "backup", "exit")
+# Every verb: its syntax and one line on what it does. The one list of the language's
+# verbs: the parser's "known:" error, `shadowplex script --help`, the man page
+# shadowplex-script(1) and the fuzz tests read it; docs/scripts.md explains each verb.
+VERB_TABLE: dict[str, tuple[str, str]] = {
+    "set context": ("set context CTX", "context of the next sets (default backup)"),
+    "set option": ("set option [differential|plex] [transportable]",
+                   "attributes of the next sets"),
+    "set metadata": ("set metadata FILE", "a JSON description of the sets, after each create"),
+    "set verbose": ("set verbose on|off", "more output (exec commands, tables)"),
+    "begin backup": ("begin backup", "start a backup (completed by 'end backup')"),
+    "add volume": ("add volume NAME [alias A]", "a volume of the set being composed"),
+    "create": ("create", "create the set: one instant for all its volumes"),
+    "expose": ("expose ID TARGET", "mount at TARGET (with a /), or MOUNT/exposed/TARGET.img"),
+    "exec": ("exec CMD", "run CMD with /bin/sh; a failure stops the script"),
+    "unexpose": ("unexpose ID|PATH|NAME", "undo expose"),
+    "end backup": ("end backup", "BackupComplete for the sets of this backup"),
+    "delete shadows": ("delete shadows all|volume V|oldest V|set S|id ID|exposed X",
+                       "delete snapshots"),
+    "load metadata": ("load metadata FILE", "read a Backup Components Document"),
+    "import": ("import", "import the loaded document's set on this host"),
+    "list shadows": ("list shadows [all|set SETID|id ID]", "snapshots as a table"),
+    "list writers": ("list writers [status|metadata|detailed]", "writers and their state"),
+    "list providers": ("list providers", "the daemon's provider"),
+    "revert": ("revert ID", "make the snapshot's volume equal to it"),
+    "resync": ("resync ID", "the same as revert (diskshadow's LUN resync)"),
+    "break": ("break [writable] ID|SETID", "split off as new volumes VOLUME-break-N"),
+    "backup": ("backup ID FILE [from BASE_ID] [format qcow2|raw]",
+               "a full or incremental image (docs/backup.md)"),
+    "exit": ("exit", "stop here, successfully"),
+}
+VERBS = tuple(VERB_TABLE)
+
+
+def verb_lines() -> list[str]:
+    """One line per verb, its syntax then what it does (`shadowplex script --help`)."""
+    width = max(len(syntax) for syntax, _ in VERB_TABLE.values() if len(syntax) <= 34)
+    return [f"{syntax:<{width}}  {what}" for syntax, what in VERB_TABLE.values()]
 
 # diskshadow verbs shadowplex does not have, with the reason
 _NOT_BUILT = {
@@ -214,7 +247,7 @@ def _parse_expose(ln: _Line) -> Stmt:
     return ln.stmt("expose", id=_need_ref(ln.n, ln.toks[1], "expose"), target=target)
 
 
-_BACKUP_USAGE = "backup ID FILE [from BASE_ID] [format qcow2|raw]"
+_BACKUP_USAGE = VERB_TABLE["backup"][0]
 
 
 def _parse_backup(ln: _Line) -> Stmt:

@@ -1,5 +1,5 @@
 """Running a checked script over ONE control connection (one requester session), and the
-cleanup after a failure or an interrupt (the rules are in tools/script/__init__.py).
+cleanup after a failure or an interrupt (the rules: docs/scripts.md, tools/script/__init__.py).
 
 `_Runner` keeps the script's state (aliases' values, the set being composed, what it
 exposed); `do_<verb>` runs one statement. run_script: parse (grammar + check), connect,
@@ -414,13 +414,9 @@ class _Runner:
         deleted: list[str] = []
         if form == "all":
             deleted = self.call(self.c.snapshot_delete, all=True, unexpose=True)["deleted"]
-        elif form == "volume":
-            vol = self.expand(arg)
-            for s in self.call(self.c.snapshot_list, volume=vol):
-                if s.get("pool_state") == "preparing":
-                    continue
-                deleted += self.call(self.c.snapshot_delete, snapshot_id=s["snapshot_id"],
-                                     unexpose=True)["deleted"]
+        elif form == "volume":   # all or nothing, as the CLI's `snapshot delete --volume`
+            deleted = self.call(self.c.snapshot_delete, volume=self.expand(arg),
+                                unexpose=True)["deleted"]
         elif form == "oldest":
             deleted = self.call(self.c.snapshot_delete, oldest=self.expand(arg),
                                 unexpose=True)["deleted"]
