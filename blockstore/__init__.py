@@ -16,6 +16,7 @@ from .model import (
     PREPARING,
     Capabilities,
     SnapshotInfo,
+    Tally,
     VolumeInfo,
 )
 from .names import parse_size
@@ -24,5 +25,5 @@ from .pool import Pool
 __all__ = [
     "COMMITTED", "Capabilities", "DEFAULT_CHUNK", "DIFFERENTIAL", "FORMAT_VERSION", "FULL",
     "INVALID", "MAX_SNAPSHOTS_PER_VOLUME", "PLEX", "PREPARING", "Faults", "Pool", "SnapshotInfo",
-    "VolumeInfo", "errors", "parse_size",
+    "Tally", "VolumeInfo", "errors", "parse_size",
 ]

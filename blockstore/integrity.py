@@ -8,9 +8,11 @@ delete cannot close them), and the reads and hashing run outside it, so a check 
 large pool never stalls the FUSE thread (docs/concurrency.md). What is read outside the
 lock is either immutable (a committed full copy, its .sum file) or verified again under
 the lock before it is reported (a diff slot may be freed by gc and reused meanwhile).
-A progress callback is called every PROGRESS_EVERY chunks; one that raises (a
-cancelled request) stops the operation there, leaving nothing changed but a seal's
-temporary file, which is removed.
+A progress callback is called every PROGRESS_EVERY chunks (in bytes: the chunks' size);
+one that raises (a cancelled request) stops the operation there, leaving nothing changed
+but a seal's temporary file, which is removed. check() and scrub() may be limited to one
+volume (and its snapshots: the pool-wide checks -- catalog, pool file, stray files --
+are then left out) and count what they read in a Tally.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from . import format as fmt
 from .diffarea import DATA, UNSUMMED
 from .errors import Busy, NotFound, SnapshotInvalid, StoreError, Unsupported
 from .fileio import DataFile, fsync_dir
-from .model import COMMITTED, DIFFERENTIAL, PREPARING
+from .model import COMMITTED, DIFFERENTIAL, PREPARING, Tally
 
 if TYPE_CHECKING:
     from .diffarea import DiffArea
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
 
 PROGRESS_EVERY = 64       # chunks between two progress calls
 READ_PIECE = 1 << 20      # unit of scrub's reads
+# scrub asks for a LUN's allocation map in pieces this big (a differential snapshot's
+# costs O(chunks) under the pool lock: Pool.allocation)
+ALLOCATION_WINDOW = 1 << 30
 
 # a data check made under the lock, run outside it: returns the problems it found
 _Job = Callable[[Callable[[int], None]], list[str]]
@@ -72,15 +77,22 @@ def _chunk_sums(f: DataFile, chunks: list[int], cs: int,
         tick(1)
 
 
-def _ticker(progress: Progress, total: int) -> Callable[[int], None]:
+def _ticker(progress: Progress, total: int, unit: int = 1) -> Callable[[int], None]:
+    """tick(n): n more steps of ``total`` done; progress(done, total) in bytes, a step
+    being ``unit`` bytes (a chunk's size, or 1)."""
     done = 0
 
     def tick(n: int) -> None:
         nonlocal done
         before, done = done, done + n
         if progress and (before // PROGRESS_EVERY != done // PROGRESS_EVERY or done == total):
-            progress(done, total)
+            progress(done * unit, max(done, total) * unit)
     return tick
+
+
+def _scope(pool: Pool, volume: str | None) -> list[_Volume]:
+    """(Lock held.) The volumes a check covers: every one, or the one named (NotFound)."""
+    return list(pool._volumes.values()) if volume is None else [pool._vol(volume)]
 
 
 # -- seal -------------------------------------------------------------------------------------
@@ -102,7 +114,7 @@ def seal(pool: Pool, snap_id: str, progress: Progress = None) -> None:
         pinned = pool._pin([s.file])
         pool._sealing.add(s.snap_id)
     try:
-        tick = _ticker(progress, len(chunks))
+        tick = _ticker(progress, len(chunks), pool.chunk_size)
         for c, digest in _chunk_sums(pinned[0], chunks, pool.chunk_size, tick):
             sums.pwrite(digest.to_bytes(8, "little"), c * 8)
         sums.truncate(pool._nchunks(s.size) * 8)
@@ -124,27 +136,41 @@ def seal(pool: Pool, snap_id: str, progress: Progress = None) -> None:
 
 
 # -- check ------------------------------------------------------------------------------------
-def check(pool: Pool, progress: Progress = None) -> list[str]:
-    """Verify catalog, headers, images, maps and every checksum. [] means clean."""
+def check(pool: Pool, progress: Progress = None, volume: str | None = None,
+          tally: Tally | None = None) -> list[str]:
+    """Verify catalog, headers, images, maps and every checksum (of ``volume`` and its
+    snapshots only, if given: NotFound if there is none). [] means clean. ``tally``: the
+    LUNs covered, the chunks verified and their bytes."""
+    t = tally if tally is not None else Tally()
     with pool._lock:
-        volumes = list(pool._volumes.values())
+        volumes = _scope(pool, volume)
     for v in volumes:
         pool._drain(v)   # held writes out first: sizes and extents are read from files
     plan = _Plan(pool)
     try:
         with pool._lock:
-            problems = list(pool.problems)
-            problems += pool.catalog.integrity()
-            try:
-                fmt.read_pool_file(pool.path)
-            except StoreError as e:
-                problems.append(str(e))
-            for v in pool._volumes.values():
+            problems: list[str] = []
+            if volume is None:
+                problems += pool.problems
+                problems += pool.catalog.integrity()
+                try:
+                    fmt.read_pool_file(pool.path)
+                except StoreError as e:
+                    problems.append(str(e))
+            for v in _scope(pool, volume):
                 problems += _check_volume(pool, v, plan)
-            problems += _stray_files(pool)
-        tick = _ticker(progress, sum(n for _, n in plan.jobs))
+                t.luns += 1 + sum(1 for s in v.snaps if s.state == COMMITTED)
+            if volume is None:
+                problems += _stray_files(pool)
+        cs = pool.chunk_size
+        tick = _ticker(progress, sum(n for _, n in plan.jobs), cs)
+
+        def counted(n: int) -> None:
+            t.chunks += n
+            t.bytes += n * cs
+            tick(n)
         for job, _ in plan.jobs:
-            problems += job(tick)
+            problems += job(counted)
     finally:
         plan.close()
     return problems
@@ -278,17 +304,20 @@ def _verify_slots(pool: Pool, v: _Volume, da: DiffArea,
 
 # -- sealing slots preserved by reference ------------------------------------------------------
 def seal_preserved(pool: Pool, limit: int | None = None,
-                   tick: Callable[[int], None] = lambda _n: None) -> int:
+                   tick: Callable[[int], None] = lambda _n: None,
+                   volumes: set[str] | None = None) -> int:
     """Compute and record the digest of slots preserved by reference (UNSUMMED: cloned,
     never in memory), so that reads and check() verify them from now on. At most `limit`
     slots (None: all). Returns how many were sealed. The reads and the seal file's sync
     run without the pool lock; a slot freed or reused meanwhile is left alone
     (DiffArea.seal_finish). A digest records what the slot holds when sealed: rot
-    before that is not detected (as for a plex before its seal)."""
+    before that is not detected (as for a plex before its seal). ``volumes``: only
+    these volumes' diff areas."""
     done = 0
     with pool._lock:
         names = [v.name for v in pool._volumes.values()
-                 if v.diff is not None and v.diff.unsummed()]
+                 if v.diff is not None and v.diff.unsummed()
+                 and (volumes is None or v.name in volumes)]
     for name in names:
         if limit is not None and done >= limit:
             break
@@ -324,18 +353,28 @@ def seal_preserved(pool: Pool, limit: int | None = None,
 
 
 # -- scrub ------------------------------------------------------------------------------------
-def scrub(pool: Pool, progress: Progress = None) -> list[str]:
-    """check() plus a read of every byte of every LUN; seals unsealed full copies. LUNs
-    deleted meanwhile are skipped."""
+def scrub(pool: Pool, progress: Progress = None, volume: str | None = None,
+          tally: Tally | None = None) -> list[str]:
+    """check() plus a read of every allocated byte of every LUN (of ``volume`` and its
+    snapshots, if given); seals unsealed full copies. A hole holds no data to read back
+    (invariant 6), so it is not read. LUNs deleted meanwhile are skipped. ``tally``: the
+    LUNs read, the chunks check() verified, every byte read (check's and the LUNs')."""
+    t = tally if tally is not None else Tally()
     with pool._lock:
-        keys = [v.name for v in pool._volumes.values()] + [
-            s.snap_id for s in pool._snaps.values() if s.state == COMMITTED]
-        total = sum(pool._lun(k).size for k in keys)
-    seal_preserved(pool)   # first: check() then verifies the slots cloned so far too
-    problems = check(pool, (lambda _d, _t: progress(0, total)) if progress else None)
+        names = {v.name for v in _scope(pool, volume)}
+        keys = sorted(names) + [s.snap_id for s in pool._snaps.values()
+                                if s.state == COMMITTED and s.origin.name in names]
+    total = sum(_allocated(pool, k) for k in keys)
+    # first: check() then verifies the slots cloned so far too
+    seal_preserved(pool, volumes=None if volume is None else names)
+    checked = Tally()
+    problems = check(pool, (lambda _d, _t: progress(0, total)) if progress else None,
+                     volume, checked)
+    t.chunks += checked.chunks
+    t.bytes += checked.bytes
     tick = _ticker(progress, total)   # (bytes: every READ_PIECE step reports)
     for key in keys:
-        problems += _read_lun(pool, key, tick)
+        problems += _read_lun(pool, key, tick, t)
         with contextlib.suppress(Busy, NotFound, SnapshotInvalid, Unsupported):
             with pool._lock:
                 s = pool._snaps.get(key)
@@ -345,9 +384,26 @@ def scrub(pool: Pool, progress: Progress = None) -> list[str]:
     return problems
 
 
-def _read_lun(pool: Pool, key: str, tick: Callable[[int], None]) -> list[str]:
-    """Read every byte of one LUN: a volume or full copy from its file, outside the lock;
-    a differential snapshot through Pool.read, which takes the lock per chunk."""
+def _runs(pool: Pool, key: str, size: int) -> Iterator[tuple[int, int]]:
+    """The LUN's allocated runs (Pool.allocation), asked for a window at a time."""
+    for base in range(0, size, ALLOCATION_WINDOW):
+        yield from pool.allocation(key, base, min(ALLOCATION_WINDOW, size - base))
+
+
+def _allocated(pool: Pool, key: str) -> int:
+    """Bytes of the LUN that may hold data (0 if it is gone or unreadable: its read
+    reports that)."""
+    try:
+        with pool._lock:
+            size = pool._lun(key).size
+        return sum(n for _, n in _runs(pool, key, size))
+    except StoreError:
+        return 0
+
+
+def _read_lun(pool: Pool, key: str, tick: Callable[[int], None], tally: Tally) -> list[str]:
+    """Read every allocated byte of one LUN: a volume or full copy from its file, outside
+    the lock; a differential snapshot through Pool.read, which takes the lock per chunk."""
     with pool._lock:
         lun = pool._volumes.get(key) or pool._snaps.get(key)
         if lun is None:
@@ -355,20 +411,24 @@ def _read_lun(pool: Pool, key: str, tick: Callable[[int], None]) -> list[str]:
         size = lun.size
         pinned = pool._pin([lun.file])
     cs = pool.chunk_size
+    at = 0
     try:
-        for off in range(0, size, READ_PIECE):
-            n = min(READ_PIECE, size - off)
-            try:
+        tally.luns += 1
+        for off, n in _runs(pool, key, size):
+            for at in range(off, off + n, READ_PIECE):
+                k = min(READ_PIECE, off + n - at)
                 if pinned:
-                    pinned[0].pread(n, off)
+                    pinned[0].pread(k, at)
                 else:
-                    for pos in range(off, off + n, cs):
-                        pool.read(key, pos, cs)
-            except NotFound:
-                return []   # deleted meanwhile
-            except (StoreError, OSError) as e:
-                return [f"{key} at offset {off}: {e}"]
-            tick(n)
+                    for pos in range(at, at + k, cs):
+                        pool.read(key, pos, min(cs, at + k - pos))
+                tally.bytes += k
+                tick(k)
+    except NotFound:
+        tally.luns -= 1
+        return []   # deleted meanwhile
+    except (StoreError, OSError) as e:
+        return [f"{key} at offset {at}: {e}"]
     finally:
         pool._unpin(pinned)
     return []

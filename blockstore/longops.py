@@ -59,11 +59,12 @@ class LongOps(Snapshots):
     def promote(self, snap_id: str, progress: Progress = None) -> SnapshotInfo:
         """Differential -> full copy. Afterwards independent of the origin and diff area.
 
-        progress(done, total) is called after every chunk copied and once more when the
-        copy is durable, before it is committed: a progress that raises (Cancelled) there
-        stops the promote with nothing changed (the partial files are removed). Once
-        the commit has begun it no longer calls progress: the promote completes (and
-        says so first through progress.point_of_no_return(), if the callback has it)."""
+        progress(done, total) (bytes of whole chunks) is called after every chunk copied
+        and once more when the copy is durable, before it is committed: a progress that
+        raises (Cancelled) there stops the promote with nothing changed (the partial
+        files are removed). Once the commit has begun it no longer calls progress: the
+        promote completes (and says so first through progress.point_of_no_return(), if
+        the callback has it)."""
         self._drain_origin(snap_id)   # before the chunk list, held writes out
         with self._lock:
             s = self._snap(snap_id)
@@ -92,7 +93,8 @@ class LongOps(Snapshots):
             out.sync()
             sums.sync()
             if progress:   # the last moment a cancellation leaves nothing changed
-                progress(len(chunks), len(chunks))
+                nbytes = len(chunks) * self.chunk_size
+                progress(nbytes, nbytes)
                 _no_return(progress)
             self.faults.point("promote.copied")
             with self._lock:
@@ -138,7 +140,7 @@ class LongOps(Snapshots):
                     digest = xxhash.xxh3_64_intdigest(data) or 1
                     sums.pwrite(digest.to_bytes(8, "little"), c * 8)
             if progress:
-                progress(i + 1, len(chunks))
+                progress((i + 1) * cs, len(chunks) * cs)
 
     def split(self, snap_id: str, new_name: str, progress: Progress = None) -> VolumeInfo:
         """Break a snapshot off as an independent read-write volume with a new naa id.
@@ -255,7 +257,7 @@ class LongOps(Snapshots):
                         self.write(v.name, start, want)
             if progress and (i % 64 == 0 or i == len(chunks) - 1):
                 try:
-                    progress(i + 1, len(chunks))
+                    progress((i + 1) * cs, len(chunks) * cs)
                 except Cancelled:   # rolls forward (see revert()): say so once
                     if not told:
                         log.info("volume %s: its revert to snapshot %s was cancelled "

@@ -16,6 +16,8 @@ from .fileio import DataFile
 if TYPE_CHECKING:
     from .diffarea import DiffArea, SyncBatch
 
+# progress(done, total) of a long operation, in bytes (chunk-granular ones count whole
+# chunks): called between steps, where raising (errors.Cancelled) stops it
 Progress = Callable[[int, int], None] | None
 
 MAX_SNAPSHOTS_PER_VOLUME = 512   # VSS's limit per volume
@@ -249,6 +251,16 @@ class _Snapshot:
     sync_cursor: int = 0
     sync_done: int = 0
     sync_total: int = 0
+
+
+@dataclass
+class Tally:
+    """What a check or scrub read, filled in as it goes (the caller's to give): the LUNs
+    it covered, the chunks it verified against their checksums and the bytes it read to
+    verify them (a scrub: also every allocated byte of each LUN)."""
+    luns: int = 0
+    chunks: int = 0
+    bytes: int = 0
 
 
 def _no_return(progress: Progress) -> None:

@@ -45,6 +45,7 @@ from .model import (
     Kind,
     Progress,
     State,
+    Tally,
     _Snapshot,
     _Volume,
 )
@@ -293,10 +294,15 @@ class Pool(LongOps):
         daemon's idle sealer and scrub call it. Returns how many were sealed."""
         return integrity.seal_preserved(self, limit)
 
-    def check(self, progress: Progress = None) -> list[str]:
-        """Verify catalog, headers, images, maps and every checksum. [] means clean."""
-        return integrity.check(self, progress)
+    def check(self, progress: Progress = None, volume: str | None = None,
+              tally: Tally | None = None) -> list[str]:
+        """Verify catalog, headers, images, maps and every checksum. [] means clean.
+        ``volume``: only that volume and its snapshots (NotFound if there is none);
+        ``tally`` receives what was read."""
+        return integrity.check(self, progress, volume, tally)
 
-    def scrub(self, progress: Progress = None) -> list[str]:
-        """check() plus a read of every byte of every LUN; seals unsealed full copies."""
-        return integrity.scrub(self, progress)
+    def scrub(self, progress: Progress = None, volume: str | None = None,
+              tally: Tally | None = None) -> list[str]:
+        """check() plus a read of every allocated byte of every LUN (of ``volume`` and
+        its snapshots); seals unsealed full copies."""
+        return integrity.scrub(self, progress, volume, tally)

@@ -39,7 +39,7 @@ backend raises those, never its own exceptions.
 Threads: every method is synchronous, may block on I/O, and may be called from any
 thread at the same time (the FUSE handlers on the trio thread, flush/commit and long
 operations from worker threads): an implementation is thread-safe by itself. Long
-operations take ``progress(done, total)``; a callback that raises
+operations take ``progress(done, total)``, in bytes; a callback that raises
 ``blockstore.errors.Cancelled`` cancels the operation at its next cancellation point,
 and an optional ``progress.point_of_no_return()`` is called once it can no longer be
 undone (provider/jobs.py).
@@ -57,7 +57,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from blockstore.model import Capabilities, SnapshotInfo, VolumeInfo
+from blockstore.model import Capabilities, SnapshotInfo, Tally, VolumeInfo
 from fuse_mount.lunstore import LunStore
 
 Progress = Callable[[int, int], None] | None
@@ -154,10 +154,14 @@ class Array(LunStore, Protocol):
     def close(self) -> None:
         """Release the backend (the daemon's last call: files, locks, connections)."""
 
-    def check(self, progress: Progress = None) -> list[str]:
-        """Consistency of metadata and maps; problems as lines (none: [])."""
+    def check(self, progress: Progress = None, volume: str | None = None,
+              tally: Tally | None = None) -> list[str]:
+        """Consistency of metadata and maps; problems as lines (none: []). ``volume``:
+        that volume and its snapshots only (NotFound if there is none); ``tally``
+        counts what was read (LUNs, chunks verified, bytes)."""
 
-    def scrub(self, progress: Progress = None) -> list[str]:
+    def scrub(self, progress: Progress = None, volume: str | None = None,
+              tally: Tally | None = None) -> list[str]:
         """check, plus every preserved or copied chunk read back and verified."""
 
 

@@ -485,11 +485,16 @@ class Client:
     def writers_list(self) -> list[dict[str, Any]]:
         return self._list("writers.list")
 
-    def check(self) -> dict[str, Any]:
-        return self._obj("check")
+    def check(self, volume: str | None = None,
+              progress: ProgressCallback = None) -> dict[str, Any]:
+        """The pool's (or ``volume``'s and its snapshots') consistency: ok, problems,
+        and what was read: luns, chunks_verified, bytes_read."""
+        return self._obj("check", {"volume": volume} if volume else None, progress)
 
-    def scrub(self, progress: ProgressCallback = None) -> dict[str, Any]:
-        return self._obj("scrub", None, progress)
+    def scrub(self, volume: str | None = None,
+              progress: ProgressCallback = None) -> dict[str, Any]:
+        """check plus a read of every allocated byte of each LUN (of ``volume``)."""
+        return self._obj("scrub", {"volume": volume} if volume else None, progress)
 
 
 def _labels(name: str | None, description: str | None) -> dict[str, str]:

@@ -56,11 +56,16 @@ QUEUE = 16                # requests read ahead per connection
 # --------------------------------------------------------------------------- connection
 class _Progress:
     """Collects progress reports of one request; a pump task sends the latest one at most
-    every PROGRESS_INTERVAL seconds."""
+    every PROGRESS_INTERVAL seconds, and a successful reply is preceded by the last one
+    if the pump had not sent it (the requester's bar ends where the work did)."""
 
     def __init__(self) -> None:
         self.latest: tuple[int, int, str] | None = None
+        self.sent: tuple[int, int, str] | None = None
         self.changed = trio.Event()
+
+    def unsent(self) -> tuple[int, int, str] | None:
+        return self.latest if self.latest != self.sent else None
 
     def report(self, done: int, total: int, what: str) -> None:
         self.latest = (done, total, what)
@@ -71,7 +76,7 @@ class _Progress:
             await self.changed.wait()
             self.changed = trio.Event()
             if self.latest is not None:
-                done, total, what = self.latest
+                self.sent = done, total, what = self.latest
                 await conn.send(protocol.progress_event(rid, done, total, what))
             await trio.sleep(PROGRESS_INTERVAL)
 
@@ -343,6 +348,9 @@ class Connection:
                 "E_ABORT", f"{op} cancelled: nothing changed"
                 + (" (the snapshot set was aborted)" if op in SCOPE_OPS else "")))
         if reply is not None:
+            last = progress.unsent()
+            if reply.get("ok") and last is not None:
+                await self.send(protocol.progress_event(rid, *last))
             await self.send(reply)
 
 

@@ -235,13 +235,13 @@ async def _writers_list(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
 
 
 async def _check(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
-    Args("check", a, ())
-    return await c.coord.check(c.token)
+    x = Args("check", a, ("volume",))
+    return await c.coord.check(p, x.get("volume", str), c.token)
 
 
 async def _scrub(c: Connection, a: dict[str, Any], p: ProgressFn) -> Any:
-    Args("scrub", a, ())
-    return await c.coord.scrub(p, c.token)
+    x = Args("scrub", a, ("volume",))
+    return await c.coord.scrub(p, x.get("volume", str), c.token)
 
 
 def _cancel_args(a: dict[str, Any]) -> int | str:

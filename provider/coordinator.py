@@ -343,12 +343,13 @@ class Coordinator(SetCreation):
                     cancel: CancelToken | None = None) -> dict[str, Any]:
         return await self.longops.split(snapshot_id, name, progress, cancel)
 
-    async def check(self, cancel: CancelToken | None = None) -> dict[str, Any]:
-        return await self.longops.check(cancel)
-
-    async def scrub(self, progress: ProgressFn = None,
+    async def check(self, progress: ProgressFn = None, volume: str | None = None,
                     cancel: CancelToken | None = None) -> dict[str, Any]:
-        return await self.longops.scrub(progress, cancel)
+        return await self.longops.check(progress, volume, cancel)
+
+    async def scrub(self, progress: ProgressFn = None, volume: str | None = None,
+                    cancel: CancelToken | None = None) -> dict[str, Any]:
+        return await self.longops.scrub(progress, volume, cancel)
 
     async def writers_list(self) -> list[dict[str, Any]]:
         return await writers_list(self.writers)

@@ -1,5 +1,7 @@
 """The long operations a requester may cancel (revert, promote, split, scrub, check):
-their cancellation token, their progress and what `status` shows while they run.
+their cancellation token, their progress and what `status` shows while they run (also
+a set's plex sync, which its creation's cancellation stops). Progress is in bytes; the
+rate is the average since the job started, the ETA what is left at that rate.
 
 A long operation runs in a worker thread; the block store calls its progress callback
 between steps (chunks). That callback is the one cancellation point: once the token is
@@ -63,6 +65,7 @@ class Job:
         self.volume = volume
         self.token = token if token is not None else CancelToken()
         self.started = time.time()
+        self._t0 = time.monotonic()
         self.done = 0
         self.total = 0
         # set (in the worker thread, by the block store) once the operation is past its
@@ -115,8 +118,14 @@ class Job:
         if self.cancelled:
             state = ("cancelling" if not self.rolls_forward else
                      "rolling-forward" if self.op == "revert" else "completing")
+        done, total = self.done, self.total   # (a worker thread moves them)
+        spent = time.monotonic() - self._t0
+        rate = done / spent if spent > 0 else 0.0
+        eta = (max(total - done, 0) / rate) if rate > 0 and total else None
         return {"id": self.id, "op": self.op, "target": self.target, "volume": self.volume,
-                "state": state, "done": self.done, "total": self.total,
+                "state": state, "done": done, "total": total,
+                "percent": round(100 * done / total, 1) if total else None,
+                "rate": int(rate), "eta": None if eta is None else round(eta, 1),
                 "started": self.started}
 
 

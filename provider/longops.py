@@ -16,13 +16,14 @@ model.thread_progress.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
 
-from blockstore import SnapshotInfo
+from blockstore import SnapshotInfo, Tally
 from blockstore import errors as bse
 
 from . import audit
@@ -227,25 +228,34 @@ class LongOperations:
         return VssError(err.name, f"{err.message}; snapshot {s.id} was promoted to a full "
                         "copy before that (same content)")
 
-    async def check(self, cancel: CancelToken | None = None) -> dict[str, Any]:
-        with self.jobs.run("check", "pool", None, cancel) as job:
-            try:
-                problems = await in_thread(self.pool.check,
-                                            job.thread_progress(None, "check"))
-            except bse.Cancelled:
-                raise self._job_cancelled(job, "check", "it only reads") from None
-        problems = list(problems) + self.deletion.check_catalog()
-        return {"ok": not problems, "problems": problems}
-
-    async def scrub(self, progress: ProgressFn = None,
+    async def check(self, progress: ProgressFn = None, volume: str | None = None,
                     cancel: CancelToken | None = None) -> dict[str, Any]:
-        with self.jobs.run("scrub", "pool", None, cancel) as job:
+        return await self._verify("check", "it only reads", progress, volume, cancel)
+
+    async def scrub(self, progress: ProgressFn = None, volume: str | None = None,
+                    cancel: CancelToken | None = None) -> dict[str, Any]:
+        return await self._verify("scrub", "a scrub changes no data", progress, volume,
+                                  cancel)
+
+    async def _verify(self, op: str, unchanged: str, progress: ProgressFn,
+                      volume: str | None, cancel: CancelToken | None) -> dict[str, Any]:
+        """check or scrub, of the pool or of one volume and its snapshots: the problems
+        and what was read (the LUNs, the chunks verified against their checksums, the
+        bytes). The provider's catalog is checked with the whole pool only."""
+        if volume is not None:
+            self.pool.volume(volume)   # VSS_E_OBJECT_NOT_FOUND before a job is listed
+        tally = Tally()
+        with self.jobs.run(op, volume or "pool", volume, cancel) as job:
             try:
-                problems = await in_thread(self.pool.scrub,
-                                            job.thread_progress(progress, "scrub"))
+                problems = await in_thread(functools.partial(
+                    getattr(self.pool, op), volume=volume, tally=tally),
+                    job.thread_progress(progress, op))
             except bse.Cancelled:
-                raise self._job_cancelled(job, "scrub", "a scrub changes no data"
-                                          ) from None
-        problems = list(problems) + self.deletion.check_catalog()
-        return {"ok": not problems, "problems": problems}
+                raise self._job_cancelled(job, op, unchanged) from None
+        problems = list(problems)
+        if volume is None:
+            problems += self.deletion.check_catalog()
+        return {"ok": not problems, "problems": problems, "volume": volume,
+                "luns": tally.luns, "chunks_verified": tally.chunks,
+                "bytes_read": tally.bytes}
 

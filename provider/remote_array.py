@@ -445,10 +445,12 @@ class RemoteArray:
 
 
 
-    def check(self, progress: Any = None) -> list[str]:
+    def check(self, progress: Any = None, volume: str | None = None,
+              tally: Any = None) -> list[str]:
         raise self._not_yet("check")
 
-    def scrub(self, progress: Any = None) -> list[str]:
+    def scrub(self, progress: Any = None, volume: str | None = None,
+              tally: Any = None) -> list[str]:
         raise self._not_yet("scrub")
 
 

@@ -47,6 +47,7 @@ from .array import Array
 from .array_service import HostSets
 from .catalog import Label, ProviderCatalog, SetRecord
 from .hardware import DIFFERENTIAL, PLEX, HardwareProvider
+from .longops import LongOperations
 from .masking import LunMasking
 from .model import (
     SS,
@@ -94,6 +95,7 @@ class SetCreation:
     _sets: dict[str, SnapshotSet]
     _marks: dict[str, Mark]
     _sessions: dict[int, Session]
+    longops: LongOperations
 
     def start_snapshot_set(self, session: Session, context: str | int = "backup",
                            attributes: int | str | Sequence[str] | None = None) -> str:
@@ -333,9 +335,16 @@ class SetCreation:
         for vol, sid in s.volumes.items():
             await in_thread(self.hardware.BeginPrepareSnapshot, s.set_id, sid, vol,
                              int(s.attributes))
-        # EndPrepare waits for the plex syncs; abandoned on cancel (the abort stops them)
-        cb = thread_progress(progress, "plex sync")
-        await in_thread(self.hardware.EndPrepareSnapshots, s.set_id, cb, abandon=True)
+        # EndPrepare waits for the plex syncs; abandoned on cancel (the abort stops them).
+        # A sync is a job while it runs (status lists it with its progress).
+        if self.hardware.sync_progress(s.set_id)[1]:
+            with self.longops.jobs.run("plex sync", s.set_id, ",".join(s.volumes)) as job:
+                cb = job.thread_progress(progress, "plex sync")
+                await in_thread(self.hardware.EndPrepareSnapshots, s.set_id, cb,
+                                abandon=True)
+        else:
+            await in_thread(self.hardware.EndPrepareSnapshots, s.set_id,
+                            thread_progress(progress, "plex sync"), abandon=True)
         await self._enter(s, SS.PREPARED)
 
     async def _precommit(self, s: SnapshotSet) -> None:

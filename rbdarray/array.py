@@ -499,7 +499,10 @@ class RbdArray(Hosts, Integrity, DataPath):
             origin = self._vols[s.volume]
         cancelled: list[BaseException] = []
 
-        def step(done: int, total: int) -> int:
+        copied = [0]   # the copy's total: the snapshot's allocated bytes
+
+        def step(done: int, total: int) -> int:   # bytes (copy_allocated's)
+            copied[0] = total
             if progress is not None and not cancelled:
                 try:
                     progress(done, total)
@@ -511,7 +514,7 @@ class RbdArray(Hosts, Integrity, DataPath):
         rec = VolumeRecord(self._naa(), time.time(),
                            origin={"volume": s.volume, "snapshot": s.id,
                                    "naa": s.rec.naa})
-        step(0, 1)
+        step(0, 0)   # (nothing known yet: a cancellation point before anything is made)
         if cancelled:
             raise cancelled[0]
 
@@ -539,7 +542,7 @@ class RbdArray(Hosts, Integrity, DataPath):
         point_of_no_return = getattr(progress, "point_of_no_return", None)
         if point_of_no_return is not None:
             point_of_no_return()
-        step(1, 1)
+        step(copied[0], copied[0])
         self.delete_snapshot(s.id)
         log.info("snapshot %s of %s split into volume %s", s.id, origin.name, new_name)
         with self._lock:
@@ -556,15 +559,15 @@ class RbdArray(Hosts, Integrity, DataPath):
             if s.volume != volume:
                 raise bse.InvalidState(f"snapshot {s.id} is of volume {s.volume}, "
                                        f"not {volume}")
-        if progress is not None:
-            progress(0, 1)
+        if progress is not None:   # (bytes: rollback_to_snap reports nothing meanwhile)
+            progress(0, s.size)
         with v.lun.gate.exclusive(), translated(f"reverting {volume} to snapshot {s.id}"):
             v.lun.image.rollback_to_snap(rbd_snap_name(s.id))
         with self._lock:
             v.mtime = time.time()
             self._changed()
         if progress is not None:
-            progress(1, 1)
+            progress(s.size, s.size)
 
     def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
         with self._lock:

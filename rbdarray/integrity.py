@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 from blockstore import errors as bse
-from blockstore.model import COMMITTED
+from blockstore.model import COMMITTED, Tally
 
 from .errors import translated
 from .records import VOLUME_KEY, Snap, SnapRecord, Vol, rbd_snap_name, sees, snap_key
@@ -29,15 +29,30 @@ class Integrity:
     _snaps: dict[str, Snap]
     _hidden_snaps: dict[str, tuple[ImageScan, SnapRecord]]
 
-    def check(self, progress: Progress = None) -> list[str]:
-        """Every volume's image and every committed snapshot's RBD snapshot exist; no
-        ``spx.*`` RBD snapshot without its record."""
+    def check(self, progress: Progress = None, volume: str | None = None,
+              tally: Tally | None = None) -> list[str]:
+        """Every volume's image (or ``volume``'s: NotFound if it is not presented here)
+        and every committed snapshot's RBD snapshot exist; no ``spx.*`` RBD snapshot
+        without its record. It reads metadata, no data: progress counts the volumes'
+        sizes covered, ``tally`` the LUNs."""
         problems: list[str] = []
+        t = tally if tally is not None else Tally()
         with self._lock:
-            vols = [v for v in self._vols.values() if sees(v.rec, self.host)]
+            vols = [v for v in self._vols.values()
+                    if sees(v.rec, self.host) and volume in (None, v.name)]
             snaps = {s.id: s.volume for s in self._snaps.values() if s.state == COMMITTED}
             snaps.update({i: sc.name for i, (sc, _) in self._hidden_snaps.items()})
+        if volume is not None and not vols:
+            raise bse.NotFound(f"no volume {volume!r} presented to host {self.host}")
+        sizes = []
+        for v in vols:
+            try:
+                with translated(f"size of {v.name}"):
+                    sizes.append(int(v.lun.image.size()))
+            except bse.StoreError:
+                sizes.append(0)   # (the check below reports the image)
         for i, v in enumerate(vols):
+            t.luns += 1 + sum(1 for x in snaps.values() if x == v.name)
             try:
                 with translated(f"checking {v.name}"):
                     rbd_snaps = {text_of(x["name"]) for x in v.lun.image.list_snaps()}
@@ -58,9 +73,10 @@ class Integrity:
                         snap_key(sid) not in meta:
                     problems.append(f"volume {v.name}: RBD snapshot {name} has no record")
             if progress is not None:
-                progress(i + 1, len(vols))
+                progress(sum(sizes[:i + 1]), sum(sizes))
         return problems
 
-    def scrub(self, progress: Progress = None) -> list[str]:
+    def scrub(self, progress: Progress = None, volume: str | None = None,
+              tally: Tally | None = None) -> list[str]:
         """check (Ceph scrubs the data itself: `ceph osd deep-scrub`)."""
-        return self.check(progress)
+        return self.check(progress, volume, tally)

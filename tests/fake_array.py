@@ -425,7 +425,13 @@ class FakeArray:
 
     # ------------------------------------------------------------------ integrity
     @_locked
-    def check(self, progress: Progress = None) -> list[str]:
+    def check(self, progress: Progress = None, volume: str | None = None,
+              tally: Any = None) -> list[str]:
+        if volume is not None and volume not in self._vols:
+            raise bse.NotFound(f"no volume named {volume!r}")
+        if tally is not None:   # every LUN (of the volume): nothing more is read
+            tally.luns += sum(1 for k in self._vols if volume in (None, k)) + sum(
+                1 for s, _ in self._snaps.values() if volume in (None, s.volume))
         problems = [f"snapshot {s.id} of missing volume {s.volume}"
                     for s, _ in self._snaps.values() if s.volume not in self._vols]
         problems += [f"LUN {k} holds a chunk past its end"
@@ -434,5 +440,6 @@ class FakeArray:
         self._steps(progress, 1)
         return problems
 
-    def scrub(self, progress: Progress = None) -> list[str]:
-        return self.check(progress)
+    def scrub(self, progress: Progress = None, volume: str | None = None,
+              tally: Any = None) -> list[str]:
+        return self.check(progress, volume, tally)

@@ -181,8 +181,8 @@ class Gate:
         self.calls = 0
         orig = getattr(pool, method)
 
-        def wrapped(*args: Any) -> Any:
-            *rest, progress = args
+        def wrapped(*args: Any, **kw: Any) -> Any:
+            *rest, progress = args   # (check, scrub: their volume and tally by keyword)
             assert progress is not None
 
             def slow(done: int, total: int) -> None:
@@ -192,7 +192,7 @@ class Gate:
                 progress(done, total)
             if hasattr(progress, "point_of_no_return"):
                 slow.point_of_no_return = progress.point_of_no_return  # type: ignore
-            return orig(*rest, slow)
+            return orig(*rest, slow, **kw)
         setattr(pool, method, wrapped)
 
 

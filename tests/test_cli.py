@@ -451,8 +451,12 @@ def test_check_and_scrub(daemon: Daemon) -> None:
         d.ok("snapshot", "create", "kv", "--context", "nas-rollback", "-q")
         _put(d.image("kv"), os.urandom(8192))           # a preserved chunk to verify
         for cmd in ("check", "scrub"):
-            assert d.json(cmd) == {"ok": True, "problems": []}
-            assert d.ok(cmd).stdout == "clean\n"
+            res = d.json(cmd)
+            assert res["ok"] is True and res["problems"] == [] and res["volume"] is None
+            assert res["luns"] >= 2 and res["chunks_verified"] >= 1
+            assert re.fullmatch(rf"clean: {cmd} of the pool: \d+ LUNs, \S+ \S?i?B read, "
+                                r"\d+ chunks? verified against their checksums\n",
+                                d.ok(cmd).stdout)
     finally:
         _cleanup_snapshots(d, "kv")
         d.ok("volume", "delete", "kv")

@@ -186,7 +186,9 @@ def test_client_roundtrip_and_error_names(served: tuple[Env, ServerThread]) -> N
         eb = c.end_backup()
         assert eb == {"set_id": set_id, "writers_notified": ["w"]}
         assert [w["name"] for w in c.writers_list()] == ["w"]
-        assert c.check() == {"ok": True, "problems": []}
+        chk = c.check()
+        assert chk["ok"] and chk["problems"] == []
+        assert chk["luns"] == len(c.volume_list()) + c.status()["snapshots"]
         scrub_prog: list[str] = []
         assert c.scrub(progress=lambda d, t, w: scrub_prog.append(w))["ok"]
         st = c.status()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from blockstore import Tally
 from blockstore import errors as bse
 from rbdarray import RbdArray
 from rbdarray.errors import mapped
@@ -251,7 +252,7 @@ def test_revert_and_split(arr: RbdArray) -> None:
     steps: list[tuple[int, int]] = []
     v = arr.split(sid, "r-copy", lambda d, t: steps.append((d, t)))
     assert v.name == "r-copy" and v.naa != arr.volume("r").naa and v.size == 2 * MiB
-    assert steps and steps[-1][0] == steps[-1][1]
+    assert steps and steps[-1][0] == steps[-1][1] > 1   # bytes: the allocated ones
     with pytest.raises(bse.NotFound):
         arr.snapshot(sid)
     arr.write("r-copy", 0, b"mine")
@@ -264,6 +265,10 @@ def test_revert_and_split(arr: RbdArray) -> None:
         arr.split(sid2, "r-copy2", cancel)
     assert [x.name for x in arr.list_volumes()] == ["r", "r-copy"]
     assert arr.snapshot(sid2).state == "committed" and arr.check() == []
+    tally = Tally()   # one volume's check: it and its snapshot, nothing of r-copy
+    assert arr.check(volume="r", tally=tally) == [] and tally.luns == 2
+    with pytest.raises(bse.NotFound):
+        arr.scrub(volume="nope")
 
 
 def test_errors_are_blockstore_errors(arr: RbdArray, ceph: Any) -> None:

@@ -57,7 +57,7 @@ from nbd.client import NbdClient
 from nbd.pool import NbdPool
 
 from .backup_copy import BLOCK, STREAMS, ZEROS, Stats, Target, allocated, copy_extents
-from .output import ByteProgress, human_size
+from .output import Progress, human_size
 
 MANIFEST = ".backup.json"    # FILE + this
 QEMU_NBD_WAIT = 10.0         # s for qemu-nbd to open its socket
@@ -368,7 +368,7 @@ def _part(target: str) -> Iterator[str]:
             os.unlink(part)
 
 
-def run_backup(args: argparse.Namespace, c: Any, progress: ByteProgress) -> dict[str, Any]:
+def run_backup(args: argparse.Namespace, c: Any, progress: Progress) -> dict[str, Any]:
     pl = plan(args, c)
     snap = pl.snapshot
     sid = str(snap["snapshot_id"])
@@ -447,7 +447,7 @@ def backup_one(c: Any, snapshot: str, to: str, base: str | None, fmt: str | None
     through the script's session, never replacing a file. Raises Refused."""
     args = argparse.Namespace(snapshot=snapshot, to=to, base=base, base_file=None,
                               format=fmt, force=False, array=None, tls_dir=None)
-    progress = ByteProgress(not quiet, "backup")
+    progress = Progress(not quiet, "backup")
     try:
         return run_backup(args, c, progress)
     finally:
@@ -455,7 +455,7 @@ def backup_one(c: Any, snapshot: str, to: str, base: str | None, fmt: str | None
 
 
 def main(args: argparse.Namespace, c: Any) -> int:
-    progress = ByteProgress(not args.quiet, "backup")
+    progress = Progress(not args.quiet and not args.json, "backup")
     try:
         summary = run_backup(args, c, progress)
     finally:

@@ -31,7 +31,7 @@ from typing import Protocol
 
 from nbd import protocol as p
 
-from .output import ByteProgress
+from .output import Progress
 
 BLOCK = 4 << 20              # bytes per read/write request
 ZEROS = bytes(BLOCK)
@@ -107,7 +107,7 @@ def copy_piece(src: Source, target: Target, offset: int, length: int, incrementa
 
 
 def copy_extents(src: Source, target: Target, extents: list[tuple[int, int]],
-                 incremental: bool, stats: Stats, progress: ByteProgress,
+                 incremental: bool, stats: Stats, progress: Progress,
                  streams: int = STREAMS) -> None:
     """Copy each (offset, length) of ``extents`` from src to target, ``streams`` pieces
     at a time (src and target must take that many callers at once)."""

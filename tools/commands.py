@@ -23,6 +23,7 @@ from .listing import Catalog, Format
 from .output import (
     PROG,
     Progress,
+    human_size,
     print_json,
     snapshot_view,
     volume_view,
@@ -330,20 +331,29 @@ def cmd_writers(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """check or scrub, of the pool or of one volume (--volume) and its snapshots: the
+    problems (shown under --quiet too), then a line of what was read."""
+    op = args.command   # "check" | "scrub": the client's method of that name
     with connection.client(args) as c:
-        if args.command == "scrub":
-            res = connection.call(args, c, lambda p: c.scrub(progress=p))
-        else:
-            res = connection.call(args, c, lambda p: c.check())
+        res = connection.call(args, c, lambda p: getattr(c, op)(args.volume, progress=p))
     problems = res.get("problems", [])
     if args.json:
         print_json(res)
-    elif problems:   # what failed: shown under --quiet too
-        for p in problems:
-            print(p)
-    elif not args.quiet:
-        print("clean")
+        return EXIT_FAILED if problems else EXIT_OK
+    for p in problems:
+        print(p)
+    if not args.quiet:
+        scope = f"volume {args.volume} and its snapshots" if args.volume else "the pool"
+        print(f"{_count(len(problems), 'problem') if problems else 'clean'}: {op} of "
+              f"{scope}: {_count(res.get('luns', 0), 'LUN')}, "
+              f"{human_size(res.get('bytes_read', 0))} read, "
+              f"{_count(res.get('chunks_verified', 0), 'chunk')} verified against their "
+              "checksums")
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
 
 
 def cmd_df(args: argparse.Namespace) -> int:
@@ -376,9 +386,21 @@ def cmd_df(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """The daemon's record (`operations` as a count), then a table of the running
+    operations with their progress (--json: the list, each with its figures)."""
     fmt = _format(args, listing.STATUS)
     with connection.client(args) as c:
-        _emit(args, c.status(), catalog=listing.STATUS, fmt=fmt)
+        st = c.status()
+
+    def table(st: dict[str, Any]) -> None:
+        ops = st.get("operations") or []
+        listing.print_record({**st, "operations": len(ops)}, fmt, listing.STATUS)
+        shown = not fmt.chosen or any(col.name == "operations" for col in fmt.cols)
+        if ops and fmt.header and shown:
+            print()
+            listing.print_rows(ops, listing.Format(listing.OPERATIONS.default,
+                                                   parsable=fmt.parsable), "")
+    _emit(args, st, table, fmt=fmt)
     return EXIT_OK
 
 

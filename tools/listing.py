@@ -23,8 +23,9 @@ from typing import Any
 from .output import human_size, print_json
 
 # how a column's value is shown: text, size (bytes), time (Unix seconds), count (an
-# exact integer even in tables: an offset, a number of snapshots), mask (attribute bits)
-KINDS = ("text", "size", "time", "count", "mask")
+# exact integer even in tables: an offset, a number of snapshots), mask (attribute bits),
+# rate (bytes per second), duration (seconds, as H:MM:SS)
+KINDS = ("text", "size", "time", "count", "mask", "rate", "duration")
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,16 @@ def cell(v: Any, kind: str = "text", parsable: bool = False) -> str:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if isinstance(v, int | float) and kind in ("size", "time", "mask", "count"):
+    if isinstance(v, int | float) and kind in KINDS[1:]:
         if parsable or kind == "count":
             return _exact(v)
         if kind == "size":
             return human_size(int(v))
+        if kind == "rate":
+            return f"{human_size(int(v))}/s"
+        if kind == "duration":
+            s = int(v)
+            return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
         if kind == "time":
             return iso_time(v)
         return hex(int(v))
@@ -256,11 +262,19 @@ STATUS = Catalog("status", [
     Col("space_free", "FREE", "size"), Col("space_available", "AVAILABLE", "size"),
     Col("volumes", "VOLUMES", "count"), Col("snapshots", "SNAPSHOTS", "count"),
     Col("sets", "SETS", "count"), Col("creating", "CREATING"),
-    Col("volumes_in_use", "IN USE"), Col("operations", "OPERATIONS"),
+    Col("volumes_in_use", "IN USE"), Col("operations", "OPERATIONS", "count"),
     Col("sessions", "SESSIONS", "count"), Col("writers", "WRITERS"),
     Col("service_machine", "MACHINE"), Col("provider_id", "PROVIDER"),
     Col("nbd_port", "NBD PORT", "count"), Col("nbd_tls", "NBD TLS"),
     Col("nbd_address", "NBD ADDRESS")])
+
+# status's running operations (provider/jobs.py): progress in bytes, the average rate
+OPERATIONS = Catalog("operation", [
+    Col("id", "ID", "count"), Col("op", "OP"), Col("target", "TARGET"),
+    Col("volume", "VOLUME"), Col("state", "STATE"), Col("done", "DONE", "size"),
+    Col("total", "TOTAL", "size"), Col("percent", "%"), Col("rate", "RATE", "rate"),
+    Col("eta", "ETA", "duration"), Col("started", "STARTED", "time")],
+    "id,op,target,state,done,total,percent,rate,eta")
 
 DIFF = Catalog("snapshot diff", [
     Col("offset", "OFFSET", "count"), Col("at", "AT", "size", source="offset"),

@@ -5,9 +5,9 @@ tools/script/ need not import the CLI that imports it)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -75,84 +75,90 @@ def print_fields(obj: dict[str, Any]) -> None:
 
 
 class Progress:
-    """A one-line progress bar on stderr, only on a terminal and without --quiet."""
+    """Bytes done of a total, the rate and the time left, on stderr: tqdm's bar, one per
+    phase (a plex sync, then a promote...), kept on screen when the phase ends. Only on
+    a terminal (or on ``stream``, given) and when ``enabled`` (not --quiet, not --json):
+    a pipe or a log file gets nothing.
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self._last = 0.0
-        self._shown = False
+    Fed in one of two ways: the daemon's progress events, ``progress(done, total,
+    what)`` with absolute figures (tools/connection.call, a script's long verbs); or
+    work done here, ``start(total)`` then ``advance(n)`` (`shadowplex backup`)."""
+
+    def __init__(self, enabled: bool, what: str = "", stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and (stream is not None or _isatty(sys.stderr))
+        self.what = what
+        self._bar: Any = None
+        self._phase = ""
 
     def __call__(self, done: int, total: int, what: str = "") -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if now - self._last < 0.1 and done < total:
-            return
-        self._last = now
-        frac = done / total if total else 1.0
-        bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r{what:<14} [{bar:<30}] {frac * 100:5.1f}%")
-        sys.stderr.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self._shown:
-            sys.stderr.write("\n")
-            self._shown = False
-
-
-class ByteProgress:
-    """Bytes done of a total, the rate and the time left, on one line of stderr (only on
-    a terminal, unless ``stream`` is given): `shadowplex backup`'s progress. Neither
-    rich nor tqdm is a dependency of ours; this is the 30 lines they would replace."""
-
-    def __init__(self, enabled: bool, what: str, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = enabled and (stream is not None or sys.stderr.isatty())
-        self.what = what
-        self.total = self.done = 0
-        self._t0 = self._last = time.monotonic()
-        self._shown = False
+        what = what or self.what
+        if self._bar is None or what != self._phase:
+            self.close()
+            if total <= 0:   # nothing to do (yet): no empty bar
+                return
+            self._open(what, total)
+        bar = self._bar
+        if max(total, done) != bar.total:   # (a total that grew: tqdm clamps past it)
+            bar.total = max(total, done)
+            bar.refresh()
+        bar.update(done - bar.n)
 
     def start(self, total: int) -> None:
-        self.total, self.done = total, 0
-        self._t0 = time.monotonic()
-        self._show(force=True)
+        if self.enabled:
+            self.close()
+            self._open(self.what, total)
 
     def advance(self, n: int) -> None:
-        self.done += n
-        self._show(force=self.done >= self.total)
-
-    def line(self) -> str:
-        spent = max(time.monotonic() - self._t0, 1e-9)
-        rate = self.done / spent
-        frac = self.done / self.total if self.total else 1.0
-        if self.done >= self.total:
-            eta = "done"
-        elif rate > 0:
-            left = int((self.total - self.done) / rate)
-            eta = f"ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
-        else:
-            eta = "ETA -"
-        return (f"{self.what} {human_size(self.done)} / {human_size(self.total)} "
-                f"{frac * 100:5.1f}%  {human_size(int(rate))}/s  {eta}")
-
-    def _show(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
-        self.stream.write("\r\x1b[K" + self.line())
-        self.stream.flush()
-        self._shown = True
+        if self._bar is not None:
+            if self._bar.n + n > self._bar.total:
+                self._bar.total = self._bar.n + n
+            self._bar.update(n)
 
     def close(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = False
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _open(self, what: str, total: int) -> None:
+        # imported here: a command that shows no bar (a pipe, --json) does not pay for
+        # it at start-up
+        from tqdm import tqdm
+        tqdm.monitor_interval = 0   # no monitor thread in a short-lived CLI
+        self._phase = what
+        # follow the terminal's size, unless it has none (a serial console, a fresh
+        # pty): tqdm would then draw nothing at all
+        sized = _columns(self.stream) > 0
+        self._bar = tqdm(total=total, desc=what or None, unit="B", unit_scale=True,
+                         unit_divisor=1024, file=self.stream, mininterval=PROGRESS_REDRAW,
+                         dynamic_ncols=sized, ncols=None if sized else PROGRESS_COLUMNS,
+                         nrows=None if sized else PROGRESS_ROWS, leave=True,
+                         bar_format=PROGRESS_FORMAT)
+
+
+# tqdm's format: the phase, percent, bar, bytes done/total (binary prefixes: K = KiB),
+# time spent, ETA, rate
+PROGRESS_FORMAT = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
+                   "[{elapsed}, ETA {remaining}, {rate_fmt}]")
+PROGRESS_REDRAW = 0.2   # s between two redraws of a bar
+PROGRESS_COLUMNS = 80   # a bar's width on a terminal that says it has no size...
+PROGRESS_ROWS = 24      # ...and its height
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):   # not a terminal, or no fileno
+        return 0
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):   # replaced or closed
+        return False
 
 
 # ------------------------------------------------------------------ views of the wire's records

@@ -333,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = actions(w, "wcmd")
     listing.add_options(add("list", cmd_writers, "list writers and their state", wsub),
                         listing.WRITERS)
-    add("check", cmd_check, "verify catalog, maps and checksums")
-    add("scrub", cmd_check, "read every byte and verify it")
+    for name, what in (("check", "verify catalog, maps and checksums"),
+                       ("scrub", "check, and read every allocated byte back")):
+        add(name, cmd_check, what).add_argument(
+            "--volume", metavar="VOLUME",
+            help=f"{name} only this volume and its snapshots (not the pool-wide catalog)")
     listing.add_options(add("status", cmd_status, "daemon and pool status"), listing.STATUS)
     listing.add_options(add("df", cmd_df, "space: the pool, what snapshots may take, each "
                             "volume's allocation"), listing.DF)

@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = False) -> None:
                    f"systems ({','.join(POOL_FS)}, or none; default: all in the full run, "
                    "none with --quick)")
     p.add_argument("--progress", action="store_true",
-                   help="progress lines on stderr even when it is not a terminal")
+                   help="progress lines (one per phase) on stderr even when it is not a "
+                        "terminal, or with --json")
     # hidden: tiny sizes for the CI test
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--generator", choices=("auto", "fio", "python"), default="auto",

@@ -96,8 +96,10 @@ def _measure(b: Bench) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # a line per phase on a terminal; --json (a report for a program) as a pipe
     quiet = not progress_wanted(bool(getattr(args, "quiet", False)),
-                                bool(getattr(args, "progress", False)), sys.stderr.isatty())
+                                bool(getattr(args, "progress", False)),
+                                sys.stderr.isatty() and not getattr(args, "json", False))
     log = Log(quiet)
     tiny = getattr(args, "tiny", False) or os.environ.get("SHADOWPLEX_BENCH_TINY") == "1"
     profile = PROFILES["tiny" if tiny else "quick" if args.quick else "full"]
