@@ -101,10 +101,10 @@ def test_loop_ext4_roundtrip(tmp_path: Path) -> None:
 
 def test_broken_pipe_is_quiet() -> None:
     """`shadowplex snapshot list | head`: the reader leaving is not an error to print."""
-    code = ("import sys, tools.cli as c\n"
+    code = ("import sys, tools.cli as c, tools.parser as p\n"
             "def boom(args):\n"
             "    raise BrokenPipeError(32, 'Broken pipe')\n"
-            "c.cmd_status = boom\n"
+            "p.cmd_status = boom   # what the parser dispatches to\n"
             "sys.exit(c.main(['status']))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=False, cwd=Path(__file__).resolve().parent.parent)
