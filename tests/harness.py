@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -186,6 +188,28 @@ def launch(args: list[str], *, pool: str, mount: str, socket: str, log: str,
     if wait:
         d.wait_up()
     return d
+
+
+@contextlib.contextmanager
+def serve_cli(base: Path, prefix: str, *serve_args: str) -> Iterator[Daemon]:
+    """`shadowplex serve` (the CLI's own way in) on BASE/pool, mounted on BASE/mnt (both
+    must exist), log BASE/daemon.log, its control socket in a short private directory
+    (sun_path is 108 bytes) named after ``prefix``; up when yielded, stopped and its
+    socket directory removed after, whatever happened."""
+    pool, mount = str(base / "pool"), str(base / "mnt")
+    sockdir = tempfile.mkdtemp(prefix=prefix)
+    sock = os.path.join(sockdir, "ctl.sock")
+    try:
+        d = launch(["serve", "--pool", pool, "--mount", mount, "--socket", sock,
+                    *serve_args], module="tools.cli", pool=pool, mount=mount,
+                   socket=sock, log=str(base / "daemon.log"), wait=False)
+        try:
+            d.wait_up()
+            yield d
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def start_daemon(base: Path, sockdir: str, volumes: dict[str, int],

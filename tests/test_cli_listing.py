@@ -14,10 +14,8 @@ import json
 import os
 import re
 import select
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import require_kernel
-from harness import Daemon, launch
+from harness import Daemon, serve_cli
 from support import ENV, ROOT, one_line_error, spx
 
 pytestmark = pytest.mark.kernel
@@ -42,17 +40,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     os.makedirs(mount)
     res = spx("pool", "init", pool, "--chunk-size", "16K", "-q")
     assert res.returncode == 0 and res.stdout == res.stderr == "", res   # --quiet
-    sockdir = tempfile.mkdtemp(prefix="spx-lst-")
-    sock = os.path.join(sockdir, "ctl.sock")
-    d = launch(["serve", "--pool", pool, "--mount", mount, "--socket", sock,
-                "--hooks-dir", ""], module="tools.cli", pool=pool, mount=mount,
-               socket=sock, log=str(base / "daemon.log"), wait=False)
-    try:
-        d.wait_up()
+    with serve_cli(base, "spx-lst-", "--hooks-dir", "") as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _write(image: str, offset: int, data: bytes) -> None:

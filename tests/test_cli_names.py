@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import require_kernel
-from harness import Daemon, launch
+from harness import Daemon, launch, serve_cli
 from support import one_line_error, spx
 
 from blockstore import SnapshotInfo
@@ -43,17 +43,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     os.makedirs(mount)
     res = spx("pool", "init", pool, "--chunk-size", "16K", "-q")
     assert res.returncode == 0, res.stderr
-    sockdir = tempfile.mkdtemp(prefix="spx-nam-")   # short: sun_path is 108 bytes
-    sock = os.path.join(sockdir, "ctl.sock")
-    d = launch(["serve", "--pool", pool, "--mount", mount, "--socket", sock,
-                "--hooks-dir", ""], module="tools.cli", pool=pool, mount=mount,
-               socket=sock, log=str(base / "daemon.log"), wait=False)
-    try:
-        d.wait_up()
+    with serve_cli(base, "spx-nam-", "--hooks-dir", "") as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _cleanup(d: Daemon, *vols: str) -> None:

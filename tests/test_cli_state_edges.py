@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 from conftest import require_kernel
-from harness import Daemon, launch
+from harness import Daemon, serve_cli
 from support import mkfs_ext4, one_line_error, spx
 
 from fuse_mount import loopdev
@@ -46,17 +44,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     hook.write_text(f'#!/bin/sh\necho "$1 $SHADOWPLEX_SET_ID" >> {base / "hook.log"}\n')
     hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
     assert spx("pool", "init", pool, "-q").returncode == 0
-    sockdir = tempfile.mkdtemp(prefix="spx-edg-")
-    sock = os.path.join(sockdir, "ctl.sock")
-    d = launch(["serve", "--pool", pool, "--mount", mount, "--socket", sock,
-                "--hooks-dir", str(hooks)], module="tools.cli", pool=pool, mount=mount,
-               socket=sock, log=str(base / "daemon.log"), wait=False)
-    try:
-        d.wait_up()
+    with serve_cli(base, "spx-edg-", "--hooks-dir", str(hooks)) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def _hook_calls(d: Daemon) -> list[str]:
