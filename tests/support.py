@@ -76,6 +76,17 @@ def need(tool: str) -> None:
         pytest.skip(f"{tool} not installed")
 
 
+def assert_usage_errors(module: str, *argsets: list[str]) -> None:
+    """`python -m module ARGS` exits 2 with one line on stderr and no traceback, for each
+    set of bad arguments (the bench tools' argument checks)."""
+    for args in argsets:
+        res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60, check=False,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert res.returncode == 2, (args, res.stderr)
+        assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr, args
+
+
 def spx(*args: str, socket: str | None = None, timeout: float = 60
         ) -> subprocess.CompletedProcess[str]:
     """`shadowplex [--socket SOCKET] args...` as a subprocess, output captured."""

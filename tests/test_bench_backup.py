@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import assert_usage_errors
 from test_bench import _mounts_under, _processes_naming, force_clean
 
 from tools.bench import backup as backup_bench
@@ -97,14 +98,10 @@ def test_ratios_and_verdicts_follow_the_issue() -> None:
 
 
 def test_bad_arguments_are_one_line_usage_errors() -> None:
-    for args in (["--size", "lots"], ["--changed", "1G", "--size", "4G"],
-                 ["--allocated", "1T", "--quick"], ["--calls", "0"], ["--rounds", "0"],
-                 ["--changed", "1.5M"]):
-        res = subprocess.run([sys.executable, "-m", "tools.bench.backup", *args],
-                             capture_output=True, text=True, cwd=REPO, timeout=60,
-                             env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
-        assert res.returncode == 2, (args, res.stderr)
-        assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+    assert_usage_errors("tools.bench.backup",
+                        ["--size", "lots"], ["--changed", "1G", "--size", "4G"],
+                        ["--allocated", "1T", "--quick"], ["--calls", "0"], ["--rounds", "0"],
+                        ["--changed", "1.5M"])
 
 
 def _skip_without_tools() -> None:

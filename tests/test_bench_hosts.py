@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import assert_usage_errors
 
 from fuse_mount import loopdev
 from tools.bench import hosts as hosts_bench
@@ -68,13 +69,9 @@ def test_a_missing_side_is_n_a() -> None:
 
 
 def test_bad_arguments_are_one_line_usage_errors() -> None:
-    for args in (["--size", "lots"], ["--size", "8M"], ["--rounds", "0"],
-                 ["--creations", "0"]):
-        res = subprocess.run([sys.executable, "-m", "tools.bench.hosts", *args],
-                             capture_output=True, text=True, cwd=REPO, timeout=60,
-                             env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
-        assert res.returncode == 2, (args, res.stderr)
-        assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+    assert_usage_errors("tools.bench.hosts",
+                        ["--size", "lots"], ["--size", "8M"], ["--rounds", "0"],
+                        ["--creations", "0"])
 
 
 def _our_processes(tmp_path: Path) -> list[str]:

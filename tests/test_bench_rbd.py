@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import assert_usage_errors
 
 from tools.bench import rbd as rbd_bench
 from tools.bench.common import BenchError
@@ -87,13 +88,9 @@ def test_profile_samples_go_to_their_innermost_known_layer() -> None:
 
 
 def test_bad_arguments_are_one_line_usage_errors() -> None:
-    for args in (["--size", "lots"], ["--rounds", "0"], ["--commits", "0"],
-                 ["--small", "2G", "--big", "1G"], ["--allocated", "3k"]):
-        res = subprocess.run([sys.executable, "-m", "tools.bench.rbd", *args],
-                             capture_output=True, text=True, cwd=REPO, timeout=60,
-                             env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
-        assert res.returncode == 2, (args, res.stderr)
-        assert len(res.stderr.splitlines()) == 1 and "Traceback" not in res.stderr
+    assert_usage_errors("tools.bench.rbd",
+                        ["--size", "lots"], ["--rounds", "0"], ["--commits", "0"],
+                        ["--small", "2G", "--big", "1G"], ["--allocated", "3k"])
 
 
 @pytest.mark.kernel
