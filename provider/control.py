@@ -75,9 +75,15 @@ class _Progress:
         while True:
             await self.changed.wait()
             self.changed = trio.Event()
-            if self.latest is not None:
-                self.sent = done, total, what = self.latest
-                await conn.send(protocol.progress_event(rid, done, total, what))
+            latest = self.latest
+            if latest is not None:
+                # shielded, and marked sent only once sent: the request's end cancels
+                # this task, and a cancel at the send lock used to drop an event already
+                # marked sent (the reply then went without its last progress: a
+                # requester's bar never appeared) -- or could cut a line in two
+                with trio.CancelScope(shield=True):
+                    await conn.send(protocol.progress_event(rid, *latest))
+                self.sent = latest
             await trio.sleep(PROGRESS_INTERVAL)
 
 
