@@ -24,10 +24,26 @@ next request is a checkpoint anyway.
 from __future__ import annotations
 
 import os
+import select
+import time
 
 import trio
 
 YIELD_EVERY = 32       # receives without a wait between two scheduler passes
+# polling for the next request while requests stream (_polled); 0: never
+# (docs/network.md, "Where the time goes"; SHADOWPLEX_NBD_POLL_US, 0-1000, for measuring)
+
+
+def _poll_ns(text: str, default_us: float = 50.0) -> int:
+    try:
+        us = float(text)
+    except ValueError:   # not a number: the default (an environment knob, not an input)
+        us = default_us
+    return int(min(max(us, 0.0), 1000.0) * 1000)
+
+
+POLL_NS = _poll_ns(os.environ.get("SHADOWPLEX_NBD_POLL_US", "50"))
+POLL_RECENT_NS = 2_000_000
 RECEIVE_SIZE = 65536   # bytes asked of the kernel at once (pipelined requests come along)
 # TLS: header and payload joined into one record up to this much (a second record costs
 # more than copying a small payload); beyond it sent as they are
@@ -51,6 +67,8 @@ class Conn:
         self._steps = 0
         self._waits = 0       # reads that found nothing and waited
         self._idle = False    # the last request header had to be waited for
+        self._last = 0        # when the last request header came (perf_counter_ns)
+        self._poller: select.poll | None = None
         self.host: str | None = None
         self.tls = False
         self.structured = False
@@ -68,8 +86,15 @@ class Conn:
         read that fails (EAGAIN and its exception: ~10 us on the busy 2-core machine);
         once requests come pipelined (more than one in a read), try first again."""
         if self._idle and self.fd >= 0 and len(self.buf) < n:
-            self._steps = 0
-            await trio.lowlevel.wait_readable(self.fd)   # a checkpoint: cancellable
+            if self._polled():
+                self._steps += 1
+                if self._steps >= YIELD_EVERY:
+                    self._steps = 0
+                    await trio.lowlevel.checkpoint()
+            else:
+                self._steps = 0
+                await trio.lowlevel.wait_readable(self.fd)   # a checkpoint: cancellable
+            self._last = time.perf_counter_ns()
             out = await self.recv_exactly(n)
             if len(self.buf) >= n:   # another request came along: pipelined
                 self._idle = False
@@ -78,6 +103,27 @@ class Conn:
         out = await self.recv_exactly(n)
         self._idle = self._waits != waits
         return out
+
+    def _polled(self) -> bool:
+        """Whether the next request came within POLL_NS, polling the socket while
+        requests stream (the last came less than POLL_RECENT_NS ago) -- the FUSE
+        session's polling (fuse_mount/session.py) for the same reason: at queue depth 1
+        the next request follows our reply by a few tens of microseconds, and sleeping
+        in epoll and being woken costs more than that here. Idle, it never spins."""
+        if not POLL_NS:
+            return False
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.fd, select.POLLIN)
+        poll = self._poller.poll
+        now = time.perf_counter_ns()
+        if now - self._last >= POLL_RECENT_NS:
+            return False
+        deadline = now + POLL_NS
+        while time.perf_counter_ns() < deadline:
+            if poll(0):
+                return True
+        return False
 
     async def recv_exactly(self, n: int) -> bytes:
         buf = self.buf
