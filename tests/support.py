@@ -41,6 +41,21 @@ def run_cmd(*cmd: str, check: bool = True, timeout: float = 120
     return res
 
 
+def write_synced(path: str | Path, data: bytes, offset: int = 0) -> None:
+    """Write ``data`` into an existing file (a served image) at ``offset``, fsync'ed."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_head(path: str | Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def mkfs_ext4(image: str) -> None:
     """Put an empty ext4 filesystem on a volume image (through a loop device, detached
     again)."""

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from conftest import require_kernel
 from harness import Daemon, launch
-from support import ENV, ROOT, mkfs_ext4, one_line_error, spx
+from support import ENV, ROOT, mkfs_ext4, one_line_error, read_head, spx, write_synced
 from support import mounted as _mounted
 from support import run_cmd as _run
 
@@ -378,30 +378,18 @@ def test_expose_and_unexpose(daemon: Daemon) -> None:
     assert [b for _, b in loopdev.loops_under(d.mount)] == []
 
 
-def _put(image: str, data: bytes) -> None:
-    with open(image, "r+b") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _head(image: str, n: int) -> bytes:
-    with open(image, "rb") as f:
-        return f.read(n)
-
-
 def test_revert_promote_split(daemon: Daemon) -> None:
     d = daemon
     origin = d.json("volume", "create", "rv", "4M")
     made = []
     try:
-        _put(d.image("rv"), b"v1v1")
+        write_synced(d.image("rv"), b"v1v1")
         snap = d.json("snapshot", "create", "rv", "--context", "nas-rollback")["snapshots"][0]
         sid = snap["id"]
-        _put(d.image("rv"), b"v2v2")
+        write_synced(d.image("rv"), b"v2v2")
         r = d.json("revert", sid)
-        assert r["name"] == "rv" and _head(d.image("rv"), 4) == b"v1v1"
-        _put(d.image("rv"), b"v3v3")
+        assert r["name"] == "rv" and read_head(d.image("rv"), 4) == b"v1v1"
+        write_synced(d.image("rv"), b"v3v3")
         p = d.json("promote", sid)
         check_snapshot(p)                      # a snapshot view, like `snapshot show`
         assert p["id"] == sid and p["kind"] == "full"
@@ -410,8 +398,8 @@ def test_revert_promote_split(daemon: Daemon) -> None:
         made.append("rv-copy")
         assert s["name"] == "rv-copy" and NAA.fullmatch(s["naa"])
         assert s["naa"] not in (origin["naa"], snap["naa"])    # a new LUN, a new identity
-        assert _head(d.image("rv-copy"), 4) == b"v1v1"
-        assert _head(d.image("rv"), 4) == b"v3v3"                 # the origin untouched
+        assert read_head(d.image("rv-copy"), 4) == b"v1v1"
+        assert read_head(d.image("rv"), 4) == b"v3v3"                 # the origin untouched
         one_line_error(d.run("snapshot", "show", sid), 1, "VSS_E_OBJECT_NOT_FOUND")  # split off
         one_line_error(d.run("revert", sid), 1, "VSS_E_OBJECT_NOT_FOUND")
         one_line_error(d.run("promote", "nonsense"), 2, "not a snapshot id")
@@ -447,9 +435,9 @@ def test_check_and_scrub(daemon: Daemon) -> None:
     d = daemon
     d.ok("volume", "create", "kv", "1M")
     try:
-        _put(d.image("kv"), os.urandom(8192))
+        write_synced(d.image("kv"), os.urandom(8192))
         d.ok("snapshot", "create", "kv", "--context", "nas-rollback", "-q")
-        _put(d.image("kv"), os.urandom(8192))           # a preserved chunk to verify
+        write_synced(d.image("kv"), os.urandom(8192))           # a preserved chunk to verify
         for cmd in ("check", "scrub"):
             res = d.json(cmd)
             assert res["ok"] is True and res["problems"] == [] and res["volume"] is None

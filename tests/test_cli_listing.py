@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import require_kernel
 from harness import Daemon, serve_cli
-from support import ENV, ROOT, one_line_error, spx
+from support import ENV, ROOT, one_line_error, spx, write_synced
 
 pytestmark = pytest.mark.kernel
 GUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -42,14 +42,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert res.returncode == 0 and res.stdout == res.stderr == "", res   # --quiet
     with serve_cli(base, "spx-lst-", "--hooks-dir", "") as d:
         yield d
-
-
-def _write(image: str, offset: int, data: bytes) -> None:
-    with open(image, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _snap(d: Daemon, *vols: str) -> list[str]:
@@ -81,9 +73,9 @@ def test_every_listing_takes_o_H_p(daemon: Daemon) -> None:
     d.ok("volume", "create", "la", "4M")
     d.ok("volume", "create", "lb", "1M")
     try:
-        _write(d.image("la"), 0, b"a" * MiB)
+        write_synced(d.image("la"), b"a" * MiB)
         sa, sb = _snap(d, "la", "lb")
-        _write(d.image("la"), 2 * MiB, b"b" * 100)   # one 16 KiB chunk after the snapshot
+        write_synced(d.image("la"), b"b" * 100, 2 * MiB)   # one 16 KiB chunk after the snapshot
         # volume list: exact bytes, tab-separated, no header
         lines = d.ok("volume", "list", "-H", "-p", "-o", "name,size,allocated").stdout
         rows = [x.split("\t") for x in lines.splitlines()]

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import require_kernel
 from harness import Daemon, launch, serve_cli
-from support import one_line_error, spx
+from support import one_line_error, read_head, spx, write_synced
 
 from blockstore import SnapshotInfo
 from provider.snapshot_refs import MAX_DESCRIPTION, Resolver, check_description, check_name
@@ -57,18 +57,6 @@ def _create(d: Daemon, *argv: str) -> list[dict[str, Any]]:
     snaps: list[dict[str, Any]] = d.json("snapshot", "create", *argv, "--context",
                                          "nas-rollback", "--differential")["snapshots"]
     return snaps
-
-
-def _put(image: str, data: bytes) -> None:
-    with open(image, "r+b") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _head(image: str, n: int) -> bytes:
-    with open(image, "rb") as f:
-        return f.read(n)
 
 
 # --------------------------------------------------------------------------- names
@@ -176,9 +164,9 @@ def test_volume_at_latest_and_at_name_everywhere(daemon: Daemon) -> None:
     try:
         one_line_error(d.run("snapshot", "show", "lv@latest"), 1,
                        "volume lv has no committed snapshot")
-        _put(d.image("lv"), b"one.")
+        write_synced(d.image("lv"), b"one.")
         (first,) = _create(d, "lv", "--name", "first")
-        _put(d.image("lv"), b"two.")
+        write_synced(d.image("lv"), b"two.")
         (second,) = _create(d, "lv")
         time.sleep(0.01)   # distinct creation times (the newest is the latest)
         (third,) = _create(d, "lv", "--name", "third")
@@ -195,14 +183,14 @@ def test_volume_at_latest_and_at_name_everywhere(daemon: Daemon) -> None:
         assert d.json("snapshot", "show", "lv@first")["exposed_name"] is None
 
         # revert to a name: the volume's content is the snapshot's again
-        _put(d.image("lv"), b"thr.")
+        write_synced(d.image("lv"), b"thr.")
         d.ok("revert", "lv@first")
-        assert _head(d.image("lv"), 4) == b"one."
+        assert read_head(d.image("lv"), 4) == b"one."
         # promote and split take it too
         assert d.json("promote", "lv@first")["kind"] == "full"
         made.append("lv-first")
         assert d.json("split", "lv@first", "lv-first")["name"] == "lv-first"
-        assert _head(d.image("lv-first"), 4) == b"one."
+        assert read_head(d.image("lv-first"), 4) == b"one."
 
         # what does not resolve: one line, nothing changed
         for ref, rc, fragment in (

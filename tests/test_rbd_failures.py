@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 from harness import Daemon, launch
-from support import run_cmd
+from support import run_cmd, write_synced
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -202,16 +202,9 @@ def test_a_non_admin_cephx_client_runs_the_sequence(served: Served) -> None:
     d.ok("volume", "create", "db", "16M")
     img = Path(d.image("db"))
     before = os.urandom(MiB)
-    with open(img, "r+b") as f:
-        f.write(before)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(img, before)
     sid = d.json("snapshot", "create", "db")["snapshots"][0]["id"]
-    with open(img, "r+b") as f:
-        f.seek(4 * MiB)
-        f.write(os.urandom(4096))
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(img, os.urandom(4096), 4 * MiB)
     with open(Path(served.mnt) / ".shadow" / f"{sid}.img", "rb") as f:
         assert f.read(MiB) == before
     assert d.json("snapshot", "diff", sid) == [{"offset": 4 * MiB, "length": 64 * 1024}]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness import Daemon, launch
+from support import write_synced
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -39,16 +40,9 @@ def test_serve_on_rbd_runs_the_cli_s_sequence(rbd_daemon: Daemon) -> None:
     d.ok("volume", "create", "db", "16M")
     img = Path(d.mount) / "volumes" / "db.img"
     before = os.urandom(MiB)
-    with open(img, "r+b") as f:
-        f.write(before)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(img, before)
     sid = d.json("snapshot", "create", "db")["snapshots"][0]["id"]
-    with open(img, "r+b") as f:
-        f.seek(4 * MiB)
-        f.write(b"after" * 1000)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(img, b"after" * 1000, 4 * MiB)
     with open(Path(d.mount) / ".shadow" / f"{sid}.img", "rb") as f:
         assert f.read(MiB) == before
         f.seek(4 * MiB)
