@@ -196,13 +196,22 @@ def serve_cli(base: Path, prefix: str, *serve_args: str) -> Iterator[Daemon]:
     must exist), log BASE/daemon.log, its control socket in a short private directory
     (sun_path is 108 bytes) named after ``prefix``; up when yielded, stopped and its
     socket directory removed after, whatever happened."""
-    pool, mount = str(base / "pool"), str(base / "mnt")
     sockdir = tempfile.mkdtemp(prefix=prefix)
     sock = os.path.join(sockdir, "ctl.sock")
+    with running_cli(["serve", "--pool", str(base / "pool"), "--mount", str(base / "mnt"),
+                      "--socket", sock, *serve_args], base, sock, sockdir) as d:
+        yield d
+
+
+@contextlib.contextmanager
+def running_cli(argv: list[str], base: Path, sock: str, sockdir: str) -> Iterator[Daemon]:
+    """`shadowplex ARGV` (a serve: its flags or its --config file name BASE/pool, BASE/mnt
+    and the control socket SOCK), log BASE/daemon.log; up when yielded, stopped and
+    SOCKDIR (the socket's private directory) removed after, whatever happened."""
     try:
-        d = launch(["serve", "--pool", pool, "--mount", mount, "--socket", sock,
-                    *serve_args], module="tools.cli", pool=pool, mount=mount,
-                   socket=sock, log=str(base / "daemon.log"), wait=False)
+        d = launch(argv, module="tools.cli", pool=str(base / "pool"),
+                   mount=str(base / "mnt"), socket=sock, log=str(base / "daemon.log"),
+                   wait=False)
         try:
             d.wait_up()
             yield d

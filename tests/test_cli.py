@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 from conftest import require_kernel
-from harness import Daemon, launch
+from harness import Daemon, running_cli
 from support import ENV, ROOT, mkfs_ext4, one_line_error, read_head, spx, write_synced
 from support import mounted as _mounted
 from support import run_cmd as _run
@@ -106,14 +106,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     conf.write_text(f'pool = "pool"\nmount = "mnt"\nsocket = "{sock}"\nhooks_dir = ""\n'
                     'default_kind = "differential"\nhold_deadline = 10\n')
     # `serve --config FILE`: the CLI's own way in (the file names pool, mount, socket)
-    d = launch(["serve", "--config", str(conf)], module="tools.cli", pool=pool, mount=mount,
-               socket=sock, log=str(base / "daemon.log"), wait=False)
-    try:
-        d.wait_up()
+    with running_cli(["serve", "--config", str(conf)], base, sock, sockdir) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
