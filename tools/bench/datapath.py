@@ -113,6 +113,14 @@ class Bench:
         return Job(workload, path, p.volume_size, p.runtime,
                    time_based=self.caching == "cached")
 
+    def one_pass(self, target: str, path: str, workload: str = "seq_write") -> None:
+        """What a first-write pass is compared with: the same single pass over the fully
+        written volume with no snapshot, started the same way (cold). A time-based steady
+        job is not that: after its first second it re-writes pages it already has."""
+        p = self.profile
+        self.record(target, workload, "pass", self.job(
+            Job(workload, path, p.volume_size, p.runtime, time_based=False)))
+
     def steady(self, target: str, path: str, workloads: tuple[str, ...] = tuple(WORKLOADS)
                ) -> None:
         p = self.profile

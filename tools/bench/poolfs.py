@@ -195,6 +195,8 @@ def run(b: Bench, fs: str) -> None:
                 order = targets[r % len(targets):] + targets[:r % len(targets)]
                 b.log(f"{fs} pool, run {r + 1}/{b.runs}: {', '.join(order)}")
                 for t in order:
+                    if t == "spx":
+                        b.one_pass(t, site.vol_path)
                     if t in ("raw", "spx"):
                         b.steady(t, site.raw if t == "raw" else site.vol_path, WRITES)
                     else:

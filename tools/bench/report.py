@@ -99,11 +99,16 @@ def machine_info(path: str) -> dict[str, Any]:
 def _match(med: dict[Key, float], comparator: str, key: Key) -> float | None:
     """The comparator figure a row is measured against: the same workload, caching and
     pool file system; a copy-on-write comparator's first writes for first writes, its
-    re-writes for the rest; "spx" (no snapshot) its steady figure."""
+    re-writes for the rest; "spx" (no snapshot) its one pass for first writes where it
+    ran one (the pool file systems' rows), its steady figure for the rest."""
     _t, workload, phase, caching, fs = key
     if comparator in ("qsd_qcow2", "reflink") and WORKLOADS[workload][4]:
         return med.get((comparator, workload, "first" if phase == "first" else "rewrite",
                         caching, fs))
+    if comparator == "spx" and phase in ("first", "pass"):
+        one_pass = med.get((comparator, workload, "pass", caching, fs))
+        if one_pass is not None:
+            return one_pass
     return med.get((comparator, workload, "steady", caching, fs))
 
 
