@@ -140,6 +140,22 @@ class Gate:
                 if not self._shared:
                     self._cv.notify_all()
 
+    def try_shared(self) -> bool:
+        """Enter shared without waiting: False if the gate is closed or a commit waits
+        (the caller must not block: the FUSE session's trio thread). leave_shared()
+        once the I/O is done."""
+        with self._cv:
+            if self._exclusive or self._waiting:
+                return False
+            self._shared += 1
+            return True
+
+    def leave_shared(self) -> None:
+        with self._cv:
+            self._shared -= 1
+            if not self._shared:
+                self._cv.notify_all()
+
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cv:
