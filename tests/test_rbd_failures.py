@@ -27,6 +27,7 @@ no-op; with these they fail, as they must)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -366,7 +367,13 @@ def test_kill9_inside_a_revert_is_finished_by_the_restart(served: Served) -> Non
     import rbd
 
     from rbdarray.records import REVERT_KEY
+    from rbdarray.setlock import OBJECT
     size, changed = 64 * MiB, 32 * MiB
+    # the set lock an earlier test's killed daemon may hold (its lease would end in 30 s)
+    with rados.Rados(conffile=served.c.conf) as cluster, \
+            cluster.open_ioctx(served.c.pool) as io, \
+            contextlib.suppress(rados.ObjectNotFound):
+        io.remove_object(OBJECT)
     d = served.d
     d.ok("volume", "create", "v", str(size))
     write_synced(Path(d.image("v")), os.urandom(changed))
