@@ -119,6 +119,9 @@ class Reverts:
         """The revert proper, under the volume's gate (its I/O waits); idempotent."""
         with v.lun.gate.exclusive(), translated(f"reverting {v.name} to snapshot {s.id}"):
             image = v.lun.image
+            # writes librbd's cache still holds (writeback policy) are not in the object
+            # map yet: out to the OSDs first, or the copy back would miss them
+            image.flush()
             if image.size() != s.size:
                 image.resize(s.size)    # a shrink removes the objects past the end
             objects = changed_objects(self._io, image, self._rbd, s.rbd_id, s.size)

@@ -137,6 +137,28 @@ def test_revert_is_the_snapshot_byte_for_byte(arr: RbdArray,
     assert arr.read("v", 0, 5) == b"after"
 
 
+def test_revert_sees_writes_still_in_librbds_cache(ceph: Any, tmp_path: Path) -> None:
+    """With librbd's cache in writeback, an acknowledged write lives in our client until
+    a flush, and the object map does not know it yet: the revert flushes before it
+    reads the maps (without, the cached write misses the copy back and lands after)."""
+    from ceph_cluster import wipe
+    a = RbdArray(ceph.pool, ceph.conf, str(tmp_path), conf={
+        "rbd_cache": "true", "rbd_cache_policy": "writeback",
+        "rbd_cache_writethrough_until_flush": "false"})
+    try:
+        a.create_volume("w", 4 * MiB)
+        a.write("w", 0, os.urandom(MiB))
+        sid = snap(a, "w")
+        want = digest(a, sid)
+        a.write("w", 2 * MiB, os.urandom(CS))          # acknowledged, cached, no flush
+        a.revert("w", sid)
+        a.flush("w")
+        assert digest(a, "w") == want
+    finally:
+        a.close()
+        wipe(ceph.conf, ceph.pool)
+
+
 def test_the_plan_is_the_changes_not_the_volume(arr: RbdArray) -> None:
     """64 GiB (a million objects, 256 KiB of map): the objects to copy back are the
     16 written after the snapshot, found without visiting the others."""
