@@ -120,13 +120,13 @@ def object_numbers(bits: int, objects: int) -> list[int]:
     return out
 
 
-def changed_objects(io: Any, image: Any, rbd: Any, snap_id: int, snap_size: int
-                    ) -> list[int] | None:
+def changed_objects(io: Any, image: Any, rbd: Any, snap_id: int, limit: int,
+                    end: int | None = None) -> list[int] | None:
     """The numbers of the objects that may differ between RBD snapshot ``snap_id`` and
-    the head, among the snapshot's objects (``snap_size`` bytes), ascending; None when
-    the maps cannot be trusted (the module docstring: do it librbd's way then).
-    ``image``: the head, open; nothing may write it meanwhile (the caller holds its
-    gate)."""
+    the head -- or the later RBD snapshot ``end`` --, among the objects below ``limit``
+    bytes, ascending; None when the maps cannot be trusted (the module docstring: do it
+    librbd's way then). ``image``: an open Image of the volume (the head or a snapshot);
+    a write in flight meanwhile may or may not be seen (as with librbd's diff)."""
     try:
         order = int(image.stat()["order"])
         if not image.features() & rbd.RBD_FEATURE_FAST_DIFF or \
@@ -137,11 +137,14 @@ def changed_objects(io: Any, image: Any, rbd: Any, snap_id: int, snap_size: int
         head_size = int(image.size())
     except Exception:   # noqa: BLE001 - librbd itself will do it
         return None
-    if snap_id not in listed or _all_snap_ids(io, image_id) != set(listed):
+    if snap_id not in listed or (end is not None and end not in listed) or \
+            _all_snap_ids(io, image_id) != set(listed):
         return None
     unit = 1 << order
-    chain = [(i, -(-listed[i] // unit)) for i in sorted(listed) if i >= snap_id]
-    chain.append((NOSNAP, -(-head_size // unit)))
+    chain = [(i, -(-listed[i] // unit)) for i in sorted(listed)
+             if i >= snap_id and (end is None or i <= end)]
+    if end is None:
+        chain.append((NOSNAP, -(-head_size // unit)))
     objects = max(n for _, n in chain)
     maps: list[int] = []
     for sid, n in chain:
@@ -160,7 +163,7 @@ def changed_objects(io: Any, image: Any, rbd: Any, snap_id: int, snap_size: int
     sh, sl = _pairs(maps[0], objects)
     hh, hl = _pairs(maps[-1], objects)
     changed &= sh | sl | hh | hl
-    n = -(-snap_size // unit)
+    n = -(-limit // unit)
     return [i for i in object_numbers(changed, objects) if i < n]
 
 

@@ -22,7 +22,7 @@ import xxhash
 
 from blockstore import errors as bse
 from rbdarray import RbdArray, objectmap
-from rbdarray.records import REVERT_KEY, rbd_snap_name
+from rbdarray.records import REVERT_KEY, rbd_snap_name, round_out
 
 CS = 65536
 MiB = 1 << 20
@@ -92,6 +92,14 @@ def test_the_object_maps_say_what_librbd_says(arr: RbdArray) -> None:
         mine = ours_changed(arr, "t", sid)
         assert mine is not None and mine == librbd_changed(arr, "t", sid), sid
         assert mine          # something changed since each of them
+    # changed_extents (snapshot diff, backups) between any two of them and to the head
+    for i, older in enumerate(sids):
+        for newer in [*sids[i + 1:], None]:
+            image = arr._lun(newer or "t")[0].image
+            size = image.size()
+            want_runs = round_out(arr._extents(image, 0, size, rbd_snap_name(older)),
+                                  CS, size)
+            assert arr.changed_extents(older, newer) == want_runs, (older, newer)
     # and what exists where (allocated_bytes, split's copy): the head and each snapshot
     for key in ("t", *sids):
         lun, is_snap = arr._lun(key)
