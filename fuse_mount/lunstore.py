@@ -22,7 +22,12 @@ pass them by keyword).
 
 Optional: ``blocking_io = True`` on a store whose read/write/discard wait on the
 network (host mode's provider.remote_array.RemoteArray): the mount runs those in worker
-threads. A local pool's page-cache I/O is faster inline than a thread hand-off.
+threads. A local pool's page-cache I/O is faster inline than a thread hand-off. Such a
+store may also offer ``read_async(key, offset, length, done) -> bool``: start the read
+without blocking and call ``done(data, None)`` or ``done(None, error)`` from any thread
+when it ends, or return False at once when it cannot start without waiting; the mount
+then parks the request's task instead of handing the read to a worker thread
+(RbdArray: librbd's aio_read, docs/ceph.md "Where the time goes").
 """
 
 from __future__ import annotations

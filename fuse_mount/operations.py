@@ -16,7 +16,10 @@ the store on getattr (attr_timeout 1 s), so a resize is seen within a second.
 Data path (S3QL pattern: thin async handlers, synchronous pool calls inline, no thread
 hop): read -> pool.read, write -> pool.write (after the write barrier, see barrier.py),
 fsync -> pool.flush, which runs in a worker thread because it waits for the disk (the
-only handler that leaves the trio thread). flush (close(2)) is a no-op: durability is
+only handler that leaves the trio thread). A store whose I/O waits on the network
+(``blocking_io``) has its reads, writes and discards run in worker threads, or its reads
+started by its ``read_async`` and the request's task parked until the store's callback
+reschedules it (lunstore.py). flush (close(2)) is a no-op: durability is
 fsync's job, as for a block device. Writes that straddle the end of a volume are shortened
 to the end; writes at or past the end fail ENOSPC (what a block device does).
 
@@ -64,6 +67,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+import outcome
 import pyfuse3
 import trio
 from pyfuse3 import (
@@ -143,6 +147,12 @@ class ShadowOperations(pyfuse3.Operations):
         # a store whose data path waits on the network (host mode's RemoteArray): its
         # reads, writes and discards run in worker threads, not on the trio thread
         self._blocking = bool(getattr(pool, "blocking_io", False))
+        # ...unless it can start a read without blocking and call back when it ends
+        # (RbdArray.read_async: librbd's aio_read): no worker thread per read
+        self._read_async: Callable[..., bool] | None = getattr(pool, "read_async", None)
+        # handlers waiting for such a store right now (the session loop does not poll
+        # for the next request meanwhile: session.py "Polling")
+        self.store_waits = 0
         self._handles: dict[FileHandleT, Handle] = {}
         self._next_fh = 1
         self.mounted = False                    # set by init() once the kernel connects
@@ -406,13 +416,42 @@ class ShadowOperations(pyfuse3.Operations):
             if self.pool.generation != self._generation:
                 self.tree()  # re-points h.lun after a rename
             if self._blocking:
-                return await trio.to_thread.run_sync(self.pool.read, h.lun.key, off, size)
-            data: bytes = self.pool.read(h.lun.key, off, size)
+                self.store_waits += 1
+                try:
+                    if self._read_async is not None:
+                        data = await self._read_started(h.lun.key, off, size)
+                        if data is not None:
+                            return data
+                    return await trio.to_thread.run_sync(self.pool.read, h.lun.key, off,
+                                                         size)
+                finally:
+                    self.store_waits -= 1
+            data = self.pool.read(h.lun.key, off, size)
             return data
         except pyfuse3.FUSEError:
             raise
         except Exception as e:  # noqa: BLE001 - the errno mapping point (errors.py)
             raise to_fuse_error(e, "read") from None
+
+    async def _read_started(self, key: str, off: int, size: int) -> bytes | None:
+        """The store's read_async, this task parked until its callback (a thread of the
+        store's) reschedules it through the trio token; None if the store could not
+        start the read without waiting (the caller reads in a worker thread then). The
+        wait is not cancellable: the store's read owns the buffer until it ends, as a
+        worker thread's read would."""
+        assert self._read_async is not None
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+
+        def done(data: bytes | None, error: BaseException | None) -> None:
+            result = outcome.Value(data) if error is None else outcome.Error(error)
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        if not self._read_async(key, off, size, done):
+            return None
+        data: bytes = await trio.lowlevel.wait_task_rescheduled(
+            lambda _: trio.lowlevel.Abort.FAILED)
+        return data
 
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         try:
@@ -440,7 +479,11 @@ class ShadowOperations(pyfuse3.Operations):
             barrier.begin_write(name)
             try:
                 if self._blocking:
-                    n = await trio.to_thread.run_sync(self.pool.write, name, off, buf)
+                    self.store_waits += 1
+                    try:
+                        n = await trio.to_thread.run_sync(self.pool.write, name, off, buf)
+                    finally:
+                        self.store_waits -= 1
                 else:
                     n = self.pool.write(name, off, buf)
             finally:

@@ -24,6 +24,7 @@ import select
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,9 @@ def mount_options(debug: bool = False, allow_other: bool = False) -> set[str]:
 # Polling: at queue depth 1 the next request comes a few microseconds after our reply,
 # and going to sleep in epoll and being woken costs more than that (tens of us in a VM).
 # So, while requests stream (the last one came less than POLL_RECENT_NS ago), wait_readable
-# polls the device for up to poll_us before it sleeps in epoll; when idle it never spins.
+# polls the device for up to poll_us before it sleeps in epoll; when idle it never spins,
+# nor while a handler waits for a store on the network (an RBD read: the next request
+# comes only after that reply, and the spin would hold the GIL its callback needs).
 DEFAULT_POLL_US = 50.0
 POLL_RECENT_NS = 2_000_000
 POLL_HOLD_OFF_NS = 20_000_000   # after kernel notifications are queued (hold_off)
@@ -139,6 +142,7 @@ async def run_mount(
         if fast_loop:
             fast = _FastTrio(poll_us)
             ops.notifying = fast.lowlevel.hold_off
+            fast.lowlevel.waiting = lambda: ops.store_waits > 0
             saved = pyfuse3.trio  # type: ignore[attr-defined]
             pyfuse3.trio = fast  # type: ignore[attr-defined]
             try:
@@ -274,6 +278,10 @@ class _FastLowlevel:
         self._fd = -1
         self._last = 0
         self._quiet_until = 0
+        # True while a handler waits for a store on the network (ShadowOperations.
+        # store_waits): the kernel's next request then waits for that reply (QD1), so
+        # polling would only burn the CPU -- and the GIL the store's reply needs
+        self.waiting: Callable[[], bool] = lambda: False
         self.current_task = trio.lowlevel.current_task
         self.current_trio_token = trio.lowlevel.current_trio_token
         self.notify_closing = trio.lowlevel.notify_closing
@@ -293,7 +301,7 @@ class _FastLowlevel:
         if self._poll(0):
             self._last = time.perf_counter_ns()
             return _READY
-        if self.poll_ns:
+        if self.poll_ns and not self.waiting():
             now = time.perf_counter_ns()
             if now - self._last < POLL_RECENT_NS and now >= self._quiet_until:
                 deadline = now + self.poll_ns

@@ -6,7 +6,8 @@ in docs/ceph.md; what is stored on the images in rbdarray/records.py.
     differential snapshot  an RBD snapshot ``spx.<guid>`` + the metadata spx.snap.<guid>
     set at one instant     commit_snapshots: every image's writes held at our gate
                            (records.Gate) while its RBD snapshot is taken (see below)
-    revert                 rollback_to_snap
+    revert                 the changed objects copied back from the snapshot, found
+                           from the object maps (revert.py: cost follows the changes)
     split                  a new image + the snapshot's allocated objects copied
                            (copying.py: cost follows the data, not the size), new naa
     changed blocks         diff_iterate (fast-diff finds the objects, then exact extents)
@@ -77,6 +78,7 @@ from .records import (
     sees,
     snap_key,
 )
+from .revert import Reverts
 from .scan import ImageScan
 from .setlock import SetLock
 
@@ -101,7 +103,7 @@ def _rbd() -> tuple[Any, Any]:
     return rados, rbd
 
 
-class RbdArray(Hosts, Integrity, DataPath):
+class RbdArray(Hosts, Integrity, Reverts, DataPath):
     """Volumes and snapshots of one RBD pool. ``path``: a local directory for the
     provider's catalog (the interface's one local need)."""
 
@@ -137,6 +139,7 @@ class RbdArray(Hosts, Integrity, DataPath):
         self._leftovers = False  # the last scan saw records a crash may have left
         self._follow: Follower | None = None
         self._alloc, self._alloc_writes, self._alloc_counting = {}, {}, set()
+        self._reverting: set[str] = set()       # volumes this process is reverting
         with translated(f"connecting to Ceph with {conffile}"):
             self._cluster = rados.Rados(conffile=conffile, rados_id=ceph_id,
                                         conf=dict(conf or {}))
@@ -151,6 +154,7 @@ class RbdArray(Hosts, Integrity, DataPath):
                 changed_blocks=True, max_snapshots_per_volume=MAX_SNAPSHOTS)
             self._setlock = SetLock(self._io, self.host, pool)
             self._load()
+            self._resume_reverts()     # before anything is served (rbdarray/revert.py)
             self._follow = Follower(self._io, self._refresh, poll)
             self._follow.wake()   # a change between the scan and the watch: seen now
         except BaseException:
@@ -216,7 +220,13 @@ class RbdArray(Hosts, Integrity, DataPath):
         """The open Image of a volume or committed snapshot; (lun, is_snapshot)."""
         with self._lock:
             if key in self._vols:
-                return self._vol(key).lun, False
+                v = self._vol(key)
+                if v.reverting and key not in self._reverting:
+                    raise bse.Busy(f"volume {key} is being reverted to snapshot "
+                                   f"{v.reverting} (or its revert was interrupted: the "
+                                   "daemon it is presented to finishes it when it opens "
+                                   "the pool)")
+                return v.lun, False
             s = self._committed(key)
             if s.lun is None:
                 with translated(f"opening snapshot {s.id}"):
@@ -526,7 +536,9 @@ class RbdArray(Hosts, Integrity, DataPath):
         try:
             with translated(f"copying snapshot {s.id} into {new_name}"), \
                     self._io_on(s.id) as (src, _):
-                copy_allocated(src, v.lun.image, s.size, self._extents, step, cancelled)
+                copy_allocated(src, v.lun.image, s.size,
+                               lambda img, _o, n, _since: self._allocated_runs(
+                                   img, s.rbd_id, n), step, cancelled)
             if cancelled:
                 raise cancelled[0]
         except BaseException:
@@ -547,27 +559,6 @@ class RbdArray(Hosts, Integrity, DataPath):
         log.info("snapshot %s of %s split into volume %s", s.id, origin.name, new_name)
         with self._lock:
             return self._volume_info(v)
-
-    def revert(self, volume: str, snap_id: str, progress: Progress = None) -> None:
-        """rollback_to_snap (content and size); it runs to its end once started. (It
-        visits every object, but does so on the OSDs without moving data: 1 GiB vs 64
-        GiB with 64 MiB changed, 0.17 vs 0.38 s, against 0.19 vs 1.0 s for copying the
-        changed objects back through this client -- measured, kept.)"""
-        with self._lock:
-            v = self._vol(volume)
-            s = self._committed(snap_id)
-            if s.volume != volume:
-                raise bse.InvalidState(f"snapshot {s.id} is of volume {s.volume}, "
-                                       f"not {volume}")
-        if progress is not None:   # (bytes: rollback_to_snap reports nothing meanwhile)
-            progress(0, s.size)
-        with v.lun.gate.exclusive(), translated(f"reverting {volume} to snapshot {s.id}"):
-            v.lun.image.rollback_to_snap(rbd_snap_name(s.id))
-        with self._lock:
-            v.mtime = time.time()
-            self._changed()
-        if progress is not None:
-            progress(s.size, s.size)
 
     def set_exposed(self, snap_id: str, name: str | None) -> SnapshotInfo:
         with self._lock:

@@ -120,9 +120,10 @@ class Catalog:
                 self._hidden[name] = sc
             elif known is not None:
                 known.rec = sc.rec
+                known.reverting = sc.revert
             elif name in opened:
                 self._vols[name] = Vol(sc.id, name, sc.rec, Lun(opened.pop(name)),
-                                       sc.mtime)
+                                       sc.mtime, sc.revert)
         committed = {sid: (sc, rec) for sc in scans.values()
                      for sid, rec in sc.committed().items()}
         # a crashed commit's or delete's records (or another host's commit in flight):

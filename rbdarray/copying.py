@@ -2,15 +2,13 @@
 clone + flatten so that its cost follows the data, not the volume's size: flatten
 visits every object of the image -- measured with `python -m tools.bench.rbd`: a 2 GiB
 volume with 8 MiB of data took 3.7x as long as a 32 MiB one with the same data
-(docs/ceph.md "Performance"). Here the object map says which objects to copy
-(fast-diff, no RADOS op per object), and holes stay holes. What still follows the
-size: the one diff over the whole image that finds what to copy -- librbd walks the
-object map at ~1 us per object (0.5-0.9 s for 64 GiB of 64 KiB objects here, 4 ms for
-1 GiB).
+(docs/ceph.md "Performance"). Here the snapshot's object map says which objects to
+copy, read in one go (rbdarray/objectmap.py: a few ms for 64 GiB; librbd's own answer,
+diff_iterate, walks the map at ~1 us per object, 0.5-0.9 s for 64 GiB of 64 KiB
+objects, and is what runs when the map cannot be used), and holes stay holes.
 
 It runs with the images open (the source under its gate); a split cancelled midway is
-removed by the caller. (A revert done the same way -- the changed objects copied back
--- was slower than rollback_to_snap, which works on the OSDs: array.py's revert.)"""
+removed by the caller. (Revert copies back the same way: rbdarray/revert.py.)"""
 
 from __future__ import annotations
 

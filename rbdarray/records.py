@@ -11,6 +11,10 @@ docs/ceph.md), and the small concurrency helper of the data path.
                         one committed snapshot of this image; its data is the RBD
                         snapshot named ``spx.<guid>`` (the snapshot's existence is what
                         makes it committed)
+    spx.revert          {"snapshot": guid, "started"}
+                        a revert of this image to that snapshot is under way (or was
+                        interrupted): the image is not served as a volume until a
+                        daemon it is presented to has finished it (rbdarray/revert.py)
 
 ``hosts`` is the LUN's presentation (LUN masking, issue 18 item 2): the names of the
 hosts whose daemons see and serve it; a volume starts presented to the host that made
@@ -39,6 +43,7 @@ from typing import Any
 from blockstore.model import State
 
 VOLUME_KEY = "spx.volume"
+REVERT_KEY = "spx.revert"
 SNAP_PREFIX = "spx.snap."
 RBD_SNAP_PREFIX = "spx."
 
@@ -135,6 +140,22 @@ class Gate:
                 if not self._shared:
                     self._cv.notify_all()
 
+    def try_shared(self) -> bool:
+        """Enter shared without waiting: False if the gate is closed or a commit waits
+        (the caller must not block: the FUSE session's trio thread). leave_shared()
+        once the I/O is done."""
+        with self._cv:
+            if self._exclusive or self._waiting:
+                return False
+            self._shared += 1
+            return True
+
+    def leave_shared(self) -> None:
+        with self._cv:
+            self._shared -= 1
+            if not self._shared:
+                self._cv.notify_all()
+
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cv:
@@ -176,6 +197,20 @@ def clip(runs: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]
     return out
 
 
+def object_runs(objects: list[int], unit: int, size: int) -> list[tuple[int, int]]:
+    """Ascending object numbers as (offset, length) runs of bytes, cut at ``size``."""
+    out: list[tuple[int, int]] = []
+    for o in objects:
+        a, b = o * unit, min((o + 1) * unit, size)
+        if a >= b:
+            continue
+        if out and out[-1][0] + out[-1][1] == a:
+            out[-1] = (out[-1][0], b - out[-1][0])
+        else:
+            out.append((a, b - a))
+    return out
+
+
 def round_out(runs: list[tuple[int, int]], unit: int, size: int) -> list[tuple[int, int]]:
     """Each run widened to whole units, clipped at size, merged."""
     out = []
@@ -202,6 +237,7 @@ class Vol:
     rec: VolumeRecord
     lun: Lun
     mtime: float
+    reverting: str | None = None    # spx.revert's snapshot: a revert under way
 
 
 @dataclass(eq=False)

@@ -17,6 +17,7 @@ listed once its record is done and its RBD snapshot exists).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
@@ -26,6 +27,7 @@ from typing import Any
 from .errors import translated
 from .records import (
     RBD_SNAP_PREFIX,
+    REVERT_KEY,
     SNAP_PREFIX,
     VOLUME_KEY,
     SnapRecord,
@@ -47,6 +49,7 @@ class ImageScan:
     mtime: float
     records: dict[str, SnapRecord]            # spx.snap.<id> on the image
     rbd: dict[str, tuple[int, int]]           # our RBD snapshots: id -> (RBD id, size)
+    revert: str | None = None                 # spx.revert's snapshot (revert.py)
 
     def committed(self) -> dict[str, SnapRecord]:
         """The snapshots a reader may see: record done and RBD snapshot there."""
@@ -62,6 +65,17 @@ def timestamp_of(value: Any) -> float:
         return float(value.timestamp())
     except (AttributeError, ValueError, OSError):
         return 0.0
+
+
+def revert_of(text: Any) -> str | None:
+    """The snapshot of an ``spx.revert`` record (None: no record); an unreadable
+    record still marks the image as being reverted ("?": it cannot be finished)."""
+    if text is None:
+        return None
+    try:
+        return str(json.loads(text_of(text))["snapshot"])
+    except (ValueError, KeyError, TypeError):
+        return "?"
 
 
 def scan_pool(io: Any, rbd: Any, pool: str) -> dict[str, ImageScan]:
@@ -102,7 +116,7 @@ def scan_pool(io: Any, rbd: Any, pool: str) -> dict[str, ImageScan]:
             if sname.startswith(RBD_SNAP_PREFIX):
                 rbd_snaps[sname[len(RBD_SNAP_PREFIX):]] = (int(s["id"]), int(s["size"]))
         out[name] = ImageScan(name, image_id, rec, size, mtime or rec.created, records,
-                              rbd_snaps)
+                              rbd_snaps, revert_of(meta.get(REVERT_KEY)))
     return out
 
 

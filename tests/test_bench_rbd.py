@@ -90,7 +90,8 @@ def test_profile_samples_go_to_their_innermost_known_layer() -> None:
 def test_bad_arguments_are_one_line_usage_errors() -> None:
     assert_usage_errors("tools.bench.rbd",
                         ["--size", "lots"], ["--rounds", "0"], ["--commits", "0"],
-                        ["--small", "2G", "--big", "1G"], ["--allocated", "3k"])
+                        ["--small", "2G", "--big", "1G"], ["--allocated", "3k"],
+                        ["--only", "rand_read,nope"], ["--only", ","])
 
 
 @pytest.mark.kernel

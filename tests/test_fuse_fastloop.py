@@ -220,3 +220,28 @@ def test_session_restores_pyfuse3_and_ends_on_external_unmount(tmp_path: Path,
         assert pyfuse3.trio is before  # type: ignore[attr-defined]
     finally:
         pool.close()
+
+
+def test_no_polling_while_a_handler_waits_for_the_store() -> None:
+    """While a handler waits for a store on the network (ShadowOperations.store_waits,
+    an RBD read) the kernel's next request comes only after that reply: wait_readable
+    does not poll for it (the spin would burn CPU and hold the GIL the store's callback
+    needs), and polls as before when nothing waits. Counted in poll(2) calls."""
+    import time
+
+    from fuse_mount.session import _FastLowlevel
+    low = _FastLowlevel(poll_us=20_000)       # 20 ms of polling, when it polls
+    r, w = os.pipe()                          # never readable: nothing queued
+    polls: list[int] = []
+    real = low._poll
+    low._poll = lambda t: polls.append(t) or real(t)
+    try:
+        for waiting, spins in ((True, False), (False, True)):
+            polls.clear()
+            low.waiting = lambda w=waiting: w
+            low._last = time.perf_counter_ns()    # a request just came
+            low.wait_readable(r).close()          # (the epoll wait itself not awaited)
+            assert (len(polls) > 1) is spins, (waiting, len(polls))
+    finally:
+        os.close(r)
+        os.close(w)

@@ -8,6 +8,7 @@ interface's and the provider's own tests over it too (its ``rbd`` parameter)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -326,3 +327,36 @@ def test_allocated_bytes_never_recounts_in_the_caller(arr: RbdArray) -> None:
     arr.revert("v", sid)                                 # no write: the generation moved
     assert arr.allocated_bytes("v") == MiB + CS          # the last figure, once more...
     settles(MiB)                                         # ...then the count after revert
+
+
+def test_read_async_starts_at_once_or_declines(arr: RbdArray) -> None:
+    """The FUSE mount's read path (datapath.read_async: librbd's aio_read, the callback
+    from a Ceph thread): the data as read() gives it, the gate held until the callback;
+    declined -- without waiting -- where read() in a worker thread must do it: a gate
+    held by a commit or revert, a snapshot not opened yet, past the end, no such LUN."""
+    arr.create_volume("a", 4 * MiB)
+    data = os.urandom(MiB)
+    arr.write("a", 0, data)
+    got: list[tuple[bytes | None, BaseException | None]] = []
+    ended = threading.Event()
+
+    def done(d: bytes | None, e: BaseException | None) -> None:
+        got.append((d, e))
+        ended.set()
+
+    assert arr.read_async("a", 4096, 8192, done)
+    assert ended.wait(10) and got == [(data[4096:12288], None)]
+    (sid,) = snap(arr, "a")
+    assert not arr.read_async(sid, 0, 10, done)          # its image opens on a read()
+    assert arr.read(sid, 0, 10) == data[:10]
+    ended.clear()
+    assert arr.read_async(sid, 0, 10, done)
+    assert ended.wait(10) and got[-1] == (data[:10], None)
+    assert not arr.read_async("a", 4 * MiB - 10, 20, done)   # read() clips at the end
+    assert not arr.read_async("nosuch", 0, 1, done)
+    gate = arr._vols["a"].lun.gate
+    with gate.exclusive():                               # a commit, revert, resize
+        t = time.monotonic()
+        assert not arr.read_async("a", 0, 1, done)
+        assert time.monotonic() - t < 1
+    assert gate._shared == 0 and len(got) == 2           # every completion left the gate

@@ -12,6 +12,8 @@ cluster), and
   acknowledged is there, no RBD snapshot of a removed set is left, `check` is clean;
 * an OSD restart under load: the writer through our mount waits while the OSD is down
   and goes on after (or fails cleanly), and every flushed write is on the cluster.
+* kill -9 inside a revert: the restarted daemon finishes it before serving the volume,
+  which then reads as the snapshot.
 
 The cluster's settings for these (beyond tests/ceph_cluster.py's): `osd fast shutdown =
 false` (a memstore OSD saves its data only on a clean stop: a restart must keep it) and
@@ -25,8 +27,10 @@ no-op; with these they fail, as they must)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -351,3 +355,54 @@ def test_an_osd_restart_under_load_loses_no_flushed_write(served: Served,
         f.write(b"x" * BLOCK)
         f.flush()
         os.fsync(f.fileno())
+
+
+def test_kill9_inside_a_revert_is_finished_by_the_restart(served: Served) -> None:
+    """The daemon is stopped (SIGSTOP) as soon as the volume's revert record appears --
+    the content is then not the snapshot's yet -- and killed with -9: the restarted
+    daemon finishes the revert before it serves the volume (rbdarray/revert.py), which
+    then reads as the snapshot byte for byte; without the finishing it would stay
+    half-reverted."""
+    import rados
+    import rbd
+
+    from rbdarray.records import REVERT_KEY
+    from rbdarray.setlock import OBJECT
+    size, changed = 64 * MiB, 32 * MiB
+    # the set lock an earlier test's killed daemon may hold (its lease would end in 30 s)
+    with rados.Rados(conffile=served.c.conf) as cluster, \
+            cluster.open_ioctx(served.c.pool) as io, \
+            contextlib.suppress(rados.ObjectNotFound):
+        io.remove_object(OBJECT)
+    d = served.d
+    d.ok("volume", "create", "v", str(size))
+    write_synced(Path(d.image("v")), os.urandom(changed))
+    sid = d.json("snapshot", "create", "v")["snapshots"][0]["id"]
+    want = hashlib.sha256(_read_image(served.c, "v", size)).hexdigest()
+    write_synced(Path(d.image("v")), os.urandom(changed))
+    with rados.Rados(conffile=served.c.conf) as cluster, \
+            cluster.open_ioctx(served.c.pool) as io, \
+            rbd.Image(io, "v", read_only=True) as image:
+        req = subprocess.Popen([sys.executable, "-m", "tools.cli", "--socket", d.socket,
+                                "revert", sid], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL,
+                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+        try:
+            _wait_for(lambda: REVERT_KEY in dict(image.metadata_list()), 60,
+                      "the revert record")
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            half = hashlib.sha256(_read_image(served.c, "v", size)).hexdigest()
+        finally:
+            served.kill9()
+            req.kill()
+            req.wait(30)
+    assert half != want, "the revert was over before the daemon was stopped"
+    served.restart()
+    assert hashlib.sha256(_read_image(served.c, "v", size)).hexdigest() == want
+    with open(served.image("v"), "rb") as f:
+        assert hashlib.sha256(f.read(size)).hexdigest() == want
+    with rados.Rados(conffile=served.c.conf) as cluster, \
+            cluster.open_ioctx(served.c.pool) as io, \
+            rbd.Image(io, "v", read_only=True) as image:
+        assert REVERT_KEY not in dict(image.metadata_list())
+    assert "finishing its revert" in served.d.log_text()

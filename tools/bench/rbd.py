@@ -4,7 +4,7 @@ revert and split cost against volume size, and where the time goes.
 
     python -m tools.bench.rbd [--size 256M] [--rounds 5] [--runtime 5] [--commits 10]
                               [--small 1G] [--big 64G] [--allocated 64M] [--no-profile]
-                              [--json] [--dir DIR] [--keep] [-q]
+                              [--only PARTS] [--json] [--dir DIR] [--keep] [-q]
 
 What one run does (in a temporary directory under --dir, removed at the end, also after
 Ctrl-C / SIGTERM / SIGHUP -- exit 128+N -- and after a failure except its *.log files):
@@ -32,6 +32,11 @@ Ctrl-C / SIGTERM / SIGHUP -- exit 128+N -- and after a failure except its *.log 
    librbd's Python binding in this process; with py-spy (unless --no-profile), a
    sampling profile of our daemon under fio 4K random reads: the share of its CPU in
    librbd, the binding, RbdArray, the thread hand-off, our FUSE handlers, pyfuse3.
+--only PARTS (comma-separated: seq_write, seq_read, rand_read, commit, revert_split,
+references; default all of them) runs those parts alone -- e.g. `--only
+rand_read,references` for the 4K read rows and where their time goes; the others are
+n/a in the report.
+
 4. Medians, SPREAD = (max - min) / median, ratios and verdicts (tools/bench/verdicts.py:
    PASS / FAIL / noisy), a table or --json.
 """
@@ -75,6 +80,9 @@ FLAT = 1.25                # revert / split: big volume / small volume (medians)
 SMALL, BIG = "small", "big"
 
 
+PARTS = (*FIO, "commit", "revert_split", "references")
+
+
 def measure_rounds(s: Setup, args: argparse.Namespace, samples: Samples, log: Log) -> None:
     def add(row: str, target: str, stat: str, value: float) -> None:
         samples.setdefault((row, target, stat), []).append(value)
@@ -82,18 +90,21 @@ def measure_rounds(s: Setup, args: argparse.Namespace, samples: Samples, log: Lo
     for r in range(args.rounds):
         order = ("spx", "rbd_fuse") if r % 2 == 0 else ("rbd_fuse", "spx")
         log(f"round {r + 1}/{args.rounds} ({' then '.join(order)})")
-        for w in FIO:
+        for w in (w for w in FIO if w in args.parts):
             for t in order:
                 res = run_fio(Job(w, s.paths[t], s.size, args.runtime, time_based=True,
                                   direct=True), s.base)
                 add(w, t, "value", res.value)
                 add(w, t, "p50", res.p50_us)
                 add(w, t, "p99", res.p99_us)
-        log(f"round {r + 1}: {args.commits} commits of a {len(SET_VOLUMES)}-volume set")
-        commit_round(s, args.commits, samples)
-        log(f"round {r + 1}: revert and split, {SMALL if r % 2 == 0 else BIG} first")
-        revert_split_round(s, [SMALL, BIG] if r % 2 == 0 else [BIG, SMALL],
-                           args.allocated_bytes, samples, log)
+        if "commit" in args.parts:
+            log(f"round {r + 1}: {args.commits} commits of a {len(SET_VOLUMES)}-volume "
+                "set")
+            commit_round(s, args.commits, samples)
+        if "revert_split" in args.parts:
+            log(f"round {r + 1}: revert and split, {SMALL if r % 2 == 0 else BIG} first")
+            revert_split_round(s, [SMALL, BIG] if r % 2 == 0 else [BIG, SMALL],
+                               args.allocated_bytes, samples, log)
 
 
 def references(s: Setup, args: argparse.Namespace, log: Log) -> dict[str, Any]:
@@ -233,7 +244,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allocated", default="64M",
                    help="data written to each of them (default 64M)")
     p.add_argument("--no-profile", action="store_true", help="no py-spy profile")
-    return p.parse_args(argv)
+    p.add_argument("--only", metavar="PARTS", default=",".join(PARTS),
+                   help="comma-separated parts to run: " + ", ".join(PARTS) +
+                   " (default all)")
+    args = p.parse_args(argv)
+    args.parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    return args
 
 
 def _sizes(args: argparse.Namespace) -> tuple[int, int, int] | None:
@@ -243,6 +259,11 @@ def _sizes(args: argparse.Namespace) -> tuple[int, int, int] | None:
         small, big, alloc = (parse_size(x) for x in (args.small, args.big, args.allocated))
     except InvalidSize as e:
         print(f"bench rbd: error: {e}", file=sys.stderr)
+        return None
+    bad = [x for x in args.parts if x not in PARTS]
+    if bad or not args.parts:
+        print(f"bench rbd: error: --only: unknown part {bad[0] if bad else '(none)'!r}; "
+              f"choose from {', '.join(PARTS)}", file=sys.stderr)
         return None
     if args.commits < 1 or alloc < MiB or alloc % MiB or not alloc <= small <= big:
         print("bench rbd: error: --commits at least 1; --allocated a multiple of 1M, at "
@@ -269,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             s = Setup(base, size, stack, log, need)
             s.prepare()
-            prepare_set(s)
-            prepare_sizes(s, {SMALL: small, BIG: big}, alloc)
+            if "commit" in args.parts:
+                prepare_set(s)
+            if "revert_split" in args.parts:
+                prepare_sizes(s, {SMALL: small, BIG: big}, alloc)
             measure_rounds(s, args, samples, log)
-            refs = references(s, args, log)
+            refs = references(s, args, log) if "references" in args.parts else {}
         return build_report(samples, refs, args, size, base, time.monotonic() - log.t0)
 
     return run("bench rbd", args, missing_tools(), measure, format_table,

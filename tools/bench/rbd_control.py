@@ -83,9 +83,9 @@ def prepare_sizes(s: Setup, sizes: dict[str, int], allocated: int) -> None:
 def revert_split_round(s: Setup, names: list[str], allocated: int, samples: Samples,
                        log: Log) -> None:
     """Per volume, in the given order: a snapshot, the allocated range rewritten (so a
-    revert has every object to roll back), revert (timed), then a split of the same
-    snapshot into a new volume (timed: clone + flatten of the allocated objects), the
-    new volume deleted (untimed)."""
+    revert has every object to copy back), revert (timed), then a split of the same
+    snapshot into a new volume (timed: its allocated objects copied), the new volume
+    deleted (untimed)."""
     with s.client() as c:
         for name in names:
             sid = c.snapshot_create([name], context="app-rollback")["snapshots"][0]["snapshot_id"]

@@ -1,0 +1,214 @@
+"""Revert on RBD (rbdarray/revert.py, rbdarray/objectmap.py) against the real one-node
+cluster (conftest's ``ceph``): the changed objects read from the object maps are
+librbd's own answer; a revert makes the volume the snapshot byte for byte (xxh3),
+holes, discarded and never-written ranges and the size included, without
+rollback_to_snap and with a plan the size of the changes on a 64 GiB volume; a revert
+record left by a crash keeps the volume from being served and is finished when the pool
+opens. The kill -9 of a daemon in the middle of a revert: tests/test_rbd_failures.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from blockstore import errors as bse
+from rbdarray import RbdArray, objectmap
+from rbdarray.records import REVERT_KEY, rbd_snap_name, round_out
+
+CS = 65536
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.fixture
+def arr(ceph: Any, tmp_path: Path) -> Iterator[RbdArray]:
+    from ceph_cluster import wipe
+    a = RbdArray(ceph.pool, ceph.conf, str(tmp_path))
+    try:
+        yield a
+    finally:
+        a.close()
+        wipe(ceph.conf, ceph.pool)
+
+
+def snap(a: RbdArray, volume: str) -> str:
+    sid = str(uuid.uuid4())
+    a.prepare_snapshot(volume, "differential", sid, str(uuid.uuid4()))
+    a.commit_snapshots([sid])
+    return sid
+
+
+def digest(a: RbdArray, key: str) -> str:
+    return xxhash.xxh3_128_hexdigest(a.read(key, 0, a.lun_size(key)))
+
+
+def librbd_changed(a: RbdArray, volume: str, sid: str) -> list[int]:
+    """librbd's answer: diff_iterate from the snapshot, fast-diff, whole objects."""
+    image = a._vols[volume].lun.image
+    out: set[int] = set()
+    image.diff_iterate(0, image.size(), rbd_snap_name(sid),
+                       lambda o, n, _e: out.update(range(o // CS, -(-(o + n) // CS))),
+                       whole_object=True)
+    return sorted(out)
+
+
+def ours_changed(a: RbdArray, volume: str, sid: str) -> list[int] | None:
+    image = a._vols[volume].lun.image
+    return objectmap.changed_objects(a._io, image, a._rbd, a._snaps[sid].rbd_id,
+                                     image.size())
+
+
+def test_the_object_maps_say_what_librbd_says(arr: RbdArray) -> None:
+    """Writes, discards and growth over three snapshots, at random: for each snapshot
+    the objects changed since it, from our reading of the maps, equal librbd's
+    diff_iterate (a wrong bit order, header or rule fails this)."""
+    rnd = random.Random(18)
+    arr.create_volume("t", 16 * MiB)
+    sids = []
+    for _ in range(3):
+        for _ in range(rnd.randrange(5, 25)):
+            size = arr.lun_size("t")
+            off = rnd.randrange(0, size - 3 * CS)
+            if rnd.random() < 0.25:
+                arr.discard("t", off - off % CS, CS * rnd.randrange(1, 3))
+            else:
+                arr.write("t", off, os.urandom(rnd.randrange(1, 2 * CS)))
+        sids.append(snap(arr, "t"))
+        if rnd.random() < 0.5:
+            arr.resize_volume("t", arr.lun_size("t") + 2 * MiB)
+    for _ in range(10):
+        arr.write("t", rnd.randrange(0, arr.lun_size("t") - CS), os.urandom(100))
+    arr.flush("t")
+    for sid in sids:
+        mine = ours_changed(arr, "t", sid)
+        assert mine is not None and mine == librbd_changed(arr, "t", sid), sid
+        assert mine          # something changed since each of them
+    # changed_extents (snapshot diff, backups) between any two of them and to the head
+    for i, older in enumerate(sids):
+        for newer in [*sids[i + 1:], None]:
+            image = arr._lun(newer or "t")[0].image
+            size = image.size()
+            want_runs = round_out(arr._extents(image, 0, size, rbd_snap_name(older)),
+                                  CS, size)
+            assert arr.changed_extents(older, newer) == want_runs, (older, newer)
+    # and what exists where (allocated_bytes, split's copy): the head and each snapshot
+    for key in ("t", *sids):
+        lun, is_snap = arr._lun(key)
+        image, size = lun.image, lun.image.size()
+        want: set[int] = set()
+        image.diff_iterate(0, size, None, lambda o, n, _e, w=want: w.update(
+            range(o // CS, -(-(o + n) // CS))), whole_object=True)
+        rbd_id = arr._snaps[key].rbd_id if is_snap else None
+        got = objectmap.allocated_objects(arr._io, image, arr._rbd, rbd_id, size)
+        assert got is not None and got == sorted(want), key
+        assert arr.allocated_bytes(key) == sum(
+            n for _, n in arr._extents(image, 0, size, None))
+
+
+def test_revert_is_the_snapshot_byte_for_byte(arr: RbdArray,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    arr.create_volume("v", 8 * MiB)
+    arr.write("v", 0, os.urandom(MiB))
+    arr.write("v", 3 * MiB + 100, os.urandom(5000))          # a partial object
+    arr.discard("v", 512 * 1024, 2 * CS)                     # a hole inside the data
+    sid = snap(arr, "v")
+    want = digest(arr, sid)
+    arr.write("v", 0, os.urandom(256 * 1024))                # overwritten
+    arr.write("v", 2 * MiB + 7, os.urandom(100 * 1024))      # where it never had data
+    arr.discard("v", 3 * MiB, CS)                            # its partial object dropped
+    arr.resize_volume("v", 12 * MiB)
+    arr.write("v", 10 * MiB, os.urandom(CS))                 # past its end
+    later = snap(arr, "v")                                   # a snapshot in between
+    later_digest = digest(arr, later)
+    arr.write("v", 512 * 1024 + 10, os.urandom(1000))        # into the snapshot's hole
+    with caplog.at_level(logging.INFO, logger="rbdarray.revert"):
+        arr.revert("v", sid)
+    assert "rollback_to_snap" not in caplog.text             # the maps were used
+    assert arr.lun_size("v") == 8 * MiB
+    assert digest(arr, "v") == want
+    assert arr.read("v", 512 * 1024, 2 * CS) == bytes(2 * CS)
+    # never written in the snapshot: a hole again, not zeros written
+    assert arr.allocation("v", 2 * MiB, MiB) == []
+    assert digest(arr, later) == later_digest                # other snapshots unchanged
+    assert ours_changed(arr, "v", sid) == librbd_changed(arr, "v", sid)
+    assert REVERT_KEY not in dict(arr._vols["v"].lun.image.metadata_list())
+    arr.write("v", 0, b"after")                              # served again
+    assert arr.read("v", 0, 5) == b"after"
+
+
+def test_revert_sees_writes_still_in_librbds_cache(ceph: Any, tmp_path: Path) -> None:
+    """With librbd's cache in writeback, an acknowledged write lives in our client until
+    a flush, and the object map does not know it yet: the revert flushes before it
+    reads the maps (without, the cached write misses the copy back and lands after)."""
+    from ceph_cluster import wipe
+    a = RbdArray(ceph.pool, ceph.conf, str(tmp_path), conf={
+        "rbd_cache": "true", "rbd_cache_policy": "writeback",
+        "rbd_cache_writethrough_until_flush": "false"})
+    try:
+        a.create_volume("w", 4 * MiB)
+        a.write("w", 0, os.urandom(MiB))
+        sid = snap(a, "w")
+        want = digest(a, sid)
+        a.write("w", 2 * MiB, os.urandom(CS))          # acknowledged, cached, no flush
+        a.revert("w", sid)
+        a.flush("w")
+        assert digest(a, "w") == want
+    finally:
+        a.close()
+        wipe(ceph.conf, ceph.pool)
+
+
+def test_the_plan_is_the_changes_not_the_volume(arr: RbdArray) -> None:
+    """64 GiB (a million objects, 256 KiB of map): the objects to copy back are the
+    16 written after the snapshot, found without visiting the others."""
+    arr.create_volume("big", 64 * GiB)
+    arr.write("big", 40 * GiB, os.urandom(MiB))
+    sid = snap(arr, "big")
+    arr.write("big", 10 * GiB, os.urandom(MiB))
+    arr.flush("big")
+    first = 10 * GiB // CS
+    assert ours_changed(arr, "big", sid) == list(range(first, first + 16))
+    arr.revert("big", sid)
+    assert arr.allocation("big", 0, 64 * GiB) == [(40 * GiB, MiB)]
+
+
+def test_a_left_revert_record_blocks_io_and_is_finished_at_open(arr: RbdArray,
+                                                                ceph: Any) -> None:
+    """What a crash in the middle of a revert leaves (the record on the image, the
+    content not yet the snapshot's): once the daemon sees it the volume is not served
+    (Busy), and opening the pool finishes the revert before anything is served."""
+    arr.create_volume("v", 4 * MiB)
+    arr.write("v", 0, os.urandom(2 * MiB))
+    sid = snap(arr, "v")
+    want = digest(arr, sid)
+    arr.write("v", MiB, os.urandom(2 * MiB))
+    arr.flush("v")
+    image = arr._vols["v"].lun.image
+    image.metadata_set(REVERT_KEY, json.dumps({"snapshot": sid, "started": 0}))
+    assert arr._refresh()                        # the follower's scan sees the record
+    with pytest.raises(bse.Busy, match="being reverted"):
+        arr.read("v", 0, 1)
+    path = arr.path
+    arr.close()
+    b = RbdArray(ceph.pool, ceph.conf, path)
+    try:
+        assert digest(b, "v") == want
+        assert REVERT_KEY not in dict(b._vols["v"].lun.image.metadata_list())
+        # a record whose snapshot is gone cannot be finished: dropped, volume served
+        b._vols["v"].lun.image.metadata_set(
+            REVERT_KEY, json.dumps({"snapshot": str(uuid.uuid4()), "started": 0}))
+        b.close()
+        b = RbdArray(ceph.pool, ceph.conf, path)
+        assert digest(b, "v") == want
+        assert REVERT_KEY not in dict(b._vols["v"].lun.image.metadata_list())
+    finally:
+        b.close()
