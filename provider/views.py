@@ -183,8 +183,23 @@ class Views:
             "backup_complete": bool(rec.backup_complete) if rec else False,
             "presented_to": sorted(self.masking.hosts_of(s.id)),
             "imported_by": (self.catalog.imported.get(s.set_id or NIL_GUID) or (None,))[0],
+            **self.space_json(s),
         })
         return d
+
+    def space_json(self, s: SnapshotInfo) -> dict[str, int | None]:
+        """Where a snapshot's space goes (docs/provider.md "Space"): a differential's
+        diff-area bytes held only for it (``used``: what deleting it frees) and shared
+        with other snapshots, from the backend's counters (None where it has none: a
+        Ceph snapshot, one being prepared); a full copy's (plex, promoted) allocation,
+        which deleting it frees whole (one fstat of its image here)."""
+        if s.kind == "differential":
+            return {"used": s.used, "shared": s.shared, "allocated": None}
+        try:
+            alloc: int | None = int(self.pool.allocated_bytes(s.id))
+        except (bse.StoreError, OSError):
+            alloc = None   # deleted meanwhile, or a backend that cannot say
+        return {"used": alloc, "shared": None if alloc is None else 0, "allocated": alloc}
 
     def snapshot_list(self, set_id: str | None = None, volume: str | None = None,
                       context: str | int | None = None) -> list[dict[str, Any]]:
