@@ -244,10 +244,19 @@ class Views:
         for rec in self.catalog.records.values():
             if rec.set_id in self._sets:
                 continue
+            members = self.members_info(rec.set_id)
+            labels = [self.catalog.labels.get(i.id) for i in members]
+            # the set's name and description: its snapshots' (one create gives every
+            # snapshot of a set the same ones); None if they differ or there are none
+            names = {lab.name if lab else None for lab in labels}
+            descs = {lab.description if lab else None for lab in labels}
             out.append({"set_id": rec.set_id, "context": Context(rec.context).cli_name,
                         "attributes": rec.attributes, "state": SS(rec.state).name,
-                        "volumes": [{"volume": i.volume, "snapshot_id": i.id}
-                                    for i in self.members_info(rec.set_id)],
+                        "name": names.pop() if len(names) == 1 else None,
+                        "description": descs.pop() if len(descs) == 1 else None,
+                        "volumes": [{"volume": i.volume, "snapshot_id": i.id,
+                                     "name": lab.name if lab else None}
+                                    for i, lab in zip(members, labels, strict=True)],
                         "requester": rec.originating_machine or None,
                         "created": rec.created, "auto_release": rec.auto_release,
                         "backup_complete": rec.backup_complete,

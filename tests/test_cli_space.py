@@ -2,7 +2,8 @@
 snapshot the diff-area bytes held only for it (`used`, what deleting it frees, as zfs's
 USED of a snapshot) and shared with other snapshots; a full copy's allocation; the
 figures after a delete move as zfs's would, and after a kill -9 and a restart (the
-counters rebuilt from the map) they are the same and `check` finds them right."""
+counters rebuilt from the map) they are the same and `check` finds them right.
+And a leftover of #19: set.list shows the sets' names."""
 
 from __future__ import annotations
 
@@ -121,3 +122,19 @@ def test_the_counters_after_kill_9_equal_a_recount(base: Path) -> None:
         assert _space(d, "kv") == before
         assert d.ok("check").stdout.startswith("clean: "), "check compares them"
 
+
+def test_set_list_shows_the_names(base: Path) -> None:
+    with serve_cli(base, "spx-spc-", "--hooks-dir", "") as d:
+        d.ok("volume", "create", "na", "1M")
+        d.ok("volume", "create", "nb", "1M")
+        made = d.json("snapshot", "create", "na", "nb", "--context", "nas-rollback",
+                      "--name", "nightly", "--description", "before the upgrade")
+        d.ok("snapshot", "create", "na", "--context", "nas-rollback")   # no name
+        with d.client() as c:
+            sets = {s["set_id"]: s for s in c.set_list()}
+        named = sets.pop(made["set_id"])
+        assert (named["name"], named["description"]) == ("nightly", "before the upgrade")
+        assert sorted((v["volume"], v["name"]) for v in named["volumes"]) == [
+            ("na", "nightly"), ("nb", "nightly")]
+        ((_, unnamed),) = sets.items()
+        assert unnamed["name"] is None and unnamed["volumes"][0]["name"] is None
