@@ -20,9 +20,11 @@ ever comes back into a span (new snapshots get epochs newer than every entry), s
 live snapshots in (P, E] and in (the older P', E] are the same ones. Counters are
 therefore compared by the live snapshots they serve (``by_snapshots``), not by key.
 
-A listing costs O(spans x log(snapshots)); spans are the distinct (P, E) pairs, at most
-(epochs with entries)^2 / 2 and in practice a few per snapshot. The result is memoized
-per diff-area version and live-epoch list (DiffArea.space_memo).
+The figures themselves (``Figures``) are kept too: a new entry updates them in
+O(log snapshots), a new snapshot in O(1), so a listing costs O(snapshots). They are made
+again from the spans -- O(spans x log snapshots), spans being the distinct (P, E) pairs:
+a few per snapshot in practice, at most (epochs with entries)^2 / 2 -- at the first
+listing after the pool's open, a delete or a reclaim.
 """
 
 from __future__ import annotations
@@ -57,17 +59,23 @@ def recount(da: DiffArea) -> tuple[array, Spans]:
 
 def count(da: DiffArea, slot: int, chunk: int, epoch: int, has_data: bool) -> None:
     """A new entry, before it is in the tables (so the chunk's newest entry is its
-    previous one: one bitmap test for a chunk never preserved before)."""
+    previous one: one bitmap test for a chunk never preserved before). The figures'
+    memo, if any, takes it in at once (O(log snapshots)): a listing during writes
+    recomputes nothing."""
     prev = da.last_epoch(chunk)
     if slot >= len(da.prev):
         da.prev.extend(array("I", bytes(4 * (slot + 1 - len(da.prev)))))
     da.prev[slot] = prev
     if has_data:
         da.spans[(prev, epoch)] += 1
+        if da.space_memo is not None:
+            da.space_memo.add(prev, epoch, 1)
 
 
 def uncount(da: DiffArea, slot: int, has_data: bool) -> None:
-    """An entry being freed (has_data: it was not a ZERO entry)."""
+    """An entry being freed (has_data: it was not a ZERO entry). The figures' memo goes:
+    a reclaim follows a delete, which changed the live snapshots anyway."""
+    da.space_memo = None
     if has_data:
         key = (da.prev[slot], da.epoch[slot])
         n = da.spans[key] - 1
@@ -89,34 +97,68 @@ def by_snapshots(spans: Spans, live: list[int]) -> Counter[tuple[int, int]]:
     return out
 
 
+class Figures:
+    """Per live snapshot (sorted epochs ``live``), the entries held only for it and, as
+    differences along ``live``, the entries it reads: snapshot_bytes' result in a form
+    a new entry updates in O(log snapshots) (add) and a new snapshot extends in O(1)."""
+
+    def __init__(self, spans: Spans, live: list[int]) -> None:
+        self.live = list(live)
+        self.only = [0] * len(live)
+        self.edge = [0] * (len(live) + 1)
+        self.made: dict[int, tuple[int, int]] | None = None   # result(), until a change
+        for (lo, hi), n in by_snapshots(spans, live).items():
+            self._put(lo, hi, n)
+
+    def _put(self, lo: int, hi: int, n: int) -> None:
+        self.made = None
+        if hi - lo == 1:
+            self.only[lo] += n
+        self.edge[lo] += n
+        self.edge[hi] -= n
+
+    def add(self, prev: int, epoch: int, n: int) -> None:
+        lo, hi = bisect_right(self.live, prev), bisect_right(self.live, epoch)
+        if hi > lo:
+            self._put(lo, hi, n)
+
+    def follow(self, epoch: int) -> None:
+        """A snapshot was committed: its epoch is newer than every entry, so none serves
+        it yet (DiffArea.new_epoch tells, before any entry of that epoch is counted)."""
+        self.made = None
+        self.live.append(epoch)
+        self.only.append(0)
+        self.edge.append(0)
+
+    def result(self, chunk_size: int) -> dict[int, tuple[int, int]]:
+        """epoch -> (bytes held only for it, bytes shared), made once per change (a
+        listing asks once per snapshot)."""
+        if self.made is None:
+            out = {}
+            served = 0
+            for i, e in enumerate(self.live):
+                served += self.edge[i]
+                out[e] = (self.only[i] * chunk_size, (served - self.only[i]) * chunk_size)
+            self.made = out
+        return self.made
+
+
 def snapshot_bytes(spans: Spans, live: list[int], chunk_size: int
                    ) -> dict[int, tuple[int, int]]:
     """epoch -> (bytes held only for it, bytes it shares with other live snapshots), for
-    every live epoch (sorted ``live``)."""
-    only = [0] * len(live)
-    edge = [0] * (len(live) + 1)   # entries served, as differences along `live`
-    for (lo, hi), n in by_snapshots(spans, live).items():
-        if hi - lo == 1:
-            only[lo] += n
-        edge[lo] += n
-        edge[hi] -= n
-    out = {}
-    served = 0
-    for i, e in enumerate(live):
-        served += edge[i]
-        out[e] = (only[i] * chunk_size, (served - only[i]) * chunk_size)
-    return out
+    every live epoch (sorted ``live``). O(spans x log snapshots)."""
+    return Figures(spans, live).result(chunk_size)
 
 
 def space_of(da: DiffArea, live: list[int]) -> dict[int, tuple[int, int]]:
-    """snapshot_bytes of the diff area, memoized until its entries or the live epochs
-    change (a listing of many snapshots asks once per volume). (Pool lock held.)"""
-    key = (da.version, tuple(live))
-    if da.space_memo is not None and da.space_memo[0] == key:
-        return da.space_memo[1]
-    res = snapshot_bytes(da.spans, live, da.chunk_size)
-    da.space_memo = (key, res)
-    return res
+    """snapshot_bytes of the diff area. Its Figures are kept (DiffArea.space_memo):
+    new entries and new snapshots update them, so a listing costs O(snapshots); only
+    the first one after a delete or a reclaim (or at open) walks the spans. (Pool lock
+    held.)"""
+    memo = da.space_memo
+    if memo is None or memo.live != live:   # a delete or an invalidation since
+        memo = da.space_memo = Figures(da.spans, live)
+    return memo.result(da.chunk_size)
 
 
 def check(da: DiffArea, live: list[int], what: str) -> list[str]:

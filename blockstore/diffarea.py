@@ -112,8 +112,7 @@ class DiffArea:
         # derived from the map, rebuilt at load, kept at preserve, gc and drops
         self.prev = array("I")
         self.spans: accounting.Spans = Counter()
-        self.space_memo: tuple[tuple[int, tuple[int, ...]], dict[int, tuple[int, int]]] \
-            | None = None
+        self.space_memo: accounting.Figures | None = None
         self.any_entry = Bitmap(nchunks)
         self.cowed_latest = Bitmap(nchunks)
         self.origin_epoch = origin_epoch
@@ -436,6 +435,8 @@ class DiffArea:
     def new_epoch(self, epoch: int) -> None:
         """A snapshot was committed: nothing is preserved for it yet. O(1) (lazy mmap)."""
         self.origin_epoch = epoch
+        if self.space_memo is not None:
+            self.space_memo.follow(epoch)
         old = self.cowed_latest
         self.cowed_latest = Bitmap(self.nchunks)
         old.close()
