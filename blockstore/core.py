@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
+from . import accounting
 from . import format as fmt
 from .catalog import Catalog
 from .diffarea import DiffArea
@@ -229,9 +230,15 @@ class PoolCore:
                           v.diff.used_bytes() if v.diff else 0)
 
     def _sinfo(self, s: _Snapshot) -> SnapshotInfo:
-        return SnapshotInfo(s.snap_id, s.set_id, s.origin.name, s.origin.naa, s.naa, s.size,
+        used = shared = None
+        v = s.origin
+        if s.kind == DIFFERENTIAL and s.state == COMMITTED and v.diff is not None:
+            got = accounting.space_of(v.diff, v.live_epochs).get(s.epoch or 0)
+            if got is not None:
+                used, shared = got
+        return SnapshotInfo(s.snap_id, s.set_id, v.name, v.naa, s.naa, s.size,
                             s.kind, s.state, s.created, s.attributes, s.exposed_name,
-                            s.sync_done, s.sync_total, s.epoch, s.id)
+                            s.sync_done, s.sync_total, s.epoch, s.id, used, shared)
 
     def _readable(self, s: _Snapshot) -> None:
         # Long operations (revert, promote, seal) re-check between steps: another thread

@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 from array import array
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import xxhash
 
+from . import accounting
 from .chunkmap import Bitmap, EpochTable, consecutive_runs
 from .errors import CorruptData
 from .fileio import DataFile, Faults, fsync_dir, is_zeros
@@ -105,6 +107,12 @@ class DiffArea:
         # results derived from the entries, each stored with the version it was made at
         # (blockstore/changes.py: changed extents, asked once per BLOCK_STATUS request)
         self.memo: dict[tuple[int, ...], tuple[int, list[tuple[int, int]]]] = {}
+        # space accounting (blockstore/accounting.py): per slot the epoch of its chunk's
+        # previous entry when it was preserved, and data entries per (that, epoch);
+        # derived from the map, rebuilt at load, kept at preserve, gc and drops
+        self.prev = array("I")
+        self.spans: accounting.Spans = Counter()
+        self.space_memo: accounting.Figures | None = None
         self.any_entry = Bitmap(nchunks)
         self.cowed_latest = Bitmap(nchunks)
         self.origin_epoch = origin_epoch
@@ -138,6 +146,7 @@ class DiffArea:
             self._set_slot(slot, state, epoch, chunk, digest)
         self._load_seals()
         self._rebuild_tables()
+        self.prev, self.spans = accounting.recount(self)
 
     def _load_seals(self) -> None:
         """Digests a seal recorded for UNSUMMED slots (diff/<id>.sum). An entry counts
@@ -313,6 +322,7 @@ class DiffArea:
         if batch:
             self.version += 1
         for slot, chunk, state, sum64 in batch:
+            accounting.count(self, slot, chunk, epoch, state in HAS_DATA)
             self._set_slot(slot, state, epoch, chunk, sum64)
             table.add(chunk, slot)
             self.any_entry.set(chunk)
@@ -413,6 +423,7 @@ class DiffArea:
     def _drop(self, slots: list[int]) -> list[tuple[int, int]]:
         lost = [(self.chunk[s], self.epoch[s]) for s in slots]
         for s in slots:
+            accounting.uncount(self, s, self.state[s] in HAS_DATA)
             if self.state[s] in HAS_DATA:
                 self.data_slots -= 1
             self.state[s] = FREE
@@ -424,6 +435,8 @@ class DiffArea:
     def new_epoch(self, epoch: int) -> None:
         """A snapshot was committed: nothing is preserved for it yet. O(1) (lazy mmap)."""
         self.origin_epoch = epoch
+        if self.space_memo is not None:
+            self.space_memo.follow(epoch)
         old = self.cowed_latest
         self.cowed_latest = Bitmap(self.nchunks)
         old.close()
@@ -494,6 +507,7 @@ class DiffArea:
         """Punch the doomed slots' data and free them in memory. (Pool lock held.)"""
         self.reclaiming.difference_update(doomed)
         for s in doomed:
+            accounting.uncount(self, s, self.state[s] in HAS_DATA)
             if self.state[s] in HAS_DATA:
                 self.data.punch(s * self.chunk_size, self.chunk_size)
                 self.data_slots -= 1
@@ -510,6 +524,7 @@ class DiffArea:
             del self.epoch[last:]
             del self.chunk[last:]
             del self.digest[last:]
+            del self.prev[last:]
             self.map.truncate(last * MAP_RECORD_SIZE)   # frees what was allocated ahead
             self.map_allocated = last * MAP_RECORD_SIZE
             self.data.truncate(last * self.chunk_size)

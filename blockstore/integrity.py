@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from . import accounting
 from . import format as fmt
 from .diffarea import DATA, UNSUMMED
 from .errors import Busy, NotFound, SnapshotInvalid, StoreError, Unsupported
@@ -214,6 +215,7 @@ def _check_volume(pool: Pool, v: _Volume, plan: _Plan) -> list[str]:
                 out += _plan_sums(pool, s, what, plan)
     if v.diff is not None:
         da = v.diff
+        out += accounting.check(da, v.live_epochs, f"volume {v.name}")
         slots: list[tuple[int, int | None]] = []
         for slot, st in enumerate(da.state):
             if not st:

@@ -104,6 +104,11 @@ class SnapshotInfo:
     sync_total: int
     epoch: int | None
     file_id: int
+    # a committed differential's diff-area bytes (blockstore/accounting.py): held only
+    # for it (what deleting it frees, zfs `used`) and shared with other snapshots; None
+    # for other kinds and states, and where a backend cannot tell cheaply (Ceph)
+    used: int | None = None
+    shared: int | None = None
 
 
 @dataclass(eq=False)

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 WATCH_TICK = 0.2       # s between two looks at a watched listing
 WATCH_MAX = 30.0       # s a watch may wait (a host asks again)
-VOLATILE = frozenset({"mtime", "diff_bytes", "sync_done"})
+VOLATILE = frozenset({"mtime", "diff_bytes", "sync_done", "used", "shared"})
 # this daemon process's identity in array.info: a host that sees it change knows the
 # array restarted, so writes it acknowledged and no FLUSH covered may be gone
 BOOT_ID = uuid.uuid4().hex
@@ -76,7 +76,11 @@ class ArrayService:
     def listing(self, host: str) -> dict[str, Any]:
         """What ``host`` sees: the volumes and snapshots presented to it (a snapshot its
         set is preparing too: its coordinator follows the states; mounts and NBD show
-        committed ones only)."""
+        committed ones only), and ``allocated``: LUN key -> its allocated bytes, for the
+        volumes and full copies among them (`du` on the host's mount, its listings)."""
+        return self._answer(*self._records(host))
+
+    def _records(self, host: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
         pool, masking = self.coord.pool, self.coord.masking
         vols = [dataclasses.asdict(v) for v in pool.list_volumes()
                 if host in masking.hosts_of(v.name)]
@@ -88,17 +92,30 @@ class ArrayService:
         steady = [{k: v for k, v in r.items() if k not in VOLATILE} for r in vols + snaps]
         digest = hashlib.blake2b(json.dumps(steady, sort_keys=True, default=str).encode(),
                                  digest_size=12).hexdigest()
+        return vols, snaps, digest
+
+    def _answer(self, vols: list[dict[str, Any]], snaps: list[dict[str, Any]],
+                digest: str) -> dict[str, Any]:
+        pool = self.coord.pool
+        allocated = {}
+        for key in [v["name"] for v in vols] + [s["id"] for s in snaps
+                                                if s["kind"] != "differential"]:
+            try:
+                allocated[key] = int(pool.allocated_bytes(key))
+            except (bse.StoreError, OSError):
+                continue   # gone meanwhile: the host shows the size
         total, free = pool.statfs()
         return {"volumes": vols, "snapshots": snaps, "space_total": total,
-                "space_free": free, "token": digest}
+                "space_free": free, "token": digest, "allocated": allocated}
 
     async def watch(self, host: str, after: str | None, timeout: float) -> dict[str, Any]:
-        """array.list's answer once it differs from ``after`` (or at the timeout)."""
+        """array.list's answer once it differs from ``after`` (or at the timeout). The
+        allocations are counted for the answer only, not at every look."""
         with trio.move_on_after(max(0.0, min(timeout, WATCH_MAX))):
             while True:
-                now = self.listing(host)
-                if now["token"] != after:
-                    return now
+                vols, snaps, digest = self._records(host)
+                if digest != after:
+                    return self._answer(vols, snaps, digest)
                 await trio.sleep(WATCH_TICK)
         return self.listing(host)
 

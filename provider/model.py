@@ -93,7 +93,9 @@ class SnapshotSet:
     def to_json(self) -> dict[str, Any]:
         return {"set_id": self.set_id, "context": self.context.cli_name,
                 "attributes": int(self.attributes), "state": self.state.name,
-                "volumes": [{"volume": v, "snapshot_id": s} for v, s in self.volumes.items()],
+                "name": self.name, "description": self.description,
+                "volumes": [{"volume": v, "snapshot_id": s, "name": self.name}
+                            for v, s in self.volumes.items()],
                 "requester": self.session.host if self.session else None,
                 "created": self.created}
 

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 LEASE = seconds_from_env("SHADOWPLEX_SET_LEASE", 30.0)   # s the array keeps this host's
                             # set-in-creation slot unrenewed (it takes 5..300)
 WATCH_TIMEOUT = 25.0        # s an array.watch long poll waits at the array
+ALLOC_TTL = 2.0             # s a host trusts the array's allocation figures (du, listings)
+                            # before it fetches them again, in the background
 # control ops that only ask: repeated once on a new connection if the first one broke
 QUERIES = frozenset({"array.info", "array.list", "array.watch"})
 # a control connection that is gone (the client's names for it)
@@ -104,6 +107,11 @@ class RemoteArray:
         self._volumes: dict[str, VolumeInfo] = {}
         self._snapshots: dict[str, SnapshotInfo] = {}
         self._space = (0, 0)
+        # allocated bytes per LUN (volumes, full copies) from the last listing, and when
+        self._allocated: dict[str, int] = {}
+        self._alloc_at = 0.0
+        self._alloc_lock = threading.Lock()
+        self._alloc_fetching = False   # a thread is fetching them (_fetch_soon)
         self._apply(self._call("array.list"))
         # the data path (provider/san_paths.py: NBD connections, path-loss retries,
         # honest flushes)
@@ -184,6 +192,8 @@ class RemoteArray:
         vols = {v["name"]: _volume(v) for v in listing["volumes"]}
         snaps = {s["id"]: _snapshot(s) for s in listing["snapshots"]}
         self._space = (int(listing["space_total"]), int(listing["space_free"]))
+        self._allocated = {k: int(n) for k, n in listing.get("allocated", {}).items()}
+        self._alloc_at = time.monotonic()
         if listing["token"] != self._token:
             self._volumes, self._snapshots = vols, snaps
             self._token = listing["token"]
@@ -281,9 +291,33 @@ class RemoteArray:
         return self._space[1]
 
     def allocated_bytes(self, key: str) -> int:
-        # the array keeps the real figure; a host's du shows the LUN as fully allocated
-        # until array.list carries it (issue 19's space accounting)
-        return self.lun_size(key)
+        """The array's figure from its last listing (the mount asks on every getattr, on
+        its trio thread: never a round trip here). A figure older than ALLOC_TTL is
+        answered all the same and fetched again by a thread of its own; a LUN the
+        listing has no figure for (a differential snapshot, one just made) shows its
+        size."""
+        value = self._allocated.get(key)
+        if time.monotonic() - self._alloc_at > ALLOC_TTL:
+            self._fetch_soon()
+        return value if value is not None else self.lun_size(key)
+
+    def _fetch_soon(self) -> None:
+        with self._alloc_lock:
+            if self._alloc_fetching:
+                return
+            self._alloc_fetching = True
+        threading.Thread(target=self._fetch_allocation, name="array-alloc",
+                         daemon=True).start()
+
+    def _fetch_allocation(self) -> None:
+        try:
+            self.refresh()
+        except Exception as e:   # noqa: BLE001 - the array away: the old figures stay
+            log.debug("fetching the array's allocation figures: %s", e)
+            self._alloc_at = time.monotonic()   # not again before ALLOC_TTL
+        finally:
+            with self._alloc_lock:
+                self._alloc_fetching = False
 
     def image_path(self, key: str) -> str | None:
         return None   # no local file: the LUN lives on the array

@@ -183,8 +183,23 @@ class Views:
             "backup_complete": bool(rec.backup_complete) if rec else False,
             "presented_to": sorted(self.masking.hosts_of(s.id)),
             "imported_by": (self.catalog.imported.get(s.set_id or NIL_GUID) or (None,))[0],
+            **self.space_json(s),
         })
         return d
+
+    def space_json(self, s: SnapshotInfo) -> dict[str, int | None]:
+        """Where a snapshot's space goes (docs/provider.md "Space"): a differential's
+        diff-area bytes held only for it (``used``: what deleting it frees) and shared
+        with other snapshots, from the backend's counters (None where it has none: a
+        Ceph snapshot, one being prepared); a full copy's (plex, promoted) allocation,
+        which deleting it frees whole (one fstat of its image here)."""
+        if s.kind == "differential":
+            return {"used": s.used, "shared": s.shared, "allocated": None}
+        try:
+            alloc: int | None = int(self.pool.allocated_bytes(s.id))
+        except (bse.StoreError, OSError):
+            alloc = None   # deleted meanwhile, or a backend that cannot say
+        return {"used": alloc, "shared": None if alloc is None else 0, "allocated": alloc}
 
     def snapshot_list(self, set_id: str | None = None, volume: str | None = None,
                       context: str | int | None = None) -> list[dict[str, Any]]:
@@ -229,10 +244,19 @@ class Views:
         for rec in self.catalog.records.values():
             if rec.set_id in self._sets:
                 continue
+            members = self.members_info(rec.set_id)
+            labels = [self.catalog.labels.get(i.id) for i in members]
+            # the set's name and description: its snapshots' (one create gives every
+            # snapshot of a set the same ones); None if they differ or there are none
+            names = {lab.name if lab else None for lab in labels}
+            descs = {lab.description if lab else None for lab in labels}
             out.append({"set_id": rec.set_id, "context": Context(rec.context).cli_name,
                         "attributes": rec.attributes, "state": SS(rec.state).name,
-                        "volumes": [{"volume": i.volume, "snapshot_id": i.id}
-                                    for i in self.members_info(rec.set_id)],
+                        "name": names.pop() if len(names) == 1 else None,
+                        "description": descs.pop() if len(descs) == 1 else None,
+                        "volumes": [{"volume": i.volume, "snapshot_id": i.id,
+                                     "name": lab.name if lab else None}
+                                    for i, lab in zip(members, labels, strict=True)],
                         "requester": rec.originating_machine or None,
                         "created": rec.created, "auto_release": rec.auto_release,
                         "backup_complete": rec.backup_complete,

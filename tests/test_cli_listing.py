@@ -85,10 +85,12 @@ def test_every_listing_takes_o_H_p(daemon: Daemon) -> None:
         assert re.search(r"^la\s+4\.0 MiB\s+1\.\d MiB\s", human, re.M), human
         # snapshot list: the default table has ISO-8601 times, -p Unix seconds
         table = d.ok("snapshot", "list", "la").stdout
-        assert table.split()[:9] == ["ID", "SET", "VOLUME", "NAME", "KIND", "CONTEXT",
-                                     "STATE", "CREATED", "EXPOSED"], table
+        assert table.split()[:11] == ["ID", "SET", "VOLUME", "NAME", "KIND", "CONTEXT",
+                                      "STATE", "USED", "SHARED", "CREATED", "EXPOSED"], table
+        # USED 0 B: the one chunk preserved for it was a hole (an all-zero chunk holds
+        # no data); SHARED: nothing (test_cli_space.py checks the figures)
         assert re.search(rf"^{sa}\s+{GUID}\s+la\s+-\s+differential\s+nas-rollback\s+"
-                         rf"CREATED\s+{ISO}\s+-$", table, re.M), table
+                         rf"CREATED\s+0 B\s+0 B\s+{ISO}\s+-$", table, re.M), table
         (line,) = d.ok("snapshot", "list", "la", "-H", "-p",
                        "-o", "id,created,size,attributes").stdout.splitlines()
         sid, created, size, attrs = line.split("\t")

@@ -172,6 +172,8 @@ def test_volume_resize_grows_by_a_relative_size(daemon: Daemon) -> None:
             assert c.volume_resize("gv", "+ 512K")["size"] == 5 * MiB + 512 * 1024
         assert d.json("volume", "resize", "gv", "8M")["size"] == 8 * MiB   # absolute
         one_line_error(d.run("volume", "resize", "gv", "--", "-1M"), 2, "shrinking")
+        # without `--`: a size, not an unknown option (argparse's own rule)
+        one_line_error(d.run("volume", "resize", "gv", "-1M"), 2, "shrinking")
         one_line_error(d.run("volume", "resize", "gv", "7M"), 2, "shrinking")
         one_line_error(d.run("volume", "resize", "gv", "+x"), 2, "is not a size")
         with d.client() as c:

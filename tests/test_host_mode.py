@@ -126,6 +126,35 @@ def test_ext4_on_a_host_s_volume_lands_on_the_array(host_b: Host, tmp_path: Path
     assert out.stdout == "written on hostB\n", out.stderr
 
 
+def test_du_on_a_host_s_mount_is_the_array_s_allocation(host_b: Host) -> None:
+    """Issue 19 #3: a host's `du` and `volume list` show the LUN's allocation on the
+    array (from its listing, fetched again in the background once ALLOC_TTL old), not
+    its size; a write shows within a few seconds."""
+    h = host_b
+    img = h.image("volumes", "db")
+    c = _host_client(h)
+
+    def du() -> int:
+        return int(run_cmd("du", "-B1", str(img)).stdout.split()[0])
+
+    def listed() -> int:
+        (v,) = [v for v in c.volume_list() if v["name"] == "db"]
+        return int(v["allocated"])
+
+    try:
+        assert os.path.getsize(img) == 16 * MiB
+        _wait_for(lambda: du() == listed() == 2 * MiB, "2 MiB allocated (of 16)")
+        fd = os.open(img, os.O_WRONLY)
+        try:
+            os.pwrite(fd, os.urandom(MiB), 5 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _wait_for(lambda: du() == listed() == 3 * MiB, "the write's MiB in du")
+    finally:
+        c.close()
+
+
 def _write_synced(img: Path, data: bytes) -> None:
     """Write at the start through the host's mount and fsync: then it is on the array."""
     with open(img, "r+b") as f:

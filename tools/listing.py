@@ -235,9 +235,11 @@ DF = Catalog("volume", [Col("name", "VOLUME"), *(c for c in VOLUMES.cols.values(
 SNAPSHOTS = Catalog("snapshot", [
     Col("id", "ID"), Col("set_id", "SET"), Col("volume", "VOLUME"), Col("name", "NAME"),
     Col("description", "DESCRIPTION"), Col("kind", "KIND"),
-    Col("context", "CONTEXT"), Col("state", "STATE"), Col("created", "CREATED", "time"),
+    Col("context", "CONTEXT"), Col("state", "STATE"), Col("used", "USED", "size"),
+    Col("shared", "SHARED", "size"), Col("created", "CREATED", "time"),
     Col("exposed_path", "EXPOSED"), Col("naa", "NAA"), Col("origin_naa", "ORIGIN NAA"),
-    Col("size", "SIZE", "size"), Col("attributes", "ATTRIBUTES", "mask"),
+    Col("size", "SIZE", "size"), Col("allocated", "ALLOCATED", "size"),
+    Col("attributes", "ATTRIBUTES", "mask"),
     Col("attribute_names", "ATTRIBUTE NAMES"), Col("device_path", "DEVICE"),
     Col("exposed_name", "EXPOSED NAME"), Col("mounted_at", "MOUNTED AT"),
     Col("loop_device", "LOOP"), Col("pool_state", "POOL STATE"),
@@ -246,7 +248,7 @@ SNAPSHOTS = Catalog("snapshot", [
     Col("original_volume_name", "ORIGINAL VOLUME"),
     Col("originating_machine", "ORIGINATING MACHINE"),
     Col("service_machine", "SERVICE MACHINE"), Col("provider_id", "PROVIDER")],
-    "id,set_id,volume,name,kind,context,state,created,exposed_path")
+    "id,set_id,volume,name,kind,context,state,used,shared,created,exposed_path")
 
 WRITERS = Catalog("writer", [
     Col("name", "WRITER"), Col("writer_id", "ID"), Col("state", "STATE"),

@@ -5,6 +5,7 @@ are generated from build_parser()."""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     vr.add_argument("name", metavar="NAME", help="the volume")
     vr.add_argument("size", metavar="SIZE", help="the new size (as for create), or +SIZE to "
                     "grow it by SIZE; a smaller size is refused (no shrinking)")
+    # `resize db -1G` without `--`: argparse takes -1G for an option unless it looks
+    # like a negative number to this parser (its own rule knows no size suffixes)
+    vr._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?[A-Za-z]*$")
     vd = add("delete", cmd_volume, "delete a volume without snapshots", vsub)
     vd.add_argument("name", metavar="NAME",
                     help="the volume (refused while it has snapshots or is in use)")
