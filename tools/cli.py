@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    errors.JSON_ARGV = "--json" in (sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    errors.JSON_ARGV = "--json" in argv
+    parser = build_parser(argv)   # only the command argv names (its start-up time)
     args = parser.parse_args(argv)
     try:
         from provider.client import ControlError

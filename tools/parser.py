@@ -5,7 +5,7 @@ are generated from build_parser()."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from provider import vss
@@ -116,34 +116,39 @@ def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
                         help="tracebacks for every error")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    _common_options(common, top=False)
-    p = _Parser(prog=PROG, description="Linux user-space shadow-copy provider (VSS-like).")
-    _common_options(p, top=True)
-    p.add_argument("--version", action=_Version)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                           parser_class=_Parser,
-                           help=f"what to do; '{PROG} COMMAND --help' lists its options")
+class _Tree:
+    """What a command's function adds its parsers to: the top parser's subcommands, each
+    with the global options (``common``, accepted after the command too)."""
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
-            parent: Any = sub, **kw: Any) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help,
-                                                        parents=[common], **kw)
+    def __init__(self, sub: Any, common: argparse.ArgumentParser) -> None:
+        self.sub = sub
+        self.common = common
+
+    def add(self, name: str, func: Callable[[argparse.Namespace], int], help: str,
+            parent: Any = None, **kw: Any) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = (parent or self.sub).add_parser(
+            name, help=help, description=help, parents=[self.common], **kw)
         sp.set_defaults(func=func)
         return sp
 
-    def group(name: str, help: str) -> argparse.ArgumentParser:
+    def group(self, name: str, help: str) -> argparse.ArgumentParser:
         """A command of several actions (`volume create`, `volume list`, ...)."""
-        g: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help,
-                                                    parents=[common])
+        g: argparse.ArgumentParser = self.sub.add_parser(name, help=help, description=help,
+                                                         parents=[self.common])
         return g
 
+    @staticmethod
     def actions(parser: argparse.ArgumentParser, dest: str) -> Any:
         return parser.add_subparsers(dest=dest, metavar="ACTION", required=True,
                                      parser_class=_Parser, help="what to do; "
                                      f"'{parser.prog} ACTION --help' lists its options")
 
+
+# ------------------------------------------------------------------------ the commands
+# One function per command (a group's adds its actions), listed in COMMANDS below in
+# --help's order.
+def _serve(t: _Tree) -> None:
+    add = t.add
     # serve's flags default to None: "not given", so that --config FILE fills them in
     s = add("serve", cmd_serve, "run the array daemon: FUSE mount + control socket")
     s.add_argument("--config", metavar="FILE",
@@ -189,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append the log to PATH (reopened after logrotate) instead of "
                         "stderr; under systemd stderr goes to the journal")
 
+
+def _pool(t: _Tree) -> None:
+    add, group, actions = t.add, t.group, t.actions
     pool = group("pool", "pool administration")
     psub = actions(pool, "pcmd")
     pi = add("init", cmd_pool_init, "create a new pool directory", psub)
@@ -196,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "it must be empty)")
     pi.add_argument("--chunk-size", default="64K", help="power of two, 4K..1M (default 64K)")
 
+
+def _volume(t: _Tree) -> None:
+    add, group, actions = t.add, t.group, t.actions
     vol = group("volume", "volumes (LUNs)")
     vsub = actions(vol, "vcmd")
     vc = add("create", cmd_volume, "create a sparse volume", vsub)
@@ -218,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a host to present it to (repeatable; the daemon's own host is "
                          "the mount's root, others see MOUNT/hosts/HOST/volumes/)")
 
+
+def _snapshot(t: _Tree) -> None:
+    add, group, actions = t.add, t.group, t.actions
     snap = group("snapshot", "shadow copies")
     ssub = actions(snap, "scmd")
     sc = add("create", cmd_snapshot, "create a snapshot set of one or more volumes", ssub)
@@ -278,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--dry-run", "-n", action="store_true",
                     help="list what would be deleted, delete nothing")
 
+
+def _backup(t: _Tree) -> None:
+    add = t.add
     bk = add("backup", cmd_backup, "a full or incremental (--from) qcow2/raw image of a "
              "snapshot, read over the NBD port")
     bk.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot to back up")
@@ -291,35 +308,67 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--format", choices=("qcow2", "raw"), default=None,
                     help="default qcow2 (raw for a FILE ending in .raw or .img)")
     bk.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+
+def _restore(t: _Tree) -> None:
+    add = t.add
     rs = add("restore", cmd_restore, "a chain of backups back to one raw image (no daemon)")
     rs.add_argument("file", metavar="FILE", help="the chain's newest backup (its manifest "
                     "FILE.backup.json names its base)")
     rs.add_argument("--to", metavar="OUT", required=True, help="the raw image to write")
     rs.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _expose(t: _Tree) -> None:
+    add = t.add
     e = add("expose", cmd_expose, "make a snapshot visible (exposed/NAME.img, or mounted)")
     e.add_argument("snapshot", metavar="SNAPSHOT", help="the snapshot to expose")
     e.add_argument("--name", metavar="NAME", help="show it as MOUNT/exposed/NAME.img (a new "
                    "name, as for a volume); --name, --mount or both")
     e.add_argument("--mount", metavar="PATH", help="loop-attach it read-only and mount its "
                    "filesystem read-only at PATH (an empty directory)")
+
+
+def _unexpose(t: _Tree) -> None:
+    add = t.add
     u = add("unexpose", cmd_unexpose, "undo expose (unmount, detach, hide)")
     u.add_argument("snapshot", metavar="SNAPSHOT|NAME|DIR",
                    help="a snapshot id, its exposed name or the directory it is mounted at")
+
+
+def _revert(t: _Tree) -> None:
+    add = t.add
     r = add("revert", cmd_revert, "revert a volume to a snapshot (ResyncLuns)")
     r.add_argument("snapshot", metavar="SNAPSHOT",
                    help="the snapshot; its own volume becomes equal to it")
     r.add_argument("--force", action="store_true",
                    help="even if loop devices use the volume (warns: their filesystems see "
                         "the content change under them)")
+
+
+def _promote(t: _Tree) -> None:
+    add = t.add
     pr = add("promote", cmd_promote, "turn a differential snapshot into a full copy")
     pr.add_argument("snapshot", metavar="SNAPSHOT", help="a differential snapshot")
+
+
+def _split(t: _Tree) -> None:
+    add = t.add
     sp = add("split", cmd_split, "break a snapshot off as a new read-write volume")
     sp.add_argument("snapshot", metavar="SNAPSHOT",
                     help="the snapshot (a differential one is promoted first; gone after)")
     sp.add_argument("name", metavar="NEWNAME", help="the new volume's name")
+
+
+def _end_backup(t: _Tree) -> None:
+    add = t.add
     eb = add("end-backup", cmd_end_backup, "BackupComplete: tell the writers the backup is done")
     eb.add_argument("set", metavar="SET_ID",
                     help="the snapshot set backed up (once per set: a second time is refused)")
+
+
+def _export(t: _Tree) -> None:
+    add = t.add
     ex = add("export", cmd_export, "write the Backup Components Document of a transportable "
              "set")
     ex.add_argument("set", metavar="SET_ID", help="a set created with --transportable")
@@ -327,37 +376,127 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the document to write (each writer's metadata next to it, "
                          "FILE.WRITER.wmd.xml)")
     ex.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+
+
+def _import(t: _Tree) -> None:
+    add = t.add
     im = add("import", cmd_import, "import a transportable set on this host (--host)")
     im.add_argument("file", metavar="FILE", help="the document 'export' wrote")
+
+
+def _writers(t: _Tree) -> None:
+    add, group, actions = t.add, t.group, t.actions
     w = group("writers", "writers (quiescers: fsfreeze, hook scripts, SQLite)")
     wsub = actions(w, "wcmd")
     listing.add_options(add("list", cmd_writers, "list writers and their state", wsub),
                         listing.WRITERS)
-    for name, what in (("check", "verify catalog, maps and checksums"),
-                       ("scrub", "check, and read every allocated byte back")):
-        add(name, cmd_check, what).add_argument(
+
+
+def _checking(name: str, what: str) -> Callable[[_Tree], None]:
+    """`check` and `scrub`: the same option, their own words."""
+    def add_check(t: _Tree) -> None:
+        t.add(name, cmd_check, what).add_argument(
             "--volume", metavar="VOLUME",
             help=f"{name} only this volume and its snapshots (not the pool-wide catalog)")
+    return add_check
+
+
+def _status(t: _Tree) -> None:
+    add = t.add
     listing.add_options(add("status", cmd_status, "daemon and pool status"), listing.STATUS)
+
+
+def _df(t: _Tree) -> None:
+    add = t.add
     listing.add_options(add("df", cmd_df, "space: the pool, what snapshots may take, each "
                             "volume's allocation"), listing.DF)
+
+
+def _demo(t: _Tree) -> None:
+    add = t.add
     d = add("demo", cmd_demo, "run the end-to-end demonstration in a temporary directory")
     d.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (pool, serve.log), also after a "
                         "failure or Ctrl-C; without it the directory is always removed")
+
+
+def _bench(t: _Tree) -> None:
+    add = t.add
     bn = add("bench", cmd_bench, "storage benchmark: fio through the mount vs the raw file and "
              "qemu-storage-daemon, plus snapshot commit, plex sync, memory and restart figures")
     from .bench import add_arguments as _bench_arguments
     _bench_arguments(bn)
+
+
+def _pki(t: _Tree) -> None:
+    add, group, actions = t.add, t.group, t.actions
     pk = group("pki", "certificates of the NBD port (TLS)")
     ksub = actions(pk, "kcmd")
     from .pki import add_arguments as _pki_arguments
     _pki_arguments(add("init", cmd_pki, "create a CA and the array's server certificate", ksub),
                    add("host", cmd_pki, "create a host's client certificate (CN = NAME)", ksub))
+
+
+def _script(t: _Tree) -> None:
+    add = t.add
     from .script_verbs import verb_lines
     sf = add("script", cmd_script, "run a diskshadow-style script", formatter_class=(
              argparse.RawDescriptionHelpFormatter),
              epilog="verbs (one per line; the language: docs/scripts.md, "
                     f"{PROG}-script(1)):\n" + "\n".join("  " + v for v in verb_lines()))
     sf.add_argument("file", metavar="FILE", help="the script ('-': read it from stdin)")
+
+
+# Every command in --help's order, with the function that adds it (a group: with its
+# actions). build_parser(argv) calls only the one argv names: a command does not pay at
+# start-up for building the ~35 parsers of the others (docs/performance.md, "The CLI's
+# start-up").
+COMMANDS: dict[str, Callable[[_Tree], None]] = {
+    "serve": _serve, "pool": _pool, "volume": _volume, "snapshot": _snapshot,
+    "backup": _backup, "restore": _restore, "expose": _expose, "unexpose": _unexpose,
+    "revert": _revert, "promote": _promote, "split": _split, "end-backup": _end_backup,
+    "export": _export, "import": _import, "writers": _writers,
+    "check": _checking("check", "verify catalog, maps and checksums"),
+    "scrub": _checking("scrub", "check, and read every allocated byte back"),
+    "status": _status, "df": _df, "demo": _demo, "bench": _bench, "pki": _pki,
+    "script": _script,
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Without ``argv`` the whole tree (--help's command list,
+    tools/completion.py, tools/manpages.py); with it, the top level and only the command
+    ``argv`` names -- which parses ``argv`` exactly as the whole tree would -- or the
+    whole tree when _named() cannot tell which (an unknown command, -h, an abbreviated
+    option: argparse then answers as always)."""
+    common = _Parser(add_help=False)
+    _common_options(common, top=False)
+    p = _Parser(prog=PROG, description="Linux user-space shadow-copy provider (VSS-like).")
+    _common_options(p, top=True)
+    p.add_argument("--version", action=_Version)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           parser_class=_Parser,
+                           help=f"what to do; '{PROG} COMMAND --help' lists its options")
+    tree = _Tree(sub, common)
+    name = _named(p, argv) if argv is not None else None
+    for command, add in COMMANDS.items():
+        if name is None or command == name:
+            add(tree)
     return p
+
+
+def _named(p: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names after the global options (``p``'s, spelled out in
+    full: `--socket PATH`, `--socket=PATH`, `--json`...), None if it names none of
+    COMMANDS or has anything else before it (-h, --version, `--`, `--sock`, `-qh`)."""
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+        action = p._option_string_actions.get(arg.partition("=")[0])
+        if action is None or isinstance(action, argparse._HelpAction | _Version) \
+                or (action.nargs == 0 and "=" in arg):
+            return None
+        if action.nargs != 0 and "=" not in arg:
+            next(args, None)   # its value
+    return None
