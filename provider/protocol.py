@@ -39,7 +39,7 @@ from .config import MAX_DOCUMENT_BYTES
 from .config import SOCKET_DIR as SOCKET_DIR
 from .config import SOCKET_ENV as SOCKET_ENV
 from .config import default_socket_path as default_socket_path
-from .vss import VssError
+from .hresults import VssError  # not .vss: its enums cost the CLI's start-up
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 1 << 20          # bytes per request line, newline included

@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from provider import vss
 from provider.config import default_socket_path
 
 from . import errors
@@ -164,7 +163,8 @@ def find_exposed(c: Any, target: str,
     --mount) or an exposed name: what `unexpose` accepts, on the command line and in a
     script (``call`` wraps the client's calls, the script's error mapping). NotExposed if
     none is."""
-    m = vss.GUID_RE.fullmatch(target)
+    from provider.vss import GUID_RE
+    m = GUID_RE.fullmatch(target)
     if m:
         return dict(call(c.snapshot_show, snapshot_id=m.group(1)))
     snaps = call(c.snapshot_list)
