@@ -104,6 +104,9 @@ def test_only_the_named_command_is_built() -> None:
     every = _commands(build_parser())
     assert every == list(COMMANDS)
     assert _commands(build_parser(["snapshot", "diff", "S0", "--json"])) == ["snapshot"]
+    paths = [path for path, _ in _tree(build_parser(["--json", "snapshot", "-q", "diff"]))]
+    assert paths == [(), ("snapshot",), ("snapshot", "diff")]
+    assert len(list(_tree(build_parser(["snapshot", "--help", "diff"])))) == 2 + 5
     assert _commands(build_parser(["--socket", "/s", "--json", "status"])) == ["status"]
     assert _commands(build_parser(["--socket=/s", "scrub", "--volume", "v"])) == ["scrub"]
     # what the short reading cannot tell: the whole tree, and argparse says what is wrong

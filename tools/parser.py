@@ -5,10 +5,9 @@ are generated from build_parser()."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any, NoReturn
 
-from provider import vss
 from provider.config import DEFAULT_HOST_STATE, DEFAULT_SOCKET
 
 from . import errors, listing
@@ -120,9 +119,11 @@ class _Tree:
     """What a command's function adds its parsers to: the top parser's subcommands, each
     with the global options (``common``, accepted after the command too)."""
 
-    def __init__(self, sub: Any, common: argparse.ArgumentParser) -> None:
+    def __init__(self, sub: Any, common: argparse.ArgumentParser,
+                 rest: Sequence[str] | None) -> None:
         self.sub = sub
         self.common = common
+        self.rest = rest   # argv after the command's name (None: build every action)
 
     def add(self, name: str, func: Callable[[argparse.Namespace], int], help: str,
             parent: Any = None, **kw: Any) -> argparse.ArgumentParser:
@@ -131,17 +132,20 @@ class _Tree:
         sp.set_defaults(func=func)
         return sp
 
-    def group(self, name: str, help: str) -> argparse.ArgumentParser:
-        """A command of several actions (`volume create`, `volume list`, ...)."""
+    def group(self, name: str, help: str, dest: str,
+              actions: dict[str, Callable[[_Tree, Any], None]]) -> None:
+        """A command of several actions (`volume create`, `volume list`, ...), each added
+        by its function in ``actions`` -- only the one argv names after the command, if
+        build_parser could tell."""
         g: argparse.ArgumentParser = self.sub.add_parser(name, help=help, description=help,
                                                          parents=[self.common])
-        return g
-
-    @staticmethod
-    def actions(parser: argparse.ArgumentParser, dest: str) -> Any:
-        return parser.add_subparsers(dest=dest, metavar="ACTION", required=True,
-                                     parser_class=_Parser, help="what to do; "
-                                     f"'{parser.prog} ACTION --help' lists its options")
+        sub = g.add_subparsers(dest=dest, metavar="ACTION", required=True,
+                               parser_class=_Parser, help="what to do; "
+                               f"'{g.prog} ACTION --help' lists its options")
+        wanted = None if self.rest is None else _named(g, self.rest, actions)[0]
+        for action, add in actions.items():
+            if wanted is None or action == wanted:
+                add(self, sub)
 
 
 # ------------------------------------------------------------------------ the commands
@@ -196,9 +200,11 @@ def _serve(t: _Tree) -> None:
 
 
 def _pool(t: _Tree) -> None:
-    add, group, actions = t.add, t.group, t.actions
-    pool = group("pool", "pool administration")
-    psub = actions(pool, "pcmd")
+    t.group("pool", "pool administration", "pcmd", {"init": _pool_init})
+
+
+def _pool_init(t: _Tree, psub: Any) -> None:
+    add = t.add
     pi = add("init", cmd_pool_init, "create a new pool directory", psub)
     pi.add_argument("dir", metavar="DIR", help="the pool directory (created; if it exists "
                     "it must be empty)")
@@ -206,22 +212,42 @@ def _pool(t: _Tree) -> None:
 
 
 def _volume(t: _Tree) -> None:
-    add, group, actions = t.add, t.group, t.actions
-    vol = group("volume", "volumes (LUNs)")
-    vsub = actions(vol, "vcmd")
+    t.group("volume", "volumes (LUNs)", "vcmd", {
+        "create": _volume_create, "list": _volume_list, "resize": _volume_resize,
+        "delete": _volume_delete, "present": _volume_present})
+
+
+def _volume_create(t: _Tree, vsub: Any) -> None:
+    add = t.add
     vc = add("create", cmd_volume, "create a sparse volume", vsub)
     vc.add_argument("name", metavar="NAME", help="the new volume's name: letters, digits, "
                     "'.', '_', '-', 1-64 characters, not starting with '.' or '-'")
     vc.add_argument("size", metavar="SIZE",
                     help="bytes or with a K/M/G/T suffix (powers of 1024), a multiple of 512")
+
+
+def _volume_list(t: _Tree, vsub: Any) -> None:
+    add = t.add
     listing.add_options(add("list", cmd_volume, "list volumes", vsub), listing.VOLUMES)
+
+
+def _volume_resize(t: _Tree, vsub: Any) -> None:
+    add = t.add
     vr = add("resize", cmd_volume, "grow a volume", vsub)
     vr.add_argument("name", metavar="NAME", help="the volume")
     vr.add_argument("size", metavar="SIZE", help="the new size (as for create), or +SIZE to "
                     "grow it by SIZE; a smaller size is refused (no shrinking)")
+
+
+def _volume_delete(t: _Tree, vsub: Any) -> None:
+    add = t.add
     vd = add("delete", cmd_volume, "delete a volume without snapshots", vsub)
     vd.add_argument("name", metavar="NAME",
                     help="the volume (refused while it has snapshots or is in use)")
+
+
+def _volume_present(t: _Tree, vsub: Any) -> None:
+    add = t.add
     vp = add("present", cmd_volume, "LUN masking: present a volume to exactly these hosts",
              vsub)
     vp.add_argument("name", metavar="NAME", help="the volume")
@@ -231,9 +257,14 @@ def _volume(t: _Tree) -> None:
 
 
 def _snapshot(t: _Tree) -> None:
-    add, group, actions = t.add, t.group, t.actions
-    snap = group("snapshot", "shadow copies")
-    ssub = actions(snap, "scmd")
+    t.group("snapshot", "shadow copies", "scmd", {
+        "create": _snapshot_create, "list": _snapshot_list, "show": _snapshot_show,
+        "diff": _snapshot_diff, "delete": _snapshot_delete})
+
+
+def _snapshot_create(t: _Tree, ssub: Any) -> None:
+    from provider import vss  # here: its enums cost every other command's start-up
+    add = t.add
     sc = add("create", cmd_snapshot, "create a snapshot set of one or more volumes", ssub)
     sc.add_argument("volumes", nargs="+", metavar="VOLUME",
                     help="a volume: its name, MOUNT/volumes/NAME.img or a /dev/loopN on it; "
@@ -261,21 +292,37 @@ def _snapshot(t: _Tree) -> None:
     sc.add_argument("--description", metavar="TEXT",
                     help="a description kept with each new snapshot (one line, at most 256 "
                     "characters)")
+
+
+def _snapshot_list(t: _Tree, ssub: Any) -> None:
+    add = t.add
     sl = add("list", cmd_snapshot, "list snapshots", ssub)
     sl.add_argument("volume_arg", nargs="?", metavar="VOLUME", help="only this volume's")
     sl.add_argument("--set", metavar="SET_ID", help="only this snapshot set's")
     sl.add_argument("--volume", metavar="VOLUME", help="the same as VOLUME")
     listing.add_options(sl, listing.SNAPSHOTS)
+
+
+def _snapshot_show(t: _Tree, ssub: Any) -> None:
+    add = t.add
     ss = add("show", cmd_snapshot, "show one snapshot or a set", ssub)
     ss.add_argument("id", nargs="?", metavar="ID", help="the snapshot's id")
     ss.add_argument("--set", metavar="SET_ID", help="every snapshot of this set instead")
     listing.add_options(ss, listing.SNAPSHOTS)
+
+
+def _snapshot_diff(t: _Tree, ssub: Any) -> None:
+    add = t.add
     sf = add("diff", cmd_snapshot, "the chunks touched since a differential snapshot "
              "(changed-block map)", ssub)
     sf.add_argument("from_id", metavar="FROM", help="a differential snapshot")
     sf.add_argument("to_id", nargs="?", metavar="TO",
                     help="a later snapshot of the same volume (default: the live volume)")
     listing.add_options(sf, listing.DIFF)
+
+
+def _snapshot_delete(t: _Tree, ssub: Any) -> None:
+    add = t.add
     sd = add("delete", cmd_snapshot, "delete snapshots (name exactly one: ID, --set, "
              "--oldest, --volume or --all)", ssub)
     sd.add_argument("id", nargs="?", metavar="ID", help="the snapshot to delete")
@@ -385,9 +432,12 @@ def _import(t: _Tree) -> None:
 
 
 def _writers(t: _Tree) -> None:
-    add, group, actions = t.add, t.group, t.actions
-    w = group("writers", "writers (quiescers: fsfreeze, hook scripts, SQLite)")
-    wsub = actions(w, "wcmd")
+    t.group("writers", "writers (quiescers: fsfreeze, hook scripts, SQLite)", "wcmd",
+            {"list": _writers_list})
+
+
+def _writers_list(t: _Tree, wsub: Any) -> None:
+    add = t.add
     listing.add_options(add("list", cmd_writers, "list writers and their state", wsub),
                         listing.WRITERS)
 
@@ -429,12 +479,20 @@ def _bench(t: _Tree) -> None:
 
 
 def _pki(t: _Tree) -> None:
-    add, group, actions = t.add, t.group, t.actions
-    pk = group("pki", "certificates of the NBD port (TLS)")
-    ksub = actions(pk, "kcmd")
-    from .pki import add_arguments as _pki_arguments
-    _pki_arguments(add("init", cmd_pki, "create a CA and the array's server certificate", ksub),
-                   add("host", cmd_pki, "create a host's client certificate (CN = NAME)", ksub))
+    t.group("pki", "certificates of the NBD port (TLS)", "kcmd",
+            {"init": _pki_init, "host": _pki_host})
+
+
+def _pki_init(t: _Tree, ksub: Any) -> None:
+    from .pki import add_init_arguments
+    add_init_arguments(t.add("init", cmd_pki, "create a CA and the array's server "
+                             "certificate", ksub))
+
+
+def _pki_host(t: _Tree, ksub: Any) -> None:
+    from .pki import add_host_arguments
+    add_host_arguments(t.add("host", cmd_pki, "create a host's client certificate (CN = NAME)",
+                             ksub))
 
 
 def _script(t: _Tree) -> None:
@@ -477,26 +535,28 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
                            parser_class=_Parser,
                            help=f"what to do; '{PROG} COMMAND --help' lists its options")
-    tree = _Tree(sub, common)
-    name = _named(p, argv) if argv is not None else None
+    name, rest = _named(p, argv, COMMANDS) if argv is not None else (None, None)
+    tree = _Tree(sub, common, rest)
     for command, add in COMMANDS.items():
         if name is None or command == name:
             add(tree)
     return p
 
 
-def _named(p: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
-    """The command ``argv`` names after the global options (``p``'s, spelled out in
-    full: `--socket PATH`, `--socket=PATH`, `--json`...), None if it names none of
-    COMMANDS or has anything else before it (-h, --version, `--`, `--sock`, `-qh`)."""
-    args = iter(argv)
-    for arg in args:
+def _named(p: argparse.ArgumentParser, argv: Sequence[str], names: Container[str]
+           ) -> tuple[str | None, Sequence[str] | None]:
+    """The command (or action) of ``names`` that ``argv`` names after ``p``'s options
+    (spelled out in full: `--socket PATH`, `--socket=PATH`, `--json`...), and what
+    follows it; (None, None) if it names none of them or has anything else before it
+    (-h, --version, `--`, `--sock`, `-qh`)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
         if not arg.startswith("-"):
-            return arg if arg in COMMANDS else None
+            return (arg, argv[i + 1:]) if arg in names else (None, None)
         action = p._option_string_actions.get(arg.partition("=")[0])
         if action is None or isinstance(action, argparse._HelpAction | _Version) \
                 or (action.nargs == 0 and "=" in arg):
-            return None
-        if action.nargs != 0 and "=" not in arg:
-            next(args, None)   # its value
-    return None
+            return None, None
+        i += 2 if action.nargs != 0 and "=" not in arg else 1   # with its value
+    return None, None
