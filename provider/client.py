@@ -30,10 +30,13 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from . import protocol
 from .config import MAX_DOCUMENT_BYTES, default_socket_path
+
+TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing: ~2.5 ms of
+if TYPE_CHECKING:       # every CLI command's start-up, for annotations only
+    from typing import Any
 
 CLOSE_WAIT = 30.0   # seconds close() waits for the daemon to end the session
 

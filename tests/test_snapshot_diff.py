@@ -428,10 +428,13 @@ def test_cli_snapshot_diff(tmp_path, sockdir):
 
 
 # what a plain request must not import (docs/performance.md, "The CLI's start-up"): the
-# engine, the documents, certificates (cryptography), trio/pyfuse3, the bench, metadata
+# engine, the documents, certificates (cryptography), trio/pyfuse3, the bench, metadata;
+# dataclasses (inspect, ast), typing, socket.py (its enums; _socket is enough), signal,
+# provider.vss (its enums), tqdm -- a few ms each
 HEAVY = ("blockstore", "fuse_mount", "trio", "pyfuse3", "cryptography", "nbd.pki",
          "provider.documents", "provider.coordinator", "tools.bench.command",
-         "importlib.metadata")
+         "importlib.metadata", "dataclasses", "inspect", "typing", "socket", "selectors",
+         "signal", "provider.vss", "tqdm", "ssl")
 
 
 def _heavy_imports(socket: str, *argv: str) -> list[str]:

@@ -11,7 +11,6 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from . import connection, deleting, listing
 from .connection import socket_path
@@ -26,6 +25,10 @@ from .output import (
     volume_view,
     writer_view,
 )
+
+TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing: ~2.5 ms of
+if TYPE_CHECKING:       # every CLI command's start-up, for annotations only
+    from typing import Any
 
 
 # ------------------------------------------------------------------------ presentation
