@@ -8,11 +8,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from support import ROOT
 
-from tools import errors
+from tools import errors, launcher
 from tools.parser import COMMANDS, build_parser
 
 
@@ -113,3 +118,26 @@ def test_only_the_named_command_is_built() -> None:
     for argv in (["bogus"], [], ["-h"], ["--version"], ["--sock", "/s", "status"],
                  ["--", "status"]):
         assert _commands(build_parser(argv)) == every, argv
+
+
+def test_make_installs_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make install`'s command (tools/launcher.py): Python -IS, sys.path set by the file.
+    Written from this venv with the checkout on its path (an install's site-packages),
+    it runs the CLI without site; a #! line too long for Linux is refused."""
+    out = tmp_path / "shadowplex"
+    assert launcher.main([str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == f"#!{sys.prefix}/bin/python -IS" and os.access(out, os.X_OK)
+    assert repr(launcher.site_dirs()) in out.read_text()
+    out.write_text(launcher.text(sys.executable, [str(ROOT), *launcher.site_dirs()]))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([str(out), "--version"], capture_output=True, text=True, env=env,
+                         cwd=str(tmp_path), timeout=60, check=False)
+    assert res.returncode == 0 and res.stdout.startswith("shadowplex "), res.stderr
+    res = subprocess.run([str(out), "snapshot", "nope"], capture_output=True, text=True,
+                         env=env, cwd=str(tmp_path), timeout=60, check=False)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "invalid choice: 'nope'" in res.stderr
+    monkeypatch.setattr(sys, "prefix", "/" + "p" * 130)
+    assert launcher.main([str(tmp_path / "long")]) == 2
+    assert not (tmp_path / "long").exists() and launcher.main([]) == 2
