@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -141,3 +142,25 @@ def test_make_installs_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(sys, "prefix", "/" + "p" * 130)
     assert launcher.main([str(tmp_path / "long")]) == 2
     assert not (tmp_path / "long").exists() and launcher.main([]) == 2
+
+
+@pytest.mark.parametrize("rows", [
+    [], [{"offset": 0, "length": 65536}, {"offset": 1 << 40, "length": 1}],
+    [{"a": "}, {"}, {"a": "x"}], [{"}, {": 1}, {"}, {": 2}], [{"a": True}], [1, 2], {"x": 1}])
+def test_json_rows(rows: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """snapshot diff --json: integer records one a line by the C encoder; anything else
+    as print_json writes it -- always the same JSON value."""
+    from tools.output import print_json, print_json_rows
+    print_json_rows(rows)
+    out = capsys.readouterr().out
+    assert json.loads(out) == rows
+    fast = isinstance(rows, list) and bool(rows) and all(
+        isinstance(r, dict) and all(type(v) is int for v in r.values())
+        and "}, {" not in "".join(r) for r in rows)
+    if fast:
+        assert out.splitlines()[1:-1] == [
+            "  " + json.dumps(r, separators=(", ", ": ")) + ("," if i < len(rows) - 1 else "")
+            for i, r in enumerate(rows)]
+    else:
+        print_json(rows)
+        assert out == capsys.readouterr().out

@@ -46,11 +46,12 @@ def print_json_rows(rows: Any) -> None:
     line, `{"offset": 0, "length": 65536},`: written by json's C encoder in one call.
     indent= takes json's pure-Python path, 5 ms for 2,000 extents (docs/performance.md,
     "The CLI's start-up"). Anything else: print_json."""
-    if not isinstance(rows, list) or not all(
-            isinstance(r, dict) and all(type(v) is int for v in r.values()) for r in rows):
+    if not isinstance(rows, list) or not {type(r) for r in rows} <= {dict} \
+            or not {type(v) for r in rows for v in r.values()} <= {int} \
+            or any("}" in k for k in {k for r in rows for k in r}):
         print_json(rows)
         return
-    # integers only: "}, {" can only stand between two records
+    # integer values, keys without "}": "}, {" can only stand between two records
     text = json.dumps(rows, separators=(", ", ": "))
     if rows:
         text = "[\n  " + text[1:-1].replace("}, {", "},\n  {") + "\n]"
