@@ -35,8 +35,8 @@ def text(python: str, paths: list[str]) -> str:
             "# site (its start-up time); the venv's site-packages put on sys.path here\n"
             "import sys\n"
             f"sys.path += {paths!r}\n"
-            "from tools.cli import main\n"
-            "sys.exit(main())\n")
+            "from tools.cli import run\n"
+            "run()\n")
 
 
 def site_dirs() -> list[str]:
