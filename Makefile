@@ -4,7 +4,7 @@
 #   make setup   apt packages (only if missing) + .venv (only if pyproject.toml changed)
 #   make ceph    Ceph's packages + rados/rbd linked into .venv (the RBD backend and its
 #                tests; `make test` runs it, `make setup` does not: see docs/ceph.md)
-#   make install the service: a venv at $(PREFIX) (/opt/shadowplex), the command linked
+#   make install the service: a venv at $(PREFIX) (/opt/shadowplex), the command written
 #                into $(BINDIR) (/usr/local/bin, where contrib/shadowplex.service's
 #                ExecStart looks), the unit, the example config (never overwritten), the
 #                bash completion, the man pages (contrib/man: shadowplex(1) and one page
@@ -118,7 +118,9 @@ install: setup-system install-man
 	$(PREFIX)/bin/python -m pip install -q .
 	bash $(PYFUSE3_BUILD) --check $(PREFIX)/bin/python
 	install -d $(BINDIR)
-	ln -sfn $(PREFIX)/bin/shadowplex $(BINDIR)/shadowplex
+	@# the command: the venv's Python started without site (-IS), sys.path set by the file
+	@# itself (tools/launcher.py; docs/performance.md "The CLI's start-up")
+	$(PREFIX)/bin/python -m tools.launcher $(BINDIR)/shadowplex
 	install -d $(UNITDIR)
 	sed 's#/usr/local/bin/shadowplex#$(BINDIR)/shadowplex#' contrib/shadowplex.service \
 	  > $(UNITDIR)/shadowplex.service && chmod 644 $(UNITDIR)/shadowplex.service

@@ -23,16 +23,20 @@ cancelled with nothing changed, failed, or still running in the daemon); see Ver
 
 from __future__ import annotations
 
+# _socket, not socket: socket.py's enums and selectors cost ~2.5 ms of every CLI
+# command's start-up, and a local session needs none of it (the TLS path imports socket)
+import _socket
 import itertools
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from . import protocol
 from .config import MAX_DOCUMENT_BYTES, default_socket_path
+
+TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing: ~2.5 ms of
+if TYPE_CHECKING:       # every CLI command's start-up, for annotations only
+    from typing import Any
 
 CLOSE_WAIT = 30.0   # seconds close() waits for the daemon to end the session
 
@@ -52,7 +56,6 @@ class ControlError(Exception):
         return f"{self.name}: {self.message}"
 
 
-@dataclass
 class Verdict:
     """What became of an interrupted request (Client.interrupt).
 
@@ -61,17 +64,25 @@ class Verdict:
     own), "running" (no final reply in time; answer: the daemon's answer to the cancel,
     e.g. {"state": "rolling-forward", "done": ..., "total": ...} for a revert that
     completes in the background, "cancelling", "not-cancellable"; None if none came),
-    "none" (no request was waiting for its reply)."""
+    "none" (no request was waiting for its reply). A plain class, not a dataclass:
+    dataclasses imports inspect, a few ms of every CLI command's start-up."""
 
-    state: str
-    op: str | None = None
-    result: Any = None
-    error: ControlError | None = None
-    answer: dict[str, Any] | None = None
+    def __init__(self, state: str, op: str | None = None, result: Any = None,
+                 error: ControlError | None = None,
+                 answer: dict[str, Any] | None = None) -> None:
+        self.state = state
+        self.op = op
+        self.result = result
+        self.error = error
+        self.answer = answer
+
+    def __repr__(self) -> str:
+        return (f"Verdict({self.state!r}, op={self.op!r}, result={self.result!r}, "
+                f"error={self.error!r}, answer={self.answer!r})")
 
 
-def _connect_unix(path: str, timeout: float | None) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _connect_unix(path: str, timeout: float | None) -> _socket.socket:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
@@ -91,9 +102,10 @@ def _connect_unix(path: str, timeout: float | None) -> socket.socket:
     return sock
 
 
-def _connect_tls(array: str, tls_dir: str | None, timeout: float | None) -> socket.socket:
+def _connect_tls(array: str, tls_dir: str | None, timeout: float | None) -> _socket.socket:
     """A TLS connection to the array's network control port, this host's certificate
     presented, the array's checked against the CA (and its name)."""
+    import socket
     import ssl
 
     from nbd.settings import SettingsError, parse_listen
@@ -149,7 +161,7 @@ class Client:
             host = host or None   # the certificate says who this is
         else:
             self._sock = _connect_unix(path, timeout)
-            host = host or socket.gethostname()
+            host = host or _socket.gethostname()
         try:
             self.server = self.call("hello", {"host": host, "client": client,
                                               "protocol": protocol.PROTOCOL_VERSION}
@@ -168,7 +180,7 @@ class Client:
         if self._sock.fileno() < 0:
             return
         try:
-            self._sock.shutdown(socket.SHUT_WR)
+            self._sock.shutdown(_socket.SHUT_WR)
             if wait <= 0:
                 return
             self._sock.settimeout(wait)

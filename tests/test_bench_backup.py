@@ -173,3 +173,21 @@ def test_sigterm_during_a_backup_leaves_nothing(tmp_path: Path) -> None:
         assert set(Path(tempfile.gettempdir()).glob("shadowplex-backup-*")) <= sockets_before
     finally:
         force_clean(proc, work)
+
+
+@pytest.mark.kernel
+def test_diff_only_measures_the_diff_alone(tmp_path: Path) -> None:
+    """--diff-only: the diff's rows (Client call, CLI, floors), no backup's."""
+    _skip_without_tools()
+    res = subprocess.run(
+        [sys.executable, "-m", "tools.bench.backup", *TINY, "--diff-only", "--json", "-q",
+         "--dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert {x["case"] for x in r["results"]} == {"diff"}
+    t = _by_id(r)
+    assert all(t[k]["ours"] > 0 for k in ("diff_client", "diff_cli", "cli_floor",
+                                            "python_floor"))
+    assert t["full_raw_read"]["verdict"] == "n/a" and t["incr_qcow2_bytes"]["ours"] is None
+    assert os.listdir(tmp_path) == []

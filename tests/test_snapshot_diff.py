@@ -47,6 +47,7 @@ from provider.access import Access
 from provider.client import Client
 from provider.coordinator import diff_page
 from provider.vss import VssError
+from tools import launcher as tools_launcher
 
 
 def _nch(size: int) -> int:
@@ -413,6 +414,18 @@ def test_cli_snapshot_diff(tmp_path, sockdir):
         assert f"3 extents, 256.0 KiB changed of 64.0 MiB (chunk {cs // 1024} KiB)" in table
         # the CLI's start-up: a request imports the client side only
         assert not _heavy_imports(d.socket, "snapshot", "diff", a, b, "--json")
+        # one extent a line (json's C encoder), the same through make install's launcher
+        # (Python without site: tools/launcher.py)
+        out = d.ok("snapshot", "diff", a, "--json").stdout
+        assert out.splitlines()[1] == f'  {{"offset": {3 * MiB}, "length": {cs}}},'
+        launcher = tmp_path / "shadowplex"
+        launcher.write_text(tools_launcher.text(sys.executable, [str(ROOT),
+                                                                 *tools_launcher.site_dirs()]))
+        launcher.chmod(0o755)
+        res = subprocess.run([str(launcher), "--socket", d.socket, "snapshot", "diff", a,
+                              "--json"], capture_output=True, text=True, timeout=60,
+                             check=False, cwd=str(tmp_path))
+        assert res.returncode == 0 and res.stdout == out, res.stderr
         bad = d.run("snapshot", "diff", b, a)
         assert bad.returncode == 1 and "older" in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
@@ -428,10 +441,13 @@ def test_cli_snapshot_diff(tmp_path, sockdir):
 
 
 # what a plain request must not import (docs/performance.md, "The CLI's start-up"): the
-# engine, the documents, certificates (cryptography), trio/pyfuse3, the bench, metadata
+# engine, the documents, certificates (cryptography), trio/pyfuse3, the bench, metadata;
+# dataclasses (inspect, ast), typing, socket.py (its enums; _socket is enough), signal,
+# provider.vss (its enums), tqdm -- a few ms each
 HEAVY = ("blockstore", "fuse_mount", "trio", "pyfuse3", "cryptography", "nbd.pki",
          "provider.documents", "provider.coordinator", "tools.bench.command",
-         "importlib.metadata")
+         "importlib.metadata", "dataclasses", "inspect", "typing", "socket", "selectors",
+         "signal", "provider.vss", "tqdm", "ssl")
 
 
 def _heavy_imports(socket: str, *argv: str) -> list[str]:

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    errors.JSON_ARGV = "--json" in (sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    errors.JSON_ARGV = "--json" in argv
+    parser = build_parser(argv)   # only the command argv names (its start-up time)
     args = parser.parse_args(argv)
     try:
         from provider.client import ControlError
@@ -114,16 +115,24 @@ def _main(argv: list[str] | None) -> int:
                     f"{what} (run with --debug for the traceback)", f"{PROG}: error: ")
 
 
-if __name__ == "__main__":
-    # `python -m tools.cli` (the tests, a checkout without the console script). CPython
-    # 3.11 remembers a KeyboardInterrupt that left an exec() or eval() of a string --
-    # dataclasses and namedtuples build their methods that way, so a Ctrl-C during one of
-    # main()'s lazy imports -- even when main() caught it, and under `-m` the interpreter
-    # then kills itself by SIGINT at exit, after main() said "interrupted" (status -2, not
-    # 130: seen 6 times in 150 Ctrl-Cs in the first 0.45 s). The console script leaves
-    # through Py_Exit, which does not look. Leave here with main()'s status.
+def run() -> None:
+    """The `shadowplex` command (the console script, make install's launcher and
+    `python -m tools.cli`): main(), its output flushed, then leave at once with its
+    status, by os._exit. Why not sys.exit: the interpreter's finalization (every module
+    and object torn down) costs a command ~5 ms it has no use for (docs/performance.md,
+    "The CLI's start-up"); and CPython 3.11 remembers a KeyboardInterrupt that left an
+    exec() or eval() of a string -- namedtuples build their methods that way, so a Ctrl-C
+    during one of main()'s lazy imports -- even when main() caught it, and under `-m` the
+    interpreter then kills itself by SIGINT at exit, after main() said "interrupted"
+    (status -2, not 130: seen 6 times in 150 Ctrl-Cs in the first 0.45 s). Nothing a
+    command needs runs after main(): logging writes every record through, and `serve`
+    has left this way under `python -m tools.cli` (every test's daemon) all along."""
     code = main()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):   # the reader went away
             stream.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

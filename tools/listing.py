@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-from .output import human_size, print_json
+from .output import human_size, print_json, print_json_rows
+
+TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing: ~2.5 ms of
+if TYPE_CHECKING:       # every CLI command's start-up, for annotations only
+    from typing import Any
 
 # how a column's value is shown: text, size (bytes), time (Unix seconds), count (an
 # exact integer even in tables: an offset, a number of snapshots), mask (attribute bits),
@@ -28,12 +30,17 @@ from .output import human_size, print_json
 KINDS = ("text", "size", "time", "count", "mask", "rate", "duration")
 
 
-@dataclass(frozen=True)
+# Col and Format are plain classes, not dataclasses: dataclasses imports inspect (and
+# with it ast, dis, tokenize), a few ms of every command's start-up.
 class Col:
-    name: str                 # the --json field, and -o's name for it
-    header: str
-    kind: str = "text"
-    source: str | None = None   # a derived column: shows this field (e.g. diff's `at`)
+    __slots__ = ("name", "header", "kind", "source")
+
+    def __init__(self, name: str, header: str, kind: str = "text",
+                 source: str | None = None) -> None:
+        self.name = name          # the --json field, and -o's name for it
+        self.header = header
+        self.kind = kind
+        self.source = source      # a derived column: shows this field (e.g. diff's `at`)
 
     def value(self, row: dict[str, Any]) -> Any:
         return row.get(self.source or self.name)
@@ -60,13 +67,16 @@ class Catalog:
         return [self.cols[n] for n in names]
 
 
-@dataclass
 class Format:
     """What the command line asked for: the columns, a header, exact numbers."""
-    cols: list[Col]
-    header: bool = True
-    parsable: bool = False
-    chosen: bool = False      # -o was given (--json then keeps only those fields)
+    __slots__ = ("cols", "header", "parsable", "chosen")
+
+    def __init__(self, cols: list[Col], header: bool = True, parsable: bool = False,
+                 chosen: bool = False) -> None:
+        self.cols = cols
+        self.header = header
+        self.parsable = parsable
+        self.chosen = chosen      # -o was given (--json then keeps only those fields)
 
 
 def add_options(p: argparse.ArgumentParser, catalog: Catalog) -> None:
@@ -192,12 +202,13 @@ def json_view(obj: Any, fmt: Format | None) -> Any:
 
 
 def emit(args: argparse.Namespace, obj: Any, table: Callable[[Any], None] | None = None,
-         catalog: Catalog | None = None, fmt: Format | None = None) -> None:
-    """A command's result: --json (with -o: only those fields), else ``table``, else a
-    record as FIELD value lines. --quiet prints nothing but --json's result (errors are
-    the caller's)."""
+         catalog: Catalog | None = None, fmt: Format | None = None,
+         rows: bool = False) -> None:
+    """A command's result: --json (with -o: only those fields; ``rows``: one record a
+    line), else ``table``, else a record as FIELD value lines. --quiet prints nothing but
+    --json's result (errors are the caller's)."""
     if args.json:
-        print_json(json_view(obj, fmt))
+        (print_json_rows if rows else print_json)(json_view(obj, fmt))
     elif args.quiet:
         return
     elif table is not None:

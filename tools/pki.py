@@ -32,7 +32,7 @@ def _days(text: str) -> int:
     return n
 
 
-def add_arguments(init: argparse.ArgumentParser, host: argparse.ArgumentParser) -> None:
+def add_init_arguments(init: argparse.ArgumentParser) -> None:
     init.add_argument("dir", metavar="DIR", help="where the files go (created if missing)")
     init.add_argument("--server-name", metavar="NAME", action="append", dest="server_names",
                       help="a DNS name or IP address clients dial the array by (repeatable; "
@@ -44,6 +44,9 @@ def add_arguments(init: argparse.ArgumentParser, host: argparse.ArgumentParser) 
     init.add_argument("--force", action="store_true",
                       help="replace existing files -- a new CA invalidates every host "
                            "certificate the old one signed")
+
+
+def add_host_arguments(host: argparse.ArgumentParser) -> None:
     host.add_argument("name", metavar="NAME", help="the host name: the certificate's CN, "
                       "which is the host's identity for LUN masking")
     host.add_argument("dir", metavar="DIR", help="the host's certificate directory: "

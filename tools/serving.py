@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from provider.config import (
     CONTROL_PORT,
@@ -20,6 +19,10 @@ from provider.config import (
 from . import listing
 from .errors import EXIT_OK, UsageError
 from .output import PROG, one_line
+
+TYPE_CHECKING = False   # typing.TYPE_CHECKING, without importing typing: ~2.5 ms of
+if TYPE_CHECKING:       # every CLI command's start-up, for annotations only
+    from typing import Any
 
 
 def _serve_settings(args: argparse.Namespace) -> tuple[str, str, str, bool, dict[str, Any]]:

@@ -2,7 +2,8 @@
 against copying only the changed bytes, full backups of a sparse volume against qemu-img.
 
     python -m tools.bench.backup [--size 64G] [--allocated 2G] [--changed 1G] [--quick]
-                                 [--rounds 3] [--calls 10] [--json] [--dir DIR] [--keep] [-q]
+                                 [--rounds 3] [--calls 10] [--diff-only] [--json] [--dir DIR]
+                                 [--keep] [-q]
 
 In a work directory under --dir, removed however the run ends (netbench.run; Ctrl-C...):
 
@@ -23,6 +24,7 @@ In a work directory under --dir, removed however the run ends (netbench.run; Ctr
      incr_F   `shadowplex backup S1 --from S0 --base-file PREV --format F` (PREV: the
               first round's full backup) against `cp --sparse=always changes.raw FILE`
               + fsync and `nbdcopy --flush changes.raw FILE` (both skip holes)
+   --diff-only: the diff case alone (a quiet check of the CLI's start-up).
    Storage bytes: getrusage (inblock, oublock) of the command and the children it waited
    for (qemu-nbd, cp, qemu-img), for ours plus the daemon's read_bytes (/proc/PID/io).
 3. Medians, SPREAD, ratios, verdicts (verdicts.py) against the issue's targets: diff <=
@@ -276,11 +278,14 @@ class Setup:
         return out
 
 
-def measure_rounds(s: Setup, rounds: int, calls: int, samples: Samples, log: Log) -> None:
+def measure_rounds(s: Setup, rounds: int, calls: int, samples: Samples, log: Log,
+                   diff_only: bool = False) -> None:
     nbdcopy = shutil.which("nbdcopy") is not None
     for r in range(rounds):
         log(f"round {r + 1}/{rounds}")
         for case, sides in CASES.items():
+            if diff_only and case != "diff":
+                continue
             sides = tuple(x for x in sides if nbdcopy or x != "nbdcopy")
             for side in sides[r % len(sides):] + sides[:r % len(sides)]:
                 s.evict()
@@ -362,6 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="4G volume, 128M, 64M")
     p.add_argument("--calls", type=int, default=10, metavar="N",
                    help="snapshot diff calls per kind and round (default 10)")
+    p.add_argument("--diff-only", action="store_true",
+                   help="only the diff case (no backups): the CLI's start-up, quickly")
     return p.parse_args(argv)
 
 
@@ -393,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             s = Setup(base, sizes, stack, log)
             s.prepare()
             sizes.update(changed_bytes=s.changed_bytes, extents=s.extents)
-            measure_rounds(s, args.rounds, args.calls, samples, log)
+            measure_rounds(s, args.rounds, args.calls, samples, log, args.diff_only)
         return build_report(samples, args, sizes, base, time.monotonic() - log.t0)
 
     return run("bench backup", args, [t for t in TOOLS if shutil.which(t) is None], measure,
