@@ -4,8 +4,8 @@ records and TCP segments a case wants (an SSLObject of its own, client certifica
 `shadowplex pki`): requests split over many records and segments, several requests in
 one record, a client closing mid-record, alerts and a corrupted record, a KeyUpdate, a
 32 MiB write, a big read into a small window, a daemon stopping while a client is
-mid-request, a pipelining TLS client. The server runs in-process (its own trio loop in
-a thread, tests/nbd_thread.py) over a real pool; no kernel needed."""
+mid-request, pipelined requests and the loop's other tasks. The server runs in-process
+(its own trio loop in a thread, tests/nbd_thread.py) over a real pool; no kernel needed."""
 
 from __future__ import annotations
 
@@ -16,20 +16,19 @@ import os
 import socket
 import ssl
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from nbd_thread import NbdThread
 
 from blockstore import Pool
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.presentation import Presentation
-from nbd import pki, tls
+from nbd import connection, pki, tls
 from nbd import protocol as p
 from nbd import server as nbd_server
 from nbd.server import NbdServer
@@ -382,68 +381,45 @@ def test_a_tls_handshake_that_stalls_is_dropped_at_the_time_limit(
     caplog.clear()   # (the fixture's check: that warning was this test's point)
 
 
-# a TLS client in a process of its own that opens volumes/db and pipelines 8-byte READs
-# for ever, draining the replies (tests/test_nbd_wire.py's flood, over TLS)
-FLOOD = """
-import selectors, socket, ssl, struct, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-def recv(n, f=s.recv):
-    b = b""
-    while len(b) < n:
-        b += f(n - len(b))
-    return b
-recv(18)
-s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 5, 0))
-recv(20)
-ctx = ssl.create_default_context(cafile=sys.argv[2] + "/ca-cert.pem")
-ctx.load_cert_chain(sys.argv[2] + "/client-cert.pem", sys.argv[2] + "/client-key.pem")
-t = ctx.wrap_socket(s, server_hostname="127.0.0.1")
-name = b"volumes/db"
-t.sendall(struct.pack(">QII", 0x49484156454F5054, 7, 6 + len(name))
-          + struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
-while True:
-    _, _, rtype, n = struct.unpack(">QIII", recv(20, t.recv))
-    recv(n, t.recv)
-    if rtype == 1:
-        break
-batch = memoryview(struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, 8) * 4000)
-# one thread (an SSL session is not for two at once): send while the socket takes it,
-# drain the replies whenever there are some
-t.setblocking(False)
-sel = selectors.DefaultSelector()
-sel.register(t, selectors.EVENT_READ | selectors.EVENT_WRITE)
-at = 0
-print("flooding", flush=True)
-while True:
-    for _, events in sel.select():
-        if events & selectors.EVENT_READ:
-            try:
-                while True:
-                    if not t.recv(1 << 20):
-                        sys.exit(0)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                pass
-        if events & selectors.EVENT_WRITE:
-            try:
-                at += t.send(batch[at:])
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                pass
-            if at == len(batch):
-                at = 0
-"""
-
-
-def test_a_pipelining_tls_client_neither_starves_others_nor_stops_the_daemon_stopping(
-        srv: Running, certs: Path) -> None:
+def test_pipelined_tls_requests_let_the_loop_go_on_every_yield_every(certs: Path) -> None:
     """Requests decrypted out of what was read keep coming without the socket ever
-    running dry: every YIELD_EVERY of them the connection yields (nbd/connection.py)."""
-    with subprocess.Popen([sys.executable, "-c", FLOOD, str(srv.port),
-                           str(certs / "hostA")], stdout=subprocess.PIPE, text=True) as flood:
-        try:
-            assert flood.stdout is not None and flood.stdout.readline() == "flooding\n"
-            threading.Event().wait(0.5)
-            _works(srv, certs)
-            assert flood.poll() is None
-            srv.stop()
-        finally:
-            flood.kill()
+    running dry: every YIELD_EVERY of them the connection takes a scheduler pass
+    (nbd/connection.py), so the daemon's other tasks go on and a cancelled daemon stops.
+    The connection alone in a trio loop, all the requests in its socket before it reads
+    the first; a ticker task counts the passes it gets meanwhile."""
+    n = 40 * connection.YIELD_EVERY
+    a, b = socket.socketpair()
+
+    def client() -> None:
+        with tls.client_context(certs / "hostA").wrap_socket(
+                b, server_hostname="127.0.0.1") as t:
+            t.sendall(req(p.CMD_READ, 0, 8) * n)   # (stays readable after the close)
+
+    async def main() -> int:
+        c = connection.Conn(trio.SocketStream(trio.socket.from_stdlib_socket(a)), "pair")
+        sender = threading.Thread(target=client)
+        sender.start()
+        await c.start_tls(tls.server_context(certs / "array"))
+        await trio.to_thread.run_sync(sender.join)   # every request is in the socket
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.sleep(0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.sleep(0)
+            ticks = 0
+            for _ in range(n):
+                assert p.REQUEST.unpack(await c.recv_request(p.REQUEST.size))[5] == 8
+            nursery.cancel_scope.cancel()
+        return ticks
+
+    try:
+        ticks = trio.run(main)
+    finally:
+        a.close()
+        b.close()
+    assert n // connection.YIELD_EVERY - 2 <= ticks <= n // connection.YIELD_EVERY + 2, ticks
