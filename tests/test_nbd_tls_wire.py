@@ -3,9 +3,10 @@ on the socket), record by record, with a TLS client in the test that says exactl
 records and TCP segments a case wants (an SSLObject of its own, client certificate from
 `shadowplex pki`): requests split over many records and segments, several requests in
 one record, a client closing mid-record, alerts and a corrupted record, a KeyUpdate, a
-32 MiB write, a big read into a small window, a daemon stopping while a client is
-mid-request, pipelined requests and the loop's other tasks. The server runs in-process
-(its own trio loop in a thread, tests/nbd_thread.py) over a real pool; no kernel needed."""
+32 MiB write, a big read into a small window, TLS 1.2 and a refused renegotiation, a
+daemon stopping while a client is mid-request, pipelined requests and the loop's other
+tasks. The server runs in-process (its own trio loop in a thread, tests/nbd_thread.py)
+over a real pool; no kernel needed."""
 
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ class TlsClient:
     the test's own: `records` makes one TLS record per piece, `segments` sends bytes in
     TCP segments of a chosen size."""
 
-    def __init__(self, port: int, certs: Path, rcvbuf: int = 0) -> None:
+    def __init__(self, port: int, certs: Path, rcvbuf: int = 0, tls12: bool = False
+                 ) -> None:
         self.s = socket.socket()
         OPEN.append(self.s)
         if rcvbuf:
@@ -114,8 +116,11 @@ class TlsClient:
                        + p.option(p.OPT_STARTTLS))
         assert p.OPTION_REPLY.unpack(self.raw_recv(20))[2] == p.REP_ACK
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = tls.client_context(certs).wrap_bio(self.inc, self.out,
-                                                      server_hostname="127.0.0.1")
+        ctx = tls.client_context(certs)
+        if tls12:   # and free to try a renegotiation (our client context refuses them)
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            ctx.options &= ~ssl.OP_NO_RENEGOTIATION
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname="127.0.0.1")
         while True:
             try:
                 self.obj.do_handshake()
@@ -299,11 +304,11 @@ def test_a_certificate_of_another_ca_gets_an_alert_naming_it(srv: Running,
     assert srv.settled()
 
 
-def _ssl_pointer(obj: ssl.SSLObject) -> int:
+def _ssl_pointer(obj: ssl.SSLObject, version: int = 0x0304) -> int:
     """The SSL* under an SSLObject (CPython's PySSLSocket: the object header, the
     socket's weak reference, then SSL *ssl), checked by asking OpenSSL its version."""
     ptr = ctypes.c_void_p.from_address(id(obj._sslobj) + object.__basicsize__ + 8).value
-    assert ptr is not None and _libssl().SSL_version(ctypes.c_void_p(ptr)) == 0x0304
+    assert ptr is not None and _libssl().SSL_version(ctypes.c_void_p(ptr)) == version
     return ptr
 
 
@@ -332,6 +337,34 @@ def test_a_key_update_and_the_session_goes_on(srv: Running, certs: Path) -> None
            + req(p.CMD_READ, MiB, len(data), cookie=3))
     assert c.simple() == (0, 2)
     assert c.simple() == (0, 3) and c.recv(len(data)) == data
+
+
+def test_a_tls_1_2_renegotiation_is_refused_with_an_alert(srv: Running,
+                                                           certs: Path) -> None:
+    """TLS 1.2 (allowed for older GnuTLS peers) serves the same; a renegotiation the
+    client starts is refused (OP_NO_RENEGOTIATION) with a warning alert, which must
+    reach the client while it waits for the server's answer -- OpenSSL writes it while
+    reading, and the server sends what OpenSSL wrote before it waits again."""
+    c = TlsClient(srv.port, certs / "hostA", tls12=True)
+    assert c.obj.version() == "TLSv1.2"
+    c.go()
+    data = os.urandom(50000)
+    c.send(req(p.CMD_WRITE, MiB, len(data), cookie=1) + data
+           + req(p.CMD_READ, MiB, len(data), cookie=2))
+    assert c.simple() == (0, 1)
+    assert c.simple() == (0, 2) and c.recv(len(data)) == data
+    assert _libssl().SSL_renegotiate(ctypes.c_void_p(_ssl_pointer(c.obj, 0x0303))) == 1
+    with pytest.raises(ssl.SSLError, match="NO_RENEGOTIATION"):
+        while True:
+            try:
+                c.obj.do_handshake()   # a new ClientHello
+            except ssl.SSLWantReadError:
+                c.s.sendall(c.out.read())
+                c._more()              # a timeout here if the alert is not sent
+    c.s.sendall(c.out.read())          # (the client's fatal alert: the session is over)
+    assert c.closed()
+    assert srv.settled()
+    _works(srv, certs)
 
 
 def test_a_32_mib_write_and_a_4_mib_read_into_a_small_window(srv: Running,
