@@ -95,6 +95,7 @@ class Conn:
         self.sslobj: ssl.SSLObject | None = None
         self._in = self._out = ssl.MemoryBIO()
         self._scratch = memoryview(bytearray())
+        self._tail = False    # a task waits to send the rest of its bytes (_write)
         self.host: str | None = None
         self.tls = False
         self.structured = False
@@ -148,7 +149,7 @@ class Conn:
         try:
             n = os.readv(fd, (self._scratch,))
         except BlockingIOError:   # nothing there yet: wait (the usual case at QD1)
-            if self._out.pending:
+            if self._out.pending and not self._tail:   # (else they go with the sender's)
                 await self._write(self._out.read())
             n = await self._wait_and_readv(fd, self._scratch)
         except OSError as e:   # reset by the peer, ...
@@ -364,7 +365,10 @@ class Conn:
 
     async def _write(self, *parts: bytes | bytearray | memoryview) -> None:
         """One writev(2); what the socket did not take at once goes through trio (which
-        waits for room)."""
+        waits for room). Replies may be sent by other tasks than the one receiving
+        (nbd/transmission.py keeps them whole with a lock of its own); meanwhile
+        nothing else may be written: _fill leaves what OpenSSL wrote by itself in the
+        outgoing BIO for the sender's next read of it."""
         try:
             sent = os.writev(self.fd, parts)
         except BlockingIOError:
@@ -375,5 +379,9 @@ class Conn:
             if sent >= len(x):
                 sent -= len(x)
                 continue
-            await self.stream.send_all(memoryview(x)[sent:])
+            self._tail = True
+            try:
+                await self.stream.send_all(memoryview(x)[sent:])
+            finally:
+                self._tail = False
             sent = 0
