@@ -173,15 +173,11 @@ class NbdServer(RequestLoop):
             await self._reply(c, opt, p.REP_ACK)
             if c.buf:   # bytes sent before the TLS handshake belong to nobody
                 raise p.ProtocolError("data after STARTTLS before the TLS handshake")
-            tls = trio.SSLStream(c.stream, self.tls, server_side=True)
-            try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as e:
-                raise Closed(f"{c.peer}: TLS handshake failed: {e.__cause__ or e}") from None
-            cert = tls.getpeercert()
+            await c.start_tls(self.tls)   # raises Closed naming why it failed
+            assert c.sslobj is not None
+            cert = c.sslobj.getpeercert()
             if not cert:   # (CERT_REQUIRED makes this unreachable; refuse anyway)
                 raise Closed(f"{c.peer}: no client certificate")
-            c.start_tls(tls)
             try:
                 c.host = self.identify(cert)
             except ValueError as e:   # no CN, two, or not a host name: this one only

@@ -111,11 +111,11 @@ class RequestLoop:
                     r = self._refusal(c, s, cmd, ex)
                     await self._error(c, cookie, r.code, r.message)
                 continue
-            payload = b""
+            payload: bytes | memoryview = b""
             if cmd == p.CMD_WRITE:
                 if length > MAX_REQUEST:   # cannot skip that much safely: disconnect
                     raise p.ProtocolError(f"WRITE of {length} bytes")
-                payload = await c.recv_exactly(length)
+                payload = await c.recv_payload(length)
             if cmd == p.CMD_DISC:
                 raise Closed(f"{c.peer}: disconnect")
             try:
@@ -130,7 +130,7 @@ class RequestLoop:
             await c.send(p.simple_reply(cookie, code))
 
     async def _command(self, c: Conn, s: Served, cmd: int, flags: int, cookie: int,
-                       offset: int, length: int, payload: bytes) -> None:
+                       offset: int, length: int, payload: bytes | memoryview) -> None:
         if s.seen != self._state():
             self._still_may_open(c, s)
         e = s.export
@@ -202,7 +202,7 @@ class RequestLoop:
         await c.send(head, data)
 
     async def _write(self, e: Export, cmd: int, flags: int, offset: int, length: int,
-                     payload: bytes) -> None:
+                     payload: bytes | memoryview) -> None:
         key = e.key
         barrier = self.barrier
         if barrier.holding(key) is not None:
