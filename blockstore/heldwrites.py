@@ -34,7 +34,13 @@ log = logging.getLogger(__name__)
 # A run of whole chunks at least this long that a batch writes out to the origin starts
 # its writeback at once (DataFile.start_writeback): the disk writes it while the data path
 # goes on, instead of all at the next flush (docs/performance.md). Shorter pieces -- a
-# random 4 KiB write -- are left to the flush and the kernel.
+# random 4 KiB write -- are left to the flush and the kernel. Only in a pool that copies:
+# where the pool preserves by reference (xfs, btrfs) the origin's chunks share their
+# blocks with the slots, so their writeback is a copy-on-write (new blocks, a remap at
+# I/O completion), and started by the writeback thread it cost that thread ~0.1 s per
+# GiB of a sequential first-write stream and made the batches' fdatasyncs wait ~2x
+# longer (docs/performance.md "XFS seq first writes"): there, as for every origin write
+# with no snapshot, the kernel's writeback and the flush write the origin.
 ORIGIN_KICK = 1 << 20
 # At most this much per system call of a write-out (a run of whole chunks is written in
 # pieces): the page cache then builds folios of at most 1 MiB, as for the data path's own
@@ -248,7 +254,7 @@ class HeldWrites(PoolCore):
         whose buffer is no longer the one given was preserved again since (its new
         preservation is not durable yet): it stays held. A chunk stops being held only
         once its write succeeded (an EIO leaves the rest held, for the next flush).
-        A run of at least ORIGIN_KICK starts its writeback at once."""
+        A run of at least ORIGIN_KICK starts its writeback at once (pools that copy)."""
         assert self._owned(), "pool lock not held"
         done, err = self._out_io(v, self._out_plan(v, held))
         v.held.release(done)
@@ -283,10 +289,11 @@ class HeldWrites(PoolCore):
         run_chunks: list[int] = []
         run_start = -1
         done: list[int] = []
+        kick = ORIGIN_KICK if self.clone_min_chunks is None else None   # copying pools only
 
         def write_run() -> None:
             v.file.pwritev(run, run_start)
-            if len(run) * cs >= ORIGIN_KICK:
+            if kick is not None and len(run) * cs >= kick:
                 v.file.start_writeback(run_start, len(run) * cs)
             done.extend(run_chunks)
 
