@@ -54,6 +54,15 @@ ORIGIN_PIECE = 1 << 20
 # 4 KiB pwrites, ~1 ms) and two more lock round trips and the GIL shared with the FUSE
 # thread meanwhile cost more than the lock hold they save.
 UNLOCKED_MIN = 4 << 20
+# The writeback thread's step (wait_and_writeback) goes on with the next batch when the
+# data path queues one within WRITEBACK_LINGER of the last, for up to WRITEBACK_BUSY
+# seconds, before it returns to its caller. The daemon's caller is a trio task, and each
+# return waits for the event loop -- the FUSE thread, busy with the very stream that
+# queues the batches: meanwhile the batch waited, queued, until the writer met the
+# memory bound and synced and wrote it out itself, inline (docs/performance.md "XFS seq
+# first writes"). WRITEBACK_BUSY bounds how long a stop waits for the step.
+WRITEBACK_LINGER = 0.01
+WRITEBACK_BUSY = 0.5
 
 
 class HeldWrites(PoolCore):
@@ -414,12 +423,20 @@ class HeldWrites(PoolCore):
         b.out = (plan, done, err)
         b.written.set()
 
-    def wait_and_writeback(self, timeout: float) -> None:
+    def wait_and_writeback(self, timeout: float, busy_for: float = WRITEBACK_BUSY) -> None:
         """The writeback thread's step: sleep until the data path queues a batch or
-        `timeout` passes, then writeback()."""
+        `timeout` passes, then writeback() -- and again, in the same call, whenever the
+        data path queues the next batch within WRITEBACK_LINGER, for up to `busy_for`
+        seconds: a stream of batches is written back without a return to the caller per
+        batch (see WRITEBACK_LINGER)."""
+        end = time.monotonic() + busy_for
         self._wake.wait(timeout)
-        self._wake.clear()
-        self.writeback()
+        while True:
+            self._wake.clear()
+            self.writeback()
+            if self._closed or time.monotonic() >= end \
+                    or not self._wake.wait(WRITEBACK_LINGER):
+                return
 
     def _sync(self, b: _Batch) -> None:
         """A batch's durable part; needs no pool lock. Never raises: the outcome is
