@@ -97,13 +97,9 @@ class HeldWrites(PoolCore):
             self._writeback(v)
 
     def _batch_due(self, v: _Volume, now: float, max_age: float) -> bool:
-        """Whether a background batch of v should be cut: it holds WRITEBACK_BYTES (half
-        the memory bound: the other half takes the writes that land while it syncs), or
-        its oldest held write is max_age old. Every batch costs its two fdatasyncs
-        whatever its size (5-6 ms each on this VM when busy): a stream cut at half of
-        that (16 MiB) paid ~100 of them per GiB (docs/performance.md "XFS seq first
-        writes")."""
-        return (len(v.held.chunks) * self.chunk_size >= WRITEBACK_BYTES
+        """Whether a background batch of v should be cut: it holds half the memory
+        bound, or its oldest held write is max_age old."""
+        return (len(v.held.chunks) * self.chunk_size >= WRITEBACK_BYTES // 2
                 or now - v.held.since >= max_age)
 
     def _cut(self, v: _Volume) -> _Batch:
@@ -340,8 +336,8 @@ class HeldWrites(PoolCore):
         return done, None
 
     def writeback(self, max_age: float = WRITEBACK_AGE) -> None:
-        """Push held writes older than max_age (or, of a volume, WRITEBACK_BYTES, half
-        the memory bound) to the origins: the daemon's writeback thread (then set
+        """Push held writes older than max_age (or, of a volume, more than half the
+        WRITEBACK_BYTES bound) to the origins: the daemon's writeback thread (then set
         background_writeback, so that the data path leaves the age bound to it, cuts
         batches for it and syncs inline only at the memory bound).
 

@@ -275,10 +275,10 @@ def test_preadv_fills_buffers_and_leaves_zeros_past_the_end(tmp_path):
 
 @pytest.fixture
 def queued(paused, monkeypatch):
-    """The data path cuts a batch itself once a volume holds WRITEBACK_BYTES, half the
-    bound (with a writeback thread declared): here at 2 chunks."""
+    """The data path cuts a batch itself once a volume holds half the bound (with a
+    writeback thread declared): here at 2 chunks."""
     import blockstore.heldwrites
-    monkeypatch.setattr(blockstore.heldwrites, "WRITEBACK_BYTES", 2 * CS)
+    monkeypatch.setattr(blockstore.heldwrites, "WRITEBACK_BYTES", 4 * CS)
     p, faults, sid, old = paused
     p.write("v", 0, b"G" * 4096)
     assert p._queued == []
