@@ -167,13 +167,18 @@ class DiffArea:
                 self.state[slot] = DATA
                 self.digest[slot] = digest
 
-    def _set_slot(self, slot: int, state: int, epoch: int, chunk: int, digest: int) -> None:
-        if slot >= len(self.state):
-            grow = slot + 1 - len(self.state)
+    def _grow_slots(self, n: int) -> None:
+        """The per-slot arrays cover at least n slots (new ones free)."""
+        grow = n - len(self.state)
+        if grow > 0:
             self.state.extend(bytes(grow))
             self.epoch.extend(array("I", bytes(4 * grow)))
             self.chunk.extend(array("Q", bytes(8 * grow)))
             self.digest.extend(array("Q", bytes(8 * grow)))
+
+    def _set_slot(self, slot: int, state: int, epoch: int, chunk: int, digest: int) -> None:
+        if slot >= len(self.state):
+            self._grow_slots(slot + 1)
         self.state[slot] = state
         self.epoch[slot] = epoch
         self.chunk[slot] = chunk
@@ -297,6 +302,9 @@ class DiffArea:
         slots = self._alloc_slots(len(items))
         if slots:
             self._reserve_map(slots[-1] + 1)
+            # the arrays grown once per call, not once per slot: a stream of whole-chunk
+            # first writes takes new slots at the end, 16 per 1 MiB write
+            self._grow_slots(slots[-1] + 1)
         for slot, (chunk, old) in zip(slots, items, strict=True):
             if old is None:
                 clones.append((slot, chunk))

@@ -34,7 +34,13 @@ log = logging.getLogger(__name__)
 # A run of whole chunks at least this long that a batch writes out to the origin starts
 # its writeback at once (DataFile.start_writeback): the disk writes it while the data path
 # goes on, instead of all at the next flush (docs/performance.md). Shorter pieces -- a
-# random 4 KiB write -- are left to the flush and the kernel.
+# random 4 KiB write -- are left to the flush and the kernel. Only in a pool that copies:
+# where the pool preserves by reference (xfs, btrfs) the origin's chunks share their
+# blocks with the slots, so their writeback is a copy-on-write (new blocks, a remap at
+# I/O completion), and started by the writeback thread it cost that thread ~0.1 s per
+# GiB of a sequential first-write stream and made the batches' fdatasyncs wait ~2x
+# longer (docs/performance.md "XFS seq first writes"): there, as for every origin write
+# with no snapshot, the kernel's writeback and the flush write the origin.
 ORIGIN_KICK = 1 << 20
 # At most this much per system call of a write-out (a run of whole chunks is written in
 # pieces): the page cache then builds folios of at most 1 MiB, as for the data path's own
@@ -48,6 +54,15 @@ ORIGIN_PIECE = 1 << 20
 # 4 KiB pwrites, ~1 ms) and two more lock round trips and the GIL shared with the FUSE
 # thread meanwhile cost more than the lock hold they save.
 UNLOCKED_MIN = 4 << 20
+# The writeback thread's step (wait_and_writeback) goes on with the next batch when the
+# data path queues one within WRITEBACK_LINGER of the last, for up to WRITEBACK_BUSY
+# seconds, before it returns to its caller. The daemon's caller is a trio task, and each
+# return waits for the event loop -- the FUSE thread, busy with the very stream that
+# queues the batches: meanwhile the batch waited, queued, until the writer met the
+# memory bound and synced and wrote it out itself, inline (docs/performance.md "XFS seq
+# first writes"). WRITEBACK_BUSY bounds how long a stop waits for the step.
+WRITEBACK_LINGER = 0.01
+WRITEBACK_BUSY = 0.5
 
 
 class HeldWrites(PoolCore):
@@ -248,7 +263,7 @@ class HeldWrites(PoolCore):
         whose buffer is no longer the one given was preserved again since (its new
         preservation is not durable yet): it stays held. A chunk stops being held only
         once its write succeeded (an EIO leaves the rest held, for the next flush).
-        A run of at least ORIGIN_KICK starts its writeback at once."""
+        A run of at least ORIGIN_KICK starts its writeback at once (pools that copy)."""
         assert self._owned(), "pool lock not held"
         done, err = self._out_io(v, self._out_plan(v, held))
         v.held.release(done)
@@ -283,10 +298,11 @@ class HeldWrites(PoolCore):
         run_chunks: list[int] = []
         run_start = -1
         done: list[int] = []
+        kick = ORIGIN_KICK if self.clone_min_chunks is None else None   # copying pools only
 
         def write_run() -> None:
             v.file.pwritev(run, run_start)
-            if len(run) * cs >= ORIGIN_KICK:
+            if kick is not None and len(run) * cs >= kick:
                 v.file.start_writeback(run_start, len(run) * cs)
             done.extend(run_chunks)
 
@@ -407,12 +423,20 @@ class HeldWrites(PoolCore):
         b.out = (plan, done, err)
         b.written.set()
 
-    def wait_and_writeback(self, timeout: float) -> None:
+    def wait_and_writeback(self, timeout: float, busy_for: float = WRITEBACK_BUSY) -> None:
         """The writeback thread's step: sleep until the data path queues a batch or
-        `timeout` passes, then writeback()."""
+        `timeout` passes, then writeback() -- and again, in the same call, whenever the
+        data path queues the next batch within WRITEBACK_LINGER, for up to `busy_for`
+        seconds: a stream of batches is written back without a return to the caller per
+        batch (see WRITEBACK_LINGER)."""
+        end = time.monotonic() + busy_for
         self._wake.wait(timeout)
-        self._wake.clear()
-        self.writeback()
+        while True:
+            self._wake.clear()
+            self.writeback()
+            if self._closed or time.monotonic() >= end \
+                    or not self._wake.wait(WRITEBACK_LINGER):
+                return
 
     def _sync(self, b: _Batch) -> None:
         """A batch's durable part; needs no pool lock. Never raises: the outcome is

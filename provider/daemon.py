@@ -196,7 +196,9 @@ async def writeback_timer(pool: Pool) -> None:
     try:
         while True:
             # back to trio after each step (a cancellation point): a step waits at most
-            # WRITEBACK_PERIOD for the data path to queue a batch, then syncs what is due
+            # WRITEBACK_PERIOD for the data path to queue a batch, then syncs what is due,
+            # and goes on with the batches queued meanwhile for up to WRITEBACK_BUSY
+            # (blockstore/heldwrites.py: this loop runs on the FUSE thread's trio loop)
             try:
                 await trio.to_thread.run_sync(pool.wait_and_writeback, WRITEBACK_PERIOD)
             except Exception:   # e.g. the catalog failing: keep serving

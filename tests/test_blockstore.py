@@ -968,3 +968,20 @@ def test_seal_records_bind_their_digest_to_one_map_record():
     assert fmt.unpack_seal_record(bytes(16), 0, 0, 0) is None   # never written
     flipped = bytes([rec[0] ^ 1]) + rec[1:]
     assert fmt.unpack_seal_record(flipped, 7, 3, 1234) is None
+
+
+def test_an_epoch_table_merges_appended_and_interleaved_chunks():
+    """EpochTable's merge: chunks past the sorted part are appended (a sequential
+    stream), any other pending ones merged in order; every chunk finds its slot."""
+    from blockstore.chunkmap import EpochTable
+    t = EpochTable()
+    want = {}
+    for c in range(0, 6000, 2):                  # ascending: appended at each merge
+        t.add(c, c + 7)
+        want[c] = c + 7
+    for c in range(5999, 0, -2):                 # odd ones, descending: merged
+        t.add(c, c + 9)
+        want[c] = c + 9
+    assert list(t.sorted_chunks()) == sorted(want)
+    assert all(t.get(c) == s for c, s in want.items()) and t.get(6001) is None
+    assert len(t) == len(want)

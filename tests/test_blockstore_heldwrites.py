@@ -299,6 +299,43 @@ def test_a_queued_batch_goes_to_the_writeback_thread(queued):
     assert p.read(sid, 0, 4 * CS) == old
 
 
+def test_one_writeback_step_goes_on_while_batches_keep_coming(queued, monkeypatch):
+    """The writeback thread's step takes the next batch the data path queues meanwhile
+    in the same call (the daemon's step returns to its trio loop, which is the FUSE
+    thread: a batch left queued there waited for the writer to sync it inline), and
+    returns once none comes within WRITEBACK_LINGER."""
+    import time
+
+    import blockstore.heldwrites
+    p, sid, old, now = queued
+    steps: list[int] = []
+    first = [True]
+    real = p.writeback
+
+    def writeback():
+        real()
+        steps.append(len(steps))
+        if first:                                      # the data path goes on meanwhile
+            first.clear()
+            p.write("v", 2 * CS, b"I" * 4096)
+            p.write("v", 3 * CS, b"J" * 4096)          # 2 chunks held: cut and queued
+            assert len(p._queued) == 1
+    monkeypatch.setattr(p, "writeback", writeback)
+    monkeypatch.setattr(blockstore.heldwrites, "WRITEBACK_LINGER", 0.2)
+    t = time.monotonic()
+    p.wait_and_writeback(5, busy_for=30)
+    assert steps == [0, 1] and p._queued == []         # both batches, one call
+    assert time.monotonic() - t < 5                    # back once nothing came
+    now[2 * CS:2 * CS + 4096] = b"I" * 4096
+    now[3 * CS:3 * CS + 4096] = b"J" * 4096
+    assert _image(p, "v") == now
+    assert p.read(sid, 0, 4 * CS) == old
+    steps.clear()
+    p.write("v", 0, b"K" * 4096)                       # (already preserved: not held)
+    p.wait_and_writeback(0.01, busy_for=0)             # busy_for 0: one step only
+    assert steps == [0]
+
+
 def test_a_queued_batch_runs_inline_when_no_thread_takes_it(queued):
     p, sid, old, now = queued
     p.flush("v")                                       # must not wait for a thread

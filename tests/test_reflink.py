@@ -23,6 +23,7 @@ from support import MKFS, need
 
 from blockstore import Faults, Pool, errors, model
 from blockstore.diffarea import DATA, UNSUMMED, DiffArea
+from blockstore.fileio import DataFile
 from blockstore.powercut import PowerCut
 
 MiB = 1 << 20
@@ -348,3 +349,34 @@ def test_which_writes_are_preserved_by_reference(pool_tmp, monkeypatch, request)
     finally:
         pool.close()
 
+
+
+@ON_REFLINK
+@pytest.mark.parametrize("mode", ["reflink", "copy"])
+def test_the_origin_writeback_is_started_early_only_when_copying(pool_tmp, monkeypatch,
+                                                                  mode):
+    """A batch's write-out of a long run starts the origin's writeback at once only in a
+    pool that copies (heldwrites.ORIGIN_KICK): where the slots share the origin's blocks
+    that writeback is a copy-on-write the kernel and the flush do (docs/performance.md).
+    Either way the slot data's early writeback is untouched and the snapshot reads right."""
+    if mode == "copy":
+        monkeypatch.setenv("SHADOWPLEX_PRESERVE", "copy")
+    started: list[tuple[str, int, int]] = []
+    real = DataFile.start_writeback
+
+    def spy(self, off, n):
+        started.append((self.role, off, n))
+        real(self, off, n)
+    monkeypatch.setattr(DataFile, "start_writeback", spy)
+    pool, s = _snapped(str(pool_tmp / "p"))
+    try:
+        assert pool.preserve_mode == mode
+        pool.write("v", 0, NEW[:RUN])
+        pool.write("v", RUN, NEW[RUN:])
+        pool.flush("v")
+        origin = [(off, n) for role, off, n in started if role == "origin"]
+        assert origin == ([] if mode == "reflink" else [(0, RUN), (RUN, RUN)])
+        assert pool.read(s, 0, 2 * MiB) == OLD and pool.read("v", 0, 2 * MiB) == NEW
+        assert pool.check() == []
+    finally:
+        pool.close()

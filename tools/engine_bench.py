@@ -81,7 +81,7 @@ class _WritebackThread:
 
     def close(self) -> None:
         self.stop = True
-        self.thread.join()   # (its wait_and_writeback returns within 0.05 s)
+        self.thread.join()   # (its wait_and_writeback returns within 0.5 s: WRITEBACK_BUSY)
         self.pool.background_writeback = False
 
 
