@@ -58,7 +58,8 @@ def test_scatter_places_exact_aligned_pieces_apart() -> None:
 
 def test_ratios_and_verdicts_follow_the_issue() -> None:
     samples = {("diff", "client", "ms"): [3.0, 4.0, 5.0],
-               ("diff", "cli", "ms"): [300.0, 310.0, 320.0],
+               ("diff", "installed", "ms"): [300.0, 310.0, 320.0],
+               ("diff", "cli", "ms"): [310.0, 320.0, 330.0],
                ("diff", "floor", "ms"): [290.0, 300.0, 310.0],
                ("incr_qcow2", "ours", "written"): [5.2 * MiB] * 3,
                ("incr_qcow2", "ours", "s"): [1.1, 1.0, 1.05],
@@ -75,6 +76,7 @@ def test_ratios_and_verdicts_follow_the_issue() -> None:
     assert t["diff_client"]["value"] == pytest.approx(4.0) and \
         t["diff_client"]["verdict"] == "PASS" and t["diff_client"]["p90"] == 5.0
     assert t["diff_cli"]["verdict"] == "FAIL" and t["cli_floor"]["verdict"] == "-"
+    assert t["diff_cli"]["value"] == pytest.approx(310.0) and t["diff_dev"]["verdict"] == "-"
     # storage writes against the diff's changed bytes (not the bytes written since S0)
     assert t["incr_qcow2_bytes"]["value"] == pytest.approx(5.2 / 5) and \
         t["incr_qcow2_bytes"]["verdict"] == "PASS"
@@ -187,7 +189,7 @@ def test_diff_only_measures_the_diff_alone(tmp_path: Path) -> None:
     r = json.loads(res.stdout)
     assert {x["case"] for x in r["results"]} == {"diff"}
     t = _by_id(r)
-    assert all(t[k]["ours"] > 0 for k in ("diff_client", "diff_cli", "cli_floor",
+    assert all(t[k]["ours"] > 0 for k in ("diff_client", "diff_cli", "diff_dev", "cli_floor",
                                             "python_floor"))
     assert t["full_raw_read"]["verdict"] == "n/a" and t["incr_qcow2_bytes"]["ours"] is None
     assert os.listdir(tmp_path) == []

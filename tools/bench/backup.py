@@ -69,7 +69,8 @@ FORMATS = ("qcow2", "raw")
 TOOLS = ("qemu-img", "qemu-nbd", "cp", "fusermount3")
 DEFAULTS = {"full": ("64G", "2G", "1G"), "quick": ("4G", "128M", "64M")}  # size, alloc, changed
 # case -> its sides (ours first); what each side runs is Setup.command
-CASES: dict[str, tuple[str, ...]] = {"diff": ("client", "cli", "floor", "python"),
+CASES: dict[str, tuple[str, ...]] = {"diff": ("client", "installed", "cli", "floor",
+                                              "python"),
          **{f"full_{f}": ("ours", "qemu-img") for f in FORMATS},
          **{f"incr_{f}": ("ours", "cp", "nbdcopy") for f in FORMATS}}
 # (case, side, stat) -> one value per command; stats: s (wall), read / written (storage
@@ -81,7 +82,13 @@ Row = tuple[str, str, str]
 SPECS: dict[str, tuple[str, str, Row, Row | str | None, str | None, float]] = {
     "diff_client": ("snapshot diff, Client call", "ms", ("diff", "client", "ms"), None,
                     "<=", 50.0),
-    "diff_cli": ("snapshot diff --json, CLI", "ms", ("diff", "cli", "ms"), None, "<=", 50.0),
+    # the target: the command as `make install` writes it (tools/launcher.py: no site),
+    # which is what a cron job runs; the dev checkout's `python -m tools.cli` beside it
+    # (its venv's site runs the editable install's finder: ~12 ms more)
+    "diff_cli": ("snapshot diff --json, installed command", "ms", ("diff", "installed", "ms"),
+                 None, "<=", 50.0),
+    "diff_dev": ("snapshot diff --json, python -m tools.cli", "ms", ("diff", "cli", "ms"),
+                 None, None, 0),
     "cli_floor": ("CLI floor: status --json", "ms", ("diff", "floor", "ms"), None, None, 0),
     "python_floor": ("Python floor: python -c pass", "ms", ("diff", "python", "ms"), None,
                      None, 0)}
@@ -240,10 +247,24 @@ class Setup:
                     c.snapshot_diff(self.s0, self.s1)
                     out.append((time.perf_counter() - t0) * 1000)
             return out
-        argv = {"cli": [*self.cli, "snapshot", "diff", self.s0, self.s1, "--json"],
+        diff = ["--socket", self.sock, "snapshot", "diff", self.s0, self.s1, "--json"]
+        argv = {"installed": [self.launcher(), *diff],
+                "cli": [*self.cli[:3], *diff],
                 "floor": [*self.cli, "status", "--json"],
                 "python": [sys.executable, "-c", "pass"]}[side]
         return [timed(argv)[0] * 1000 for _ in range(calls)]
+
+    def launcher(self) -> str:
+        """BASE/shadowplex as `make install` writes it (tools/launcher.py), with this
+        checkout first on its path: the installed command's start-up, this code."""
+        from .. import launcher
+        path = os.path.join(self.base, "shadowplex")
+        if not os.path.exists(path):
+            python = os.path.join(sys.prefix, "bin", "python")
+            with open(path, "w") as f:
+                f.write(launcher.text(python, [str(REPO), *launcher.site_dirs()]))
+            os.chmod(path, 0o755)
+        return path
 
     def backup(self, case: str, side: str, r: int) -> dict[str, float]:
         """One timed command of a backup case; its output removed after (but round 1's
