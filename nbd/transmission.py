@@ -3,16 +3,16 @@
 BLOCK_STATUS (base:allocation and qemu:dirty-bitmap), DISC -- and the replies.
 
 Reads run in parallel, everything else in order (docs/network.md, "Requests in
-flight"). A READ is first tried on the daemon's trio loop from the page cache only
-(Pool.read_cached: preadv2 RWF_NOWAIT), as the FUSE handlers read: at queue depth 1 a
-cached read costs no thread hand-off. One that would wait for the disk goes to a worker
-thread (Pool.read_unlocked: the preads outside the pool lock; a store that says
-`blocking_io`, RBD or a remote array, reads every time in a thread) and its reply goes
-out when it is done, by its cookie, while the loop goes on with the next requests:
-READ_THREADS threads for the whole server, at most MAX_READS_IN_FLIGHT reads and
-MAX_READ_BYTES_IN_FLIGHT bytes of them per connection (then the loop stops taking
-requests off the socket until one is answered). Replies never interleave: each is sent
-whole under the connection's send lock.
+flight"). A READ of up to INLINE_MAX is first tried on the daemon's trio loop from the
+page cache only (Pool.read_cached: preadv2 RWF_NOWAIT), as the FUSE handlers read: at
+queue depth 1 a cached read costs no thread hand-off. One that would wait for the disk,
+or a larger one, goes to a worker thread (Pool.read_unlocked: the preads outside the
+pool lock; a store that says `blocking_io`, RBD or a remote array, reads every time in
+a thread) and its reply goes out when it is done, by its cookie, while the loop goes
+on with the next requests: READ_THREADS threads for the whole server, at most
+MAX_READS_IN_FLIGHT reads and MAX_READ_BYTES_IN_FLIGHT bytes of them per connection
+(then the loop stops taking requests off the socket until one is answered). Replies
+never interleave: each is sent whole under the connection's send lock.
 
 WRITE, TRIM, WRITE_ZEROES, FLUSH and BLOCK_STATUS are done by the loop itself, one at a
 time in request order, as before: a write is in the array before its reply, so a FLUSH
@@ -61,6 +61,10 @@ MAX_ZERO_PIECE = 32 << 20     # TRIM / WRITE_ZEROES are done in pieces of this m
 # for the whole server (a disk's queue, not the 2 cores: a pread holds no GIL), and per
 # connection the reads and bytes in flight (memory: replies wait whole in memory)
 READ_THREADS = 8
+# larger reads go to a thread without trying the page cache first: their copy costs more
+# than the hand-off, and a RWF_NOWAIT try before the real read of the same range upsets
+# the kernel's sequential readahead (docs/network.md, "Requests in flight")
+INLINE_MAX = 256 << 10
 MAX_READS_IN_FLIGHT = 16
 MAX_READ_BYTES_IN_FLIGHT = 64 << 20
 # command flags each command may carry (proto.md: others are EINVAL)
@@ -190,7 +194,8 @@ class RequestLoop:
             if cmd == p.CMD_READ and not flags & ~p.CMD_FLAG_DF and length <= MAX_REQUEST \
                     and offset + length <= s.size and s.seen == self._state():
                 try:
-                    data = None if inline is None else inline(s.export.key, offset, length)
+                    data = None if inline is None or length > INLINE_MAX else \
+                        inline(s.export.key, offset, length)
                     if data is None:
                         await self._read_later(c, s, threaded, cookie, offset, length)
                     else:
@@ -260,7 +265,8 @@ class RequestLoop:
             raise Refused(p.EPERM, f"{e.name} is read-only")
         try:
             if cmd == p.CMD_READ:
-                data = None if inline is None else inline(e.key, offset, length)
+                data = None if inline is None or length > INLINE_MAX else \
+                    inline(e.key, offset, length)
                 if data is None:
                     assert threaded is not None
                     await self._read_later(c, s, threaded, cookie, offset, length)

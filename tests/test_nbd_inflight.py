@@ -22,6 +22,7 @@ from test_nbd_wire import OPEN, Client, Running
 
 from blockstore import Pool
 from nbd import protocol as p
+from nbd import transmission
 
 MiB = 1 << 20
 PIECE = 64 << 10
@@ -312,3 +313,20 @@ def test_the_write_barrier_with_reads_in_flight(srv: Running) -> None:
     assert got == {1 + i: data[cold(i):cold(i) + PIECE] for i in range(4)}
     c.close()
 
+
+
+def test_a_large_read_goes_to_a_thread_even_when_cached(srv: Running) -> None:
+    """A READ larger than INLINE_MAX is not tried from the page cache first (a RWF_NOWAIT
+    try before the real read upsets the kernel's sequential readahead): it is read in a
+    thread although cached; a small cached one is answered inline meanwhile."""
+    data, gate = srv.data, srv.gate   # type: ignore[attr-defined]
+    big = transmission.INLINE_MAX * 2
+    at = 16 * MiB - big   # in the cached last MiB
+    c = Client(srv.port)
+    c.go("volumes/db")
+    c.s.sendall(p.request(p.CMD_READ, 1, at, big) + p.request(p.CMD_READ, 2, at, PIECE))
+    gate.wait_held(1)
+    assert read_reply(c, False, PIECE) == (2, data[at:at + PIECE])
+    gate.open.set()
+    assert read_reply(c, False, big) == (1, data[at:at + big])
+    c.close()
