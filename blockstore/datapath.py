@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from . import format as fmt
+from . import threadreads
 from .chunkmap import consecutive_runs
 from .core import _locked
 from .errors import (
@@ -20,7 +21,7 @@ from .errors import (
     ReadOnly,
     SnapshotInvalid,
 )
-from .fileio import DataFile, is_zeros
+from .fileio import DataFile, NotCached, is_zeros
 from .heldwrites import HeldWrites
 from .model import (
     COMMITTED,
@@ -60,24 +61,54 @@ class DataPath(HeldWrites):
                 return self._read_origin(lun, offset, end - offset)
             return self._read_snapshot(lun, offset, end)
 
-    def _read_origin(self, v: _Volume, offset: int, length: int) -> bytes:
-        data = v.file.pread(length, offset)
+    def read_cached(self, key: str, offset: int, length: int) -> bytes | bytearray | None:
+        """read(), if the page cache holds all of it (preadv2 RWF_NOWAIT); None where
+        any part would wait for the disk -- then read_unlocked() in a worker thread.
+        The NBD server's first try on its trio thread (docs/network.md)."""
+        self.last_io = time.monotonic()
+        with self._lock:
+            lun = self._volumes.get(key) or self._lun(key)
+            if offset < 0 or length < 0:
+                raise OutOfRange(f"invalid read at offset {offset} length {length}")
+            end = min(offset + length, lun.size)
+            if offset >= end:
+                return b""
+            try:
+                if isinstance(lun, _Volume):
+                    return self._read_origin(lun, offset, end - offset, True)
+                return self._read_snapshot(lun, offset, end, True)
+            except NotCached:
+                return None
+
+    def read_unlocked(self, key: str, offset: int, length: int) -> bytes:
+        """read() for worker threads: the pool lock only to plan the reads and to check
+        them after, the preads without it (blockstore/threadreads.py). For reads that
+        wait for the disk: a thread doing one never holds up the trio thread."""
+        self.last_io = time.monotonic()
+        return threadreads.read_unlocked(self, key, offset, length)
+
+    def _read_origin(self, v: _Volume, offset: int, length: int, cached: bool = False
+                     ) -> bytes:
+        # (typed bytes: a bytearray only when `cached`, for read_cached, which says so)
+        data = v.file.pread_cached(length, offset) if cached else v.file.pread(length, offset)
         if len(data) < length:   # origin shorter than a snapshot after a shrinking revert
             data += bytes(length - len(data))
         if not v.held.chunks:
-            return data   # the bytes os.pread made: no copy
-        return v.held.overlay(data, offset, self.chunk_size)
+            return data   # type: ignore[return-value]  # the bytes os.pread made: no copy
+        return v.held.overlay(data, offset, self.chunk_size)   # type: ignore[return-value]
 
-    def _read_snapshot(self, s: _Snapshot, offset: int, end: int) -> bytes:
+    def _read_snapshot(self, s: _Snapshot, offset: int, end: int, cached: bool = False
+                       ) -> bytes:
         assert self._owned(), "pool lock not held"
         self._check_readable(s)
         if s.file is not None:
-            data = s.file.pread(end - offset, offset)
-            return data + bytes(end - offset - len(data))
+            data = s.file.pread_cached(end - offset, offset) if cached else \
+                s.file.pread(end - offset, offset)
+            return data + bytes(end - offset - len(data))   # type: ignore[return-value]
         v, cs = s.origin, self.chunk_size
         da, epoch = v.diff, s.epoch
         assert da is not None and epoch is not None
-        parts = []
+        parts: list[bytes | bytearray] = []
         pos = offset
         while pos < end:
             c = pos // cs
@@ -86,11 +117,11 @@ class DataPath(HeldWrites):
                 run_end = min((c + 1) * cs, end)
                 while run_end < end and da.lookup(run_end // cs, epoch) is None:
                     run_end = min(run_end + cs, end)
-                parts.append(self._read_origin(v, pos, run_end - pos))
+                parts.append(self._read_origin(v, pos, run_end - pos, cached))
                 pos = run_end
             else:
                 cend = min((c + 1) * cs, end)
-                parts.append(da.read_slot(slot)[pos - c * cs:cend - c * cs])
+                parts.append(da.read_slot(slot, cached)[pos - c * cs:cend - c * cs])
                 pos = cend
         return b"".join(parts)
 

@@ -250,14 +250,24 @@ class DiffArea:
         hi = len(self.epochs) if end is None else bisect_left(self.epochs, end)
         return [array("Q", self.tables[e].sorted_chunks()) for e in self.epochs[lo:hi]]
 
-    def read_slot(self, slot: int) -> bytes:
+    def read_slot(self, slot: int, cached: bool = False) -> bytes | bytearray:
+        """A preserved chunk, checked against its digest. cached: only from the page
+        cache (fileio.NotCached where it would wait for the disk)."""
         st = self.state[slot]
         if st == ZERO:
             return self.zero_chunk
-        data = self.data.pread(self.chunk_size, slot * self.chunk_size)
+        pos = slot * self.chunk_size
+        data = self.data.pread_cached(self.chunk_size, pos) if cached else \
+            self.data.pread(self.chunk_size, pos)
+        return self.verified(slot, data, st, int(self.digest[slot]))
+
+    def verified(self, slot: int, data: bytes | bytearray, st: int, digest: int
+                 ) -> bytes | bytearray:
+        """A slot's data as read, if it matches the state and digest the slot had when
+        the read was planned (blockstore/threadreads.py reads without the lock)."""
         if st == UNSUMMED:   # no digest yet (see seal_plan): served as read
             return data + bytes(self.chunk_size - len(data))
-        if len(data) != self.chunk_size or xxhash.xxh3_64_intdigest(data) != self.digest[slot]:
+        if len(data) != self.chunk_size or xxhash.xxh3_64_intdigest(data) != digest:
             raise CorruptData(f"diff area {self.data_path} slot {slot} (chunk "
                               f"{self.chunk[slot]}) failed its checksum")
         return data

@@ -217,7 +217,7 @@ class Held:
         """(chunk, buffer) of everything held, in chunk order (for a batch)."""
         return [(c, self.chunks[c]) for c in sorted(self.chunks)]
 
-    def overlay(self, data: bytes, offset: int, cs: int) -> bytes:
+    def overlay(self, data: bytes | bytearray, offset: int, cs: int) -> bytes | bytearray:
         """``data`` read from the origin file at ``offset``, with the held chunks' newer
         content laid over it (the bytes unchanged, without a copy, if none overlaps)."""
         end = offset + len(data)

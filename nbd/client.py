@@ -34,8 +34,9 @@ over two connections. Large reads are bound by copies and the server either way.
 (The script and the prototype were throwaway: NbdClient.connect, then threads calling
 pread for 3 s; the prototype reused the connection's socket after the handshake.)
 
-Our server serves one connection's requests one at a time, all connections on one trio
-loop: a request pipelined on one connection only saves the wait between a reply and the
+Our server answers a connection's READs that wait for the disk in worker threads, in
+parallel, and everything else in order on one trio loop (docs/network.md, "Requests in
+flight"): a request pipelined on one connection saves the wait between a reply and the
 next request, which a second connection saves as well. Two connections also keep one
 slow request (a FLUSH behind the diff area's fdatasync) from holding up reads. The server
 limits connections per host address (nbd.server.MAX_PER_PEER, 16): keep pools small.

@@ -2,17 +2,32 @@
 (nbd/server.py) has opened an export -- READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
 BLOCK_STATUS (base:allocation and qemu:dirty-bitmap), DISC -- and the replies.
 
-Requests of one connection are served in order, one at a time (replies in request
-order, as simple replies are; clients may still pipeline: the socket buffers them). The
-handlers call the array synchronously on the daemon's trio loop, as the FUSE handlers
-do (reads and writes land in the page cache and the held-write buffers; the store's lock
-is held for bookkeeping only), and leave the loop only to wait for the disk (FLUSH and
-FUA: a worker thread, like the mount's fsync). Writes, trims and zeroes pass the
-WriteBarrier exactly like FUSE writes: while the coordinator holds a volume (flush &
-hold) they wait, so a snapshot set is one instant across FUSE and NBD writers.
+Reads run in parallel, everything else in order (docs/network.md, "Requests in
+flight"). A READ of up to INLINE_MAX is first tried on the daemon's trio loop from the
+page cache only (Pool.read_cached: preadv2 RWF_NOWAIT), as the FUSE handlers read: at
+queue depth 1 a cached read costs no thread hand-off. One that would wait for the disk,
+or a larger one, goes to a worker thread (Pool.read_unlocked: the preads outside the
+pool lock; a store that says `blocking_io`, RBD or a remote array, reads every time in
+a thread) and its reply goes out when it is done, by its cookie, while the loop goes
+on with the next requests: READ_THREADS threads for the whole server, at most
+MAX_READS_IN_FLIGHT reads and MAX_READ_BYTES_IN_FLIGHT bytes of them per connection
+(then the loop stops taking requests off the socket until one is answered). Replies
+never interleave: each is sent whole under the connection's send lock.
 
-Nothing is held across an await but a write's barrier registration, released in
-`finally`: a client vanishing mid-request only ends its own task.
+WRITE, TRIM, WRITE_ZEROES, FLUSH and BLOCK_STATUS are done by the loop itself, one at a
+time in request order, as before: a write is in the array before its reply, so a FLUSH
+covers every write replied to before it (reads in flight change nothing). Writes, trims
+and zeroes pass the WriteBarrier exactly like FUSE writes: while the coordinator holds a
+volume (flush & hold) they wait -- and with them the connection's later requests -- so
+a snapshot set is one instant across FUSE and NBD writers; reads in flight never hold a
+hold up. FLUSH and FUA wait for the disk in a worker thread, like the mount's fsync.
+DISC answers the reads in flight before the connection closes (proto.md); a client
+gone, a protocol error or the daemon stopping cancel them (a thread's pread is not
+interrupted: it ends, its reply is dropped).
+
+Nothing is held across an await but a write's barrier registration and a reply's send
+lock, both released in `finally`: a client vanishing mid-request only ends its own
+connection's tasks.
 """
 
 from __future__ import annotations
@@ -35,10 +50,23 @@ from .connection import Closed, Conn
 from .exports import Export, NbdStore
 
 log = logging.getLogger(__name__)
+# a read of (key, offset, length); a cached one says None where it would wait for the disk
+Reader = Callable[[str, int, int], "bytes | bytearray"]
+CachedReader = Callable[[str, int, int], "bytes | bytearray | None"]
 
 MAX_REQUEST = 32 << 20        # largest READ/WRITE payload (proto.md's usual maximum)
 MAX_STATUS_RANGE = 1 << 30    # BLOCK_STATUS answers at most this much per request
 MAX_ZERO_PIECE = 32 << 20     # TRIM / WRITE_ZEROES are done in pieces of this much
+# reads that wait for the disk (docs/network.md, "Requests in flight"): worker threads
+# for the whole server (a disk's queue, not the 2 cores: a pread holds no GIL), and per
+# connection the reads and bytes in flight (memory: replies wait whole in memory)
+READ_THREADS = 8
+# larger reads go to a thread without trying the page cache first: their copy costs more
+# than the hand-off, and a RWF_NOWAIT try before the real read of the same range upsets
+# the kernel's sequential readahead (docs/network.md, "Requests in flight")
+INLINE_MAX = 256 << 10
+MAX_READS_IN_FLIGHT = 16
+MAX_READ_BYTES_IN_FLIGHT = 64 << 20
 # command flags each command may carry (proto.md: others are EINVAL)
 _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
           p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
@@ -69,6 +97,37 @@ class Served:
     # a snapshot export's changed extents since each FROM, computed once (both ends are
     # frozen); a volume's are asked for at every BLOCK_STATUS (it changes meanwhile)
     dirty: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    flight: InFlight = field(default_factory=lambda: InFlight())
+
+
+class InFlight:
+    """One connection's reads in worker threads (how many, how many bytes), the nursery
+    they run in, and the lock that keeps replies whole."""
+
+    def __init__(self) -> None:
+        self.sending = trio.Lock()
+        self.nursery: trio.Nursery | None = None
+        self.count = 0
+        self.bytes = 0
+        self._room: trio.Event | None = None
+        self.ended: Exception | None = None   # why the connection ends (a task saw it)
+
+    async def admit(self, n: int) -> None:
+        """Wait until one more read of n bytes may be in flight."""
+        while self.count >= MAX_READS_IN_FLIGHT or \
+                (self.count and self.bytes + n > MAX_READ_BYTES_IN_FLIGHT):
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+        self.count += 1
+        self.bytes += n
+
+    def done(self, n: int) -> None:
+        self.count -= 1
+        self.bytes -= n
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
 
 class Refused(Exception):
@@ -93,7 +152,38 @@ class RequestLoop:
     def _lookup(self, c: Conn, name: str) -> Export | None:
         raise NotImplementedError
 
+    _read_threads: trio.CapacityLimiter | None = None
+
     async def _transmission(self, c: Conn, s: Served) -> None:
+        """The connection's requests until it ends; its reads in flight run in a
+        nursery of their own. How it ends is raised after the nursery (not inside an
+        exception group): Closed, a protocol error, a broken stream."""
+        if self._read_threads is None:
+            self._read_threads = trio.CapacityLimiter(READ_THREADS)
+        f = s.flight
+        async with trio.open_nursery() as n:
+            f.nursery = n
+            try:
+                await self._requests(c, s)
+            except Exception as e:   # noqa: BLE001 - raised below, outside the nursery
+                f.ended = f.ended or e
+                n.cancel_scope.cancel()   # the reads in flight are not answered
+        if f.ended is not None:
+            raise f.ended
+        raise Closed(f"{c.peer}: disconnect")   # DISC, once the reads in flight answered
+
+    async def _requests(self, c: Conn, s: Served) -> None:
+        # how reads are done (see the module's docstring): inline from the page cache,
+        # else (None) in a thread; or always inline / always in a thread
+        store = self.store
+        inline: CachedReader | None
+        threaded: Reader
+        if getattr(store, "blocking_io", False):
+            inline, threaded = None, store.read
+        elif hasattr(store, "read_cached") and hasattr(store, "read_unlocked"):
+            inline, threaded = store.read_cached, store.read_unlocked
+        else:
+            inline, threaded = store.read, store.read
         recv, unpack = c.recv_request, p.REQUEST.unpack
         while True:
             magic, flags, cmd, cookie, offset, length = unpack(await recv(p.REQUEST.size))
@@ -104,12 +194,17 @@ class RequestLoop:
             if cmd == p.CMD_READ and not flags & ~p.CMD_FLAG_DF and length <= MAX_REQUEST \
                     and offset + length <= s.size and s.seen == self._state():
                 try:
-                    await self._read(c, s, cookie, offset, length)
+                    data = None if inline is None or length > INLINE_MAX else \
+                        inline(s.export.key, offset, length)
+                    if data is None:
+                        await self._read_later(c, s, threaded, cookie, offset, length)
+                    else:
+                        await self._reply_read(c, s, cookie, offset, length, data)
                 except _GONE:
                     raise
                 except Exception as ex:   # noqa: BLE001 - mapped to an errno, as below
                     r = self._refusal(c, s, cmd, ex)
-                    await self._error(c, cookie, r.code, r.message)
+                    await self._error(c, s, cookie, r.code, r.message)
                 continue
             payload: bytes | memoryview = b""
             if cmd == p.CMD_WRITE:
@@ -117,20 +212,38 @@ class RequestLoop:
                     raise p.ProtocolError(f"WRITE of {length} bytes")
                 payload = await c.recv_payload(length)
             if cmd == p.CMD_DISC:
-                raise Closed(f"{c.peer}: disconnect")
+                return
             try:
-                await self._command(c, s, cmd, flags, cookie, offset, length, payload)
+                await self._command(c, s, cmd, flags, cookie, offset, length, payload,
+                                    inline, threaded)
             except Refused as r:
-                await self._error(c, cookie, r.code, r.message)
+                await self._error(c, s, cookie, r.code, r.message)
 
-    async def _error(self, c: Conn, cookie: int, code: int, message: str) -> None:
+    async def _send(self, c: Conn, s: Served, *parts: bytes | bytearray | memoryview
+                    ) -> None:
+        """One whole reply: replies of reads in threads go out as they complete, never
+        in the middle of another (no scheduler pass when nobody else is sending)."""
+        lock = s.flight.sending
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await c.send(*parts)
+        finally:
+            lock.release()
+
+    async def _error(self, c: Conn, s: Served, cookie: int, code: int, message: str
+                     ) -> None:
         if c.structured:
-            await c.send(p.structured_error(cookie, code, message))
+            await self._send(c, s, p.structured_error(cookie, code, message))
         else:
-            await c.send(p.simple_reply(cookie, code))
+            await self._send(c, s, p.simple_reply(cookie, code))
 
     async def _command(self, c: Conn, s: Served, cmd: int, flags: int, cookie: int,
-                       offset: int, length: int, payload: bytes | memoryview) -> None:
+                       offset: int, length: int, payload: bytes | memoryview,
+                       inline: CachedReader | None = None, threaded: Reader | None = None
+                       ) -> None:
         if s.seen != self._state():
             self._still_may_open(c, s)
         e = s.export
@@ -152,7 +265,13 @@ class RequestLoop:
             raise Refused(p.EPERM, f"{e.name} is read-only")
         try:
             if cmd == p.CMD_READ:
-                await self._read(c, s, cookie, offset, length)
+                data = None if inline is None or length > INLINE_MAX else \
+                    inline(e.key, offset, length)
+                if data is None:
+                    assert threaded is not None
+                    await self._read_later(c, s, threaded, cookie, offset, length)
+                else:
+                    await self._reply_read(c, s, cookie, offset, length, data)
                 return
             if cmd == p.CMD_BLOCK_STATUS:
                 await self._block_status(c, s, flags, cookie, offset, length)
@@ -165,8 +284,8 @@ class RequestLoop:
             raise
         except Exception as ex:   # noqa: BLE001 - mapped to an errno
             raise self._refusal(c, s, cmd, ex) from None
-        await c.send(p.simple_reply(cookie) if not c.structured else
-                     p.structured_header(cookie, p.REPLY_TYPE_NONE, 0, True))
+        await self._send(c, s, p.simple_reply(cookie) if not c.structured else
+                         p.structured_header(cookie, p.REPLY_TYPE_NONE, 0, True))
 
     def _refusal(self, c: Conn, s: Served, cmd: int, ex: Exception) -> Refused:
         """The error reply for a command the array failed (the errno mapping point,
@@ -189,9 +308,39 @@ class RequestLoop:
             raise Closed(f"{c.peer}: {s.export.name} changed")
         s.seen = now
 
-    async def _read(self, c: Conn, s: Served, cookie: int, offset: int, length: int
-                    ) -> None:
-        data = self.store.read(s.export.key, offset, length)
+    async def _read_later(self, c: Conn, s: Served, threaded: Reader, cookie: int,
+                          offset: int, length: int) -> None:
+        """Start a read in a worker thread (once the connection may have one more in
+        flight); its reply goes out when it is done."""
+        f = s.flight
+        assert f.nursery is not None
+        await f.admit(length)
+        f.nursery.start_soon(self._read_in_thread, c, s, threaded, cookie, offset, length)
+
+    async def _read_in_thread(self, c: Conn, s: Served, threaded: Reader, cookie: int,
+                              offset: int, length: int) -> None:
+        f = s.flight
+        try:
+            try:
+                data = await trio.to_thread.run_sync(threaded, s.export.key, offset, length,
+                                                     limiter=self._read_threads)
+            except Exception as ex:   # noqa: BLE001 - mapped to an errno, as inline
+                await trio.lowlevel.checkpoint_if_cancelled()
+                r = self._refusal(c, s, p.CMD_READ, ex)
+                await self._error(c, s, cookie, r.code, r.message)
+                return
+            # the connection ended while the thread read (its pread is not interrupted)
+            await trio.lowlevel.checkpoint_if_cancelled()
+            await self._reply_read(c, s, cookie, offset, length, data)
+        except _GONE as e:   # the client went away: the connection ends
+            f.ended = f.ended or e
+            assert f.nursery is not None
+            f.nursery.cancel_scope.cancel()
+        finally:
+            f.done(length)
+
+    async def _reply_read(self, c: Conn, s: Served, cookie: int, offset: int, length: int,
+                          data: bytes | bytearray) -> None:
         if len(data) < length:   # shrunk meanwhile (a revert): zeros, as past a file's end
             data += bytes(length - len(data))
         if c.structured:
@@ -199,7 +348,15 @@ class RequestLoop:
                                     p.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
         else:
             head = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
-        await c.send(head, data)
+        lock = s.flight.sending   # (_send inline: the hot path)
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await c.send(head, data)
+        finally:
+            lock.release()
 
     async def _write(self, e: Export, cmd: int, flags: int, offset: int, length: int,
                      payload: bytes | memoryview) -> None:
@@ -250,7 +407,7 @@ class RequestLoop:
                 extents = extents[:1]
             chunks.append(struct.pack(">I", cid) + b"".join(
                 struct.pack(">II", n, f) for n, f in extents))
-        await c.send(b"".join(
+        await self._send(c, s, b"".join(
             p.structured_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(body),
                                 i == len(chunks) - 1) + body
             for i, body in enumerate(chunks)))
