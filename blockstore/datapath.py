@@ -48,13 +48,19 @@ class DataPath(HeldWrites):
     # never call the pool. The daemon's coordinator sets it (its audit line).
     overflow_hook: Callable[[str, str, str], None] | None = None
 
+    def _bounds(self, key: str, offset: int, length: int, what: str = "read"
+                ) -> tuple[_Volume | _Snapshot, int]:
+        """LUN `key` and the end of [offset, offset + length) cut at its size (<= offset:
+        nothing there); a negative offset or length is OutOfRange. Under the pool lock."""
+        lun = self._volumes.get(key) or self._lun(key)
+        if offset < 0 or length < 0:
+            raise OutOfRange(f"invalid {what} at offset {offset} length {length}")
+        return lun, min(offset + length, lun.size)
+
     def read(self, key: str, offset: int, length: int) -> bytes:
         self.last_io = time.monotonic()
         with self._lock:   # (inline rather than @_locked: this is the hot path)
-            lun = self._volumes.get(key) or self._lun(key)
-            if offset < 0 or length < 0:
-                raise OutOfRange(f"invalid read at offset {offset} length {length}")
-            end = min(offset + length, lun.size)
+            lun, end = self._bounds(key, offset, length)
             if offset >= end:
                 return b""
             if isinstance(lun, _Volume):
@@ -67,10 +73,7 @@ class DataPath(HeldWrites):
         The NBD server's first try on its trio thread (docs/network.md)."""
         self.last_io = time.monotonic()
         with self._lock:
-            lun = self._volumes.get(key) or self._lun(key)
-            if offset < 0 or length < 0:
-                raise OutOfRange(f"invalid read at offset {offset} length {length}")
-            end = min(offset + length, lun.size)
+            lun, end = self._bounds(key, offset, length)
             if offset >= end:
                 return b""
             try:
@@ -135,10 +138,7 @@ class DataPath(HeldWrites):
         cost is O(chunks in the range): ask for bounded ranges. A listed run may still
         read as zeros (zeros written as data); an unlisted one never holds data."""
         with self._lock:
-            lun = self._volumes.get(key) or self._lun(key)
-            if offset < 0 or length < 0:
-                raise OutOfRange(f"invalid range at offset {offset} length {length}")
-            end = min(offset + length, lun.size)
+            lun, end = self._bounds(key, offset, length, "range")
             if offset >= end:
                 return []
             if isinstance(lun, _Volume):

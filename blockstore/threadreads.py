@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .diffarea import ZERO, DiffArea
-from .errors import CorruptData, NotFound, OutOfRange
+from .errors import CorruptData, NotFound
 from .fileio import DataFile
 from .model import COMMITTED, _Snapshot, _Volume
 
@@ -43,10 +43,7 @@ class _Plan:
 
 def read_unlocked(pool: DataPath, key: str, offset: int, length: int) -> bytes:
     with pool._lock:
-        lun = pool._volumes.get(key) or pool._lun(key)
-        if offset < 0 or length < 0:
-            raise OutOfRange(f"invalid read at offset {offset} length {length}")
-        end = min(offset + length, lun.size)
+        lun, end = pool._bounds(key, offset, length)
         if offset >= end:
             return b""
         if isinstance(lun, _Snapshot):

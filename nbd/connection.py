@@ -155,10 +155,7 @@ class Conn:
         except OSError as e:   # reset by the peer, ...
             raise Closed(f"{self.peer}: {e.strerror}") from None
         else:
-            self._steps += 1
-            if self._steps >= YIELD_EVERY:
-                self._steps = 0
-                await trio.lowlevel.checkpoint()
+            await self._served_one()
         if not n:
             raise Closed(f"{self.peer}: connection closed")
         self._in.write(self._scratch[:n])
@@ -178,10 +175,7 @@ class Conn:
         once requests come pipelined (more than one in a read), try first again."""
         if self._idle and len(self.buf) < n and not self._tls_pending():
             if self._polled():
-                self._steps += 1
-                if self._steps >= YIELD_EVERY:
-                    self._steps = 0
-                    await trio.lowlevel.checkpoint()
+                await self._served_one()
             else:
                 self._steps = 0
                 await trio.lowlevel.wait_readable(self.fd)   # a checkpoint: cancellable
@@ -194,6 +188,14 @@ class Conn:
         out = await self.recv_exactly(n)
         self._idle = self._waits != waits
         return out
+
+    async def _served_one(self) -> None:
+        """Count a request or read served without waiting; every YIELD_EVERY of them,
+        one scheduler pass (a pipelining client must not starve the daemon)."""
+        self._steps += 1
+        if self._steps >= YIELD_EVERY:
+            self._steps = 0
+            await trio.lowlevel.checkpoint()
 
     def _polled(self) -> bool:
         """Whether the next request came within POLL_NS, polling the socket while
@@ -222,10 +224,7 @@ class Conn:
         if len(buf) >= n:
             out = bytes(buf[:n])
             del buf[:n]
-            self._steps += 1
-            if self._steps >= YIELD_EVERY:
-                self._steps = 0
-                await trio.lowlevel.checkpoint()
+            await self._served_one()
             return out
         while len(buf) < n:
             buf += await self._receive(RECEIVE_SIZE)
@@ -262,10 +261,7 @@ class Conn:
                     if data is not None:
                         if not data:   # close_notify
                             raise Closed(f"{self.peer}: connection closed (TLS)")
-                        self._steps += 1
-                        if self._steps >= YIELD_EVERY:
-                            self._steps = 0
-                            await trio.lowlevel.checkpoint()
+                        await self._served_one()
                         return data
                 await self._fill()
         fd = self.fd
@@ -276,10 +272,7 @@ class Conn:
         except OSError as e:   # reset by the peer, ...
             raise Closed(f"{self.peer}: {e.strerror}") from None
         else:
-            self._steps += 1
-            if self._steps >= YIELD_EVERY:
-                self._steps = 0
-                await trio.lowlevel.checkpoint()
+            await self._served_one()
         if not data:
             raise Closed(f"{self.peer}: connection closed")
         return data
@@ -309,10 +302,7 @@ class Conn:
         except OSError as e:
             raise Closed(f"{self.peer}: {e.strerror}") from None
         else:
-            self._steps += 1
-            if self._steps >= YIELD_EVERY:
-                self._steps = 0
-                await trio.lowlevel.checkpoint()
+            await self._served_one()
         if not n:
             raise Closed(f"{self.peer}: connection closed")
         return n
