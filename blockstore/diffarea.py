@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from . import accounting
+from . import accounting, seals
 from .chunkmap import Bitmap, EpochTable, consecutive_runs
 from .errors import CorruptData
 from .fileio import DataFile, Faults, fsync_dir, is_zeros
@@ -30,11 +30,8 @@ from .format import (
     MAP_FLAG_NOSUM,
     MAP_FLAG_ZERO,
     MAP_RECORD_SIZE,
-    SEAL_RECORD_SIZE,
     pack_map_record,
-    pack_seal_record,
     unpack_map_record,
-    unpack_seal_record,
 )
 
 # slot states. UNSUMMED: data preserved by reference (a clone of the origin's blocks, or
@@ -144,28 +141,9 @@ class DiffArea:
             state = ZERO if flags & MAP_FLAG_ZERO else \
                 UNSUMMED if flags & MAP_FLAG_NOSUM else DATA
             self._set_slot(slot, state, epoch, chunk, digest)
-        self._load_seals()
+        seals.load(self)
         self._rebuild_tables()
         self.prev, self.spans = accounting.recount(self)
-
-    def _load_seals(self) -> None:
-        """Digests a seal recorded for UNSUMMED slots (diff/<id>.sum). An entry counts
-        only if its check matches the slot's current record (slot, epoch, chunk): a torn
-        entry, or one left from a slot freed since, leaves the slot unsealed, never
-        wrongly verified."""
-        if not os.path.exists(self.sum_path):
-            return
-        self.sums = DataFile(self.sum_path, "map", self.faults)
-        raw = self.sums.pread(self.sums.size(), 0)
-        for slot in range(min(len(self.state), len(raw) // SEAL_RECORD_SIZE)):
-            if self.state[slot] != UNSUMMED:
-                continue
-            digest = unpack_seal_record(raw[slot * SEAL_RECORD_SIZE:
-                                            (slot + 1) * SEAL_RECORD_SIZE],
-                                        slot, self.epoch[slot], self.chunk[slot])
-            if digest is not None:
-                self.state[slot] = DATA
-                self.digest[slot] = digest
 
     def _grow_slots(self, n: int) -> None:
         """The per-slot arrays cover at least n slots (new ones free)."""
@@ -265,7 +243,7 @@ class DiffArea:
                  ) -> bytes | bytearray:
         """A slot's data as read, if it matches the state and digest the slot had when
         the read was planned (blockstore/threadreads.py reads without the lock)."""
-        if st == UNSUMMED:   # no digest yet (see seal_plan): served as read
+        if st == UNSUMMED:   # no digest yet (see blockstore/seals.py): served as read
             return data + bytes(self.chunk_size - len(data))
         if len(data) != self.chunk_size or xxhash.xxh3_64_intdigest(data) != digest:
             raise CorruptData(f"diff area {self.data_path} slot {slot} (chunk "
@@ -548,41 +526,6 @@ class DiffArea:
             self.data.truncate(last * self.chunk_size)
             # no sync: the records past `last` are durably free already (gc_clear), so
             # a crash that undoes the truncation leaves free records, as before it
-
-    # -- sealing slots preserved by reference ---------------------------------------------
-    def seal_plan(self, busy: set[int] | frozenset[int] = frozenset()
-                  ) -> list[tuple[int, int, int]]:
-        """(slot, epoch, chunk) of every UNSUMMED slot whose record is durable (not
-        unsynced, not `busy` in a batch being synced, not being reclaimed): what a seal
-        may read and record now. Opens (creates) the seal file. (Pool lock held.)"""
-        plan = [(s, self.epoch[s], self.chunk[s]) for s, st in enumerate(self.state)
-                if st == UNSUMMED and s not in busy and s not in self.reclaiming]
-        unsynced = set(self.unsynced)
-        plan = [p for p in plan if p[0] not in unsynced]
-        if plan and self.sums is None:
-            new = not os.path.exists(self.sum_path)
-            self.sums = DataFile(self.sum_path, "map", self.faults, create=new)
-            if new:
-                fsync_dir(os.path.dirname(self.sum_path))
-        return plan
-
-    def seal_write(self, sealed: list[tuple[int, int, int, int]]) -> None:
-        """Record (slot, epoch, chunk, digest) seals durably. Touches only the seal file:
-        runs without the pool lock. (A seal lost by a crash is simply done again.)"""
-        assert self.sums is not None
-        for slot, epoch, chunk, digest in sealed:
-            self.sums.pwrite(pack_seal_record(slot, epoch, chunk, digest),
-                             slot * SEAL_RECORD_SIZE)
-        self.sums.sync()
-
-    def seal_finish(self, sealed: list[tuple[int, int, int, int]]) -> None:
-        """The recorded digests apply from now on, to the slots still holding the entry
-        they were computed for. (Pool lock held.)"""
-        for slot, epoch, chunk, digest in sealed:
-            if (slot < len(self.state) and self.state[slot] == UNSUMMED
-                    and self.epoch[slot] == epoch and self.chunk[slot] == chunk):
-                self.state[slot] = DATA
-                self.digest[slot] = digest
 
     def unsummed(self) -> int:
         return self.state.count(UNSUMMED)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from . import accounting
+from . import accounting, seals
 from . import format as fmt
 from .diffarea import DATA, UNSUMMED
 from .errors import Busy, NotFound, SnapshotInvalid, StoreError, Unsupported
@@ -312,7 +312,7 @@ def seal_preserved(pool: Pool, limit: int | None = None,
     never in memory), so that reads and check() verify them from now on. At most `limit`
     slots (None: all). Returns how many were sealed. The reads and the seal file's sync
     run without the pool lock; a slot freed or reused meanwhile is left alone
-    (DiffArea.seal_finish). A digest records what the slot holds when sealed: rot
+    (seals.finish). A digest records what the slot holds when sealed: rot
     before that is not detected (as for a plex before its seal). ``volumes``: only
     these volumes' diff areas."""
     done = 0
@@ -330,7 +330,7 @@ def seal_preserved(pool: Pool, limit: int | None = None,
                 continue
             b = v.held.batch
             busy = set(b.sync.slots) if b is not None and b.sync is not None else set()
-            plan = da.seal_plan(busy)
+            plan = seals.plan(da, busy)
             if limit is not None:
                 plan = plan[:limit - done]
             if not plan:
@@ -344,12 +344,12 @@ def seal_preserved(pool: Pool, limit: int | None = None,
                 if len(data) == cs:   # (a short slot stays unsealed: check reads it)
                     sealed.append((slot, epoch, chunk, xxhash.xxh3_64_intdigest(data)))
                 tick(1)
-            da.seal_write(sealed)
+            seals.write(da, sealed)
         finally:
             pool._unpin(pinned)
         with pool._lock:
             if v.diff is da:
-                da.seal_finish(sealed)
+                seals.finish(da, sealed)
         done += len(sealed)
     return done
 

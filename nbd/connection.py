@@ -95,7 +95,10 @@ class Conn:
         self.sslobj: ssl.SSLObject | None = None
         self._in = self._out = ssl.MemoryBIO()
         self._scratch = memoryview(bytearray())
-        self._tail = False    # a task waits to send the rest of its bytes (_write)
+        # only the holder writes to the socket (replies come from several tasks: reads
+        # answered from worker threads); it also sends what OpenSSL wrote by itself
+        # meanwhile (an alert, a KeyUpdate's answer) before letting go (send)
+        self.sending = trio.Lock()
         self.host: str | None = None
         self.tls = False
         self.structured = False
@@ -132,6 +135,8 @@ class Conn:
     def _say_goodbye(self) -> None:
         """Best effort, never waiting: send what OpenSSL left in the outgoing BIO (the
         alert that tells the client why)."""
+        if self.sending.locked():   # not into the middle of another task's record
+            return
         with contextlib.suppress(OSError):
             os.write(self.fd, self._out.read())
 
@@ -149,8 +154,12 @@ class Conn:
         try:
             n = os.readv(fd, (self._scratch,))
         except BlockingIOError:   # nothing there yet: wait (the usual case at QD1)
-            if self._out.pending and not self._tail:   # (else they go with the sender's)
-                await self._write(self._out.read())
+            if self._out.pending and not self.sending.locked():   # (else: the sender's)
+                self.sending.acquire_nowait()
+                try:
+                    await self._write(self._out.read())
+                finally:
+                    self.sending.release()
             n = await self._wait_and_readv(fd, self._scratch)
         except OSError as e:   # reset by the peer, ...
             raise Closed(f"{self.peer}: {e.strerror}") from None
@@ -334,7 +343,22 @@ class Conn:
     # -- sending --------------------------------------------------------------------------
     async def send(self, *parts: bytes | bytearray | memoryview) -> None:
         """Send parts in order: a reply's header and its payload without joining them
-        (in plain text; TLS joins them into one record when they fit in one)."""
+        (in plain text; TLS joins them into one record when they fit in one). Whole:
+        under the sending lock, which is let go only once what OpenSSL wrote by itself
+        meanwhile is sent too (the receiving task leaves it to the holder: _fill)."""
+        lock = self.sending
+        try:
+            lock.acquire_nowait()   # (the usual case: no scheduler pass)
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._send_locked(parts)
+            while self._out.pending:
+                await self._write(self._out.read())
+        finally:
+            lock.release()
+
+    async def _send_locked(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
         obj = self.sslobj
         if obj is None:
             await self._write(*parts)
@@ -356,9 +380,9 @@ class Conn:
     async def _write(self, *parts: bytes | bytearray | memoryview) -> None:
         """One writev(2); what the socket did not take at once goes through trio (which
         waits for room). Replies may be sent by other tasks than the one receiving
-        (nbd/transmission.py keeps them whole with a lock of its own); meanwhile
-        nothing else may be written: _fill leaves what OpenSSL wrote by itself in the
-        outgoing BIO for the sender's next read of it."""
+        (send keeps them whole with the sending lock); meanwhile nothing else may be
+        written: _fill leaves what OpenSSL wrote by itself in the outgoing BIO for the
+        lock's holder."""
         try:
             sent = os.writev(self.fd, parts)
         except BlockingIOError:
@@ -369,9 +393,5 @@ class Conn:
             if sent >= len(x):
                 sent -= len(x)
                 continue
-            self._tail = True
-            try:
-                await self.stream.send_all(memoryview(x)[sent:])
-            finally:
-                self._tail = False
+            await self.stream.send_all(memoryview(x)[sent:])
             sent = 0

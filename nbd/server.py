@@ -114,6 +114,8 @@ class NbdServer(RequestLoop):
             log.debug("nbd: %s: %s", peer, e)
         except p.ProtocolError as e:
             log.warning("nbd: %s: protocol error: %s; disconnected", peer, e)
+        except Exception:   # a defect of ours ends this connection, not the daemon
+            log.exception("nbd: %s: unexpected error; disconnected", peer)
         finally:
             self.connections -= 1
             self.per_peer[addr] -= 1

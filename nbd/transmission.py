@@ -101,11 +101,10 @@ class Served:
 
 
 class InFlight:
-    """One connection's reads in worker threads (how many, how many bytes), the nursery
-    they run in, and the lock that keeps replies whole."""
+    """One connection's reads in worker threads (how many, how many bytes) and the
+    nursery they run in. (Replies are kept whole by the connection: Conn.send.)"""
 
     def __init__(self) -> None:
-        self.sending = trio.Lock()
         self.nursery: trio.Nursery | None = None
         self.count = 0
         self.bytes = 0
@@ -219,26 +218,12 @@ class RequestLoop:
             except Refused as r:
                 await self._error(c, s, cookie, r.code, r.message)
 
-    async def _send(self, c: Conn, s: Served, *parts: bytes | bytearray | memoryview
-                    ) -> None:
-        """One whole reply: replies of reads in threads go out as they complete, never
-        in the middle of another (no scheduler pass when nobody else is sending)."""
-        lock = s.flight.sending
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            await c.send(*parts)
-        finally:
-            lock.release()
-
     async def _error(self, c: Conn, s: Served, cookie: int, code: int, message: str
                      ) -> None:
         if c.structured:
-            await self._send(c, s, p.structured_error(cookie, code, message))
+            await c.send(p.structured_error(cookie, code, message))
         else:
-            await self._send(c, s, p.simple_reply(cookie, code))
+            await c.send(p.simple_reply(cookie, code))
 
     async def _command(self, c: Conn, s: Served, cmd: int, flags: int, cookie: int,
                        offset: int, length: int, payload: bytes | memoryview,
@@ -284,8 +269,8 @@ class RequestLoop:
             raise
         except Exception as ex:   # noqa: BLE001 - mapped to an errno
             raise self._refusal(c, s, cmd, ex) from None
-        await self._send(c, s, p.simple_reply(cookie) if not c.structured else
-                         p.structured_header(cookie, p.REPLY_TYPE_NONE, 0, True))
+        await c.send(p.simple_reply(cookie) if not c.structured else
+                     p.structured_header(cookie, p.REPLY_TYPE_NONE, 0, True))
 
     def _refusal(self, c: Conn, s: Served, cmd: int, ex: Exception) -> Refused:
         """The error reply for a command the array failed (the errno mapping point,
@@ -331,6 +316,11 @@ class RequestLoop:
                 return
             # the connection ended while the thread read (its pread is not interrupted)
             await trio.lowlevel.checkpoint_if_cancelled()
+            if s.seen != self._state():
+                # the array changed while the thread read: if the export's name now
+                # names another LUN (deleted and created again), that read was by name
+                # of the new one -- never answered: the connection ends (Closed)
+                self._still_may_open(c, s)
             await self._reply_read(c, s, cookie, offset, length, data)
         except _GONE as e:   # the client went away: the connection ends
             f.ended = f.ended or e
@@ -348,15 +338,7 @@ class RequestLoop:
                                     p.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
         else:
             head = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
-        lock = s.flight.sending   # (_send inline: the hot path)
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            await c.send(head, data)
-        finally:
-            lock.release()
+        await c.send(head, data)   # (whole, also from a read's own task: Conn.send)
 
     async def _write(self, e: Export, cmd: int, flags: int, offset: int, length: int,
                      payload: bytes | memoryview) -> None:
@@ -407,7 +389,7 @@ class RequestLoop:
                 extents = extents[:1]
             chunks.append(struct.pack(">I", cid) + b"".join(
                 struct.pack(">II", n, f) for n, f in extents))
-        await self._send(c, s, b"".join(
+        await c.send(b"".join(
             p.structured_header(cookie, p.REPLY_TYPE_BLOCK_STATUS, len(body),
                                 i == len(chunks) - 1) + body
             for i, body in enumerate(chunks)))

@@ -61,6 +61,9 @@ class ArrayService:
 
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
+        # listings are numbered in the order they are made (all on the daemon's trio
+        # thread): a host that receives two on different connections applies the newer
+        self._answered = 0
 
     def info(self) -> dict[str, Any]:
         pool = self.coord.pool
@@ -105,8 +108,10 @@ class ArrayService:
             except (bse.StoreError, OSError):
                 continue   # gone meanwhile: the host shows the size
         total, free = pool.statfs()
+        self._answered += 1
         return {"volumes": vols, "snapshots": snaps, "space_total": total,
-                "space_free": free, "token": digest, "allocated": allocated}
+                "space_free": free, "token": digest, "allocated": allocated,
+                "seq": self._answered, "boot_id": BOOT_ID}
 
     async def watch(self, host: str, after: str | None, timeout: float) -> dict[str, Any]:
         """array.list's answer once it differs from ``after`` (or at the timeout). The

@@ -103,6 +103,8 @@ class RemoteArray:
         from nbd.tls import client_context
         nbd_addr = (self._control_host(), int(info["nbd_port"]))
         self._generation = 0
+        self._applying = threading.Lock()      # one listing applied at a time (_apply)
+        self._listed: tuple[Any, Any] = (None, None)   # (boot_id, seq) last applied
         self._token: str | None = None
         self._volumes: dict[str, VolumeInfo] = {}
         self._snapshots: dict[str, SnapshotInfo] = {}
@@ -191,6 +193,19 @@ class RemoteArray:
     def _apply(self, listing: dict[str, Any]) -> None:
         vols = {v["name"]: _volume(v) for v in listing["volumes"]}
         snaps = {s["id"]: _snapshot(s) for s in listing["snapshots"]}
+        with self._applying:
+            self._apply_newer(listing, vols, snaps)
+
+    def _apply_newer(self, listing: dict[str, Any], vols: dict[str, VolumeInfo],
+                     snaps: dict[str, SnapshotInfo]) -> None:
+        # the watch thread, the allocation fetcher and an operation's refresh each get
+        # listings on their own connection: one made before the last applied (same
+        # array daemon: same boot_id, lower seq) must not take the tree back
+        made = (listing.get("boot_id"), listing.get("seq"))
+        if made[1] is not None:
+            if made[0] == self._listed[0] and int(made[1]) <= int(self._listed[1] or 0):
+                return
+            self._listed = made
         self._space = (int(listing["space_total"]), int(listing["space_free"]))
         self._allocated = {k: int(n) for k, n in listing.get("allocated", {}).items()}
         self._alloc_at = time.monotonic()

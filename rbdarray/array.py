@@ -298,7 +298,8 @@ class RbdArray(Hosts, Integrity, Reverts, DataPath):
                 with contextlib.suppress(Exception):
                     self._rbd.RBD().remove(self._io, name)
                 raise
-        v = self._vols[name] = Vol(int(image.id(), 16), name, rec, Lun(image), rec.created)
+        v = self._vols[name] = Vol(int(image.id(), 16), name, rec, Lun(image), rec.created,
+                                   size=int(image.size()))
         self._changed()
         return v
 
@@ -311,6 +312,7 @@ class RbdArray(Hosts, Integrity, Reverts, DataPath):
                 raise bse.InvalidSize(f"shrinking volume {name} is not supported")
             with translated(f"resizing volume {name}"):
                 v.lun.image.resize(new_size)
+                v.size = new_size
         with self._lock:
             self._changed()
             return self._volume_info(v)
@@ -479,6 +481,11 @@ class RbdArray(Hosts, Integrity, Reverts, DataPath):
     def delete_snapshot(self, snap_id: str) -> None:
         with self._lock:
             s = self._snap(snap_id)
+            v = self._vols.get(s.volume)
+            if v is not None and str(v.reverting or "").lower() == s.id.lower():
+                # its volume's revert reads it (here or, recorded, on another host)
+                raise bse.Busy(f"snapshot {s.id} is being reverted to: delete it after "
+                               f"the revert of volume {s.volume}")
             if s.state == PREPARING:
                 del self._snaps[s.id]
                 self._changed()

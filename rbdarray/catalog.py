@@ -121,9 +121,10 @@ class Catalog:
             elif known is not None:
                 known.rec = sc.rec
                 known.reverting = sc.revert
+                known.size = sc.size
             elif name in opened:
                 self._vols[name] = Vol(sc.id, name, sc.rec, Lun(opened.pop(name)),
-                                       sc.mtime, sc.revert)
+                                       sc.mtime, sc.revert, sc.size)
         committed = {sid: (sc, rec) for sc in scans.values()
                      for sid, rec in sc.committed().items()}
         # a crashed commit's or delete's records (or another host's commit in flight):

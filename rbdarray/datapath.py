@@ -129,7 +129,10 @@ class DataPath:
             # closed while we looked (a delete, a refresh: the blocking path says so),
             # or past the end (read() clips)
             now = self._vols.get(key) if vol is not None else self._snaps.get(key.lower())
-            if now is not (vol or snap) or offset + length > lun.image.size():
+            # (the size as known here, never image.size(): that may refresh the image's
+            # header over the network, on the mount's trio thread)
+            size = snap.size if snap is not None else vol.size if vol is not None else -1
+            if now is not (vol or snap) or size < 0 or offset + length > size:
                 lun.gate.leave_shared()
                 return False
             self.last_io = time.monotonic()

@@ -238,6 +238,10 @@ class Vol:
     lun: Lun
     mtime: float
     reverting: str | None = None    # spx.revert's snapshot: a revert under way
+    # the image's size as last known here (scan, create, resize, revert; under the
+    # gate where we change it): read_async's bound, which must not ask librbd on the
+    # mount's trio thread (image.size() may refresh the header over the network)
+    size: int = -1
 
 
 @dataclass(eq=False)

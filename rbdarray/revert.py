@@ -12,12 +12,18 @@ or the snapshot, changed or not): by volume size (docs/ceph.md "Performance"). I
 still what runs when the maps cannot be trusted (objectmap.py's cases).
 
 Crash safety (the embedded pool's rule, blockstore/longops.py): the image's metadata
-``spx.revert`` = {"snapshot", "started"} is written before the volume changes and
-removed once the reverted content is flushed. While it is there the volume is not
-served -- here the revert holds its gate (I/O waits); in another daemon (a host it is
-also presented to, or this one after a restart) I/O fails Busy -- and a daemon opening
-the pool finishes every revert of a volume presented to it whose record it finds
-before it serves anything (kill -9, power loss, an OSD restart that outlived us).
+``spx.revert`` = {"snapshot", "started", "host"} is written before the volume changes
+and removed once the reverted content is flushed, while the gate is still closed (so no
+acknowledged write can come before the record's removal and be reverted by a resume).
+While it is there the volume is not served -- here the revert holds its gate (I/O
+waits); in another daemon (a host it is also presented to, or this one after a restart)
+I/O fails Busy -- and a daemon opening the pool finishes every revert that its own host
+started (the record's "host") of a volume presented to it before it serves anything
+(kill -9, power loss, an OSD restart that outlived us). Another host's record is left
+alone: only that host finishes or drops it (two daemons copying back at once would lose
+writes), so a volume whose reverting host never comes back stays refused (Busy): the
+limit of not holding a lease for a revert (docs/ceph.md). A record without "host" (an
+older daemon's) is finished by whichever host opens the pool, as before.
 Every step is idempotent: the size, then what differs now, so a revert done twice or
 half-done and redone ends the same. An ordinary failure (an error the caller sees)
 drops the record, as on the pool: the caller may write to the volume again, and a
@@ -55,6 +61,7 @@ class Reverts:
     pool: str
     _lock: threading.RLock
     _vols: dict[str, Vol]
+    host: str
     _snaps: dict[str, Snap]
     _reverting: set[str]
     _io: Any
@@ -84,7 +91,12 @@ class Reverts:
         try:
             if progress is not None:
                 progress(0, s.size)     # the last point where a cancellation undoes it
-            self._record(v, s.id)
+            try:
+                self._record(v, s.id)
+            except Exception:   # it may have been written (a lost reply): not resumed
+                with contextlib.suppress(Exception):
+                    self._unrecord(v)
+                raise
             point_of_no_return = getattr(progress, "point_of_no_return", None)
             if point_of_no_return is not None:
                 point_of_no_return()
@@ -95,7 +107,6 @@ class Reverts:
                 with contextlib.suppress(Exception):
                     self._unrecord(v)
                 raise
-            self._unrecord(v)
         finally:
             with self._lock:
                 self._reverting.discard(volume)
@@ -106,8 +117,18 @@ class Reverts:
     def _record(self, v: Vol, snap_id: str) -> None:
         with self._mutation(), translated(f"recording the revert of {v.name}"):
             v.lun.image.metadata_set(REVERT_KEY, json.dumps(
-                {"snapshot": snap_id, "started": time.time()}, sort_keys=True))
+                {"snapshot": snap_id, "started": time.time(), "host": self.host},
+                sort_keys=True))
             v.reverting = snap_id
+
+    def _revert_owner(self, v: Vol) -> str | None:
+        """The host named in ``v``'s revert record (None: no record any more, or one
+        written before records named their host)."""
+        with contextlib.suppress(Exception):
+            rec = json.loads(v.lun.image.metadata_get(REVERT_KEY))
+            host = rec.get("host") if isinstance(rec, dict) else None
+            return host if isinstance(host, str) else None
+        return None
 
     def _unrecord(self, v: Vol) -> None:
         with self._mutation(), translated(f"ending the revert of {v.name}"):
@@ -124,6 +145,7 @@ class Reverts:
             image.flush()
             if image.size() != s.size:
                 image.resize(s.size)    # a shrink removes the objects past the end
+            v.size = s.size
             objects = changed_objects(self._io, image, self._rbd, s.rbd_id, s.size)
             if objects is None:
                 log.info("volume %s: reverting to snapshot %s with rollback_to_snap (the "
@@ -132,6 +154,9 @@ class Reverts:
             else:
                 self._copy_back(v, s, image, objects, progress)
             image.flush()
+            # done: the record goes while the gate is still closed -- once I/O flows
+            # again, a crash must not find the record and revert acknowledged writes
+            self._unrecord(v)
         with self._lock:
             v.mtime = time.time()
             self._changed()
@@ -188,6 +213,15 @@ class Reverts:
         with self._lock:
             todo = [(v, v.reverting) for v in self._vols.values() if v.reverting]
         for v, sid in todo:
+            owner = self._revert_owner(v)
+            if owner is not None and owner != self.host:
+                # another daemon's revert, running or interrupted: only it may finish
+                # or drop it (two copying at once would lose writes); until then the
+                # volume is refused here (Busy)
+                log.warning("volume %s: a revert to snapshot %s started by host %s is "
+                            "recorded on it; it is not served here until that host "
+                            "finishes it", v.name, sid, owner)
+                continue
             with self._lock:
                 s = self._snaps.get(str(sid).lower())
             if s is None or s.volume != v.name or s.state != COMMITTED:
@@ -204,7 +238,6 @@ class Reverts:
                 self._reverting.add(v.name)
             try:
                 self._revert(v, s, None)
-                self._unrecord(v)
             except Exception as e:   # noqa: BLE001 - logged; the volume stays refused
                 log.error("volume %s: finishing its interrupted revert to snapshot %s "
                           "failed (%s); it is not served until the next open",

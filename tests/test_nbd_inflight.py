@@ -11,6 +11,7 @@ pread (the pool's fault-injection hook) so that what is in flight is known, not 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -339,3 +340,29 @@ def test_a_large_read_goes_to_a_thread_even_when_cached(srv: Running) -> None:
     gate.open.set()
     assert read_reply(c, False, big) == (1, data[at:at + big])
     c.close()
+
+
+def test_a_read_never_answers_with_a_lun_created_again_under_its_name(
+        srv: Running) -> None:
+    """Review of 2026-12-06: a READ waits in its thread; meanwhile its volume is deleted
+    and another created under the same name. The thread's read finds its plan stale and
+    reads again by name -- the new LUN, which the connection never opened (it may not
+    even be presented to its host). Never answered: the connection ends instead."""
+    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    gate = srv.gate   # type: ignore[attr-defined]
+    c = Client(srv.port)
+    c.go("volumes/db")
+    c.request(p.CMD_READ, cold(0), COLD_LEN, cookie=1)
+    gate.wait_held(1)
+    pool.delete_volume("db")
+    pool.create_volume("db", 16 * MiB)
+    pool.write("db", 0, b"\x55" * COLD_LEN)   # what a wrong answer would carry
+    gate.open.set()
+    c.s.settimeout(10)
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while more := c.s.recv(1 << 20):
+            got += more
+    assert b"\x55" * 4096 not in got
+    assert len(got) < 16   # not even a reply header: the connection just ended
+    until(lambda: srv.connections() == 0)

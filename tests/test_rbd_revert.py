@@ -212,3 +212,94 @@ def test_a_left_revert_record_blocks_io_and_is_finished_at_open(arr: RbdArray,
         assert REVERT_KEY not in dict(b._vols["v"].lun.image.metadata_list())
     finally:
         b.close()
+
+
+def test_the_record_goes_while_io_is_still_held(arr: RbdArray,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review B, defect 1: once I/O flows again after a revert a crash must not find the
+    record, or the next open would revert acknowledged writes. So the record is removed
+    while the volume's gate is still closed (exclusive)."""
+    arr.create_volume("v", 4 * MiB)
+    arr.write("v", 0, os.urandom(MiB))
+    sid = snap(arr, "v")
+    arr.write("v", 0, os.urandom(MiB))
+    gate = arr._vols["v"].lun.gate
+    seen: list[bool] = []
+    unrecord = RbdArray._unrecord
+
+    def spy(self: RbdArray, v: Any) -> None:
+        seen.append(gate._exclusive)
+        unrecord(self, v)
+
+    monkeypatch.setattr(RbdArray, "_unrecord", spy)
+    arr.revert("v", sid)
+    assert seen == [True]
+    assert REVERT_KEY not in dict(arr._vols["v"].lun.image.metadata_list())
+
+
+def test_another_hosts_revert_record_is_left_to_it(arr: RbdArray, ceph: Any) -> None:
+    """Review B, defect 2: a daemon opening the pool finishes only the reverts its own
+    host started; another host's record (that host may be copying back right now) stays,
+    and the volume stays refused here until that host removes it. The snapshot it names
+    cannot be deleted meanwhile."""
+    arr.create_volume("v", 4 * MiB)
+    arr.write("v", 0, os.urandom(2 * MiB))
+    sid = snap(arr, "v")
+    arr.write("v", MiB, os.urandom(2 * MiB))
+    arr.flush("v")
+    before = digest(arr, "v")
+    record = json.dumps({"snapshot": sid, "started": 0, "host": "some-other-host"})
+    arr._vols["v"].lun.image.metadata_set(REVERT_KEY, record)
+    path = arr.path
+    arr.close()
+    b = RbdArray(ceph.pool, ceph.conf, path)
+    try:
+        meta = dict(b._vols["v"].lun.image.metadata_list())
+        assert meta.get(REVERT_KEY) == record          # not finished, not dropped
+        with pytest.raises(bse.Busy, match="being reverted"):
+            b.read("v", 0, 1)
+        with pytest.raises(bse.Busy, match="being reverted to"):
+            b.delete_snapshot(sid)
+        b._vols["v"].lun.image.metadata_remove(REVERT_KEY)   # that host is done
+        assert b._refresh()
+        assert digest(b, "v") == before                # nothing copied back here
+    finally:
+        b.close()
+
+
+def test_read_async_never_asks_librbd_for_the_size(arr: RbdArray,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review B, defect 3: read_async runs on the mount's trio thread; image.size() may
+    refresh the image's header over the network, so its bound is the size known here
+    (kept by scans, create, resize, revert)."""
+    import threading
+    arr.create_volume("v", 4 * MiB)
+    data = os.urandom(MiB)
+    arr.write("v", 0, data)
+    arr.resize_volume("v", 8 * MiB)
+    image = arr._vols["v"].lun.image
+
+    class NoSize:
+        def __getattr__(self, name: str) -> Any:
+            if name == "size":
+                raise AssertionError("image.size() called by read_async")
+            return getattr(image, name)
+
+    arr._vols["v"].lun.image = NoSize()
+    try:
+        got: list[Any] = []
+        ended = threading.Event()
+
+        def done(d: bytes | None, e: BaseException | None) -> None:
+            got.append((d, e))
+            ended.set()
+
+        assert arr.read_async("v", 6 * MiB, 4096, done)      # past the old size
+        assert ended.wait(30)
+        assert got == [(bytes(4096), None)]
+        ended.clear()
+        assert arr.read_async("v", 0, 4096, done)
+        assert ended.wait(30) and got[-1] == (data[:4096], None)
+        assert not arr.read_async("v", 8 * MiB - 4096, 8192, done)   # past the end
+    finally:
+        arr._vols["v"].lun.image = image
