@@ -262,7 +262,7 @@ class RequestLoop:
                 await self._block_status(c, s, flags, cookie, offset, length)
                 return
             if writing:
-                await self._write(e, cmd, flags, offset, length, payload)
+                await self._write(c, s, cmd, flags, offset, length, payload)
             elif cmd == p.CMD_FLUSH and not e.snapshot:
                 await trio.to_thread.run_sync(self.store.flush, e.key)
         except (Refused, *_GONE):
@@ -281,6 +281,12 @@ class RequestLoop:
                 "nbd: %s %s of %s: %s", c.peer, p.CMD_NAMES.get(cmd, str(cmd)),
                 s.export.name, ex)
         return Refused(p.ERRNO_TO_WIRE.get(code, p.EIO), str(ex))
+
+    def _recheck(self, c: Conn, s: Served) -> None:
+        """After an await, before using the export's name again (the array reads and
+        writes by name): Closed if it now names another LUN."""
+        if s.seen != self._state():
+            self._still_may_open(c, s)
 
     def _still_may_open(self, c: Conn, s: Served) -> None:
         """The array or the masking changed since this connection last looked: close it
@@ -316,11 +322,10 @@ class RequestLoop:
                 return
             # the connection ended while the thread read (its pread is not interrupted)
             await trio.lowlevel.checkpoint_if_cancelled()
-            if s.seen != self._state():
-                # the array changed while the thread read: if the export's name now
-                # names another LUN (deleted and created again), that read was by name
-                # of the new one -- never answered: the connection ends (Closed)
-                self._still_may_open(c, s)
+            # the array changed while the thread read: if the export's name now names
+            # another LUN (deleted and created again), that read was by name of the new
+            # one -- never answered: the connection ends (Closed)
+            self._recheck(c, s)
             await self._reply_read(c, s, cookie, offset, length, data)
         except _GONE as e:   # the client went away: the connection ends
             f.ended = f.ended or e
@@ -340,12 +345,13 @@ class RequestLoop:
             head = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
         await c.send(head, data)   # (whole, also from a read's own task: Conn.send)
 
-    async def _write(self, e: Export, cmd: int, flags: int, offset: int, length: int,
-                     payload: bytes | memoryview) -> None:
-        key = e.key
+    async def _write(self, c: Conn, s: Served, cmd: int, flags: int, offset: int,
+                     length: int, payload: bytes | memoryview) -> None:
+        key = s.export.key
         barrier = self.barrier
         if barrier.holding(key) is not None:
-            await barrier.wait_writable(key)
+            await barrier.wait_writable(key)   # (a hold: up to 10 s)
+            self._recheck(c, s)
         barrier.begin_write(key)
         try:
             if cmd == p.CMD_WRITE:
@@ -363,6 +369,7 @@ class RequestLoop:
                     else:   # TRIM, or zeroes that may be holes: a discard reads as zeros
                         self.store.discard(key, pos, n)
                     await trio.sleep(0)
+                    self._recheck(c, s)
         finally:
             barrier.end_write(key)
         if self.changed is not None:

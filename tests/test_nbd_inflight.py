@@ -366,3 +366,29 @@ def test_a_read_never_answers_with_a_lun_created_again_under_its_name(
     assert b"\x55" * 4096 not in got
     assert len(got) < 16   # not even a reply header: the connection just ended
     until(lambda: srv.connections() == 0)
+
+
+def test_a_held_write_never_lands_in_a_lun_created_again_under_its_name(
+        srv: Running) -> None:
+    """The same for a WRITE waiting at the write barrier (a hold lasts up to 10 s): the
+    volume deleted and created again meanwhile, the write would go by name into the new
+    one. The connection ends instead, and the new volume is untouched."""
+    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    token = srv._token
+    c = Client(srv.port)
+    c.go("volumes/db")
+    barrier = srv.server.barrier
+    hold = trio.from_thread.run(barrier.hold, ["db"], trio_token=token)
+    c.s.sendall(p.request(p.CMD_WRITE, 50, 0, PIECE) + b"\x77" * PIECE)
+    threading.Event().wait(0.3)   # the WRITE waits at the barrier
+    pool.delete_volume("db")
+    pool.create_volume("db", 16 * MiB)
+    assert trio.from_thread.run_sync(barrier.release, hold, trio_token=token)
+    c.s.settimeout(10)
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while more := c.s.recv(1 << 16):
+            got += more
+    assert got == b""                      # no reply: the connection ended
+    assert pool.read("db", 0, PIECE) == bytes(PIECE)
+    until(lambda: srv.connections() == 0)
