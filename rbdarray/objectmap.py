@@ -120,6 +120,19 @@ def object_numbers(bits: int, objects: int) -> list[int]:
     return out
 
 
+def _mappable(image: Any, rbd: Any) -> tuple[int, str] | None:
+    """(object order, image id) when the image's object maps can be read our way (fast
+    diff on, no striping); None when not, or librbd cannot say: do it librbd's way."""
+    try:
+        order = int(image.stat()["order"])
+        if not image.features() & rbd.RBD_FEATURE_FAST_DIFF or \
+                image.stripe_count() != 1 or image.stripe_unit() != 1 << order:
+            return None
+        return order, str(image.id())
+    except Exception:   # noqa: BLE001 - librbd itself will do it
+        return None
+
+
 def changed_objects(io: Any, image: Any, rbd: Any, snap_id: int, limit: int,
                     end: int | None = None) -> list[int] | None:
     """The numbers of the objects that may differ between RBD snapshot ``snap_id`` and
@@ -127,12 +140,11 @@ def changed_objects(io: Any, image: Any, rbd: Any, snap_id: int, limit: int,
     bytes, ascending; None when the maps cannot be trusted (the module docstring: do it
     librbd's way then). ``image``: an open Image of the volume (the head or a snapshot);
     a write in flight meanwhile may or may not be seen (as with librbd's diff)."""
+    mappable = _mappable(image, rbd)
+    if mappable is None:
+        return None
+    order, image_id = mappable
     try:
-        order = int(image.stat()["order"])
-        if not image.features() & rbd.RBD_FEATURE_FAST_DIFF or \
-                image.stripe_count() != 1 or image.stripe_unit() != 1 << order:
-            return None
-        image_id = str(image.id())
         listed = {int(s["id"]): int(s["size"]) for s in image.list_snaps()}
         head_size = int(image.size())
     except Exception:   # noqa: BLE001 - librbd itself will do it
@@ -172,14 +184,10 @@ def allocated_objects(io: Any, image: Any, rbd: Any, snap_id: int | None, size: 
     """The numbers of the objects that exist in RBD snapshot ``snap_id`` (None: the
     head) among its first ``size`` bytes, ascending -- one map read instead of librbd's
     walk of every object; None when the map cannot be trusted (as changed_objects)."""
-    try:
-        order = int(image.stat()["order"])
-        if not image.features() & rbd.RBD_FEATURE_FAST_DIFF or \
-                image.stripe_count() != 1 or image.stripe_unit() != 1 << order:
-            return None
-        image_id = str(image.id())
-    except Exception:   # noqa: BLE001 - librbd itself will do it
+    mappable = _mappable(image, rbd)
+    if mappable is None:
         return None
+    order, image_id = mappable
     sid = NOSNAP if snap_id is None else snap_id
     n = -(-size // (1 << order))
     flags = _flags(io, image_id, sid)

@@ -56,6 +56,14 @@ def read_head(path: str | Path, n: int) -> bytes:
         return f.read(n)
 
 
+def evict(path: str) -> None:
+    """Every file below ``path`` written back and dropped from the page cache (the
+    bench's own eviction: tools/bench/caches.py)."""
+    from tools.bench.caches import files_under, sync_file
+    for f in files_under([path]):
+        sync_file(f, evict=True)
+
+
 def mkfs_ext4(image: str) -> None:
     """Put an empty ext4 filesystem on a volume image (through a loop device, detached
     again)."""

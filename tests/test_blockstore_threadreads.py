@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import evict
 
 from blockstore import Pool
 from blockstore.errors import NotFound
@@ -22,23 +23,12 @@ MiB = 1 << 20
 CS = 64 << 10
 
 
-def evict(pool: Pool) -> None:
-    for root, _dirs, files in os.walk(pool.path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def misses(pool: Pool, key: str, offset: int) -> bool:
     """read_cached of evicted data says None. (The RWF_NOWAIT try starts the kernel's
     readahead; on a busy machine a preempted try may find the read done already: a few
     tries, each after an eviction.)"""
     for _ in range(5):
-        evict(pool)
+        evict(pool.path)
         if pool.read_cached(key, offset, 4096) is None:
             return True
     return False
@@ -81,7 +71,7 @@ def test_cached_and_unlocked_reads_read_what_read_reads(pool: Pool) -> None:
     pool.flush("db")   # the held writes into the file, then out of the page cache
     assert misses(pool, "db", MiB)
     assert misses(pool, pool.snap, 3 * MiB)   # type: ignore[attr-defined]
-    evict(pool)
+    evict(pool.path)
     for key in ("db", pool.snap):   # type: ignore[attr-defined]
         for off, n in ranges:
             assert pool.read_unlocked(key, off, n) == pool.read(key, off, n), (key, off, n)

@@ -2,7 +2,7 @@
 flight"): a READ the page cache does not hold runs in a worker thread and is answered
 when it is done, by its cookie, while the connection's other requests go on; writes,
 FLUSH and the write barrier keep their order. The server runs in-process over a real
-pool on the test's file system; "cold" data is evicted from the page cache (fdatasync +
+pool on the test's file system; "cold" data is evicted from the page cache (fsync +
 POSIX_FADV_DONTNEED), and the cold reads are larger than INLINE_MAX, so that they go to
 worker threads whatever the kernel's readahead has brought in meanwhile (a RWF_NOWAIT
 try of evicted data may find it read already on a busy machine; Pool.read_cached's
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from support import evict
 from test_nbd_wire import OPEN, Client, Running
 
 from blockstore import Pool
@@ -66,18 +67,6 @@ class Gate:
             assert self.held.acquire(timeout=10), "a read did not reach its thread"
 
 
-def evict(pool: Pool) -> None:
-    """Every file of the pool written back and dropped from the page cache."""
-    for root, _dirs, files in os.walk(pool.path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 @pytest.fixture
 def srv(tmp_path: Path) -> Iterator[Running]:
     """volumes/db: 16 MiB of random data, flushed and evicted except its last MiB
@@ -87,7 +76,7 @@ def srv(tmp_path: Path) -> Iterator[Running]:
     data = os.urandom(16 * MiB)
     pool.write("db", 0, data)
     pool.flush("db")
-    evict(pool)
+    evict(pool.path)
     assert pool.read("db", 15 * MiB, MiB) == data[15 * MiB:]   # cached again
     r = Running(pool)
     r.data = data            # type: ignore[attr-defined]
@@ -180,7 +169,7 @@ def test_writes_and_flush_go_on_in_order_while_reads_are_in_flight(srv: Running)
     data, gate = srv.data, srv.gate   # type: ignore[attr-defined]
     s = pool.prepare_snapshot("db")
     pool.commit_snapshots([s.id])
-    evict(pool)
+    evict(pool.path)
     c = Client(srv.port)
     c.go("volumes/db")
     batch = b"".join(p.request(p.CMD_READ, 1 + i, cold(i), COLD_LEN) for i in range(COLD))
@@ -205,7 +194,7 @@ def test_writes_and_flush_go_on_in_order_while_reads_are_in_flight(srv: Running)
     assert all(got == data[cold(k - 1):cold(k - 1) + COLD_LEN] for k, got in rest)
     c.close()
     # the snapshot's reads through the threads: its old data (slots and origin)
-    evict(pool)
+    evict(pool.path)
     c = Client(srv.port)
     c.go(".shadow/" + s.id)
     c.s.sendall(b"".join(p.request(p.CMD_READ, 300 + i, cold(i) + MiB // 2 - PIECE,
