@@ -204,13 +204,14 @@ def _stale(pool: DataPath, key: str, plan: _Plan) -> list[tuple[int, int]] | Non
     if da is None or epoch is None or da.data is not plan.files[0] or \
             (len(plan.files) > 1 and lun.origin.file is not plan.files[1]):
         return None
-    changed = []
+    changed: list[tuple[int, int]] = []
     for i, (c, slot) in enumerate(plan.maps):
         now = da.lookup(c, epoch)
-        if now != slot:
-            if slot is not None:   # a snapshot's slot never changes while it lives
-                return None
-            changed.append((i, now))
+        if now == slot:
+            continue
+        if slot is not None or now is None:   # a snapshot's slot never changes while
+            return None                       # it lives
+        changed.append((i, now))
     return changed
 
 
