@@ -391,7 +391,7 @@ def test_the_reads_of_every_connection_share_one_budget(
     four at a time: the second connection's loop waits for room (and its cached read
     behind them with it), holding none of the budget; once replies are sent the rest
     go, every reply right, and the whole budget is back."""
-    monkeypatch.setattr(transmission, "MAX_REPLY_BYTES", 4 * COLD_LEN)
+    monkeypatch.setattr(transmission, "MAX_BUFFERED_BYTES", 4 * COLD_LEN)
     data, gate = srv.data, srv.gate   # type: ignore[attr-defined]
     a, b = Client(srv.port), Client(srv.port)
     a.go("volumes/db")
@@ -402,7 +402,7 @@ def test_the_reads_of_every_connection_share_one_budget(
                          for i in range(3)) + p.request(p.CMD_READ, 14, cached(0), PIECE))
     gate.wait_held(1)
     assert not gate.held.acquire(timeout=0.5), "a fifth read went past the budget"
-    budget = srv.server._reply_budget
+    budget = srv.server._memory_budget
     assert budget is not None and budget.used == 4 * COLD_LEN
     b.s.settimeout(0.3)
     with pytest.raises(TimeoutError):   # b's loop waits: its cached read too
@@ -420,6 +420,39 @@ def test_the_reads_of_every_connection_share_one_budget(
     b.close()
 
 
+def test_write_payloads_count_in_the_same_budget(
+        srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WRITE payloads share the budget (64 connections x 32 MiB payloads were outside
+    any bound): with the budget full of reads held in their threads, another
+    connection's WRITE is neither received nor done until a read is answered; then it
+    is, the volume has it, and the budget is whole again."""
+    monkeypatch.setattr(transmission, "MAX_BUFFERED_BYTES", 2 * COLD_LEN)
+    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    data, gate = srv.data, srv.gate   # type: ignore[attr-defined]
+    a, b = Client(srv.port), Client(srv.port)
+    a.go("volumes/db")
+    b.go("volumes/db")
+    a.s.sendall(b"".join(p.request(p.CMD_READ, 1 + i, cold(i), COLD_LEN) for i in range(2)))
+    gate.wait_held(2)
+    at, new = cold(5), os.urandom(PIECE)
+    b.request(p.CMD_WRITE, at, PIECE, new, cookie=5)
+    b.s.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        b.recv(1)
+    assert pool.read("db", at, PIECE) == data[at:at + PIECE]   # not written yet
+    b.s.settimeout(10)
+    gate.open.set()
+    got = dict(read_reply(a, False, COLD_LEN) for _ in range(2))
+    assert got == {1 + i: data[cold(i):cold(i) + COLD_LEN] for i in range(2)}
+    assert b.simple() == (0, 5)
+    assert pool.read("db", at, PIECE) == new
+    budget = srv.server._memory_budget
+    assert budget is not None
+    until(lambda: budget.used == 0)
+    a.close()
+    b.close()
+
+
 def test_connections_waiting_for_the_budget_when_the_daemon_stops_leave_it_whole(
         srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two connections wait for room behind a third's reads (held in their threads)
@@ -427,7 +460,7 @@ def test_connections_waiting_for_the_budget_when_the_daemon_stops_leave_it_whole
     threads give theirs back when they end unanswered -- the budget is whole again
     (a waiter that had counted itself in, or a read that never gave back, leaves it
     short for the daemon's whole life)."""
-    monkeypatch.setattr(transmission, "MAX_REPLY_BYTES", 2 * COLD_LEN)
+    monkeypatch.setattr(transmission, "MAX_BUFFERED_BYTES", 2 * COLD_LEN)
     gate = srv.gate   # type: ignore[attr-defined]
     a = Client(srv.port)
     a.go("volumes/db")
@@ -440,7 +473,7 @@ def test_connections_waiting_for_the_budget_when_the_daemon_stops_leave_it_whole
         c.request(p.CMD_READ, cold(2 + k), COLD_LEN, cookie=20 + k)
         waiting.append(c)
     assert not gate.held.acquire(timeout=0.3)
-    budget = srv.server._reply_budget
+    budget = srv.server._memory_budget
     assert budget is not None and budget.used == 2 * COLD_LEN
     stopper = threading.Thread(target=srv.stop)
     stopper.start()
