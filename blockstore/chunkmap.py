@@ -83,6 +83,12 @@ class EpochTable:
         if len(self.pending) >= max(1024, len(self.keys) >> 3):
             self._merge()
 
+    def add_many(self, pairs: list[tuple[int, int]]) -> None:
+        """add() of each (chunk, slot)."""
+        self.pending.update(pairs)
+        if len(self.pending) >= max(1024, len(self.keys) >> 3):
+            self._merge()
+
     def _merge(self) -> None:
         pending = sorted(self.pending.items())
         self.pending = {}
