@@ -360,7 +360,7 @@ class DiffArea:
         self.chunk[lo:hi] = array("Q", chunks)
         self.digest[lo:hi] = array("Q", bytes(8 * n))
         self.data_slots += n
-        table.add_many(pairs)
+        table.add_many(zip(chunks, slots))   # the table maps chunk -> slot
         latest = epoch == self.origin_epoch
         for c in chunks:
             self.any_entry.set(c)
