@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from tools import bench, workdir
+from tools.bench import caches
 
 REPO = Path(__file__).resolve().parent.parent
 TOP_KEYS = {"version", "profile", "date", "elapsed_s", "runs", "generator", "machine", "tools",
@@ -178,6 +179,7 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     need_xfs()
     chart = tmp_path / "bench.svg"
     work = tmp_path / "work"
+    free_ms = _free_ms()
     t0 = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json", "--dir",
@@ -205,7 +207,17 @@ def test_bench_quick_json(tmp_path: Path) -> None:
     assert not _mounts_under(str(tmp_path))
     assert not workdir.loops_under(str(tmp_path))
     assert os.listdir(work) == []
+    assert _free_ms() == free_ms
     assert elapsed < 150, f"bench --tiny --pool-fs xfs took {elapsed:.0f} s"
+
+
+def _free_ms() -> str | None:
+    """This VM's page_reporting min_free_ms now (None: no such knob), which a bench holds
+    while it runs and must put back (tools/bench/caches.py hold_free_memory)."""
+    try:
+        return Path(caches.PAGE_REPORTING, "min_free_ms").read_text()
+    except OSError:
+        return None
 
 
 def _processes_naming(text: str) -> list[int]:
@@ -235,6 +247,7 @@ def force_clean(proc: subprocess.Popen[Any], work: Path) -> None:
     for d in work.iterdir():
         workdir.clean(str(d))
     work.rmdir()
+    caches.release_stale()     # the knob a bench killed here held
 
 
 @pytest.mark.kernel
@@ -260,6 +273,7 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: 
         need_xfs()
     work = Path(tempfile.mkdtemp(prefix="spxb-"))   # short: the control socket's path
     err_path = tmp_path / "bench.err"
+    free_ms = _free_ms()
     with open(err_path, "w") as err, open(tmp_path / "bench.out", "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tools.cli", "bench", "--quick", "--tiny", "--json",
@@ -292,6 +306,7 @@ def test_interrupted_bench_leaves_nothing(tmp_path: Path, signame: str, moment: 
         assert not _mounts_under(str(work)), what
         assert not workdir.loops_under(str(work)), what
         assert not _processes_naming(str(work)), what
+        assert _free_ms() == free_ms, what
         assert took < 15, (what, f"{took:.1f} s")
         assert proc.returncode == 128 + sig, (what, text[-2000:])
         last = text.splitlines()[-1]
@@ -425,7 +440,7 @@ def test_report_table_and_chart(skip_qsd: bool) -> None:
     assert "xfs pool: reflink copy (cp --reflink=always + fsync) 3 extents 1.5 ms, 480 " \
         "extents 9.0 ms; our snapshot.create 12.0 ms" in table
     assert "memory: this VM reports free memory to its host (free page reporting, order 9)" \
-        in table and "min_free_ms held at 60,000 ms for this run (was 0, restored)" in table
+        in table and "min_free_ms held at 60,000 ms while the bench ran (was 0, put back" in table
     head = next(ln for ln in lines if ln.startswith("WORKLOAD"))
     assert "P50 us" in head and "P99 us" in head and "CACHING" in head
     # 3 made-up samples 90..110 +-: spreads of ~20% around 100: verdicts on both sides
@@ -533,7 +548,7 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
     with caches.hold_free_memory(str(params), state, 60000) as info:
         assert knob.read_text() == "60000"
         assert (info["order"], info["min_free_ms_was"], info["min_free_ms"]) == (9, 0, 60000)
-        assert "held at 60,000 ms for this run (was 0, restored)" in \
+        assert "held at 60,000 ms while the bench ran (was 0, put back at its end)" in \
             caches.free_memory_note(info)
     assert knob.read_text() == "0" and not os.path.exists(state)
     with pytest.raises(RuntimeError), caches.hold_free_memory(str(params), state, 5000):
@@ -562,6 +577,11 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
     with caches.hold_free_memory(str(params), state, 60000) as info:
         assert info["min_free_ms_was"] == 0
     assert knob.read_text() == "0"
+    # asked to leave it (an A/B of the knob): untouched, and said so
+    with caches.hold_free_memory(str(params), state, 60000, leave=True) as info:
+        assert knob.read_text() == "0" and info["min_free_ms"] is None
+    assert f"not changed: left at 0 ms ({caches.LEAVE_ENV}=1)" in \
+        caches.free_memory_note(info)
     # a kernel without the knob (mainline) or without free page reporting: untouched
     knob.unlink()
     with caches.hold_free_memory(str(params), state, 60000) as info:

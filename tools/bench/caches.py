@@ -152,6 +152,8 @@ PAGE_REPORTING = "/sys/module/page_reporting/parameters"
 HOLD_FREE_MS = 60_000
 # the value before the first of the running benches changed it, and the benches holding it
 STATE = "/run/shadowplex-bench-page-reporting.json"
+# set to 1: the bench leaves the knob as it is (to measure what it changes)
+LEAVE_ENV = "SHADOWPLEX_BENCH_LEAVE_PAGE_REPORTING"
 
 
 def _read(path: str) -> str | None:
@@ -173,13 +175,15 @@ def _alive(pid: int) -> bool:
 
 
 def _with_state(change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
-                state: str, then: Callable[[], None] | None = None) -> None:
-    """Run `change` on the shared record under its lock: it returns the new record, or None
-    to remove it; then `then`, still under the lock. Holders that are no longer running are
+                state: str, params: str, then: Callable[[], None] | None = None) -> None:
+    """Run `change` on the shared record under its lock (flock on the `params` directory:
+    no lock file to leave behind): it returns the new record, or None to remove it; then
+    `then`, still under the lock. Holders that are no longer running are
     dropped before. (Record first, knob after, when taking; knob first, record after,
     when giving back: a bench stopped in between leaves a record naming a dead holder,
     which the next bench reads the old value from.)"""
-    with open(state + ".lock", "a") as lock:
+    lock = os.open(params, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             cur = json.loads(_read(state) or "null")
@@ -197,23 +201,28 @@ def _with_state(change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
             os.replace(state + ".tmp", state)
         if then is not None:
             then()
+    finally:
+        os.close(lock)       # and with it the lock
 
 
 @contextlib.contextmanager
 def hold_free_memory(params: str = PAGE_REPORTING, state: str = STATE,
-                     hold_ms: int = HOLD_FREE_MS) -> Iterator[dict[str, Any]]:
+                     hold_ms: int = HOLD_FREE_MS, leave: bool = False
+                     ) -> Iterator[dict[str, Any]]:
     """While inside: free memory is reported to the host only after `hold_ms` free (see the
-    module docstring). Yields what the report says: the reporting order (None: this
-    kernel reports no free pages), min_free_ms before and during, or why not changed."""
+    module docstring); `leave`: not changed (an A/B of the knob itself). Yields what the
+    report says: the reporting order (None: this kernel reports no free pages),
+    min_free_ms before and during, or why not changed."""
     order = _read(os.path.join(params, "page_reporting_order"))
     info: dict[str, Any] = {"reporting": order is not None,
                             "order": int(order) if order and order.isdigit() else None,
                             "min_free_ms_was": None, "min_free_ms": None, "not_changed": None}
     knob = os.path.join(params, "min_free_ms")
     was = _read(knob)
-    if order is None or was is None or not was.isdigit():
+    if order is None or was is None or not was.isdigit() or leave:
         info["not_changed"] = ("no free page reporting" if order is None
-                               else "this kernel has no min_free_ms knob")
+                               else "this kernel has no min_free_ms knob" if not
+                               (was or "").isdigit() else f"left at {was} ms ({LEAVE_ENV}=1)")
         yield info
         return
     me = os.getpid()
@@ -240,11 +249,11 @@ def hold_free_memory(params: str = PAGE_REPORTING, state: str = STATE,
         return None
 
     try:
-        _with_state(take, state, hold)
+        _with_state(take, state, params, hold)
     except OSError as e:
         if original:     # recorded as a holder: give it back (the knob is unchanged)
             with contextlib.suppress(OSError):
-                _with_state(give_back, state)
+                _with_state(give_back, state, params)
         info["not_changed"] = f"could not change min_free_ms ({e.strerror or e})"
         yield info
         return
@@ -252,7 +261,7 @@ def hold_free_memory(params: str = PAGE_REPORTING, state: str = STATE,
     try:
         yield info
     finally:
-        _with_state(give_back, state)
+        _with_state(give_back, state, params)
 
 
 def release_stale(params: str = PAGE_REPORTING, state: str = STATE) -> bool:
@@ -269,7 +278,7 @@ def release_stale(params: str = PAGE_REPORTING, state: str = STATE) -> bool:
             f.write(str(cur["original"]))
         done.append(True)
         return None
-    _with_state(check, state)
+    _with_state(check, state, params)
     return bool(done)
 
 
@@ -281,6 +290,6 @@ def free_memory_note(info: dict[str, Any] | None) -> str | None:
             f"{info['order']}): page cache built from reported blocks fills ~10x slower, "
             "so a pass's speed depends on what ran before it")
     if info.get("min_free_ms") is not None:
-        return (what + f"; min_free_ms held at {info['min_free_ms']:,} ms for this run (was "
-                f"{info['min_free_ms_was']:,}, restored)")
+        return (what + f"; min_free_ms held at {info['min_free_ms']:,} ms while the bench ran "
+                f"(was {info['min_free_ms_was']:,}, put back at its end)")
     return what + f"; not changed: {info.get('not_changed')}"
