@@ -580,7 +580,7 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
     # asked to leave it (an A/B of the knob): untouched, and said so
     with caches.hold_free_memory(str(params), state, 60000, leave=True) as info:
         assert knob.read_text() == "0" and info["min_free_ms"] is None
-    assert f"not changed: left at 0 ms (held only with {caches.HOLD_ENV}=1)" in \
+    assert f"not changed: left at 0 ms ({caches.LEAVE_ENV}=1)" in \
         caches.free_memory_note(info)
     # a kernel without the knob (mainline) or without free page reporting: untouched
     knob.unlink()

@@ -31,7 +31,7 @@ after the report, at ~10x the cost of memory that stayed backed; page cache buil
 them fills that much slower (docs/performance.md, "First-write targets: like with like").
 The report says so. Where this VM's kernel has a knob for it (page_reporting's
 min_free_ms: how long a block must stay free before it is reported; mainline kernels have
-none), the bench, asked to (HOLD_ENV=1), holds it at HOLD_FREE_MS while it runs and puts
+none), the bench holds it at HOLD_FREE_MS while it runs (unless LEAVE_ENV=1) and puts
 the old value back on every exit path; several benches at once share one record of the
 old value (STATE), and a bench killed with -9 leaves it to the next bench to restore."""
 
@@ -152,10 +152,10 @@ PAGE_REPORTING = "/sys/module/page_reporting/parameters"
 HOLD_FREE_MS = 60_000
 # the value before the first of the running benches changed it, and the benches holding it
 STATE = "/run/shadowplex-bench-page-reporting.json"
-# set to 1: the bench holds the knob while it runs; by default it leaves it alone: in an
-# alternating A/B on the busy machine (docs/performance.md) holding it removed neither the
-# slow passes nor their frequency, and a shared machine's setting is not the bench's to change
-HOLD_ENV = "SHADOWPLEX_BENCH_HOLD_FREE_MEMORY"
+# set to 1: the bench leaves the knob as it is (an A/B of the knob itself; holding it is
+# the default: quick runs on the busy machine had 2 of 24 slow no-snapshot passes with it
+# held, 8 of 12 and more without -- docs/performance.md)
+LEAVE_ENV = "SHADOWPLEX_BENCH_LEAVE_PAGE_REPORTING"
 
 
 def _read(path: str) -> str | None:
@@ -225,7 +225,7 @@ def hold_free_memory(params: str = PAGE_REPORTING, state: str = STATE,
         info["not_changed"] = (
             "no free page reporting" if order is None
             else "this kernel has no min_free_ms knob" if not (was or "").isdigit()
-            else f"left at {was} ms (held only with {HOLD_ENV}=1)")
+            else f"left at {was} ms ({LEAVE_ENV}=1)")
         yield info
         return
     me = os.getpid()

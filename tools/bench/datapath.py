@@ -179,7 +179,7 @@ class Bench:
         p = self.profile
         # restored when the bench's stack closes: on every exit path (Ctrl-C included)
         self.free_memory = self.stack.enter_context(caches.hold_free_memory(
-            leave=os.environ.get(caches.HOLD_ENV) != "1"))
+            leave=os.environ.get(caches.LEAVE_ENV) == "1"))
         if note := caches.free_memory_note(self.free_memory):
             self.log(f"note: {note}")
         pool_dir, mnt = os.path.join(self.base, "pool"), os.path.join(self.base, "mnt")
