@@ -60,8 +60,8 @@ COMPARATORS = ("raw", "qsd_raw", "qsd_qcow2", "reflink", "spx")
 # a time-based "steady" job re-uses page-cache pages its first seconds allocated, and on
 # this VM a pass's speed depends on what ran before it). "pass": report version 3's
 # single no-snapshot pass per run (read from older reports only)
-PHASES = {"steady": "", "first": "first writes", "rewrite": "re-writes", "pass": "one pass",
-          "before": "one pass before, no snapshot"}
+PHASES = {"steady": "", "before": "one pass before, no snapshot", "first": "first writes",
+          "rewrite": "re-writes", "pass": "one pass"}
 REFLINK_FS = ("xfs", "btrfs")
 # a row: (target, workload, phase, caching, pool fs); pool fs "" = the work directory's
 Key = tuple[str, str, str, str, str]
