@@ -38,7 +38,12 @@ cleanup short -- and after a failure except its *.log files; --keep keeps it):
    "First writes": seq = a size-capped pass over the volume right after the snapshot (or
    on a fresh overlay); 4K = a replayed random permutation of the 64 KiB chunks, one 4 KiB
    write at a random 4 KiB slot of each (tools/fio/rand-write-replay.fio); "re-writes"
-   repeat exactly what the first pass did.
+   repeat exactly what the first pass did. Our snapshot targets' seq first writes come
+   right after a no-snapshot pass of their own ("one pass before", after an unrecorded
+   lead-in pass), their comparator run by run (datapath.py pass_before). On a VM that
+   reports free memory to its host the bench holds that off while it runs where the
+   kernel has the knob, puts it back at the end, and says so (caches.py
+   hold_free_memory).
 3. `--pool-fs` (default: all three in the full run, none with --quick): the write rows
    (raw, no snapshot, 1 and 8 snapshots, qcow2 overlay, reflink copy) again on a pool
    on a loop-mounted ext4 / XFS / btrfs made in the work directory, and the reflink

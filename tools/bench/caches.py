@@ -23,14 +23,28 @@ sequential reads the raw row is not an upper bound there.
 
 Why per-file eviction rather than `echo 3 > /proc/sys/vm/drop_caches`: it drops exactly
 the bench's files, for all targets alike, without emptying the caches of everything else
-on a shared machine (and drop_caches does not write dirty pages back first)."""
+on a shared machine (and drop_caches does not write dirty pages back first).
+
+Free page reporting (hold_free_memory): a VM whose kernel reports free memory to its host
+(virtio-balloon free page reporting) gets blocks back from the host on their first touch
+after the report, at ~10x the cost of memory that stayed backed; page cache built out of
+them fills that much slower (docs/performance.md, "First-write targets: like with like").
+The report says so. Where this VM's kernel has a knob for it (page_reporting's
+min_free_ms: how long a block must stay free before it is reported; mainline kernels have
+none), the bench holds it at HOLD_FREE_MS while it runs (unless LEAVE_ENV=1) and puts
+the old value back on every exit path; several benches at once share one record of the
+old value (STATE), and a bench killed with -9 leaves it to the next bench to restore."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
+import json
 import mmap
 import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .common import MiB
 
@@ -130,3 +144,155 @@ def file_resident(path: str) -> int:
 def resident_bytes(paths: list[str]) -> int:
     """Bytes of the data files among `paths` (and below) in the page cache now."""
     return sum(file_resident(f) for f in files_under(paths) if f.endswith(DATA_SUFFIXES))
+
+
+PAGE_REPORTING = "/sys/module/page_reporting/parameters"
+# page_reporting's min_free_ms while a bench runs: much longer than any gap between an
+# eviction (which frees a volume's page cache) and the job that fills page cache again
+HOLD_FREE_MS = 60_000
+# the value before the first of the running benches changed it, and the benches holding it
+STATE = "/run/shadowplex-bench-page-reporting.json"
+# set to 1: the bench leaves the knob as it is (an A/B of the knob itself; holding it is
+# the default: quick runs on the busy machine had 2 of 24 slow no-snapshot passes with it
+# held, 8 of 12 and more without -- docs/performance.md)
+LEAVE_ENV = "SHADOWPLEX_BENCH_LEAVE_PAGE_REPORTING"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _with_state(change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+                state: str, params: str, then: Callable[[], None] | None = None) -> None:
+    """Run `change` on the shared record under its lock (flock on the `params` directory:
+    no lock file to leave behind): it returns the new record, or None to remove it; then
+    `then`, still under the lock. Holders that are no longer running are
+    dropped before. (Record first, knob after, when taking; knob first, record after,
+    when giving back: a bench stopped in between leaves a record naming a dead holder,
+    which the next bench reads the old value from.)"""
+    lock = os.open(params, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            cur = json.loads(_read(state) or "null")
+        except ValueError:
+            cur = None
+        if cur is not None:
+            cur["holders"] = [p for p in cur.get("holders", []) if _alive(p)]
+        new = change(cur)
+        if new is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(state)
+        else:
+            with open(state + ".tmp", "w") as f:
+                json.dump(new, f)
+            os.replace(state + ".tmp", state)
+        if then is not None:
+            then()
+    finally:
+        os.close(lock)       # and with it the lock
+
+
+@contextlib.contextmanager
+def hold_free_memory(params: str = PAGE_REPORTING, state: str = STATE,
+                     hold_ms: int = HOLD_FREE_MS, leave: bool = False
+                     ) -> Iterator[dict[str, Any]]:
+    """While inside: free memory is reported to the host only after `hold_ms` free (see the
+    module docstring); `leave`: not changed (an A/B of the knob itself). Yields what the
+    report says: the reporting order (None: this kernel reports no free pages),
+    min_free_ms before and during, or why not changed."""
+    order = _read(os.path.join(params, "page_reporting_order"))
+    info: dict[str, Any] = {"reporting": order is not None,
+                            "order": int(order) if order and order.isdigit() else None,
+                            "min_free_ms_was": None, "min_free_ms": None, "not_changed": None}
+    knob = os.path.join(params, "min_free_ms")
+    was = _read(knob)
+    if order is None or was is None or not was.isdigit() or leave:
+        info["not_changed"] = (
+            "no free page reporting" if order is None
+            else "this kernel has no min_free_ms knob" if not (was or "").isdigit()
+            else f"left at {was} ms ({LEAVE_ENV}=1)")
+        yield info
+        return
+    me = os.getpid()
+    original: list[int] = []
+
+    def take(cur: dict[str, Any] | None) -> dict[str, Any]:
+        # nobody running holds it: the value now is the machine's -- unless a bench
+        # killed with -9 left its record (and its value): then the record's is
+        first = cur["original"] if cur and not cur["holders"] else int(was)
+        base = cur if cur and cur["holders"] else {"original": first, "holders": []}
+        original.append(base["original"])
+        return {"original": base["original"], "holders": [*base["holders"], me]}
+
+    def hold() -> None:
+        with open(knob, "w") as f:
+            f.write(str(hold_ms))
+
+    def give_back(cur: dict[str, Any] | None) -> dict[str, Any] | None:
+        rest = [p for p in (cur or {}).get("holders", []) if p != me]
+        if rest:
+            return {"original": (cur or {}).get("original", original[0]), "holders": rest}
+        with open(knob, "w") as f:
+            f.write(str((cur or {}).get("original", original[0])))
+        return None
+
+    try:
+        _with_state(take, state, params, hold)
+    except OSError as e:
+        if original:     # recorded as a holder: give it back (the knob is unchanged)
+            with contextlib.suppress(OSError):
+                _with_state(give_back, state, params)
+        info["not_changed"] = f"could not change min_free_ms ({e.strerror or e})"
+        yield info
+        return
+    info["min_free_ms_was"], info["min_free_ms"] = original[0], hold_ms
+    try:
+        yield info
+    finally:
+        _with_state(give_back, state, params)
+
+
+def release_stale(params: str = PAGE_REPORTING, state: str = STATE) -> bool:
+    """Put back the value a bench killed with -9 left held (its record names no running
+    holder); True if it did."""
+    if not os.path.exists(state):
+        return False
+    done: list[bool] = []
+
+    def check(cur: dict[str, Any] | None) -> dict[str, Any] | None:
+        if cur is None or cur["holders"]:
+            return cur
+        with open(os.path.join(params, "min_free_ms"), "w") as f:
+            f.write(str(cur["original"]))
+        done.append(True)
+        return None
+    _with_state(check, state, params)
+    return bool(done)
+
+
+def free_memory_note(info: dict[str, Any] | None) -> str | None:
+    """The report's line about the VM's free page reporting (None: nothing to say)."""
+    if not info or not info.get("reporting"):
+        return None
+    what = (f"this VM reports free memory to its host (free page reporting, order "
+            f"{info['order']}): page cache built from reported blocks fills ~10x slower, "
+            "so a pass's speed depends on what ran before it")
+    if info.get("min_free_ms") is not None:
+        return (what + f"; min_free_ms held at {info['min_free_ms']:,} ms while the bench ran "
+                f"(was {info['min_free_ms_was']:,}, put back at its end)")
+    return what + f"; not changed: {info.get('not_changed')}"

@@ -26,7 +26,9 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 FIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fio")
 REPO = os.path.dirname(os.path.dirname(FIO_DIR))
 # 2: rows carry their caching, pool file system and latency percentiles; verdicts
-REPORT_VERSION = 3
+# 3: the "pass" row; 4: "before" rows instead, paired targets (per-run ratios), the VM's
+# free page reporting (machine.free_page_reporting)
+REPORT_VERSION = 4
 VOLUME = "v"
 CHUNK = 64 * KiB          # the pool's chunk size = qcow2's default cluster size
 
@@ -52,10 +54,14 @@ TARGETS: dict[str, str] = {
 }
 # what a row's ratios are against ("spx": the same pool without a snapshot)
 COMPARATORS = ("raw", "qsd_raw", "qsd_qcow2", "reflink", "spx")
-# "pass": one pass over the fully written volume with no snapshot, started cold like a
-# "first writes" pass: what a first-write pass is compared with (like with like: a
-# time-based "steady" job re-uses page-cache pages its first seconds allocated)
-PHASES = {"steady": "", "first": "first writes", "rewrite": "re-writes", "pass": "one pass"}
+# "before": one pass over the fully written volume with no snapshot, started cold like a
+# "first writes" pass and run right before it, after the same lead-in (datapath.py
+# pass_before): what that first-write pass is compared with, run by run (like with like:
+# a time-based "steady" job re-uses page-cache pages its first seconds allocated, and on
+# this VM a pass's speed depends on what ran before it). "pass": report version 3's
+# single no-snapshot pass per run (read from older reports only)
+PHASES = {"steady": "", "before": "one pass before, no snapshot", "first": "first writes",
+          "rewrite": "re-writes", "pass": "one pass"}
 REFLINK_FS = ("xfs", "btrfs")
 # a row: (target, workload, phase, caching, pool fs); pool fs "" = the work directory's
 Key = tuple[str, str, str, str, str]

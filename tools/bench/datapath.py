@@ -34,6 +34,9 @@ from .workloads import Job, JobResult, first_write_offsets, run_fio, run_python
 # the targets that also run "cached" (buffered, warm): the plain data path, where the
 # targets compare both cachings; the copy-on-write rows run "direct" only
 CACHED_TARGETS = ("raw", "qsd_raw", "spx")
+# the targets whose sequential first-write pass gets its own no-snapshot pass right before
+# it (phase "before", the paired targets' denominators: verdicts.py)
+PAIRED_TARGETS = ("spx_1snap", "spx_8snap")
 
 
 @dataclass
@@ -77,6 +80,8 @@ class Bench:
     # while a background plex sync writes into the pool (spx_plex: not the job's data)
     cold_resident_max: int = 0
     plex_running: bool = False
+    # this VM's free page reporting, and what the bench did about it (caches.hold_free_memory)
+    free_memory: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ plumbing
     def job(self, job: Job) -> JobResult:
@@ -113,12 +118,19 @@ class Bench:
         return Job(workload, path, p.volume_size, p.runtime,
                    time_based=self.caching == "cached")
 
-    def one_pass(self, target: str, path: str, workload: str = "seq_write") -> None:
-        """What a first-write pass is compared with: the same single pass over the fully
-        written volume with no snapshot, started the same way (cold). A time-based steady
-        job is not that: after its first second it re-writes pages it already has."""
+    def pass_before(self, target: str, path: str, workload: str = "seq_write") -> None:
+        """What `target`'s first-write pass is compared with, run by run: right before
+        it, on the same volume with no snapshot yet, the same single cold pass. After a
+        lead-in pass (the same again, not recorded), so that it follows what the first-write
+        pass follows -- a pass over the volume and an eviction -- whatever target ran
+        before: on this VM a pass's speed depends on which free memory its page cache gets
+        (docs/performance.md, "First-write targets: like with like"). A time-based steady
+        job is no comparator either: after its first second it re-writes pages it already
+        has."""
         p = self.profile
-        self.record(target, workload, "pass", self.job(
+        lead = self.job(Job(workload, path, p.volume_size, p.runtime, time_based=False))
+        self.log(f"  (lead-in pass {lead.value:.1f} {WORKLOADS[workload][1]}, not recorded)")
+        self.record(target, workload, "before", self.job(
             Job(workload, path, p.volume_size, p.runtime, time_based=False)))
 
     def steady(self, target: str, path: str, workloads: tuple[str, ...] = tuple(WORKLOADS)
@@ -134,8 +146,11 @@ class Bench:
                           then: tuple[str, ...] = ()) -> None:
         """Inside `fresh()` (a new snapshot set, a new overlay, a new reflink copy): the
         first-write pass, the re-write pass over exactly what it wrote, then the `then`
-        steady workloads."""
+        steady workloads. Our snapshot targets' sequential first writes come right after
+        their no-snapshot pass (pass_before), outside `fresh()`."""
         p = self.profile
+        if workload == "seq_write" and target in PAIRED_TARGETS:
+            self.pass_before(target, path, workload)
         with fresh() as target_path:
             target_path = target_path or path
             if workload == "seq_write":
@@ -162,6 +177,11 @@ class Bench:
         from blockstore import Pool
         from provider.client import Client
         p = self.profile
+        # restored when the bench's stack closes: on every exit path (Ctrl-C included)
+        self.free_memory = self.stack.enter_context(caches.hold_free_memory(
+            leave=os.environ.get(caches.LEAVE_ENV) == "1"))
+        if note := caches.free_memory_note(self.free_memory):
+            self.log(f"note: {note}")
         pool_dir, mnt = os.path.join(self.base, "pool"), os.path.join(self.base, "mnt")
         os.makedirs(mnt)
         Pool.create(pool_dir).close()

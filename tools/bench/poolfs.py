@@ -6,8 +6,10 @@ served by a daemon of its own.
 
 Per file system, all "direct" (O_DIRECT, cold; caches.py), seq write 1M and 4K randwrite:
     raw         the raw image, no snapshot
-    spx         the volume without a snapshot (what "1 snapshot vs none" divides by)
-    spx_1snap / spx_8snap   first writes and re-writes after 1 / 8 snapshots
+    spx         the volume without a snapshot, time-based (steady)
+    spx_1snap / spx_8snap   first writes and re-writes after 1 / 8 snapshots; the seq
+                first writes right after a no-snapshot pass of their own (phase "before":
+                what "1 snapshot vs none" divides by, run by run; datapath.pass_before)
     qsd_qcow2   first writes and re-writes on a fresh qcow2 overlay of the raw image
     reflink     (XFS, btrfs) first writes and re-writes on the raw image right after
                 `cp --reflink=always` of it: the whole-file snapshot the file system gives
@@ -195,8 +197,6 @@ def run(b: Bench, fs: str) -> None:
                 order = targets[r % len(targets):] + targets[:r % len(targets)]
                 b.log(f"{fs} pool, run {r + 1}/{b.runs}: {', '.join(order)}")
                 for t in order:
-                    if t == "spx":
-                        b.one_pass(t, site.vol_path)
                     if t in ("raw", "spx"):
                         b.steady(t, site.raw if t == "raw" else site.vol_path, WRITES)
                     else:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from typing import TYPE_CHECKING, Any
 
-from .caches import CACHING
+from .caches import CACHING, free_memory_note
 from .common import (
     CHUNK,
     COMPARATORS,
@@ -99,17 +99,27 @@ def machine_info(path: str) -> dict[str, Any]:
 def _match(med: dict[Key, float], comparator: str, key: Key) -> float | None:
     """The comparator figure a row is measured against: the same workload, caching and
     pool file system; a copy-on-write comparator's first writes for first writes, its
-    re-writes for the rest; "spx" (no snapshot) its one pass for first writes where it
-    ran one (the pool file systems' rows), its steady figure for the rest."""
+    re-writes for the rest; "spx" (no snapshot) its steady figure (a first-write pass
+    with a pass of its own before it is divided by that instead: _ratio)."""
     _t, workload, phase, caching, fs = key
     if comparator in ("qsd_qcow2", "reflink") and WORKLOADS[workload][4]:
         return med.get((comparator, workload, "first" if phase == "first" else "rewrite",
                         caching, fs))
-    if comparator == "spx" and phase in ("first", "pass"):
-        one_pass = med.get((comparator, workload, "pass", caching, fs))
-        if one_pass is not None:
-            return one_pass
     return med.get((comparator, workload, "steady", caching, fs))
+
+
+def _ratio(samples: dict[Key, list[float]], med: dict[Key, float], comparator: str,
+           key: Key) -> float | None:
+    """A row's ratio against a comparator: of the medians; but a first-write pass against
+    no snapshot ("spx") is divided run by run by the no-snapshot pass run right before it
+    (its "before" row), the median of those ratios (as its target: verdicts.py)."""
+    target, workload, phase, caching, fs = key
+    if comparator == "spx" and phase == "first":
+        a, before = samples[key], samples.get((target, workload, "before", caching, fs))
+        if before and len(before) == len(a) and min(before) > 0:
+            return _median([x / y for x, y in zip(a, before, strict=True)])
+    m = _match(med, comparator, key)
+    return med[key] / m if m else None
 
 
 def _order(key: Key, pool_fs: tuple[str, ...]) -> tuple[int, ...]:
@@ -134,8 +144,7 @@ def build_report(b: Bench, versions: dict[str, str | None], skipped: list[dict[s
             "p50_us": _median([x[0] for x in lat]) if lat else None,
             "p99_us": _median([x[1] for x in lat]) if lat else None,
             "latency_samples": [list(x) for x in lat],
-            "ratios": {c: (med[key] / m if (m := _match(med, c, key)) else None)
-                       for c in COMPARATORS}})
+            "ratios": {c: _ratio(b.samples, med, c, key) for c in COMPARATORS}})
     return {
         "version": REPORT_VERSION,
         "profile": b.profile.name,
@@ -143,7 +152,8 @@ def build_report(b: Bench, versions: dict[str, str | None], skipped: list[dict[s
         "elapsed_s": elapsed,
         "runs": b.runs,
         "generator": b.generator,
-        "machine": {**machine_info(b.base), "loadavg_start": b.loadavg_start},
+        "machine": {**machine_info(b.base), "loadavg_start": b.loadavg_start,
+                    "free_page_reporting": b.free_memory},
         "tools": versions,
         "code": code_version(),
         "skipped": skipped,
@@ -272,6 +282,8 @@ def format_table(report: dict[str, Any]) -> str:
         "stayed cached); buffered, warm = fio "
         "buffered, reads warmed first; qemu-storage-daemon cache.direct=off in both "
         "(both daemons use the pool file system's page cache)")
+    if note := free_memory_note(m.get("free_page_reporting")):
+        lines.append(f"memory: {note}")
     lines.append(f"code: shadowplex {code.get('package')} at {code.get('commit') or '?'}"
                  + (" + uncommitted data-path changes" if code.get("dirty") else ""))
     lines.append(f"{report['profile']} run, {report['runs']} runs, generator {report['generator']}"

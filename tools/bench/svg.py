@@ -89,7 +89,7 @@ def render_svg(report: dict[str, Any]) -> str:
                      "spx": "spx", "spx_1snap": "spx 1 snap", "spx_8snap": "spx 8 snaps",
                      "spx_plex": "spx plex sync", "reflink": "reflink"}[r["target"]]
             short += {"steady": "", "first": " first", "rewrite": " rewr.",
-                      "pass": " 1 pass"}[r["phase"]]
+                      "pass": " 1 pass", "before": " pass before"}[r["phase"]]
             short += " (buf.)" if r["caching"] == "cached" else ""
             tx, ty = x + bw / 2, ax_y + ax_h + 8
             out.append(f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="end" font-size="9" '

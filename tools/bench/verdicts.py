@@ -1,12 +1,18 @@
 """The project's performance targets (TARGET_SPECS) and their verdicts: PASS, FAIL, or
 "noisy" when the runs disagree about it.
 
-A data-path target is a ratio of two rows' medians (same caching, same pool file system)
-against a threshold. Its verdict:
+A data-path target is a ratio of two rows (same caching, same pool file system) against a
+threshold: of their medians, or -- a paired target (Spec.paired: a first-write pass against
+the no-snapshot pass run right before it, see datapath.py) -- the median of the per-run
+ratios, each run's rows divided first by their own paired pass where the spec names one
+(num_ref, den_ref). Per run, because what a pass costs on this VM depends on what ran
+before it (docs/performance.md, "First-write targets: like with like"): a ratio of
+medians would divide one run's first writes by another run's pass. Its verdict:
   PASS / FAIL   when every pairing of the runs' samples (the range min(a)/max(b) ..
-                max(a)/min(b)) gives that answer -- or when they disagree but both rows'
-                SPREAD is at most NOISY_SPREAD: then the medians decide;
-  noisy         when the pairings disagree and a row's SPREAD is above NOISY_SPREAD: on
+                max(a)/min(b); paired: the per-run ratios' min .. max) gives that answer
+                -- or when they disagree but both rows' SPREAD (paired: the per-run
+                ratios' own) is at most NOISY_SPREAD: then the median decides;
+  noisy         when the pairings disagree and that SPREAD is above NOISY_SPREAD: on
                 this evidence the target could go either way -- rerun (more --runs, a
                 quieter machine) before believing PASS or FAIL;
   n/a           a row is missing (a comparator not installed, a pool fs not run).
@@ -30,6 +36,11 @@ class Spec:
     threshold: float
     num: Key | None = None   # data-path targets: value = median(num) / median(den)
     den: Key | None = None
+    # paired: value = median over the runs i of (num[i] / num_ref[i]) / (den[i] / den_ref[i])
+    # (a missing ref: that side is not divided)
+    paired: bool = False
+    num_ref: Key | None = None
+    den_ref: Key | None = None
 
 
 def _k(target: str, workload: str, phase: str = "steady", caching: str = "direct",
@@ -58,20 +69,26 @@ TARGET_SPECS: list[Spec] = [
     Spec("snap8_vs_snap1_4k_first", "4K first writes, 8 snapshots within 10% of 1", "within",
          0.10, _k("spx_8snap", "rand_write", "first"), _k("spx_1snap", "rand_write", "first")),
     Spec("snap8_vs_snap1_seq_first", "seq first writes, 8 snapshots within 10% of 1", "within",
-         0.10, _k("spx_8snap", "seq_write", "first"), _k("spx_1snap", "seq_write", "first")),
+         0.10, _k("spx_8snap", "seq_write", "first"), _k("spx_1snap", "seq_write", "first"),
+         paired=True, num_ref=_k("spx_8snap", "seq_write", "before"),
+         den_ref=_k("spx_1snap", "seq_write", "before")),
     Spec("xfs_seq_1snap_vs_0", "XFS pool: seq overwrite 1M, 1 snapshot >= 0.7x no snapshot",
          ">=", 0.7, _k("spx_1snap", "seq_write", "first", fs="xfs"),
-         _k("spx", "seq_write", "pass", fs="xfs")),
+         _k("spx_1snap", "seq_write", "before", fs="xfs"), paired=True),
     Spec("btrfs_seq_1snap_vs_0",
          "btrfs pool: seq overwrite 1M, 1 snapshot >= 0.6x no snapshot", ">=", 0.6,
          _k("spx_1snap", "seq_write", "first", fs="btrfs"),
-         _k("spx", "seq_write", "pass", fs="btrfs")),
+         _k("spx_1snap", "seq_write", "before", fs="btrfs"), paired=True),
     Spec("xfs_seq_8snap_vs_1", "XFS pool: seq overwrite 1M, 8 snapshots within 10% of 1",
          "within", 0.10, _k("spx_8snap", "seq_write", "first", fs="xfs"),
-         _k("spx_1snap", "seq_write", "first", fs="xfs")),
+         _k("spx_1snap", "seq_write", "first", fs="xfs"), paired=True,
+         num_ref=_k("spx_8snap", "seq_write", "before", fs="xfs"),
+         den_ref=_k("spx_1snap", "seq_write", "before", fs="xfs")),
     Spec("btrfs_seq_8snap_vs_1", "btrfs pool: seq overwrite 1M, 8 snapshots within 10% of 1",
          "within", 0.10, _k("spx_8snap", "seq_write", "first", fs="btrfs"),
-         _k("spx_1snap", "seq_write", "first", fs="btrfs")),
+         _k("spx_1snap", "seq_write", "first", fs="btrfs"), paired=True,
+         num_ref=_k("spx_8snap", "seq_write", "before", fs="btrfs"),
+         den_ref=_k("spx_1snap", "seq_write", "before", fs="btrfs")),
     Spec("commit_median_ms", "commit (hold) median <= 5 ms, worst of 1 GiB / 1 TiB", "<=", 5.0),
     Spec("commit_flat", "commit (hold) flat in volume size: median 1 TiB / 1 GiB <= 1.25",
          "<=", 1.25),
@@ -93,6 +110,29 @@ def spread(xs: list[float]) -> float:
     """SPREAD of a row: (max - min) / median of its samples."""
     m = _median(xs)
     return (max(xs) - min(xs)) / m if m else 0.0
+
+
+def _series(samples: dict[Key, list[float]], key: Key, ref: Key | None
+            ) -> list[float] | None:
+    """A row's per-run figures, each divided by its run's `ref` figure (None: missing)."""
+    a = samples.get(key)
+    if not a:
+        return None
+    if ref is None:
+        return list(a)
+    r = samples.get(ref)
+    if not r or len(r) != len(a) or min(r) <= 0:
+        return None
+    return [x / y for x, y in zip(a, r, strict=True)]
+
+
+def per_run_ratios(samples: dict[Key, list[float]], s: Spec) -> list[float] | None:
+    """A paired target's ratio in each run (None: a row missing, or runs unpaired)."""
+    assert s.num is not None and s.den is not None
+    a, b = _series(samples, s.num, s.num_ref), _series(samples, s.den, s.den_ref)
+    if a is None or b is None or len(a) != len(b) or min(b) <= 0:
+        return None
+    return [x / y for x, y in zip(a, b, strict=True)]
 
 
 def verdict(op: str, thr: float, value: float | None, lo: float | None = None,
@@ -130,7 +170,15 @@ def evaluate_targets(samples: dict[Key, list[float]], control: dict[str, Any]
         value: float | None = None
         lo = hi = None
         worst = 0.0
-        if s.num is not None and s.den is not None:
+        runs: list[float] | None = None
+        if s.paired:
+            runs = per_run_ratios(samples, s)
+            if runs:
+                value = _median(runs)
+                if len(runs) > 1:
+                    lo, hi = min(runs), max(runs)
+                worst = spread(runs)
+        elif s.num is not None and s.den is not None:
             a, b = samples.get(s.num), samples.get(s.den)
             if a and b and min(b) > 0:
                 value = _median(a) / _median(b)
@@ -144,7 +192,8 @@ def evaluate_targets(samples: dict[Key, list[float]], control: dict[str, Any]
                     "threshold": s.threshold, "value": value,
                     "met": None if value is None else _met(s.op, s.threshold, value),
                     "verdict": v, "range": None if lo is None else [lo, hi],
-                    "spread": worst if s.num is not None and value is not None else None})
+                    "spread": worst if s.num is not None and value is not None else None,
+                    "paired": s.paired, "per_run": runs})
     return out
 
 
