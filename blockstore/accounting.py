@@ -72,6 +72,17 @@ def count(da: DiffArea, slot: int, chunk: int, epoch: int, has_data: bool) -> No
             da.space_memo.add(prev, epoch, 1)
 
 
+def count_new(da: DiffArea, lo: int, hi: int, epoch: int) -> None:
+    """count() of the data entries of slots [lo, hi) at once, for chunks that have no
+    entry yet (their previous epoch: 0)."""
+    if hi > len(da.prev):
+        da.prev.extend(array("I", bytes(4 * (hi - len(da.prev)))))
+    da.prev[lo:hi] = array("I", bytes(4 * (hi - lo)))
+    da.spans[(0, epoch)] += hi - lo
+    if da.space_memo is not None:
+        da.space_memo.add(0, epoch, hi - lo)
+
+
 def uncount(da: DiffArea, slot: int, has_data: bool) -> None:
     """An entry being freed (has_data: it was not a ZERO entry). The figures' memo goes:
     a reclaim follows a delete, which changed the live snapshots anyway."""

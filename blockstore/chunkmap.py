@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 
 def consecutive_runs(items: list[int]) -> Iterator[tuple[int, int]]:
@@ -80,6 +80,12 @@ class EpochTable:
 
     def add(self, chunk: int, slot: int) -> None:
         self.pending[chunk] = slot
+        if len(self.pending) >= max(1024, len(self.keys) >> 3):
+            self._merge()
+
+    def add_many(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """add() of each (chunk, slot) pair."""
+        self.pending.update(pairs)
         if len(self.pending) >= max(1024, len(self.keys) >> 3):
             self._merge()
 

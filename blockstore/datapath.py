@@ -207,8 +207,12 @@ class DataPath(HeldWrites):
             return 0
         view = memoryview(data)
         filled = self._copy_before_write(v, offset, n, view) if v.live_epochs else ()
-        if v.held.chunks:
-            cs = self.chunk_size
+        cs = self.chunk_size
+        if filled and len(filled) == (offset + n - 1) // cs - offset // cs + 1:
+            # every chunk of the write replaced whole and held with its new content
+            # (a sequential first-write stream): no piece to copy, each chunk dirty whole
+            v.held.dirty.update(dict.fromkeys(filled, (0, cs)))
+        elif v.held.chunks:
             for lo, hi, buf, base in self._pieces(v, offset, n):
                 if buf is None:
                     v.file.pwrite(view[lo - offset:hi - offset], lo)

@@ -105,7 +105,7 @@ class DataFile:
     """An open file of the pool with a role (for fault injection)."""
 
     __slots__ = ("path", "fd", "role", "faults", "_dirty", "_log", "_pins", "_close_pending",
-                 "_sync_lock", "failed")
+                 "_sync_lock", "failed", "nowait")
 
     def __init__(self, path: str, role: str, faults: Faults, create: bool = False,
                  read_only: bool = False) -> None:
@@ -130,6 +130,9 @@ class DataFile:
         # so no later sync may pass for covering what was written before it
         self._sync_lock = threading.Lock()
         self.failed: OSError | None = None
+        # RWF_NOWAIT works on this file (pread_cached); False once its file system said
+        # EOPNOTSUPP (tmpfs, FUSE...): it is not asked again
+        self.nowait = True
 
     @property
     def dirty(self) -> bool:
@@ -150,7 +153,13 @@ class DataFile:
     def pread_cached(self, length: int, offset: int) -> bytes | bytearray:
         """pread of what the page cache holds: NotCached where any of it would wait for
         the disk (preadv2 RWF_NOWAIT, Linux >= 4.14 for buffered reads). A file system
-        that cannot tell (EOPNOTSUPP) is read as usual: it is served as if cached."""
+        that cannot tell (EOPNOTSUPP: tmpfs, FUSE) gets NotCached every time -- a read
+        there may wait as long as any (a FUSE server, a network), so it goes where
+        waiting is allowed (the caller's worker threads) -- and is not asked again
+        (`nowait`; review of 2026-12-06: such reads were done blocking on the trio
+        thread)."""
+        if not self.nowait:
+            raise NotCached
         self.faults.io(self.role, "read")
         buf = bytearray(length)
         try:
@@ -160,7 +169,8 @@ class DataFile:
         except OSError as e:
             if e.errno != errno.EOPNOTSUPP:
                 raise
-            return os.pread(self.fd, length, offset)
+            self.nowait = False
+            raise NotCached from None
         if n < length:   # part of it cached, or the end of the file
             if offset + n < self.size():
                 raise NotCached

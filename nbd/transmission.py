@@ -11,8 +11,10 @@ pool lock; a store that says `blocking_io`, RBD or a remote array, reads every t
 a thread) and its reply goes out when it is done, by its cookie, while the loop goes
 on with the next requests: READ_THREADS threads for the whole server, at most
 MAX_READS_IN_FLIGHT reads and MAX_READ_BYTES_IN_FLIGHT bytes of them per connection
-(then the loop stops taking requests off the socket until one is answered). Replies
-never interleave: each is sent whole under the connection's send lock.
+and MAX_BUFFERED_BYTES of them and of WRITE payloads over all connections
+(MemoryBudget); at a limit the loop stops taking requests off the socket until a read
+is answered or a write done. Replies never interleave: each is sent whole under the
+connection's send lock.
 
 WRITE, TRIM, WRITE_ZEROES, FLUSH and BLOCK_STATUS are done by the loop itself, one at a
 time in request order, as before: a write is in the array before its reply, so a FLUSH
@@ -67,6 +69,12 @@ READ_THREADS = 8
 INLINE_MAX = 256 << 10
 MAX_READS_IN_FLIGHT = 16
 MAX_READ_BYTES_IN_FLIGHT = 64 << 20
+# and for the whole server: the bytes of every connection's reads in flight and WRITE
+# payloads being received or written (64 connections at their own limits would hold
+# 4 GiB of replies and 2 GiB of payloads: authenticated clients could run the daemon
+# out of memory); a connection at this limit waits for room (MemoryBudget); at least
+# MAX_REQUEST, so that any one request fits
+MAX_BUFFERED_BYTES = 256 << 20
 # command flags each command may carry (proto.md: others are EINVAL)
 _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
           p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
@@ -100,30 +108,77 @@ class Served:
     flight: InFlight = field(default_factory=lambda: InFlight())
 
 
+class MemoryBudget:
+    """The bytes of request data in memory over every connection of a server:
+    MAX_BUFFERED_BYTES. A READ done in a thread takes its length when admitted and
+    gives it back once its reply is sent (the reply waits whole in memory); a WRITE
+    takes its length before its payload is received and gives it back once the write
+    is done.
+
+    take(n) waits until n more fit, first come first served (a large request is never
+    passed over for ever by small ones); one is always let in when nothing is taken. A
+    connection waiting here holds none of the budget, and what is taken is given back
+    by the task that took it, in a `finally`: also when it ends otherwise (an error
+    reply, the client gone, the connection or the daemon cancelled) -- so the budget
+    never leaks, and a waiter never waits on another waiter, only on replies being
+    sent and writes being done (docs/network.md, "Requests in flight")."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._turn = trio.Lock()   # trio's locks are fair: the waiters' queue, in order
+        self._room: trio.Event | None = None
+
+    async def take(self, n: int) -> None:
+        if not self._turn.locked() and self.used + n <= self.limit:
+            self.used += n   # (the usual case: no scheduler pass)
+            return
+        async with self._turn:   # cancelled while waiting: nothing was taken
+            while self.used and self.used + n > self.limit:
+                if self._room is None:
+                    self._room = trio.Event()
+                await self._room.wait()
+            self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+
 class InFlight:
     """One connection's reads in worker threads (how many, how many bytes) and the
-    nursery they run in. (Replies are kept whole by the connection: Conn.send.)"""
+    nursery they run in; `budget`: the server's, shared by every connection. (Replies
+    are kept whole by the connection: Conn.send.)"""
 
     def __init__(self) -> None:
         self.nursery: trio.Nursery | None = None
+        self.budget: MemoryBudget | None = None
         self.count = 0
         self.bytes = 0
         self._room: trio.Event | None = None
         self.ended: Exception | None = None   # why the connection ends (a task saw it)
 
     async def admit(self, n: int) -> None:
-        """Wait until one more read of n bytes may be in flight."""
+        """Wait until one more read of n bytes may be in flight: room in this
+        connection's limits, then in the server's budget (only this connection's loop
+        admits its reads, and done() only makes room: the first wait still holds)."""
         while self.count >= MAX_READS_IN_FLIGHT or \
                 (self.count and self.bytes + n > MAX_READ_BYTES_IN_FLIGHT):
             if self._room is None:
                 self._room = trio.Event()
             await self._room.wait()
+        if self.budget is not None:
+            await self.budget.take(n)
         self.count += 1
         self.bytes += n
 
     def done(self, n: int) -> None:
         self.count -= 1
         self.bytes -= n
+        if self.budget is not None:
+            self.budget.give(n)
         if self._room is not None:
             self._room.set()
             self._room = None
@@ -152,6 +207,7 @@ class RequestLoop:
         raise NotImplementedError
 
     _read_threads: trio.CapacityLimiter | None = None
+    _memory_budget: MemoryBudget | None = None
 
     async def _transmission(self, c: Conn, s: Served) -> None:
         """The connection's requests until it ends; its reads in flight run in a
@@ -159,7 +215,10 @@ class RequestLoop:
         exception group): Closed, a protocol error, a broken stream."""
         if self._read_threads is None:
             self._read_threads = trio.CapacityLimiter(READ_THREADS)
+        if self._memory_budget is None:
+            self._memory_budget = MemoryBudget(MAX_BUFFERED_BYTES)
         f = s.flight
+        f.budget = self._memory_budget
         async with trio.open_nursery() as n:
             f.nursery = n
             try:
@@ -206,17 +265,29 @@ class RequestLoop:
                     await self._error(c, s, cookie, r.code, r.message)
                 continue
             payload: bytes | memoryview = b""
+            budget = None
             if cmd == p.CMD_WRITE:
                 if length > MAX_REQUEST:   # cannot skip that much safely: disconnect
                     raise p.ProtocolError(f"WRITE of {length} bytes")
-                payload = await c.recv_payload(length)
-            if cmd == p.CMD_DISC:
-                return
+                # its buffer is in the server's budget from before it is received until
+                # the write is done (MemoryBudget)
+                budget = s.flight.budget
+                if budget is not None:
+                    await budget.take(length)
             try:
-                await self._command(c, s, cmd, flags, cookie, offset, length, payload,
-                                    inline, threaded)
-            except Refused as r:
-                await self._error(c, s, cookie, r.code, r.message)
+                if cmd == p.CMD_WRITE:
+                    payload = await c.recv_payload(length)
+                if cmd == p.CMD_DISC:
+                    return
+                try:
+                    await self._command(c, s, cmd, flags, cookie, offset, length, payload,
+                                        inline, threaded)
+                except Refused as r:
+                    await self._error(c, s, cookie, r.code, r.message)
+            finally:
+                if budget is not None:
+                    payload = b""
+                    budget.give(length)
 
     async def _error(self, c: Conn, s: Served, cookie: int, code: int, message: str
                      ) -> None:

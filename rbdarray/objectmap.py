@@ -17,9 +17,13 @@ to a written object); but not if it exists neither in the snapshot nor in the he
 tests/test_rbd_revert.py checks the answer is diff_iterate's.
 
 It answers None -- the caller then does what librbd does -- whenever it cannot be sure:
-the image lacks fast-diff or is striped, a map is flagged invalid, a snapshot of another
-namespace (group, trash, mirror) lies in the range (its map would be needed and we do
-not list it), or a map cannot be read or parsed. Only reading; nothing is changed.
+the image lacks fast-diff or is striped, it has a clone parent (it or any of its
+snapshots: its maps say nothing of what it reads from the parent -- a clone not
+flattened yet, a v2 clone made elsewhere -- so "absent" there is not zeros; librbd's
+diff_iterate and rollback_to_snap include the parent), a map is flagged invalid, a
+snapshot of another namespace (group, trash, mirror) lies in the range (its map would
+be needed and we do not list it), or a map cannot be read or parsed. Only reading;
+nothing is changed.
 """
 
 from __future__ import annotations
@@ -65,6 +69,25 @@ def _all_snap_ids(io: Any, image_id: str) -> set[int] | None:
     if len(out) < 12 + 8 * n:
         return None
     return set(struct.unpack_from(f"<{n}Q", out, 12))
+
+
+def _has_parent(io: Any, image: Any, rbd: Any, image_id: str) -> bool | None:
+    """Whether the image -- its head or any of its snapshots -- has a clone parent; None
+    when that cannot be said. librbd's parent_info() of the open image (its head, or
+    the snapshot it is opened at), then the header's `parent_get` class call, which
+    also answers for the snapshots: the parent link stays on the header while a
+    snapshot still reads through it, after its head was flattened (cls_rbd.cc)."""
+    try:
+        image.parent_info()
+        return True
+    except rbd.ImageNotFound:   # no parent here
+        pass
+    out = _exec(io, HEADER_PREFIX + image_id, "parent_get", b"", 4096)
+    # ParentImageSpec: the encoding's header (u8 version, u8 compat, u32 length), then
+    # the parent's pool id, -1 for none
+    if out is None or len(out) < 14:
+        return None
+    return bool(struct.unpack_from("<q", out, 6)[0] >= 0)
 
 
 def load_map(io: Any, image_id: str, snap_id: int, objects: int) -> int | None:
@@ -120,15 +143,19 @@ def object_numbers(bits: int, objects: int) -> list[int]:
     return out
 
 
-def _mappable(image: Any, rbd: Any) -> tuple[int, str] | None:
+def _mappable(io: Any, image: Any, rbd: Any) -> tuple[int, str] | None:
     """(object order, image id) when the image's object maps can be read our way (fast
-    diff on, no striping); None when not, or librbd cannot say: do it librbd's way."""
+    diff on, no striping, no clone parent); None when not, or librbd cannot say: do it
+    librbd's way."""
     try:
         order = int(image.stat()["order"])
         if not image.features() & rbd.RBD_FEATURE_FAST_DIFF or \
                 image.stripe_count() != 1 or image.stripe_unit() != 1 << order:
             return None
-        return order, str(image.id())
+        image_id = str(image.id())
+        if _has_parent(io, image, rbd, image_id) is not False:
+            return None
+        return order, image_id
     except Exception:   # noqa: BLE001 - librbd itself will do it
         return None
 
@@ -140,7 +167,7 @@ def changed_objects(io: Any, image: Any, rbd: Any, snap_id: int, limit: int,
     bytes, ascending; None when the maps cannot be trusted (the module docstring: do it
     librbd's way then). ``image``: an open Image of the volume (the head or a snapshot);
     a write in flight meanwhile may or may not be seen (as with librbd's diff)."""
-    mappable = _mappable(image, rbd)
+    mappable = _mappable(io, image, rbd)
     if mappable is None:
         return None
     order, image_id = mappable
@@ -184,7 +211,7 @@ def allocated_objects(io: Any, image: Any, rbd: Any, snap_id: int | None, size: 
     """The numbers of the objects that exist in RBD snapshot ``snap_id`` (None: the
     head) among its first ``size`` bytes, ascending -- one map read instead of librbd's
     walk of every object; None when the map cannot be trusted (as changed_objects)."""
-    mappable = _mappable(image, rbd)
+    mappable = _mappable(io, image, rbd)
     if mappable is None:
         return None
     order, image_id = mappable

@@ -96,7 +96,8 @@ class EngineModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            assert self.pool.check() == []
+            problems = self.pool.check()
+            assert problems == [], problems
             self.pool.close()
         finally:
             shutil.rmtree(self.dir)

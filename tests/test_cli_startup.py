@@ -124,7 +124,8 @@ def test_only_the_named_command_is_built() -> None:
 def test_make_installs_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`make install`'s command (tools/launcher.py): Python -IS, sys.path set by the file.
     Written from this venv with the checkout on its path (an install's site-packages),
-    it runs the CLI without site; a #! line too long for Linux is refused."""
+    it runs the CLI without site; a #! line too long for Linux, or a PREFIX with a blank
+    (Linux splits a #! line there), is refused."""
     out = tmp_path / "shadowplex"
     assert launcher.main([str(out)]) == 0
     lines = out.read_text().splitlines()
@@ -142,6 +143,10 @@ def test_make_installs_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(sys, "prefix", "/" + "p" * 130)
     assert launcher.main([str(tmp_path / "long")]) == 2
     assert not (tmp_path / "long").exists() and launcher.main([]) == 2
+    for prefix in ("/opt/my venv", "/opt/tab\tvenv"):
+        monkeypatch.setattr(sys, "prefix", prefix)
+        assert launcher.main([str(tmp_path / "blank")]) == 2
+        assert not (tmp_path / "blank").exists()
 
 
 @pytest.mark.parametrize("rows", [

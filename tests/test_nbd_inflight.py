@@ -381,3 +381,140 @@ def test_a_held_write_never_lands_in_a_lun_created_again_under_its_name(
     assert got == b""                      # no reply: the connection ended
     assert pool.read("db", 0, PIECE) == bytes(PIECE)
     until(lambda: srv.connections() == 0)
+
+
+def test_the_reads_of_every_connection_share_one_budget(
+        srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of 2026-12-06: replies in flight were bounded per connection only (64 MiB
+    each, 64 connections: 4 GiB from authenticated clients). With the server's budget
+    at four reads, three of one connection and three of another reach their threads
+    four at a time: the second connection's loop waits for room (and its cached read
+    behind them with it), holding none of the budget; once replies are sent the rest
+    go, every reply right, and the whole budget is back."""
+    monkeypatch.setattr(transmission, "MAX_BUFFERED_BYTES", 4 * COLD_LEN)
+    data, gate = srv.data, srv.gate   # type: ignore[attr-defined]
+    a, b = Client(srv.port), Client(srv.port)
+    a.go("volumes/db")
+    b.go("volumes/db")
+    a.s.sendall(b"".join(p.request(p.CMD_READ, 1 + i, cold(i), COLD_LEN) for i in range(3)))
+    gate.wait_held(3)
+    b.s.sendall(b"".join(p.request(p.CMD_READ, 11 + i, cold(3 + i), COLD_LEN)
+                         for i in range(3)) + p.request(p.CMD_READ, 14, cached(0), PIECE))
+    gate.wait_held(1)
+    assert not gate.held.acquire(timeout=0.5), "a fifth read went past the budget"
+    budget = srv.server._memory_budget
+    assert budget is not None and budget.used == 4 * COLD_LEN
+    b.s.settimeout(0.3)
+    with pytest.raises(TimeoutError):   # b's loop waits: its cached read too
+        b.recv(1)
+    b.s.settimeout(10)
+    gate.open.set()
+    got_a = dict(read_reply(a, False, COLD_LEN) for _ in range(3))
+    assert got_a == {1 + i: data[cold(i):cold(i) + COLD_LEN] for i in range(3)}
+    lengths = {11: COLD_LEN, 12: COLD_LEN, 13: COLD_LEN, 14: PIECE}
+    got_b = dict(read_reply(b, False, lengths) for _ in range(4))
+    assert got_b == {**{11 + i: data[cold(3 + i):cold(3 + i) + COLD_LEN] for i in range(3)},
+                     14: data[cached(0):cached(0) + PIECE]}
+    until(lambda: budget.used == 0)
+    a.close()
+    b.close()
+
+
+def test_write_payloads_count_in_the_same_budget(
+        srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WRITE payloads share the budget (64 connections x 32 MiB payloads were outside
+    any bound): with the budget full of reads held in their threads, another
+    connection's WRITE is neither received nor done until a read is answered; then it
+    is, the volume has it, and the budget is whole again."""
+    monkeypatch.setattr(transmission, "MAX_BUFFERED_BYTES", 2 * COLD_LEN)
+    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    data, gate = srv.data, srv.gate   # type: ignore[attr-defined]
+    a, b = Client(srv.port), Client(srv.port)
+    a.go("volumes/db")
+    b.go("volumes/db")
+    a.s.sendall(b"".join(p.request(p.CMD_READ, 1 + i, cold(i), COLD_LEN) for i in range(2)))
+    gate.wait_held(2)
+    at, new = cold(5), os.urandom(PIECE)
+    b.request(p.CMD_WRITE, at, PIECE, new, cookie=5)
+    b.s.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        b.recv(1)
+    assert pool.read("db", at, PIECE) == data[at:at + PIECE]   # not written yet
+    b.s.settimeout(10)
+    gate.open.set()
+    got = dict(read_reply(a, False, COLD_LEN) for _ in range(2))
+    assert got == {1 + i: data[cold(i):cold(i) + COLD_LEN] for i in range(2)}
+    assert b.simple() == (0, 5)
+    assert pool.read("db", at, PIECE) == new
+    budget = srv.server._memory_budget
+    assert budget is not None
+    until(lambda: budget.used == 0)
+    a.close()
+    b.close()
+
+
+def test_connections_waiting_for_the_budget_when_the_daemon_stops_leave_it_whole(
+        srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two connections wait for room behind a third's reads (held in their threads)
+    when the server stops: the waiters are cancelled having taken nothing, the reads in
+    threads give theirs back when they end unanswered -- the budget is whole again
+    (a waiter that had counted itself in, or a read that never gave back, leaves it
+    short for the daemon's whole life)."""
+    monkeypatch.setattr(transmission, "MAX_BUFFERED_BYTES", 2 * COLD_LEN)
+    gate = srv.gate   # type: ignore[attr-defined]
+    a = Client(srv.port)
+    a.go("volumes/db")
+    a.s.sendall(b"".join(p.request(p.CMD_READ, 1 + i, cold(i), COLD_LEN) for i in range(2)))
+    gate.wait_held(2)
+    waiting = []
+    for k in range(2):
+        c = Client(srv.port)
+        c.go("volumes/db")
+        c.request(p.CMD_READ, cold(2 + k), COLD_LEN, cookie=20 + k)
+        waiting.append(c)
+    assert not gate.held.acquire(timeout=0.3)
+    budget = srv.server._memory_budget
+    assert budget is not None and budget.used == 2 * COLD_LEN
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    stopper.join(0.3)
+    assert stopper.is_alive()   # the two reads in threads still run
+    gate.open.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert budget.used == 0
+    assert all(c.closed() for c in waiting)
+
+
+def test_a_pool_without_rwf_nowait_serves_small_reads_from_threads(tmp_path: Path) -> None:
+    """Review of 2026-12-06: on a file system that answers RWF_NOWAIT with EOPNOTSUPP
+    (tmpfs), a small READ was read blocking on the daemon's trio loop. It now goes to a
+    worker thread (held there by the gate: answered inline, it never would be), and is
+    answered right."""
+    from test_faults_real import tiny_tmpfs
+    with tiny_tmpfs(tmp_path, 64 * MiB) as fs:
+        pool = Pool.create(str(fs / "pool"))
+        pool.create_volume("db", MiB)
+        data = os.urandom(MiB)
+        pool.write("db", 0, data)
+        pool.flush("db")
+        r = Running(pool)
+        gate = Gate(pool)
+        try:
+            c = Client(r.port)
+            c.go("volumes/db")
+            c.s.sendall(b"".join(p.request(p.CMD_READ, 1 + i, i * PIECE, 4096)
+                                 for i in range(2)))
+            gate.wait_held(2)
+            gate.open.set()
+            got = dict(read_reply(c, False, 4096) for _ in range(2))
+            assert got == {1 + i: data[i * PIECE:i * PIECE + 4096] for i in range(2)}
+            c.close()
+        finally:
+            gate.open.set()
+            while OPEN:
+                OPEN.pop().close()
+            r.stop()
+            assert pins(pool) == 0
+            assert pool.check() == []
+            pool.close()

@@ -314,3 +314,72 @@ def test_read_async_never_asks_librbd_for_the_size(arr: RbdArray,
         assert not arr.read_async("v", 8 * MiB - 4096, 8192, done)   # past the end
     finally:
         arr._vols["v"].lun.image = image
+
+
+def test_a_clone_is_never_answered_from_its_own_maps(arr: RbdArray,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Review of 2026-12-06: objectmap.py assumed no clone parent. A volume that is a
+    clone not flattened (a v2 clone made elsewhere, given our record): what it reads
+    from its parent is absent from its own object maps. Its allocation and the split of
+    its snapshot (both missed the parent's data) and a revert after its head was shrunk
+    (`rbd resize --allow-shrink`: the parent overlap shrinks with it) are librbd's
+    exact answers, the parent's data included; so is a diff once the head is flattened
+    while a snapshot still reads through the parent (no deep-flatten); a volume of ours
+    keeps using the maps. (The fixture's wipe removes the images, clones first.)"""
+    import rbd
+
+    from rbdarray.array import _feature_bits
+    from rbdarray.records import VOLUME_KEY, VolumeRecord
+    io = arr._io
+    parent = os.urandom(2 * MiB)
+    rbd.RBD().create(io, "par", 4 * MiB, order=16, old_format=False,
+                     features=_feature_bits(rbd))
+    with rbd.Image(io, "par") as im:
+        im.write(parent, 0)
+        im.create_snap("base")
+    rbd.RBD().clone(io, "par", "base", io, "kid", features=_feature_bits(rbd), order=16)
+    with rbd.Image(io, "kid") as im:
+        assert im.parent_info()[1] == "par"   # (a clone, not flattened)
+        im.metadata_set(VOLUME_KEY, VolumeRecord(arr._naa(), time.time()).dump())
+    assert arr._refresh()
+    arr.write("kid", 100, os.urandom(1000))           # a copy-up of object 0
+    arr.write("kid", 3 * MiB, os.urandom(CS))         # past the parent's data
+    sid = snap(arr, "kid")
+    want = digest(arr, sid)
+    assert arr.read(sid, MiB, MiB) == parent[MiB:]    # (the parent's, through librbd)
+    image = arr._vols["kid"].lun.image
+    assert objectmap.allocated_objects(io, image, arr._rbd, None, 4 * MiB) is None
+    assert ours_changed(arr, "kid", sid) is None
+    assert arr.allocated_bytes(sid) >= 2 * MiB        # the parent's objects count
+    arr.split(sid, "copy")                            # a copy of what it reads
+    assert digest(arr, "copy") == want
+    sid = snap(arr, "kid")
+    assert digest(arr, sid) == want
+    arr.write("kid", 0, os.urandom(CS))
+    image.resize(MiB)                                 # shrunk elsewhere
+    with caplog.at_level(logging.INFO, logger="rbdarray.revert"):
+        arr.revert("kid", sid)
+    assert "rollback_to_snap" in caplog.text          # not from the maps
+    assert arr.lun_size("kid") == 4 * MiB
+    assert digest(arr, "kid") == want
+    image.flatten()          # deep-flatten: its snapshots too, no parent any more
+    with pytest.raises(rbd.ImageNotFound):
+        image.parent_info()
+    assert ours_changed(arr, "kid", sid) == librbd_changed(arr, "kid", sid)
+    # without deep-flatten a flattened head's snapshot still reads through the parent:
+    # the head's parent_info() says none, the header's parent_get still names it
+    rbd.RBD().clone(io, "par", "base", io, "kid2", order=16,
+                    features=_feature_bits(rbd) & ~rbd.RBD_FEATURE_DEEP_FLATTEN)
+    with rbd.Image(io, "kid2") as im:
+        im.write(os.urandom(CS), 0)
+        im.create_snap("s")
+        im.flatten()
+        with pytest.raises(rbd.ImageNotFound):
+            im.parent_info()
+        first = next(int(s["id"]) for s in im.list_snaps())
+        assert objectmap._has_parent(io, im, rbd, im.id()) is True
+        assert objectmap.changed_objects(io, im, rbd, first, 4 * MiB) is None
+    arr.create_volume("ours", MiB)                    # no parent: the maps
+    assert ours_changed(arr, "ours", snap(arr, "ours")) == []
+    ours = arr._vols["ours"].lun.image
+    assert objectmap._has_parent(io, ours, rbd, ours.id()) is False

@@ -147,6 +147,36 @@ def test_the_snapshot_reads_the_old_bytes_through_close_reopen_and_seal(pool_tmp
 
 
 @ON_REFLINK
+def test_a_stream_cloned_into_slots_of_other_numbers_reads_right(pool_tmp):
+    """A sequential first-write stream whose chunks land in slots of other numbers (the
+    bulk path of DiffArea.preserve: chunks 16-31 into slots 0-15, then 0-7 into 16-23):
+    the snapshot reads OLD everywhere, before and after a reopen and a seal. Every write
+    at offset 0 of a fresh diff area puts chunk N in slot N, where a map kept as slot ->
+    chunk reads right by chance (it did: the bulk path's table was filled that way)."""
+    path = str(pool_tmp / "p")
+    pool, s = _snapped(path)
+    half = RUN // 2
+    try:
+        pool.write("v", RUN, NEW[RUN:2 * RUN])
+        assert pool.read(s, 0, 2 * MiB) == OLD
+        pool.write("v", 0, NEW[:half])
+        assert _slots(_diff(pool), UNSUMMED) == {
+            **{RUN // CS + i: i for i in range(RUN // CS)},
+            **{i: RUN // CS + i for i in range(half // CS)}}
+        assert pool.read(s, 0, 2 * MiB) == OLD
+    finally:
+        pool.close()
+    pool = Pool.open(path)
+    try:
+        assert pool.read(s, 0, 2 * MiB) == OLD
+        assert pool.seal_preserved() == (RUN + half) // CS
+        assert pool.read(s, 0, 2 * MiB) == OLD and pool.check() == []
+        assert pool.read("v", 0, 2 * MiB) == NEW[:half] + OLD[half:RUN] + NEW[RUN:2 * RUN]
+    finally:
+        pool.close()
+
+
+@ON_REFLINK
 @pytest.mark.parametrize("point", [*COW_POINTS, None])
 def test_a_power_cut_at_each_point_of_a_cloning_write(pool_tmp, point):
     """A 1 MiB overwrite preserved by reference, then flushed, crashing at `point` (None:

@@ -15,8 +15,9 @@ of shadowplex's dependencies needs a .pth file (the Ceph modules are symlinks in
 site-packages: rbdarray/setup-ceph.sh). A child that runs sys.executable gets the
 venv's Python with site, as before.
 
-The limit: Linux reads at most SHEBANG_MAX bytes of a ``#!`` line; a longer PREFIX is
-refused (one line, exit 2), nothing written.
+The limits: Linux reads at most SHEBANG_MAX bytes of a ``#!`` line, and splits it at the
+first blank (the rest is one argument): a longer PREFIX, or one with a blank or any other
+whitespace in it, is refused (one line, exit 2), nothing written.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def main(argv: list[str]) -> int:
     # the venv's own python (a symlink: not resolved, or the venv would be lost)
     python = os.path.join(sys.prefix, "bin", "python")
     line = f"#!{python} -IS"
+    if any(c.isspace() for c in python):
+        print(f"launcher: {python!r} has whitespace in it, which a #! line cannot hold: "
+              "install with a PREFIX without blanks", file=sys.stderr)
+        return 2
     if len(line.encode()) > SHEBANG_MAX:
         print(f"launcher: {python} is too long a path for a #! line ({len(line)} > "
               f"{SHEBANG_MAX} bytes): install with a shorter PREFIX", file=sys.stderr)
