@@ -33,7 +33,17 @@ Kernel cache options chosen:
     through us with write-through caching; after a revert the caller must invalidate,
     see `invalidate_lun()`), direct_io off (the page cache serves re-reads).
   * no writeback cache: every write(2) reaches `write()` before it returns, so the write
-    barrier sees all of them and the kernel holds no dirty image pages.
+    barrier sees all of them and the kernel holds no dirty image pages. A buffered write
+    is write-through: the kernel copies it into the mount's page cache, then sends it as
+    one WRITE (the writer pays that copy, ~150 us per MiB here: docs/performance.md
+    "Buffered seq writes").
+  * FUSE_CAP_AUTO_INVAL_DATA (libfuse's default): when a getattr answers another mtime
+    than the kernel has cached, it drops every cached page of the file. `write()` sets
+    the volume's mtime, so the first getattr after a write drops the file's pages (what
+    was written stays cached until then); keep_cache only spares them at open.
+  * never FOPEN_DIRECT_IO for writable opens (it would spare the writer that copy): the
+    kernel drops the range's cached pages before sending such a write, not after, so a
+    buffered read through another open file meanwhile would cache the old data again.
   * no max_read/max_write options: libfuse 3.14 already negotiates max_pages with the
     kernel (>= 4.20) for 1 MiB requests (bufsize = 256 pages) and always sets big_writes,
     so fio --bs=1M --direct=1 arrives here as 1 MiB reads and writes. Buffered reads are

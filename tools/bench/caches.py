@@ -12,7 +12,9 @@
     cached   "buffered, warm": fio opens the target without O_DIRECT; before a read job
              the region is read once through the target (untimed), time-based jobs wrap
              around: everything may be cached, by whichever layer caches it (our mount
-             keeps its page cache, qemu-storage-daemon's export does not).
+             keeps its page cache across opens, qemu-storage-daemon's export drops
+             it at open and at every getattr). Buffered writes are write-through on
+             both mounts (docs/performance.md "Buffered seq writes").
 
 Both daemons read and write their image files through the pool file system's page cache
 in both modes: ours has no other way, so qemu-storage-daemon runs with cache.direct=off

@@ -281,7 +281,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"and evicted before each job, reads one pass (at most {cold:,.0f} KiB of those files "
         "stayed cached); buffered, warm = fio "
         "buffered, reads warmed first; qemu-storage-daemon cache.direct=off in both "
-        "(both daemons use the pool file system's page cache)")
+        "(both daemons use the pool file system's page cache). The FUSE mounts' own page "
+        "cache in buffered rows: both write-through (each write(2) is copied into the "
+        "mount's page cache, then sent as one FUSE WRITE of its size and answered after "
+        "the daemon's pwrite), both keep what was written or read until a getattr sees a "
+        "new mtime (ours: after any write; qemu-storage-daemon's: always, its mtime is the "
+        "time of the getattr); at open ours keeps it (keep_cache), qemu-storage-daemon's "
+        "drops it")
     if note := free_memory_note(m.get("free_page_reporting")):
         lines.append(f"memory: {note}")
     lines.append(f"code: shadowplex {code.get('package')} at {code.get('commit') or '?'}"
