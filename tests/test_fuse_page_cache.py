@@ -13,7 +13,6 @@ lookup: those would revalidate the attributes, which is what one test is about).
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from harness import InProcMount
 
 from blockstore import Pool
+from tools.bench.caches import fd_resident
 
 pytestmark = pytest.mark.kernel
 
@@ -59,25 +59,6 @@ def _direct_write(path: Path, off: int, data: bytes) -> None:
         buf.close()
 
 
-def _resident(fd: int, size: int) -> int:
-    """Bytes of [0, size) of the open file in the kernel's page cache: mincore(2) on a
-    mapping made with the size given (no fstat: it would ask the daemon for attributes)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
-    try:
-        vec = (ctypes.c_ubyte * (size // PAGE))()
-        assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
-        return sum(b & 1 for b in vec) * PAGE
-    finally:
-        libc.munmap(addr, size)
-
-
 def test_buffered_writes_are_write_through_and_coherent_across_open_files(
         tmp_path: Path, mnt: Path) -> None:
     """What one open file writes -- buffered or O_DIRECT, whole pages, a partial page, a
@@ -97,9 +78,9 @@ def test_buffered_writes_are_write_through_and_coherent_across_open_files(
             try:
                 for _ in range(3):   # a getattr past the 1 s attr timeout may drop pages
                     assert os.pread(reader, size, 0) == old
-                    if _resident(reader, size) == size:
+                    if fd_resident(reader, size) == size:
                         break
-                assert _resident(reader, size) == size         # all of it cached now
+                assert fd_resident(reader, size) == size         # all of it cached now
                 expected = bytearray(old)
                 for off, data in ((MiB, os.urandom(MiB)), (3 * MiB + 100, b"\x22" * 5000),
                                   (5 * MiB + PAGE - 1, b"\x33\x34")):
@@ -137,16 +118,16 @@ def test_written_pages_stay_cached_until_a_getattr_sees_the_new_mtime(
             path = mnt / "volumes" / "v.img"
             fd = os.open(path, os.O_RDWR)
             try:
-                assert _resident(fd, size) == 0
+                assert fd_resident(fd, size) == 0
                 os.pwrite(fd, b"\x55" * (2 * MiB), 0)
-                assert _resident(fd, size) >= 2 * MiB           # kept after the write
+                assert fd_resident(fd, size) >= 2 * MiB           # kept after the write
                 os.stat(path)                                   # a getattr: new mtime
-                assert _resident(fd, size) == 0
+                assert fd_resident(fd, size) == 0
                 assert os.pread(fd, 2 * MiB, 0) == b"\x55" * (2 * MiB)
-                cached = _resident(fd, size)
+                cached = fd_resident(fd, size)
                 assert cached >= 2 * MiB
                 os.stat(path)                                   # no write since: kept
-                assert _resident(fd, size) >= cached    # (read-ahead may add)
+                assert fd_resident(fd, size) >= cached    # (read-ahead may add)
             finally:
                 os.close(fd)
     finally:

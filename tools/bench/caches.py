@@ -116,6 +116,24 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def fd_resident(fd: int, size: int) -> int:
+    """Bytes of [0, size) of open file `fd` in the page cache now: mincore(2) on a mapping
+    made with the size given (the caller's: an fstat of a FUSE file would ask its daemon
+    for attributes, which may drop the cache it measures)."""
+    libc = _libc()
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"mmap of fd {fd}")
+    try:
+        pages = (size + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore of fd {fd}")
+        return sum(b & 1 for b in vec) * PAGE
+    finally:
+        libc.munmap(addr, size)
+
+
 def file_resident(path: str) -> int:
     """Bytes of `path` in the page cache now (mincore(2) on a mapping of it, what
     util-linux fincore does); 0 if it is gone or empty."""
@@ -125,20 +143,7 @@ def file_resident(path: str) -> int:
         return 0
     try:
         size = os.fstat(fd).st_size
-        if size == 0:
-            return 0
-        libc = _libc()
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), f"mmap {path}")
-        try:
-            pages = (size + PAGE - 1) // PAGE
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore {path}")
-            return sum(b & 1 for b in vec) * PAGE
-        finally:
-            libc.munmap(addr, size)
+        return fd_resident(fd, size) if size else 0
     finally:
         os.close(fd)
 
