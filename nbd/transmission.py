@@ -75,6 +75,13 @@ MAX_READ_BYTES_IN_FLIGHT = 64 << 20
 # out of memory); a connection at this limit waits for room (MemoryBudget); at least
 # MAX_REQUEST, so that any one request fits
 MAX_BUFFERED_BYTES = 256 << 20
+# A WRITE's payload must have arrived PAYLOAD_GRACE seconds plus its length at
+# PAYLOAD_MIN_RATE after its header, or the connection ends: its buffer is in that budget
+# from before it is received, so a client that sends a header and withholds the payload
+# would otherwise hold up to 32 MiB of every connection's budget for as long as it likes
+# (eight such clients: all of it). A slow link still gets 42 s for a 32 MiB WRITE.
+PAYLOAD_GRACE = 10.0
+PAYLOAD_MIN_RATE = 1 << 20   # bytes per second
 # command flags each command may carry (proto.md: others are EINVAL)
 _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
           p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
@@ -117,7 +124,9 @@ class MemoryBudget:
 
     take(n) waits until n more fit, first come first served (a large request is never
     passed over for ever by small ones); one is always let in when nothing is taken. A
-    connection waiting here holds none of the budget, and what is taken is given back
+    request waiting here holds none of it (its connection's reads already in threads
+    keep theirs until answered; a WRITE's payload must arrive in time: PAYLOAD_GRACE),
+    and what is taken is given back
     by the task that took it, in a `finally`: also when it ends otherwise (an error
     reply, the client gone, the connection or the daemon cancelled) -- so the budget
     never leaks, and a waiter never waits on another waiter, only on replies being
@@ -276,7 +285,12 @@ class RequestLoop:
                     await budget.take(length)
             try:
                 if cmd == p.CMD_WRITE:
-                    payload = await c.recv_payload(length)
+                    allowed = PAYLOAD_GRACE + length / PAYLOAD_MIN_RATE
+                    with trio.move_on_after(allowed) as waited:
+                        payload = await c.recv_payload(length)
+                    if waited.cancelled_caught:
+                        raise p.ProtocolError(f"WRITE payload of {length} bytes not "
+                                              f"received within {allowed:.0f} s")
                 if cmd == p.CMD_DISC:
                     return
                 try:

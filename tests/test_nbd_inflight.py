@@ -453,6 +453,39 @@ def test_write_payloads_count_in_the_same_budget(
     b.close()
 
 
+def test_a_withheld_write_payload_ends_its_connection_and_frees_its_budget(
+        srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends a WRITE's header and only part of its payload held that much
+    of every connection's budget for as long as it liked (eight such clients: all of
+    it). Past PAYLOAD_GRACE + length / PAYLOAD_MIN_RATE its connection ends, nothing is
+    written, the budget is whole again, and another client's WRITE that waited for room
+    is done."""
+    monkeypatch.setattr(transmission, "MAX_BUFFERED_BYTES", PIECE)
+    monkeypatch.setattr(transmission, "PAYLOAD_GRACE", 1.0)
+    monkeypatch.setattr(transmission, "PAYLOAD_MIN_RATE", 1 << 40)
+    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    data = srv.data   # type: ignore[attr-defined]
+    a, b = Client(srv.port), Client(srv.port)
+    a.go("volumes/db")
+    b.go("volumes/db")
+    at, new = cold(3), os.urandom(PIECE)
+    a.s.sendall(p.request(p.CMD_WRITE, 7, at, PIECE) + new[:PIECE // 2])   # and no more
+    budget = srv.server._memory_budget
+    assert budget is not None
+    until(lambda: budget.used == PIECE)
+    other = cold(4)
+    b.request(p.CMD_WRITE, other, PIECE, new, cookie=8)   # waits for room
+    a.s.settimeout(10)
+    assert a.closed()   # past 1 s: the server ended the connection
+    b.s.settimeout(10)
+    assert b.simple() == (0, 8)
+    assert pool.read("db", other, PIECE) == new
+    assert pool.read("db", at, PIECE) == data[at:at + PIECE]   # the half payload: nothing
+    until(lambda: budget.used == 0)
+    a.close()
+    b.close()
+
+
 def test_connections_waiting_for_the_budget_when_the_daemon_stops_leave_it_whole(
         srv: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two connections wait for room behind a third's reads (held in their threads)
