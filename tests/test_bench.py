@@ -577,7 +577,36 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
     with caches.hold_free_memory(str(params), state, 60000) as info:
         assert info["min_free_ms_was"] == 0
     assert knob.read_text() == "0"
-    # asked to leave it (an A/B of the knob): untouched, and said so
+    # a bench giving the knob back while another starts (after the starter's first look
+    # at it, before its record): the starter records the machine's value, not the held
+    # one it saw (it did, and "put back" 60000 for good)
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        with open(state, "w") as f:
+            json.dump({"original": 0, "holders": [holder.pid]}, f)
+        knob.write_text("60000")
+        real = caches._with_state
+        calls: list[int] = []
+
+        def given_back_first(*args: Any, **kw: Any) -> None:
+            if not calls:
+                calls.append(1)
+                knob.write_text("0")     # the holder gives it back now
+                os.unlink(state)
+            real(*args, **kw)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(caches, "_with_state", given_back_first)
+            with caches.hold_free_memory(str(params), state, 60000) as info:
+                assert info["min_free_ms_was"] == 0 and knob.read_text() == "60000"
+        assert knob.read_text() == "0" and not os.path.exists(state)
+    finally:
+        holder.kill()
+        holder.wait()
+    # asked to leave it (an A/B of the knob): a record a bench killed with -9 left is put
+    # back first, then the knob is untouched, and said so
+    with open(state, "w") as f:
+        json.dump({"original": 0, "holders": [holder.pid]}, f)
+    knob.write_text("60000")
     with caches.hold_free_memory(str(params), state, 60000, leave=True) as info:
         assert knob.read_text() == "0" and info["min_free_ms"] is None
     assert f"not changed: left at 0 ms ({caches.LEAVE_ENV}=1)" in \

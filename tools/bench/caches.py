@@ -227,6 +227,11 @@ def hold_free_memory(params: str = PAGE_REPORTING, state: str = STATE,
                             "order": int(order) if order and order.isdigit() else None,
                             "min_free_ms_was": None, "min_free_ms": None, "not_changed": None}
     knob = os.path.join(params, "min_free_ms")
+    if leave and order is not None:
+        # what a bench killed with -9 left held is put back first: an A/B of the knob
+        # must see the machine's own value
+        with contextlib.suppress(OSError):
+            release_stale(params, state)
     was = _read(knob)
     if order is None or was is None or not was.isdigit() or leave:
         info["not_changed"] = (
@@ -240,8 +245,12 @@ def hold_free_memory(params: str = PAGE_REPORTING, state: str = STATE,
 
     def take(cur: dict[str, Any] | None) -> dict[str, Any]:
         # nobody running holds it: the value now is the machine's -- unless a bench
-        # killed with -9 left its record (and its value): then the record's is
-        first = cur["original"] if cur and not cur["holders"] else int(was)
+        # killed with -9 left its record (and its value): then the record's is. Read
+        # here, under the lock: read before it, another bench's held value could be
+        # taken for the machine's if that bench gave it back meanwhile
+        now = _read(knob) or ""
+        first = (cur["original"] if cur and not cur["holders"]
+                 else int(now) if now.isdigit() else int(was))
         base = cur if cur and cur["holders"] else {"original": first, "holders": []}
         original.append(base["original"])
         return {"original": base["original"], "holders": [*base["holders"], me]}
