@@ -76,7 +76,13 @@ def _has_parent(io: Any, image: Any, rbd: Any, image_id: str) -> bool | None:
     when that cannot be said. librbd's parent_info() of the open image (its head, or
     the snapshot it is opened at), then the header's `parent_get` class call, which
     also answers for the snapshots: the parent link stays on the header while a
-    snapshot still reads through it, after its head was flattened (cls_rbd.cc)."""
+    snapshot still reads through it, after its head was flattened (cls_rbd.cc). An
+    image being live-migrated (`rbd migration prepare`) reads what is not copied yet
+    through its source, which neither of those names (librbd's get_parent skips it, the
+    header keeps it under `migration`): its migrating feature bit counts as a
+    parent."""
+    if image.features() & rbd.RBD_FEATURE_MIGRATING:
+        return True
     try:
         image.parent_info()
         return True

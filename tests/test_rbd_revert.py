@@ -316,6 +316,30 @@ def test_read_async_never_asks_librbd_for_the_size(arr: RbdArray,
         arr._vols["v"].lun.image = image
 
 
+def test_an_image_being_migrated_is_never_answered_from_its_own_maps(arr: RbdArray) -> None:
+    """Review of the session's diff: a live migration's destination (`rbd migration
+    prepare`) reads what is not copied yet through its source, which neither
+    parent_info() nor the header's parent_get names: its migrating feature bit makes
+    the object maps answer nothing (librbd's exact path instead)."""
+    import rbd
+
+    from rbdarray.array import _feature_bits
+    io = arr._io
+    rbd.RBD().create(io, "msrc", 4 * MiB, order=16, old_format=False,
+                     features=_feature_bits(rbd))
+    with rbd.Image(io, "msrc") as im:
+        im.write(os.urandom(2 * MiB), 0)
+    rbd.RBD().migration_prepare(io, "msrc", io, "mdst", features=_feature_bits(rbd),
+                                order=16)
+    try:
+        with rbd.Image(io, "mdst") as im:
+            assert im.features() & rbd.RBD_FEATURE_MIGRATING
+            assert objectmap.allocated_objects(io, im, rbd, None, 4 * MiB) is None
+    finally:
+        rbd.RBD().migration_abort(io, "mdst")
+        rbd.RBD().remove(io, "msrc")
+
+
 def test_a_clone_is_never_answered_from_its_own_maps(arr: RbdArray,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Review of 2026-12-06: objectmap.py assumed no clone parent. A volume that is a
