@@ -110,14 +110,33 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(pid: int, pgid: int | None = None, sig: int = signal.SIGKILL) -> None:
-    """sig to pid's process group (pgid) and to each of pid's descendants outside it."""
+def kill_tree(pid: int, pgid: int | None = None, sig: int = signal.SIGKILL,
+              wait: float = 0.0) -> None:
+    """sig to pid's process group (pgid) and to each of pid's descendants outside it;
+    then, up to `wait` seconds, until those descendants are gone. (A killed process
+    dies only when it leaves the kernel: one in the middle of an O_DIRECT write through
+    a FUSE mount lives on until its request is answered -- and holds its paths, its
+    environment, the mount meanwhile.)"""
     strays = descendants(pid)
     if pgid is not None:
         _killpg(pgid, sig)
     for p in strays:
         with contextlib.suppress(OSError):
             os.kill(p, sig)
+    deadline = time.monotonic() + wait
+    while strays and time.monotonic() < deadline:
+        strays = [p for p in strays if _running(p)]
+        if strays:
+            time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """pid is there and not a zombie (a zombie holds nothing but its exit status)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Job:

@@ -142,7 +142,7 @@ def timed(argv: list[str]) -> tuple[float, int, int, str]:
                 os.killpg(proc.pid, signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
-            kill_tree(proc.pid, proc.pid)
+            kill_tree(proc.pid, proc.pid, wait=10.0)
             proc.wait()
             raise
         seconds = time.perf_counter() - t0

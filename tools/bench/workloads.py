@@ -88,7 +88,7 @@ def _run_group(cmd: list[str], env: dict[str, str], timeout: float
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
-        procgroup.kill_tree(proc.pid, proc.pid)
+        procgroup.kill_tree(proc.pid, proc.pid, wait=10.0)
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
