@@ -126,11 +126,11 @@ class MemoryBudget:
     passed over for ever by small ones); one is always let in when nothing is taken. A
     request waiting here holds none of it (its connection's reads already in threads
     keep theirs until answered; a WRITE's payload must arrive in time: PAYLOAD_GRACE),
-    and what is taken is given back
-    by the task that took it, in a `finally`: also when it ends otherwise (an error
-    reply, the client gone, the connection or the daemon cancelled) -- so the budget
-    never leaks, and a waiter never waits on another waiter, only on replies being
-    sent and writes being done (docs/network.md, "Requests in flight")."""
+    and what is taken is given back by the task that took it, in a `finally`: also
+    when it ends otherwise (an error reply, the client gone, the connection or the
+    daemon cancelled) -- so the budget never leaks, and a waiter never waits on another
+    waiter, only on replies being sent and writes being done (docs/network.md,
+    "Requests in flight")."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

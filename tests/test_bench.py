@@ -545,6 +545,13 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
     (params / "page_reporting_order").write_text("9\n")
     knob = params / "min_free_ms"
     knob.write_text("0\n")
+
+    def held_by(pid: int) -> None:
+        """The knob at 60,000 ms, recorded as held by `pid` for a machine value of 0."""
+        with open(state, "w") as f:
+            json.dump({"original": 0, "holders": [pid]}, f)
+        knob.write_text("60000")
+
     with caches.hold_free_memory(str(params), state, 60000) as info:
         assert knob.read_text() == "60000"
         assert (info["order"], info["min_free_ms_was"], info["min_free_ms"]) == (9, 0, 60000)
@@ -558,9 +565,7 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
     # another bench (a live process) holds it: we leave it held for that one
     other = subprocess.Popen(["sleep", "60"])
     try:
-        with open(state, "w") as f:
-            json.dump({"original": 0, "holders": [other.pid]}, f)
-        knob.write_text("60000")
+        held_by(other.pid)
         with caches.hold_free_memory(str(params), state, 60000) as info:
             assert info["min_free_ms_was"] == 0
         assert knob.read_text() == "60000"
@@ -571,9 +576,7 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
     # ... which then dies without giving it back (kill -9): the next bench restores 0
     assert caches.release_stale(str(params), state) and knob.read_text() == "0"
     assert not os.path.exists(state) and not caches.release_stale(str(params), state)
-    with open(state, "w") as f:
-        json.dump({"original": 0, "holders": [other.pid]}, f)
-    knob.write_text("60000")
+    held_by(other.pid)
     with caches.hold_free_memory(str(params), state, 60000) as info:
         assert info["min_free_ms_was"] == 0
     assert knob.read_text() == "0"
@@ -582,9 +585,7 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
     # one it saw (it did, and "put back" 60000 for good)
     holder = subprocess.Popen(["sleep", "60"])
     try:
-        with open(state, "w") as f:
-            json.dump({"original": 0, "holders": [holder.pid]}, f)
-        knob.write_text("60000")
+        held_by(holder.pid)
         real = caches._with_state
         calls: list[int] = []
 
@@ -604,9 +605,7 @@ def test_free_memory_knob_is_held_and_given_back(tmp_path: Path) -> None:
         holder.wait()
     # asked to leave it (an A/B of the knob): a record a bench killed with -9 left is put
     # back first, then the knob is untouched, and said so
-    with open(state, "w") as f:
-        json.dump({"original": 0, "holders": [holder.pid]}, f)
-    knob.write_text("60000")
+    held_by(holder.pid)
     with caches.hold_free_memory(str(params), state, 60000, leave=True) as info:
         assert knob.read_text() == "0" and info["min_free_ms"] is None
     assert f"not changed: left at 0 ms ({caches.LEAVE_ENV}=1)" in \
