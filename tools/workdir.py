@@ -26,6 +26,8 @@ import time
 from fuse_mount import loopdev
 from fuse_mount.loopdev import DELETED
 
+from .procgroup import _running, descendants
+
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
@@ -52,20 +54,19 @@ def loops_under(root: str) -> list[str]:
 
 
 def children_using(*roots: str) -> list[int]:
-    """Our own child processes whose command line names something below one of roots."""
-    me, out = os.getpid(), []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    """Our descendants (children first) whose command line or environment names
+    something below one of roots: a fio job is a grandchild in a session of its own,
+    and names its file only in its environment (BENCH_FILE)."""
+    out = []
+    for pid in descendants(os.getpid()):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != me:
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().decode(errors="surrogateescape").split("\0")
-        except (OSError, ValueError, IndexError):
+            args = b"".join(open(f"/proc/{pid}/{f}", "rb").read()   # noqa: SIM115
+                            for f in ("cmdline", "environ"))
+        except OSError:
             continue
-        if any(r in a for a in args for r in roots):
-            out.append(int(pid))
+        text = args.decode(errors="surrogateescape")
+        if any(r in text for r in roots):
+            out.append(pid)
     return out
 
 
@@ -77,8 +78,11 @@ def _end(pids: list[int], timeout: float) -> None:
         deadline = time.monotonic() + wait
         while pids and time.monotonic() < deadline:
             for pid in list(pids):
-                with contextlib.suppress(ChildProcessError):
+                try:
                     if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                        continue
+                except ChildProcessError:   # not our child: gone once it is not running
+                    if _running(pid):
                         continue
                 pids.remove(pid)
             time.sleep(0.05)
