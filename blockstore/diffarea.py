@@ -119,7 +119,7 @@ class DiffArea:
         self.origin_epoch = origin_epoch
         self.torn_records = 0
         self.unsynced: list[int] = []   # slots whose map records are not yet written
-        self.reclaiming: set[int] = set()   # slots a gc is freeing (gc_plan .. gc_finish)
+        self.reclaiming: set[int] = set()   # slots being reclaimed (reclaim.py: plan .. finish)
         self.map_allocated = 0          # map-file bytes known to have blocks (_reserve_map)
         self._waiting = 0               # slot bytes written, writeback not started (_written)
         self._waiting_span = (0, 0)     # the data-file range they lie in
@@ -175,21 +175,27 @@ class DiffArea:
             if st != FREE:
                 by_epoch.setdefault(self.epoch[slot], []).append((self.chunk[slot], slot))
         self.tables = {}
+        # the bitmaps cover every entry, also one past every LUN's end: a shrinking
+        # revert preserves the tail it discards (the change log, changes.py), and after
+        # a grow a write there must see that entry, or it preserves the chunk again in
+        # the same epoch (a second key in one table: the space counters disagree)
+        for items in by_epoch.values():
+            items.sort()
+        top = max((items[-1][0] + 1 for items in by_epoch.values()), default=0)
+        self.nchunks = max(self.nchunks, top)
         self.any_entry.close()
         self.any_entry = Bitmap(self.nchunks)
         self.cowed_latest.close()
         self.cowed_latest = Bitmap(self.nchunks)
         for epoch, items in by_epoch.items():
-            items.sort()
             t = EpochTable()
             t.keys = array("Q", [c for c, _ in items])
             t.vals = array("I", [s for _, s in items])
             self.tables[epoch] = t
             for c, _ in items:
-                if c < self.nchunks:
-                    self.any_entry.set(c)
-                    if epoch == self.origin_epoch:
-                        self.cowed_latest.set(c)
+                self.any_entry.set(c)
+                if epoch == self.origin_epoch:
+                    self.cowed_latest.set(c)
         self.epochs = sorted(self.tables)
 
     # -- lookups -------------------------------------------------------------------------
@@ -321,10 +327,7 @@ class DiffArea:
             for i, j in _clone_runs(clones):
                 self.data.clone_from(source, clones[i][1] * cs, clones[i][0] * cs,
                                      (j - i) * cs)
-        table = self.tables.get(epoch)
-        if table is None:
-            table = self.tables[epoch] = EpochTable()
-            self.epochs = sorted(self.tables)
+        table = self._table(epoch)
         if batch:
             self.version += 1
         for slot, chunk, state, sum64 in batch:
@@ -338,6 +341,13 @@ class DiffArea:
         if batch:
             self.free_hint = batch[-1][0] + 1
 
+    def _table(self, epoch: int) -> EpochTable:
+        table = self.tables.get(epoch)
+        if table is None:
+            table = self.tables[epoch] = EpochTable()
+            self.epochs = sorted(self.tables)
+        return table
+
     def _preserve_new_clones(self, slots: list[int], chunks: list[int], epoch: int,
                              source: DataFile) -> None:
         """preserve() of chunks that all are cloned into consecutive new slots and have
@@ -348,10 +358,7 @@ class DiffArea:
         pairs = list(zip(slots, chunks))
         for i, j in _clone_runs(pairs):
             self.data.clone_from(source, chunks[i] * cs, slots[i] * cs, (j - i) * cs)
-        table = self.tables.get(epoch)
-        if table is None:
-            table = self.tables[epoch] = EpochTable()
-            self.epochs = sorted(self.tables)
+        table = self._table(epoch)
         self.version += 1
         n, lo, hi = len(slots), slots[0], slots[-1] + 1
         accounting.count_new(self, lo, hi, epoch)   # each chunk's previous epoch: none
@@ -479,94 +486,12 @@ class DiffArea:
         old.close()
 
     def grow(self, nchunks: int) -> None:
-        self.nchunks = nchunks
+        self.nchunks = max(self.nchunks, nchunks)   # never below an entry (_rebuild_tables)
         self.any_entry = self.any_entry.grown(nchunks)
         self.cowed_latest = self.cowed_latest.grown(nchunks)
 
     def used_bytes(self) -> int:
         return self.data_slots * self.chunk_size
-
-    def gc(self, live_epochs: list[int]) -> int:
-        """Free every entry no live differential snapshot can read. Returns slots freed.
-        All three steps in one go: plan, clear the records (synced), finish."""
-        assert not self.unsynced, "harden() before reclaiming"
-        doomed = self.gc_plan(live_epochs)
-        if doomed:
-            try:
-                self.gc_clear(doomed)
-            except BaseException:
-                self.gc_abort(doomed)
-                raise
-            self.gc_finish(doomed)
-        return len(doomed)
-
-    def gc_plan(self, live_epochs: list[int], busy: set[int] | frozenset[int] = frozenset()
-                ) -> list[int]:
-        """The slots to free, now marked as being reclaimed until gc_finish or gc_abort.
-
-        Entry (c, E) serves snapshots with epoch in (previous entry of c, E]; it is needed
-        iff one live epoch lies in that range (new epochs are newer than every entry, so
-        a commit meanwhile changes nothing). Left out: `busy` slots, whose records are
-        not durable yet (a record written later would bring a cleared one back), and
-        slots another gc is reclaiming. (Pool lock held; memory only.)"""
-        live = sorted(live_epochs)
-        used = [s for s, st in enumerate(self.state) if st != FREE]
-        used.sort(key=lambda s: (self.chunk[s], self.epoch[s]))
-        doomed = []
-        prev_chunk, prev_epoch = -1, 0
-        for s in used:
-            c, e = self.chunk[s], self.epoch[s]
-            lo = prev_epoch + 1 if c == prev_chunk else 1
-            i = bisect_left(live, lo)
-            if not (i < len(live) and live[i] <= e) and s not in busy \
-                    and s not in self.reclaiming:
-                doomed.append(s)
-            prev_chunk, prev_epoch = c, e
-        self.reclaiming.update(doomed)
-        return doomed
-
-    def gc_clear(self, doomed: list[int]) -> None:
-        """Clear the doomed slots' records and sync the map, BEFORE their data is punched,
-        so a durable record never points at reclaimed data. Touches only the map file,
-        so the pool may run it without its lock (its in-memory maps still serve the
-        doomed entries, which no live snapshot reads)."""
-        for s in doomed:
-            self.map.pwrite(_FREE_RECORD, s * MAP_RECORD_SIZE)
-        self.faults.point("gc.map_written")
-        self.map.sync()
-        self.faults.point("gc.map_synced")
-
-    def gc_abort(self, doomed: list[int]) -> None:
-        """gc_clear failed: the slots stay in use (a later gc frees them)."""
-        self.reclaiming.difference_update(doomed)
-
-    def gc_finish(self, doomed: list[int]) -> None:
-        """Punch the doomed slots' data and free them in memory. (Pool lock held.)"""
-        self.reclaiming.difference_update(doomed)
-        for s in doomed:
-            accounting.uncount(self, s, self.state[s] in HAS_DATA)
-            if self.state[s] in HAS_DATA:
-                self.data.punch(s * self.chunk_size, self.chunk_size)
-                self.data_slots -= 1
-            self.state[s] = FREE
-        self._trim()
-        self.free_hint = 0
-        self._rebuild_tables()
-
-    def _trim(self) -> None:
-        """Shrink both files past the last used slot (space back to the filesystem)."""
-        last = len(self.state.rstrip(b"\x00"))
-        if last < len(self.state):
-            del self.state[last:]
-            del self.epoch[last:]
-            del self.chunk[last:]
-            del self.digest[last:]
-            del self.prev[last:]
-            self.map.truncate(last * MAP_RECORD_SIZE)   # frees what was allocated ahead
-            self.map_allocated = last * MAP_RECORD_SIZE
-            self.data.truncate(last * self.chunk_size)
-            # no sync: the records past `last` are durably free already (gc_clear), so
-            # a crash that undoes the truncation leaves free records, as before it
 
     def unsummed(self) -> int:
         return self.state.count(UNSUMMED)

@@ -217,9 +217,14 @@ def _check_volume(pool: Pool, v: _Volume, plan: _Plan) -> list[str]:
         da = v.diff
         out += accounting.check(da, v.live_epochs, f"volume {v.name}")
         slots: list[tuple[int, int | None]] = []
+        entries: dict[tuple[int, int], int] = {}
         for slot, st in enumerate(da.state):
             if not st:
                 continue
+            other = entries.setdefault((da.chunk[slot], da.epoch[slot]), slot)
+            if other != slot:   # the copy rule preserves a chunk once per epoch
+                out.append(f"volume {v.name}: chunk {da.chunk[slot]} has two entries of "
+                           f"epoch {da.epoch[slot]} (diff slots {other} and {slot})")
             if da.epoch[slot] > v.epoch or da.epoch[slot] < 1:
                 out.append(f"volume {v.name}: diff slot {slot} has epoch {da.epoch[slot]} "
                            f"outside 1..{v.epoch}")

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import replace
 
-from . import changes, integrity
+from . import changes, integrity, reclaim
 from . import format as fmt
 from .catalog import Catalog
 from .errors import (
@@ -259,7 +259,7 @@ class Pool(LongOps):
             if v.live_epochs or os.path.exists(os.path.join(self.path, "diff", f"{v.id}.map")):
                 self._open_diff(v)
                 if v.diff:
-                    v.diff.gc(v.live_epochs)   # entries of snapshots deleted before a crash
+                    reclaim.gc(v.diff, v.live_epochs)   # of snapshots deleted before a crash
             self._write_header(v)
             for s in v.snaps:
                 self._write_header(s)

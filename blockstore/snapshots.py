@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterable
 
 from . import format as fmt
+from . import reclaim
 from .core import _locked
 from .errors import (
     Busy,
@@ -230,7 +231,7 @@ class Snapshots(Volumes):
         with self._lock:
             s = self._snap(snap_id)
             self._not_reverting_to(s)
-            self._delete_snapshot(s, reclaim=False)
+            self._delete_snapshot(s, reclaim_now=False)
         if s.kind == DIFFERENTIAL:
             self._reclaim(s.origin)
 
@@ -239,8 +240,8 @@ class Snapshots(Volumes):
             raise Busy(f"volume {s.origin.name} is being reverted to snapshot {s.snap_id}; "
                        "wait for the revert to finish")
 
-    def _delete_snapshot(self, s: _Snapshot, reclaim: bool = True) -> None:
-        """reclaim=False: the caller reclaims the diff area afterwards, without the lock
+    def _delete_snapshot(self, s: _Snapshot, reclaim_now: bool = True) -> None:
+        """reclaim_now=False: the caller reclaims the diff area afterwards, without the lock
         (_reclaim); a crash before that leaves garbage entries that open() reclaims."""
         assert self._owned(), "pool lock not held"
         v = s.origin
@@ -263,8 +264,8 @@ class Snapshots(Volumes):
                 os.unlink(p)
         if s.kind == DIFFERENTIAL:
             self._refresh_live(v)
-            if v.diff and reclaim:
-                v.diff.gc(v.live_epochs)
+            if v.diff and reclaim_now:
+                reclaim.gc(v.diff, v.live_epochs)
         self._keep_reserve()   # space came back: hold the reserve again
         self._changed()
 
@@ -282,13 +283,13 @@ class Snapshots(Volumes):
             busy = set(da.unsynced)
             if v.held.batch is not None and v.held.batch.sync is not None:
                 busy.update(v.held.batch.sync.slots)
-            doomed = da.gc_plan(v.live_epochs, busy)
+            doomed = reclaim.plan(da, v.live_epochs, busy)
             if not doomed:
                 return
             pinned = self._pin([da.map])
         cleared = False
         try:
-            da.gc_clear(doomed)
+            reclaim.clear(da, doomed)
             cleared = True
         except OSError as e:
             log.warning("volume %s: reclaiming %d diff-area entries failed (%s); they are "
@@ -297,9 +298,9 @@ class Snapshots(Volumes):
             with self._lock:
                 self._release(pinned)
                 if cleared and v.diff is da and self._volumes.get(v.name) is v:
-                    da.gc_finish(doomed)
+                    reclaim.finish(da, doomed)
                 else:
-                    da.gc_abort(doomed)
+                    reclaim.abort(da, doomed)
                     if not cleared and v.held.batch is None:
                         # records written but not synced exist only in a batch in flight
                         # (whose sync then meets the failure and drops its entries):

@@ -217,6 +217,12 @@ class EngineModel(RuleBasedStateMachine):
     def write(self, off, n, b):
         self.op_write(off, n, b)
 
+    # whole chunks, 4-8 at once: a sequential stream, what the bulk preserve
+    # (diffarea._preserve_new_clones) takes on a reflink pool
+    @rule(c=st.integers(0, NCH - 1), k=st.integers(4, 8), b=st.integers(1, 255))
+    def write_run(self, c, k, b):
+        self.op_write(c * CS, k * CS, b)
+
     @rule(off=st.integers(0, MAX_SIZE - 1), n=st.integers(1, 3 * CS))
     def discard(self, off, n):
         self.op_discard(off, n)

@@ -753,6 +753,25 @@ def test_snapshot_larger_than_its_shrunk_origin_after_reopen(tmp_path):
     pool.close()
 
 
+def test_a_tail_no_lun_reads_is_preserved_once_across_a_reopen(tmp_path):
+    """A shrinking revert to the newest snapshot preserves the tail it discards although
+    no LUN reads it any more (the change log: blockstore/changes.py). Open must still
+    see that entry: after a grow, the tail's next write preserved it a second time in
+    the same epoch, and the space counters disagreed with the map."""
+    pool = Pool.create(str(tmp_path / "pool"), chunk_size=CS)
+    pool.create_volume("v", 16 * CS)
+    a = snap(pool, "v")
+    pool.resize_volume("v", 17 * CS)
+    pool.write("v", 16 * CS, b"x" * CS)
+    pool.revert("v", a)
+    pool = reopen(pool)
+    pool.resize_volume("v", 17 * CS)
+    pool.write("v", 16 * CS, b"y" * CS)
+    assert pool.check() == []
+    assert pool.changed_extents(a) == [(16 * CS, CS)]
+    pool.close()
+
+
 def test_revert_source_is_protected_while_reverting(pool):
     pool.create_volume("v", MiB)
     pool.write("v", 0, b"1" * (8 * CS))
