@@ -12,28 +12,18 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import ROOT
 
 from tools import errors, launcher
-from tools.parser import COMMANDS, build_parser
-
-
-def _tree(p: argparse.ArgumentParser, path: tuple[str, ...] = ()
-          ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    yield path, p
-    for a in p._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for name, sub in a.choices.items():
-                yield from _tree(sub, (*path, name))
+from tools.parser import COMMANDS, build_parser, walk
 
 
 def _commands(p: argparse.ArgumentParser) -> list[str]:
     """The top-level commands a parser was built with."""
-    return [name for path, _ in _tree(p) if len(path) == 1 for name in path]
+    return [name for path, _ in walk(p) if len(path) == 1 for name in path]
 
 
 def _outcome(p: argparse.ArgumentParser, argv: list[str]) -> tuple[object, str, str]:
@@ -86,13 +76,13 @@ LINES = [
 
 
 @pytest.mark.parametrize("argv", LINES, ids=lambda a: " ".join(a) or "(none)")
-def test_a_commands_parser_reads_argv_as_the_whole_tree(argv: list[str]) -> None:
+def test_a_commands_parser_reads_argv_as_the_wholewalk(argv: list[str]) -> None:
     assert _outcome(build_parser(argv), argv) == _outcome(build_parser(), argv)
 
 
 def test_every_help_is_the_whole_trees() -> None:
     """`shadowplex CMD [ACTION] --help` from the command's own parser: the same text."""
-    paths = [path for path, _ in _tree(build_parser())]
+    paths = [path for path, _ in walk(build_parser())]
     assert len(paths) > len(COMMANDS)
     for path in paths:
         argv = [*path, "--help"]
@@ -110,9 +100,9 @@ def test_only_the_named_command_is_built() -> None:
     every = _commands(build_parser())
     assert every == list(COMMANDS)
     assert _commands(build_parser(["snapshot", "diff", "S0", "--json"])) == ["snapshot"]
-    paths = [path for path, _ in _tree(build_parser(["--json", "snapshot", "-q", "diff"]))]
+    paths = [path for path, _ in walk(build_parser(["--json", "snapshot", "-q", "diff"]))]
     assert paths == [(), ("snapshot",), ("snapshot", "diff")]
-    assert len(list(_tree(build_parser(["snapshot", "--help", "diff"])))) == 2 + 5
+    assert len(list(walk(build_parser(["snapshot", "--help", "diff"])))) == 2 + 5
     assert _commands(build_parser(["--socket", "/s", "--json", "status"])) == ["status"]
     assert _commands(build_parser(["--socket=/s", "scrub", "--volume", "v"])) == ["scrub"]
     # what the short reading cannot tell: the whole tree, and argparse says what is wrong

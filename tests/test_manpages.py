@@ -18,21 +18,12 @@ import pytest
 from support import ENV, ROOT
 
 from tools import manpages
-from tools.parser import build_parser
+from tools.parser import build_parser, walk
 from tools.script import VERB_TABLE, parse_script
 
 MAN_DIR = ROOT / "contrib" / "man"
 # options hidden from --help on purpose: (command path, option)
 HIDDEN = {(("bench",), "--tiny")}   # tiny sizes for the CI test of the bench
-
-
-def _tree(p: argparse.ArgumentParser, path: tuple[str, ...] = ()
-          ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    yield path, p
-    for a in p._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for name, sub in a.choices.items():
-                yield from _tree(sub, (*path, name))
 
 
 def _documented(p: argparse.ArgumentParser, path: tuple[str, ...]
@@ -50,7 +41,7 @@ def test_every_option_and_argument_has_help() -> None:
     text (a new option without one fails here)."""
     missing = []
     commands = 0
-    for path, p in _tree(build_parser()):
+    for path, p in walk(build_parser()):
         for a in _documented(p, path):
             what = f"{' '.join(('shadowplex', *path))} {'/'.join(a.option_strings) or a.dest}"
             if not isinstance(a.help, str) or not a.help.strip() or a.help == argparse.SUPPRESS:
@@ -72,7 +63,7 @@ def test_committed_pages_are_what_the_parser_generates() -> None:
     fresh = manpages.render(lambda f: manpages.page_date(files.get(f, "")) or "2000-01-01")
     hint = "regenerate: python -m tools.manpages contrib/man"
     assert sorted(files) == sorted(fresh), hint
-    top = [name for path, _ in _tree(build_parser()) if len(path) == 1 for name in path]
+    top = [name for path, _ in walk(build_parser()) if len(path) == 1 for name in path]
     assert sorted(fresh) == sorted(["shadowplex.1", *(f"shadowplex-{c}.1" for c in top)])
     for name, text in fresh.items():
         assert files[name] == text, f"{name} differs: {hint}"
@@ -130,7 +121,7 @@ def test_man_renders_each_page_with_every_option_and_its_help(name: str) -> None
     command = name[len("shadowplex-"):-len(".1")]
     assert text.startswith(f"SHADOWPLEX-{command.upper()}(1)")
     globals_ = {a.dest for a in parser._actions if a.option_strings}
-    for path, p in _tree(sub.choices[command], (command,)):
+    for path, p in walk(sub.choices[command], (command,)):
         if len(path) > 1:   # an action of the command: its own heading
             assert re.search(rf"^\s+shadowplex {' '.join(path)}$", text, re.M), path
         for a in _documented(p, path):

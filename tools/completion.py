@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Iterator
 
 from provider import vss
+
+from .parser import walk
 
 # option values and positionals that are paths, by metavar (the parser's own wording)
 _FILE_METAVARS = {"FILE", "PATH", "FILE|JSON"}
@@ -46,21 +47,12 @@ def _kind(a: argparse.Action) -> str:
     return ""
 
 
-def _walk(p: argparse.ArgumentParser, path: tuple[str, ...] = ()
-          ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    yield path, p
-    for a in p._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for name, sub in a.choices.items():
-                yield from _walk(sub, (*path, name))
-
-
 def generate(parser: argparse.ArgumentParser, prog: str = "shadowplex") -> str:
     subs: dict[str, list[str]] = {}
     opts: dict[str, list[str]] = {}
     values: dict[str, str] = {}        # "path|--opt" -> kind
     positional: dict[str, str] = {}    # path -> kind of its first path-like positional
-    for path, p in _walk(parser):
+    for path, p in walk(parser):
         key = " ".join((prog, *path))   # bash: no empty keys in an associative array
         for a in p._actions:
             if isinstance(a, argparse._SubParsersAction):

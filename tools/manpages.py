@@ -23,11 +23,12 @@ import datetime
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from argparse_manpage.manpage import Manpage
 
 from .output import PROG, package_version
+from .parser import walk
 
 SECTION = "1"
 MANUAL = "shadowplex manual"
@@ -75,14 +76,6 @@ def _bold(text: str) -> str:
     return f"\\fB{_esc(text)}\\fR"
 
 
-def _walk(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
-    yield p
-    for a in p._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for sub in a.choices.values():
-                yield from _walk(sub)
-
-
 def _subparsers(p: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
     for a in p._actions:
         if isinstance(a, argparse._SubParsersAction):
@@ -94,7 +87,7 @@ def _prepare(top: argparse.ArgumentParser) -> None:
     """Make a freshly built parser print as a page: no wrapping, the global options only
     on shadowplex(1), the commands' group titled."""
     global_dests = {a.dest for a in top._actions if a.option_strings}
-    for p in _walk(top):
+    for _, p in walk(top):
         p.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=_NO_WRAP)
         p.epilog = None   # script's verb list: its own VERBS section
         if p is not top:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re  # argparse imports it anyway
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 
 from provider.config import DEFAULT_HOST_STATE, DEFAULT_SOCKET
 
@@ -74,6 +74,17 @@ def chosen(parser: argparse.ArgumentParser, ns: argparse.Namespace
             if isinstance(name, str) and name in a.choices:
                 return chosen(a.choices[name], ns)
     return parser
+
+
+def walk(p: argparse.ArgumentParser, path: tuple[str, ...] = ()
+         ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every (command path, parser) of the tree below ``p``, ``p`` first (path ``()``):
+    what the man pages, the completion and their tests walk."""
+    yield path, p
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                yield from walk(sub, (*path, name))
 
 
 class _Version(argparse._VersionAction):
