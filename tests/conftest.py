@@ -52,7 +52,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -494,6 +494,21 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         with contextlib.suppress(OSError):
             shutil.copytree(base / "log", logs, dirs_exist_ok=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def arr(ceph: Any, tmp_path: Path) -> Iterator[object]:
+    """An RbdArray on the session's cluster (its records under tmp_path), closed and
+    the cluster's pool wiped afterwards."""
+    from ceph_cluster import wipe
+
+    from rbdarray import RbdArray  # here: librbd only for the tests that ask
+    a = RbdArray(ceph.pool, ceph.conf, str(tmp_path))
+    try:
+        yield a
+    finally:
+        a.close()
+        wipe(ceph.conf, ceph.pool)
 
 
 @pytest.fixture

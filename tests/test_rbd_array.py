@@ -12,7 +12,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,6 @@ from rbdarray.records import SnapRecord, rbd_snap_name, snap_key
 
 CS = 65536
 MiB = 1 << 20
-
-
-@pytest.fixture
-def arr(ceph: Any, tmp_path: Path) -> Iterator[RbdArray]:
-    from ceph_cluster import wipe
-    a = RbdArray(ceph.pool, ceph.conf, str(tmp_path))
-    try:
-        yield a
-    finally:
-        a.close()
-        wipe(ceph.conf, ceph.pool)
 
 
 def reopen(a: RbdArray, ceph: Any) -> RbdArray:

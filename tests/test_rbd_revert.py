@@ -14,7 +14,6 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,6 @@ from rbdarray.records import REVERT_KEY, rbd_snap_name, round_out
 CS = 65536
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-@pytest.fixture
-def arr(ceph: Any, tmp_path: Path) -> Iterator[RbdArray]:
-    from ceph_cluster import wipe
-    a = RbdArray(ceph.pool, ceph.conf, str(tmp_path))
-    try:
-        yield a
-    finally:
-        a.close()
-        wipe(ceph.conf, ceph.pool)
 
 
 def snap(a: RbdArray, volume: str) -> str:
