@@ -146,9 +146,13 @@ class ProviderCatalog:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        # (not locking_mode=EXCLUSIVE as the engine's catalog: the tests and the
-        # transport read it from a second connection. Its -shm WAL index is mmap'ed:
-        # on a full btrfs a store to it can still end the process with SIGBUS.)
+        # before WAL is entered, as the engine's catalog (blockstore/catalog.py): the
+        # WAL index then lives in the heap, not in an mmap'ed -shm file, which on a full
+        # btrfs -- the pool's own file system filled by its diff areas -- ended the
+        # daemon with SIGBUS at a store to a page needing a new block (a write(2) fails
+        # with ENOSPC instead: SQLITE_FULL). The daemon is the one process of the pool
+        # (its flock); no other connection can read the database while it is open.
+        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)

@@ -68,14 +68,22 @@ def test_a_full_xfs_overflows_instead_of_failing_the_write(tmp_path, monkeypatch
             pool.abandon()
 
 
-# the child, as a daemon would be: the pool open (with a snapshot) when its filesystem
-# fills up (a file written and synced until ENOSPC) and is written back; then catalog
-# changes -- the snapshot's delete, which the pool's metadata reserve is there for, and
-# a diff-area limit -- and the close. What fails is printed.
+# the child, as a daemon would be: the pool and the coordinator's catalog
+# (provider.sqlite, beside the pool's) open (with a snapshot) when its filesystem fills
+# up (a file written and synced until ENOSPC) and is written back; then catalog changes
+# -- the snapshot's delete, which the pool's metadata reserve is there for, a diff-area
+# limit, the coordinator's records of more sets -- and the close. What fails is printed.
 _CHILD = """
 import ctypes, ctypes.util, errno, os, sys
 from blockstore import Pool
+from provider.catalog import ProviderCatalog, SetRecord
 pool = Pool.open(sys.argv[1])
+provider = ProviderCatalog(os.path.join(sys.argv[1], ProviderCatalog.FILENAME))
+provider.load()
+def sets(first, n):   # the coordinator's records of n snapshot sets
+    for i in range(first, first + n):
+        provider.put_set(SetRecord(f"set{i}", 0, 0x20, 12, 1.0, "hostA", "cli", 1, False))
+sets(0, 50)
 snap = pool.prepare_snapshot("v", "differential")
 pool.commit_snapshots([snap.id])
 with open(os.path.join(sys.argv[1], "..", "filler"), "wb", buffering=0) as f:
@@ -95,23 +103,26 @@ assert libc.syncfs(fd) == 0
 os.close(fd)
 print("full")
 for change in (lambda: pool.delete_snapshot(snap.id),
-               lambda: pool.set_diff_limit("v", 1 << 30)):
+               lambda: pool.set_diff_limit("v", 1 << 30),
+               lambda: sets(50, 500)):
     try:
         change()
         print("changed")
     except Exception as e:
         print("failed:", type(e).__name__, e)
-try:
-    pool.close()
-except Exception as e:
-    print("close failed:", type(e).__name__, e)
+for db in (pool, provider):
+    try:
+        db.close()
+    except Exception as e:
+        print("close failed:", type(e).__name__, e)
 print("exited")
 """
 
 
 # btrfs: the catalogs' WAL index was an mmap'ed -shm file; on a full btrfs a store to
 # one of its pages needs a new block and the process died of SIGBUS (before the
-# catalogs' locking_mode=EXCLUSIVE kept the index in the heap)
+# catalogs' locking_mode=EXCLUSIVE kept the index in the heap: the engine's first, the
+# coordinator's provider.sqlite later)
 @pytest.mark.parametrize("fstype", ["xfs", "ext4", "btrfs"])
 def test_a_full_filesystem_is_an_error_not_a_crash(tmp_path, fstype):
     need(MKFS[fstype][0])

@@ -17,13 +17,10 @@ def _cache(c: ProviderCatalog) -> tuple[Any, ...]:
     return (c.records, c.mounted, c.presented, c.imported, c.exported)
 
 
-def _on_disk(path: str) -> tuple[Any, ...]:
-    other = ProviderCatalog(path)
-    try:
-        other.load()
-        return _cache(other)
-    finally:
-        other.close()
+def _on_disk(c: ProviderCatalog) -> tuple[Any, ...]:
+    """What the tables hold, read through c's own connection (the database is open in
+    exclusive locking mode: no second connection can read it meanwhile)."""
+    return (c.sets(), c.mounts(), dict(c.presentations()), c.imports(), c.exports())
 
 
 def _rec(set_id: str, state: int = 12) -> SetRecord:
@@ -53,13 +50,21 @@ def test_every_write_goes_through_to_memory(tmp_path: Path) -> None:
         ]
         for i, step in enumerate(steps):
             step()
-            disk = _on_disk(path)
+            assert not c.db.in_transaction, f"step {i} left its transaction open"
+            disk = _on_disk(c)
             disk[0].pop("s0", None)   # a set in creation: not cached (see catalog.py)
             assert _cache(c) == disk, f"step {i}"
         assert c.records == {} and c.mounted == {} and c.exported == {}
         assert c.presented == {"snap2": frozenset({"hostC"})} and c.imported == {}
+        last = _cache(c)
     finally:
         c.close()
+    again = ProviderCatalog(path)   # and the next start reads the same
+    try:
+        again.load()
+        assert _cache(again) == last
+    finally:
+        again.close()
 
 
 def test_a_failed_write_leaves_memory_as_it_was(tmp_path: Path) -> None:

@@ -54,14 +54,12 @@ class FakeMount:
         return None
 
 
-def _db_rows(path: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """(imports, presentation) rows as another process would read them."""
-    db = sqlite3.connect(path)
-    try:
-        return (db.execute("SELECT set_id, host FROM imports").fetchall(),
-                sorted(db.execute("SELECT lun, host FROM presentation").fetchall()))
-    finally:
-        db.close()
+def _db_rows(cat: ProviderCatalog) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(imports, presentation) rows as committed (through the catalog's own connection:
+    it holds the database in exclusive locking mode, and no transaction is open)."""
+    assert not cat.db.in_transaction
+    return ([tuple(r) for r in cat.db.execute("SELECT set_id, host FROM imports")],
+            sorted(tuple(r) for r in cat.db.execute("SELECT lun, host FROM presentation")))
 
 
 STEPS = ["catalog", "import.recorded", "import.surfaced", "refresh", "reply"]
@@ -86,7 +84,7 @@ def test_failed_import_leaves_nothing(tmp_path: Path, step: str) -> None:
         set_id = made["set_id"]
         ids = [s["snapshot_id"] for s in made["snapshots"]]
         doc = (await c.export_set(set_id))["document"]
-        before = (dict(c.catalog.presented), dict(ops.presented), _db_rows(c.catalog.path))
+        before = (dict(c.catalog.presented), dict(ops.presented), _db_rows(c.catalog))
         assert before[0] == {i: frozenset({"hostA"}) for i in ids}
 
         def hook(name: str) -> None:
@@ -118,7 +116,7 @@ def test_failed_import_leaves_nothing(tmp_path: Path, step: str) -> None:
 
         if step in ("import.recorded", "import.surfaced", "reply"):
             assert seen["hosts"] == [frozenset({"hostB"})] * 2
-        assert (dict(c.catalog.presented), dict(ops.presented), _db_rows(c.catalog.path)) == before
+        assert (dict(c.catalog.presented), dict(ops.presented), _db_rows(c.catalog)) == before
         assert c.catalog.imported == {} and c.catalog.imports() == {}
         for i in ids:
             s = c.views.prop_json(c.pool.snapshot(i))
