@@ -9,7 +9,7 @@ caller lost the whole mount (ECONNABORTED), and every other user with it (ENOTCO
 
 Real parts: the serve daemon (or an in-process mount), the kernel's FUSE driver, callers
 in subprocesses (bounded: a caller that gets no answer is reported, and the connection is
-aborted through /sys/fs/fuse/connections so that it ends).
+aborted (/sys/fs/fuse/connections/N/abort) so that it ends).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import resource
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,23 @@ except OSError as e:
 """
 
 
-def fuse_connection(mnt: Path) -> Path:
-    """The mount's /sys/fs/fuse/connections entry (its device number); read while the
-    mount answers."""
-    return Path("/sys/fs/fuse/connections") / str(os.minor(os.stat(mnt).st_dev))
+def fuse_connection(mnt: Path) -> int:
+    """The mount's FUSE connection number (the minor of its device); read while the mount
+    answers."""
+    return os.minor(os.stat(mnt).st_dev)
 
 
-def ask(conn: Path, *args: str) -> str:
+def abort_connection(conn: int) -> None:
+    """`echo 1 > /sys/fs/fuse/connections/N/abort`, in a mount namespace of its own that
+    mounts fusectl there if the host has not: the host's mounts stay as they are."""
+    script = ('mountpoint -q /sys/fs/fuse/connections || '
+              'mount -t fusectl fusectl /sys/fs/fuse/connections && '
+              'echo 1 > "/sys/fs/fuse/connections/$0/abort"')
+    subprocess.run(["unshare", "-m", "sh", "-c", script, str(conn)], capture_output=True,
+                   timeout=30, check=False)
+
+
+def ask(conn: int, *args: str) -> str:
     """Run CALLER with args; its output. A caller still waiting after ANSWER_TIMEOUT fails
     the test, after the connection is aborted (a request the daemon read and never
     answered waits uninterruptibly: only that, or the daemon's exit, ends it)."""
@@ -77,8 +87,7 @@ def ask(conn: Path, *args: str) -> str:
     try:
         out, err = p.communicate(timeout=ANSWER_TIMEOUT)
     except subprocess.TimeoutExpired:
-        with suppress(OSError):
-            (conn / "abort").write_text("1")
+        abort_connection(conn)
         p.kill()
         p.communicate(timeout=30)
         pytest.fail(f"{args[0]} on {args[1]} got no answer in {ANSWER_TIMEOUT:.0f} s")
