@@ -24,10 +24,10 @@ PACKAGES    := blockstore provider fuse_mount nbd tools rbdarray
 # The editable install maps top-level packages found at install time, so a package that
 # appears later (its __init__.py is newer than the stamp) triggers one re-install.
 PKG_INITS   := $(wildcard $(addsuffix /__init__.py,$(PACKAGES)))
-# pyfuse3 3.5.0 is built from its sdist with our fallocate patch (fuse_mount/patches/):
+# pyfuse3 3.5.0 is built from its sdist with our patches (fuse_mount/patches/*.patch):
 # a changed patch, build script or build pin re-runs the venv recipe, which rebuilds it.
 PYFUSE3_BUILD := fuse_mount/patches/build-pyfuse3.sh
-PYFUSE3_DEPS  := $(PYFUSE3_BUILD) fuse_mount/patches/pyfuse3-3.5.0-fallocate.patch \
+PYFUSE3_DEPS  := $(PYFUSE3_BUILD) $(wildcard fuse_mount/patches/*.patch) \
                  fuse_mount/patches/pyfuse3-build-constraints.txt
 
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config e2fsprogs util-linux xfsprogs btrfs-progs fio \

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -277,9 +278,9 @@ class InProcMount:
     """run_mount on a trio loop in a thread of this process, so the test can use the Pool
     (and the write barrier) while the mount is live."""
 
-    def __init__(self, pool: Pool, mnt: Path) -> None:
+    def __init__(self, pool: Pool, mnt: Path, ops: Any = None) -> None:
         self.pool, self.mnt = pool, mnt
-        self.ops: Any = None
+        self.ops: Any = ops    # a ShadowOperations to serve (default: run_mount's own)
         self.token: Any = None
         self._cancel: Any = None
         self._ready = threading.Event()
@@ -289,7 +290,8 @@ class InProcMount:
     def _run(self) -> None:
         async def main() -> None:
             async with trio.open_nursery() as n:
-                self.ops = await n.start(run_mount, self.pool, str(self.mnt))
+                self.ops = await n.start(partial(run_mount, ops=self.ops), self.pool,
+                                         str(self.mnt))
                 self.token = trio.lowlevel.current_trio_token()
                 self._cancel = n.cancel_scope
                 self._ready.set()

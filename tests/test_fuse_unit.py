@@ -377,8 +377,8 @@ def test_lun_masking_host_views(pool: Pool) -> None:
 
 
 def test_pyfuse3_is_the_patched_build() -> None:
-    """`make venv` installs pyfuse3 3.5.0 built with fuse_mount/patches/pyfuse3-3.5.0-
-    fallocate.patch. Checked here without the kernel so an unpatched pyfuse3 (a plain
+    """`make venv` installs pyfuse3 3.5.0 built with fuse_mount/patches/*.patch (fallocate,
+    always-reply). Checked here without the kernel so an unpatched pyfuse3 (a plain
     `pip install`) fails with this message, not with an EOPNOTSUPP deep in a kernel test."""
     import importlib.metadata
     import subprocess

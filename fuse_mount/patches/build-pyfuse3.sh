@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Build pyfuse3 3.5.0 from its PyPI sdist with pyfuse3-3.5.0-fallocate.patch and install
-# it into a virtualenv (`make venv` runs this before `pip install -e .`).
+# Build pyfuse3 3.5.0 from its PyPI sdist with our patches (PATCHES below, applied in that
+# order) and install it into a virtualenv (`make venv` runs this before `pip install -e .`).
 #
 #   build-pyfuse3.sh VENV_PYTHON BUILD_DIR    build + install (skipped if already there)
 #   build-pyfuse3.sh --check VENV_PYTHON      only verify; exit 1 if not installed
 #
-# Why: pyfuse3 3.5.0 registers no fallocate handler with libfuse, so the kernel fails
-# every fallocate(2) on the mount with EOPNOTSUPP (no punch-hole, no discard through a
-# loop device, no fstrim). See the patch's header.
+# Why (each patch's header says more):
+#   pyfuse3-3.5.0-fallocate.patch: pyfuse3 3.5.0 registers no fallocate handler with
+#     libfuse, so the kernel fails every fallocate(2) on the mount with EOPNOTSUPP (no
+#     punch-hole, no discard through a loop device, no fstrim).
+#   pyfuse3-3.5.0-always-reply.patch: a request whose handling raises anything but
+#     FUSEError (a MemoryError copying a write's data out of the splice pipe...) was never
+#     answered, and the session loop ended: its writer waited in the kernel. Now answered
+#     (ENOMEM/EIO).
 #
-# The installed version is 3.5.0+shadowplex.<12 hex digits of sha256(patch + build pins)>:
+# The installed version is 3.5.0+shadowplex.<12 hex digits of sha256(patches + build pins)>:
 # it satisfies `pyfuse3==3.5.0` in pyproject.toml (a local label is ignored by ==), so
 # `pip install -e .` keeps it, and a changed patch is a different version (rebuilt).
 # Idempotent: the sdist is unpacked afresh into BUILD_DIR every time the build runs, and
@@ -22,19 +27,19 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PATCH="$HERE/pyfuse3-3.5.0-fallocate.patch"
+PATCHES=("$HERE/pyfuse3-3.5.0-fallocate.patch" "$HERE/pyfuse3-3.5.0-always-reply.patch")
 CONSTRAINTS="$HERE/pyfuse3-build-constraints.txt"
 VERSION=3.5.0
 SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-# the local label names the patch and the build pins: change either and it is rebuilt
-WANT="$VERSION+shadowplex.$(cat "$PATCH" "$CONSTRAINTS" | sha256sum | cut -c1-12)"
+# the local label names the patches and the build pins: change any and it is rebuilt
+WANT="$VERSION+shadowplex.$(cat "${PATCHES[@]}" "$CONSTRAINTS" | sha256sum | cut -c1-12)"
 
 say() { echo "pyfuse3: $*"; }
 die() { echo "pyfuse3: ERROR: $*" >&2; exit 1; }
 
 # Is the patched build installed? Checks the distribution's version and that the compiled
-# module carries the fallocate handler (fuse_fallocate_async is a Cython function name,
-# so the string is in the .so only when the patched .pyx was compiled).
+# module carries both patches: the fallocate handler and reply_exception (Cython function
+# names, so the strings are in the .so only when the patched .pyx was compiled).
 installed() {
     "$1" - "$WANT" <<'EOF'
 import importlib.metadata as md, sys
@@ -49,8 +54,11 @@ import pyfuse3
 if "fallocate" not in vars(pyfuse3.Operations):
     sys.exit("pyfuse3.Operations has no fallocate")
 with open(pyfuse3.__file__, "rb") as f:
-    if b"fuse_fallocate_async" not in f.read():
-        sys.exit(f"{pyfuse3.__file__} has no fallocate handler compiled in")
+    so = f.read()
+for name, what in ((b"fuse_fallocate_async", "fallocate handler"),
+                   (b"reply_exception", "answer to every request (always-reply patch)")):
+    if name not in so:
+        sys.exit(f"{pyfuse3.__file__} has no {what} compiled in")
 EOF
 }
 
@@ -87,8 +95,10 @@ say "downloading the pyfuse3 $VERSION sdist"
     --build-constraint "$CONSTRAINTS" -r "$BUILD/requirements.txt" -d "$BUILD/dist"
 tar -xzf "$BUILD/dist/pyfuse3-$VERSION.tar.gz" -C "$BUILD/src"
 SRC="$BUILD/src/pyfuse3-$VERSION"
-say "applying $(basename "$PATCH")"
-patch -d "$SRC" -p1 --forward --batch --quiet <"$PATCH" || die "the patch does not apply"
+for p in "${PATCHES[@]}"; do
+    say "applying $(basename "$p")"
+    patch -d "$SRC" -p1 --forward --batch --quiet <"$p" || die "$(basename "$p") does not apply"
+done
 # The sdist ships a pre-generated __init__.c of the UNPATCHED sources; remove it so the
 # build cannot fall back to it: Cython must compile the patched .pyx (or the build fails).
 rm -f "$SRC/src/pyfuse3/__init__.c"
