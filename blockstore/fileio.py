@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .errors import SimulatedCrash
+from .errors import PoolLocked, SimulatedCrash
 
 if TYPE_CHECKING:
     from .powercut import PowerCut
@@ -467,3 +467,21 @@ def write_file_atomic(path: str, data: bytes) -> None:
 # started power-cut recorders (blockstore/powercut.py): fsync_dir and write_file_atomic
 # tell them; empty unless a test started one
 _RECORDERS: list[PowerCut] = []
+
+
+def lock_directory(path: str, what: str) -> int:
+    """Take DIR/lock (flock, exclusive, not waiting) and write this process's pid in it:
+    the one daemon of a pool -- or of a host daemon's state directory. Returns the fd
+    (closing it releases the lock; so does the process's death, kill -9 included).
+    Raises PoolLocked naming the holder's pid."""
+    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise PoolLocked(f"{what} {path} is in use by process {holder}; "
+                         "stop that shadowplex serve first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -12,7 +12,6 @@ the integrity entry points (blockstore/integrity.py).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from dataclasses import replace
@@ -24,13 +23,13 @@ from .errors import (
     Exists,
     FormatError,
     NotFound,
-    PoolLocked,
 )
 from .fileio import (
     BTRFS_MAGIC,
     DataFile,
     Faults,
     fs_type,
+    lock_directory,
     reflink_probe,
 )
 from .longops import LongOps
@@ -117,18 +116,7 @@ class Pool(LongOps):
         self.capabilities = replace(Pool.capabilities, reflink=True)
 
     def _take_lock(self) -> None:
-        fn = os.path.join(self.path, "lock")
-        fd = os.open(fn, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise PoolLocked(f"pool {self.path} is in use by process {holder}; "
-                             "stop that shadowplex serve first") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = lock_directory(self.path, "pool")
 
     def close(self) -> None:
         """Flush everything and release the pool. A volume that cannot be flushed (its

@@ -66,7 +66,7 @@ import trio
 
 from blockstore import Pool
 from blockstore import errors as bse
-from blockstore.fileio import keep_freed_memory
+from blockstore.fileio import keep_freed_memory, lock_directory
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.operations import ShadowOperations
 from fuse_mount.presentation import LiveMount, Presentation
@@ -441,23 +441,53 @@ def _serve(pool_dir: str, mountpoint: str, socket_path: str | None, foreground: 
         _error_line(str(e))
         return EXIT_CONFIG
     keep_freed_memory()   # the data path's chunk buffers: see its docstring
+    state_lock = -1
     try:
+        if array is not None:
+            # host mode, Ceph: no pool here to flock, but the provider's catalog in the
+            # state directory is this daemon's alone (it holds it in exclusive locking
+            # mode: a second daemon would wait 5 s, then die of "database is locked")
+            os.makedirs(pool_dir, mode=0o700, exist_ok=True)
+            state_lock = lock_directory(pool_dir, "state directory")
         pool = _open_backend(pool_dir, array, tls_dir, ceph)
-    except ServeError as e:
-        _error_line(str(e))
-        return EXIT_CONFIG
-    except (bse.NotFound, bse.FormatError) as e:
+    except BaseException as e:
+        if state_lock >= 0:
+            os.close(state_lock)
+        if not isinstance(e, Exception):
+            raise
+        return _open_failed(e, pool_dir, array)
+    try:
+        return _serve_open(pool, pool_dir, mountpoint, socket_path, services, debug,
+                           allow_other, poll_us, nbd, nbd_tls, array, stale, notifier)
+    finally:
+        if state_lock >= 0:
+            os.close(state_lock)
+
+
+def _open_failed(e: Exception, pool_dir: str, array: str | None) -> int:
+    """The exit status (and one line) of a backend that cannot be opened; anything else
+    than the errors below is raised again."""
+    if isinstance(e, ServeError | bse.NotFound | bse.FormatError):
         # no pool there, or not a pool: a wrong path (a broken pool.json is no better
         # after a restart either)
         _error_line(str(e))
         return EXIT_CONFIG
-    except bse.StoreError as e:   # PoolLocked: another daemon, which may stop
+    if isinstance(e, bse.StoreError):   # PoolLocked: another daemon, which may stop
         _error_line(str(e))
         return 1
-    except OSError as e:
+    if isinstance(e, OSError):
         what = f"the array at {array}" if array else f"pool {pool_dir}"
         _error_line(f"cannot open {what}: {e.strerror or e}")
         return 1
+    raise e
+
+
+def _serve_open(pool: Array, pool_dir: str, mountpoint: str, socket_path: str | None,
+                services: Sequence[Service], debug: bool, allow_other: bool,
+                poll_us: float, nbd: NbdSettings | None, nbd_tls: ssl.SSLContext | None,
+                array: str | None, stale: bool, notifier: Notifier) -> int:
+    """_serve once the backend is open: the mount, the services, until stopped; the
+    backend closed on every way out."""
     try:
         if stale:
             log.warning("cleaning the dead mount a killed daemon left at %s", mountpoint)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from harness import Daemon, launch
-from support import write_synced
+from support import one_line_error, spx, write_synced
 
 pytestmark = pytest.mark.kernel
 MiB = 1 << 20
@@ -53,3 +53,26 @@ def test_serve_on_rbd_runs_the_cli_s_sequence(rbd_daemon: Daemon) -> None:
     assert d.json("snapshot", "list") == []
     st = d.json("status")
     assert st["pool_id"] and st["chunk_size"] == 64 * 1024
+
+
+def test_a_second_daemon_on_the_same_state_directory_is_refused(
+        rbd_daemon: Daemon, ceph: object, tmp_path: Path, sockdir: str) -> None:
+    """The provider's catalog in the state directory is one daemon's (exclusive locking
+    mode): a second serve on it -- another mount, another socket -- is refused at once
+    with one line naming the first one's pid, and the first goes on serving. (Before
+    the directory's flock: it mounted, waited 5 s for the catalog and died of
+    "database is locked" with a traceback.)"""
+    d = rbd_daemon
+    mnt2 = tmp_path / "mnt2"
+    mnt2.mkdir()
+    res = spx("serve", "--array", f"rbd:{ceph.pool}",  # type: ignore[attr-defined]
+              "--ceph-conf", ceph.conf, "--mount", str(mnt2),  # type: ignore[attr-defined]
+              "--state-dir", d.pool, "--socket", os.path.join(sockdir, "second.sock"),
+              "--hooks-dir", "", timeout=30)
+    line = one_line_error(res, 1, f"state directory {d.pool} is in use by process "
+                                  f"{d.proc.pid}")
+    assert "stop that shadowplex serve first" in line
+    assert not os.path.ismount(mnt2)
+    d.ok("volume", "create", "db", "16M")     # the first one still serves
+    assert [v["name"] for v in d.json("volume", "list")] == ["db"]
+
