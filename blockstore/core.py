@@ -78,7 +78,7 @@ class PoolCore:
     catalog: Catalog
 
     if TYPE_CHECKING:   # called from below, defined above (snapshots.py)
-        def _delete_snapshot(self, s: _Snapshot, reclaim: bool = True) -> None: ...
+        def _delete_snapshot(self, s: _Snapshot, reclaim_now: bool = True) -> None: ...
 
     def __init__(self, path: str, _faults: Faults | None = None) -> None:
         self.path = os.path.abspath(path)

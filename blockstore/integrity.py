@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+from array import array
 from collections.abc import Callable, Iterator
+from itertools import compress, count, islice
+from operator import eq
 from typing import TYPE_CHECKING
 
 import xxhash
 
 from . import accounting, seals
 from . import format as fmt
-from .diffarea import DATA, UNSUMMED
+from .diffarea import DATA, FREE, UNSUMMED
 from .errors import Busy, NotFound, SnapshotInvalid, StoreError, Unsupported
 from .fileio import DataFile, fsync_dir
 from .model import COMMITTED, DIFFERENTIAL, PREPARING, Tally
@@ -216,15 +219,20 @@ def _check_volume(pool: Pool, v: _Volume, plan: _Plan) -> list[str]:
     if v.diff is not None:
         da = v.diff
         out += accounting.check(da, v.live_epochs, f"volume {v.name}")
+        # the copy rule preserves a chunk once per epoch: a second entry either took
+        # the first one's place in its epoch's table (fewer listed than used slots) or
+        # sits next to it in the table's sorted keys (found outside the lock, on copies)
+        used = len(da.state) - da.state.count(FREE)
+        listed = sum(len(t) for t in da.tables.values())
+        if listed != used:
+            out.append(f"volume {v.name}: the epoch tables list {listed} diff entries, "
+                       f"the map holds {used}")
+        keys = [(e, array("Q", da.tables[e].sorted_chunks())) for e in da.epochs]
+        plan.jobs.append((lambda tick: _twice_in_an_epoch(v.name, keys), 0))
         slots: list[tuple[int, int | None]] = []
-        entries: dict[tuple[int, int], int] = {}
         for slot, st in enumerate(da.state):
             if not st:
                 continue
-            other = entries.setdefault((da.chunk[slot], da.epoch[slot]), slot)
-            if other != slot:   # the copy rule preserves a chunk once per epoch
-                out.append(f"volume {v.name}: chunk {da.chunk[slot]} has two entries of "
-                           f"epoch {da.epoch[slot]} (diff slots {other} and {slot})")
             if da.epoch[slot] > v.epoch or da.epoch[slot] < 1:
                 out.append(f"volume {v.name}: diff slot {slot} has epoch {da.epoch[slot]} "
                            f"outside 1..{v.epoch}")
@@ -274,6 +282,18 @@ def _plan_sums(pool: Pool, s: _Snapshot, what: str, plan: _Plan) -> list[str]:
         return out
     plan.jobs.append((job, len(chunks)))
     return []
+
+
+def _twice_in_an_epoch(name: str, keys: list[tuple[int, array]]) -> list[str]:
+    """A chunk with two entries of one epoch, from copies of each epoch table's sorted
+    chunks: two equal neighbours (at C speed, without the lock: a 1 TiB volume at 64 KiB
+    has up to 16 M entries)."""
+    out = []
+    for epoch, k in keys:
+        i = next(compress(count(), map(eq, k, islice(k, 1, None))), None)
+        if i is not None:
+            out.append(f"volume {name}: chunk {k[i]} has two entries of epoch {epoch}")
+    return out
 
 
 def _verify_slots(pool: Pool, v: _Volume, da: DiffArea,

@@ -12,11 +12,14 @@ Functions of a DiffArea's state, split from diffarea.py as seals.py and accounti
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 
 from . import accounting
 from .diffarea import _FREE_RECORD, FREE, HAS_DATA, DiffArea
 from .format import MAP_RECORD_SIZE
+
+log = logging.getLogger(__name__)
 
 
 def gc(da: DiffArea, live_epochs: list[int]) -> int:
@@ -50,6 +53,9 @@ def plan(da: DiffArea, live_epochs: list[int],
     prev_chunk, prev_epoch = -1, 0
     for s in used:
         c, e = da.chunk[s], da.epoch[s]
+        if c == prev_chunk and e == prev_epoch:   # serves nothing: reclaimed, but said
+            log.warning("diff map %s: chunk %d has two entries of epoch %d; slot %d, "
+                        "which no snapshot reads, is reclaimed", da.map_path, c, e, s)
         lo = prev_epoch + 1 if c == prev_chunk else 1
         i = bisect_left(live, lo)
         if not (i < len(live) and live[i] <= e) and s not in busy \

@@ -270,7 +270,7 @@ class Snapshots(Volumes):
         self._changed()
 
     def _reclaim(self, v: _Volume) -> None:
-        """DiffArea.gc of v with its map writes and sync WITHOUT the pool lock (call it
+        """reclaim.gc of v with its map writes and sync WITHOUT the pool lock (call it
         without the lock). Entries whose records are not durable yet are left for a
         later gc; so are all of them if the map cannot be written (logged: garbage
         entries cost space, never correctness, and open() reclaims them)."""

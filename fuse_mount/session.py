@@ -195,11 +195,12 @@ async def run_mount(
         else:
             await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
         log.info("FUSE session at %s ended (unmounted)", path)
-    except Exception:   # (not a cancellation: that is a stop, said by the caller)
+    except Exception as e:   # (not a cancellation: that is a stop, said by the caller)
         # the session loop itself failed (pyfuse3 ends it on an exception its handlers
         # let through; the always-reply patch leaves few): every user of the mount gets
-        # ENOTCONN from now on, which must not pass as an INFO line
-        log.exception("FUSE session at %s failed: the mount is gone", path)
+        # ENOTCONN from now on, which must not pass as an INFO line (the traceback: in
+        # the caller's "the daemon failed")
+        log.error("FUSE session at %s failed (%r): the mount is gone", path, e)
         raise
     finally:
         # Synchronous on purpose: runs even when cancelled. A no-op unmount if the kernel

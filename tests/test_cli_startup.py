@@ -76,7 +76,7 @@ LINES = [
 
 
 @pytest.mark.parametrize("argv", LINES, ids=lambda a: " ".join(a) or "(none)")
-def test_a_commands_parser_reads_argv_as_the_wholewalk(argv: list[str]) -> None:
+def test_a_commands_parser_reads_argv_as_the_whole_tree(argv: list[str]) -> None:
     assert _outcome(build_parser(argv), argv) == _outcome(build_parser(), argv)
 
 
