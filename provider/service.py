@@ -66,9 +66,9 @@ async def control_service(pool: Array, barrier: Any, nursery: trio.Nursery,
     listen = cfg.pop("control_listen", None)         # (host, port, tls_dir) or None
     path = socket_path or default_socket_path(pool.path)
     coord = Coordinator(pool, barrier, mountpoint, writers, cfg, mount=mount)
-    await coord.start()
-    server = ControlServer(coord, path, mode)
-    try:
+    try:   # a start that fails closes the catalog too (it holds it exclusively)
+        await coord.start()
+        server = ControlServer(coord, path, mode)
         await server.open()
         async with trio.open_nursery() as n:
             await n.start(server.serve)

@@ -55,8 +55,14 @@ def test_socket_mode_and_cleanup(tmp_path: Path, sockdir: str) -> None:
         try:
             st = os.lstat(path)
             assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-            with pytest.raises(Exception, match="another daemon"):
-                ServerThread(env, path).start()
+            # another daemon (of another pool: one pool's catalog is one daemon's)
+            (tmp_path / "other").mkdir()
+            other = Env(tmp_path / "other")
+            try:
+                with pytest.raises(Exception, match="another daemon"):
+                    ServerThread(other, path).start()
+            finally:
+                other.close()
             assert os.listdir(sockdir) == ["x.sock"]   # no temporary leftovers
         finally:
             srv.stop()
