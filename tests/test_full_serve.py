@@ -285,3 +285,24 @@ def test_sigterm_with_held_writes_on_a_full_filesystem(tmp_path: Path, fstype: s
             assert "clean" in d.ok("check").stdout
             assert stop_promptly(d) == 0
         assert orphan_set_records(pool) == set()
+
+
+def test_a_full_catalog_is_no_room_not_a_bug(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """SQLITE_FULL (here a real one: a database capped by max_page_count) and ENOSPC from
+    below are a full filesystem, not a bug: the control API names them
+    VSS_E_INSUFFICIENT_STORAGE in one line, the FUSE layer answers ENOSPC, neither logs
+    a traceback (before: VSS_E_UNEXPECTED, and EIO 'unexpected error (bug)')."""
+    from fuse_mount.errors import to_fuse_error
+    from provider.protocol import to_vss_error
+    with contextlib.closing(sqlite3.connect(tmp_path / "capped.sqlite")) as db:
+        db.execute("CREATE TABLE t (x BLOB)")
+        db.execute(f"PRAGMA max_page_count={db.execute('PRAGMA page_count').fetchone()[0]}")
+        with pytest.raises(sqlite3.OperationalError) as ei:
+            db.execute("INSERT INTO t VALUES (?)", (bytes(1 << 16),))
+    for exc in (ei.value, OSError(errno.ENOSPC, "No space left on device")):
+        e = to_vss_error(exc)
+        assert e.name == "VSS_E_INSUFFICIENT_STORAGE", e
+        assert "free space on the pool's filesystem" in str(e) and "\n" not in str(e)
+        assert to_fuse_error(exc, "write", writing=True).errno == errno.ENOSPC
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
