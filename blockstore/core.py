@@ -17,7 +17,6 @@ docs/concurrency.md says what the lock guards and what runs outside it.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import math
@@ -35,6 +34,7 @@ from .errors import (
     NotFound,
     ReadOnly,
     SnapshotInvalid,
+    disk_full,
 )
 from .fileio import DataFile, Faults
 from .model import (
@@ -265,20 +265,25 @@ class PoolCore:
     def _reserve_path(self) -> str:
         return os.path.join(self.path, "reserve")
 
-    def _keep_reserve(self) -> None:
+    def _keep_reserve(self) -> bool:
         """(Re)fill POOL/reserve: META_RESERVE bytes fallocated, given back when the
         filesystem is full so that a delete (catalog row, map records) can still be
-        recorded. Best effort: no room now means try again after the next delete."""
+        recorded. Best effort: no room now means try again after the next delete or at
+        the next snapshot's preparation. False only if the filesystem has no room for
+        it (ENOSPC/EDQUOT); other failures (no fallocate) do not count."""
         try:
             fd = os.open(self._reserve_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return
+        except OSError as e:
+            return not disk_full(e)
         try:
+            if os.fstat(fd).st_blocks * 512 >= META_RESERVE:
+                return True    # held already: no fallocate (a copy-on-write fs's is not free)
             os.posix_fallocate(fd, 0, META_RESERVE)
-        except OSError:
-            pass
+        except OSError as e:
+            return not disk_full(e)
         finally:
             os.close(fd)
+        return True
 
     def _when_full(self, fn: Callable[[], _R]) -> _R:
         """fn(); if it fails because the filesystem is full (ENOSPC, SQLITE_FULL), give
@@ -287,8 +292,7 @@ class PoolCore:
         try:
             return fn()
         except (OSError, sqlite3.OperationalError) as e:
-            full = (getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-                    or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT))
+            full = disk_full(e)
             try:
                 had = full and os.stat(self._reserve_path()).st_blocks > 0
             except OSError:

@@ -80,3 +80,16 @@ class SimulatedCrash(BaseException):
     exactly as no code runs after a real kill -9. Tests then abandon the Pool object
     (without close) and reopen the directory.
     """
+
+
+def disk_full(exc: BaseException) -> bool:
+    """The filesystem ran out of room: ENOSPC or EDQUOT from the kernel, SQLITE_FULL from
+    a catalog. Not a bug: the upper layers map it to ENOSPC / VSS_E_INSUFFICIENT_STORAGE
+    without a traceback."""
+    import errno
+    import sqlite3
+    if isinstance(exc, NoSpace):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -29,6 +29,7 @@ from .model import (
     COPY_PIECE,
     DIFFERENTIAL,
     MAX_SNAPSHOTS_PER_VOLUME,
+    META_RESERVE,
     PLEX,
     PREPARING,
     Kind,
@@ -65,6 +66,14 @@ class Snapshots(Volumes):
             if need > room:
                 raise NoSpace(f"a plex of {volume} needs {need} bytes; the pool has "
                               f"{max(0, room)} available")
+        # The overflow deletes the oldest snapshot when the filesystem fills up, and on a
+        # full one only the reserve's room lets it record that: a snapshot made while the
+        # reserve cannot be held would fail its origin's writes (EIO) instead.
+        if not self._keep_reserve():
+            raise NoSpace(f"the pool's filesystem is full: no room for the "
+                          f"{META_RESERVE >> 20} MiB metadata reserve a snapshot needs "
+                          "(to be deleted if its diff area fills the filesystem); free "
+                          "space on it, e.g. 'snapshot delete', and retry")
         now = time.time()
         with self.catalog.transaction() as db:
             fid = self.catalog.next_file_id(db)

@@ -22,6 +22,7 @@ Every FUSE handler in operations.py is wrapped by `fuse_errors` (or uses
     view.ViewError           its errno   the view refuses (ENOENT, ENOTDIR, EROFS...):
                                          an answer, not logged
     OSError from below       its errno if ENOSPC/EDQUOT/EIO/EROFS, else EIO
+    sqlite3 SQLITE_FULL      ENOSPC      a catalog write on a full pool filesystem
     anything else            EIO, logged with its traceback (a bug)
 
 trio.Cancelled and other BaseExceptions pass through untouched.
@@ -77,6 +78,8 @@ def errno_for(exc: BaseException, *, writing: bool = False) -> int:
         return errno.EIO
     if isinstance(exc, OSError) and exc.errno in _PASS_OSERRORS:
         return exc.errno
+    if bse.disk_full(exc):   # SQLITE_FULL: a catalog write on a full pool filesystem
+        return errno.ENOSPC
     return errno.EIO
 
 
@@ -90,7 +93,7 @@ def to_fuse_error(exc: Exception, what: str, *, writing: bool = False) -> pyfuse
             log.error("%s: %s -> %s", what, exc, errno.errorcode.get(code, code))
         else:
             log.debug("%s: %s -> %s", what, exc, errno.errorcode.get(code, code))
-    elif isinstance(exc, OSError):
+    elif isinstance(exc, OSError) or bse.disk_full(exc):
         log.error("%s: %s -> %s", what, exc, errno.errorcode.get(code, code))
     else:
         log.error("%s: unexpected error (bug) -> EIO", what, exc_info=exc)

@@ -516,8 +516,17 @@ def _serve_open(pool: Array, pool_dir: str, mountpoint: str, socket_path: str | 
             rc = 1
         return rc
     finally:
-        pool.close()
-        log.info("%s closed", f"array {array}" if array else f"pool {pool_dir}")
+        what = f"array {array}" if array else f"pool {pool_dir}"
+        try:
+            pool.close()
+        except (bse.StoreError, OSError) as e:
+            # close() logged each volume it could not flush (a full pool filesystem:
+            # writes held since the last fsync had no room) and released the pool: the
+            # stop is done, its exit status stays the stop's (0), not this error's
+            log.error("%s closed; writes not yet synced by their writers could not be "
+                      "written out and are lost: %s", what, e)
+        else:
+            log.info("%s closed", what)
 
 
 def _open_backend(pool_dir: str, array: str | None, tls_dir: str | None,

@@ -219,7 +219,19 @@ def error_name(exc: BaseException) -> str | None:
     for cls, name in _ERROR_NAMES:
         if isinstance(exc, cls):
             return name
-    return None
+    return "VSS_E_INSUFFICIENT_STORAGE" if _full_filesystem(exc) else None
+
+
+def _full_filesystem(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT or SQLITE_FULL from below: the pool's filesystem is full -- a
+    condition of the machine, not a bug (no traceback), named as NoSpace is."""
+    from blockstore.errors import disk_full
+    return disk_full(exc)
+
+
+def _store_error(exc: BaseException) -> bool:
+    from blockstore.errors import StoreError
+    return isinstance(exc, StoreError)
 
 
 def to_vss_error(exc: BaseException) -> VssError:
@@ -236,4 +248,6 @@ def to_vss_error(exc: BaseException) -> VssError:
         logging.getLogger(__name__).error("unexpected error: %s", message, exc_info=exc)
         return VssError("VSS_E_UNEXPECTED", f"internal error ({type(exc).__name__}: "
                         f"{message}); see the daemon's log")
+    if name == "VSS_E_INSUFFICIENT_STORAGE" and not _store_error(exc):
+        message = f"no room ({message}): free space on the pool's filesystem and retry"
     return VssError(name, message)

@@ -541,14 +541,10 @@ def daemon_log_problems(watched: dict[str, WatchedLog], expected: list[re.Patter
     traceback; advances the offsets, and drops the logs whose daemons all exited."""
     found: list[str] = []
     for path, w in list(watched.items()):
-        try:
-            with open(path, "rb") as f:
-                f.seek(w.offset)
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
+        data = w.read()
         if not w.running():
             del watched[path]
+            w.close()
         else:      # a partial last line waits for the next check
             data = data[:data.rfind(b"\n") + 1]
         w.offset += len(data)

@@ -56,14 +56,37 @@ STACK_DUMP_EVERY = 30  # seconds between faulthandler dumps of a hung daemon's t
 class WatchedLog:
     """A daemon log the per-test log check reads: from `offset` on, what was not checked
     yet. `self_guard`: a daemon on it ran under the guard without a stall, so any
-    SELF-REQUEST line in it is a failure (a test that provokes one stalls it on purpose)."""
+    SELF-REQUEST line in it is a failure (a test that provokes one stalls it on purpose).
+    `fd`: the log opened when its first daemon started, read by the check: pytest
+    removes a passed test's tmp_path (tmp_path_retention_policy = "failed") before the
+    check runs, and a log there was then read as empty -- an open file still reads."""
     path: str
     offset: int
     self_guard: bool
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    fd: int | None = None
 
     def running(self) -> bool:
         return any(p.poll() is None for p in self.procs)
+
+    def read(self) -> bytes:
+        """What the log holds from `offset` on (b"" if it is gone and was not open)."""
+        if self.fd is None:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self.offset)
+                    return f.read()
+            except FileNotFoundError:
+                return b""
+        out = bytearray()
+        while chunk := os.pread(self.fd, 1 << 20, self.offset + len(out)):
+            out += chunk
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # path -> the log; conftest.check_daemon_logs drops the logs whose daemons have all exited
@@ -73,7 +96,8 @@ WATCHED: dict[str, WatchedLog] = {}
 def _watch(log: str, proc: subprocess.Popen[bytes], self_guard: bool, offset: int) -> None:
     w = WATCHED.get(log)
     if w is None:
-        w = WATCHED[log] = WatchedLog(log, offset, self_guard)
+        w = WATCHED[log] = WatchedLog(log, offset, self_guard,
+                                      fd=os.open(log, os.O_RDONLY | os.O_CLOEXEC))
     w.self_guard = w.self_guard or self_guard
     w.procs.append(proc)
 

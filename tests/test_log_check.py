@@ -3,6 +3,7 @@ what a test may declare, and how it reads a log a daemon is still writing."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -73,3 +74,16 @@ def test_a_running_daemon_is_read_on_from_where_the_last_check_stopped(
     assert daemon_log_problems(watched, []) == [f"{log}: x shadowplex[7] ERROR b: second"]
     w: Any = watched[str(log)]
     assert w.offset == log.stat().st_size
+
+
+def test_a_log_removed_before_the_check_is_still_read(tmp_path: Path) -> None:
+    """pytest removes a passed test's tmp_path before the check runs (retention policy
+    "failed"): the check reads the log through the descriptor harness opened at launch,
+    not by its name, which read nothing then."""
+    log = tmp_path / "daemon.log"
+    log.write_text("x shadowplex[7] ERROR a: lost with its directory\n")
+    w = WatchedLog(str(log), 0, True, [], fd=os.open(log, os.O_RDONLY | os.O_CLOEXEC))
+    log.unlink()
+    assert daemon_log_problems({str(log): w}, []) == [
+        f"{log}: x shadowplex[7] ERROR a: lost with its directory"]
+    assert w.fd is None    # closed once its daemons (none) have all exited
