@@ -96,6 +96,7 @@ from pyfuse3 import (
 from .barrier import WriteBarrier
 from .errors import fuse_errors, to_fuse_error
 from .lunstore import LunStore
+from .notices import KernelNotices
 from .presentation import Presentation
 from .view import ROOT_INO, Lun, MountView, Stat, Tree
 
@@ -166,11 +167,13 @@ class ShadowOperations(pyfuse3.Operations):
         self._handles: dict[FileHandleT, Handle] = {}
         self._next_fh = 1
         self.mounted = False                    # set by init() once the kernel connects
+        # every kernel notification, and the session's close after them (notices.py)
+        self.notices = KernelNotices()
         # (port, TLS?) of the daemon's NBD port once open, for host daemons (array.info)
         self.nbd_endpoint: tuple[int, bool] | None = None
         self.nbd_address: str | None = None   # the NBD port's first listening address
         # called after queuing kernel notifications: the session loop stops polling a
-        # moment so that pyfuse3's notification thread gets the GIL (see session.py)
+        # moment so that the notification thread gets the GIL (see session.py)
         self.notifying: Callable[[], None] = lambda: None
         # entries whose invalidation was queued (asynchronously) by _refresh: refresh_now
         # makes sure of them before it returns
@@ -214,7 +217,7 @@ class ShadowOperations(pyfuse3.Operations):
         if self.mounted:
             vanished = self.view.vanished(old, new)
             for dino, name in vanished:
-                pyfuse3.invalidate_entry_async(dino, name, ignore_enoent=True)
+                self.notices.queue(dino, name)
             if vanished:
                 self._queued_entries += vanished
                 del self._queued_entries[:-1024]   # only the latest matter to refresh_now
@@ -235,10 +238,9 @@ class ShadowOperations(pyfuse3.Operations):
             return
         for dino, name in entries:   # again, synchronously: a duplicate is harmless
             try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, dino, name)
+                await trio.to_thread.run_sync(self.notices.entry, dino, name)
             except OSError as e:
-                if e.errno != errno.ENOENT:  # the kernel does not know it: fine
-                    log.warning("invalidating the entry %r: %s", name, e)
+                log.warning("invalidating the entry %r: %s", name, e)
 
     async def invalidate_lun(self, key: str, attr_only: bool = False) -> None:
         """Drop the kernel's cached pages and attributes of a LUN whose content changed
@@ -249,11 +251,9 @@ class ShadowOperations(pyfuse3.Operations):
         for lun in t.by_ino.values():
             if lun.key == key and self.mounted:
                 try:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, lun.ino,
-                                                  attr_only)
+                    await trio.to_thread.run_sync(self.notices.inode, lun.ino, attr_only)
                 except OSError as e:
-                    if e.errno != errno.ENOENT:  # the kernel never looked it up: fine
-                        log.warning("invalidating %s: %s", key, e)
+                    log.warning("invalidating %s: %s", key, e)
 
     async def changed_elsewhere(self, key: str) -> None:
         """A LUN's content changed through another path than this mount (the NBD port):

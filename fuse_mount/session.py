@@ -2,8 +2,9 @@
 
 `run_mount()` mounts the pool's view at a directory and serves it on the current trio loop
 until the mount goes away (umount / fusermount3 -u) or the task is cancelled; on every exit
-path it calls pyfuse3.close(unmount=True) synchronously (a lazy unmount if the kernel
-still has it), so a cancelled or crashed session never leaves a live-looking mount.
+path it closes the session synchronously -- pyfuse3.close(unmount=True), once no kernel
+notification is in flight (notices.py): a lazy unmount if the kernel still has it -- so a
+cancelled or crashed session never leaves a live-looking mount.
 
 pyfuse3 keeps one session per process (module globals), so only one run_mount() may be
 active in a process at a time.
@@ -206,7 +207,7 @@ async def run_mount(
         # Synchronous on purpose: runs even when cancelled. A no-op unmount if the kernel
         # already dropped the mount; a lazy (MNT_DETACH) unmount otherwise.
         try:
-            pyfuse3.close(unmount=True)
+            ops.notices.close(unmount=True)   # once no kernel notification is in flight
         finally:
             _active = False
         log.info("FUSE session at %s closed", path)
