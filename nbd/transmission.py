@@ -35,9 +35,14 @@ connection's tasks.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
+import math
+import os
+import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +52,7 @@ from blockstore.errors import StoreError
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.errors import errno_for
 
+from . import plainthread
 from . import protocol as p
 from .connection import Closed, Conn
 from .exports import Export, NbdStore
@@ -82,6 +88,9 @@ MAX_BUFFERED_BYTES = 256 << 20
 # (eight such clients: all of it). A slow link still gets 42 s for a 32 MiB WRITE.
 PAYLOAD_GRACE = 10.0
 PAYLOAD_MIN_RATE = 1 << 20   # bytes per second
+# a plain-text connection's requests are read in a thread of its own (nbd/plainthread.py;
+# docs/network.md); SHADOWPLEX_NBD_PLAIN_THREAD=0: on the trio loop like TLS (measuring)
+PLAIN_THREAD = os.environ.get("SHADOWPLEX_NBD_PLAIN_THREAD", "1") != "0"
 # command flags each command may carry (proto.md: others are EINVAL)
 _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
           p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
@@ -217,6 +226,7 @@ class RequestLoop:
 
     _read_threads: trio.CapacityLimiter | None = None
     _memory_budget: MemoryBudget | None = None
+    _conn_threads: trio.CapacityLimiter | None = None
 
     async def _transmission(self, c: Conn, s: Served) -> None:
         """The connection's requests until it ends; its reads in flight run in a
@@ -231,7 +241,11 @@ class RequestLoop:
         async with trio.open_nursery() as n:
             f.nursery = n
             try:
-                await self._requests(c, s)
+                inline, threaded = self._readers()
+                if PLAIN_THREAD and not c.tls and inline is not None:
+                    await self._requests_in_thread(c, s, inline, threaded)
+                else:
+                    await self._requests(c, s)
             except Exception as e:   # noqa: BLE001 - raised below, outside the nursery
                 f.ended = f.ended or e
                 n.cancel_scope.cancel()   # the reads in flight are not answered
@@ -239,69 +253,103 @@ class RequestLoop:
             raise f.ended
         raise Closed(f"{c.peer}: disconnect")   # DISC, once the reads in flight answered
 
-    async def _requests(self, c: Conn, s: Served) -> None:
-        # how reads are done (see the module's docstring): inline from the page cache,
-        # else (None) in a thread; or always inline / always in a thread
-        store = self.store
-        inline: CachedReader | None
-        threaded: Reader
-        if getattr(store, "blocking_io", False):
-            inline, threaded = None, store.read
-        elif hasattr(store, "read_cached") and hasattr(store, "read_unlocked"):
-            inline, threaded = store.read_cached, store.read_unlocked
-        else:
-            inline, threaded = store.read, store.read
-        recv, unpack = c.recv_request, p.REQUEST.unpack
-        while True:
-            magic, flags, cmd, cookie, offset, length = unpack(await recv(p.REQUEST.size))
-            if magic != p.REQUEST_MAGIC:
-                raise p.ProtocolError(f"bad request magic {magic:#x}")
-            # the hot path (a 4 KiB read at QD1 costs ~30 us here in all, so a few checks
-            # and a coroutine less count): a READ that needs none of _command's refusals
-            if cmd == p.CMD_READ and not flags & ~p.CMD_FLAG_DF and length <= MAX_REQUEST \
-                    and offset + length <= s.size and s.seen == self._state():
-                try:
-                    data = None if inline is None or length > INLINE_MAX else \
-                        inline(s.export.key, offset, length)
-                    if data is None:
-                        await self._read_later(c, s, threaded, cookie, offset, length)
-                    else:
-                        await self._reply_read(c, s, cookie, offset, length, data)
-                except _GONE:
-                    raise
-                except Exception as ex:   # noqa: BLE001 - mapped to an errno, as below
-                    r = self._refusal(c, s, cmd, ex)
-                    await self._error(c, s, cookie, r.code, r.message)
-                continue
-            payload: bytes | memoryview = b""
-            budget = None
-            if cmd == p.CMD_WRITE:
-                if length > MAX_REQUEST:   # cannot skip that much safely: disconnect
-                    raise p.ProtocolError(f"WRITE of {length} bytes")
-                # its buffer is in the server's budget from before it is received until
-                # the write is done (MemoryBudget)
-                budget = s.flight.budget
-                if budget is not None:
-                    await budget.take(length)
+    async def _requests_in_thread(self, c: Conn, s: Served, inline: CachedReader,
+                                  threaded: Reader) -> None:
+        """nbd/plainthread.py: the requests read and the cached READs answered by a
+        thread of the connection's own; everything else handed back to _one_request."""
+        if self._conn_threads is None:
+            self._conn_threads = trio.CapacityLimiter(math.inf)
+        c.wire = threading.Lock()
+        ended = trio.Event()
+
+        async def waker() -> None:
             try:
-                if cmd == p.CMD_WRITE:
-                    allowed = PAYLOAD_GRACE + length / PAYLOAD_MIN_RATE
-                    with trio.move_on_after(allowed) as waited:
-                        payload = await c.recv_payload(length)
-                    if waited.cancelled_caught:
-                        raise p.ProtocolError(f"WRITE payload of {length} bytes not "
-                                              f"received within {allowed:.0f} s")
-                if cmd == p.CMD_DISC:
-                    return
-                try:
-                    await self._command(c, s, cmd, flags, cookie, offset, length, payload,
-                                        inline, threaded)
-                except Refused as r:
-                    await self._error(c, s, cookie, r.code, r.message)
-            finally:
-                if budget is not None:
-                    payload = b""
-                    budget.give(length)
+                await ended.wait()
+            finally:   # cancelled (the daemon stops): wake the thread out of its poll
+                if not ended.is_set():
+                    with contextlib.suppress(OSError):
+                        c.stream.socket.shutdown(socket.SHUT_RDWR)
+
+        f = s.flight
+        assert f.nursery is not None
+        f.nursery.start_soon(waker)
+        try:
+            await trio.to_thread.run_sync(plainthread.serve, self, c, s, inline, threaded,
+                                          INLINE_MAX, None, limiter=self._conn_threads,
+                                          thread_name=f"nbd {c.peer}")
+        finally:
+            ended.set()
+
+    def _readers(self) -> tuple[CachedReader | None, Reader]:
+        """How reads are done (see the module's docstring): inline from the page cache,
+        else (None) in a thread; or always inline / always in a thread."""
+        store = self.store
+        if getattr(store, "blocking_io", False):
+            return None, store.read
+        if hasattr(store, "read_cached") and hasattr(store, "read_unlocked"):
+            return store.read_cached, store.read_unlocked
+        return store.read, store.read
+
+    async def _requests(self, c: Conn, s: Served) -> None:
+        inline, threaded = self._readers()
+        one = self._one_request
+        while not await one(c, s, inline, threaded):
+            pass
+
+    async def _one_request(self, c: Conn, s: Served, inline: CachedReader | None,
+                           threaded: Reader) -> bool:
+        """Receive and serve one request; True for DISC (the connection ends)."""
+        magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack(
+            await c.recv_request(p.REQUEST.size))
+        if magic != p.REQUEST_MAGIC:
+            raise p.ProtocolError(f"bad request magic {magic:#x}")
+        # the hot path (a 4 KiB read at QD1 costs ~30 us here in all, so a few checks
+        # and a coroutine less count): a READ that needs none of _command's refusals
+        if cmd == p.CMD_READ and not flags & ~p.CMD_FLAG_DF and length <= MAX_REQUEST \
+                and offset + length <= s.size and s.seen == self._state():
+            try:
+                data = None if inline is None or length > INLINE_MAX else \
+                    inline(s.export.key, offset, length)
+                if data is None:
+                    await self._read_later(c, s, threaded, cookie, offset, length)
+                else:
+                    await self._reply_read(c, s, cookie, offset, length, data)
+            except _GONE:
+                raise
+            except Exception as ex:   # noqa: BLE001 - mapped to an errno, as below
+                r = self._refusal(c, s, cmd, ex)
+                await self._error(c, s, cookie, r.code, r.message)
+            return False
+        payload: bytes | memoryview = b""
+        budget = None
+        if cmd == p.CMD_WRITE:
+            if length > MAX_REQUEST:   # cannot skip that much safely: disconnect
+                raise p.ProtocolError(f"WRITE of {length} bytes")
+            # its buffer is in the server's budget from before it is received until
+            # the write is done (MemoryBudget)
+            budget = s.flight.budget
+            if budget is not None:
+                await budget.take(length)
+        try:
+            if cmd == p.CMD_WRITE:
+                allowed = PAYLOAD_GRACE + length / PAYLOAD_MIN_RATE
+                with trio.move_on_after(allowed) as waited:
+                    payload = await c.recv_payload(length)
+                if waited.cancelled_caught:
+                    raise p.ProtocolError(f"WRITE payload of {length} bytes not "
+                                          f"received within {allowed:.0f} s")
+            if cmd == p.CMD_DISC:
+                return True
+            try:
+                await self._command(c, s, cmd, flags, cookie, offset, length, payload,
+                                    inline, threaded)
+            except Refused as r:
+                await self._error(c, s, cookie, r.code, r.message)
+        finally:
+            if budget is not None:
+                payload = b""
+                budget.give(length)
+        return False
 
     async def _error(self, c: Conn, s: Served, cookie: int, code: int, message: str
                      ) -> None:
