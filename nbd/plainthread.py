@@ -52,7 +52,7 @@ def serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
     unpack_from = _REQUEST.unpack_from
     state = loop._state
     from_trio = trio.from_thread.run
-    one = loop._one_request
+    batch = loop._serve_batch
     wire = c.wire
     assert wire is not None
     key = s.export.key
@@ -70,9 +70,9 @@ def serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
                 raise Closed(f"{c.peer}: connection closed")
             buf += data
         magic, flags, cmd, cookie, offset, length = unpack_from(buf)
-        if cmd == p.CMD_READ and magic == p.REQUEST_MAGIC and not flags & ~p.CMD_FLAG_DF \
-                and length <= inline_max and offset + length <= s.size \
-                and s.seen == state():
+        if cmd == p.CMD_READ and len(buf) == size and magic == p.REQUEST_MAGIC \
+                and not flags & ~p.CMD_FLAG_DF and length <= inline_max \
+                and offset + length <= s.size and s.seen == state():
             try:
                 data = inline(key, offset, length)
             except Exception:   # noqa: BLE001 - trio's path answers it (errno mapping)
@@ -98,5 +98,6 @@ def serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
                         from_trio(c.send_tail, sent, head, data)
                 continue
         # everything else: the trio loop's one implementation, the header still in buf
-        if from_trio(one, c, s, inline, threaded):
+        pipelined = len(buf) > size + (length if cmd == p.CMD_WRITE else 0)
+        if from_trio(batch, c, s, inline, threaded, pipelined):
             return

@@ -54,7 +54,7 @@ from fuse_mount.errors import errno_for
 
 from . import plainthread
 from . import protocol as p
-from .connection import Closed, Conn
+from .connection import RECEIVE_SIZE, Closed, Conn
 from .exports import Export, NbdStore
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,31 @@ class RequestLoop:
                                           thread_name=f"nbd {c.peer}")
         finally:
             ended.set()
+
+    async def _serve_batch(self, c: Conn, s: Served, inline: CachedReader | None,
+                           threaded: Reader, pipelined: bool) -> bool:
+        """For the thread (nbd/plainthread.py): serve the request whose header is
+        buffered and, when requests come pipelined, the ones behind it, until the socket
+        has nothing more without waiting; True for DISC."""
+        size = p.REQUEST.size
+        while True:
+            if await self._one_request(c, s, inline, threaded):
+                return True
+            if len(c.buf) >= size:
+                continue
+            if not pipelined:
+                return False
+            try:
+                data = os.read(c.fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                raise Closed(f"{c.peer}: {e.strerror}") from None
+            if not data:
+                raise Closed(f"{c.peer}: connection closed")
+            c.buf += data
+            if len(c.buf) < size:
+                return False
 
     def _readers(self) -> tuple[CachedReader | None, Reader]:
         """How reads are done (see the module's docstring): inline from the page cache,
