@@ -1,31 +1,45 @@
-"""A plain-text connection's transmission phase in a thread of its own (issue 15's plain
-4K randread at QD1): the thread sleeps in poll(2) on the socket -- woken by the kernel
-directly, no epoll re-arm and no pass of trio's scheduler, the GIL free while it sleeps --
-reads the request headers, answers the READs the page cache holds itself
-(Pool.read_cached, one writev), and hands every other request to the trio loop's
-RequestLoop._one_request (trio.from_thread.run), waiting for it: writes and their
-barrier, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, reads that wait for the disk, a changed
-array or masking, DISC, errors -- one implementation of each, in request order, as before.
+"""A plain-text connection's transmission phase read by a thread of its own (issue 15:
+plain 4K randread at queue depth 1; docs/network.md, "The plain-text thread").
+
+Why: at QD1 what was left of a request's time on the trio loop was the wait itself --
+trio's wait_readable (an epoll_ctl to re-arm, the loop's epoll_wait, one scheduler pass)
+before the read(2). A thread blocked in poll(2) on the socket is woken by the kernel
+directly, and holds no GIL while it sleeps.
+
+What the thread does: it reads request headers into the connection's buffer (Conn.buf)
+and answers a READ itself when that READ is alone in the buffer (nothing pipelined
+behind it), needs none of the loop's refusals, and the page cache holds its data
+(Pool.read_cached: preadv2 RWF_NOWAIT): the reply is one writev(2), under Conn.wire.
+Everything else it hands to the trio loop and waits (trio.from_thread.run of
+serve_batch, the header still in the buffer): writes and their barrier,
+FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, a READ that must wait for the disk (a worker
+thread, as before), a changed array or masking, errors, DISC -- each with its one
+implementation, in request order. Pipelined requests (a client with many in flight:
+nbdcopy) go to the loop as well, which serves them as it always did until the socket
+has nothing more to read without waiting; then the thread waits again. So the loop and
+the thread never read the socket at the same time, and requests keep their order.
 
 Who writes to the socket: the thread (its READ replies) and trio tasks (every other
-reply, the replies of reads done in worker threads). Conn.wire, a threading.Lock, keeps
-replies whole between them: the thread takes it around its writev; a trio sender takes
-it without blocking the loop (Conn.send). A reply the socket does not take at once (the
-client does not read) is finished by trio (Conn.send_tail) while the thread holds the
-lock and waits.
+reply, the replies of reads done in worker threads); Conn.wire, a threading.Lock, keeps
+replies whole. The thread holds it for one writev; if the socket takes only part of the
+reply (the client does not read), trio sends the rest (Conn.send_tail) while the thread
+holds the lock and waits. A trio sender never blocks the loop on it (Conn.send).
 
-How it ends (docs/network.md, "The plain-text thread"): DISC, the client closing (EOF),
-an error of the socket or the protocol end the thread, whose return or exception is the
-connection's as in the trio loop. When trio cancels the connection (the daemon
-stopping), the waker task in the connection's nursery shuts the socket down
-(SHUT_RDWR), which wakes the thread's poll (EOF); a hand-off in progress is cancelled
-with the connection's task (trio runs it in that task's context).
+How it ends: DISC, EOF, a socket or protocol error end the thread; what it raises is
+the connection's end, as for the trio loop (RequestLoop._transmission). When the
+connection's task is cancelled (the daemon stops) the waker task shuts the socket down
+(SHUT_RDWR), which wakes the thread's poll with an EOF, and a hand-off in progress is
+cancelled with the task (trio runs it in that task's context). The connection's stream
+is closed only after the thread has returned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import socket
+import threading
 from typing import TYPE_CHECKING
 
 import trio
@@ -36,68 +50,108 @@ from .connection import RECEIVE_SIZE, Closed, Conn
 if TYPE_CHECKING:
     from .transmission import CachedReader, Reader, RequestLoop, Served
 
-_REQUEST = p.REQUEST
-_SIMPLE = p.SIMPLE_REPLY
+
+async def run(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
+              threaded: Reader) -> None:
+    """The connection's requests, read by a thread of its own (_serve), until it ends;
+    runs in the connection's task, inside the nursery of its reads in flight."""
+    from .transmission import INLINE_MAX
+    c.wire = threading.Lock()
+    ended = trio.Event()
+
+    async def waker() -> None:
+        try:
+            await ended.wait()
+        finally:   # cancelled (the daemon stops): wake the thread out of its poll
+            if not ended.is_set():
+                with contextlib.suppress(OSError):
+                    c.stream.socket.shutdown(socket.SHUT_RDWR)
+
+    f = s.flight
+    assert f.nursery is not None
+    f.nursery.start_soon(waker)
+    try:   # (never abandoned when cancelled: the waker makes it return)
+        await trio.to_thread.run_sync(_serve, loop, c, s, inline, threaded, INLINE_MAX,
+                                      limiter=trio.CapacityLimiter(1),
+                                      thread_name=f"nbd {c.peer}")
+    finally:
+        ended.set()
 
 
-def serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
-          threaded: Reader, inline_max: int, data_chunk: object) -> None:
-    """The connection's request loop, run in a thread (trio.to_thread.run_sync)."""
-    from .transmission import _DATA_CHUNK
-    fd = c.fd
-    buf = c.buf
+async def serve_batch(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
+                      threaded: Reader, pipelined: bool) -> bool:
+    """On the trio loop, for the thread: serve the request whose header is buffered and,
+    when requests come pipelined, the ones behind it until the socket has nothing more
+    without waiting; True after DISC."""
+    size = p.REQUEST.size
+    while True:
+        if await loop._one_request(c, s, inline, threaded):
+            return True
+        if len(c.buf) >= size:
+            continue
+        if not pipelined:
+            return False
+        try:
+            data = os.read(c.fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            raise Closed(f"{c.peer}: {e.strerror}") from None
+        if not data:
+            raise Closed(f"{c.peer}: connection closed")
+        c.buf += data
+        if len(c.buf) < size:   # (a header's start: the thread reads the rest)
+            return False
+
+
+def _serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader, threaded: Reader,
+          inline_max: int) -> None:
+    """The connection's requests until it ends (in a thread: trio.to_thread.run_sync);
+    returns after DISC, raises Closed or the loop's exception otherwise."""
+    fd, buf, wire = c.fd, c.buf, c.wire
+    assert wire is not None
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    size = _REQUEST.size
-    unpack_from = _REQUEST.unpack_from
-    state = loop._state
-    from_trio = trio.from_thread.run
-    batch = loop._serve_batch
-    wire = c.wire
-    assert wire is not None
-    key = s.export.key
-    structured = c.structured
+    size, unpack_from = p.REQUEST.size, p.REQUEST.unpack_from
+    state, from_trio = loop._state, trio.from_thread.run
+    key, structured, head_of = s.export.key, c.structured, p.read_reply_head
     while True:
         while len(buf) < size:
             try:
                 data = os.read(fd, RECEIVE_SIZE)
-            except BlockingIOError:
-                poller.poll()   # the GIL is free; shutdown(2) wakes it too
+            except BlockingIOError:   # the usual case at QD1: sleep until it comes
+                poller.poll()   # (the GIL is free; shutdown(2) wakes it too)
                 continue
-            except OSError as e:
+            except OSError as e:   # reset by the peer, ...
                 raise Closed(f"{c.peer}: {e.strerror}") from None
             if not data:
                 raise Closed(f"{c.peer}: connection closed")
             buf += data
         magic, flags, cmd, cookie, offset, length = unpack_from(buf)
+        # (the loop's hot-path checks; a READ failing any of them is the loop's)
         if cmd == p.CMD_READ and len(buf) == size and magic == p.REQUEST_MAGIC \
                 and not flags & ~p.CMD_FLAG_DF and length <= inline_max \
                 and offset + length <= s.size and s.seen == state():
             try:
-                data = inline(key, offset, length)
-            except Exception:   # noqa: BLE001 - trio's path answers it (errno mapping)
-                data = None
-            if data is not None:
+                got = inline(key, offset, length)
+            except Exception:   # noqa: BLE001 - the loop tries again and answers why
+                got = None
+            if got is not None:
                 del buf[:size]
-                if len(data) < length:
-                    data += bytes(length - len(data))
-                if structured:
-                    head = _DATA_CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                            p.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length,
-                                            offset)
-                else:
-                    head = _SIMPLE.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
+                if len(got) < length:   # shrunk meanwhile: zeros (as _reply_read)
+                    got += bytes(length - len(got))
+                head = head_of(structured, cookie, offset, length)
                 with wire:
                     try:
-                        sent = os.writev(fd, (head, data))
+                        sent = os.writev(fd, (head, got))
                     except BlockingIOError:
                         sent = 0
-                    except OSError as e:
+                    except OSError as e:   # EPIPE, ECONNRESET: the peer is gone
                         raise Closed(f"{c.peer}: {e.strerror}") from None
-                    if sent < len(head) + len(data):
-                        from_trio(c.send_tail, sent, head, data)
+                    if sent < len(head) + len(got):
+                        from_trio(c.send_tail, sent, head, got)
                 continue
-        # everything else: the trio loop's one implementation, the header still in buf
+        # anything else, or requests pipelined behind this one: the trio loop's
         pipelined = len(buf) > size + (length if cmd == p.CMD_WRITE else 0)
-        if from_trio(batch, c, s, inline, threaded, pipelined):
+        if from_trio(serve_batch, loop, c, s, inline, threaded, pipelined):
             return

@@ -35,14 +35,10 @@ connection's tasks.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import logging
-import math
 import os
-import socket
 import struct
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -54,7 +50,7 @@ from fuse_mount.errors import errno_for
 
 from . import plainthread
 from . import protocol as p
-from .connection import RECEIVE_SIZE, Closed, Conn
+from .connection import Closed, Conn
 from .exports import Export, NbdStore
 
 log = logging.getLogger(__name__)
@@ -98,8 +94,6 @@ _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0
 _RANGED = frozenset({p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES,
                      p.CMD_BLOCK_STATUS})
 _WRITING = frozenset({p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES})
-# a READ's one structured chunk: the reply header and the data's offset in one pack
-_DATA_CHUNK = struct.Struct(p.STRUCTURED_REPLY.format + "Q")
 # the client went away while we answered: end the connection quietly
 _GONE = (Closed, trio.BrokenResourceError, trio.ClosedResourceError)
 DIRTY_BITMAP = "qemu:dirty-bitmap:"   # + a snapshot id: the chunks changed since it
@@ -226,7 +220,6 @@ class RequestLoop:
 
     _read_threads: trio.CapacityLimiter | None = None
     _memory_budget: MemoryBudget | None = None
-    _conn_threads: trio.CapacityLimiter | None = None
 
     async def _transmission(self, c: Conn, s: Served) -> None:
         """The connection's requests until it ends; its reads in flight run in a
@@ -243,7 +236,7 @@ class RequestLoop:
             try:
                 inline, threaded = self._readers()
                 if PLAIN_THREAD and not c.tls and inline is not None:
-                    await self._requests_in_thread(c, s, inline, threaded)
+                    await plainthread.run(self, c, s, inline, threaded)
                 else:
                     await self._requests(c, s)
             except Exception as e:   # noqa: BLE001 - raised below, outside the nursery
@@ -252,58 +245,6 @@ class RequestLoop:
         if f.ended is not None:
             raise f.ended
         raise Closed(f"{c.peer}: disconnect")   # DISC, once the reads in flight answered
-
-    async def _requests_in_thread(self, c: Conn, s: Served, inline: CachedReader,
-                                  threaded: Reader) -> None:
-        """nbd/plainthread.py: the requests read and the cached READs answered by a
-        thread of the connection's own; everything else handed back to _one_request."""
-        if self._conn_threads is None:
-            self._conn_threads = trio.CapacityLimiter(math.inf)
-        c.wire = threading.Lock()
-        ended = trio.Event()
-
-        async def waker() -> None:
-            try:
-                await ended.wait()
-            finally:   # cancelled (the daemon stops): wake the thread out of its poll
-                if not ended.is_set():
-                    with contextlib.suppress(OSError):
-                        c.stream.socket.shutdown(socket.SHUT_RDWR)
-
-        f = s.flight
-        assert f.nursery is not None
-        f.nursery.start_soon(waker)
-        try:
-            await trio.to_thread.run_sync(plainthread.serve, self, c, s, inline, threaded,
-                                          INLINE_MAX, None, limiter=self._conn_threads,
-                                          thread_name=f"nbd {c.peer}")
-        finally:
-            ended.set()
-
-    async def _serve_batch(self, c: Conn, s: Served, inline: CachedReader | None,
-                           threaded: Reader, pipelined: bool) -> bool:
-        """For the thread (nbd/plainthread.py): serve the request whose header is
-        buffered and, when requests come pipelined, the ones behind it, until the socket
-        has nothing more without waiting; True for DISC."""
-        size = p.REQUEST.size
-        while True:
-            if await self._one_request(c, s, inline, threaded):
-                return True
-            if len(c.buf) >= size:
-                continue
-            if not pipelined:
-                return False
-            try:
-                data = os.read(c.fd, RECEIVE_SIZE)
-            except BlockingIOError:
-                return False
-            except OSError as e:
-                raise Closed(f"{c.peer}: {e.strerror}") from None
-            if not data:
-                raise Closed(f"{c.peer}: connection closed")
-            c.buf += data
-            if len(c.buf) < size:
-                return False
 
     def _readers(self) -> tuple[CachedReader | None, Reader]:
         """How reads are done (see the module's docstring): inline from the page cache,
@@ -496,12 +437,8 @@ class RequestLoop:
                           data: bytes | bytearray) -> None:
         if len(data) < length:   # shrunk meanwhile (a revert): zeros, as past a file's end
             data += bytes(length - len(data))
-        if c.structured:
-            head = _DATA_CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                    p.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
-        else:
-            head = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
-        await c.send(head, data)   # (whole, also from a read's own task: Conn.send)
+        # (whole, also from a read's own task: Conn.send)
+        await c.send(p.read_reply_head(c.structured, cookie, offset, length), data)
 
     async def _write(self, c: Conn, s: Served, cmd: int, flags: int, offset: int,
                      length: int, payload: bytes | memoryview) -> None:
