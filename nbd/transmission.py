@@ -30,6 +30,10 @@ interrupted: it ends, its reply is dropped).
 Nothing is held across an await but a write's barrier registration and a reply's send
 lock, both released in `finally`: a client vanishing mid-request only ends its own
 connection's tasks.
+
+A plain-text connection's requests are read by a thread of its own (nbd/plainthread.py),
+which answers the cached READs at queue depth 1 itself and hands every other request to
+_one_request here; TLS connections are served by _requests on the loop.
 """
 
 from __future__ import annotations

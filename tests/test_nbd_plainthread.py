@@ -45,7 +45,7 @@ def srv(tmp_path: Path) -> Iterator[Running]:
     pool = Pool.create(str(tmp_path / "pool"))
     pool.create_volume("db", 8 * MiB)
     data = bytearray(os.urandom(8 * MiB))
-    pool.write("db", 0, data)
+    pool.write("db", 0, bytes(data))
     r = Running(pool)
     r.data = data   # type: ignore[attr-defined]
     try:
@@ -64,7 +64,7 @@ def test_reads_at_queue_depth_1_are_answered_by_the_connections_own_thread(
     """One thread per plain connection while it is open; a cached READ alone on the
     socket is read by it (not by the trio loop's thread), right, simple or structured;
     the thread ends with the connection."""
-    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    pool: Pool = srv.pool
     data = srv.data   # type: ignore[attr-defined]
     readers: list[str] = []
     real = pool.read_cached
@@ -94,7 +94,7 @@ def test_pipelined_and_single_requests_mixed_keep_their_order(srv: Running) -> N
     data of every request before it (the thread answers a READ only when nothing is
     queued behind it, and hands the rest to the loop, which keeps their order), and the
     volume ends as the model says."""
-    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    pool: Pool = srv.pool
     model = srv.data   # type: ignore[attr-defined]
     rnd = random.Random(15)
     c = Client(srv.port)
@@ -103,7 +103,8 @@ def test_pipelined_and_single_requests_mixed_keep_their_order(srv: Running) -> N
     kinds = (p.CMD_READ, p.CMD_READ, p.CMD_WRITE, p.CMD_WRITE, p.CMD_FLUSH,
              p.CMD_WRITE_ZEROES, p.CMD_TRIM)
     for _ in range(120):
-        batch, expect = [], {}
+        batch: list[bytes] = []
+        expect: dict[int, bytes | None] = {}
         reads: list[range] = []   # (a READ still in flight may see a later write:
         for _ in range(rnd.choice((1, 1, 1, 2, 3, 8))):   # not one of its range here)
             cookie += 1
@@ -151,7 +152,7 @@ def test_writes_during_a_hold_wait_and_the_reads_behind_them_too(srv: Running) -
     does a READ of the same range sent after it -- the thread does not read on while
     the loop holds the write -- and a snapshot committed during the hold has the old
     data; after the release the WRITE is answered, then the READ with the new data."""
-    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    pool: Pool = srv.pool
     data = srv.data   # type: ignore[attr-defined]
     token = srv._token
     barrier = srv.server.barrier
@@ -224,7 +225,7 @@ def test_clients_gone_mid_request_leave_nothing_locked(
     server serves the next client (whose reads the thread answers: the wire lock of the
     others is theirs only)."""
     caplog.set_level(logging.DEBUG, "nbd")
-    pool: Pool = srv.pool   # type: ignore[attr-defined]
+    pool: Pool = srv.pool
     clients = _mid_request_clients(srv.port)
     until(lambda: len(plain_threads()) == 4)
     time.sleep(0.3)
