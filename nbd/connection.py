@@ -74,7 +74,7 @@ TLS_JOIN_UP_TO = 16384
 TLS_SEND_PIECE = 1 << 20
 # a trio sender finding the wire lock held by the thread serving the connection
 # (nbd/plainthread.py) tries again after this long
-WIRE_WAIT = 0.0002
+WIRE_WAIT = 0.001   # (epoll_wait counts in milliseconds: less would be as much)
 
 
 class Closed(Exception):

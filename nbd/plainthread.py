@@ -40,13 +40,12 @@ import os
 import select
 import socket
 import threading
-from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 import trio
 
 from . import protocol as p
-from .connection import POLL_NS, POLL_RECENT_NS, RECEIVE_SIZE, Closed, Conn
+from .connection import RECEIVE_SIZE, Closed, Conn
 
 if TYPE_CHECKING:
     from .transmission import CachedReader, Reader, RequestLoop, Served
@@ -116,14 +115,11 @@ def _serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader, threaded
     size, unpack_from = p.REQUEST.size, p.REQUEST.unpack_from
     state, from_trio = loop._state, trio.from_thread.run
     key, structured, head_of = s.export.key, c.structured, p.read_reply_head
-    spin, last = POLL_NS > 0, 0
     while True:
         while len(buf) < size:
             # wait first: at QD1 the next request is hardly ever there yet, and a read
             # that fails costs more (EAGAIN and its exception) than a poll that does not
-            if not (spin and _spun(poller, last)):
-                poller.poll()   # (the GIL is free; shutdown(2) wakes it too)
-            last = perf_counter_ns()
+            poller.poll()   # (the GIL is free; shutdown(2) wakes it too)
             try:
                 data = os.read(fd, RECEIVE_SIZE)
             except BlockingIOError:
@@ -162,17 +158,3 @@ def _serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader, threaded
         if from_trio(serve_batch, loop, c, s, inline, threaded, pipelined):
             return
 
-
-def _spun(poller: select.poll, last: int) -> bool:
-    """Whether the next request came within POLL_NS, polling while requests stream (the
-    last came less than POLL_RECENT_NS ago): Conn._polled's reason, in the thread (each
-    poll(2) lets the GIL go). Idle, it never spins."""
-    now = perf_counter_ns()
-    if now - last >= POLL_RECENT_NS:
-        return False
-    deadline = now + POLL_NS
-    poll = poller.poll
-    while perf_counter_ns() < deadline:
-        if poll(0):
-            return True
-    return False
