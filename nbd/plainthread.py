@@ -79,19 +79,19 @@ async def run(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
 
 
 async def serve_batch(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
-                      threaded: Reader, pipelined: bool) -> bool:
-    """On the trio loop, for the thread: serve the request whose header is buffered and,
-    when requests come pipelined, the ones behind it until the socket has nothing more
-    without waiting; True after DISC."""
-    size = p.REQUEST.size
+                      threaded: Reader) -> bool:
+    """On the trio loop, for the thread: serve the request whose header is buffered and
+    the ones after it, as the loop always did, until a READ leaves nothing behind it
+    (in the buffer or on the socket): then the connection is the thread's again. A
+    stream of writes stays on the loop (one hand-off, not one per write); True after
+    DISC."""
     while True:
-        if await loop._one_request(c, s, inline, threaded):
+        cmd = await loop._one_request(c, s, inline, threaded)
+        if cmd == p.CMD_DISC:
             return True
-        if len(c.buf) >= size:
+        if c.buf or cmd != p.CMD_READ:
             continue
-        if not pipelined:
-            return False
-        try:
+        try:   # (more may have come meanwhile: pipelined READs stay here)
             data = os.read(c.fd, RECEIVE_SIZE)
         except BlockingIOError:
             return False
@@ -100,8 +100,6 @@ async def serve_batch(loop: RequestLoop, c: Conn, s: Served, inline: CachedReade
         if not data:
             raise Closed(f"{c.peer}: connection closed")
         c.buf += data
-        if len(c.buf) < size:   # (a header's start: the thread reads the rest)
-            return False
 
 
 def _serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader, threaded: Reader,
@@ -154,7 +152,6 @@ def _serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader, threaded
                         from_trio(c.send_tail, sent, head, got)
                 continue
         # anything else, or requests pipelined behind this one: the trio loop's
-        pipelined = len(buf) > size + (length if cmd == p.CMD_WRITE else 0)
-        if from_trio(serve_batch, loop, c, s, inline, threaded, pipelined):
+        if from_trio(serve_batch, loop, c, s, inline, threaded):
             return
 

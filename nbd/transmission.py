@@ -45,6 +45,7 @@ import os
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import trio
 
@@ -263,14 +264,15 @@ class RequestLoop:
     async def _requests(self, c: Conn, s: Served) -> None:
         inline, threaded = self._readers()
         one = self._one_request
-        while not await one(c, s, inline, threaded):
+        while await one(c, s, inline, threaded) != p.CMD_DISC:
             pass
 
     async def _one_request(self, c: Conn, s: Served, inline: CachedReader | None,
-                           threaded: Reader) -> bool:
-        """Receive and serve one request; True for DISC (the connection ends)."""
-        magic, flags, cmd, cookie, offset, length = p.REQUEST.unpack(
-            await c.recv_request(p.REQUEST.size))
+                           threaded: Reader) -> int:
+        """Receive and serve one request; its command (CMD_DISC: the connection ends)."""
+        magic, flags, cmd, cookie, offset, length = cast(
+            "tuple[int, int, int, int, int, int]",
+            p.REQUEST.unpack(await c.recv_request(p.REQUEST.size)))
         if magic != p.REQUEST_MAGIC:
             raise p.ProtocolError(f"bad request magic {magic:#x}")
         # the hot path (a 4 KiB read at QD1 costs ~30 us here in all, so a few checks
@@ -289,7 +291,7 @@ class RequestLoop:
             except Exception as ex:   # noqa: BLE001 - mapped to an errno, as below
                 r = self._refusal(c, s, cmd, ex)
                 await self._error(c, s, cookie, r.code, r.message)
-            return False
+            return cmd
         payload: bytes | memoryview = b""
         budget = None
         if cmd == p.CMD_WRITE:
@@ -309,7 +311,7 @@ class RequestLoop:
                     raise p.ProtocolError(f"WRITE payload of {length} bytes not "
                                           f"received within {allowed:.0f} s")
             if cmd == p.CMD_DISC:
-                return True
+                return cmd
             try:
                 await self._command(c, s, cmd, flags, cookie, offset, length, payload,
                                     inline, threaded)
@@ -319,7 +321,7 @@ class RequestLoop:
             if budget is not None:
                 payload = b""
                 budget.give(length)
-        return False
+        return cmd
 
     async def _error(self, c: Conn, s: Served, cookie: int, code: int, message: str
                      ) -> None:
