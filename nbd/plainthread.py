@@ -50,6 +50,10 @@ from .connection import RECEIVE_SIZE, Closed, Conn
 if TYPE_CHECKING:
     from .transmission import CachedReader, Reader, RequestLoop, Served
 
+# a connection handed to the trio loop comes back to its thread after this many READs in
+# a row with nothing behind them (a client at queue depth 1 again)
+BACK_AFTER = 4
+
 
 async def run(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
               threaded: Reader) -> None:
@@ -81,25 +85,21 @@ async def run(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
 async def serve_batch(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader,
                       threaded: Reader) -> bool:
     """On the trio loop, for the thread: serve the request whose header is buffered and
-    the ones after it, as the loop always did, until a READ leaves nothing behind it
-    (in the buffer or on the socket): then the connection is the thread's again. A
-    stream of writes stays on the loop (one hand-off, not one per write); True after
-    DISC."""
+    the ones after it, as the loop always did, until BACK_AFTER READs in a row came
+    alone (nothing behind them in the buffer): then the connection is the thread's
+    again. A stream of writes, and a client that pipelines (nbdcopy), stay on the loop:
+    one hand-off, not one per request; True after DISC."""
+    alone = 0
     while True:
         cmd = await loop._one_request(c, s, inline, threaded)
         if cmd == p.CMD_DISC:
             return True
         if c.buf or cmd != p.CMD_READ:
+            alone = 0
             continue
-        try:   # (more may have come meanwhile: pipelined READs stay here)
-            data = os.read(c.fd, RECEIVE_SIZE)
-        except BlockingIOError:
+        alone += 1
+        if alone >= BACK_AFTER:
             return False
-        except OSError as e:
-            raise Closed(f"{c.peer}: {e.strerror}") from None
-        if not data:
-            raise Closed(f"{c.peer}: connection closed")
-        c.buf += data
 
 
 def _serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader, threaded: Reader,
