@@ -6,18 +6,18 @@ trio's wait_readable (an epoll_ctl to re-arm, the loop's epoll_wait, one schedul
 before the read(2). A thread blocked in poll(2) on the socket is woken by the kernel
 directly, and holds no GIL while it sleeps.
 
-What the thread does: it reads request headers into the connection's buffer (Conn.buf)
-and answers a READ itself when that READ is alone in the buffer (nothing pipelined
-behind it), needs none of the loop's refusals, and the page cache holds its data
-(Pool.read_cached: preadv2 RWF_NOWAIT): the reply is one writev(2), under Conn.wire.
-Everything else it hands to the trio loop and waits (trio.from_thread.run of
-serve_batch, the header still in the buffer): writes and their barrier,
-FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, a READ that must wait for the disk (a worker
-thread, as before), a changed array or masking, errors, DISC -- each with its one
-implementation, in request order. Pipelined requests (a client with many in flight:
-nbdcopy) go to the loop as well, which serves them as it always did until the socket
-has nothing more to read without waiting; then the thread waits again. So the loop and
-the thread never read the socket at the same time, and requests keep their order.
+What the thread does: it waits in poll(2), reads request headers into the connection's
+buffer (Conn.buf) and answers a READ itself when that READ is alone in the buffer
+(nothing pipelined behind it), needs none of the loop's refusals, and the page cache
+holds its data (Pool.read_cached: preadv2 RWF_NOWAIT): the reply is one writev(2),
+under Conn.wire. Anything else it hands to the trio loop and waits (trio.from_thread.run
+of serve_batch, the header still in the buffer): writes and their barrier, FLUSH, TRIM,
+WRITE_ZEROES, BLOCK_STATUS, a READ that must wait for the disk (a worker thread, as
+before), a changed array or masking, errors, DISC, pipelined requests -- each with its
+one implementation (RequestLoop._one_request), in request order. The loop then keeps
+the connection, serving it as it serves a TLS one, until BACK_AFTER READs in a row came
+alone: a stream of writes or a pipelining client (nbdcopy) costs one hand-off, not one
+per request. The loop and the thread never read the socket at the same time.
 
 Who writes to the socket: the thread (its READ replies) and trio tasks (every other
 reply, the replies of reads done in worker threads); Conn.wire, a threading.Lock, keeps

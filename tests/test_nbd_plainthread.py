@@ -88,6 +88,35 @@ def test_reads_at_queue_depth_1_are_answered_by_the_connections_own_thread(
     assert len(readers) == 6 and all(r.startswith(PEER) for r in readers), readers
 
 
+def test_after_a_write_the_loop_keeps_the_connection_until_reads_come_alone(
+        srv: Running) -> None:
+    """A WRITE is handed to the trio loop, which keeps the connection (a stream of writes
+    costs one hand-off): the READs right after it are the loop's, until BACK_AFTER came
+    alone; the next ones are the thread's again."""
+    from nbd.plainthread import BACK_AFTER
+    pool: Pool = srv.pool
+    readers: list[str] = []
+    real = pool.read_cached
+
+    def read_cached(key: str, offset: int, length: int) -> bytes | bytearray | None:
+        readers.append(threading.current_thread().name)
+        return real(key, offset, length)
+
+    pool.read_cached = read_cached   # type: ignore[method-assign]
+    c = Client(srv.port)
+    c.go("volumes/db")
+    new = os.urandom(4096)
+    for i in range(3):
+        c.request(p.CMD_WRITE, i * 4096, 4096, new, cookie=i)
+        assert c.simple() == (0, i)
+    for i in range(BACK_AFTER + 3):
+        c.request(p.CMD_READ, 8192, 4096, cookie=10 + i)
+        assert read_reply(c, False, 4096) == (10 + i, new)
+    on_thread = [r.startswith(PEER) for r in readers]
+    assert on_thread == [False] * BACK_AFTER + [True] * 3, readers
+    c.close()
+
+
 def test_pipelined_and_single_requests_mixed_keep_their_order(srv: Running) -> None:
     """Batches of 1-8 requests (WRITE, READ, FLUSH, WRITE_ZEROES, TRIM, a header split
     over two sends), each batch sent at once, then its replies: every READ answers the
