@@ -39,6 +39,7 @@ import contextlib
 import os
 import select
 import ssl
+import threading
 import time
 from typing import cast
 
@@ -71,6 +72,9 @@ TLS_JOIN_UP_TO = 16384
 # TLS: a reply is encrypted and sent in pieces of this much (a 32 MiB READ is not held
 # twice over in the outgoing BIO and its copy)
 TLS_SEND_PIECE = 1 << 20
+# a trio sender finding the wire lock held by the thread serving the connection
+# (nbd/plainthread.py) tries again after this long
+WIRE_WAIT = 0.001   # (epoll_wait counts in milliseconds: less would be as much)
 
 
 class Closed(Exception):
@@ -99,6 +103,9 @@ class Conn:
         # answered from worker threads); it also sends what OpenSSL wrote by itself
         # meanwhile (an alert, a KeyUpdate's answer) before letting go (send)
         self.sending = trio.Lock()
+        # set while a thread serves the connection (nbd/plainthread.py): it writes
+        # replies too; every reply is written whole under this lock
+        self.wire: threading.Lock | None = None
         self.host: str | None = None
         self.tls = False
         self.structured = False
@@ -352,11 +359,32 @@ class Conn:
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            await self._send_locked(parts)
-            while self._out.pending:
-                await self._write(self._out.read())
+            wire = self.wire
+            if wire is None:
+                await self._send_locked(parts)
+                while self._out.pending:
+                    await self._write(self._out.read())
+                return
+            # the thread holds it for one writev (or while trio sends its reply's
+            # tail): poll for it rather than block the loop
+            while not wire.acquire(blocking=False):
+                await trio.sleep(WIRE_WAIT)
+            try:
+                await self._write(*parts)
+            finally:
+                wire.release()
         finally:
             lock.release()
+
+    async def send_tail(self, sent: int, *parts: bytes | bytearray | memoryview) -> None:
+        """The rest of a reply the thread serving the connection began to write (its
+        first `sent` bytes are out), sent by trio; the thread holds the wire lock."""
+        for x in parts:
+            if sent >= len(x):
+                sent -= len(x)
+                continue
+            await self.stream.send_all(memoryview(x)[sent:])
+            sent = 0
 
     async def _send_locked(self, parts: tuple[bytes | bytearray | memoryview, ...]) -> None:
         obj = self.sslobj

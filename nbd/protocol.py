@@ -209,6 +209,19 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
+# a READ's one structured chunk (OFFSET_DATA): the reply header and the data's offset
+_DATA_CHUNK = struct.Struct(STRUCTURED_REPLY.format + "Q")
+
+
+def read_reply_head(structured: bool, cookie: int, offset: int, length: int) -> bytes:
+    """What goes before a READ's `length` bytes of data: one OFFSET_DATA chunk with
+    REPLY_FLAG_DONE, or a simple reply."""
+    if structured:
+        return _DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+
 def structured_header(cookie: int, reply_type: int, length: int, done: bool) -> bytes:
     return STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
                                  reply_type, cookie, length)

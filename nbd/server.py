@@ -1,7 +1,8 @@
 """The array's NBD port: the NBD protocol (fixed newstyle, structured replies, STARTTLS)
 over the same array and write barrier as the FUSE mount.
 
-One trio task per connection, on the daemon's trio loop (the FUSE session's): this
+One trio task per connection, on the daemon's trio loop (the FUSE session's; a
+plain-text connection's requests are read by a thread of its own, nbd/plainthread.py): this
 module listens, counts connections and runs the handshake (options, STARTTLS, export
 resolution and LUN masking); nbd/transmission.py serves the requests once an export is
 open (the same barrier and array as the mount), nbd/connection.py is the byte stream

@@ -30,6 +30,10 @@ interrupted: it ends, its reply is dropped).
 Nothing is held across an await but a write's barrier registration and a reply's send
 lock, both released in `finally`: a client vanishing mid-request only ends its own
 connection's tasks.
+
+A plain-text connection's requests are read by a thread of its own (nbd/plainthread.py),
+which answers the cached READs at queue depth 1 itself and hands every other request to
+_one_request here; TLS connections are served by _requests on the loop.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import os
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import trio
 
@@ -47,6 +53,7 @@ from blockstore.errors import StoreError
 from fuse_mount.barrier import WriteBarrier
 from fuse_mount.errors import errno_for
 
+from . import plainthread
 from . import protocol as p
 from .connection import Closed, Conn
 from .exports import Export, NbdStore
@@ -82,6 +89,9 @@ MAX_BUFFERED_BYTES = 256 << 20
 # (eight such clients: all of it). A slow link still gets 42 s for a 32 MiB WRITE.
 PAYLOAD_GRACE = 10.0
 PAYLOAD_MIN_RATE = 1 << 20   # bytes per second
+# a plain-text connection's requests are read in a thread of its own (nbd/plainthread.py;
+# docs/network.md); SHADOWPLEX_NBD_PLAIN_THREAD=0: on the trio loop like TLS (measuring)
+PLAIN_THREAD = os.environ.get("SHADOWPLEX_NBD_PLAIN_THREAD", "1") != "0"
 # command flags each command may carry (proto.md: others are EINVAL)
 _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0,
           p.CMD_TRIM: p.CMD_FLAG_FUA, p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
@@ -89,8 +99,6 @@ _FLAGS = {p.CMD_READ: p.CMD_FLAG_DF, p.CMD_WRITE: p.CMD_FLAG_FUA, p.CMD_FLUSH: 0
 _RANGED = frozenset({p.CMD_READ, p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES,
                      p.CMD_BLOCK_STATUS})
 _WRITING = frozenset({p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES})
-# a READ's one structured chunk: the reply header and the data's offset in one pack
-_DATA_CHUNK = struct.Struct(p.STRUCTURED_REPLY.format + "Q")
 # the client went away while we answered: end the connection quietly
 _GONE = (Closed, trio.BrokenResourceError, trio.ClosedResourceError)
 DIRTY_BITMAP = "qemu:dirty-bitmap:"   # + a snapshot id: the chunks changed since it
@@ -231,7 +239,11 @@ class RequestLoop:
         async with trio.open_nursery() as n:
             f.nursery = n
             try:
-                await self._requests(c, s)
+                inline, threaded = self._readers()
+                if PLAIN_THREAD and not c.tls and inline is not None:
+                    await plainthread.run(self, c, s, inline, threaded)
+                else:
+                    await self._requests(c, s)
             except Exception as e:   # noqa: BLE001 - raised below, outside the nursery
                 f.ended = f.ended or e
                 n.cancel_scope.cancel()   # the reads in flight are not answered
@@ -239,69 +251,77 @@ class RequestLoop:
             raise f.ended
         raise Closed(f"{c.peer}: disconnect")   # DISC, once the reads in flight answered
 
-    async def _requests(self, c: Conn, s: Served) -> None:
-        # how reads are done (see the module's docstring): inline from the page cache,
-        # else (None) in a thread; or always inline / always in a thread
+    def _readers(self) -> tuple[CachedReader | None, Reader]:
+        """How reads are done (see the module's docstring): inline from the page cache,
+        else (None) in a thread; or always inline / always in a thread."""
         store = self.store
-        inline: CachedReader | None
-        threaded: Reader
         if getattr(store, "blocking_io", False):
-            inline, threaded = None, store.read
-        elif hasattr(store, "read_cached") and hasattr(store, "read_unlocked"):
-            inline, threaded = store.read_cached, store.read_unlocked
-        else:
-            inline, threaded = store.read, store.read
-        recv, unpack = c.recv_request, p.REQUEST.unpack
-        while True:
-            magic, flags, cmd, cookie, offset, length = unpack(await recv(p.REQUEST.size))
-            if magic != p.REQUEST_MAGIC:
-                raise p.ProtocolError(f"bad request magic {magic:#x}")
-            # the hot path (a 4 KiB read at QD1 costs ~30 us here in all, so a few checks
-            # and a coroutine less count): a READ that needs none of _command's refusals
-            if cmd == p.CMD_READ and not flags & ~p.CMD_FLAG_DF and length <= MAX_REQUEST \
-                    and offset + length <= s.size and s.seen == self._state():
-                try:
-                    data = None if inline is None or length > INLINE_MAX else \
-                        inline(s.export.key, offset, length)
-                    if data is None:
-                        await self._read_later(c, s, threaded, cookie, offset, length)
-                    else:
-                        await self._reply_read(c, s, cookie, offset, length, data)
-                except _GONE:
-                    raise
-                except Exception as ex:   # noqa: BLE001 - mapped to an errno, as below
-                    r = self._refusal(c, s, cmd, ex)
-                    await self._error(c, s, cookie, r.code, r.message)
-                continue
-            payload: bytes | memoryview = b""
-            budget = None
-            if cmd == p.CMD_WRITE:
-                if length > MAX_REQUEST:   # cannot skip that much safely: disconnect
-                    raise p.ProtocolError(f"WRITE of {length} bytes")
-                # its buffer is in the server's budget from before it is received until
-                # the write is done (MemoryBudget)
-                budget = s.flight.budget
-                if budget is not None:
-                    await budget.take(length)
+            return None, store.read
+        if hasattr(store, "read_cached") and hasattr(store, "read_unlocked"):
+            return store.read_cached, store.read_unlocked
+        return store.read, store.read
+
+    async def _requests(self, c: Conn, s: Served) -> None:
+        inline, threaded = self._readers()
+        one = self._one_request
+        while await one(c, s, inline, threaded) != p.CMD_DISC:
+            pass
+
+    async def _one_request(self, c: Conn, s: Served, inline: CachedReader | None,
+                           threaded: Reader) -> int:
+        """Receive and serve one request; its command (CMD_DISC: the connection ends)."""
+        magic, flags, cmd, cookie, offset, length = cast(
+            "tuple[int, int, int, int, int, int]",
+            p.REQUEST.unpack(await c.recv_request(p.REQUEST.size)))
+        if magic != p.REQUEST_MAGIC:
+            raise p.ProtocolError(f"bad request magic {magic:#x}")
+        # the hot path (a 4 KiB read at QD1 costs ~30 us here in all, so a few checks
+        # and a coroutine less count): a READ that needs none of _command's refusals
+        if cmd == p.CMD_READ and not flags & ~p.CMD_FLAG_DF and length <= MAX_REQUEST \
+                and offset + length <= s.size and s.seen == self._state():
             try:
-                if cmd == p.CMD_WRITE:
-                    allowed = PAYLOAD_GRACE + length / PAYLOAD_MIN_RATE
-                    with trio.move_on_after(allowed) as waited:
-                        payload = await c.recv_payload(length)
-                    if waited.cancelled_caught:
-                        raise p.ProtocolError(f"WRITE payload of {length} bytes not "
-                                              f"received within {allowed:.0f} s")
-                if cmd == p.CMD_DISC:
-                    return
-                try:
-                    await self._command(c, s, cmd, flags, cookie, offset, length, payload,
-                                        inline, threaded)
-                except Refused as r:
-                    await self._error(c, s, cookie, r.code, r.message)
-            finally:
-                if budget is not None:
-                    payload = b""
-                    budget.give(length)
+                data = None if inline is None or length > INLINE_MAX else \
+                    inline(s.export.key, offset, length)
+                if data is None:
+                    await self._read_later(c, s, threaded, cookie, offset, length)
+                else:
+                    await self._reply_read(c, s, cookie, offset, length, data)
+            except _GONE:
+                raise
+            except Exception as ex:   # noqa: BLE001 - mapped to an errno, as below
+                r = self._refusal(c, s, cmd, ex)
+                await self._error(c, s, cookie, r.code, r.message)
+            return cmd
+        payload: bytes | memoryview = b""
+        budget = None
+        if cmd == p.CMD_WRITE:
+            if length > MAX_REQUEST:   # cannot skip that much safely: disconnect
+                raise p.ProtocolError(f"WRITE of {length} bytes")
+            # its buffer is in the server's budget from before it is received until
+            # the write is done (MemoryBudget)
+            budget = s.flight.budget
+            if budget is not None:
+                await budget.take(length)
+        try:
+            if cmd == p.CMD_WRITE:
+                allowed = PAYLOAD_GRACE + length / PAYLOAD_MIN_RATE
+                with trio.move_on_after(allowed) as waited:
+                    payload = await c.recv_payload(length)
+                if waited.cancelled_caught:
+                    raise p.ProtocolError(f"WRITE payload of {length} bytes not "
+                                          f"received within {allowed:.0f} s")
+            if cmd == p.CMD_DISC:
+                return cmd
+            try:
+                await self._command(c, s, cmd, flags, cookie, offset, length, payload,
+                                    inline, threaded)
+            except Refused as r:
+                await self._error(c, s, cookie, r.code, r.message)
+        finally:
+            if budget is not None:
+                payload = b""
+                budget.give(length)
+        return cmd
 
     async def _error(self, c: Conn, s: Served, cookie: int, code: int, message: str
                      ) -> None:
@@ -423,12 +443,8 @@ class RequestLoop:
                           data: bytes | bytearray) -> None:
         if len(data) < length:   # shrunk meanwhile (a revert): zeros, as past a file's end
             data += bytes(length - len(data))
-        if c.structured:
-            head = _DATA_CHUNK.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                    p.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset)
-        else:
-            head = p.SIMPLE_REPLY.pack(p.SIMPLE_REPLY_MAGIC, 0, cookie)
-        await c.send(head, data)   # (whole, also from a read's own task: Conn.send)
+        # (whole, also from a read's own task: Conn.send)
+        await c.send(p.read_reply_head(c.structured, cookie, offset, length), data)
 
     async def _write(self, c: Conn, s: Served, cmd: int, flags: int, offset: int,
                      length: int, payload: bytes | memoryview) -> None:
