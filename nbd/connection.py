@@ -41,6 +41,7 @@ import select
 import ssl
 import threading
 import time
+from socket import SHUT_RDWR
 from typing import cast
 
 import trio
@@ -72,9 +73,6 @@ TLS_JOIN_UP_TO = 16384
 # TLS: a reply is encrypted and sent in pieces of this much (a 32 MiB READ is not held
 # twice over in the outgoing BIO and its copy)
 TLS_SEND_PIECE = 1 << 20
-# a trio sender finding the wire lock held by the thread serving the connection
-# (nbd/plainthread.py) tries again after this long
-WIRE_WAIT = 0.001   # (epoll_wait counts in milliseconds: less would be as much)
 
 
 class Closed(Exception):
@@ -106,6 +104,8 @@ class Conn:
         # set while a thread serves the connection (nbd/plainthread.py): it writes
         # replies too; every reply is written whole under this lock
         self.wire: threading.Lock | None = None
+        # the one worker thread a trio sender waits for the wire lock in (send)
+        self._wire_waiter = trio.CapacityLimiter(1)
         self.host: str | None = None
         self.tls = False
         self.structured = False
@@ -365,13 +365,26 @@ class Conn:
                 while self._out.pending:
                     await self._write(self._out.read())
                 return
-            # the thread holds it for one writev (or while trio sends its reply's
-            # tail): poll for it rather than block the loop
-            while not wire.acquire(blocking=False):
-                await trio.sleep(WIRE_WAIT)
+            if not wire.acquire(blocking=False):
+                # the thread holds it for one writev, or while trio sends the rest of
+                # its reply to a client that does not read (for as long as that
+                # client likes): wait in a worker thread of the connection's own, not
+                # on the loop (polling it cost a scheduler pass per ms). Shielded: a
+                # cancelled wait would leave the lock taken by nobody; the thread lets
+                # go once its own send is cancelled with the connection.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(wire.acquire, limiter=self._wire_waiter)
+            whole = False
             try:
                 await self._write(*parts)
+                whole = True
             finally:
+                if not whole:
+                    # cut mid-reply (cancelled, the peer gone): nothing may follow it
+                    # on the wire, or the thread's next reply lands inside it (the
+                    # client would take its bytes for the rest of this one)
+                    with contextlib.suppress(OSError):
+                        self.stream.socket.shutdown(SHUT_RDWR)
                 wire.release()
         finally:
             lock.release()

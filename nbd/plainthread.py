@@ -136,6 +136,8 @@ def _serve(loop: RequestLoop, c: Conn, s: Served, inline: CachedReader, threaded
                 got = inline(key, offset, length)
             except Exception:   # noqa: BLE001 - the loop tries again and answers why
                 got = None
+            if got is not None and s.seen != state():
+                got = None   # changed meanwhile (the name another LUN's?): the loop's
             if got is not None:
                 del buf[:size]
                 if len(got) < length:   # shrunk meanwhile: zeros (as _reply_read)

@@ -240,7 +240,10 @@ class RequestLoop:
             f.nursery = n
             try:
                 inline, threaded = self._readers()
-                if PLAIN_THREAD and not c.tls and inline is not None:
+                # (a store with read_cached: the thread never calls a plain store.read,
+                # which only the trio thread may)
+                if PLAIN_THREAD and not c.tls and inline is not None \
+                        and hasattr(self.store, "read_cached"):
                     await plainthread.run(self, c, s, inline, threaded)
                 else:
                     await self._requests(c, s)
@@ -282,6 +285,10 @@ class RequestLoop:
             try:
                 data = None if inline is None or length > INLINE_MAX else \
                     inline(s.export.key, offset, length)
+                if data is not None and s.seen != self._state():
+                    # the array changed meanwhile (a worker thread deleted the volume
+                    # and made another of its name?): the read is the checked path's
+                    data = None
                 if data is None:
                     await self._read_later(c, s, threaded, cookie, offset, length)
                 else:
