@@ -30,7 +30,7 @@ import xxhash
 from . import accounting, seals
 from . import format as fmt
 from .diffarea import DATA, FREE, UNSUMMED
-from .errors import Busy, NotFound, SnapshotInvalid, StoreError, Unsupported
+from .errors import Busy, Cancelled, NotFound, SnapshotInvalid, StoreError, Unsupported
 from .fileio import DataFile, fsync_dir
 from .model import COMMITTED, DIFFERENTIAL, PREPARING, Tally
 
@@ -454,6 +454,8 @@ def _read_lun(pool: Pool, key: str, tick: Callable[[int], None], tally: Tally) -
     except NotFound:
         tally.luns -= 1
         return []   # deleted meanwhile
+    except Cancelled:   # (a StoreError, raised by tick: the scrub stops, not a finding)
+        raise
     except (StoreError, OSError) as e:
         return [f"{key} at offset {at}: {e}"]
     finally:

@@ -581,6 +581,25 @@ def test_group_sync_larger_than_iov_max(pool):
     pool.close()
 
 
+def test_a_scrub_cancelled_while_it_reads_a_lun_stops(pool):
+    """A Cancelled raised by scrub's progress while it reads a LUN's bytes is the scrub's
+    end, not a finding: it was caught with the read errors (Cancelled is a StoreError),
+    so the scrub went on and answered 'completed' with "scrub cancelled" as a problem
+    line (CI: test_cancel_e2e.py::test_interrupted_scrub_answers_and_stops, exit 1)."""
+    pool.create_volume("v", MiB)
+    pool.write("v", 0, b"d" * MiB)
+    pool.flush("v")
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        if done > 0:   # (check's phase reports 0: this is the LUN read)
+            raise errors.Cancelled("scrub cancelled: the requester cancelled it")
+    with pytest.raises(errors.Cancelled):
+        pool.scrub(progress)
+    assert [d for d in seen if d > 0], seen
+
+
 def test_scrub_seals_full_copies_and_finds_rot(pool):
     pool.create_volume("v", MiB)
     pool.write("v", 0, os.urandom(8 * CS))
