@@ -390,8 +390,9 @@ class Conn:
             lock.release()
 
     async def send_tail(self, sent: int, *parts: bytes | bytearray | memoryview) -> None:
-        """The rest of a reply the thread serving the connection began to write (its
-        first `sent` bytes are out), sent by trio; the thread holds the wire lock."""
+        """The rest of a reply whose first `sent` bytes one writev took, through trio
+        (which waits for room): _write's, and the thread's serving the connection (it
+        holds the wire lock meanwhile)."""
         for x in parts:
             if sent >= len(x):
                 sent -= len(x)
@@ -430,9 +431,4 @@ class Conn:
             sent = 0
         except OSError as e:   # EPIPE, ECONNRESET: the peer is gone
             raise Closed(f"{self.peer}: {e.strerror}") from None
-        for x in parts:
-            if sent >= len(x):
-                sent -= len(x)
-                continue
-            await self.stream.send_all(memoryview(x)[sent:])
-            sent = 0
+        await self.send_tail(sent, *parts)
