@@ -59,13 +59,8 @@ def srv(tmp_path: Path) -> Iterator[Running]:
         pool.close()
 
 
-def test_reads_at_queue_depth_1_are_answered_by_the_connections_own_thread(
-        srv: Running) -> None:
-    """One thread per plain connection while it is open; a cached READ alone on the
-    socket is read by it (not by the trio loop's thread), right, simple or structured;
-    the thread ends with the connection."""
-    pool: Pool = srv.pool
-    data = srv.data   # type: ignore[attr-defined]
+def who_reads(pool: Pool) -> list[str]:
+    """The names of the threads that call pool.read_cached from now on, in order."""
     readers: list[str] = []
     real = pool.read_cached
 
@@ -74,6 +69,16 @@ def test_reads_at_queue_depth_1_are_answered_by_the_connections_own_thread(
         return real(key, offset, length)
 
     pool.read_cached = read_cached   # type: ignore[method-assign]
+    return readers
+
+
+def test_reads_at_queue_depth_1_are_answered_by_the_connections_own_thread(
+        srv: Running) -> None:
+    """One thread per plain connection while it is open; a cached READ alone on the
+    socket is read by it (not by the trio loop's thread), right, simple or structured;
+    the thread ends with the connection."""
+    data = srv.data   # type: ignore[attr-defined]
+    readers = who_reads(srv.pool)
     for structured in (False, True):
         c = Client(srv.port)
         c.go("volumes/db", structured=structured)
@@ -94,15 +99,7 @@ def test_after_a_write_the_loop_keeps_the_connection_until_reads_come_alone(
     costs one hand-off): the READs right after it are the loop's, until BACK_AFTER came
     alone; the next ones are the thread's again."""
     from nbd.plainthread import BACK_AFTER
-    pool: Pool = srv.pool
-    readers: list[str] = []
-    real = pool.read_cached
-
-    def read_cached(key: str, offset: int, length: int) -> bytes | bytearray | None:
-        readers.append(threading.current_thread().name)
-        return real(key, offset, length)
-
-    pool.read_cached = read_cached   # type: ignore[method-assign]
+    readers = who_reads(srv.pool)
     c = Client(srv.port)
     c.go("volumes/db")
     new = os.urandom(4096)
