@@ -178,6 +178,8 @@ async def _flush_all(pool: Array) -> None:
     for v in pool.list_volumes():
         try:
             await trio.to_thread.run_sync(pool.flush, v.name)
+        except bse.NotFound:
+            continue   # deleted meanwhile (a request still running at the stop): nothing held
         except (bse.StoreError, OSError) as e:
             # OSError: host mode with the array unreachable (EIO after the path timeout)
             log.error("flushing volume %s: %s", v.name, e)
