@@ -28,6 +28,7 @@ import errno
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -62,23 +63,21 @@ class KernelNotices:
     def entry(self, parent: int, name: bytes) -> None:
         """Invalidate a cached name now (may block: a worker thread). A name the kernel
         does not know (ENOENT) is no error."""
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                pyfuse3.invalidate_entry(parent, name)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    raise
+        self._send(pyfuse3.invalidate_entry, parent, name)
 
     def inode(self, ino: int, attr_only: bool = False) -> None:
         """Drop an inode's cached attributes (and pages, unless attr_only) now (may
         block: a worker thread). An inode the kernel never looked up is no error."""
+        self._send(pyfuse3.invalidate_inode, ino, attr_only)
+
+    def _send(self, notify: Callable[..., None], *args: object) -> None:
+        """One notification under the lock, unless the session is closed; ENOENT (the
+        kernel has nothing of it cached) is no error."""
         with self._lock:
             if self._closed:
                 return
             try:
-                pyfuse3.invalidate_inode(ino, attr_only)
+                notify(*args)
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     raise
