@@ -24,6 +24,9 @@ these suites a device flush).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import os
 import shutil
@@ -101,6 +104,36 @@ def backing_image(mnt: Path) -> str:
     image = loopdev.backing_file(dev)
     assert image is not None, f"{dev} (mounted at {mnt}) is not a loop device"
     return image.removesuffix(loopdev.DELETED)
+
+
+def fill(fs: Path, name: str = "filler", leave: int = 0) -> Path:
+    """A file on FS (a loop filesystem that is to fill up) written and synced until
+    ENOSPC, smaller pieces to the last 4 KiB, then cut by LEAVE bytes (that much room
+    again); then syncfs, as the kernel's periodic writeback would do within 30 s."""
+    path = fs / name
+    with open(path, "ab", buffering=0) as f:
+        piece = MiB
+        while piece >= 4096:
+            try:
+                f.write(bytes(piece))
+                os.fsync(f.fileno())
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                piece //= 16
+        if leave:
+            f.truncate(f.tell() - leave)
+    syncfs(fs)
+    return path
+
+
+def syncfs(path: Path) -> None:
+    """syncfs(2) of the filesystem PATH is on."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import mmap
 import os
 import shutil
 import subprocess
@@ -62,6 +63,19 @@ def evict(path: str) -> None:
     from tools.bench.caches import files_under, sync_file
     for f in files_under([path]):
         sync_file(f, evict=True)
+
+
+def direct_read(path: str | Path, off: int, n: int) -> bytes:
+    """[off, off + n) read with O_DIRECT into a page-aligned (mmap) buffer: what the FUSE
+    daemon answers, not the page cache; as many bytes as the read returned."""
+    buf = mmap.mmap(-1, n)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        got = os.preadv(fd, [buf], off)
+        return bytes(buf[:got])
+    finally:
+        os.close(fd)
+        buf.close()
 
 
 def mkfs_ext4(image: str) -> None:

@@ -74,7 +74,10 @@ def test_a_full_xfs_overflows_instead_of_failing_the_write(tmp_path, monkeypatch
 # -- the snapshot's delete, which the pool's metadata reserve is there for, a diff-area
 # limit, the coordinator's records of more sets -- and the close. What fails is printed.
 _CHILD = """
-import ctypes, ctypes.util, errno, os, sys
+import os, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from poolfs import fill
 from blockstore import Pool
 from provider.catalog import ProviderCatalog, SetRecord
 pool = Pool.open(sys.argv[1])
@@ -86,21 +89,10 @@ def sets(first, n):   # the coordinator's records of n snapshot sets
 sets(0, 50)
 snap = pool.prepare_snapshot("v", "differential")
 pool.commit_snapshots([snap.id])
-with open(os.path.join(sys.argv[1], "..", "filler"), "wb", buffering=0) as f:
-    piece = 1 << 20
-    while piece >= 4096:
-        try:
-            f.write(bytes(piece))
-            os.fsync(f.fileno())
-        except OSError as e:
-            assert e.errno == errno.ENOSPC, e
-            piece //= 16
-# what the kernel's periodic writeback does within 30 s: the catalog's pages (the
-# mmap'ed WAL index too) are clean again, so the next store to one faults
-libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-fd = os.open(sys.argv[1], os.O_RDONLY)
-assert libc.syncfs(fd) == 0
-os.close(fd)
+# a filler synced until ENOSPC, then syncfs -- what the kernel's periodic writeback does
+# within 30 s: the catalog's pages (the mmap'ed WAL index too) are clean again, so the
+# next store to one faults
+fill(Path(sys.argv[1]).parent)
 print("full")
 for change in (lambda: pool.delete_snapshot(snap.id),
                lambda: pool.set_diff_limit("v", 1 << 30),

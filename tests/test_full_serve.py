@@ -18,8 +18,6 @@ The daemon's log is kept off the filesystem that fills up (as an admin's journal
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 import shutil
@@ -33,7 +31,7 @@ from pathlib import Path
 
 import pytest
 from harness import Daemon, launch
-from poolfs import loop_filesystem
+from poolfs import fill, loop_filesystem
 from support import MKFS, detach_loops_under, need, spx
 
 pytestmark = pytest.mark.kernel
@@ -74,35 +72,6 @@ def write_config(base: Path) -> Path:
     return cfg
 
 
-def fill(fs: Path, name: str = "filler", leave: int = 0) -> Path:
-    """A file on FS written and synced until ENOSPC, smaller pieces to the last 4 KiB,
-    then cut by LEAVE bytes (that much room again); then syncfs, as the kernel's
-    periodic writeback would do within 30 s."""
-    path = fs / name
-    with open(path, "ab", buffering=0) as f:
-        piece = MiB
-        while piece >= 4096:
-            try:
-                f.write(bytes(piece))
-                os.fsync(f.fileno())
-            except OSError as e:
-                assert e.errno == errno.ENOSPC, e
-                piece //= 16
-        if leave:
-            f.truncate(f.tell() - leave)
-    syncfs(fs)
-    return path
-
-
-def syncfs(path: Path) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert libc.syncfs(fd) == 0, os.strerror(ctypes.get_errno())
-    finally:
-        os.close(fd)
-
-
 # the writer: pwrite (+ fsync unless told) of 1 MiB pieces of byte B at the offsets given
 # (MiB), each outcome printed as it happens ("ok" or the errno's name): a hang shows as a
 # timeout
@@ -133,6 +102,24 @@ def write_mib(path: str, byte: int, offsets: range, sync: bool = True) -> list[s
     assert len(out) == len(offsets), res
     assert set(out) <= {"ok", "ENOSPC", "EIO"}, out
     return out
+
+
+def new_pool(fs: Path) -> Path:
+    """`shadowplex pool init` of FS/pool."""
+    pool = fs / "pool"
+    res = spx("pool", "init", str(pool))
+    assert res.returncode == 0, res.stderr
+    return pool
+
+
+def volume_and_snapshot(d: Daemon, mib: int) -> str:
+    """Volume v (VOLUME bytes), its first MIB MiB written with 0x11 through the mount,
+    then snapshot s1 of it; v's image path."""
+    d.ok("volume", "create", "v", str(VOLUME))
+    img = d.image("v")
+    assert write_mib(img, 0x11, range(0, mib)) == ["ok"] * mib
+    d.ok("snapshot", "create", "v", "--name", "s1")
+    return img
 
 
 def snapshots(d: Daemon) -> list[dict]:
@@ -191,14 +178,9 @@ def test_serve_on_a_filesystem_that_fills_up(tmp_path: Path, fstype: str) -> Non
     # must all succeed (invariant 5); btrfs's may get ENOSPC from the filesystem itself
     outcomes = {"ok", "ENOSPC"} if fstype == "btrfs" else {"ok"}
     with loop_filesystem(fstype, tmp_path) as fs:
-        pool = fs / "pool"
-        res = spx("pool", "init", str(pool))
-        assert res.returncode == 0, res.stderr
+        pool = new_pool(fs)
         with serve(pool, tmp_path / "mnt", log) as d:
-            d.ok("volume", "create", "v", str(VOLUME))
-            img = d.image("v")
-            assert write_mib(img, 0x11, range(0, 32)) == ["ok"] * 32
-            d.ok("snapshot", "create", "v", "--name", "s1")
+            img = volume_and_snapshot(d, 32)
             # 1. full: copy-before-write of a busy volume; the overflow may delete s1
             filler = fill(fs)
             assert set(write_mib(img, 0x22, range(0, 8))) <= outcomes
@@ -259,14 +241,9 @@ def test_sigterm_with_held_writes_on_a_full_filesystem(tmp_path: Path, fstype: s
     need(MKFS[fstype][0])
     log = tmp_path / "daemon.log"
     with loop_filesystem(fstype, tmp_path) as fs:
-        pool = fs / "pool"
-        res = spx("pool", "init", str(pool))
-        assert res.returncode == 0, res.stderr
+        pool = new_pool(fs)
         with serve(pool, tmp_path / "mnt", log) as d:
-            d.ok("volume", "create", "v", str(VOLUME))
-            img = d.image("v")
-            assert write_mib(img, 0x11, range(0, 8)) == ["ok"] * 8
-            d.ok("snapshot", "create", "v", "--name", "s1")
+            img = volume_and_snapshot(d, 8)
             fill(fs, leave=512 << 10)
             out = write_mib(img, 0x55, range(32, 36), sync=False)
             assert set(out) <= {"ok", "ENOSPC"}

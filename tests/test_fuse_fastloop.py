@@ -18,6 +18,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
+from support import direct_read
 
 from blockstore import Pool
 from fuse_mount.session import MountState, force_unmount, mount_state, run_mount, wait_mounted
@@ -72,18 +73,6 @@ def mnt(tmp_path: Path) -> Path:
     m = tmp_path / "mnt"
     m.mkdir()
     return m
-
-
-def direct_read(path: Path, off: int, n: int) -> bytes:
-    """A read that reaches the FUSE server (O_DIRECT: no page cache)."""
-    buf = mmap.mmap(-1, n)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        got = os.preadv(fd, [buf], off)
-        return bytes(buf[:got])
-    finally:
-        os.close(fd)
-        buf.close()
 
 
 def test_blocked_handler_does_not_stop_other_requests(tmp_path: Path, mnt: Path) -> None:

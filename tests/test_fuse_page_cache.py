@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from harness import InProcMount
+from support import direct_read
 
 from blockstore import Pool
 from tools.bench.caches import fd_resident
@@ -34,18 +35,6 @@ def mnt(tmp_path: Path) -> Path:
     m = tmp_path / "mnt"
     m.mkdir()
     return m
-
-
-def _direct_read(path: Path, off: int, n: int) -> bytes:
-    """[off, off + n) with O_DIRECT (page-aligned buffer from mmap): the daemon's answer."""
-    buf = mmap.mmap(-1, n)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], off) == n
-        return bytes(buf)
-    finally:
-        os.close(fd)
-        buf.close()
 
 
 def _direct_write(path: Path, off: int, data: bytes) -> None:
@@ -90,7 +79,7 @@ def test_buffered_writes_are_write_through_and_coherent_across_open_files(
                     expected[off:off + len(data)] = data
                 assert os.pread(reader, size, 0) == expected   # another open file
                 assert os.pread(writer, size, 0) == expected
-                assert _direct_read(path, 0, size) == expected
+                assert direct_read(path, 0, size) == expected
                 # an O_DIRECT write through a third open file: the others read it too
                 data = b"\x44" * MiB
                 _direct_write(path, 6 * MiB, data)
@@ -175,7 +164,7 @@ def test_requests_are_spliced_into_a_pipe_that_holds_a_whole_request(
             finally:
                 os.close(fd)
             assert pool.read("v", MiB, len(data)) == data
-            assert _direct_read(path, MiB, len(data)) == data
+            assert direct_read(path, MiB, len(data)) == data
             with open(PIPE_MAX_SIZE) as f:
                 assert int(f.read()) >= SPLICE_PIPE_BYTES
             assert max(_pipe_sizes(), default=0) >= MiB + PAGE   # libfuse's, grown

@@ -190,10 +190,7 @@ def test_writes_during_a_hold_wait_and_the_reads_behind_them_too(srv: Running) -
     c.request(p.CMD_WRITE, at, 4096, new, cookie=1)
     time.sleep(0.2)
     c.request(p.CMD_READ, at, 4096, cookie=2)
-    c.s.settimeout(0.5)
-    with pytest.raises(TimeoutError):
-        c.recv(1)
-    c.s.settimeout(10)
+    assert c.silent(0.5)
     s = pool.prepare_snapshot("db")
     pool.commit_snapshots([s.id])
     assert trio.from_thread.run_sync(barrier.release, hold, trio_token=token)

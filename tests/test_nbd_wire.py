@@ -92,6 +92,18 @@ class Client:
             out += more
         return out
 
+    def silent(self, seconds: float) -> bool:
+        """Nothing comes from the server for `seconds` (a reply waits): peeked, nothing
+        consumed; the socket's timeout back to 10 s."""
+        self.s.settimeout(seconds)
+        try:
+            self.s.recv(1, socket.MSG_PEEK)
+            return False
+        except TimeoutError:
+            return True
+        finally:
+            self.s.settimeout(10)
+
     def closed(self) -> bool:
         """The server closed the connection (EOF within the timeout)."""
         try:
